@@ -1,0 +1,47 @@
+# Set-up is idempotent: apt runs only for missing packages, the venv is
+# rebuilt only when the package metadata changes.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+KLP     := $(VENV)/bin/kvmlockprof
+STAMP   := $(VENV)/.installed
+APT_PKGS := bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64 python3-venv bpftool
+DEMO_S  ?= 10
+
+.PHONY: setup apt demo test bench clean
+
+setup: $(STAMP)
+
+apt:
+	@missing=$$(for p in $(APT_PKGS); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# bcc's Python bindings come from python3-bpfcc: link just that package into the
+# venv instead of --system-site-packages, which would pull in everything else.
+$(STAMP): setup.cfg pyproject.toml | apt
+	/usr/bin/python3 -m venv $(VENV)
+	ln -sfn /usr/lib/python3/dist-packages/bcc \
+	  "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc"
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: setup
+	$(KLP) doctor || true
+	$(KLP) record --duration $(DEMO_S) -o demo.parquet --force -- \
+	  $(KLP) workload --duration $(DEMO_S) --vcpus 2 --churn
+	$(KLP) report demo.parquet --limit 15
+	$(KLP) report demo.parquet --limit 50 --stacks -o demo-report.txt --force
+	@echo "report written to demo-report.txt (recording: demo.parquet)"
+
+test: setup
+	$(PY) -m pytest -ra
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) demo.parquet demo-report.txt .pytest_cache

@@ -1,0 +1,175 @@
+/* lock:contention_begin/end -> per-thread pairing -> in-kernel aggregates
+ * and a sample stream.  Build-time defines (set by the loader):
+ *   KLP_FILTER_TGID   1: only processes in tgid_filter count
+ *   KLP_FOLLOW_FORK   1: children of filtered processes join the filter
+ *   KLP_SAMPLE_EVERY  stream every Nth wait (0: aggregates only)
+ *   KLP_PENDING_ENTRIES, KLP_AGG_ENTRIES, KLP_STACK_ENTRIES, KLP_RINGBUF_PAGES
+ *   KLP_WAKEUP_EVERY  wake the reader early every N samples on a CPU
+ */
+#include "contention.h"
+
+/* Keyed by thread and lock: a mutex emits two begins (spin, then sleep) before
+ * its end, and an interrupt can contend on another lock inside a wait. */
+struct pending_key {
+	u32 tid;
+	u32 cpu;                /* only set for tid 0: each CPU's idle task is tid 0 */
+	u64 lock_addr;
+};
+
+struct pending_val {
+	u64 ts_ns;
+	u32 flags;
+	u32 pad;
+};
+
+BPF_HASH(pending, struct pending_key, struct pending_val, KLP_PENDING_ENTRIES);
+BPF_PERCPU_HASH(agg, struct klp_agg_key, struct klp_agg_val, KLP_AGG_ENTRIES);
+BPF_STACK_TRACE(stacks, KLP_STACK_ENTRIES);
+BPF_PERCPU_ARRAY(counters, u64, KLP_NR_COUNTERS);
+BPF_RINGBUF_OUTPUT(events, KLP_RINGBUF_PAGES);
+#if KLP_FILTER_TGID
+BPF_HASH(tgid_filter, u32, u8, 4096);
+#endif
+#if KLP_SAMPLE_EVERY > 1
+BPF_PERCPU_ARRAY(sample_tick, u64, 1);
+#endif
+
+static __always_inline void count(int idx)
+{
+	u64 *v = counters.lookup(&idx);
+	if (v)
+		(*v)++;         /* per-CPU: no atomics needed */
+}
+
+static __always_inline int wanted(u32 tgid)
+{
+#if KLP_FILTER_TGID
+	return tgid_filter.lookup(&tgid) != NULL;
+#else
+	return 1;
+#endif
+}
+
+static __always_inline struct pending_key key_of(u32 tid, u64 lock)
+{
+	struct pending_key k = {};
+	k.tid = tid;
+	k.cpu = tid ? 0 : bpf_get_smp_processor_id();
+	k.lock_addr = lock;
+	return k;
+}
+
+TRACEPOINT_PROBE(lock, contention_begin)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if (!wanted(id >> 32))
+		return 0;
+	count(KLP_C_BEGIN);
+	struct pending_key k = key_of((u32)id, (u64)args->lock_addr);
+	struct pending_val *p = pending.lookup(&k);
+	if (p) {
+		/* Second begin of one wait (mutex: spin, then sleep): keep the
+		 * first timestamp, take the flags of how it finally waits. */
+		p->flags = args->flags;
+		return 0;
+	}
+	struct pending_val v = {};
+	v.ts_ns = bpf_ktime_get_ns();
+	v.flags = args->flags;
+	if (pending.update(&k, &v))
+		count(KLP_C_PENDING_FULL);
+	return 0;
+}
+
+TRACEPOINT_PROBE(lock, contention_end)
+{
+	u64 now = bpf_ktime_get_ns();
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32;
+	if (!wanted(tgid))
+		return 0;
+	count(KLP_C_END);
+	struct pending_key k = key_of((u32)id, (u64)args->lock_addr);
+	struct pending_val *p = pending.lookup(&k);
+	if (!p) {
+		count(KLP_C_END_NO_BEGIN);
+		return 0;
+	}
+	u64 wait = now - p->ts_ns;
+	u32 flags = p->flags;
+	pending.delete(&k);
+
+	int stack_id = stacks.get_stackid(args, 0);
+	if (stack_id < 0)
+		count(KLP_C_STACK_FAIL);
+
+	struct klp_agg_key ak = {};
+	ak.lock_addr = k.lock_addr;
+	ak.tgid = tgid;
+	ak.flags = flags;
+	ak.stack_id = stack_id;
+	struct klp_agg_val zero = {};
+	struct klp_agg_val *a = agg.lookup_or_try_init(&ak, &zero);
+	if (a) {
+		a->count++;
+		a->total_ns += wait;
+		if (wait > a->max_ns)
+			a->max_ns = wait;
+		if (a->min_ns == 0 || wait < a->min_ns)
+			a->min_ns = wait;
+		u32 slot = bpf_log2l(wait);
+		if (slot >= KLP_HIST_SLOTS)
+			slot = KLP_HIST_SLOTS - 1;
+		a->hist[slot]++;
+	} else {
+		count(KLP_C_AGG_FULL);
+	}
+
+#if KLP_SAMPLE_EVERY == 0
+	return 0;
+#else
+#if KLP_SAMPLE_EVERY > 1
+	int zero_idx = 0;
+	u64 *tick = sample_tick.lookup(&zero_idx);
+	if (!tick || (*tick)++ % KLP_SAMPLE_EVERY)
+		return 0;
+#endif
+	struct klp_contention_event *e = events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		count(KLP_C_RINGBUF_FULL);
+		return 0;
+	}
+	e->ts_ns = now;
+	e->wait_ns = wait;
+	e->lock_addr = k.lock_addr;
+	e->tid = (u32)id;
+	e->tgid = tgid;
+	e->flags = flags;
+	e->stack_id = stack_id;
+	e->cpu = bpf_get_smp_processor_id();
+	e->ret = args->ret;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	/* The reader polls on a timer; a wakeup per sample would cost more than
+	 * the sample.  Every KLP_WAKEUP_EVERY samples on a CPU wake it early. */
+	int idx = KLP_C_SAMPLED;
+	u64 *n = counters.lookup(&idx);
+	u64 wake = BPF_RB_NO_WAKEUP;
+	if (n && ++(*n) % KLP_WAKEUP_EVERY == 0)
+		wake = BPF_RB_FORCE_WAKEUP;
+	events.ringbuf_submit(e, wake);
+	return 0;
+#endif
+}
+
+#if KLP_FILTER_TGID && KLP_FOLLOW_FORK
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+	u32 parent = bpf_get_current_pid_tgid() >> 32;
+	if (!tgid_filter.lookup(&parent))
+		return 0;
+	u32 child = args->child_pid;    /* a new process's tgid; harmless for a thread */
+	u8 one = 1;
+	tgid_filter.update(&child, &one);
+	return 0;
+}
+#endif

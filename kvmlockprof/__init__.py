@@ -1,0 +1,9 @@
+"""kvmlockprof: an eBPF live lock-contention profiler for Linux KVM hosts.
+
+    import kvmlockprof
+    rec = kvmlockprof.load("kvmlockprof.parquet")   # no root needed
+    kvmlockprof.analysis.top(rec, by="lock")
+"""
+__version__ = "0.1.0"
+
+from .recording import Recording, RecordingError, load  # noqa: E402,F401

@@ -1,0 +1,175 @@
+"""Analysis on recordings: functions that take a Recording or DataFrames and return
+DataFrames (one row per event in, one row per group out), as in LISA."""
+import re
+
+import numpy as np
+import pandas as pd
+
+# include/trace/events/lock.h
+LCB_F_SPIN, LCB_F_READ, LCB_F_WRITE, LCB_F_RT, LCB_F_PERCPU, LCB_F_MUTEX = 1, 2, 4, 8, 16, 32
+# The names `perf lock contention` prints.
+LOCK_TYPES = {
+    LCB_F_SPIN: "spinlock", LCB_F_SPIN | LCB_F_READ: "rwlock:R",
+    LCB_F_SPIN | LCB_F_WRITE: "rwlock:W", LCB_F_READ: "rwsem:R", LCB_F_WRITE: "rwsem:W",
+    LCB_F_RT: "rt-mutex", LCB_F_RT | LCB_F_READ: "rwlock-rt:R",
+    LCB_F_RT | LCB_F_WRITE: "rwlock-rt:W", LCB_F_PERCPU | LCB_F_READ: "pcpu-sem:R",
+    LCB_F_PERCPU | LCB_F_WRITE: "pcpu-sem:W", LCB_F_MUTEX: "mutex",
+    LCB_F_MUTEX | LCB_F_SPIN: "mutex-spin",
+}
+
+# KVM's own functions (built in or in kvm*.ko): how a stack is known to go through KVM.
+KVM_FRAME = re.compile(r"^(__)?(kvm|vcpu|vmx|svm|pvm|tdp_mmu|x86_emulate|mmu_(?!notifier))"
+                       r"|\[kvm(_\w+)?\]")
+
+SORT_KEYS = {"contended": "contended", "total": "total_ns", "max": "max_ns", "avg": "avg_ns",
+             "min": "min_ns", "p50": "p50_ns", "p99": "p99_ns"}
+GROUPS = ("lock", "caller", "task")
+
+
+def lock_type(flags):
+    """perf's lock type name for each LCB_F_* flags value."""
+    flags = pd.Series(flags)
+    return flags.map(lambda f: LOCK_TYPES.get(int(f), f"flags={int(f):#x}"))
+
+
+def is_kvm_frame(frame):
+    return bool(KVM_FRAME.search(frame))
+
+
+def stack_info(stacks):
+    """Per stack_id: the caller (first frame outside the lock machinery), whether
+    the stack goes through KVM, and its frames."""
+    if stacks is None or stacks.empty:
+        return pd.DataFrame(columns=["caller", "kvm", "frames"],
+                            index=pd.Index([], name="stack_id"))
+    callers, kvm = [], []
+    for frames, lockf in zip(stacks["frames"], stacks["lock_frame"]):
+        frames = list(frames)
+        callers.append(next((f for f, lk in zip(frames, lockf) if not lk),
+                            frames[0] if frames else "?"))
+        kvm.append(any(is_kvm_frame(f) for f in frames))
+    return pd.DataFrame({"caller": callers, "kvm": kvm, "frames": list(stacks["frames"])},
+                        index=pd.Index(stacks["stack_id"].astype(int), name="stack_id"))
+
+
+def _with_stack_columns(df, info, lock_names):
+    df = df.copy()
+    df["type"] = lock_type(df["flags"]).to_numpy()
+    sid = df["stack_id"].astype(int)
+    df["caller"] = sid.map(info["caller"]).fillna("[no stack]").to_numpy()
+    df["kvm"] = sid.map(info["kvm"]).fillna(False).astype(bool).to_numpy()
+    df["lock"] = [lock_names.get(f"{a:#x}", f"{a:#x}") for a in df["lock_addr"].tolist()]
+    return df
+
+
+def annotate(rec):
+    """(aggregates, samples) with type, caller, kvm and lock name columns added."""
+    info = stack_info(rec.stacks)
+    names = rec.manifest.get("lock_symbols", {})
+    aggs = rec.aggregates
+    samples = rec.samples
+    if not aggs.empty:
+        aggs = _with_stack_columns(aggs, info, names)
+    if not samples.empty:
+        samples = _with_stack_columns(samples, info, names)
+    return aggs, samples
+
+
+def _group_keys(by):
+    if by not in GROUPS:
+        raise ValueError(f"--by must be one of {', '.join(GROUPS)}")
+    return {"lock": ["lock", "type"], "caller": ["caller"], "task": ["tgid"]}[by]
+
+
+def hist_quantile(hist, q):
+    """Upper bound of the log2 bucket holding quantile q (hist slot i = [2^i, 2^(i+1)) ns)."""
+    hist = np.asarray(hist, dtype=np.float64)
+    total = hist.sum()
+    if total == 0:
+        return np.nan
+    slot = int(np.searchsorted(np.cumsum(hist), q * total, side="left"))
+    return float(2 ** (slot + 1))
+
+
+def top(rec, by="lock", sort="total", limit=None, pids=None):
+    """perf-lock-contention-style table: one row per lock, caller or task.
+
+    count/total/max/min come from the in-kernel aggregates (nothing lost to the
+    ring buffer); p50/p99 are exact (numpy over the samples) where the samples of
+    a row are complete, else the upper bound of a log2 bucket (`pct_exact` False)."""
+    aggs, samples = annotate(rec)
+    keys = _group_keys(by)
+    cols = ["contended", "total_ns", "max_ns", "min_ns", "avg_ns", "p50_ns", "p99_ns",
+            "pct_exact", "type", "lock", "caller", "tgid", "comm", "kvm"]
+    if aggs.empty:
+        return pd.DataFrame(columns=cols)
+    if pids:
+        aggs = aggs[aggs["tgid"].isin(pids)]
+        samples = samples[samples["tgid"].isin(pids)] if not samples.empty else samples
+    comm = _comm_by_tgid(samples)
+    g = aggs.groupby(keys, sort=False)
+    out = g.agg(contended=("count", "sum"), total_ns=("total_ns", "sum"),
+                max_ns=("max_ns", "max"), min_ns=("min_ns", "min"), kvm=("kvm", "any"))
+    # The row's dominant lock/caller/task: the one with the most wait in the group.
+    dom = aggs.loc[aggs.groupby(keys, sort=False)["total_ns"].idxmax()].set_index(keys)
+    for c in ("type", "lock", "caller", "tgid"):
+        if c not in keys:
+            out[c] = dom[c]
+    out = out.reset_index()
+    out["avg_ns"] = out["total_ns"] / out["contended"]
+    out["comm"] = out["tgid"].map(comm).fillna("?")
+    out = _percentiles(out, keys, samples, g["hist"])
+    if sort not in SORT_KEYS:
+        raise ValueError(f"--sort must be one of {', '.join(SORT_KEYS)}")
+    out = out.sort_values(SORT_KEYS[sort], ascending=False, kind="stable")
+    if limit:
+        out = out.head(limit)
+    return out[cols].reset_index(drop=True)
+
+
+def _percentiles(out, keys, samples, hists):
+    """p50/p99 per row: numpy's (linear) over the row's samples when every wait of
+    the row was sampled, else the bound of the log2 bucket holding it."""
+    if not samples.empty:
+        w = samples.groupby(keys)["wait_ns"]
+        exact = pd.DataFrame({"n": w.size(), "p50_ns": w.quantile(0.50),
+                              "p99_ns": w.quantile(0.99)}).reset_index()
+        out = out.merge(exact, on=keys, how="left")
+    else:
+        out = out.assign(n=np.nan, p50_ns=np.nan, p99_ns=np.nan)
+    out["pct_exact"] = out["n"] == out["contended"]
+    summed = hists.apply(lambda h: np.sum(np.stack(h.to_numpy()), axis=0))
+    approx = out.index[~out["pct_exact"]]
+    for i in approx:
+        key = tuple(out.loc[i, k] for k in keys)
+        h = summed.loc[key if len(keys) > 1 else key[0]]
+        out.loc[i, "p50_ns"] = hist_quantile(h, 0.50)
+        out.loc[i, "p99_ns"] = hist_quantile(h, 0.99)
+    return out.drop(columns="n")
+
+
+def _comm_by_tgid(samples):
+    if samples is None or samples.empty:
+        return {}
+    return samples.groupby("tgid")["comm"].agg(lambda c: c.value_counts().index[0]).to_dict()
+
+
+def top_stacks(rec, row, by="lock", n=1):
+    """The n stacks with the most wait inside one `top()` row."""
+    aggs, _ = annotate(rec)
+    keys = _group_keys(by)
+    sel = np.logical_and.reduce([aggs[k] == row[k] for k in keys])
+    part = aggs[sel].groupby("stack_id")["total_ns"].sum().sort_values(ascending=False)
+    info = stack_info(rec.stacks)
+    return [(int(sid), list(info["frames"].get(sid, []))) for sid in part.index[:n]
+            if sid in info.index]
+
+
+def totals(rec):
+    """What was seen and what was lost, from the manifest's in-kernel counters."""
+    m = rec.manifest
+    c = m.get("counters", {})
+    return {"contention_end_seen": c.get("end", 0),
+            "waits_paired": c.get("end", 0) - c.get("end_without_begin", 0),
+            "samples": m.get("samples", len(rec.samples)),
+            "losses": m.get("losses", {})}

@@ -1,0 +1,83 @@
+"""Compile and load BPF C from bpf/ through bcc, with the host's header set-up."""
+import contextlib
+import ctypes
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import host
+
+BPF_DIR = Path(__file__).resolve().parent / "bpf"
+
+
+class BpfUnavailable(RuntimeError):
+    """bcc cannot be imported or cannot compile/load here; the message says why."""
+
+
+def import_bcc():
+    try:
+        import bcc
+    except ImportError:
+        raise BpfUnavailable("bcc's Python bindings are missing: apt-get install "
+                             "python3-bpfcc (make setup links them into the venv)") from None
+    return bcc
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """clang and libbpf print to fd 2; keep it so a failure can quote it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        buf = io.BytesIO()
+        try:
+            yield buf
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            buf.write(tmp.read())
+
+
+def compile_bpf(source=None, text=None, defines=None, headers=None):
+    """A bcc BPF object for bpf/<source> (or inline text), tracepoints attached.
+
+    Errors become BpfUnavailable with the compiler's or verifier's first lines."""
+    bcc = import_bcc()
+    headers = headers or host.find_headers()
+    if headers.status == "missing" and not os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        raise BpfUnavailable("no kernel headers: apt-get install linux-headers-amd64 "
+                             "(any version works as a fallback; offsets come from BTF)")
+    os.environ.update(headers.env)
+    cflags = list(headers.cflags) + [f"-I{BPF_DIR}", "-Wno-macro-redefined"]
+    cflags += [f"-D{k}={int(v)}" for k, v in (defines or {}).items()]
+    if source:
+        text = (BPF_DIR / source).read_text()
+    # bcc writes tracefs paths at import; make sure it is mounted first.
+    host.mount_tracefs()
+    with _captured_stderr() as err:
+        try:
+            return bcc.BPF(text=text, cflags=cflags)
+        except Exception as e:
+            msg = err.getvalue().decode(errors="replace").strip().splitlines()
+            detail = next((m for m in msg if "error" in m.lower()), msg[-1] if msg else "")
+            raise BpfUnavailable(f"{e}: {detail}".strip(": ")) from None
+
+
+def event_dtype(table):
+    """numpy dtype of the struct a ring buffer carries, as bcc parsed it from the C."""
+    scratch = ctypes.create_string_buffer(4096)
+    return np.dtype(type(table.event(scratch)))
+
+
+def table_dtypes(table):
+    """numpy dtypes of a map's key and value, as bcc parsed them from the C.
+
+    (A per-CPU map's Leaf is an array over CPUs: the value is its element.)"""
+    leaf = np.dtype(table.Leaf)
+    return np.dtype(table.Key), leaf.base if leaf.subdtype else leaf

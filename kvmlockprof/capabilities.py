@@ -1,0 +1,165 @@
+"""What this host's kernel lets us do, found by trying it, and the attach plan
+that follows for each catalog probe."""
+import os
+import platform
+from dataclasses import dataclass, field
+
+from . import bpfload, catalog, host
+
+KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    warn: bool = False           # usable, but the user should know
+
+    @property
+    def status(self):
+        return "warn" if (self.ok and self.warn) else ("ok" if self.ok else "no")
+
+
+@dataclass
+class Capabilities:
+    checks: dict = field(default_factory=dict)
+    symbols: set = field(default_factory=set)
+
+    def ok(self, name):
+        c = self.checks.get(name)
+        return bool(c and c.ok)
+
+    def why(self, name):
+        c = self.checks.get(name)
+        return c.detail if c else "not checked"
+
+
+def _trial(text, attach=None):
+    """Compile (and with tracepoints, attach) a tiny program; '' or the error."""
+    try:
+        b = bpfload.compile_bpf(text=text)
+    except bpfload.BpfUnavailable as e:
+        return str(e)
+    try:
+        if attach:
+            attach(b)
+        return ""
+    except Exception as e:
+        return str(e).splitlines()[0]
+    finally:
+        b.cleanup()
+
+
+def _kprobe_check(symbol):
+    if not (os.path.exists(KPROBE_PMU) or
+            os.path.exists(os.path.join(host.tracefs_path() or "/nonexistent",
+                                        "kprobe_events"))):
+        cfg = host.config_option("CONFIG_KPROBES")
+        return Check("kprobe attach", False,
+                     "kernel has no kprobes (CONFIG_KPROBES="
+                     f"{cfg or '?'}: no kprobe PMU, no kprobe_events); "
+                     "kprobe programs load but cannot attach")
+
+    def attach(b):
+        b.attach_kprobe(event=symbol, fn_name="f")
+    err = _trial("int f(void *ctx) { return 0; }", attach)
+    return Check("kprobe attach", not err, f"attached to {symbol}" if not err else err)
+
+
+def _fentry_check(symbol):
+    err = _trial(f"KFUNC_PROBE({symbol}) {{ return 0; }}")
+    if not err:
+        return Check("fentry load (trial)", True, f"loaded and attached on {symbol}")
+    if "super-user" in err or "EPERM" in err or "not permitted" in err.lower():
+        err = ("the kernel refused the tracing program with EPERM although we are "
+               "privileged (lockdown, or no ftrace direct calls in this kernel)")
+    return Check("fentry load (trial)", False, err)
+
+
+def probe_host():
+    caps = Capabilities()
+    add = lambda c: caps.checks.__setitem__(c.name, c)  # noqa: E731
+
+    root = os.geteuid() == 0
+    add(Check("privileges", host.can_bpf(),
+              ("root" if root else "CAP_BPF+CAP_PERFMON") if host.can_bpf() else
+              "need root or CAP_BPF+CAP_PERFMON: run with sudo"))
+    tfs, how = host.mount_tracefs() if host.can_bpf() else (host.tracefs_path(), "")
+    add(Check("tracefs", bool(tfs), f"{tfs} ({how})" if tfs else
+              (how or "not mounted; needs root to mount")))
+    h = host.find_headers()
+    add(Check("kernel headers", h.status != "missing", h.describe(), warn=h.status == "fallback"))
+    add(Check("BTF", host.has_btf(),
+              f"{host.BTF_VMLINUX} ({len(os.listdir('/sys/kernel/btf')) - 1} module BTFs)"
+              if host.has_btf() else "no /sys/kernel/btf/vmlinux: field offsets unknown"))
+    kvm_ok = os.access("/dev/kvm", os.R_OK | os.W_OK)
+    add(Check("/dev/kvm", kvm_ok, "usable: the built-in workload can run" if kvm_ok else
+              "missing or not permitted: the built-in workload cannot run"))
+    caps.symbols = host.kallsyms_names()
+
+    if not host.can_bpf():
+        for n in ("BPF syscall", "tracepoint lock:contention_begin/end", "kprobe attach",
+                  "fentry load (trial)"):
+            add(Check(n, False, "not tried: no privileges"))
+        return caps
+    err = _trial("int f(void *ctx) { return 0; }",
+                 lambda b: b.load_func("f", bpfload.import_bcc().BPF.KPROBE))
+    add(Check("BPF syscall", not err, "programs load and pass the verifier" if not err else err))
+    have_tp = all(host.tracepoint_exists("lock", e) for e in
+                  ("contention_begin", "contention_end"))
+    err = "" if have_tp else "no lock:contention_* tracepoints (kernel < 5.19?)"
+    if have_tp:
+        err = _trial("TRACEPOINT_PROBE(lock, contention_begin) { return 0; }\n"
+                     "TRACEPOINT_PROBE(lock, contention_end) { return 0; }")
+    add(Check("tracepoint lock:contention_begin/end", not err,
+              "attached (trial)" if not err else err))
+    kvm_events = host.tracepoint_events("kvm")
+    add(Check("tracepoints kvm:*", bool(kvm_events),
+              f"{len(kvm_events)} events" if kvm_events else "kvm module not loaded"))
+    target = next((s for s in ("kvm_vm_ioctl", "vfs_read") if s in caps.symbols), "vfs_read")
+    add(_kprobe_check(target))
+    add(_fentry_check(target))
+    return caps
+
+
+def plan(probe, caps):
+    """(method, '') for the method this probe would attach with, or (None, why not)."""
+    arch = platform.machine()
+    if arch not in probe.arch:
+        return None, f"{arch} host: this probe is for {'/'.join(probe.arch)}"
+    if not probe.bpf:
+        return None, "catalogued, BPF program not built yet"
+    methods = []
+    for t in probe.targets:
+        if catalog.TRACEPOINT in t.methods:
+            cat, ev = t.name.split(":")
+            if not host.tracepoint_exists(cat, ev):
+                return None, f"tracepoint {t.name} does not exist"
+            if not caps.ok("tracepoint lock:contention_begin/end"):
+                return None, caps.why("tracepoint lock:contention_begin/end")
+            methods.append(catalog.TRACEPOINT)
+            continue
+        sym = next((s for s in t.symbols if s in caps.symbols), None)
+        if not sym:
+            return None, f"no symbol {' / '.join(t.symbols)} in this kernel"
+        usable = [m for m in t.methods if caps.ok({catalog.FENTRY: "fentry load (trial)",
+                                                   catalog.KPROBE: "kprobe attach"}[m])]
+        if not usable:
+            return None, "; ".join(f"{m}: {caps.why(m)}" for m in t.methods)
+        methods.append(usable[0])
+    return "+".join(sorted(set(methods))), ""
+
+
+def symbol_rows(caps):
+    """Each catalog target: which of its names this kernel has."""
+    rows = []
+    for p in catalog.CATALOG:
+        for t in p.targets:
+            if catalog.TRACEPOINT in t.methods:
+                cat, ev = t.name.split(":")
+                found = t.name if host.tracepoint_exists(cat, ev) else ""
+            else:
+                found = next((s for s in t.symbols if s in caps.symbols), "")
+            rows.append((p.name, t.name, found))
+    return rows

@@ -1,0 +1,201 @@
+"""The `kvmlockprof` command line."""
+import json
+import os
+import signal
+import sys
+
+import click
+
+from . import __version__
+
+EPILOG_RECORD = """\b
+Examples:
+  kvmlockprof record --duration 10                  # whole host, 10 s
+  kvmlockprof record -p 1234 -o vm.parquet          # one VM (qemu pid 1234)
+  kvmlockprof record -- kvmlockprof workload --churn --duration 10
+  kvmlockprof record -a -- ./my-test.sh             # whole host while it runs
+"""
+EPILOG_REPORT = """\b
+Examples:
+  kvmlockprof report kvmlockprof.parquet
+  kvmlockprof report vm.parquet --by caller --sort max --limit 10 --stacks
+  kvmlockprof report vm.parquet --format csv -o top.csv
+"""
+EPILOG_WORKLOAD = """\b
+Examples:
+  kvmlockprof workload --vcpus 4 --duration 10
+  kvmlockprof workload --churn --churn-threads 2      # memslot churn
+  kvmlockprof workload --kvmclock                     # gfn_to_pfn_cache traffic
+"""
+
+
+def fail(msg, code=1):
+    click.echo(f"kvmlockprof: {msg}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__)
+def main():
+    """eBPF live lock-contention profiler for Linux KVM hosts."""
+
+
+@main.command(epilog=EPILOG_RECORD, context_settings={"ignore_unknown_options": False})
+@click.option("-d", "--duration", type=float, help="Seconds to record (default: until Ctrl-C "
+              "or until COMMAND exits).")
+@click.option("-p", "--pid", "pids", type=int, multiple=True,
+              help="Only these processes (tgid); repeatable. Filtered in the kernel.")
+@click.option("-a", "--all", "system_wide", is_flag=True,
+              help="With COMMAND: record the whole host, not just COMMAND and its children.")
+@click.option("-o", "--output", default="kvmlockprof.parquet", show_default=True,
+              help="Recording file.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite an existing recording.")
+@click.option("--sample-every", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Stream every Nth wait as a sample (0: in-kernel aggregates only).")
+@click.option("--ringbuf-mb", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Ring buffer size for streamed samples.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress line.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb, quiet,
+           command):
+    """Record lock contention to a Parquet recording.
+
+    With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
+    it lives."""
+    from .bpfload import BpfUnavailable
+    from .record import Recorder
+    from .recording import RecordingError
+    from . import host
+    if not host.can_bpf():
+        fail("record needs root (or CAP_BPF+CAP_PERFMON): run it with sudo")
+    if not duration and not command:
+        click.echo("recording until Ctrl-C (use --duration to stop by itself)", err=True)
+    try:
+        rec = Recorder(output, duration=duration, pids=pids, command=command,
+                       system_wide=system_wide, sample_every=sample_every, force=force,
+                       ringbuf_mb=ringbuf_mb,
+                       progress=None if quiet or not sys.stderr.isatty() else _progress)
+        m = rec.run()
+    except (RecordingError, BpfUnavailable) as e:
+        fail(str(e))
+    except RuntimeError as e:
+        fail(str(e))
+    if not quiet:
+        if sys.stderr.isatty():
+            click.echo("", err=True)
+        lost = sum(m.get("losses", {}).values())
+        click.echo(f"recorded {m['duration_s']:.1f} s: {m['counters']['end']} contended waits, "
+                   f"{m['samples']} samples, {lost} lost -> {output}", err=True)
+    code = m.get("command_exit_code")
+    if code:
+        sys.exit(code if code > 0 else 128 - code)
+
+
+def _progress(m):
+    c = m.get("counters", {})
+    lost = sum(m.get("losses", {}).values())
+    click.echo(f"\r{m['duration_s']:7.1f} s  {c.get('end', 0):>10} waits  "
+               f"{m.get('samples', 0):>10} samples  {lost:>8} lost", nl=False, err=True)
+
+
+@main.command(epilog=EPILOG_REPORT)
+@click.argument("recording", default="kvmlockprof.parquet")
+@click.option("--by", type=click.Choice(["lock", "caller", "task"]), default="lock",
+              show_default=True, help="Group rows by lock, caller or task.")
+@click.option("-s", "--sort", type=click.Choice(["contended", "total", "max", "avg", "min",
+                                                  "p50", "p99"]),
+              default="total", show_default=True)
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("-p", "--pid", "pids", type=int, multiple=True, help="Only these processes.")
+@click.option("--stacks", is_flag=True, help="Print the heaviest stack of each row.")
+@click.option("-F", "--format", "fmt", type=click.Choice(["text", "csv", "json"]),
+              default="text", show_default=True)
+@click.option("-o", "--output", help="Write the report to this file instead of stdout.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite --output if it exists.")
+def report(recording, by, sort, limit, pids, stacks, fmt, output, force):
+    """Contention report of a recording, like `perf lock contention`."""
+    from . import report as rpt
+    from .recording import RecordingError, load
+    if output and os.path.exists(output) and not force:
+        fail(f"{output} exists: use --force to overwrite it")
+    try:
+        rec = load(recording)
+        text = rpt.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
+                          pids=list(pids) or None)
+    except RecordingError as e:
+        fail(str(e))
+    if rec.interrupted:
+        click.echo(f"kvmlockprof: warning: {recording} was not finished; reading the "
+                   f"interrupted recording at {rec.path}", err=True)
+    if output:
+        tmp = f"{output}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, output)
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command()
+@click.option("--fix", is_flag=True, help="Link fallback headers under /lib/modules so that "
+              "other bcc tools find them too.")
+def doctor(fix):
+    """What this host can profile, and why not."""
+    from . import capabilities, catalog, host
+    caps = capabilities.probe_host()
+    rows = [(c.name, c.status, c.detail) for c in caps.checks.values()]
+    for probe, target, found in capabilities.symbol_rows(caps):
+        rows.append((f"symbol {target}", "ok" if found else "no",
+                     f"{found} ({probe})" if found else f"absent ({probe})"))
+    for p in catalog.CATALOG:
+        method, why = capabilities.plan(p, caps)
+        rows.append((f"probe {p.name}", "ok" if method else "no", method or why))
+    h = host.find_headers()
+    if fix and h.status == "fallback":
+        try:
+            rows.append(("fix headers", "ok", host.link_fallback_headers(h)))
+        except OSError as e:
+            rows.append(("fix headers", "no", str(e)))
+    w = max(len(r[0]) for r in rows)
+    for name, status, detail in rows:
+        click.echo(f"{name:<{w}}  {status:<4}  {detail}")
+    method, why = capabilities.plan(catalog.BY_NAME["contention"], caps)
+    if not method:
+        fail(f"the contention probe cannot run: {why}")
+
+
+@main.command(epilog=EPILOG_WORKLOAD)
+@click.option("--vcpus", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("-d", "--duration", type=float, default=10.0, show_default=True)
+@click.option("--churn", is_flag=True, help="Create/delete memslots in a loop.")
+@click.option("--churn-threads", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option("--churn-rate", type=float, default=0.0,
+              help="Memslot ops/s per churn thread (0: as fast as possible).")
+@click.option("--kvmclock", is_flag=True,
+              help="Guest writes MSR_KVM_SYSTEM_TIME_NEW each loop (gfn_to_pfn_cache).")
+@click.option("--json", "as_json", is_flag=True, help="Print the work done as JSON.")
+def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, as_json):
+    """Built-in KVM workload: a tiny VMM over /dev/kvm (no QEMU)."""
+    from .record import WORK_ENV
+    from .workload import KvmError, run
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # stop early, still report
+    try:
+        done = run(vcpus=vcpus, duration=duration, churn=churn, churn_threads=churn_threads,
+                   churn_rate=churn_rate, kvmclock=kvmclock).as_dict()
+    except KvmError as e:
+        fail(str(e))
+    out = os.environ.get(WORK_ENV)
+    if out:
+        with open(out, "w") as f:
+            json.dump(done, f)
+    if as_json:
+        click.echo(json.dumps(done))
+    else:
+        click.echo(f"workload pid {done['pid']}: {done['exits_total']} exits in "
+                   f"{done['duration_s']:.1f} s ({', '.join(f'{x:.0f}' for x in done['exits_per_s_per_vcpu'])}"
+                   f" /s per vCPU), {done['churn_ops']} memslot ops, "
+                   f"{done['msr_writes']} kvmclock MSR writes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Kernel symbol resolution from /proc/kallsyms, vectorised over address arrays."""
+import re
+
+import numpy as np
+import pandas as pd
+
+DATA_TYPES = set("dDbBrR")
+# Lock slow paths that live outside .spinlock.text/.sched.text.
+_LOCK_FN = re.compile(r"(_slowpath|^__?(mutex|rwsem|rt_mutex|down|up|percpu_down|percpu_up)"
+                      r"|^_raw_|^queued_|^__pv_queued|^osq_lock|^rwbase_|^__rt_mutex"
+                      r"|^(do_raw|native_queued)_)")
+
+
+class Kallsyms:
+    def __init__(self, path="/proc/kallsyms"):
+        df = pd.read_csv(path, sep=r"\s+", header=None, names=["addr", "type", "name", "module"],
+                         dtype={"addr": str, "type": str, "name": str, "module": str},
+                         engine="c", keep_default_na=False)
+        df["addr"] = df["addr"].map(lambda a: int(a, 16)).astype(np.uint64)
+        df = df[df["addr"] != 0].sort_values("addr", kind="stable").reset_index(drop=True)
+        self.addr = df["addr"].to_numpy()
+        self.type = df["type"].to_numpy()
+        self.name = df["name"].to_numpy()
+        self.module = df["module"].str.strip("[]").to_numpy()
+        by_name = dict(zip(df["name"], df["addr"]))
+        self.lock_text = self._range(by_name, "__lock_text_start", "__lock_text_end")
+        self.sched_text = self._range(by_name, "__sched_text_start", "__sched_text_end")
+
+    @staticmethod
+    def _range(by_name, start, end):
+        if start in by_name and end in by_name:
+            return int(by_name[start]), int(by_name[end])
+        return None
+
+    def _index(self, addrs):
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        return addrs, np.searchsorted(self.addr, addrs, side="right") - 1
+
+    def frames(self, addrs):
+        """'sym+0xoff [module]' per address (the address itself when unknown)."""
+        addrs, idx = self._index(addrs)
+        out = []
+        for a, i in zip(addrs.tolist(), idx.tolist()):
+            if i < 0:
+                out.append(f"{a:#x}")
+                continue
+            mod = self.module[i]
+            out.append(f"{self.name[i]}+{a - int(self.addr[i]):#x}" + (f" [{mod}]" if mod else ""))
+        return out
+
+    def is_lock_function(self, addrs):
+        """True for frames inside the locking/scheduling machinery (not a caller)."""
+        addrs, idx = self._index(addrs)
+        hit = np.zeros(len(addrs), dtype=bool)
+        for rng in (self.lock_text, self.sched_text):
+            if rng:
+                hit |= (addrs >= rng[0]) & (addrs < rng[1])
+        names = np.where(idx >= 0, self.name[np.maximum(idx, 0)], "")
+        hit |= np.array([bool(_LOCK_FN.search(n)) for n in names], dtype=bool)
+        return hit
+
+    def data_symbols(self, addrs, max_offset=1 << 16):
+        """Name of the data symbol holding each address, or None.
+
+        Only data symbols count: with CONFIG_KALLSYMS_ALL=n there are none, and a
+        lock in .data must not be named after the last function before it."""
+        addrs, idx = self._index(addrs)
+        out = []
+        for a, i in zip(addrs.tolist(), idx.tolist()):
+            if i >= 0 and self.type[i] in DATA_TYPES and a - int(self.addr[i]) < max_offset:
+                off = a - int(self.addr[i])
+                out.append(self.name[i] + (f"+{off:#x}" if off else ""))
+            else:
+                out.append(None)
+        return out

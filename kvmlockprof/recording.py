@@ -1,0 +1,303 @@
+"""The recording file: one Parquet file, written so that a crash loses little.
+
+While recording, flushed data goes into `<out>.partial/`: one complete Parquet
+file per table and flush, a snapshot of the in-kernel aggregates and a
+manifest.json, each replaced atomically. A kill -9 leaves that directory,
+which `load()` reads as an interrupted recording. At the end the chunks are
+merged into `<out>` (written beside it, then renamed).
+
+The finished file holds several tables in one schema: a `table` column names
+the table of each row group, and each table's columns live in a struct column
+of the same name (`contention`, `aggregates`, `stacks`, ...). The manifest
+(JSON) is in the file's key-value metadata under `kvmlockprof.manifest`.
+"""
+import glob
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT = "kvmlockprof-recording"
+VERSION = 1
+MANIFEST_KEY = b"kvmlockprof.manifest"
+SNAPSHOT_TABLES = ("aggregates",)     # rewritten whole at every flush, not appended
+
+
+class RecordingError(Exception):
+    """A recording cannot be read or written; str() is the one-line reason."""
+
+
+def partial_dir(path):
+    return str(path) + ".partial"
+
+
+def check_output(path, force):
+    """Refuse to clobber a recording (or an interrupted one) without --force."""
+    if os.path.isdir(path):
+        raise RecordingError(f"{path} is a directory: give a file name with -o")
+    if os.path.exists(path) and not force:
+        raise RecordingError(f"{path} exists: use --force to overwrite it, or -o another file")
+    if os.path.exists(partial_dir(path)) and not force:
+        raise RecordingError(f"{partial_dir(path)} holds an interrupted recording: "
+                             f"read it with `kvmlockprof report {path}`, or use --force")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.access(parent, os.W_OK):
+        raise RecordingError(f"cannot write in {parent}: choose another -o")
+
+
+# --- numpy -> arrow ----------------------------------------------------------------
+
+def to_arrow(arr):
+    """A numpy structured array as an Arrow table, without a Python object per row.
+
+    char[] fields become dictionary strings (few distinct values: comm),
+    fixed-size numeric arrays become fixed-size lists (histograms)."""
+    cols, names = [], []
+    for name in arr.dtype.names:
+        if name.startswith("pad"):
+            continue
+        col = np.ascontiguousarray(arr[name])
+        if col.dtype.kind == "S":
+            if col.ndim > 1:                       # char[N] arrives as N x S1
+                col = col.view(f"S{col.shape[1]}").reshape(-1)
+            uniq, inv = np.unique(col, return_inverse=True)
+            words = pa.array([u.split(b"\0", 1)[0].decode(errors="replace") for u in uniq],
+                             pa.string())
+            cols.append(pa.DictionaryArray.from_arrays(pa.array(inv.astype(np.int32)), words))
+        elif col.ndim > 1:
+            cols.append(pa.FixedSizeListArray.from_arrays(pa.array(col.reshape(-1)),
+                                                          col.shape[1]))
+        else:
+            cols.append(pa.array(col))
+        names.append(name)
+    return pa.Table.from_arrays(cols, names=names)
+
+
+def _atomic_write_parquet(table, path):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(obj, path):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Writer:
+    """Appends chunks to `<out>.partial/`, then finalize() makes `<out>`."""
+
+    def __init__(self, out):
+        self.out = str(out)
+        self.dir = partial_dir(out)
+        if os.path.exists(self.dir):          # check_output() allowed it: --force
+            shutil.rmtree(self.dir)
+        os.makedirs(self.dir)
+        self.seq = {}
+        self.rows = {}
+
+    def append(self, table_name, table):
+        if table is None or table.num_rows == 0:
+            return
+        n = self.seq.get(table_name, 0) + 1
+        self.seq[table_name] = n
+        self.rows[table_name] = self.rows.get(table_name, 0) + table.num_rows
+        _atomic_write_parquet(table, os.path.join(self.dir, f"{table_name}-{n:06d}.parquet"))
+
+    def snapshot(self, table_name, table):
+        _atomic_write_parquet(table, os.path.join(self.dir, f"{table_name}.parquet"))
+        self.rows[table_name] = table.num_rows
+
+    def manifest(self, manifest):
+        _atomic_write_json(manifest, os.path.join(self.dir, "manifest.json"))
+
+    def finalize(self, manifest):
+        """Merge the chunks into one Parquet file at `out`, atomically."""
+        parts = _partial_tables(self.dir)
+        schemas = {name: pq.read_schema(files[0]) for name, files in parts.items()}
+        union = pa.schema([("table", pa.string())] +
+                          [(name, pa.struct(list(s))) for name, s in schemas.items()])
+        layout, rg = {}, 0
+        for name, files in parts.items():
+            for f in files:
+                layout.setdefault(name, []).extend(
+                    range(rg, rg + pq.ParquetFile(f).metadata.num_row_groups))
+                rg += pq.ParquetFile(f).metadata.num_row_groups
+        manifest = dict(manifest, tables=layout, format=FORMAT, version=VERSION)
+        union = union.with_metadata({MANIFEST_KEY: json.dumps(manifest, default=str)})
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(self.out) + ".",
+                                   dir=os.path.dirname(os.path.abspath(self.out)))
+        os.close(fd)
+        try:
+            with pq.ParquetWriter(tmp, union, compression="zstd") as w:
+                for name, files in parts.items():
+                    for f in files:
+                        for i in range(pq.ParquetFile(f).metadata.num_row_groups):
+                            t = pq.ParquetFile(f).read_row_group(i)
+                            w.write_table(_as_union_rows(name, t, union),
+                                          row_group_size=max(1, t.num_rows))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.out)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        shutil.rmtree(self.dir)
+        return manifest
+
+
+def _as_union_rows(name, table, union):
+    n = table.num_rows
+    cols = [pa.array([name] * n, pa.string())]
+    for field in union:
+        if field.name == "table":
+            continue
+        if field.name == name:
+            cols.append(pa.StructArray.from_arrays([c.combine_chunks() for c in table.columns],
+                                                   fields=list(field.type)))
+        else:
+            cols.append(pa.nulls(n, field.type))
+    return pa.Table.from_arrays(cols, schema=union.remove_metadata())
+
+
+def _partial_tables(d):
+    """{table: [files in order]} of a .partial directory."""
+    out = {}
+    for f in sorted(glob.glob(os.path.join(d, "*.parquet"))):
+        base = os.path.basename(f)[:-len(".parquet")]
+        name = base.rsplit("-", 1)[0] if "-" in base else base
+        out.setdefault(name, []).append(f)
+    return out
+
+
+# --- reading --------------------------------------------------------------------------
+
+class Recording:
+    """A loaded recording: the manifest and one DataFrame per table."""
+
+    def __init__(self, path, manifest, tables, interrupted=False):
+        self.path = path
+        self.manifest = manifest
+        self._tables = tables           # name -> callable returning an Arrow table
+        self._cache = {}
+        self.interrupted = interrupted
+
+    @property
+    def table_names(self):
+        return list(self._tables)
+
+    def table(self, name):
+        """The named table as a DataFrame (empty if the recording has none)."""
+        if name not in self._cache:
+            if name not in self._tables:
+                return pd.DataFrame()
+            try:
+                t = self._tables[name]()
+            except (pa.ArrowException, OSError, KeyError, ValueError) as e:
+                raise RecordingError(f"{self.path}: table {name!r} is corrupt "
+                                     f"({_first_line(e)})") from None
+            self._cache[name] = t.to_pandas()
+        return self._cache[name]
+
+    @property
+    def samples(self):
+        return self.table("contention")
+
+    @property
+    def aggregates(self):
+        return self.table("aggregates")
+
+    @property
+    def stacks(self):
+        return self.table("stacks")
+
+
+def _first_line(e):
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def _check_manifest(path, manifest):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise RecordingError(f"{path} is not a kvmlockprof recording (no manifest): "
+                             "record one with `kvmlockprof record`")
+    if manifest.get("version") != VERSION:
+        raise RecordingError(f"{path} is recording format version {manifest.get('version')}, "
+                             f"this kvmlockprof reads version {VERSION}: upgrade kvmlockprof")
+    return manifest
+
+
+def load(path):
+    """Read a recording (or the `.partial` directory a killed `record` left)."""
+    path = str(path)
+    if not os.path.exists(path) and os.path.isdir(partial_dir(path)):
+        path = partial_dir(path)
+    if os.path.isdir(path):
+        return _load_partial(path)
+    if not os.path.exists(path):
+        raise RecordingError(f"{path} does not exist: record one with `kvmlockprof record`")
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 4))
+        tail = f.read(4)
+    if head != b"PAR1":
+        raise RecordingError(f"{path} is not a Parquet file: give a recording made by "
+                             "`kvmlockprof record`")
+    if tail != b"PAR1":
+        raise RecordingError(f"{path} is truncated (no Parquet footer): if `record` was "
+                             f"killed, read {partial_dir(path)} instead")
+    try:
+        pf = pq.ParquetFile(path)
+        meta = pf.schema_arrow.metadata or {}
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise RecordingError(f"{path} is a corrupt Parquet file ({_first_line(e)})") from None
+    if MANIFEST_KEY not in meta:
+        raise RecordingError(f"{path} is a Parquet file but not a kvmlockprof recording "
+                             "(no manifest): record one with `kvmlockprof record`")
+    try:
+        manifest = json.loads(meta[MANIFEST_KEY])
+    except ValueError:
+        raise RecordingError(f"{path}: the recording's manifest is corrupt") from None
+    _check_manifest(path, manifest)
+    layout = manifest.get("tables", {})
+    names = set(pf.schema_arrow.names)
+
+    def reader(name, groups):
+        # Row group by row group: Arrow cannot read a struct with a dictionary
+        # child (comm) into one chunked column.
+        return lambda: pa.concat_tables(
+            [_flatten(pf.read_row_group(i, columns=[name]), name) for i in groups])
+    tables = {n: reader(n, g) for n, g in layout.items() if n in names}
+    return Recording(path, manifest, tables)
+
+
+def _flatten(table, name):
+    col = table.column(name).combine_chunks()
+    return pa.Table.from_arrays(col.flatten(), names=[f.name for f in col.type])
+
+
+def _load_partial(d):
+    mpath = os.path.join(d, "manifest.json")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        raise RecordingError(f"{d} has no readable manifest.json: it is not an interrupted "
+                             "kvmlockprof recording") from None
+    _check_manifest(d, manifest)
+    parts = _partial_tables(d)
+
+    def reader(files):
+        return lambda: pa.concat_tables([pq.read_table(f) for f in files])
+    return Recording(d, manifest, {n: reader(fs) for n, fs in parts.items()},
+                     interrupted=True)

@@ -1,0 +1,77 @@
+"""Text, CSV and JSON renderings of a recording's contention tables."""
+import json
+
+from . import analysis
+
+
+def fmt_ns(ns, bound=False):
+    if ns != ns:              # NaN
+        return "-"
+    for unit, div in (("s", 1e9), ("ms", 1e6), ("us", 1e3)):
+        if ns >= div:
+            s = f"{ns / div:.2f} {unit}"
+            break
+    else:
+        s = f"{ns:.0f} ns"
+    return ("<=" + s) if bound else s
+
+
+def summary_lines(rec):
+    m = rec.manifest
+    t = analysis.totals(rec)
+    lines = [f"host {m.get('host')}  kernel {m.get('kernel_release')}  "
+             f"duration {m.get('duration_s', 0):.2f} s  stopped by {m.get('stopped_by', '?')}"]
+    if rec.interrupted:
+        lines.append(f"INTERRUPTED recording: read from {rec.path}, data up to the last flush")
+    for name, p in m.get("probes", {}).items():
+        how = p.get("method") if p.get("status") == "attached" else \
+            f"NOT attached: {p.get('reason', '')}"
+        lines.append(f"probe {name}: {p.get('status')} ({how})")
+    lost = {k: v for k, v in t["losses"].items() if v}
+    lines.append(f"contended waits {t['waits_paired']}  samples {t['samples']}  "
+                 f"losses {', '.join(f'{k}={v}' for k, v in lost.items()) or 'none'}")
+    w = m.get("work")
+    if w:
+        lines.append(f"workload pid {w.get('pid')}: {w.get('exits_total')} exits "
+                     f"({', '.join(f'{x:.0f}' for x in w.get('exits_per_s_per_vcpu', []))}"
+                     f" /s per vCPU), {w.get('churn_ops')} memslot ops "
+                     f"({w.get('churn_ops_per_s', 0):.0f}/s)")
+    return lines
+
+
+def table_text(df, by):
+    head = (f"{'contended':>10} {'total wait':>11} {'max wait':>10} {'avg wait':>10} "
+            f"{'p50':>11} {'p99':>11} {'type':>11}  {'lock':<20} {'kvm':>3}  "
+            f"{'task' if by == 'task' else 'caller'}")
+    lines = [head]
+    for r in df.itertuples(index=False):
+        bound = not r.pct_exact
+        who = f"{r.comm} ({r.tgid})" if by == "task" else r.caller
+        lines.append(f"{r.contended:>10} {fmt_ns(r.total_ns):>11} {fmt_ns(r.max_ns):>10} "
+                     f"{fmt_ns(r.avg_ns):>10} {fmt_ns(r.p50_ns, bound):>11} "
+                     f"{fmt_ns(r.p99_ns, bound):>11} {r.type:>11}  {r.lock:<20} "
+                     f"{'K' if r.kvm else '':>3}  {who}")
+    return lines
+
+
+def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pids=None):
+    df = analysis.top(rec, by=by, sort=sort, limit=limit, pids=pids)
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        return json.dumps({"manifest": rec.manifest,
+                           "rows": json.loads(df.to_json(orient="records"))}, indent=1)
+    lines = summary_lines(rec) + [""] + table_text(df, by)
+    if df.empty:
+        lines.append("(no contention recorded)")
+    if stacks:
+        for i, row in df.iterrows():
+            for sid, frames in analysis.top_stacks(rec, row, by=by):
+                lines.append("")
+                lines.append(f"#{i + 1} {row['lock']} {row['type']}  stack {sid}:")
+                lines += [f"   {'K' if analysis.is_kvm_frame(f) else ' '} {f}" for f in frames]
+    if any(not x for x in df.get("pct_exact", [])):
+        lines.append("")
+        lines.append("<= : a log2 histogram bucket bound (not every wait of the row was sampled)")
+    lines.append("K : the stack goes through KVM")
+    return "\n".join(lines) + "\n"

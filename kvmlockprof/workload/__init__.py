@@ -1,0 +1,11 @@
+"""The built-in workload: a minimal VMM that makes real KVM lock traffic."""
+from .kvmapi import KvmError
+from .vmm import Workload, WorkloadConfig, WorkDone
+
+__all__ = ["KvmError", "Workload", "WorkloadConfig", "WorkDone", "run"]
+
+
+def run(**options):
+    """Run the workload with WorkloadConfig options and return its WorkDone."""
+    with Workload(WorkloadConfig(**options)) as w:
+        return w.run()

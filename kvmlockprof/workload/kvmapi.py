@@ -1,0 +1,137 @@
+"""The slice of the KVM ioctl ABI the built-in workload needs (linux/kvm.h).
+
+Only stable UAPI is used: these numbers and layouts have not changed since
+KVM's API version 12, so they are safe to state here.
+"""
+import ctypes
+import fcntl
+import mmap
+import os
+
+KVMIO = 0xAE
+
+
+def _ioc(direction, nr, size):
+    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+
+
+def _io(nr):
+    return _ioc(0, nr, 0)
+
+
+def _iow(nr, struct):
+    return _ioc(1, nr, ctypes.sizeof(struct))
+
+
+def _ior(nr, struct):
+    return _ioc(2, nr, ctypes.sizeof(struct))
+
+
+class UserspaceMemoryRegion(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("guest_phys_addr", ctypes.c_uint64), ("memory_size", ctypes.c_uint64),
+                ("userspace_addr", ctypes.c_uint64)]
+
+
+class Segment(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint32),
+                ("selector", ctypes.c_uint16), ("type", ctypes.c_uint8),
+                ("present", ctypes.c_uint8), ("dpl", ctypes.c_uint8), ("db", ctypes.c_uint8),
+                ("s", ctypes.c_uint8), ("l", ctypes.c_uint8), ("g", ctypes.c_uint8),
+                ("avl", ctypes.c_uint8), ("unusable", ctypes.c_uint8),
+                ("padding", ctypes.c_uint8)]
+
+
+class DTable(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint16),
+                ("padding", ctypes.c_uint16 * 3)]
+
+
+class Sregs(ctypes.Structure):
+    _fields_ = [(n, Segment) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")] + \
+               [("gdt", DTable), ("idt", DTable)] + \
+               [(n, ctypes.c_uint64) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer",
+                                               "apic_base")] + \
+               [("interrupt_bitmap", ctypes.c_uint64 * 4)]
+
+
+class Regs(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
+        "r11", "r12", "r13", "r14", "r15", "rip", "rflags")]
+
+
+class MsrsHeader(ctypes.Structure):
+    _fields_ = [("nmsrs", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+GET_API_VERSION = _io(0x00)
+CREATE_VM = _io(0x01)
+GET_VCPU_MMAP_SIZE = _io(0x04)
+CREATE_VCPU = _io(0x41)
+SET_USER_MEMORY_REGION = _iow(0x46, UserspaceMemoryRegion)
+SET_TSS_ADDR = _io(0x47)
+RUN = _io(0x80)
+SET_REGS = _iow(0x82, Regs)
+GET_SREGS = _ior(0x83, Sregs)
+SET_SREGS = _iow(0x84, Sregs)
+
+# struct kvm_run: exit_reason at offset 8, the exit union at 32.
+RUN_EXIT_REASON = 8
+EXIT_IO = 2
+EXIT_HLT = 5
+EXIT_MMIO = 6
+EXIT_NAMES = {0: "unknown", 1: "exception", 2: "io", 3: "hypercall", 4: "debug", 5: "hlt",
+              6: "mmio", 7: "irq_window_open", 8: "shutdown", 9: "fail_entry", 10: "intr",
+              17: "internal_error"}
+
+MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
+
+
+class KvmError(RuntimeError):
+    """/dev/kvm is missing, not permitted, or refused a request."""
+
+
+def open_kvm(path="/dev/kvm"):
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KvmError(f"{path} does not exist: load kvm (modprobe kvm_intel or kvm_amd) "
+                       "or run on a host with hardware virtualisation") from None
+    except PermissionError:
+        raise KvmError(f"{path} is not permitted for this user: run as root or join "
+                       "the 'kvm' group") from None
+    version = fcntl.ioctl(fd, GET_API_VERSION)
+    if version != 12:
+        os.close(fd)
+        raise KvmError(f"{path} speaks KVM API {version}, expected 12")
+    return fd
+
+
+def ioctl(fd, request, arg=0):
+    try:
+        return fcntl.ioctl(fd, request, arg)
+    except OSError as e:
+        raise KvmError(f"KVM ioctl {request:#x} failed: {e.strerror}") from None
+
+
+def guest_memory(size):
+    """Anonymous shared memory for a memslot, with its host virtual address."""
+    mem = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    return mem, addr
+
+
+def set_memslot(vm_fd, slot, gpa, size, hva):
+    region = UserspaceMemoryRegion(slot=slot, flags=0, guest_phys_addr=gpa,
+                                   memory_size=size, userspace_addr=hva)
+    ioctl(vm_fd, SET_USER_MEMORY_REGION, region)
+
+
+def set_msr(vcpu_fd, index, value):
+    class Msrs(ctypes.Structure):
+        _fields_ = [("hdr", MsrsHeader), ("index", ctypes.c_uint32),
+                    ("reserved", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+    msrs = Msrs(hdr=MsrsHeader(nmsrs=1), index=index, data=value)
+    # KVM_SET_MSRS is sized by its header; it returns how many MSRs it set.
+    return ioctl(vcpu_fd, _ioc(1, 0x89, ctypes.sizeof(MsrsHeader)), msrs)

@@ -1,0 +1,213 @@
+"""A tiny VMM over raw /dev/kvm ioctls: real vCPUs running real-mode guest code.
+
+Each vCPU loops over a few instructions that read a page of the spare memslot
+(a shadow-MMU or TDP fault when the slot was just recreated), optionally write
+MSR_KVM_SYSTEM_TIME_NEW (kvmclock: activates and refreshes the vCPU's
+gfn_to_pfn_cache `vcpu->arch.pv_time`), and exit to this process on port I/O.
+Churn threads create and delete spare memslots, which takes `kvm->slots_lock`,
+waits in `synchronize_srcu_expedited(&kvm->srcu)` and zaps SPTEs under
+`kvm->mmu_lock`: the contention a memslot-update patch is reviewed for.
+"""
+import ctypes
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import kvmapi as k
+
+CODE_GPA = 0x1000
+PVCLOCK_GPA = 0x2000
+MAIN_SLOT_SIZE = 0x10000          # 64 KiB at GPA 0: code and the pvclock page
+SPARE_GPA = 0x80000               # real mode reaches it as DS=0x8000
+SPARE_SIZE = 0x10000              # 16 pages, one touched per loop
+PORT = 0x10
+
+# mov al,[bx]; add bx,0x1000; [wrmsr;] out 0x10,al; jmp loop
+_TOUCH = bytes([0x8A, 0x07, 0x81, 0xC3, 0x00, 0x10])
+_WRMSR = bytes([0x0F, 0x30])
+_OUT = bytes([0xE6, PORT])
+
+
+def guest_code(kvmclock):
+    body = _TOUCH + (_WRMSR if kvmclock else b"") + _OUT
+    return body + bytes([0xEB, (-(len(body) + 2)) & 0xFF])
+
+
+@dataclass
+class WorkloadConfig:
+    vcpus: int = 2
+    duration: float = 10.0
+    churn: bool = False            # memslot create/delete loop(s)
+    churn_threads: int = 2
+    churn_rate: float = 0.0        # ops/s per churn thread, 0 = as fast as possible
+    kvmclock: bool = False         # guest writes MSR_KVM_SYSTEM_TIME_NEW every loop
+
+
+@dataclass
+class WorkDone:
+    """What the workload did: the denominators for per-unit-of-work rates."""
+    pid: int
+    duration_s: float
+    vcpus: int
+    exits: list = field(default_factory=list)          # per vCPU, all exits to userspace
+    io_exits: list = field(default_factory=list)
+    mmio_exits: list = field(default_factory=list)
+    msr_writes: int = 0
+    churn_ops: int = 0                                  # memslot create + delete ioctls
+    config: dict = field(default_factory=dict)
+    interrupted: bool = False                           # stopped early by a signal
+
+    def as_dict(self):
+        d = dict(self.__dict__)
+        d["exits_total"] = sum(self.exits)
+        d["exits_per_s_per_vcpu"] = [e / self.duration_s for e in self.exits] \
+            if self.duration_s else []
+        d["churn_ops_per_s"] = self.churn_ops / self.duration_s if self.duration_s else 0.0
+        return d
+
+
+def _name_thread(name):
+    """Kernel-visible thread name (comm), so that samples show vcpu0, churn1, ..."""
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)    # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+class _Vcpu:
+    def __init__(self, vm_fd, index, run_size, kvmclock):
+        self.fd = k.ioctl(vm_fd, k.CREATE_VCPU, index)
+        self.run = mmap.mmap(self.fd, run_size, flags=mmap.MAP_SHARED,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        sregs = k.Sregs()
+        k.ioctl(self.fd, k.GET_SREGS, sregs)
+        sregs.cs.base, sregs.cs.selector = 0, 0
+        sregs.ds.base, sregs.ds.selector = SPARE_GPA, SPARE_GPA >> 4
+        k.ioctl(self.fd, k.SET_SREGS, sregs)
+        regs = k.Regs(rip=CODE_GPA, rflags=2, rbx=0,
+                      rcx=k.MSR_KVM_SYSTEM_TIME_NEW if kvmclock else 0,
+                      rax=(PVCLOCK_GPA + 64 * index) | 1, rdx=0)
+        k.ioctl(self.fd, k.SET_REGS, regs)
+        self.exits = self.io = self.mmio = 0
+        self.error = None
+
+    def loop(self, stop, name):
+        _name_thread(name)
+        run_ioctl, fd, run = k.ioctl, self.fd, self.run
+        exits = io = mmio = 0
+        try:
+            while not stop.is_set():
+                run_ioctl(fd, k.RUN)
+                reason = int.from_bytes(run[k.RUN_EXIT_REASON:k.RUN_EXIT_REASON + 4], "little")
+                exits += 1
+                if reason == k.EXIT_IO:
+                    io += 1
+                elif reason == k.EXIT_MMIO:      # the spare slot is deleted right now
+                    mmio += 1
+                else:
+                    raise k.KvmError(f"guest stopped with exit reason "
+                                     f"{k.EXIT_NAMES.get(reason, reason)}")
+        except Exception as e:   # reported by the main thread, which owns the exit code
+            self.error = e
+            stop.set()
+        self.exits, self.io, self.mmio = exits, io, mmio
+
+
+class Workload:
+    """Python API: Workload(WorkloadConfig(...)).run() -> WorkDone."""
+
+    def __init__(self, config):
+        self.config = config
+        self.kvm_fd = k.open_kvm()
+        self.vm_fd = k.ioctl(self.kvm_fd, k.CREATE_VM, 0)
+        try:
+            # VMX real mode wants a TSS (the int arg is signed; KVM takes 32 bits)
+            k.ioctl(self.vm_fd, k.SET_TSS_ADDR, 0xFFFBD000 - (1 << 32))
+        except k.KvmError:
+            pass                                             # not needed on SVM/PVM
+        self.main_mem, main_hva = k.guest_memory(MAIN_SLOT_SIZE)
+        code = guest_code(config.kvmclock)
+        self.main_mem[CODE_GPA:CODE_GPA + len(code)] = code
+        k.set_memslot(self.vm_fd, 0, 0, MAIN_SLOT_SIZE, main_hva)
+        self.spare = [k.guest_memory(SPARE_SIZE) for _ in range(max(1, config.churn_threads))]
+        # Slot 1 backs what the vCPUs read; further churn threads churn slots of
+        # their own, so that they also contend with each other on kvm->slots_lock.
+        k.set_memslot(self.vm_fd, 1, SPARE_GPA, SPARE_SIZE, self.spare[0][1])
+        run_size = k.ioctl(self.kvm_fd, k.GET_VCPU_MMAP_SIZE)
+        self.vcpus = [_Vcpu(self.vm_fd, i, run_size, config.kvmclock)
+                      for i in range(config.vcpus)]
+        self.churn_ops = 0
+        self.errors = []
+        self._lock = threading.Lock()
+
+    def _churn(self, index, stop):
+        _name_thread(f"klp-churn{index}")
+        slot = 1 + index
+        # Slot 1 is what the vCPUs read; the others sit above real mode's reach.
+        gpa = 0x100000 + index * SPARE_SIZE if index else SPARE_GPA
+        hva = self.spare[index][1]
+        period = 1.0 / self.config.churn_rate if self.config.churn_rate else 0.0
+        ops = 0
+        try:
+            present = index == 0
+            next_t = time.monotonic()
+            while not stop.is_set():
+                k.set_memslot(self.vm_fd, slot, gpa, 0 if present else SPARE_SIZE, hva)
+                present = not present
+                ops += 1
+                if period:
+                    next_t += period
+                    delay = next_t - time.monotonic()
+                    if delay > 0:
+                        stop.wait(delay)
+        except Exception as e:
+            self.errors.append(e)
+            stop.set()
+        with self._lock:
+            self.churn_ops += ops
+
+    def run(self):
+        cfg = self.config
+        stop = threading.Event()
+        threads = [threading.Thread(target=v.loop, args=(stop, f"klp-vcpu{i}"), name=f"vcpu{i}", daemon=True)
+                   for i, v in enumerate(self.vcpus)]
+        if cfg.churn:
+            threads += [threading.Thread(target=self._churn, args=(i, stop), name=f"churn{i}",
+                                         daemon=True) for i in range(cfg.churn_threads)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        interrupted = False
+        try:
+            stop.wait(cfg.duration)
+        except KeyboardInterrupt:         # Ctrl-C or SIGTERM: still report the work done
+            interrupted = True
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        elapsed = time.monotonic() - t0
+        errors = self.errors + [v.error for v in self.vcpus if v.error]
+        if errors:
+            raise errors[0]
+        return WorkDone(
+            pid=os.getpid(), duration_s=elapsed, vcpus=cfg.vcpus,
+            exits=[v.exits for v in self.vcpus], io_exits=[v.io for v in self.vcpus],
+            mmio_exits=[v.mmio for v in self.vcpus],
+            msr_writes=sum(v.io for v in self.vcpus) if cfg.kvmclock else 0,
+            churn_ops=self.churn_ops, config=dict(cfg.__dict__), interrupted=interrupted)
+
+    def close(self):
+        for v in self.vcpus:
+            v.run.close()
+            os.close(v.fd)
+        os.close(self.vm_fd)
+        os.close(self.kvm_fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
