@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 APT_PKGS := bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64 python3-venv bpftool
 DEMO_S  ?= 10
 
-.PHONY: setup apt demo test bench clean
+.PHONY: setup apt demo test clean
 
 setup: $(STAMP)
 
@@ -39,9 +39,6 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -ra
-
-bench: setup
-	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) demo.parquet demo-report.txt .pytest_cache

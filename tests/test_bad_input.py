@@ -1,0 +1,77 @@
+"""Bad input gets one line that says what to do, a non-zero exit, nothing lost."""
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import kvmlockprof
+from conftest import klp
+
+
+def one_line_error(p):
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvmlockprof: "), p.stderr
+    assert "Traceback" not in p.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def recording(tmp_path):
+    """A small real-format recording written by the package's own writer."""
+    from tests_support import small_recording
+    return small_recording(tmp_path / "r.parquet")
+
+
+def test_not_parquet(tmp_path):
+    f = tmp_path / "notes.parquet"
+    f.write_text("hello, not a recording\n")
+    assert "not a Parquet file" in one_line_error(klp("report", f, check=False))
+
+
+def test_foreign_parquet(tmp_path):
+    f = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"a": [1, 2, 3]}), f)
+    assert "not a kvmlockprof recording" in one_line_error(klp("report", f, check=False))
+
+
+def test_truncated(recording, tmp_path):
+    data = open(recording, "rb").read()
+    f = tmp_path / "trunc.parquet"
+    f.write_bytes(data[: len(data) // 2])
+    assert "truncated" in one_line_error(klp("report", f, check=False))
+
+
+def test_missing_file(tmp_path):
+    assert "does not exist" in one_line_error(klp("report", tmp_path / "nope.parquet",
+                                                  check=False))
+
+
+def test_report_output_not_overwritten(recording, tmp_path):
+    out = tmp_path / "report.txt"
+    out.write_text("keep me")
+    assert "--force" in one_line_error(klp("report", recording, "-o", out, check=False))
+    assert out.read_text() == "keep me"
+    klp("report", recording, "-o", out, "--force")
+    assert "contended" in out.read_text()
+
+
+def test_record_refuses_to_overwrite(recording):
+    before = open(recording, "rb").read()
+    p = klp("record", "-o", recording, "--duration", 1, check=False)
+    msg = one_line_error(p)
+    assert "--force" in msg or "root" in msg
+    assert open(recording, "rb").read() == before
+
+
+def test_workload_without_kvm():
+    from kvmlockprof.workload import kvmapi
+    with pytest.raises(kvmapi.KvmError, match="does not exist"):
+        kvmapi.open_kvm("/nonexistent/kvm")
+
+
+def test_loads_without_root_api(recording):
+    rec = kvmlockprof.load(recording)
+    assert set(rec.table_names) >= {"contention", "aggregates", "stacks"}
+    assert len(rec.samples) == 6

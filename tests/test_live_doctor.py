@@ -1,0 +1,49 @@
+"""Live: doctor's table agrees with what the kernel says independently."""
+import os
+
+import pytest
+
+from conftest import klp
+
+pytestmark = pytest.mark.live
+
+
+def rows(text):
+    out = {}
+    for line in text.splitlines():
+        parts = line.split(None, 2) if not line.startswith(("symbol ", "probe ", "fentry",
+                                                             "kprobe", "tracepoint", "kernel",
+                                                             "fix ")) else None
+        if parts is None:
+            name, rest = line.split("  ", 1)
+            status, _, detail = rest.strip().partition("  ")
+            out[name.strip()] = (status.strip(), detail.strip())
+        elif len(parts) >= 2:
+            out[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")
+    return out
+
+
+def test_doctor_matches_kernel_facts(live):
+    p = klp("doctor")
+    assert p.returncode == 0, p.stderr
+    r = rows(p.stdout)
+    assert r["tracepoint lock:contention_begin/end"][0] == "ok"
+    assert r["probe contention"] == ("ok", "tracepoint")
+    has_kprobes = os.path.exists("/sys/bus/event_source/devices/kprobe") or \
+        os.path.exists("/sys/kernel/tracing/kprobe_events")
+    assert (r["kprobe attach"][0] == "ok") == has_kprobes
+    if not has_kprobes:
+        assert "CONFIG_KPROBES" in r["kprobe attach"][1]
+    assert r["fentry load (trial)"][0] in ("ok", "no")
+    if r["fentry load (trial)"][0] == "no":
+        assert r["fentry load (trial)"][1]            # says why
+    matching = os.path.isdir(f"/lib/modules/{os.uname().release}/build")
+    headers = r["kernel headers"]
+    assert headers[0] == ("ok" if matching else "warn")
+    if not matching:
+        assert headers[1].startswith("fallback") and "BTF" in headers[1]
+    # every catalog target has a symbol row; absent ones say so
+    assert r["symbol kvm_gpc_refresh"][0] in ("ok", "no")
+    with open("/proc/kallsyms") as f:
+        has_xen = any(line.split()[2] == "kvm_xen_set_evtchn_fast" for line in f)
+    assert (r["symbol kvm_xen_set_evtchn_fast"][0] == "ok") == has_xen
