@@ -84,7 +84,8 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
         if sys.stderr.isatty():
             click.echo("", err=True)
         lost = sum(m.get("losses", {}).values())
-        click.echo(f"recorded {m['duration_s']:.1f} s: {m['counters']['end']} contended waits, "
+        waits = m["counters"]["end"] - m["counters"]["end_without_begin"]
+        click.echo(f"recorded {m['duration_s']:.1f} s: {waits} contended waits, "
                    f"{m['samples']} samples, {lost} lost -> {output}", err=True)
     code = m.get("command_exit_code")
     if code:

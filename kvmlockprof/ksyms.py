@@ -5,6 +5,8 @@ import numpy as np
 import pandas as pd
 
 DATA_TYPES = set("dDbBrR")
+# Linker markers, not objects: an address past one is in some unnamed object.
+_MARKER = re.compile(r"^(__start|__stop|__end|_s|_e)[a-z_]|_(start|end)$")
 # Lock slow paths that live outside .spinlock.text/.sched.text.
 _LOCK_FN = re.compile(r"(_slowpath|^__?(mutex|rwsem|rt_mutex|down|up|percpu_down|percpu_up)"
                       r"|^_raw_|^queued_|^__pv_queued|^osq_lock|^rwbase_|^__rt_mutex"
@@ -59,7 +61,7 @@ class Kallsyms:
         hit |= np.array([bool(_LOCK_FN.search(n)) for n in names], dtype=bool)
         return hit
 
-    def data_symbols(self, addrs, max_offset=1 << 16):
+    def data_symbols(self, addrs, max_offset=4096):
         """Name of the data symbol holding each address, or None.
 
         Only data symbols count: with CONFIG_KALLSYMS_ALL=n there are none, and a
@@ -67,7 +69,8 @@ class Kallsyms:
         addrs, idx = self._index(addrs)
         out = []
         for a, i in zip(addrs.tolist(), idx.tolist()):
-            if i >= 0 and self.type[i] in DATA_TYPES and a - int(self.addr[i]) < max_offset:
+            if i >= 0 and self.type[i] in DATA_TYPES and a - int(self.addr[i]) < max_offset \
+                    and not _MARKER.search(self.name[i]):
                 off = a - int(self.addr[i])
                 out.append(self.name[i] + (f"+{off:#x}" if off else ""))
             else:

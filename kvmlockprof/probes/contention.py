@@ -83,8 +83,11 @@ class ContentionProbe:
         return list(self.bpf["stacks"].walk(stack_id))
 
     def detach(self):
-        """Stop the probes firing; maps stay readable until close()."""
-        for tp in list(self.bpf.tracepoint_fds):
+        """Stop the probes firing; maps stay readable until close().
+
+        Reverse attach order: contention_end goes before contention_begin, else
+        each detach's RCU grace period (tens of ms) lets ends in with no begin."""
+        for tp in reversed(list(self.bpf.tracepoint_fds)):
             self.bpf.detach_tracepoint(tp)
         self.attached = {}
 

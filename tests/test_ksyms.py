@@ -1,0 +1,30 @@
+"""Symbol resolution on a kallsyms file written here."""
+from kvmlockprof.ksyms import Kallsyms
+
+KALLSYMS = """\
+ffffffff81000000 T _stext
+ffffffff81000100 T kvm_vm_ioctl
+ffffffff81000200 t queued_spin_lock_slowpath
+ffffffff81000300 T __sched_text_start
+ffffffff81000310 T __mutex_lock
+ffffffff81000400 T __sched_text_end
+ffffffff81000400 T __lock_text_start
+ffffffff81000410 T _raw_spin_lock
+ffffffff81000500 T __lock_text_end
+ffffffff82000000 D __start_init_stack
+ffffffff82010000 D jiffies_lock
+ffffffffc0000000 t vmx_vcpu_run\t[kvm_intel]
+"""
+
+
+def test_frames_locks_and_data(tmp_path):
+    f = tmp_path / "kallsyms"
+    f.write_text(KALLSYMS)
+    k = Kallsyms(str(f))
+    assert k.frames([0xffffffff81000123, 0xffffffffc0000010]) == [
+        "kvm_vm_ioctl+0x23", "vmx_vcpu_run+0x10 [kvm_intel]"]
+    assert k.is_lock_function([0xffffffff81000205, 0xffffffff81000315, 0xffffffff81000411,
+                               0xffffffff81000101]).tolist() == [True, True, True, False]
+    # a lock in .data is named only by a data symbol that holds it, never by a marker
+    assert k.data_symbols([0xffffffff82010004, 0xffffffff82000040, 0xffff888100000000]) == [
+        "jiffies_lock+0x4", None, None]
