@@ -62,9 +62,17 @@ def _with_stack_columns(df, info, lock_names):
     return df
 
 
+def stacks_of(rec, source="contention"):
+    """The stacks of one BPF module (stack ids are per module)."""
+    st = rec.stacks
+    if "source" in st.columns:
+        st = st[st["source"] == source]
+    return st
+
+
 def annotate(rec):
     """(aggregates, samples) with type, caller, kvm and lock name columns added."""
-    info = stack_info(rec.stacks)
+    info = stack_info(stacks_of(rec))
     names = rec.manifest.get("lock_symbols", {})
     aggs = rec.aggregates
     samples = rec.samples
@@ -160,7 +168,7 @@ def top_stacks(rec, row, by="lock", n=1):
     keys = _group_keys(by)
     sel = np.logical_and.reduce([aggs[k] == row[k] for k in keys])
     part = aggs[sel].groupby("stack_id")["total_ns"].sum().sort_values(ascending=False)
-    info = stack_info(rec.stacks)
+    info = stack_info(stacks_of(rec))
     return [(int(sid), list(info["frames"].get(sid, []))) for sid in part.index[:n]
             if sid in info.index]
 

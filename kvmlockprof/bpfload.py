@@ -55,18 +55,22 @@ def compile_bpf(source=None, text=None, defines=None, headers=None):
                              "(any version works as a fallback; offsets come from BTF)")
     os.environ.update(headers.env)
     cflags = list(headers.cflags) + [f"-I{BPF_DIR}", "-Wno-macro-redefined"]
-    cflags += [f"-D{k}={int(v)}" for k, v in (defines or {}).items()]
+    cflags += [f"-D{k}={v if isinstance(v, str) else int(v)}"
+               for k, v in (defines or {}).items()]
     if source:
         text = (BPF_DIR / source).read_text()
     # bcc writes tracefs paths at import; make sure it is mounted first.
     host.mount_tracefs()
+    failure = None
     with _captured_stderr() as err:
         try:
             return bcc.BPF(text=text, cflags=cflags)
         except Exception as e:
-            msg = err.getvalue().decode(errors="replace").strip().splitlines()
-            detail = next((m for m in msg if "error" in m.lower()), msg[-1] if msg else "")
-            raise BpfUnavailable(f"{e}: {detail}".strip(": ")) from None
+            failure = e
+    # (outside the `with`: the captured text is complete only once it has closed)
+    msg = err.getvalue().decode(errors="replace").strip().splitlines()
+    detail = next((m for m in msg if "error" in m.lower()), msg[-1] if msg else "")
+    raise BpfUnavailable(f"{failure}: {detail}".strip(": ")) from None
 
 
 def event_dtype(table):

@@ -24,7 +24,7 @@ class Check:
 @dataclass
 class Capabilities:
     checks: dict = field(default_factory=dict)
-    symbols: set = field(default_factory=set)
+    symbols: dict = field(default_factory=dict)      # text symbol -> module ("" vmlinux)
 
     def ok(self, name):
         c = self.checks.get(name)
@@ -123,32 +123,80 @@ def probe_host():
     return caps
 
 
+@dataclass
+class Plan:
+    """How a probe would attach here: per target (symbol, method), or why not."""
+    probe: object
+    targets: dict = field(default_factory=dict)     # key -> (symbol or None, method or None)
+    reason: str = ""
+
+    @property
+    def ok(self):
+        return not self.reason
+
+    @property
+    def method(self):
+        return "+".join(sorted({m for _, m in self.targets.values() if m})) or None
+
+
+def _missing_symbol_reason(probe, target):
+    why = f"no symbol {' / '.join(target.symbols)} in this kernel"
+    for opt in probe.needs:
+        if host.config_option(opt) == "n":
+            why += f" ({opt}=n)"
+    return why
+
+
 def plan(probe, caps):
-    """(method, '') for the method this probe would attach with, or (None, why not)."""
+    """The attach plan of one catalog probe on this host."""
     arch = platform.machine()
+    p = Plan(probe)
     if arch not in probe.arch:
-        return None, f"{arch} host: this probe is for {'/'.join(probe.arch)}"
+        p.reason = f"{arch} host: this probe is for {'/'.join(probe.arch)}"
+        return p
     if not probe.bpf:
-        return None, "catalogued, BPF program not built yet"
-    methods = []
+        p.reason = "catalogued, BPF program not built yet"
+        return p
     for t in probe.targets:
         if catalog.TRACEPOINT in t.methods:
             cat, ev = t.name.split(":")
             if not host.tracepoint_exists(cat, ev):
-                return None, f"tracepoint {t.name} does not exist"
-            if not caps.ok("tracepoint lock:contention_begin/end"):
-                return None, caps.why("tracepoint lock:contention_begin/end")
-            methods.append(catalog.TRACEPOINT)
+                p.reason = f"tracepoint {t.name} does not exist"
+            elif not caps.ok("tracepoint lock:contention_begin/end"):
+                p.reason = caps.why("tracepoint lock:contention_begin/end")
+            p.targets[t.key] = (t.name, catalog.TRACEPOINT)
             continue
-        sym = next((s for s in t.symbols if s in caps.symbols), None)
+        sym = catalog.resolve_symbol(t, caps.symbols)
         if not sym:
-            return None, f"no symbol {' / '.join(t.symbols)} in this kernel"
-        usable = [m for m in t.methods if caps.ok({catalog.FENTRY: "fentry load (trial)",
-                                                   catalog.KPROBE: "kprobe attach"}[m])]
-        if not usable:
-            return None, "; ".join(f"{m}: {caps.why(m)}" for m in t.methods)
-        methods.append(usable[0])
-    return "+".join(sorted(set(methods))), ""
+            if not t.optional:
+                p.reason = p.reason or _missing_symbol_reason(probe, t)
+            p.targets[t.key] = (None, None)
+            continue
+        why = []
+        method = None
+        for m in t.methods:
+            if m == catalog.FENTRY:
+                if not caps.ok("fentry load (trial)"):
+                    why.append(f"fentry: {caps.why('fentry load (trial)')}")
+                elif caps.symbols.get(sym):
+                    why.append(f"fentry: {sym} is in module {caps.symbols[sym]} and bcc "
+                               "attaches fentry to vmlinux functions only")
+                else:
+                    method = m
+            elif m == catalog.KPROBE:
+                if caps.ok("kprobe attach"):
+                    method = m
+                else:
+                    why.append(f"kprobe: {caps.why('kprobe attach')}")
+            if method:
+                break
+        if not method:
+            if t.why_limited:
+                why.append(t.why_limited)
+            if not t.optional:
+                p.reason = p.reason or f"{sym}: " + "; ".join(why)
+        p.targets[t.key] = (sym, method)
+    return p
 
 
 def symbol_rows(caps):
@@ -160,6 +208,6 @@ def symbol_rows(caps):
                 cat, ev = t.name.split(":")
                 found = t.name if host.tracepoint_exists(cat, ev) else ""
             else:
-                found = next((s for s in t.symbols if s in caps.symbols), "")
+                found = catalog.resolve_symbol(t, caps.symbols) or ""
             rows.append((p.name, t.name, found))
     return rows

@@ -54,18 +54,29 @@ def main():
               help="Stream every Nth wait as a sample (0: in-kernel aggregates only).")
 @click.option("--ringbuf-mb", type=click.IntRange(min=1), default=16, show_default=True,
               help="Ring buffer size for streamed samples.")
+@click.option("--probes", "probe_names", metavar="A,B,...",
+              help="Probes to attach (default: every probe this host can attach; "
+                   "see `kvmlockprof probes`).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb, quiet,
-           command):
+def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb, probe_names,
+           quiet, command):
     """Record lock contention to a Parquet recording.
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
     it lives."""
     from .bpfload import BpfUnavailable
+    from .catalog import UnknownProbe
     from .record import Recorder
     from .recording import RecordingError
     from . import host
+    names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
+    if names is not None:
+        try:
+            from .catalog import select
+            select(names)
+        except UnknownProbe as e:
+            fail(str(e))
     if not host.can_bpf():
         fail("record needs root (or CAP_BPF+CAP_PERFMON): run it with sudo")
     if not duration and not command:
@@ -73,7 +84,8 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
     try:
         rec = Recorder(output, duration=duration, pids=pids, command=command,
                        system_wide=system_wide, sample_every=sample_every, force=force,
-                       ringbuf_mb=ringbuf_mb,
+                       ringbuf_mb=ringbuf_mb, probes=names,
+                       warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
         m = rec.run()
     except (RecordingError, BpfUnavailable) as e:
@@ -149,8 +161,9 @@ def doctor(fix):
         rows.append((f"symbol {target}", "ok" if found else "no",
                      f"{found} ({probe})" if found else f"absent ({probe})"))
     for p in catalog.CATALOG:
-        method, why = capabilities.plan(p, caps)
-        rows.append((f"probe {p.name}", "ok" if method else "no", method or why))
+        plan = capabilities.plan(p, caps)
+        rows.append((f"probe {p.name}", "ok" if plan.ok else "no",
+                     plan.method if plan.ok else plan.reason))
     h = host.find_headers()
     if fix and h.status == "fallback":
         try:
@@ -160,9 +173,31 @@ def doctor(fix):
     w = max(len(r[0]) for r in rows)
     for name, status, detail in rows:
         click.echo(f"{name:<{w}}  {status:<4}  {detail}")
-    method, why = capabilities.plan(catalog.BY_NAME["contention"], caps)
-    if not method:
-        fail(f"the contention probe cannot run: {why}")
+    plan = capabilities.plan(catalog.BY_NAME["contention"], caps)
+    if not plan.ok:
+        fail(f"the contention probe cannot run: {plan.reason}")
+
+
+@main.command()
+def probes():
+    """The probe catalog, and how each probe would attach on this host (or why not)."""
+    from . import capabilities, catalog, host
+    caps = capabilities.probe_host() if host.can_bpf() else None
+    for p in catalog.CATALOG:
+        if caps is None:
+            how = "unknown: needs root to try"
+        else:
+            plan = capabilities.plan(p, caps)
+            how = plan.method if plan.ok else f"cannot attach: {plan.reason}"
+        click.echo(f"{p.name:<11} {p.summary}")
+        click.echo(f"{'':<11} arch {'/'.join(p.arch)}; tables {', '.join(p.tables) or '-'}")
+        for t in p.targets:
+            sym = ("" if caps is None else catalog.resolve_symbol(t, caps.symbols)) or ""
+            names = " / ".join(t.symbols)
+            click.echo(f"{'':<11} target {names}: methods {', '.join(t.methods)}"
+                       f"{'; here: ' + sym if sym else ''}"
+                       f"{' (optional)' if t.optional else ''}")
+        click.echo(f"{'':<11} here: {how}")
 
 
 @main.command(epilog=EPILOG_WORKLOAD)

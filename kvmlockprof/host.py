@@ -156,14 +156,14 @@ def link_fallback_headers(headers):
 
 # --- kallsyms / BTF ------------------------------------------------------------
 
-def kallsyms_names():
-    """Names of the kernel's text symbols (module suffixes dropped)."""
-    names = set()
-    with open("/proc/kallsyms") as f:
+def kallsyms_names(path="/proc/kallsyms"):
+    """The kernel's text symbols: {name: module}, module "" for vmlinux."""
+    names = {}
+    with open(path) as f:
         for line in f:
             parts = line.split()
             if len(parts) >= 3 and parts[1] in "tTwW":
-                names.add(parts[2])
+                names.setdefault(parts[2], parts[3].strip("[]") if len(parts) > 3 else "")
     return names
 
 

@@ -10,11 +10,13 @@ import time
 
 import numpy as np
 
-from . import __version__, host
+from . import __version__, btf, capabilities, catalog, host
+from .bpfload import BpfUnavailable
 from .ksyms import Kallsyms
-from .probes.contention import (LOSSES, ContentionProbe, new_stack_ids, samples_table,
-                                stacks_table)
-from .recording import Writer, check_output
+from .probes.contention import LOSSES, ContentionProbe
+from .probes.functions import FunctionProbes
+from .recording import Writer, check_output, to_arrow
+from .stacks import new_stack_ids, stack_ids_in, stacks_table
 
 WORK_ENV = "KVMLOCKPROF_WORK_OUT"     # the built-in workload writes its WorkDone here
 
@@ -30,7 +32,7 @@ def _raise_stop(signum, frame):
 class Recorder:
     def __init__(self, out, duration=None, pids=(), command=(), system_wide=False,
                  sample_every=1, flush_interval=1.0, force=False, progress=None,
-                 ringbuf_mb=16):
+                 ringbuf_mb=16, probes=None, warn=None):
         self.out = out
         self.duration = duration
         self.pids = list(pids)
@@ -41,6 +43,9 @@ class Recorder:
         self.force = force
         self.progress = progress
         self.ringbuf_mb = ringbuf_mb
+        self.warn = warn or (lambda msg: None)
+        # None: every probe this host can attach; else names (checked here, early)
+        self.requested = None if probes is None else catalog.select(probes)
         check_output(out, force)
 
     def _filter(self):
@@ -51,43 +56,94 @@ class Recorder:
             return []                   # the command's pid is added once it exists
         return None
 
+    def _plan(self):
+        """{probe: Plan} of the function probes to load; the rest go in the manifest."""
+        wanted = self.requested if self.requested is not None else catalog.CATALOG
+        function_probes = [p for p in wanted if p.name != "contention"]
+        if not function_probes:
+            return {}
+        caps = capabilities.probe_host()
+        plans = {}
+        for p in catalog.CATALOG:
+            if p.name == "contention":
+                continue
+            plan = capabilities.plan(p, caps)
+            if p not in function_probes:
+                self.manifest["probes"][p.name] = {"status": "not requested"}
+            elif plan.ok:
+                plans[p] = plan
+            else:
+                self.manifest["probes"][p.name] = {"status": "unavailable",
+                                                   "reason": plan.reason}
+                if self.requested is not None:
+                    self.warn(f"probe {p.name} cannot attach here: {plan.reason}")
+        return plans
+
+    def _open_sources(self):
+        """The BPF modules to read: the contention probe, and the function probes."""
+        sources = {}
+        want_contention = self.requested is None or \
+            any(p.name == "contention" for p in self.requested)
+        if want_contention:
+            tgids = self._filter()
+            c = ContentionProbe(tgids=tgids, follow_fork=bool(self.command) and not self.pids,
+                                sample_every=self.sample_every, ringbuf_mb=self.ringbuf_mb)
+            sources["contention"] = c
+            self.manifest["probes"]["contention"] = {
+                "status": "attached", "method": "tracepoint",
+                "targets": sorted(c.attached), **c.options}
+        plans = self._plan()
+        if plans:
+            try:
+                f = FunctionProbes(plans, btf.Btf(), srcu_sample_every=64)
+            except (BpfUnavailable, btf.BtfError) as e:
+                for p in plans:
+                    self.manifest["probes"][p.name] = {"status": "failed", "reason": str(e)}
+                self.warn(f"function probes failed to load: {e}")
+            else:
+                sources["functions"] = f
+                self.manifest["probes"].update(f.status)
+                for name, st in f.status.items():
+                    if st["status"] != "attached":
+                        self.warn(f"probe {name} not attached: {st.get('reason')}")
+        if not any(st.get("status") == "attached" for st in self.manifest["probes"].values()):
+            raise BpfUnavailable("no probe could attach: run `kvmlockprof doctor` to see why")
+        return sources
+
     def run(self):
         """Record until the duration ends, the command exits or a signal; return the manifest."""
         self.manifest = self._manifest_head()
         old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
-        probe = child = None
+        self.sources, child = {}, None
         try:
-            tgids = self._filter()
-            probe = ContentionProbe(tgids=tgids, follow_fork=bool(self.command) and not
-                                    self.pids, sample_every=self.sample_every,
-                                    ringbuf_mb=self.ringbuf_mb)
-            self.manifest["probes"] = {"contention": {
-                "status": "attached", "method": "tracepoint",
-                "targets": sorted(probe.attached), **probe.options}}
+            self.sources = self._open_sources()
             self.ksyms = Kallsyms()
             self.writer = Writer(self.out)
             self.writer.manifest(self.manifest)
-            self.seen_stacks = set()
+            self.seen_stacks = {name: set() for name in self.sources}
+            self.pending = {}
             self.manifest["start_monotonic_ns"] = time.monotonic_ns()
             self.manifest["start"] = datetime.datetime.now().astimezone().isoformat()
             if self.command:
-                child, self.work_file = self._spawn(probe, tgids)
-            self._loop(probe, child)
+                child, self.work_file = self._spawn(self._filter())
+            self._loop(child)
         except (KeyboardInterrupt, Stop) as e:
             self.manifest["stopped_by"] = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
         finally:
             try:
-                if probe is not None:
-                    probe.detach()
-                    if hasattr(self, "writer"):
-                        self._flush(probe, final=True)
+                for src in self.sources.values():
+                    src.detach()
+                if hasattr(self, "writer"):
+                    self._flush(final=True)
             finally:
-                if probe is not None:
-                    probe.close()
+                for src in self.sources.values():
+                    src.close()
                 if child is not None:
                     self._reap(child)
                 for s, h in old.items():
                     signal.signal(s, h)
+        if not hasattr(self, "writer"):
+            raise KeyboardInterrupt          # stopped before anything was recorded
         if child is not None:
             self.manifest["command_exit_code"] = child.returncode
         self._read_work()
@@ -104,7 +160,7 @@ class Recorder:
                 "system_wide": self._filter() is None, "duration_requested_s": self.duration,
                 "headers": host.find_headers().describe(), "probes": {}}
 
-    def _spawn(self, probe, tgids):
+    def _spawn(self, tgids):
         """Start the command held at a gate until its pid is in the filter.
 
         A tiny Python holds it: Popen returns once that has started, and execvp
@@ -120,18 +176,24 @@ class Recorder:
                                      pass_fds=(gate_r,))
         finally:
             os.close(gate_r)
-        if tgids is not None:
-            probe.add_tgids([child.pid])
+        if tgids is not None and "contention" in self.sources:
+            self.sources["contention"].add_tgids([child.pid])
             self.manifest["pid_filter"] = [child.pid]
         os.write(gate_w, b"1")
         os.close(gate_w)
         self.manifest["command_pid"] = child.pid
         return child, work_file
 
-    def _loop(self, probe, child):
+    def _poll(self):
+        for src in self.sources.values():
+            for table, batch in src.poll().items():
+                if batch.size:
+                    self.pending.setdefault(table, []).append(batch)
+
+    def _loop(self, child):
         deadline = time.monotonic() + self.duration if self.duration else None
         next_flush = time.monotonic() + self.flush_interval
-        self.pending = []
+        waiter = self.sources.get("contention")
         while True:
             now = time.monotonic()
             if deadline and now >= deadline:
@@ -140,38 +202,44 @@ class Recorder:
             if child is not None and child.poll() is not None:
                 self.manifest["stopped_by"] = "command exited"
                 break
-            timeout = min(0.1, next_flush - now, (deadline - now) if deadline else 0.1)
-            probe.wait(max(0.0, timeout))
-            batch = probe.poll()
-            if batch.size:
-                self.pending.append(batch)
+            timeout = max(0.0, min(0.1, next_flush - now, (deadline - now) if deadline else 0.1))
+            if waiter:
+                waiter.wait(timeout)        # woken early when its ring fills up
+            else:
+                time.sleep(timeout)
+            self._poll()
             if time.monotonic() >= next_flush:
-                self._flush(probe)
+                self._flush()
                 next_flush = time.monotonic() + self.flush_interval
 
-    def _flush(self, probe, final=False):
-        batch = probe.poll()
-        if batch.size:
-            self.pending.append(batch)
-        events = np.concatenate(self.pending) if self.pending else \
-            np.empty(0, probe.event_dtype)
-        self.pending = []
-        aggs = probe.aggregates()
-        new = new_stack_ids(self.seen_stacks, events["stack_id"],
-                            aggs.column("stack_id").to_numpy())
-        self.writer.append("contention", samples_table(events))
-        if new:
-            self.writer.append("stacks", stacks_table(probe, new, self.ksyms))
-        self.writer.snapshot("aggregates", aggs)
-        counters = probe.counters()
+    def _flush(self, final=False):
+        self._poll()
+        counters, probe_counters = {}, {}
+        for name, src in self.sources.items():
+            dtypes = src.event_dtypes()
+            events = {t: np.concatenate(self.pending.pop(t)) if t in self.pending else
+                      np.empty(0, dt) for t, dt in dtypes.items()}
+            snaps = src.snapshots()
+            for table, arr in events.items():
+                self.writer.append(table, to_arrow(arr))
+            new = new_stack_ids(self.seen_stacks[name], stack_ids_in(events, snaps))
+            if new:
+                self.writer.append("stacks", stacks_table(src, name, new, self.ksyms))
+            for table, snap in snaps.items():
+                self.writer.snapshot(table, snap)
+            if name == "contention":
+                counters = src.counters()
+                self.manifest["lock_symbols"] = self._lock_symbols(snaps["aggregates"])
+            else:
+                probe_counters.update(src.counters())
         now_ns = time.monotonic_ns()
         self.manifest.update(
-            counters=counters, losses={k: counters[k] for k in LOSSES},
+            counters=counters, losses={k: counters[k] for k in LOSSES if k in counters},
+            probe_counters=probe_counters,
             samples=self.writer.rows.get("contention", 0),
             end_monotonic_ns=now_ns,
             duration_s=(now_ns - self.manifest["start_monotonic_ns"]) / 1e9,
-            end=datetime.datetime.now().astimezone().isoformat(),
-            lock_symbols=self._lock_symbols(aggs), interrupted=not final)
+            end=datetime.datetime.now().astimezone().isoformat(), interrupted=not final)
         self.writer.manifest(self.manifest)
         if self.progress:
             self.progress(self.manifest)

@@ -9,11 +9,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _live_problem():
+def _bpf_problem():
     if os.geteuid() != 0:
         return "not root"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm missing or not permitted"
     try:
         import bcc  # noqa: F401
     except ImportError:
@@ -27,13 +25,29 @@ def _live_problem():
     return None
 
 
-@pytest.fixture(scope="session")
-def live():
-    problem = _live_problem()
+def _live_problem():
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm missing or not permitted"
+    return _bpf_problem()
+
+
+def _require(problem):
     if problem:
         if os.environ.get("CI"):
             pytest.fail(f"live environment missing in CI: {problem}")
         pytest.skip(f"live environment missing: {problem}")
+
+
+@pytest.fixture(scope="session")
+def bpf_host():
+    """Root, bcc and kernel headers: BPF programs can be compiled and loaded."""
+    _require(_bpf_problem())
+
+
+@pytest.fixture(scope="session")
+def live():
+    """bpf_host plus a usable /dev/kvm: the built-in workload runs."""
+    _require(_live_problem())
 
 
 def klp(*args, check=True, timeout=120, **kw):

@@ -47,3 +47,31 @@ def test_doctor_matches_kernel_facts(live):
     with open("/proc/kallsyms") as f:
         has_xen = any(line.split()[2] == "kvm_xen_set_evtchn_fast" for line in f)
     assert (r["symbol kvm_xen_set_evtchn_fast"][0] == "ok") == has_xen
+
+
+def test_probes_say_why_not(live):
+    """`probes` gives, per probe, the method or the precise reason."""
+    has_kprobes = os.path.exists("/sys/bus/event_source/devices/kprobe") or \
+        os.path.exists("/sys/kernel/tracing/kprobe_events")
+    out = klp("probes").stdout
+    blocks = {}
+    for line in out.splitlines():
+        if not line.startswith(" "):
+            name = line.split()[0]
+        elif line.strip().startswith("here: "):
+            blocks[name] = line.strip()[len("here: "):]
+    assert blocks["contention"] == "tracepoint"
+    with open("/proc/kallsyms") as f:
+        syms = {line.split()[2] for line in f}
+    if "kvm_xen_set_evtchn_fast" not in syms:
+        assert "no symbol kvm_xen_set_evtchn_fast" in blocks["xen_evtchn"]
+    if os.uname().machine != "aarch64":
+        assert "this probe is for aarch64" in blocks["vgic"]
+    if not has_kprobes:
+        for name in ("gpc", "srcu", "vms", "xarray"):
+            assert blocks[name].startswith("cannot attach"), blocks[name]
+            assert "kernel has no kprobes" in blocks[name]
+        r = rows(klp("doctor").stdout)
+        if r["fentry load (trial)"][0] == "no":
+            for name in ("gpc", "srcu", "vms"):
+                assert "fentry: " in blocks[name]

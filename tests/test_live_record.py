@@ -148,3 +148,18 @@ def test_kill_9_leaves_flushed_data_readable(live, tmp_path):
     assert rec.interrupted and len(rec.samples) > 0
     r = klp("report", out)
     assert "INTERRUPTED" in r.stdout
+
+
+def test_manifest_says_how_or_why_not_for_every_probe(churn_recording):
+    """record ran what can run here and says why the rest could not attach."""
+    from kvmlockprof import catalog
+    rec, _, _ = churn_recording
+    probes = rec.manifest["probes"]
+    assert set(probes) == {p.name for p in catalog.CATALOG}
+    for name, st in probes.items():
+        assert st["status"] in ("attached", "unavailable", "failed"), (name, st)
+        if st["status"] != "attached":
+            assert st["reason"], name
+    text = klp("report", rec.path).stdout
+    for name, st in probes.items():
+        assert f"probe {name}: {st['status']}" in text

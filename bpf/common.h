@@ -1,0 +1,153 @@
+/* Shared by the function probes, which the loader compiles into one module so
+ * that they share the VM registry and the stack map.
+ *
+ * Each target KEY is written once and compiles to the attach method the loader
+ * chose (KLP_M_KEY): 1 fentry/fexit, 2 kprobe/kretprobe, 0 not attached. Its
+ * arguments are read by position (KLP_A_KEY_PARAM, from BTF), never through a
+ * struct declared in headers, which may be from another kernel. */
+#ifndef KLP_COMMON_H
+#define KLP_COMMON_H
+
+#include <uapi/linux/ptrace.h>      /* struct pt_regs: the arch ABI, stable */
+
+#define KLP_CAT_(a, b) a##b
+#define KLP_CAT(a, b) KLP_CAT_(a, b)
+
+#define KLP_ENTRY(key) KLP_ENTRY_M(KLP_M_##key, KLP_S_##key, key)
+#define KLP_ENTRY_M(m, sym, key) KLP_CAT(KLP_ENTRY_, m)(sym, key)
+#define KLP_ENTRY_1(sym, key) KFUNC_PROBE(sym)
+#define KLP_ENTRY_2(sym, key) int klp_kp__##key(struct pt_regs *ctx)
+#define KLP_ENTRY_0(sym, key) static __always_inline int klp_off__##key(void *ctx)
+
+#define KLP_RETURN(key) KLP_RETURN_M(KLP_M_##key, KLP_S_##key, key)
+#define KLP_RETURN_M(m, sym, key) KLP_CAT(KLP_RETURN_, m)(sym, key)
+#define KLP_RETURN_1(sym, key) KRETFUNC_PROBE(sym)
+#define KLP_RETURN_2(sym, key) int klp_kr__##key(struct pt_regs *ctx)
+#define KLP_RETURN_0(sym, key) static __always_inline int klp_offr__##key(void *ctx)
+
+/* Argument PARAM of target KEY, as u64 (0 if this kernel's function lacks it). */
+#define KLP_ARG(key, p) KLP_ARG_M(KLP_M_##key, KLP_A_##key##_##p)
+#define KLP_ARG_M(m, i) KLP_CAT(KLP_ARG_, m)(i)
+#define KLP_ARG_1(i) ((i) >= 0 ? (u64)ctx[(i) >= 0 ? (i) : 0] : 0)
+#define KLP_ARG_2(i) klp_kprobe_arg(ctx, i)
+#define KLP_ARG_0(i) 0
+/* The return value (in a return handler). */
+#define KLP_RET(key) KLP_RET_M(KLP_M_##key, KLP_N_##key)
+#define KLP_RET_M(m, n) KLP_CAT(KLP_RET_, m)(n)
+#define KLP_RET_1(n) ((u64)ctx[n])
+#define KLP_RET_2(n) ((u64)PT_REGS_RC(ctx))
+#define KLP_RET_0(n) 0
+
+static __always_inline u64 klp_kprobe_arg(struct pt_regs *ctx, int i)
+{
+	switch (i) {
+	case 0: return PT_REGS_PARM1(ctx);
+	case 1: return PT_REGS_PARM2(ctx);
+	case 2: return PT_REGS_PARM3(ctx);
+	case 3: return PT_REGS_PARM4(ctx);
+	case 4: return PT_REGS_PARM5(ctx);
+	default: return 0;
+	}
+}
+
+#define KLP_HIST_SLOTS 40
+
+static __always_inline u64 klp_read_u64(u64 base, int off)
+{
+	u64 v = 0;
+	if (base && off >= 0)
+		bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
+	return v;
+}
+
+static __always_inline u32 klp_read_u32(u64 base, int off)
+{
+	u32 v = 0;
+	if (base && off >= 0)
+		bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
+	return v;
+}
+
+static __always_inline u32 klp_slot(u64 ns)
+{
+	u32 s = bpf_log2l(ns);
+	return s < KLP_HIST_SLOTS ? s : KLP_HIST_SLOTS - 1;
+}
+
+/* VMs and vCPUs the probes have seen: struct kvm / kvm_vcpu address -> owner. */
+struct klp_vm {
+	u32 tgid;
+	u32 pad;
+	u64 first_ns;
+};
+
+struct klp_vcpu {
+	u64 kvm;
+	u32 tid;
+	u32 tgid;
+	s32 vcpu_idx;
+	s32 vcpu_id;
+};
+
+BPF_HASH(klp_vms, u64, struct klp_vm, 1024);
+BPF_HASH(klp_vcpus, u64, struct klp_vcpu, 4096);
+BPF_STACK_TRACE(klp_stacks, KLP_STACK_ENTRIES);
+
+static __always_inline void klp_note_vm(u64 kvm)
+{
+	if (!kvm)
+		return;
+	struct klp_vm v = {};
+	v.tgid = bpf_get_current_pid_tgid() >> 32;
+	v.first_ns = bpf_ktime_get_ns();
+	klp_vms.insert(&kvm, &v);               /* the first owner seen wins */
+}
+
+/* The VM a struct member at `addr` belongs to, if `addr - off` is a known VM. */
+static __always_inline u64 klp_vm_of(u64 addr, int off)
+{
+	if (off < 0 || !addr)
+		return 0;
+	u64 kvm = addr - off;
+	return klp_vms.lookup(&kvm) ? kvm : 0;
+}
+
+/* Per-thread state between a function's entry and its return, by function. */
+enum klp_fn {
+	KLP_FN_XEN_FAST = 1, KLP_FN_XEN_SLOW, KLP_FN_GPC_REFRESH, KLP_FN_GPC_CHECK,
+	KLP_FN_VGIC_PUT, KLP_FN_XA_ERASE, KLP_FN_SYNC, KLP_FN_SYNC_EXP,
+};
+
+struct klp_call_key {
+	u32 tid;
+	u32 fn;
+};
+
+struct klp_call {
+	u64 ts_ns;
+	u64 a0;
+	u64 a1;
+};
+
+BPF_HASH(klp_calls, struct klp_call_key, struct klp_call, 16384);
+
+static __always_inline int klp_call_enter(u32 fn, u64 a0, u64 a1)
+{
+	struct klp_call_key k = {(u32)bpf_get_current_pid_tgid(), fn};
+	struct klp_call c = {bpf_ktime_get_ns(), a0, a1};
+	return klp_calls.update(&k, &c);
+}
+
+/* Copies out and forgets the entry state; 0 if none was recorded. */
+static __always_inline int klp_call_exit(u32 fn, struct klp_call *out)
+{
+	struct klp_call_key k = {(u32)bpf_get_current_pid_tgid(), fn};
+	struct klp_call *c = klp_calls.lookup(&k);
+	if (!c)
+		return 0;
+	*out = *c;
+	klp_calls.delete(&k);
+	return 1;
+}
+
+#endif

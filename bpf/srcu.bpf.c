@@ -1,0 +1,192 @@
+/* srcu: read sections (__srcu_read_lock .. __srcu_read_unlock, paired per
+ * thread and srcu_struct, nesting counted) aggregated in the kernel per
+ * srcu_struct; one section in KLP_SRCU_SAMPLE_EVERY is streamed. Grace-period
+ * waits in synchronize_srcu{,_expedited} are streamed with their stack.
+ * kvm->srcu / kvm->irq_srcu are told apart by their offset in a known VM. */
+
+enum srcu_kind { SRCU_OTHER, SRCU_KVM, SRCU_KVM_IRQ };
+enum srcu_event_type { SRCU_EV_SECTION, SRCU_EV_SYNC, SRCU_EV_SYNC_EXP };
+enum { SRCU_C_LOCKS, SRCU_C_UNLOCKS, SRCU_C_UNPAIRED, SRCU_C_SYNCS, SRCU_C_RINGBUF_FULL,
+       SRCU_C_PENDING_FULL, SRCU_C_AGG_FULL };
+
+struct srcu_reader_key {
+	u32 tid;
+	u32 pad;
+	u64 ssp;
+};
+
+struct srcu_reader {
+	u64 start_ns;
+	u32 depth;
+	u32 pad;
+};
+
+struct klp_srcu_key {
+	u64 ssp;
+	u64 kvm;
+	u32 kind;
+	u32 pad;
+};
+
+struct klp_srcu_val {
+	u64 count;
+	u64 total_ns;
+	u64 max_ns;
+	u64 hist[KLP_HIST_SLOTS];
+};
+
+struct klp_srcu_event {
+	u64 ts_ns;
+	u64 dur_ns;
+	u64 ssp;
+	u64 kvm;
+	u32 kind;
+	u32 type;       /* enum srcu_event_type */
+	u32 tid;
+	u32 tgid;
+	s32 stack_id;
+	u32 pad;
+};
+
+BPF_HASH(srcu_readers, struct srcu_reader_key, struct srcu_reader, 16384);
+BPF_PERCPU_HASH(srcu_sections, struct klp_srcu_key, struct klp_srcu_val, 4096);
+BPF_RINGBUF_OUTPUT(srcu_events, KLP_RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(srcu_counters, u64, 7);
+
+static __always_inline void srcu_count(int i)
+{
+	u64 *v = srcu_counters.lookup(&i);
+	if (v)
+		(*v)++;         /* per-CPU: no atomics needed */
+}
+BPF_PERCPU_ARRAY(srcu_tick, u64, 1);
+
+static __always_inline u64 srcu_kvm(u64 ssp, u32 *kind)
+{
+	u64 kvm = klp_vm_of(ssp, KLP_OFF_KVM_SRCU);
+	*kind = kvm ? SRCU_KVM : SRCU_OTHER;
+	if (!kvm) {
+		kvm = klp_vm_of(ssp, KLP_OFF_KVM_IRQ_SRCU);
+		*kind = kvm ? SRCU_KVM_IRQ : SRCU_OTHER;
+	}
+	return kvm;
+}
+
+static __always_inline void srcu_emit(void *ctx, u64 now, u64 dur, u64 ssp, u32 type,
+				      s32 stack_id)
+{
+	struct klp_srcu_event *e = srcu_events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		srcu_count(SRCU_C_RINGBUF_FULL);
+		return;
+	}
+	u64 id = bpf_get_current_pid_tgid();
+	e->ts_ns = now;
+	e->dur_ns = dur;
+	e->ssp = ssp;
+	e->kvm = srcu_kvm(ssp, &e->kind);
+	e->type = type;
+	e->tid = (u32)id;
+	e->tgid = id >> 32;
+	e->stack_id = stack_id;
+	srcu_events.ringbuf_submit(e, 0);
+}
+
+KLP_ENTRY(SRCU_LOCK)
+{
+	struct srcu_reader_key k = {};
+	k.tid = (u32)bpf_get_current_pid_tgid();
+	k.ssp = KLP_ARG(SRCU_LOCK, SSP);
+	srcu_count(SRCU_C_LOCKS);
+	struct srcu_reader *r = srcu_readers.lookup(&k);
+	if (r) {
+		r->depth++;     /* nested: the outermost section is the one measured */
+		return 0;
+	}
+	struct srcu_reader n = {};
+	n.start_ns = bpf_ktime_get_ns();
+	n.depth = 1;
+	if (srcu_readers.update(&k, &n))
+		srcu_count(SRCU_C_PENDING_FULL);
+	return 0;
+}
+
+KLP_ENTRY(SRCU_UNLOCK)
+{
+	struct srcu_reader_key k = {};
+	k.tid = (u32)bpf_get_current_pid_tgid();
+	k.ssp = KLP_ARG(SRCU_UNLOCK, SSP);
+	srcu_count(SRCU_C_UNLOCKS);
+	struct srcu_reader *r = srcu_readers.lookup(&k);
+	if (!r) {
+		srcu_count(SRCU_C_UNPAIRED);   /* locked before we attached,
+							       * or in another task */
+		return 0;
+	}
+	if (--r->depth)
+		return 0;
+	u64 now = bpf_ktime_get_ns();
+	u64 dur = now - r->start_ns;
+	srcu_readers.delete(&k);
+
+	struct klp_srcu_key ak = {};
+	ak.ssp = k.ssp;
+	ak.kvm = srcu_kvm(k.ssp, &ak.kind);
+	struct klp_srcu_val zero = {};
+	struct klp_srcu_val *v = srcu_sections.lookup_or_try_init(&ak, &zero);
+	if (v) {
+		v->count++;
+		v->total_ns += dur;
+		if (dur > v->max_ns)
+			v->max_ns = dur;
+		v->hist[klp_slot(dur)]++;
+	} else {
+		srcu_count(SRCU_C_AGG_FULL);
+	}
+#if KLP_SRCU_SAMPLE_EVERY > 0
+	int zero_idx = 0;
+	u64 *tick = srcu_tick.lookup(&zero_idx);
+	if (tick && (*tick)++ % KLP_SRCU_SAMPLE_EVERY == 0)
+		srcu_emit(ctx, now, dur, k.ssp, SRCU_EV_SECTION, -1);
+#endif
+	return 0;
+}
+
+static __always_inline int srcu_sync_enter(void *ctx, u32 fn, u64 ssp)
+{
+	u64 stack = (u32)klp_stacks.get_stackid(ctx, 0);
+	if (klp_call_enter(fn, ssp, stack))
+		srcu_count(SRCU_C_PENDING_FULL);
+	return 0;
+}
+
+static __always_inline int srcu_sync_exit(void *ctx, u32 fn, u32 type)
+{
+	struct klp_call c;
+	if (!klp_call_exit(fn, &c))
+		return 0;
+	srcu_count(SRCU_C_SYNCS);
+	u64 now = bpf_ktime_get_ns();
+	srcu_emit(ctx, now, now - c.ts_ns, c.a0, type, (s32)c.a1);
+	return 0;
+}
+
+KLP_ENTRY(SYNC)
+{
+	return srcu_sync_enter(ctx, KLP_FN_SYNC, KLP_ARG(SYNC, SSP));
+}
+
+KLP_RETURN(SYNC)
+{
+	return srcu_sync_exit(ctx, KLP_FN_SYNC, SRCU_EV_SYNC);
+}
+
+KLP_ENTRY(SYNC_EXP)
+{
+	return srcu_sync_enter(ctx, KLP_FN_SYNC_EXP, KLP_ARG(SYNC_EXP, SSP));
+}
+
+KLP_RETURN(SYNC_EXP)
+{
+	return srcu_sync_exit(ctx, KLP_FN_SYNC_EXP, SRCU_EV_SYNC_EXP);
+}

@@ -1,0 +1,79 @@
+/* vgic (arm64): vgic_put_irq(kvm, irq): latency, intid (LPI or not), whether
+ * this put dropped the last reference, and whether IRQs were off at the call
+ * (seen only by the kprobe flavour, from the saved processor state). */
+
+struct klp_vgic_event {
+	u64 ts_ns;
+	u64 lat_ns;
+	u64 kvm;
+	u64 irq;
+	u32 intid;      /* 0xffffffff: unknown on this kernel */
+	u32 refcount;   /* at entry; 1 means the put released the IRQ */
+	u32 irqs_off;   /* 1 off, 0 on, 2 unknown */
+	u32 tid;
+	u32 tgid;
+	u32 pad;
+};
+
+BPF_RINGBUF_OUTPUT(vgic_events, KLP_RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(vgic_counters, u64, 3);
+
+static __always_inline void vgic_count(int i)
+{
+	u64 *v = vgic_counters.lookup(&i);
+	if (v)
+		(*v)++;         /* per-CPU: no atomics needed */
+}
+
+enum { VGIC_C_PUTS, VGIC_C_RINGBUF_FULL, VGIC_C_PENDING_FULL };
+
+static __always_inline u32 vgic_irqs_off(void *ctx, int kprobe)
+{
+	if (!kprobe)
+		return 2;
+#if defined(CONFIG_ARM64)
+	return (((struct pt_regs *)ctx)->pstate & 0x80) ? 1 : 0;      /* PSR_I_BIT */
+#elif defined(CONFIG_X86)
+	return (((struct pt_regs *)ctx)->flags & 0x200) ? 0 : 1;      /* X86_EFLAGS_IF */
+#else
+	return 2;
+#endif
+}
+
+KLP_ENTRY(VGIC_PUT)
+{
+	u64 kvm = KLP_ARG(VGIC_PUT, KVM);
+	u64 irq = KLP_ARG(VGIC_PUT, IRQ);
+	klp_note_vm(kvm);
+	/* a0: irq, a1: refcount at entry << 32 | irqs_off */
+	u64 refs = KLP_OFF_IRQ_REFCOUNT >= 0 ? klp_read_u32(irq, KLP_OFF_IRQ_REFCOUNT) : 0;
+	u64 off = vgic_irqs_off(ctx, KLP_M_VGIC_PUT == 2);
+	if (klp_call_enter(KLP_FN_VGIC_PUT, irq, refs << 32 | off))
+		vgic_count(VGIC_C_PENDING_FULL);
+	return 0;
+}
+
+KLP_RETURN(VGIC_PUT)
+{
+	struct klp_call c;
+	if (!klp_call_exit(KLP_FN_VGIC_PUT, &c))
+		return 0;
+	vgic_count(VGIC_C_PUTS);
+	struct klp_vgic_event *e = vgic_events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		vgic_count(VGIC_C_RINGBUF_FULL);
+		return 0;
+	}
+	u64 id = bpf_get_current_pid_tgid();
+	e->ts_ns = bpf_ktime_get_ns();
+	e->lat_ns = e->ts_ns - c.ts_ns;
+	e->kvm = KLP_ARG(VGIC_PUT, KVM);
+	e->irq = c.a0;
+	e->intid = KLP_OFF_IRQ_INTID >= 0 ? klp_read_u32(c.a0, KLP_OFF_IRQ_INTID) : 0xffffffff;
+	e->refcount = c.a1 >> 32;
+	e->irqs_off = (u32)c.a1;
+	e->tid = (u32)id;
+	e->tgid = id >> 32;
+	vgic_events.ringbuf_submit(e, 0);
+	return 0;
+}

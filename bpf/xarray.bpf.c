@@ -1,0 +1,100 @@
+/* xarray: xa_erase(xa, index) latency and caller for every erase (in-kernel
+ * aggregate per xarray, owner and stack); KVM-owned erases are also streamed.
+ * An xarray is KVM's when it sits at a known field of a known VM. */
+
+enum xa_owner { XA_OTHER, XA_KVM_VCPU_ARRAY, XA_KVM_LPI };
+enum { XA_C_ERASES, XA_C_KVM_ERASES, XA_C_RINGBUF_FULL, XA_C_PENDING_FULL, XA_C_AGG_FULL };
+
+struct klp_xa_event {
+	u64 ts_ns;
+	u64 lat_ns;
+	u64 xa;
+	u64 kvm;
+	u32 owner;
+	s32 stack_id;
+	u32 tid;
+	u32 tgid;
+};
+
+struct klp_xa_key {
+	u64 xa;
+	u64 kvm;
+	u32 owner;
+	s32 stack_id;
+};
+
+struct klp_xa_val {
+	u64 count;
+	u64 total_ns;
+	u64 max_ns;
+	u64 hist[KLP_HIST_SLOTS];
+};
+
+BPF_RINGBUF_OUTPUT(xa_events, KLP_RINGBUF_PAGES);
+BPF_PERCPU_HASH(xa_agg, struct klp_xa_key, struct klp_xa_val, 8192);
+BPF_PERCPU_ARRAY(xarray_counters, u64, 5);
+
+static __always_inline void xa_count(int i)
+{
+	u64 *v = xarray_counters.lookup(&i);
+	if (v)
+		(*v)++;         /* per-CPU: no atomics needed */
+}
+
+KLP_ENTRY(XA_ERASE)
+{
+	/* The stack is taken at entry: at return the caller's frame is gone. */
+	u64 stack = (u32)klp_stacks.get_stackid(ctx, 0);
+	if (klp_call_enter(KLP_FN_XA_ERASE, KLP_ARG(XA_ERASE, XA), stack))
+		xa_count(XA_C_PENDING_FULL);
+	return 0;
+}
+
+KLP_RETURN(XA_ERASE)
+{
+	struct klp_call c;
+	if (!klp_call_exit(KLP_FN_XA_ERASE, &c))
+		return 0;
+	u64 now = bpf_ktime_get_ns();
+	u64 lat = now - c.ts_ns;
+	struct klp_xa_key k = {};
+	k.xa = c.a0;
+	k.stack_id = (s32)c.a1;
+	k.kvm = klp_vm_of(c.a0, KLP_OFF_VCPU_ARRAY);
+	k.owner = k.kvm ? XA_KVM_VCPU_ARRAY : XA_OTHER;
+	if (!k.kvm) {
+		k.kvm = klp_vm_of(c.a0, KLP_OFF_LPI_XA);
+		k.owner = k.kvm ? XA_KVM_LPI : XA_OTHER;
+	}
+	xa_count(XA_C_ERASES);
+	struct klp_xa_val zero = {};
+	struct klp_xa_val *v = xa_agg.lookup_or_try_init(&k, &zero);
+	if (v) {
+		v->count++;
+		v->total_ns += lat;
+		if (lat > v->max_ns)
+			v->max_ns = lat;
+		v->hist[klp_slot(lat)]++;
+	} else {
+		xa_count(XA_C_AGG_FULL);
+	}
+	if (k.owner == XA_OTHER)
+		return 0;
+	xa_count(XA_C_KVM_ERASES);
+	struct klp_xa_event *e = xa_events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		xa_count(XA_C_RINGBUF_FULL);
+		return 0;
+	}
+	u64 id = bpf_get_current_pid_tgid();
+	e->ts_ns = now;
+	e->lat_ns = lat;
+	e->xa = k.xa;
+	e->kvm = k.kvm;
+	e->owner = k.owner;
+	e->stack_id = k.stack_id;
+	e->tid = (u32)id;
+	e->tgid = id >> 32;
+	xa_events.ringbuf_submit(e, 0);
+	return 0;
+}

@@ -1,0 +1,80 @@
+/* xen_evtchn: kvm_xen_set_evtchn_fast(xe, kvm) outcome and latency per call;
+ * the slow path kvm_xen_set_evtchn() where it is a separate symbol. */
+
+struct klp_xen_event {
+	u64 ts_ns;
+	u64 lat_ns;
+	u64 kvm;
+	u32 port;
+	u32 vcpu_id;
+	s32 ret;        /* 1 delivered, 0 already pending, -ENOTCONN masked,
+	                 * -EINVAL bad port/vCPU, -EWOULDBLOCK: take the slow path */
+	u32 tid;
+	u32 tgid;
+	u32 slow;       /* 0: the fast path, 1: the slow path */
+};
+
+BPF_RINGBUF_OUTPUT(xen_events, KLP_RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(xen_evtchn_counters, u64, 3);
+
+static __always_inline void xen_count(int i)
+{
+	u64 *v = xen_evtchn_counters.lookup(&i);
+	if (v)
+		(*v)++;         /* per-CPU: no atomics needed */
+}
+
+enum { XEN_C_CALLS, XEN_C_RINGBUF_FULL, XEN_C_PENDING_FULL };
+
+static __always_inline int xen_enter(u32 fn, u64 xe, u64 kvm)
+{
+	klp_note_vm(kvm);
+	if (klp_call_enter(fn, xe, kvm))
+		xen_count(XEN_C_PENDING_FULL);
+	return 0;
+}
+
+static __always_inline int xen_exit(u32 fn, s32 ret)
+{
+	struct klp_call c;
+	if (!klp_call_exit(fn, &c))
+		return 0;
+	xen_count(XEN_C_CALLS);
+	struct klp_xen_event *e = xen_events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		xen_count(XEN_C_RINGBUF_FULL);
+		return 0;
+	}
+	u64 id = bpf_get_current_pid_tgid();
+	e->ts_ns = bpf_ktime_get_ns();
+	e->lat_ns = e->ts_ns - c.ts_ns;
+	e->kvm = c.a1;
+	e->port = klp_read_u32(c.a0, KLP_OFF_XE_PORT);
+	e->vcpu_id = klp_read_u32(c.a0, KLP_OFF_XE_VCPU_ID);
+	e->ret = ret;
+	e->tid = (u32)id;
+	e->tgid = id >> 32;
+	e->slow = fn == KLP_FN_XEN_SLOW;
+	xen_events.ringbuf_submit(e, 0);
+	return 0;
+}
+
+KLP_ENTRY(XEN_FAST)
+{
+	return xen_enter(KLP_FN_XEN_FAST, KLP_ARG(XEN_FAST, XE), KLP_ARG(XEN_FAST, KVM));
+}
+
+KLP_RETURN(XEN_FAST)
+{
+	return xen_exit(KLP_FN_XEN_FAST, (s32)KLP_RET(XEN_FAST));
+}
+
+KLP_ENTRY(XEN_SLOW)
+{
+	return xen_enter(KLP_FN_XEN_SLOW, KLP_ARG(XEN_SLOW, XE), KLP_ARG(XEN_SLOW, KVM));
+}
+
+KLP_RETURN(XEN_SLOW)
+{
+	return xen_exit(KLP_FN_XEN_SLOW, (s32)KLP_RET(XEN_SLOW));
+}

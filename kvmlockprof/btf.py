@@ -1,0 +1,150 @@
+"""Struct layouts of the running kernel, from its BTF (via bpftool's JSON dump).
+
+BPF programs here never take an offset from headers (the fallback headers can be
+years older than the kernel): every field they read reaches the C as a define
+computed here. KVM may be a module, so module BTF under /sys/kernel/btf/ counts.
+"""
+import json
+import os
+import shutil
+import subprocess
+
+BTF_DIR = "/sys/kernel/btf"
+_QUALIFIERS = {"TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG"}
+
+
+class BtfError(RuntimeError):
+    pass
+
+
+def _dump(path, base=None):
+    bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
+    cmd = [bpftool, "-j", "btf", "dump", "file", path]
+    if base:
+        cmd += ["base", base]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        raise BtfError("bpftool is missing: apt-get install bpftool") from None
+    except subprocess.CalledProcessError as e:
+        raise BtfError(f"bpftool cannot read {path}: {e.stderr.strip()}") from None
+    return json.loads(out)["types"]
+
+
+class Btf:
+    """Types of vmlinux plus the named modules' BTF (split BTF on top of vmlinux)."""
+
+    def __init__(self, vmlinux=os.path.join(BTF_DIR, "vmlinux"), modules=None, types=None):
+        # Each module's split BTF numbers its types after vmlinux's, independently of
+        # the other modules: one id space per module, each on top of vmlinux.
+        base = {t["id"]: t for t in (types if types is not None else _dump(vmlinux))}
+        units = [base]
+        if types is None:
+            for m in modules if modules is not None else self.kvm_modules():
+                p = os.path.join(BTF_DIR, m)
+                if os.path.exists(p):
+                    own = {t["id"]: t for t in _dump(p, base=vmlinux) if t["id"] not in base}
+                    units.append({**base, **own})
+        self.structs = {}                  # name -> (id space, type)
+        self.funcs = {}                    # name -> (id space, FUNC_PROTO)
+        for unit in units:
+            for t in unit.values():
+                if t["kind"] in ("STRUCT", "UNION") and t.get("name") and t.get("size"):
+                    self.structs.setdefault(t["name"], (unit, t))
+                elif t["kind"] == "FUNC":
+                    self.funcs.setdefault(t["name"], (unit, unit.get(t["type_id"])))
+        self.by_id = base
+
+    @staticmethod
+    def kvm_modules():
+        if not os.path.isdir(BTF_DIR):
+            return []
+        return sorted(m for m in os.listdir(BTF_DIR) if m.startswith("kvm"))
+
+    def _resolve(self, type_id, unit):
+        t = unit.get(type_id)
+        while t and t["kind"] in _QUALIFIERS:
+            t = unit.get(t["type_id"])
+        return t
+
+    def _member(self, t, name, unit):
+        """(byte offset, member type) of `name` in t, looking into anonymous members."""
+        for m in t.get("members", []):
+            mt = self._resolve(m["type_id"], unit)
+            if m["name"] == name:
+                return m["bits_offset"] // 8, mt
+            if m["name"] in ("(anon)", "") and mt and mt["kind"] in ("STRUCT", "UNION"):
+                found = self._member(mt, name, unit)
+                if found:
+                    return m["bits_offset"] // 8 + found[0], found[1]
+        return None
+
+    def func_params(self, name):
+        """Parameter names of a kernel function, or None if BTF does not describe it."""
+        unit, proto = self.funcs.get(name, (None, None))
+        if not proto or proto.get("kind") != "FUNC_PROTO":
+            return None
+        return [p.get("name", "") for p in proto.get("params", [])]
+
+    def has_struct(self, struct):
+        return struct in self.structs
+
+    def offset(self, struct, path):
+        """Byte offset of a dotted field path ("arch.pv_time") in struct, or None."""
+        unit, t = self.structs.get(struct, (None, None))
+        off = 0
+        for name in path.split("."):
+            if t is None or t["kind"] not in ("STRUCT", "UNION"):
+                return None
+            found = self._member(t, name, unit)
+            if not found:
+                return None
+            off += found[0]
+            t = found[1]
+        return off
+
+    def size(self, struct):
+        _, t = self.structs.get(struct, (None, None))
+        return t["size"] if t else None
+
+    def field_path(self, struct, offset):
+        """The dotted path of the innermost named field holding byte `offset`."""
+        unit, t = self.structs.get(struct, (None, None))
+        path = []
+        while t and t["kind"] in ("STRUCT", "UNION"):
+            best = None
+            for m in t.get("members", []):
+                mt = self._resolve(m["type_id"], unit)
+                start = m["bits_offset"] // 8
+                size = self._sizeof(mt, unit)
+                if size and start <= offset < start + size:
+                    best = (m, mt, start)
+                    break
+            if not best:
+                break
+            m, mt, start = best
+            if m["name"] not in ("(anon)", ""):
+                path.append(m["name"])
+            offset -= start
+            t = mt
+        return ".".join(path) or None
+
+    def _sizeof(self, t, unit):
+        if t is None:
+            return 0
+        if "size" in t:
+            return t["size"]
+        if t["kind"] == "ARRAY":
+            return self._sizeof(self._resolve(t["type_id"], unit), unit) * t["nr_elems"]
+        if t["kind"] == "PTR":
+            return 8
+        return 0
+
+
+def defines(btf, fields):
+    """{DEFINE: offset} for {DEFINE: (struct, path)}; -1 where this kernel lacks it."""
+    out = {}
+    for name, (struct, path) in fields.items():
+        off = btf.offset(struct, path) if btf else None
+        out[name] = -1 if off is None else off
+    return out

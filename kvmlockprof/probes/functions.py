@@ -1,0 +1,148 @@
+"""The function probes at run time: every selected catalog probe compiled into
+one BPF module (they share the VM registry and the stack map), attached per
+target with the method its plan chose, read generically from the catalog's
+stream/aggregate/counter declarations."""
+from .. import bpfload, btf as btfmod, catalog
+from ..maps import read_counters, read_hash
+from ..recording import to_arrow
+from ..ringbuf import BatchRingBuffer
+
+SHARED_TABLES = (("klp_vms", "vms", "kvm"), ("klp_vcpus", "vcpus", "vcpu"))
+
+
+def target_defines(target, symbol, method, kbtf):
+    """KLP_M/S/N/A_* for one target: method, symbol, argument count and positions."""
+    params = (kbtf.func_params(symbol) if kbtf and symbol else None) or \
+        list(target.signatures.get(symbol, ()))
+    d = {f"KLP_M_{target.key}": catalog.METHOD_CODE[method],
+         f"KLP_S_{target.key}": symbol or "klp_absent", f"KLP_N_{target.key}": len(params)}
+    for p in target.params:
+        d[f"KLP_A_{target.key}_{p.upper()}"] = params.index(p) if p in params else -1
+    return d
+
+
+def module_defines(plans, kbtf, stack_entries=16384, ringbuf_pages=1024, srcu_sample_every=64):
+    """Every define the combined module needs, for {probe: Plan}."""
+    d = {"KLP_STACK_ENTRIES": stack_entries, "KLP_RINGBUF_PAGES": ringbuf_pages,
+         "KLP_SRCU_SAMPLE_EVERY": srcu_sample_every}
+    for probe, plan in plans.items():
+        for t in probe.targets:
+            sym, method = plan.targets.get(t.key, (None, None))
+            d.update(target_defines(t, sym, method, kbtf))
+        d.update({f"KLP_OFF_{k}": v for k, v in btfmod.defines(kbtf, probe.fields).items()})
+    return d
+
+
+def forced_plans(probes, method):
+    """Plans that use `method` for every target under its newest name, whatever
+    this host has: for compiling and verifying flavours a host cannot attach."""
+    from ..capabilities import Plan
+    return {p: Plan(p, {t.key: (t.symbols[0], method) for t in p.targets}) for p in probes}
+
+
+def module_source(probes):
+    """common.h and each probe's C, inlined: bcc rewrites map calls (map.lookup()
+    and friends) only in the main text, not in files it #includes."""
+    parts = [(bpfload.BPF_DIR / "common.h").read_text()]
+    parts += [f"/* ---- {p.bpf} ---- */\n" + (bpfload.BPF_DIR / p.bpf).read_text()
+              for p in probes]
+    return "\n".join(parts)
+
+
+class FunctionProbes:
+    """Compile, attach, read and detach a set of function probes."""
+
+    def __init__(self, plans, kbtf, ringbuf_mb=4, srcu_sample_every=64, attach=True):
+        self.plans = dict(plans)
+        pages = max(1, ringbuf_mb * (1 << 20) // 4096)
+        self.ringbuf_bytes = (1 << (pages.bit_length() - 1)) * 4096
+        self.defines = module_defines(self.plans, kbtf, ringbuf_pages=self.ringbuf_bytes // 4096,
+                                      srcu_sample_every=srcu_sample_every)
+        # fentry handlers attach as bcc compiles the module; kprobes below, one by one.
+        self.bpf = bpfload.compile_bpf(text=module_source(self.plans), defines=self.defines)
+        self.status = {}
+        for probe, plan in self.plans.items():
+            self.status[probe.name] = self._attach(probe, plan) if attach else \
+                {"status": "loaded", "method": plan.method}
+        self.rings = {}
+        for probe in self.plans:
+            for ring, table in probe.streams:
+                t = self.bpf[ring]
+                self.rings[table] = BatchRingBuffer(t.map_fd, self.ringbuf_bytes,
+                                                    bpfload.event_dtype(t))
+
+    def kprobe_functions(self, probe):
+        """(function name, kernel symbol, is-return) of a probe's kprobe handlers."""
+        plan = self.plans[probe]
+        out = []
+        for t in probe.targets:
+            sym, method = plan.targets.get(t.key, (None, None))
+            if method == catalog.KPROBE:
+                out.append((f"klp_kp__{t.key}", sym, False))
+                if t.ret:
+                    out.append((f"klp_kr__{t.key}", sym, True))
+        return out
+
+    def _attach(self, probe, plan):
+        done = []
+        try:
+            for fn, sym, is_ret in self.kprobe_functions(probe):
+                if is_ret:
+                    self.bpf.attach_kretprobe(event=sym, fn_name=fn)
+                else:
+                    self.bpf.attach_kprobe(event=sym, fn_name=fn)
+                done.append((sym, is_ret))
+        except Exception as e:
+            for sym, is_ret in done:
+                (self.bpf.detach_kretprobe if is_ret else self.bpf.detach_kprobe)(event=sym)
+            return {"status": "failed", "method": plan.method,
+                    "reason": str(e).splitlines()[0]}
+        return {"status": "attached", "method": plan.method,
+                "targets": {k: {"symbol": s, "method": m} for k, (s, m) in plan.targets.items()}}
+
+    def load_kprobe_handlers(self):
+        """Load every kprobe handler through the verifier (no attach): the check
+        that kprobe flavours are valid on kernels that cannot attach them."""
+        bcc = bpfload.import_bcc()
+        for probe in self.plans:
+            for fn, _, _ in self.kprobe_functions(probe):
+                self.bpf.load_func(fn, bcc.BPF.KPROBE)
+
+    def poll(self):
+        return {table: ring.consume() for table, ring in self.rings.items()}
+
+    def event_dtypes(self):
+        return {table: ring.dtype for table, ring in self.rings.items()}
+
+    def snapshots(self):
+        out = {}
+        for probe in self.plans:
+            for m, table in probe.aggregates:
+                out[table] = to_arrow(read_hash(self.bpf[m]))
+        for m, table, key in SHARED_TABLES:
+            out[table] = to_arrow(read_hash(self.bpf[m], key_name=key))
+        return out
+
+    def counters(self):
+        return {probe.name: read_counters(self.bpf[f"{probe.name}_counters"], probe.counters)
+                for probe in self.plans if probe.counters}
+
+    def stack_addrs(self, stack_id):
+        return list(self.bpf["klp_stacks"].walk(stack_id))
+
+    def detach(self):
+        for probe in self.plans:
+            for fn, sym, is_ret in self.kprobe_functions(probe):
+                try:
+                    (self.bpf.detach_kretprobe if is_ret else self.bpf.detach_kprobe)(event=sym)
+                except Exception:
+                    pass            # never attached (its probe failed)
+        for fn in list(self.bpf.kfunc_entry_fds):
+            self.bpf.detach_kfunc(fn)
+        for fn in list(self.bpf.kfunc_exit_fds):
+            self.bpf.detach_kretfunc(fn)
+
+    def close(self):
+        for r in self.rings.values():
+            r.close()
+        self.bpf.cleanup()

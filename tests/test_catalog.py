@@ -1,0 +1,62 @@
+"""Catalog aliases resolve on this kernel and on a saved 6.1 symbol list."""
+import os
+
+import pytest
+
+from kvmlockprof import catalog, host
+from kvmlockprof.probes.functions import target_defines
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def symbols_61():
+    with open(os.path.join(DATA, "symbols-6.1.0-56-amd64.txt")) as f:
+        return {line.strip(): "kvm" for line in f if line.strip() and not line.startswith("#")}
+
+
+def target(probe, key):
+    return next(t for t in catalog.BY_NAME[probe].targets if t.key == key)
+
+
+def test_61_aliases():
+    syms = symbols_61()
+    assert catalog.resolve_symbol(target("gpc", "GPC_REFRESH"), syms) == \
+        "kvm_gfn_to_pfn_cache_refresh"
+    assert catalog.resolve_symbol(target("gpc", "GPC_CHECK"), syms) == \
+        "kvm_gfn_to_pfn_cache_check"
+    assert catalog.resolve_symbol(target("xarray", "XA_ERASE"), syms) == "xa_erase"
+    assert catalog.resolve_symbol(target("srcu", "SRCU_LOCK"), syms) == "__srcu_read_lock"
+    assert catalog.resolve_symbol(target("xen_evtchn", "XEN_FAST"), syms) is None  # KVM_XEN=n
+
+
+def test_this_kernel_aliases():
+    syms = host.kallsyms_names()
+    if "kvm_vm_ioctl" not in syms:
+        pytest.skip("KVM is not in this kernel")
+    ref = target("gpc", "GPC_REFRESH")
+    found = catalog.resolve_symbol(ref, syms)
+    assert found in ref.symbols
+    # the newest name wins where both exist; exactly one exists on real kernels
+    assert found == next(s for s in ref.symbols if s in syms)
+
+
+def test_61_signature_without_btf():
+    """With no BTF for the function, argument positions come from the catalog's
+    per-alias signature: 6.1's refresh takes (kvm, gpc, gpa, len)."""
+    d = target_defines(target("gpc", "GPC_REFRESH"), "kvm_gfn_to_pfn_cache_refresh",
+                       catalog.KPROBE, None)
+    assert d["KLP_A_GPC_REFRESH_GPC"] == 1 and d["KLP_N_GPC_REFRESH"] == 4
+    assert d["KLP_M_GPC_REFRESH"] == catalog.METHOD_CODE[catalog.KPROBE]
+    d = target_defines(target("gpc", "GPC_REFRESH"), "kvm_gpc_refresh", catalog.FENTRY, None)
+    assert d["KLP_A_GPC_REFRESH_GPC"] == 0 and d["KLP_N_GPC_REFRESH"] == 2
+
+
+def test_unknown_probe_lists_valid_ones():
+    with pytest.raises(catalog.UnknownProbe, match="valid probes: contention, vms"):
+        catalog.select(["contention", "nope"])
+
+
+def test_every_bpf_file_is_in_the_catalog():
+    from kvmlockprof.bpfload import BPF_DIR
+    files = {f for f in os.listdir(BPF_DIR) if f.endswith(".bpf.c")}
+    assert files == {p.bpf for p in catalog.CATALOG if p.bpf}
