@@ -74,6 +74,34 @@ static __always_inline u32 klp_slot(u64 ns)
 	return s < KLP_HIST_SLOTS ? s : KLP_HIST_SLOTS - 1;
 }
 
+/* Every probe's counters in one per-CPU array: probe P's counter i is at
+ * KLP_CBASE_P + i (the loader lays them out from the catalog). */
+BPF_PERCPU_ARRAY(klp_counters, u64, KLP_NR_COUNTERS);
+
+static __always_inline void klp_count(int i)
+{
+	u64 *v = klp_counters.lookup(&i);
+	if (v)
+		(*v)++;         /* per-CPU: no atomics needed */
+}
+
+/* A latency distribution: count, total, max and a log2 histogram. */
+struct klp_lat {
+	u64 count;
+	u64 total_ns;
+	u64 max_ns;
+	u64 hist[KLP_HIST_SLOTS];
+};
+
+static __always_inline void klp_lat_add(struct klp_lat *v, u64 ns)
+{
+	v->count++;
+	v->total_ns += ns;
+	if (ns > v->max_ns)
+		v->max_ns = ns;
+	v->hist[klp_slot(ns)]++;
+}
+
 /* VMs and vCPUs the probes have seen: struct kvm / kvm_vcpu address -> owner. */
 struct klp_vm {
 	u32 tgid;

@@ -37,14 +37,7 @@ struct klp_gpc_val {
 
 BPF_RINGBUF_OUTPUT(gpc_events, KLP_RINGBUF_PAGES);
 BPF_PERCPU_HASH(gpc_ops, struct klp_gpc_key, struct klp_gpc_val, 4096);
-BPF_PERCPU_ARRAY(gpc_counters, u64, 5);
-
-static __always_inline void gpc_count(int i)
-{
-	u64 *v = gpc_counters.lookup(&i);
-	if (v)
-		(*v)++;         /* per-CPU: no atomics needed */
-}
+#define gpc_count(i) klp_count(KLP_CBASE_GPC + (i))
 
 static __always_inline int gpc_vcpu_place(u64 gpc, u64 kvm, int off)
 {

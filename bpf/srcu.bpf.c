@@ -28,13 +28,6 @@ struct klp_srcu_key {
 	u32 pad;
 };
 
-struct klp_srcu_val {
-	u64 count;
-	u64 total_ns;
-	u64 max_ns;
-	u64 hist[KLP_HIST_SLOTS];
-};
-
 struct klp_srcu_event {
 	u64 ts_ns;
 	u64 dur_ns;
@@ -49,16 +42,9 @@ struct klp_srcu_event {
 };
 
 BPF_HASH(srcu_readers, struct srcu_reader_key, struct srcu_reader, 16384);
-BPF_PERCPU_HASH(srcu_sections, struct klp_srcu_key, struct klp_srcu_val, 4096);
+BPF_PERCPU_HASH(srcu_sections, struct klp_srcu_key, struct klp_lat, 4096);
 BPF_RINGBUF_OUTPUT(srcu_events, KLP_RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(srcu_counters, u64, 7);
-
-static __always_inline void srcu_count(int i)
-{
-	u64 *v = srcu_counters.lookup(&i);
-	if (v)
-		(*v)++;         /* per-CPU: no atomics needed */
-}
+#define srcu_count(i) klp_count(KLP_CBASE_SRCU + (i))
 BPF_PERCPU_ARRAY(srcu_tick, u64, 1);
 
 static __always_inline u64 srcu_kvm(u64 ssp, u32 *kind)
@@ -132,17 +118,12 @@ KLP_ENTRY(SRCU_UNLOCK)
 	struct klp_srcu_key ak = {};
 	ak.ssp = k.ssp;
 	ak.kvm = srcu_kvm(k.ssp, &ak.kind);
-	struct klp_srcu_val zero = {};
-	struct klp_srcu_val *v = srcu_sections.lookup_or_try_init(&ak, &zero);
-	if (v) {
-		v->count++;
-		v->total_ns += dur;
-		if (dur > v->max_ns)
-			v->max_ns = dur;
-		v->hist[klp_slot(dur)]++;
-	} else {
+	struct klp_lat zero = {};
+	struct klp_lat *v = srcu_sections.lookup_or_try_init(&ak, &zero);
+	if (v)
+		klp_lat_add(v, dur);
+	else
 		srcu_count(SRCU_C_AGG_FULL);
-	}
 #if KLP_SRCU_SAMPLE_EVERY > 0
 	int zero_idx = 0;
 	u64 *tick = srcu_tick.lookup(&zero_idx);

@@ -16,14 +16,7 @@ struct klp_vgic_event {
 };
 
 BPF_RINGBUF_OUTPUT(vgic_events, KLP_RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(vgic_counters, u64, 3);
-
-static __always_inline void vgic_count(int i)
-{
-	u64 *v = vgic_counters.lookup(&i);
-	if (v)
-		(*v)++;         /* per-CPU: no atomics needed */
-}
+#define vgic_count(i) klp_count(KLP_CBASE_VGIC + (i))
 
 enum { VGIC_C_PUTS, VGIC_C_RINGBUF_FULL, VGIC_C_PENDING_FULL };
 

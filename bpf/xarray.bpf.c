@@ -23,23 +23,9 @@ struct klp_xa_key {
 	s32 stack_id;
 };
 
-struct klp_xa_val {
-	u64 count;
-	u64 total_ns;
-	u64 max_ns;
-	u64 hist[KLP_HIST_SLOTS];
-};
-
 BPF_RINGBUF_OUTPUT(xa_events, KLP_RINGBUF_PAGES);
-BPF_PERCPU_HASH(xa_agg, struct klp_xa_key, struct klp_xa_val, 8192);
-BPF_PERCPU_ARRAY(xarray_counters, u64, 5);
-
-static __always_inline void xa_count(int i)
-{
-	u64 *v = xarray_counters.lookup(&i);
-	if (v)
-		(*v)++;         /* per-CPU: no atomics needed */
-}
+BPF_PERCPU_HASH(xa_agg, struct klp_xa_key, struct klp_lat, 8192);
+#define xa_count(i) klp_count(KLP_CBASE_XARRAY + (i))
 
 KLP_ENTRY(XA_ERASE)
 {
@@ -67,17 +53,12 @@ KLP_RETURN(XA_ERASE)
 		k.owner = k.kvm ? XA_KVM_LPI : XA_OTHER;
 	}
 	xa_count(XA_C_ERASES);
-	struct klp_xa_val zero = {};
-	struct klp_xa_val *v = xa_agg.lookup_or_try_init(&k, &zero);
-	if (v) {
-		v->count++;
-		v->total_ns += lat;
-		if (lat > v->max_ns)
-			v->max_ns = lat;
-		v->hist[klp_slot(lat)]++;
-	} else {
+	struct klp_lat zero = {};
+	struct klp_lat *v = xa_agg.lookup_or_try_init(&k, &zero);
+	if (v)
+		klp_lat_add(v, lat);
+	else
 		xa_count(XA_C_AGG_FULL);
-	}
 	if (k.owner == XA_OTHER)
 		return 0;
 	xa_count(XA_C_KVM_ERASES);

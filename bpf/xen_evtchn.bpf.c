@@ -15,14 +15,7 @@ struct klp_xen_event {
 };
 
 BPF_RINGBUF_OUTPUT(xen_events, KLP_RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(xen_evtchn_counters, u64, 3);
-
-static __always_inline void xen_count(int i)
-{
-	u64 *v = xen_evtchn_counters.lookup(&i);
-	if (v)
-		(*v)++;         /* per-CPU: no atomics needed */
-}
+#define xen_count(i) klp_count(KLP_CBASE_XEN_EVTCHN + (i))
 
 enum { XEN_C_CALLS, XEN_C_RINGBUF_FULL, XEN_C_PENDING_FULL };
 

@@ -1,7 +1,21 @@
 """Text, CSV and JSON renderings of a recording's contention tables."""
 import json
 
-from . import analysis
+import pandas as pd
+
+from . import analysis, probe_analysis
+
+# (title, analysis function) for each function probe's section of the report
+PROBE_SECTIONS = (
+    ("Xen event channels: fast-path hit ratio per VM", probe_analysis.xen_hit_ratio),
+    ("gfn_to_pfn_cache checks per cache", probe_analysis.gpc_checks),
+    ("gfn_to_pfn_cache refreshes", probe_analysis.gpc_refreshes),
+    ("SRCU read sections per srcu_struct (p50/p99: log2 bucket bounds)",
+     probe_analysis.srcu_sections),
+    ("SRCU grace-period waits", probe_analysis.srcu_syncs),
+    ("xa_erase by owner and caller", probe_analysis.xa_erases),
+    ("vgic_put_irq", probe_analysis.vgic_puts),
+)
 
 
 def fmt_ns(ns, bound=False):
@@ -54,6 +68,18 @@ def table_text(df, by):
     return lines
 
 
+def _frame_text(df):
+    df = df.copy()
+    for c in df.columns:
+        if c.endswith("_ns") or c.endswith("_ns_bound"):
+            df[c] = [fmt_ns(v) for v in df[c]]
+        elif c in ("kvm", "gpc", "ssp", "xa") and pd.api.types.is_integer_dtype(df[c]):
+            df[c] = [f"{v:#x}" for v in df[c]]
+        elif c.endswith("ratio"):
+            df[c] = [f"{v:.1%}" if v == v else "-" for v in df[c]]
+    return df.to_string(index=False)
+
+
 def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pids=None):
     df = analysis.top(rec, by=by, sort=sort, limit=limit, pids=pids)
     if fmt == "csv":
@@ -70,6 +96,10 @@ def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pid
                 lines.append("")
                 lines.append(f"#{i + 1} {row['lock']} {row['type']}  stack {sid}:")
                 lines += [f"   {'K' if analysis.is_kvm_frame(f) else ' '} {f}" for f in frames]
+    for title, fn in PROBE_SECTIONS:
+        part = fn(rec)
+        if part is not None and not part.empty:
+            lines += ["", title, _frame_text(part.head(limit))]
     if any(not x for x in df.get("pct_exact", [])):
         lines.append("")
         lines.append("<= : a log2 histogram bucket bound (not every wait of the row was sampled)")

@@ -25,12 +25,24 @@ def module_defines(plans, kbtf, stack_entries=16384, ringbuf_pages=1024, srcu_sa
     """Every define the combined module needs, for {probe: Plan}."""
     d = {"KLP_STACK_ENTRIES": stack_entries, "KLP_RINGBUF_PAGES": ringbuf_pages,
          "KLP_SRCU_SAMPLE_EVERY": srcu_sample_every}
+    bases = counter_bases(plans)
+    d.update({f"KLP_CBASE_{p.name.upper()}": base for p, base in bases.items()})
+    d["KLP_NR_COUNTERS"] = max(1, sum(len(p.counters) for p in plans))
     for probe, plan in plans.items():
         for t in probe.targets:
             sym, method = plan.targets.get(t.key, (None, None))
             d.update(target_defines(t, sym, method, kbtf))
         d.update({f"KLP_OFF_{k}": v for k, v in btfmod.defines(kbtf, probe.fields).items()})
     return d
+
+
+def counter_bases(probes):
+    """Where each probe's counters start in the shared klp_counters array."""
+    bases, n = {}, 0
+    for p in probes:
+        bases[p] = n
+        n += len(p.counters)
+    return bases
 
 
 def forced_plans(probes, method):
@@ -124,8 +136,13 @@ class FunctionProbes:
         return out
 
     def counters(self):
-        return {probe.name: read_counters(self.bpf[f"{probe.name}_counters"], probe.counters)
-                for probe in self.plans if probe.counters}
+        names = [f"{p.name}.{c}" for p in self.plans for c in p.counters]
+        flat = read_counters(self.bpf["klp_counters"], names) if names else {}
+        out = {}
+        for key, v in flat.items():
+            probe, counter = key.split(".", 1)
+            out.setdefault(probe, {})[counter] = v
+        return out
 
     def stack_addrs(self, stack_id):
         return list(self.bpf["klp_stacks"].walk(stack_id))
