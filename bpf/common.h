@@ -50,7 +50,7 @@ static __always_inline u64 klp_kprobe_arg(struct pt_regs *ctx, int i)
 	}
 }
 
-#define KLP_HIST_SLOTS 40
+#define KLP_HIST_SLOTS 64       /* log2(ns): 64 makes the index a mask, see klp_slot() */
 
 static __always_inline u64 klp_read_u64(u64 base, int off)
 {
@@ -70,8 +70,9 @@ static __always_inline u32 klp_read_u32(u64 base, int off)
 
 static __always_inline u32 klp_slot(u64 ns)
 {
-	u32 s = bpf_log2l(ns);
-	return s < KLP_HIST_SLOTS ? s : KLP_HIST_SLOTS - 1;
+	/* A mask, not a compare: older verifiers (6.1) lose a compared bound when
+	 * the compiler indexes with another copy of the register. */
+	return bpf_log2l(ns) & (KLP_HIST_SLOTS - 1);
 }
 
 /* Every probe's counters in one per-CPU array: probe P's counter i is at
@@ -92,6 +93,16 @@ struct klp_lat {
 	u64 max_ns;
 	u64 hist[KLP_HIST_SLOTS];
 };
+
+/* Zeroed values to initialise map entries from: a klp_lat is too big for the
+ * 512-byte BPF stack. */
+BPF_PERCPU_ARRAY(klp_zero, struct klp_lat, 1);
+
+static __always_inline struct klp_lat *klp_lat_zero(void)
+{
+	int z = 0;
+	return klp_zero.lookup(&z);
+}
 
 static __always_inline void klp_lat_add(struct klp_lat *v, u64 ns)
 {

@@ -33,6 +33,8 @@ BPF_HASH(tgid_filter, u32, u8, 4096);
 #if KLP_SAMPLE_EVERY > 1
 BPF_PERCPU_ARRAY(sample_tick, u64, 1);
 #endif
+/* A zeroed value to create aggregates from: too big for the 512-byte stack. */
+BPF_PERCPU_ARRAY(agg_zero, struct klp_agg_val, 1);
 
 static __always_inline void count(int idx)
 {
@@ -108,8 +110,9 @@ TRACEPOINT_PROBE(lock, contention_end)
 	ak.tgid = tgid;
 	ak.flags = flags;
 	ak.stack_id = stack_id;
-	struct klp_agg_val zero = {};
-	struct klp_agg_val *a = agg.lookup_or_try_init(&ak, &zero);
+	int zero_idx = 0;
+	struct klp_agg_val *zero = agg_zero.lookup(&zero_idx);
+	struct klp_agg_val *a = zero ? agg.lookup_or_try_init(&ak, zero) : NULL;
 	if (a) {
 		a->count++;
 		a->total_ns += wait;
@@ -117,10 +120,9 @@ TRACEPOINT_PROBE(lock, contention_end)
 			a->max_ns = wait;
 		if (a->min_ns == 0 || wait < a->min_ns)
 			a->min_ns = wait;
-		u32 slot = bpf_log2l(wait);
-		if (slot >= KLP_HIST_SLOTS)
-			slot = KLP_HIST_SLOTS - 1;
-		a->hist[slot]++;
+		/* A mask, not a compare: older verifiers lose a compared bound when
+		 * the compiler indexes with another copy of the register. */
+		a->hist[bpf_log2l(wait) & (KLP_HIST_SLOTS - 1)]++;
 	} else {
 		count(KLP_C_AGG_FULL);
 	}
@@ -129,7 +131,6 @@ TRACEPOINT_PROBE(lock, contention_end)
 	return 0;
 #else
 #if KLP_SAMPLE_EVERY > 1
-	int zero_idx = 0;
 	u64 *tick = sample_tick.lookup(&zero_idx);
 	if (!tick || (*tick)++ % KLP_SAMPLE_EVERY)
 		return 0;

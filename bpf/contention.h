@@ -4,7 +4,7 @@
 #ifndef KLP_CONTENTION_H
 #define KLP_CONTENTION_H
 
-#define KLP_HIST_SLOTS 40       /* log2(ns) buckets: slot i holds [2^i, 2^(i+1)) ns */
+#define KLP_HIST_SLOTS 64       /* log2(ns) buckets: slot i holds [2^i, 2^(i+1)) ns */
 #define KLP_COMM_LEN 16
 
 /* Indexes of the in-kernel counters: every event seen, and every one lost. */

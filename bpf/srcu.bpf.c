@@ -118,8 +118,8 @@ KLP_ENTRY(SRCU_UNLOCK)
 	struct klp_srcu_key ak = {};
 	ak.ssp = k.ssp;
 	ak.kvm = srcu_kvm(k.ssp, &ak.kind);
-	struct klp_lat zero = {};
-	struct klp_lat *v = srcu_sections.lookup_or_try_init(&ak, &zero);
+	struct klp_lat *zero = klp_lat_zero();
+	struct klp_lat *v = zero ? srcu_sections.lookup_or_try_init(&ak, zero) : NULL;
 	if (v)
 		klp_lat_add(v, dur);
 	else

@@ -53,8 +53,8 @@ KLP_RETURN(XA_ERASE)
 		k.owner = k.kvm ? XA_KVM_LPI : XA_OTHER;
 	}
 	xa_count(XA_C_ERASES);
-	struct klp_lat zero = {};
-	struct klp_lat *v = xa_agg.lookup_or_try_init(&k, &zero);
+	struct klp_lat *zero = klp_lat_zero();
+	struct klp_lat *v = zero ? xa_agg.lookup_or_try_init(&k, zero) : NULL;
 	if (v)
 		klp_lat_add(v, lat);
 	else

@@ -27,12 +27,18 @@ def import_bcc():
     return bcc
 
 
+
+
 @contextlib.contextmanager
 def _captured_stderr():
-    """clang and libbpf print to fd 2; keep it so a failure can quote it."""
+    """clang and libbpf print to fd 2; keep it so a failure can quote it.
+
+    The log is a named file that is removed only on return: LLVM exits the
+    process on some errors (e.g. BPF stack overflow), and that text must survive."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
+    log = os.path.join(tempfile.gettempdir(), f"kvmlockprof-bpf-compile-{os.getpid()}.log")
+    with open(log, "w+b") as tmp:
         os.dup2(tmp.fileno(), 2)
         buf = io.BytesIO()
         try:
@@ -42,6 +48,7 @@ def _captured_stderr():
             os.close(saved)
             tmp.seek(0)
             buf.write(tmp.read())
+    os.unlink(log)
 
 
 def compile_bpf(source=None, text=None, defines=None, headers=None):

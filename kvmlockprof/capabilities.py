@@ -119,7 +119,9 @@ def probe_host():
               f"{len(kvm_events)} events" if kvm_events else "kvm module not loaded"))
     target = next((s for s in ("kvm_vm_ioctl", "vfs_read") if s in caps.symbols), "vfs_read")
     add(_kprobe_check(target))
-    add(_fentry_check(target))
+    # fentry through bcc reaches vmlinux functions only: try one of those
+    add(_fentry_check(next((s for s in ("vfs_read", "ksys_read") if caps.symbols.get(s) == ""),
+                           "vfs_read")))
     return caps
 
 

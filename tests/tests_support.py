@@ -8,7 +8,7 @@ EVENT = np.dtype([("ts_ns", "<u8"), ("wait_ns", "<u8"), ("lock_addr", "<u8"), ("
                   ("ret", "<i4"), ("comm", "S16")])
 AGG = np.dtype([("lock_addr", "<u8"), ("tgid", "<u4"), ("flags", "<u4"), ("stack_id", "<i4"),
                 ("count", "<u8"), ("total_ns", "<u8"), ("max_ns", "<u8"), ("min_ns", "<u8"),
-                ("hist", "<u8", (40,))])
+                ("hist", "<u8", (64,))])
 
 
 def events(rows):
@@ -27,9 +27,9 @@ def aggregates_of(ev):
         keys.setdefault(k, []).append(int(e["wait_ns"]))
     out = np.zeros(len(keys), AGG)
     for i, (k, waits) in enumerate(keys.items()):
-        hist = np.zeros(40, np.uint64)
+        hist = np.zeros(64, np.uint64)
         for w in waits:
-            hist[min(39, w.bit_length() - 1)] += 1
+            hist[w.bit_length() - 1] += 1
         out[i] = (*k, len(waits), sum(waits), max(waits), min(waits), hist)
     return out
 
