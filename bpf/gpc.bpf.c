@@ -39,6 +39,14 @@ BPF_RINGBUF_OUTPUT(gpc_events, KLP_RINGBUF_PAGES);
 BPF_PERCPU_HASH(gpc_ops, struct klp_gpc_key, struct klp_gpc_val, 4096);
 #define gpc_count(i) klp_count(KLP_CBASE_GPC + (i))
 
+/* gpc->kvm, or (6.1, before caches knew their VM) gpc->vcpu->kvm. */
+static __always_inline u64 gpc_kvm(u64 gpc)
+{
+	if (KLP_OFF_GPC_KVM >= 0)
+		return klp_read_u64(gpc, KLP_OFF_GPC_KVM);
+	return klp_read_u64(klp_read_u64(gpc, KLP_OFF_GPC_VCPU), KLP_OFF_VCPU_KVM);
+}
+
 static __always_inline int gpc_vcpu_place(u64 gpc, u64 kvm, int off)
 {
 	if (off < 0)
@@ -69,7 +77,7 @@ static __always_inline int gpc_op(u64 gpc, u32 op)
 {
 	struct klp_gpc_key k = {};
 	k.gpc = gpc;
-	k.kvm = klp_read_u64(gpc, KLP_OFF_GPC_KVM);
+	k.kvm = gpc_kvm(gpc);
 	k.place = gpc_place(gpc, k.kvm);
 	k.op = op;
 	k.tgid = bpf_get_current_pid_tgid() >> 32;
@@ -105,7 +113,7 @@ KLP_RETURN(GPC_REFRESH)
 	e->ts_ns = bpf_ktime_get_ns();
 	e->lat_ns = e->ts_ns - c.ts_ns;
 	e->gpc = c.a0;
-	e->kvm = klp_read_u64(c.a0, KLP_OFF_GPC_KVM);
+	e->kvm = gpc_kvm(c.a0);
 	e->gpa = klp_read_u64(c.a0, KLP_OFF_GPC_GPA);
 	e->ret = (s32)KLP_RET(GPC_REFRESH);
 	e->place = gpc_place(c.a0, e->kvm);

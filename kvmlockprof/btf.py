@@ -19,9 +19,7 @@ class BtfError(RuntimeError):
 
 def _dump(path, base=None):
     bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
-    cmd = [bpftool, "-j", "btf", "dump", "file", path]
-    if base:
-        cmd += ["base", base]
+    cmd = [bpftool, "-j"] + (["-B", base] if base else []) + ["btf", "dump", "file", path]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     except FileNotFoundError:

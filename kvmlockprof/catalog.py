@@ -119,6 +119,7 @@ CATALOG = (
         counters=("refreshes", "checks", "lost_ringbuf_full", "lost_pending_full",
                   "lost_agg_full"),
         fields={"GPC_KVM": ("gfn_to_pfn_cache", "kvm"), "GPC_GPA": ("gfn_to_pfn_cache", "gpa"),
+                "GPC_VCPU": ("gfn_to_pfn_cache", "vcpu"),          # 6.1: no gpc->kvm yet
                 "VCPU_KVM": ("kvm_vcpu", "kvm"),
                 "PV_TIME": ("kvm_vcpu", "arch.pv_time"),
                 "XEN_VCPU_INFO": ("kvm_vcpu", "arch.xen.vcpu_info_cache"),

@@ -24,8 +24,9 @@ SPARE_GPA = 0x80000               # real mode reaches it as DS=0x8000
 SPARE_SIZE = 0x10000              # 16 pages, one touched per loop
 PORT = 0x10
 
-# mov al,[bx]; add bx,0x1000; [wrmsr;] out 0x10,al; jmp loop
-_TOUCH = bytes([0x8A, 0x07, 0x81, 0xC3, 0x00, 0x10])
+# mov si,[bx]; add bx,0x1000; [wrmsr;] out 0x10,al; jmp loop
+# (the touch loads SI: EAX/ECX/EDX hold the MSR value and index for wrmsr)
+_TOUCH = bytes([0x8B, 0x37, 0x81, 0xC3, 0x00, 0x10])
 _WRMSR = bytes([0x0F, 0x30])
 _OUT = bytes([0xE6, PORT])
 
