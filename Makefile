@@ -5,20 +5,33 @@ PY      := $(VENV)/bin/python
 KLP     := $(VENV)/bin/kvmlockprof
 STAMP   := $(VENV)/.installed
 APT_PKGS := bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64 python3-venv bpftool
+# The lab: QEMU, virtme-ng's static busybox, and the Debian kernel whose headers
+# linux-headers-amd64 installed (so bcc compiles against an exact match in the lab).
+LAB_PKGS := qemu-system-x86 busybox-static linux-image-amd64
+LAB_STAMP := $(VENV)/.lab
 DEMO_S  ?= 10
 
-.PHONY: setup apt demo test clean
+.PHONY: setup apt demo test lab lab-apt lab-test clean
 
 setup: $(STAMP)
 
-apt:
-	@missing=$$(for p in $(APT_PKGS); do \
+# $(call apt-install,packages[,apt-get options]): install those not installed yet.
+define apt-install
+	@missing=$$(for p in $(1); do \
 	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
 	  done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq $(2) $$missing; \
 	fi
+endef
+
+apt:
+	$(call apt-install,$(APT_PKGS))
+
+lab-apt:
+	$(call apt-install,$(LAB_PKGS),--no-install-recommends)
 
 # bcc's Python bindings come from python3-bpfcc: link just that package into the
 # venv instead of --system-site-packages, which would pull in everything else.
@@ -38,7 +51,18 @@ demo: setup
 	@echo "report written to demo-report.txt (recording: demo.parquet)"
 
 test: setup
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra -m "not lab"
+
+$(LAB_STAMP): $(STAMP) | lab-apt
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,lab]'
+	touch $@
+
+# The kernel lab: boots the newest Debian lab kernel under QEMU and checks it works.
+lab: setup $(LAB_STAMP)
+	$(KLP) lab -- kvmlockprof doctor
+
+lab-test: setup $(LAB_STAMP)
+	$(PY) -m pytest -ra -m lab -s
 
 clean:
 	rm -rf $(VENV) demo.parquet demo-report.txt .pytest_cache

@@ -8,11 +8,15 @@ KLP_ENTRY(VM_IOCTL)
 	return 0;
 }
 
+#define KVM_RUN 0xae80          /* _IO(KVMIO, 0x80): UAPI */
+
 KLP_ENTRY(VCPU_IOCTL)
 {
 	u64 filp = KLP_ARG(VCPU_IOCTL, FILP);
 	u64 vcpu = klp_read_u64(filp, KLP_OFF_FILE_PRIVATE_DATA);
-	if (!vcpu || klp_vcpus.lookup(&vcpu))
+	/* The vCPU's thread is the one that runs it: set-up ioctls may come from
+	 * another thread, so KVM_RUN always updates the entry. */
+	if (!vcpu || ((u32)KLP_ARG(VCPU_IOCTL, IOCTL) != KVM_RUN && klp_vcpus.lookup(&vcpu)))
 		return 0;
 	u64 id = bpf_get_current_pid_tgid();
 	struct klp_vcpu v = {};

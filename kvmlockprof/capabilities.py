@@ -149,8 +149,9 @@ def _missing_symbol_reason(probe, target):
     return why
 
 
-def plan(probe, caps):
-    """The attach plan of one catalog probe on this host."""
+def plan(probe, caps, prefer=None):
+    """The attach plan of one catalog probe on this host; `prefer` (fentry or
+    kprobe) is tried first where a target allows it."""
     arch = platform.machine()
     p = Plan(probe)
     if arch not in probe.arch:
@@ -176,7 +177,8 @@ def plan(probe, caps):
             continue
         why = []
         method = None
-        for m in t.methods:
+        order = sorted(t.methods, key=lambda m: m != prefer)
+        for m in order:
             if m == catalog.FENTRY:
                 if not caps.ok("fentry load (trial)"):
                     why.append(f"fentry: {caps.why('fentry load (trial)')}")

@@ -68,7 +68,7 @@ CATALOG = (
         name="vms",
         summary="learn VMs (struct kvm) and vCPUs with their owning process and thread",
         targets=(Target("VM_IOCTL", ("kvm_vm_ioctl",), (FENTRY, KPROBE), ("filp",), _FILP),
-                 Target("VCPU_IOCTL", ("kvm_vcpu_ioctl",), (FENTRY, KPROBE), ("filp",),
+                 Target("VCPU_IOCTL", ("kvm_vcpu_ioctl",), (FENTRY, KPROBE), ("filp", "ioctl"),
                         _FILP)),
         bpf="vms.bpf.c",
         metrics=("vm_pid", "vcpu_thread"),

@@ -57,10 +57,12 @@ def main():
 @click.option("--probes", "probe_names", metavar="A,B,...",
               help="Probes to attach (default: every probe this host can attach; "
                    "see `kvmlockprof probes`).")
+@click.option("--prefer", type=click.Choice(["fentry", "kprobe"]),
+              help="Attach method to try first for function probes (default: fentry).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb, probe_names,
-           quiet, command):
+           prefer, quiet, command):
     """Record lock contention to a Parquet recording.
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
@@ -84,7 +86,7 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
     try:
         rec = Recorder(output, duration=duration, pids=pids, command=command,
                        system_wide=system_wide, sample_every=sample_every, force=force,
-                       ringbuf_mb=ringbuf_mb, probes=names,
+                       ringbuf_mb=ringbuf_mb, probes=names, prefer=prefer,
                        warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
         m = rec.run()
@@ -198,6 +200,32 @@ def probes():
                        f"{'; here: ' + sym if sym else ''}"
                        f"{' (optional)' if t.optional else ''}")
         click.echo(f"{'':<11} here: {how}")
+
+
+EPILOG_LAB = """\b
+Examples:
+  kvmlockprof lab -- kvmlockprof doctor
+  kvmlockprof lab -- kvmlockprof record -o lab.parquet -- kvmlockprof workload --kvmclock
+  kvmlockprof lab --kernel ~/linux/arch/x86/boot/bzImage -- kvmlockprof record -o patched.parquet \\
+      -- kvmlockprof workload --churn
+"""
+
+
+@main.command(epilog=EPILOG_LAB, context_settings={"allow_interspersed_args": False})
+@click.option("--kernel", help="Kernel image to boot (default: the newest Debian lab kernel).")
+@click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--memory", default="2G", show_default=True)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def lab(kernel, cpus, memory, command):
+    """Run COMMAND inside another kernel under QEMU (kprobes, fentry, nested KVM).
+
+    The current directory is shared read-write: recordings land on this host."""
+    from . import lab as labmod
+    try:
+        p = labmod.run(list(command), kernel=kernel, cpus=cpus, memory=memory)
+    except labmod.LabError as e:
+        fail(str(e))
+    sys.exit(p.returncode)
 
 
 @main.command(epilog=EPILOG_WORKLOAD)

@@ -32,7 +32,7 @@ def _raise_stop(signum, frame):
 class Recorder:
     def __init__(self, out, duration=None, pids=(), command=(), system_wide=False,
                  sample_every=1, flush_interval=1.0, force=False, progress=None,
-                 ringbuf_mb=16, probes=None, warn=None):
+                 ringbuf_mb=16, probes=None, warn=None, prefer=None):
         self.out = out
         self.duration = duration
         self.pids = list(pids)
@@ -44,6 +44,7 @@ class Recorder:
         self.progress = progress
         self.ringbuf_mb = ringbuf_mb
         self.warn = warn or (lambda msg: None)
+        self.prefer = prefer            # attach method to try first (fentry/kprobe)
         # None: every probe this host can attach; else names (checked here, early)
         self.requested = None if probes is None else catalog.select(probes)
         check_output(out, force)
@@ -67,7 +68,7 @@ class Recorder:
         for p in catalog.CATALOG:
             if p.name == "contention":
                 continue
-            plan = capabilities.plan(p, caps)
+            plan = capabilities.plan(p, caps, prefer=self.prefer)
             if p not in function_probes:
                 self.manifest["probes"][p.name] = {"status": "not requested"}
             elif plan.ok:
