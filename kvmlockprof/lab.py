@@ -63,7 +63,12 @@ def vng_argv(command, kernel=None, cpus=2, memory="2G", cwd=None):
 
 
 def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, **popen):
-    """Run `command` inside the lab kernel; returns the CompletedProcess."""
+    """Run `command` inside the lab kernel; returns the CompletedProcess.
+
+    Without a terminal, stdin must not be left open to the caller: virtme-ng
+    forwards it to the guest, and the guest command then waits on it."""
+    if not os.isatty(0):
+        popen.setdefault("stdin", subprocess.DEVNULL)
     env = dict(os.environ)
     # virtme-ng runs its helpers (virtme-run) from PATH: put the venv's first
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")

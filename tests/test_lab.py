@@ -55,7 +55,7 @@ def test_gpc_and_srcu_live(in_lab):
     checks = probe_analysis.gpc_checks(rec)
     pv = checks[checks["place_name"] == "vcpu->arch.pv_time"]
     assert len(pv) == work["vcpus"]
-    assert abs(pv["activate"].sum() - work["msr_writes"]) <= 2 * work["vcpus"]
+    assert abs(int(pv["activate"].sum()) - work["msr_writes"]) <= 2 * work["vcpus"]
     assert (pv["check_hit"] + pv["check_miss"]).sum() > 0
     ref = probe_analysis.gpc_refreshes(rec)
     assert ref[ref["place_name"] == "vcpu->arch.pv_time"]["count"].sum() > 0
