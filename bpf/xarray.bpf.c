@@ -2,8 +2,9 @@
  * aggregate per xarray, owner and stack); KVM-owned erases are also streamed.
  * An xarray is KVM's when it sits at a known field of a known VM. */
 
-enum xa_owner { XA_OTHER, XA_KVM_VCPU_ARRAY, XA_KVM_LPI };
-enum { XA_C_ERASES, XA_C_KVM_ERASES, XA_C_RINGBUF_FULL, XA_C_PENDING_FULL, XA_C_AGG_FULL };
+enum xa_owner { XA_OTHER, XA_KVM_VCPU_ARRAY, XA_KVM_LPI, XA_KVM_VCPU_ARRAY_BY_CALLER };
+enum { XA_C_ERASES, XA_C_KVM_ERASES, XA_C_RINGBUF_FULL, XA_C_PENDING_FULL, XA_C_AGG_FULL,
+       XA_C_VCPU_DESTROYS };
 
 struct klp_xa_event {
 	u64 ts_ns;
@@ -26,6 +27,36 @@ struct klp_xa_key {
 BPF_RINGBUF_OUTPUT(xa_events, KLP_RINGBUF_PAGES);
 BPF_PERCPU_HASH(xa_agg, struct klp_xa_key, struct klp_lat, 8192);
 #define xa_count(i) klp_count(KLP_CBASE_XARRAY + (i))
+
+static __always_inline void xa_emit(u64 now, u64 lat, struct klp_xa_key *k)
+{
+	xa_count(XA_C_KVM_ERASES);
+	struct klp_xa_event *e = xa_events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		xa_count(XA_C_RINGBUF_FULL);
+		return;
+	}
+	u64 id = bpf_get_current_pid_tgid();
+	e->ts_ns = now;
+	e->lat_ns = lat;
+	e->xa = k->xa;
+	e->kvm = k->kvm;
+	e->owner = k->owner;
+	e->stack_id = k->stack_id;
+	e->tid = (u32)id;
+	e->tgid = id >> 32;
+	xa_events.ringbuf_submit(e, 0);
+}
+
+static __always_inline void xa_account(struct klp_xa_key *k, u64 lat)
+{
+	struct klp_lat *zero = klp_lat_zero();
+	struct klp_lat *v = zero ? xa_agg.lookup_or_try_init(k, zero) : NULL;
+	if (v)
+		klp_lat_add(v, lat);
+	else
+		xa_count(XA_C_AGG_FULL);
+}
 
 KLP_ENTRY(XA_ERASE)
 {
@@ -53,29 +84,26 @@ KLP_RETURN(XA_ERASE)
 		k.owner = k.kvm ? XA_KVM_LPI : XA_OTHER;
 	}
 	xa_count(XA_C_ERASES);
-	struct klp_lat *zero = klp_lat_zero();
-	struct klp_lat *v = zero ? xa_agg.lookup_or_try_init(&k, zero) : NULL;
-	if (v)
-		klp_lat_add(v, lat);
-	else
-		xa_count(XA_C_AGG_FULL);
-	if (k.owner == XA_OTHER)
+	xa_account(&k, lat);
+	if (k.owner != XA_OTHER)
+		xa_emit(now, lat, &k);
+	return 0;
+}
+
+/* The erase of this vCPU's slot in kvm->vcpu_array follows (no latency: the
+ * erase itself is not seen). */
+KLP_ENTRY(VCPU_DESTROY)
+{
+	u64 vcpu = KLP_ARG(VCPU_DESTROY, VCPU);
+	struct klp_xa_key k = {};
+	k.kvm = klp_read_u64(vcpu, KLP_OFF_VCPU_KVM);
+	if (!k.kvm || KLP_OFF_VCPU_ARRAY < 0)
 		return 0;
-	xa_count(XA_C_KVM_ERASES);
-	struct klp_xa_event *e = xa_events.ringbuf_reserve(sizeof(*e));
-	if (!e) {
-		xa_count(XA_C_RINGBUF_FULL);
-		return 0;
-	}
-	u64 id = bpf_get_current_pid_tgid();
-	e->ts_ns = now;
-	e->lat_ns = lat;
-	e->xa = k.xa;
-	e->kvm = k.kvm;
-	e->owner = k.owner;
-	e->stack_id = k.stack_id;
-	e->tid = (u32)id;
-	e->tgid = id >> 32;
-	xa_events.ringbuf_submit(e, 0);
+	k.xa = k.kvm + KLP_OFF_VCPU_ARRAY;
+	k.owner = XA_KVM_VCPU_ARRAY_BY_CALLER;
+	k.stack_id = klp_stacks.get_stackid(ctx, 0);
+	xa_count(XA_C_VCPU_DESTROYS);
+	xa_account(&k, 0);
+	xa_emit(bpf_ktime_get_ns(), 0, &k);
 	return 0;
 }

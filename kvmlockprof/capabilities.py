@@ -160,6 +160,7 @@ def plan(probe, caps, prefer=None):
     if not probe.bpf:
         p.reason = "catalogued, BPF program not built yet"
         return p
+    not_attachable = []
     for t in probe.targets:
         if catalog.TRACEPOINT in t.methods:
             cat, ev = t.name.split(":")
@@ -171,8 +172,9 @@ def plan(probe, caps, prefer=None):
             continue
         sym = catalog.resolve_symbol(t, caps.symbols)
         if not sym:
+            not_attachable.append(_missing_symbol_reason(probe, t))
             if not t.optional:
-                p.reason = p.reason or _missing_symbol_reason(probe, t)
+                p.reason = p.reason or not_attachable[-1]
             p.targets[t.key] = (None, None)
             continue
         why = []
@@ -197,9 +199,12 @@ def plan(probe, caps, prefer=None):
         if not method:
             if t.why_limited:
                 why.append(t.why_limited)
+            not_attachable.append(f"{sym}: " + "; ".join(why))
             if not t.optional:
-                p.reason = p.reason or f"{sym}: " + "; ".join(why)
+                p.reason = p.reason or not_attachable[-1]
         p.targets[t.key] = (sym, method)
+    if not p.reason and not any(m for _, m in p.targets.values()):
+        p.reason = " | ".join(not_attachable)        # only optional targets, none usable
     return p
 
 

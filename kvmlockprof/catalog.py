@@ -148,18 +148,23 @@ CATALOG = (
         name="xarray",
         summary="xa_erase latency and caller, KVM-owned xarrays told apart",
         targets=(Target("XA_ERASE", ("xa_erase",), (KPROBE,), ("xa",),
-                        {"xa_erase": ("xa", "index")}, ret=True,
+                        {"xa_erase": ("xa", "index")}, ret=True, optional=True,
                         why_limited="lib/ is built without ftrace hooks: no fentry, and "
-                                    "kprobes only where CONFIG_KPROBE_EVENTS_ON_NOTRACE=y"),),
+                                    "kprobes only where CONFIG_KPROBE_EVENTS_ON_NOTRACE=y"),
+                 # Where xa_erase cannot be probed, the vCPU-array erases are counted
+                 # at their KVM caller: kvm_destroy_vcpus() erases each vCPU's slot
+                 # right after kvm_vcpu_destroy() -> kvm_arch_vcpu_destroy().
+                 Target("VCPU_DESTROY", ("kvm_arch_vcpu_destroy",), (FENTRY, KPROBE),
+                        ("vcpu",), {"kvm_arch_vcpu_destroy": ("vcpu",)}, optional=True)),
         bpf="xarray.bpf.c",
         metrics=("latency", "caller", "kvm_owned"),
         tables=("xa_erase", "xa_erase_agg"),
         streams=(("xa_events", "xa_erase"),),
         aggregates=(("xa_agg", "xa_erase_agg"),),
         counters=("erases", "kvm_erases", "lost_ringbuf_full", "lost_pending_full",
-                  "lost_agg_full"),
+                  "lost_agg_full", "vcpu_destroys"),
         fields={"VCPU_ARRAY": ("kvm", "vcpu_array"),
-                "LPI_XA": ("kvm", "arch.vgic.lpi_xa")},
+                "LPI_XA": ("kvm", "arch.vgic.lpi_xa"), "VCPU_KVM": ("kvm_vcpu", "kvm")},
     ),
     Probe(
         name="srcu",

@@ -20,7 +20,8 @@ GPC_OPS = {0: "check_miss", 1: "check_hit", 2: "activate", 3: "deactivate"}
 SRCU_KINDS = {0: "other", 1: "kvm->srcu", 2: "kvm->irq_srcu"}
 SRCU_EVENTS = {0: "read_section", 1: "synchronize_srcu", 2: "synchronize_srcu_expedited"}
 # xarray.bpf.c: enum xa_owner
-XA_OWNERS = {0: "other", 1: "kvm->vcpu_array", 2: "kvm->arch.vgic.lpi_xa"}
+XA_OWNERS = {0: "other", 1: "kvm->vcpu_array", 2: "kvm->arch.vgic.lpi_xa",
+             3: "kvm->vcpu_array (at its caller)"}
 
 
 def _stats(df, keys, col):

@@ -83,34 +83,57 @@ class FunctionProbes:
                 self.rings[table] = BatchRingBuffer(t.map_fd, self.ringbuf_bytes,
                                                     bpfload.event_dtype(t))
 
-    def kprobe_functions(self, probe):
+    def kprobe_functions(self, probe, target=None):
         """(function name, kernel symbol, is-return) of a probe's kprobe handlers."""
         plan = self.plans[probe]
         out = []
         for t in probe.targets:
             sym, method = plan.targets.get(t.key, (None, None))
-            if method == catalog.KPROBE:
+            if method == catalog.KPROBE and target in (None, t):
                 out.append((f"klp_kp__{t.key}", sym, False))
                 if t.ret:
                     out.append((f"klp_kr__{t.key}", sym, True))
         return out
 
-    def _attach(self, probe, plan):
-        done = []
-        try:
-            for fn, sym, is_ret in self.kprobe_functions(probe):
-                if is_ret:
-                    self.bpf.attach_kretprobe(event=sym, fn_name=fn)
-                else:
-                    self.bpf.attach_kprobe(event=sym, fn_name=fn)
-                done.append((sym, is_ret))
-        except Exception as e:
-            for sym, is_ret in done:
+    def _detach_kprobes(self, handlers):
+        for _, sym, is_ret in handlers:
+            try:
                 (self.bpf.detach_kretprobe if is_ret else self.bpf.detach_kprobe)(event=sym)
-            return {"status": "failed", "method": plan.method,
-                    "reason": str(e).splitlines()[0]}
-        return {"status": "attached", "method": plan.method,
-                "targets": {k: {"symbol": s, "method": m} for k, (s, m) in plan.targets.items()}}
+            except Exception:
+                pass            # never attached
+
+    def _attach(self, probe, plan):
+        """Attach a probe's kprobe targets. An optional target that fails is
+        reported and skipped; a required one fails the whole probe."""
+        targets, attached = {}, []
+        for t in probe.targets:
+            sym, method = plan.targets.get(t.key, (None, None))
+            targets[t.key] = {"symbol": sym, "method": method}
+            handlers = self.kprobe_functions(probe, t)
+            try:
+                for fn, s, is_ret in handlers:
+                    (self.bpf.attach_kretprobe if is_ret else self.bpf.attach_kprobe)(
+                        event=s, fn_name=fn)
+            except Exception as e:
+                self._detach_kprobes(handlers)
+                reason = str(e).splitlines()[0]
+                targets[t.key].update(method=None, error=reason)
+                if not t.optional:
+                    for a in attached:
+                        self._detach_kprobes(self.kprobe_functions(probe, a))
+                    return {"status": "failed", "method": plan.method, "reason": reason,
+                            "targets": targets}
+                continue
+            if method:
+                attached.append(t)
+        if not attached:
+            return {"status": "failed", "method": None, "targets": targets,
+                    "reason": " | ".join(v.get("error", f"{k}: not attachable")
+                                         for k, v in targets.items())}
+        return {"status": "attached",
+                "method": "+".join(sorted({v["method"] for v in targets.values()
+                                           if v["method"]})),
+                "targets": targets}
 
     def load_kprobe_handlers(self):
         """Load every kprobe handler through the verifier (no attach): the check
@@ -149,11 +172,7 @@ class FunctionProbes:
 
     def detach(self):
         for probe in self.plans:
-            for fn, sym, is_ret in self.kprobe_functions(probe):
-                try:
-                    (self.bpf.detach_kretprobe if is_ret else self.bpf.detach_kprobe)(event=sym)
-                except Exception:
-                    pass            # never attached (its probe failed)
+            self._detach_kprobes(self.kprobe_functions(probe))
         for fn in list(self.bpf.kfunc_entry_fds):
             self.bpf.detach_kfunc(fn)
         for fn in list(self.bpf.kfunc_exit_fds):
