@@ -5,9 +5,8 @@ PY      := $(VENV)/bin/python
 KLP     := $(VENV)/bin/kvmlockprof
 STAMP   := $(VENV)/.installed
 APT_PKGS := bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64 python3-venv bpftool
-# The lab: QEMU, virtme-ng's static busybox, and the Debian kernel whose headers
-# linux-headers-amd64 installed (so bcc compiles against an exact match in the lab).
-LAB_PKGS := qemu-system-x86 busybox-static linux-image-amd64
+# The lab: QEMU and virtme-ng's static busybox; kernels below.
+LAB_PKGS := qemu-system-x86 busybox-static
 LAB_STAMP := $(VENV)/.lab
 DEMO_S  ?= 10
 
@@ -30,8 +29,20 @@ endef
 apt:
 	$(call apt-install,$(APT_PKGS))
 
-lab-apt:
+# Lab kernels: bookworm's 6.1 (the "old kernel": the image matching the 6.1 headers
+# make setup installed, so bcc compiles against an exact match) and, the default,
+# bookworm-backports' linux-image-amd64 (KVM_XEN, kprobes, BTF), with its headers.
+lab-apt: $(STAMP)
 	$(call apt-install,$(LAB_PKGS),--no-install-recommends)
+	@old=$$(dpkg-query -W -f='$${Package}\n' 'linux-headers-6.1.*-amd64' 2>/dev/null \
+	        | head -n1 | sed 's/headers/image/'); \
+	test -n "$$old" || { echo "no 6.1 kernel headers: run make setup"; exit 1; }; \
+	dpkg-query -W -f='$${Status}\n' $$old 2>/dev/null | grep -q '^install ok installed' || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$old
+	@$(PY) -m kvmlockprof.backports --write
+	@dpkg-query -W -f='$${Version}\n' linux-image-amd64 2>/dev/null | grep -q bpo || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends -t bookworm-backports linux-image-amd64 linux-headers-amd64; }
 
 # bcc's Python bindings come from python3-bpfcc: link just that package into the
 # venv instead of --system-site-packages, which would pull in everything else.

@@ -26,6 +26,7 @@ Examples:
   kvmlockprof workload --vcpus 4 --duration 10
   kvmlockprof workload --churn --churn-threads 2      # memslot churn
   kvmlockprof workload --kvmclock                     # gfn_to_pfn_cache traffic
+  kvmlockprof workload --xen --xen-slow-every 100     # Xen event channels (lab kernel)
 """
 
 
@@ -237,15 +238,22 @@ def lab(kernel, cpus, memory, command):
               help="Memslot ops/s per churn thread (0: as fast as possible).")
 @click.option("--kvmclock", is_flag=True,
               help="Guest writes MSR_KVM_SYSTEM_TIME_NEW each loop (gfn_to_pfn_cache).")
+@click.option("--xen", is_flag=True, help="Send Xen event channels in a loop "
+              "(kvm_xen_set_evtchn_fast; needs CONFIG_KVM_XEN).")
+@click.option("--xen-slow-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --xen: drop the shared_info page every N sends, forcing the "
+                   "slow path.")
 @click.option("--json", "as_json", is_flag=True, help="Print the work done as JSON.")
-def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, as_json):
+def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, xen_slow_every,
+             as_json):
     """Built-in KVM workload: a tiny VMM over /dev/kvm (no QEMU)."""
     from .record import WORK_ENV
     from .workload import KvmError, run
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # stop early, still report
     try:
         done = run(vcpus=vcpus, duration=duration, churn=churn, churn_threads=churn_threads,
-                   churn_rate=churn_rate, kvmclock=kvmclock).as_dict()
+                   churn_rate=churn_rate, kvmclock=kvmclock, xen=xen,
+                   xen_slow_every=xen_slow_every).as_dict()
     except KvmError as e:
         fail(str(e))
     out = os.environ.get(WORK_ENV)
@@ -258,7 +266,7 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, as_jso
         click.echo(f"workload pid {done['pid']}: {done['exits_total']} exits in "
                    f"{done['duration_s']:.1f} s ({', '.join(f'{x:.0f}' for x in done['exits_per_s_per_vcpu'])}"
                    f" /s per vCPU), {done['churn_ops']} memslot ops, "
-                   f"{done['msr_writes']} kvmclock MSR writes")
+                   f"{done['msr_writes']} kvmclock MSR writes, {done['xen_sends']} Xen sends")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,32 @@ def lab_kernels():
     return sorted(images, key=_version_key, reverse=True)
 
 
+def kernel_config(image, option):
+    """An option's value in the config Debian installs beside the image, or None."""
+    cfg = image.replace("vmlinuz-", "config-")
+    try:
+        with open(cfg) as f:
+            for line in f:
+                if line.startswith(option + "="):
+                    return line.strip().split("=", 1)[1]
+    except OSError:
+        pass
+    return None
+
+
+def find_kernel(release_prefix=None, option=None):
+    """The newest lab kernel whose release starts with the prefix and/or whose
+    config has `option` set (e.g. CONFIG_KVM_XEN), or None."""
+    for k in lab_kernels():
+        rel = os.path.basename(k)[len("vmlinuz-"):]
+        if release_prefix and not rel.startswith(release_prefix):
+            continue
+        if option and kernel_config(k, option) not in ("y", "m"):
+            continue
+        return k
+    return None
+
+
 def default_kernel():
     """The newest installed lab kernel (bookworm-backports' when set up, else 6.1)."""
     kernels = lab_kernels()

@@ -33,21 +33,31 @@ def in_lab(tmp_path_factory):
         pytest.skip(f"no lab: {problem}")
     d = tmp_path_factory.mktemp("lab")
 
-    def run(script, timeout=1500):
+    def run(script, kernel=None, timeout=1500):
         t0 = time.monotonic()
-        p = lab.run(["sh", "-c", script], cwd=d, timeout=timeout, capture_output=True,
-                    text=True)
-        print(f"lab run took {time.monotonic() - t0:.0f} s:\n{p.stdout[-3000:]}\n"
-              f"{p.stderr[-3000:]}")
+        p = lab.run(["sh", "-c", script], kernel=kernel, cwd=d, timeout=timeout,
+                    capture_output=True, text=True)
+        print(f"lab run ({kernel or lab.default_kernel()}) took {time.monotonic() - t0:.0f} s:"
+              f"\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
         assert p.returncode == 0, p.stderr[-3000:]
         return d
     return run
 
 
-def test_gpc_and_srcu_live(in_lab):
-    d = in_lab(f"kvmlockprof record -q -o gs.parquet --probes contention,vms,gpc,srcu -- "
-               f"{WORKLOAD} --kvmclock --churn")
-    rec = kvmlockprof.load(d / "gs.parquet")
+@pytest.mark.parametrize("release", ["default", "6.1."])
+def test_gpc_and_srcu_live(in_lab, release):
+    """On the default lab kernel and on 6.1, where the gpc functions have their old
+    names and signatures (kvm_gfn_to_pfn_cache_refresh(kvm, gpc, gpa, len))."""
+    kernel = None if release == "default" else lab.find_kernel(release)
+    if release != "default" and not kernel:
+        pytest.skip(f"no {release} lab kernel installed (make lab)")
+    out = f"gs-{release}.parquet"
+    d = in_lab(f"kvmlockprof record -q -o {out} --probes contention,vms,gpc,srcu -- "
+               f"{WORKLOAD} --kvmclock --churn", kernel=kernel)
+    rec = kvmlockprof.load(d / out)
+    if release == "6.1.":
+        assert rec.manifest["probes"]["gpc"]["targets"]["GPC_REFRESH"]["symbol"] == \
+            "kvm_gfn_to_pfn_cache_refresh"
     work = rec.manifest["work"]
     assert rec.manifest["probes"]["gpc"]["status"] == "attached"
     assert rec.manifest["probes"]["srcu"]["status"] == "attached"
@@ -110,3 +120,27 @@ def test_vcpu_array_erases_at_teardown(in_lab):
     assert vcpu_array["kvm"].nunique() == 1
     events = rec.table("xa_erase")
     assert set(events["tgid"]) == {rec.manifest["work"]["pid"]}
+
+
+def test_xen_fast_path_hits_and_falls_back(in_lab):
+    """Xen event channels sent by the workload: fast-path hits, and -EWOULDBLOCK
+    fallbacks that rise when the workload drops the shared_info page."""
+    kernel = lab.find_kernel(option="CONFIG_KVM_XEN")
+    if not kernel:
+        pytest.skip("no Xen-capable lab kernel (make lab installs bookworm-backports')")
+    runs = "; ".join(
+        f"kvmlockprof record -q -o xen{n}.parquet --probes contention,xen_evtchn,gpc -- "
+        f"kvmlockprof workload --vcpus 1 --duration 4 --xen --xen-slow-every {n}"
+        for n in (0, 50))
+    d = in_lab(runs, kernel=kernel)
+    fell = {}
+    for n in (0, 50):
+        rec = kvmlockprof.load(d / f"xen{n}.parquet")
+        assert rec.manifest["probes"]["xen_evtchn"]["status"] == "attached"
+        ratio = probe_analysis.xen_hit_ratio(rec).iloc[0]
+        outcomes = probe_analysis.xen_outcomes(rec)
+        assert (outcomes["outcome"] == "delivered").sum() > 0
+        assert ratio["fast_calls"] >= rec.manifest["work"]["xen_sends"]
+        fell[n] = (int(ratio["fell_back"]), rec.manifest["work"]["xen_forced_slow"])
+    assert fell[50][0] >= fell[50][1] > 0            # every dropped page made a fallback
+    assert fell[50][0] > fell[0][0]

@@ -61,6 +61,25 @@ class Regs(ctypes.Structure):
         "r11", "r12", "r13", "r14", "r15", "rip", "rflags")]
 
 
+class XenHvmConfig(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint32), ("msr", ctypes.c_uint32),
+                ("blob_addr_32", ctypes.c_uint64), ("blob_addr_64", ctypes.c_uint64),
+                ("blob_size_32", ctypes.c_uint8), ("blob_size_64", ctypes.c_uint8),
+                ("pad2", ctypes.c_uint8 * 30)]
+
+
+class XenAttr(ctypes.Structure):
+    """struct kvm_xen_hvm_attr and struct kvm_xen_vcpu_attr share this shape:
+    a u16 type, padding, then a 64-byte union whose first u64 we set."""
+    _fields_ = [("type", ctypes.c_uint16), ("pad", ctypes.c_uint16 * 3),
+                ("u64", ctypes.c_uint64), ("rest", ctypes.c_uint64 * 7)]
+
+
+class XenEvtchn(ctypes.Structure):          # struct kvm_irq_routing_xen_evtchn
+    _fields_ = [("port", ctypes.c_uint32), ("vcpu", ctypes.c_uint32),
+                ("priority", ctypes.c_uint32)]
+
+
 class MsrsHeader(ctypes.Structure):
     _fields_ = [("nmsrs", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
@@ -72,6 +91,16 @@ CREATE_VCPU = _io(0x41)
 SET_USER_MEMORY_REGION = _iow(0x46, UserspaceMemoryRegion)
 SET_TSS_ADDR = _io(0x47)
 RUN = _io(0x80)
+CHECK_EXTENSION = _io(0x03)
+XEN_HVM_CONFIG = _iow(0x7A, XenHvmConfig)
+XEN_HVM_SET_ATTR = _iow(0xC9, XenAttr)
+XEN_VCPU_SET_ATTR = _iow(0xCB, XenAttr)
+XEN_HVM_EVTCHN_SEND = _iow(0xD0, XenEvtchn)
+CAP_XEN_HVM = 38
+XEN_HVM_CONFIG_EVTCHN_SEND = 1 << 5
+XEN_ATTR_TYPE_SHARED_INFO = 1
+XEN_VCPU_ATTR_TYPE_VCPU_INFO = 0
+XEN_EVTCHN_PRIO_2LEVEL = 0xFFFFFFFF
 SET_REGS = _iow(0x82, Regs)
 GET_SREGS = _ior(0x83, Sregs)
 SET_SREGS = _iow(0x84, Sregs)

@@ -19,6 +19,10 @@ from . import kvmapi as k
 
 CODE_GPA = 0x1000
 PVCLOCK_GPA = 0x2000
+XEN_SHINFO_GPA = 0x3000           # Xen shared_info page (evtchn_pending at +2048)
+XEN_VCPU_INFO_GPA = 0x4000        # one 64-byte vcpu_info per vCPU
+XEN_PENDING_OFF = 2048
+XEN_PORT = 3
 MAIN_SLOT_SIZE = 0x10000          # 64 KiB at GPA 0: code and the pvclock page
 SPARE_GPA = 0x80000               # real mode reaches it as DS=0x8000
 SPARE_SIZE = 0x10000              # 16 pages, one touched per loop
@@ -44,6 +48,8 @@ class WorkloadConfig:
     churn_threads: int = 2
     churn_rate: float = 0.0        # ops/s per churn thread, 0 = as fast as possible
     kvmclock: bool = False         # guest writes MSR_KVM_SYSTEM_TIME_NEW every loop
+    xen: bool = False              # KVM_XEN_HVM_EVTCHN_SEND in a loop (kvm_xen_set_evtchn_fast)
+    xen_slow_every: int = 0        # drop the shared_info page every N sends: forces fallback
 
 
 @dataclass
@@ -57,6 +63,8 @@ class WorkDone:
     mmio_exits: list = field(default_factory=list)
     msr_writes: int = 0
     churn_ops: int = 0                                  # memslot create + delete ioctls
+    xen_sends: int = 0                                  # KVM_XEN_HVM_EVTCHN_SEND ioctls
+    xen_forced_slow: int = 0                            # shared_info pages dropped
     config: dict = field(default_factory=dict)
     interrupted: bool = False                           # stopped early by a signal
 
@@ -136,12 +144,53 @@ class Workload:
         # Slot 1 backs what the vCPUs read; further churn threads churn slots of
         # their own, so that they also contend with each other on kvm->slots_lock.
         k.set_memslot(self.vm_fd, 1, SPARE_GPA, SPARE_SIZE, self.spare[0][1])
+        if config.xen:
+            self._xen_config()
         run_size = k.ioctl(self.kvm_fd, k.GET_VCPU_MMAP_SIZE)
         self.vcpus = [_Vcpu(self.vm_fd, i, run_size, config.kvmclock)
                       for i in range(config.vcpus)]
+        if config.xen:
+            for i, v in enumerate(self.vcpus):
+                k.ioctl(v.fd, k.XEN_VCPU_SET_ATTR,
+                        k.XenAttr(type=k.XEN_VCPU_ATTR_TYPE_VCPU_INFO,
+                                  u64=XEN_VCPU_INFO_GPA + 64 * i))
+        self.xen_sends = self.xen_forced_slow = 0
         self.churn_ops = 0
         self.errors = []
         self._lock = threading.Lock()
+
+    def _xen_config(self):
+        caps = k.ioctl(self.kvm_fd, k.CHECK_EXTENSION, k.CAP_XEN_HVM)
+        if not caps & k.XEN_HVM_CONFIG_EVTCHN_SEND:
+            raise k.KvmError("this kernel's KVM has no Xen event channels "
+                             "(CONFIG_KVM_XEN=n or too old): run --xen in a Xen-capable "
+                             "lab kernel")
+        k.ioctl(self.vm_fd, k.XEN_HVM_CONFIG,
+                k.XenHvmConfig(flags=k.XEN_HVM_CONFIG_EVTCHN_SEND))
+        k.ioctl(self.vm_fd, k.XEN_HVM_SET_ATTR,
+                k.XenAttr(type=k.XEN_ATTR_TYPE_SHARED_INFO, u64=XEN_SHINFO_GPA >> 12))
+
+    def _xen_sender(self, stop):
+        """Send on one port to vCPU 0, clearing its pending bit each time so that
+        the fast path delivers; every xen_slow_every sends, drop the shared_info
+        page from our mapping: the gfn_to_pfn_cache is invalidated and the next
+        send falls back to the slow path."""
+        _name_thread("klp-xen")
+        ev = k.XenEvtchn(port=XEN_PORT, vcpu=0, priority=k.XEN_EVTCHN_PRIO_2LEVEL)
+        pending = XEN_SHINFO_GPA + XEN_PENDING_OFF
+        sends = slow = 0
+        try:
+            while not stop.is_set():
+                self.main_mem[pending:pending + 8] = bytes(8)
+                k.ioctl(self.vm_fd, k.XEN_HVM_EVTCHN_SEND, ev)
+                sends += 1
+                if self.config.xen_slow_every and sends % self.config.xen_slow_every == 0:
+                    self.main_mem.madvise(mmap.MADV_DONTNEED, XEN_SHINFO_GPA, 4096)
+                    slow += 1
+        except Exception as e:
+            self.errors.append(e)
+            stop.set()
+        self.xen_sends, self.xen_forced_slow = sends, slow
 
     def _churn(self, index, stop):
         _name_thread(f"klp-churn{index}")
@@ -177,6 +226,8 @@ class Workload:
         if cfg.churn:
             threads += [threading.Thread(target=self._churn, args=(i, stop), name=f"churn{i}",
                                          daemon=True) for i in range(cfg.churn_threads)]
+        if cfg.xen:
+            threads.append(threading.Thread(target=self._xen_sender, args=(stop,), daemon=True))
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -198,7 +249,9 @@ class Workload:
             exits=[v.exits for v in self.vcpus], io_exits=[v.io for v in self.vcpus],
             mmio_exits=[v.mmio for v in self.vcpus],
             msr_writes=sum(v.io for v in self.vcpus) if cfg.kvmclock else 0,
-            churn_ops=self.churn_ops, config=dict(cfg.__dict__), interrupted=interrupted)
+            churn_ops=self.churn_ops, xen_sends=self.xen_sends,
+            xen_forced_slow=self.xen_forced_slow, config=dict(cfg.__dict__),
+            interrupted=interrupted)
 
     def close(self):
         for v in self.vcpus:
