@@ -91,10 +91,10 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
                        warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
         m = rec.run()
-    except (RecordingError, BpfUnavailable) as e:
+    except (RecordingError, BpfUnavailable, RuntimeError) as e:
         fail(str(e))
-    except RuntimeError as e:
-        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted before anything was recorded", 130)
     if not quiet:
         if sys.stderr.isatty():
             click.echo("", err=True)
