@@ -7,3 +7,5 @@
 __version__ = "0.1.0"
 
 from .recording import Recording, RecordingError, load  # noqa: E402,F401
+
+__all__ = ["Recording", "RecordingError", "load", "__version__"]

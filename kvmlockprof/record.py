@@ -15,6 +15,7 @@ from .bpfload import BpfUnavailable
 from .ksyms import Kallsyms
 from .probes.contention import LOSSES, ContentionProbe
 from .probes.functions import FunctionProbes
+from . import recording
 from .recording import Writer, check_output, to_arrow
 from .stacks import new_stack_ids, stack_ids_in, stacks_table
 
@@ -153,7 +154,7 @@ class Recorder:
     # --- pieces ----------------------------------------------------------------------
 
     def _manifest_head(self):
-        return {"format": "kvmlockprof-recording", "version": 1,
+        return {"format": recording.FORMAT, "version": recording.VERSION,
                 "kvmlockprof_version": __version__,
                 "kernel_release": host.kernel_release(), "host": host.hostname(),
                 "machine": os.uname().machine, "command_line": sys.argv,

@@ -28,8 +28,6 @@ def test_top_by_lock_exact_percentiles(tmp_path):
 
 
 def test_percentiles_fall_back_to_histogram_bounds(tmp_path):
-    from kvmlockprof.recording import Writer, to_arrow
-    from tests_support import aggregates_of
     path = small_recording(tmp_path / "r.parquet")
     rec = kvmlockprof.load(path)
     # Drop one sample: the row is no longer complete, so p50/p99 come from the hist.

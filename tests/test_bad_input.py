@@ -1,5 +1,4 @@
 """Bad input gets one line that says what to do, a non-zero exit, nothing lost."""
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
