@@ -181,3 +181,63 @@ def totals(rec):
             "waits_paired": c.get("end", 0) - c.get("end_without_begin", 0),
             "samples": m.get("samples", len(rec.samples)),
             "losses": m.get("losses", {})}
+
+
+def timeline(rec, bin_ms=100, by="lock", top_n=5):
+    """Contention over time: waits and wait time per `bin_ms` bin (from the samples),
+    for the `top_n` heaviest groups of `by`; one row per (bin, group)."""
+    aggs, samples = annotate(rec)
+    if samples.empty:
+        return pd.DataFrame(columns=["t_s", by, "waits", "wait_ns"])
+    key = {"lock": "lock", "caller": "caller", "task": "tgid"}[by]
+    top_keys = samples.groupby(key)["wait_ns"].sum().nlargest(top_n).index
+    s = samples[samples[key].isin(top_keys)]
+    t0 = rec.manifest.get("start_monotonic_ns", int(samples["ts_ns"].min()))
+    bins = ((s["ts_ns"].astype("int64") - t0) // (bin_ms * 1_000_000)).rename("bin")
+    out = s.groupby([bins, s[key]])["wait_ns"].agg(waits="size", wait_ns="sum").reset_index()
+    out["t_s"] = out["bin"] * bin_ms / 1000
+    return out[["t_s", key, "waits", "wait_ns"]].rename(columns={key: by})
+
+
+def wait_histogram(rec, by="lock", top_n=5):
+    """Wait-time distribution per group from the in-kernel log2 histograms:
+    one row per (group, bucket), bucket = [lo_ns, hi_ns)."""
+    aggs, _ = annotate(rec)
+    if aggs.empty:
+        return pd.DataFrame(columns=[by, "lo_ns", "hi_ns", "count"])
+    key = {"lock": "lock", "caller": "caller", "task": "tgid"}[by]
+    heavy = aggs.groupby(key)["total_ns"].sum().nlargest(top_n).index
+    rows = []
+    for k, part in aggs[aggs[key].isin(heavy)].groupby(key):
+        h = np.sum(np.stack(part["hist"].to_numpy()), axis=0)
+        for slot in np.flatnonzero(h):
+            rows.append({by: k, "lo_ns": 2 ** int(slot), "hi_ns": 2 ** (int(slot) + 1),
+                         "count": int(h[slot])})
+    return pd.DataFrame(rows)
+
+
+def per_thread(rec):
+    """Contention per process and thread (vCPU threads are named klp-vcpuN by the
+    built-in workload; QEMU names them "CPU N/KVM"): waits and wait time."""
+    _, samples = annotate(rec)
+    if samples.empty:
+        return pd.DataFrame(columns=["tgid", "tid", "comm", "waits", "wait_ns", "kvm_waits"])
+    g = samples.groupby(["tgid", "tid", "comm"], observed=True)
+    out = pd.DataFrame({"waits": g.size(), "wait_ns": g["wait_ns"].sum(),
+                        "kvm_waits": g["kvm"].sum()}).reset_index()
+    return out.sort_values("wait_ns", ascending=False, ignore_index=True)
+
+
+def rates(rec, by="lock", limit=None):
+    """`top()` plus rates: waits and wait time per second of recording and, when the
+    recording knows the built-in workload's work, per vCPU exit and per memslot op."""
+    df = top(rec, by=by, limit=limit)
+    dur = rec.manifest.get("duration_s") or np.nan
+    df["waits_per_s"] = df["contended"] / dur
+    df["wait_ns_per_s"] = df["total_ns"] / dur
+    work = rec.manifest.get("work") or {}
+    for unit, n in (("exit", work.get("exits_total")), ("memslot_op", work.get("churn_ops"))):
+        if n:
+            df[f"waits_per_{unit}"] = df["contended"] / n
+            df[f"wait_ns_per_{unit}"] = df["total_ns"] / n
+    return df

@@ -65,3 +65,25 @@ def test_to_arrow_keeps_layout():
     t = to_arrow(events([(1, 2, 3, 4, 5)]))
     assert t.column("comm").to_pylist() == ["vcpu"]
     assert t.column("wait_ns").to_pylist() == [1]
+
+
+def test_timeline_bins_and_histogram(tmp_path):
+    rec = kvmlockprof.load(small_recording(tmp_path / "r.parquet"))
+    rec.manifest["start_monotonic_ns"] = 0
+    tl = analysis.timeline(rec, bin_ms=0.002)            # 2 us bins: samples are 1 us apart
+    assert tl["waits"].sum() == 6
+    assert tl.groupby("lock")["wait_ns"].sum().to_dict() == {"0x1000": 5400, "0x2000": 210}
+    h = analysis.wait_histogram(rec)
+    one = h[h["lock"] == "0x1000"].set_index("lo_ns")["count"].to_dict()
+    assert one == {64: 1, 256: 1, 4096: 1}               # 100, 300, 5000 ns
+
+
+def test_rates_per_unit_of_work(tmp_path):
+    rec = kvmlockprof.load(small_recording(tmp_path / "r.parquet"))
+    rec.manifest["work"] = {"exits_total": 300, "churn_ops": 3}
+    r = analysis.rates(rec).set_index("lock")
+    assert r.loc["0x1000", "waits_per_s"] == 3.0          # duration 1 s
+    assert r.loc["0x1000", "waits_per_exit"] == 0.01
+    assert r.loc["0x1000", "wait_ns_per_memslot_op"] == 1800.0
+    t = analysis.per_thread(rec)
+    assert set(t["tgid"]) == {7, 8} and t["waits"].sum() == 6

@@ -163,3 +163,15 @@ def test_manifest_says_how_or_why_not_for_every_probe(churn_recording):
     text = klp("report", rec.path).stdout
     for name, st in probes.items():
         assert f"probe {name}: {st['status']}" in text
+
+
+def test_live_breakdowns(churn_recording):
+    """Per-thread, timeline and per-unit-of-work views of a real recording."""
+    rec, _, _ = churn_recording
+    threads = analysis.per_thread(rec)
+    assert threads["comm"].str.startswith("klp-").any()          # the workload's threads
+    assert set(threads["tgid"]) == {rec.manifest["command_pid"]}
+    tl = analysis.timeline(rec, bin_ms=100)
+    assert tl["t_s"].max() >= 2.0 and (tl["waits"] > 0).all()     # spans the run
+    r = analysis.rates(rec)
+    assert (r["waits_per_exit"] > 0).all() and (r["waits_per_memslot_op"] > 0).all()
