@@ -58,8 +58,9 @@ demo: setup
 	$(KLP) record --duration $(DEMO_S) -o demo.parquet --force -- \
 	  $(KLP) workload --duration $(DEMO_S) --vcpus 2 --churn
 	$(KLP) report demo.parquet --limit 15
-	$(KLP) report demo.parquet --limit 50 --stacks -o demo-report.txt --force
-	@echo "report written to demo-report.txt (recording: demo.parquet)"
+	$(KLP) report demo.parquet --limit 50 --stacks -o demo-report.txt \
+	  --html demo-report.html --force
+	@echo "reports written to demo-report.txt and demo-report.html (recording: demo.parquet)"
 
 test: setup
 	$(PY) -m pytest -ra -m "not lab"
@@ -76,4 +77,4 @@ lab-test: setup $(LAB_STAMP)
 	$(PY) -m pytest -ra -m lab -s
 
 clean:
-	rm -rf $(VENV) demo.parquet demo-report.txt .pytest_cache
+	rm -rf $(VENV) demo.parquet demo-report.txt demo-report.html .pytest_cache

@@ -20,6 +20,7 @@ Examples:
   kvmlockprof report kvmlockprof.parquet
   kvmlockprof report vm.parquet --by caller --sort max --limit 10 --stacks
   kvmlockprof report vm.parquet --format csv -o top.csv
+  kvmlockprof report vm.parquet --html vm.html
 """
 EPILOG_WORKLOAD = """\b
 Examples:
@@ -127,13 +128,16 @@ def _progress(m):
 @click.option("-F", "--format", "fmt", type=click.Choice(["text", "csv", "json"]),
               default="text", show_default=True)
 @click.option("-o", "--output", help="Write the report to this file instead of stdout.")
-@click.option("-f", "--force", is_flag=True, help="Overwrite --output if it exists.")
-def report(recording, by, sort, limit, pids, stacks, fmt, output, force):
+@click.option("--html", "html_out", metavar="FILE",
+              help="Also write a self-contained HTML report (plots; opens offline).")
+@click.option("-f", "--force", is_flag=True, help="Overwrite --output/--html if they exist.")
+def report(recording, by, sort, limit, pids, stacks, fmt, output, html_out, force):
     """Contention report of a recording, like `perf lock contention`."""
     from . import report as rpt
     from .recording import RecordingError, load
-    if output and os.path.exists(output) and not force:
-        fail(f"{output} exists: use --force to overwrite it")
+    for path in (output, html_out):
+        if path and os.path.exists(path) and not force:
+            fail(f"{path} exists: use --force to overwrite it")
     try:
         rec = load(recording)
         text = rpt.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
@@ -143,13 +147,20 @@ def report(recording, by, sort, limit, pids, stacks, fmt, output, force):
     if rec.interrupted:
         click.echo(f"kvmlockprof: warning: {recording} was not finished; reading the "
                    f"interrupted recording at {rec.path}", err=True)
+    if html_out:
+        from . import html
+        _write_atomic(html_out, html.render(rec, limit=limit))
     if output:
-        tmp = f"{output}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, output)
+        _write_atomic(output, text)
     else:
         click.echo(text, nl=False)
+
+
+def _write_atomic(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 @main.command()

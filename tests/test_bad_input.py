@@ -1,5 +1,7 @@
 """Bad input gets one line that says what to do, a non-zero exit, nothing lost."""
 
+import re
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -74,3 +76,13 @@ def test_loads_without_root_api(recording):
     rec = kvmlockprof.load(recording)
     assert set(rec.table_names) >= {"contention", "aggregates", "stacks"}
     assert len(rec.samples) == 6
+
+
+def test_html_report_is_self_contained(recording, tmp_path):
+    out = tmp_path / "r.html"
+    klp("report", recording, "--html", out)
+    page = out.read_text()
+    assert "<h2>Top locks</h2>" in page and "Wait-time histogram" in page
+    assert "Plotly.newPlot" in page and len(page) > 1_000_000      # plotly.js inline
+    assert not re.findall(r"<script[^>]*\bsrc=", page)               # nothing fetched
+    assert "--force" in one_line_error(klp("report", recording, "--html", out, check=False))
