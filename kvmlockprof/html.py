@@ -26,9 +26,12 @@ def render(rec, limit=20):
     figs = []
     hist = analysis.wait_histogram(rec, top_n=8)
     if not hist.empty:
+        hist = hist.sort_values("lo_ns")
+        hist["bucket"] = [f">={report.fmt_ns(v)}" for v in hist["lo_ns"]]
         figs.append(("Wait-time histogram (log2 buckets, in-kernel)",
-                     px.bar(hist, x="lo_ns", y="count", color="lock", log_x=True,
-                            labels={"lo_ns": "wait (ns, bucket start)"})))
+                     px.bar(hist, x="bucket", y="count", color="lock", barmode="group",
+                            category_orders={"bucket": list(dict.fromkeys(hist["bucket"]))},
+                            labels={"bucket": "wait (log2 bucket)"})))
     tl = analysis.timeline(rec, bin_ms=100, top_n=8)
     if not tl.empty:
         figs.append(("Contention over time (100 ms bins, top locks)",
@@ -36,8 +39,10 @@ def render(rec, limit=20):
                              labels={"t_s": "time (s)", "wait_ns": "wait per bin (ns)"})))
     th = analysis.per_thread(rec).head(limit)
     if not th.empty:
-        figs.append(("Wait time per thread", px.bar(th, x="comm", y="wait_ns", color="tgid",
-                                                    hover_data=["tid", "waits"])))
+        th = th.assign(thread=th["comm"].astype(str) + " (" + th["tid"].astype(str) + ")",
+                       process=th["tgid"].astype(str))
+        figs.append(("Wait time per thread", px.bar(th, x="thread", y="wait_ns",
+                                                    color="process", hover_data=["waits"])))
     for i, (title, fig) in enumerate(figs):
         parts.append(f"<h2>{html.escape(title)}</h2>{_fig_html(fig, i == 0)}")
     for title, fn in report.PROBE_SECTIONS:
