@@ -77,7 +77,10 @@ def _fentry_check(symbol):
     return Check("fentry load (trial)", False, err)
 
 
-def probe_host():
+def probe_host(full=True):
+    """Try what this host allows. `full=False` (record) skips the trials the
+    contention probe's own load repeats anyway: it only needs the attach methods
+    and symbols for the function probes' plans."""
     caps = Capabilities()
     add = lambda c: caps.checks.__setitem__(c.name, c)  # noqa: E731
 
@@ -103,6 +106,17 @@ def probe_host():
                   "fentry load (trial)"):
             add(Check(n, False, "not tried: no privileges"))
         return caps
+    if full:
+        _probe_tracing(add)
+    target = next((s for s in ("kvm_vm_ioctl", "vfs_read") if s in caps.symbols), "vfs_read")
+    add(_kprobe_check(target))
+    # fentry through bcc reaches vmlinux functions only: try one of those
+    add(_fentry_check(next((s for s in ("vfs_read", "ksys_read") if caps.symbols.get(s) == ""),
+                           "vfs_read")))
+    return caps
+
+
+def _probe_tracing(add):
     err = _trial("int f(void *ctx) { return 0; }",
                  lambda b: b.load_func("f", bpfload.import_bcc().BPF.KPROBE))
     add(Check("BPF syscall", not err, "programs load and pass the verifier" if not err else err))
@@ -117,12 +131,6 @@ def probe_host():
     kvm_events = host.tracepoint_events("kvm")
     add(Check("tracepoints kvm:*", bool(kvm_events),
               f"{len(kvm_events)} events" if kvm_events else "kvm module not loaded"))
-    target = next((s for s in ("kvm_vm_ioctl", "vfs_read") if s in caps.symbols), "vfs_read")
-    add(_kprobe_check(target))
-    # fentry through bcc reaches vmlinux functions only: try one of those
-    add(_fentry_check(next((s for s in ("vfs_read", "ksys_read") if caps.symbols.get(s) == ""),
-                           "vfs_read")))
-    return caps
 
 
 @dataclass

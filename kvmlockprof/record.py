@@ -64,7 +64,7 @@ class Recorder:
         function_probes = [p for p in wanted if p.name != "contention"]
         if not function_probes:
             return {}
-        caps = capabilities.probe_host()
+        caps = capabilities.probe_host(full=False)
         plans = {}
         for p in catalog.CATALOG:
             if p.name == "contention":
