@@ -21,6 +21,8 @@ LOCK_TYPES = {
 KVM_FRAME = re.compile(r"^(__)?(kvm|vcpu|vmx|svm|pvm|tdp_mmu|x86_emulate|mmu_(?!notifier))"
                        r"|\[kvm(_\w+)?\]")
 
+# The column a `by` grouping names a row with (top() also splits locks by type).
+GROUP_COLUMN = {"lock": "lock", "caller": "caller", "task": "tgid"}
 SORT_KEYS = {"contended": "contended", "total": "total_ns", "max": "max_ns", "avg": "avg_ns",
              "min": "min_ns", "p50": "p50_ns", "p99": "p99_ns"}
 GROUPS = ("lock", "caller", "task")
@@ -70,9 +72,19 @@ def stacks_of(rec, source="contention"):
     return st
 
 
+def contention_stacks(rec):
+    """stack_info() of the contention stacks, computed once per recording."""
+    return rec.derived("contention_stacks", lambda: stack_info(stacks_of(rec)))
+
+
 def annotate(rec):
-    """(aggregates, samples) with type, caller, kvm and lock name columns added."""
-    info = stack_info(stacks_of(rec))
+    """(aggregates, samples) with type, caller, kvm and lock name columns added
+    (computed once per recording; treat them as read-only)."""
+    return rec.derived("annotated", lambda: _annotate(rec))
+
+
+def _annotate(rec):
+    info = contention_stacks(rec)
     names = rec.manifest.get("lock_symbols", {})
     aggs = rec.aggregates
     samples = rec.samples
@@ -168,7 +180,7 @@ def top_stacks(rec, row, by="lock", n=1):
     keys = _group_keys(by)
     sel = np.logical_and.reduce([aggs[k] == row[k] for k in keys])
     part = aggs[sel].groupby("stack_id")["total_ns"].sum().sort_values(ascending=False)
-    info = stack_info(stacks_of(rec))
+    info = contention_stacks(rec)
     return [(int(sid), list(info["frames"].get(sid, []))) for sid in part.index[:n]
             if sid in info.index]
 
@@ -189,7 +201,7 @@ def timeline(rec, bin_ms=100, by="lock", top_n=5):
     aggs, samples = annotate(rec)
     if samples.empty:
         return pd.DataFrame(columns=["t_s", by, "waits", "wait_ns"])
-    key = {"lock": "lock", "caller": "caller", "task": "tgid"}[by]
+    key = GROUP_COLUMN[by]
     top_keys = samples.groupby(key)["wait_ns"].sum().nlargest(top_n).index
     s = samples[samples[key].isin(top_keys)]
     t0 = rec.manifest.get("start_monotonic_ns", int(samples["ts_ns"].min()))
@@ -205,7 +217,7 @@ def wait_histogram(rec, by="lock", top_n=5):
     aggs, _ = annotate(rec)
     if aggs.empty:
         return pd.DataFrame(columns=[by, "lo_ns", "hi_ns", "count"])
-    key = {"lock": "lock", "caller": "caller", "task": "tgid"}[by]
+    key = GROUP_COLUMN[by]
     heavy = aggs.groupby(key)["total_ns"].sum().nlargest(top_n).index
     rows = []
     for k, part in aggs[aggs[key].isin(heavy)].groupby(key):

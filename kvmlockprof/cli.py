@@ -75,22 +75,20 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
     from .recording import RecordingError
     from . import host
     names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
-    if names is not None:
-        try:
-            from .catalog import select
-            select(names)
-        except UnknownProbe as e:
-            fail(str(e))
-    if not host.can_bpf():
-        fail("record needs root (or CAP_BPF+CAP_PERFMON): run it with sudo")
-    if not duration and not command:
-        click.echo("recording until Ctrl-C (use --duration to stop by itself)", err=True)
     try:
+        # checks the probe names and the output file: both need no privileges
         rec = Recorder(output, duration=duration, pids=pids, command=command,
                        system_wide=system_wide, sample_every=sample_every, force=force,
                        ringbuf_mb=ringbuf_mb, probes=names, prefer=prefer,
                        warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
+    except (UnknownProbe, RecordingError) as e:
+        fail(str(e))
+    if not host.can_bpf():
+        fail("record needs root (or CAP_BPF+CAP_PERFMON): run it with sudo")
+    if not duration and not command:
+        click.echo("recording until Ctrl-C (use --duration to stop by itself)", err=True)
+    try:
         m = rec.run()
     except (RecordingError, BpfUnavailable, RuntimeError) as e:
         fail(str(e))

@@ -190,6 +190,14 @@ class Recording:
         self._cache = {}
         self.interrupted = interrupted
 
+    def derived(self, key, compute):
+        """compute(), once per recording: analyses built on the tables (annotated
+        copies, symbolised stacks) are shared by every view of one report."""
+        key = ("derived", key)
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
     @property
     def table_names(self):
         return list(self._tables)
