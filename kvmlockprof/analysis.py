@@ -24,7 +24,8 @@ KVM_FRAME = re.compile(r"^(__)?(kvm|vcpu|vmx|svm|pvm|tdp_mmu|x86_emulate|mmu_(?!
 # The column a `by` grouping names a row with (top() also splits locks by type).
 GROUP_COLUMN = {"lock": "lock", "caller": "caller", "task": "tgid"}
 SORT_KEYS = {"contended": "contended", "total": "total_ns", "max": "max_ns", "avg": "avg_ns",
-             "min": "min_ns", "p50": "p50_ns", "p99": "p99_ns"}
+             "min": "min_ns", "p50": "p50_ns", "p90": "p90_ns", "p99": "p99_ns"}
+QUANTILES = {"p50_ns": 0.50, "p90_ns": 0.90, "p99_ns": 0.99}
 GROUPS = ("lock", "caller", "task")
 
 
@@ -119,8 +120,8 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
     a row are complete, else the upper bound of a log2 bucket (`pct_exact` False)."""
     aggs, samples = annotate(rec)
     keys = _group_keys(by)
-    cols = ["contended", "total_ns", "max_ns", "min_ns", "avg_ns", "p50_ns", "p99_ns",
-            "pct_exact", "type", "lock", "caller", "tgid", "comm", "kvm"]
+    cols = ["contended", "total_ns", "max_ns", "min_ns", "avg_ns", "p50_ns", "p90_ns",
+            "p99_ns", "pct_exact", "type", "lock", "caller", "tgid", "comm", "vm", "kvm"]
     if aggs.empty:
         return pd.DataFrame(columns=cols)
     if pids:
@@ -138,6 +139,7 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
     out = out.reset_index()
     out["avg_ns"] = out["total_ns"] / out["contended"]
     out["comm"] = out["tgid"].map(comm).fillna("?")
+    out["vm"] = out["tgid"].map(_vm_labels(rec)).fillna(out["comm"])
     out = _percentiles(out, keys, samples, g["hist"])
     if sort not in SORT_KEYS:
         raise ValueError(f"--sort must be one of {', '.join(SORT_KEYS)}")
@@ -148,23 +150,21 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
 
 
 def _percentiles(out, keys, samples, hists):
-    """p50/p99 per row: numpy's (linear) over the row's samples when every wait of
-    the row was sampled, else the bound of the log2 bucket holding it."""
+    """p50/p90/p99 per row: numpy's (linear) over the row's samples when every
+    wait of the row was sampled, else the bound of the log2 bucket holding it."""
     if not samples.empty:
         w = samples.groupby(keys)["wait_ns"]
-        exact = pd.DataFrame({"n": w.size(), "p50_ns": w.quantile(0.50),
-                              "p99_ns": w.quantile(0.99)}).reset_index()
-        out = out.merge(exact, on=keys, how="left")
+        exact = pd.DataFrame({"n": w.size(), **{c: w.quantile(q) for c, q in QUANTILES.items()}})
+        out = out.merge(exact.reset_index(), on=keys, how="left")
     else:
-        out = out.assign(n=np.nan, p50_ns=np.nan, p99_ns=np.nan)
+        out = out.assign(n=np.nan, **{c: np.nan for c in QUANTILES})
     out["pct_exact"] = out["n"] == out["contended"]
     summed = hists.apply(lambda h: np.sum(np.stack(h.to_numpy()), axis=0))
-    approx = out.index[~out["pct_exact"]]
-    for i in approx:
+    for i in out.index[~out["pct_exact"]]:
         key = tuple(out.loc[i, k] for k in keys)
         h = summed.loc[key if len(keys) > 1 else key[0]]
-        out.loc[i, "p50_ns"] = hist_quantile(h, 0.50)
-        out.loc[i, "p99_ns"] = hist_quantile(h, 0.99)
+        for c, q in QUANTILES.items():
+            out.loc[i, c] = hist_quantile(h, q)
     return out.drop(columns="n")
 
 
@@ -228,16 +228,59 @@ def wait_histogram(rec, by="lock", top_n=5):
     return pd.DataFrame(rows)
 
 
+def processes(rec):
+    """One row per process the recording saw: tgid, comm, the VM name from its
+    command line (QEMU's -name) if any, and `vm`: that name, else the comm."""
+    known = rec.manifest.get("processes", {})
+    _, samples = annotate(rec)
+    comm = _comm_by_tgid(samples)
+    tgids = set(int(t) for t in known) | set(comm)
+    rows = []
+    for t in sorted(tgids):
+        info = known.get(str(t), {})
+        c = info.get("comm") or comm.get(t, "?")
+        rows.append({"tgid": t, "comm": c, "vm_name": info.get("vm_name"),
+                     "vm": info.get("vm_name") or c, "cmdline": info.get("cmdline", "")})
+    return pd.DataFrame(rows, columns=["tgid", "comm", "vm_name", "vm", "cmdline"])
+
+
+def _vm_labels(rec):
+    p = processes(rec)
+    return dict(zip(p["tgid"], p["vm"]))
+
+
+def per_vm(rec):
+    """Contention per process (VM): waits and wait time from the in-kernel
+    aggregates (complete), how much of it went through KVM, threads that waited."""
+    aggs, samples = annotate(rec)
+    cols = ["tgid", "vm", "waits", "wait_ns", "kvm_waits", "kvm_wait_ns", "threads"]
+    if aggs.empty:
+        return pd.DataFrame(columns=cols)
+    kvm = aggs[aggs["kvm"]]
+    g = aggs.groupby("tgid")
+    out = pd.DataFrame({"waits": g["count"].sum(), "wait_ns": g["total_ns"].sum(),
+                        "kvm_waits": kvm.groupby("tgid")["count"].sum(),
+                        "kvm_wait_ns": kvm.groupby("tgid")["total_ns"].sum()})
+    out = out.fillna(0).astype("int64")
+    out["threads"] = samples.groupby("tgid")["tid"].nunique() if not samples.empty else 0
+    out = out.reset_index()
+    out["threads"] = out["threads"].fillna(0).astype(int)
+    out["vm"] = out["tgid"].map(_vm_labels(rec)).fillna("?")
+    return out[cols].sort_values("wait_ns", ascending=False, ignore_index=True)
+
+
 def per_thread(rec):
     """Contention per process and thread (vCPU threads are named klp-vcpuN by the
     built-in workload; QEMU names them "CPU N/KVM"): waits and wait time."""
     _, samples = annotate(rec)
+    cols = ["tgid", "vm", "tid", "comm", "waits", "wait_ns", "kvm_waits"]
     if samples.empty:
-        return pd.DataFrame(columns=["tgid", "tid", "comm", "waits", "wait_ns", "kvm_waits"])
+        return pd.DataFrame(columns=cols)
     g = samples.groupby(["tgid", "tid", "comm"], observed=True)
     out = pd.DataFrame({"waits": g.size(), "wait_ns": g["wait_ns"].sum(),
                         "kvm_waits": g["kvm"].sum()}).reset_index()
-    return out.sort_values("wait_ns", ascending=False, ignore_index=True)
+    out["vm"] = out["tgid"].map(_vm_labels(rec)).fillna("?")
+    return out[cols].sort_values("wait_ns", ascending=False, ignore_index=True)
 
 
 def rates(rec, by="lock", limit=None):

@@ -1,6 +1,7 @@
 """The `kvmlockprof` command line."""
 import json
 import os
+import shutil
 import signal
 import sys
 
@@ -107,10 +108,16 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
 
 
 def _progress(m):
+    """One line, rewritten in place each flush (only on a terminal)."""
+    from .report import fmt_ns
     c = m.get("counters", {})
     lost = sum(m.get("losses", {}).values())
-    click.echo(f"\r{m['duration_s']:7.1f} s  {c.get('end', 0):>10} waits  "
-               f"{m.get('samples', 0):>10} samples  {lost:>8} lost", nl=False, err=True)
+    top = m.get("top_lock")
+    head = f"top {top['lock']} ({fmt_ns(top['total_ns'])} waited)" if top else ""
+    line = (f"{m['duration_s']:6.1f} s  {c.get('end', 0)} waits  "
+            f"{m.get('samples', 0)} samples  {lost} lost  {head}")
+    width = shutil.get_terminal_size((100, 20)).columns - 1
+    click.echo(f"\r\x1b[K{line[:width]}", nl=False, err=True)
 
 
 @main.command(epilog=EPILOG_REPORT)
@@ -118,7 +125,7 @@ def _progress(m):
 @click.option("--by", type=click.Choice(["lock", "caller", "task"]), default="lock",
               show_default=True, help="Group rows by lock, caller or task.")
 @click.option("-s", "--sort", type=click.Choice(["contended", "total", "max", "avg", "min",
-                                                  "p50", "p99"]),
+                                                  "p50", "p90", "p99"]),
               default="total", show_default=True)
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("-p", "--pid", "pids", type=int, multiple=True, help="Only these processes.")
@@ -252,9 +259,10 @@ def lab(kernel, cpus, memory, command):
 @click.option("--xen-slow-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --xen: drop the shared_info page every N sends, forcing the "
                    "slow path.")
+@click.option("--name", help="A VM name, given like QEMU's -name: reports name the VM by it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the work done as JSON.")
 def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, xen_slow_every,
-             as_json):
+             name, as_json):
     """Built-in KVM workload: a tiny VMM over /dev/kvm (no QEMU)."""
     from .record import WORK_ENV
     from .workload import KvmError, run

@@ -1,56 +1,69 @@
 """`report --html`: one self-contained page (plotly.js embedded, opens offline)."""
 import html
 
-import plotly.express as px
 import plotly.io as pio
 
-from . import analysis, probe_analysis, report
+from . import analysis, plots, report
 
-
-def _fig_html(fig, first):
-    # plotly.js goes into the page once, inline: no CDN, works offline
-    return pio.to_html(fig, full_html=False, include_plotlyjs=True if first else False)
+STYLE = ("body{font-family:sans-serif;margin:2em} table.t{border-collapse:collapse;"
+         "font-size:12px} table.t td,table.t th{padding:2px 8px;border-bottom:1px solid #ddd}")
+NS_COLUMNS = ("total_ns", "max_ns", "min_ns", "avg_ns", "mean_ns", "p50_ns", "p90_ns", "p99_ns",
+              "wait_ns", "kvm_wait_ns", "p50_ns_bound", "p99_ns_bound")
 
 
 def _table(df):
-    return df.to_html(index=False, border=0, classes="t", escape=True) if not df.empty else \
-        "<p>(none)</p>"
+    if df is None or df.empty:
+        return "<p>(none)</p>"
+    df = df.assign(**{c: df[c].map(report.fmt_ns) for c in NS_COLUMNS if c in df.columns})
+    return df.to_html(index=False, border=0, classes="t", escape=True)
+
+
+class _Page:
+    def __init__(self):
+        self.parts, self.js_included = [], False
+
+    def h2(self, title):
+        self.parts.append(f"<h2>{html.escape(title)}</h2>")
+
+    def raw(self, text):
+        self.parts.append(text)
+
+    def fig(self, fig):
+        if fig is None:
+            self.raw("<p>(no data)</p>")
+            return
+        # plotly.js goes into the page once, inline: no CDN, works offline
+        self.raw(pio.to_html(fig, full_html=False, include_plotlyjs=not self.js_included))
+        self.js_included = True
 
 
 def render(rec, limit=20):
-    top = analysis.top(rec, by="lock", limit=limit)
-    parts = [f"<h2>Summary</h2><pre>{html.escape(chr(10).join(report.summary_lines(rec)))}</pre>",
-             "<h2>Top locks</h2>",
-             _table(top.assign(**{c: top[c].map(report.fmt_ns) for c in
-                                  ("total_ns", "max_ns", "avg_ns", "p50_ns", "p99_ns")}))]
-    figs = []
-    hist = analysis.wait_histogram(rec, top_n=8)
-    if not hist.empty:
-        hist = hist.sort_values("lo_ns")
-        hist["bucket"] = [f">={report.fmt_ns(v)}" for v in hist["lo_ns"]]
-        figs.append(("Wait-time histogram (log2 buckets, in-kernel)",
-                     px.bar(hist, x="bucket", y="count", color="lock", barmode="group",
-                            category_orders={"bucket": list(dict.fromkeys(hist["bucket"]))},
-                            labels={"bucket": "wait (log2 bucket)"})))
-    tl = analysis.timeline(rec, bin_ms=100, top_n=8)
-    if not tl.empty:
-        figs.append(("Contention over time (100 ms bins, top locks)",
-                     px.line(tl, x="t_s", y="wait_ns", color="lock", markers=True,
-                             labels={"t_s": "time (s)", "wait_ns": "wait per bin (ns)"})))
-    th = analysis.per_thread(rec).head(limit)
-    if not th.empty:
-        th = th.assign(thread=th["comm"].astype(str) + " (" + th["tid"].astype(str) + ")",
-                       process=th["tgid"].astype(str))
-        figs.append(("Wait time per thread", px.bar(th, x="thread", y="wait_ns",
-                                                    color="process", hover_data=["waits"])))
-    for i, (title, fig) in enumerate(figs):
-        parts.append(f"<h2>{html.escape(title)}</h2>{_fig_html(fig, i == 0)}")
-    for title, fn in report.PROBE_SECTIONS:
+    page = _Page()
+    page.h2("Summary")
+    page.raw(f"<pre>{html.escape(chr(10).join(report.summary_lines(rec)))}</pre>")
+    page.h2("Top locks")
+    page.raw(_table(analysis.top(rec, by="lock", limit=limit).drop(columns=["pct_exact"])))
+    page.raw("<p>p50/p90/p99 are exact where every wait of a row was sampled, else the "
+             "upper bound of the log2 bucket holding them.</p>")
+    page.h2("Wait-time histogram (in-kernel log2 buckets, heaviest locks)")
+    page.fig(plots.wait_histogram(rec))
+    page.h2("Contention over time (100 ms bins, heaviest locks)")
+    page.fig(plots.timeline(rec))
+    page.h2("Where the wait comes from: lock, caller, caller's caller (click to zoom)")
+    page.fig(plots.stacks_icicle(rec))
+    page.h2("Per VM (process)")
+    page.raw(_table(analysis.per_vm(rec)))
+    page.h2("Per vCPU / thread")
+    page.fig(plots.per_thread(rec, limit=limit))
+    figs = plots.probe_figures(rec)
+    for key, title, fn in report.PROBE_SECTIONS:
         df = fn(rec)
-        if df is not None and not df.empty:
-            parts.append(f"<h2>{html.escape(title)}</h2>{_table(df.head(limit))}")
-    style = ("body{font-family:sans-serif;margin:2em} table.t{border-collapse:collapse;"
-             "font-size:12px} table.t td,table.t th{padding:2px 8px;border-bottom:1px solid #ddd}")
+        if df is None or df.empty:
+            continue
+        page.h2(title)
+        if figs.get(key) is not None:
+            page.fig(figs[key])
+        page.raw(_table(df.head(limit)))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>kvmlockprof: "
-            f"{html.escape(str(rec.path))}</title><style>{style}</style></head><body>"
-            f"<h1>kvmlockprof report</h1>{''.join(parts)}</body></html>")
+            f"{html.escape(str(rec.path))}</title><style>{STYLE}</style></head><body>"
+            f"<h1>kvmlockprof report</h1>{''.join(page.parts)}</body></html>")

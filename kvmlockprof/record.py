@@ -10,11 +10,10 @@ import time
 
 import numpy as np
 
-from . import __version__, btf, capabilities, catalog, host
-from .bpfload import BpfUnavailable
+from . import __version__, catalog, host, processes
 from .ksyms import Kallsyms
-from .probes.contention import LOSSES, ContentionProbe
-from .probes.functions import FunctionProbes
+from .probes.contention import LOSSES
+from .sources import open_sources
 from . import recording
 from .recording import Writer, check_output, to_arrow
 from .stacks import new_stack_ids, stack_ids_in, stacks_table
@@ -58,58 +57,12 @@ class Recorder:
             return []                   # the command's pid is added once it exists
         return None
 
-    def _plan(self):
-        """{probe: Plan} of the function probes to load; the rest go in the manifest."""
-        wanted = self.requested if self.requested is not None else catalog.CATALOG
-        function_probes = [p for p in wanted if p.name != "contention"]
-        if not function_probes:
-            return {}
-        caps = capabilities.probe_host(full=False)
-        plans = {}
-        for p in catalog.CATALOG:
-            if p.name == "contention":
-                continue
-            plan = capabilities.plan(p, caps, prefer=self.prefer)
-            if p not in function_probes:
-                self.manifest["probes"][p.name] = {"status": "not requested"}
-            elif plan.ok:
-                plans[p] = plan
-            else:
-                self.manifest["probes"][p.name] = {"status": "unavailable",
-                                                   "reason": plan.reason}
-                if self.requested is not None:
-                    self.warn(f"probe {p.name} cannot attach here: {plan.reason}")
-        return plans
-
     def _open_sources(self):
-        """The BPF modules to read: the contention probe, and the function probes."""
-        sources = {}
-        want_contention = self.requested is None or \
-            any(p.name == "contention" for p in self.requested)
-        if want_contention:
-            tgids = self._filter()
-            c = ContentionProbe(tgids=tgids, follow_fork=bool(self.command) and not self.pids,
-                                sample_every=self.sample_every, ringbuf_mb=self.ringbuf_mb)
-            sources["contention"] = c
-            self.manifest["probes"]["contention"] = {
-                "status": "attached", "method": "tracepoint",
-                "targets": sorted(c.attached), **c.options}
-        plans = self._plan()
-        if plans:
-            try:
-                f = FunctionProbes(plans, btf.Btf(), srcu_sample_every=64)
-            except (BpfUnavailable, btf.BtfError) as e:
-                for p in plans:
-                    self.manifest["probes"][p.name] = {"status": "failed", "reason": str(e)}
-                self.warn(f"function probes failed to load: {e}")
-            else:
-                sources["functions"] = f
-                self.manifest["probes"].update(f.status)
-                for name, st in f.status.items():
-                    if st["status"] != "attached":
-                        self.warn(f"probe {name} not attached: {st.get('reason')}")
-        if not any(st.get("status") == "attached" for st in self.manifest["probes"].values()):
-            raise BpfUnavailable("no probe could attach: run `kvmlockprof doctor` to see why")
+        tgids = self._filter()
+        sources, _ = open_sources(
+            self.requested, tgids=tgids, follow_fork=bool(self.command) and not self.pids,
+            sample_every=self.sample_every, ringbuf_mb=self.ringbuf_mb, prefer=self.prefer,
+            warn=self.warn, status=self.manifest["probes"])
         return sources
 
     def run(self):
@@ -229,9 +182,11 @@ class Recorder:
                 self.writer.append("stacks", stacks_table(src, name, new, self.ksyms))
             for table, snap in snaps.items():
                 self.writer.snapshot(table, snap)
+            self._learn_processes(events, snaps)
             if name == "contention":
                 counters = src.counters()
                 self.manifest["lock_symbols"] = self._lock_symbols(snaps["aggregates"])
+                self.manifest["top_lock"] = self._top_lock(snaps["aggregates"])
             else:
                 probe_counters.update(src.counters())
         now_ns = time.monotonic_ns()
@@ -245,6 +200,30 @@ class Recorder:
         self.writer.manifest(self.manifest)
         if self.progress:
             self.progress(self.manifest)
+
+    def _learn_processes(self, events, snaps):
+        """Name the processes seen (events: numpy arrays, snaps: Arrow tables)."""
+        tgids = set()
+        for arr in events.values():
+            if "tgid" in (arr.dtype.names or ()):
+                tgids.update(np.unique(arr["tgid"]).tolist())
+        for t in snaps.values():
+            if "tgid" in t.column_names:
+                tgids.update(np.unique(t.column("tgid").to_numpy()).tolist())
+        processes.learn(self.manifest.setdefault("processes", {}), tgids)
+
+    def _top_lock(self, aggs):
+        """The lock with the most wait so far (for the progress line)."""
+        if not aggs.num_rows:
+            return None
+        addr = aggs.column("lock_addr").to_numpy()
+        total = aggs.column("total_ns").to_numpy()
+        uniq, inv = np.unique(addr, return_inverse=True)
+        sums = np.bincount(inv, weights=total)
+        i = int(np.argmax(sums))
+        a = f"{int(uniq[i]):#x}"
+        return {"lock": self.manifest.get("lock_symbols", {}).get(a, a),
+                "total_ns": int(sums[i])}
 
     def _lock_symbols(self, aggs):
         addrs = np.unique(aggs.column("lock_addr").to_numpy()) if aggs.num_rows else []

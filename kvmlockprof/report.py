@@ -5,16 +5,17 @@ import pandas as pd
 
 from . import analysis, probe_analysis
 
-# (title, analysis function) for each function probe's section of the report
+# (key, title, analysis function) for each function probe's section of the report;
+# plots.probe_figures() draws the sections under the same keys
 PROBE_SECTIONS = (
-    ("Xen event channels: fast-path hit ratio per VM", probe_analysis.xen_hit_ratio),
-    ("gfn_to_pfn_cache checks per cache", probe_analysis.gpc_checks),
-    ("gfn_to_pfn_cache refreshes", probe_analysis.gpc_refreshes),
-    ("SRCU read sections per srcu_struct (p50/p99: log2 bucket bounds)",
+    ("xen", "Xen event channels: fast-path hit ratio per VM", probe_analysis.xen_hit_ratio),
+    ("gpc_checks", "gfn_to_pfn_cache checks per cache", probe_analysis.gpc_checks),
+    ("gpc_refresh", "gfn_to_pfn_cache refreshes", probe_analysis.gpc_refreshes),
+    ("srcu_sections", "SRCU read sections per srcu_struct (p50/p99: log2 bucket bounds)",
      probe_analysis.srcu_sections),
-    ("SRCU grace-period waits", probe_analysis.srcu_syncs),
-    ("xa_erase by owner and caller", probe_analysis.xa_erases),
-    ("vgic_put_irq", probe_analysis.vgic_puts),
+    ("srcu_sync", "SRCU grace-period waits", probe_analysis.srcu_syncs),
+    ("xa_erase", "xa_erase by owner and caller", probe_analysis.xa_erases),
+    ("vgic", "vgic_put_irq", probe_analysis.vgic_puts),
 )
 
 
@@ -60,7 +61,7 @@ def table_text(df, by):
     lines = [head]
     for r in df.itertuples(index=False):
         bound = not r.pct_exact
-        who = f"{r.comm} ({r.tgid})" if by == "task" else r.caller
+        who = f"{r.vm} ({r.tgid})" if by == "task" else r.caller
         lines.append(f"{r.contended:>10} {fmt_ns(r.total_ns):>11} {fmt_ns(r.max_ns):>10} "
                      f"{fmt_ns(r.avg_ns):>10} {fmt_ns(r.p50_ns, bound):>11} "
                      f"{fmt_ns(r.p99_ns, bound):>11} {r.type:>11}  {r.lock:<20} "
@@ -96,7 +97,7 @@ def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pid
                 lines.append("")
                 lines.append(f"#{i + 1} {row['lock']} {row['type']}  stack {sid}:")
                 lines += [f"   {'K' if analysis.is_kvm_frame(f) else ' '} {f}" for f in frames]
-    for title, fn in PROBE_SECTIONS:
+    for _, title, fn in PROBE_SECTIONS:
         part = fn(rec)
         if part is not None and not part.empty:
             lines += ["", title, _frame_text(part.head(limit))]

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import kvmlockprof
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -63,3 +65,27 @@ def klp(*args, check=True, timeout=120, **kw):
 
 def workload_argv(*args):
     return [sys.executable, "-m", "kvmlockprof", "workload", *map(str, args)]
+
+
+@pytest.fixture(scope="session")
+def churn_recording(live, tmp_path_factory):
+    """One memslot-churn recording (VM named churnvm) shared by the live tests, made while an
+    independent BPF program counts contention_end per process."""
+    from kvmlockprof.bpfload import compile_bpf
+    counter = compile_bpf(text="""
+        BPF_HASH(ends, u32, u64, 65536);
+        TRACEPOINT_PROBE(lock, contention_end) {
+            u32 tgid = bpf_get_current_pid_tgid() >> 32;
+            u64 zero = 0, *n = ends.lookup_or_try_init(&tgid, &zero);
+            if (n) __sync_fetch_and_add(n, 1);
+            return 0;
+        }""")
+    out = tmp_path_factory.mktemp("rec") / "churn.parquet"
+    try:
+        p = klp("record", "-o", out, "--", *workload_argv("--duration", 4, "--vcpus", 2,
+                                                           "--churn", "--name", "churnvm"))
+        ends = {k.value: v.value for k, v in counter["ends"].items()}
+    finally:
+        counter.cleanup()
+    rec = kvmlockprof.load(out)
+    return rec, ends, p

@@ -143,3 +143,23 @@ def test_vgic_puts(module, tmp_path):
     lpi = out[out["lpi"]].iloc[0]
     assert lpi["released"] and lpi["irqs_off"] == "off"
     assert len(out) == 3
+
+
+def test_every_probe_with_data_gets_a_plot_panel(module, tmp_path):
+    """The HTML report draws one panel per function probe that has data."""
+    from kvmlockprof import html, plots, report
+    n = 4
+    tables = {t: empty_like(module, t)(n) for t in
+              ("xen_evtchn", "gpc_ops", "gpc_refresh", "srcu_sections", "srcu_sync",
+               "xa_erase_agg", "vgic")}
+    tables["gpc_ops"]["count"] = 1
+    tables["gpc_refresh"]["lat_ns"] = [100, 200, 300, 400]
+    tables["srcu_sections"]["count"], tables["srcu_sections"]["hist"][:, 7] = 1, 1
+    tables["srcu_sync"]["type"], tables["srcu_sync"]["dur_ns"] = 1, [10, 20, 30, 40]
+    tables["xa_erase_agg"]["count"], tables["xa_erase_agg"]["stack_id"] = 1, -1
+    rec = write_recording(tmp_path / "all.parquet", tables)
+    figs = plots.probe_figures(rec)
+    assert set(figs) == {key for key, _, _ in report.PROBE_SECTIONS}
+    page = html.render(rec)
+    for _, title, _ in report.PROBE_SECTIONS:
+        assert title.split(" (")[0].replace(">", "&gt;") in page

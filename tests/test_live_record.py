@@ -18,30 +18,6 @@ pytestmark = pytest.mark.live
 KVM_CALLERS = re.compile(r"kvm_mmu_|kvm_set_memslot|kvm_vcpu_ioctl|kvm_vm_ioctl")
 
 
-@pytest.fixture(scope="module")
-def churn_recording(live, tmp_path_factory):
-    """One memslot-churn recording shared by the checks below, made while an
-    independent BPF program counts contention_end per process."""
-    from kvmlockprof.bpfload import compile_bpf
-    counter = compile_bpf(text="""
-        BPF_HASH(ends, u32, u64, 65536);
-        TRACEPOINT_PROBE(lock, contention_end) {
-            u32 tgid = bpf_get_current_pid_tgid() >> 32;
-            u64 zero = 0, *n = ends.lookup_or_try_init(&tgid, &zero);
-            if (n) __sync_fetch_and_add(n, 1);
-            return 0;
-        }""")
-    out = tmp_path_factory.mktemp("rec") / "churn.parquet"
-    try:
-        p = klp("record", "-o", out, "--", *workload_argv("--duration", 4, "--vcpus", 2,
-                                                           "--churn"))
-        ends = {k.value: v.value for k, v in counter["ends"].items()}
-    finally:
-        counter.cleanup()
-    rec = kvmlockprof.load(out)
-    return rec, ends, p
-
-
 def test_churn_contention_goes_through_kvm(churn_recording):
     rec, _, _ = churn_recording
     top = analysis.top(rec, by="lock", limit=None)
@@ -175,3 +151,19 @@ def test_live_breakdowns(churn_recording):
     assert tl["t_s"].max() >= 2.0 and (tl["waits"] > 0).all()     # spans the run
     r = analysis.rates(rec)
     assert (r["waits_per_exit"] > 0).all() and (r["waits_per_memslot_op"] > 0).all()
+
+
+def test_vm_named_from_its_command_line(churn_recording):
+    """A VMM started with -name/--name is reported by that name, its vCPU threads by theirs."""
+    rec, _, _ = churn_recording
+    pid = rec.manifest["command_pid"]
+    vms = analysis.per_vm(rec).set_index("tgid")
+    assert vms.loc[pid, "vm"] == "churnvm"
+    by_task = analysis.top(rec, by="task").set_index("tgid")
+    assert vms.loc[pid, "waits"] == by_task.loc[pid, "contended"]
+    threads = analysis.per_thread(rec)
+    mine = threads[threads["tgid"] == pid]
+    assert set(mine["vm"]) == {"churnvm"}
+    assert mine["comm"].str.match(r"klp-(vcpu|churn)\d").any()
+    text = klp("report", rec.path, "--by", "task").stdout
+    assert f"churnvm ({pid})" in text

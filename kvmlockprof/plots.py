@@ -1,0 +1,151 @@
+"""plotly figures of a recording: the HTML report and the notebooks draw these.
+
+Each function takes a Recording and returns a figure, or None when the
+recording has nothing for it."""
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+from . import analysis, probe_analysis
+from .report import fmt_ns
+
+
+def wait_histogram(rec, top_n=8):
+    """Wait-time distribution of the heaviest locks (in-kernel log2 buckets)."""
+    hist = analysis.wait_histogram(rec, top_n=top_n)
+    if hist.empty:
+        return None
+    hist = hist.sort_values("lo_ns")
+    # bars at the bucket's lower bound on a log axis: the buckets are powers of two
+    return px.bar(hist, x="lo_ns", y="count", color="lock", barmode="group", log_x=True,
+                  hover_data=["hi_ns"],
+                  labels={"lo_ns": "wait (ns, log2 bucket lower bound)", "count": "waits"})
+
+
+def timeline(rec, bin_ms=100, top_n=8):
+    tl = analysis.timeline(rec, bin_ms=bin_ms, top_n=top_n)
+    if tl.empty:
+        return None
+    return px.line(tl, x="t_s", y="wait_ns", color="lock", markers=True,
+                   hover_data=["waits"],
+                   labels={"t_s": "time (s)", "wait_ns": f"wait per {bin_ms} ms (ns)"})
+
+
+def per_thread(rec, limit=30):
+    """Wait time per thread, coloured by VM (process)."""
+    th = analysis.per_thread(rec).head(limit)
+    if th.empty:
+        return None
+    th = th.assign(thread=th["comm"].astype(str) + " (" + th["tid"].astype(str) + ")",
+                   vm=th["vm"].astype(str) + " (" + th["tgid"].astype(str) + ")")
+    return px.bar(th, x="thread", y="wait_ns", color="vm", hover_data=["waits", "kvm_waits"],
+                  labels={"wait_ns": "wait (ns)", "vm": "VM / process"})
+
+
+def _strip(frame):
+    return frame.split("+", 1)[0]
+
+
+def stacks_icicle(rec, depth=10, min_share=0.002):
+    """Where the wait comes from: lock, then its caller, that caller's caller ...
+    (callee-rooted, like `perf report --no-children -G` inverted), sized by wait time."""
+    aggs, _ = analysis.annotate(rec)
+    if aggs.empty:
+        return None
+    info = analysis.contention_stacks(rec)
+    st = analysis.stacks_of(rec).set_index("stack_id")
+    per = aggs.groupby(["lock", "type", "stack_id"])["total_ns"].sum()
+    total = per.sum()
+    if total <= 0:
+        return None
+    values = {}
+    for (lock, typ, sid), ns in per.items():
+        if ns < min_share * total:
+            ns_path = [f"{lock} ({typ})", "(small stacks)"]
+        elif sid in info.index:
+            frames = list(st.loc[sid, "frames"])
+            lockf = list(st.loc[sid, "lock_frame"])
+            callers = [_strip(f) for f, lk in zip(frames, lockf) if not lk][:depth]
+            ns_path = [f"{lock} ({typ})", *callers]
+        else:
+            ns_path = [f"{lock} ({typ})", "[no stack]"]
+        for k in range(1, len(ns_path) + 1):
+            key = tuple(ns_path[:k])
+            values[key] = values.get(key, 0) + int(ns)
+    ids = ["all"] + ["/".join(k) for k in values]
+    labels = ["all locks"] + [k[-1] for k in values]
+    parents = [""] + ["/".join(k[:-1]) if len(k) > 1 else "all" for k in values]
+    vals = [int(total)] + list(values.values())
+    fig = go.Figure(go.Icicle(ids=ids, labels=labels, parents=parents, values=vals,
+                              branchvalues="total", maxdepth=6,
+                              hovertext=[fmt_ns(v) for v in vals],
+                              hovertemplate="%{label}<br>%{hovertext} waited"
+                                            "<br>%{percentRoot:.1%} of all<extra></extra>"))
+    fig.update_layout(margin=dict(t=10, l=10, r=10, b=10), height=600)
+    return fig
+
+
+def _hist_frame(rows):
+    """log2-bucket rows {label, hist} -> (label, lo_ns, count) rows."""
+    out = []
+    for label, hist in rows:
+        h = np.asarray(hist)
+        for slot in np.flatnonzero(h):
+            out.append({"what": label, "lo_ns": 2 ** int(slot), "count": int(h[slot])})
+    return pd.DataFrame(out)
+
+
+def probe_figures(rec):
+    """{report section key: figure} for every function probe that has data."""
+    figs = {}
+    xen = probe_analysis.xen_hit_ratio(rec)
+    if not xen.empty:
+        x = xen.assign(vm=xen["tgid"].map(_vm_label(rec)).astype(str) + " " +
+                       xen["kvm"].map(lambda k: f"{k:#x}"))
+        figs["xen"] = px.bar(x, x="vm", y="hit_ratio", range_y=[0, 1],
+                             hover_data=["fast_calls", "fell_back", "slow_calls"])
+    checks = probe_analysis.gpc_checks(rec)
+    if not checks.empty:
+        c = checks.groupby("place_name")[["check_hit", "check_miss", "activate"]].sum()
+        c = c.reset_index().melt(id_vars="place_name", var_name="op", value_name="count")
+        figs["gpc_checks"] = px.bar(c, x="place_name", y="count", color="op", barmode="group")
+    ref = rec.table("gpc_refresh")
+    if not ref.empty:
+        r = ref.assign(cache=ref["place"].map(probe_analysis.GPC_PLACES).fillna("?"))
+        figs["gpc_refresh"] = px.histogram(r, x="lat_ns", color="cache", log_y=True, nbins=60,
+                                           labels={"lat_ns": "refresh latency (ns)"})
+    sec = rec.table("srcu_sections")
+    if not sec.empty:
+        kinds = sec.assign(kind=sec["kind"].map(probe_analysis.SRCU_KINDS).fillna("?"))
+        h = _hist_frame([(k, np.sum(np.stack(p["hist"].to_numpy()), axis=0))
+                         for k, p in kinds.groupby("kind")])
+        figs["srcu_sections"] = px.bar(
+            h, x="lo_ns", y="count", color="what", barmode="group", log_x=True,
+            labels={"lo_ns": "read section (ns, log2 bucket lower bound)",
+                    "what": "srcu_struct"})
+    sync = rec.table("srcu_sync")
+    s = sync[sync["type"] != 0] if not sync.empty else sync
+    if not s.empty:
+        s = s.assign(wait=s["type"].map(probe_analysis.SRCU_EVENTS),
+                     srcu=s["kind"].map(probe_analysis.SRCU_KINDS))
+        figs["srcu_sync"] = px.histogram(s, x="dur_ns", color="wait", facet_col="srcu",
+                                         log_y=True, nbins=60,
+                                         labels={"dur_ns": "wait in synchronize_srcu* (ns)"})
+    xa = probe_analysis.xa_erases(rec)
+    if not xa.empty:
+        figs["xa_erase"] = px.bar(xa.head(20), x="caller", y="count", color="owner_name",
+                                  hover_data=["mean_ns", "max_ns"])
+    vg = probe_analysis.vgic_puts(rec)
+    if not vg.empty:
+        v = vg.assign(what=np.where(vg["lpi"], "LPI", "SGI/PPI/SPI") +
+                      np.where(vg["released"], ", last ref", ""))
+        figs["vgic"] = px.bar(v, x="what", y="count", color="irqs_off",
+                              hover_data=["p50_ns", "p99_ns", "max_ns"])
+    return figs
+
+
+def _vm_label(rec):
+    p = analysis.processes(rec)
+    names = dict(zip(p["tgid"], p["vm"]))
+    return lambda t: names.get(t, str(t))

@@ -1,0 +1,60 @@
+"""The notebooks run top to bottom (nbclient) on recordings made live in this run."""
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import ROOT, klp, workload_argv
+
+pytestmark = pytest.mark.live
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
+
+
+def execute(name, tmp_path, **params):
+    """Run a notebook with its `parameters` cell replaced; fail on any cell error."""
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{name} needs exactly one cell tagged 'parameters'"
+    cells[0].source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbformat.write(nb, str(tmp_path / name))       # kept for a look when a test fails
+    return nb
+
+
+def outputs(nb):
+    text, mimes = [], set()
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            mimes.update(o.get("data", {}))
+            text.append(o.get("text", "") + o.get("data", {}).get("text/plain", ""))
+    return "\n".join(text), mimes
+
+
+def test_analysis_notebook(churn_recording, tmp_path):
+    rec, _, _ = churn_recording
+    nb = execute("analysis.ipynb", tmp_path, RECORDING=str(rec.path))
+    text, mimes = outputs(nb)
+    assert "application/vnd.plotly.v1+json" in mimes           # the figures were drawn
+    assert "churnvm" in text and "kvm_" in text                 # per-VM table, KVM callers
+    assert "contention: attached (tracepoint)" in text
+
+
+@pytest.fixture(scope="module")
+def two_recordings(live, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ab")
+    out = []
+    for name, extra in (("base", []), ("new", ["--churn"])):
+        path = d / f"{name}.parquet"
+        klp("record", "-q", "-o", path, "--",
+            *workload_argv("--duration", 2, "--vcpus", 2, *extra))
+        out.append(str(path))
+    return out
+
+
+def test_compare_notebook(two_recordings, tmp_path):
+    base, new = two_recordings
+    nb = execute("compare.ipynb", tmp_path, BASE=base, NEW=new)
+    text, _ = outputs(nb)
+    assert "BASE" in text and "NEW" in text
