@@ -1,7 +1,6 @@
 """The `kvmlockprof` command line."""
 import json
 import os
-import shutil
 import signal
 import sys
 
@@ -116,8 +115,78 @@ def _progress(m):
     head = f"top {top['lock']} ({fmt_ns(top['total_ns'])} waited)" if top else ""
     line = (f"{m['duration_s']:6.1f} s  {c.get('end', 0)} waits  "
             f"{m.get('samples', 0)} samples  {lost} lost  {head}")
-    width = shutil.get_terminal_size((100, 20)).columns - 1
+    try:                                    # the terminal's own width, not $COLUMNS
+        width = os.get_terminal_size(sys.stderr.fileno()).columns - 1
+    except OSError:
+        width = 99
     click.echo(f"\r\x1b[K{line[:width]}", nl=False, err=True)
+
+
+EPILOG_TOP = """\b
+Examples:
+  kvmlockprof top                                  # whole host, refresh every second
+  kvmlockprof top -p 1234 --by caller --sort max   # one VM, worst single waits
+  kvmlockprof top --batch --iterations 5 > top.txt # plain text frames, then exit
+Keys: q quit, s next sort key, b next grouping (lock, caller, task).
+"""
+
+
+@main.command(epilog=EPILOG_TOP)
+@click.option("-i", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--by", type=click.Choice(["lock", "caller", "task"]), default="lock",
+              show_default=True, help="Group rows by lock, caller or task.")
+@click.option("-s", "--sort", type=click.Choice(["contended", "total", "max", "avg", "min",
+                                                  "p50", "p90", "p99"]),
+              default="total", show_default=True,
+              help="Sort key, taken over the last interval.")
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("-p", "--pid", "pids", type=int, multiple=True,
+              help="Only these processes (tgid); repeatable. Filtered in the kernel.")
+@click.option("--probes", "probe_names", metavar="A,B,...",
+              help="Probes to attach (default: every probe this host can attach).")
+@click.option("--prefer", type=click.Choice(["fentry", "kprobe"]),
+              help="Attach method to try first for function probes (default: fentry).")
+@click.option("--batch", is_flag=True, help="Print plain text frames (default when stdout "
+              "is not a terminal).")
+@click.option("--iterations", type=click.IntRange(min=1), help="Exit after this many "
+              "refreshes.")
+def top(interval, by, sort, limit, pids, probe_names, prefer, batch, iterations):
+    """Live view of lock contention and the function probes, like kvm_stat."""
+    from .bpfload import BpfUnavailable
+    from .catalog import UnknownProbe, select
+    from .record import Stop, _raise_stop
+    from .sources import close_sources, open_sources
+    from . import host, top as topmod
+    names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
+    try:
+        requested = None if names is None else select(names)
+    except UnknownProbe as e:
+        fail(str(e))
+    if not host.can_bpf():
+        fail("top needs root (or CAP_BPF+CAP_PERFMON): run it with sudo")
+    batch = batch or not sys.stdout.isatty()
+    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    sources = {}
+    try:
+        click.echo("kvmlockprof top: compiling and attaching the probes ...", err=True)
+        sources, status = open_sources(
+            requested, tgids=list(pids) or None, sample_every=0, ringbuf_mb=1, prefer=prefer,
+            warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True))
+        view = topmod.LiveView(sources, status, by=by, sort=sort, limit=limit,
+                               pids=list(pids) or None)
+        if batch:
+            topmod.run_batch(view, interval, iterations, lambda t: click.echo(t))
+        else:
+            topmod.run_curses(view, interval, iterations)
+    except BpfUnavailable as e:
+        fail(str(e))
+    except (KeyboardInterrupt, Stop):
+        pass
+    finally:
+        close_sources(sources)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @main.command(epilog=EPILOG_REPORT)

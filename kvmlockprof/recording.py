@@ -190,6 +190,13 @@ class Recording:
         self._cache = {}
         self.interrupted = interrupted
 
+    @classmethod
+    def from_frames(cls, path, manifest, frames):
+        """A recording held in memory ({table: DataFrame}): `top`'s live view."""
+        rec = cls(path, manifest, {name: None for name in frames})
+        rec._cache.update(frames)
+        return rec
+
     def derived(self, key, compute):
         """compute(), once per recording: analyses built on the tables (annotated
         copies, symbolised stacks) are shared by every view of one report."""

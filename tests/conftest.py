@@ -1,5 +1,6 @@
 """Shared fixtures. Live tests need root, BPF and /dev/kvm: outside CI they skip
 with the reason; in CI (CI=true) a missing live environment fails them."""
+import json
 import os
 import subprocess
 import sys
@@ -61,6 +62,13 @@ def klp(*args, check=True, timeout=120, **kw):
         raise AssertionError(f"kvmlockprof {' '.join(map(str, args))} exited "
                              f"{p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def our_prog_ids():
+    """BPF programs of ours in the kernel, by bpftool (the kernel's own view)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return {p["id"] for p in json.loads(out) if p.get("name", "").startswith("tracepoint__lo")}
 
 
 def workload_argv(*args):

@@ -11,7 +11,7 @@ import pytest
 
 import kvmlockprof
 from kvmlockprof import analysis
-from conftest import ROOT, klp, workload_argv
+from conftest import ROOT, klp, our_prog_ids, workload_argv
 
 pytestmark = pytest.mark.live
 
@@ -76,16 +76,9 @@ def test_pid_filter_keeps_only_that_process(live, tmp_path):
     assert set(rec.aggregates["tgid"]) == {target.pid}
 
 
-def _our_prog_ids():
-    """BPF programs of ours in the kernel, by bpftool (the kernel's own view)."""
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
-                         check=True).stdout
-    return {p["id"] for p in json.loads(out) if p.get("name", "").startswith("tracepoint__lo")}
-
-
 @pytest.mark.parametrize("sig", [None, signal.SIGINT, signal.SIGTERM])
 def test_every_exit_path_detaches(live, tmp_path, sig):
-    before = _our_prog_ids()
+    before = our_prog_ids()
     out = tmp_path / "x.parquet"
     p = subprocess.Popen([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
                           "--duration", "30" if sig else "2", "--",
@@ -94,12 +87,12 @@ def test_every_exit_path_detaches(live, tmp_path, sig):
     deadline = time.time() + 60
     while not os.path.exists(f"{out}.partial/manifest.json") and time.time() < deadline:
         time.sleep(0.1)
-    assert _our_prog_ids() - before, "record should have programs loaded while it runs"
+    assert our_prog_ids() - before, "record should have programs loaded while it runs"
     if sig:
         time.sleep(1.5)
         p.send_signal(sig)
     p.communicate(timeout=60)
-    assert _our_prog_ids() == before
+    assert our_prog_ids() == before
     rec = kvmlockprof.load(out)            # finished and readable after the signal too
     assert not rec.interrupted
     if sig:

@@ -1,0 +1,231 @@
+"""`kvmlockprof top`: a live view of the in-kernel aggregates, like kvm_stat.
+
+Nothing is streamed for contention (aggregates only): each refresh reads the
+aggregate map, subtracts the previous read for the last interval, and runs the
+same analysis.top() as `report` on both. Function probes show their counters'
+rates and the fast-path / cache hit ratios, over the interval and cumulative."""
+import errno
+import time
+
+import numpy as np
+import pandas as pd
+
+from . import analysis, host, processes
+from .ksyms import Kallsyms
+from .recording import Recording
+from .report import fmt_ns
+from .stacks import new_stack_ids, stacks_table
+
+AGG_KEYS = ["lock_addr", "tgid", "flags", "stack_id"]
+SORTS = list(analysis.SORT_KEYS)
+BYS = list(analysis.GROUPS)
+
+
+def _delta(cur, prev):
+    """Aggregates accumulated since `prev` (both DataFrames of the agg map)."""
+    if prev is None or prev.empty or cur.empty:
+        return cur
+    m = cur.merge(prev[AGG_KEYS + ["count", "total_ns", "hist"]], on=AGG_KEYS, how="left",
+                  suffixes=("", "_prev"))
+    seen = m["count_prev"].notna()
+    out = m[AGG_KEYS + ["count", "total_ns", "max_ns", "min_ns", "hist"]].copy()
+    out.loc[seen, "count"] = m.loc[seen, "count"] - m.loc[seen, "count_prev"].astype("uint64")
+    out.loc[seen, "total_ns"] = (m.loc[seen, "total_ns"] -
+                                 m.loc[seen, "total_ns_prev"].astype("uint64"))
+    if seen.any():
+        cur_h = np.stack(m.loc[seen, "hist"].to_numpy())
+        prev_h = np.stack(m.loc[seen, "hist_prev"].to_numpy())
+        out.loc[seen, "hist"] = pd.Series(list(cur_h - prev_h), index=out.index[seen])
+    return out[out["count"] > 0].reset_index(drop=True)
+
+
+class LiveView:
+    """State of a live session: previous reads, names learnt so far."""
+
+    def __init__(self, sources, status, by="lock", sort="total", limit=20, pids=None):
+        self.sources, self.status = sources, status
+        self.by, self.sort, self.limit, self.pids = by, sort, limit, pids
+        self.ksyms = Kallsyms()
+        self.stacks, self.seen_stacks = [], set()
+        self.lock_symbols, self.procs = {}, {}
+        self.prev_aggs, self.prev_counters = None, {}
+        self.hits = {}          # name -> [interval hits, interval total, cum hits, cum total]
+        self.t0 = self.t_prev = time.monotonic()
+        self.header = f"{host.hostname()}  kernel {host.kernel_release()}"
+
+    # --- reading --------------------------------------------------------------------
+
+    def _read_contention(self):
+        src = self.sources.get("contention")
+        if src is None:
+            return pd.DataFrame()
+        src.poll()                                  # nothing streams (aggregates only)
+        aggs = src.snapshots()["aggregates"]
+        new = new_stack_ids(self.seen_stacks, aggs.column("stack_id").to_numpy())
+        if new:
+            self.stacks.append(stacks_table(src, "contention", new, self.ksyms).to_pandas())
+        addrs = [a for a in np.unique(aggs.column("lock_addr").to_numpy()).tolist()
+                 if f"{a:#x}" not in self.lock_symbols]
+        for a, name in zip(addrs, self.ksyms.data_symbols(addrs)):
+            self.lock_symbols[f"{a:#x}"] = name or f"{a:#x}"
+        processes.learn(self.procs, np.unique(aggs.column("tgid").to_numpy()).tolist())
+        return aggs.to_pandas()
+
+    def _recording(self, aggs):
+        stacks = pd.concat(self.stacks, ignore_index=True) if self.stacks else pd.DataFrame(
+            {"source": [], "stack_id": [], "frames": [], "lock_frame": []})
+        return Recording.from_frames(
+            "<live>", {"lock_symbols": self.lock_symbols, "processes": self.procs},
+            {"aggregates": aggs, "stacks": stacks, "contention": pd.DataFrame()})
+
+    def _ratio(self, name, hits, total):
+        h = self.hits.setdefault(name, [0, 0, 0, 0])
+        h[0], h[1] = hits, total
+        h[2] += hits
+        h[3] += total
+
+    def _read_functions(self, dt):
+        """Lines for the function probes: counter rates, hit ratios."""
+        src = self.sources.get("functions")
+        lines = []
+        if src is None:
+            return lines
+        batches = src.poll()
+        xen = batches.get("xen_evtchn")
+        if xen is not None and xen.size:
+            fast = xen[xen["slow"] == 0]
+            self._ratio("xen fast path", int((fast["ret"] != -errno.EWOULDBLOCK).sum()),
+                        int(fast.size))
+        snaps = src.snapshots()
+        ops = snaps.get("gpc_ops")
+        if ops is not None and ops.num_rows:
+            df = ops.to_pandas()
+            hit = int(df.loc[df["op"] == 1, "count"].sum())
+            miss = int(df.loc[df["op"] == 0, "count"].sum())
+            ph, pm = self.prev_counters.get("gpc_check", (0, 0))
+            self.prev_counters["gpc_check"] = (hit, miss)
+            self.hits["gpc check"] = [hit - ph, hit - ph + miss - pm, hit, hit + miss]
+        counters = src.counters()
+        for probe, vals in counters.items():
+            prev = self.prev_counters.get(probe, {})
+            parts = [f"{k} {(v - prev.get(k, 0)) / dt:,.0f}/s ({v:,})"
+                     for k, v in vals.items() if not k.startswith("lost") or v]
+            lines.append(f"  {probe:<10} " + "  ".join(parts))
+            self.prev_counters[probe] = vals
+        for name, (h, n, ch, cn) in self.hits.items():
+            cur = f"{h / n:.1%}" if n else "-"
+            lines.append(f"  {name} hit ratio: {cur} last interval, "
+                         f"{ch / cn:.1%} of {cn:,} in all" if cn else f"  {name}: no calls yet")
+        return lines
+
+    # --- one refresh ----------------------------------------------------------------
+
+    def refresh(self):
+        """The screen's lines for now."""
+        now = time.monotonic()
+        dt = max(now - self.t_prev, 1e-3)
+        self.t_prev = now
+        aggs = self._read_contention()
+        interval = _delta(aggs, self.prev_aggs)
+        self.prev_aggs = aggs
+        lines = [f"kvmlockprof top  {self.header}  up {now - self.t0:.0f} s  "
+                 f"by {self.by}  sort {self.sort}"
+                 f"{'  pid ' + ','.join(map(str, self.pids)) if self.pids else ''}"
+                 f"   [q quit  s sort  b by]"]
+        lines += self._probe_status()
+        lines.append("")
+        lines += self._table(aggs, interval, dt)
+        fn = self._read_functions(dt)
+        if fn:
+            lines += ["", "function probes (rate over the last interval, total):"] + fn
+        return lines
+
+    def _probe_status(self):
+        out, missing = [], []
+        for name, st in self.status.items():
+            if st.get("status") == "attached":
+                out.append(f"{name} ({st.get('method')})")
+            elif st.get("status") != "not requested":
+                missing.append(f"{name}: {st.get('reason', st.get('status'))}")
+        lines = ["attached: " + ", ".join(out)]
+        lines += [f"not attached: {m}" for m in missing]
+        return lines
+
+    def _table(self, aggs, interval, dt):
+        key = analysis._group_keys(self.by)
+        cum = analysis.top(self._recording(aggs), by=self.by, pids=self.pids)
+        cur = analysis.top(self._recording(interval), by=self.by, pids=self.pids)
+        if cum.empty:
+            return ["(no contention yet)"]
+        sort_col = analysis.SORT_KEYS[self.sort]
+        now = cur[key].assign(now_waits=cur["contended"], now_ns=cur["total_ns"],
+                              now_sort=cur[sort_col])
+        df = cum.merge(now, on=key, how="left").fillna({"now_waits": 0, "now_ns": 0,
+                                                         "now_sort": 0})
+        df = df.sort_values(["now_sort", sort_col], ascending=False, kind="stable")
+        df = df.head(self.limit)
+        # the row's name first: it survives a narrow terminal
+        head = {"lock": "lock", "caller": "caller", "task": "VM / process"}[self.by]
+        other = "caller" if self.by == "lock" else "lock"
+        lines = [f"{head:<34} {'type':>10} K {'waits/s':>8} {'wait/s':>10} | {'waits':>9} "
+                 f"{'total':>10} {'max':>10} {'p99':>11}  {other}"]
+        for r in df.itertuples(index=False):
+            name = {"lock": r.lock, "caller": r.caller, "task": f"{r.vm} ({r.tgid})"}[self.by]
+            lines.append(f"{str(name)[:34]:<34} {r.type:>10} {'K' if r.kvm else ' '} "
+                         f"{r.now_waits / dt:>8,.0f} {fmt_ns(r.now_ns / dt):>10} | "
+                         f"{r.contended:>9,} {fmt_ns(r.total_ns):>10} {fmt_ns(r.max_ns):>10} "
+                         f"{fmt_ns(r.p99_ns, not r.pct_exact):>11}  "
+                         f"{r.caller if other == 'caller' else r.lock}")
+        return lines
+
+    def cycle(self, what):
+        if what == "sort":
+            self.sort = SORTS[(SORTS.index(self.sort) + 1) % len(SORTS)]
+        else:
+            self.by = BYS[(BYS.index(self.by) + 1) % len(BYS)]
+
+
+def run_batch(view, interval, iterations, echo):
+    """Plain text frames (not a terminal, or --batch), like `top -b`."""
+    n = 0
+    while not iterations or n < iterations:
+        time.sleep(interval)
+        echo("\n".join(view.refresh()) + "\n")
+        n += 1
+
+
+def run_curses(view, interval, iterations):
+    import curses
+
+    def loop(scr):
+        curses.curs_set(0)
+        scr.timeout(100)
+        n, lines, next_t = 0, ["kvmlockprof top: first refresh in "
+                               f"{interval:g} s ..."], time.monotonic() + interval
+        while True:
+            if time.monotonic() >= next_t:
+                lines = view.refresh()
+                n += 1
+                next_t = time.monotonic() + interval
+            _draw(scr, lines)
+            if iterations and n >= iterations:
+                return
+            ch = scr.getch()
+            if ch in (ord("q"), ord("Q")):
+                return
+            if ch in (ord("s"), ord("b")):
+                view.cycle("sort" if ch == ord("s") else "by")
+                next_t = time.monotonic()
+    curses.wrapper(loop)
+
+
+def _draw(scr, lines):
+    import curses
+    h, w = scr.getmaxyx()
+    scr.erase()
+    for y, line in enumerate(lines[:h]):
+        try:
+            scr.addnstr(y, 0, line, w - 1)
+        except curses.error:
+            pass
+    scr.refresh()
