@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import click
@@ -56,6 +57,9 @@ def main():
               help="Stream every Nth wait as a sample (0: in-kernel aggregates only).")
 @click.option("--ringbuf-mb", type=click.IntRange(min=1), default=16, show_default=True,
               help="Ring buffer size for streamed samples.")
+@click.option("-M", "--map-nr-entries", type=click.IntRange(min=1), default=16384,
+              show_default=True, help="Entries of the in-kernel aggregate and stack maps "
+              "(as perf lock contention's); a full map counts its losses.")
 @click.option("--probes", "probe_names", metavar="A,B,...",
               help="Probes to attach (default: every probe this host can attach; "
                    "see `kvmlockprof probes`).")
@@ -63,8 +67,8 @@ def main():
               help="Attach method to try first for function probes (default: fentry).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb, probe_names,
-           prefer, quiet, command):
+def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb, map_nr_entries,
+           probe_names, prefer, quiet, command):
     """Record lock contention to a Parquet recording.
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
@@ -79,7 +83,8 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
         # checks the probe names and the output file: both need no privileges
         rec = Recorder(output, duration=duration, pids=pids, command=command,
                        system_wide=system_wide, sample_every=sample_every, force=force,
-                       ringbuf_mb=ringbuf_mb, probes=names, prefer=prefer,
+                       ringbuf_mb=ringbuf_mb, map_entries=map_nr_entries, probes=names,
+                       prefer=prefer,
                        warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
     except (UnknownProbe, RecordingError) as e:
@@ -235,6 +240,136 @@ def _write_atomic(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+EPILOG_COMPARE = """\b
+Examples:
+  kvmlockprof compare before.parquet after.parquet
+  kvmlockprof compare -b base1.parquet -b base2.parquet -n new1.parquet -n new2.parquet
+  kvmlockprof compare runs/base runs/new --threshold 0.1 --html cmp.html
+  kvmlockprof compare before.parquet after.parquet --format csv -o cmp.csv
+"""
+
+
+@main.command(epilog=EPILOG_COMPARE)
+@click.argument("sides", nargs=-1)
+@click.option("-b", "--base", "bases", multiple=True, help="A BASE recording or directory of "
+              "recordings (repeat for repeat runs).")
+@click.option("-n", "--new", "news", multiple=True, help="A NEW recording or directory "
+              "(repeat for repeat runs).")
+@click.option("--threshold", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="Smallest relative change reported as improved/regressed.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Locks compared: the heaviest by total wait on either side.")
+@click.option("--resamples", type=click.IntRange(min=100), default=4000, show_default=True,
+              help="Bootstrap resamples.")
+@click.option("-F", "--format", "fmt", type=click.Choice(["text", "csv", "json"]),
+              default="text", show_default=True)
+@click.option("-o", "--output", help="Write the comparison to this file instead of stdout.")
+@click.option("--html", "html_out", metavar="FILE", help="Also write a self-contained HTML page.")
+@click.option("-f", "--force", is_flag=True, help="Compare even when the sides are not "
+              "comparable (different probes, losses); overwrite --output/--html.")
+def compare(sides, bases, news, threshold, limit, resamples, fmt, output, html_out, force):
+    """Before/after: per lock and probe metric, the change, its 95% CI and a verdict.
+
+    BASE and NEW are each a recording or a directory of recordings (repeat runs),
+    given as two arguments or with -b/-n."""
+    from . import compare as cmp, compare_report as cr
+    from .recording import RecordingError
+    if sides and (bases or news):
+        fail("give BASE NEW as two arguments or with -b/-n, not both")
+    if sides:
+        if len(sides) != 2:
+            fail("compare takes two recordings (or directories): BASE NEW")
+        bases, news = (sides[0],), (sides[1],)
+    if not bases or not news:
+        fail("compare needs a BASE and a NEW side: kvmlockprof compare BASE NEW")
+    for path in (output, html_out):
+        if path and os.path.exists(path) and not force:
+            fail(f"{path} exists: use --force to overwrite it")
+    try:
+        base, new = cr.load_side(bases), cr.load_side(news)
+        refuse, warnings = cmp.check(base, new)
+        if refuse and not force:
+            fail(f"not comparable: {refuse[0]} (--force compares anyway)")
+        warnings = refuse + warnings
+        for w in warnings:
+            click.echo(f"kvmlockprof: WARNING: {w}", err=True)
+        df = cmp.compare(base, new, threshold=threshold, limit=limit, resamples=resamples)
+    except RecordingError as e:
+        fail(str(e))
+    out = {"text": cr.text, "json": cr.as_json}.get(fmt)
+    body = out(df, base, new, warnings, threshold) if out else df.to_csv(index=False)
+    if html_out:
+        _write_atomic(html_out, cr.page(df, base, new, warnings, threshold))
+    if output:
+        _write_atomic(output, body)
+    else:
+        click.echo(body, nl=False)
+
+
+EPILOG_AB = """\b
+Examples:
+  kvmlockprof ab --runs 5 --new-args "--churn" -o ab-churn       # churn off vs on
+  kvmlockprof ab --runs 5 --workload "--churn" --base-args "--vcpus 1" --new-args "--vcpus 4"
+  kvmlockprof ab --runs 5 --workload "--kvmclock --churn" \\
+      --base-kernel /boot/vmlinuz-6.12.95+deb12-amd64 --new-kernel ~/linux/arch/x86/boot/bzImage
+"""
+
+
+@main.command(epilog=EPILOG_AB)
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Runs per side (at least 3 for confidence intervals over runs).")
+@click.option("-d", "--duration", type=float, default=3.0, show_default=True,
+              help="Seconds per run.")
+@click.option("--workload", "workload_args", default="", metavar="ARGS",
+              help="`kvmlockprof workload` options for both sides.")
+@click.option("--base-args", default="", metavar="ARGS", help="Extra workload options, BASE.")
+@click.option("--new-args", default="", metavar="ARGS", help="Extra workload options, NEW.")
+@click.option("--base-kernel", metavar="IMAGE", help="Run BASE in the lab on this kernel.")
+@click.option("--new-kernel", metavar="IMAGE", help="Run NEW in the lab on this kernel.")
+@click.option("--record-args", default="", metavar="ARGS",
+              help="Extra `kvmlockprof record` options for every run.")
+@click.option("-o", "--output-dir", default="kvmlockprof-ab", show_default=True,
+              help="Directory for the recordings (BASE in base/, NEW in new/).")
+@click.option("--threshold", type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option("--html", "html_out", metavar="FILE", help="Also write the comparison as HTML.")
+@click.option("-f", "--force", is_flag=True,
+              help="Reuse a non-empty output directory; compare even if not comparable.")
+def ab(runs, duration, workload_args, base_args, new_args, base_kernel, new_kernel, record_args,
+       output_dir, threshold, html_out, force):
+    """Record the built-in workload N times under two settings, then compare them."""
+    import shlex
+    from . import ab as abmod, host
+    if bool(base_kernel) != bool(new_kernel):
+        fail("give both --base-kernel and --new-kernel, or neither")
+    if not base_kernel and base_args == new_args:
+        fail("the two sides are the same: give --new-args/--base-args or two kernels")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not force:
+        fail(f"{output_dir} is not empty: use --force to reuse it, or -o another directory")
+    if not base_kernel and not host.can_bpf():
+        fail("ab records on this host: it needs root (or CAP_BPF+CAP_PERFMON)")
+    w, r = shlex.split(workload_args), shlex.split(record_args)
+    echo = lambda m: click.echo(f"kvmlockprof ab: {m}", err=True)   # noqa: E731
+    try:
+        if base_kernel:
+            paths = abmod.run_lab(output_dir, runs, duration, w,
+                                  {"base": base_kernel, "new": new_kernel}, r, echo)
+        else:
+            paths = abmod.run_local(output_dir, runs, duration, w,
+                                    {"base": shlex.split(base_args),
+                                     "new": shlex.split(new_args)}, r, echo)
+    except subprocess.CalledProcessError as e:
+        fail(f"a run failed (exit {e.returncode}): {shlex.join(map(str, e.cmd))}")
+    except abmod.lab.LabError as e:
+        fail(str(e))
+    args = [a for p in paths["base"] for a in ("-b", p)] + \
+        [a for p in paths["new"] for a in ("-n", p)] + ["--threshold", str(threshold)]
+    if html_out:
+        args += ["--html", html_out]
+    if force:
+        args.append("--force")
+    compare.main(args, standalone_mode=False)
 
 
 @main.command()

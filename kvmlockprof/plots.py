@@ -149,3 +149,21 @@ def _vm_label(rec):
     p = analysis.processes(rec)
     names = dict(zip(p["tgid"], p["vm"]))
     return lambda t: names.get(t, str(t))
+
+
+def compare_forest(df, limit=40):
+    """The compare table as a forest plot: NEW/BASE ratio with its 95% CI per metric
+    (log x; metrics whose BASE is 0 have no finite ratio and are left out)."""
+    finite = df[np.isfinite(df["ratio"].astype(float)) & df["ratio_ci_low"].notna() &
+                np.isfinite(df["ratio_ci_high"].astype(float)) & (df["ratio"] > 0)]
+    if finite.empty:
+        return None
+    finite = finite.head(limit).assign(
+        what=lambda d: d["name"] + "  " + d["metric"],
+        plus=lambda d: d["ratio_ci_high"] - d["ratio"],
+        minus=lambda d: d["ratio"] - d["ratio_ci_low"].clip(lower=1e-9))
+    fig = px.scatter(finite, x="ratio", y="what", color="verdict", error_x="plus",
+                     error_x_minus="minus", log_x=True, height=max(400, 22 * len(finite)),
+                     labels={"ratio": "NEW / BASE (95% CI)", "what": ""})
+    fig.add_vline(x=1, line_dash="dot")
+    return fig

@@ -32,7 +32,7 @@ def _raise_stop(signum, frame):
 class Recorder:
     def __init__(self, out, duration=None, pids=(), command=(), system_wide=False,
                  sample_every=1, flush_interval=1.0, force=False, progress=None,
-                 ringbuf_mb=16, probes=None, warn=None, prefer=None):
+                 ringbuf_mb=16, map_entries=16384, probes=None, warn=None, prefer=None):
         self.out = out
         self.duration = duration
         self.pids = list(pids)
@@ -43,6 +43,7 @@ class Recorder:
         self.force = force
         self.progress = progress
         self.ringbuf_mb = ringbuf_mb
+        self.map_entries = map_entries
         self.warn = warn or (lambda msg: None)
         self.prefer = prefer            # attach method to try first (fentry/kprobe)
         # None: every probe this host can attach; else names (checked here, early)
@@ -61,7 +62,8 @@ class Recorder:
         tgids = self._filter()
         sources, _ = open_sources(
             self.requested, tgids=tgids, follow_fork=bool(self.command) and not self.pids,
-            sample_every=self.sample_every, ringbuf_mb=self.ringbuf_mb, prefer=self.prefer,
+            sample_every=self.sample_every, ringbuf_mb=self.ringbuf_mb,
+            map_entries=self.map_entries, prefer=self.prefer,
             warn=self.warn, status=self.manifest["probes"])
         return sources
 

@@ -87,7 +87,9 @@ def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pid
         return df.to_csv(index=False)
     if fmt == "json":
         return json.dumps({"manifest": rec.manifest,
-                           "rows": json.loads(df.to_json(orient="records"))}, indent=1)
+                           "rows": json.loads(df.to_json(orient="records",
+                                                      double_precision=15))},
+                      indent=1)
     lines = summary_lines(rec) + [""] + table_text(df, by)
     if df.empty:
         lines.append("(no contention recorded)")

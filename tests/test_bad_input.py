@@ -86,3 +86,24 @@ def test_html_report_is_self_contained(recording, tmp_path):
     assert "Plotly.newPlot" in page and len(page) > 1_000_000      # plotly.js inline
     assert not re.findall(r"<script[^>]*\bsrc=", page)               # nothing fetched
     assert "--force" in one_line_error(klp("report", recording, "--html", out, check=False))
+
+
+def test_compare_bad_input(recording, tmp_path):
+    f = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"a": [1]}), f)
+    assert "not a kvmlockprof recording" in one_line_error(
+        klp("compare", recording, f, check=False))
+    assert "two recordings" in one_line_error(klp("compare", recording, check=False))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no *.parquet" in one_line_error(klp("compare", recording, empty, check=False))
+    out = tmp_path / "keep.txt"
+    out.write_text("mine")
+    assert "exists" in one_line_error(klp("compare", recording, recording, "-o", out,
+                                          check=False))
+    assert out.read_text() == "mine"
+
+
+def test_ab_refuses_same_sides(tmp_path):
+    assert "the two sides are the same" in one_line_error(
+        klp("ab", "-o", tmp_path / "x", check=False))

@@ -25,14 +25,36 @@ def chromium():
     return path
 
 
+def render(chromium, page, tmp_path):
+    """Load the page in headless Chromium: (console errors, screenshot path)."""
+    shot = tmp_path / (page.stem + ".png")
+    p = subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                        "--window-size=1280,2400", f"--screenshot={shot}", page.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    return [line for line in p.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line], \
+        shot
+
+
 def test_page_renders_without_js_errors(chromium, tmp_path):
     rec = kvmlockprof.load(small_recording(tmp_path / "r.parquet"))
     page = tmp_path / "r.html"
     page.write_text(html.render(rec))
-    shot = tmp_path / "shot.png"
-    p = subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                        "--window-size=1280,2400", f"--screenshot={shot}", page.as_uri()],
-                       capture_output=True, text=True, timeout=120)
-    console = [line for line in p.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    console, shot = render(chromium, page, tmp_path)
     assert not console, console
     assert shot.exists() and shot.stat().st_size > 30_000      # plots drawn, not a blank page
+
+
+def test_compare_page_renders(chromium, tmp_path):
+    from kvmlockprof import compare, compare_report
+    rows = [(w, 0x1000, 7, 32, 1) for w in range(100, 400)] + \
+        [(w, 0x2000, 7, 1, 2) for w in range(50, 150)]
+    slower = [(w * 2, lock, t, f, s) for w, lock, t, f, s in rows]
+    base = [kvmlockprof.load(small_recording(tmp_path / "b.parquet", rows))]
+    new = [kvmlockprof.load(small_recording(tmp_path / "n.parquet", slower))]
+    df = compare.compare(base, new)
+    assert set(df.loc[df["metric"] == "mean wait", "verdict"]) == {"regressed"}
+    page = tmp_path / "cmp.html"
+    page.write_text(compare_report.page(df, base, new, [], 0.05))
+    console, shot = render(chromium, page, tmp_path)
+    assert not console, console
+    assert shot.exists() and shot.stat().st_size > 30_000

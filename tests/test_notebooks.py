@@ -55,6 +55,8 @@ def two_recordings(live, tmp_path_factory):
 
 def test_compare_notebook(two_recordings, tmp_path):
     base, new = two_recordings
-    nb = execute("compare.ipynb", tmp_path, BASE=base, NEW=new)
-    text, _ = outputs(nb)
-    assert "BASE" in text and "NEW" in text
+    nb = execute("compare.ipynb", tmp_path, BASE=[base], NEW=[new], THRESHOLD=0.05)
+    text, mimes = outputs(nb)
+    assert "BASE: 1 run" in text and "NEW : 1 run" in text
+    assert "regressed" in text                      # memslot churn off -> on
+    assert "application/vnd.plotly.v1+json" in mimes

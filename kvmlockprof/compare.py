@@ -1,0 +1,393 @@
+"""Before/after comparison of recordings: per lock and per probe metric, the
+change, a 95% bootstrap confidence interval for it, and a verdict.
+
+With several runs per side the bootstrap resamples runs (each run one value
+per metric: run-to-run noise is what decides), with the expanded percentile
+interval that keeps 95% coverage for a handful of runs; with one run per side
+it resamples within the run: waits for the wait statistics, 500 ms time bins
+for rates (probe metrics then get no interval). A change is reported as improved or regressed
+only when its interval excludes zero and it is at least `threshold` (relative)."""
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from . import analysis, probe_analysis
+
+LOCK_METRICS = {          # metric -> (better, unit)
+    "waits/s": ("lower", "/s"), "wait/s": ("lower", "ns"), "waits/exit": ("lower", ""),
+    "waits/memslot op": ("lower", ""), "mean wait": ("lower", "ns"),
+    "p50 wait": ("lower", "ns"), "p99 wait": ("lower", "ns"),
+}
+RATE_METRICS = ("waits/s", "wait/s", "waits/exit", "waits/memslot op")
+BIN_NS = 500_000_000          # time bins for a single run's rates
+SAMPLE_CAP = 20_000           # waits per side resampled for single-run wait statistics
+# waits a run needs before its mean / percentile of a lock means anything (the
+# p99 of a dozen waits is their maximum)
+MIN_WAITS = {"mean wait": 50, "p50 wait": 50, "p99 wait": 200}
+MIN_RUNS = 3                  # runs per side for an interval over runs: with 2, all
+                              # 2+2 orderings put both NEW above both BASE 1 time in 6
+COLUMNS = ["kind", "name", "metric", "unit", "better", "base", "new", "change", "ratio",
+           "ci_low", "ci_high", "ratio_ci_low", "ratio_ci_high", "verdict", "n_base", "n_new"]
+
+
+class NotComparable(Exception):
+    """The two sides should not be compared; str() says why and what to do."""
+
+
+# --- identities -------------------------------------------------------------------
+
+def _func(frame):
+    return frame.split("+", 1)[0]
+
+
+def lock_identity(lock, typ, caller):
+    """What matches a lock across recordings: its name without addresses or pids
+    (symbols and KVM field names are stable, addresses are not), its type and its
+    caller's function (offsets change with any patch)."""
+    name = "" if str(lock).startswith("0x") else re.sub(r"\(\d+\)", "", str(lock))
+    return f"{name or '?'} {typ} @ {_func(str(caller))}"
+
+
+def _with_identity(df):
+    if df.empty:
+        return df.assign(identity=pd.Series(dtype=str))
+    ident = [lock_identity(lk, t, c) for lk, t, c in zip(df["lock"], df["type"], df["caller"])]
+    return df.assign(identity=ident)
+
+
+# --- what one recording says --------------------------------------------------------
+
+def _work(rec):
+    w = rec.manifest.get("work") or {}
+    return {"exit": w.get("exits_total") or 0, "memslot op": w.get("churn_ops") or 0}
+
+
+def lock_values(rec):
+    """Per lock identity, this run's value of every lock metric (rates from the
+    in-kernel aggregates, percentiles from the samples or bucket bounds)."""
+    aggs, samples = analysis.annotate(rec)
+    aggs, samples = _with_identity(aggs), _with_identity(samples)
+    if aggs.empty:
+        return pd.DataFrame(columns=["identity", *LOCK_METRICS, "total_ns"])
+    dur = rec.manifest.get("duration_s") or np.nan
+    g = aggs.groupby("identity")
+    out = pd.DataFrame({"count": g["count"].sum(), "total_ns": g["total_ns"].sum()})
+    out["waits/s"] = out["count"] / dur
+    out["wait/s"] = out["total_ns"] / dur
+    for unit, n in _work(rec).items():
+        out[f"waits/{unit}"] = out["count"] / n if n else np.nan
+    out["mean wait"] = (out["total_ns"] / out["count"]).where(
+        out["count"] >= MIN_WAITS["mean wait"])
+    if not samples.empty:
+        w = samples.groupby("identity")["wait_ns"]
+        n = w.size().reindex(out.index).fillna(0)
+        for metric, q in (("p50 wait", 0.5), ("p99 wait", 0.99)):
+            out[metric] = w.quantile(q).reindex(out.index).where(n >= MIN_WAITS[metric])
+    else:
+        out["p50 wait"] = out["p99 wait"] = np.nan
+    return out.reset_index()[["identity", *LOCK_METRICS, "total_ns"]]
+
+
+def probe_values(rec):
+    """{(probe metric name, better, unit): value} of the function probes in one run."""
+    out = {}
+    dur = rec.manifest.get("duration_s") or np.nan
+    xen = probe_analysis.xen_hit_ratio(rec)
+    if not xen.empty:
+        calls, fell = xen["fast_calls"].sum(), xen["fell_back"].sum()
+        out[("xen fast-path hit ratio", "higher", "ratio")] = 1 - fell / calls if calls else np.nan
+        out[("xen fast-path calls/s", "none", "/s")] = calls / dur
+    checks = probe_analysis.gpc_checks(rec)
+    if not checks.empty:
+        for place, p in checks.groupby("place_name"):
+            n = p["check_hit"].sum() + p["check_miss"].sum()
+            if n:
+                out[(f"gpc check hit ratio {place}", "higher", "ratio")] = p["check_hit"].sum() / n
+    ref = rec.table("gpc_refresh")
+    if not ref.empty:
+        out[("gpc refreshes/s", "lower", "/s")] = len(ref) / dur
+        out[("gpc refresh mean latency", "lower", "ns")] = float(ref["lat_ns"].mean())
+    sec = rec.table("srcu_sections")
+    if not sec.empty:
+        kinds = sec.assign(kind=sec["kind"].map(probe_analysis.SRCU_KINDS))
+        for kind, p in kinds.groupby("kind"):
+            if p["count"].sum():
+                out[(f"srcu read section mean {kind}", "lower", "ns")] = \
+                    p["total_ns"].sum() / p["count"].sum()
+    sync = rec.table("srcu_sync")
+    sync = sync[sync["type"] != 0] if not sync.empty else sync
+    if not sync.empty:
+        ops = _work(rec)["memslot op"]
+        for (typ, kind), p in sync.groupby(["type", "kind"]):
+            what = f"{probe_analysis.SRCU_EVENTS[typ]} {probe_analysis.SRCU_KINDS.get(kind)}"
+            out[(f"{what} mean wait", "lower", "ns")] = float(p["dur_ns"].mean())
+            out[(f"{what} p99 wait", "lower", "ns")] = float(p["dur_ns"].quantile(0.99))
+            if ops:
+                out[(f"{what} per memslot op", "lower", "")] = len(p) / ops
+    xa = probe_analysis.xa_erases(rec)
+    if not xa.empty:
+        for owner, p in xa.groupby("owner_name"):
+            out[(f"xa_erase mean latency {owner}", "lower", "ns")] = \
+                p["total_ns"].sum() / p["count"].sum()
+    vg = rec.table("vgic")
+    if not vg.empty:
+        out[("vgic_put_irq mean latency", "lower", "ns")] = float(vg["lat_ns"].mean())
+    return out
+
+
+# --- single-run observations ----------------------------------------------------------
+
+def _has_unit(rec, metric):
+    """Whether a rate metric is defined for this run (per memslot op needs memslot ops)."""
+    if not metric.startswith("waits/") or metric == "waits/s":
+        return True
+    return bool(_work(rec).get(metric[len("waits/"):]))
+
+
+def _single_observations(rec, identities):
+    """({(identity, metric): (observations, statistic)}, bins): what the bootstrap
+    resamples when there is one run per side. Rates: per 500 ms bin (scaled so
+    that unsampled waits count); wait statistics: the sampled waits."""
+    aggs, samples = analysis.annotate(rec)
+    samples = _with_identity(samples)
+    dur = rec.manifest.get("duration_s") or np.nan
+    nbins = max(1, int(np.ceil(dur * 1e9 / BIN_NS))) if dur == dur else 1
+    out = {}
+    if samples.empty:
+        return out, nbins
+    t0 = rec.manifest.get("start_monotonic_ns", int(samples["ts_ns"].min()))
+    counts = _with_identity(aggs).groupby("identity")["count"].sum()
+    for ident, s in samples.groupby("identity"):
+        if ident not in identities:
+            continue
+        waits = s["wait_ns"].to_numpy(np.float64)
+        b = np.clip((s["ts_ns"].to_numpy(np.int64) - t0) // BIN_NS, 0, nbins - 1)
+        scale = counts.get(ident, len(s)) / len(s) * 1e9 / BIN_NS
+        per_bin = np.bincount(b, minlength=nbins) * scale
+        out[(ident, "waits/s")] = (per_bin, "mean")
+        out[(ident, "wait/s")] = (np.bincount(b, weights=waits, minlength=nbins) * scale, "mean")
+        for unit, n in _work(rec).items():
+            if n:
+                out[(ident, f"waits/{unit}")] = (per_bin * dur / n, "mean")
+        for metric, stat in (("mean wait", "mean"), ("p50 wait", 0.5), ("p99 wait", 0.99)):
+            if len(waits) >= MIN_WAITS[metric]:
+                out[(ident, metric)] = (waits, stat)
+    return out, nbins
+
+
+# --- the bootstrap ------------------------------------------------------------------
+
+def _stat(x, stat, axis=-1):
+    return np.mean(x, axis=axis) if stat == "mean" else np.quantile(x, stat, axis=axis)
+
+
+def confidence_level(n, level=0.95):
+    """The level to ask the percentile bootstrap for so that its interval covers
+    `level` with n observations: Hesterberg's expanded percentile interval (the
+    plain one is too narrow for small n, as in a handful of runs)."""
+    if n < 2:
+        return np.nan
+    alpha = 1 - level
+    z = np.sqrt(n / (n - 1)) * stats.t.ppf(1 - alpha / 2, n - 1)
+    return 1 - 2 * stats.norm.sf(z)
+
+
+def _interval(base, new, stat, rng, resamples):
+    """95% CI of stat(new) - stat(base) and of stat(new) / stat(base)."""
+    n = min(len(base), len(new))
+    if n < 2:                               # one value per side: no spread to go on
+        return (np.nan,) * 4
+    if np.ptp(base) == 0 and np.ptp(new) == 0:         # no spread: the change is exact
+        d, r = new[0] - base[0], (new[0] / base[0] if base[0] else np.inf)
+        return d, d, r, r
+    base = base if len(base) <= SAMPLE_CAP else rng.choice(base, SAMPLE_CAP, replace=False)
+    new = new if len(new) <= SAMPLE_CAP else rng.choice(new, SAMPLE_CAP, replace=False)
+    level = confidence_level(n)
+
+    def diff(b, n, axis=-1):
+        return _stat(n, stat, axis) - _stat(b, stat, axis)
+
+    def ratio(b, n, axis=-1):
+        return _stat(n, stat, axis) / _stat(b, stat, axis)
+    out = []
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for fn in (diff, ratio):
+            res = stats.bootstrap((base, new), fn, n_resamples=resamples, method="percentile",
+                                  vectorized=True, rng=rng, batch=200,
+                                  confidence_level=level)
+            out += [res.confidence_interval.low, res.confidence_interval.high]
+    return tuple(out)
+
+
+def _verdict(better, lo, hi, change, ratio, threshold):
+    if better == "none":
+        return "(context)"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "no CI (too few runs)" if np.isnan(lo) else "no CI"
+    if lo <= 0 <= hi:
+        return "no significant change"
+    rel = abs(ratio - 1) if np.isfinite(ratio) else np.inf
+    if rel < threshold:
+        return "no significant change"
+    worse = change > 0 if better == "lower" else change < 0
+    return "regressed" if worse else "improved"
+
+
+# --- the comparison -----------------------------------------------------------------
+
+def compare(base, new, threshold=0.05, limit=20, resamples=4000, seed=0):
+    """One row per (lock identity or probe, metric): base and new values, change,
+    95% CI of the change (absolute and ratio), verdict; sorted by effect size.
+
+    base, new: lists of Recordings (one or several runs each)."""
+    rng = np.random.default_rng(seed)
+    runs_mode = len(base) > 1 or len(new) > 1
+    bl = [lock_values(r) for r in base]
+    nl = [lock_values(r) for r in new]
+    pooled = pd.concat([*bl, *nl]).groupby("identity")["total_ns"].sum()
+    identities = list(pooled.sort_values(ascending=False).index[:limit])
+    rows = []
+
+    def add(kind, name, metric, better, b_obs, n_obs, stat="mean", unit=""):
+        b_obs = np.asarray(b_obs, np.float64)
+        n_obs = np.asarray(n_obs, np.float64)
+        b_obs, n_obs = b_obs[~np.isnan(b_obs)], n_obs[~np.isnan(n_obs)]
+        bv = _stat(b_obs, stat) if len(b_obs) else np.nan
+        nv = _stat(n_obs, stat) if len(n_obs) else np.nan
+        if runs_mode and min(len(b_obs), len(n_obs)) < MIN_RUNS:
+            lo = hi = rlo = rhi = np.nan
+        else:
+            lo, hi, rlo, rhi = _interval(b_obs, n_obs, stat, rng, resamples)
+        change = nv - bv
+        ratio = nv / bv if bv else (np.inf if nv else 1.0)
+        rows.append({"kind": kind, "name": name, "metric": metric, "unit": unit,
+                     "better": better,
+                     "base": bv, "new": nv, "change": change, "ratio": ratio,
+                     "ci_low": lo, "ci_high": hi, "ratio_ci_low": rlo, "ratio_ci_high": rhi,
+                     "verdict": _verdict(better, lo, hi, change, ratio, threshold),
+                     "n_base": len(b_obs), "n_new": len(n_obs)})
+
+    if runs_mode:
+        for ident in identities:
+            for metric, (better, unit) in LOCK_METRICS.items():
+                b = [_run_value(t, r, ident, metric) for t, r in zip(bl, base)]
+                n = [_run_value(t, r, ident, metric) for t, r in zip(nl, new)]
+                if not (np.isnan(b).all() and np.isnan(n).all()):
+                    add("lock", ident, metric, better, b, n, unit=unit)
+        bp, np_ = [probe_values(r) for r in base], [probe_values(r) for r in new]
+        for key in sorted(set().union(*bp, *np_)):
+            add("probe", key[0], "", key[1], [p.get(key, np.nan) for p in bp],
+                [p.get(key, np.nan) for p in np_], unit=key[2])
+    else:
+        (bo, bbins), (no, nbins) = (_single_observations(r[0], set(identities))
+                                    for r in (base, new))
+        for ident in identities:
+            for metric, (better, unit) in LOCK_METRICS.items():
+                b, n = bo.get((ident, metric)), no.get((ident, metric))
+                if b is None and n is None:     # no samples: the point values, no CI
+                    bv = _run_value(bl[0], base[0], ident, metric)
+                    nv = _run_value(nl[0], new[0], ident, metric)
+                    if not (np.isnan(bv) and np.isnan(nv)):
+                        add("lock", ident, metric, better, [bv], [nv], unit=unit)
+                        rows[-1]["verdict"] = "no CI (no samples)"
+                    continue
+                stat = (b or n)[1]
+
+                def missing(rec, bins):     # not contended in that run
+                    return np.zeros(bins) if metric in RATE_METRICS and \
+                        _has_unit(rec, metric) else []
+                add("lock", ident, metric, better, b[0] if b else missing(base[0], bbins),
+                    n[0] if n else missing(new[0], nbins), stat, unit)
+        bp, np_ = probe_values(base[0]), probe_values(new[0])
+        for key in sorted(set(bp) | set(np_)):
+            add("probe", key[0], "", key[1], [bp.get(key, np.nan)], [np_.get(key, np.nan)],
+                unit=key[2])
+            if key[1] != "none":
+                rows[-1]["verdict"] = "no CI (one run per side)"
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    return sort_by_effect(df)
+
+
+def _run_value(table, rec, ident, metric):
+    """One run's value of a lock metric; a lock the run did not contend has rate 0
+    (where the rate's unit exists in that run) and no wait statistics."""
+    row = table[table["identity"] == ident]
+    if not row.empty:
+        return float(row[metric].iloc[0])
+    return 0.0 if metric in RATE_METRICS and _has_unit(rec, metric) else np.nan
+
+
+def sort_by_effect(df):
+    """Significant changes first, then by |log2 ratio| (a change from zero first)."""
+    if df.empty:
+        return df
+    with np.errstate(divide="ignore", invalid="ignore"):
+        effect = np.abs(np.log2(df["ratio"].astype(float).replace(0, np.nan)))
+    effect = effect.fillna(0).replace(np.inf, 1e9)
+    sig = df["verdict"].isin(["improved", "regressed"])
+    order = np.lexsort((-effect.to_numpy(), ~sig.to_numpy()))
+    return df.iloc[order].reset_index(drop=True)
+
+
+# --- are the two sides comparable? -----------------------------------------------------
+
+LOSS_GAP = 0.01          # loss fractions that differ by more than this bias the result
+WORK_FOLD = 2.0          # work rates that differ more than this: warn loudly
+
+
+def _attached(rec):
+    return tuple(sorted((name, st.get("method")) for name, st in
+                        rec.manifest.get("probes", {}).items()
+                        if st.get("status") == "attached"))
+
+
+def loss_fraction(rec):
+    """Share of contended waits whose event or aggregate was lost."""
+    m = rec.manifest
+    end = (m.get("counters") or {}).get("end", 0)
+    lost = sum(v for k, v in (m.get("losses") or {}).items() if k != "stack_failures")
+    return lost / end if end else 0.0
+
+
+def _work_rate(rec, unit):
+    w = _work(rec)[unit]
+    return w / rec.manifest["duration_s"] if w and rec.manifest.get("duration_s") else 0.0
+
+
+def check(base, new):
+    """(refusals, warnings): one-line reasons the sides should not be compared."""
+    refuse, warn = [], []
+    sides = {"BASE": base, "NEW": new}
+    probes = {name: {_attached(r) for r in recs} for name, recs in sides.items()}
+    for name, sets in probes.items():
+        if len(sets) > 1:
+            refuse.append(f"the {name} runs attached different probes: {sorted(sets)}")
+    if len(probes["BASE"]) == 1 and probes["BASE"] != probes["NEW"]:
+        b, n = next(iter(probes["BASE"])), next(iter(probes["NEW"]))
+        refuse.append("different probes or attach methods: BASE " +
+                      (", ".join(f"{p} ({m})" for p, m in b) or "none") + "; NEW " +
+                      (", ".join(f"{p} ({m})" for p, m in n) or "none"))
+    losses = {name: max(loss_fraction(r) for r in recs) for name, recs in sides.items()}
+    if abs(losses["BASE"] - losses["NEW"]) > LOSS_GAP:
+        refuse.append(f"loss rates differ (BASE {losses['BASE']:.1%}, NEW {losses['NEW']:.1%} "
+                      "of waits lost): record again with a bigger --ringbuf-mb or "
+                      "--map-nr-entries, or --sample-every")
+    every = {name: {r.manifest.get("probes", {}).get("contention", {}).get("sample_every")
+                    for r in recs} for name, recs in sides.items()}
+    if every["BASE"] != every["NEW"]:
+        warn.append(f"--sample-every differs (BASE {sorted(every['BASE'], key=str)}, NEW "
+                    f"{sorted(every['NEW'], key=str)}): percentiles may be exact on one side "
+                    "and bucket bounds on the other")
+    for unit in ("exit", "memslot op"):
+        rates = {name: np.mean([_work_rate(r, unit) for r in recs])
+                 for name, recs in sides.items()}
+        lo, hi = sorted(rates.values())
+        if hi and (lo == 0 or hi / lo > WORK_FOLD):
+            warn.append(f"the work done differs: {unit}s/s BASE {rates['BASE']:,.0f}, NEW "
+                        f"{rates['NEW']:,.0f}: per-second rates mix workload and locking, "
+                        f"read the waits/{unit} rows")
+    return refuse, warn

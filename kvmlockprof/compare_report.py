@@ -1,0 +1,122 @@
+"""`kvmlockprof compare` output: text, CSV, JSON and a self-contained HTML page."""
+import glob
+import html
+import json
+import os
+
+import numpy as np
+
+from . import compare, plots
+from .recording import RecordingError, load
+from .report import fmt_ns
+
+def expand(paths):
+    """Recording paths; a directory stands for the *.parquet files in it."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p) and not p.rstrip("/").endswith(".partial"):
+            found = sorted(glob.glob(os.path.join(p, "*.parquet")))
+            if not found:
+                raise RecordingError(f"{p} holds no *.parquet recordings")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def load_side(paths):
+    return [load(p) for p in expand(paths)]
+
+
+def _is_ns(row):
+    return row["unit"] == "ns"
+
+
+def fmt_value(v, ns=False, signed=False):
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "-"
+    if ns:
+        s = fmt_ns(abs(v))
+        return (("+" if v > 0 else "-" if v < 0 else "") + s) if signed else s
+    if isinstance(v, float) and np.isinf(v):
+        return "inf"
+    mag = abs(v)
+    s = f"{mag:,.0f}" if mag >= 100 else f"{mag:.3g}"
+    return (("+" if v > 0 else "-" if v < 0 else "") if signed else
+            ("-" if v < 0 else "")) + s
+
+
+def fmt_ratio(r):
+    if r is None or np.isnan(r):
+        return "-"
+    return "inf" if np.isinf(r) else f"x{r:.2f}"
+
+
+def side_line(name, recs):
+    m = [r.manifest for r in recs]
+    dur = np.mean([x.get("duration_s", 0) for x in m])
+    kernels = sorted({x.get("kernel_release", "?") for x in m})
+    exits = np.mean([compare._work_rate(r, "exit") for r in recs])
+    ops = np.mean([compare._work_rate(r, "memslot op") for r in recs])
+    lost = max(compare.loss_fraction(r) for r in recs)
+    return (f"{name}: {len(recs)} run{'s' if len(recs) > 1 else ''}, kernel "
+            f"{', '.join(kernels)}, {dur:.1f} s each, {exits:,.0f} exits/s, "
+            f"{ops:,.0f} memslot ops/s, {lost:.2%} of waits lost")
+
+
+def header_lines(base, new, warnings, threshold):
+    how = ("bootstrap over runs (expanded percentile)" if len(base) > 1 or len(new) > 1 else
+           "bootstrap within the run (waits; rates over 500 ms bins)")
+    lines = [side_line("BASE", base), side_line("NEW ", new)]
+    lines += [f"WARNING: {w}" for w in warnings]
+    lines.append(f"95% confidence intervals: {how}; a change counts when its interval "
+                 f"excludes 0 and it is at least {threshold:.0%}")
+    return lines
+
+
+def text(df, base, new, warnings, threshold):
+    lines = header_lines(base, new, warnings, threshold) + [""]
+    lines.append(f"{'verdict':<22} {'what':<58} {'base':>10} {'new':>10} {'change':>11} "
+                 f"{'95% CI of change':>25} {'ratio':>7} {'ratio 95% CI':>16}")
+    for _, r in df.iterrows():
+        ns = _is_ns(r)
+        what = f"{r['name']}  {r['metric']}".strip() if r["kind"] == "lock" else \
+            f"[probe] {r['name']}"
+        ci = (f"[{fmt_value(r['ci_low'], ns, True)}, {fmt_value(r['ci_high'], ns, True)}]"
+              if not np.isnan(r["ci_low"]) else "-")
+        rci = (f"[{fmt_ratio(r['ratio_ci_low'])}, {fmt_ratio(r['ratio_ci_high'])}]"
+               if not np.isnan(r["ratio_ci_low"]) else "-")
+        lines.append(f"{r['verdict']:<22} {what[:58]:<58} {fmt_value(r['base'], ns):>10} "
+                     f"{fmt_value(r['new'], ns):>10} {fmt_value(r['change'], ns, True):>11} "
+                     f"{ci:>25} {fmt_ratio(r['ratio']):>7} {rci:>16}")
+    if df.empty:
+        lines.append("(nothing to compare: neither side recorded contention or probe data)")
+    counts = df["verdict"].value_counts()
+    lines += ["", "  ".join(f"{k}: {counts.get(k, 0)}" for k in
+                            ("regressed", "improved", "no significant change"))]
+    return "\n".join(lines) + "\n"
+
+
+def as_json(df, base, new, warnings, threshold):
+    return json.dumps({"base": [str(r.path) for r in base], "new": [str(r.path) for r in new],
+                       "threshold": threshold, "warnings": warnings,
+                       "rows": json.loads(df.to_json(orient="records",
+                                                      double_precision=15))},
+                      indent=1)
+
+
+def page(df, base, new, warnings, threshold):
+    """A self-contained page: the header, a forest plot of ratio CIs, the table."""
+    import plotly.io as pio
+    head = "\n".join(header_lines(base, new, warnings, threshold))
+    parts = [f"<h1>kvmlockprof compare</h1><pre>{html.escape(head)}</pre>"]
+    fig = plots.compare_forest(df)
+    if fig is not None:
+        parts.append("<h2>Change per metric (NEW / BASE, 95% CI)</h2>" +
+                     pio.to_html(fig, full_html=False, include_plotlyjs=True))
+    parts.append("<h2>All metrics</h2>" + df.to_html(index=False, border=0, classes="t"))
+    style = ("body{font-family:sans-serif;margin:2em} table.t{border-collapse:collapse;"
+             "font-size:12px} table.t td,table.t th{padding:2px 8px;"
+             "border-bottom:1px solid #ddd}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>kvmlockprof compare"
+            f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")

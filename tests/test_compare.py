@@ -1,0 +1,66 @@
+"""compare's statistics and checks on small inputs built here (no BPF)."""
+import numpy as np
+import pytest
+
+from kvmlockprof import compare
+from kvmlockprof.recording import Recording
+
+
+def test_expanded_level_widens_for_few_runs():
+    assert compare.confidence_level(1000) == pytest.approx(0.95, abs=0.002)
+    assert compare.confidence_level(5) > 0.99          # a handful of runs: much wider
+    assert np.isnan(compare.confidence_level(1))
+
+
+def test_interval_covers_an_exact_shift_and_refuses_one_value():
+    rng = np.random.default_rng(1)
+    base = rng.normal(100, 5, 400)
+    new = base + 20                                     # the change is exactly +20
+    lo, hi, rlo, rhi = compare._interval(base, new, "mean", rng, 2000)
+    assert lo < 20 < hi and lo > 0
+    assert rlo < np.mean(new) / np.mean(base) < rhi
+    assert all(np.isnan(compare._interval(np.array([1.0]), new, "mean", rng, 100)))
+
+
+def test_verdicts():
+    v = compare._verdict
+    assert v("lower", 5, 10, 7, 1.5, 0.05) == "regressed"
+    assert v("lower", -10, -5, -7, 0.5, 0.05) == "improved"
+    assert v("higher", -10, -5, -7, 0.5, 0.05) == "regressed"      # a hit ratio fell
+    assert v("lower", -1, 5, 2, 1.2, 0.05) == "no significant change"
+    assert v("lower", 1, 2, 1.5, 1.01, 0.05) == "no significant change"   # below threshold
+    assert v("lower", np.nan, np.nan, 1, 2, 0.05).startswith("no CI")
+
+
+def test_identity_drops_addresses_pids_and_offsets():
+    a = compare.lock_identity("0xffff888100de9008", "mutex", "kvm_vm_ioctl+0xb19")
+    b = compare.lock_identity("0xffff888102ece008", "mutex", "kvm_vm_ioctl+0xa00")
+    assert a == b == "? mutex @ kvm_vm_ioctl"
+    assert compare.lock_identity("kvm(1234)->mmu_lock", "rwlock:W", "x+0x1") == \
+        compare.lock_identity("kvm(99)->mmu_lock", "rwlock:W", "x+0x2")
+
+
+def _rec(probes, end=1000, lost=0, work=None):
+    return Recording("r", {"duration_s": 2.0, "probes": probes, "counters": {"end": end},
+                           "losses": {"lost_ringbuf_full": lost}, "work": work or {}}, {})
+
+
+TP = {"contention": {"status": "attached", "method": "tracepoint", "sample_every": 1}}
+
+
+def test_check_refuses_different_probes_and_losses():
+    fentry = dict(TP, gpc={"status": "attached", "method": "fentry"})
+    refuse, _ = compare.check([_rec(TP)], [_rec(fentry)])
+    assert refuse and "different probes" in refuse[0]
+    kprobe = dict(TP, gpc={"status": "attached", "method": "kprobe"})
+    refuse, _ = compare.check([_rec(kprobe)], [_rec(fentry)])      # same probe, other method
+    assert refuse and "attach methods" in refuse[0]
+    refuse, _ = compare.check([_rec(TP)], [_rec(TP, lost=300)])
+    assert refuse and "loss rates differ" in refuse[0]
+    assert compare.check([_rec(TP)], [_rec(TP, lost=5)]) == ([], [])
+
+
+def test_check_warns_when_work_differs():
+    _, warn = compare.check([_rec(TP, work={"exits_total": 1000})],
+                            [_rec(TP, work={"exits_total": 9000})])
+    assert warn and "waits/exit" in warn[0]

@@ -1,0 +1,113 @@
+"""Live: compare and ab on real recordings of the built-in workload."""
+import json
+
+import numpy as np
+import pytest
+
+import kvmlockprof
+from kvmlockprof import analysis, compare
+from conftest import klp, workload_argv
+
+pytestmark = pytest.mark.live
+RUNS = 5                  # per side: the expanded interval over 5 runs keeps A/A quiet
+SECONDS = 2
+
+
+def record_runs(d, name, n, *workload):
+    paths = []
+    for i in range(n):
+        out = d / name / f"{i}.parquet"
+        out.parent.mkdir(exist_ok=True)
+        klp("record", "-q", "-o", out, "--", *workload_argv("--duration", SECONDS, *workload))
+        paths.append(str(out))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def runs(live, tmp_path_factory):
+    """Two sets of RUNS runs of the same memslot-churn workload (A/A), interleaved."""
+    d = tmp_path_factory.mktemp("aa")
+    a, b = [], []
+    for i in range(RUNS):
+        a += record_runs(d, f"a{i}", 1, "--vcpus", 2, "--churn")
+        b += record_runs(d, f"b{i}", 1, "--vcpus", 2, "--churn")
+    return a, b
+
+
+def compare_json(base, new, *extra):
+    args = [a for p in base for a in ("-b", p)] + [a for p in new for a in ("-n", p)]
+    return json.loads(klp("compare", *args, "-F", "json", *extra).stdout)
+
+
+def top_metrics(out, n=20):
+    """The metrics of the heaviest locks, heaviest first (order of the rows' names
+    by the lock's mean total wait), at most n."""
+    rows = [r for r in out["rows"] if r["kind"] == "lock" and
+            r["metric"] in ("waits/s", "waits/exit", "mean wait", "p99 wait")]
+    weight = {}
+    for r in out["rows"]:
+        if r["metric"] == "wait/s":
+            weight[r["name"]] = max(r["base"] or 0, r["new"] or 0)
+    rows.sort(key=lambda r: -weight.get(r["name"], 0))
+    return rows[:n]
+
+
+def test_a_a_finds_no_change(runs):
+    a, b = runs
+    out = compare_json(a, b)
+    top = top_metrics(out)
+    assert len(top) == 20
+    flagged = [(r["name"], r["metric"], r["ratio"]) for r in top
+               if r["verdict"] in ("improved", "regressed")]
+    assert len(flagged) <= 1, flagged           # at most 1 false positive in 20
+    assert all(r["verdict"] != "no CI (too few runs)" for r in top)
+
+
+def test_memslot_churn_is_a_regression_on_the_kvm_locks(live, tmp_path):
+    """churn off vs on, recorded by `kvmlockprof ab`: slots_lock (mutex under
+    kvm_vm_ioctl) and mmu_lock (rwlock:W under kvm_mmu_*) regress, with intervals
+    above zero."""
+    out_dir = tmp_path / "ab"
+    p = klp("ab", "--runs", 3, "-d", SECONDS, "--workload", "--vcpus 2",
+            "--new-args", "--churn", "-o", out_dir, timeout=600)
+    assert "regressed" in p.stdout
+    out = compare_json([str(out_dir / "base")], [str(out_dir / "new")])
+    reg = {(r["name"], r["metric"]): r for r in out["rows"] if r["verdict"] == "regressed"}
+    slots = reg.get(("? mutex @ kvm_vm_ioctl", "waits/s"))
+    assert slots and slots["ci_low"] > 0, out["rows"][:5]
+    mmu = [r for (name, metric), r in reg.items()
+           if name.startswith("? rwlock:W @ kvm_mmu_") and metric == "waits/s"]
+    assert mmu and all(r["ci_low"] > 0 for r in mmu)
+    assert any("memslot ops/s" in w for w in out["warnings"])     # the work differs, loudly
+
+
+def test_per_exit_rates_with_1_vs_4_vcpus(live, tmp_path):
+    base = record_runs(tmp_path, "v1", 3, "--vcpus", 1, "--churn")
+    new = record_runs(tmp_path, "v4", 3, "--vcpus", 4, "--churn")
+    out = compare_json(base, new, "--force")
+    rows = {(r["name"], r["metric"]): r for r in out["rows"]}
+    # the per-exit value of each side is the mean over its runs of waits / exits
+    for ident in {name for name, metric in rows if metric == "waits/exit"}:
+        for side, paths in (("base", base), ("new", new)):
+            per_run = []
+            for path in paths:
+                rec = kvmlockprof.load(path)
+                aggs, _ = analysis.annotate(rec)
+                ids = [compare.lock_identity(*t) for t in zip(aggs["lock"], aggs["type"],
+                                                               aggs["caller"])]
+                waits = aggs["count"][np.array(ids) == ident].sum()
+                per_run.append(waits / rec.manifest["work"]["exits_total"])
+            assert rows[(ident, "waits/exit")][side] == pytest.approx(np.mean(per_run), rel=1e-9)
+
+
+def test_heavy_losses_are_refused_without_force(runs, tmp_path):
+    lossy = tmp_path / "lossy.parquet"
+    klp("record", "-q", "-o", lossy, "--map-nr-entries", 4, "--",
+        *workload_argv("--duration", SECONDS, "--vcpus", 2))
+    rec = kvmlockprof.load(lossy)
+    assert compare.loss_fraction(rec) > 0.05, rec.manifest["losses"]
+    p = klp("compare", runs[0][0], lossy, check=False)
+    assert p.returncode != 0 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and "loss rates differ" in p.stderr
+    p = klp("compare", runs[0][0], lossy, "--force")
+    assert "WARNING: loss rates differ" in p.stdout
