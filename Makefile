@@ -4,7 +4,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 KLP     := $(VENV)/bin/kvmlockprof
 STAMP   := $(VENV)/.installed
-APT_PKGS := bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64 python3-venv bpftool chromium tmux
+APT_PKGS := bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64 python3-venv bpftool chromium tmux dwarves
 # The lab: QEMU and virtme-ng's static busybox; kernels below.
 LAB_PKGS := qemu-system-x86 busybox-static
 LAB_STAMP := $(VENV)/.lab

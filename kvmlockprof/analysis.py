@@ -61,7 +61,9 @@ def _with_stack_columns(df, info, lock_names):
     sid = df["stack_id"].astype(int)
     df["caller"] = sid.map(info["caller"]).fillna("[no stack]").to_numpy()
     df["kvm"] = sid.map(info["kvm"]).fillna(False).astype(bool).to_numpy()
-    df["lock"] = [lock_names.get(f"{a:#x}", f"{a:#x}") for a in df["lock_addr"].tolist()]
+    named = [lock_names.get(f"{a:#x}") for a in df["lock_addr"].tolist()]
+    df["lock_name"] = named
+    df["lock"] = [n or f"{a:#x}" for n, a in zip(named, df["lock_addr"].tolist())]
     return df
 
 
@@ -86,7 +88,7 @@ def annotate(rec):
 
 def _annotate(rec):
     info = contention_stacks(rec)
-    names = rec.manifest.get("lock_symbols", {})
+    names = lock_names(rec)
     aggs = rec.aggregates
     samples = rec.samples
     if not aggs.empty:
@@ -94,6 +96,15 @@ def _annotate(rec):
     if not samples.empty:
         samples = _with_stack_columns(samples, info, names)
     return aggs, samples
+
+
+def lock_names(rec):
+    """{hex address: name}: kallsyms data symbols, and the KVM-aware names
+    (`kvm(1234)->mmu_lock`; how each was derived is in manifest["lock_names"])."""
+    m = rec.manifest
+    names = dict(m.get("lock_symbols") or {})
+    names.update({a: v["name"] for a, v in (m.get("lock_names") or {}).items()})
+    return names
 
 
 def _group_keys(by):

@@ -13,6 +13,12 @@ BTF_DIR = "/sys/kernel/btf"
 _QUALIFIERS = {"TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG"}
 
 
+# Types a contended lock can be (lock:contention_begin's lock argument points at one).
+LOCK_TYPES = {"spinlock_t", "raw_spinlock_t", "rwlock_t", "spinlock", "raw_spinlock",
+              "mutex", "rw_semaphore", "rt_mutex", "rt_mutex_base", "percpu_rw_semaphore",
+              "qspinlock", "qrwlock", "arch_spinlock_t", "arch_rwlock_t", "seqlock_t"}
+
+
 class BtfError(RuntimeError):
     pass
 
@@ -126,6 +132,39 @@ class Btf:
             offset -= start
             t = mt
         return ".".join(path) or None
+
+    def _type_names(self, type_id, unit):
+        """(names along the typedef chain, resolved type) of a member's type."""
+        names, t = [], unit.get(type_id)
+        while t and t["kind"] in _QUALIFIERS:
+            if t["kind"] == "TYPEDEF":
+                names.append(t["name"])
+            t = unit.get(t["type_id"])
+        if t and t.get("name"):
+            names.append(t["name"])
+        return names, t
+
+    def lock_path(self, struct, offset):
+        """The dotted path of the lock that starts at byte `offset` of struct
+        ("mmu_lock", "vcpu_array.xa_lock"), or None when no lock starts there:
+        it descends through structs and stops at the first lock type."""
+        unit, t = self.structs.get(struct, (None, None))
+        path = []
+        while t and t["kind"] in ("STRUCT", "UNION"):
+            for m in t.get("members", []):
+                names, mt = self._type_names(m["type_id"], unit)
+                start = m["bits_offset"] // 8
+                if start <= offset < start + (self._sizeof(mt, unit) or 0):
+                    break
+            else:
+                return None
+            if m["name"] not in ("(anon)", ""):
+                path.append(m["name"])
+            offset -= start
+            if LOCK_TYPES.intersection(names):
+                return ".".join(path) if offset == 0 else None
+            t = mt
+        return None
 
     def _sizeof(self, t, unit):
         if t is None:

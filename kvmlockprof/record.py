@@ -10,8 +10,9 @@ import time
 
 import numpy as np
 
-from . import __version__, catalog, host, processes
+from . import __version__, btf, catalog, host, processes
 from .ksyms import Kallsyms
+from .locknames import SessionNames
 from .probes.contention import LOSSES
 from .sources import open_sources
 from . import recording
@@ -64,8 +65,17 @@ class Recorder:
             self.requested, tgids=tgids, follow_fork=bool(self.command) and not self.pids,
             sample_every=self.sample_every, ringbuf_mb=self.ringbuf_mb,
             map_entries=self.map_entries, prefer=self.prefer,
-            warn=self.warn, status=self.manifest["probes"])
+            warn=self.warn, status=self.manifest["probes"], kbtf=self.kbtf)
         return sources
+
+    def _btf(self):
+        """The running kernel's BTF (KVM lock names, function probe offsets), or None."""
+        try:
+            return btf.Btf()
+        except btf.BtfError as e:
+            self.manifest["kvm_objects"] = {"error": str(e)}
+            self.warn(f"no BTF, locks inside KVM objects stay unnamed: {e}")
+            return None
 
     def run(self):
         """Record until the duration ends, the command exits or a signal; return the manifest."""
@@ -73,8 +83,10 @@ class Recorder:
         old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
         self.sources, child = {}, None
         try:
+            self.kbtf = self._btf()
             self.sources = self._open_sources()
             self.ksyms = Kallsyms()
+            self.names = SessionNames(self.ksyms, self.kbtf)
             self.writer = Writer(self.out)
             self.writer.manifest(self.manifest)
             self.seen_stacks = {name: set() for name in self.sources}
@@ -172,6 +184,7 @@ class Recorder:
     def _flush(self, final=False):
         self._poll()
         counters, probe_counters = {}, {}
+        contention_aggs, registry = None, {}       # for the lock names
         for name, src in self.sources.items():
             dtypes = src.event_dtypes()
             events = {t: np.concatenate(self.pending.pop(t)) if t in self.pending else
@@ -181,16 +194,24 @@ class Recorder:
                 self.writer.append(table, to_arrow(arr))
             new = new_stack_ids(self.seen_stacks[name], stack_ids_in(events, snaps))
             if new:
-                self.writer.append("stacks", stacks_table(src, name, new, self.ksyms))
+                stacks = stacks_table(src, name, new, self.ksyms)
+                self.writer.append("stacks", stacks)
+                if name == "contention":
+                    self.names.add_stacks(stacks.to_pandas())
             for table, snap in snaps.items():
                 self.writer.snapshot(table, snap)
             self._learn_processes(events, snaps)
             if name == "contention":
                 counters = src.counters()
-                self.manifest["lock_symbols"] = self._lock_symbols(snaps["aggregates"])
-                self.manifest["top_lock"] = self._top_lock(snaps["aggregates"])
+                contention_aggs = snaps["aggregates"]
             else:
                 probe_counters.update(src.counters())
+                registry = snaps
+        if contention_aggs is not None:
+            self.names.update(contention_aggs.to_pandas(), registry.get("vms"),
+                              registry.get("vcpus"))
+            self.manifest.update(self.names.manifest())
+            self.manifest["top_lock"] = self._top_lock(contention_aggs)
         now_ns = time.monotonic_ns()
         self.manifest.update(
             counters=counters, losses={k: counters[k] for k in LOSSES if k in counters},
@@ -224,13 +245,7 @@ class Recorder:
         sums = np.bincount(inv, weights=total)
         i = int(np.argmax(sums))
         a = f"{int(uniq[i]):#x}"
-        return {"lock": self.manifest.get("lock_symbols", {}).get(a, a),
-                "total_ns": int(sums[i])}
-
-    def _lock_symbols(self, aggs):
-        addrs = np.unique(aggs.column("lock_addr").to_numpy()) if aggs.num_rows else []
-        names = self.ksyms.data_symbols(addrs)
-        return {f"{a:#x}": n for a, n in zip(np.asarray(addrs).tolist(), names) if n}
+        return {"lock": self.names.display().get(a, a), "total_ns": int(sums[i])}
 
     def _reap(self, child):
         if child.poll() is None:

@@ -56,7 +56,7 @@ def summary_lines(rec):
 
 def table_text(df, by):
     head = (f"{'contended':>10} {'total wait':>11} {'max wait':>10} {'avg wait':>10} "
-            f"{'p50':>11} {'p99':>11} {'type':>11}  {'lock':<20} {'kvm':>3}  "
+            f"{'p50':>11} {'p99':>11} {'type':>11}  {'lock':<24} {'kvm':>3}  "
             f"{'task' if by == 'task' else 'caller'}")
     lines = [head]
     for r in df.itertuples(index=False):
@@ -64,7 +64,7 @@ def table_text(df, by):
         who = f"{r.vm} ({r.tgid})" if by == "task" else r.caller
         lines.append(f"{r.contended:>10} {fmt_ns(r.total_ns):>11} {fmt_ns(r.max_ns):>10} "
                      f"{fmt_ns(r.avg_ns):>10} {fmt_ns(r.p50_ns, bound):>11} "
-                     f"{fmt_ns(r.p99_ns, bound):>11} {r.type:>11}  {r.lock:<20} "
+                     f"{fmt_ns(r.p99_ns, bound):>11} {r.type:>11}  {r.lock:<24} "
                      f"{'K' if r.kvm else '':>3}  {who}")
     return lines
 

@@ -31,7 +31,8 @@ def _function_plans(requested, status, prefer, warn):
 
 
 def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=1,
-                 ringbuf_mb=16, map_entries=16384, prefer=None, warn=None, status=None):
+                 ringbuf_mb=16, map_entries=16384, prefer=None, warn=None, status=None,
+                 kbtf=None):
     """({name: source}, {probe name: status}).
 
     requested: catalog probes, or None for every probe this host can attach.
@@ -51,7 +52,7 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=1,
         plans = _function_plans(requested, status, prefer, warn)
         if plans:
             try:
-                f = FunctionProbes(plans, btf.Btf(), srcu_sample_every=64)
+                f = FunctionProbes(plans, kbtf or btf.Btf(), srcu_sample_every=64)
             except (BpfUnavailable, btf.BtfError) as e:
                 for p in plans:
                     status[p.name] = {"status": "failed", "reason": str(e)}

@@ -12,6 +12,7 @@ import pandas as pd
 
 from . import analysis, host, processes
 from .ksyms import Kallsyms
+from .locknames import SessionNames
 from .recording import Recording
 from .report import fmt_ns
 from .stacks import new_stack_ids, stacks_table
@@ -42,12 +43,14 @@ def _delta(cur, prev):
 class LiveView:
     """State of a live session: previous reads, names learnt so far."""
 
-    def __init__(self, sources, status, by="lock", sort="total", limit=20, pids=None):
+    def __init__(self, sources, status, by="lock", sort="total", limit=20, pids=None,
+                 kbtf=None):
         self.sources, self.status = sources, status
         self.by, self.sort, self.limit, self.pids = by, sort, limit, pids
         self.ksyms = Kallsyms()
         self.stacks, self.seen_stacks = [], set()
-        self.lock_symbols, self.procs = {}, {}
+        self.names = SessionNames(self.ksyms, kbtf)
+        self.procs = {}
         self.prev_aggs, self.prev_counters = None, {}
         self.hits = {}          # name -> [interval hits, interval total, cum hits, cum total]
         self.t0 = self.t_prev = time.monotonic()
@@ -64,18 +67,19 @@ class LiveView:
         new = new_stack_ids(self.seen_stacks, aggs.column("stack_id").to_numpy())
         if new:
             self.stacks.append(stacks_table(src, "contention", new, self.ksyms).to_pandas())
-        addrs = [a for a in np.unique(aggs.column("lock_addr").to_numpy()).tolist()
-                 if f"{a:#x}" not in self.lock_symbols]
-        for a, name in zip(addrs, self.ksyms.data_symbols(addrs)):
-            self.lock_symbols[f"{a:#x}"] = name or f"{a:#x}"
+        if new:
+            self.names.add_stacks(self.stacks[-1])
+        df = aggs.to_pandas()
+        reg = self.sources["functions"].snapshots() if "functions" in self.sources else {}
+        self.names.update(df, reg.get("vms"), reg.get("vcpus"))
         processes.learn(self.procs, np.unique(aggs.column("tgid").to_numpy()).tolist())
-        return aggs.to_pandas()
+        return df
 
     def _recording(self, aggs):
         stacks = pd.concat(self.stacks, ignore_index=True) if self.stacks else pd.DataFrame(
             {"source": [], "stack_id": [], "frames": [], "lock_frame": []})
         return Recording.from_frames(
-            "<live>", {"lock_symbols": self.lock_symbols, "processes": self.procs},
+            "<live>", {**self.names.manifest(), "processes": self.procs},
             {"aggregates": aggs, "stacks": stacks, "contention": pd.DataFrame()})
 
     def _ratio(self, name, hits, total):

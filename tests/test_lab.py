@@ -77,6 +77,13 @@ def test_gpc_and_srcu_live(in_lab, release):
     assert exp["count"].sum() >= work["churn_ops"]            # >= one per memslot op
     sections = probe_analysis.srcu_sections(rec)
     assert sections[sections["kind"] == "kvm->srcu"]["count"].sum() > 0
+    # KVM-aware lock names from the kvm modules' BTF, the VM base observed by `vms`
+    layout = rec.manifest["kvm_objects"]["layout"]["kvm"]
+    assert layout["container"] in ("kvm_svm", "kvm_vmx"), layout
+    names = {v["name"]: v["how"] for v in rec.manifest["lock_names"].values()}
+    mine = {n: h for n, h in names.items() if n.startswith(f"kvm({work['pid']})->")}
+    assert f"kvm({work['pid']})->slots_lock" in mine, names
+    assert all("observed" in h for h in mine.values()), mine
     vcpus = rec.table("vcpus")
     assert set(vcpus["tgid"]) == {work["pid"]} and len(vcpus) == work["vcpus"]
     assert len(set(vcpus["tid"])) == work["vcpus"]           # each vCPU's own thread

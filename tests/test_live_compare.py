@@ -64,19 +64,20 @@ def test_a_a_finds_no_change(runs):
 
 
 def test_memslot_churn_is_a_regression_on_the_kvm_locks(live, tmp_path):
-    """churn off vs on, recorded by `kvmlockprof ab`: slots_lock (mutex under
-    kvm_vm_ioctl) and mmu_lock (rwlock:W under kvm_mmu_*) regress, with intervals
-    above zero."""
+    """churn off vs on, recorded by `kvmlockprof ab`: kvm->slots_lock (mutex under
+    kvm_vm_ioctl) and kvm->mmu_lock (rwlock:W under kvm_mmu_*) regress, with
+    intervals above zero."""
     out_dir = tmp_path / "ab"
     p = klp("ab", "--runs", 3, "-d", SECONDS, "--workload", "--vcpus 2",
             "--new-args", "--churn", "-o", out_dir, timeout=600)
     assert "regressed" in p.stdout
     out = compare_json([str(out_dir / "base")], [str(out_dir / "new")])
     reg = {(r["name"], r["metric"]): r for r in out["rows"] if r["verdict"] == "regressed"}
-    slots = reg.get(("? mutex @ kvm_vm_ioctl", "waits/s"))
+    # matched by KVM-aware names: the VMs (pids) differ from run to run
+    slots = reg.get(("kvm->slots_lock mutex @ kvm_vm_ioctl", "waits/s"))
     assert slots and slots["ci_low"] > 0, out["rows"][:5]
     mmu = [r for (name, metric), r in reg.items()
-           if name.startswith("? rwlock:W @ kvm_mmu_") and metric == "waits/s"]
+           if name.startswith("kvm->mmu_lock rwlock:W @ kvm_mmu_") and metric == "waits/s"]
     assert mmu and all(r["ci_low"] > 0 for r in mmu)
     assert any("memslot ops/s" in w for w in out["warnings"])     # the work differs, loudly
 

@@ -160,3 +160,24 @@ def test_vm_named_from_its_command_line(churn_recording):
     assert mine["comm"].str.match(r"klp-(vcpu|churn)\d").any()
     text = klp("report", rec.path, "--by", "task").stdout
     assert f"churnvm ({pid})" in text
+
+
+def test_kvm_locks_named_by_vm_and_field(churn_recording):
+    """The churn workload's top locks are named kvm(<its pid>)->field, the VM base
+    inferred from the mmu_lock rwlock (no kprobes/fentry here), with how it was derived."""
+    rec, _, _ = churn_recording
+    pid = rec.manifest["command_pid"]
+    top = analysis.top(rec, by="lock", limit=5)
+    assert top.iloc[0]["lock"] in (f"kvm({pid})->slots_lock", f"kvm({pid})->mmu_lock"), \
+        top[["lock", "type", "caller"]]
+    locks = set(top["lock"])
+    assert {f"kvm({pid})->mmu_lock", f"kvm({pid})->slots_lock"} <= locks, locks
+    mmu = top[top["lock"] == f"kvm({pid})->mmu_lock"].iloc[0]
+    assert mmu["type"].startswith("rwlock") and mmu["caller"].startswith("kvm_mmu_")
+    vms = rec.manifest["kvm_objects"]["vms"]
+    assert [v["tgid"] for v in vms.values()] == [pid]
+    assert all("inferred" in v["how"] for v in vms.values())
+    aggs, _ = analysis.annotate(rec)          # the DataFrames: lock_name beside the address
+    named = aggs[aggs["lock_name"].notna()]
+    assert (named["lock_name"].str.startswith(f"kvm({pid})->")).all()
+    assert f"kvm({pid})->mmu_lock" in klp("report", rec.path).stdout

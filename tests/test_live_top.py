@@ -97,6 +97,7 @@ def test_top_batch_frames(churn):
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("kvmlockprof top") == 2
     assert re.search(KVM_ROW, p.stdout), p.stdout
+    assert f"kvm({churn.pid})->slots_lock" in p.stdout      # KVM-aware lock names
 
 
 def test_record_progress_line_only_on_a_terminal(live, tmp_path):
