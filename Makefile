@@ -10,7 +10,7 @@ LAB_PKGS := qemu-system-x86 busybox-static
 LAB_STAMP := $(VENV)/.lab
 DEMO_S  ?= 10
 
-.PHONY: setup apt demo test lab lab-apt lab-test clean
+.PHONY: setup apt demo test bench lab lab-apt lab-test clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,14 @@ endef
 
 apt:
 	$(call apt-install,$(APT_PKGS))
+
+# Benchmarks (bench/README.md): the peers to compare with, then every benchmark.
+BENCH_PKGS := bpftrace linux-perf
+bench: setup
+	$(call apt-install,$(BENCH_PKGS),--no-install-recommends)
+	$(PY) bench/overhead.py
+	$(PY) bench/ingest.py
+	$(PY) bench/analysis_speed.py
 
 # Lab kernels: bookworm's 6.1 (the "old kernel": the image matching the 6.1 headers
 # make setup installed, so bcc compiles against an exact match) and, the default,

@@ -29,10 +29,16 @@ QUANTILES = {"p50_ns": 0.50, "p90_ns": 0.90, "p99_ns": 0.99}
 GROUPS = ("lock", "caller", "task")
 
 
+def _by_unique(values, fn):
+    """fn() of each distinct value, spread back over the rows: a Python call per
+    distinct lock or flags value, not per wait (millions of rows)."""
+    uniq, inv = np.unique(np.asarray(values), return_inverse=True)
+    return np.asarray([fn(u) for u in uniq.tolist()], dtype=object)[inv.reshape(-1)]
+
+
 def lock_type(flags):
     """perf's lock type name for each LCB_F_* flags value."""
-    flags = pd.Series(flags)
-    return flags.map(lambda f: LOCK_TYPES.get(int(f), f"flags={int(f):#x}"))
+    return pd.Series(_by_unique(flags, lambda f: LOCK_TYPES.get(int(f), f"flags={int(f):#x}")))
 
 
 def is_kvm_frame(frame):
@@ -57,13 +63,14 @@ def stack_info(stacks):
 
 def _with_stack_columns(df, info, lock_names):
     df = df.copy()
-    df["type"] = lock_type(df["flags"]).to_numpy()
+    df["type"] = _by_unique(df["flags"], lambda f: LOCK_TYPES.get(int(f), f"flags={int(f):#x}"))
     sid = df["stack_id"].astype(int)
-    df["caller"] = sid.map(info["caller"]).fillna("[no stack]").to_numpy()
-    df["kvm"] = sid.map(info["kvm"]).fillna(False).astype(bool).to_numpy()
-    named = [lock_names.get(f"{a:#x}") for a in df["lock_addr"].tolist()]
-    df["lock_name"] = named
-    df["lock"] = [n or f"{a:#x}" for n, a in zip(named, df["lock_addr"].tolist())]
+    df["caller"] = sid.map(info["caller"].astype(object)).astype(object).fillna(
+        "[no stack]").to_numpy()
+    df["kvm"] = sid.map(info["kvm"].astype(object)).astype(object).fillna(False).astype(
+        bool).to_numpy()
+    df["lock_name"] = _by_unique(df["lock_addr"], lambda a: lock_names.get(f"{a:#x}"))
+    df["lock"] = _by_unique(df["lock_addr"], lambda a: lock_names.get(f"{a:#x}", f"{a:#x}"))
     return df
 
 

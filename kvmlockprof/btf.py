@@ -166,6 +166,25 @@ class Btf:
             t = mt
         return None
 
+    def lock_offsets(self, struct):
+        """{byte offset: lock path} of every lock inside struct (what lock_path()
+        answers, for all offsets at once: a small table to keep instead of BTF)."""
+        unit, t = self.structs.get(struct, (None, None))
+        out = {}
+
+        def walk(t, base, path):
+            for m in t.get("members", []):
+                names, mt = self._type_names(m["type_id"], unit)
+                start = base + m["bits_offset"] // 8
+                sub = path + ([m["name"]] if m["name"] not in ("(anon)", "") else [])
+                if LOCK_TYPES.intersection(names):
+                    out.setdefault(start, ".".join(sub))
+                elif mt and mt["kind"] in ("STRUCT", "UNION"):
+                    walk(mt, start, sub)
+        if t:
+            walk(t, 0, [])
+        return out
+
     def _sizeof(self, t, unit):
         if t is None:
             return 0

@@ -97,6 +97,11 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
         m = rec.run()
     except (RecordingError, BpfUnavailable, RuntimeError) as e:
         fail(str(e))
+    except OSError as e:
+        from .recording import partial_dir
+        fail(f"cannot write the recording ({e.strerror or e}): every probe is detached; what "
+             f"was flushed before is in {partial_dir(output)} (`kvmlockprof report "
+             f"{output}` reads it)")
     except KeyboardInterrupt:
         fail("interrupted before anything was recorded", 130)
     if not quiet:
@@ -186,6 +191,8 @@ def top(interval, by, sort, limit, pids, probe_names, prefer, batch, iterations)
             warn=warn, kbtf=kbtf)
         view = topmod.LiveView(sources, status, by=by, sort=sort, limit=limit,
                                pids=list(pids) or None, kbtf=kbtf)
+        kbtf = None
+        host.release_memory()
         if batch:
             topmod.run_batch(view, interval, iterations, lambda t: click.echo(t))
         else:

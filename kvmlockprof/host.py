@@ -191,3 +191,15 @@ def config_option(name):
 
 def errno_name(e):
     return errno.errorcode.get(e, str(e))
+
+
+def release_memory():
+    """Give freed heap back to the system: after bcc's compile and the BTF dump
+    (hundreds of MB of transient objects), a long `record` should not keep them."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass                    # not glibc

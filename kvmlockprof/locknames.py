@@ -40,18 +40,22 @@ class LockNamer:
     """Learns VM and vCPU bases, names lock addresses inside them."""
 
     def __init__(self, kbtf):
-        self.btf = kbtf
         self.vms = {}            # kvm base -> {"tgid", "how"}
         self.vcpus = {}          # vcpu base -> {"tgid", "kvm", "vcpu_idx", "how"}
-        self.layout = {}
+        self.layout = {}         # struct -> (container, size)
+        self.locks = {}          # struct -> {offset: lock path}: BTF is not kept
         for struct in ("kvm", "kvm_vcpu"):
             size = kbtf.size(struct) if kbtf else None
             if not size:
                 continue
             conts = containers(kbtf, struct)
             # only one vendor's container can be in use; with several we cannot tell
-            cont = conts[0] if len(conts) == 1 else None
-            self.layout[struct] = (cont or struct, kbtf.size(cont) if cont else size)
+            cont = conts[0] if len(conts) == 1 else struct
+            self.layout[struct] = (cont, kbtf.size(cont))
+            prefix = struct + "."
+            self.locks[struct] = {off: p[len(prefix):] if cont != struct and
+                                  p.startswith(prefix) else p
+                                  for off, p in kbtf.lock_offsets(cont).items()}
         self.mmu_lock = kbtf.offset("kvm", "mmu_lock") if kbtf else None
 
     # --- learning bases --------------------------------------------------------------
@@ -105,12 +109,9 @@ class LockNamer:
         if below.size == 0:
             return None
         base = int(below.max())
-        cont, size = self.layout[struct]
-        if addr - base >= size:
+        if addr - base >= self.layout[struct][1]:
             return None
-        path = self.btf.lock_path(cont, addr - base)
-        if path and cont != struct and path.startswith(struct + "."):
-            path = path[len(struct) + 1:]
+        path = self.locks[struct].get(addr - base)
         return (base, path) if path else None
 
     def name(self, addr):

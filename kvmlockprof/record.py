@@ -87,6 +87,8 @@ class Recorder:
             self.sources = self._open_sources()
             self.ksyms = Kallsyms()
             self.names = SessionNames(self.ksyms, self.kbtf)
+            self.kbtf = None            # the names keep their own small tables
+            host.release_memory()
             self.writer = Writer(self.out)
             self.writer.manifest(self.manifest)
             self.seen_stacks = {name: set() for name in self.sources}
@@ -102,7 +104,7 @@ class Recorder:
             try:
                 for src in self.sources.values():
                     src.detach()
-                if hasattr(self, "writer"):
+                if hasattr(self, "writer") and not self._failed():
                     self._flush(final=True)
             finally:
                 for src in self.sources.values():
@@ -119,6 +121,13 @@ class Recorder:
         return self.writer.finalize(self.manifest)
 
     # --- pieces ----------------------------------------------------------------------
+
+    @staticmethod
+    def _failed():
+        """Unwinding from an error (not a stop): skip the final flush, which would
+        most likely fail the same way (a full disk) and hide the first error."""
+        exc = sys.exc_info()[1]
+        return exc is not None and not isinstance(exc, (KeyboardInterrupt, Stop))
 
     def _manifest_head(self):
         return {"format": recording.FORMAT, "version": recording.VERSION,

@@ -78,19 +78,34 @@ def to_arrow(arr):
     return pa.Table.from_arrays(cols, names=names)
 
 
+def _atomic(path, write):
+    """write(tmp) then rename over path: readers see the old file or the new one,
+    and a failed write (a full disk) leaves the old one and no debris."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def _atomic_write_parquet(table, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def _atomic_write_json(obj, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+def _write_json(obj, path):
+    with open(path, "w") as f:
         json.dump(obj, f, indent=1, default=str)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def _atomic_write_json(obj, path):
+    _atomic(path, lambda tmp: _write_json(obj, tmp))
 
 
 class Writer:
@@ -215,11 +230,12 @@ class Recording:
             if name not in self._tables:
                 return pd.DataFrame()
             try:
-                t = self._tables[name]()
-            except (pa.ArrowException, OSError, KeyError, ValueError) as e:
+                t = _check_table(self.path, name, self._tables[name]())
+                self._cache[name] = t.to_pandas()
+            except (pa.ArrowException, OSError, KeyError, ValueError, TypeError,
+                    IndexError, AttributeError) as e:
                 raise RecordingError(f"{self.path}: table {name!r} is corrupt "
                                      f"({_first_line(e)})") from None
-            self._cache[name] = t.to_pandas()
         return self._cache[name]
 
     @property
@@ -240,6 +256,51 @@ def _first_line(e):
     return s[0] if s else type(e).__name__
 
 
+# The columns each table must have for the analyses (and their kind: "n" numeric,
+# "s" strings, "l" lists); a damaged file that lacks them is refused when read.
+COLUMNS = {
+    "contention": {"ts_ns": "n", "wait_ns": "n", "lock_addr": "n", "tid": "n", "tgid": "n",
+                   "flags": "n", "stack_id": "n", "comm": "s"},
+    "aggregates": {"lock_addr": "n", "tgid": "n", "flags": "n", "stack_id": "n", "count": "n",
+                   "total_ns": "n", "max_ns": "n", "min_ns": "n", "hist": "l"},
+    "stacks": {"stack_id": "n", "frames": "l", "lock_frame": "l"},
+    "xen_evtchn": {"tgid": "n", "kvm": "n", "ret": "n", "slow": "n"},
+    "gpc_ops": {"tgid": "n", "kvm": "n", "gpc": "n", "place": "n", "op": "n", "count": "n"},
+    "gpc_refresh": {"tgid": "n", "kvm": "n", "gpc": "n", "place": "n", "ret": "n",
+                    "lat_ns": "n"},
+    "srcu_sections": {"ssp": "n", "kvm": "n", "kind": "n", "count": "n", "total_ns": "n",
+                      "max_ns": "n", "hist": "l"},
+    "srcu_sync": {"type": "n", "kind": "n", "ssp": "n", "dur_ns": "n", "stack_id": "n"},
+    "xa_erase_agg": {"owner": "n", "kvm": "n", "stack_id": "n", "count": "n", "total_ns": "n",
+                     "max_ns": "n"},
+    "vgic": {"tgid": "n", "kvm": "n", "intid": "n", "refcount": "n", "irqs_off": "n",
+             "lat_ns": "n"},
+    "vms": {"kvm": "n", "tgid": "n"},
+    "vcpus": {"vcpu": "n", "kvm": "n", "tgid": "n", "vcpu_idx": "n"},
+}
+_KIND = {"n": pa.types.is_integer, "s": lambda t: pa.types.is_string(t) or (
+    pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)),
+    "l": lambda t: pa.types.is_list(t) or pa.types.is_fixed_size_list(t)}
+
+# Manifest fields the analyses read, and the JSON types they must have.
+_NUMBER = (int, float)
+MANIFEST_TYPES = {"duration_s": _NUMBER, "start_monotonic_ns": int, "samples": int,
+                  "counters": dict, "losses": dict, "probes": dict, "lock_symbols": dict,
+                  "lock_names": dict, "processes": dict, "work": dict, "tables": dict,
+                  "probe_counters": dict}
+
+
+def _check_table(path, name, table):
+    for col, kind in COLUMNS.get(name, {}).items():
+        if col not in table.column_names:
+            raise RecordingError(f"{path}: table {name!r} lacks column {col!r}: the file is "
+                                 "damaged or not from this kvmlockprof")
+        if not _KIND[kind](table.schema.field(col).type):
+            raise RecordingError(f"{path}: column {name}.{col} has type "
+                                 f"{table.schema.field(col).type}: the file is damaged")
+    return table
+
+
 def _check_manifest(path, manifest):
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise RecordingError(f"{path} is not a kvmlockprof recording (no manifest): "
@@ -247,6 +308,21 @@ def _check_manifest(path, manifest):
     if manifest.get("version") != VERSION:
         raise RecordingError(f"{path} is recording format version {manifest.get('version')}, "
                              f"this kvmlockprof reads version {VERSION}: upgrade kvmlockprof")
+    for key, types in MANIFEST_TYPES.items():
+        v = manifest.get(key)
+        if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
+            raise RecordingError(f"{path}: the manifest's {key!r} is malformed: the file is "
+                                 "damaged")
+    for key in ("counters", "losses"):
+        if any(not isinstance(v, int) for v in (manifest.get(key) or {}).values()):
+            raise RecordingError(f"{path}: the manifest's {key!r} is malformed")
+    for key in ("probes", "processes", "lock_names"):
+        if any(not isinstance(v, dict) for v in (manifest.get(key) or {}).values()):
+            raise RecordingError(f"{path}: the manifest's {key!r} is malformed")
+    if any(not isinstance(v, dict) or not isinstance(v.get("name"), str)
+           for v in (manifest.get("lock_names") or {}).values()) or \
+            any(not isinstance(v, str) for v in (manifest.get("lock_symbols") or {}).values()):
+        raise RecordingError(f"{path}: the manifest's lock names are malformed")
     return manifest
 
 
@@ -284,7 +360,12 @@ def load(path):
     except ValueError:
         raise RecordingError(f"{path}: the recording's manifest is corrupt") from None
     _check_manifest(path, manifest)
-    layout = manifest.get("tables", {})
+    layout = manifest.get("tables") or {}
+    if any(not isinstance(g, list) or not all(isinstance(i, int) and
+                                              0 <= i < pf.metadata.num_row_groups for i in g)
+           for g in layout.values()):
+        raise RecordingError(f"{path}: the manifest's table layout does not match the file: "
+                             "the file is damaged")
     names = set(pf.schema_arrow.names)
 
     def reader(name, groups):

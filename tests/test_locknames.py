@@ -76,3 +76,10 @@ def test_observed_vm_wins_over_inference(kbtf):
     namer.observe(vms=pd.DataFrame({"kvm": [base], "tgid": [99], "first_ns": [0]}))
     namer.infer(_aggs([(base, 1 | 4, 1, 5, 1)]), {1: "kvm_mmu_load+0x1"})
     assert namer.vms[base]["tgid"] == 99 and "observed" in namer.vms[base]["how"]
+
+
+def test_lock_offsets_table_agrees_with_lock_path(kbtf):
+    table = kbtf.lock_offsets("kvm")
+    assert table[kbtf.offset("kvm", "mmu_lock")] == "mmu_lock"
+    for off, path in table.items():
+        assert kbtf.lock_path("kvm", off) == path

@@ -1,0 +1,83 @@
+"""Live robustness: an error in the middle of `record` (a full disk), and a
+60 s contention storm (bounded memory, counted losses, the workload goes on)."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import kvmlockprof
+from conftest import ROOT, our_prog_ids, workload_argv
+
+pytestmark = pytest.mark.live
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a recording fills it within seconds."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)], check=True)
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_full_disk_mid_recording(live, small_disk):
+    before = our_prog_ids()
+    out = small_disk / "full.parquet"
+    p = subprocess.run([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
+                        "--duration", "60", "--", *workload_argv("--duration", 60, "--churn")],
+                       capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write the recording" in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert our_prog_ids() == before                   # every probe detached
+    rec = kvmlockprof.load(out)                       # the flushes before the error
+    assert rec.interrupted and len(rec.samples) > 0
+    assert not [f for f in os.listdir(f"{out}.partial") if ".tmp-" in f]   # no debris
+
+
+def _rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+STORM_S = 60
+# bench/README.md: start-up holds bcc's LLVM compile and the BTF dump at once; then
+# the recorder keeps the ring buffer, one second of samples and small tables
+STARTUP_BOUND_MB, STEADY_BOUND_MB = 512, 400
+
+
+def test_contention_storm_bounded_memory(live, tmp_path):
+    out = tmp_path / "storm.parquet"
+    p = subprocess.Popen([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
+                          "--", *workload_argv("--duration", STORM_S, "--vcpus", 2, "--churn",
+                                               "--churn-threads", 4)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rss = []
+    while p.poll() is None:
+        rss.append(_rss_kb(p.pid))
+        time.sleep(1)
+    stdout, stderr = p.communicate()
+    assert p.returncode == 0, stderr
+    rec = kvmlockprof.load(out)
+    m = rec.manifest
+    steady = rss[5:-3]                  # after start-up, before the final merge
+    print(f"storm: {m['counters']['end']:,} waits in {m['duration_s']:.0f} s; record RSS "
+          f"peak {max(rss) / 1024:.0f} MiB, while recording {min(steady) / 1024:.0f}-"
+          f"{max(steady) / 1024:.0f} MiB; losses {m['losses']}")
+    assert max(rss) / 1024 < STARTUP_BOUND_MB and max(steady) / 1024 < STEADY_BOUND_MB
+    # flat, not growing with the run: the last third within 10% of the first
+    third = len(steady) // 3
+    assert max(steady[2 * third:]) <= 1.1 * max(steady[:third])
+    # the host kept running the workload, and every wait is a sample or a counted loss
+    assert m["work"]["exits_total"] > 10_000 and m["work"]["churn_ops"] > 1000
+    c = m["counters"]
+    assert len(rec.samples) + m["losses"]["lost_ringbuf_full"] + c["end_without_begin"] == \
+        pytest.approx(c["end"], rel=0.001)
