@@ -29,16 +29,26 @@ QUANTILES = {"p50_ns": 0.50, "p90_ns": 0.90, "p99_ns": 0.99}
 GROUPS = ("lock", "caller", "task")
 
 
+def _labels(codes, uniq, fn):
+    """A Categorical of fn(value) for factorized values (codes, uniq): one Python
+    call per distinct lock, flags or stack, not per wait, and no string per row.
+    fn may return None (missing) or the same label for several values."""
+    lcodes, cats = pd.factorize(pd.Series([fn(u) for u in uniq.tolist()], dtype=object))
+    lcodes = np.append(lcodes, -1)          # code -1 (a missing value) stays missing
+    return pd.Categorical.from_codes(lcodes[codes], cats)
+
+
 def _by_unique(values, fn):
-    """fn() of each distinct value, spread back over the rows: a Python call per
-    distinct lock or flags value, not per wait (millions of rows)."""
-    uniq, inv = np.unique(np.asarray(values), return_inverse=True)
-    return np.asarray([fn(u) for u in uniq.tolist()], dtype=object)[inv.reshape(-1)]
+    return _labels(*pd.factorize(np.asarray(values)), fn)
+
+
+def _type_name(flags):
+    return LOCK_TYPES.get(int(flags), f"flags={int(flags):#x}")
 
 
 def lock_type(flags):
     """perf's lock type name for each LCB_F_* flags value."""
-    return pd.Series(_by_unique(flags, lambda f: LOCK_TYPES.get(int(f), f"flags={int(f):#x}")))
+    return pd.Series(_by_unique(flags, _type_name)).astype(object)
 
 
 def is_kvm_frame(frame):
@@ -62,15 +72,16 @@ def stack_info(stacks):
 
 
 def _with_stack_columns(df, info, lock_names):
-    df = df.copy()
-    df["type"] = _by_unique(df["flags"], lambda f: LOCK_TYPES.get(int(f), f"flags={int(f):#x}"))
-    sid = df["stack_id"].astype(int)
-    df["caller"] = sid.map(info["caller"].astype(object)).astype(object).fillna(
-        "[no stack]").to_numpy()
-    df["kvm"] = sid.map(info["kvm"].astype(object)).astype(object).fillna(False).astype(
-        bool).to_numpy()
-    df["lock_name"] = _by_unique(df["lock_addr"], lambda a: lock_names.get(f"{a:#x}"))
-    df["lock"] = _by_unique(df["lock_addr"], lambda a: lock_names.get(f"{a:#x}", f"{a:#x}"))
+    """type, caller, kvm, lock_name and lock columns (Categoricals) for each row."""
+    df = df.copy(deep=False)                # copy-on-write: new columns only
+    df["type"] = _by_unique(df["flags"], _type_name)
+    callers, kvm = info["caller"].to_dict(), info["kvm"].to_dict()
+    stacks = pd.factorize(df["stack_id"].to_numpy())
+    df["caller"] = _labels(*stacks, lambda s: callers.get(int(s), "[no stack]"))
+    df["kvm"] = np.asarray(_labels(*stacks, lambda s: bool(kvm.get(int(s), False))), dtype=bool)
+    locks = pd.factorize(df["lock_addr"].to_numpy())
+    df["lock_name"] = _labels(*locks, lambda a: lock_names.get(f"{a:#x}"))
+    df["lock"] = _labels(*locks, lambda a: lock_names.get(f"{a:#x}", f"{a:#x}"))
     return df
 
 
@@ -145,7 +156,7 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
     if pids:
         aggs = aggs[aggs["tgid"].isin(pids)]
         samples = samples[samples["tgid"].isin(pids)] if not samples.empty else samples
-    comm = _comm_by_tgid(samples)
+    comm = _comm_by_tgid(rec)
     g = aggs.groupby(keys, sort=False)
     out = g.agg(contended=("count", "sum"), total_ns=("total_ns", "sum"),
                 max_ns=("max_ns", "max"), min_ns=("min_ns", "min"), kvm=("kvm", "any"))
@@ -171,8 +182,10 @@ def _percentiles(out, keys, samples, hists):
     """p50/p90/p99 per row: numpy's (linear) over the row's samples when every
     wait of the row was sampled, else the bound of the log2 bucket holding it."""
     if not samples.empty:
-        w = samples.groupby(keys)["wait_ns"]
-        exact = pd.DataFrame({"n": w.size(), **{c: w.quantile(q) for c, q in QUANTILES.items()}})
+        w = samples.groupby(keys, observed=True)["wait_ns"]
+        q = w.quantile(list(QUANTILES.values())).unstack()     # one sort for all three
+        q.columns = list(QUANTILES)
+        exact = q.assign(n=w.size())
         out = out.merge(exact.reset_index(), on=keys, how="left")
     else:
         out = out.assign(n=np.nan, **{c: np.nan for c in QUANTILES})
@@ -186,10 +199,16 @@ def _percentiles(out, keys, samples, hists):
     return out.drop(columns="n")
 
 
-def _comm_by_tgid(samples):
-    if samples is None or samples.empty:
-        return {}
-    return samples.groupby("tgid")["comm"].agg(lambda c: c.value_counts().index[0]).to_dict()
+def _comm_by_tgid(rec):
+    """The most frequent comm of each process's sampled waits (once per recording)."""
+    def compute():
+        samples = rec.samples
+        if samples.empty:
+            return {}
+        counts = samples.groupby(["tgid", "comm"], observed=True).size()
+        return counts.sort_values(ascending=False).reset_index().drop_duplicates(
+            "tgid").set_index("tgid")["comm"].to_dict()
+    return rec.derived("comm_by_tgid", compute)
 
 
 def top_stacks(rec, row, by="lock", n=1):
@@ -250,8 +269,7 @@ def processes(rec):
     """One row per process the recording saw: tgid, comm, the VM name from its
     command line (QEMU's -name) if any, and `vm`: that name, else the comm."""
     known = rec.manifest.get("processes", {})
-    _, samples = annotate(rec)
-    comm = _comm_by_tgid(samples)
+    comm = _comm_by_tgid(rec)
     tgids = set(int(t) for t in known) | set(comm)
     rows = []
     for t in sorted(tgids):

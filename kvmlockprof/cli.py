@@ -274,8 +274,8 @@ Examples:
               help="Smallest relative change reported as improved/regressed.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
               help="Locks compared: the heaviest by total wait on either side.")
-@click.option("--resamples", type=click.IntRange(min=100), default=4000, show_default=True,
-              help="Bootstrap resamples.")
+@click.option("--resamples", type=click.IntRange(min=100),
+              help="Bootstrap resamples (default: 4000 over runs, 1000 within one run).")
 @click.option("-F", "--format", "fmt", type=click.Choice(["text", "csv", "json"]),
               default="text", show_default=True)
 @click.option("-o", "--output", help="Write the comparison to this file instead of stdout.")

@@ -23,7 +23,8 @@ LOCK_METRICS = {          # metric -> (better, unit)
 }
 RATE_METRICS = ("waits/s", "wait/s", "waits/exit", "waits/memslot op")
 BIN_NS = 500_000_000          # time bins for a single run's rates
-SAMPLE_CAP = 20_000           # waits per side resampled for single-run wait statistics
+SAMPLE_CAP = 20_000           # waits per side resampled for a single run's mean wait
+QUANTILE_CAP = 5_000          # ... and for its percentiles (a sort per resample)
 # waits a run needs before its mean / percentile of a lock means anything (the
 # p99 of a dozen waits is their maximum)
 MIN_WAITS = {"mean wait": 50, "p50 wait": 50, "p99 wait": 200}
@@ -52,10 +53,18 @@ def lock_identity(lock, typ, caller):
 
 
 def _with_identity(df):
+    """An `identity` column: lock_identity() once per distinct (lock, type, caller)."""
     if df.empty:
         return df.assign(identity=pd.Series(dtype=str))
-    ident = [lock_identity(lk, t, c) for lk, t, c in zip(df["lock"], df["type"], df["caller"])]
-    return df.assign(identity=ident)
+    parts = [pd.Categorical(df[c]) for c in ("lock", "type", "caller")]
+    key = np.zeros(len(df), np.int64)
+    for p in parts:                          # one integer per combination
+        key = key * (len(p.categories) + 1) + (p.codes.astype(np.int64) + 1)
+    codes, uniq = pd.factorize(key)
+    first = pd.Series(np.arange(len(df))).groupby(codes).first().to_numpy()
+    names = [lock_identity(*(p[i] for p in parts)) for i in first]
+    lcodes, cats = pd.factorize(pd.Series(names, dtype=object))
+    return df.assign(identity=pd.Categorical.from_codes(lcodes[codes], cats))
 
 
 # --- what one recording says --------------------------------------------------------
@@ -203,24 +212,20 @@ def _interval(base, new, stat, rng, resamples):
     if np.ptp(base) == 0 and np.ptp(new) == 0:         # no spread: the change is exact
         d, r = new[0] - base[0], (new[0] / base[0] if base[0] else np.inf)
         return d, d, r, r
-    base = base if len(base) <= SAMPLE_CAP else rng.choice(base, SAMPLE_CAP, replace=False)
-    new = new if len(new) <= SAMPLE_CAP else rng.choice(new, SAMPLE_CAP, replace=False)
-    level = confidence_level(n)
+    cap = SAMPLE_CAP if stat == "mean" else QUANTILE_CAP
+    base = base if len(base) <= cap else rng.choice(base, cap, replace=False)
+    new = new if len(new) <= cap else rng.choice(new, cap, replace=False)
 
-    def diff(b, n, axis=-1):
-        return _stat(n, stat, axis) - _stat(b, stat, axis)
-
-    def ratio(b, n, axis=-1):
-        return _stat(n, stat, axis) / _stat(b, stat, axis)
-    out = []
+    def both(b, n, axis=-1):                # one resampling for the difference and ratio
+        sb, sn = _stat(b, stat, axis), _stat(n, stat, axis)
+        return np.stack([sn - sb, sn / sb])
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for fn in (diff, ratio):
-            res = stats.bootstrap((base, new), fn, n_resamples=resamples, method="percentile",
-                                  vectorized=True, rng=rng, batch=200,
-                                  confidence_level=level)
-            out += [res.confidence_interval.low, res.confidence_interval.high]
-    return tuple(out)
+        res = stats.bootstrap((base, new), both, n_resamples=resamples, method="percentile",
+                              vectorized=True, rng=rng, batch=100,
+                              confidence_level=confidence_level(n))
+    lo, hi = res.confidence_interval
+    return lo[0], hi[0], lo[1], hi[1]
 
 
 def _verdict(better, lo, hi, change, ratio, threshold):
@@ -239,13 +244,18 @@ def _verdict(better, lo, hi, change, ratio, threshold):
 
 # --- the comparison -----------------------------------------------------------------
 
-def compare(base, new, threshold=0.05, limit=20, resamples=4000, seed=0):
+RESAMPLES = {"runs": 4000, "single": 1000}   # the expanded interval needs far tails;
+                                             # a single run's resamples are large arrays
+
+
+def compare(base, new, threshold=0.05, limit=20, resamples=None, seed=0):
     """One row per (lock identity or probe, metric): base and new values, change,
     95% CI of the change (absolute and ratio), verdict; sorted by effect size.
 
     base, new: lists of Recordings (one or several runs each)."""
     rng = np.random.default_rng(seed)
     runs_mode = len(base) > 1 or len(new) > 1
+    resamples = resamples or RESAMPLES["runs" if runs_mode else "single"]
     bl = [lock_values(r) for r in base]
     nl = [lock_values(r) for r in new]
     pooled = pd.concat([*bl, *nl]).groupby("identity")["total_ns"].sum()

@@ -231,7 +231,7 @@ class Recording:
                 return pd.DataFrame()
             try:
                 t = _check_table(self.path, name, self._tables[name]())
-                self._cache[name] = t.to_pandas()
+                self._cache[name] = t.to_pandas(split_blocks=True, self_destruct=True)
             except (pa.ArrowException, OSError, KeyError, ValueError, TypeError,
                     IndexError, AttributeError) as e:
                 raise RecordingError(f"{self.path}: table {name!r} is corrupt "
@@ -309,6 +309,8 @@ def _check_manifest(path, manifest):
         raise RecordingError(f"{path} is recording format version {manifest.get('version')}, "
                              f"this kvmlockprof reads version {VERSION}: upgrade kvmlockprof")
     for key, types in MANIFEST_TYPES.items():
+        if key in manifest and manifest[key] is None:
+            del manifest[key]                   # null reads as absent
         v = manifest.get(key)
         if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
             raise RecordingError(f"{path}: the manifest's {key!r} is malformed: the file is "
@@ -378,8 +380,14 @@ def load(path):
 
 
 def _flatten(table, name):
-    col = table.column(name).combine_chunks()
-    return pa.Table.from_arrays(col.flatten(), names=[f.name for f in col.type])
+    """The struct column's fields as columns, without copying: rows of a table's own
+    row groups are never null, so field(i) is the data (flatten() would copy to
+    merge the struct's nulls in)."""
+    col = table.column(name)
+    names = [f.name for f in col.type]
+    return pa.Table.from_arrays([pa.chunked_array([ch.field(i) for ch in col.chunks],
+                                                  type=col.type.field(i).type)
+                                 for i in range(len(names))], names=names)
 
 
 def _load_partial(d):
