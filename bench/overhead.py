@@ -4,6 +4,7 @@ Configurations, run interleaved (the order rotates each round), median of --roun
   none                 no profiler
   kvmlockprof-agg      kvmlockprof record -a --sample-every 0 (in-kernel aggregates only)
   kvmlockprof-stream   kvmlockprof record -a (every wait streamed as a sample)
+  kvmlockprof-agg-stack16  aggregates only, kernel stacks for 1 wait in 16 (--stack-every)
   bpftrace             the same aggregation in bpftrace (bench/contention.bt)
   perf                 perf record -e lock:contention_begin,lock:contention_end -a -g
 Each profiler watches the whole host (as the peers do) and is attached before the
@@ -62,7 +63,8 @@ def start(config, tmp):
     if config.startswith("kvmlockprof"):
         out = os.path.join(tmp, f"{config}.parquet")
         argv = KLP + ["record", "-a", "-q", "-f", "-o", out] + \
-            (["--sample-every", "0"] if config == "kvmlockprof-agg" else [])
+            (["--sample-every", "0"] if "-agg" in config else []) + \
+            (["--stack-every", "16"] if config.endswith("-stack16") else [])
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: os.path.exists(f"{out}.partial/manifest.json") or p.poll() is not None)
     elif config == "bpftrace":
@@ -97,7 +99,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--workload", default="--vcpus 2 --churn")
-    ap.add_argument("--configs", default="none,kvmlockprof-agg,kvmlockprof-stream,bpftrace,perf")
+    ap.add_argument("--configs", default="none,kvmlockprof-agg,kvmlockprof-stream,"
+                    "kvmlockprof-agg-stack16,bpftrace,perf")
     ap.add_argument("-o", "--output", default=os.path.join(HERE, "results", "overhead.json"))
     a = ap.parse_args()
     configs = [c for c in a.configs.split(",")
@@ -131,7 +134,7 @@ def main():
                     cnt = sum(s1[i][2] - s0[i][2] for i in mine if i in s0 and i in s1)
                     cost[c].append({"bpf_ns_per_s": ns / dt, "bpf_runs_per_s": cnt / dt,
                                     "own_cpu": (c1 - c0) / dt})
-                    print(f"round {r + 1}/{a.rounds} {c:<20} "
+                    print(f"round {r + 1}/{a.rounds} {c:<24} "
                           f"{rates[c][-1]['exits_per_s']:>10,.0f} exits/s "
                           f"{rates[c][-1]['churn_ops_per_s']:>8,.0f} memslot ops/s  "
                           f"BPF {ns / dt / 1e7:5.2f}% CPU  own {(c1 - c0) / dt:6.1%} CPU",
@@ -144,7 +147,7 @@ def main():
               "workload": a.workload, "duration_s": a.duration, "rounds": a.rounds,
               "skipped": skipped, "configs": {}}
     keys = list(rates["none"][0])
-    print(f"\n{'config':<20} {'exits/s':>10} {'ratio':>6}   {'memslot ops/s':>13} "
+    print(f"\n{'config':<24} {'exits/s':>10} {'ratio':>6}   {'memslot ops/s':>13} "
           f"{'ratio':>6}   {'BPF ns/event':>12} {'BPF CPU':>8} {'own CPU':>8}")
     for c in configs:
         med = {k: statistics.median(x[k] for x in rates[c]) for k in keys}
@@ -158,7 +161,7 @@ def main():
         result["configs"][c] = {"median": med, "ratio_to_none": ratio, "runs": rates[c],
                                 "bpf_ns_per_invocation": per_event, "bpf_cpu_share": bpf_cpu,
                                 "own_cpu_share": own, "cost_runs": cost[c]}
-        print(f"{c:<20} {med['exits_per_s']:>10,.0f} {ratio['exits_per_s']:>6.3f}   "
+        print(f"{c:<24} {med['exits_per_s']:>10,.0f} {ratio['exits_per_s']:>6.3f}   "
               f"{med['churn_ops_per_s']:>13,.0f} {ratio['churn_ops_per_s']:>6.3f}   "
               f"{per_event:>12,.0f} {bpf_cpu:>8.2%} {own:>8.2%}")
     print("ratio: median over rounds of (rate profiled / rate unprofiled, same round); "

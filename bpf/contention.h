@@ -20,6 +20,9 @@ enum klp_counter {
 	KLP_NR_COUNTERS,
 };
 
+/* stack_id of a wait whose stack was not captured (--stack-every N > 1). */
+#define KLP_NO_STACK (-1000)
+
 /* One completed contended wait, as streamed through the ring buffer. */
 struct klp_contention_event {
 	u64 ts_ns;              /* bpf_ktime_get_ns() at contention_end */
@@ -28,7 +31,7 @@ struct klp_contention_event {
 	u32 tid;
 	u32 tgid;
 	u32 flags;              /* LCB_F_* of the last contention_begin */
-	s32 stack_id;           /* < 0: no stack (see KLP_C_STACK_FAIL) */
+	s32 stack_id;           /* < 0: no stack (KLP_C_STACK_FAIL, or KLP_NO_STACK) */
 	u32 cpu;
 	s32 ret;                /* contention_end's ret: 0, or -EINTR etc. for killable waits */
 	char comm[KLP_COMM_LEN];

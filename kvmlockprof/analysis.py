@@ -21,6 +21,8 @@ LOCK_TYPES = {
 KVM_FRAME = re.compile(r"^(__)?(kvm|vcpu|vmx|svm|pvm|tdp_mmu|x86_emulate|mmu_(?!notifier))"
                        r"|\[kvm(_\w+)?\]")
 
+NO_STACK = -1000          # bpf/contention.h KLP_NO_STACK: --stack-every skipped this wait
+
 # The column a `by` grouping names a row with (top() also splits locks by type).
 GROUP_COLUMN = {"lock": "lock", "caller": "caller", "task": "tgid"}
 SORT_KEYS = {"contended": "contended", "total": "total_ns", "max": "max_ns", "avg": "avg_ns",
@@ -77,7 +79,8 @@ def _with_stack_columns(df, info, lock_names):
     df["type"] = _by_unique(df["flags"], _type_name)
     callers, kvm = info["caller"].to_dict(), info["kvm"].to_dict()
     stacks = pd.factorize(df["stack_id"].to_numpy())
-    df["caller"] = _labels(*stacks, lambda s: callers.get(int(s), "[no stack]"))
+    df["caller"] = _labels(*stacks, lambda s: callers.get(
+        int(s), "[stack not sampled]" if s == NO_STACK else "[no stack]"))
     df["kvm"] = np.asarray(_labels(*stacks, lambda s: bool(kvm.get(int(s), False))), dtype=bool)
     locks = pd.factorize(df["lock_addr"].to_numpy())
     df["lock_name"] = _labels(*locks, lambda a: lock_names.get(f"{a:#x}"))
@@ -161,7 +164,10 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
     out = g.agg(contended=("count", "sum"), total_ns=("total_ns", "sum"),
                 max_ns=("max_ns", "max"), min_ns=("min_ns", "min"), kvm=("kvm", "any"))
     # The row's dominant lock/caller/task: the one with the most wait in the group.
-    dom = aggs.loc[aggs.groupby(keys, sort=False)["total_ns"].idxmax()].set_index(keys)
+    # (a known stack before "[stack not sampled]", whatever their weights)
+    weight = aggs["total_ns"].astype("float64").where(aggs["stack_id"] != NO_STACK, -1.0)
+    dom = aggs.loc[weight.groupby([aggs[k] for k in keys], sort=False,
+                                  observed=True).idxmax()].set_index(keys)
     for c in ("type", "lock", "caller", "tgid"):
         if c not in keys:
             out[c] = dom[c]

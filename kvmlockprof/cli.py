@@ -60,6 +60,10 @@ def main():
 @click.option("-M", "--map-nr-entries", type=click.IntRange(min=1), default=16384,
               show_default=True, help="Entries of the in-kernel aggregate and stack maps "
               "(as perf lock contention's); a full map counts its losses.")
+@click.option("--stack-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Capture the kernel stack of one wait in N (the stack walk is most of "
+                   "the per-wait cost); the others count under their lock as "
+                   "\"[stack not sampled]\".")
 @click.option("--probes", "probe_names", metavar="A,B,...",
               help="Probes to attach (default: every probe this host can attach; "
                    "see `kvmlockprof probes`).")
@@ -68,7 +72,7 @@ def main():
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb, map_nr_entries,
-           probe_names, prefer, quiet, command):
+           stack_every, probe_names, prefer, quiet, command):
     """Record lock contention to a Parquet recording.
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
@@ -84,7 +88,7 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
         rec = Recorder(output, duration=duration, pids=pids, command=command,
                        system_wide=system_wide, sample_every=sample_every, force=force,
                        ringbuf_mb=ringbuf_mb, map_entries=map_nr_entries, probes=names,
-                       prefer=prefer,
+                       prefer=prefer, stack_every=stack_every,
                        warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
     except (UnknownProbe, RecordingError) as e:

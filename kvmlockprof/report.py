@@ -42,6 +42,10 @@ def summary_lines(rec):
         how = p.get("method") if p.get("status") == "attached" else \
             f"NOT attached: {p.get('reason', '')}"
         lines.append(f"probe {name}: {p.get('status')} ({how})")
+    every = m.get("probes", {}).get("contention", {}).get("stack_every", 1) or 1
+    if every > 1:
+        lines.append(f"kernel stacks captured for 1 wait in {every} (--stack-every): the "
+                     "others count under their lock as [stack not sampled]")
     lost = {k: v for k, v in t["losses"].items() if v}
     lines.append(f"contended waits {t['waits_paired']}  samples {t['samples']}  "
                  f"losses {', '.join(f'{k}={v}' for k, v in lost.items()) or 'none'}")

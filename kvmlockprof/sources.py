@@ -32,7 +32,7 @@ def _function_plans(requested, status, prefer, warn):
 
 def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=1,
                  ringbuf_mb=16, map_entries=16384, prefer=None, warn=None, status=None,
-                 kbtf=None):
+                 kbtf=None, stack_every=1):
     """({name: source}, {probe name: status}).
 
     requested: catalog probes, or None for every probe this host can attach.
@@ -45,7 +45,8 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=1,
         if requested is None or any(p.name == "contention" for p in requested):
             c = ContentionProbe(tgids=tgids, follow_fork=follow_fork,
                                 sample_every=sample_every, ringbuf_mb=ringbuf_mb,
-                                agg_entries=map_entries, stack_entries=map_entries)
+                                agg_entries=map_entries, stack_entries=map_entries,
+                                stack_every=stack_every)
             sources["contention"] = c
             status["contention"] = {"status": "attached", "method": "tracepoint",
                                     "targets": sorted(c.attached), **c.options}
