@@ -7,9 +7,7 @@ same factor. Its contents are a real recording's, many times over; what is
 measured is the time of the commands a user runs on it.
 """
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,7 +19,8 @@ import pyarrow as pa
 import kvmlockprof
 from kvmlockprof.recording import Writer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from results_io import RESULTS, save      # bench/ is on sys.path when run as a script
+
 KLP = [sys.executable, "-m", "kvmlockprof"]
 
 
@@ -77,7 +76,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=10_000_000)
     ap.add_argument("--source", help="A real recording to grow (default: record one now).")
-    ap.add_argument("-o", "--output", default=os.path.join(HERE, "results", "analysis.json"))
+    ap.add_argument("-o", "--output", default=os.path.join(RESULTS, "analysis.json"))
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
         src = a.source
@@ -96,17 +95,13 @@ def main():
                                                              "caller", "--stacks"]),
                  "compare (one run per side)": timed(KLP + ["compare", paths[0], paths[1]],
                                                      repeat=1)}
-    res = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
-           "samples": rows[0], "file_bytes": size, "build_s": build, "seconds": times}
+    res = {"samples": rows[0], "file_bytes": size, "build_s": build, "seconds": times}
     print(f"recording: {rows[0]:,} samples, {size / 2**20:.0f} MiB (built in {build:.0f} s); "
           "times: median of 3 runs (compare: 1)")
     for k, v in times.items():
         print(f"{k:<32} {v:6.2f} s")
     print(f"target report <= 5 s: {'met' if times['report'] <= 5 else 'NOT met'}")
-    os.makedirs(os.path.dirname(a.output), exist_ok=True)
-    with open(a.output, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"-> {a.output}")
+    save(res, a.output)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ and every record that could not be reserved is counted in the kernel. The check:
 decoded + counted losses == records attempted, exactly.
 """
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -21,7 +19,8 @@ from kvmlockprof import bpfload
 from kvmlockprof.recording import to_arrow
 from kvmlockprof.ringbuf import BatchRingBuffer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from results_io import RESULTS, save      # bench/ is on sys.path when run as a script
+
 GENERATOR = r"""
 #include "contention.h"
 BPF_RINGBUF_OUTPUT(events, RB_PAGES);
@@ -61,7 +60,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--burst", type=int, default=32)
     ap.add_argument("--ringbuf-mb", type=int, default=16)
-    ap.add_argument("-o", "--output", default=os.path.join(HERE, "results", "ingest.json"))
+    ap.add_argument("-o", "--output", default=os.path.join(RESULTS, "ingest.json"))
     a = ap.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     reader_cpu, gen_cpu = cpus[0], cpus[-1]
@@ -108,8 +107,7 @@ def main():
     rb.close()
     b.cleanup()
     rate = decoded / elapsed
-    res = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
-           "seconds": elapsed, "records_attempted": tried, "records_lost_counted": lost,
+    res = {"seconds": elapsed, "records_attempted": tried, "records_lost_counted": lost,
            "records_decoded": decoded, "exact": decoded + lost == tried,
            "decoded_per_s_wall": rate,
            "decoded_per_s_consume_only": decoded / consume_s if consume_s else None,
@@ -122,10 +120,7 @@ def main():
           f"Arrow {res['decoded_per_s_consume_and_arrow']:,.0f}/s while busy; "
           f"Arrow -> pandas {res['to_pandas_rows_per_s']:,.0f} rows/s)")
     print(f"target >= 1,000,000 events/s decoded: {'met' if rate >= 1e6 else 'NOT met'}")
-    os.makedirs(os.path.dirname(a.output), exist_ok=True)
-    with open(a.output, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"-> {a.output}")
+    save(res, a.output)
     if not res["exact"]:
         sys.exit(1)
 

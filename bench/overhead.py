@@ -19,7 +19,6 @@ own CPU use. Prints all of it and writes JSON.
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -27,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from results_io import RESULTS, save      # bench/ is on sys.path when run as a script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KLP = [sys.executable, "-m", "kvmlockprof"]
@@ -101,7 +102,7 @@ def main():
     ap.add_argument("--workload", default="--vcpus 2 --churn")
     ap.add_argument("--configs", default="none,kvmlockprof-agg,kvmlockprof-stream,"
                     "kvmlockprof-agg-stack16,bpftrace,perf")
-    ap.add_argument("-o", "--output", default=os.path.join(HERE, "results", "overhead.json"))
+    ap.add_argument("-o", "--output", default=os.path.join(RESULTS, "overhead.json"))
     a = ap.parse_args()
     configs = [c for c in a.configs.split(",")
                if c in ("none",) or c.startswith("kvmlockprof") or shutil.which(c)]
@@ -142,9 +143,7 @@ def main():
     finally:
         with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
             f.write(stats_was)
-    result = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
-                          "python": platform.python_version()},
-              "workload": a.workload, "duration_s": a.duration, "rounds": a.rounds,
+    result = {"workload": a.workload, "duration_s": a.duration, "rounds": a.rounds,
               "skipped": skipped, "configs": {}}
     keys = list(rates["none"][0])
     print(f"\n{'config':<24} {'exits/s':>10} {'ratio':>6}   {'memslot ops/s':>13} "
@@ -168,10 +167,7 @@ def main():
           "BPF CPU and own CPU: share of one CPU")
     if skipped:
         print(f"(not installed, skipped: {', '.join(skipped)})")
-    os.makedirs(os.path.dirname(a.output), exist_ok=True)
-    with open(a.output, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"-> {a.output}")
+    save(result, a.output)
 
 
 if __name__ == "__main__":

@@ -59,9 +59,10 @@ def test_totals_agree_with_independent_counter(churn_recording):
 
 
 def test_pid_filter_keeps_only_that_process(live, tmp_path):
-    target = subprocess.Popen(workload_argv("--duration", 6, "--churn"), cwd=ROOT,
+    # long enough to outlive record's start-up (BPF compile, BTF: several seconds)
+    target = subprocess.Popen(workload_argv("--duration", 60, "--churn"), cwd=ROOT,
                               stdout=subprocess.DEVNULL)
-    other = subprocess.Popen(workload_argv("--duration", 6, "--churn"), cwd=ROOT,
+    other = subprocess.Popen(workload_argv("--duration", 60, "--churn"), cwd=ROOT,
                              stdout=subprocess.DEVNULL)
     try:
         time.sleep(1)
@@ -69,6 +70,7 @@ def test_pid_filter_keeps_only_that_process(live, tmp_path):
         klp("record", "--duration", 3, "--pid", target.pid, "-o", out, "-q")
     finally:
         for p in (target, other):
+            p.terminate()           # the workload stops early on SIGTERM
             p.wait(30)
     rec = kvmlockprof.load(out)
     assert len(rec.samples) > 0
