@@ -34,6 +34,8 @@ BENCH_PKGS := bpftrace linux-perf
 bench: setup
 	$(call apt-install,$(BENCH_PKGS),--no-install-recommends)
 	$(PY) bench/overhead.py
+	$(PY) bench/overhead.py --workload "--vcpus 2 --churn --churn-rate 250" \
+	  -o bench/results/overhead-moderate.json
 	$(PY) bench/ingest.py
 	$(PY) bench/analysis_speed.py
 
