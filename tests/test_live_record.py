@@ -102,6 +102,7 @@ def test_every_exit_path_detaches(live, tmp_path, sig):
 
 
 def test_kill_9_leaves_flushed_data_readable(live, tmp_path):
+    before = our_prog_ids()
     out = tmp_path / "k.parquet"
     p = subprocess.Popen([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
                           "--", *workload_argv("--duration", 30, "--churn")], cwd=ROOT,
@@ -115,6 +116,11 @@ def test_kill_9_leaves_flushed_data_readable(live, tmp_path):
         time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
+    # the kernel drops the programs with the last file descriptor: none of ours stays
+    deadline = time.time() + 10
+    while our_prog_ids() != before and time.time() < deadline:
+        time.sleep(0.2)
+    assert our_prog_ids() == before
     rec = kvmlockprof.load(out)
     assert rec.interrupted and len(rec.samples) > 0
     r = klp("report", out)
