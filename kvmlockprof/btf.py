@@ -146,29 +146,15 @@ class Btf:
 
     def lock_path(self, struct, offset):
         """The dotted path of the lock that starts at byte `offset` of struct
-        ("mmu_lock", "vcpu_array.xa_lock"), or None when no lock starts there:
-        it descends through structs and stops at the first lock type."""
-        unit, t = self.structs.get(struct, (None, None))
-        path = []
-        while t and t["kind"] in ("STRUCT", "UNION"):
-            for m in t.get("members", []):
-                names, mt = self._type_names(m["type_id"], unit)
-                start = m["bits_offset"] // 8
-                if start <= offset < start + (self._sizeof(mt, unit) or 0):
-                    break
-            else:
-                return None
-            if m["name"] not in ("(anon)", ""):
-                path.append(m["name"])
-            offset -= start
-            if LOCK_TYPES.intersection(names):
-                return ".".join(path) if offset == 0 else None
-            t = mt
-        return None
+        ("mmu_lock", "vcpu_array.xa_lock", "slots_lock.wait_lock": a mutex's own
+        spinlock), or None when no lock starts there."""
+        return self.lock_offsets(struct).get(offset)
 
     def lock_offsets(self, struct):
-        """{byte offset: lock path} of every lock inside struct (what lock_path()
-        answers, for all offsets at once: a small table to keep instead of BTF)."""
+        """{byte offset: lock path} of every lock inside struct: it descends through
+        structs; a lock is named where it starts (the outermost lock at an offset:
+        "mmu_lock", not its raw_lock), and locks inside locks at other offsets too
+        (a mutex's wait_lock)."""
         unit, t = self.structs.get(struct, (None, None))
         out = {}
 
@@ -179,7 +165,7 @@ class Btf:
                 sub = path + ([m["name"]] if m["name"] not in ("(anon)", "") else [])
                 if LOCK_TYPES.intersection(names):
                     out.setdefault(start, ".".join(sub))
-                elif mt and mt["kind"] in ("STRUCT", "UNION"):
+                if mt and mt["kind"] in ("STRUCT", "UNION"):
                     walk(mt, start, sub)
         if t:
             walk(t, 0, [])

@@ -83,3 +83,13 @@ def test_lock_offsets_table_agrees_with_lock_path(kbtf):
     assert table[kbtf.offset("kvm", "mmu_lock")] == "mmu_lock"
     for off, path in table.items():
         assert kbtf.lock_path("kvm", off) == path
+
+
+def test_locks_inside_locks_are_named(kbtf):
+    """A mutex's own spinlock contends too (kvm_vm_ioctl under memslot churn):
+    kvm->slots_lock.wait_lock, at the offsets pahole gives."""
+    kvm = dict((n, o) for _, n, o in pahole_locks("kvm"))
+    mutex = dict((n, o) for _, n, o in pahole_locks("mutex"))
+    assert "wait_lock" in mutex
+    assert kbtf.lock_path("kvm", kvm["slots_lock"] + mutex["wait_lock"]) == \
+        "slots_lock.wait_lock"
