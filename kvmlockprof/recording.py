@@ -298,6 +298,9 @@ def _check_table(path, name, table):
         if not _KIND[kind](table.schema.field(col).type):
             raise RecordingError(f"{path}: column {name}.{col} has type "
                                  f"{table.schema.field(col).type}: the file is damaged")
+        if table.column(col).null_count:        # record never writes a missing value
+            raise RecordingError(f"{path}: column {name}.{col} has missing values: the "
+                                 "file is damaged")
     return table
 
 
