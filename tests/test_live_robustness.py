@@ -1,6 +1,5 @@
 """Live robustness: an error in the middle of `record` (a full disk), and a
 60 s contention storm (bounded memory, counted losses, the workload goes on)."""
-import json
 import os
 import subprocess
 import sys
