@@ -170,8 +170,8 @@ def top(interval, by, sort, limit, pids, probe_names, prefer, batch, iterations)
     from .bpfload import BpfUnavailable
     from .catalog import UnknownProbe, select
     from .record import Stop, _raise_stop
-    from .sources import close_sources, open_sources
-    from . import btf, host, top as topmod
+    from .sources import close_sources, load_btf, open_sources
+    from . import host, top as topmod
     names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
     try:
         requested = None if names is None else select(names)
@@ -185,11 +185,7 @@ def top(interval, by, sort, limit, pids, probe_names, prefer, batch, iterations)
     try:
         click.echo("kvmlockprof top: compiling and attaching the probes ...", err=True)
         warn = lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True)  # noqa: E731
-        try:
-            kbtf = btf.Btf()
-        except btf.BtfError as e:
-            kbtf = None
-            warn(f"no BTF, locks inside KVM objects stay unnamed: {e}")
+        kbtf, _ = load_btf(warn)
         sources, status = open_sources(
             requested, tgids=list(pids) or None, sample_every=0, ringbuf_mb=1, prefer=prefer,
             warn=warn, kbtf=kbtf)

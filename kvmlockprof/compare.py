@@ -67,6 +67,13 @@ def _with_identity(df):
     return df.assign(identity=pd.Categorical.from_codes(lcodes[codes], cats))
 
 
+def identified(rec):
+    """analysis.annotate() with the identity column, once per recording
+    (lock_values and the single-run observations both need it)."""
+    return rec.derived("identified", lambda: tuple(
+        _with_identity(t) for t in analysis.annotate(rec)))
+
+
 # --- what one recording says --------------------------------------------------------
 
 def _work(rec):
@@ -77,8 +84,7 @@ def _work(rec):
 def lock_values(rec):
     """Per lock identity, this run's value of every lock metric (rates from the
     in-kernel aggregates, percentiles from the samples or bucket bounds)."""
-    aggs, samples = analysis.annotate(rec)
-    aggs, samples = _with_identity(aggs), _with_identity(samples)
+    aggs, samples = identified(rec)
     if aggs.empty:
         return pd.DataFrame(columns=["identity", *LOCK_METRICS, "total_ns"])
     dur = rec.manifest.get("duration_s") or np.nan
@@ -160,15 +166,14 @@ def _single_observations(rec, identities):
     """({(identity, metric): (observations, statistic)}, bins): what the bootstrap
     resamples when there is one run per side. Rates: per 500 ms bin (scaled so
     that unsampled waits count); wait statistics: the sampled waits."""
-    aggs, samples = analysis.annotate(rec)
-    samples = _with_identity(samples)
+    aggs, samples = identified(rec)
     dur = rec.manifest.get("duration_s") or np.nan
     nbins = max(1, int(np.ceil(dur * 1e9 / BIN_NS))) if dur == dur else 1
     out = {}
     if samples.empty:
         return out, nbins
     t0 = rec.manifest.get("start_monotonic_ns", int(samples["ts_ns"].min()))
-    counts = _with_identity(aggs).groupby("identity")["count"].sum()
+    counts = aggs.groupby("identity")["count"].sum()
     for ident, s in samples.groupby("identity"):
         if ident not in identities:
             continue

@@ -7,14 +7,10 @@ from . import analysis, plots, report
 
 STYLE = ("body{font-family:sans-serif;margin:2em} table.t{border-collapse:collapse;"
          "font-size:12px} table.t td,table.t th{padding:2px 8px;border-bottom:1px solid #ddd}")
-NS_COLUMNS = ("total_ns", "max_ns", "min_ns", "avg_ns", "mean_ns", "p50_ns", "p90_ns", "p99_ns",
-              "wait_ns", "kvm_wait_ns", "p50_ns_bound", "p99_ns_bound")
-
-
 def _table(df):
     if df is None or df.empty:
         return "<p>(none)</p>"
-    df = df.assign(**{c: df[c].map(report.fmt_ns) for c in NS_COLUMNS if c in df.columns})
+    df = df.assign(**{c: df[c].map(report.fmt_ns) for c in report.ns_columns(df)})
     return df.to_html(index=False, border=0, classes="t", escape=True)
 
 

@@ -10,11 +10,11 @@ import time
 
 import numpy as np
 
-from . import __version__, btf, catalog, host, processes
+from . import __version__, catalog, host, processes
 from .ksyms import Kallsyms
 from .locknames import SessionNames
 from .probes.contention import LOSSES
-from .sources import open_sources
+from .sources import load_btf, open_sources
 from . import recording
 from .recording import Writer, check_output, to_arrow
 from .stacks import new_stack_ids, stack_ids_in, stacks_table
@@ -71,13 +71,10 @@ class Recorder:
         return sources
 
     def _btf(self):
-        """The running kernel's BTF (KVM lock names, function probe offsets), or None."""
-        try:
-            return btf.Btf()
-        except btf.BtfError as e:
-            self.manifest["kvm_objects"] = {"error": str(e)}
-            self.warn(f"no BTF, locks inside KVM objects stay unnamed: {e}")
-            return None
+        kbtf, error = load_btf(self.warn)
+        if error:
+            self.manifest["kvm_objects"] = {"error": error}
+        return kbtf
 
     def run(self):
         """Record until the duration ends, the command exits or a signal; return the manifest."""

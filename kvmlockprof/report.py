@@ -73,10 +73,16 @@ def table_text(df, by):
     return lines
 
 
+def ns_columns(df):
+    """The columns that hold nanoseconds (printed with fmt_ns)."""
+    return [c for c in df.columns if c.endswith(("_ns", "_ns_bound"))]
+
+
 def _frame_text(df):
     df = df.copy()
+    ns = ns_columns(df)
     for c in df.columns:
-        if c.endswith("_ns") or c.endswith("_ns_bound"):
+        if c in ns:
             df[c] = [fmt_ns(v) for v in df[c]]
         elif c in ("kvm", "gpc", "ssp", "xa") and pd.api.types.is_integer_dtype(df[c]):
             df[c] = [f"{v:#x}" for v in df[c]]

@@ -30,6 +30,16 @@ def _function_plans(requested, status, prefer, warn):
     return plans
 
 
+def load_btf(warn):
+    """(the running kernel's BTF or None, the reason it is missing or None): KVM lock
+    names and function-probe offsets need it; contention alone does not."""
+    try:
+        return btf.Btf(), None
+    except btf.BtfError as e:
+        warn(f"no BTF, locks inside KVM objects stay unnamed: {e}")
+        return None, str(e)
+
+
 def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=1,
                  ringbuf_mb=16, map_entries=16384, prefer=None, warn=None, status=None,
                  kbtf=None, stack_every=1):

@@ -58,7 +58,7 @@ class LiveView:
 
     # --- reading --------------------------------------------------------------------
 
-    def _read_contention(self):
+    def _read_contention(self, fsnaps):
         src = self.sources.get("contention")
         if src is None:
             return pd.DataFrame()
@@ -67,11 +67,9 @@ class LiveView:
         new = new_stack_ids(self.seen_stacks, aggs.column("stack_id").to_numpy())
         if new:
             self.stacks.append(stacks_table(src, "contention", new, self.ksyms).to_pandas())
-        if new:
             self.names.add_stacks(self.stacks[-1])
         df = aggs.to_pandas()
-        reg = self.sources["functions"].snapshots() if "functions" in self.sources else {}
-        self.names.update(df, reg.get("vms"), reg.get("vcpus"))
+        self.names.update(df, fsnaps.get("vms"), fsnaps.get("vcpus"))
         processes.learn(self.procs, np.unique(aggs.column("tgid").to_numpy()).tolist())
         return df
 
@@ -88,8 +86,9 @@ class LiveView:
         h[2] += hits
         h[3] += total
 
-    def _read_functions(self, dt):
-        """Lines for the function probes: counter rates, hit ratios."""
+    def _read_functions(self, dt, snaps):
+        """Lines for the function probes: counter rates, hit ratios (snaps: their
+        aggregate and registry maps, read once per refresh)."""
         src = self.sources.get("functions")
         lines = []
         if src is None:
@@ -100,7 +99,6 @@ class LiveView:
             fast = xen[xen["slow"] == 0]
             self._ratio("xen fast path", int((fast["ret"] != -errno.EWOULDBLOCK).sum()),
                         int(fast.size))
-        snaps = src.snapshots()
         ops = snaps.get("gpc_ops")
         if ops is not None and ops.num_rows:
             df = ops.to_pandas()
@@ -129,7 +127,9 @@ class LiveView:
         now = time.monotonic()
         dt = max(now - self.t_prev, 1e-3)
         self.t_prev = now
-        aggs = self._read_contention()
+        fn_src = self.sources.get("functions")
+        fsnaps = fn_src.snapshots() if fn_src else {}
+        aggs = self._read_contention(fsnaps)
         interval = _delta(aggs, self.prev_aggs)
         self.prev_aggs = aggs
         lines = [f"kvmlockprof top  {self.header}  up {now - self.t0:.0f} s  "
@@ -139,7 +139,7 @@ class LiveView:
         lines += self._probe_status()
         lines.append("")
         lines += self._table(aggs, interval, dt)
-        fn = self._read_functions(dt)
+        fn = self._read_functions(dt, fsnaps)
         if fn:
             lines += ["", "function probes (rate over the last interval, total):"] + fn
         return lines
