@@ -1,36 +1,49 @@
 """Overhead: the built-in workload's work rate unprofiled vs profiled, side by side.
 
-Configurations, run interleaved (the order rotates each round), median of --rounds:
-  none                 no profiler
-  kvmlockprof-agg      kvmlockprof record -a --sample-every 0 (in-kernel aggregates only)
+Configurations:
+  kvmlockprof-agg      kvmlockprof record -a --sample-every 0 (in-kernel aggregates only,
+                       the default stack budget: at most 1000 stack walks/s per CPU)
   kvmlockprof-stream   kvmlockprof record -a (every wait streamed as a sample)
-  kvmlockprof-agg-stack16  aggregates only, kernel stacks for 1 wait in 16 (--stack-every)
+  kvmlockprof-agg-allstacks  aggregates only, a kernel stack for every wait (--stack-budget 0)
   bpftrace             the same aggregation in bpftrace (bench/contention.bt)
   perf                 perf record -e lock:contention_begin,lock:contention_end -a -g
-Each profiler watches the whole host (as the peers do) and is attached before the
-workload starts. The host is noisy (nested virtualisation: run-to-run spread of
-+-10%), so each round runs every configuration once, back to back, and a
-configuration's ratio is the median over rounds of its work rate divided by that
-round's unprofiled rate. Two direct measures beside it, not subject to that noise:
-the in-kernel cost of the BPF programs (kernel.bpf_stats_enabled: run time per
-invocation and CPU share, for kvmlockprof and bpftrace) and the profiler process's
-own CPU use. Prints all of it and writes JSON.
+
+This host's work rate wanders by +-10-25% from one workload run to the next, more than
+the effects to measure, so everything happens inside ONE long workload run, which
+prints its progress (exits, memslot ops) four times a second. The profilers are
+started and stopped in turn while it runs, with an unprofiled window between any two:
+    off, P1, off, P2, off, ..., P5, off, P1, off, ...
+A profiled window is measured from --settle s after the profiler attached (its
+start-up, compiling and loading, is not measured) until it is told to stop; an
+unprofiled window from --settle s after the previous profiler exited. Each profiled
+window's ratio is its rate over the mean rate of the two unprofiled windows beside it
+(which cancels the drift); a configuration's ratio is the median over --rounds, with a
+bootstrap 95% interval of that median. Beside it, two direct measures: the in-kernel
+run time of the profiler's BPF programs (kernel.bpf_stats_enabled: per invocation and
+as a share of one CPU) and the profiler process's own CPU. Prints all, writes JSON.
 """
 import argparse
 import json
 import os
+import queue
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+
+import numpy as np
+from scipy import stats
 
 from results_io import RESULTS, save      # bench/ is on sys.path when run as a script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KLP = [sys.executable, "-m", "kvmlockprof"]
+CONFIGS = ("kvmlockprof-agg,kvmlockprof-stream,kvmlockprof-agg-allstacks,bpftrace,perf")
+WORK = ("exits", "churn_ops")
 
 
 def wait_for(pred, timeout=60):
@@ -43,11 +56,10 @@ def wait_for(pred, timeout=60):
 
 
 def prog_stats():
-    """{prog id: (name, run_time_ns, run_cnt)} of the BPF programs loaded now."""
+    """{prog id: (run_time_ns, run_cnt)} of the BPF programs loaded now."""
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
                          check=True).stdout
-    return {p["id"]: (p.get("name", ""), p.get("run_time_ns", 0), p.get("run_cnt", 0))
-            for p in json.loads(out)}
+    return {p["id"]: (p.get("run_time_ns", 0), p.get("run_cnt", 0)) for p in json.loads(out)}
 
 
 def cpu_seconds(pid):
@@ -58,14 +70,12 @@ def cpu_seconds(pid):
 
 
 def start(config, tmp):
-    """Start a profiler; return (Popen, stop) once it is attached, or (None, None)."""
-    if config == "none":
-        return None, None
+    """Start a profiler; return its Popen once it is attached."""
     if config.startswith("kvmlockprof"):
         out = os.path.join(tmp, f"{config}.parquet")
         argv = KLP + ["record", "-a", "-q", "-f", "-o", out] + \
             (["--sample-every", "0"] if "-agg" in config else []) + \
-            (["--stack-every", "16"] if config.endswith("-stack16") else [])
+            (["--stack-budget", "0"] if config.endswith("-allstacks") else [])
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: os.path.exists(f"{out}.partial/manifest.json") or p.poll() is not None)
     elif config == "bpftrace":
@@ -73,7 +83,6 @@ def start(config, tmp):
         p = subprocess.Popen(["bpftrace", os.path.join(HERE, "contention.bt")],
                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
         wait_for(lambda: "Attaching" in open(log).read() or p.poll() is not None)
-        time.sleep(0.5)
     elif config == "perf":
         data = os.path.join(tmp, "perf.data")
         p = subprocess.Popen(["perf", "record", "-q", "-o", data, "-a", "-g", "-e",
@@ -81,90 +90,132 @@ def start(config, tmp):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: os.path.exists(data) and os.path.getsize(data) > 0 or
                  p.poll() is not None)
-        time.sleep(0.5)
     if p.poll() is not None:
         raise RuntimeError(f"{config} exited at start ({p.returncode})")
-    return p, lambda: (p.send_signal(signal.SIGINT), p.wait(120))
+    return p
 
 
-def workload(duration, args):
-    out = subprocess.run(KLP + ["workload", "--duration", str(duration), "--json", *args],
-                         capture_output=True, text=True, check=True).stdout
-    w = json.loads(out.strip().splitlines()[-1])
-    return {"exits_per_s": w["exits_total"] / w["duration_s"],
-            "churn_ops_per_s": w["churn_ops"] / w["duration_s"]}
+class Progress:
+    """The workload's progress lines, read as they come."""
+
+    def __init__(self, proc):
+        self.q = queue.Queue()
+        self.last = None
+        threading.Thread(target=self._read, args=(proc.stdout,), daemon=True).start()
+
+    def _read(self, f):
+        for line in f:
+            if line.startswith('{"progress"'):
+                self.q.put(json.loads(line)["progress"])
+
+    def now(self):
+        """The newest progress report (waits for the next one)."""
+        self.last = self.q.get(timeout=10)
+        while not self.q.empty():
+            self.last = self.q.get()
+        return self.last
+
+
+def window(progress, seconds, pid=None):
+    """Rates over `seconds` of the running workload (and a profiler's cost in it)."""
+    s0 = prog_stats()
+    c0 = cpu_seconds(pid) if pid else 0.0
+    a = progress.now()
+    time.sleep(seconds)
+    b = progress.now()
+    s1 = prog_stats()
+    c1 = cpu_seconds(pid) if pid else 0.0
+    dt = b["t"] - a["t"]
+    ns = sum(s1[i][0] - s0[i][0] for i in s1 if i in s0)
+    runs = sum(s1[i][1] - s0[i][1] for i in s1 if i in s0)
+    return {**{k: (b[k] - a[k]) / dt for k in WORK}, "bpf_ns_per_s": ns / dt,
+            "bpf_runs_per_s": runs / dt, "own_cpu": (c1 - c0) / dt}
+
+
+def median_ci(x, rng):
+    """The median and a bootstrap 95% interval of it."""
+    x = np.asarray(x, float)
+    if len(x) < 3:
+        return float(np.median(x)), float("nan"), float("nan")
+    res = stats.bootstrap((x,), np.median, n_resamples=4000, method="percentile", rng=rng)
+    return float(np.median(x)), *map(float, res.confidence_interval)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--window", type=float, default=5.0, help="seconds measured per window")
+    ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--workload", default="--vcpus 2 --churn")
-    ap.add_argument("--configs", default="none,kvmlockprof-agg,kvmlockprof-stream,"
-                    "kvmlockprof-agg-stack16,bpftrace,perf")
+    ap.add_argument("--configs", default=CONFIGS)
     ap.add_argument("-o", "--output", default=os.path.join(RESULTS, "overhead.json"))
     a = ap.parse_args()
-    configs = [c for c in a.configs.split(",")
-               if c in ("none",) or c.startswith("kvmlockprof") or shutil.which(c)]
+    configs = [c for c in a.configs.split(",") if c.startswith("kvmlockprof") or shutil.which(c)]
     skipped = sorted(set(a.configs.split(",")) - set(configs))
-    rates = {c: [] for c in configs}
-    cost = {c: [] for c in configs}          # per run: BPF ns/s, BPF events/s, own CPU
+    # off + (settle + start-up ~3 s + window + stop ~1 s) per profiled window
+    duration = a.rounds * len(configs) * (2 * (a.window + a.settle) + 6) + 60
     with open("/proc/sys/kernel/bpf_stats_enabled") as f:
         stats_was = f.read().strip()
     with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
         f.write("1")
+    wl = subprocess.Popen(KLP + ["workload", "--duration", str(duration), "--progress-every",
+                                 "0.25", *a.workload.split()],
+                          stdout=subprocess.PIPE, text=True)
+    progress = Progress(wl)
+    offs, ons = [], []            # offs[i]: before the i-th profiled window; ons[i]: (config, w)
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            progress.now()
+            time.sleep(2 * a.settle)                    # the workload warms up
             for r in range(a.rounds):
-                order = configs[r % len(configs):] + configs[:r % len(configs)]
-                for c in order:
-                    before = prog_stats()
-                    p, stop = start(c, tmp)
+                for c in configs:
+                    time.sleep(a.settle)
+                    offs.append(window(progress, a.window))
+                    p = start(c, tmp)
                     try:
-                        mine = set(prog_stats()) - set(before)
-                        s0, c0, t0 = prog_stats(), cpu_seconds(p.pid) if p else 0, \
-                            time.monotonic()
-                        rates[c].append(workload(a.duration, a.workload.split()))
-                        s1, c1, t1 = prog_stats(), cpu_seconds(p.pid) if p else 0, \
-                            time.monotonic()
+                        time.sleep(a.settle)
+                        ons.append((c, window(progress, a.window, p.pid)))
                     finally:
-                        if stop:
-                            stop()
-                    dt = t1 - t0
-                    ns = sum(s1[i][1] - s0[i][1] for i in mine if i in s0 and i in s1)
-                    cnt = sum(s1[i][2] - s0[i][2] for i in mine if i in s0 and i in s1)
-                    cost[c].append({"bpf_ns_per_s": ns / dt, "bpf_runs_per_s": cnt / dt,
-                                    "own_cpu": (c1 - c0) / dt})
-                    print(f"round {r + 1}/{a.rounds} {c:<24} "
-                          f"{rates[c][-1]['exits_per_s']:>10,.0f} exits/s "
-                          f"{rates[c][-1]['churn_ops_per_s']:>8,.0f} memslot ops/s  "
-                          f"BPF {ns / dt / 1e7:5.2f}% CPU  own {(c1 - c0) / dt:6.1%} CPU",
+                        p.send_signal(signal.SIGINT)
+                        p.wait(120)
+                    w, o = ons[-1][1], offs[-1]
+                    print(f"round {r + 1}/{a.rounds} {c:<26} {w['exits']:>9,.0f} exits/s "
+                          f"(before: {o['exits']:>9,.0f})  {w['churn_ops']:>7,.0f} memslot "
+                          f"ops/s (before: {o['churn_ops']:>7,.0f})  BPF "
+                          f"{w['bpf_ns_per_s'] / 1e7:5.2f}% CPU  own {w['own_cpu']:6.1%} CPU",
                           flush=True)
+            time.sleep(a.settle)
+            offs.append(window(progress, a.window))
     finally:
+        wl.send_signal(signal.SIGTERM)
+        wl.wait(60)
         with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
             f.write(stats_was)
-    result = {"workload": a.workload, "duration_s": a.duration, "rounds": a.rounds,
-              "skipped": skipped, "configs": {}}
-    keys = list(rates["none"][0])
-    print(f"\n{'config':<24} {'exits/s':>10} {'ratio':>6}   {'memslot ops/s':>13} "
-          f"{'ratio':>6}   {'BPF ns/event':>12} {'BPF CPU':>8} {'own CPU':>8}")
+    rng = np.random.default_rng(0)
+    result = {"workload": a.workload, "window_s": a.window, "settle_s": a.settle,
+              "rounds": a.rounds, "skipped": skipped, "unprofiled": offs, "configs": {}}
+    print(f"\n{'config':<26} {'exits/s ratio [95% CI]':>26} {'memslot ops/s ratio [95% CI]':>30}"
+          f" {'BPF ns/run':>10} {'BPF CPU':>8} {'own CPU':>8}")
     for c in configs:
-        med = {k: statistics.median(x[k] for x in rates[c]) for k in keys}
-        # per round: this config's rate / the unprofiled rate of the same round
-        ratio = {k: statistics.median(x[k] / n[k] for x, n in zip(rates[c], rates["none"])
-                                      if n[k]) for k in keys}
-        runs = sum(x["bpf_runs_per_s"] for x in cost[c])
-        per_event = sum(x["bpf_ns_per_s"] for x in cost[c]) / runs if runs else float("nan")
-        bpf_cpu = statistics.median(x["bpf_ns_per_s"] / 1e9 for x in cost[c])
-        own = statistics.median(x["own_cpu"] for x in cost[c])
-        result["configs"][c] = {"median": med, "ratio_to_none": ratio, "runs": rates[c],
-                                "bpf_ns_per_invocation": per_event, "bpf_cpu_share": bpf_cpu,
-                                "own_cpu_share": own, "cost_runs": cost[c]}
-        print(f"{c:<24} {med['exits_per_s']:>10,.0f} {ratio['exits_per_s']:>6.3f}   "
-              f"{med['churn_ops_per_s']:>13,.0f} {ratio['churn_ops_per_s']:>6.3f}   "
-              f"{per_event:>12,.0f} {bpf_cpu:>8.2%} {own:>8.2%}")
-    print("ratio: median over rounds of (rate profiled / rate unprofiled, same round); "
-          "BPF CPU and own CPU: share of one CPU")
+        idx = [i for i, (cc, _) in enumerate(ons) if cc == c]
+        wins = [ons[i][1] for i in idx]
+        ratios = {k: [ons[i][1][k] / ((offs[i][k] + offs[i + 1][k]) / 2) for i in idx]
+                  for k in WORK if all(offs[i][k] + offs[i + 1][k] for i in idx)}
+        summary = {k: median_ci(v, rng) for k, v in ratios.items()}
+        runs = sum(w["bpf_runs_per_s"] for w in wins)
+        per_run = sum(w["bpf_ns_per_s"] for w in wins) / runs if runs else float("nan")
+        bpf_cpu = statistics.median(w["bpf_ns_per_s"] / 1e9 for w in wins)
+        own = statistics.median(w["own_cpu"] for w in wins)
+        result["configs"][c] = {"ratio_to_unprofiled": {k: v[0] for k, v in summary.items()},
+                                "ratio_ci95": {k: v[1:] for k, v in summary.items()},
+                                "ratios": ratios, "windows": wins,
+                                "bpf_ns_per_invocation": per_run, "bpf_cpu_share": bpf_cpu,
+                                "own_cpu_share": own}
+        cell = {k: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in summary.items()}
+        print(f"{c:<26} {cell.get('exits', '-'):>26} {cell.get('churn_ops', '-'):>30} "
+              f"{per_run:>10,.0f} {bpf_cpu:>8.2%} {own:>8.2%}")
+    print("ratio: median over rounds of (profiled window's rate / mean of the unprofiled "
+          "windows beside it); BPF CPU and own CPU: share of one CPU")
     if skipped:
         print(f"(not installed, skipped: {', '.join(skipped)})")
     save(result, a.output)

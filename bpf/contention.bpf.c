@@ -5,6 +5,8 @@
  *   KLP_SAMPLE_EVERY  stream every Nth wait (0: aggregates only)
  *   KLP_PENDING_ENTRIES, KLP_AGG_ENTRIES, KLP_STACK_ENTRIES, KLP_RINGBUF_PAGES
  *   KLP_WAKEUP_EVERY  wake the reader early every N samples on a CPU
+ *   KLP_STACK_EVERY   walk the kernel stack of one wait in N per CPU
+ *   KLP_STACK_BUDGET  at most this many stack walks per second per CPU (0: no cap)
  */
 #include "contention.h"
 
@@ -35,6 +37,16 @@ BPF_PERCPU_ARRAY(sample_tick, u64, 1);
 #endif
 #if KLP_STACK_EVERY > 1
 BPF_PERCPU_ARRAY(stack_tick, u64, 1);
+#endif
+#if KLP_STACK_BUDGET
+/* Walks spent in the current 10 ms window of this CPU. */
+struct stack_window {
+	u64 window;
+	u64 walks;
+};
+BPF_PERCPU_ARRAY(stack_budget, struct stack_window, 1);
+#define KLP_WINDOW_NS 10000000ULL
+#define KLP_WALKS_PER_WINDOW (KLP_STACK_BUDGET >= 100 ? KLP_STACK_BUDGET / 100 : 1)
 #endif
 /* A zeroed value to create aggregates from: too big for the 512-byte stack. */
 BPF_PERCPU_ARRAY(agg_zero, struct klp_agg_val, 1);
@@ -104,15 +116,30 @@ TRACEPOINT_PROBE(lock, contention_end)
 	u32 flags = p->flags;
 	pending.delete(&k);
 
-	/* The stack walk is most of this program's cost (~3 us on a nested guest):
-	 * with --stack-every N only one wait in N per CPU pays for it. */
+	/* The stack walk is most of this program's cost (~3 us on a nested guest,
+	 * with the lock held): --stack-every N walks for one wait in N per CPU,
+	 * and the budget caps walks per CPU-second, so a contention storm costs a
+	 * bounded amount; the waits without a stack count under KLP_NO_STACK. */
 	int zero_idx = 0;
 	int stack_id = KLP_NO_STACK;
+	int walk = 1;
 #if KLP_STACK_EVERY > 1
 	u64 *st = stack_tick.lookup(&zero_idx);
-	if (st && (*st)++ % KLP_STACK_EVERY == 0)
+	walk = st && (*st)++ % KLP_STACK_EVERY == 0;
 #endif
-	{
+#if KLP_STACK_BUDGET
+	struct stack_window *sw = stack_budget.lookup(&zero_idx);
+	if (walk && sw) {
+		u64 window = now / KLP_WINDOW_NS;
+		if (sw->window != window) {
+			sw->window = window;
+			sw->walks = 0;
+		}
+		walk = sw->walks < KLP_WALKS_PER_WINDOW;
+		sw->walks += walk;
+	}
+#endif
+	if (walk) {
 		stack_id = stacks.get_stackid(args, 0);
 		if (stack_id < 0)
 			count(KLP_C_STACK_FAIL);

@@ -119,6 +119,36 @@ def _annotate(rec):
     return aggs, samples
 
 
+def spread_unwalked(aggs):
+    """Aggregates with the waits whose stack was not walked (--stack-every, or
+    past the per-CPU stack budget) spread over the walked stacks of the same
+    lock, flags and process: count in proportion to the walked counts, total_ns
+    to the walked totals, so a lock's sums stay exact and each caller gets an
+    estimate (`estimated` True). An unwalked row whose group has no walked stack
+    stays, as "[stack not sampled]". max/min/hist stay those of the walked waits.
+    Without unwalked rows the aggregates come back as they are (exact)."""
+    unwalked = (aggs["stack_id"] == NO_STACK).to_numpy()
+    if not unwalked.any():
+        return aggs.assign(estimated=False)
+    key = [aggs[c].to_numpy() for c in ("lock_addr", "flags", "tgid")]
+
+    def sums(col):
+        v = aggs[col].to_numpy(np.float64)
+        walked = pd.Series(np.where(unwalked, 0.0, v)).groupby(key).transform("sum")
+        return v, walked.to_numpy(), pd.Series(v).groupby(key).transform("sum").to_numpy()
+    out = aggs.copy(deep=False)
+    n, n_walked, n_all = sums("count")
+    t, t_walked, t_all = sums("total_ns")
+    spread = n_walked > 0                    # the group has walked stacks to spread over
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fn = np.where(unwalked, 0.0, n_all / n_walked)
+        ft = np.where(t_walked > 0, np.where(unwalked, 0.0, t_all / t_walked), fn)
+    out["count"] = np.where(spread, n * fn, n)
+    out["total_ns"] = np.where(spread, t * ft, t)
+    out["estimated"] = spread & (n_all != n_walked) & ~unwalked
+    return out[~(unwalked & spread)]
+
+
 def lock_names(rec):
     """{hex address: name}: kallsyms data symbols, and the KVM-aware names
     (`kvm(1234)->mmu_lock`; how each was derived is in manifest["lock_names"])."""
@@ -149,20 +179,27 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
 
     count/total/max/min come from the in-kernel aggregates (nothing lost to the
     ring buffer); p50/p99 are exact (numpy over the samples) where the samples of
-    a row are complete, else the upper bound of a log2 bucket (`pct_exact` False)."""
+    a row are complete, else the upper bound of a log2 bucket (`pct_exact` False).
+    By caller, waits whose stack was not walked are spread over their lock's walked
+    callers (spread_unwalked: `estimated` True)."""
     aggs, samples = annotate(rec)
     keys = _group_keys(by)
     cols = ["contended", "total_ns", "max_ns", "min_ns", "avg_ns", "p50_ns", "p90_ns",
-            "p99_ns", "pct_exact", "type", "lock", "caller", "tgid", "comm", "vm", "kvm"]
+            "p99_ns", "pct_exact", "type", "lock", "caller", "tgid", "comm", "vm", "kvm",
+            "estimated"]
     if aggs.empty:
         return pd.DataFrame(columns=cols)
     if pids:
         aggs = aggs[aggs["tgid"].isin(pids)]
         samples = samples[samples["tgid"].isin(pids)] if not samples.empty else samples
+    aggs = spread_unwalked(aggs) if by == "caller" else aggs.assign(estimated=False)
     comm = _comm_by_tgid(rec)
     g = aggs.groupby(keys, sort=False)
     out = g.agg(contended=("count", "sum"), total_ns=("total_ns", "sum"),
-                max_ns=("max_ns", "max"), min_ns=("min_ns", "min"), kvm=("kvm", "any"))
+                max_ns=("max_ns", "max"), min_ns=("min_ns", "min"), kvm=("kvm", "any"),
+                estimated=("estimated", "any"))
+    for c in ("contended", "total_ns"):                 # estimates: whole waits and ns
+        out[c] = out[c].round().astype(np.int64)
     # The row's dominant lock/caller/task: the one with the most wait in the group.
     # (a known stack before "[stack not sampled]", whatever their weights)
     weight = aggs["total_ns"].astype("float64").where(aggs["stack_id"] != NO_STACK, -1.0)
@@ -222,10 +259,10 @@ def top_stacks(rec, row, by="lock", n=1):
     aggs, _ = annotate(rec)
     keys = _group_keys(by)
     sel = np.logical_and.reduce([aggs[k] == row[k] for k in keys])
-    part = aggs[sel].groupby("stack_id")["total_ns"].sum().sort_values(ascending=False)
     info = contention_stacks(rec)
-    return [(int(sid), list(info["frames"].get(sid, []))) for sid in part.index[:n]
-            if sid in info.index]
+    part = aggs[sel & aggs["stack_id"].isin(info.index)].groupby("stack_id")["total_ns"] \
+        .sum().sort_values(ascending=False)
+    return [(int(sid), list(info["frames"][sid])) for sid in part.index[:n]]
 
 
 def totals(rec):

@@ -69,9 +69,16 @@ def _with_identity(df):
 
 def identified(rec):
     """analysis.annotate() with the identity column, once per recording
-    (lock_values and the single-run observations both need it)."""
-    return rec.derived("identified", lambda: tuple(
-        _with_identity(t) for t in analysis.annotate(rec)))
+    (lock_values and the single-run observations both need it). Identities name
+    callers, so waits without a walked stack are spread over their lock's walked
+    callers (analysis.spread_unwalked): rates stay comparable whatever share of
+    stacks the --stack-budget let through."""
+    def compute():
+        aggs, samples = analysis.annotate(rec)
+        if not aggs.empty:
+            aggs = analysis.spread_unwalked(aggs)
+        return _with_identity(aggs), _with_identity(samples)
+    return rec.derived("identified", compute)
 
 
 # --- what one recording says --------------------------------------------------------

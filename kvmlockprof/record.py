@@ -34,7 +34,7 @@ class Recorder:
     def __init__(self, out, duration=None, pids=(), command=(), system_wide=False,
                  sample_every=1, flush_interval=1.0, force=False, progress=None,
                  ringbuf_mb=16, map_entries=16384, probes=None, warn=None, prefer=None,
-                 stack_every=1):
+                 stack_every=1, stack_budget=0):
         self.out = out
         self.duration = duration
         self.pids = list(pids)
@@ -47,6 +47,7 @@ class Recorder:
         self.ringbuf_mb = ringbuf_mb
         self.map_entries = map_entries
         self.stack_every = stack_every
+        self.stack_budget = stack_budget
         self.warn = warn or (lambda msg: None)
         self.prefer = prefer            # attach method to try first (fentry/kprobe)
         # None: every probe this host can attach; else names (checked here, early)
@@ -67,6 +68,7 @@ class Recorder:
             self.requested, tgids=tgids, follow_fork=bool(self.command) and not self.pids,
             sample_every=self.sample_every, ringbuf_mb=self.ringbuf_mb,
             map_entries=self.map_entries, prefer=self.prefer, stack_every=self.stack_every,
+            stack_budget=self.stack_budget,
             warn=self.warn, status=self.manifest["probes"], kbtf=self.kbtf)
         return sources
 

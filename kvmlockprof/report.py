@@ -42,10 +42,14 @@ def summary_lines(rec):
         how = p.get("method") if p.get("status") == "attached" else \
             f"NOT attached: {p.get('reason', '')}"
         lines.append(f"probe {name}: {p.get('status')} ({how})")
-    every = m.get("probes", {}).get("contention", {}).get("stack_every", 1) or 1
-    if every > 1:
-        lines.append(f"kernel stacks captured for 1 wait in {every} (--stack-every): the "
-                     "others count under their lock as [stack not sampled]")
+    c = m.get("probes", {}).get("contention", {})
+    every, budget = c.get("stack_every", 1) or 1, c.get("stack_budget", 0) or 0
+    if every > 1 or budget:
+        lines.append("kernel stacks walked for " + " and ".join(
+            ([f"1 wait in {every} (--stack-every)"] if every > 1 else []) +
+            ([f"at most {budget} waits/s per CPU (--stack-budget)"] if budget else [])) +
+            f": {_walked_share(rec):.1%} of the waits; the others count under their lock, "
+            "and by caller are spread over the lock's walked callers (~)")
     lost = {k: v for k, v in t["losses"].items() if v}
     lines.append(f"contended waits {t['waits_paired']}  samples {t['samples']}  "
                  f"losses {', '.join(f'{k}={v}' for k, v in lost.items()) or 'none'}")
@@ -58,6 +62,14 @@ def summary_lines(rec):
     return lines
 
 
+def _walked_share(rec):
+    aggs = rec.aggregates
+    if aggs.empty or not aggs["count"].sum():
+        return 1.0
+    return 1 - aggs.loc[aggs["stack_id"] == analysis.NO_STACK, "count"].sum() / \
+        aggs["count"].sum()
+
+
 def table_text(df, by):
     head = (f"{'contended':>10} {'total wait':>11} {'max wait':>10} {'avg wait':>10} "
             f"{'p50':>11} {'p99':>11} {'type':>11}  {'lock':<24} {'kvm':>3}  "
@@ -66,7 +78,8 @@ def table_text(df, by):
     for r in df.itertuples(index=False):
         bound = not r.pct_exact
         who = f"{r.vm} ({r.tgid})" if by == "task" else r.caller
-        lines.append(f"{r.contended:>10} {fmt_ns(r.total_ns):>11} {fmt_ns(r.max_ns):>10} "
+        est = "~" if getattr(r, "estimated", False) else ""
+        lines.append(f"{est + str(r.contended):>10} {fmt_ns(r.total_ns):>11} {fmt_ns(r.max_ns):>10} "
                      f"{fmt_ns(r.avg_ns):>10} {fmt_ns(r.p50_ns, bound):>11} "
                      f"{fmt_ns(r.p99_ns, bound):>11} {r.type:>11}  {r.lock:<24} "
                      f"{'K' if r.kvm else '':>3}  {who}")
@@ -116,5 +129,8 @@ def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pid
     if any(not x for x in df.get("pct_exact", [])):
         lines.append("")
         lines.append("<= : a log2 histogram bucket bound (not every wait of the row was sampled)")
+    if df.get("estimated", pd.Series(dtype=bool)).any():
+        lines.append("~ : an estimate: this caller's walked stacks, scaled up by the waits "
+                     "of its lock that had no stack walked")
     lines.append("K : the stack goes through KVM")
     return "\n".join(lines) + "\n"

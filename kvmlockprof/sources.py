@@ -42,7 +42,7 @@ def load_btf(warn):
 
 def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=1,
                  ringbuf_mb=16, map_entries=16384, prefer=None, warn=None, status=None,
-                 kbtf=None, stack_every=1):
+                 kbtf=None, stack_every=1, stack_budget=0):
     """({name: source}, {probe name: status}).
 
     requested: catalog probes, or None for every probe this host can attach.
@@ -56,7 +56,7 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=1,
             c = ContentionProbe(tgids=tgids, follow_fork=follow_fork,
                                 sample_every=sample_every, ringbuf_mb=ringbuf_mb,
                                 agg_entries=map_entries, stack_entries=map_entries,
-                                stack_every=stack_every)
+                                stack_every=stack_every, stack_budget=stack_budget)
             sources["contention"] = c
             status["contention"] = {"status": "attached", "method": "tracepoint",
                                     "targets": sorted(c.attached), **c.options}

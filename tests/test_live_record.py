@@ -191,19 +191,32 @@ def test_kvm_locks_named_by_vm_and_field(churn_recording):
     assert f"kvm({pid})->mmu_lock" in klp("report", rec.path).stdout
 
 
-def test_stack_every_keeps_lock_totals(live, tmp_path):
-    """--stack-every 8: every wait still counts under its lock (the in-kernel counter
-    and the samples agree); callers come from the sampled stacks only."""
-    out = tmp_path / "s8.parquet"
-    klp("record", "-q", "--stack-every", 8, "-o", out, "--",
-        *workload_argv("--duration", 2, "--churn"))
+@pytest.mark.parametrize("args, says", [(("--stack-every", 8), "1 wait in 8"),
+                                         ((), "at most 1000 waits/s per CPU")],
+                         ids=["stack-every-8", "default-budget"])
+def test_stack_sampling_keeps_lock_totals(live, tmp_path, args, says):
+    """Stacks for 1 wait in 8, or at most 1000 walks/s per CPU (the default): every
+    wait still counts under its lock (the in-kernel counter agrees); by caller, the
+    unwalked waits are spread over their lock's walked callers, marked as estimates."""
+    out = tmp_path / "s.parquet"
+    klp("record", "-q", *args, "-o", out, "--", *workload_argv("--duration", 2, "--churn"))
     rec = kvmlockprof.load(out)
     by_lock = analysis.top(rec, by="lock", limit=None)
     c = rec.manifest["counters"]
     assert by_lock["contended"].sum() == c["end"] - c["end_without_begin"] - \
         rec.manifest["losses"]["lost_agg_full"]
+    aggs = rec.aggregates
+    unwalked = aggs.loc[aggs["stack_id"] == analysis.NO_STACK, "count"].sum()
+    walked = aggs["count"].sum() - unwalked
+    if args:
+        assert 0.75 < unwalked / aggs["count"].sum() < 0.99         # about 7 in 8
+    else:        # 10 walks per CPU per 10 ms window (the storm waits far more often)
+        assert 0 < walked <= 1000 * os.cpu_count() * (rec.manifest["duration_s"] + 0.1)
+        assert unwalked > walked
     callers = analysis.top(rec, by="caller", limit=None)
-    unsampled = callers[callers["caller"] == "[stack not sampled]"]["contended"].sum()
-    assert 0.75 < unsampled / callers["contended"].sum() < 0.99     # about 7 in 8
+    assert callers["estimated"].any()
+    # the estimates add up to the exact total, to within rounding per row
+    assert abs(callers["contended"].sum() - by_lock["contended"].sum()) <= len(callers)
     assert (by_lock["caller"] != "[stack not sampled]").any()
-    assert "1 wait in 8" in klp("report", out).stdout
+    report = klp("report", out, "--by", "caller").stdout
+    assert says in report and "~ : an estimate" in report

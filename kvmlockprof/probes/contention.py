@@ -14,16 +14,19 @@ class ContentionProbe:
     name = "contention"
 
     def __init__(self, tgids=None, follow_fork=False, sample_every=1, ringbuf_mb=16,
-                 agg_entries=16384, stack_entries=16384, pending_entries=16384, stack_every=1):
+                 agg_entries=16384, stack_entries=16384, pending_entries=16384, stack_every=1,
+                 stack_budget=0):
         pages = max(1, ringbuf_mb * (1 << 20) // 4096)
         pages = 1 << (pages.bit_length() - 1)                  # a power of two
         self.defines = dict(
             KLP_FILTER_TGID=tgids is not None, KLP_FOLLOW_FORK=follow_fork,
             KLP_SAMPLE_EVERY=sample_every, KLP_PENDING_ENTRIES=pending_entries,
             KLP_AGG_ENTRIES=agg_entries, KLP_STACK_ENTRIES=stack_entries,
-            KLP_RINGBUF_PAGES=pages, KLP_WAKEUP_EVERY=4096, KLP_STACK_EVERY=stack_every)
+            KLP_RINGBUF_PAGES=pages, KLP_WAKEUP_EVERY=4096, KLP_STACK_EVERY=stack_every,
+            KLP_STACK_BUDGET=stack_budget)
         self.bpf = bpfload.compile_bpf("contention.bpf.c", defines=self.defines)
         self.options = {"sample_every": sample_every, "stack_every": stack_every,
+                        "stack_budget": stack_budget,
                         "ringbuf_bytes": pages * 4096,
                         "agg_entries": agg_entries, "stack_entries": stack_entries,
                         "follow_fork": follow_fork}

@@ -5,7 +5,8 @@ from .vmm import Workload, WorkloadConfig, WorkDone
 __all__ = ["KvmError", "Workload", "WorkloadConfig", "WorkDone", "run"]
 
 
-def run(**options):
-    """Run the workload with WorkloadConfig options and return its WorkDone."""
+def run(every=0.0, report=None, **options):
+    """Run the workload with WorkloadConfig options and return its WorkDone
+    (report(progress) is called every `every` seconds while it runs)."""
     with Workload(WorkloadConfig(**options)) as w:
-        return w.run()
+        return w.run(every, report)

@@ -111,6 +111,8 @@ class _Vcpu:
                 run_ioctl(fd, k.RUN)
                 reason = int.from_bytes(run[k.RUN_EXIT_REASON:k.RUN_EXIT_REASON + 4], "little")
                 exits += 1
+                if not exits & 1023:         # progress(): live counts, at little cost
+                    self.exits = exits
                 if reason == k.EXIT_IO:
                     io += 1
                 elif reason == k.EXIT_MMIO:      # the spare slot is deleted right now
@@ -207,6 +209,7 @@ class Workload:
                 k.set_memslot(self.vm_fd, slot, gpa, 0 if present else SPARE_SIZE, hva)
                 present = not present
                 ops += 1
+                self.churn_live[index] = ops
                 if period:
                     next_t += period
                     delay = next_t - time.monotonic()
@@ -218,8 +221,15 @@ class Workload:
         with self._lock:
             self.churn_ops += ops
 
-    def run(self):
+    def progress(self):
+        """Work done so far (exits to within 1024 per vCPU), while run() runs."""
+        return {"t": time.monotonic(), "exits": sum(v.exits for v in self.vcpus),
+                "churn_ops": sum(self.churn_live)}
+
+    def run(self, every=0.0, report=None):
+        """Run for config.duration; with `every`, call report(progress()) that often."""
         cfg = self.config
+        self.churn_live = [0] * cfg.churn_threads
         stop = threading.Event()
         threads = [threading.Thread(target=v.loop, args=(stop, f"klp-vcpu{i}"), name=f"vcpu{i}", daemon=True)
                    for i, v in enumerate(self.vcpus)]
@@ -233,7 +243,12 @@ class Workload:
             t.start()
         interrupted = False
         try:
-            stop.wait(cfg.duration)
+            end = t0 + cfg.duration
+            while not stop.wait(max(0.0, min(every or cfg.duration, end - time.monotonic()))):
+                if time.monotonic() >= end:
+                    break
+                if report:
+                    report(self.progress())
         except KeyboardInterrupt:         # Ctrl-C or SIGTERM: still report the work done
             interrupted = True
         finally:
