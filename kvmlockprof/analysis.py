@@ -37,6 +37,8 @@ def _labels(codes, uniq, fn):
     fn may return None (missing) or the same label for several values."""
     lcodes, cats = pd.factorize(pd.Series([fn(u) for u in uniq.tolist()], dtype=object))
     lcodes = np.append(lcodes, -1)          # code -1 (a missing value) stays missing
+    # the narrowest codes before indexing: one small array per row, not two big ones
+    lcodes = lcodes.astype(np.min_scalar_type(-max(len(cats), 1)))
     return pd.Categorical.from_codes(lcodes[codes], cats)
 
 
@@ -81,7 +83,8 @@ def _with_stack_columns(df, info, lock_names):
     stacks = pd.factorize(df["stack_id"].to_numpy())
     df["caller"] = _labels(*stacks, lambda s: callers.get(
         int(s), "[stack not sampled]" if s == NO_STACK else "[no stack]"))
-    df["kvm"] = np.asarray(_labels(*stacks, lambda s: bool(kvm.get(int(s), False))), dtype=bool)
+    df["kvm"] = np.append([bool(kvm.get(int(s), False)) for s in stacks[1].tolist()],
+                          False)[stacks[0]]
     locks = pd.factorize(df["lock_addr"].to_numpy())
     df["lock_name"] = _labels(*locks, lambda a: lock_names.get(f"{a:#x}"))
     df["lock"] = _labels(*locks, lambda a: lock_names.get(f"{a:#x}", f"{a:#x}"))
@@ -101,17 +104,24 @@ def contention_stacks(rec):
     return rec.derived("contention_stacks", lambda: stack_info(stacks_of(rec)))
 
 
-def annotate(rec):
+# The sample columns top() and the reports built on it read.
+TOP_SAMPLE_COLUMNS = ("wait_ns", "lock_addr", "flags", "stack_id", "tgid", "comm")
+
+
+def annotate(rec, columns=None):
     """(aggregates, samples) with type, caller, kvm and lock name columns added
-    (computed once per recording; treat them as read-only)."""
-    return rec.derived("annotated", lambda: _annotate(rec))
+    (computed once per recording; treat them as read-only). columns: the sample
+    columns needed, when not all (a big recording loads faster)."""
+    if columns is None or rec.has_derived("annotated"):
+        return rec.derived("annotated", lambda: _annotate(rec))
+    return rec.derived(("annotated", tuple(columns)), lambda: _annotate(rec, columns))
 
 
-def _annotate(rec):
+def _annotate(rec, columns=None):
     info = contention_stacks(rec)
     names = lock_names(rec)
     aggs = rec.aggregates
-    samples = rec.samples
+    samples = rec.table("contention", columns)
     if not aggs.empty:
         aggs = _with_stack_columns(aggs, info, names)
     if not samples.empty:
@@ -182,7 +192,7 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
     a row are complete, else the upper bound of a log2 bucket (`pct_exact` False).
     By caller, waits whose stack was not walked are spread over their lock's walked
     callers (spread_unwalked: `estimated` True)."""
-    aggs, samples = annotate(rec)
+    aggs, samples = annotate(rec, TOP_SAMPLE_COLUMNS)
     keys = _group_keys(by)
     cols = ["contended", "total_ns", "max_ns", "min_ns", "avg_ns", "p50_ns", "p90_ns",
             "p99_ns", "pct_exact", "type", "lock", "caller", "tgid", "comm", "vm", "kvm",
@@ -225,10 +235,11 @@ def _percentiles(out, keys, samples, hists):
     """p50/p90/p99 per row: numpy's (linear) over the row's samples when every
     wait of the row was sampled, else the bound of the log2 bucket holding it."""
     if not samples.empty:
-        w = samples.groupby(keys, observed=True)["wait_ns"]
-        q = w.quantile(list(QUANTILES.values())).unstack()     # one sort for all three
-        q.columns = list(QUANTILES)
-        exact = q.assign(n=w.size())
+        codes, index = _group_codes(samples, keys)
+        q = group_quantiles(codes, samples["wait_ns"].to_numpy(), len(index),
+                            list(QUANTILES.values()))
+        exact = pd.DataFrame(q, index=index, columns=list(QUANTILES)).assign(
+            n=np.bincount(codes, minlength=len(index)))
         out = out.merge(exact.reset_index(), on=keys, how="left")
     else:
         out = out.assign(n=np.nan, **{c: np.nan for c in QUANTILES})
@@ -242,21 +253,60 @@ def _percentiles(out, keys, samples, hists):
     return out.drop(columns="n")
 
 
+def _group_codes(df, keys):
+    """(a group code per row, the groups' keys as an Index): what groupby's ngroup()
+    gives, from the columns' own codes (categoricals) folded into one integer,
+    several times faster on millions of rows."""
+    combined = np.zeros(len(df), np.int64)
+    parts = []
+    for k in keys:
+        c = df[k]
+        codes, uniq = (c.cat.codes.to_numpy(np.int64), c.cat.categories) \
+            if isinstance(c.dtype, pd.CategoricalDtype) else pd.factorize(c.to_numpy())
+        combined = combined * (len(uniq) + 1) + (codes + 1)     # 0: a missing value
+        parts.append(np.asarray(uniq))
+    gcodes, groups = pd.factorize(combined)
+    arrays = []
+    for uniq in reversed(parts):                # unfold each group's integer
+        groups, code = np.divmod(groups, len(uniq) + 1)
+        arrays.append(uniq[code - 1])
+    arrays = arrays[::-1]
+    index = pd.MultiIndex.from_arrays(arrays, names=keys) if len(keys) > 1 else \
+        pd.Index(arrays[0], name=keys[0])
+    return gcodes, index
+
+
+def group_quantiles(codes, values, ngroups, qs):
+    """numpy's (linear) quantiles qs of values per group code 0..ngroups-1, as an
+    (ngroups, len(qs)) array: one radix sort of the codes and a partition per group,
+    not a sort of all values (pandas' groupby quantile sorts them)."""
+    small = np.int16 if ngroups < 2**15 else np.int32     # radix sort for 16-bit keys
+    order = np.argsort(codes.astype(small), kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(ngroups + 1))
+    vals = values[order]
+    out = np.full((ngroups, len(qs)), np.nan)
+    for i in range(ngroups):
+        if bounds[i + 1] > bounds[i]:
+            out[i] = np.quantile(vals[bounds[i]:bounds[i + 1]], qs)
+    return out
+
+
 def _comm_by_tgid(rec):
     """The most frequent comm of each process's sampled waits (once per recording)."""
     def compute():
-        samples = rec.samples
+        samples = rec.table("contention", ["tgid", "comm"])
         if samples.empty:
             return {}
-        counts = samples.groupby(["tgid", "comm"], observed=True).size()
-        return counts.sort_values(ascending=False).reset_index().drop_duplicates(
+        codes, pairs = _group_codes(samples, ["tgid", "comm"])
+        counts = pd.Series(np.bincount(codes), index=pairs)
+        return counts.sort_values(ascending=False, kind="stable").reset_index().drop_duplicates(
             "tgid").set_index("tgid")["comm"].to_dict()
     return rec.derived("comm_by_tgid", compute)
 
 
 def top_stacks(rec, row, by="lock", n=1):
     """The n stacks with the most wait inside one `top()` row."""
-    aggs, _ = annotate(rec)
+    aggs, _ = annotate(rec, TOP_SAMPLE_COLUMNS)
     keys = _group_keys(by)
     sel = np.logical_and.reduce([aggs[k] == row[k] for k in keys])
     info = contention_stacks(rec)
@@ -271,7 +321,9 @@ def totals(rec):
     c = m.get("counters", {})
     return {"contention_end_seen": c.get("end", 0),
             "waits_paired": c.get("end", 0) - c.get("end_without_begin", 0),
-            "samples": m.get("samples", len(rec.samples)),
+            # (not m.get's default: that would load every sample to count them)
+            "samples": m["samples"] if "samples" in m else len(rec.table("contention",
+                                                                          ["wait_ns"])),
             "losses": m.get("losses", {})}
 
 

@@ -34,6 +34,7 @@ class _Page:
 
 
 def render(rec, limit=20):
+    analysis.annotate(rec)          # the plots need every sample column: load them once
     page = _Page()
     page.h2("Summary")
     page.raw(f"<pre>{html.escape(chr(10).join(report.summary_lines(rec)))}</pre>")

@@ -1,23 +1,65 @@
 """Reading BPF maps into numpy, whole, with the layouts bcc parsed from the C."""
+import ctypes as ct
+import errno
+
 import numpy as np
 
 from .bpfload import table_dtypes
 
+BATCH = 1024            # entries per BPF_MAP_LOOKUP_BATCH call (more than any hash bucket)
+
 
 def _reduce_per_cpu(vals):
-    """One value from a per-CPU array of values: max_* fields by max, min_* by the
-    smallest non-zero, everything else (counts, totals, histograms) by sum."""
-    out = np.zeros(1, vals.dtype)[0]
+    """Per entry, one value from its per-CPU values (vals: (entries, cpus) of the value
+    struct): max_* fields by max, min_* by the smallest non-zero, everything else
+    (counts, totals, histograms) by sum."""
+    out = np.zeros(len(vals), vals.dtype)
     for name in vals.dtype.names:
         col = vals[name]
         if name.startswith("max"):
-            out[name] = col.max(axis=0)
+            out[name] = col.max(axis=1)
         elif name.startswith("min"):
-            nz = col[col > 0]
-            out[name] = nz.min() if nz.size else 0
+            top = np.iinfo(col.dtype).max
+            m = np.where(col > 0, col, top).min(axis=1)
+            out[name] = np.where(m == top, 0, m)
         else:
-            out[name] = col.sum(axis=0)
+            out[name] = col.sum(axis=1)
     return out
+
+
+def _lookup_batch(table, key_dt, leaf_dt):
+    """(keys, values) of every entry, BATCH entries per syscall (the kernel's
+    BPF_MAP_LOOKUP_BATCH, through libbcc), or None where the kernel lacks it."""
+    from bcc.libbcc import lib
+    keys, vals = np.empty(BATCH, key_dt), np.empty(BATCH, leaf_dt)
+    token, count = ct.c_uint32(0), ct.c_uint32(0)
+    out_k, out_v = [], []
+    while True:
+        count.value = BATCH
+        res = lib.bpf_lookup_batch(table.map_fd, ct.byref(token) if out_k else None,
+                                   ct.byref(token), keys.ctypes.data, vals.ctypes.data,
+                                   ct.byref(count))
+        err = ct.get_errno()
+        out_k.append(keys[:count.value].copy())
+        out_v.append(vals[:count.value].copy())
+        if res == 0:
+            continue
+        if err == errno.ENOENT:              # the end of the map
+            return np.concatenate(out_k), np.concatenate(out_v)
+        if len(out_k) == 1 and err in (errno.EINVAL, errno.ENOTSUPP, errno.EOPNOTSUPP):
+            return None                     # kernels before 5.6
+        raise OSError(err, f"reading BPF map {table.name if hasattr(table, 'name') else ''}: "
+                      f"{errno.errorcode.get(err, err)}")
+
+
+def _lookup_items(table, key_dt, leaf_dt):
+    """(keys, values) one key at a time (bcc's items()): the fallback."""
+    keys, vals = [], []
+    for k, v in table.items():
+        keys.append(bytes(k))
+        vals.append(bytes(v))
+    return (np.frombuffer(b"".join(keys), key_dt), np.frombuffer(b"".join(vals), leaf_dt)) \
+        if keys else (np.empty(0, key_dt), np.empty(0, leaf_dt))
 
 
 def _struct(dt, name):
@@ -29,19 +71,17 @@ def read_hash(table, key_name="key"):
     (per-CPU values reduced). Padding fields are dropped; a scalar key is `key_name`."""
     key_dt, val_dt = table_dtypes(table)
     key_dt, val_dt = _struct(key_dt, key_name), _struct(val_dt, "value")
-    keys, vals = [], []
-    for k, v in table.items():
-        keys.append(bytes(k))
-        arr = np.frombuffer(v, dtype=val_dt)
-        vals.append(_reduce_per_cpu(arr) if len(arr) > 1 else arr[0])
+    leaf = np.dtype(table.Leaf)
+    leaf_dt = np.dtype((val_dt, leaf.shape)) if leaf.subdtype else val_dt
+    got = _lookup_batch(table, key_dt, leaf_dt) or _lookup_items(table, key_dt, leaf_dt)
+    karr, varr = got
+    if leaf.subdtype:
+        varr = _reduce_per_cpu(varr.reshape(len(varr), -1))
     fields = [(n, key_dt.fields[n][0]) for n in key_dt.names if not n.startswith("pad")] + \
              [(n, val_dt.fields[n][0]) for n in val_dt.names if not n.startswith("pad")]
-    out = np.zeros(len(keys), dtype=fields)
-    if keys:
-        karr = np.frombuffer(b"".join(keys), dtype=key_dt)
-        varr = np.array(vals, dtype=val_dt)
-        for n, _ in fields:
-            out[n] = karr[n] if n in key_dt.names else varr[n]
+    out = np.zeros(len(karr), dtype=fields)
+    for n, _ in fields:
+        out[n] = karr[n] if n in key_dt.names else varr[n]
     return out
 
 

@@ -87,3 +87,30 @@ def test_rates_per_unit_of_work(tmp_path):
     assert r.loc["0x1000", "wait_ns_per_memslot_op"] == 1800.0
     t = analysis.per_thread(rec)
     assert set(t["tgid"]) == {7, 8} and t["waits"].sum() == 6
+
+
+def test_group_quantiles_are_numpys_per_group():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 5, 1000)
+    codes[codes == 3] = 4                          # an empty group gives NaN
+    values = rng.integers(0, 10**6, 1000).astype(np.uint64)
+    q = analysis.group_quantiles(codes, values, 5, [0.5, 0.9, 0.99])
+    for g in (0, 1, 2, 4):
+        assert list(q[g]) == list(np.quantile(values[codes == g], [0.5, 0.9, 0.99]))
+    assert np.isnan(q[3]).all()
+
+
+def test_unwalked_waits_spread_over_their_locks_walked_callers():
+    """A stack budget leaves some waits without a stack: per lock the sums stay
+    exact, per caller they are shared out in proportion, marked as estimates."""
+    import pandas as pd
+    no = analysis.NO_STACK
+    aggs = pd.DataFrame({"lock_addr": [1, 1, 1, 2, 3], "flags": [1] * 5, "tgid": [9] * 5,
+                         "stack_id": [7, 8, no, no, 10], "count": [3, 1, 4, 5, 2],
+                         "total_ns": [30, 10, 80, 50, 20]}, index=[5, 6, 7, 8, 9])
+    out = analysis.spread_unwalked(aggs)
+    assert list(out["stack_id"]) == [7, 8, no, 10]   # lock 2 had no walked stack: kept
+    assert list(out["count"]) == [6, 2, 5, 2] and list(out["total_ns"]) == [90, 30, 50, 20]
+    assert list(out["estimated"]) == [True, True, False, False]
+    whole = aggs.assign(stack_id=[7, 8, 11, 12, 10])          # every stack walked
+    assert analysis.spread_unwalked(whole)["count"].tolist() == [3, 1, 4, 5, 2]
