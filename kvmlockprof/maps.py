@@ -76,7 +76,7 @@ def read_hash(table, key_name="key"):
     got = _lookup_batch(table, key_dt, leaf_dt) or _lookup_items(table, key_dt, leaf_dt)
     karr, varr = got
     if leaf.subdtype:
-        varr = _reduce_per_cpu(varr.reshape(len(varr), -1))
+        varr = _reduce_per_cpu(varr.reshape(len(karr), *leaf.shape))
     fields = [(n, key_dt.fields[n][0]) for n in key_dt.names if not n.startswith("pad")] + \
              [(n, val_dt.fields[n][0]) for n in val_dt.names if not n.startswith("pad")]
     out = np.zeros(len(karr), dtype=fields)
