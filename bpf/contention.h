@@ -20,7 +20,7 @@ enum klp_counter {
 	KLP_NR_COUNTERS,
 };
 
-/* stack_id of a wait whose stack was not captured (--stack-every N > 1). */
+/* stack_id of a wait whose stack was not walked (--stack-every, --stack-budget). */
 #define KLP_NO_STACK (-1000)
 
 /* One completed contended wait, as streamed through the ring buffer. */

@@ -68,9 +68,8 @@ def main():
               show_default=True, help="Entries of the in-kernel aggregate and stack maps "
               "(as perf lock contention's); a full map counts its losses.")
 @click.option("--stack-every", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Capture the kernel stack of one wait in N (the stack walk is most of "
-                   "the per-wait cost); the others count under their lock as "
-                   "\"[stack not sampled]\".")
+              help="Walk the kernel stack of one wait in N (per CPU; with the budget "
+                   "below, both apply).")
 @click.option("--stack-budget", type=click.IntRange(min=0), default=STACK_BUDGET,
               show_default=True, help=STACK_BUDGET_HELP)
 @click.option("--probes", "probe_names", metavar="A,B,...",

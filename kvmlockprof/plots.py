@@ -49,10 +49,12 @@ def _strip(frame):
 
 def stacks_icicle(rec, depth=10, min_share=0.002):
     """Where the wait comes from: lock, then its caller, that caller's caller ...
-    (callee-rooted, like `perf report --no-children -G` inverted), sized by wait time."""
+    (callee-rooted, like `perf report --no-children -G` inverted), sized by wait time
+    (a lock's waits without a walked stack spread over its walked ones: estimates)."""
     aggs, _ = analysis.annotate(rec)
     if aggs.empty:
         return None
+    aggs = analysis.spread_unwalked(aggs)
     info = analysis.contention_stacks(rec)
     st = analysis.stacks_of(rec).set_index("stack_id")
     per = aggs.groupby(["lock", "type", "stack_id"])["total_ns"].sum()
@@ -69,7 +71,8 @@ def stacks_icicle(rec, depth=10, min_share=0.002):
             callers = [_strip(f) for f, lk in zip(frames, lockf) if not lk][:depth]
             ns_path = [f"{lock} ({typ})", *callers]
         else:
-            ns_path = [f"{lock} ({typ})", "[no stack]"]
+            ns_path = [f"{lock} ({typ})", "[stack not sampled]" if sid == analysis.NO_STACK
+                       else "[no stack]"]
         for k in range(1, len(ns_path) + 1):
             key = tuple(ns_path[:k])
             values[key] = values.get(key, 0) + int(ns)
