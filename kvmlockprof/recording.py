@@ -232,7 +232,8 @@ class Recording:
         columns: only these, read alone from the file (a report of 10 M samples
         needs 6 of their 10 columns), unless the whole table is loaded already."""
         if name in self._cache:
-            return self._cache[name] if columns is None else self._cache[name][list(columns)]
+            df = self._cache[name]
+            return df if columns is None or df.empty else df[list(columns)]
         if name not in self._tables:
             return pd.DataFrame()
         key = name if columns is None else (name, tuple(columns))
