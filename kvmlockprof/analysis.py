@@ -21,7 +21,7 @@ LOCK_TYPES = {
 KVM_FRAME = re.compile(r"^(__)?(kvm|vcpu|vmx|svm|pvm|tdp_mmu|x86_emulate|mmu_(?!notifier))"
                        r"|\[kvm(_\w+)?\]")
 
-NO_STACK = -1000    # bpf/contention.h KLP_NO_STACK: no stack walked (--stack-every, --stack-budget)
+NO_STACK = -1000    # bpf/contention.h KLP_NO_STACK: no stack walked (--stack-every/-budget)
 
 # The column a `by` grouping names a row with (top() also splits locks by type).
 GROUP_COLUMN = {"lock": "lock", "caller": "caller", "task": "tgid"}

@@ -78,8 +78,8 @@ def table_text(df, by):
     for r in df.itertuples(index=False):
         bound = not r.pct_exact
         who = f"{r.vm} ({r.tgid})" if by == "task" else r.caller
-        est = "~" if getattr(r, "estimated", False) else ""
-        lines.append(f"{est + str(r.contended):>10} {fmt_ns(r.total_ns):>11} {fmt_ns(r.max_ns):>10} "
+        n = ("~" if getattr(r, "estimated", False) else "") + str(r.contended)
+        lines.append(f"{n:>10} {fmt_ns(r.total_ns):>11} {fmt_ns(r.max_ns):>10} "
                      f"{fmt_ns(r.avg_ns):>10} {fmt_ns(r.p50_ns, bound):>11} "
                      f"{fmt_ns(r.p99_ns, bound):>11} {r.type:>11}  {r.lock:<24} "
                      f"{'K' if r.kvm else '':>3}  {who}")

@@ -175,9 +175,10 @@ class LiveView:
                  f"{'total':>10} {'max':>10} {'p99':>11}  {other}"]
         for r in df.itertuples(index=False):
             name = {"lock": r.lock, "caller": r.caller, "task": f"{r.vm} ({r.tgid})"}[self.by]
+            waits = ("~" if r.estimated else "") + f"{r.contended:,}"     # ~: estimate
             lines.append(f"{str(name)[:34]:<34} {r.type:>10} {'K' if r.kvm else ' '} "
                          f"{r.now_waits / dt:>8,.0f} {fmt_ns(r.now_ns / dt):>10} | "
-                         f"{('~' if r.estimated else '') + f'{r.contended:,}':>9} {fmt_ns(r.total_ns):>10} {fmt_ns(r.max_ns):>10} "
+                         f"{waits:>9} {fmt_ns(r.total_ns):>10} {fmt_ns(r.max_ns):>10} "
                          f"{fmt_ns(r.p99_ns, not r.pct_exact):>11}  "
                          f"{r.caller if other == 'caller' else r.lock}")
         return lines
