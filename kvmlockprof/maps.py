@@ -7,6 +7,7 @@ import numpy as np
 from .bpfload import table_dtypes
 
 BATCH = 1024            # entries per BPF_MAP_LOOKUP_BATCH call (more than any hash bucket)
+ENOTSUPP = 524          # the kernel's own "not supported" (not in Python's errno module)
 
 
 def _reduce_per_cpu(vals):
@@ -46,7 +47,7 @@ def _lookup_batch(table, key_dt, leaf_dt):
             continue
         if err == errno.ENOENT:              # the end of the map
             return np.concatenate(out_k), np.concatenate(out_v)
-        if len(out_k) == 1 and err in (errno.EINVAL, errno.ENOTSUPP, errno.EOPNOTSUPP):
+        if len(out_k) == 1 and err in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
             return None                     # kernels before 5.6
         raise OSError(err, f"reading BPF map {table.name if hasattr(table, 'name') else ''}: "
                       f"{errno.errorcode.get(err, err)}")
