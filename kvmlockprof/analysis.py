@@ -140,12 +140,12 @@ def spread_unwalked(aggs):
     unwalked = (aggs["stack_id"] == NO_STACK).to_numpy()
     if not unwalked.any():
         return aggs.assign(estimated=False)
-    key = [aggs[c].to_numpy() for c in ("lock_addr", "flags", "tgid")]
+    group, _ = group_codes(aggs, ["lock_addr", "flags", "tgid"])
 
-    def sums(col):
+    def sums(col):          # per row: its value, and its group's walked and whole sums
         v = aggs[col].to_numpy(np.float64)
-        walked = pd.Series(np.where(unwalked, 0.0, v)).groupby(key).transform("sum")
-        return v, walked.to_numpy(), pd.Series(v).groupby(key).transform("sum").to_numpy()
+        return v, np.bincount(group, np.where(unwalked, 0.0, v))[group], \
+            np.bincount(group, v)[group]
     out = aggs.copy(deep=False)
     n, n_walked, n_all = sums("count")
     t, t_walked, t_all = sums("total_ns")
@@ -235,7 +235,7 @@ def _percentiles(out, keys, samples, hists):
     """p50/p90/p99 per row: numpy's (linear) over the row's samples when every
     wait of the row was sampled, else the bound of the log2 bucket holding it."""
     if not samples.empty:
-        codes, index = _group_codes(samples, keys)
+        codes, index = group_codes(samples, keys)
         q = group_quantiles(codes, samples["wait_ns"].to_numpy(), len(index),
                             list(QUANTILES.values()))
         exact = pd.DataFrame(q, index=index, columns=list(QUANTILES)).assign(
@@ -253,10 +253,11 @@ def _percentiles(out, keys, samples, hists):
     return out.drop(columns="n")
 
 
-def _group_codes(df, keys):
+def group_codes(df, keys):
     """(a group code per row, the groups' keys as an Index): what groupby's ngroup()
     gives, from the columns' own codes (categoricals) folded into one integer,
-    several times faster on millions of rows."""
+    several times faster on millions of rows. The key columns hold no missing
+    values (the reader refuses them; labels always have a value)."""
     combined = np.zeros(len(df), np.int64)
     parts = []
     for k in keys:
@@ -297,7 +298,7 @@ def _comm_by_tgid(rec):
         samples = rec.table("contention", ["tgid", "comm"])
         if samples.empty:
             return {}
-        codes, pairs = _group_codes(samples, ["tgid", "comm"])
+        codes, pairs = group_codes(samples, ["tgid", "comm"])
         counts = pd.Series(np.bincount(codes), index=pairs)
         return counts.sort_values(ascending=False, kind="stable").reset_index().drop_duplicates(
             "tgid").set_index("tgid")["comm"].to_dict()

@@ -56,13 +56,8 @@ def _with_identity(df):
     """An `identity` column: lock_identity() once per distinct (lock, type, caller)."""
     if df.empty:
         return df.assign(identity=pd.Series(dtype=str))
-    parts = [pd.Categorical(df[c]) for c in ("lock", "type", "caller")]
-    key = np.zeros(len(df), np.int64)
-    for p in parts:                          # one integer per combination
-        key = key * (len(p.categories) + 1) + (p.codes.astype(np.int64) + 1)
-    codes, uniq = pd.factorize(key)
-    first = pd.Series(np.arange(len(df))).groupby(codes).first().to_numpy()
-    names = [lock_identity(*(p[i] for p in parts)) for i in first]
+    codes, combos = analysis.group_codes(df, ["lock", "type", "caller"])
+    names = [lock_identity(*combo) for combo in combos]
     lcodes, cats = pd.factorize(pd.Series(names, dtype=object))
     return df.assign(identity=pd.Categorical.from_codes(lcodes[codes], cats))
 
