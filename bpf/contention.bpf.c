@@ -7,11 +7,27 @@
  *   KLP_WAKEUP_EVERY  wake the reader early every N samples on a CPU
  *   KLP_STACK_EVERY   walk the kernel stack of one wait in N per CPU
  *   KLP_STACK_BUDGET  at most this many stack walks per second per CPU (0: no cap)
+ *   KLP_PENDING_TASK  1: a wait in progress is kept in task-local storage (5.12+);
+ *                     0: in a hash keyed by thread and lock (any kernel, slower)
  */
 #include "contention.h"
 
-/* Keyed by thread and lock: a mutex emits two begins (spin, then sleep) before
- * its end, and an interrupt can contend on another lock inside a wait. */
+#if KLP_PENDING_TASK
+/* The waits in progress of a task, by lock: a mutex emits two begins (spin,
+ * then sleep) before its end, and the task can contend on other locks inside
+ * a wait (the mutex's wait_lock; interrupts and softirqs taken while a
+ * paravirt spinlock waiter halts), so several slots: 5 waits at once were
+ * seen here under the churn storm. Task storage costs ~40 ns a lookup here,
+ * a hash ~200 ns an operation, and it needs no sizing. */
+#define KLP_NEST 8
+struct pending_slots {
+	u64 lock[KLP_NEST];     /* 0: free */
+	u64 ts_ns[KLP_NEST];
+	u32 flags[KLP_NEST];
+};
+BPF_TASK_STORAGE(pending, struct pending_slots);
+#else
+/* Keyed by thread and lock, for the same reasons. */
 struct pending_key {
 	u32 tid;
 	u32 cpu;                /* only set for tid 0: each CPU's idle task is tid 0 */
@@ -25,6 +41,7 @@ struct pending_val {
 };
 
 BPF_HASH(pending, struct pending_key, struct pending_val, KLP_PENDING_ENTRIES);
+#endif
 BPF_PERCPU_HASH(agg, struct klp_agg_key, struct klp_agg_val, KLP_AGG_ENTRIES);
 BPF_STACK_TRACE(stacks, KLP_STACK_ENTRIES);
 BPF_PERCPU_ARRAY(counters, u64, KLP_NR_COUNTERS);
@@ -67,6 +84,54 @@ static __always_inline int wanted(u32 tgid)
 #endif
 }
 
+#if KLP_PENDING_TASK
+static __always_inline void begin_wait(u32 tid, u64 lock, u32 flags)
+{
+	struct pending_slots *p = pending.task_storage_get(bpf_get_current_task_btf(), 0,
+							   BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!p) {
+		count(KLP_C_PENDING_FULL);
+		return;
+	}
+	int free = KLP_NEST;
+#pragma unroll
+	for (int i = 0; i < KLP_NEST; i++) {
+		if (p->lock[i] == lock) {
+			/* Second begin of one wait (mutex: spin, then sleep): keep
+			 * the first timestamp, take the flags of how it finally waits. */
+			p->flags[i] = flags;
+			return;
+		}
+		if (free == KLP_NEST && !p->lock[i])
+			free = i;
+	}
+	if (free >= KLP_NEST) {
+		count(KLP_C_PENDING_FULL);
+		return;
+	}
+	p->lock[free] = lock;
+	p->ts_ns[free] = bpf_ktime_get_ns();
+	p->flags[free] = flags;
+}
+
+/* The wait on `lock` that ends now: 1 and its start and flags, or 0. */
+static __always_inline int end_wait(u32 tid, u64 lock, u64 *ts_ns, u32 *flags)
+{
+	struct pending_slots *p = pending.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+	if (!p)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < KLP_NEST; i++) {
+		if (p->lock[i] == lock) {
+			*ts_ns = p->ts_ns[i];
+			*flags = p->flags[i];
+			p->lock[i] = 0;
+			return 1;
+		}
+	}
+	return 0;
+}
+#else
 static __always_inline struct pending_key key_of(u32 tid, u64 lock)
 {
 	struct pending_key k = {};
@@ -76,25 +141,41 @@ static __always_inline struct pending_key key_of(u32 tid, u64 lock)
 	return k;
 }
 
+static __always_inline void begin_wait(u32 tid, u64 lock, u32 flags)
+{
+	struct pending_key k = key_of(tid, lock);
+	struct pending_val *p = pending.lookup(&k);
+	if (p) {
+		p->flags = flags;       /* second begin of one wait, as above */
+		return;
+	}
+	struct pending_val v = {};
+	v.ts_ns = bpf_ktime_get_ns();
+	v.flags = flags;
+	if (pending.update(&k, &v))
+		count(KLP_C_PENDING_FULL);
+}
+
+static __always_inline int end_wait(u32 tid, u64 lock, u64 *ts_ns, u32 *flags)
+{
+	struct pending_key k = key_of(tid, lock);
+	struct pending_val *p = pending.lookup(&k);
+	if (!p)
+		return 0;
+	*ts_ns = p->ts_ns;
+	*flags = p->flags;
+	pending.delete(&k);
+	return 1;
+}
+#endif
+
 TRACEPOINT_PROBE(lock, contention_begin)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	if (!wanted(id >> 32))
 		return 0;
 	count(KLP_C_BEGIN);
-	struct pending_key k = key_of((u32)id, (u64)args->lock_addr);
-	struct pending_val *p = pending.lookup(&k);
-	if (p) {
-		/* Second begin of one wait (mutex: spin, then sleep): keep the
-		 * first timestamp, take the flags of how it finally waits. */
-		p->flags = args->flags;
-		return 0;
-	}
-	struct pending_val v = {};
-	v.ts_ns = bpf_ktime_get_ns();
-	v.flags = args->flags;
-	if (pending.update(&k, &v))
-		count(KLP_C_PENDING_FULL);
+	begin_wait((u32)id, (u64)args->lock_addr, args->flags);
 	return 0;
 }
 
@@ -106,15 +187,14 @@ TRACEPOINT_PROBE(lock, contention_end)
 	if (!wanted(tgid))
 		return 0;
 	count(KLP_C_END);
-	struct pending_key k = key_of((u32)id, (u64)args->lock_addr);
-	struct pending_val *p = pending.lookup(&k);
-	if (!p) {
+	u64 lock = (u64)args->lock_addr;
+	u64 start = 0;
+	u32 flags = 0;
+	if (!end_wait((u32)id, lock, &start, &flags)) {
 		count(KLP_C_END_NO_BEGIN);
 		return 0;
 	}
-	u64 wait = now - p->ts_ns;
-	u32 flags = p->flags;
-	pending.delete(&k);
+	u64 wait = now - start;
 
 	/* The stack walk is most of this program's cost (~3 us on a nested guest,
 	 * with the lock held): --stack-every N walks for one wait in N per CPU,
@@ -146,7 +226,7 @@ TRACEPOINT_PROBE(lock, contention_end)
 	}
 
 	struct klp_agg_key ak = {};
-	ak.lock_addr = k.lock_addr;
+	ak.lock_addr = lock;
 	ak.tgid = tgid;
 	ak.flags = flags;
 	ak.stack_id = stack_id;
@@ -181,7 +261,7 @@ TRACEPOINT_PROBE(lock, contention_end)
 	}
 	e->ts_ns = now;
 	e->wait_ns = wait;
-	e->lock_addr = k.lock_addr;
+	e->lock_addr = lock;
 	e->tid = (u32)id;
 	e->tgid = tgid;
 	e->flags = flags;

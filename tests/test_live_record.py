@@ -220,3 +220,25 @@ def test_stack_sampling_keeps_lock_totals(live, tmp_path, args, says):
     assert (by_lock["caller"] != "[stack not sampled]").any()
     report = klp("report", out, "--by", "caller").stdout
     assert says in report and "~ : an estimate" in report
+
+
+@pytest.mark.parametrize("pending", ["task storage", "hash"])
+def test_waits_pair_with_either_pending_store(live, pending):
+    """A wait in progress is kept in task-local storage, or in a hash on kernels
+    before 5.12: both pair every begin with its end (nothing lost, every end
+    aggregated), and the nesting of waits in a task fits its slots."""
+    from kvmlockprof.probes.contention import ContentionProbe
+    probe = ContentionProbe(pending=pending, sample_every=0, stack_budget=1000)
+    try:
+        assert probe.pending == pending
+        subprocess.run(workload_argv("--duration", 2, "--vcpus", 2, "--churn"), check=True,
+                       capture_output=True, timeout=60)
+        probe.detach()
+        c = probe.counters()
+        aggs = probe.snapshots()["aggregates"]
+    finally:
+        probe.close()
+    assert c["end"] > 1000, c
+    assert c["lost_pending_full"] == 0 and c["lost_agg_full"] == 0, c
+    assert c["end_without_begin"] <= 0.01 * c["end"], c       # begun before attach
+    assert sum(aggs.column("count").to_pylist()) == c["end"] - c["end_without_begin"]

@@ -15,7 +15,7 @@ class ContentionProbe:
 
     def __init__(self, tgids=None, follow_fork=False, sample_every=1, ringbuf_mb=16,
                  agg_entries=16384, stack_entries=16384, pending_entries=16384, stack_every=1,
-                 stack_budget=0):
+                 stack_budget=0, pending="auto"):
         pages = max(1, ringbuf_mb * (1 << 20) // 4096)
         pages = 1 << (pages.bit_length() - 1)                  # a power of two
         self.defines = dict(
@@ -24,18 +24,32 @@ class ContentionProbe:
             KLP_AGG_ENTRIES=agg_entries, KLP_STACK_ENTRIES=stack_entries,
             KLP_RINGBUF_PAGES=pages, KLP_WAKEUP_EVERY=4096, KLP_STACK_EVERY=stack_every,
             KLP_STACK_BUDGET=stack_budget)
-        self.bpf = bpfload.compile_bpf("contention.bpf.c", defines=self.defines)
+        self.bpf, self.pending = self._load(pending)
         self.options = {"sample_every": sample_every, "stack_every": stack_every,
                         "stack_budget": stack_budget,
                         "ringbuf_bytes": pages * 4096,
                         "agg_entries": agg_entries, "stack_entries": stack_entries,
-                        "follow_fork": follow_fork}
+                        "follow_fork": follow_fork, "pending": self.pending}
         if tgids is not None:
             self.add_tgids(tgids)
         events = self.bpf["events"]
         self.ring = BatchRingBuffer(events.map_fd, pages * 4096, bpfload.event_dtype(events))
         self.attached = {tp.decode() if isinstance(tp, bytes) else tp: "tracepoint"
                          for tp in self.bpf.tracepoint_fds}
+
+    def _load(self, pending):
+        """(bcc BPF, where waits in progress are kept): task-local storage, which
+        costs less per event, else (kernels before 5.12) a hash by thread and lock."""
+        if pending in ("auto", "task storage"):
+            try:
+                return (bpfload.compile_bpf("contention.bpf.c",
+                                            defines={**self.defines, "KLP_PENDING_TASK": 1}),
+                        "task storage")
+            except bpfload.BpfUnavailable:
+                if pending != "auto":
+                    raise
+        return (bpfload.compile_bpf("contention.bpf.c",
+                                    defines={**self.defines, "KLP_PENDING_TASK": 0}), "hash")
 
     def add_tgids(self, tgids):
         t = self.bpf["tgid_filter"]
