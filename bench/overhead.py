@@ -72,6 +72,12 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _sigint_default():
+    """In the child: a SIGINT that a background shell ignored would be ignored by
+    Python too (no KeyboardInterrupt), and the profiler would never stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(config, tmp):
     """Start a profiler; return its Popen once it is attached."""
     if config.startswith("kvmlockprof"):
@@ -79,12 +85,14 @@ def start(config, tmp):
         argv = KLP + ["record", "-a", "-q", "-f", "-o", out] + \
             (["--sample-every", "0"] if "-agg" in config else []) + \
             (["--stack-budget", "0"] if config.endswith("-allstacks") else [])
-        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             preexec_fn=_sigint_default)
         wait_for(lambda: os.path.exists(f"{out}.partial/manifest.json") or p.poll() is not None)
     elif config == "bpftrace":
         log = os.path.join(tmp, "bpftrace.log")
         p = subprocess.Popen(["bpftrace", os.path.join(HERE, "contention.bt")],
-                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                             stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                             preexec_fn=_sigint_default)
         wait_for(lambda: "Attaching" in open(log).read() or p.poll() is not None)
     elif config == "perf":
         data = os.path.join(tmp, "perf.data")
