@@ -98,7 +98,8 @@ def start(config, tmp):
         data = os.path.join(tmp, "perf.data")
         p = subprocess.Popen(["perf", "record", "-q", "-o", data, "-a", "-g", "-e",
                               "lock:contention_begin,lock:contention_end"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             preexec_fn=_sigint_default)
         wait_for(lambda: os.path.exists(data) and os.path.getsize(data) > 0 or
                  p.poll() is not None)
     if p.poll() is not None:
