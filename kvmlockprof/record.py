@@ -93,6 +93,7 @@ class Recorder:
             self.writer = Writer(self.out)
             self.writer.manifest(self.manifest)
             self.seen_stacks = {name: set() for name in self.sources}
+            self.named_for = None           # what the lock names were last worked out from
             self.pending = {}
             self.manifest["start_monotonic_ns"] = time.monotonic_ns()
             self.manifest["start"] = datetime.datetime.now().astimezone().isoformat()
@@ -218,9 +219,15 @@ class Recorder:
                 probe_counters.update(src.counters())
                 registry = snaps
         if contention_aggs is not None:
-            self.names.update(contention_aggs.to_pandas(), registry.get("vms"),
-                              registry.get("vcpus"))
-            self.manifest.update(self.names.manifest())
+            # Aggregate rows are never removed, so the same row counts mean the same
+            # (lock, process, stack) set: nothing new to name (a third of a flush's CPU).
+            seen = (contention_aggs.num_rows,
+                    *(t.num_rows for t in registry.values() if t is not None))
+            if seen != self.named_for:
+                self.names.update(contention_aggs.to_pandas(), registry.get("vms"),
+                                  registry.get("vcpus"))
+                self.manifest.update(self.names.manifest())
+                self.named_for = seen
             self.manifest["top_lock"] = self._top_lock(contention_aggs)
         now_ns = time.monotonic_ns()
         self.manifest.update(
