@@ -12,7 +12,7 @@ enum klp_counter {
 	KLP_C_BEGIN,            /* contention_begin that passed the filter */
 	KLP_C_END,              /* contention_end that passed the filter */
 	KLP_C_END_NO_BEGIN,     /* an end whose begin we never saw (attached mid-wait) */
-	KLP_C_PENDING_FULL,     /* lost: a begin not stored, the per-thread map was full */
+	KLP_C_PENDING_FULL,     /* lost: a begin not stored (task slots or hash full) */
 	KLP_C_AGG_FULL,         /* lost: a wait not aggregated, the aggregate map was full */
 	KLP_C_RINGBUF_FULL,     /* lost: a sample not streamed, the ring buffer was full */
 	KLP_C_STACK_FAIL,       /* a wait whose kernel stack could not be stored */
