@@ -56,14 +56,16 @@ BPF_PERCPU_ARRAY(sample_tick, u64, 1);
 BPF_PERCPU_ARRAY(stack_tick, u64, 1);
 #endif
 #if KLP_STACK_BUDGET
-/* Walks spent in the current 10 ms window of this CPU. */
+/* Walks spent in the current window of this CPU. A window is ~10 ms (fewer
+ * than 100 walks/s: one walk, in a window of 1/budget s), and its length is
+ * set from the whole walks it allows, so no budget is exceeded. */
 struct stack_window {
 	u64 window;
 	u64 walks;
 };
 BPF_PERCPU_ARRAY(stack_budget, struct stack_window, 1);
-#define KLP_WINDOW_NS 10000000ULL
 #define KLP_WALKS_PER_WINDOW (KLP_STACK_BUDGET >= 100 ? KLP_STACK_BUDGET / 100 : 1)
+#define KLP_WINDOW_NS (1000000000ULL * KLP_WALKS_PER_WINDOW / KLP_STACK_BUDGET)
 #endif
 /* A zeroed value to create aggregates from: too big for the 512-byte stack. */
 BPF_PERCPU_ARRAY(agg_zero, struct klp_agg_val, 1);
