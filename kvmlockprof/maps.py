@@ -49,8 +49,7 @@ def _lookup_batch(table, key_dt, leaf_dt):
             return np.concatenate(out_k), np.concatenate(out_v)
         if len(out_k) == 1 and err in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
             return None                     # kernels before 5.6
-        raise OSError(err, f"reading BPF map {table.name if hasattr(table, 'name') else ''}: "
-                      f"{errno.errorcode.get(err, err)}")
+        raise OSError(err, f"reading a BPF map: {errno.errorcode.get(err, err)}")
 
 
 def _lookup_items(table, key_dt, leaf_dt):
@@ -74,8 +73,7 @@ def read_hash(table, key_name="key"):
     key_dt, val_dt = _struct(key_dt, key_name), _struct(val_dt, "value")
     leaf = np.dtype(table.Leaf)
     leaf_dt = np.dtype((val_dt, leaf.shape)) if leaf.subdtype else val_dt
-    got = _lookup_batch(table, key_dt, leaf_dt) or _lookup_items(table, key_dt, leaf_dt)
-    karr, varr = got
+    karr, varr = _lookup_batch(table, key_dt, leaf_dt) or _lookup_items(table, key_dt, leaf_dt)
     if leaf.subdtype:
         varr = _reduce_per_cpu(varr.reshape(len(karr), *leaf.shape))
     fields = [(n, key_dt.fields[n][0]) for n in key_dt.names if not n.startswith("pad")] + \
