@@ -36,6 +36,9 @@ bench: setup
 	$(PY) bench/overhead.py
 	$(PY) bench/overhead.py --workload "--vcpus 2 --churn --churn-rate 250" \
 	  -o bench/results/overhead-moderate.json
+	$(PY) bench/overhead_toggle.py
+	$(PY) bench/overhead_toggle.py --sample-every 1 --windows 600 \
+	  -o bench/results/overhead-toggle-stream.json
 	$(PY) bench/ingest.py
 	$(PY) bench/analysis_speed.py
 

@@ -16,14 +16,17 @@ started and stopped in turn while it runs, with an unprofiled window between any
 A profiled window is measured from --settle s after the profiler attached (its
 start-up, compiling and loading, is not measured) until it is told to stop; an
 unprofiled window from --settle s after the previous profiler exited. Each profiled
-window's ratio is its rate over the mean rate of the two unprofiled windows beside it
-(which cancels the drift); a configuration's ratio is the median over --rounds, with a
-bootstrap 95% interval of that median. Beside it, two direct measures: the in-kernel
+window's ratio is its rate over the geometric mean rate of the two unprofiled windows
+beside it (which cancels the drift); a configuration's ratio is the geometric mean over
+--rounds, with a bootstrap 95% interval. Not the median of the ratios: the rates are
+right-skewed here, and the median of rate / mean(two rates) is then biased low (about
+-2% on this host's unprofiled windows alone); the mean of log ratios is not biased. Beside it, two direct measures: the in-kernel
 run time of the profiler's BPF programs (kernel.bpf_stats_enabled: per invocation and
 as a share of one CPU) and the profiler process's own CPU. bpf_stats reads the clock
 twice per program run (~90 ns each here, as much as a third of our programs' own
 time), so it is on only in a --cost-window after the rate window, never while the
-rate is measured. Prints all, writes JSON.
+rate is measured. Prints all, writes JSON. --reanalyse FILE summarises a result
+again (e.g. one written with an older estimator) without running anything.
 """
 import argparse
 import json
@@ -159,13 +162,56 @@ def set_bpf_stats(value):
         f.write(value)
 
 
-def median_ci(x, rng):
-    """The median and a bootstrap 95% interval of it."""
-    x = np.asarray(x, float)
+def geomean_ci(log_ratios, rng):
+    """exp(mean) of log ratios and a bootstrap 95% interval of it."""
+    x = np.asarray(log_ratios, float)
     if len(x) < 3:
-        return float(np.median(x)), float("nan"), float("nan")
-    res = stats.bootstrap((x,), np.median, n_resamples=4000, method="percentile", rng=rng)
-    return float(np.median(x)), *map(float, res.confidence_interval)
+        return float(np.exp(x.mean())), float("nan"), float("nan")
+    res = stats.bootstrap((x,), np.mean, n_resamples=4000, method="percentile", rng=rng)
+    return float(np.exp(x.mean())), *map(float, np.exp(res.confidence_interval))
+
+
+def log_ratios(on, before, after):
+    """log(profiled rate / geometric mean of the unprofiled rates beside it)."""
+    on, before, after = (np.asarray(v, float) for v in (on, before, after))
+    with np.errstate(divide="ignore"):
+        lr = np.log(on) - (np.log(before) + np.log(after)) / 2
+    return lr[np.isfinite(lr)]
+
+
+def summarize(result):
+    """Add each configuration's ratios and cost summary to `result` (which holds the
+    unprofiled windows in order and each configuration's windows, round by round) and
+    print the table."""
+    configs, offs = list(result["configs"]), result["unprofiled"]
+    rng = np.random.default_rng(0)
+    print(f"\n{'config':<26} {'exits/s ratio [95% CI]':>26} {'memslot ops/s ratio [95% CI]':>30}"
+          f" {'BPF ns/run':>10} {'BPF CPU':>8} {'own CPU':>8}")
+    for ci, c in enumerate(configs):
+        cfg = result["configs"][c]
+        wins = cfg["windows"]
+        # the i-th profiled window overall sits between unprofiled windows i and i + 1
+        idx = [r * len(configs) + ci for r in range(len(wins))]
+        lrs = {k: log_ratios([w[k] for w in wins], [offs[i][k] for i in idx],
+                             [offs[i + 1][k] for i in idx]) for k in WORK}
+        summary = {k: geomean_ci(v, rng) for k, v in lrs.items() if len(v)}
+        runs = sum(w["bpf_runs_per_s"] for w in wins)
+        per_run = sum(w["bpf_ns_per_s"] for w in wins) / runs if runs else float("nan")
+        bpf_cpu = statistics.median(w["bpf_ns_per_s"] / 1e9 for w in wins)
+        own = statistics.median(w["own_cpu"] for w in wins)
+        cfg.update({"estimator": "geometric mean of paired ratios",
+                    "ratio_to_unprofiled": {k: v[0] for k, v in summary.items()},
+                    "ratio_ci95": {k: v[1:] for k, v in summary.items()},
+                    "ratios": {k: np.exp(v).tolist() for k, v in lrs.items()},
+                    "bpf_ns_per_invocation": per_run, "bpf_cpu_share": bpf_cpu,
+                    "own_cpu_share": own})
+        cell = {k: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in summary.items()}
+        print(f"{c:<26} {cell.get('exits', '-'):>26} {cell.get('churn_ops', '-'):>30} "
+              f"{per_run:>10,.0f} {bpf_cpu:>8.2%} {own:>8.2%}")
+    print("ratio: geometric mean over rounds of (profiled window's rate / geometric mean of "
+          "the unprofiled windows beside it); BPF CPU and own CPU: share of one CPU")
+    if result.get("skipped"):
+        print(f"(not installed, skipped: {', '.join(result['skipped'])})")
 
 
 def main():
@@ -178,7 +224,16 @@ def main():
     ap.add_argument("--workload", default="--vcpus 2 --churn")
     ap.add_argument("--configs", default=CONFIGS)
     ap.add_argument("-o", "--output", default=os.path.join(RESULTS, "overhead.json"))
+    ap.add_argument("--reanalyse", metavar="FILE",
+                    help="summarise this earlier result again, run nothing")
     a = ap.parse_args()
+    if a.reanalyse:
+        with open(a.reanalyse) as f:
+            result = json.load(f)
+        result.pop("machine", None)
+        summarize(result)
+        save(result, a.reanalyse)
+        return
     configs = [c for c in a.configs.split(",") if c.startswith("kvmlockprof") or shutil.which(c)]
     skipped = sorted(set(a.configs.split(",")) - set(configs))
     # off + (settle + start-up ~3 s + window + cost window + stop ~1 s) per profiled window
@@ -219,36 +274,12 @@ def main():
         wl.send_signal(signal.SIGTERM)
         wl.wait(60)
         set_bpf_stats(stats_was)
-    rng = np.random.default_rng(0)
     result = {"workload": a.workload, "window_s": a.window, "settle_s": a.settle,
-              "cost_window_s": a.cost_window,
-              "rounds": a.rounds, "skipped": skipped, "unprofiled": offs, "configs": {}}
-    print(f"\n{'config':<26} {'exits/s ratio [95% CI]':>26} {'memslot ops/s ratio [95% CI]':>30}"
-          f" {'BPF ns/run':>10} {'BPF CPU':>8} {'own CPU':>8}")
-    for c in configs:
-        idx = [i for i, (cc, _) in enumerate(ons) if cc == c]
-        wins = [ons[i][1] for i in idx]
-        ratios = {k: [ons[i][1][k] / ((offs[i][k] + offs[i + 1][k]) / 2) for i in idx]
-                  for k in WORK if all(offs[i][k] + offs[i + 1][k] for i in idx)}
-        summary = {k: median_ci(v, rng) for k, v in ratios.items()}
-        runs = sum(w["bpf_runs_per_s"] for w in wins)
-        per_run = sum(w["bpf_ns_per_s"] for w in wins) / runs if runs else float("nan")
-        bpf_cpu = statistics.median(w["bpf_ns_per_s"] / 1e9 for w in wins)
-        own = statistics.median(w["own_cpu"] for w in wins)
-        result["configs"][c] = {"ratio_to_unprofiled": {k: v[0] for k, v in summary.items()},
-                                "ratio_ci95": {k: v[1:] for k, v in summary.items()},
-                                "ratios": ratios, "windows": wins,
-                                "bpf_ns_per_invocation": per_run, "bpf_cpu_share": bpf_cpu,
-                                "own_cpu_share": own}
-        cell = {k: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in summary.items()}
-        print(f"{c:<26} {cell.get('exits', '-'):>26} {cell.get('churn_ops', '-'):>30} "
-              f"{per_run:>10,.0f} {bpf_cpu:>8.2%} {own:>8.2%}")
-    print("ratio: median over rounds of (profiled window's rate / mean of the unprofiled "
-          "windows beside it); BPF CPU and own CPU: share of one CPU")
-    if skipped:
-        print(f"(not installed, skipped: {', '.join(skipped)})")
+              "cost_window_s": a.cost_window, "rounds": a.rounds, "skipped": skipped,
+              "unprofiled": offs,
+              "configs": {c: {"windows": [w for cc, w in ons if cc == c]} for c in configs}}
+    summarize(result)
     save(result, a.output)
-
 
 if __name__ == "__main__":
     main()
