@@ -1,0 +1,152 @@
+"""Overhead of kvmlockprof's contention probe, resolved to ~1%: attached and detached
+every half second under the built-in workload, hundreds of times.
+
+bench/overhead.py starts and stops whole profiler processes, so its windows are
+seconds long and few, and this host's work rate swings by 10-25% within seconds:
+30 rounds resolve about +-5%. Here the probe is loaded once (as `record` loads it:
+aggregates only, --stack-budget 1000 by default) and its tracepoints are attached
+and detached in turn, off, on, off, on, ... every --window s. While attached, this
+process does what `record` does in aggregate mode: polls the ring every 0.1 s and
+reads the aggregates and counters every --flush s, so its own CPU is in the cost
+(it doesn't write Parquet: `record`'s own CPU share is in bench/overhead.py).
+A window is measured from --settle s after its attach or detach returned (a detach
+waits out an RCU grace period) to the next toggle, from the workload's progress
+reports. Each attached window's rate over the mean of the detached windows beside
+it (geometric mean) is one ratio; the result is their geometric mean with a bootstrap
+95% interval (bench/overhead.py says why not the median).
+"""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from overhead import KLP, WORK, Progress, cpu_seconds, geomean_ci, log_ratios  # noqa: E402
+from results_io import RESULTS, save                      # noqa: E402
+from kvmlockprof.probes.contention import ContentionProbe  # noqa: E402
+
+TRACEPOINTS = ("lock:contention_begin", "lock:contention_end")
+
+
+def fn_name(tp):
+    return "tracepoint__" + tp.replace(":", "__")
+
+
+def attach(probe):
+    for tp in TRACEPOINTS:                      # begin first: no end without its begin
+        probe.bpf.attach_tracepoint(tp=tp, fn_name=fn_name(tp))
+
+
+def detach(probe):
+    for tp in reversed(TRACEPOINTS):
+        probe.bpf.detach_tracepoint(tp)
+
+
+class Reports:
+    """Every progress report of the workload, kept (t, exits, churn_ops)."""
+
+    def __init__(self, progress):
+        self.rows = []
+        threading.Thread(target=self._collect, args=(progress,), daemon=True).start()
+
+    def _collect(self, progress):
+        while True:
+            p = progress.q.get()
+            self.rows.append((p["t"],) + tuple(p[k] for k in WORK))
+
+    def rate(self, t0, t1):
+        """Work per second between the first and last report inside [t0, t1]."""
+        r = np.array([x for x in self.rows if t0 <= x[0] <= t1])
+        if len(r) < 2:
+            return None
+        return (r[-1, 1:] - r[0, 1:]) / (r[-1, 0] - r[0, 0])
+
+
+def serve(probe, until, flush):
+    """What `record` does while attached (aggregate mode), until `until`."""
+    next_flush = time.monotonic() + flush
+    while (now := time.monotonic()) < until:
+        probe.wait(max(0.0, min(0.1, until - now)))
+        probe.poll()
+        if time.monotonic() >= next_flush:
+            probe.snapshots()
+            probe.counters()
+            next_flush += flush
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=1200, help="attached windows")
+    ap.add_argument("--window", type=float, default=0.5, help="seconds per window")
+    ap.add_argument("--settle", type=float, default=0.1)
+    ap.add_argument("--flush", type=float, default=1.0)
+    ap.add_argument("--stack-budget", type=int, default=1000)
+    ap.add_argument("--sample-every", type=int, default=0)
+    ap.add_argument("--workload", default="--vcpus 2 --churn")
+    ap.add_argument("-o", "--output", default=os.path.join(RESULTS, "overhead-toggle.json"))
+    a = ap.parse_args()
+    probe = ContentionProbe(sample_every=a.sample_every, stack_budget=a.stack_budget)
+    detach(probe)
+    duration = a.windows * 2 * a.window * 1.3 + 60
+    wl = subprocess.Popen(KLP + ["workload", "--duration", str(duration), "--progress-every",
+                                 "0.05", *a.workload.split()], stdout=subprocess.PIPE, text=True)
+    progress = Progress(wl)
+    progress.now()
+    reports = Reports(progress)
+    time.sleep(2)                                   # the workload warms up
+    spans = []                                      # (attached, t0, t1)
+    own0, t_start = cpu_seconds(os.getpid()), time.monotonic()
+    on_time = 0.0
+    try:
+        for i in range(2 * a.windows + 1):
+            on = i % 2 == 1
+            (attach if on else detach)(probe) if i else None
+            t0 = time.monotonic() + a.settle
+            t1 = t0 - a.settle + a.window
+            if on:
+                serve(probe, t1, a.flush)
+                on_time += a.window
+            else:
+                time.sleep(max(0.0, t1 - time.monotonic()))
+            spans.append((on, t0, t1))
+            if i and i % 200 == 0:
+                print(f"{i // 2}/{a.windows} windows", flush=True)
+    finally:
+        own = cpu_seconds(os.getpid()) - own0
+        wl.send_signal(signal.SIGTERM)
+        wl.wait(60)
+        counters = probe.counters()
+        probe.close()
+    rates = [reports.rate(t0, t1) for _, t0, t1 in spans]
+    # attached window i between detached windows i - 1 and i + 1, all three measured
+    ons = [i for i in range(1, len(spans) - 1, 2)
+           if all(r is not None for r in rates[i - 1:i + 2])]
+    rng = np.random.default_rng(0)
+    result = {"workload": a.workload, "window_s": a.window, "settle_s": a.settle,
+              "stack_budget": a.stack_budget, "sample_every": a.sample_every,
+              "windows": len(ons), "counters": counters,
+              "own_cpu_share_while_attached": own / on_time if on_time else None,
+              "elapsed_s": time.monotonic() - t_start,
+              "rates": {k: [None if r is None else float(r[j]) for r in rates]
+                        for j, k in enumerate(WORK)},
+              "estimator": "geometric mean of paired ratios", "summary": {}}
+    print(f"\n{len(ons)} attached windows of {a.window} s "
+          f"(stack budget {a.stack_budget}, sample every {a.sample_every})")
+    for j, k in enumerate(WORK):
+        lr = log_ratios([rates[i][j] for i in ons], [rates[i - 1][j] for i in ons],
+                        [rates[i + 1][j] for i in ons])
+        ratio, lo, hi = geomean_ci(lr, rng)
+        result["summary"][k] = {"ratio": ratio, "ci95": [lo, hi], "n": len(lr)}
+        print(f"{k:<10} ratio {ratio:.3f} [{lo:.3f}, {hi:.3f}]")
+    print(f"this process's CPU (while attached, share of one CPU): "
+          f"{result['own_cpu_share_while_attached']:.2%}")
+    save(result, a.output)
+
+
+if __name__ == "__main__":
+    main()
