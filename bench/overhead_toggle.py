@@ -143,8 +143,8 @@ def main():
         ratio, lo, hi = geomean_ci(lr, rng)
         result["summary"][k] = {"ratio": ratio, "ci95": [lo, hi], "n": len(lr)}
         print(f"{k:<10} ratio {ratio:.3f} [{lo:.3f}, {hi:.3f}]")
-    print(f"this process's CPU (while attached, share of one CPU): "
-          f"{result['own_cpu_share_while_attached']:.2%}")
+    print(f"this process's CPU per attached second (share of one CPU; it includes the "
+          f"attaching and detaching): {result['own_cpu_share_while_attached']:.2%}")
     save(result, a.output)
 
 
