@@ -105,7 +105,8 @@ def main():
     try:
         for i in range(2 * a.windows + 1):
             on = i % 2 == 1
-            (attach if on else detach)(probe) if i else None
+            if i:
+                (attach if on else detach)(probe)
             t0 = time.monotonic() + a.settle
             t1 = t0 - a.settle + a.window
             if on:
