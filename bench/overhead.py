@@ -22,10 +22,11 @@ beside it (which cancels the drift); a configuration's ratio is the geometric me
 right-skewed here, and the median of rate / mean(two rates) is then biased low (about
 -2% on this host's unprofiled windows alone); the mean of log ratios is not biased.
 Beside it, two direct measures: the in-kernel run time of the profiler's BPF programs
-(kernel.bpf_stats_enabled: per invocation and as a share of one CPU) and the profiler process's own CPU. bpf_stats reads the clock
-twice per program run (~90 ns each here, as much as a third of our programs' own
-time), so it is on only in a --cost-window after the rate window, never while the
-rate is measured. Prints all, writes JSON. --reanalyse FILE summarises a result
+(kernel.bpf_stats_enabled: per invocation and as a share of one CPU) and the
+profiler process's own CPU. bpf_stats reads the clock twice per program run (~90 ns
+each here, as much as a third of our programs' own time), so it is on only in a
+--cost-window after the rate window, never while the rate is measured. Prints all,
+writes JSON. --reanalyse FILE summarises a result
 again (e.g. one written with an older estimator) without running anything.
 """
 import argparse
