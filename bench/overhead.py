@@ -117,12 +117,15 @@ class Progress:
     def __init__(self, proc):
         self.q = queue.Queue()
         self.last = None
+        self.history = []               # every report, in order
         threading.Thread(target=self._read, args=(proc.stdout,), daemon=True).start()
 
     def _read(self, f):
         for line in f:
             if line.startswith('{"progress"'):
-                self.q.put(json.loads(line)["progress"])
+                report = json.loads(line)["progress"]
+                self.history.append(report)
+                self.q.put(report)
 
     def now(self):
         """The newest progress report (waits for the next one)."""

@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -42,29 +41,17 @@ def attach(probe):
         probe.bpf.attach_tracepoint(tp=tp, fn_name=fn_name(tp))
 
 
-def detach(probe):
-    for tp in reversed(TRACEPOINTS):
-        probe.bpf.detach_tracepoint(tp)
-
-
-class Reports:
-    """Every progress report of the workload, kept (t, exits, churn_ops)."""
-
-    def __init__(self, progress):
-        self.rows = []
-        threading.Thread(target=self._collect, args=(progress,), daemon=True).start()
-
-    def _collect(self, progress):
-        while True:
-            p = progress.q.get()
-            self.rows.append((p["t"],) + tuple(p[k] for k in WORK))
-
-    def rate(self, t0, t1):
-        """Work per second between the first and last report inside [t0, t1]."""
-        r = np.array([x for x in self.rows if t0 <= x[0] <= t1])
-        if len(r) < 2:
-            return None
-        return (r[-1, 1:] - r[0, 1:]) / (r[-1, 0] - r[0, 0])
+def span_rates(history, spans):
+    """Work per second in each (t0, t1) span, between the first and last progress
+    report inside it (None with fewer than two)."""
+    rows = np.array([(p["t"],) + tuple(p[k] for k in WORK) for p in history])
+    out = []
+    for t0, t1 in spans:
+        i = np.searchsorted(rows[:, 0], t0, side="left")
+        j = np.searchsorted(rows[:, 0], t1, side="right")
+        out.append(None if j - i < 2 else
+                   (rows[j - 1, 1:] - rows[i, 1:]) / (rows[j - 1, 0] - rows[i, 0]))
+    return out
 
 
 def serve(probe, until, flush):
@@ -91,13 +78,12 @@ def main():
     ap.add_argument("-o", "--output", default=os.path.join(RESULTS, "overhead-toggle.json"))
     a = ap.parse_args()
     probe = ContentionProbe(sample_every=a.sample_every, stack_budget=a.stack_budget)
-    detach(probe)
+    probe.detach()
     duration = a.windows * 2 * a.window * 1.3 + 60
     wl = subprocess.Popen(KLP + ["workload", "--duration", str(duration), "--progress-every",
                                  "0.05", *a.workload.split()], stdout=subprocess.PIPE, text=True)
     progress = Progress(wl)
     progress.now()
-    reports = Reports(progress)
     time.sleep(2)                                   # the workload warms up
     spans = []                                      # (attached, t0, t1)
     own0, t_start = cpu_seconds(os.getpid()), time.monotonic()
@@ -106,7 +92,10 @@ def main():
         for i in range(2 * a.windows + 1):
             on = i % 2 == 1
             if i:
-                (attach if on else detach)(probe)
+                if on:
+                    attach(probe)
+                else:
+                    probe.detach()
             t0 = time.monotonic() + a.settle
             t1 = t0 - a.settle + a.window
             if on:
@@ -123,7 +112,7 @@ def main():
         wl.wait(60)
         counters = probe.counters()
         probe.close()
-    rates = [reports.rate(t0, t1) for _, t0, t1 in spans]
+    rates = span_rates(progress.history, [(t0, t1) for _, t0, t1 in spans])
     # attached window i between detached windows i - 1 and i + 1, all three measured
     ons = [i for i in range(1, len(spans) - 1, 2)
            if all(r is not None for r in rates[i - 1:i + 2])]
