@@ -26,8 +26,8 @@ Beside it, two direct measures: the in-kernel run time of the profiler's BPF pro
 profiler process's own CPU. bpf_stats reads the clock twice per program run (~90 ns
 each here, as much as a third of our programs' own time), so it is on only in a
 --cost-window after the rate window, never while the rate is measured. Prints all,
-writes JSON. --reanalyse FILE summarises a result
-again (e.g. one written with an older estimator) without running anything.
+writes JSON. --reanalyse FILE summarises a result again (e.g. one written with an
+older estimator) without running anything.
 """
 import argparse
 import json
