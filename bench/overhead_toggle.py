@@ -29,17 +29,6 @@ from overhead import KLP, WORK, Progress, cpu_seconds, geomean_ci, log_ratios  #
 from results_io import RESULTS, save                      # noqa: E402
 from kvmlockprof.probes.contention import ContentionProbe  # noqa: E402
 
-TRACEPOINTS = ("lock:contention_begin", "lock:contention_end")
-
-
-def fn_name(tp):
-    return "tracepoint__" + tp.replace(":", "__")
-
-
-def attach(probe):
-    for tp in TRACEPOINTS:                      # begin first: no end without its begin
-        probe.bpf.attach_tracepoint(tp=tp, fn_name=fn_name(tp))
-
 
 def span_rates(history, spans):
     """Work per second in each (t0, t1) span, between the first and last progress
@@ -93,7 +82,7 @@ def main():
             on = i % 2 == 1
             if i:
                 if on:
-                    attach(probe)
+                    probe.attach()
                 else:
                     probe.detach()
             t0 = time.monotonic() + a.settle

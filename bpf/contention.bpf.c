@@ -13,8 +13,8 @@
 #include "contention.h"
 
 #if KLP_PENDING_TASK
-/* The waits in progress of a task, by lock: a mutex emits two begins (spin,
- * then sleep) before its end, and the task can contend on other locks inside
+/* The waits in progress of a task, by lock: a mutex begins several times
+ * before its end (see continues()), and the task can contend on other locks inside
  * a wait (the mutex's wait_lock; interrupts and softirqs taken while a
  * paravirt spinlock waiter halts), so several slots: 5 waits at once were
  * seen here under the churn storm. Task storage costs ~40 ns a lookup here,
@@ -24,6 +24,8 @@ struct pending_slots {
 	u64 lock[KLP_NEST];     /* 0: free */
 	u64 ts_ns[KLP_NEST];
 	u32 flags[KLP_NEST];
+	s32 stack_id[KLP_NEST];
+	u32 epoch[KLP_NEST];    /* armed.epoch at its begin */
 };
 BPF_TASK_STORAGE(pending, struct pending_slots);
 #else
@@ -37,10 +39,13 @@ struct pending_key {
 struct pending_val {
 	u64 ts_ns;
 	u32 flags;
+	s32 stack_id;
+	u32 epoch;
 	u32 pad;
 };
 
-BPF_HASH(pending, struct pending_key, struct pending_val, KLP_PENDING_ENTRIES);
+/* LRU: waits left from an earlier attach age out rather than fill it. */
+BPF_TABLE("lru_hash", struct pending_key, struct pending_val, pending, KLP_PENDING_ENTRIES);
 #endif
 BPF_PERCPU_HASH(agg, struct klp_agg_key, struct klp_agg_val, KLP_AGG_ENTRIES);
 BPF_STACK_TRACE(stacks, KLP_STACK_ENTRIES);
@@ -67,6 +72,16 @@ BPF_PERCPU_ARRAY(stack_budget, struct stack_window, 1);
 #define KLP_WALKS_PER_WINDOW (KLP_STACK_BUDGET >= 100 ? KLP_STACK_BUDGET / 100 : 1)
 #define KLP_WINDOW_NS (1000000000ULL * KLP_WALKS_PER_WINDOW / KLP_STACK_BUDGET)
 #endif
+/* Set from user space. `on` while both tracepoints are attached: bcc attaches
+ * contention_begin first, and a begin whose wait ends before contention_end is
+ * attached would stay in its task's slots (an end without its begin is only
+ * counted). `epoch` goes up at every arming: a wait begun in an earlier one
+ * (whose end came while detached) is stale, never paired. */
+struct klp_arm {
+	u32 on;
+	u32 epoch;
+};
+BPF_ARRAY(armed, struct klp_arm, 1);
 /* A zeroed value to create aggregates from: too big for the 512-byte stack. */
 BPF_PERCPU_ARRAY(agg_zero, struct klp_agg_val, 1);
 
@@ -86,124 +101,17 @@ static __always_inline int wanted(u32 tgid)
 #endif
 }
 
-#if KLP_PENDING_TASK
-static __always_inline void begin_wait(u32 tid, u64 lock, u32 flags)
+/* The kernel stack of a wait that begins now, or KLP_NO_STACK. A walk costs
+ * ~6 us here (ORC, nested guest), so it is done at contention_begin, where the
+ * task is about to wait anyway: at contention_end the lock is held (and a
+ * mutex's wait_lock, with interrupts off), so a walk there lengthens the
+ * critical section and every waiter behind it. --stack-every N walks for one
+ * wait in N per CPU, and the budget caps walks per CPU-second, so a contention
+ * storm costs a bounded amount; the waits without a stack count under
+ * KLP_NO_STACK. */
+static __always_inline int walk_stack(void *ctx, u64 now)
 {
-	struct pending_slots *p = pending.task_storage_get(bpf_get_current_task_btf(), 0,
-							   BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (!p) {
-		count(KLP_C_PENDING_FULL);
-		return;
-	}
-	int free = KLP_NEST;
-#pragma unroll
-	for (int i = 0; i < KLP_NEST; i++) {
-		if (p->lock[i] == lock) {
-			/* Second begin of one wait (mutex: spin, then sleep): keep
-			 * the first timestamp, take the flags of how it finally waits. */
-			p->flags[i] = flags;
-			return;
-		}
-		if (free == KLP_NEST && !p->lock[i])
-			free = i;
-	}
-	if (free >= KLP_NEST) {
-		count(KLP_C_PENDING_FULL);
-		return;
-	}
-	p->lock[free] = lock;
-	p->ts_ns[free] = bpf_ktime_get_ns();
-	p->flags[free] = flags;
-}
-
-/* The wait on `lock` that ends now: 1 and its start and flags, or 0. */
-static __always_inline int end_wait(u32 tid, u64 lock, u64 *ts_ns, u32 *flags)
-{
-	struct pending_slots *p = pending.task_storage_get(bpf_get_current_task_btf(), 0, 0);
-	if (!p)
-		return 0;
-#pragma unroll
-	for (int i = 0; i < KLP_NEST; i++) {
-		if (p->lock[i] == lock) {
-			*ts_ns = p->ts_ns[i];
-			*flags = p->flags[i];
-			p->lock[i] = 0;
-			return 1;
-		}
-	}
-	return 0;
-}
-#else
-static __always_inline struct pending_key key_of(u32 tid, u64 lock)
-{
-	struct pending_key k = {};
-	k.tid = tid;
-	k.cpu = tid ? 0 : bpf_get_smp_processor_id();
-	k.lock_addr = lock;
-	return k;
-}
-
-static __always_inline void begin_wait(u32 tid, u64 lock, u32 flags)
-{
-	struct pending_key k = key_of(tid, lock);
-	struct pending_val *p = pending.lookup(&k);
-	if (p) {
-		p->flags = flags;       /* second begin of one wait, as above */
-		return;
-	}
-	struct pending_val v = {};
-	v.ts_ns = bpf_ktime_get_ns();
-	v.flags = flags;
-	if (pending.update(&k, &v))
-		count(KLP_C_PENDING_FULL);
-}
-
-static __always_inline int end_wait(u32 tid, u64 lock, u64 *ts_ns, u32 *flags)
-{
-	struct pending_key k = key_of(tid, lock);
-	struct pending_val *p = pending.lookup(&k);
-	if (!p)
-		return 0;
-	*ts_ns = p->ts_ns;
-	*flags = p->flags;
-	pending.delete(&k);
-	return 1;
-}
-#endif
-
-TRACEPOINT_PROBE(lock, contention_begin)
-{
-	u64 id = bpf_get_current_pid_tgid();
-	if (!wanted(id >> 32))
-		return 0;
-	count(KLP_C_BEGIN);
-	begin_wait((u32)id, (u64)args->lock_addr, args->flags);
-	return 0;
-}
-
-TRACEPOINT_PROBE(lock, contention_end)
-{
-	u64 now = bpf_ktime_get_ns();
-	u64 id = bpf_get_current_pid_tgid();
-	u32 tgid = id >> 32;
-	if (!wanted(tgid))
-		return 0;
-	count(KLP_C_END);
-	u64 lock = (u64)args->lock_addr;
-	u64 start = 0;
-	u32 flags = 0;
-	if (!end_wait((u32)id, lock, &start, &flags)) {
-		count(KLP_C_END_NO_BEGIN);
-		return 0;
-	}
-	u64 wait = now - start;
-
-	/* The stack walk is most of this program's cost (~3 us on a nested guest,
-	 * with the lock held): --stack-every N walks for one wait in N per CPU,
-	 * and the budget caps walks per CPU-second, so a contention storm costs a
-	 * bounded amount; the waits without a stack count under KLP_NO_STACK. */
 	int zero_idx = 0;
-	int stack_id = KLP_NO_STACK;
 	int walk = 1;
 #if KLP_STACK_EVERY > 1
 	u64 *st = stack_tick.lookup(&zero_idx);
@@ -221,11 +129,181 @@ TRACEPOINT_PROBE(lock, contention_end)
 		sw->walks += walk;
 	}
 #endif
-	if (walk) {
-		stack_id = stacks.get_stackid(args, 0);
-		if (stack_id < 0)
-			count(KLP_C_STACK_FAIL);
+	if (!walk)
+		return KLP_NO_STACK;
+	int stack_id = stacks.get_stackid(ctx, 0);
+	if (stack_id < 0)
+		count(KLP_C_STACK_FAIL);
+	return stack_id;
+}
+
+/* LCB_F_* of lock:contention_begin (include/trace/events/lock.h). */
+#define KLP_LCB_F_MUTEX (1U << 5)
+
+/* Whether a begin on a lock this task has a wait on (of this epoch) continues
+ * that wait. Only a mutex begins more than once a wait: spinning (MUTEX|SPIN),
+ * going to sleep (MUTEX), and again both each time it wakes first in line and
+ * spins. Any other repeat means the first wait's end was missed: a new wait
+ * starts (begin_without_end), or its start would be taken for this wait's. */
+static __always_inline int continues(u32 had, u32 flags)
+{
+	return (had & KLP_LCB_F_MUTEX) && (flags & KLP_LCB_F_MUTEX);
+}
+
+/* The start of a wait that begins now, and its stack. The start is taken after
+ * the walk, so that the wait excludes our own cost. */
+static __always_inline u64 start_wait(void *ctx, s32 *stack_id)
+{
+	u64 now = bpf_ktime_get_ns();
+	*stack_id = walk_stack(ctx, now);
+	return *stack_id == KLP_NO_STACK ? now : bpf_ktime_get_ns();
+}
+
+#if KLP_PENDING_TASK
+static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, u32 epoch)
+{
+	struct pending_slots *p = pending.task_storage_get(bpf_get_current_task_btf(), 0,
+							   BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!p) {
+		count(KLP_C_PENDING_FULL);
+		return;
 	}
+	/* The slot: this lock's, else a free one (or an earlier epoch's), else
+	 * the oldest (most likely a wait whose end was missed). */
+	int slot = KLP_NEST, free = KLP_NEST, oldest = 0;
+#pragma unroll
+	for (int i = 0; i < KLP_NEST; i++) {
+		int live = p->lock[i] && p->epoch[i] == epoch;
+		if (live && p->lock[i] == lock)
+			slot = i;
+		if (free == KLP_NEST && !live)
+			free = i;
+		if (p->ts_ns[i] < p->ts_ns[oldest])
+			oldest = i;
+	}
+	if (slot < KLP_NEST && continues(p->flags[slot], flags)) {
+		/* keep the first start and stack, take how it finally waits */
+		p->flags[slot] = flags;
+		return;
+	}
+	if (slot < KLP_NEST) {
+		count(KLP_C_BEGIN_NO_END);
+	} else if (free < KLP_NEST) {
+		slot = free;
+	} else {
+		count(KLP_C_PENDING_FULL);
+		slot = oldest;
+	}
+	s32 stack_id;
+	u64 start = start_wait(ctx, &stack_id);
+	/* the index is < KLP_NEST on every path; the mask tells the verifier */
+	slot &= KLP_NEST - 1;
+	p->ts_ns[slot] = start;
+	p->stack_id[slot] = stack_id;
+	p->flags[slot] = flags;
+	p->epoch[slot] = epoch;
+	p->lock[slot] = lock;
+}
+
+/* The wait on `lock` that ends now: 1 and its start, flags and stack, or 0. */
+static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
+				    s32 *stack_id)
+{
+	struct pending_slots *p = pending.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+	if (!p)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < KLP_NEST; i++) {
+		if (p->lock[i] == lock) {
+			p->lock[i] = 0;
+			if (p->epoch[i] != epoch)
+				return 0;               /* stale: its wait's end was missed */
+			*ts_ns = p->ts_ns[i];
+			*flags = p->flags[i];
+			*stack_id = p->stack_id[i];
+			return 1;
+		}
+	}
+	return 0;
+}
+#else
+static __always_inline struct pending_key key_of(u64 lock)
+{
+	struct pending_key k = {};
+	k.tid = (u32)bpf_get_current_pid_tgid();
+	k.cpu = k.tid ? 0 : bpf_get_smp_processor_id();
+	k.lock_addr = lock;
+	return k;
+}
+
+static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, u32 epoch)
+{
+	struct pending_key k = key_of(lock);
+	struct pending_val *p = pending.lookup(&k);
+	if (p && p->epoch == epoch && continues(p->flags, flags)) {
+		p->flags = flags;       /* as above */
+		return;
+	}
+	if (p && p->epoch == epoch)
+		count(KLP_C_BEGIN_NO_END);
+	struct pending_val v = {};
+	v.ts_ns = start_wait(ctx, &v.stack_id);
+	v.flags = flags;
+	v.epoch = epoch;
+	if (pending.update(&k, &v))
+		count(KLP_C_PENDING_FULL);
+}
+
+static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
+				    s32 *stack_id)
+{
+	struct pending_key k = key_of(lock);
+	struct pending_val *p = pending.lookup(&k);
+	if (!p)
+		return 0;
+	if (p->epoch != epoch) {
+		pending.delete(&k);     /* stale, as above */
+		return 0;
+	}
+	*ts_ns = p->ts_ns;
+	*flags = p->flags;
+	*stack_id = p->stack_id;
+	pending.delete(&k);
+	return 1;
+}
+#endif
+
+TRACEPOINT_PROBE(lock, contention_begin)
+{
+	/* Waits are taken only once contention_end is attached too (see armed). */
+	int zero = 0;
+	struct klp_arm *arm = armed.lookup(&zero);
+	if (!arm || !arm->on || !wanted(bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	count(KLP_C_BEGIN);
+	begin_wait(args, (u64)args->lock_addr, args->flags, arm->epoch);
+	return 0;
+}
+
+TRACEPOINT_PROBE(lock, contention_end)
+{
+	u64 now = bpf_ktime_get_ns();
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32;
+	if (!wanted(tgid))
+		return 0;
+	count(KLP_C_END);
+	u64 lock = (u64)args->lock_addr;
+	u64 start = 0;
+	u32 flags = 0;
+	s32 stack_id = KLP_NO_STACK;
+	int zero_idx = 0;
+	struct klp_arm *arm = armed.lookup(&zero_idx);
+	if (!arm || !end_wait(lock, arm->epoch, &start, &flags, &stack_id)) {
+		count(KLP_C_END_NO_BEGIN);
+		return 0;
+	}
+	u64 wait = now - start;
 
 	struct klp_agg_key ak = {};
 	ak.lock_addr = lock;

@@ -12,11 +12,12 @@ enum klp_counter {
 	KLP_C_BEGIN,            /* contention_begin that passed the filter */
 	KLP_C_END,              /* contention_end that passed the filter */
 	KLP_C_END_NO_BEGIN,     /* an end whose begin we never saw (attached mid-wait) */
-	KLP_C_PENDING_FULL,     /* lost: a begin not stored (task slots or hash full) */
+	KLP_C_PENDING_FULL,     /* lost: a wait in progress dropped (its task's slots full) */
 	KLP_C_AGG_FULL,         /* lost: a wait not aggregated, the aggregate map was full */
 	KLP_C_RINGBUF_FULL,     /* lost: a sample not streamed, the ring buffer was full */
 	KLP_C_STACK_FAIL,       /* a wait whose kernel stack could not be stored */
 	KLP_C_SAMPLED,          /* samples handed to the ring buffer */
+	KLP_C_BEGIN_NO_END,     /* a begin on a lock whose previous wait's end was missed */
 	KLP_NR_COUNTERS,
 };
 
@@ -26,7 +27,7 @@ enum klp_counter {
 /* One completed contended wait, as streamed through the ring buffer. */
 struct klp_contention_event {
 	u64 ts_ns;              /* bpf_ktime_get_ns() at contention_end */
-	u64 wait_ns;
+	u64 wait_ns;             /* from its first begin (after the stack walk) to now */
 	u64 lock_addr;
 	u32 tid;
 	u32 tgid;

@@ -14,11 +14,16 @@ KLP_ENTRY(VCPU_IOCTL)
 {
 	u64 filp = KLP_ARG(VCPU_IOCTL, FILP);
 	u64 vcpu = klp_read_u64(filp, KLP_OFF_FILE_PRIVATE_DATA);
-	/* The vCPU's thread is the one that runs it: set-up ioctls may come from
-	 * another thread, so KVM_RUN always updates the entry. */
-	if (!vcpu || ((u32)KLP_ARG(VCPU_IOCTL, IOCTL) != KVM_RUN && klp_vcpus.lookup(&vcpu)))
+	if (!vcpu)
 		return 0;
+	/* The vCPU's thread is the one that runs it: set-up ioctls may come from
+	 * another thread, so a KVM_RUN from a new thread updates the entry. KVM_RUN
+	 * comes once per exit to user space (tens of thousands a second), hence a
+	 * lookup first: an update takes the bucket lock. */
 	u64 id = bpf_get_current_pid_tgid();
+	struct klp_vcpu *known = klp_vcpus.lookup(&vcpu);
+	if (known && (known->tid == (u32)id || (u32)KLP_ARG(VCPU_IOCTL, IOCTL) != KVM_RUN))
+		return 0;
 	struct klp_vcpu v = {};
 	v.kvm = klp_read_u64(vcpu, KLP_OFF_VCPU_KVM);
 	v.tid = (u32)id;

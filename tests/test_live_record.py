@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import kvmlockprof
@@ -243,5 +244,43 @@ def test_waits_pair_with_either_pending_store(live, pending):
         probe.close()
     assert c["end"] > 1000, c
     assert c["lost_pending_full"] == 0 and c["lost_agg_full"] == 0, c
+    assert c["begin_without_end"] == 0, c                     # none left behind
     assert c["end_without_begin"] <= 0.01 * c["end"], c       # begun before attach
     assert sum(aggs.column("count").to_pylist()) == c["end"] - c["end_without_begin"]
+
+
+@pytest.mark.parametrize("pending", ["task storage", "hash"])
+def test_a_missed_end_does_not_stretch_the_next_wait(live, pending):
+    """A begin whose end was missed stays in its task's slots. `record` never
+    leaves one (contention_begin takes waits only once contention_end is attached
+    too), so here it is forced: contention_begin alone, armed, for a second under
+    the storm, then nothing for a second, then both, as a re-attach does. Each
+    attach starts a new epoch, and a wait begun in an earlier one never pairs: its
+    lock's next begin starts a new wait, its next end counts as end_without_begin.
+    Paired, it would be measured from the old begin, over a second."""
+    from kvmlockprof.probes.contention import ContentionProbe
+    probe = ContentionProbe(pending=pending, sample_every=1, stack_budget=1000)
+    probe.detach()
+    wl = subprocess.Popen(workload_argv("--duration", 30, "--vcpus", 2, "--churn"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(2)
+        probe.bpf.attach_tracepoint(tp="lock:contention_begin",
+                                    fn_name="tracepoint__lock__contention_begin")
+        probe._arm(True)
+        time.sleep(1)
+        probe.detach()
+        left = probe.counters()["begin"]
+        time.sleep(1)
+        probe.attach()
+        time.sleep(2)
+        probe.detach()
+        samples = probe.poll()["contention"]
+        c = probe.counters()
+    finally:
+        wl.kill()
+        wl.wait()
+        probe.close()
+    assert left > 1000 and len(samples) > 1000, (left, len(samples))
+    assert c["begin_without_end"] > 0, c             # phase 1: no end ever came
+    assert samples["wait_ns"].max() < 1e9, np.sort(samples["wait_ns"])[-5:]

@@ -6,7 +6,7 @@ from ..ringbuf import BatchRingBuffer
 
 # Names of enum klp_counter in bpf/contention.h, in order.
 COUNTERS = ("begin", "end", "end_without_begin", "lost_pending_full", "lost_agg_full",
-            "lost_ringbuf_full", "stack_failures", "sampled")
+            "lost_ringbuf_full", "stack_failures", "sampled", "begin_without_end")
 LOSSES = ("lost_pending_full", "lost_agg_full", "lost_ringbuf_full", "stack_failures")
 
 
@@ -34,8 +34,21 @@ class ContentionProbe:
             self.add_tgids(tgids)
         events = self.bpf["events"]
         self.ring = BatchRingBuffer(events.map_fd, pages * 4096, bpfload.event_dtype(events))
+        self._tracepoints = [tp.decode() if isinstance(tp, bytes) else tp
+                             for tp in self.bpf.tracepoint_fds]      # bcc attached them on load
+        self._attached()
+        self._arm(True)
+
+    def _attached(self):
         self.attached = {tp.decode() if isinstance(tp, bytes) else tp: "tracepoint"
                          for tp in self.bpf.tracepoint_fds}
+
+    def _arm(self, on, new_epoch=False):
+        """Take new waits (contention_begin) or not; a new epoch makes the waits
+        begun before it stale: see `armed` in the BPF C."""
+        armed = self.bpf["armed"]
+        arm = armed[armed.Key(0)]
+        armed[armed.Key(0)] = armed.Leaf(int(on), arm.epoch + new_epoch)
 
     def _load(self, pending):
         """(bcc BPF, where waits in progress are kept): task-local storage, which
@@ -75,11 +88,24 @@ class ContentionProbe:
     def stack_addrs(self, stack_id):
         return list(self.bpf["stacks"].walk(stack_id))
 
+    def attach(self):
+        """Attach again after detach() (the maps and what they hold are kept).
+
+        The epoch moves before contention_end is back: the waits begun before
+        the detach may have ended unseen, and must not pair with the ends to come."""
+        self._arm(False, new_epoch=True)
+        for tp in self._tracepoints:
+            self.bpf.attach_tracepoint(tp=tp, fn_name="tracepoint__" + tp.replace(":", "__"))
+        self._attached()
+        self._arm(True)
+
     def detach(self):
         """Stop the probes firing; maps stay readable until close().
 
-        Reverse attach order: contention_end goes before contention_begin, else
-        each detach's RCU grace period (tens of ms) lets ends in with no begin."""
+        New waits stop at once (disarmed); contention_end goes before
+        contention_begin, else each detach's RCU grace period (tens of ms) lets
+        ends in with no begin."""
+        self._arm(False)
         for tp in reversed(list(self.bpf.tracepoint_fds)):
             self.bpf.detach_tracepoint(tp)
         self.attached = {}
