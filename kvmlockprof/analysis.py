@@ -322,6 +322,8 @@ def totals(rec):
     c = m.get("counters", {})
     return {"contention_end_seen": c.get("end", 0),
             "waits_paired": c.get("end", 0) - c.get("end_without_begin", 0),
+            # a wait whose end never came (0 unless the kernel left one unpaired)
+            "begins_unended": c.get("begin_without_end", 0),
             # (not m.get's default: that would load every sample to count them)
             "samples": m["samples"] if "samples" in m else len(rec.table("contention",
                                                                           ["wait_ns"])),

@@ -17,8 +17,8 @@ Examples:
   kvmlockprof record -a -- ./my-test.sh             # whole host while it runs
   kvmlockprof record --stack-budget 0 -d 10         # a kernel stack for every wait
 """
-# Stack walks per second per CPU: the walk is most of a wait's cost (~3 us on a
-# nested guest, with the lock held); 1000/s bounds it to ~0.3% of each CPU.
+# Stack walks per second per CPU: the walk is most of a wait's cost (~6-8 us on a
+# nested guest, done as the wait begins); 1000/s bounds it to <1% of each CPU.
 STACK_BUDGET = 1000
 STACK_BUDGET_HELP = ("Walk the kernel stack of at most N waits per second per CPU (0: every "
                      "wait); the others count exactly under their lock, and by caller "

@@ -52,7 +52,9 @@ def summary_lines(rec):
             "and by caller are spread over the lock's walked callers (~)")
     lost = {k: v for k, v in t["losses"].items() if v}
     lines.append(f"contended waits {t['waits_paired']}  samples {t['samples']}  "
-                 f"losses {', '.join(f'{k}={v}' for k, v in lost.items()) or 'none'}")
+                 f"losses {', '.join(f'{k}={v}' for k, v in lost.items()) or 'none'}" +
+                 (f"  begins whose end never came {t['begins_unended']}"
+                  if t["begins_unended"] else ""))
     w = m.get("work")
     if w:
         lines.append(f"workload pid {w.get('pid')}: {w.get('exits_total')} exits "
