@@ -65,7 +65,9 @@ def klp(*args, check=True, timeout=120, **kw):
 
 
 def our_prog_ids():
-    """BPF programs of ours in the kernel, by bpftool (the kernel's own view)."""
+    """BPF programs of ours in the kernel, by bpftool (the kernel's own view).
+    Compare as sets: "none left" is `not ours_after - ours_before`, since a program
+    another test closed may still be in the kernel when `before` is taken."""
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
                          check=True).stdout
     return {p["id"] for p in json.loads(out) if p.get("name", "").startswith("tracepoint__lo")}

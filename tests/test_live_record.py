@@ -95,7 +95,7 @@ def test_every_exit_path_detaches(live, tmp_path, sig):
         time.sleep(1.5)
         p.send_signal(sig)
     p.communicate(timeout=60)
-    assert our_prog_ids() == before
+    assert not our_prog_ids() - before
     rec = kvmlockprof.load(out)            # finished and readable after the signal too
     assert not rec.interrupted
     if sig:
@@ -119,9 +119,9 @@ def test_kill_9_leaves_flushed_data_readable(live, tmp_path):
     p.wait()
     # the kernel drops the programs with the last file descriptor: none of ours stays
     deadline = time.time() + 10
-    while our_prog_ids() != before and time.time() < deadline:
+    while our_prog_ids() - before and time.time() < deadline:
         time.sleep(0.2)
-    assert our_prog_ids() == before
+    assert not our_prog_ids() - before
     rec = kvmlockprof.load(out)
     assert rec.interrupted and len(rec.samples) > 0
     r = klp("report", out)

@@ -33,7 +33,7 @@ def test_full_disk_mid_recording(live, small_disk):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot write the recording" in lines[0], p.stderr
     assert "Traceback" not in p.stderr
-    assert our_prog_ids() == before                   # every probe detached
+    assert not our_prog_ids() - before                # every probe detached
     rec = kvmlockprof.load(out)                       # the flushes before the error
     assert rec.interrupted and len(rec.samples) > 0
     assert not [f for f in os.listdir(f"{out}.partial") if ".tmp-" in f]   # no debris

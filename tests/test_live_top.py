@@ -86,7 +86,7 @@ def test_top_shows_kvm_contention_and_exits_clean(churn, tmp_path, how):
         assert t.exit_status() == 0
     finally:
         t.close()
-    assert our_prog_ids() == before                 # every probe detached
+    assert not our_prog_ids() - before              # every probe detached
 
 
 def test_top_batch_frames(churn):
