@@ -36,12 +36,8 @@ class ContentionProbe:
         self.ring = BatchRingBuffer(events.map_fd, pages * 4096, bpfload.event_dtype(events))
         self._tracepoints = [tp.decode() if isinstance(tp, bytes) else tp
                              for tp in self.bpf.tracepoint_fds]      # bcc attached them on load
-        self._attached()
+        self.attached = dict.fromkeys(self._tracepoints, "tracepoint")
         self._arm(True)
-
-    def _attached(self):
-        self.attached = {tp.decode() if isinstance(tp, bytes) else tp: "tracepoint"
-                         for tp in self.bpf.tracepoint_fds}
 
     def _arm(self, on, new_epoch=False):
         """Take new waits (contention_begin) or not; a new epoch makes the waits
@@ -96,7 +92,7 @@ class ContentionProbe:
         self._arm(False, new_epoch=True)
         for tp in self._tracepoints:
             self.bpf.attach_tracepoint(tp=tp, fn_name="tracepoint__" + tp.replace(":", "__"))
-        self._attached()
+        self.attached = dict.fromkeys(self._tracepoints, "tracepoint")
         self._arm(True)
 
     def detach(self):
