@@ -59,6 +59,12 @@ def is_kvm_frame(frame):
     return bool(KVM_FRAME.search(frame))
 
 
+def caller_frame(frames, lock_frame):
+    """The first frame outside the lock machinery (the innermost if all are in it)."""
+    return next((f for f, lk in zip(frames, lock_frame) if not lk),
+                frames[0] if len(frames) else "?")
+
+
 def stack_info(stacks):
     """Per stack_id: the caller (first frame outside the lock machinery), whether
     the stack goes through KVM, and its frames."""
@@ -68,8 +74,7 @@ def stack_info(stacks):
     callers, kvm = [], []
     for frames, lockf in zip(stacks["frames"], stacks["lock_frame"]):
         frames = list(frames)
-        callers.append(next((f for f, lk in zip(frames, lockf) if not lk),
-                            frames[0] if frames else "?"))
+        callers.append(caller_frame(frames, lockf))
         kvm.append(any(is_kvm_frame(f) for f in frames))
     return pd.DataFrame({"caller": callers, "kvm": kvm, "frames": list(stacks["frames"])},
                         index=pd.Index(stacks["stack_id"].astype(int), name="stack_id"))

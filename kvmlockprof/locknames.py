@@ -156,9 +156,12 @@ class SessionNames:
         self.kvm = {}            # hex address -> {"name", "how"}
 
     def add_stacks(self, stacks):
-        """New contention stacks (a DataFrame with stack_id, frames, lock_frame)."""
-        from .analysis import stack_info
-        self.callers.update(stack_info(stacks)["caller"].to_dict())
+        """New contention stacks (an Arrow table or DataFrame with stack_id, frames,
+        lock_frame); no DataFrame is built: this runs at every flush that has some."""
+        from .analysis import caller_frame
+        cols = stacks.to_pydict() if hasattr(stacks, "to_pydict") else stacks
+        for sid, frames, lockf in zip(cols["stack_id"], cols["frames"], cols["lock_frame"]):
+            self.callers[int(sid)] = caller_frame(list(frames), lockf)
 
     def update(self, aggs, vms=None, vcpus=None):
         """Name the addresses in the aggregates (DataFrame) not named yet."""

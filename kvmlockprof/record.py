@@ -19,6 +19,9 @@ from . import recording
 from .recording import Writer, check_output, to_arrow
 from .stacks import new_stack_ids, stack_ids_in, stacks_table
 
+# What SessionNames.update reads of the aggregates (not the histograms: slow to convert)
+NAMING_COLUMNS = ["lock_addr", "flags", "stack_id", "tgid", "count"]
+
 WORK_ENV = "KVMLOCKPROF_WORK_OUT"     # the built-in workload writes its WorkDone here
 
 
@@ -208,7 +211,7 @@ class Recorder:
                 stacks = stacks_table(src, name, new, self.ksyms)
                 self.writer.append("stacks", stacks)
                 if name == "contention":
-                    self.names.add_stacks(stacks.to_pandas())
+                    self.names.add_stacks(stacks)
             for table, snap in snaps.items():
                 self.writer.snapshot(table, snap)
             self._learn_processes(events, snaps)
@@ -224,8 +227,8 @@ class Recorder:
             seen = (contention_aggs.num_rows,
                     *(t.num_rows for t in registry.values() if t is not None))
             if seen != self.named_for:
-                self.names.update(contention_aggs.to_pandas(), registry.get("vms"),
-                                  registry.get("vcpus"))
+                self.names.update(contention_aggs.select(NAMING_COLUMNS).to_pandas(),
+                                  registry.get("vms"), registry.get("vcpus"))
                 self.manifest.update(self.names.manifest())
                 self.named_for = seen
             self.manifest["top_lock"] = self._top_lock(contention_aggs)
