@@ -2,7 +2,7 @@
 
 Configurations:
   kvmlockprof-agg      kvmlockprof record -a --sample-every 0 (in-kernel aggregates only,
-                       the default stack budget: at most 1000 stack walks/s per CPU)
+                       the default stack budget: at most 250 stack walks/s per CPU)
   kvmlockprof-stream   kvmlockprof record -a (every wait streamed as a sample)
   kvmlockprof-agg-allstacks  aggregates only, a kernel stack for every wait (--stack-budget 0)
   bpftrace             the same aggregation in bpftrace (bench/contention.bt)

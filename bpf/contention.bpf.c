@@ -61,12 +61,17 @@ BPF_PERCPU_ARRAY(sample_tick, u64, 1);
 BPF_PERCPU_ARRAY(stack_tick, u64, 1);
 #endif
 #if KLP_STACK_BUDGET
-/* Walks spent in the current window of this CPU. A window is ~10 ms (fewer
- * than 100 walks/s: one walk, in a window of 1/budget s), and its length is
- * set from the whole walks it allows, so no budget is exceeded. */
+/* This CPU's stack budget, spent in windows of ~10 ms (fewer than 100 walks/s:
+ * one walk, in a window of 1/budget s); a window's length is set from the whole
+ * walks it allows, so no budget is exceeded. Which waits of a window are walked
+ * is drawn at random, each with the chance that lets about the window's walks
+ * through at the previous window's rate of waits: the first waits of every
+ * window would stand for all of them, and bursts would skew the callers. */
 struct stack_window {
-	u64 window;
-	u64 walks;
+	u64 window;             /* now / KLP_WINDOW_NS */
+	u64 walks;              /* walked in this window */
+	u64 waits;              /* begun in this window */
+	u64 chance;             /* walk if bpf_get_prandom_u32() <= chance */
 };
 BPF_PERCPU_ARRAY(stack_budget, struct stack_window, 1);
 #define KLP_WALKS_PER_WINDOW (KLP_STACK_BUDGET >= 100 ? KLP_STACK_BUDGET / 100 : 1)
@@ -122,10 +127,16 @@ static __always_inline int walk_stack(void *ctx, u64 now)
 	if (walk && sw) {
 		u64 window = now / KLP_WINDOW_NS;
 		if (sw->window != window) {
+			u64 before = sw->window + 1 == window ? sw->waits : 0;
+			sw->chance = before > KLP_WALKS_PER_WINDOW ?
+				KLP_WALKS_PER_WINDOW * 0xffffffffULL / before : 0xffffffffULL;
 			sw->window = window;
 			sw->walks = 0;
+			sw->waits = 0;
 		}
-		walk = sw->walks < KLP_WALKS_PER_WINDOW;
+		sw->waits++;
+		walk = sw->walks < KLP_WALKS_PER_WINDOW &&
+		       bpf_get_prandom_u32() <= sw->chance;
 		sw->walks += walk;
 	}
 #endif
@@ -170,7 +181,7 @@ static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, u32 epoch
 	}
 	/* The slot: this lock's, else a free one (or an earlier epoch's), else
 	 * the oldest (most likely a wait whose end was missed). */
-	int slot = KLP_NEST, free = KLP_NEST, oldest = 0;
+	int slot = KLP_NEST, free = KLP_NEST;
 #pragma unroll
 	for (int i = 0; i < KLP_NEST; i++) {
 		int live = p->lock[i] && p->epoch[i] == epoch;
@@ -178,8 +189,6 @@ static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, u32 epoch
 			slot = i;
 		if (free == KLP_NEST && !live)
 			free = i;
-		if (p->ts_ns[i] < p->ts_ns[oldest])
-			oldest = i;
 	}
 	if (slot < KLP_NEST && continues(p->flags[slot], flags)) {
 		/* keep the first start and stack, take how it finally waits */
@@ -192,7 +201,12 @@ static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, u32 epoch
 		slot = free;
 	} else {
 		count(KLP_C_PENDING_FULL);
-		slot = oldest;
+		slot = 0;
+#pragma unroll
+		for (int i = 1; i < KLP_NEST; i++) {
+			if (p->ts_ns[i] < p->ts_ns[slot & (KLP_NEST - 1)])
+				slot = i;
+		}
 	}
 	s32 stack_id;
 	u64 start = start_wait(ctx, &stack_id);

@@ -18,11 +18,13 @@ Examples:
   kvmlockprof record --stack-budget 0 -d 10         # a kernel stack for every wait
 """
 # Stack walks per second per CPU: the walk is most of a wait's cost (~6-8 us on a
-# nested guest, done as the wait begins); 1000/s bounds it to <1% of each CPU.
-STACK_BUDGET = 1000
+# nested guest, more when walks are spread out and its caches are cold); 250/s bounds
+# it to ~0.5% of each CPU there (bench/README.md), and still gives thousands of
+# stacks a minute to split the waits by caller.
+STACK_BUDGET = 250
 STACK_BUDGET_HELP = ("Walk the kernel stack of at most N waits per second per CPU (0: every "
-                     "wait); the others count exactly under their lock, and by caller "
-                     "are spread over the lock's walked callers.")
+                     "wait), drawn at random; the others count exactly under their lock, "
+                     "and by caller are spread over the lock's walked callers.")
 EPILOG_REPORT = """\b
 Examples:
   kvmlockprof report kvmlockprof.parquet

@@ -47,7 +47,8 @@ def summary_lines(rec):
     if every > 1 or budget:
         lines.append("kernel stacks walked for " + " and ".join(
             ([f"1 wait in {every} (--stack-every)"] if every > 1 else []) +
-            ([f"at most {budget} waits/s per CPU (--stack-budget)"] if budget else [])) +
+            ([f"at most {budget} waits/s per CPU, drawn at random (--stack-budget)"]
+             if budget else [])) +
             f": {_walked_share(rec):.1%} of the waits; the others count under their lock, "
             "and by caller are spread over the lock's walked callers (~)")
     lost = {k: v for k, v in t["losses"].items() if v}

@@ -13,6 +13,7 @@ import pytest
 import kvmlockprof
 from kvmlockprof import analysis
 from conftest import ROOT, klp, our_prog_ids, workload_argv
+from kvmlockprof.cli import STACK_BUDGET
 
 pytestmark = pytest.mark.live
 
@@ -193,11 +194,11 @@ def test_kvm_locks_named_by_vm_and_field(churn_recording):
 
 
 @pytest.mark.parametrize("args, says", [(("--stack-every", 8), "1 wait in 8"),
-                                         ((), "at most 1000 waits/s per CPU"),
+                                         ((), "at most 250 waits/s per CPU"),
                                          (("--stack-budget", 50), "at most 50 waits/s per CPU")],
                          ids=["stack-every-8", "default-budget", "budget-50"])
 def test_stack_sampling_keeps_lock_totals(live, tmp_path, args, says):
-    """Stacks for 1 wait in 8, or at most N walks/s per CPU (1000 by default, and a
+    """Stacks for 1 wait in 8, or at most N walks/s per CPU (250 by default, and a
     budget under 100/s): every wait still counts under its lock (the in-kernel
     counter agrees); by caller, the unwalked waits are spread over their lock's
     walked callers, marked as estimates."""
@@ -214,7 +215,7 @@ def test_stack_sampling_keeps_lock_totals(live, tmp_path, args, says):
     if args[:1] == ("--stack-every",):
         assert 0.75 < unwalked / aggs["count"].sum() < 0.99         # about 7 in 8
     else:        # the storm waits far more often than the budget lets walk
-        budget = args[1] if args else 1000
+        budget = args[1] if args else STACK_BUDGET
         assert 0 < walked <= budget * os.cpu_count() * (rec.manifest["duration_s"] + 0.1)
         assert unwalked > walked
     callers = analysis.top(rec, by="caller", limit=None)
@@ -224,6 +225,23 @@ def test_stack_sampling_keeps_lock_totals(live, tmp_path, args, says):
     assert (by_lock["caller"] != "[stack not sampled]").any()
     report = klp("report", out, "--by", "caller").stdout
     assert says in report and "~ : an estimate" in report
+
+
+def test_budget_draws_walked_waits_from_the_whole_window(live, tmp_path):
+    """Past the budget, the waits to walk are drawn at random from each ~10 ms
+    window, not taken first come: where in its window a walked wait began is spread
+    like it is for every wait (first come, the walked ones began near the start)."""
+    out = tmp_path / "w.parquet"
+    klp("record", "-q", "-o", out, "--", *workload_argv("--duration", 2, "--churn"))
+    rec = kvmlockprof.load(out)
+    budget = rec.manifest["probes"]["contention"]["stack_budget"]
+    window = 1e9 * max(1, budget // 100) / budget        # KLP_WINDOW_NS
+    s = rec.samples
+    began = ((s["ts_ns"] - s["wait_ns"]) % window / window).to_numpy()
+    walked = (s["stack_id"] >= 0).to_numpy()
+    assert 100 < walked.sum() < (~walked).sum()          # the budget was binding
+    assert abs(began[walked].mean() - began.mean()) < 0.1, \
+        (began[walked].mean(), began.mean())
 
 
 @pytest.mark.parametrize("pending", ["task storage", "hash"])
