@@ -1,25 +1,29 @@
-"""Overhead of kvmlockprof's contention probe, resolved to ~1%: attached and detached
-every half second under the built-in workload, hundreds of times.
+"""Overhead of `kvmlockprof record` in aggregate mode, resolved to ~1%: its contention
+probe attached and detached every half second under the built-in workload, hundreds of
+times.
 
 bench/overhead.py starts and stops whole profiler processes, so its windows are
 seconds long and few, and this host's work rate swings by 10-25% within seconds:
-30 rounds resolve about +-5%. Here the probe is loaded once (as `record` loads it:
-aggregates only, --stack-budget 1000 by default) and its tracepoints are attached
-and detached in turn, off, on, off, on, ... every --window s. While attached, this
-process does what `record` does in aggregate mode: polls the ring every 0.1 s and
-reads the aggregates and counters every --flush s, so its own CPU is in the cost
-(it doesn't write Parquet: `record`'s own CPU share is in bench/overhead.py).
-A window is measured from --settle s after its attach or detach returned (a detach
-waits out an RCU grace period) to the next toggle, from the workload's progress
-reports. Each attached window's rate over the mean of the detached windows beside
-it (geometric mean) is one ratio; the result is their geometric mean with a bootstrap
-95% interval (bench/overhead.py says why not the median).
+30 rounds resolve about +-5%. Here one `record` runs (record.Recorder, as the command
+line makes it: --probes contention, aggregates only, the default --stack-budget), and
+its contention tracepoints are attached and detached in turn, off, on, off, on, ...
+every --window s. While attached, record's own loop runs: it polls the ring every
+0.1 s and flushes (the aggregates read and written as Parquet, new stacks symbolised
+and written, lock names, the manifest) once per --flush s of attached time, so all
+of record's CPU but its start-up is in the cost. A window is measured from --settle s
+after its attach or detach returned (a detach waits out an RCU grace period) to the
+next toggle, from the workload's progress reports. Each attached window's rate over
+the mean of the detached windows beside it (geometric mean) is one ratio; the result
+is their geometric mean with a bootstrap 95% interval (bench/overhead.py says why not
+the median).
 """
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -27,7 +31,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from overhead import KLP, WORK, Progress, cpu_seconds, geomean_ci, log_ratios  # noqa: E402
 from results_io import RESULTS, save                      # noqa: E402
-from kvmlockprof.probes.contention import ContentionProbe  # noqa: E402
+from kvmlockprof.cli import STACK_BUDGET                # noqa: E402
+from kvmlockprof.record import Recorder                  # noqa: E402
 
 
 def span_rates(history, spans):
@@ -43,16 +48,47 @@ def span_rates(history, spans):
     return out
 
 
-def serve(probe, until, flush):
-    """What `record` does while attached (aggregate mode), until `until`."""
-    next_flush = time.monotonic() + flush
-    while (now := time.monotonic()) < until:
-        probe.wait(max(0.0, min(0.1, until - now)))
-        probe.poll()
-        if time.monotonic() >= next_flush:
-            probe.snapshots()
-            probe.counters()
-            next_flush += flush
+class ToggledRecord(Recorder):
+    """`record` whose loop attaches and detaches its contention probe in turn."""
+
+    def __init__(self, out, windows, window, settle, flush, on_window, **kw):
+        super().__init__(out, system_wide=True, force=True, probes=["contention"],
+                         flush_interval=flush, **kw)
+        self.windows, self.window, self.settle = windows, window, settle
+        self.on_window = on_window          # (attached, t0, t1) after each window
+        self.owed = 0.0                     # attached seconds since the last flush
+
+    def _serve(self, until):
+        """record's loop (Recorder._loop) until `until`, flushing once per
+        flush_interval of attached time."""
+        probe = self.sources["contention"]
+        start = time.monotonic()
+        while (now := time.monotonic()) < until:
+            probe.wait(max(0.0, min(0.1, until - now)))
+            self._poll()
+            if self.owed + time.monotonic() - start >= self.flush_interval:
+                self._flush()
+                self.owed, start = 0.0, time.monotonic()
+        self.owed += time.monotonic() - start
+
+    def _loop(self, child):
+        probe = self.sources["contention"]
+        probe.detach()
+        time.sleep(2)                                   # the workload warms up
+        for i in range(2 * self.windows + 1):
+            on = i % 2 == 1
+            if i:
+                probe.attach() if on else probe.detach()
+            t0 = time.monotonic() + self.settle
+            t1 = t0 - self.settle + self.window
+            if on:
+                self._serve(t1)
+            else:
+                time.sleep(max(0.0, t1 - time.monotonic()))
+            self.on_window(on, t0, t1)
+            if i and i % 200 == 0:
+                print(f"{i // 2}/{self.windows} windows", flush=True)
+        self.manifest["stopped_by"] = "bench"
 
 
 def main():
@@ -61,46 +97,36 @@ def main():
     ap.add_argument("--window", type=float, default=0.5, help="seconds per window")
     ap.add_argument("--settle", type=float, default=0.1)
     ap.add_argument("--flush", type=float, default=1.0)
-    ap.add_argument("--stack-budget", type=int, default=1000)
+    ap.add_argument("--stack-budget", type=int, default=STACK_BUDGET)
     ap.add_argument("--sample-every", type=int, default=0)
     ap.add_argument("--workload", default="--vcpus 2 --churn")
     ap.add_argument("-o", "--output", default=os.path.join(RESULTS, "overhead-toggle.json"))
     a = ap.parse_args()
-    probe = ContentionProbe(sample_every=a.sample_every, stack_budget=a.stack_budget)
-    probe.detach()
     duration = a.windows * 2 * a.window * 1.3 + 60
     wl = subprocess.Popen(KLP + ["workload", "--duration", str(duration), "--progress-every",
                                  "0.05", *a.workload.split()], stdout=subprocess.PIPE, text=True)
     progress = Progress(wl)
     progress.now()
-    time.sleep(2)                                   # the workload warms up
     spans = []                                      # (attached, t0, t1)
-    own0, t_start = cpu_seconds(os.getpid()), time.monotonic()
-    on_time = 0.0
+    clock = {}
+
+    def on_window(on, t0, t1):
+        if not spans:
+            clock.update(own0=cpu_seconds(os.getpid()), start=time.monotonic())
+        clock.update(own=cpu_seconds(os.getpid()) - clock["own0"], end=time.monotonic())
+        spans.append((on, t0, t1))
+
+    out = tempfile.mkdtemp(prefix="klp-toggle-")
+    rec = ToggledRecord(os.path.join(out, "r.parquet"), a.windows, a.window, a.settle, a.flush,
+                        on_window, sample_every=a.sample_every, stack_budget=a.stack_budget)
     try:
-        for i in range(2 * a.windows + 1):
-            on = i % 2 == 1
-            if i:
-                if on:
-                    probe.attach()
-                else:
-                    probe.detach()
-            t0 = time.monotonic() + a.settle
-            t1 = t0 - a.settle + a.window
-            if on:
-                serve(probe, t1, a.flush)
-                on_time += a.window
-            else:
-                time.sleep(max(0.0, t1 - time.monotonic()))
-            spans.append((on, t0, t1))
-            if i and i % 200 == 0:
-                print(f"{i // 2}/{a.windows} windows", flush=True)
+        manifest = rec.run()
     finally:
-        own = cpu_seconds(os.getpid()) - own0
         wl.send_signal(signal.SIGTERM)
         wl.wait(60)
-        counters = probe.counters()
-        probe.close()
+        shutil.rmtree(out, ignore_errors=True)
+    on_time = a.windows * a.window
+    counters = manifest["counters"]
     rates = span_rates(progress.history, [(t0, t1) for _, t0, t1 in spans])
     # attached window i between detached windows i - 1 and i + 1, all three measured
     ons = [i for i in range(1, len(spans) - 1, 2)
@@ -109,8 +135,8 @@ def main():
     result = {"workload": a.workload, "window_s": a.window, "settle_s": a.settle,
               "stack_budget": a.stack_budget, "sample_every": a.sample_every,
               "windows": len(ons), "counters": counters,
-              "own_cpu_share_while_attached": own / on_time if on_time else None,
-              "elapsed_s": time.monotonic() - t_start,
+              "own_cpu_share_while_attached": clock["own"] / on_time,
+              "elapsed_s": clock["end"] - clock["start"],
               "rates": {k: [None if r is None else float(r[j]) for r in rates]
                         for j, k in enumerate(WORK)},
               "estimator": "geometric mean of paired ratios", "summary": {}}
