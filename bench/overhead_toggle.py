@@ -78,7 +78,7 @@ class ToggledRecord(Recorder):
         for i in range(2 * self.windows + 1):
             on = i % 2 == 1
             if i:
-                probe.attach() if on else probe.detach()
+                (probe.attach if on else probe.detach)()
             t0 = time.monotonic() + self.settle
             t1 = t0 - self.settle + self.window
             if on:
