@@ -7,6 +7,10 @@ Configurations:
   kvmlockprof-agg-allstacks  aggregates only, a kernel stack for every wait (--stack-budget 0)
   bpftrace             the same aggregation in bpftrace (bench/contention.bt)
   perf                 perf record -e lock:contention_begin,lock:contention_end -a -g
+Control (not in the default set):
+  kvmlockprof-agg-detached   kvmlockprof-agg whose probes are detached as soon as they are
+                       attached (bench/record_detached.py): the record process, its
+                       start-up, polls and flushes, without the probes' work
 
 This host's work rate wanders by +-10-25% from one workload run to the next, more than
 the effects to measure, so everything happens inside ONE long workload run, which
@@ -86,7 +90,9 @@ def start(config, tmp):
     """Start a profiler; return its Popen once it is attached."""
     if config.startswith("kvmlockprof"):
         out = os.path.join(tmp, f"{config}.parquet")
-        argv = KLP + ["record", "-a", "-q", "-f", "-o", out] + \
+        cmd = [sys.executable, os.path.join(HERE, "record_detached.py")] \
+            if config.endswith("-detached") else KLP
+        argv = cmd + ["record", "-a", "-q", "-f", "-o", out] + \
             (["--sample-every", "0"] if "-agg" in config else []) + \
             (["--stack-budget", "0"] if config.endswith("-allstacks") else [])
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -98,6 +98,8 @@ def main():
     ap.add_argument("--settle", type=float, default=0.1)
     ap.add_argument("--flush", type=float, default=1.0)
     ap.add_argument("--stack-budget", type=int, default=STACK_BUDGET)
+    ap.add_argument("--stack-every", type=int, default=1,
+                    help="as record's (a huge N: no stack walks, to price them)")
     ap.add_argument("--sample-every", type=int, default=0)
     ap.add_argument("--workload", default="--vcpus 2 --churn")
     ap.add_argument("-o", "--output", default=os.path.join(RESULTS, "overhead-toggle.json"))
@@ -118,7 +120,8 @@ def main():
 
     out = tempfile.mkdtemp(prefix="klp-toggle-")
     rec = ToggledRecord(os.path.join(out, "r.parquet"), a.windows, a.window, a.settle, a.flush,
-                        on_window, sample_every=a.sample_every, stack_budget=a.stack_budget)
+                        on_window, sample_every=a.sample_every, stack_budget=a.stack_budget,
+                        stack_every=a.stack_every)
     try:
         manifest = rec.run()
     finally:
@@ -133,7 +136,8 @@ def main():
            if all(r is not None for r in rates[i - 1:i + 2])]
     rng = np.random.default_rng(0)
     result = {"workload": a.workload, "window_s": a.window, "settle_s": a.settle,
-              "stack_budget": a.stack_budget, "sample_every": a.sample_every,
+              "stack_budget": a.stack_budget, "stack_every": a.stack_every,
+              "sample_every": a.sample_every,
               "windows": len(ons), "counters": counters,
               "own_cpu_share_while_attached": clock["own"] / on_time,
               "elapsed_s": clock["end"] - clock["start"],
@@ -141,7 +145,8 @@ def main():
                         for j, k in enumerate(WORK)},
               "estimator": "geometric mean of paired ratios", "summary": {}}
     print(f"\n{len(ons)} attached windows of {a.window} s "
-          f"(stack budget {a.stack_budget}, sample every {a.sample_every})")
+          f"(stack budget {a.stack_budget}, stack every {a.stack_every}, "
+          f"sample every {a.sample_every})")
     for j, k in enumerate(WORK):
         lr = log_ratios([rates[i][j] for i in ons], [rates[i - 1][j] for i in ons],
                         [rates[i + 1][j] for i in ons])
