@@ -20,7 +20,8 @@ Examples:
 # Stack walks per second per CPU: the walk is most of a wait's cost (~6-8 us on a
 # nested guest, more when walks are spread out and its caches are cold); 250/s bounds
 # it to ~0.5% of each CPU there (bench/README.md), and still gives thousands of
-# stacks a minute to split the waits by caller.
+# stacks a minute to split the waits by caller. Its throughput cost is larger than
+# that CPU: ~2% of the exit rate at moderate contention there (bench/README.md).
 STACK_BUDGET = 250
 STACK_BUDGET_HELP = ("Walk the kernel stack of at most N waits per second per CPU (0: every "
                      "wait), drawn at random; the others count exactly under their lock, "
