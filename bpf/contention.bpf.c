@@ -61,8 +61,10 @@ BPF_PERCPU_ARRAY(sample_tick, u64, 1);
 BPF_PERCPU_ARRAY(stack_tick, u64, 1);
 #endif
 #if KLP_STACK_BUDGET
-/* This CPU's stack budget, spent in windows of ~10 ms (fewer than 100 walks/s:
- * one walk, in a window of 1/budget s); a window's length is set from the whole
+/* This CPU's stack budget, spent in windows of ~10 ms (under 200 walks/s: two
+ * walks, in a window of 2/budget s; with one, the cap would cut every draw after
+ * the first, and the walked waits lean to their window's start: mean position
+ * 0.39, not 0.50, seen at 50/s); a window's length is set from the whole
  * walks it allows, so no budget is exceeded. Which waits of a window are walked
  * is drawn at random, each with the chance that lets about the window's walks
  * through at the previous window's rate of waits: the first waits of every
@@ -74,7 +76,7 @@ struct stack_window {
 	u64 chance;             /* walk if bpf_get_prandom_u32() <= chance */
 };
 BPF_PERCPU_ARRAY(stack_budget, struct stack_window, 1);
-#define KLP_WALKS_PER_WINDOW (KLP_STACK_BUDGET >= 100 ? KLP_STACK_BUDGET / 100 : 1)
+#define KLP_WALKS_PER_WINDOW (KLP_STACK_BUDGET >= 200 ? KLP_STACK_BUDGET / 100 : 2)
 #define KLP_WINDOW_NS (1000000000ULL * KLP_WALKS_PER_WINDOW / KLP_STACK_BUDGET)
 #endif
 /* Set from user space. `on` while both tracepoints are attached: bcc attaches

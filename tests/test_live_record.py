@@ -227,15 +227,17 @@ def test_stack_sampling_keeps_lock_totals(live, tmp_path, args, says):
     assert says in report and "~ : an estimate" in report
 
 
-def test_budget_draws_walked_waits_from_the_whole_window(live, tmp_path):
+@pytest.mark.parametrize("args", [(), ("--stack-budget", 50)], ids=["default", "budget-50"])
+def test_budget_draws_walked_waits_from_the_whole_window(live, tmp_path, args):
     """Past the budget, the waits to walk are drawn at random from each ~10 ms
     window, not taken first come: where in its window a walked wait began is spread
-    like it is for every wait (first come, the walked ones began near the start)."""
+    like it is for every wait (first come, the walked ones began near the start;
+    with one walk per window, as under 100/s before, near it too)."""
     out = tmp_path / "w.parquet"
-    klp("record", "-q", "-o", out, "--", *workload_argv("--duration", 2, "--churn"))
+    klp("record", "-q", *args, "-o", out, "--", *workload_argv("--duration", 2, "--churn"))
     rec = kvmlockprof.load(out)
     budget = rec.manifest["probes"]["contention"]["stack_budget"]
-    window = 1e9 * max(1, budget // 100) / budget        # KLP_WINDOW_NS
+    window = 1e9 * max(2, budget // 100) / budget        # KLP_WINDOW_NS
     s = rec.samples
     began = ((s["ts_ns"] - s["wait_ns"]) % window / window).to_numpy()
     walked = (s["stack_id"] >= 0).to_numpy()
