@@ -8,8 +8,8 @@ Configurations:
   bpftrace             the same aggregation in bpftrace (bench/contention.bt)
   perf                 perf record -e lock:contention_begin,lock:contention_end -a -g
 Control (not in the default set):
-  kvmlockprof-agg-detached   kvmlockprof-agg whose probes are detached as soon as they are
-                       attached (bench/record_detached.py): the record process, its
+  kvmlockprof-agg-detached   kvmlockprof-agg whose probes are detached when its loop starts,
+                       after its start-up (bench/record_detached.py): the record process, its
                        start-up, polls and flushes, without the probes' work
 
 This host's work rate wanders by +-10-25% from one workload run to the next, more than

@@ -1,8 +1,8 @@
-"""`kvmlockprof record` (same arguments) whose probes are detached once attached: the
-profiler process (start-up, memory, its loop's polls and flushes) without the probes'
-work. overhead.py's control configuration, kvmlockprof-agg-detached: a window of it
-that loses work rate shows an effect of running a record process at all, which the
-probes' cost cannot explain.
+"""`kvmlockprof record` (same arguments) whose probes are detached when its loop starts
+(they are attached during its start-up): the profiler process (start-up, memory, its
+loop's polls and flushes) without the probes' work. overhead.py's control
+configuration, kvmlockprof-agg-detached: a window of it that loses work rate shows an
+effect of running a record process at all, which the probes' cost cannot explain.
 """
 import os
 import sys
