@@ -6,9 +6,9 @@
  *   KLP_PENDING_ENTRIES, KLP_AGG_ENTRIES, KLP_STACK_ENTRIES, KLP_RINGBUF_PAGES
  *   KLP_WAKEUP_EVERY  wake the reader early every N samples on a CPU
  *   KLP_STACK_EVERY   walk the kernel stack of one wait in N per CPU
- *   KLP_STACK_BUDGET  at most this many stack walks per second per CPU (0: no cap)
  *   KLP_PENDING_TASK  1: a wait in progress is kept in task-local storage (5.12+);
  *                     0: in a hash keyed by thread and lock (any kernel, slower)
+ * The stack budget is set at run time (see armed).
  */
 #include "contention.h"
 
@@ -60,33 +60,31 @@ BPF_PERCPU_ARRAY(sample_tick, u64, 1);
 #if KLP_STACK_EVERY > 1
 BPF_PERCPU_ARRAY(stack_tick, u64, 1);
 #endif
-#if KLP_STACK_BUDGET
-/* This CPU's stack budget, spent in windows of ~10 ms (under 200 walks/s: two
- * walks, in a window of 2/budget s; with one, the cap would cut every draw after
- * the first, and the walked waits lean to their window's start: mean position
- * 0.39, not 0.50, seen at 50/s); a window's length is set from the whole
- * walks it allows, so no budget is exceeded. Which waits of a window are walked
- * is drawn at random, each with the chance that lets about the window's walks
- * through at the previous window's rate of waits: the first waits of every
- * window would stand for all of them, and bursts would skew the callers. */
+/* This CPU's stack budget, spent in windows of armed.window_ns (~10 ms; set
+ * by ContentionProbe.set_stack_budget, which says why). Which waits of a window
+ * are walked is drawn at random, each with the chance that lets about the
+ * window's walks through at the previous window's rate of waits: the first
+ * waits of every window would stand for all of them, and bursts would skew
+ * the callers. */
 struct stack_window {
-	u64 window;             /* now / KLP_WINDOW_NS */
+	u64 window;             /* now / window_ns */
 	u64 walks;              /* walked in this window */
 	u64 waits;              /* begun in this window */
 	u64 chance;             /* walk if bpf_get_prandom_u32() <= chance */
 };
 BPF_PERCPU_ARRAY(stack_budget, struct stack_window, 1);
-#define KLP_WALKS_PER_WINDOW (KLP_STACK_BUDGET >= 200 ? KLP_STACK_BUDGET / 100 : 2)
-#define KLP_WINDOW_NS (1000000000ULL * KLP_WALKS_PER_WINDOW / KLP_STACK_BUDGET)
-#endif
 /* Set from user space. `on` while both tracepoints are attached: bcc attaches
  * contention_begin first, and a begin whose wait ends before contention_end is
  * attached would stay in its task's slots (an end without its begin is only
  * counted). `epoch` goes up at every arming: a wait begun in an earlier one
- * (whose end came while detached) is stale, never paired. */
+ * (whose end came while detached) is stale, never paired. The stack budget:
+ * at most `walks` per `window_ns` per CPU (window_ns 0: no cap); a value, not
+ * a build-time constant, so that it can change between attaches. */
 struct klp_arm {
 	u32 on;
 	u32 epoch;
+	u64 window_ns;
+	u64 walks;
 };
 BPF_ARRAY(armed, struct klp_arm, 1);
 /* A zeroed value to create aggregates from: too big for the 512-byte stack. */
@@ -116,7 +114,7 @@ static __always_inline int wanted(u32 tgid)
  * wait in N per CPU, and the budget caps walks per CPU-second, so a contention
  * storm costs a bounded amount; the waits without a stack count under
  * KLP_NO_STACK. */
-static __always_inline int walk_stack(void *ctx, u64 now)
+static __always_inline int walk_stack(void *ctx, u64 now, struct klp_arm *arm)
 {
 	int zero_idx = 0;
 	int walk = 1;
@@ -124,24 +122,21 @@ static __always_inline int walk_stack(void *ctx, u64 now)
 	u64 *st = stack_tick.lookup(&zero_idx);
 	walk = st && (*st)++ % KLP_STACK_EVERY == 0;
 #endif
-#if KLP_STACK_BUDGET
-	struct stack_window *sw = stack_budget.lookup(&zero_idx);
+	u64 window_ns = arm->window_ns, walks = arm->walks;
+	struct stack_window *sw = window_ns ? stack_budget.lookup(&zero_idx) : NULL;
 	if (walk && sw) {
-		u64 window = now / KLP_WINDOW_NS;
+		u64 window = now / window_ns;
 		if (sw->window != window) {
 			u64 before = sw->window + 1 == window ? sw->waits : 0;
-			sw->chance = before > KLP_WALKS_PER_WINDOW ?
-				KLP_WALKS_PER_WINDOW * 0xffffffffULL / before : 0xffffffffULL;
+			sw->chance = before > walks ? walks * 0xffffffffULL / before : 0xffffffffULL;
 			sw->window = window;
 			sw->walks = 0;
 			sw->waits = 0;
 		}
 		sw->waits++;
-		walk = sw->walks < KLP_WALKS_PER_WINDOW &&
-		       bpf_get_prandom_u32() <= sw->chance;
+		walk = sw->walks < walks && bpf_get_prandom_u32() <= sw->chance;
 		sw->walks += walk;
 	}
-#endif
 	if (!walk)
 		return KLP_NO_STACK;
 	int stack_id = stacks.get_stackid(ctx, 0);
@@ -165,16 +160,17 @@ static __always_inline int continues(u32 had, u32 flags)
 
 /* The start of a wait that begins now, and its stack. The start is taken after
  * the walk, so that the wait excludes our own cost. */
-static __always_inline u64 start_wait(void *ctx, s32 *stack_id)
+static __always_inline u64 start_wait(void *ctx, struct klp_arm *arm, s32 *stack_id)
 {
 	u64 now = bpf_ktime_get_ns();
-	*stack_id = walk_stack(ctx, now);
+	*stack_id = walk_stack(ctx, now, arm);
 	return *stack_id == KLP_NO_STACK ? now : bpf_ktime_get_ns();
 }
 
 #if KLP_PENDING_TASK
-static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, u32 epoch)
+static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, struct klp_arm *arm)
 {
+	u32 epoch = arm->epoch;
 	struct pending_slots *p = pending.task_storage_get(bpf_get_current_task_btf(), 0,
 							   BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!p) {
@@ -211,7 +207,7 @@ static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, u32 epoch
 		}
 	}
 	s32 stack_id;
-	u64 start = start_wait(ctx, &stack_id);
+	u64 start = start_wait(ctx, arm, &stack_id);
 	/* the index is < KLP_NEST on every path; the mask tells the verifier */
 	slot &= KLP_NEST - 1;
 	p->ts_ns[slot] = start;
@@ -252,8 +248,9 @@ static __always_inline struct pending_key key_of(u64 lock)
 	return k;
 }
 
-static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, u32 epoch)
+static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, struct klp_arm *arm)
 {
+	u32 epoch = arm->epoch;
 	struct pending_key k = key_of(lock);
 	struct pending_val *p = pending.lookup(&k);
 	if (p && p->epoch == epoch && continues(p->flags, flags)) {
@@ -263,7 +260,7 @@ static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, u32 epoch
 	if (p && p->epoch == epoch)
 		count(KLP_C_BEGIN_NO_END);
 	struct pending_val v = {};
-	v.ts_ns = start_wait(ctx, &v.stack_id);
+	v.ts_ns = start_wait(ctx, arm, &v.stack_id);
 	v.flags = flags;
 	v.epoch = epoch;
 	if (pending.update(&k, &v))
@@ -297,7 +294,7 @@ TRACEPOINT_PROBE(lock, contention_begin)
 	if (!arm || !arm->on || !wanted(bpf_get_current_pid_tgid() >> 32))
 		return 0;
 	count(KLP_C_BEGIN);
-	begin_wait(args, (u64)args->lock_addr, args->flags, arm->epoch);
+	begin_wait(args, (u64)args->lock_addr, args->flags, arm);
 	return 0;
 }
 

@@ -14,6 +14,7 @@ import kvmlockprof
 from kvmlockprof import analysis
 from conftest import ROOT, klp, our_prog_ids, workload_argv
 from kvmlockprof.cli import STACK_BUDGET
+from kvmlockprof.probes.contention import stack_window
 
 pytestmark = pytest.mark.live
 
@@ -236,8 +237,7 @@ def test_budget_draws_walked_waits_from_the_whole_window(live, tmp_path, args):
     out = tmp_path / "w.parquet"
     klp("record", "-q", *args, "-o", out, "--", *workload_argv("--duration", 2, "--churn"))
     rec = kvmlockprof.load(out)
-    budget = rec.manifest["probes"]["contention"]["stack_budget"]
-    window = 1e9 * max(2, budget // 100) / budget        # KLP_WINDOW_NS
+    _, window = stack_window(rec.manifest["probes"]["contention"]["stack_budget"])
     s = rec.samples
     began = ((s["ts_ns"] - s["wait_ns"]) % window / window).to_numpy()
     walked = (s["stack_id"] >= 0).to_numpy()
