@@ -181,11 +181,19 @@ def geomean_ci(log_ratios, rng):
     return float(np.exp(x.mean())), *map(float, np.exp(res.confidence_interval))
 
 
-def log_ratios(on, before, after):
-    """log(profiled rate / geometric mean of the unprofiled rates beside it)."""
+def log_ratios_aligned(on, before, after):
+    """log(profiled rate / geometric mean of the unprofiled rates beside it), one per
+    profiled window, in order; nan where a rate is missing or zero."""
     on, before, after = (np.asarray(v, float) for v in (on, before, after))
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         lr = np.log(on) - (np.log(before) + np.log(after)) / 2
+    lr[~np.isfinite(lr)] = np.nan
+    return lr
+
+
+def log_ratios(on, before, after):
+    """The measured ones of log_ratios_aligned."""
+    lr = log_ratios_aligned(on, before, after)
     return lr[np.isfinite(lr)]
 
 

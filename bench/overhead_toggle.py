@@ -16,6 +16,11 @@ next toggle, from the workload's progress reports. Each attached window's rate o
 the mean of the detached windows beside it (geometric mean) is one ratio; the result
 is their geometric mean with a bootstrap 95% interval (bench/overhead.py says why not
 the median).
+
+Several stack budgets (--stack-budget 250,50) take the attached windows in turn,
+set while detached: each is measured against the same workload minutes, and
+each pair of neighbouring attached windows gives a paired ratio between them,
+which resolves what two sequential runs (1-3% apart on this host) cannot.
 """
 import argparse
 import os
@@ -29,7 +34,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from overhead import KLP, WORK, Progress, cpu_seconds, geomean_ci, log_ratios  # noqa: E402
+from overhead import KLP, WORK, Progress, cpu_seconds, geomean_ci, log_ratios_aligned  # noqa: E402,E501
 from results_io import RESULTS, save                      # noqa: E402
 from kvmlockprof.cli import STACK_BUDGET                # noqa: E402
 from kvmlockprof.record import Recorder                  # noqa: E402
@@ -51,11 +56,12 @@ def span_rates(history, spans):
 class ToggledRecord(Recorder):
     """`record` whose loop attaches and detaches its contention probe in turn."""
 
-    def __init__(self, out, windows, window, settle, flush, on_window, **kw):
+    def __init__(self, out, windows, window, settle, flush, on_window, budgets, **kw):
         super().__init__(out, system_wide=True, force=True, probes=["contention"],
-                         flush_interval=flush, **kw)
+                         flush_interval=flush, stack_budget=budgets[0], **kw)
         self.windows, self.window, self.settle = windows, window, settle
-        self.on_window = on_window          # (attached, t0, t1) after each window
+        self.budgets = budgets              # the attached windows' stack budgets, in turn
+        self.on_window = on_window          # (budget or None, t0, t1) after each window
         self.owed = 0.0                     # attached seconds since the last flush
 
     def _serve(self, until):
@@ -77,6 +83,9 @@ class ToggledRecord(Recorder):
         time.sleep(2)                                   # the workload warms up
         for i in range(2 * self.windows + 1):
             on = i % 2 == 1
+            budget = self.budgets[(i // 2) % len(self.budgets)] if on else None
+            if on:
+                probe.set_stack_budget(budget)
             if i:
                 (probe.attach if on else probe.detach)()
             t0 = time.monotonic() + self.settle
@@ -85,7 +94,7 @@ class ToggledRecord(Recorder):
                 self._serve(t1)
             else:
                 time.sleep(max(0.0, t1 - time.monotonic()))
-            self.on_window(on, t0, t1)
+            self.on_window(budget, t0, t1)
             if i and i % 200 == 0:
                 print(f"{i // 2}/{self.windows} windows", flush=True)
         self.manifest["stopped_by"] = "bench"
@@ -97,30 +106,33 @@ def main():
     ap.add_argument("--window", type=float, default=0.5, help="seconds per window")
     ap.add_argument("--settle", type=float, default=0.1)
     ap.add_argument("--flush", type=float, default=1.0)
-    ap.add_argument("--stack-budget", type=int, default=STACK_BUDGET)
+    ap.add_argument("--stack-budget", default=str(STACK_BUDGET),
+                    help="walks/s per CPU; several (250,50): the attached windows take "
+                         "them in turn, and each is compared with the first")
     ap.add_argument("--stack-every", type=int, default=1,
                     help="as record's (a huge N: no stack walks, to price them)")
     ap.add_argument("--sample-every", type=int, default=0)
     ap.add_argument("--workload", default="--vcpus 2 --churn")
     ap.add_argument("-o", "--output", default=os.path.join(RESULTS, "overhead-toggle.json"))
     a = ap.parse_args()
+    budgets = [int(b) for b in a.stack_budget.split(",")]
     duration = a.windows * 2 * a.window * 1.3 + 60
     wl = subprocess.Popen(KLP + ["workload", "--duration", str(duration), "--progress-every",
                                  "0.05", *a.workload.split()], stdout=subprocess.PIPE, text=True)
     progress = Progress(wl)
     progress.now()
-    spans = []                                      # (attached, t0, t1)
+    spans = []                                      # (budget or None, t0, t1)
     clock = {}
 
-    def on_window(on, t0, t1):
+    def on_window(budget, t0, t1):
         if not spans:
             clock.update(own0=cpu_seconds(os.getpid()), start=time.monotonic())
         clock.update(own=cpu_seconds(os.getpid()) - clock["own0"], end=time.monotonic())
-        spans.append((on, t0, t1))
+        spans.append((budget, t0, t1))
 
     out = tempfile.mkdtemp(prefix="klp-toggle-")
     rec = ToggledRecord(os.path.join(out, "r.parquet"), a.windows, a.window, a.settle, a.flush,
-                        on_window, sample_every=a.sample_every, stack_budget=a.stack_budget,
+                        on_window, budgets, sample_every=a.sample_every,
                         stack_every=a.stack_every)
     try:
         manifest = rec.run()
@@ -136,23 +148,47 @@ def main():
            if all(r is not None for r in rates[i - 1:i + 2])]
     rng = np.random.default_rng(0)
     result = {"workload": a.workload, "window_s": a.window, "settle_s": a.settle,
-              "stack_budget": a.stack_budget, "stack_every": a.stack_every,
-              "sample_every": a.sample_every,
+              "stack_budget": budgets[0] if len(budgets) == 1 else budgets,
+              "stack_every": a.stack_every, "sample_every": a.sample_every,
               "windows": len(ons), "counters": counters,
               "own_cpu_share_while_attached": clock["own"] / on_time,
               "elapsed_s": clock["end"] - clock["start"],
+              "budgets": [b for b, _, _ in spans],
               "rates": {k: [None if r is None else float(r[j]) for r in rates]
                         for j, k in enumerate(WORK)},
               "estimator": "geometric mean of paired ratios", "summary": {}}
     print(f"\n{len(ons)} attached windows of {a.window} s "
           f"(stack budget {a.stack_budget}, stack every {a.stack_every}, "
           f"sample every {a.sample_every})")
+    # each attached window's log ratio to the detached windows beside it (nan: unmeasured)
+    lr, unmeasured = {}, np.ones(len(spans), bool)
+    unmeasured[ons] = False
     for j, k in enumerate(WORK):
-        lr = log_ratios([rates[i][j] for i in ons], [rates[i - 1][j] for i in ons],
-                        [rates[i + 1][j] for i in ons])
-        ratio, lo, hi = geomean_ci(lr, rng)
-        result["summary"][k] = {"ratio": ratio, "ci95": [lo, hi], "n": len(lr)}
-        print(f"{k:<10} ratio {ratio:.3f} [{lo:.3f}, {hi:.3f}]")
+        r = np.array([np.nan if x is None else x[j] for x in rates])
+        lr[k] = log_ratios_aligned(r, np.roll(r, 1), np.roll(r, -1))
+        lr[k][unmeasured] = np.nan
+    summary = result["summary"]
+    for b in budgets:
+        mine = [i for i in ons if spans[i][0] == b]
+        for k in WORK:
+            x = lr[k][mine]
+            ratio, lo, hi = geomean_ci(x[np.isfinite(x)], rng)
+            row = {"ratio": ratio, "ci95": [lo, hi], "n": int(np.isfinite(x).sum())}
+            (summary.setdefault(str(b), {}) if len(budgets) > 1 else summary)[k] = row
+            print(f"{'budget ' + str(b) + ' ' if len(budgets) > 1 else ''}{k:<10} "
+                  f"ratio {ratio:.3f} [{lo:.3f}, {hi:.3f}]")
+    # budget b's window over the first budget's window just before it, in one cycle
+    n = len(budgets)
+    for m, b in enumerate(budgets[1:], 1):
+        for k in WORK:
+            d = np.array([lr[k][1 + 2 * (c + m)] - lr[k][1 + 2 * c]
+                          for c in range(0, (len(spans) - 1) // 2 - m, n)])
+            d = d[np.isfinite(d)]
+            ratio, lo, hi = geomean_ci(d, rng)
+            result.setdefault("paired", {}).setdefault(f"{b}/{budgets[0]}", {})[k] = \
+                {"ratio": ratio, "ci95": [lo, hi], "n": len(d)}
+            print(f"budget {b} / budget {budgets[0]}, paired, {k:<10} "
+                  f"ratio {ratio:.3f} [{lo:.3f}, {hi:.3f}] ({len(d)} pairs)")
     print(f"this process's CPU per attached second (share of one CPU; it includes the "
           f"attaching and detaching): {result['own_cpu_share_while_attached']:.2%}")
     save(result, a.output)
