@@ -225,8 +225,9 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
             out[c] = dom[c]
     out = out.reset_index()
     out["avg_ns"] = out["total_ns"] / out["contended"]
-    out["comm"] = out["tgid"].map(comm).fillna("?")
-    out["vm"] = out["tgid"].map(_vm_labels(rec)).fillna(out["comm"])
+    # (object: an empty mapping would give float NaNs, which refuse a str fill)
+    out["comm"] = out["tgid"].map(comm).astype(object).fillna("?")
+    out["vm"] = out["tgid"].map(_vm_labels(rec)).astype(object).fillna(out["comm"])
     out = _percentiles(out, keys, samples, g["hist"])
     if sort not in SORT_KEYS:
         raise ValueError(f"--sort must be one of {', '.join(SORT_KEYS)}")
