@@ -18,6 +18,7 @@ enum klp_counter {
 	KLP_C_STACK_FAIL,       /* a wait whose kernel stack could not be stored */
 	KLP_C_SAMPLED,          /* samples handed to the ring buffer */
 	KLP_C_BEGIN_NO_END,     /* a begin on a lock whose previous wait's end was missed */
+	KLP_C_FIRST_WALK,       /* stacks walked at the end of a lock's first unwalked wait */
 	KLP_NR_COUNTERS,
 };
 

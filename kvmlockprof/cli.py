@@ -24,8 +24,9 @@ Examples:
 # that CPU: ~2% of the exit rate at moderate contention there (bench/README.md).
 STACK_BUDGET = 250
 STACK_BUDGET_HELP = ("Walk the kernel stack of at most N waits per second per CPU (0: every "
-                     "wait), drawn at random; the others count exactly under their lock, "
-                     "and by caller are spread over the lock's walked callers.")
+                     "wait), drawn at random, plus one for each lock that has none; the "
+                     "others count exactly under their lock, and by caller are spread over "
+                     "the lock's walked callers.")
 EPILOG_REPORT = """\b
 Examples:
   kvmlockprof report kvmlockprof.parquet

@@ -44,11 +44,13 @@ def summary_lines(rec):
         lines.append(f"probe {name}: {p.get('status')} ({how})")
     c = m.get("probes", {}).get("contention", {})
     every, budget = c.get("stack_every", 1) or 1, c.get("stack_budget", 0) or 0
+    c_first = m.get("counters", {}).get("first_walks", 0)
     if every > 1 or budget:
         lines.append("kernel stacks walked for " + " and ".join(
             ([f"1 wait in {every} (--stack-every)"] if every > 1 else []) +
             ([f"at most {budget} waits/s per CPU, drawn at random (--stack-budget)"]
              if budget else [])) +
+            f", and once for each lock that had none ({c_first} walks)" * bool(c_first) +
             f": {_walked_share(rec):.1%} of the waits; the others count under their lock, "
             "and by caller are spread over the lock's walked callers (~)")
     lost = {k: v for k, v in t["losses"].items() if v}

@@ -6,7 +6,8 @@ from ..ringbuf import BatchRingBuffer
 
 # Names of enum klp_counter in bpf/contention.h, in order.
 COUNTERS = ("begin", "end", "end_without_begin", "lost_pending_full", "lost_agg_full",
-            "lost_ringbuf_full", "stack_failures", "sampled", "begin_without_end")
+            "lost_ringbuf_full", "stack_failures", "sampled", "begin_without_end",
+            "first_walks")
 LOSSES = ("lost_pending_full", "lost_agg_full", "lost_ringbuf_full", "stack_failures")
 
 
