@@ -12,14 +12,14 @@ LOSSES = ("lost_pending_full", "lost_agg_full", "lost_ringbuf_full", "stack_fail
 
 
 def stack_window(budget):
-    """(walks, ns): the budget of `budget` walks/s per CPU, spent in windows.
+    """(walks, ns): the budget of `budget` walks/s per CPU, as windows of walks.
 
-    ~10 ms windows, so that a burst cannot spend a second's walks at once; but
-    at least two walks a window (under 200/s: a window of 2/budget s): with
-    one, the cap cuts every draw after a window's first walk, and the walked
-    waits lean to their window's start (mean position 0.39, not 0.50, at 50/s).
-    The window's length comes from its whole walks, so no budget is exceeded.
-    (0, 0): no cap."""
+    A window (~10 ms) is how long the rate of waits that sets each wait's
+    chance is measured over, and the most credit a CPU keeps: a burst spends
+    at most one window's walks, never a second's. At least two walks a window
+    (under 200/s: a window of 2/budget s), so that a draw soon after a walk
+    is not always cut. The window's length comes from its whole walks, so no
+    budget is exceeded. (0, 0): no cap."""
     if not budget:
         return 0, 0
     walks = budget // 100 if budget >= 200 else 2
@@ -70,7 +70,7 @@ class ContentionProbe:
     def set_stack_budget(self, budget):
         """At most `budget` stack walks per second per CPU from now (0: no cap)."""
         walks, window_ns = stack_window(budget)
-        self._arm(walks=walks, window_ns=window_ns)
+        self._arm(walks=walks, window_ns=window_ns, walk_ns=window_ns // max(walks, 1))
         self.options["stack_budget"] = budget
 
     def _load(self, pending):
