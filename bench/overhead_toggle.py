@@ -34,7 +34,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from overhead import KLP, WORK, Progress, cpu_seconds, geomean_ci, log_ratios_aligned  # noqa: E402,E501
+from overhead import (KLP, WORK, Progress, cpu_seconds, geomean_ci,  # noqa: E402
+                      log_ratios_aligned)
 from results_io import RESULTS, save                      # noqa: E402
 from kvmlockprof.cli import STACK_BUDGET                # noqa: E402
 from kvmlockprof.record import Recorder                  # noqa: E402
@@ -67,11 +68,9 @@ class ToggledRecord(Recorder):
     def _serve(self, until):
         """record's loop (Recorder._loop) until `until`, flushing once per
         flush_interval of attached time."""
-        probe = self.sources["contention"]
         start = time.monotonic()
         while (now := time.monotonic()) < until:
-            probe.wait(max(0.0, min(0.1, until - now)))
-            self._poll()
+            self._step(max(0.0, min(0.1, until - now)))
             if self.owed + time.monotonic() - start >= self.flush_interval:
                 self._flush()
                 self.owed, start = 0.0, time.monotonic()

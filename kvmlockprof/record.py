@@ -176,7 +176,6 @@ class Recorder:
     def _loop(self, child):
         deadline = time.monotonic() + self.duration if self.duration else None
         next_flush = time.monotonic() + self.flush_interval
-        waiter = self.sources.get("contention")
         while True:
             now = time.monotonic()
             if deadline and now >= deadline:
@@ -185,15 +184,20 @@ class Recorder:
             if child is not None and child.poll() is not None:
                 self.manifest["stopped_by"] = "command exited"
                 break
-            timeout = max(0.0, min(0.1, next_flush - now, (deadline - now) if deadline else 0.1))
-            if waiter:
-                waiter.wait(timeout)        # woken early when its ring fills up
-            else:
-                time.sleep(timeout)
-            self._poll()
+            until = min(next_flush, deadline) if deadline else next_flush
+            self._step(max(0.0, min(0.1, until - now)))
             if time.monotonic() >= next_flush:
                 self._flush()
                 next_flush = time.monotonic() + self.flush_interval
+
+    def _step(self, timeout):
+        """Wait up to `timeout` s for samples, then take in what the rings hold."""
+        waiter = self.sources.get("contention")
+        if waiter:
+            waiter.wait(timeout)        # woken early when its ring fills up
+        else:
+            time.sleep(timeout)
+        self._poll()
 
     def _flush(self, final=False):
         self._poll()
