@@ -68,7 +68,12 @@ def test_a_a_finds_no_change(runs):
     # flagged metric in 20 is the expected count, not a bound. If each metric were
     # flagged with p = 1/20 independently, 4 or more of 20 would happen 1.6% of the
     # time (3 or more: 7.5%); metrics of one lock move together, so allow 3.
-    assert len(flagged) <= 3, flagged
+    # The host can also hand the two sides different loads: memslot churn is bimodal
+    # here (15-30k ops a run on one side, 20-48k on the other, in one CI run, 6 of 20
+    # flagged), and every lock the load drives moves with it. Then compare must say
+    # that the work itself differed, so that nobody reads those verdicts as locking.
+    work_warned = any(w.startswith("the work done differs") for w in out["warnings"])
+    assert len(flagged) <= 3 or work_warned, (flagged, out["warnings"])
 
 
 def test_memslot_churn_is_a_regression_on_the_kvm_locks(live, tmp_path):
