@@ -421,4 +421,5 @@ def _work_differs(base, new, threshold=0.05):
     if min(len(base), len(new)) < MIN_RUNS or not (base.all() and new.all()):
         return False
     lo, hi, _, _ = _interval(base, new, "mean", np.random.default_rng(0), RESAMPLES["runs"])
-    return (lo > 0 or hi < 0) and abs(new.mean() / base.mean() - 1) >= threshold
+    change, ratio = new.mean() - base.mean(), new.mean() / base.mean()
+    return _verdict("higher", lo, hi, change, ratio, threshold) in ("improved", "regressed")
