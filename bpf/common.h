@@ -50,7 +50,7 @@ static __always_inline u64 klp_kprobe_arg(struct pt_regs *ctx, int i)
 	}
 }
 
-#define KLP_HIST_SLOTS 64       /* log2(ns): 64 makes the index a mask, see klp_slot() */
+#define KLP_HIST_SLOTS 64       /* slots numbered as in contention.h; 64 makes the index a mask */
 
 static __always_inline u64 klp_read_u64(u64 base, int off)
 {

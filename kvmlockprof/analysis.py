@@ -179,14 +179,29 @@ def _group_keys(by):
     return {"lock": ["lock", "type"], "caller": ["caller"], "task": ["tgid"]}[by]
 
 
+def hist_bounds(slots):
+    """(lo, hi) ns of in-kernel log2 histogram slots: the rule of bcc's bpf_log2l(),
+    which fills them (bpf/contention.h): slot s holds [2^(s-1), 2^s), slot 1 from 0."""
+    slots = np.asarray(slots, dtype=np.int64)
+    return np.where(slots > 1, 2 ** np.maximum(slots - 1, 0), 0), 2 ** slots
+
+
+def hist_buckets(hist):
+    """(lo_ns, hi_ns, count) of a histogram's non-empty slots."""
+    hist = np.asarray(hist)
+    slots = np.flatnonzero(hist)
+    lo, hi = hist_bounds(slots)
+    return lo, hi, hist[slots]
+
+
 def hist_quantile(hist, q):
-    """Upper bound of the log2 bucket holding quantile q (hist slot i = [2^i, 2^(i+1)) ns)."""
+    """Upper bound of the log2 bucket holding quantile q: quantile <= it (< 2x it)."""
     hist = np.asarray(hist, dtype=np.float64)
     total = hist.sum()
     if total == 0:
         return np.nan
     slot = int(np.searchsorted(np.cumsum(hist), q * total, side="left"))
-    return float(2 ** (slot + 1))
+    return float(hist_bounds(slot)[1])
 
 
 def top(rec, by="lock", sort="total", limit=None, pids=None):
@@ -362,10 +377,9 @@ def wait_histogram(rec, by="lock", top_n=5):
     heavy = aggs.groupby(key)["total_ns"].sum().nlargest(top_n).index
     rows = []
     for k, part in aggs[aggs[key].isin(heavy)].groupby(key):
-        h = np.sum(np.stack(part["hist"].to_numpy()), axis=0)
-        for slot in np.flatnonzero(h):
-            rows.append({by: k, "lo_ns": 2 ** int(slot), "hi_ns": 2 ** (int(slot) + 1),
-                         "count": int(h[slot])})
+        lo, hi, n = hist_buckets(np.sum(np.stack(part["hist"].to_numpy()), axis=0))
+        rows += [{by: k, "lo_ns": a, "hi_ns": b, "count": c}
+                 for a, b, c in zip(lo.tolist(), hi.tolist(), n.tolist())]
     return pd.DataFrame(rows)
 
 

@@ -90,12 +90,12 @@ def stacks_icicle(rec, depth=10, min_share=0.002):
 
 
 def _hist_frame(rows):
-    """log2-bucket rows {label, hist} -> (label, lo_ns, count) rows."""
+    """log2-bucket rows {label, hist} -> (label, lo_ns, hi_ns, count) rows."""
     out = []
     for label, hist in rows:
-        h = np.asarray(hist)
-        for slot in np.flatnonzero(h):
-            out.append({"what": label, "lo_ns": 2 ** int(slot), "count": int(h[slot])})
+        lo, hi, n = analysis.hist_buckets(hist)
+        out += [{"what": label, "lo_ns": a, "hi_ns": b, "count": c}
+                for a, b, c in zip(lo.tolist(), hi.tolist(), n.tolist())]
     return pd.DataFrame(out)
 
 

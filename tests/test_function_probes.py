@@ -101,7 +101,8 @@ def test_srcu_sections_and_syncs(module, tmp_path):
     sec = empty_like(module, "srcu_sections")(2)
     sec["ssp"], sec["kind"], sec["count"] = [0x10, 0x20], [1, 0], [3, 1]
     sec["total_ns"], sec["max_ns"] = [600, 50], [300, 50]
-    sec["hist"][0, 7], sec["hist"][0, 8], sec["hist"][1, 5] = 2, 1, 1   # 128-255, 256-511
+    # bcc's bpf_log2l() slots: 8 holds 128-255 ns, 9 holds 256-511
+    sec["hist"][0, 8], sec["hist"][0, 9], sec["hist"][1, 6] = 2, 1, 1
     sync = empty_like(module, "srcu_sync")(3)
     sync["type"] = [2, 2, 0]                 # two expedited waits, one sampled section
     sync["ssp"], sync["kind"], sync["dur_ns"], sync["stack_id"] = 0x10, 1, [1000, 3000, 5], 4

@@ -29,7 +29,7 @@ def aggregates_of(ev):
     for i, (k, waits) in enumerate(keys.items()):
         hist = np.zeros(64, np.uint64)
         for w in waits:
-            hist[w.bit_length() - 1] += 1
+            hist[max(w.bit_length(), 1)] += 1       # bcc's bpf_log2l(w): floor(log2 w) + 1
         out[i] = (*k, len(waits), sum(waits), max(waits), min(waits), hist)
     return out
 
