@@ -11,6 +11,12 @@ _MARKER = re.compile(r"^(__start|__stop|__end|_s|_e)[a-z_]|_(start|end)$")
 _LOCK_FN = re.compile(r"(_slowpath|^__?(mutex|rwsem|rt_mutex|down|up|percpu_down|percpu_up)"
                       r"|^_raw_|^queued_|^__pv_queued|^osq_lock|^rwbase_|^__rt_mutex"
                       r"|^(do_raw|native_queued)_)")
+# The tracing machinery between a lock and the program that walked its stack:
+# which of these frames a stack has depends on what else is attached (one
+# consumer: the static call runs it directly; two: through __traceiter_*).
+_TRACE_FN = re.compile(r"^(bpf_prog_|bpf_trace_run|__bpf_trace_|__traceiter_|perf_trace_"
+                       r"|trace_event_raw_event_|perf_tp_event|trace_call_bpf|__probestub_"
+                       r"|__SCT__|bpf_get_stack)")
 
 
 class Kallsyms:
@@ -51,14 +57,16 @@ class Kallsyms:
         return out
 
     def is_lock_function(self, addrs):
-        """True for frames inside the locking/scheduling machinery (not a caller)."""
+        """True for frames inside the locking, scheduling or tracing machinery
+        (not a caller)."""
         addrs, idx = self._index(addrs)
         hit = np.zeros(len(addrs), dtype=bool)
         for rng in (self.lock_text, self.sched_text):
             if rng:
                 hit |= (addrs >= rng[0]) & (addrs < rng[1])
         names = np.where(idx >= 0, self.name[np.maximum(idx, 0)], "")
-        hit |= np.array([bool(_LOCK_FN.search(n)) for n in names], dtype=bool)
+        hit |= np.array([bool(_LOCK_FN.search(n) or _TRACE_FN.search(n)) for n in names],
+                        dtype=bool)
         return hit
 
     def data_symbols(self, addrs, max_offset=4096):
