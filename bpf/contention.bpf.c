@@ -9,6 +9,11 @@
  *   KLP_PENDING_TASK  1: a wait in progress is kept in task-local storage (5.12+);
  *                     0: in a hash keyed by thread and lock (any kernel, slower)
  * The stack budget is set at run time (see armed).
+ *
+ * Raw tracepoints, not perf-attached ones: a BPF program on a tracepoint
+ * through perf that returns 0 drops the event for every perf listener (perf
+ * record, perf lock record), and any other return value costs the perf path's
+ * record build; a raw tracepoint's program is one more probe beside theirs.
  */
 #include "contention.h"
 
@@ -55,7 +60,9 @@ BPF_STACK_TRACE(stacks, KLP_STACK_ENTRIES);
 BPF_PERCPU_ARRAY(counters, u64, KLP_NR_COUNTERS);
 BPF_RINGBUF_OUTPUT(events, KLP_RINGBUF_PAGES);
 #if KLP_FILTER_TGID
-BPF_HASH(tgid_filter, u32, u8, 4096);
+/* The processes followed, and (KLP_FOLLOW_FORK) the threads forked in them
+ * while they live: a task leaves it when it exits. */
+BPF_HASH(tgid_filter, u32, u8, KLP_FILTER_ENTRIES);
 #endif
 #if KLP_SAMPLE_EVERY > 1
 BPF_PERCPU_ARRAY(sample_tick, u64, 1);
@@ -192,17 +199,10 @@ static __always_inline int continues(u32 had, u32 flags)
 	return (had & KLP_LCB_F_MUTEX) && (flags & KLP_LCB_F_MUTEX);
 }
 
-/* The start of a wait that begins now, and its stack. The start is taken after
- * the walk, so that the wait excludes our own cost. */
-static __always_inline u64 start_wait(void *ctx, struct klp_arm *arm, s32 *stack_id)
-{
-	u64 now = bpf_ktime_get_ns();
-	*stack_id = walk_stack(ctx, now, arm);
-	return *stack_id == KLP_NO_STACK ? now : bpf_ktime_get_ns();
-}
 
 #if KLP_PENDING_TASK
-static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, struct klp_arm *arm)
+static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
+				       struct klp_arm *arm)
 {
 	u32 epoch = arm->epoch;
 	struct pending_slots *p = pending.task_storage_get(bpf_get_current_task_btf(), 0,
@@ -240,11 +240,10 @@ static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, struct kl
 				slot = i;
 		}
 	}
-	s32 stack_id;
-	u64 start = start_wait(ctx, arm, &stack_id);
+	s32 stack_id = walk_stack(ctx, now, arm);
 	/* the index is < KLP_NEST on every path; the mask tells the verifier */
 	slot &= KLP_NEST - 1;
-	p->ts_ns[slot] = start;
+	p->ts_ns[slot] = now;
 	p->stack_id[slot] = stack_id;
 	p->flags[slot] = flags;
 	p->epoch[slot] = epoch;
@@ -282,7 +281,8 @@ static __always_inline struct pending_key key_of(u64 lock)
 	return k;
 }
 
-static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, struct klp_arm *arm)
+static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
+				       struct klp_arm *arm)
 {
 	u32 epoch = arm->epoch;
 	struct pending_key k = key_of(lock);
@@ -294,7 +294,8 @@ static __always_inline void begin_wait(void *ctx, u64 lock, u32 flags, struct kl
 	if (p && p->epoch == epoch)
 		count(KLP_C_BEGIN_NO_END);
 	struct pending_val v = {};
-	v.ts_ns = start_wait(ctx, arm, &v.stack_id);
+	v.ts_ns = now;
+	v.stack_id = walk_stack(ctx, now, arm);
 	v.flags = flags;
 	v.epoch = epoch;
 	if (pending.update(&k, &v))
@@ -320,19 +321,24 @@ static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
 }
 #endif
 
-TRACEPOINT_PROBE(lock, contention_begin)
+/* A wait runs from the top of its begin handler to the top of its end
+ * handler, as perf lock contention times it: the stack walk and the rest of
+ * both handlers fall inside it, walked or not, so that every wait carries the
+ * same cost (the resolution floor, measured: manifest handler_ns). */
+RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) */
 {
+	u64 now = bpf_ktime_get_ns();
 	/* Waits are taken only once contention_end is attached too (see armed). */
 	int zero = 0;
 	struct klp_arm *arm = armed.lookup(&zero);
 	if (!arm || !arm->on || !wanted(bpf_get_current_pid_tgid() >> 32))
 		return 0;
 	count(KLP_C_BEGIN);
-	begin_wait(args, (u64)args->lock_addr, args->flags, arm);
+	begin_wait(ctx, now, ctx->args[0], (u32)ctx->args[1], arm);
 	return 0;
 }
 
-TRACEPOINT_PROBE(lock, contention_end)
+RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 {
 	u64 now = bpf_ktime_get_ns();
 	u64 id = bpf_get_current_pid_tgid();
@@ -340,7 +346,7 @@ TRACEPOINT_PROBE(lock, contention_end)
 	if (!wanted(tgid))
 		return 0;
 	count(KLP_C_END);
-	u64 lock = (u64)args->lock_addr;
+	u64 lock = ctx->args[0];
 	u64 start = 0;
 	u32 flags = 0;
 	s32 stack_id = KLP_NO_STACK;
@@ -359,7 +365,7 @@ TRACEPOINT_PROBE(lock, contention_end)
 	ak.stack_id = stack_id;
 	struct klp_agg_val *a = agg.lookup(&ak);
 	if (stack_id == KLP_NO_STACK && (!a || !a->count)) {
-		s32 first = first_stack(args, &ak);
+		s32 first = first_stack(ctx, &ak);
 		if (first != KLP_NO_STACK) {
 			ak.stack_id = stack_id = first;
 			a = agg.lookup(&ak);
@@ -404,7 +410,7 @@ TRACEPOINT_PROBE(lock, contention_end)
 	e->flags = flags;
 	e->stack_id = stack_id;
 	e->cpu = bpf_get_smp_processor_id();
-	e->ret = args->ret;
+	e->ret = (s32)ctx->args[1];
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	/* The reader polls on a timer; a wakeup per sample would cost more than
 	 * the sample.  Every KLP_WAKEUP_EVERY samples on a CPU wake it early. */
@@ -419,14 +425,29 @@ TRACEPOINT_PROBE(lock, contention_end)
 }
 
 #if KLP_FILTER_TGID && KLP_FOLLOW_FORK
+/* (struct task_struct *parent, struct task_struct *child): the child's pid is
+ * read from the tracepoint's ftrace format instead (no struct offset needed),
+ * so a thread is added too: it leaves at its exit, below. */
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
 	u32 parent = bpf_get_current_pid_tgid() >> 32;
 	if (!tgid_filter.lookup(&parent))
-		return 0;
-	u32 child = args->child_pid;    /* a new process's tgid; harmless for a thread */
+		return 1;               /* 1: perf's listeners get the event too */
+	u32 child = args->child_pid;    /* a new process's tgid, or a thread's id */
 	u8 one = 1;
-	tgid_filter.update(&child, &one);
+	if (tgid_filter.update(&child, &one))
+		count(KLP_C_FILTER_FULL);
+	return 1;
+}
+#endif
+#if KLP_FILTER_TGID
+/* A task that exits leaves the filter: a thread added at its fork, or a
+ * followed process whose leader exits (its pid may be reused by another). */
+RAW_TRACEPOINT_PROBE(sched_process_exit)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	if (!tgid_filter.delete(&tid))
+		count(KLP_C_FILTER_EXITS);
 	return 0;
 }
 #endif

@@ -4,7 +4,10 @@
 #ifndef KLP_CONTENTION_H
 #define KLP_CONTENTION_H
 
-#define KLP_HIST_SLOTS 64       /* log2(ns) buckets: slot i holds [2^i, 2^(i+1)) ns */
+/* log2(ns) buckets, as bcc's bpf_log2l() numbers them (floor(log2 ns) + 1):
+ * slot s >= 1 holds [2^(s-1), 2^s) ns, slot 1 also 0 ns, slot 0 nothing.
+ * kvmlockprof.analysis.hist_bounds() is the one reader of this rule. */
+#define KLP_HIST_SLOTS 64
 #define KLP_COMM_LEN 16
 
 /* Indexes of the in-kernel counters: every event seen, and every one lost. */
@@ -19,6 +22,8 @@ enum klp_counter {
 	KLP_C_SAMPLED,          /* samples handed to the ring buffer */
 	KLP_C_BEGIN_NO_END,     /* a begin on a lock whose previous wait's end was missed */
 	KLP_C_FIRST_WALK,       /* stacks walked at the end of a lock's first unwalked wait */
+	KLP_C_FILTER_FULL,      /* lost: a forked task not followed, tgid_filter was full */
+	KLP_C_FILTER_EXITS,     /* tasks that left tgid_filter when they exited */
 	KLP_NR_COUNTERS,
 };
 
@@ -28,7 +33,7 @@ enum klp_counter {
 /* One completed contended wait, as streamed through the ring buffer. */
 struct klp_contention_event {
 	u64 ts_ns;              /* bpf_ktime_get_ns() at contention_end */
-	u64 wait_ns;             /* from its first begin (after the stack walk) to now */
+	u64 wait_ns;            /* from the top of its first begin's handler to the top of this one's */
 	u64 lock_addr;
 	u32 tid;
 	u32 tgid;

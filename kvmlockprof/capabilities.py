@@ -124,8 +124,8 @@ def _probe_tracing(add):
                   ("contention_begin", "contention_end"))
     err = "" if have_tp else "no lock:contention_* tracepoints (kernel < 5.19?)"
     if have_tp:
-        err = _trial("TRACEPOINT_PROBE(lock, contention_begin) { return 0; }\n"
-                     "TRACEPOINT_PROBE(lock, contention_end) { return 0; }")
+        err = _trial("RAW_TRACEPOINT_PROBE(contention_begin) { return 0; }\n"
+                     "RAW_TRACEPOINT_PROBE(contention_end) { return 0; }")
     add(Check("tracepoint lock:contention_begin/end", not err,
               "attached (trial)" if not err else err))
     kvm_events = host.tracepoint_events("kvm")

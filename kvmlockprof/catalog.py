@@ -13,7 +13,7 @@ Struct field offsets (`fields`) reach it as KLP_OFF_NAME, -1 where BTF lacks one
 """
 from dataclasses import dataclass, field
 
-TRACEPOINT = "tracepoint"
+TRACEPOINT = "raw_tracepoint"    # never perf-attached: see bpf/contention.bpf.c
 FENTRY = "fentry"
 KPROBE = "kprobe"
 METHOD_CODE = {None: 0, FENTRY: 1, KPROBE: 2}

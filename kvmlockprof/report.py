@@ -53,6 +53,9 @@ def summary_lines(rec):
             f", and once for each lock that had none ({c_first} walks)" * bool(c_first) +
             f": {_walked_share(rec):.1%} of the waits; the others count under their lock, "
             "and by caller are spread over the lock's walked callers (~)")
+    floor = resolution_line(m)
+    if floor:
+        lines.append(floor)
     lost = {k: v for k, v in t["losses"].items() if v}
     lines.append(f"contended waits {t['waits_paired']}  samples {t['samples']}  "
                  f"losses {', '.join(f'{k}={v}' for k, v in lost.items()) or 'none'}" +
@@ -65,6 +68,19 @@ def summary_lines(rec):
                      f" /s per vCPU), {w.get('churn_ops')} memslot ops "
                      f"({w.get('churn_ops_per_s', 0):.0f}/s)")
     return lines
+
+
+def resolution_line(manifest):
+    """What kvmlockprof's own handlers add to each wait it times, as measured."""
+    h = manifest.get("handler_ns") or {}
+    begin, end = (h.get(tp) if isinstance(h.get(tp), dict) else {}
+                  for tp in ("contention_begin", "contention_end"))
+    if begin.get("ns_per_run") is None:
+        return None
+    return (f"resolution: every wait includes kvmlockprof's contention_begin handler, "
+            f"{fmt_ns(begin['ns_per_run'])} on average (stack walks included; contention_end "
+            f"{fmt_ns(end.get('ns_per_run') or float('nan'))}), measured by bpf_stats over "
+            f"{begin.get('runs')} runs")
 
 
 def _walked_share(rec):

@@ -58,7 +58,7 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=1,
                                 agg_entries=map_entries, stack_entries=map_entries,
                                 stack_every=stack_every, stack_budget=stack_budget)
             sources["contention"] = c
-            status["contention"] = {"status": "attached", "method": "tracepoint",
+            status["contention"] = {"status": "attached", "method": catalog.TRACEPOINT,
                                     "targets": sorted(c.attached), **c.options}
         plans = _function_plans(requested, status, prefer, warn)
         if plans:

@@ -28,7 +28,7 @@ def test_doctor_matches_kernel_facts(live):
     assert p.returncode == 0, p.stderr
     r = rows(p.stdout)
     assert r["tracepoint lock:contention_begin/end"][0] == "ok"
-    assert r["probe contention"] == ("ok", "tracepoint")
+    assert r["probe contention"] == ("ok", "raw_tracepoint")
     has_kprobes = os.path.exists("/sys/bus/event_source/devices/kprobe") or \
         os.path.exists("/sys/kernel/tracing/kprobe_events")
     assert (r["kprobe attach"][0] == "ok") == has_kprobes
@@ -60,7 +60,7 @@ def test_probes_say_why_not(live):
             name = line.split()[0]
         elif line.strip().startswith("here: "):
             blocks[name] = line.strip()[len("here: "):]
-    assert blocks["contention"] == "tracepoint"
+    assert blocks["contention"] == "raw_tracepoint"
     with open("/proc/kallsyms") as f:
         syms = {line.split()[2] for line in f}
     if "kvm_xen_set_evtchn_fast" not in syms:

@@ -12,7 +12,7 @@ import pytest
 
 import kvmlockprof
 from kvmlockprof import analysis
-from conftest import ROOT, klp, our_prog_ids, workload_argv
+from conftest import ROOT, assert_none_left, klp, kernel_objects, workload_argv
 from kvmlockprof.cli import STACK_BUDGET
 from kvmlockprof.probes.contention import stack_window
 
@@ -38,7 +38,7 @@ def test_recording_has_workload_counters_and_probes(churn_recording):
     rec, _, _ = churn_recording
     m = rec.manifest
     assert m["probes"]["contention"]["status"] == "attached"
-    assert m["probes"]["contention"]["method"] == "tracepoint"
+    assert m["probes"]["contention"]["method"] == "raw_tracepoint"
     work = m["work"]
     assert work["pid"] == m["command_pid"]
     assert work["exits_total"] > 1000 and work["churn_ops"] > 100
@@ -83,7 +83,7 @@ def test_pid_filter_keeps_only_that_process(live, tmp_path):
 
 @pytest.mark.parametrize("sig", [None, signal.SIGINT, signal.SIGTERM])
 def test_every_exit_path_detaches(live, tmp_path, sig):
-    before = our_prog_ids()
+    before = kernel_objects()
     out = tmp_path / "x.parquet"
     p = subprocess.Popen([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
                           "--duration", "30" if sig else "2", "--",
@@ -92,12 +92,12 @@ def test_every_exit_path_detaches(live, tmp_path, sig):
     deadline = time.time() + 60
     while not os.path.exists(f"{out}.partial/manifest.json") and time.time() < deadline:
         time.sleep(0.1)
-    assert our_prog_ids() - before, "record should have programs loaded while it runs"
+    assert kernel_objects() - before, "record should have programs loaded while it runs"
     if sig:
         time.sleep(1.5)
         p.send_signal(sig)
     p.communicate(timeout=60)
-    assert not our_prog_ids() - before
+    assert_none_left(before)
     rec = kvmlockprof.load(out)            # finished and readable after the signal too
     assert not rec.interrupted
     if sig:
@@ -105,7 +105,7 @@ def test_every_exit_path_detaches(live, tmp_path, sig):
 
 
 def test_kill_9_leaves_flushed_data_readable(live, tmp_path):
-    before = our_prog_ids()
+    before = kernel_objects()
     out = tmp_path / "k.parquet"
     p = subprocess.Popen([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
                           "--", *workload_argv("--duration", 30, "--churn")], cwd=ROOT,
@@ -120,10 +120,7 @@ def test_kill_9_leaves_flushed_data_readable(live, tmp_path):
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     # the kernel drops the programs with the last file descriptor: none of ours stays
-    deadline = time.time() + 10
-    while our_prog_ids() - before and time.time() < deadline:
-        time.sleep(0.2)
-    assert not our_prog_ids() - before
+    assert_none_left(before)
     rec = kvmlockprof.load(out)
     assert rec.interrupted and len(rec.samples) > 0
     r = klp("report", out)
@@ -308,8 +305,8 @@ def test_a_missed_end_does_not_stretch_the_next_wait(live, pending):
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(2)
-        probe.bpf.attach_tracepoint(tp="lock:contention_begin",
-                                    fn_name="tracepoint__lock__contention_begin")
+        probe.bpf.attach_raw_tracepoint(tp="contention_begin",
+                                        fn_name="raw_tracepoint__contention_begin")
         probe._arm(True)
         time.sleep(1)
         probe.detach()

@@ -1,5 +1,8 @@
 """The `contention` probe at run time: bpf/contention.bpf.c, loaded and read."""
+import time
+
 from .. import bpfload
+from ..catalog import TRACEPOINT
 from ..maps import read_counters, read_hash
 from ..recording import to_arrow
 from ..ringbuf import BatchRingBuffer
@@ -7,8 +10,12 @@ from ..ringbuf import BatchRingBuffer
 # Names of enum klp_counter in bpf/contention.h, in order.
 COUNTERS = ("begin", "end", "end_without_begin", "lost_pending_full", "lost_agg_full",
             "lost_ringbuf_full", "stack_failures", "sampled", "begin_without_end",
-            "first_walks")
-LOSSES = ("lost_pending_full", "lost_agg_full", "lost_ringbuf_full", "stack_failures")
+            "first_walks", "lost_filter_full", "filter_exits")
+LOSSES = ("lost_pending_full", "lost_agg_full", "lost_ringbuf_full", "stack_failures",
+          "lost_filter_full")
+# The tracepoints a wait is paired from (raw: see contention.bpf.c), in attach order.
+TRACEPOINTS = ("contention_begin", "contention_end")
+
 
 
 def stack_window(budget):
@@ -31,14 +38,15 @@ class ContentionProbe:
 
     def __init__(self, tgids=None, follow_fork=False, sample_every=1, ringbuf_mb=16,
                  agg_entries=16384, stack_entries=16384, pending_entries=16384, stack_every=1,
-                 stack_budget=0, pending="auto"):
+                 stack_budget=0, pending="auto", filter_entries=16384):
         pages = max(1, ringbuf_mb * (1 << 20) // 4096)
         pages = 1 << (pages.bit_length() - 1)                  # a power of two
         self.defines = dict(
             KLP_FILTER_TGID=tgids is not None, KLP_FOLLOW_FORK=follow_fork,
             KLP_SAMPLE_EVERY=sample_every, KLP_PENDING_ENTRIES=pending_entries,
             KLP_AGG_ENTRIES=agg_entries, KLP_STACK_ENTRIES=stack_entries,
-            KLP_RINGBUF_PAGES=pages, KLP_WAKEUP_EVERY=4096, KLP_STACK_EVERY=stack_every)
+            KLP_RINGBUF_PAGES=pages, KLP_WAKEUP_EVERY=4096, KLP_STACK_EVERY=stack_every,
+            KLP_FILTER_ENTRIES=filter_entries)
         self.bpf, self.pending = self._load(pending)
         self.options = {"sample_every": sample_every, "stack_every": stack_every,
                         "stack_budget": stack_budget,
@@ -49,9 +57,8 @@ class ContentionProbe:
             self.add_tgids(tgids)
         events = self.bpf["events"]
         self.ring = BatchRingBuffer(events.map_fd, pages * 4096, bpfload.event_dtype(events))
-        self._tracepoints = [tp.decode() if isinstance(tp, bytes) else tp
-                             for tp in self.bpf.tracepoint_fds]      # bcc attached them on load
-        self.attached = dict.fromkeys(self._tracepoints, "tracepoint")
+        self.attached = {}
+        self._attach_tracepoints()                  # (bcc attached them on load)
         self.set_stack_budget(stack_budget)
         self._arm(True)
 
@@ -66,6 +73,8 @@ class ContentionProbe:
         for name, value in fields.items():
             setattr(arm, name, value)
         armed[armed.Key(0)] = arm
+        if on:
+            self.armed_ns = time.monotonic_ns()        # CLOCK_MONOTONIC, as the BPF side
 
     def set_stack_budget(self, budget):
         """At most `budget` stack walks per second per CPU from now (0: no cap)."""
@@ -92,6 +101,11 @@ class ContentionProbe:
         for pid in tgids:
             t[t.Key(pid)] = t.Leaf(1)
 
+    def prog_fds(self):
+        """{tracepoint: program fd} of the two handlers that time a wait."""
+        return {tp: self.bpf.funcs[("raw_tracepoint__" + tp).encode()].fd
+                for tp in TRACEPOINTS}
+
     def wait(self, timeout):
         return self.ring.wait(timeout)
 
@@ -117,10 +131,14 @@ class ContentionProbe:
         The epoch moves before contention_end is back: the waits begun before
         the detach may have ended unseen, and must not pair with the ends to come."""
         self._arm(False, new_epoch=True)
-        for tp in self._tracepoints:
-            self.bpf.attach_tracepoint(tp=tp, fn_name="tracepoint__" + tp.replace(":", "__"))
-        self.attached = dict.fromkeys(self._tracepoints, "tracepoint")
+        self._attach_tracepoints()
         self._arm(True)
+
+    def _attach_tracepoints(self):
+        for tp in TRACEPOINTS:
+            if tp.encode() not in self.bpf.raw_tracepoint_fds:
+                self.bpf.attach_raw_tracepoint(tp=tp, fn_name="raw_tracepoint__" + tp)
+            self.attached["lock:" + tp] = TRACEPOINT
 
     def detach(self):
         """Stop the probes firing; maps stay readable until close().
@@ -129,8 +147,9 @@ class ContentionProbe:
         contention_begin, else each detach's RCU grace period (tens of ms) lets
         ends in with no begin."""
         self._arm(False)
-        for tp in reversed(list(self.bpf.tracepoint_fds)):
-            self.bpf.detach_tracepoint(tp)
+        for tp in reversed(TRACEPOINTS):
+            if tp.encode() in self.bpf.raw_tracepoint_fds:
+                self.bpf.detach_raw_tracepoint(tp)
         self.attached = {}
 
     def close(self):
