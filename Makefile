@@ -4,7 +4,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 KLP     := $(VENV)/bin/kvmlockprof
 STAMP   := $(VENV)/.installed
-APT_PKGS := bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64 python3-venv bpftool chromium tmux dwarves
+APT_PKGS := bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64 python3-venv bpftool chromium tmux dwarves linux-perf
 # The lab: QEMU and virtme-ng's static busybox; kernels below.
 LAB_PKGS := qemu-system-x86 busybox-static
 LAB_STAMP := $(VENV)/.lab
@@ -30,7 +30,7 @@ apt:
 	$(call apt-install,$(APT_PKGS))
 
 # Benchmarks (bench/README.md): the peers to compare with, then every benchmark.
-BENCH_PKGS := bpftrace linux-perf
+BENCH_PKGS := bpftrace
 bench: setup
 	$(call apt-install,$(BENCH_PKGS),--no-install-recommends)
 	$(PY) bench/overhead.py

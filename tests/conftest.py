@@ -64,13 +64,33 @@ def klp(*args, check=True, timeout=120, **kw):
     return p
 
 
-def our_prog_ids():
-    """BPF programs of ours in the kernel, by bpftool (the kernel's own view).
-    Compare as sets: "none left" is `not ours_after - ours_before`, since a program
-    another test closed may still be in the kernel when `before` is taken."""
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
-                         check=True).stdout
-    return {p["id"] for p in json.loads(out) if p.get("name", "").startswith("tracepoint__lo")}
+def kernel_objects():
+    """Every BPF program, map and link in the kernel (bpftool: the kernel's own view)
+    and every kprobe/uprobe event (tracefs), whoever made them. Compare as sets:
+    "none left" is `not after - before` (see assert_none_left)."""
+    objs = set()
+    for kind in ("prog", "map", "link"):
+        out = subprocess.run(["bpftool", "-j", kind, "show"], capture_output=True, text=True,
+                             check=True).stdout
+        objs |= {(kind, o["id"]) for o in json.loads(out or "[]")}
+    from kvmlockprof import host
+    for events in ("kprobe_events", "uprobe_events"):
+        try:
+            with open(os.path.join(host.tracefs_path() or "/nonexistent", events)) as f:
+                objs |= {(events, line.strip()) for line in f if line.strip()}
+        except OSError:
+            pass
+    return objs
+
+
+def assert_none_left(before, timeout=15):
+    """No program, map, link or probe event made since `before` is left: the kernel
+    frees a map some time after its last fd closes, so wait for it a little."""
+    import time
+    deadline = time.time() + timeout
+    while (left := kernel_objects() - before) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not left, f"left in the kernel: {sorted(left)}"
 
 
 def workload_argv(*args):
@@ -88,7 +108,7 @@ def churn_recording(live, tmp_path_factory):
             u32 tgid = bpf_get_current_pid_tgid() >> 32;
             u64 zero = 0, *n = ends.lookup_or_try_init(&tgid, &zero);
             if (n) __sync_fetch_and_add(n, 1);
-            return 0;
+            return 1;       /* 0 would drop the event for perf's listeners */
         }""")
     out = tmp_path_factory.mktemp("rec") / "churn.parquet"
     try:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import kvmlockprof
-from conftest import ROOT, our_prog_ids, workload_argv
+from conftest import ROOT, assert_none_left, kernel_objects, workload_argv
 
 pytestmark = pytest.mark.live
 
@@ -24,7 +24,7 @@ def small_disk(tmp_path):
 
 
 def test_full_disk_mid_recording(live, small_disk):
-    before = our_prog_ids()
+    before = kernel_objects()
     out = small_disk / "full.parquet"
     p = subprocess.run([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
                         "--duration", "60", "--", *workload_argv("--duration", 60, "--churn")],
@@ -33,7 +33,7 @@ def test_full_disk_mid_recording(live, small_disk):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot write the recording" in lines[0], p.stderr
     assert "Traceback" not in p.stderr
-    assert not our_prog_ids() - before                # every probe detached
+    assert_none_left(before)  # every probe detached
     rec = kvmlockprof.load(out)                       # the flushes before the error
     assert rec.interrupted and len(rec.samples) > 0
     assert not [f for f in os.listdir(f"{out}.partial") if ".tmp-" in f]   # no debris

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, our_prog_ids, workload_argv
+from conftest import ROOT, assert_none_left, kernel_objects, workload_argv
 
 pytestmark = pytest.mark.live
 # a row of the table: a KVM caller first, its lock type, the K mark, then numbers
@@ -71,12 +71,12 @@ def churn(live):
 
 @pytest.mark.parametrize("how", ["q", "C-c"])
 def test_top_shows_kvm_contention_and_exits_clean(churn, tmp_path, how):
-    before = our_prog_ids()
+    before = kernel_objects()
     t = Tmux([sys.executable, "-m", "kvmlockprof", "top", "-p", str(churn.pid),
               "--by", "caller", "--interval", "1"], tmp_path)
     try:
         screen = t.wait_for(lambda s: re.search(KVM_ROW, s))
-        assert our_prog_ids() - before, "top should have its probes loaded"
+        assert kernel_objects() - before, "top should have its probes loaded"
         assert "waits/s" in screen and "mutex" in screen     # memslot churn: slots_lock
         assert "not attached:" in screen or "attached: contention" in screen
         # the grouping key cycles: b -> task, the VM named by its -name
@@ -86,7 +86,7 @@ def test_top_shows_kvm_contention_and_exits_clean(churn, tmp_path, how):
         assert t.exit_status() == 0
     finally:
         t.close()
-    assert not our_prog_ids() - before              # every probe detached
+    assert_none_left(before)  # every probe detached
 
 
 def test_top_batch_frames(churn):
