@@ -234,7 +234,7 @@ def test_budget_draws_walked_waits_from_the_whole_window(live, tmp_path, args):
     with a count of walks reset every window, before the credit, at 0.40 of it,
     against 0.50). Within 5 standard errors of a uniform position's mean."""
     out = tmp_path / "w.parquet"
-    klp("record", "-q", *args, "-o", out, "--", *workload_argv("--duration", 2, "--churn"))
+    klp("record", "-q", *args, "-o", out, "--", *workload_argv("--duration", 3, "--churn"))
     rec = kvmlockprof.load(out)
     _, window = stack_window(rec.manifest["probes"]["contention"]["stack_budget"])
     s = rec.samples
