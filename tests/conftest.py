@@ -83,9 +83,10 @@ def kernel_objects():
     return objs
 
 
-def assert_none_left(before, timeout=15):
+def assert_none_left(before, timeout=60):
     """No program, map, link or probe event made since `before` is left: the kernel
-    frees a map some time after its last fd closes, so wait for it a little."""
+    frees a map some time after its last fd closes (task storage maps wait for RCU
+    tasks-trace grace periods, which take seconds on a busy host), so wait for it."""
     import time
     deadline = time.time() + timeout
     while (left := kernel_objects() - before) and time.time() < deadline:
