@@ -1,8 +1,16 @@
 """Lab: the function probes live, inside a Debian kernel under QEMU (make lab-test).
 
-Each test boots the lab kernel once (2-4 minutes under TCG) and checks the
-recording it leaves on this host against the workload's own counts."""
+Each lab test boots the lab kernel once (2-4 minutes under TCG) and checks the
+recording it leaves on this host against the workload's own counts.
+
+The tests marked `lab` need the lab (make lab-test); the others check, without
+it, that a lab run which hangs is killed whole and says what the guest printed.
+"""
 import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -10,9 +18,10 @@ import pytest
 import kvmlockprof
 from kvmlockprof import lab, probe_analysis, report
 
-pytestmark = pytest.mark.lab
-
 WORKLOAD = "kvmlockprof workload --vcpus 2 --duration 6"
+# One lab run's limit (TCG: 2-4 minutes a boot, more with several recordings);
+# KVMLOCKPROF_LAB_TIMEOUT overrides it.
+LAB_TIMEOUT = float(os.environ.get("KVMLOCKPROF_LAB_TIMEOUT", 1500))
 
 
 def lab_problem():
@@ -26,24 +35,33 @@ def lab_problem():
     return None
 
 
+def lab_run(d, script, kernel=None, timeout=LAB_TIMEOUT):
+    """Run a shell script in the lab with `d` as its directory; fails the test, with
+    the guest's last lines, if the run fails or outlives `timeout` (lab.run then
+    kills its QEMU)."""
+    t0 = time.monotonic()
+    try:
+        p = lab.run(["sh", "-c", script], kernel=kernel, cwd=d, timeout=timeout,
+                    capture_output=True, text=True)
+    except lab.LabError as e:
+        pytest.fail(f"lab run ({kernel or 'default kernel'}) after "
+                    f"{time.monotonic() - t0:.0f} s: {e}", pytrace=False)
+    print(f"lab run ({kernel or lab.default_kernel()}) took {time.monotonic() - t0:.0f} s:"
+          f"\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d
+
+
 @pytest.fixture(scope="module")
 def in_lab(tmp_path_factory):
     problem = lab_problem()
     if problem:
         pytest.skip(f"no lab: {problem}")
     d = tmp_path_factory.mktemp("lab")
-
-    def run(script, kernel=None, timeout=1500):
-        t0 = time.monotonic()
-        p = lab.run(["sh", "-c", script], kernel=kernel, cwd=d, timeout=timeout,
-                    capture_output=True, text=True)
-        print(f"lab run ({kernel or lab.default_kernel()}) took {time.monotonic() - t0:.0f} s:"
-              f"\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-        assert p.returncode == 0, p.stderr[-3000:]
-        return d
-    return run
+    return lambda script, kernel=None, timeout=LAB_TIMEOUT: lab_run(d, script, kernel, timeout)
 
 
+@pytest.mark.lab
 @pytest.mark.parametrize("release", ["default", "6.1."])
 def test_gpc_and_srcu_live(in_lab, release):
     """On the default lab kernel and on 6.1, where the gpc functions have their old
@@ -91,6 +109,7 @@ def test_gpc_and_srcu_live(in_lab, release):
     assert "vcpu->arch.pv_time" in text and "kvm->srcu" in text
 
 
+@pytest.mark.lab
 def test_fentry_and_kprobe_count_the_same(in_lab):
     """synchronize_srcu_expedited is in vmlinux: fentry and kprobe both attach; the
     waits per memslot operation must be the same whichever is used."""
@@ -109,6 +128,7 @@ def test_fentry_and_kprobe_count_the_same(in_lab):
     assert ratios["fentry"] == pytest.approx(ratios["kprobe"], rel=0.01), ratios
 
 
+@pytest.mark.lab
 def test_vcpu_array_erases_at_teardown(in_lab):
     """VM teardown with N vCPUs: N erases from kvm->vcpu_array attributed to that VM,
     seen at xa_erase where it can be probed, else at its KVM caller; and the
@@ -129,6 +149,7 @@ def test_vcpu_array_erases_at_teardown(in_lab):
     assert set(events["tgid"]) == {rec.manifest["work"]["pid"]}
 
 
+@pytest.mark.lab
 def test_xen_fast_path_hits_and_falls_back(in_lab):
     """Xen event channels sent by the workload: fast-path hits, and -EWOULDBLOCK
     fallbacks that rise when the workload drops the shared_info page."""
@@ -151,3 +172,121 @@ def test_xen_fast_path_hits_and_falls_back(in_lab):
         fell[n] = (int(ratio["fell_back"]), rec.manifest["work"]["xen_forced_slow"])
     assert fell[50][0] >= fell[50][1] > 0            # every dropped page made a fallback
     assert fell[50][0] > fell[0][0]
+
+
+# --- without the lab: a run that hangs is killed whole --------------------------------
+
+# A stand-in for virtme-ng whose "guest" prints, then hangs with children of its own:
+# a sleeper, a busy loop, and a busy loop that ignores SIGTERM (only SIGKILL ends it).
+FAKE_VNG = r"""
+echo $$ > "$1/leader.pid"
+i=0
+while [ $i -lt 40 ]; do echo "guest line $i"; i=$((i + 1)); done
+echo "guest complains on stderr" >&2
+sleep 1000 &
+echo $! > "$1/sleeper.pid"
+(while :; do :; done) &
+sh -c 'trap "" TERM; while :; do :; done' &
+echo "guest: the workload hangs here"
+wait
+"""
+
+
+def fake_vng(tmp_path, body=FAKE_VNG):
+    script = tmp_path / "vng"
+    script.write_text(body)
+    return ["sh", str(script), str(tmp_path)]
+
+
+def pid_in(tmp_path, name):
+    for _ in range(100):                 # written by the script as it starts
+        try:
+            return int((tmp_path / name).read_text())
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    raise AssertionError(f"{name} never written")
+
+
+def assert_group_gone(pgid, *pids):
+    """Nothing of the group runs any more: what is left are zombies, if anything
+    (where PID 1 reaps nothing, as in containers)."""
+    assert lab.group_members(pgid) == []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                assert f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            pass
+
+
+def test_timeout_kills_the_whole_group_and_quotes_the_guest(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(lab.LabTimeout) as info:
+        lab.run_group(fake_vng(tmp_path), timeout=1.5, grace=0.5, capture_output=True,
+                      text=True, stdin=subprocess.DEVNULL)
+    e = info.value
+    assert isinstance(e, lab.LabError) and isinstance(e, subprocess.TimeoutExpired)
+    assert time.monotonic() - t0 < 10
+    msg = str(e)
+    assert "timed out after 1.5 s" in msg and "killed" in msg
+    assert "guest: the workload hangs here" in msg and "guest line 39" in msg
+    assert "guest complains on stderr" in msg            # stderr is in the tail too
+    assert len(e.tail) == lab.TAIL_LINES and "guest line 0" not in e.tail
+    assert b"guest line 0" in e.output                      # what was captured, whole
+    assert_group_gone(pid_in(tmp_path, "leader.pid"), pid_in(tmp_path, "sleeper.pid"))
+
+
+def test_lab_run_timeout_kills_qemu_and_streams_live(tmp_path, monkeypatch, capfd):
+    """lab.run (what `kvmlockprof lab`, ab and the lab tests call) with output not
+    captured: it still streams live, and the timeout error has the tail."""
+    monkeypatch.setattr(lab, "vng_argv", lambda *a, **kw: fake_vng(tmp_path))
+    monkeypatch.setattr(lab, "KILL_GRACE_S", 0.5)
+    with pytest.raises(lab.LabTimeout) as info:
+        lab.run(["true"], timeout=1.5)
+    assert "guest: the workload hangs here" in str(info.value)
+    out, err = capfd.readouterr()
+    assert "guest line 0" in out and "guest line 39" in out
+    assert "guest complains on stderr" in err
+    assert_group_gone(pid_in(tmp_path, "leader.pid"), pid_in(tmp_path, "sleeper.pid"))
+
+
+def test_lab_test_runner_fails_with_the_guest_tail(tmp_path, monkeypatch):
+    """The lab tests' runner passes its timeout through lab.run: a hang fails the
+    test with the guest's last lines instead of leaving QEMU running."""
+    monkeypatch.setattr(lab, "vng_argv", lambda *a, **kw: fake_vng(tmp_path))
+    monkeypatch.setattr(lab, "KILL_GRACE_S", 0.5)
+    with pytest.raises(pytest.fail.Exception, match="workload hangs here"):
+        lab_run(tmp_path, "true", timeout=1.5)
+    assert_group_gone(pid_in(tmp_path, "leader.pid"), pid_in(tmp_path, "sleeper.pid"))
+
+
+def test_normal_exit_returns_output_and_kills_leftovers(tmp_path):
+    body = 'echo $$ > "$1/leader.pid"; sleep 1000 & echo $! > "$1/sleeper.pid"; ' \
+           'echo out; echo err >&2; exit 3'
+    p = lab.run_group(fake_vng(tmp_path, body), capture_output=True, text=True,
+                      stdin=subprocess.DEVNULL)
+    assert (p.returncode, p.stdout, p.stderr) == (3, "out\n", "err\n")
+    assert_group_gone(pid_in(tmp_path, "leader.pid"), pid_in(tmp_path, "sleeper.pid"))
+    with pytest.raises(subprocess.CalledProcessError):
+        lab.run_group(fake_vng(tmp_path, "exit 1"), check=True, stdout=subprocess.DEVNULL,
+                      stdin=subprocess.DEVNULL)
+    with open(tmp_path / "out.txt", "w") as f:          # the caller's own file
+        lab.run_group(fake_vng(tmp_path, "echo to the file"), stdout=f,
+                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    assert (tmp_path / "out.txt").read_text() == "to the file\n"
+
+
+def test_interrupt_kills_the_group(tmp_path):
+    """Ctrl-C reaches only our process group now: the lab's must be killed by us."""
+    main = threading.get_ident()
+    timer = threading.Timer(1.0, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            lab.run_group(fake_vng(tmp_path), grace=0.5, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    finally:
+        timer.cancel()
+    if sys.version_info >= (3, 11):
+        assert "workload hangs here" in "".join(info.value.__notes__)
+    assert_group_gone(pid_in(tmp_path, "leader.pid"), pid_in(tmp_path, "sleeper.pid"))
