@@ -19,10 +19,14 @@
 #define KLP_ENTRY_2(sym, key) int klp_kp__##key(struct pt_regs *ctx)
 #define KLP_ENTRY_0(sym, key) static __always_inline int klp_off__##key(void *ctx)
 
+/* A return handler reads no argument: in a kretprobe the argument registers hold
+ * whatever the function left in them (only fexit sees the arguments), so what it
+ * needs is saved at entry (klp_call_save). The kretprobe flavour names its
+ * context klp_ret_regs, not ctx: KLP_ARG there does not compile. */
 #define KLP_RETURN(key) KLP_RETURN_M(KLP_M_##key, KLP_S_##key, key)
 #define KLP_RETURN_M(m, sym, key) KLP_CAT(KLP_RETURN_, m)(sym, key)
 #define KLP_RETURN_1(sym, key) KRETFUNC_PROBE(sym)
-#define KLP_RETURN_2(sym, key) int klp_kr__##key(struct pt_regs *ctx)
+#define KLP_RETURN_2(sym, key) int klp_kr__##key(struct pt_regs *klp_ret_regs)
 #define KLP_RETURN_0(sym, key) static __always_inline int klp_offr__##key(void *ctx)
 
 /* Argument PARAM of target KEY, as u64 (0 if this kernel's function lacks it). */
@@ -35,7 +39,7 @@
 #define KLP_RET(key) KLP_RET_M(KLP_M_##key, KLP_N_##key)
 #define KLP_RET_M(m, n) KLP_CAT(KLP_RET_, m)(n)
 #define KLP_RET_1(n) ((u64)ctx[n])
-#define KLP_RET_2(n) ((u64)PT_REGS_RC(ctx))
+#define KLP_RET_2(n) ((u64)PT_REGS_RC(klp_ret_regs))
 #define KLP_RET_0(n) 0
 
 static __always_inline u64 klp_kprobe_arg(struct pt_regs *ctx, int i)
@@ -166,15 +170,27 @@ struct klp_call {
 	u64 ts_ns;
 	u64 a0;
 	u64 a1;
+	u64 a2;
+	u64 a3;
 };
 
 BPF_HASH(klp_calls, struct klp_call_key, struct klp_call, 16384);
 
-static __always_inline int klp_call_enter(u32 fn, u64 a0, u64 a1)
+/* Saves what the return handler needs (ts_ns is set here); nonzero if the map
+ * is full. */
+static __always_inline int klp_call_save(u32 fn, struct klp_call *c)
 {
 	struct klp_call_key k = {(u32)bpf_get_current_pid_tgid(), fn};
-	struct klp_call c = {bpf_ktime_get_ns(), a0, a1};
-	return klp_calls.update(&k, &c);
+	c->ts_ns = bpf_ktime_get_ns();
+	return klp_calls.update(&k, c);
+}
+
+static __always_inline int klp_call_enter(u32 fn, u64 a0, u64 a1)
+{
+	struct klp_call c = {};
+	c.a0 = a0;
+	c.a1 = a1;
+	return klp_call_save(fn, &c);
 }
 
 /* Copies out and forgets the entry state; 0 if none was recorded. */
