@@ -52,10 +52,12 @@ class LockNamer:
             # only one vendor's container can be in use; with several we cannot tell
             cont = conts[0] if len(conts) == 1 else struct
             self.layout[struct] = (cont, kbtf.size(cont))
-            prefix = struct + "."
-            self.locks[struct] = {off: p[len(prefix):] if cont != struct and
-                                  p.startswith(prefix) else p
-                                  for off, p in kbtf.lock_offsets(cont).items()}
+            # paths inside the embedded struct drop the member that embeds it, whatever
+            # its name (kvm_svm.kvm, but vcpu_svm.vcpu): `mutex`, not `vcpu.mutex`
+            prefix = kbtf.structs[cont][1]["members"][0]["name"] + "." if cont != struct \
+                else ""
+            self.locks[struct] = {off: p[len(prefix):] if prefix and p.startswith(prefix)
+                                  else p for off, p in kbtf.lock_offsets(cont).items()}
         self.mmu_lock = kbtf.offset("kvm", "mmu_lock") if kbtf else None
 
     # --- learning bases --------------------------------------------------------------

@@ -93,3 +93,17 @@ def test_locks_inside_locks_are_named(kbtf):
     assert "wait_lock" in mutex
     assert kbtf.lock_path("kvm", kvm["slots_lock"] + mutex["wait_lock"]) == \
         "slots_lock.wait_lock"
+
+
+def test_locks_inside_the_vendor_container_drop_its_member(kbtf):
+    """struct kvm sits in kvm_svm/kvm_vmx/kvm_pvm as member `kvm`, but struct kvm_vcpu in
+    vcpu_svm/... as member `vcpu`: either way the name is the embedded struct's path
+    (kvm(PID)->vcpu0->mutex, not ->vcpu.mutex)."""
+    namer = locknames.LockNamer(kbtf)
+    vcpu = dict((n, o) for _, n, o in pahole_locks("kvm_vcpu"))
+    kvm = dict((n, o) for _, n, o in pahole_locks("kvm"))
+    assert namer.locks["kvm_vcpu"][vcpu["mutex"]] == "mutex"
+    assert namer.locks["kvm"][kvm["slots_lock"]] == "slots_lock"
+    base = 0xffff888104560000
+    namer.vcpus[base] = {"tgid": 7, "kvm": 1, "vcpu_idx": 0, "how": "test"}
+    assert namer.name(base + vcpu["mutex"])[0] == "kvm(7)->vcpu0->mutex"
