@@ -182,12 +182,13 @@ FAKE_VNG = r"""
 echo $$ > "$1/leader.pid"
 i=0
 while [ $i -lt 40 ]; do echo "guest line $i"; i=$((i + 1)); done
-echo "guest complains on stderr" >&2
 sleep 1000 &
 echo $! > "$1/sleeper.pid"
 (while :; do :; done) &
 sh -c 'trap "" TERM; while :; do :; done' &
 echo "guest: the workload hangs here"
+sleep 0.3       # two pipes: the tail orders lines as they arrive here
+echo "guest complains on stderr" >&2
 wait
 """
 
