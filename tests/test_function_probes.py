@@ -10,7 +10,8 @@ import pytest
 import kvmlockprof
 from kvmlockprof import bpfload, btf, catalog, probe_analysis
 from kvmlockprof.maps import read_hash
-from kvmlockprof.probes.functions import FunctionProbes, forced_plans
+from kvmlockprof.probes.functions import (SHARED_FENTRY, FunctionProbes, dispatch_source,
+                                          forced_plans, module_defines, shared_fentry)
 from kvmlockprof.recording import Writer, to_arrow
 
 FUNCTION_PROBES = [p for p in catalog.CATALOG if p.name != "contention"]
@@ -41,6 +42,25 @@ def test_fentry_flavours_compile(kbtf, probe):
     """Compiles; on a kernel that refuses fentry (or lacks the symbol) only the load fails."""
     try:
         FunctionProbes(forced_plans([probe], catalog.FENTRY), kbtf, attach=False).close()
+    except bpfload.BpfUnavailable as e:
+        assert "Failed to compile" not in str(e), str(e)
+
+
+def test_fentry_flavours_compile_together(kbtf):
+    """Every function probe in one module, as `record` loads them, in the fentry
+    flavour: bcc allows one fentry program per symbol and module, so targets that
+    share a symbol (kvm_arch_vcpu_destroy: vms and xarray) go through one program
+    that calls each handler. On this kernel (no fentry) only the load fails."""
+    plans = forced_plans(FUNCTION_PROBES, catalog.FENTRY)
+    shared = {sym: {t.key for t in ts} for sym, ts in shared_fentry(plans).items()}
+    assert shared["kvm_arch_vcpu_destroy"] == {"VCPU_DESTROY", "VCPU_TEARDOWN"}, shared
+    src = dispatch_source(plans)
+    assert "KFUNC_PROBE(kvm_arch_vcpu_destroy)" in src and "klp_fe__VCPU_TEARDOWN(ctx);" in src
+    defines = module_defines(plans, kbtf)
+    assert defines["KLP_M_VCPU_TEARDOWN"] == defines["KLP_M_VCPU_DESTROY"] == SHARED_FENTRY
+    assert defines["KLP_M_VM_IOCTL"] == catalog.METHOD_CODE[catalog.FENTRY]
+    try:
+        FunctionProbes(plans, kbtf, attach=False).close()
     except bpfload.BpfUnavailable as e:
         assert "Failed to compile" not in str(e), str(e)
 
