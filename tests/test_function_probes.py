@@ -207,6 +207,37 @@ def test_vgic_puts(module, tmp_path):
     assert len(out) == 3
 
 
+def test_registry_lifetimes_in_the_maps_layout(module, tmp_path):
+    """The registry maps as record reads them (the live ones and those of ended
+    lifetimes, in the layout bcc parsed from common.h): an address reused by a
+    second VM keeps both owners, in the recording's vms/vcpus tables too."""
+    from kvmlockprof.locknames import REGISTRY_TABLES, Registry
+    from kvmlockprof.probes.functions import SHARED_TABLES
+    layout = {table: read_hash(module.bpf[m], key_name=key).dtype
+              for m, table, key in SHARED_TABLES}
+    assert set(layout) == set(REGISTRY_TABLES)
+    kvm, vcpu = 0xffffc90001230000, 0xffff888104560000
+    maps = {t: np.zeros(1, dt) for t, dt in layout.items()}
+
+    def put(table, **values):           # by the field names the C gave them
+        for name, v in values.items():
+            maps[table][name] = v
+    put("vm_ends", kvm=kvm, first_ns=10, tgid=100, end_ns=70)
+    put("vms", kvm=kvm, tgid=200, first_ns=80)
+    put("vcpu_ends", vcpu=vcpu, first_ns=11, kvm=kvm, tid=101, tgid=100, end_ns=69)
+    put("vcpus", vcpu=vcpu, kvm=kvm, tid=201, tgid=200, vcpu_idx=0, first_ns=81)
+    reg = Registry()
+    reg.observe(**{t: to_arrow(a) for t, a in maps.items()}, now_ns=90)
+    w = Writer(tmp_path / "reg.parquet")
+    for table, t in reg.tables().items():
+        w.snapshot(table, t)
+    w.finalize({"format": "kvmlockprof-recording", "version": 1, "probes": {}})
+    rec = kvmlockprof.load(tmp_path / "reg.parquet")
+    vms, vcpus = rec.table("vms"), rec.table("vcpus")
+    assert list(zip(vms["kvm"], vms["tgid"], vms["end_ns"])) == [(kvm, 100, 70), (kvm, 200, 0)]
+    assert list(zip(vcpus["tid"], vcpus["end_ns"])) == [(101, 69), (201, 0)]
+
+
 def test_every_probe_with_data_gets_a_plot_panel(module, tmp_path):
     """The HTML report draws one panel per function probe that has data."""
     from kvmlockprof import html, plots, report
