@@ -6,7 +6,9 @@ recording it leaves on this host against the workload's own counts.
 The tests marked `lab` need the lab (make lab-test); the others check, without
 it, that a lab run which hangs is killed whole and says what the guest printed.
 """
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -172,6 +174,95 @@ def test_xen_fast_path_hits_and_falls_back(in_lab):
         fell[n] = (int(ratio["fell_back"]), rec.manifest["work"]["xen_forced_slow"])
     assert fell[50][0] >= fell[50][1] > 0            # every dropped page made a fallback
     assert fell[50][0] > fell[0][0]
+
+
+@pytest.fixture(scope="module")
+def reuse_run(in_lab):
+    """VMs made and destroyed one after another, each by a process of its own, until
+    the kernel reuses a struct kvm address (tests/lab_vm_reuse.py, which learns the
+    addresses from /proc/vmallocinfo), recorded with the vms probe."""
+    driver = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab_vm_reuse.py")
+    d = in_lab("kvmlockprof record -q -o reuse.parquet --probes contention,vms -- "
+               f"python {shlex.quote(driver)} reuse.json 40 600")
+    with open(d / "reuse.json") as f:
+        run = json.load(f)
+    return kvmlockprof.load(d / "reuse.parquet"), run
+
+
+def _mine(rec, run):
+    pids = [v["pid"] for v in run["vms"]]
+    vms, vcpus = rec.table("vms"), rec.table("vcpus")
+    return pids, vms[vms["tgid"].isin(pids)], vcpus[vcpus["tgid"].isin(pids)]
+
+
+@pytest.mark.lab
+def test_vm_and_vcpu_lifetimes_end_at_teardown(reuse_run):
+    """Each VM (and its vCPU) is one lifetime owned by its own process, ended when the
+    process exits; VMs and vCPUs created match those torn down (probe counters)."""
+    rec, run = reuse_run
+    st = rec.manifest["probes"]["vms"]
+    assert st["status"] == "attached", st
+    for key in ("VM_CREATE", "VM_DESTROY", "VCPU_CREATE", "VCPU_TEARDOWN"):
+        assert st["targets"][key]["method"], st
+    n = len(run["vms"])
+    c = rec.manifest["probe_counters"]["vms"]
+    assert c["vms_created"] == c["vms_destroyed"] == n, c
+    assert c["vcpus_created"] == c["vcpus_destroyed"] == n, c
+    assert c["lost_pending_full"] == 0, c
+    pids, vms, vcpus = _mine(rec, run)
+    assert sorted(vms["tgid"]) == sorted(pids), vms      # one lifetime each, its own pid
+    assert ((vms["end_ns"] > 0) & (vms["end_ns"] >= vms["first_ns"])).all(), vms
+    if run["vmallocinfo"]:          # the registry's addresses are the kernel's
+        oracle = {v["pid"]: v["kvm"][0] for v in run["vms"] if len(v["kvm"]) == 1}
+        assert oracle and {p: a for p, a in zip(vms["tgid"], vms["kvm"]) if p in oracle} \
+            == oracle
+    vm_of = dict(zip(vms["tgid"], vms["kvm"]))
+    assert sorted(vcpus["tgid"]) == sorted(pids), vcpus
+    assert all(vm_of[t] == kvm for t, kvm in zip(vcpus["tgid"], vcpus["kvm"])), vcpus
+    assert (vcpus["end_ns"] > 0).all(), vcpus
+
+
+@pytest.mark.lab
+def test_reused_vm_address_names_the_new_owner(reuse_run):
+    """A struct kvm address given to a second VM: the registry has both owners, the
+    first ended before the second began, and names the address after the second."""
+    rec, run = reuse_run
+    pids, vms, _ = _mine(rec, run)
+    reused = {a: g.sort_values("first_ns") for a, g in vms.groupby("kvm") if len(g) > 1}
+    last = run["vms"][-1]
+    if "reuses" in last:            # the oracle saw it: the registry must have it
+        assert list(reused.get(last["kvm"][0], vms.iloc[:0])["tgid"]) == \
+            [last["reuses"], last["pid"]], vms
+    if not reused:
+        pytest.skip(f"the kernel reused no struct kvm address in {len(pids)} VMs "
+                    f"(vmalloc purge nudged with module {run['nudge']})")
+    order = {p: i for i, p in enumerate(pids)}
+    objects = rec.manifest["kvm_objects"]["vms"]
+    for addr, g in reused.items():
+        tgids = list(g["tgid"])
+        assert tgids == sorted(tgids, key=order.get), g          # owners in creation order
+        assert (g["end_ns"].iloc[:-1].to_numpy() <= g["first_ns"].iloc[1:].to_numpy()).all()
+        named = objects[f"{addr:#x}"]
+        assert named["tgid"] == tgids[-1], named
+        assert [o["tgid"] for o in named["owners"]] == tgids, named
+
+
+@pytest.mark.lab
+def test_reused_vcpu_address_names_the_new_vm(reuse_run):
+    """vCPUs come from a slab: their addresses are reused at once. Each lifetime at
+    a reused address belongs to its own VM, and the name goes to the latest."""
+    rec, run = reuse_run
+    _, vms, vcpus = _mine(rec, run)
+    vm_of = dict(zip(vms["tgid"], vms["kvm"]))
+    reused = {a: g.sort_values("first_ns") for a, g in vcpus.groupby("vcpu") if len(g) > 1}
+    if not reused:
+        pytest.skip(f"no vCPU address reused in {len(vcpus)} vCPUs")
+    objects = rec.manifest["kvm_objects"]["vcpus"]
+    for addr, g in reused.items():
+        assert len(set(g["tgid"])) == len(g), g
+        assert all(vm_of[t] == kvm for t, kvm in zip(g["tgid"], g["kvm"])), g
+        assert objects[f"{addr:#x}"]["tgid"] == g["tgid"].iloc[-1]
+        assert objects[f"{addr:#x}"]["kvm"] == g["kvm"].iloc[-1]
 
 
 # --- without the lab: a run that hangs is killed whole --------------------------------
