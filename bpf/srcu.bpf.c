@@ -58,8 +58,7 @@ static __always_inline u64 srcu_kvm(u64 ssp, u32 *kind)
 	return kvm;
 }
 
-static __always_inline void srcu_emit(void *ctx, u64 now, u64 dur, u64 ssp, u32 type,
-				      s32 stack_id)
+static __always_inline void srcu_emit(u64 now, u64 dur, u64 ssp, u32 type, s32 stack_id)
 {
 	struct klp_srcu_event *e = srcu_events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
@@ -128,7 +127,7 @@ KLP_ENTRY(SRCU_UNLOCK)
 	int zero_idx = 0;
 	u64 *tick = srcu_tick.lookup(&zero_idx);
 	if (tick && (*tick)++ % KLP_SRCU_SAMPLE_EVERY == 0)
-		srcu_emit(ctx, now, dur, k.ssp, SRCU_EV_SECTION, -1);
+		srcu_emit(now, dur, k.ssp, SRCU_EV_SECTION, -1);
 #endif
 	return 0;
 }
@@ -141,14 +140,14 @@ static __always_inline int srcu_sync_enter(void *ctx, u32 fn, u64 ssp)
 	return 0;
 }
 
-static __always_inline int srcu_sync_exit(void *ctx, u32 fn, u32 type)
+static __always_inline int srcu_sync_exit(u32 fn, u32 type)
 {
 	struct klp_call c;
 	if (!klp_call_exit(fn, &c))
 		return 0;
 	srcu_count(SRCU_C_SYNCS);
 	u64 now = bpf_ktime_get_ns();
-	srcu_emit(ctx, now, now - c.ts_ns, c.a0, type, (s32)c.a1);
+	srcu_emit(now, now - c.ts_ns, c.a0, type, (s32)c.a1);
 	return 0;
 }
 
@@ -159,7 +158,7 @@ KLP_ENTRY(SYNC)
 
 KLP_RETURN(SYNC)
 {
-	return srcu_sync_exit(ctx, KLP_FN_SYNC, SRCU_EV_SYNC);
+	return srcu_sync_exit(KLP_FN_SYNC, SRCU_EV_SYNC);
 }
 
 KLP_ENTRY(SYNC_EXP)
@@ -169,5 +168,5 @@ KLP_ENTRY(SYNC_EXP)
 
 KLP_RETURN(SYNC_EXP)
 {
-	return srcu_sync_exit(ctx, KLP_FN_SYNC_EXP, SRCU_EV_SYNC_EXP);
+	return srcu_sync_exit(KLP_FN_SYNC_EXP, SRCU_EV_SYNC_EXP);
 }

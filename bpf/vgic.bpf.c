@@ -33,15 +33,21 @@ static __always_inline u32 vgic_irqs_off(void *ctx, int kprobe)
 #endif
 }
 
+/* Everything the event needs is taken at entry: the kretprobe flavour cannot
+ * read arguments at return, and a put that drops the last reference frees the
+ * IRQ (6.1: kfree) before returning. */
 KLP_ENTRY(VGIC_PUT)
 {
 	u64 kvm = KLP_ARG(VGIC_PUT, KVM);
 	u64 irq = KLP_ARG(VGIC_PUT, IRQ);
 	klp_note_vm(kvm);
-	/* a0: irq, a1: refcount at entry << 32 | irqs_off */
-	u64 refs = KLP_OFF_IRQ_REFCOUNT >= 0 ? klp_read_u32(irq, KLP_OFF_IRQ_REFCOUNT) : 0;
-	u64 off = vgic_irqs_off(ctx, KLP_M_VGIC_PUT == 2);
-	if (klp_call_enter(KLP_FN_VGIC_PUT, irq, refs << 32 | off))
+	struct klp_call c = {};
+	c.a0 = irq;
+	c.a1 = kvm;
+	c.a2 = KLP_OFF_IRQ_INTID >= 0 ? klp_read_u32(irq, KLP_OFF_IRQ_INTID) : 0xffffffff;
+	c.a3 = (u64)(KLP_OFF_IRQ_REFCOUNT >= 0 ? klp_read_u32(irq, KLP_OFF_IRQ_REFCOUNT) : 0)
+		<< 32 | vgic_irqs_off(ctx, KLP_M_VGIC_PUT == 2);
+	if (klp_call_save(KLP_FN_VGIC_PUT, &c))
 		vgic_count(VGIC_C_PENDING_FULL);
 	return 0;
 }
@@ -60,11 +66,11 @@ KLP_RETURN(VGIC_PUT)
 	u64 id = bpf_get_current_pid_tgid();
 	e->ts_ns = bpf_ktime_get_ns();
 	e->lat_ns = e->ts_ns - c.ts_ns;
-	e->kvm = KLP_ARG(VGIC_PUT, KVM);
+	e->kvm = c.a1;
 	e->irq = c.a0;
-	e->intid = KLP_OFF_IRQ_INTID >= 0 ? klp_read_u32(c.a0, KLP_OFF_IRQ_INTID) : 0xffffffff;
-	e->refcount = c.a1 >> 32;
-	e->irqs_off = (u32)c.a1;
+	e->intid = (u32)c.a2;
+	e->refcount = c.a3 >> 32;
+	e->irqs_off = (u32)c.a3;
 	e->tid = (u32)id;
 	e->tgid = id >> 32;
 	vgic_events.ringbuf_submit(e, 0);

@@ -7,7 +7,8 @@ For a function probe, each Target names the kernel function (newest name first,
 older aliases after), the attach methods it allows in order of preference, the
 parameters the C reads (their positions come from BTF, else from `signatures`),
 and whether a return handler is needed. The C sees, per target KEY:
-KLP_M_KEY (method: 0 off, 1 fentry/fexit, 2 kprobe/kretprobe), KLP_S_KEY (the
+KLP_M_KEY (method: 0 off, 1 fentry/fexit, 2 kprobe/kretprobe, 3 fentry/fexit on a
+symbol several targets share), KLP_S_KEY (the
 symbol), KLP_N_KEY (argument count), KLP_A_KEY_PARAM (argument index or -1).
 Struct field offsets (`fields`) reach it as KLP_OFF_NAME, -1 where BTF lacks one.
 """
@@ -66,13 +67,28 @@ CATALOG = (
     ),
     Probe(
         name="vms",
-        summary="learn VMs (struct kvm) and vCPUs with their owning process and thread",
+        summary="learn VMs (struct kvm) and vCPUs with their owning process and thread, "
+                "and when each is destroyed",
         targets=(Target("VM_IOCTL", ("kvm_vm_ioctl",), (FENTRY, KPROBE), ("filp",), _FILP),
                  Target("VCPU_IOCTL", ("kvm_vcpu_ioctl",), (FENTRY, KPROBE), ("filp", "ioctl"),
-                        _FILP)),
+                        _FILP),
+                 # Lifetimes: without these the first owner seen keeps an address for
+                 # the whole session, even once the kernel reuses it for another VM.
+                 Target("VM_CREATE", ("kvm_arch_init_vm",), (FENTRY, KPROBE), ("kvm",),
+                        {"kvm_arch_init_vm": ("kvm", "type")}, optional=True),
+                 Target("VM_DESTROY", ("kvm_destroy_vm", "kvm_arch_destroy_vm"),
+                        (FENTRY, KPROBE), ("kvm",),
+                        {"kvm_destroy_vm": ("kvm",), "kvm_arch_destroy_vm": ("kvm",)},
+                        ret=True, optional=True),
+                 Target("VCPU_CREATE", ("kvm_arch_vcpu_postcreate",), (FENTRY, KPROBE),
+                        ("vcpu",), {"kvm_arch_vcpu_postcreate": ("vcpu",)}, optional=True),
+                 Target("VCPU_TEARDOWN", ("kvm_arch_vcpu_destroy",), (FENTRY, KPROBE),
+                        ("vcpu",), {"kvm_arch_vcpu_destroy": ("vcpu",)}, optional=True)),
         bpf="vms.bpf.c",
-        metrics=("vm_pid", "vcpu_thread"),
+        metrics=("vm_pid", "vcpu_thread", "lifetimes"),
         tables=("vms", "vcpus"),
+        counters=("vms_created", "vms_destroyed", "vcpus_created", "vcpus_destroyed",
+                  "lost_pending_full"),
         fields={"FILE_PRIVATE_DATA": ("file", "private_data"),
                 "VCPU_KVM": ("kvm_vcpu", "kvm"), "VCPU_IDX": ("kvm_vcpu", "vcpu_idx"),
                 "VCPU_ID": ("kvm_vcpu", "vcpu_id")},

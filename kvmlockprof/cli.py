@@ -463,14 +463,19 @@ Examples:
 @click.option("--kernel", help="Kernel image to boot (default: the newest Debian lab kernel).")
 @click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--memory", default="2G", show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Kill the lab (QEMU and all) after this long and print the guest's "
+                   "last lines.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def lab(kernel, cpus, memory, command):
+def lab(kernel, cpus, memory, timeout, command):
     """Run COMMAND inside another kernel under QEMU (kprobes, fentry, nested KVM).
 
-    The current directory is shared read-write: recordings land on this host."""
+    The current directory is shared read-write: recordings land on this host.
+    Ctrl-C or --timeout kills the whole lab, QEMU included."""
     from . import lab as labmod
     try:
-        p = labmod.run(list(command), kernel=kernel, cpus=cpus, memory=memory)
+        p = labmod.run(list(command), kernel=kernel, cpus=cpus, memory=memory,
+                       timeout=timeout)
     except labmod.LabError as e:
         fail(str(e))
     sys.exit(p.returncode)

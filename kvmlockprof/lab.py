@@ -1,20 +1,48 @@
 """`kvmlockprof lab`: run a command inside another kernel, under QEMU, with this
 machine's root filesystem shared in (virtme-ng), so the function probes can run
 live on a kernel with kprobes, fentry and KVM, stock or patched, without a
-reboot. Nested KVM comes from QEMU's emulator (-cpu max exposes SVM)."""
+reboot. Nested KVM comes from QEMU's emulator (-cpu max exposes SVM).
+
+A lab run is its own process group (virtme-ng, QEMU and whatever they start):
+when it times out, is interrupted or fails, the whole group is killed, so that
+no QEMU is left running, and the error carries the guest's last lines."""
+import collections
 import glob
+import locale
 import os
 import re
+import select
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 KVM_MODULES = "modprobe kvm_amd 2>/dev/null || modprobe kvm_intel 2>/dev/null; "
+TAIL_LINES = 30         # the guest's last lines an error quotes
+KILL_GRACE_S = 5.0      # after SIGTERM (and again after SIGKILL) before giving up
 
 
 class LabError(RuntimeError):
     pass
+
+
+class LabTimeout(LabError, subprocess.TimeoutExpired):
+    """The lab run outlived its timeout and its process group was killed; str()
+    quotes the last lines it printed (also in .tail)."""
+
+    def __init__(self, cmd, timeout, tail, output=None, stderr=None, left=()):
+        subprocess.TimeoutExpired.__init__(self, cmd, timeout, output, stderr)
+        self.tail, self.left = tail, list(left)
+
+    def __str__(self):
+        head = (f"the lab run timed out after {self.timeout:g} s; its process group "
+                "(virtme-ng, QEMU) was killed")
+        if self.left:
+            head += f", but these processes of it would not die: {self.left}"
+        return head + "\n" + _quote_tail(self.tail)
 
 
 def _version_key(path):
@@ -91,12 +119,244 @@ def vng_argv(command, kernel=None, cpus=2, memory="2G", cwd=None):
 def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, **popen):
     """Run `command` inside the lab kernel; returns the CompletedProcess.
 
+    Takes subprocess.run's output options (capture_output, stdout, stderr, text,
+    check); see run_group for what a timeout or an interrupt does.
+
     Without a terminal, stdin must not be left open to the caller: virtme-ng
     forwards it to the guest, and the guest command then waits on it."""
     if not os.isatty(0):
         popen.setdefault("stdin", subprocess.DEVNULL)
-    env = dict(os.environ)
+    env = dict(popen.pop("env", None) or os.environ)
     # virtme-ng runs its helpers (virtme-run) from PATH: put the venv's first
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    return subprocess.run(vng_argv(command, kernel, cpus, memory, cwd), env=env,
-                          timeout=timeout, **popen)
+    return run_group(vng_argv(command, kernel, cpus, memory, cwd), timeout=timeout, env=env,
+                     **popen)
+
+
+# --- running a process group ------------------------------------------------------------
+
+def _quote_tail(tail):
+    if not tail:
+        return "it printed nothing"
+    return f"its last {len(tail)} lines:\n" + "\n".join("  | " + line for line in tail)
+
+
+def group_members(pgid):
+    """Live (not zombie) processes of process group `pgid`, from /proc: a zombie
+    is dead, and may stay one where PID 1 reaps nothing (containers)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue                        # gone meanwhile
+        fields = stat[stat.rfind(b")") + 2:].split()      # after "pid (comm) "
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            out.append(int(d))
+    return out
+
+
+def kill_group(pgid, grace=None):
+    """SIGTERM the group, then SIGKILL what is left after `grace` s; returns the
+    pids still alive after that (none, unless one is stuck in the kernel)."""
+    grace = KILL_GRACE_S if grace is None else grace
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return []
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not group_members(pgid):
+                return []
+            time.sleep(0.05)
+    return group_members(pgid)
+
+
+class _Tail:
+    """The last lines of the output streams, interleaved as they arrived."""
+
+    PARTIAL_MAX = 4096      # bytes of a line not ended yet kept (the end of it)
+
+    def __init__(self, n):
+        self.lines = collections.deque(maxlen=n)
+        self.partial = {}
+        self.lock = threading.Lock()
+
+    def feed(self, stream, chunk):
+        with self.lock:
+            data = self.partial.get(stream, b"") + chunk
+            *done, rest = data.split(b"\n")
+            for line in done:
+                self.lines.append(line.rstrip(b"\r").decode(errors="replace"))
+            self.partial[stream] = rest[-self.PARTIAL_MAX:]
+
+    def get(self):
+        with self.lock:
+            out = list(self.lines) + [p.rstrip(b"\r").decode(errors="replace")
+                                      for p in self.partial.values() if p.strip()]
+        return out[-self.lines.maxlen:]
+
+
+def _sink_fd(dest, live_fd):
+    """Where a stream's bytes go besides the tail: (fd or None, keep them?)."""
+    if dest == subprocess.PIPE:
+        return None, True
+    if dest is None:
+        return live_fd, False               # the caller's own stdout/stderr, live
+    if dest == subprocess.DEVNULL:
+        return None, False
+    if isinstance(dest, int):
+        return dest, False
+    if hasattr(dest, "fileno"):
+        if hasattr(dest, "flush"):
+            dest.flush()
+        return dest.fileno(), False
+    raise ValueError(f"unsupported output destination {dest!r}")
+
+
+class _Pump(threading.Thread):
+    """Copies one pipe to its sink (live or kept) and to the tail, until EOF, or
+    until stopped (a process that left the group may hold the pipe open)."""
+
+    def __init__(self, pipe, name, sink, keep, tail):
+        super().__init__(name=f"lab-{name}", daemon=True)
+        self.fd, self.stream, self.sink, self.tail = pipe.fileno(), name, sink, tail
+        self.kept = [] if keep else None
+        self.stop = threading.Event()
+        self.error = None
+
+    def _take(self, chunk):
+        if self.kept is not None:
+            self.kept.append(chunk)
+        self.tail.feed(self.stream, chunk)
+        if self.sink is not None:
+            try:
+                while chunk:
+                    chunk = chunk[os.write(self.sink, chunk):]
+            except OSError as e:            # our own output is gone: keep draining
+                self.error, self.sink = e, None
+
+    def run(self):
+        poll = select.poll()
+        poll.register(self.fd, select.POLLIN)
+        try:
+            while not self.stop.is_set():
+                if poll.poll(100):
+                    chunk = os.read(self.fd, 65536)
+                    if not chunk:
+                        return
+                    self._take(chunk)
+        except (OSError, ValueError) as e:      # the pipe was closed under us
+            self.error = e
+
+    def data(self):
+        return None if self.kept is None else b"".join(self.kept)
+
+
+def _wait_exit(pid, timeout):
+    """Wait until `pid` exits, without reaping it: its zombie keeps its pid, and so
+    the group id, ours until the group is cleaned up. False on timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.001
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(delay if deadline is None else
+                   max(0.0, min(delay, deadline - time.monotonic())))
+        delay = min(delay * 2, 0.05)
+    return True
+
+
+def _decode(data, text, encoding, errors):
+    if data is None or not (text or encoding or errors):
+        return data
+    s = data.decode(encoding or locale.getpreferredencoding(False), errors or "strict")
+    return s.replace("\r\n", "\n").replace("\r", "\n")     # as text=True reads
+
+
+def run_group(argv, timeout=None, check=False, capture_output=False, stdout=None,
+              stderr=None, text=None, encoding=None, errors=None, universal_newlines=None,
+              tail_lines=TAIL_LINES, grace=None, **popen):
+    """subprocess.run for a command that starts processes of its own (virtme-ng ->
+    QEMU), run in a new session, so a process group of its own.
+
+    Its output always passes through here: what the caller asked to capture is
+    kept, output the caller did not redirect is copied live to our stdout/stderr
+    (or to the file given), and the last `tail_lines` lines are kept in any case.
+    When the command ends, whatever is left of its group is killed. On a timeout
+    the group is killed (SIGTERM, SIGKILL after `grace` s, KILL_GRACE_S by default), reaped, and LabTimeout
+    (a LabError and a TimeoutExpired) quotes the last lines; on Ctrl-C the group is
+    killed and KeyboardInterrupt goes on; on any other error, LabError."""
+    if capture_output:
+        if stdout is not None or stderr is not None:
+            raise ValueError("capture_output with stdout or stderr")
+        stdout = stderr = subprocess.PIPE
+    if "input" in popen or "start_new_session" in popen or "process_group" in popen:
+        raise ValueError("run_group takes no input and makes its own session")
+    text = text or universal_newlines
+    grace = KILL_GRACE_S if grace is None else grace
+    merged = stderr == subprocess.STDOUT
+    sinks = {"stdout": _sink_fd(stdout, 1)}
+    if not merged:
+        sinks["stderr"] = _sink_fd(stderr, 2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+                            start_new_session=True, **popen)
+    tail = _Tail(tail_lines)
+    pumps = [_Pump(getattr(proc, name), name, sink, keep, tail)
+             for name, (sink, keep) in sinks.items()]
+    left = []
+    try:
+        for p in pumps:
+            p.start()
+        finished = _wait_exit(proc.pid, timeout)
+        # The command is over (or out of time): nothing of its group may outlive it.
+        left = kill_group(proc.pid, grace)
+        proc.wait()
+        _stop(pumps)
+        if not finished:
+            raise LabTimeout(argv, timeout, tail.get(), *(p.data() for p in pumps), left=left)
+    except BaseException as e:
+        if proc.returncode is None:
+            left = kill_group(proc.pid, grace)
+            proc.wait()
+            _stop(pumps)
+        if isinstance(e, LabError):
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            if hasattr(e, "add_note"):          # Python 3.11+
+                e.add_note("lab run interrupted; its process group was killed; " +
+                           _quote_tail(tail.get()))
+            raise
+        raise LabError(f"lab run failed ({type(e).__name__}: {e}); its process group "
+                       f"was killed; {_quote_tail(tail.get())}") from e
+    finally:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe:
+                pipe.close()
+    out, err = (_decode(p.data(), text, encoding, errors) for p in pumps) if not merged else \
+        (_decode(pumps[0].data(), text, encoding, errors), None)
+    if left:
+        raise LabError(f"the lab run ended but these processes of its group would not die: "
+                       f"{left}")
+    if check and proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, argv, out, err)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _stop(pumps, drain=2.0):
+    """Let the pumps read to EOF (the group is gone, so the pipes close), at most
+    `drain` s, then stop them."""
+    started = [p for p in pumps if p.ident is not None]
+    deadline = time.monotonic() + drain
+    for p in started:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in started:
+        p.stop.set()
+        p.join()

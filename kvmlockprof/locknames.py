@@ -6,16 +6,25 @@ the object's base address known, the running kernel's BTF names any lock inside
 it by field path. Bases come from two places, and the recording says which:
 
 - observed: a function probe saw the `struct kvm *` / `struct kvm_vcpu *` (the
-  `vms` probe on kvm_vm_ioctl/kvm_vcpu_ioctl; the VM/vCPU registry tables);
+  `vms` probe on kvm_vm_ioctl/kvm_vcpu_ioctl and at their creation; the VM/vCPU
+  registry tables). The vms probe also sees them destroyed, and the kernel may
+  then give the address to a new VM of another process: Registry keeps every
+  lifetime, and a lock is named by the latest owner of its address;
 - inferred: a contention whose lock is certain from its stack. On x86 (and
   arm64) the only rwlock the MMU code takes is kvm->mmu_lock, so an rwlock
   contended with a kvm_mmu_* / kvm_tdp_mmu_* caller sits at kvm + offsetof(mmu_lock).
 """
 import re
+import time
 
 import numpy as np
+import pyarrow as pa
 
 from .analysis import LCB_F_READ, LCB_F_SPIN, LCB_F_WRITE
+
+# The function probes' registry snapshots (FunctionProbes.snapshots): the live VMs
+# and vCPUs, and those whose end the vms probe saw.
+REGISTRY_TABLES = ("vms", "vcpus", "vm_ends", "vcpu_ends")
 
 # Callers whose rwlock can only be kvm->mmu_lock (x86 MMU, TDP MMU; arm64 stage-2 faults).
 MMU_CALLER = re.compile(r"^(__)?(kvm_mmu_|kvm_tdp_mmu_|kvm_zap_|tdp_mmu_|user_mem_abort|"
@@ -36,12 +45,115 @@ def containers(kbtf, struct):
     return sorted(out)
 
 
+def _records(table):
+    """Rows of an Arrow table or DataFrame (None: none) as dicts."""
+    if table is None or len(table) == 0:
+        return []
+    if hasattr(table, "to_pylist"):
+        return table.to_pylist()
+    return table.to_dict("records")
+
+
+class Registry:
+    """The VMs and vCPUs the function probes registered, one row per lifetime.
+
+    The kernel keeps an entry per live object (klp_vms, klp_vcpus) and, when the
+    vms probe sees the object destroyed, moves it with the time it ended to
+    klp_vm_ends / klp_vcpu_ends. A lifetime is (address, first_ns): here each one
+    seen in any snapshot is kept, with when the probes first saw it (first_ns,
+    from the kernel), when it was last known alive (last_ns: the last snapshot that
+    had it, or its end) and when it ended (end_ns; 0 if not seen ending). An
+    address the kernel reused for a new VM has a row per owner. Times are
+    CLOCK_MONOTONIC ns, as the samples' ts_ns."""
+
+    KEY = {"vms": "kvm", "vcpus": "vcpu"}
+    COLUMNS = {"vms": {"kvm": pa.uint64(), "tgid": pa.uint32(), "first_ns": pa.uint64(),
+                       "last_ns": pa.uint64(), "end_ns": pa.uint64()},
+               "vcpus": {"vcpu": pa.uint64(), "kvm": pa.uint64(), "tid": pa.uint32(),
+                         "tgid": pa.uint32(), "vcpu_idx": pa.int32(), "vcpu_id": pa.int32(),
+                         "first_ns": pa.uint64(), "last_ns": pa.uint64(),
+                         "end_ns": pa.uint64()}}
+    OWNER = {"vms": ("tgid",), "vcpus": ("tgid", "kvm", "vcpu_idx")}   # what names use
+
+    def __init__(self):
+        self.rows = {"vms": {}, "vcpus": {}}     # kind -> {(address, first_ns): row}
+        self.version = 0        # changes when a lifetime, or an owner that names use, does
+
+    def observe(self, vms=None, vcpus=None, vm_ends=None, vcpu_ends=None, now_ns=None):
+        """Snapshots of the live registry (seen alive at now_ns, by default now) and
+        of the ended lifetimes (Arrow tables or DataFrames, any may be None)."""
+        now = time.monotonic_ns() if now_ns is None else int(now_ns)
+        for kind, live, ended in (("vms", vms, vm_ends), ("vcpus", vcpus, vcpu_ends)):
+            for r in _records(live):
+                self._merge(kind, r, now, 0)
+            for r in _records(ended):
+                self._merge(kind, r, int(r["end_ns"]), int(r["end_ns"]))
+
+    def _merge(self, kind, r, seen_ns, end_ns):
+        cols = self.COLUMNS[kind]
+        # addresses as unsigned whatever the input's dtype (an int64 column wraps them)
+        new = {c: int(r[c]) & ((1 << 64) - 1) if cols[c] == pa.uint64() else int(r[c])
+               for c in cols if c in r and c not in ("last_ns", "end_ns")}
+        key = (new[self.KEY[kind]], new.get("first_ns", 0))
+        row = self.rows[kind].get(key)
+        if row is None:
+            row = {c: -1 if c in ("vcpu_idx", "vcpu_id") else 0 for c in cols}
+            self.rows[kind][key] = row
+            self.version += 1
+        elif any(row[c] != new.get(c, row[c]) for c in self.OWNER[kind]):
+            self.version += 1
+        row.update(new)
+        row["first_ns"] = key[1]
+        if end_ns:
+            row["end_ns"] = row["last_ns"] = end_ns
+        elif not row["end_ns"]:
+            row["last_ns"] = max(row["last_ns"], seen_ns)
+
+    def lifetimes(self, kind):
+        """{address: [rows, oldest first]}."""
+        out = {}
+        for (addr, _), row in sorted(self.rows[kind].items()):
+            out.setdefault(addr, []).append(row)
+        return out
+
+    def tables(self):
+        """{"vms", "vcpus"}: every lifetime as an Arrow table, by address and first_ns."""
+        out = {}
+        for kind, cols in self.COLUMNS.items():
+            rows = [row for _, row in sorted(self.rows[kind].items())]
+            out[kind] = pa.table({c: pa.array([r[c] for r in rows], t) for c, t in cols.items()})
+        return out
+
+
+OBSERVED = {"vms": "VM base observed: struct kvm * at kvm_vm_ioctl (or its creation); "
+                   "fields from BTF",
+            "vcpus": "vCPU base observed: struct kvm_vcpu * at kvm_vcpu_ioctl (or its "
+                     "creation); fields from BTF"}
+
+
+def _observed(kind, lives):
+    """What names use of an address's lifetimes: its latest owner, and the others."""
+    last = lives[-1]
+    v = {"tgid": last["tgid"], "how": OBSERVED[kind], "first_ns": last["first_ns"],
+         "last_ns": last["last_ns"], "end_ns": last["end_ns"]}
+    if kind == "vcpus":
+        v.update(kvm=last["kvm"], vcpu_idx=last["vcpu_idx"])
+    if len(lives) > 1:
+        pids = ", ".join(str(r["tgid"]) for r in lives)
+        v["how"] += (f"; the address had {len(lives)} owners over time (pids {pids}, "
+                     "oldest first): named by the latest")
+        v["owners"] = [{c: r[c] for c in ("tgid", "first_ns", "last_ns", "end_ns")}
+                       for r in lives]
+    return v
+
+
 class LockNamer:
     """Learns VM and vCPU bases, names lock addresses inside them."""
 
     def __init__(self, kbtf):
-        self.vms = {}            # kvm base -> {"tgid", "how"}
-        self.vcpus = {}          # vcpu base -> {"tgid", "kvm", "vcpu_idx", "how"}
+        self.registry = Registry()
+        self.vms = {}            # kvm base -> {"tgid", "how"[, "first_ns", ..., "owners"]}
+        self.vcpus = {}          # vcpu base -> {"tgid", "kvm", "vcpu_idx", "how"[, ...]}
         self.layout = {}         # struct -> (container, size)
         self.locks = {}          # struct -> {offset: lock path}: BTF is not kept
         for struct in ("kvm", "kvm_vcpu"):
@@ -52,28 +164,23 @@ class LockNamer:
             # only one vendor's container can be in use; with several we cannot tell
             cont = conts[0] if len(conts) == 1 else struct
             self.layout[struct] = (cont, kbtf.size(cont))
-            prefix = struct + "."
-            self.locks[struct] = {off: p[len(prefix):] if cont != struct and
-                                  p.startswith(prefix) else p
-                                  for off, p in kbtf.lock_offsets(cont).items()}
+            # paths inside the embedded struct drop the member that embeds it, whatever
+            # its name (kvm_svm.kvm, but vcpu_svm.vcpu): `mutex`, not `vcpu.mutex`
+            prefix = kbtf.structs[cont][1]["members"][0]["name"] + "." if cont != struct \
+                else ""
+            self.locks[struct] = {off: p[len(prefix):] if prefix and p.startswith(prefix)
+                                  else p for off, p in kbtf.lock_offsets(cont).items()}
         self.mmu_lock = kbtf.offset("kvm", "mmu_lock") if kbtf else None
 
     # --- learning bases --------------------------------------------------------------
 
-    def observe(self, vms=None, vcpus=None):
-        """The function probes' registry tables (Arrow or pandas, may be None)."""
-        if vms is not None and len(vms):
-            df = vms.to_pandas() if hasattr(vms, "to_pandas") else vms
-            for kvm, tgid in zip(df["kvm"].tolist(), df["tgid"].tolist()):
-                self.vms[int(kvm)] = {"tgid": int(tgid), "how": "VM base observed: "
-                                      "struct kvm * at kvm_vm_ioctl; fields from BTF"}
-        if vcpus is not None and len(vcpus):
-            df = vcpus.to_pandas() if hasattr(vcpus, "to_pandas") else vcpus
-            for r in df.itertuples(index=False):
-                self.vcpus[int(r.vcpu)] = {"tgid": int(r.tgid), "kvm": int(r.kvm),
-                                           "vcpu_idx": int(r.vcpu_idx),
-                                           "how": "vCPU base observed: struct kvm_vcpu * "
-                                                  "at kvm_vcpu_ioctl; fields from BTF"}
+    def observe(self, vms=None, vcpus=None, vm_ends=None, vcpu_ends=None, now_ns=None):
+        """The function probes' registry tables (Arrow or pandas, may be None): see
+        Registry.observe. A base's name is its latest owner's."""
+        self.registry.observe(vms, vcpus, vm_ends, vcpu_ends, now_ns)
+        for kind, known in (("vms", self.vms), ("vcpus", self.vcpus)):
+            for base, lives in self.registry.lifetimes(kind).items():
+                known[base] = _observed(kind, lives)
 
     def infer(self, aggs, callers):
         """Infer VM bases from the contention aggregates (DataFrame: lock_addr, flags,
@@ -102,15 +209,18 @@ class LockNamer:
     # --- naming -------------------------------------------------------------------------
 
     def _inside(self, addr, bases, struct):
+        """(base, lock path) of the object holding `addr`: of those whose extent
+        holds it (a destroyed VM's memory may hold part of a newer one), the one
+        registered last."""
         if struct not in self.layout or not bases:
             return None
         keys = np.fromiter(bases, dtype=np.uint64)
-        below = keys[keys <= np.uint64(addr)]
-        if below.size == 0:
+        a = np.uint64(addr)
+        holding = keys[keys <= a]
+        holding = holding[a - holding < np.uint64(self.layout[struct][1])]
+        if holding.size == 0:
             return None
-        base = int(below.max())
-        if addr - base >= self.layout[struct][1]:
-            return None
+        base = max(holding.tolist(), key=lambda b: (bases[b].get("first_ns", 0), b))
         path = self.locks[struct].get(addr - base)
         return (base, path) if path else None
 
@@ -151,6 +261,7 @@ class SessionNames:
     def __init__(self, ksyms, kbtf):
         self.ksyms = ksyms
         self.namer = LockNamer(kbtf) if kbtf else None
+        self.registry = self.namer.registry if self.namer else Registry()
         self.callers = {}        # contention stack id -> caller frame
         self.symbols = {}        # hex address -> kallsyms data symbol
         self.kvm = {}            # hex address -> {"name", "how"}
@@ -163,8 +274,19 @@ class SessionNames:
         for sid, frames, lockf in zip(cols["stack_id"], cols["frames"], cols["lock_frame"]):
             self.callers[int(sid)] = caller_frame(list(frames), lockf)
 
-    def update(self, aggs, vms=None, vcpus=None):
-        """Name the addresses in the aggregates (DataFrame) not named yet."""
+    def observe(self, vms=None, vcpus=None, vm_ends=None, vcpu_ends=None, now_ns=None):
+        """The function probes' registry snapshots (REGISTRY_TABLES): lifetimes kept in
+        self.registry, bases learnt for the names."""
+        if self.namer:
+            self.namer.observe(vms, vcpus, vm_ends, vcpu_ends, now_ns)
+        else:
+            self.registry.observe(vms, vcpus, vm_ends, vcpu_ends, now_ns)
+
+    def update(self, aggs, vms=None, vcpus=None, vm_ends=None, vcpu_ends=None):
+        """Learn from the registry snapshots given, then name the addresses in the
+        aggregates (DataFrame) not named yet."""
+        if any(t is not None for t in (vms, vcpus, vm_ends, vcpu_ends)):
+            self.observe(vms, vcpus, vm_ends, vcpu_ends)
         if aggs is None or aggs.empty:
             return
         addrs = np.unique(aggs["lock_addr"].to_numpy())
@@ -172,7 +294,6 @@ class SessionNames:
         for a, n in zip(fresh, self.ksyms.data_symbols(fresh)):
             self.symbols[f"{a:#x}"] = n
         if self.namer:
-            self.namer.observe(vms, vcpus)
             self.namer.infer(aggs, self.callers)
             self.kvm = self.namer.names(addrs)
 

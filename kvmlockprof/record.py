@@ -12,7 +12,7 @@ import numpy as np
 
 from . import __version__, bpfstats, catalog, host, processes
 from .ksyms import Kallsyms
-from .locknames import SessionNames
+from .locknames import REGISTRY_TABLES, SessionNames
 from .probes.contention import LOSSES
 from .sources import load_btf, open_sources
 from . import recording
@@ -242,25 +242,33 @@ class Recorder:
                 if name == "contention":
                     self.names.add_stacks(stacks)
             for table, snap in snaps.items():
-                self.writer.snapshot(table, snap)
+                if table not in REGISTRY_TABLES:        # those: as lifetimes, below
+                    self.writer.snapshot(table, snap)
             self._learn_processes(events, snaps)
             if name == "contention":
                 counters = src.counters()
                 contention_aggs = snaps["aggregates"]
             else:
                 probe_counters.update(src.counters())
-                registry = snaps
+                registry = {t: snaps[t] for t in REGISTRY_TABLES if t in snaps}
+        if registry:
+            # Every VM/vCPU lifetime seen so far, not just those alive now: the
+            # recording's vms/vcpus tables keep an address's earlier owners.
+            self.names.observe(**registry)
+            for table, t in self.names.registry.tables().items():
+                self.writer.snapshot(table, t)
         if contention_aggs is not None:
-            # Aggregate rows are never removed, so the same row counts mean the same
-            # (lock, process, stack) set: nothing new to name (a third of a flush's CPU).
-            seen = (contention_aggs.num_rows,
-                    *(t.num_rows for t in registry.values() if t is not None))
+            # Aggregate rows are never removed, so the same row count means the same
+            # (lock, process, stack) set, and the same registry version the same
+            # owners: nothing new to name (a third of a flush's CPU).
+            seen = (contention_aggs.num_rows, self.names.registry.version)
             if seen != self.named_for:
-                self.names.update(contention_aggs.select(NAMING_COLUMNS).to_pandas(),
-                                  registry.get("vms"), registry.get("vcpus"))
+                self.names.update(contention_aggs.select(NAMING_COLUMNS).to_pandas())
                 self.manifest.update(self.names.manifest())
                 self.named_for = seen
             self.manifest["top_lock"] = self._top_lock(contention_aggs)
+        elif registry:
+            self.manifest.update(self.names.manifest())
         now_ns = time.monotonic_ns()
         self.manifest.update(
             counters=counters, losses={k: counters[k] for k in LOSSES if k in counters},

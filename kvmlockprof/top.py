@@ -12,7 +12,7 @@ import pandas as pd
 
 from . import analysis, host, processes
 from .ksyms import Kallsyms
-from .locknames import SessionNames
+from .locknames import REGISTRY_TABLES, SessionNames
 from .recording import Recording
 from .report import fmt_ns
 from .stacks import new_stack_ids, stacks_table
@@ -69,7 +69,7 @@ class LiveView:
             self.stacks.append(stacks_table(src, "contention", new, self.ksyms).to_pandas())
             self.names.add_stacks(self.stacks[-1])
         df = aggs.to_pandas()
-        self.names.update(df, fsnaps.get("vms"), fsnaps.get("vcpus"))
+        self.names.update(df, **{t: fsnaps.get(t) for t in REGISTRY_TABLES})
         processes.learn(self.procs, np.unique(aggs.column("tgid").to_numpy()).tolist())
         return df
 

@@ -60,3 +60,10 @@ def test_every_bpf_file_is_in_the_catalog():
     from kvmlockprof.bpfload import BPF_DIR
     files = {f for f in os.listdir(BPF_DIR) if f.endswith(".bpf.c")}
     assert files == {p.bpf for p in catalog.CATALOG if p.bpf}
+
+
+def test_target_keys_are_unique():
+    """A target's key names its C macros (KLP_M_KEY, ...), global to the module that
+    holds every function probe."""
+    keys = [t.key for p in catalog.CATALOG for t in p.targets]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)

@@ -10,7 +10,8 @@ import pytest
 import kvmlockprof
 from kvmlockprof import bpfload, btf, catalog, probe_analysis
 from kvmlockprof.maps import read_hash
-from kvmlockprof.probes.functions import FunctionProbes, forced_plans
+from kvmlockprof.probes.functions import (SHARED_FENTRY, FunctionProbes, dispatch_source,
+                                          forced_plans, module_defines, shared_fentry)
 from kvmlockprof.recording import Writer, to_arrow
 
 FUNCTION_PROBES = [p for p in catalog.CATALOG if p.name != "contention"]
@@ -43,6 +44,67 @@ def test_fentry_flavours_compile(kbtf, probe):
         FunctionProbes(forced_plans([probe], catalog.FENTRY), kbtf, attach=False).close()
     except bpfload.BpfUnavailable as e:
         assert "Failed to compile" not in str(e), str(e)
+
+
+def test_fentry_flavours_compile_together(kbtf):
+    """Every function probe in one module, as `record` loads them, in the fentry
+    flavour: bcc allows one fentry program per symbol and module, so targets that
+    share a symbol (kvm_arch_vcpu_destroy: vms and xarray) go through one program
+    that calls each handler. On this kernel (no fentry) only the load fails."""
+    plans = forced_plans(FUNCTION_PROBES, catalog.FENTRY)
+    shared = {sym: {t.key for t in ts} for sym, ts in shared_fentry(plans).items()}
+    assert shared["kvm_arch_vcpu_destroy"] == {"VCPU_DESTROY", "VCPU_TEARDOWN"}, shared
+    src = dispatch_source(plans)
+    assert "KFUNC_PROBE(kvm_arch_vcpu_destroy)" in src and "klp_fe__VCPU_TEARDOWN(ctx);" in src
+    defines = module_defines(plans, kbtf)
+    assert defines["KLP_M_VCPU_TEARDOWN"] == defines["KLP_M_VCPU_DESTROY"] == SHARED_FENTRY
+    assert defines["KLP_M_VM_IOCTL"] == catalog.METHOD_CODE[catalog.FENTRY]
+    try:
+        FunctionProbes(plans, kbtf, attach=False).close()
+    except bpfload.BpfUnavailable as e:
+        assert "Failed to compile" not in str(e), str(e)
+
+
+RETURN_READS_ARG = """
+KLP_ENTRY(T)
+{
+	return klp_call_enter(1, KLP_ARG(T, FILE), 0);
+}
+
+KLP_RETURN(T)
+{
+	struct klp_call c;
+	if (!klp_call_exit(1, &c))
+		return 0;
+	return (KLP_ARG(T, FILE) == c.a0) + (int)KLP_RET(T);
+}
+"""
+
+
+@pytest.mark.parametrize("method", [catalog.KPROBE, catalog.FENTRY])
+def test_return_handlers_cannot_read_arguments_as_kretprobes(bpf_host, method):
+    """A kretprobe's argument registers hold garbage by the return (vgic read `kvm`
+    there): in that flavour KLP_ARG in a return handler does not compile, so no probe
+    can ship the mistake (test_kprobe_flavours_pass_the_verifier compiles them all);
+    fexit does see the arguments. The same handler reading its saved copy compiles."""
+    defines = {"KLP_NR_COUNTERS": 1, "KLP_STACK_ENTRIES": 1024,
+               "KLP_M_T": catalog.METHOD_CODE[method], "KLP_S_T": "vfs_read",
+               "KLP_N_T": 3, "KLP_A_T_FILE": 0}
+    common = (bpfload.BPF_DIR / "common.h").read_text()
+
+    def compiles(text):
+        try:
+            bpfload.compile_bpf(text=common + text, defines=defines).cleanup()
+        except bpfload.BpfUnavailable as e:
+            if "Failed to compile" in str(e):
+                return str(e)
+        return ""                   # compiled (loading an fentry may fail here: fine)
+    err = compiles(RETURN_READS_ARG)
+    if method == catalog.KPROBE:
+        assert "undeclared identifier 'ctx'" in err, err
+    else:
+        assert not err, err
+    assert not compiles(RETURN_READS_ARG.replace("KLP_ARG(T, FILE) == c.a0", "c.a0"))
 
 
 def empty_like(module, table):
@@ -144,6 +206,37 @@ def test_vgic_puts(module, tmp_path):
     lpi = out[out["lpi"]].iloc[0]
     assert lpi["released"] and lpi["irqs_off"] == "off"
     assert len(out) == 3
+
+
+def test_registry_lifetimes_in_the_maps_layout(module, tmp_path):
+    """The registry maps as record reads them (the live ones and those of ended
+    lifetimes, in the layout bcc parsed from common.h): an address reused by a
+    second VM keeps both owners, in the recording's vms/vcpus tables too."""
+    from kvmlockprof.locknames import REGISTRY_TABLES, Registry
+    from kvmlockprof.probes.functions import SHARED_TABLES
+    layout = {table: read_hash(module.bpf[m], key_name=key).dtype
+              for m, table, key in SHARED_TABLES}
+    assert set(layout) == set(REGISTRY_TABLES)
+    kvm, vcpu = 0xffffc90001230000, 0xffff888104560000
+    maps = {t: np.zeros(1, dt) for t, dt in layout.items()}
+
+    def put(table, **values):           # by the field names the C gave them
+        for name, v in values.items():
+            maps[table][name] = v
+    put("vm_ends", kvm=kvm, first_ns=10, tgid=100, end_ns=70)
+    put("vms", kvm=kvm, tgid=200, first_ns=80)
+    put("vcpu_ends", vcpu=vcpu, first_ns=11, kvm=kvm, tid=101, tgid=100, end_ns=69)
+    put("vcpus", vcpu=vcpu, kvm=kvm, tid=201, tgid=200, vcpu_idx=0, first_ns=81)
+    reg = Registry()
+    reg.observe(**{t: to_arrow(a) for t, a in maps.items()}, now_ns=90)
+    w = Writer(tmp_path / "reg.parquet")
+    for table, t in reg.tables().items():
+        w.snapshot(table, t)
+    w.finalize({"format": "kvmlockprof-recording", "version": 1, "probes": {}})
+    rec = kvmlockprof.load(tmp_path / "reg.parquet")
+    vms, vcpus = rec.table("vms"), rec.table("vcpus")
+    assert list(zip(vms["kvm"], vms["tgid"], vms["end_ns"])) == [(kvm, 100, 70), (kvm, 200, 0)]
+    assert list(zip(vcpus["tid"], vcpus["end_ns"])) == [(101, 69), (201, 0)]
 
 
 def test_every_probe_with_data_gets_a_plot_panel(module, tmp_path):

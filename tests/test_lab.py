@@ -1,8 +1,18 @@
 """Lab: the function probes live, inside a Debian kernel under QEMU (make lab-test).
 
-Each test boots the lab kernel once (2-4 minutes under TCG) and checks the
-recording it leaves on this host against the workload's own counts."""
+Each lab test boots the lab kernel once (2-4 minutes under TCG) and checks the
+recording it leaves on this host against the workload's own counts.
+
+The tests marked `lab` need the lab (make lab-test); the others check, without
+it, that a lab run which hangs is killed whole and says what the guest printed.
+"""
+import json
 import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -10,9 +20,10 @@ import pytest
 import kvmlockprof
 from kvmlockprof import lab, probe_analysis, report
 
-pytestmark = pytest.mark.lab
-
 WORKLOAD = "kvmlockprof workload --vcpus 2 --duration 6"
+# One lab run's limit (TCG: 2-4 minutes a boot, more with several recordings);
+# KVMLOCKPROF_LAB_TIMEOUT overrides it.
+LAB_TIMEOUT = float(os.environ.get("KVMLOCKPROF_LAB_TIMEOUT", 1500))
 
 
 def lab_problem():
@@ -26,24 +37,33 @@ def lab_problem():
     return None
 
 
+def lab_run(d, script, kernel=None, timeout=LAB_TIMEOUT):
+    """Run a shell script in the lab with `d` as its directory; fails the test, with
+    the guest's last lines, if the run fails or outlives `timeout` (lab.run then
+    kills its QEMU)."""
+    t0 = time.monotonic()
+    try:
+        p = lab.run(["sh", "-c", script], kernel=kernel, cwd=d, timeout=timeout,
+                    capture_output=True, text=True)
+    except lab.LabError as e:
+        pytest.fail(f"lab run ({kernel or 'default kernel'}) after "
+                    f"{time.monotonic() - t0:.0f} s: {e}", pytrace=False)
+    print(f"lab run ({kernel or lab.default_kernel()}) took {time.monotonic() - t0:.0f} s:"
+          f"\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d
+
+
 @pytest.fixture(scope="module")
 def in_lab(tmp_path_factory):
     problem = lab_problem()
     if problem:
         pytest.skip(f"no lab: {problem}")
     d = tmp_path_factory.mktemp("lab")
-
-    def run(script, kernel=None, timeout=1500):
-        t0 = time.monotonic()
-        p = lab.run(["sh", "-c", script], kernel=kernel, cwd=d, timeout=timeout,
-                    capture_output=True, text=True)
-        print(f"lab run ({kernel or lab.default_kernel()}) took {time.monotonic() - t0:.0f} s:"
-              f"\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-        assert p.returncode == 0, p.stderr[-3000:]
-        return d
-    return run
+    return lambda script, kernel=None, timeout=LAB_TIMEOUT: lab_run(d, script, kernel, timeout)
 
 
+@pytest.mark.lab
 @pytest.mark.parametrize("release", ["default", "6.1."])
 def test_gpc_and_srcu_live(in_lab, release):
     """On the default lab kernel and on 6.1, where the gpc functions have their old
@@ -91,6 +111,7 @@ def test_gpc_and_srcu_live(in_lab, release):
     assert "vcpu->arch.pv_time" in text and "kvm->srcu" in text
 
 
+@pytest.mark.lab
 def test_fentry_and_kprobe_count_the_same(in_lab):
     """synchronize_srcu_expedited is in vmlinux: fentry and kprobe both attach; the
     waits per memslot operation must be the same whichever is used."""
@@ -109,6 +130,7 @@ def test_fentry_and_kprobe_count_the_same(in_lab):
     assert ratios["fentry"] == pytest.approx(ratios["kprobe"], rel=0.01), ratios
 
 
+@pytest.mark.lab
 def test_vcpu_array_erases_at_teardown(in_lab):
     """VM teardown with N vCPUs: N erases from kvm->vcpu_array attributed to that VM,
     seen at xa_erase where it can be probed, else at its KVM caller; and the
@@ -129,6 +151,7 @@ def test_vcpu_array_erases_at_teardown(in_lab):
     assert set(events["tgid"]) == {rec.manifest["work"]["pid"]}
 
 
+@pytest.mark.lab
 def test_xen_fast_path_hits_and_falls_back(in_lab):
     """Xen event channels sent by the workload: fast-path hits, and -EWOULDBLOCK
     fallbacks that rise when the workload drops the shared_info page."""
@@ -151,3 +174,211 @@ def test_xen_fast_path_hits_and_falls_back(in_lab):
         fell[n] = (int(ratio["fell_back"]), rec.manifest["work"]["xen_forced_slow"])
     assert fell[50][0] >= fell[50][1] > 0            # every dropped page made a fallback
     assert fell[50][0] > fell[0][0]
+
+
+@pytest.fixture(scope="module")
+def reuse_run(in_lab):
+    """VMs made and destroyed one after another, each by a process of its own, until
+    the kernel reuses a struct kvm address (tests/lab_vm_reuse.py, which learns the
+    addresses from /proc/vmallocinfo), recorded with the vms probe."""
+    driver = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab_vm_reuse.py")
+    d = in_lab("kvmlockprof record -q -o reuse.parquet --probes contention,vms -- "
+               f"python {shlex.quote(driver)} reuse.json 40 600")
+    with open(d / "reuse.json") as f:
+        run = json.load(f)
+    return kvmlockprof.load(d / "reuse.parquet"), run
+
+
+def _mine(rec, run):
+    pids = [v["pid"] for v in run["vms"]]
+    vms, vcpus = rec.table("vms"), rec.table("vcpus")
+    return pids, vms[vms["tgid"].isin(pids)], vcpus[vcpus["tgid"].isin(pids)]
+
+
+@pytest.mark.lab
+def test_vm_and_vcpu_lifetimes_end_at_teardown(reuse_run):
+    """Each VM (and its vCPU) is one lifetime owned by its own process, ended when the
+    process exits; VMs and vCPUs created match those torn down (probe counters)."""
+    rec, run = reuse_run
+    st = rec.manifest["probes"]["vms"]
+    assert st["status"] == "attached", st
+    for key in ("VM_CREATE", "VM_DESTROY", "VCPU_CREATE", "VCPU_TEARDOWN"):
+        assert st["targets"][key]["method"], st
+    n = len(run["vms"])
+    c = rec.manifest["probe_counters"]["vms"]
+    assert c["vms_created"] == c["vms_destroyed"] == n, c
+    assert c["vcpus_created"] == c["vcpus_destroyed"] == n, c
+    assert c["lost_pending_full"] == 0, c
+    pids, vms, vcpus = _mine(rec, run)
+    assert sorted(vms["tgid"]) == sorted(pids), vms      # one lifetime each, its own pid
+    assert ((vms["end_ns"] > 0) & (vms["end_ns"] >= vms["first_ns"])).all(), vms
+    if run["vmallocinfo"]:          # the registry's addresses are the kernel's
+        oracle = {v["pid"]: v["kvm"][0] for v in run["vms"] if len(v["kvm"]) == 1}
+        assert oracle and {p: a for p, a in zip(vms["tgid"], vms["kvm"]) if p in oracle} \
+            == oracle
+    vm_of = dict(zip(vms["tgid"], vms["kvm"]))
+    assert sorted(vcpus["tgid"]) == sorted(pids), vcpus
+    assert all(vm_of[t] == kvm for t, kvm in zip(vcpus["tgid"], vcpus["kvm"])), vcpus
+    assert (vcpus["end_ns"] > 0).all(), vcpus
+
+
+@pytest.mark.lab
+def test_reused_vm_address_names_the_new_owner(reuse_run):
+    """A struct kvm address given to a second VM: the registry has both owners, the
+    first ended before the second began, and names the address after the second."""
+    rec, run = reuse_run
+    pids, vms, _ = _mine(rec, run)
+    reused = {a: g.sort_values("first_ns") for a, g in vms.groupby("kvm") if len(g) > 1}
+    last = run["vms"][-1]
+    if "reuses" in last:            # the oracle saw it: the registry must have it
+        assert list(reused.get(last["kvm"][0], vms.iloc[:0])["tgid"]) == \
+            [last["reuses"], last["pid"]], vms
+    if not reused:
+        pytest.skip(f"the kernel reused no struct kvm address in {len(pids)} VMs "
+                    f"(vmalloc purge nudged with module {run['nudge']})")
+    order = {p: i for i, p in enumerate(pids)}
+    objects = rec.manifest["kvm_objects"]["vms"]
+    for addr, g in reused.items():
+        tgids = list(g["tgid"])
+        assert tgids == sorted(tgids, key=order.get), g          # owners in creation order
+        assert (g["end_ns"].iloc[:-1].to_numpy() <= g["first_ns"].iloc[1:].to_numpy()).all()
+        named = objects[f"{addr:#x}"]
+        assert named["tgid"] == tgids[-1], named
+        assert [o["tgid"] for o in named["owners"]] == tgids, named
+
+
+@pytest.mark.lab
+def test_reused_vcpu_address_names_the_new_vm(reuse_run):
+    """vCPUs come from a slab: their addresses are reused at once. Each lifetime at
+    a reused address belongs to its own VM, and the name goes to the latest."""
+    rec, run = reuse_run
+    _, vms, vcpus = _mine(rec, run)
+    vm_of = dict(zip(vms["tgid"], vms["kvm"]))
+    reused = {a: g.sort_values("first_ns") for a, g in vcpus.groupby("vcpu") if len(g) > 1}
+    if not reused:
+        pytest.skip(f"no vCPU address reused in {len(vcpus)} vCPUs")
+    objects = rec.manifest["kvm_objects"]["vcpus"]
+    for addr, g in reused.items():
+        assert len(set(g["tgid"])) == len(g), g
+        assert all(vm_of[t] == kvm for t, kvm in zip(g["tgid"], g["kvm"])), g
+        assert objects[f"{addr:#x}"]["tgid"] == g["tgid"].iloc[-1]
+        assert objects[f"{addr:#x}"]["kvm"] == g["kvm"].iloc[-1]
+
+
+# --- without the lab: a run that hangs is killed whole --------------------------------
+
+# A stand-in for virtme-ng whose "guest" prints, then hangs with children of its own:
+# a sleeper, a busy loop, and a busy loop that ignores SIGTERM (only SIGKILL ends it).
+FAKE_VNG = r"""
+echo $$ > "$1/leader.pid"
+i=0
+while [ $i -lt 40 ]; do echo "guest line $i"; i=$((i + 1)); done
+sleep 1000 &
+echo $! > "$1/sleeper.pid"
+(while :; do :; done) &
+sh -c 'trap "" TERM; while :; do :; done' &
+echo "guest: the workload hangs here"
+sleep 0.3       # two pipes: the tail orders lines as they arrive here
+echo "guest complains on stderr" >&2
+wait
+"""
+
+
+def fake_vng(tmp_path, body=FAKE_VNG):
+    script = tmp_path / "vng"
+    script.write_text(body)
+    return ["sh", str(script), str(tmp_path)]
+
+
+def pid_in(tmp_path, name):
+    for _ in range(100):                 # written by the script as it starts
+        try:
+            return int((tmp_path / name).read_text())
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    raise AssertionError(f"{name} never written")
+
+
+def assert_group_gone(pgid, *pids):
+    """Nothing of the group runs any more: what is left are zombies, if anything
+    (where PID 1 reaps nothing, as in containers)."""
+    assert lab.group_members(pgid) == []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                assert f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            pass
+
+
+def test_timeout_kills_the_whole_group_and_quotes_the_guest(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(lab.LabTimeout) as info:
+        lab.run_group(fake_vng(tmp_path), timeout=1.5, grace=0.5, capture_output=True,
+                      text=True, stdin=subprocess.DEVNULL)
+    e = info.value
+    assert isinstance(e, lab.LabError) and isinstance(e, subprocess.TimeoutExpired)
+    assert time.monotonic() - t0 < 10
+    msg = str(e)
+    assert "timed out after 1.5 s" in msg and "killed" in msg
+    assert "guest: the workload hangs here" in msg and "guest line 39" in msg
+    assert "guest complains on stderr" in msg            # stderr is in the tail too
+    assert len(e.tail) == lab.TAIL_LINES and "guest line 0" not in e.tail
+    assert b"guest line 0" in e.output                      # what was captured, whole
+    assert_group_gone(pid_in(tmp_path, "leader.pid"), pid_in(tmp_path, "sleeper.pid"))
+
+
+def test_lab_run_timeout_kills_qemu_and_streams_live(tmp_path, monkeypatch, capfd):
+    """lab.run (what `kvmlockprof lab`, ab and the lab tests call) with output not
+    captured: it still streams live, and the timeout error has the tail."""
+    monkeypatch.setattr(lab, "vng_argv", lambda *a, **kw: fake_vng(tmp_path))
+    monkeypatch.setattr(lab, "KILL_GRACE_S", 0.5)
+    with pytest.raises(lab.LabTimeout) as info:
+        lab.run(["true"], timeout=1.5)
+    assert "guest: the workload hangs here" in str(info.value)
+    out, err = capfd.readouterr()
+    assert "guest line 0" in out and "guest line 39" in out
+    assert "guest complains on stderr" in err
+    assert_group_gone(pid_in(tmp_path, "leader.pid"), pid_in(tmp_path, "sleeper.pid"))
+
+
+def test_lab_test_runner_fails_with_the_guest_tail(tmp_path, monkeypatch):
+    """The lab tests' runner passes its timeout through lab.run: a hang fails the
+    test with the guest's last lines instead of leaving QEMU running."""
+    monkeypatch.setattr(lab, "vng_argv", lambda *a, **kw: fake_vng(tmp_path))
+    monkeypatch.setattr(lab, "KILL_GRACE_S", 0.5)
+    with pytest.raises(pytest.fail.Exception, match="workload hangs here"):
+        lab_run(tmp_path, "true", timeout=1.5)
+    assert_group_gone(pid_in(tmp_path, "leader.pid"), pid_in(tmp_path, "sleeper.pid"))
+
+
+def test_normal_exit_returns_output_and_kills_leftovers(tmp_path):
+    body = 'echo $$ > "$1/leader.pid"; sleep 1000 & echo $! > "$1/sleeper.pid"; ' \
+           'echo out; echo err >&2; exit 3'
+    p = lab.run_group(fake_vng(tmp_path, body), capture_output=True, text=True,
+                      stdin=subprocess.DEVNULL)
+    assert (p.returncode, p.stdout, p.stderr) == (3, "out\n", "err\n")
+    assert_group_gone(pid_in(tmp_path, "leader.pid"), pid_in(tmp_path, "sleeper.pid"))
+    with pytest.raises(subprocess.CalledProcessError):
+        lab.run_group(fake_vng(tmp_path, "exit 1"), check=True, stdout=subprocess.DEVNULL,
+                      stdin=subprocess.DEVNULL)
+    with open(tmp_path / "out.txt", "w") as f:          # the caller's own file
+        lab.run_group(fake_vng(tmp_path, "echo to the file"), stdout=f,
+                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    assert (tmp_path / "out.txt").read_text() == "to the file\n"
+
+
+def test_interrupt_kills_the_group(tmp_path):
+    """Ctrl-C reaches only our process group now: the lab's must be killed by us."""
+    main = threading.get_ident()
+    timer = threading.Timer(1.0, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            lab.run_group(fake_vng(tmp_path), grace=0.5, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    finally:
+        timer.cancel()
+    if sys.version_info >= (3, 11):
+        assert "workload hangs here" in "".join(info.value.__notes__)
+    assert_group_gone(pid_in(tmp_path, "leader.pid"), pid_in(tmp_path, "sleeper.pid"))

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from kvmlockprof import btf, locknames
@@ -93,3 +94,184 @@ def test_locks_inside_locks_are_named(kbtf):
     assert "wait_lock" in mutex
     assert kbtf.lock_path("kvm", kvm["slots_lock"] + mutex["wait_lock"]) == \
         "slots_lock.wait_lock"
+
+
+def test_locks_inside_the_vendor_container_drop_its_member(kbtf):
+    """struct kvm sits in kvm_svm/kvm_vmx/kvm_pvm as member `kvm`, but struct kvm_vcpu in
+    vcpu_svm/... as member `vcpu`: either way the name is the embedded struct's path
+    (kvm(PID)->vcpu0->mutex, not ->vcpu.mutex)."""
+    namer = locknames.LockNamer(kbtf)
+    vcpu = dict((n, o) for _, n, o in pahole_locks("kvm_vcpu"))
+    kvm = dict((n, o) for _, n, o in pahole_locks("kvm"))
+    assert namer.locks["kvm_vcpu"][vcpu["mutex"]] == "mutex"
+    assert namer.locks["kvm"][kvm["slots_lock"]] == "slots_lock"
+    base = 0xffff888104560000
+    namer.vcpus[base] = {"tgid": 7, "kvm": 1, "vcpu_idx": 0, "how": "test"}
+    assert namer.name(base + vcpu["mutex"])[0] == "kvm(7)->vcpu0->mutex"
+
+
+# --- lifetimes: an address the kernel reuses for another VM ------------------------------
+
+BASE = 0xffffc90001230000
+VCPU = 0xffff888104560000
+
+
+def vm_rows(*rows):
+    return pd.DataFrame(rows, columns=["kvm", "tgid", "first_ns"])
+
+
+def vm_ends(*rows):
+    return pd.DataFrame(rows, columns=["kvm", "first_ns", "tgid", "end_ns"])
+
+
+def vcpu_rows(*rows):
+    return pd.DataFrame(rows, columns=["vcpu", "kvm", "tid", "tgid", "vcpu_idx", "vcpu_id",
+                                       "first_ns"])
+
+
+def vcpu_ends(*rows):
+    return pd.DataFrame(rows, columns=["vcpu", "first_ns", "kvm", "tid", "tgid", "vcpu_idx",
+                                       "vcpu_id", "end_ns"])
+
+
+def test_registry_keeps_every_owner_of_an_address():
+    reg = locknames.Registry()
+    reg.observe(vms=vm_rows((BASE, 100, 10)), now_ns=50)
+    reg.observe(vms=vm_rows((BASE, 100, 10)), now_ns=60)
+    assert reg.lifetimes("vms")[BASE][0]["last_ns"] == 60
+    v0 = reg.version
+    # VM 100 destroyed at 70 (the ended map), pid 200's VM got the address at 80
+    reg.observe(vms=vm_rows((BASE, 200, 80)), vm_ends=vm_ends((BASE, 10, 100, 70)), now_ns=90)
+    assert reg.version > v0
+    lives = reg.lifetimes("vms")[BASE]
+    assert [(r["tgid"], r["first_ns"], r["last_ns"], r["end_ns"]) for r in lives] == \
+        [(100, 10, 70, 70), (200, 80, 90, 0)]
+    v1 = reg.version
+    # the ended map is read again at every flush (LRU): nothing new
+    reg.observe(vms=vm_rows((BASE, 200, 80)), vm_ends=vm_ends((BASE, 10, 100, 70)), now_ns=95)
+    assert reg.version == v1
+    t = reg.tables()["vms"]
+    assert t.column_names == ["kvm", "tgid", "first_ns", "last_ns", "end_ns"]
+    assert t.column("tgid").to_pylist() == [100, 200]
+    assert t.schema.field("kvm").type == pa.uint64()
+
+
+def test_registry_sees_a_lifetime_that_began_and_ended_between_snapshots():
+    reg = locknames.Registry()
+    reg.observe(vcpu_ends=vcpu_ends((VCPU, 5, BASE, 11, 100, 0, 0, 9)), now_ns=20)
+    (row,) = reg.lifetimes("vcpus")[VCPU]
+    assert (row["first_ns"], row["last_ns"], row["end_ns"], row["tid"]) == (5, 9, 9, 11)
+    # a vCPU thread moving (KVM_RUN from another thread): the same lifetime
+    reg.observe(vcpus=vcpu_rows((VCPU, BASE, 12, 200, 0, 0, 30)), now_ns=31)
+    reg.observe(vcpus=vcpu_rows((VCPU, BASE, 13, 200, 0, 0, 30)), now_ns=32)
+    assert [r["tid"] for r in reg.lifetimes("vcpus")[VCPU]] == [11, 13]
+    assert reg.tables()["vcpus"].num_rows == 2
+
+
+def test_reused_vm_address_is_named_by_its_latest_owner(kbtf):
+    namer = locknames.LockNamer(kbtf)
+    slots = BASE + kbtf.offset("kvm", "slots_lock")
+    namer.observe(vms=vm_rows((BASE, 100, 10)), now_ns=20)
+    assert namer.names([slots])[f"{slots:#x}"]["name"] == "kvm(100)->slots_lock"
+    namer.observe(vms=vm_rows((BASE, 200, 80)), vm_ends=vm_ends((BASE, 10, 100, 70)), now_ns=90)
+    named = namer.names([slots])[f"{slots:#x}"]
+    assert named["name"] == "kvm(200)->slots_lock"
+    assert "observed" in named["how"] and "2 owners" in named["how"] and "100, 200" in named["how"]
+    vms = namer.manifest()["vms"]
+    assert vms[f"{BASE:#x}"]["tgid"] == 200
+    assert [o["tgid"] for o in vms[f"{BASE:#x}"]["owners"]] == [100, 200]
+
+
+def test_overlapping_vms_name_by_the_newer(kbtf):
+    """A destroyed VM's memory may hold part of a newer one at another base: an
+    address inside both is the newer VM's."""
+    namer = locknames.LockNamer(kbtf)
+    old, new = BASE, BASE - 0x1000
+    slots = new + kbtf.offset("kvm", "slots_lock")
+    assert slots - old < namer.layout["kvm"][1]          # inside the old one's extent too
+    namer.observe(vms=vm_rows((new, 200, 80)), vm_ends=vm_ends((old, 10, 100, 70)), now_ns=90)
+    assert namer.names([slots])[f"{slots:#x}"]["name"] == "kvm(200)->slots_lock"
+
+
+def test_reused_vcpu_address_is_named_by_its_new_vm(kbtf):
+    namer = locknames.LockNamer(kbtf)
+    other = BASE + 0x100000
+    mutex = VCPU + dict((n, o) for _, n, o in pahole_locks("kvm_vcpu"))["mutex"]
+    namer.observe(vms=vm_rows((other, 200, 80)),
+                  vcpus=vcpu_rows((VCPU, other, 201, 200, 1, 1, 85)),
+                  vm_ends=vm_ends((BASE, 10, 100, 70)),
+                  vcpu_ends=vcpu_ends((VCPU, 12, BASE, 101, 100, 0, 0, 69)), now_ns=90)
+    assert namer.names([mutex])[f"{mutex:#x}"]["name"] == "kvm(200)->vcpu1->mutex"
+
+
+def test_session_learns_the_registry_without_contention(kbtf):
+    """The registry is learnt (and its manifest written) even when no lock has
+    contended yet: record calls observe at every flush."""
+    names = locknames.SessionNames(ksyms=None, kbtf=kbtf)
+    names.update(pd.DataFrame(), vms=vm_rows((BASE, 100, 10)))
+    assert names.manifest()["kvm_objects"]["vms"][f"{BASE:#x}"]["tgid"] == 100
+    assert names.registry.tables()["vms"].num_rows == 1
+
+
+class FakeSource:
+    """What Recorder._flush reads of a BPF source, from canned snapshots."""
+
+    def __init__(self, snaps, counters=None):
+        self.snaps, self._counters = snaps, counters or {}
+
+    def poll(self):
+        return {}
+
+    def event_dtypes(self):
+        return {}
+
+    def snapshots(self):
+        return self.snaps
+
+    def counters(self):
+        return self._counters
+
+
+class NoSymbols:
+    def data_symbols(self, addrs):
+        return [None] * len(addrs)
+
+
+def test_record_keeps_every_owner_and_names_the_latest(kbtf, tmp_path):
+    """Recorder's flushes (no BPF: canned map snapshots): VM 100 at an address,
+    then destroyed, and VM 200 there; the recording's vms table keeps both
+    lifetimes, its lock there is named after 200, and the vms probe's counters
+    reach probe_counters."""
+    import kvmlockprof
+    from kvmlockprof import record
+    from kvmlockprof.recording import Writer
+    slots = BASE + kbtf.offset("kvm", "slots_lock")
+    aggs = pd.DataFrame({"lock_addr": [slots], "tgid": [200], "flags": [32],
+                         "stack_id": [-1], "count": [5], "total_ns": [500], "max_ns": [200],
+                         "min_ns": [50]}).astype("uint64")
+    aggs["hist"] = [[0] * 64]
+    rec = record.Recorder(tmp_path / "r.parquet")
+    rec.manifest = rec._manifest_head()
+    rec.manifest["start_monotonic_ns"] = 0
+    rec.names = locknames.SessionNames(NoSymbols(), kbtf)
+    rec.writer = Writer(rec.out)
+    rec.seen_stacks = {"contention": set(), "functions": set()}
+    rec.named_for, rec.pending = None, {}
+    contention = FakeSource({"aggregates": pa.Table.from_pandas(aggs, preserve_index=False)},
+                            {"end": 5})
+    counters = {"vms": {"vms_created": 2, "vms_destroyed": 1, "vcpus_created": 2,
+                        "vcpus_destroyed": 1}}
+    for snaps in ({"vms": vm_rows((BASE, 100, 10))},
+                  {"vms": vm_rows((BASE, 200, 80)), "vm_ends": vm_ends((BASE, 10, 100, 70))}):
+        functions = FakeSource({t: pa.Table.from_pandas(df.astype("uint64"), preserve_index=False)
+                                for t, df in snaps.items()}, counters)
+        rec.sources = {"contention": contention, "functions": functions}
+        rec._flush()
+    rec.writer.finalize(rec.manifest)
+    out = kvmlockprof.load(rec.out)
+    vms = out.table("vms")
+    assert list(zip(vms["kvm"], vms["tgid"], vms["end_ns"])) == [(BASE, 100, 70), (BASE, 200, 0)]
+    assert out.manifest["lock_names"][f"{slots:#x}"]["name"] == "kvm(200)->slots_lock"
+    assert out.manifest["kvm_objects"]["vms"][f"{BASE:#x}"]["owners"][0]["tgid"] == 100
+    assert out.manifest["probe_counters"]["vms"]["vcpus_destroyed"] == 1
+    assert "vm_ends" not in out.table_names                  # only as lifetimes

@@ -7,7 +7,11 @@ from ..maps import read_counters, read_hash
 from ..recording import to_arrow
 from ..ringbuf import BatchRingBuffer
 
-SHARED_TABLES = (("klp_vms", "vms", "kvm"), ("klp_vcpus", "vcpus", "vcpu"))
+# The VM/vCPU registry every module shares (common.h): live, and the lifetimes ended
+# (locknames.REGISTRY_TABLES; keyed by address and first_ns, LRU).
+SHARED_TABLES = (("klp_vms", "vms", "kvm"), ("klp_vcpus", "vcpus", "vcpu"),
+                 ("klp_vm_ends", "vm_ends", "key"), ("klp_vcpu_ends", "vcpu_ends", "key"))
+SHARED_FENTRY = 3       # KLP_M_*: fentry on a symbol that other targets of the module share
 
 
 def target_defines(target, symbol, method, kbtf):
@@ -33,7 +37,39 @@ def module_defines(plans, kbtf, stack_entries=16384, ringbuf_pages=1024, srcu_sa
             sym, method = plan.targets.get(t.key, (None, None))
             d.update(target_defines(t, sym, method, kbtf))
         d.update({f"KLP_OFF_{k}": v for k, v in btfmod.defines(kbtf, probe.fields).items()})
+    for targets in shared_fentry(plans).values():
+        d.update({f"KLP_M_{t.key}": SHARED_FENTRY for t in targets})
     return d
+
+
+def shared_fentry(plans):
+    """{symbol: [targets]} for the symbols that several targets of the module attach
+    by fentry (vms and xarray both hook kvm_arch_vcpu_destroy). bcc names an fentry
+    program after its function (kfunc__SYM), so a module holds one per symbol: it
+    calls each target's handler in turn (dispatch_source). Kprobes need no such
+    thing: each target's program is attached on its own."""
+    by_symbol = {}
+    for probe, plan in plans.items():
+        for t in probe.targets:
+            sym, method = plan.targets.get(t.key, (None, None))
+            if method == catalog.FENTRY:
+                by_symbol.setdefault(sym, []).append(t)
+    return {sym: ts for sym, ts in by_symbol.items() if len(ts) > 1}
+
+
+def dispatch_source(plans):
+    """The fentry/fexit programs of the shared symbols, each calling its targets'
+    handlers (KLP_M 3 makes those plain functions, common.h)."""
+    out = []
+    for sym, targets in shared_fentry(plans).items():
+        keys = ", ".join(t.key for t in targets)
+        calls = "".join(f"\tklp_fe__{t.key}(ctx);\n" for t in targets)
+        out.append(f"/* ---- fentry on {sym}, shared by {keys} ---- */\n"
+                   f"KFUNC_PROBE({sym})\n{{\n{calls}\treturn 0;\n}}\n")
+        rets = "".join(f"\tklp_fx__{t.key}(ctx);\n" for t in targets if t.ret)
+        if rets:
+            out.append(f"KRETFUNC_PROBE({sym})\n{{\n{rets}\treturn 0;\n}}\n")
+    return "\n".join(out)
 
 
 def counter_bases(probes):
@@ -54,10 +90,13 @@ def forced_plans(probes, method):
 
 def module_source(probes):
     """common.h and each probe's C, inlined: bcc rewrites map calls (map.lookup()
-    and friends) only in the main text, not in files it #includes."""
+    and friends) only in the main text, not in files it #includes. With plans
+    ({probe: Plan}), the programs of shared fentry symbols close it."""
     parts = [(bpfload.BPF_DIR / "common.h").read_text()]
     parts += [f"/* ---- {p.bpf} ---- */\n" + (bpfload.BPF_DIR / p.bpf).read_text()
               for p in probes]
+    if isinstance(probes, dict):
+        parts.append(dispatch_source(probes))
     return "\n".join(parts)
 
 
@@ -96,9 +135,10 @@ class FunctionProbes:
         return out
 
     def _detach_kprobes(self, handlers):
-        for _, sym, is_ret in handlers:
-            try:
-                (self.bpf.detach_kretprobe if is_ret else self.bpf.detach_kprobe)(event=sym)
+        for fn, sym, is_ret in handlers:
+            try:        # by program: another probe's may be on the same symbol
+                (self.bpf.detach_kretprobe if is_ret else self.bpf.detach_kprobe)(
+                    event=sym, fn_name=fn)
             except Exception:
                 pass            # never attached
 
