@@ -58,6 +58,7 @@ class Recorder:
         self.stack_budget = stack_budget
         self.warn = warn or (lambda msg: None)
         self.prefer = prefer            # attach method to try first (fentry/kprobe)
+        self.cost = None                # the handler-cost window while it is open
         # None: every probe this host can attach; else names (checked here, early)
         self.requested = None if probes is None else catalog.select(probes)
         check_output(out, force)
@@ -90,7 +91,7 @@ class Recorder:
         """Record until the duration ends, the command exits or a signal; return the manifest."""
         self.manifest = self._manifest_head()
         old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
-        self.sources, child, self.cost = {}, None, None
+        self.sources, child = {}, None
         try:
             self.kbtf = self._btf()
             self.sources = self._open_sources()

@@ -222,6 +222,9 @@ class FakeSource:
     def poll(self):
         return {}
 
+    def prog_fds(self):
+        return {}                   # no programs whose cost to measure
+
     def event_dtypes(self):
         return {}
 
