@@ -337,6 +337,19 @@ def top_stacks(rec, row, by="lock", n=1):
     return [(int(sid), list(info["frames"][sid])) for sid in part.index[:n]]
 
 
+def waits_in_progress(rec):
+    """The waits still in progress when the recording stopped, begun at least a
+    second before (a deadlock, or a very long wait): who, on which lock, from
+    where, for how long. Longest first."""
+    w = rec.table("in_progress")
+    cols = ["tid", "tgid", "comm", "lock", "type", "caller", "age_ns", "stack_id"]
+    if w.empty:
+        return pd.DataFrame(columns=cols)
+    w = _with_stack_columns(w, contention_stacks(rec), lock_names(rec))
+    w["comm"] = w["tgid"].map(_comm_by_tgid(rec)).astype(object).fillna("?")
+    return w.sort_values("age_ns", ascending=False)[cols].reset_index(drop=True)
+
+
 def totals(rec):
     """What was seen and what was lost, from the manifest's in-kernel counters."""
     m = rec.manifest

@@ -28,6 +28,9 @@ WORK_ENV = "KVMLOCKPROF_WORK_OUT"     # the built-in workload writes its WorkDon
 # (bpf_stats, ~90 ns more per run of any BPF program while on): the floor under
 # every wait it times, stated in the manifest (handler_ns) and the report.
 COST_WINDOW_S = 1.0
+# A wait still in progress when the recording stops, begun this long before: a
+# deadlock or a very long wait, named in the recording (in_progress) and the report.
+IN_PROGRESS_NS = 10**9
 
 
 class Stop(Exception):
@@ -59,6 +62,7 @@ class Recorder:
         self.warn = warn or (lambda msg: None)
         self.prefer = prefer            # attach method to try first (fentry/kprobe)
         self.cost = None                # the handler-cost window while it is open
+        self.in_progress = None         # waits begun long before the stop, never ended
         # None: every probe this host can attach; else names (checked here, early)
         self.requested = None if probes is None else catalog.select(probes)
         check_output(out, force)
@@ -118,6 +122,9 @@ class Recorder:
             try:
                 for src in self.sources.values():
                     src.detach()
+                if "contention" in self.sources and not self._failed():
+                    self.in_progress = self.sources["contention"].waits_in_progress(
+                        self._threads(), IN_PROGRESS_NS)
                 if hasattr(self, "writer") and not self._failed():
                     self._flush(final=True)
             finally:
@@ -234,6 +241,8 @@ class Recorder:
             events = {t: np.concatenate(self.pending.pop(t)) if t in self.pending else
                       np.empty(0, dt) for t, dt in dtypes.items()}
             snaps = src.snapshots()
+            if final and name == "contention" and self.in_progress is not None:
+                snaps["in_progress"] = self.in_progress
             for table, arr in events.items():
                 self.writer.append(table, to_arrow(arr))
             new = new_stack_ids(self.seen_stacks[name], stack_ids_in(events, snaps))
@@ -281,6 +290,20 @@ class Recorder:
         self.writer.manifest(self.manifest)
         if self.progress:
             self.progress(self.manifest)
+
+    def _threads(self):
+        """Thread ids of the processes recorded (every thread of the host when
+        system-wide)."""
+        tgids = self.manifest.get("pid_filter") if not self.manifest.get("system_wide") \
+            else None
+        out = []
+        for tgid in tgids if tgids is not None else \
+                [p for p in os.listdir("/proc") if p.isdigit()]:
+            try:
+                out += [int(t) for t in os.listdir(f"/proc/{tgid}/task")]
+            except (OSError, ValueError):
+                pass
+        return out
 
     def _learn_processes(self, events, snaps):
         """Name the processes seen (events: numpy arrays, snaps: Arrow tables)."""

@@ -289,6 +289,8 @@ COLUMNS = {
     "vgic": {"tgid": "n", "kvm": "n", "intid": "n", "refcount": "n", "irqs_off": "n",
              "lat_ns": "n"},
     "vms": {"kvm": "n", "tgid": "n"},
+    "in_progress": {"tid": "n", "tgid": "n", "lock_addr": "n", "flags": "n", "stack_id": "n",
+                    "age_ns": "n"},
     "vcpus": {"vcpu": "n", "kvm": "n", "tgid": "n", "vcpu_idx": "n"},
 }
 _KIND = {"n": pa.types.is_integer, "s": lambda t: pa.types.is_string(t) or (

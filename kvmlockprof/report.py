@@ -61,6 +61,12 @@ def summary_lines(rec):
                  f"losses {', '.join(f'{k}={v}' for k, v in lost.items()) or 'none'}" +
                  (f"  begins whose end never came {t['begins_unended']}"
                   if t["begins_unended"] else ""))
+    stuck = analysis.waits_in_progress(rec)
+    if not stuck.empty:
+        lines.append(f"{len(stuck)} waits still in progress at the stop, begun at least 1 s "
+                     "before (a deadlock, or a very long wait):")
+        lines += [f"  tid {r.tid} ({r.comm}, pid {r.tgid}) waiting {fmt_ns(r.age_ns)} on "
+                  f"{r.lock} ({r.type}) from {r.caller}" for r in stuck.head(20).itertuples()]
     w = m.get("work")
     if w:
         lines.append(f"workload pid {w.get('pid')}: {w.get('exits_total')} exits "

@@ -114,3 +114,21 @@ def test_unwalked_waits_spread_over_their_locks_walked_callers():
     assert list(out["estimated"]) == [True, True, False, False]
     whole = aggs.assign(stack_id=[7, 8, 11, 12, 10])          # every stack walked
     assert analysis.spread_unwalked(whole)["count"].tolist() == [3, 1, 4, 5, 2]
+
+
+def test_waits_in_progress_in_the_report(tmp_path):
+    import pyarrow as pa
+    from kvmlockprof import report
+    stuck = pa.table({"tid": pa.array([71, 72], pa.uint32()), "tgid": pa.array([7, 7], pa.uint32()),
+                      "lock_addr": pa.array([0x1000, 0x2000], pa.uint64()),
+                      "flags": pa.array([32, 1], pa.uint32()),
+                      "stack_id": pa.array([1, -1000], pa.int32()),
+                      "began_ns": pa.array([0, 0], pa.uint64()),
+                      "age_ns": pa.array([2_500_000_000, 7_000_000_000], pa.uint64())})
+    rec = kvmlockprof.load(small_recording(tmp_path / "r.parquet", in_progress=stuck))
+    w = analysis.waits_in_progress(rec)
+    assert list(w["tid"]) == [72, 71]                       # longest first
+    assert list(w["caller"]) == ["[stack not sampled]", "kvm_vm_ioctl+0x10"]
+    text = "\n".join(report.summary_lines(rec))
+    assert "2 waits still in progress at the stop" in text
+    assert "tid 71 (vcpu, pid 7) waiting 2.50 s on 0x1000 (mutex) from kvm_vm_ioctl+0x10" in text

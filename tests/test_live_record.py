@@ -290,6 +290,41 @@ def test_waits_pair_with_either_pending_store(live, pending):
 
 
 @pytest.mark.parametrize("pending", ["task storage", "hash"])
+def test_waits_in_progress_are_named(live, tmp_path, pending):
+    """A wait that never ends (a deadlock) is named with its thread, lock and stack.
+    Forced here: contention_begin alone for a second under the storm, so that no
+    end comes; the workload's threads then have waits in progress, read back from
+    the kernel's per-thread store (task storage through pidfds, or the hash)."""
+    from kvmlockprof.probes.contention import ContentionProbe
+    probe = ContentionProbe(pending=pending, sample_every=0, stack_budget=0)
+    probe.detach()
+    wl = subprocess.Popen(workload_argv("--duration", 30, "--vcpus", 2, "--churn"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(2)
+        probe.bpf.attach_raw_tracepoint(tp="contention_begin",
+                                        fn_name="raw_tracepoint__contention_begin")
+        probe._arm(True)
+        time.sleep(1)
+        probe.detach()
+        time.sleep(0.6)
+        tids = [int(t) for t in os.listdir(f"/proc/{wl.pid}/task")]
+        stuck = probe.waits_in_progress(tids, min_age_ns=500_000_000).to_pandas()
+        begun = probe.counters()["begin"]
+    finally:
+        wl.kill()
+        wl.wait()
+        probe.close()
+    assert len(stuck) > 0 and begun > 0
+    assert set(stuck["tid"]) <= set(tids) and set(stuck["tgid"]) == {wl.pid}
+    assert (stuck["age_ns"] >= 500_000_000).all() and (stuck["age_ns"] < 5e9).all()
+    assert (stuck["stack_id"] >= 0).any()       # walked at their begin (no budget)
+    # at most one wait in progress per thread and lock (task storage: 8 slots a thread)
+    assert not stuck.duplicated(["tid", "lock_addr"]).any()
+    assert pending == "hash" or stuck.groupby("tid").size().max() <= 8
+
+
+@pytest.mark.parametrize("pending", ["task storage", "hash"])
 def test_a_missed_end_does_not_stretch_the_next_wait(live, pending):
     """A begin whose end was missed stays in its task's slots. `record` never
     leaves one (contention_begin takes waits only once contention_end is attached
@@ -324,3 +359,18 @@ def test_a_missed_end_does_not_stretch_the_next_wait(live, pending):
     assert left > 1000 and len(samples) > 1000, (left, len(samples))
     assert c["begin_without_end"] > 0, c             # phase 1: no end ever came
     assert samples["wait_ns"].max() < 1e9, np.sort(samples["wait_ns"])[-5:]
+
+
+def test_exited_threads_leave_the_pid_filter(live, tmp_path):
+    """Following a command, each thread it forks joins the pid filter; a thread that
+    exits leaves it, so a long-running VMM that starts and ends threads never fills
+    it (it held 4096 entries, never removed: later threads were silently not
+    followed). 6000 threads, each started and joined in turn."""
+    out = tmp_path / "t.parquet"
+    code = ("import threading\n"
+            "for _ in range(6000):\n"
+            "    t = threading.Thread(target=int); t.start(); t.join()\n")
+    klp("record", "-q", "-o", out, "--", sys.executable, "-c", code)
+    c = kvmlockprof.load(out).manifest["counters"]
+    assert c["filter_exits"] >= 6000, c
+    assert c["lost_filter_full"] == 0, c

@@ -34,7 +34,7 @@ def aggregates_of(ev):
     return out
 
 
-def small_recording(path, rows=None):
+def small_recording(path, rows=None, in_progress=None):
     rows = rows or [(100, 0x1000, 7, 32, 1), (300, 0x1000, 7, 32, 1), (5000, 0x1000, 7, 32, 1),
                     (50, 0x2000, 8, 1, 2), (70, 0x2000, 8, 1, 2), (90, 0x2000, 8, 1, 2)]
     ev = events(rows)
@@ -48,6 +48,8 @@ def small_recording(path, rows=None):
                             ["_raw_spin_lock+0x3", "futex_wake+0x1"]], pa.list_(pa.string())),
         "lock_frame": pa.array([[True, False, False], [True, False]], pa.list_(pa.bool_()))}))
     w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
+    if in_progress is not None:
+        w.snapshot("in_progress", in_progress)
     n = len(rows)
     w.finalize({"format": "kvmlockprof-recording", "version": 1, "host": "test",
                 "kernel_release": "test", "duration_s": 1.0, "samples": n,

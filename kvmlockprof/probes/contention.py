@@ -1,5 +1,12 @@
 """The `contention` probe at run time: bpf/contention.bpf.c, loaded and read."""
+import ctypes
+import errno
+import json
+import os
 import time
+
+import numpy as np
+import pyarrow as pa
 
 from .. import bpfload
 from ..catalog import TRACEPOINT
@@ -37,6 +44,18 @@ def stack_window(budget):
     walks = budget // 100 if budget >= 200 else 2
     window = 10**9 * walks // budget
     return walks, window + window // 32 + 1013
+
+
+def _tgid(tid):
+    """The process a thread belongs to (0 when it is gone)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 class ContentionProbe:
@@ -114,6 +133,53 @@ class ContentionProbe:
 
     def wait(self, timeout):
         return self.ring.wait(timeout)
+
+    def waits_in_progress(self, tids, min_age_ns=0):
+        """The waits of these threads that began (in this epoch) and have not
+        ended, begun at least min_age_ns ago: a deadlock, or a very long wait.
+        Task storage is read per thread through a pidfd (of any thread from 6.9:
+        PIDFD_THREAD; before, of leaders only); the hash is walked."""
+        now = time.monotonic_ns()
+        armed = self.bpf["armed"]
+        epoch = armed[armed.Key(0)].epoch
+        rows = []
+        if self.pending == "task storage":
+            bcc = bpfload.import_bcc()
+            lib, module = bcc.libbcc.lib, self.bpf.module
+            leaf_t = bcc.BPF._decode_table_type(
+                json.loads(lib.bpf_table_leaf_desc(module, b"pending").decode()))
+            fd = lib.bpf_table_fd(module, b"pending")
+            for tid in tids:
+                try:
+                    pidfd = os.pidfd_open(tid, getattr(os, "PIDFD_THREAD", os.O_EXCL))
+                except OSError as e:
+                    if e.errno not in (errno.ESRCH, errno.EINVAL):
+                        raise
+                    continue                # gone, or not a leader before 6.9
+                try:
+                    key, leaf = ctypes.c_int(pidfd), leaf_t()
+                    if lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(leaf)) != 0:
+                        continue
+                finally:
+                    os.close(pidfd)
+                for i in range(len(leaf.lock)):
+                    if leaf.lock[i] and leaf.epoch[i] == epoch:
+                        rows.append((tid, leaf.lock[i], leaf.flags[i], leaf.stack_id[i],
+                                     leaf.ts_ns[i]))
+        else:
+            for k, v in self.bpf["pending"].items():
+                if v.epoch == epoch and (not tids or k.tid in tids):
+                    rows.append((k.tid, k.lock_addr, v.flags, v.stack_id, v.ts_ns))
+        rows = [r for r in rows if now - r[4] >= min_age_ns]
+        cols = list(zip(*rows)) if rows else [[]] * 5
+        began = np.array(cols[4], np.uint64)
+        return pa.table({"tid": pa.array(cols[0], pa.uint32()),
+                         "tgid": pa.array([_tgid(t) for t in cols[0]], pa.uint32()),
+                         "lock_addr": pa.array(cols[1], pa.uint64()),
+                         "flags": pa.array(cols[2], pa.uint32()),
+                         "stack_id": pa.array(cols[3], pa.int32()),
+                         "began_ns": pa.array(began),
+                         "age_ns": pa.array(now - began)})
 
     def counters(self):
         return read_counters(self.bpf["counters"], COUNTERS)
