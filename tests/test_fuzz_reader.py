@@ -1,10 +1,14 @@
 """Fuzzing the recording reader: truncated, bit-flipped and foreign Parquet files
 give a one-line RecordingError (or a readable recording), never another
-exception, never a hang. Runs the analysis the report runs, too."""
+exception, never a hang. Runs the analysis the report runs, too. The ring-buffer
+decoder, on random bytes, gives what a record-by-record reading of the kernel's
+layout gives, or a one-line error."""
+import contextlib
 import json
 import os
 import signal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -13,7 +17,8 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 import kvmlockprof
 from kvmlockprof import analysis, report
 from kvmlockprof.recording import MANIFEST_KEY, RecordingError
-from tests_support import small_recording
+from kvmlockprof.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SIZE, BatchRingBuffer
+from tests_support import EVENT, small_recording
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=bool(os.environ.get("CI")),
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -40,22 +45,29 @@ def _alarm(signum, frame):
     raise Hang()
 
 
-def read_all(path):
-    """What `report` does with a file: load, every table, the analyses."""
+@contextlib.contextmanager
+def no_hang(seconds=20):
     old = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(20)
+    signal.alarm(seconds)
     try:
-        rec = kvmlockprof.load(path)
-        for name in rec.table_names:
-            rec.table(name)
-        report.render(rec, stacks=True)
-        analysis.per_vm(rec)
-        analysis.timeline(rec)
-    except RecordingError as e:
-        assert "\n" not in str(e) and str(e)
+        yield
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def read_all(path):
+    """What `report` does with a file: load, every table, the analyses."""
+    with no_hang():
+        try:
+            rec = kvmlockprof.load(path)
+            for name in rec.table_names:
+                rec.table(name)
+            report.render(rec, stacks=True)
+            analysis.per_vm(rec)
+            analysis.timeline(rec)
+        except RecordingError as e:
+            assert "\n" not in str(e) and str(e)
 
 
 @FUZZ
@@ -109,3 +121,86 @@ def test_foreign_parquet(tmp_path, cols, manifest):
     p = tmp_path / "foreign.parquet"
     pq.write_table(t, p)
     read_all(p)
+
+
+# --- the ring-buffer decoder ----------------------------------------------------------
+
+RING_DTYPES = {"event": EVENT, "small": np.dtype([("a", "<u4")])}
+
+
+def ring_oracle(cons, prod, ring, dtype):
+    """Record by record, as kernel/bpf/ringbuf.c lays them out: (records, new consumer
+    position), or None when the pending bytes are not records of this size."""
+    size, stride = len(ring), (dtype.itemsize + HDR_SIZE + 7) // 8 * 8
+    if prod - cons <= 0:
+        return [], cons
+    if (prod - cons) % stride or prod - cons > size:
+        return None
+    out, pos = [], cons
+    while pos < prod:
+        head = [ring[(pos + i) % size] for i in range(stride)]
+        hdr = int.from_bytes(bytes(head[:4]), "little")
+        if hdr & BUSY_BIT:
+            break
+        if ((hdr & ~(BUSY_BIT | DISCARD_BIT)) + HDR_SIZE + 7) // 8 * 8 != stride:
+            return None
+        if not hdr & DISCARD_BIT:
+            out.append(bytes(head[HDR_SIZE:HDR_SIZE + dtype.itemsize]))
+        pos += stride
+    return out, pos
+
+
+def decode(cons, prod, ring, dtype):
+    """BatchRingBuffer.consume() over `ring` (mapped twice, as the kernel maps it)."""
+    rb = BatchRingBuffer.__new__(BatchRingBuffer)
+    cons_pos = np.array([cons], np.uint64)
+    rb._views(cons_pos, np.array([prod], np.uint64),
+              np.frombuffer(bytes(ring) * 2, np.uint8), len(ring), dtype)
+    with no_hang(5):
+        try:
+            out = rb.consume()
+        except RuntimeError as e:
+            assert str(e) and "\n" not in str(e)
+            return None
+    assert out.dtype == np.dtype(dtype)
+    return [r.tobytes() for r in out], int(cons_pos[0])
+
+
+def check_ring(cons, prod, ring, dtype):
+    got, want = decode(cons, prod, ring, dtype), ring_oracle(cons, prod, ring, dtype)
+    assert got == want
+    if got:
+        assert len(got[0]) * ((dtype.itemsize + HDR_SIZE + 7) // 8 * 8) <= max(0, prod - cons)
+
+
+@settings(FUZZ, max_examples=2000)
+@given(kind=st.sampled_from(sorted(RING_DTYPES)), log_size=st.integers(6, 12),
+       cons=st.integers(0, 2**64 - 1), delta=st.integers(-2**12, 2**13),
+       data=st.data())
+def test_ring_random_bytes(kind, log_size, cons, delta, data):
+    dtype = RING_DTYPES[kind]
+    ring = data.draw(st.binary(min_size=2**log_size, max_size=2**log_size), "ring")
+    prod = min(max(cons + delta, 0), 2**64 - 1)
+    check_ring(cons, prod, ring, dtype)
+
+
+@settings(FUZZ, max_examples=2000)
+@given(kind=st.sampled_from(sorted(RING_DTYPES)), log_size=st.integers(7, 12),
+       cons=st.integers(0, 2**40), data=st.data())
+def test_ring_records(kind, log_size, cons, data):
+    """Rings as the kernel fills them (records submitted, discarded or still in flight),
+    then a few bytes damaged."""
+    dtype = RING_DTYPES[kind]
+    size, stride = 2**log_size, (dtype.itemsize + HDR_SIZE + 7) // 8 * 8
+    flags = data.draw(st.lists(st.sampled_from([0, 0, 0, DISCARD_BIT, BUSY_BIT]),
+                               max_size=size // stride), "flags")
+    ring = bytearray(data.draw(st.binary(min_size=size, max_size=size), "stale bytes"))
+    for i, f in enumerate(flags):
+        rec = (dtype.itemsize | f).to_bytes(4, "little") + bytes(4) + \
+            data.draw(st.binary(min_size=stride - HDR_SIZE, max_size=stride - HDR_SIZE))
+        for j, b in enumerate(rec):
+            ring[(cons + i * stride + j) % size] = b
+    for pos, xor in data.draw(st.lists(st.tuples(st.integers(0, size - 1),
+                                                 st.integers(1, 255)), max_size=3), "damage"):
+        ring[pos] ^= xor
+    check_ring(cons, cons + len(flags) * stride, ring, dtype)
