@@ -248,6 +248,9 @@ def report(recording, by, sort, limit, pids, stacks, fmt, output, html_out, forc
         rec = load(recording)
         text = rpt.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
                           pids=list(pids) or None)
+        if html_out:                # reads more of the recording than the text does
+            from . import html
+            page = html.render(rec, limit=limit)
     except RecordingError as e:
         fail(str(e))
     if rec.interrupted:
@@ -256,8 +259,7 @@ def report(recording, by, sort, limit, pids, stacks, fmt, output, html_out, forc
     for w in rec.warnings:
         click.echo(f"kvmlockprof: warning: {rec.path}: {w}", err=True)
     if html_out:
-        from . import html
-        _write_atomic(html_out, html.render(rec, limit=limit))
+        _write_atomic(html_out, page)
     if output:
         _write_atomic(output, text)
     else:

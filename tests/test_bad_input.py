@@ -109,6 +109,24 @@ def test_ab_refuses_same_sides(tmp_path):
         klp("ab", "-o", tmp_path / "x", check=False))
 
 
+def test_damaged_recording(recording, tmp_path):
+    """A file that reads well but whose numbers are not those recorded: ts_ns's
+    checksum differs. The text report does not read ts_ns and runs; --html does and
+    gets one line, with no page written."""
+    from tests_support import rewrite
+
+    def later(name, t):
+        if name != "contention":
+            return t
+        i = t.schema.get_field_index("ts_ns")
+        return t.set_column(i, "ts_ns", pa.array(t.column(i).to_numpy() + 1))
+    bad = rewrite(recording, tmp_path / "bad.parquet", table=later)
+    assert "contention" in klp("report", bad).stdout
+    line = one_line_error(klp("report", bad, "--html", tmp_path / "r.html", check=False))
+    assert "column contention.ts_ns does not match its checksum: the file is damaged" in line
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_flush_cut_short_is_left_out(tmp_path):
     """An interrupted recording whose last flush was cut short before its manifest:
     reported as of the manifest, with a warning that names what was left out."""
