@@ -248,14 +248,18 @@ def report(recording, by, sort, limit, pids, stacks, fmt, output, html_out, forc
         rec = load(recording)
         text = rpt.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
                           pids=list(pids) or None)
+        if html_out:                # reads more of the recording than the text does
+            from . import html
+            page = html.render(rec, limit=limit)
     except RecordingError as e:
         fail(str(e))
     if rec.interrupted:
         click.echo(f"kvmlockprof: warning: {recording} was not finished; reading the "
                    f"interrupted recording at {rec.path}", err=True)
+    for w in rec.warnings:
+        click.echo(f"kvmlockprof: warning: {rec.path}: {w}", err=True)
     if html_out:
-        from . import html
-        _write_atomic(html_out, html.render(rec, limit=limit))
+        _write_atomic(html_out, page)
     if output:
         _write_atomic(output, text)
     else:
@@ -317,6 +321,7 @@ def compare(sides, bases, news, threshold, limit, resamples, fmt, output, html_o
     try:
         base, new = cr.load_side(bases), cr.load_side(news)
         refuse, warnings = cmp.check(base, new)
+        warnings += [f"{r.path}: {w}" for r in base + new for w in r.warnings]
         if refuse and not force:
             fail(f"not comparable: {refuse[0]} (--force compares anyway)")
         warnings = refuse + warnings

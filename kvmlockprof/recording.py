@@ -10,8 +10,14 @@ The finished file holds several tables in one schema: a `table` column names
 the table of each row group, and each table's columns live in a struct column
 of the same name (`contention`, `aggregates`, `stacks`, ...). The manifest
 (JSON) is in the file's key-value metadata under `kvmlockprof.manifest`.
+
+From format version 2 the manifest carries `integrity`: each table's row count and
+a checksum of each of its columns' values, and a checksum of the manifest itself;
+reading a table checks them, so a damaged file is refused instead of giving other
+numbers. Version 1 files (without it) are read unchecked.
 """
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -20,10 +26,12 @@ import tempfile
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 FORMAT = "kvmlockprof-recording"
-VERSION = 1
+VERSION = 2                 # 2: the manifest has `integrity` (a version 2 file lacking it
+READABLE = (1, 2)           # is damaged); version 1 files are read unchecked
 MANIFEST_KEY = b"kvmlockprof.manifest"
 SNAPSHOT_TABLES = ("aggregates",)     # rewritten whole at every flush, not appended
 
@@ -108,8 +116,146 @@ def _atomic_write_json(obj, path):
     _atomic(path, lambda tmp: _write_json(obj, tmp))
 
 
+# --- integrity ------------------------------------------------------------------------
+# sha256 (hashlib; 1.8 GB/s with SHA-NI) of each column's decoded values: it checks
+# what the analyses get whatever part of the file is damaged (pages, footer, schema),
+# and per column, so a projected read checks only the columns it reads.
+
+class ColumnDigest:
+    """sha256 of a column's values and types in a form independent of how Arrow
+    holds them (chunks, a dictionary's order, list offsets), fed chunk by chunk. Each
+    kind of data (values of one type, list lengths, null positions) is a stream
+    hashed on its own, so that chunk boundaries do not change the digest."""
+
+    def __init__(self):
+        self.streams = {}
+        self.seen = {}              # elements fed so far, per nesting level
+
+    def _feed(self, name, data):
+        self.streams.setdefault(name, hashlib.sha256()).update(data)
+
+    def update(self, arr, path=""):
+        start = self.seen.get(path, 0)
+        self.seen[path] = start + len(arr)
+        if arr.null_count:
+            nulls = np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)) + start
+            self._feed(path + "null", nulls.astype("<i8"))
+            arr = arr.drop_null()
+        t = arr.type
+        if _is_text(t):
+            self._feed(path + "text", _text_rows(pc.dictionary_encode(arr)))
+        elif pa.types.is_dictionary(t) and _is_text(t.value_type):
+            self._feed(path + "dict-text", _text_rows(arr))
+        elif pa.types.is_dictionary(t):
+            self.update(arr.dictionary_decode(), path)
+        elif pa.types.is_list(t) or pa.types.is_large_list(t) or \
+                pa.types.is_fixed_size_list(t):
+            lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+            self._feed(path + "len", lengths.astype("<i8"))
+            self.update(arr.flatten(), path + "[]")
+        else:
+            try:
+                a = arr.to_numpy(zero_copy_only=False)
+            except (pa.ArrowException, NotImplementedError):
+                a = np.array([], object)
+            if a.dtype.kind in "biufmM":
+                a = np.ascontiguousarray(a, a.dtype.newbyteorder("<"))
+                self._feed(f"{path}{a.dtype.kind}{a.dtype.itemsize}", a)
+            else:                   # no kind a recording holds: slow and exact
+                self._feed(f"{path}{t}", repr(arr.to_pylist()).encode())
+
+    def hexdigest(self):
+        h = hashlib.sha256()
+        for name in sorted(self.streams):
+            h.update(name.encode() + b"\0" + self.streams[name].digest())
+        return h.hexdigest()
+
+
+def _is_text(t):
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or \
+        pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _text_rows(arr):
+    """A dictionary array's rows as 8 bytes of their string's sha256 each: the digest
+    does not depend on the dictionary's order or unused entries."""
+    entries = np.array([int.from_bytes(hashlib.sha256(
+        b"\0" if v is None else b"\1" + (v.encode() if isinstance(v, str) else v)).digest()[:8],
+        "little") for v in arr.dictionary.to_pylist()], dtype="<u8")
+    return entries[arr.indices.to_numpy(zero_copy_only=False)]
+
+
+def table_digests(table, digests=None):
+    """{column: ColumnDigest} of an Arrow table, continuing `digests` if given."""
+    digests = {} if digests is None else digests
+    for name in table.column_names:
+        d = digests.setdefault(name, ColumnDigest())
+        for chunk in table.column(name).chunks:
+            d.update(chunk)
+    return digests
+
+
+def _manifest_digest(manifest):
+    """sha256 of the manifest as JSON, keys sorted, without the digest itself."""
+    m = dict(manifest, integrity={k: v for k, v in (manifest.get("integrity") or {}).items()
+                                  if k != "manifest"})
+    return hashlib.sha256(json.dumps(m, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
+def _sealed(manifest, tables):
+    """The manifest as JSON reads it back, with its integrity record: tables are
+    {table: {"rows": n, "columns": {column: sha256}, ...}}."""
+    m = json.loads(json.dumps(dict(manifest, format=FORMAT, version=VERSION), default=str))
+    m["integrity"] = {"tables": tables}
+    m["integrity"]["manifest"] = _manifest_digest(m)
+    return m
+
+
+def _damaged(path, what):
+    return RecordingError(f"{path}: {what}: the file is damaged (not what was recorded); "
+                          "use an undamaged copy or record again")
+
+
+def _check_integrity(path, manifest):
+    """The manifest's integrity record ({table: {"rows", "columns", ...}}), checked
+    against the manifest; None for a version 1 recording, which has none."""
+    if manifest.get("version") == 1:
+        return None
+    integ = manifest.get("integrity")
+    if not isinstance(integ, dict):
+        raise _damaged(path, "the manifest has no integrity record")
+    if integ.get("manifest") != _manifest_digest(manifest):
+        raise _damaged(path, "the manifest does not match its checksum")
+    tables = integ.get("tables")
+    if not isinstance(tables, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("rows"), int) and
+            isinstance(e.get("columns"), dict) and
+            all(isinstance(v, str) for v in e["columns"].values()) for e in tables.values()):
+        raise _damaged(path, "the manifest's integrity record is malformed")
+    return tables
+
+
+def _verify(path, name, table, expect):
+    """Refuse a table whose rows or column values differ from those recorded."""
+    if table.num_rows != expect["rows"]:
+        raise _damaged(path, f"table {name!r} has {table.num_rows} rows, "
+                             f"{expect['rows']} were recorded")
+    cols = expect["columns"]
+    for col, d in table_digests(table).items():
+        if col not in cols:
+            raise _damaged(path, f"table {name!r} has a column {col!r} that was not recorded")
+        if d.hexdigest() != cols[col]:
+            raise _damaged(path, f"column {name}.{col} does not match its checksum")
+
+
 class Writer:
-    """Appends chunks to `<out>.partial/`, then finalize() makes `<out>`."""
+    """Appends chunks to `<out>.partial/`, then finalize() makes `<out>`.
+
+    Every data file is written whole under a new name (`<table>-<n>.parquet`, a
+    snapshot too) before the manifest that lists it with its checksums, and a
+    replaced snapshot is deleted only after the manifest stops listing it: after a
+    kill -9 at any point, the manifest describes files that are all there."""
 
     def __init__(self, out):
         self.out = str(out)
@@ -119,25 +265,52 @@ class Writer:
         os.makedirs(self.dir)
         self.seq = {}
         self.rows = {}
+        self.files = {}             # table -> its files in order (a snapshot: the last)
+        self.digests = {}           # table -> {column: ColumnDigest} of those files
+        self.replaced = []          # snapshots to delete once the manifest is written
+
+    def _write(self, table_name, table):
+        n = self.seq.get(table_name, 0) + 1
+        self.seq[table_name] = n
+        name = f"{table_name}-{n:06d}.parquet"
+        _atomic_write_parquet(table, os.path.join(self.dir, name))
+        return name
 
     def append(self, table_name, table):
         if table is None or table.num_rows == 0:
             return
-        n = self.seq.get(table_name, 0) + 1
-        self.seq[table_name] = n
+        self.files.setdefault(table_name, []).append(self._write(table_name, table))
         self.rows[table_name] = self.rows.get(table_name, 0) + table.num_rows
-        _atomic_write_parquet(table, os.path.join(self.dir, f"{table_name}-{n:06d}.parquet"))
+        table_digests(table, self.digests.setdefault(table_name, {}))
 
     def snapshot(self, table_name, table):
-        _atomic_write_parquet(table, os.path.join(self.dir, f"{table_name}.parquet"))
+        name = self._write(table_name, table)
+        self.replaced += self.files.get(table_name, [])
+        self.files[table_name] = [name]
         self.rows[table_name] = table.num_rows
+        self.digests[table_name] = table_digests(table)
+
+    def _integrity(self, files):
+        return {t: dict({"rows": self.rows[t],
+                         "columns": {c: d.hexdigest() for c, d in self.digests[t].items()}},
+                        **({"files": fs} if files else {}))
+                for t, fs in sorted(self.files.items())}
 
     def manifest(self, manifest):
-        _atomic_write_json(manifest, os.path.join(self.dir, "manifest.json"))
+        _atomic_write_json(_sealed(manifest, self._integrity(files=True)),
+                           os.path.join(self.dir, "manifest.json"))
+        for name in self.replaced:
+            try:
+                os.unlink(os.path.join(self.dir, name))
+            except FileNotFoundError:
+                pass
+        self.replaced = []
 
     def finalize(self, manifest):
-        """Merge the chunks into one Parquet file at `out`, atomically."""
-        parts = _partial_tables(self.dir)
+        """Merge the chunks into one Parquet file at `out`, atomically. What is merged
+        is checked against the checksums taken when each chunk was written."""
+        parts = {name: [os.path.join(self.dir, f) for f in files]
+                 for name, files in sorted(self.files.items())}
         schemas = {name: pq.read_schema(files[0]) for name, files in parts.items()}
         union = pa.schema([("table", pa.string())] +
                           [(name, pa.struct(list(s))) for name, s in schemas.items()])
@@ -147,19 +320,27 @@ class Writer:
                 layout.setdefault(name, []).extend(
                     range(rg, rg + pq.ParquetFile(f).metadata.num_row_groups))
                 rg += pq.ParquetFile(f).metadata.num_row_groups
-        manifest = dict(manifest, tables=layout, format=FORMAT, version=VERSION)
-        union = union.with_metadata({MANIFEST_KEY: json.dumps(manifest, default=str)})
+        integrity = self._integrity(files=False)
+        manifest = _sealed(dict(manifest, tables=layout), integrity)
+        union = union.with_metadata({MANIFEST_KEY: json.dumps(manifest)})
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(self.out) + ".",
                                    dir=os.path.dirname(os.path.abspath(self.out)))
         os.close(fd)
         try:
             with pq.ParquetWriter(tmp, union, compression="zstd") as w:
                 for name, files in parts.items():
+                    merged = {}
                     for f in files:
                         for i in range(pq.ParquetFile(f).metadata.num_row_groups):
                             t = pq.ParquetFile(f).read_row_group(i)
+                            table_digests(t, merged)
                             w.write_table(_as_union_rows(name, t, union),
                                           row_group_size=max(1, t.num_rows))
+                    if {c: d.hexdigest() for c, d in merged.items()} != \
+                            integrity[name]["columns"]:
+                        raise RecordingError(f"{self.dir}: the {name} chunks changed on disk "
+                                             "since they were written: check the disk; the "
+                                             "chunks are kept there")
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.out)
         except BaseException:
@@ -184,7 +365,7 @@ def _as_union_rows(name, table, union):
 
 
 def _partial_tables(d):
-    """{table: [files in order]} of a .partial directory."""
+    """{table: [files in order]} of a version 1 .partial directory: every file in it."""
     out = {}
     for f in sorted(glob.glob(os.path.join(d, "*.parquet"))):
         base = os.path.basename(f)[:-len(".parquet")]
@@ -198,12 +379,15 @@ def _partial_tables(d):
 class Recording:
     """A loaded recording: the manifest and one DataFrame per table."""
 
-    def __init__(self, path, manifest, tables, interrupted=False):
+    def __init__(self, path, manifest, tables, interrupted=False, integrity=None,
+                 warnings=()):
         self.path = path
         self.manifest = manifest
         self._tables = tables           # name -> callable returning an Arrow table
         self._cache = {}
         self.interrupted = interrupted
+        self._integrity = integrity     # {table: {"rows", "columns"}}; None: unchecked
+        self.warnings = list(warnings)  # one line each: what was read differently
 
     @classmethod
     def from_frames(cls, path, manifest, frames):
@@ -244,6 +428,8 @@ class Recording:
         if key not in self._cache:
             try:
                 t = _check_table(self.path, name, self._tables[name](columns), columns)
+                if self._integrity is not None:
+                    _verify(self.path, name, t, self._integrity[name])
                 self._cache[key] = t.to_pandas(split_blocks=True, self_destruct=True)
             except (pa.ArrowException, OSError, KeyError, ValueError, TypeError,
                     IndexError, AttributeError) as e:
@@ -325,9 +511,11 @@ def _check_manifest(path, manifest):
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise RecordingError(f"{path} is not a kvmlockprof recording (no manifest): "
                              "record one with `kvmlockprof record`")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READABLE or isinstance(manifest.get("version"), bool):
         raise RecordingError(f"{path} is recording format version {manifest.get('version')}, "
-                             f"this kvmlockprof reads version {VERSION}: upgrade kvmlockprof")
+                             f"this kvmlockprof reads versions {READABLE[0]}-{READABLE[-1]}: "
+                             "upgrade kvmlockprof")
+    integrity = _check_integrity(path, manifest)
     for key, types in MANIFEST_TYPES.items():
         if key in manifest and manifest[key] is None:
             del manifest[key]                   # null reads as absent
@@ -345,7 +533,7 @@ def _check_manifest(path, manifest):
            for v in (manifest.get("lock_names") or {}).values()) or \
             any(not isinstance(v, str) for v in (manifest.get("lock_symbols") or {}).values()):
         raise RecordingError(f"{path}: the manifest's lock names are malformed")
-    return manifest
+    return integrity
 
 
 def load(path):
@@ -371,7 +559,8 @@ def load(path):
                              f"killed, read {partial_dir(path)} instead")
     try:
         pf = pq.ParquetFile(path)
-        meta = pf.schema_arrow.metadata or {}
+        names = set(pf.schema_arrow.names)
+        meta = pf.metadata.metadata or {}       # the footer's own copy, not ARROW:schema's
     except (pa.ArrowException, OSError, ValueError) as e:
         raise RecordingError(f"{path} is a corrupt Parquet file ({_first_line(e)})") from None
     if MANIFEST_KEY not in meta:
@@ -381,14 +570,13 @@ def load(path):
         manifest = json.loads(meta[MANIFEST_KEY])
     except ValueError:
         raise RecordingError(f"{path}: the recording's manifest is corrupt") from None
-    _check_manifest(path, manifest)
+    integrity = _check_manifest(path, manifest)
     layout = manifest.get("tables") or {}
     if any(not isinstance(g, list) or not all(isinstance(i, int) and
                                               0 <= i < pf.metadata.num_row_groups for i in g)
            for g in layout.values()):
         raise RecordingError(f"{path}: the manifest's table layout does not match the file: "
                              "the file is damaged")
-    names = set(pf.schema_arrow.names)
 
     def reader(name, groups):
         # Row group by row group: Arrow cannot read a struct with a dictionary
@@ -397,7 +585,15 @@ def load(path):
             [_flatten(pf.read_row_group(i, columns=[f"{name}.{c}" for c in columns]
                                         if columns else [name]), name) for i in groups])
     tables = {n: reader(n, g) for n, g in layout.items() if n in names}
-    return Recording(path, manifest, tables)
+    if integrity is not None:
+        for n in set(integrity) | set(layout):
+            if n not in tables or n not in integrity:
+                raise _damaged(path, f"table {n!r} is missing")
+            rows = sum(pf.metadata.row_group(i).num_rows for i in layout[n])
+            if rows != integrity[n]["rows"]:
+                raise _damaged(path, f"table {n!r} has {rows} rows, {integrity[n]['rows']} "
+                                     "were recorded")
+    return Recording(path, manifest, tables, integrity=integrity)
 
 
 def _flatten(table, name):
@@ -419,11 +615,51 @@ def _load_partial(d):
     except (OSError, ValueError):
         raise RecordingError(f"{d} has no readable manifest.json: it is not an interrupted "
                              "kvmlockprof recording") from None
-    _check_manifest(d, manifest)
-    parts = _partial_tables(d)
+    integrity = _check_manifest(d, manifest)
+    warnings = []
+    if integrity is None:                       # version 1: every chunk there
+        parts = _partial_tables(d)
+    else:
+        parts = _listed_files(d, integrity)
+        later = _written_after(d, parts)
+        if later:
+            # Left out, not read unchecked: the manifest's counts and times are those of
+            # its flush, and what was flushed after it has no checksum to check.
+            warnings.append(f"{len(later)} file(s) of a flush cut short (written after the "
+                            f"last manifest) were left out: {', '.join(later[:3])}")
 
     def reader(files):
         return lambda columns=None: pa.concat_tables(
             [pq.read_table(f, columns=list(columns) if columns else None) for f in files])
     return Recording(d, manifest, {n: reader(fs) for n, fs in parts.items()},
-                     interrupted=True)
+                     interrupted=True, integrity=integrity, warnings=warnings)
+
+
+def _seq(name):
+    """(table, n) of a `<table>-<n>.parquet` file name, or None."""
+    base, _, n = name[:-len(".parquet")].rpartition("-")
+    return (base, int(n)) if name.endswith(".parquet") and base and n.isdigit() else None
+
+
+def _listed_files(d, integrity):
+    """{table: [paths]} of the files the manifest lists, which must all be there."""
+    parts = {}
+    for table, e in integrity.items():
+        files = e.get("files")
+        if not isinstance(files, list) or not all(
+                isinstance(f, str) and os.path.basename(f) == f and _seq(f) and
+                _seq(f)[0] == table for f in files):
+            raise _damaged(d, f"the manifest's file list of table {table!r} is malformed")
+        for f in files:
+            if not os.path.isfile(os.path.join(d, f)):
+                raise _damaged(d, f"{f} is missing")
+        parts[table] = [os.path.join(d, f) for f in files]
+    return parts
+
+
+def _written_after(d, parts):
+    """Data files newer than the manifest's (a kill -9 between them and it); older
+    ones are snapshots it replaced, left by a kill before they were deleted."""
+    last = {t: max(_seq(os.path.basename(f))[1] for f in fs) for t, fs in parts.items() if fs}
+    names = sorted(os.path.basename(f) for f in glob.glob(os.path.join(d, "*.parquet")))
+    return [f for f, s in zip(names, map(_seq, names)) if s and s[1] > last.get(s[0], 0)]

@@ -20,20 +20,27 @@ HDR_SIZE = 8              # u32 len | flags, u32 page offset
 class BatchRingBuffer:
     def __init__(self, map_fd, data_size, dtype):
         page = mmap.PAGESIZE
-        self.dtype = np.dtype(dtype)
-        self.mask = data_size - 1
-        self.stride = (self.dtype.itemsize + HDR_SIZE + 7) & ~7
         self._cons_map = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._prod_map = mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED,
                                    mmap.PROT_READ, offset=page)
-        self._cons = np.frombuffer(self._cons_map, dtype=np.uint64, count=1)
-        self._prod = np.frombuffer(self._prod_map, dtype=np.uint64, count=1)
-        self._data = np.frombuffer(self._prod_map, dtype=np.uint8, offset=page)
-        self._rec = np.dtype({"names": ["len", "ev"], "formats": [np.uint32, self.dtype],
-                              "offsets": [0, HDR_SIZE], "itemsize": self.stride})
+        self._views(np.frombuffer(self._cons_map, dtype=np.uint64, count=1),
+                    np.frombuffer(self._prod_map, dtype=np.uint64, count=1),
+                    np.frombuffer(self._prod_map, dtype=np.uint8, offset=page), data_size,
+                    dtype)
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
+
+    def _views(self, cons, prod, data, data_size, dtype):
+        """The positions (one uint64 each) and the data area (2 * data_size bytes,
+        the second half the first again) as the decoder reads them."""
+        self.dtype = np.dtype(dtype)
+        self.data_size = data_size
+        self.mask = data_size - 1
+        self.stride = (self.dtype.itemsize + HDR_SIZE + 7) & ~7
+        self._cons, self._prod, self._data = cons, prod, data
+        self._rec = np.dtype({"names": ["len", "ev"], "formats": [np.uint32, self.dtype],
+                              "offsets": [0, HDR_SIZE], "itemsize": self.stride})
 
     def wait(self, timeout):
         """Sleep until the kernel wakes us (the ring is filling) or timeout."""
@@ -50,12 +57,20 @@ class BatchRingBuffer:
         if avail % self.stride:
             raise RuntimeError(f"ring buffer holds records of another size "
                                f"({avail} bytes pending, stride {self.stride})")
+        if avail > self.data_size:
+            raise RuntimeError(f"ring buffer positions are inconsistent ({avail} bytes "
+                               f"pending in a {self.data_size}-byte ring)")
         start = cons & self.mask
         recs = self._data[start:start + avail].view(self._rec)
         lens = recs["len"]
         busy = np.flatnonzero(lens & BUSY_BIT)
         n = int(busy[0]) if busy.size else len(recs)    # stop at the first in flight
         ready = recs[:n]
+        sizes = ((ready["len"] & ~np.uint32(BUSY_BIT | DISCARD_BIT)) + (HDR_SIZE + 7)) // 8 * 8
+        if (sizes != self.stride).any():        # the kernel rounds len + header to 8
+            raise RuntimeError(f"ring buffer holds records of another size (a record of "
+                               f"{int(sizes[sizes != self.stride][0])} bytes, stride "
+                               f"{self.stride})")
         keep = (ready["len"] & DISCARD_BIT) == 0
         out = ready["ev"][keep] if not keep.all() else ready["ev"].copy()
         self._cons[0] = cons + n * self.stride          # frees the space for the kernel

@@ -107,3 +107,34 @@ def test_compare_bad_input(recording, tmp_path):
 def test_ab_refuses_same_sides(tmp_path):
     assert "the two sides are the same" in one_line_error(
         klp("ab", "-o", tmp_path / "x", check=False))
+
+
+def test_damaged_recording(recording, tmp_path):
+    """A file that reads well but whose numbers are not those recorded: ts_ns's
+    checksum differs. The text report does not read ts_ns and runs; --html does and
+    gets one line, with no page written."""
+    from tests_support import rewrite
+
+    def later(name, t):
+        if name != "contention":
+            return t
+        i = t.schema.get_field_index("ts_ns")
+        return t.set_column(i, "ts_ns", pa.array(t.column(i).to_numpy() + 1))
+    bad = rewrite(recording, tmp_path / "bad.parquet", table=later)
+    assert "contention" in klp("report", bad).stdout
+    line = one_line_error(klp("report", bad, "--html", tmp_path / "r.html", check=False))
+    assert "column contention.ts_ns does not match its checksum: the file is damaged" in line
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_flush_cut_short_is_left_out(tmp_path):
+    """An interrupted recording whose last flush was cut short before its manifest:
+    reported as of the manifest, with a warning that names what was left out."""
+    from kvmlockprof.recording import to_arrow
+    from tests_support import partial_recording
+    d, w, ev = partial_recording(tmp_path / "r.parquet")
+    w.append("contention", to_arrow(ev[4:]))
+    p = klp("report", tmp_path / "r.parquet")
+    assert "contended waits 4" in p.stdout
+    assert "kvmlockprof: warning: " + d + ": 1 file(s) of a flush cut short (written after " \
+        "the last manifest) were left out: contention-000003.parquet" in p.stderr.splitlines()

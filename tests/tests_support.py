@@ -1,5 +1,6 @@
 """Small recordings built in the test, in the exact layout `record` writes."""
 import numpy as np
+import pyarrow as pa
 
 from kvmlockprof.recording import Writer, to_arrow
 
@@ -34,26 +35,79 @@ def aggregates_of(ev):
     return out
 
 
-def small_recording(path, rows=None, in_progress=None):
-    rows = rows or [(100, 0x1000, 7, 32, 1), (300, 0x1000, 7, 32, 1), (5000, 0x1000, 7, 32, 1),
-                    (50, 0x2000, 8, 1, 2), (70, 0x2000, 8, 1, 2), (90, 0x2000, 8, 1, 2)]
-    ev = events(rows)
+ROWS = [(100, 0x1000, 7, 32, 1), (300, 0x1000, 7, 32, 1), (5000, 0x1000, 7, 32, 1),
+        (50, 0x2000, 8, 1, 2), (70, 0x2000, 8, 1, 2), (90, 0x2000, 8, 1, 2)]
+
+
+def _stacks():
     import pyarrow as pa
-    w = Writer(path)
-    w.append("contention", to_arrow(ev))
-    w.append("stacks", pa.table({
+    return pa.table({
         "stack_id": pa.array([1, 2], pa.int32()),
         "addrs": pa.array([[1, 2, 3], [4, 5]], pa.list_(pa.uint64())),
         "frames": pa.array([["__mutex_lock+0x1", "kvm_vm_ioctl+0x10", "do_syscall_64+0x5"],
                             ["_raw_spin_lock+0x3", "futex_wake+0x1"]], pa.list_(pa.string())),
-        "lock_frame": pa.array([[True, False, False], [True, False]], pa.list_(pa.bool_()))}))
+        "lock_frame": pa.array([[True, False, False], [True, False]], pa.list_(pa.bool_()))})
+
+
+def _manifest(n, **kw):
+    return dict({"format": "kvmlockprof-recording", "version": 1, "host": "test",
+                 "kernel_release": "test", "duration_s": 1.0, "samples": n,
+                 "counters": {"end": n, "end_without_begin": 0},
+                 "losses": {"lost_ringbuf_full": 0, "lost_agg_full": 0},
+                 "probes": {"contention": {"status": "attached", "method": "tracepoint"}}},
+                **kw)
+
+
+def small_recording(path, rows=None, in_progress=None):
+    ev = events(rows or ROWS)
+    w = Writer(path)
+    w.append("contention", to_arrow(ev))
+    w.append("stacks", _stacks())
     w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
     if in_progress is not None:
         w.snapshot("in_progress", in_progress)
-    n = len(rows)
-    w.finalize({"format": "kvmlockprof-recording", "version": 1, "host": "test",
-                "kernel_release": "test", "duration_s": 1.0, "samples": n,
-                "counters": {"end": n, "end_without_begin": 0},
-                "losses": {"lost_ringbuf_full": 0, "lost_agg_full": 0},
-                "probes": {"contention": {"status": "attached", "method": "tracepoint"}}})
+    w.finalize(_manifest(len(ev)))
     return str(path)
+
+
+def flush(w, ev, upto):
+    """One of record's flushes: the samples ev[:upto] are written (the new ones
+    appended, the aggregates replaced), then the manifest."""
+    done = w.rows.get("contention", 0)
+    w.append("contention", to_arrow(ev[done:upto]))
+    if done == 0:
+        w.append("stacks", _stacks())
+    w.snapshot("aggregates", to_arrow(aggregates_of(ev[:upto])))
+    w.manifest(_manifest(upto, duration_s=upto / len(ev), interrupted=True))
+
+
+def partial_recording(path, rows=None, flushes=2):
+    """The `.partial` directory a `record` killed after `flushes` flushes leaves
+    (returned with its Writer)."""
+    ev = events(rows or ROWS)
+    w = Writer(path)
+    for i in range(1, flushes + 1):
+        flush(w, ev, len(ev) * i // (flushes + 1))
+    return w.dir, w, ev
+
+
+def rewrite(path, out, manifest=None, table=None):
+    """A copy of a finished recording, row group by row group (the layout kept), with
+    manifest(m) for its manifest and table(name, arrow table) for each table's rows."""
+    import json
+    import pyarrow.parquet as pq
+    from kvmlockprof.recording import MANIFEST_KEY, _as_union_rows
+    pf = pq.ParquetFile(path)
+    m = json.loads(pf.schema_arrow.metadata[MANIFEST_KEY])
+    m = manifest(m) if manifest else m
+    union = pf.schema_arrow.with_metadata({MANIFEST_KEY: json.dumps(m)})
+    by_group = {g: name for name, groups in m.get("tables", {}).items() for g in groups}
+    with pq.ParquetWriter(out, union) as w:
+        for i in range(pf.metadata.num_row_groups):
+            name = by_group[i]
+            col = pf.read_row_group(i, columns=[name]).column(name).combine_chunks()
+            t = pa.Table.from_arrays(col.flatten(), names=[f.name for f in col.type])
+            if table:
+                t = table(name, t)
+            w.write_table(_as_union_rows(name, t, union), row_group_size=max(1, t.num_rows))
+    return str(out)
