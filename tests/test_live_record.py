@@ -289,6 +289,21 @@ def test_waits_pair_with_either_pending_store(live, pending):
     assert sum(aggs.column("count").to_pylist()) == c["end"] - c["end_without_begin"]
 
 
+def begins_without_ends(probe):
+    """The built-in workload's storm (still running: the caller kills it), seen by
+    a detached probe's contention_begin alone, armed, for a second: every wait
+    begun then stays in its task's slots, since no end comes."""
+    wl = subprocess.Popen(workload_argv("--duration", 30, "--vcpus", 2, "--churn"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)
+    probe.bpf.attach_raw_tracepoint(tp="contention_begin",
+                                    fn_name="raw_tracepoint__contention_begin")
+    probe._arm(True)
+    time.sleep(1)
+    probe.detach()
+    return wl
+
+
 @pytest.mark.parametrize("pending", ["task storage", "hash"])
 def test_waits_in_progress_are_named(live, tmp_path, pending):
     """A wait that never ends (a deadlock) is named with its thread, lock and stack.
@@ -298,22 +313,17 @@ def test_waits_in_progress_are_named(live, tmp_path, pending):
     from kvmlockprof.probes.contention import ContentionProbe
     probe = ContentionProbe(pending=pending, sample_every=0, stack_budget=0)
     probe.detach()
-    wl = subprocess.Popen(workload_argv("--duration", 30, "--vcpus", 2, "--churn"),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wl = None
     try:
-        time.sleep(2)
-        probe.bpf.attach_raw_tracepoint(tp="contention_begin",
-                                        fn_name="raw_tracepoint__contention_begin")
-        probe._arm(True)
-        time.sleep(1)
-        probe.detach()
+        wl = begins_without_ends(probe)
         time.sleep(0.6)
         tids = [int(t) for t in os.listdir(f"/proc/{wl.pid}/task")]
         stuck = probe.waits_in_progress(tids, min_age_ns=500_000_000).to_pandas()
         begun = probe.counters()["begin"]
     finally:
-        wl.kill()
-        wl.wait()
+        if wl:
+            wl.kill()
+            wl.wait()
         probe.close()
     assert len(stuck) > 0 and begun > 0
     assert set(stuck["tid"]) <= set(tids) and set(stuck["tgid"]) == {wl.pid}
@@ -336,15 +346,9 @@ def test_a_missed_end_does_not_stretch_the_next_wait(live, pending):
     from kvmlockprof.probes.contention import ContentionProbe
     probe = ContentionProbe(pending=pending, sample_every=1, stack_budget=1000)
     probe.detach()
-    wl = subprocess.Popen(workload_argv("--duration", 30, "--vcpus", 2, "--churn"),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wl = None
     try:
-        time.sleep(2)
-        probe.bpf.attach_raw_tracepoint(tp="contention_begin",
-                                        fn_name="raw_tracepoint__contention_begin")
-        probe._arm(True)
-        time.sleep(1)
-        probe.detach()
+        wl = begins_without_ends(probe)
         left = probe.counters()["begin"]
         time.sleep(1)
         probe.attach()
@@ -353,8 +357,9 @@ def test_a_missed_end_does_not_stretch_the_next_wait(live, pending):
         samples = probe.poll()["contention"]
         c = probe.counters()
     finally:
-        wl.kill()
-        wl.wait()
+        if wl:
+            wl.kill()
+            wl.wait()
         probe.close()
     assert left > 1000 and len(samples) > 1000, (left, len(samples))
     assert c["begin_without_end"] > 0, c             # phase 1: no end ever came
