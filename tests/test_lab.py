@@ -72,8 +72,17 @@ def test_gpc_and_srcu_live(in_lab, release):
     if release != "default" and not kernel:
         pytest.skip(f"no {release} lab kernel installed (make lab)")
     out = f"gs-{release}.parquet"
-    d = in_lab(f"kvmlockprof record -q -o {out} --probes contention,vms,gpc,srcu -- "
-               f"{WORKLOAD} --kvmclock --churn", kernel=kernel)
+    # the kernel's own count of the same calls: an ftrace instance's function tracer
+    # on that one function (Debian has no function profiler), on from before record
+    # attaches to after it detaches
+    i = "/sys/kernel/tracing/instances/klp-oracle"
+    d = in_lab(f"mkdir {i} && echo synchronize_srcu_expedited > {i}/set_ftrace_filter && "
+               f"echo function > {i}/current_tracer && "
+               f"kvmlockprof record -q -o {out} --probes contention,vms,gpc,srcu -- "
+               f"{WORKLOAD} --kvmclock --churn; rc=$?; echo 0 > {i}/tracing_on; "
+               f"grep -c ' synchronize_srcu_expedited' {i}/trace > ftrace-{release}.txt; "
+               f"cat {i}/per_cpu/cpu*/stats | grep -c '^overrun: [1-9]' >> ftrace-{release}.txt; "
+               f"echo nop > {i}/current_tracer; rmdir {i}; exit $rc", kernel=kernel)
     rec = kvmlockprof.load(d / out)
     if release == "6.1.":
         assert rec.manifest["probes"]["gpc"]["targets"]["GPC_REFRESH"]["symbol"] == \
@@ -95,6 +104,15 @@ def test_gpc_and_srcu_live(in_lab, release):
     exp = syncs[(syncs["wait"] == "synchronize_srcu_expedited") &
                 (syncs["kind_name"] == "kvm->srcu")]
     assert exp["count"].sum() >= work["churn_ops"]            # >= one per memslot op
+    hits, overruns = map(int, (d / f"ftrace-{release}.txt").read_text().split())
+    assert overruns == 0
+    ours = int(syncs[syncs["wait"] == "synchronize_srcu_expedited"]["count"].sum())
+    print(f"synchronize_srcu_expedited: ftrace {hits}, kvmlockprof {ours}")
+    assert hits > 0 and abs(ours - hits) <= max(2, 0.01 * hits), (ours, hits)
+    # vCPU teardowns against the vCPUs the workload created
+    vms = rec.manifest["probe_counters"]["vms"]
+    print(f"vms counters: {vms}")
+    assert vms["vcpus_created"] == work["vcpus"] == vms["vcpus_destroyed"], vms
     sections = probe_analysis.srcu_sections(rec)
     assert sections[sections["kind"] == "kvm->srcu"]["count"].sum() > 0
     # KVM-aware lock names from the kvm modules' BTF, the VM base observed by `vms`
