@@ -338,9 +338,9 @@ def top_stacks(rec, row, by="lock", n=1):
 
 
 def waits_in_progress(rec):
-    """The waits still in progress when the recording stopped, begun at least a
-    second before (a deadlock, or a very long wait): who, on which lock, from
-    where, for how long. Longest first."""
+    """The waits still in progress when the recording stopped, begun at least
+    manifest["in_progress_min_ns"] before (a deadlock, or a very long wait): who,
+    on which lock, from where, for how long. Longest first."""
     w = rec.table("in_progress")
     cols = ["tid", "tgid", "comm", "lock", "type", "caller", "age_ns", "stack_id"]
     if w.empty:

@@ -125,6 +125,7 @@ class Recorder:
                 if "contention" in self.sources and not self._failed():
                     self.in_progress = self.sources["contention"].waits_in_progress(
                         self._threads(), IN_PROGRESS_NS)
+                    self.manifest["in_progress_min_ns"] = IN_PROGRESS_NS
                 if hasattr(self, "writer") and not self._failed():
                     self._flush(final=True)
             finally:

@@ -488,7 +488,7 @@ _NUMBER = (int, float)
 MANIFEST_TYPES = {"duration_s": _NUMBER, "start_monotonic_ns": int, "samples": int,
                   "counters": dict, "losses": dict, "probes": dict, "lock_symbols": dict,
                   "lock_names": dict, "processes": dict, "work": dict, "tables": dict,
-                  "probe_counters": dict}
+                  "probe_counters": dict, "handler_ns": dict, "in_progress_min_ns": int}
 
 
 def _check_table(path, name, table, columns=None):

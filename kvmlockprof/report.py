@@ -63,8 +63,9 @@ def summary_lines(rec):
                   if t["begins_unended"] else ""))
     stuck = analysis.waits_in_progress(rec)
     if not stuck.empty:
-        lines.append(f"{len(stuck)} waits still in progress at the stop, begun at least 1 s "
-                     "before (a deadlock, or a very long wait):")
+        since = fmt_ns(m.get("in_progress_min_ns", float("nan")))
+        lines.append(f"{len(stuck)} waits still in progress at the stop, begun at least "
+                     f"{since} before (a deadlock, or a very long wait):")
         lines += [f"  tid {r.tid} ({r.comm}, pid {r.tgid}) waiting {fmt_ns(r.age_ns)} on "
                   f"{r.lock} ({r.type}) from {r.caller}" for r in stuck.head(20).itertuples()]
     w = m.get("work")

@@ -130,5 +130,5 @@ def test_waits_in_progress_in_the_report(tmp_path):
     assert list(w["tid"]) == [72, 71]                       # longest first
     assert list(w["caller"]) == ["[stack not sampled]", "kvm_vm_ioctl+0x10"]
     text = "\n".join(report.summary_lines(rec))
-    assert "2 waits still in progress at the stop" in text
+    assert "2 waits still in progress at the stop, begun at least 1.00 s before" in text
     assert "tid 71 (vcpu, pid 7) waiting 2.50 s on 0x1000 (mutex) from kvm_vm_ioctl+0x10" in text

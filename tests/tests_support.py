@@ -66,7 +66,8 @@ def small_recording(path, rows=None, in_progress=None):
     w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
     if in_progress is not None:
         w.snapshot("in_progress", in_progress)
-    w.finalize(_manifest(len(ev)))
+    w.finalize(_manifest(len(ev), **({"in_progress_min_ns": 10**9}
+                                      if in_progress is not None else {})))
     return str(path)
 
 

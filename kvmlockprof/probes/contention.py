@@ -24,7 +24,6 @@ LOSSES = ("lost_pending_full", "lost_agg_full", "lost_ringbuf_full", "stack_fail
 TRACEPOINTS = ("contention_begin", "contention_end")
 
 
-
 def stack_window(budget):
     """(walks, ns): the budget of `budget` walks/s per CPU, as windows of walks.
 
