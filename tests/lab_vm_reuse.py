@@ -1,9 +1,9 @@
 """Lab helper for tests/test_lab.py (run inside the lab, under `kvmlockprof record`):
 create and destroy VMs, each with one vCPU and in a process of its own, until the
 kernel gives a new VM the struct kvm address of an earlier one, or MAX_VMS VMs, or
-MAX_S seconds. Writes what it did to OUT (JSON): per VM its pid and its struct kvm
-address as /proc/vmallocinfo shows it (x86 vmallocs the VM in kvm_create_vm): an
-oracle independent of the vms probe.
+MAX_S seconds, holding one more VM (the anchor) all along. Writes what it did to
+OUT (JSON): per VM its pid and its struct kvm address as /proc/vmallocinfo shows
+it (x86 vmallocs the VM in kvm_create_vm): an oracle independent of the vms probe.
 
 vfree() releases address space lazily, for reuse once ~64 MB of frees have piled
 up (thousands of VMs). Loading a module purges them at once (set_memory_* calls
@@ -59,6 +59,11 @@ def nudge(module):
 
 def main(out, max_vms, max_s):
     vms, owner, module = [], {}, None
+    # KVM turns its preempt-notifier static key on with the first VM and off with the
+    # last, rewriting a jump in __schedule each time; under QEMU's TCG that rewrite
+    # panicked the lab guest (Oops: int3 at that very jump). A VM held for the whole
+    # run keeps the key on, so the VMs below come and go without patching the kernel.
+    anchor = k.ioctl(k.open_kvm(), k.CREATE_VM, 0)
     t0 = time.monotonic()
     while len(vms) < max_vms and time.monotonic() - t0 < max_s:
         r, w = os.pipe()
@@ -92,8 +97,9 @@ def main(out, max_vms, max_s):
             owner[addr] = vm["pid"]
         module = nudge(module)
     with open(out, "w") as f:
-        json.dump({"vms": vms, "nudge": module or None,
+        json.dump({"vms": vms, "anchor": os.getpid(), "nudge": module or None,
                    "vmallocinfo": kvm_areas() is not None}, f)
+    os.close(anchor)
     print(f"{len(vms)} VMs, address reused: {'reuses' in vms[-1] if vms else False}, "
           f"nudge module: {module or None}")
 

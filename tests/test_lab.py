@@ -54,6 +54,25 @@ def lab_run(d, script, kernel=None, timeout=LAB_TIMEOUT):
     return d
 
 
+def ftrace_counting(function, out, script):
+    """`script`, wrapped in the kernel's own count of calls to `function`: an ftrace
+    instance's function tracer on that one function (Debian builds no function
+    profiler), on from before record attaches to after it detaches. The count and
+    the number of CPUs whose buffer overran go to `out` (read by ftrace_count)."""
+    i = "/sys/kernel/tracing/instances/klp-oracle"
+    return (f"mkdir {i} && echo {function} > {i}/set_ftrace_filter && "
+            f"echo function > {i}/current_tracer && {{ {script}; }}; rc=$?; "
+            f"echo 0 > {i}/tracing_on; grep -c ' {function}' {i}/trace > {out}; "
+            f"cat {i}/per_cpu/cpu*/stats | grep -c '^overrun: [1-9]' >> {out}; "
+            f"echo nop > {i}/current_tracer; rmdir {i}; exit $rc")
+
+
+def ftrace_count(path):
+    hits, overruns = map(int, path.read_text().split())
+    assert overruns == 0, f"ftrace lost calls ({overruns} CPUs overran)"
+    return hits
+
+
 @pytest.fixture(scope="module")
 def in_lab(tmp_path_factory):
     problem = lab_problem()
@@ -72,17 +91,9 @@ def test_gpc_and_srcu_live(in_lab, release):
     if release != "default" and not kernel:
         pytest.skip(f"no {release} lab kernel installed (make lab)")
     out = f"gs-{release}.parquet"
-    # the kernel's own count of the same calls: an ftrace instance's function tracer
-    # on that one function (Debian has no function profiler), on from before record
-    # attaches to after it detaches
-    i = "/sys/kernel/tracing/instances/klp-oracle"
-    d = in_lab(f"mkdir {i} && echo synchronize_srcu_expedited > {i}/set_ftrace_filter && "
-               f"echo function > {i}/current_tracer && "
-               f"kvmlockprof record -q -o {out} --probes contention,vms,gpc,srcu -- "
-               f"{WORKLOAD} --kvmclock --churn; rc=$?; echo 0 > {i}/tracing_on; "
-               f"grep -c ' synchronize_srcu_expedited' {i}/trace > ftrace-{release}.txt; "
-               f"cat {i}/per_cpu/cpu*/stats | grep -c '^overrun: [1-9]' >> ftrace-{release}.txt; "
-               f"echo nop > {i}/current_tracer; rmdir {i}; exit $rc", kernel=kernel)
+    d = in_lab(ftrace_counting("synchronize_srcu_expedited", f"ftrace-{release}.txt",
+                               f"kvmlockprof record -q -o {out} --probes contention,vms,gpc,srcu "
+                               f"-- {WORKLOAD} --kvmclock --churn"), kernel=kernel)
     rec = kvmlockprof.load(d / out)
     if release == "6.1.":
         assert rec.manifest["probes"]["gpc"]["targets"]["GPC_REFRESH"]["symbol"] == \
@@ -104,8 +115,7 @@ def test_gpc_and_srcu_live(in_lab, release):
     exp = syncs[(syncs["wait"] == "synchronize_srcu_expedited") &
                 (syncs["kind_name"] == "kvm->srcu")]
     assert exp["count"].sum() >= work["churn_ops"]            # >= one per memslot op
-    hits, overruns = map(int, (d / f"ftrace-{release}.txt").read_text().split())
-    assert overruns == 0
+    hits = ftrace_count(d / f"ftrace-{release}.txt")
     ours = int(syncs[syncs["wait"] == "synchronize_srcu_expedited"]["count"].sum())
     print(f"synchronize_srcu_expedited: ftrace {hits}, kvmlockprof {ours}")
     assert hits > 0 and abs(ours - hits) <= max(2, 0.01 * hits), (ours, hits)
@@ -180,8 +190,9 @@ def test_xen_fast_path_hits_and_falls_back(in_lab):
         f"kvmlockprof record -q -o xen{n}.parquet --probes contention,xen_evtchn,gpc -- "
         f"kvmlockprof workload --vcpus 1 --duration 4 --xen --xen-slow-every {n}"
         for n in (0, 50))
-    d = in_lab(runs, kernel=kernel)
-    fell = {}
+    d = in_lab(ftrace_counting("kvm_xen_set_evtchn_fast", "ftrace-xen.txt", runs),
+               kernel=kernel)
+    fell, fast_calls = {}, 0
     for n in (0, 50):
         rec = kvmlockprof.load(d / f"xen{n}.parquet")
         assert rec.manifest["probes"]["xen_evtchn"]["status"] == "attached"
@@ -190,8 +201,25 @@ def test_xen_fast_path_hits_and_falls_back(in_lab):
         assert (outcomes["outcome"] == "delivered").sum() > 0
         assert ratio["fast_calls"] >= rec.manifest["work"]["xen_sends"]
         fell[n] = (int(ratio["fell_back"]), rec.manifest["work"]["xen_forced_slow"])
+        fast_calls += int(probe_analysis.xen_hit_ratio(rec)["fast_calls"].sum())
     assert fell[50][0] >= fell[50][1] > 0            # every dropped page made a fallback
     assert fell[50][0] > fell[0][0]
+    hits = ftrace_count(d / "ftrace-xen.txt")     # the kernel's count of the same calls
+    print(f"kvm_xen_set_evtchn_fast: ftrace {hits}, kvmlockprof {fast_calls}")
+    assert hits > 0 and abs(fast_calls - hits) <= max(2, 0.01 * hits), (fast_calls, hits)
+
+
+@pytest.mark.lab
+def test_nothing_left_after_any_exit(in_lab):
+    """Cleanup by the kernel's view with the function probes attached (fentry and
+    kprobe): after record and top end by each path (command ends or fails, SIGINT,
+    SIGTERM, --iterations), no BPF program, map, link or kprobe event is left."""
+    helper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab_cleanup.py")
+    d = in_lab(f"python {shlex.quote(helper)} cleanup.json")
+    with open(d / "cleanup.json") as f:
+        result = json.load(f)
+    assert len(result) == 7, result
+    assert {name: r["left"] for name, r in result.items() if r["left"]} == {}, result
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +252,7 @@ def test_vm_and_vcpu_lifetimes_end_at_teardown(reuse_run):
         assert st["targets"][key]["method"], st
     n = len(run["vms"])
     c = rec.manifest["probe_counters"]["vms"]
-    assert c["vms_created"] == c["vms_destroyed"] == n, c
+    assert c["vms_created"] == c["vms_destroyed"] == n + 1, c        # and the anchor
     assert c["vcpus_created"] == c["vcpus_destroyed"] == n, c
     assert c["lost_pending_full"] == 0, c
     pids, vms, vcpus = _mine(rec, run)
