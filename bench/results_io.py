@@ -12,7 +12,7 @@ def machine():
 
 
 def save(result, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(dict(result, machine=machine()), f, indent=1)
     print(f"-> {path}")

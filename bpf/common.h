@@ -11,6 +11,7 @@
 #define KLP_COMMON_H
 
 #include <uapi/linux/ptrace.h>      /* struct pt_regs: the arch ABI, stable */
+#include "kmaps.h"                    /* shared aggregates, KLP_HIST_SLOTS */
 
 #define KLP_CAT_(a, b) a##b
 #define KLP_CAT(a, b) KLP_CAT_(a, b)
@@ -60,7 +61,6 @@ static __always_inline u64 klp_kprobe_arg(struct pt_regs *ctx, int i)
 	}
 }
 
-#define KLP_HIST_SLOTS 64       /* slots numbered as in contention.h; 64 makes the index a mask */
 
 static __always_inline u64 klp_read_u64(u64 base, int off)
 {
@@ -76,13 +76,6 @@ static __always_inline u32 klp_read_u32(u64 base, int off)
 	if (base && off >= 0)
 		bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
 	return v;
-}
-
-static __always_inline u32 klp_slot(u64 ns)
-{
-	/* A mask, not a compare: older verifiers (6.1) lose a compared bound when
-	 * the compiler indexes with another copy of the register. */
-	return bpf_log2l(ns) & (KLP_HIST_SLOTS - 1);
 }
 
 /* Every probe's counters in one per-CPU array: probe P's counter i is at
@@ -104,9 +97,9 @@ struct klp_lat {
 	u64 hist[KLP_HIST_SLOTS];
 };
 
-/* Zeroed values to initialise map entries from: a klp_lat is too big for the
+/* A zeroed value to initialise map entries from: a klp_lat is too big for the
  * 512-byte BPF stack. */
-BPF_PERCPU_ARRAY(klp_zero, struct klp_lat, 1);
+BPF_ARRAY(klp_zero, struct klp_lat, 1);
 
 static __always_inline struct klp_lat *klp_lat_zero(void)
 {
@@ -116,11 +109,10 @@ static __always_inline struct klp_lat *klp_lat_zero(void)
 
 static __always_inline void klp_lat_add(struct klp_lat *v, u64 ns)
 {
-	v->count++;
-	v->total_ns += ns;
-	if (ns > v->max_ns)
-		v->max_ns = ns;
-	v->hist[klp_slot(ns)]++;
+	klp_add(&v->count, 1);
+	klp_add(&v->total_ns, ns);
+	klp_max(&v->max_ns, ns);
+	klp_add(&v->hist[klp_slot(ns)], 1);
 }
 
 /* VMs and vCPUs the probes have seen: struct kvm / kvm_vcpu address -> owner.
@@ -175,7 +167,7 @@ BPF_HASH(klp_vms, u64, struct klp_vm, 1024);
 BPF_HASH(klp_vcpus, u64, struct klp_vcpu, 4096);
 BPF_TABLE("lru_hash", struct klp_vm_key, struct klp_vm_end, klp_vm_ends, 1024);
 BPF_TABLE("lru_hash", struct klp_vcpu_key, struct klp_vcpu_end, klp_vcpu_ends, 4096);
-BPF_STACK_TRACE(klp_stacks, KLP_STACK_ENTRIES);
+KLP_STACK_MAP(klp_stacks, KLP_STACK_ENTRIES);
 
 /* A VM seen in use: registered unless it is already (its owner is the process
  * that created it, or else the first seen using it). */

@@ -52,11 +52,11 @@ struct pending_val {
 /* LRU: waits left from an earlier attach age out rather than fill it. */
 BPF_TABLE("lru_hash", struct pending_key, struct pending_val, pending, KLP_PENDING_ENTRIES);
 #endif
-BPF_PERCPU_HASH(agg, struct klp_agg_key, struct klp_agg_val, KLP_AGG_ENTRIES);
+BPF_HASH(agg, struct klp_agg_key, struct klp_agg_val, KLP_AGG_ENTRIES);
 /* The aggregate keys (stack KLP_NO_STACK) that got a stack at their end: see
  * first_stack(). */
 BPF_HASH(first_walked, struct klp_agg_key, u8, KLP_AGG_ENTRIES);
-BPF_STACK_TRACE(stacks, KLP_STACK_ENTRIES);
+KLP_STACK_MAP(stacks, KLP_STACK_ENTRIES);
 BPF_PERCPU_ARRAY(counters, u64, KLP_NR_COUNTERS);
 BPF_RINGBUF_OUTPUT(events, KLP_RINGBUF_PAGES);
 #if KLP_FILTER_TGID
@@ -104,7 +104,7 @@ struct klp_arm {
 };
 BPF_ARRAY(armed, struct klp_arm, 1);
 /* A zeroed value to create aggregates from: too big for the 512-byte stack. */
-BPF_PERCPU_ARRAY(agg_zero, struct klp_agg_val, 1);
+BPF_ARRAY(agg_zero, struct klp_agg_val, 1);
 
 static __always_inline void count(int idx)
 {
@@ -376,15 +376,11 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 		a = zero ? agg.lookup_or_try_init(&ak, zero) : NULL;
 	}
 	if (a) {
-		a->count++;
-		a->total_ns += wait;
-		if (wait > a->max_ns)
-			a->max_ns = wait;
-		if (a->min_ns == 0 || wait < a->min_ns)
-			a->min_ns = wait;
-		/* A mask, not a compare: older verifiers lose a compared bound when
-		 * the compiler indexes with another copy of the register. */
-		a->hist[bpf_log2l(wait) & (KLP_HIST_SLOTS - 1)]++;
+		klp_add(&a->count, 1);
+		klp_add(&a->total_ns, wait);
+		klp_max(&a->max_ns, wait);
+		klp_min_nonzero(&a->min_ns, wait);
+		klp_add(&a->hist[klp_slot(wait)], 1);
 	} else {
 		count(KLP_C_AGG_FULL);
 	}
@@ -441,12 +437,14 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 }
 #endif
 #if KLP_FILTER_TGID
-/* A task that exits leaves the filter: a thread added at its fork, or a
- * followed process whose leader exits (its pid may be reused by another). */
+/* A thread that exits leaves the filter (it was added at its fork). Not a
+ * process's leader: its other threads may still be exiting, and their waits
+ * (the VM's teardown, its mm) are the process's; a process stays followed. */
 RAW_TRACEPOINT_PROBE(sched_process_exit)
 {
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	if (!tgid_filter.delete(&tid))
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	if (tid != id >> 32 && !tgid_filter.delete(&tid))
 		count(KLP_C_FILTER_EXITS);
 	return 0;
 }

@@ -4,10 +4,8 @@
 #ifndef KLP_CONTENTION_H
 #define KLP_CONTENTION_H
 
-/* log2(ns) buckets, as bcc's bpf_log2l() numbers them (floor(log2 ns) + 1):
- * slot s >= 1 holds [2^(s-1), 2^s) ns, slot 1 also 0 ns, slot 0 nothing.
- * kvmlockprof.analysis.hist_bounds() is the one reader of this rule. */
-#define KLP_HIST_SLOTS 64
+#include "kmaps.h"         /* KLP_HIST_SLOTS and the bucket rule */
+
 #define KLP_COMM_LEN 16
 
 /* Indexes of the in-kernel counters: every event seen, and every one lost. */
@@ -23,7 +21,7 @@ enum klp_counter {
 	KLP_C_BEGIN_NO_END,     /* a begin on a lock whose previous wait's end was missed */
 	KLP_C_FIRST_WALK,       /* stacks walked at the end of a lock's first unwalked wait */
 	KLP_C_FILTER_FULL,      /* lost: a forked task not followed, tgid_filter was full */
-	KLP_C_FILTER_EXITS,     /* tasks that left tgid_filter when they exited */
+	KLP_C_FILTER_EXITS,     /* threads that left tgid_filter when they exited */
 	KLP_NR_COUNTERS,
 };
 
@@ -44,7 +42,7 @@ struct klp_contention_event {
 	char comm[KLP_COMM_LEN];
 };
 
-/* In-kernel aggregate, one per (lock, flags, stack, process); per-CPU values. */
+/* In-kernel aggregate, one per (lock, flags, stack, process), shared by all CPUs. */
 struct klp_agg_key {
 	u64 lock_addr;
 	u32 tgid;

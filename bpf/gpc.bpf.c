@@ -36,7 +36,7 @@ struct klp_gpc_val {
 };
 
 BPF_RINGBUF_OUTPUT(gpc_events, KLP_RINGBUF_PAGES);
-BPF_PERCPU_HASH(gpc_ops, struct klp_gpc_key, struct klp_gpc_val, 4096);
+BPF_HASH(gpc_ops, struct klp_gpc_key, struct klp_gpc_val, 4096);
 #define gpc_count(i) klp_count(KLP_CBASE_GPC + (i))
 
 /* gpc->kvm, or (6.1, before caches knew their VM) gpc->vcpu->kvm. */
@@ -85,7 +85,7 @@ static __always_inline int gpc_op(u64 gpc, u32 op)
 	struct klp_gpc_val zero = {};
 	struct klp_gpc_val *v = gpc_ops.lookup_or_try_init(&k, &zero);
 	if (v)
-		v->count++;
+		klp_add(&v->count, 1);
 	else
 		gpc_count(GPC_C_AGG_FULL);
 	return 0;

@@ -42,7 +42,7 @@ struct klp_srcu_event {
 };
 
 BPF_HASH(srcu_readers, struct srcu_reader_key, struct srcu_reader, 16384);
-BPF_PERCPU_HASH(srcu_sections, struct klp_srcu_key, struct klp_lat, 4096);
+BPF_HASH(srcu_sections, struct klp_srcu_key, struct klp_lat, 4096);
 BPF_RINGBUF_OUTPUT(srcu_events, KLP_RINGBUF_PAGES);
 #define srcu_count(i) klp_count(KLP_CBASE_SRCU + (i))
 BPF_PERCPU_ARRAY(srcu_tick, u64, 1);

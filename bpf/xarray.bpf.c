@@ -25,7 +25,7 @@ struct klp_xa_key {
 };
 
 BPF_RINGBUF_OUTPUT(xa_events, KLP_RINGBUF_PAGES);
-BPF_PERCPU_HASH(xa_agg, struct klp_xa_key, struct klp_lat, 8192);
+BPF_HASH(xa_agg, struct klp_xa_key, struct klp_lat, 8192);
 #define xa_count(i) klp_count(KLP_CBASE_XARRAY + (i))
 
 static __always_inline void xa_emit(u64 now, u64 lat, struct klp_xa_key *k)

@@ -1,12 +1,16 @@
-"""What our BPF programs cost per run, by the kernel's own accounting (bpf_stats).
+"""What our BPF objects cost, by the kernel's own accounting: each program's time
+per run (bpf_stats) and each map's memory (memlock).
 
 BPF_ENABLE_STATS turns run-time accounting on while its fd stays open, without
 touching the kernel.bpf_stats_enabled sysctl another tool may own; the counters
-then show in each program fd's fdinfo (run_time_ns, run_cnt)."""
+then show in each program fd's fdinfo (run_time_ns, run_cnt). A map fd's fdinfo
+has the bytes the kernel charges for it (memlock: what bpftool prints), per-CPU
+copies included."""
 import ctypes
 import os
 import platform
 import struct
+import time
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
 _BPF_ENABLE_STATS, _BPF_STATS_RUN_TIME = 32, 0
@@ -24,14 +28,32 @@ def enable():
     return fd if fd >= 0 else None
 
 
-def run_stats(prog_fd):
-    """(run_time_ns, run_cnt) of a program, from its fd's fdinfo."""
+def _fdinfo(fd):
     fields = {}
-    with open(f"/proc/self/fdinfo/{prog_fd}") as f:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
         for line in f:
             key, _, value = line.partition(":")
             fields[key] = value.strip()
+    return fields
+
+
+def run_stats(prog_fd):
+    """(run_time_ns, run_cnt) of a program, from its fd's fdinfo."""
+    fields = _fdinfo(prog_fd)
     return int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0))
+
+
+def map_memory(bpf):
+    """{map name: bytes the kernel charges for it} of every map of a bcc module."""
+    from bcc.libbcc import lib
+    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+    lib.bpf_table_name.restype = ctypes.c_char_p        # bcc leaves it int
+    out = {}
+    for i in range(lib.bpf_num_tables(bpf.module)):
+        name = lib.bpf_table_name(bpf.module, i)
+        out[name.decode()] = int(_fdinfo(lib.bpf_table_fd(bpf.module, name)).get("memlock", 0))
+    return out
 
 
 class CostWindow:
@@ -45,19 +67,26 @@ class CostWindow:
     def start(self):
         self.fd = enable()
         self.before = {n: run_stats(fd) for n, fd in self.prog_fds.items()}
+        self.t0 = time.monotonic()
         return self.fd is not None
 
+    def runs(self):
+        """Runs of all its programs so far in the window."""
+        return sum(run_stats(fd)[1] - self.before[n][1] for n, fd in self.prog_fds.items())
+
     def finish(self):
-        """{name: {"ns_per_run", "runs"}}, or None when accounting could not be enabled."""
+        """{name: {"ns_per_run", "runs", "ns"}}, or None when accounting could not be
+        enabled; self.seconds: how long the window was."""
         if self.fd is None:
             return None
         try:
             out = {}
+            self.seconds = time.monotonic() - self.t0
             for n, fd in self.prog_fds.items():
                 t0, c0 = self.before[n]
                 t1, c1 = run_stats(fd)
                 out[n] = {"ns_per_run": (t1 - t0) / (c1 - c0) if c1 > c0 else None,
-                          "runs": c1 - c0}
+                          "runs": c1 - c0, "ns": t1 - t0}
             return out
         finally:
             self.close()

@@ -51,6 +51,7 @@ class Probe:
     fields: dict = field(default_factory=dict)      # KLP_OFF_X -> (struct, field path)
     needs: tuple = ()              # kernel config a probe needs, for the why-not
     notes: str = ""
+    fires: str = ""                # how often its programs run: its cost class
 
 
 _FILP = {"kvm_vm_ioctl": ("filp", "ioctl", "arg"), "kvm_vcpu_ioctl": ("filp", "ioctl", "arg")}
@@ -58,6 +59,7 @@ _FILP = {"kvm_vm_ioctl": ("filp", "ioctl", "arg"), "kvm_vcpu_ioctl": ("filp", "i
 CATALOG = (
     Probe(
         name="contention",
+        fires="per contended wait (two programs)",
         summary="every contended kernel lock: wait time, lock type, stack, task",
         targets=(Target("CONTENTION_BEGIN", ("lock:contention_begin",), (TRACEPOINT,)),
                  Target("CONTENTION_END", ("lock:contention_end",), (TRACEPOINT,))),
@@ -67,6 +69,8 @@ CATALOG = (
     ),
     Probe(
         name="vms",
+        fires="per VM and vCPU ioctl (KVM_RUN: per exit to user space), per VM or vCPU "
+              "made or destroyed",
         summary="learn VMs (struct kvm) and vCPUs with their owning process and thread, "
                 "and when each is destroyed",
         targets=(Target("VM_IOCTL", ("kvm_vm_ioctl",), (FENTRY, KPROBE), ("filp",), _FILP),
@@ -95,6 +99,7 @@ CATALOG = (
     ),
     Probe(
         name="xen_evtchn",
+        fires="per Xen event-channel send",
         summary="Xen event-channel fast path: delivered / pending / masked / fell back",
         targets=(Target("XEN_FAST", ("kvm_xen_set_evtchn_fast",), (FENTRY, KPROBE),
                         ("xe", "kvm"), {"kvm_xen_set_evtchn_fast": ("xe", "kvm")}, ret=True),
@@ -113,6 +118,8 @@ CATALOG = (
     ),
     Probe(
         name="gpc",
+        fires="per gfn_to_pfn_cache check (guest entries that use a cache), refresh or "
+              "(de)activation",
         summary="gfn_to_pfn_cache refresh latency, check hit ratio, activate/deactivate",
         targets=(
             Target("GPC_REFRESH", ("kvm_gpc_refresh", "kvm_gfn_to_pfn_cache_refresh"),
@@ -146,6 +153,7 @@ CATALOG = (
     ),
     Probe(
         name="vgic",
+        fires="per vgic_put_irq (interrupt injection, LPIs)",
         summary="arm64 vgic_put_irq: count, latency, LPI or not, released or not",
         targets=(Target("VGIC_PUT", ("vgic_put_irq",), (FENTRY, KPROBE), ("kvm", "irq"),
                         {"vgic_put_irq": ("kvm", "irq")}, ret=True),),
@@ -162,6 +170,7 @@ CATALOG = (
     ),
     Probe(
         name="xarray",
+        fires="per xa_erase anywhere in the kernel, per vCPU destroyed",
         summary="xa_erase latency and caller, KVM-owned xarrays told apart",
         targets=(Target("XA_ERASE", ("xa_erase",), (KPROBE,), ("xa",),
                         {"xa_erase": ("xa", "index")}, ret=True, optional=True,
@@ -184,6 +193,8 @@ CATALOG = (
     ),
     Probe(
         name="srcu",
+        fires="per SRCU read section of every SRCU user (kvm->srcu: every exit), per "
+              "synchronize_srcu*",
         summary="SRCU read-section lengths and synchronize_srcu* grace-period waits",
         targets=(Target("SRCU_LOCK", ("__srcu_read_lock",), (FENTRY, KPROBE), ("ssp",),
                         {"__srcu_read_lock": ("ssp",)}),

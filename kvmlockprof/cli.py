@@ -40,6 +40,7 @@ Examples:
   kvmlockprof workload --churn --churn-threads 2      # memslot churn
   kvmlockprof workload --kvmclock                     # gfn_to_pfn_cache traffic
   kvmlockprof workload --xen --xen-slow-every 100     # Xen event channels (lab kernel)
+  kvmlockprof workload --vms 20 --vcpus 1 --churn --churn-rate 20  # 20 VMs, a process each
 """
 
 
@@ -52,6 +53,15 @@ def fail(msg, code=1):
 @click.version_option(__version__)
 def main():
     """eBPF live lock-contention profiler for Linux KVM hosts."""
+
+
+def kernel_mem_option(f):
+    from .sources import KERNEL_MEM_MB
+    return click.option(
+        "--kernel-mem-mb", type=click.IntRange(min=1), default=KERNEL_MEM_MB,
+        show_default=True, help="Refuse to start if the probes' maps would pin more "
+        "kernel memory than this (the kernel's own figure; none grows with the CPU "
+        "count).")(f)
 
 
 @main.command(epilog=EPILOG_RECORD, context_settings={"ignore_unknown_options": False})
@@ -81,10 +91,11 @@ def main():
                    "see `kvmlockprof probes`).")
 @click.option("--prefer", type=click.Choice(["fentry", "kprobe"]),
               help="Attach method to try first for function probes (default: fentry).")
+@kernel_mem_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb, map_nr_entries,
-           stack_every, stack_budget, probe_names, prefer, quiet, command):
+           stack_every, stack_budget, probe_names, prefer, kernel_mem_mb, quiet, command):
     """Record lock contention to a Parquet recording.
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
@@ -101,6 +112,7 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
                        system_wide=system_wide, sample_every=sample_every, force=force,
                        ringbuf_mb=ringbuf_mb, map_entries=map_nr_entries, probes=names,
                        prefer=prefer, stack_every=stack_every, stack_budget=stack_budget,
+                       kernel_mem_mb=kernel_mem_mb,
                        warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
     except (UnknownProbe, RecordingError) as e:
@@ -179,7 +191,9 @@ Keys: q quit, s next sort key, b next grouping (lock, caller, task).
               "is not a terminal).")
 @click.option("--iterations", type=click.IntRange(min=1), help="Exit after this many "
               "refreshes.")
-def top(interval, by, sort, limit, pids, probe_names, stack_budget, prefer, batch, iterations):
+@kernel_mem_option
+def top(interval, by, sort, limit, pids, probe_names, stack_budget, prefer, batch, iterations,
+        kernel_mem_mb):
     """Live view of lock contention and the function probes, like kvm_stat."""
     from .bpfload import BpfUnavailable
     from .catalog import UnknownProbe, select
@@ -200,9 +214,9 @@ def top(interval, by, sort, limit, pids, probe_names, stack_budget, prefer, batc
         click.echo("kvmlockprof top: compiling and attaching the probes ...", err=True)
         warn = lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True)  # noqa: E731
         kbtf, _ = load_btf(warn)
-        sources, status = open_sources(
+        sources, status, _ = open_sources(
             requested, tgids=list(pids) or None, sample_every=0, ringbuf_mb=1, prefer=prefer,
-            warn=warn, kbtf=kbtf, stack_budget=stack_budget)
+            warn=warn, kbtf=kbtf, stack_budget=stack_budget, kernel_mem_mb=kernel_mem_mb)
         view = topmod.LiveView(sources, status, by=by, sort=sort, limit=limit,
                                pids=list(pids) or None, kbtf=kbtf)
         kbtf = None
@@ -425,12 +439,31 @@ def doctor(fix):
             rows.append(("fix headers", "ok", host.link_fallback_headers(h)))
         except OSError as e:
             rows.append(("fix headers", "no", str(e)))
+    rows.append(_doctor_memory())
     w = max(len(r[0]) for r in rows)
     for name, status, detail in rows:
         click.echo(f"{name:<{w}}  {status:<4}  {detail}")
     plan = capabilities.plan(catalog.BY_NAME["contention"], caps)
     if not plan.ok:
         fail(f"the contention probe cannot run: {plan.reason}")
+
+
+def _doctor_memory():
+    """doctor's row: the kernel memory record's maps take here, by the kernel's count."""
+    from .bpfload import BpfUnavailable
+    from .sources import KERNEL_MEM_MB, MEMORY_FORMULA, default_memory
+    try:
+        mem = default_memory()
+    except BpfUnavailable as e:
+        return ("kernel memory", "no", f"could not load the probes to measure it: {e}")
+    by = {}
+    for m, b in mem["maps"].items():
+        by[m.split("/")[0]] = by.get(m.split("/")[0], 0) + b
+    ok = mem["total"] <= KERNEL_MEM_MB << 20
+    return ("kernel memory", "ok" if ok else "no",
+            f"{mem['total'] / 2**20:.1f} MB with record's defaults at {mem['possible_cpus']} "
+            f"possible CPUs (" + ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in by.items())
+            + f"; limit {KERNEL_MEM_MB} MB, --kernel-mem-mb): {MEMORY_FORMULA}")
 
 
 @main.command()
@@ -446,6 +479,7 @@ def probes():
             how = plan.method if plan.ok else f"cannot attach: {plan.reason}"
         click.echo(f"{p.name:<11} {p.summary}")
         click.echo(f"{'':<11} arch {'/'.join(p.arch)}; tables {', '.join(p.tables) or '-'}")
+        click.echo(f"{'':<11} runs {p.fires}")
         for t in p.targets:
             sym = ("" if caps is None else catalog.resolve_symbol(t, caps.symbols)) or ""
             names = " / ".join(t.symbols)
@@ -458,6 +492,7 @@ def probes():
 EPILOG_LAB = """\b
 Examples:
   kvmlockprof lab -- kvmlockprof doctor
+  kvmlockprof lab --kernel /boot/vmlinuz-6.1.0-56-amd64 --possible-cpus 256 -- kvmlockprof doctor
   kvmlockprof lab -- kvmlockprof record -o lab.parquet -- kvmlockprof workload --kvmclock
   kvmlockprof lab --kernel ~/linux/arch/x86/boot/bzImage -- kvmlockprof record -o patched.parquet \\
       -- kvmlockprof workload --churn
@@ -468,11 +503,14 @@ Examples:
 @click.option("--kernel", help="Kernel image to boot (default: the newest Debian lab kernel).")
 @click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--memory", default="2G", show_default=True)
+@click.option("--possible-cpus", type=click.IntRange(1, 8192), metavar="N",
+              help="Boot with possible_cpus=N: per-CPU data sized as on a big host "
+                   "(kernels before 6.9, such as the lab's 6.1).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Kill the lab (QEMU and all) after this long and print the guest's "
                    "last lines.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def lab(kernel, cpus, memory, timeout, command):
+def lab(kernel, cpus, memory, possible_cpus, timeout, command):
     """Run COMMAND inside another kernel under QEMU (kprobes, fentry, nested KVM).
 
     The current directory is shared read-write: recordings land on this host.
@@ -480,7 +518,7 @@ def lab(kernel, cpus, memory, timeout, command):
     from . import lab as labmod
     try:
         p = labmod.run(list(command), kernel=kernel, cpus=cpus, memory=memory,
-                       timeout=timeout)
+                       timeout=timeout, possible_cpus=possible_cpus)
     except labmod.LabError as e:
         fail(str(e))
     sys.exit(p.returncode)
@@ -501,21 +539,34 @@ def lab(kernel, cpus, memory, timeout, command):
               help="With --xen: drop the shared_info page every N sends, forcing the "
                    "slow path.")
 @click.option("--name", help="A VM name, given like QEMU's -name: reports name the VM by it.")
+@click.option("--vms", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Run this many VMs, each a process of its own (named NAME-i, or vmI).")
 @click.option("--json", "as_json", is_flag=True, help="Print the work done as JSON.")
 @click.option("--progress-every", type=click.FloatRange(min=0), default=0.0,
               help="Also print the work done so far as a JSON line this often (seconds; "
                    "for benchmarks that measure while it runs).")
 def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, xen_slow_every,
-             name, as_json, progress_every):
+             name, vms, as_json, progress_every):
     """Built-in KVM workload: a tiny VMM over /dev/kvm (no QEMU)."""
     from .record import WORK_ENV
-    from .workload import KvmError, run
+    from .workload import KvmError, run, run_vms
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # stop early, still report
+    if vms > 1 and progress_every:
+        fail("--progress-every is for one VM: drop it or --vms")
     try:
-        done = run(vcpus=vcpus, duration=duration, churn=churn, churn_threads=churn_threads,
-                   churn_rate=churn_rate, kvmclock=kvmclock, xen=xen,
-                   xen_slow_every=xen_slow_every, every=progress_every,
-                   report=lambda p: click.echo(json.dumps({"progress": p}))).as_dict()
+        if vms > 1:
+            argv = [f"--vcpus={vcpus}", f"--duration={duration}",
+                    f"--churn-threads={churn_threads}", f"--churn-rate={churn_rate}",
+                    f"--xen-slow-every={xen_slow_every}"] + \
+                [flag for flag, on in (("--churn", churn), ("--kvmclock", kvmclock),
+                                       ("--xen", xen)) if on]
+            done = run_vms(vms, argv, [f"{name}-{i}" if name else f"vm{i}"
+                                       for i in range(vms)])
+        else:
+            done = run(vcpus=vcpus, duration=duration, churn=churn, churn_threads=churn_threads,
+                       churn_rate=churn_rate, kvmclock=kvmclock, xen=xen,
+                       xen_slow_every=xen_slow_every, every=progress_every,
+                       report=lambda p: click.echo(json.dumps({"progress": p}))).as_dict()
     except KvmError as e:
         fail(str(e))
     out = os.environ.get(WORK_ENV)
@@ -525,7 +576,8 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
     if as_json:
         click.echo(json.dumps(done))
     else:
-        click.echo(f"workload pid {done['pid']}: {done['exits_total']} exits in "
+        click.echo(f"workload pid {done['pid']}{f' ({vms} VMs)' if vms > 1 else ''}: "
+                   f"{done['exits_total']} exits in "
                    f"{done['duration_s']:.1f} s ({', '.join(f'{x:.0f}' for x in done['exits_per_s_per_vcpu'])}"
                    f" /s per vCPU), {done['churn_ops']} memslot ops, "
                    f"{done['msr_writes']} kvmclock MSR writes, {done['xen_sends']} Xen sends")

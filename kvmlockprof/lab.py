@@ -99,9 +99,12 @@ def vng_path():
     raise LabError("virtme-ng is missing: run `make lab`")
 
 
-def vng_argv(command, kernel=None, cpus=2, memory="2G", cwd=None):
+def vng_argv(command, kernel=None, cpus=2, memory="2G", cwd=None, possible_cpus=None):
     """The virtme-ng command line that boots `kernel` and runs `command` in `cwd`,
-    which is shared read-write so that what the command writes stays on the host."""
+    which is shared read-write so that what the command writes stays on the host.
+    possible_cpus: make the kernel size its per-CPU data for that many CPUs (as a
+    big host's), whatever runs: possible_cpus=N, which x86 kernels before 6.9 take
+    (6.1 does; 6.12 ignores it)."""
     kernel = kernel or default_kernel()
     if not os.path.exists(kernel):
         raise LabError(f"no kernel image at {kernel}: give a bzImage/vmlinuz path")
@@ -112,11 +115,14 @@ def vng_argv(command, kernel=None, cpus=2, memory="2G", cwd=None):
     venv_bin = os.path.dirname(sys.executable)
     script = (f"export PATH={shlex.quote(venv_bin)}:$PATH; " + KVM_MODULES +
               f"cd {shlex.quote(cwd)} && " + shlex.join(command))
+    append = ["--append", f"possible_cpus={possible_cpus}"] if possible_cpus else []
     return [vng_path(), "--run", kernel, "--disable-kvm", "--force-9p", "--cpus", str(cpus),
-            "--memory", memory, "--rwdir", cwd, "--qemu-opts=-cpu max", "--exec", script]
+            "--memory", memory, "--rwdir", cwd, "--qemu-opts=-cpu max", *append,
+            "--exec", script]
 
 
-def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, **popen):
+def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, possible_cpus=None,
+        **popen):
     """Run `command` inside the lab kernel; returns the CompletedProcess.
 
     Takes subprocess.run's output options (capture_output, stdout, stderr, text,
@@ -129,8 +135,8 @@ def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, **pop
     env = dict(popen.pop("env", None) or os.environ)
     # virtme-ng runs its helpers (virtme-run) from PATH: put the venv's first
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    return run_group(vng_argv(command, kernel, cpus, memory, cwd), timeout=timeout, env=env,
-                     **popen)
+    return run_group(vng_argv(command, kernel, cpus, memory, cwd, possible_cpus),
+                     timeout=timeout, env=env, **popen)
 
 
 # --- running a process group ------------------------------------------------------------

@@ -10,24 +10,6 @@ BATCH = 1024            # entries per BPF_MAP_LOOKUP_BATCH call (more than any h
 ENOTSUPP = 524          # the kernel's own "not supported" (not in Python's errno module)
 
 
-def _reduce_per_cpu(vals):
-    """Per entry, one value from its per-CPU values (vals: (entries, cpus) of the value
-    struct): max_* fields by max, min_* by the smallest non-zero, everything else
-    (counts, totals, histograms) by sum."""
-    out = np.zeros(len(vals), vals.dtype)
-    for name in vals.dtype.names:
-        col = vals[name]
-        if name.startswith("max"):
-            out[name] = col.max(axis=1)
-        elif name.startswith("min"):
-            top = np.iinfo(col.dtype).max
-            m = np.where(col > 0, col, top).min(axis=1)
-            out[name] = np.where(m == top, 0, m)
-        else:
-            out[name] = col.sum(axis=1)
-    return out
-
-
 def _lookup_batch(table, key_dt, leaf_dt):
     """(keys, values) of every entry, BATCH entries per syscall (the kernel's
     BPF_MAP_LOOKUP_BATCH, through libbcc), or None where the kernel lacks it."""
@@ -67,15 +49,13 @@ def _struct(dt, name):
 
 
 def read_hash(table, key_name="key"):
-    """A (per-CPU) hash map as one structured array: key fields, then value fields
-    (per-CPU values reduced). Padding fields are dropped; a scalar key is `key_name`."""
+    """A hash map as one structured array: key fields, then value fields. Padding
+    fields are dropped; a scalar key is `key_name`. (No per-CPU hashes: see
+    bpf/kmaps.h.)"""
     key_dt, val_dt = table_dtypes(table)
     key_dt, val_dt = _struct(key_dt, key_name), _struct(val_dt, "value")
-    leaf = np.dtype(table.Leaf)
-    leaf_dt = np.dtype((val_dt, leaf.shape)) if leaf.subdtype else val_dt
-    karr, varr = _lookup_batch(table, key_dt, leaf_dt) or _lookup_items(table, key_dt, leaf_dt)
-    if leaf.subdtype:
-        varr = _reduce_per_cpu(varr.reshape(len(karr), *leaf.shape))
+    assert not np.dtype(table.Leaf).subdtype, "per-CPU hash"
+    karr, varr = _lookup_batch(table, key_dt, val_dt) or _lookup_items(table, key_dt, val_dt)
     fields = [(n, key_dt.fields[n][0]) for n in key_dt.names if not n.startswith("pad")] + \
              [(n, val_dt.fields[n][0]) for n in val_dt.names if not n.startswith("pad")]
     out = np.zeros(len(karr), dtype=fields)

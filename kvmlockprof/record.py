@@ -14,7 +14,7 @@ from . import __version__, bpfstats, catalog, host, processes
 from .ksyms import Kallsyms
 from .locknames import REGISTRY_TABLES, SessionNames
 from .probes.contention import LOSSES
-from .sources import load_btf, open_sources
+from .sources import KERNEL_MEM_MB, load_btf, open_sources
 from . import recording
 from .recording import Writer, check_output, to_arrow
 from .stacks import new_stack_ids, stack_ids_in, stacks_table
@@ -23,14 +23,40 @@ from .stacks import new_stack_ids, stack_ids_in, stacks_table
 NAMING_COLUMNS = ["lock_addr", "flags", "stack_id", "tgid", "count"]
 
 WORK_ENV = "KVMLOCKPROF_WORK_OUT"     # the built-in workload writes its WorkDone here
-# The second second of a recording (after the first flush: start-up and every
-# lock's first walk are behind) measures what each contention handler run costs
-# (bpf_stats, ~90 ns more per run of any BPF program while on): the floor under
-# every wait it times, stated in the manifest (handler_ns) and the report.
+# From the second second of a recording (after the first flush: start-up and every
+# lock's first walk are behind), what each handler run costs (bpf_stats, ~90 ns more
+# per run of any BPF program while on): the floor under every wait it times, in the
+# manifest (handler_ns, probe_cost) and the report. The window lasts a second, or
+# until our programs have run COST_MIN_RUNS times (an idle host, a command still
+# starting), at most COST_MAX_S.
 COST_WINDOW_S = 1.0
+COST_MIN_RUNS = 1000
+COST_MAX_S = 30.0
 # A wait still in progress when the recording stops, begun this long before: a
 # deadlock or a very long wait, named in the recording (in_progress) and the report.
 IN_PROGRESS_NS = 10**9
+
+
+# A snapshot table (the in-kernel aggregates) is rewritten when it changed, at most
+# this often but always at the end: its file is only what a killed record leaves,
+# and a rewrite costs ~1 ms per 1000 keys (bench/flush_cost.py).
+SNAPSHOT_S = 5.0
+
+
+class Snapshots:
+    """Which snapshot tables a flush rewrites (see SNAPSHOT_S)."""
+
+    def __init__(self, writer, every_s=SNAPSHOT_S):
+        self.writer, self.every_s = writer, every_s
+        self.last = {}                  # table: (when written, what)
+
+    def put(self, table, t, now, final=False):
+        when, was = self.last.get(table, (None, None))
+        if was is not None and (was.equals(t) or (not final and now - when < self.every_s)):
+            return False
+        self.writer.snapshot(table, t)
+        self.last[table] = (now, t)
+        return True
 
 
 class Stop(Exception):
@@ -45,8 +71,9 @@ class Recorder:
     def __init__(self, out, duration=None, pids=(), command=(), system_wide=False,
                  sample_every=1, flush_interval=1.0, force=False, progress=None,
                  ringbuf_mb=16, map_entries=16384, probes=None, warn=None, prefer=None,
-                 stack_every=1, stack_budget=0):
+                 stack_every=1, stack_budget=0, kernel_mem_mb=KERNEL_MEM_MB):
         self.out = out
+        self.kernel_mem_mb = kernel_mem_mb
         self.duration = duration
         self.pids = list(pids)
         self.command = list(command)
@@ -77,12 +104,13 @@ class Recorder:
 
     def _open_sources(self):
         tgids = self._filter()
-        sources, _ = open_sources(
+        sources, _, memory = open_sources(
             self.requested, tgids=tgids, follow_fork=bool(self.command) and not self.pids,
             sample_every=self.sample_every, ringbuf_mb=self.ringbuf_mb,
             map_entries=self.map_entries, prefer=self.prefer, stack_every=self.stack_every,
-            stack_budget=self.stack_budget,
+            stack_budget=self.stack_budget, kernel_mem_mb=self.kernel_mem_mb,
             warn=self.warn, status=self.manifest["probes"], kbtf=self.kbtf)
+        self.manifest["kernel_memory"] = dict(memory, limit_mb=self.kernel_mem_mb)
         return sources
 
     def _btf(self):
@@ -109,6 +137,7 @@ class Recorder:
             self.kbtf = None            # the names keep their own small tables
             host.release_memory()
             self.writer = Writer(self.out)
+            self.snapshots = Snapshots(self.writer)
             self.writer.manifest(self.manifest)
             self.seen_stacks = {name: set() for name in self.sources}
             self.named_for = None           # what the lock names were last worked out from
@@ -187,18 +216,40 @@ class Recorder:
         return child, work_file
 
     def _cost_window(self, final):
-        """Start the handler-cost window at the first flush, end it a second later."""
-        c = self.sources.get("contention")
+        """Start the handler-cost window at the first flush, end it a second later:
+        the contention handlers' ns per run (handler_ns), and what each function
+        probe costs (probe_cost: calls/s, ns a call, share of one CPU)."""
+        c, f = self.sources.get("contention"), self.sources.get("functions")
         if self.cost:
-            if final or time.monotonic() >= self.cost_until:
-                self.manifest["handler_ns"] = self.cost.finish()
+            now = time.monotonic()
+            if final or now >= self.cost_until + COST_MAX_S - COST_WINDOW_S or (
+                    now >= self.cost_until and self.cost.runs() >= COST_MIN_RUNS):
+                runs = self.cost.finish()
+                self.manifest["handler_ns"] = {n: runs[n] for n in c.prog_fds()} if c else {}
+                self.manifest["probe_cost"] = self._probe_cost(runs, self.cost.seconds)
                 self.cost = None
-        elif c and not final and "handler_ns" not in self.manifest:
-            self.cost = bpfstats.CostWindow(c.prog_fds())
+        elif (c or f) and not final and "handler_ns" not in self.manifest:
+            self.fn_progs = f.prog_fds() if f else {}
+            self.cost = bpfstats.CostWindow(
+                {**(c.prog_fds() if c else {}),
+                 **{n: fd for n, (fd, _) in self.fn_progs.items()}})
             self.cost_until = time.monotonic() + COST_WINDOW_S
             if not self.cost.start():
                 self.cost = None
                 self.manifest["handler_ns"] = {"error": "bpf_stats unavailable (kernel < 5.8)"}
+
+    def _probe_cost(self, runs, seconds):
+        """{probe: {"calls_per_s", "ns_per_call", "cpu_share"}}: a program serving
+        several probes counts for each."""
+        out = {}
+        for n, (_, probes) in self.fn_progs.items():
+            for p in probes:
+                o = out.setdefault(p, {"runs": 0, "ns": 0})
+                o["runs"] += runs[n]["runs"]
+                o["ns"] += runs[n]["ns"]
+        return {p: {"calls_per_s": o["runs"] / seconds,
+                    "ns_per_call": o["ns"] / o["runs"] if o["runs"] else None,
+                    "cpu_share": o["ns"] / (seconds * 1e9)} for p, o in out.items()}
 
     def _poll(self):
         for src in self.sources.values():
@@ -254,7 +305,7 @@ class Recorder:
                     self.names.add_stacks(stacks)
             for table, snap in snaps.items():
                 if table not in REGISTRY_TABLES:        # those: as lifetimes, below
-                    self.writer.snapshot(table, snap)
+                    self.snapshots.put(table, snap, time.monotonic(), final)
             self._learn_processes(events, snaps)
             if name == "contention":
                 counters = src.counters()

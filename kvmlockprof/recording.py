@@ -34,6 +34,9 @@ VERSION = 2                 # 2: the manifest has `integrity` (a version 2 file 
 READABLE = (1, 2)           # is damaged); version 1 files are read unchecked
 MANIFEST_KEY = b"kvmlockprof.manifest"
 SNAPSHOT_TABLES = ("aggregates",)     # rewritten whole at every flush, not appended
+# An appended table's chunks (one a flush, a second) are merged into one file once
+# there are this many, and the merged files too (see Writer._compact).
+COMPACT_CHUNKS = 30
 
 
 class RecordingError(Exception):
@@ -267,7 +270,8 @@ class Writer:
         self.rows = {}
         self.files = {}             # table -> its files in order (a snapshot: the last)
         self.digests = {}           # table -> {column: ColumnDigest} of those files
-        self.replaced = []          # snapshots to delete once the manifest is written
+        self.replaced = []          # files to delete once the manifest is written
+        self.merged = {}            # table -> how many of its first files are merged ones
 
     def _write(self, table_name, table):
         n = self.seq.get(table_name, 0) + 1
@@ -282,6 +286,40 @@ class Writer:
         self.files.setdefault(table_name, []).append(self._write(table_name, table))
         self.rows[table_name] = self.rows.get(table_name, 0) + table.num_rows
         table_digests(table, self.digests.setdefault(table_name, {}))
+        self._compact(table_name)
+
+    def _compact(self, table_name):
+        """Merge the table's last COMPACT_CHUNKS chunks into one file, and as many
+        merged files into one: at most 2 x COMPACT_CHUNKS files a table, however
+        long the recording. Read back from disk: a chunk damaged there fails
+        finalize()'s checksums, as it would have."""
+        files, k = self.files[table_name], self.merged.get(table_name, 0)
+        if len(files) - k >= COMPACT_CHUNKS:
+            self._merge(table_name, k, len(files))
+            k = self.merged[table_name] = k + 1
+        if k >= COMPACT_CHUNKS:
+            self._merge(table_name, 0, k)
+            self.merged[table_name] = 1
+
+    def _merge(self, table_name, start, end):
+        """files[start:end] as one file, written a row group at a time: memory for one
+        row group, not for the whole merge (a storm's 30 s of samples)."""
+        files = self.files[table_name]
+        n = self.seq.get(table_name, 0) + 1
+        self.seq[table_name] = n
+        name = f"{table_name}-{n:06d}.parquet"
+
+        def write(tmp):
+            with pq.ParquetWriter(tmp, pq.read_schema(os.path.join(self.dir, files[start]))) \
+                    as w:
+                for f in files[start:end]:
+                    pf = pq.ParquetFile(os.path.join(self.dir, f), memory_map=True)
+                    for i in range(pf.metadata.num_row_groups):
+                        w.write_table(pf.read_row_group(i, use_threads=False))
+        _atomic(os.path.join(self.dir, name), write)
+        self.replaced += files[start:end]
+        self.files[table_name] = files[:start] + [name] + files[end:]
+        pa.default_memory_pool().release_unused()   # else the allocator keeps it
 
     def snapshot(self, table_name, table):
         name = self._write(table_name, table)
@@ -488,7 +526,8 @@ _NUMBER = (int, float)
 MANIFEST_TYPES = {"duration_s": _NUMBER, "start_monotonic_ns": int, "samples": int,
                   "counters": dict, "losses": dict, "probes": dict, "lock_symbols": dict,
                   "lock_names": dict, "processes": dict, "work": dict, "tables": dict,
-                  "probe_counters": dict, "handler_ns": dict, "in_progress_min_ns": int}
+                  "probe_counters": dict, "handler_ns": dict, "in_progress_min_ns": int,
+                  "probe_cost": dict, "kernel_memory": dict}
 
 
 def _check_table(path, name, table, columns=None):

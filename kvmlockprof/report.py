@@ -38,10 +38,11 @@ def summary_lines(rec):
              f"duration {m.get('duration_s', 0):.2f} s  stopped by {m.get('stopped_by', '?')}"]
     if rec.interrupted:
         lines.append(f"INTERRUPTED recording: read from {rec.path}, data up to the last flush")
+    cost = m.get("probe_cost") or {}
     for name, p in m.get("probes", {}).items():
         how = p.get("method") if p.get("status") == "attached" else \
             f"NOT attached: {p.get('reason', '')}"
-        lines.append(f"probe {name}: {p.get('status')} ({how})")
+        lines.append(f"probe {name}: {p.get('status')} ({how})" + _cost_text(cost.get(name)))
     c = m.get("probes", {}).get("contention", {})
     every, budget = c.get("stack_every", 1) or 1, c.get("stack_budget", 0) or 0
     c_first = m.get("counters", {}).get("first_walks", 0)
@@ -56,6 +57,10 @@ def summary_lines(rec):
     floor = resolution_line(m)
     if floor:
         lines.append(floor)
+    mem = m.get("kernel_memory")
+    if isinstance(mem, dict) and mem.get("total"):
+        lines.append(f"kernel memory: the maps took {mem['total'] / 2**20:.1f} MB "
+                     f"(the kernel's count) at {mem.get('possible_cpus')} possible CPUs")
     lost = {k: v for k, v in t["losses"].items() if v}
     lines.append(f"contended waits {t['waits_paired']}  samples {t['samples']}  "
                  f"losses {', '.join(f'{k}={v}' for k, v in lost.items()) or 'none'}" +
@@ -75,6 +80,14 @@ def summary_lines(rec):
                      f" /s per vCPU), {w.get('churn_ops')} memslot ops "
                      f"({w.get('churn_ops_per_s', 0):.0f}/s)")
     return lines
+
+
+def _cost_text(c):
+    """A function probe's measured cost (record's cost window, bpf_stats)."""
+    if not isinstance(c, dict) or not c.get("ns_per_call"):
+        return ""
+    return (f": {c['calls_per_s']:,.0f} calls/s, {fmt_ns(c['ns_per_call'])} a call, "
+            f"{c['cpu_share']:.2%} of a CPU")
 
 
 def resolution_line(manifest):

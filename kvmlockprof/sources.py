@@ -1,7 +1,9 @@
 """Open the BPF modules a session reads (`record` and `top` alike): the
 contention probe and one module holding every function probe this host can
 attach, with a status for every catalog probe (attached, or why not)."""
-from . import btf, capabilities, catalog
+import os
+
+from . import bpfstats, btf, capabilities, catalog
 from .bpfload import BpfUnavailable
 from .probes.contention import ContentionProbe
 from .probes.functions import FunctionProbes
@@ -40,14 +42,67 @@ def load_btf(warn):
         return None, str(e)
 
 
+# The kernel memory the maps of a session may pin, by default (--kernel-mem-mb).
+KERNEL_MEM_MB = 64
+
+
+def possible_cpus():
+    """CPUs the kernel sizes per-CPU data for (/sys/devices/system/cpu/possible)."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            spans = f.read().strip().split(",")
+    except OSError:
+        return os.cpu_count()
+    return sum(int(b) - int(a) + 1 for a, _, b in
+               (sp.partition("-") if "-" in sp else (sp, "", sp) for sp in spans))
+
+
+def kernel_memory(sources):
+    """What the maps of open sources pin, by the kernel's accounting (memlock):
+    {"maps": {"source/map": bytes}, "total": bytes, "possible_cpus": n}."""
+    maps = {f"{name}/{m}": b for name, src in sources.items()
+            for m, b in bpfstats.map_memory(src.bpf).items()}
+    return {"maps": maps, "total": sum(maps.values()), "possible_cpus": possible_cpus()}
+
+
+# What the maps take, roughly (README "Kernel memory"); doctor prints it with the
+# kernel's own figure for the default settings.
+MEMORY_FORMULA = ("contention ~ 1 KB x -M (aggregates, stacks, first walks) + 1.3 MB + "
+                  "--ringbuf-mb; function probes ~ 16 MB (24.5 MB with all five of x86, "
+                  "2 MB of it a ring each); per-CPU parts < 1 KB a CPU")
+
+
+def default_memory(kbtf=None):
+    """kernel_memory() of the probes `record` would attach with its defaults,
+    loaded for no process and closed at once (doctor)."""
+    sources, _, mem = open_sources(tgids=[], kbtf=kbtf, kernel_mem_mb=None)
+    close_sources(sources)
+    return mem
+
+
+def _within_limit(sources, limit_mb):
+    mem = kernel_memory(sources)
+    if limit_mb is not None and mem["total"] > limit_mb << 20:
+        top = sorted(mem["maps"].items(), key=lambda kv: -kv[1])[:3]
+        raise BpfUnavailable(
+            f"the probes' maps take {mem['total'] / 2**20:.0f} MB of kernel memory, over "
+            f"the {limit_mb} MB limit (largest: "
+            + ", ".join(f"{m} {b / 2**20:.1f} MB" for m, b in top)
+            + "): lower -M/--map-nr-entries or --ringbuf-mb, attach fewer --probes, "
+              "or raise --kernel-mem-mb")
+    return mem
+
+
 def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=1,
                  ringbuf_mb=16, map_entries=16384, prefer=None, warn=None, status=None,
-                 kbtf=None, stack_every=1, stack_budget=0):
-    """({name: source}, {probe name: status}).
+                 kbtf=None, stack_every=1, stack_budget=0, kernel_mem_mb=KERNEL_MEM_MB):
+    """({name: source}, {probe name: status}, kernel memory (see kernel_memory)).
 
     requested: catalog probes, or None for every probe this host can attach.
     tgids: processes to keep (None: whole host). Raises BpfUnavailable when
-    nothing at all could attach. Sources opened before an error are closed."""
+    nothing at all could attach, or when the maps take more than kernel_mem_mb
+    (None: no limit; they are freed at once). Sources opened before an error
+    are closed."""
     warn = warn or (lambda msg: None)
     status = {} if status is None else status
     sources = {}
@@ -76,10 +131,11 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=1,
                         warn(f"probe {name} not attached: {st.get('reason')}")
         if not any(st.get("status") == "attached" for st in status.values()):
             raise BpfUnavailable("no probe could attach: run `kvmlockprof doctor` to see why")
+        memory = _within_limit(sources, kernel_mem_mb)
     except BaseException:
         close_sources(sources)
         raise
-    return sources, status
+    return sources, status, memory
 
 
 def close_sources(sources):

@@ -98,12 +98,11 @@ def workload_argv(*args):
     return [sys.executable, "-m", "kvmlockprof", "workload", *map(str, args)]
 
 
-@pytest.fixture(scope="session")
-def churn_recording(live, tmp_path_factory):
-    """One memslot-churn recording (VM named churnvm) shared by the live tests, made while an
-    independent BPF program counts contention_end per process."""
+def ends_counter():
+    """An independent BPF program (bcc, ours only in name) counting contention_end
+    per process in its map `ends`: {tgid: count} once read."""
     from kvmlockprof.bpfload import compile_bpf
-    counter = compile_bpf(text="""
+    return compile_bpf(text="""
         BPF_HASH(ends, u32, u64, 65536);
         TRACEPOINT_PROBE(lock, contention_end) {
             u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -111,6 +110,13 @@ def churn_recording(live, tmp_path_factory):
             if (n) __sync_fetch_and_add(n, 1);
             return 1;       /* 0 would drop the event for perf's listeners */
         }""")
+
+
+@pytest.fixture(scope="session")
+def churn_recording(live, tmp_path_factory):
+    """One memslot-churn recording (VM named churnvm) shared by the live tests, made while an
+    independent BPF program counts contention_end per process."""
+    counter = ends_counter()
     out = tmp_path_factory.mktemp("rec") / "churn.parquet"
     try:
         p = klp("record", "-o", out, "--", *workload_argv("--duration", 4, "--vcpus", 2,

@@ -22,17 +22,22 @@ import time
 from kvmlockprof.workload import kvmapi as k
 
 NUDGE_MODULES = ("crc_itu_t", "crc7", "crc8", "dummy")
-KVM_AREA = re.compile(r"^0x([0-9a-f]+)-0x[0-9a-f]+\s+\d+\s+(kvm_create_vm|kvm_arch_alloc_vm)\+")
+# The caller vmallocinfo names: kvm_create_vm, or on 6.12 kvm_dev_ioctl (inlined into it)
+KVM_AREA = re.compile(r"^0x([0-9a-f]+)-0x[0-9a-f]+\s+\d+\s+"
+                      r"(kvm_create_vm|kvm_arch_alloc_vm|kvm_dev_ioctl)\+")
+KERNEL_HALF = 1 << 63
 
 
 def kvm_areas():
-    """Start addresses of the struct kvm vmalloc areas, or None if unreadable/hidden."""
+    """Start addresses of the struct kvm vmalloc areas, or None if unreadable or
+    hidden (zeros, or hashed: kptr_restrict 0 prints %pK hashed, not in the kernel's
+    half of the address space)."""
     try:
         with open("/proc/vmallocinfo") as f:
             found = {int(m.group(1), 16) for m in map(KVM_AREA.match, f) if m}
     except OSError:
         return None
-    return None if 0 in found else found
+    return None if any(a < KERNEL_HALF for a in found) else found
 
 
 def one_vm(w):
@@ -59,6 +64,11 @@ def nudge(module):
 
 def main(out, max_vms, max_s):
     vms, owner, module = [], {}, None
+    try:            # 1: real addresses for root (0, the lab's, hashes them)
+        with open("/proc/sys/kernel/kptr_restrict", "w") as f:
+            f.write("1")
+    except OSError:
+        pass
     # KVM turns its preempt-notifier static key on with the first VM and off with the
     # last, rewriting a jump in __schedule each time; under QEMU's TCG that rewrite
     # panicked the lab guest (Oops: int3 at that very jump). A VM held for the whole

@@ -258,6 +258,7 @@ def test_record_keeps_every_owner_and_names_the_latest(kbtf, tmp_path):
     rec.manifest["start_monotonic_ns"] = 0
     rec.names = locknames.SessionNames(NoSymbols(), kbtf)
     rec.writer = Writer(rec.out)
+    rec.snapshots = record.Snapshots(rec.writer)
     rec.seen_stacks = {"contention": set(), "functions": set()}
     rec.named_for, rec.pending = None, {}
     contention = FakeSource({"aggregates": pa.Table.from_pandas(aggs, preserve_index=False)},

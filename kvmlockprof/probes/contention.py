@@ -82,6 +82,7 @@ class ContentionProbe:
         events = self.bpf["events"]
         self.ring = BatchRingBuffer(events.map_fd, pages * 4096, bpfload.event_dtype(events))
         self.attached = {}
+        self._aggregates, self._read_at = None, (None, False)    # see snapshots()
         self._attach_tracepoints()                  # (bcc attached them on load)
         self.set_stack_budget(stack_budget)
         self._arm(True)
@@ -184,8 +185,15 @@ class ContentionProbe:
         return read_counters(self.bpf["counters"], COUNTERS)
 
     def snapshots(self):
-        """The in-kernel aggregates (summed over CPUs) as Arrow tables."""
-        return {"aggregates": to_arrow(read_hash(self.bpf["agg"]))}
+        """The in-kernel aggregates as Arrow tables. The map is read again only if
+        a wait ended since the read before last (an end is counted before it is
+        aggregated: one more read lets the handlers that were running finish)."""
+        ends = self.counters()["end"]
+        changed = ends != self._read_at[0]
+        if changed or self._read_at[1] or self._aggregates is None:
+            self._aggregates = to_arrow(read_hash(self.bpf["agg"]))
+        self._read_at = (ends, changed)
+        return {"aggregates": self._aggregates}
 
     def poll(self):
         return {"contention": self.ring.consume()}
@@ -194,7 +202,7 @@ class ContentionProbe:
         return {"contention": self.ring.dtype}
 
     def stack_addrs(self, stack_id):
-        return list(self.bpf["stacks"].walk(stack_id))
+        return bpfload.stack_addrs(self.bpf["stacks"], stack_id)
 
     def attach(self):
         """Attach again after detach() (the maps and what they hold are kept).

@@ -100,10 +100,15 @@ def module_source(probes):
     return "\n".join(parts)
 
 
+# Each streaming probe's ring buffer: drained at least ten times a second, 2 MB holds
+# ~30k events, several times the busiest stream seen (Xen sends, 5k/s in the lab).
+RINGBUF_MB = 2
+
+
 class FunctionProbes:
     """Compile, attach, read and detach a set of function probes."""
 
-    def __init__(self, plans, kbtf, ringbuf_mb=4, srcu_sample_every=64, attach=True):
+    def __init__(self, plans, kbtf, ringbuf_mb=RINGBUF_MB, srcu_sample_every=64, attach=True):
         self.plans = dict(plans)
         pages = max(1, ringbuf_mb * (1 << 20) // 4096)
         self.ringbuf_bytes = (1 << (pages.bit_length() - 1)) * 4096
@@ -208,7 +213,27 @@ class FunctionProbes:
         return out
 
     def stack_addrs(self, stack_id):
-        return list(self.bpf["klp_stacks"].walk(stack_id))
+        return bpfload.stack_addrs(self.bpf["klp_stacks"], stack_id)
+
+    def prog_fds(self):
+        """{program name: (fd, names of the probes it serves)} of every attached
+        handler (a symbol's one fentry program may serve several probes)."""
+        out = {}
+        fentry = [*self.bpf.kfunc_entry_fds, *self.bpf.kfunc_exit_fds]
+        for probe, plan in self.plans.items():
+            for t in probe.targets:
+                sym, method = plan.targets.get(t.key, (None, None))
+                if method == catalog.KPROBE:
+                    names = [fn.encode() for fn, _, _ in self.kprobe_functions(probe, t)]
+                elif method == catalog.FENTRY:
+                    names = [fn for fn in fentry if fn.endswith(b"__" + sym.encode())]
+                else:
+                    continue
+                for fn in names:
+                    if fn in self.bpf.funcs:
+                        fd, probes = out.get(fn.decode(), (self.bpf.funcs[fn].fd, ()))
+                        out[fn.decode()] = (fd, tuple(sorted({*probes, probe.name})))
+        return out
 
     def detach(self):
         for probe in self.plans:
