@@ -548,8 +548,7 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, command):
 def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, xen_slow_every,
              name, vms, as_json, progress_every):
     """Built-in KVM workload: a tiny VMM over /dev/kvm (no QEMU)."""
-    from .record import WORK_ENV
-    from .workload import KvmError, run, run_vms
+    from .workload import WORK_ENV, KvmError, run, run_vms
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # stop early, still report
     if vms > 1 and progress_every:
         fail("--progress-every is for one VM: drop it or --vms")

@@ -18,11 +18,11 @@ from .sources import KERNEL_MEM_MB, load_btf, open_sources
 from . import recording
 from .recording import Writer, check_output, to_arrow
 from .stacks import new_stack_ids, stack_ids_in, stacks_table
+from .workload import WORK_ENV
 
 # What SessionNames.update reads of the aggregates (not the histograms: slow to convert)
 NAMING_COLUMNS = ["lock_addr", "flags", "stack_id", "tgid", "count"]
 
-WORK_ENV = "KVMLOCKPROF_WORK_OUT"     # the built-in workload writes its WorkDone here
 # From the second second of a recording (after the first flush: start-up and every
 # lock's first walk are behind), what each handler run costs (bpf_stats, ~90 ns more
 # per run of any BPF program while on): the floor under every wait it times, in the

@@ -273,10 +273,13 @@ class Writer:
         self.replaced = []          # files to delete once the manifest is written
         self.merged = {}            # table -> how many of its first files are merged ones
 
-    def _write(self, table_name, table):
+    def _new_name(self, table_name):
         n = self.seq.get(table_name, 0) + 1
         self.seq[table_name] = n
-        name = f"{table_name}-{n:06d}.parquet"
+        return f"{table_name}-{n:06d}.parquet"
+
+    def _write(self, table_name, table):
+        name = self._new_name(table_name)
         _atomic_write_parquet(table, os.path.join(self.dir, name))
         return name
 
@@ -304,10 +307,7 @@ class Writer:
     def _merge(self, table_name, start, end):
         """files[start:end] as one file, written a row group at a time: memory for one
         row group, not for the whole merge (a storm's 30 s of samples)."""
-        files = self.files[table_name]
-        n = self.seq.get(table_name, 0) + 1
-        self.seq[table_name] = n
-        name = f"{table_name}-{n:06d}.parquet"
+        files, name = self.files[table_name], self._new_name(table_name)
 
         def write(tmp):
             with pq.ParquetWriter(tmp, pq.read_schema(os.path.join(self.dir, files[start]))) \

@@ -8,7 +8,8 @@ import sys
 from .kvmapi import KvmError
 from .vmm import Workload, WorkloadConfig, WorkDone
 
-__all__ = ["KvmError", "Workload", "WorkloadConfig", "WorkDone", "run", "run_vms"]
+__all__ = ["KvmError", "Workload", "WorkloadConfig", "WorkDone", "run", "run_vms", "WORK_ENV"]
+WORK_ENV = "KVMLOCKPROF_WORK_OUT"     # where `workload` writes its WorkDone (record sets it)
 # What the VMs of run_vms() add up to; the rest of a VM's work is its own.
 SUMMED = ("vcpus", "msr_writes", "churn_ops", "xen_sends", "xen_forced_slow", "exits_total")
 LISTED = ("exits", "io_exits", "mmio_exits", "exits_per_s_per_vcpu")
@@ -26,7 +27,7 @@ def run_vms(n, argv, names, env=None):
     names[i] (the --name a report shows), with the other workload options in argv;
     returns the work done: the sums over the VMs (the vCPU lists end to end) and
     each VM's own, under "vms". SIGINT/SIGTERM stop them all early."""
-    env = {k: v for k, v in (env or os.environ).items() if k != "KVMLOCKPROF_WORK_OUT"}
+    env = {k: v for k, v in (env or os.environ).items() if k != WORK_ENV}
     procs = [subprocess.Popen([sys.executable, "-m", "kvmlockprof", "workload", *argv,
                                "--json", "--name", names[i]], stdout=subprocess.PIPE,
                               text=True, env=env) for i in range(n)]
