@@ -43,6 +43,12 @@ def run_stats(prog_fd):
     return int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0))
 
 
+def recursion_misses(prog_fd):
+    """Runs of a program the kernel skipped because it was already running on that
+    CPU (its event fired inside it, e.g. in an interrupt it took): fdinfo, 5.12+."""
+    return int(_fdinfo(prog_fd).get("recursion_misses", 0))
+
+
 def map_memory(bpf):
     """{map name: bytes the kernel charges for it} of every map of a bcc module."""
     from bcc.libbcc import lib

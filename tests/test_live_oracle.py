@@ -22,6 +22,7 @@ import pytest
 
 import kvmlockprof
 from kvmlockprof import analysis, host
+from kvmlockprof.probes.contention import RECURSION
 from conftest import ROOT, assert_none_left, kernel_objects, klp, workload_argv
 
 pytestmark = pytest.mark.live
@@ -214,10 +215,15 @@ def ours_by_lock(rec, pid):
 
 
 def test_nothing_lost_on_either_side(oracle):
+    """Nothing lost but what the kernel itself withholds: a handler's event that fires
+    inside it on the same CPU (an interrupt's wait) is not run, and counted by the
+    kernel (recursion_misses, our lost_recursion): rare, and counted, not hidden."""
     rec = oracle["rec"]
     assert oracle["perf_lost"] == 0 and oracle["ftrace_overruns"] == 0
-    assert not any(v for k, v in rec.manifest["losses"].items() if k.startswith("lost_")), \
-        rec.manifest["losses"]
+    losses = rec.manifest["losses"]
+    assert not any(v for k, v in losses.items() if k.startswith("lost_")
+                   and k != RECURSION), losses
+    assert losses[RECURSION] <= 1e-4 * rec.manifest["counters"]["end"], losses
     assert len(oracle["perf"]) > 1000
 
 
@@ -265,8 +271,10 @@ def test_mean_wait_per_lock_matches(oracle, clock):
 
 
 def per_wait(oracle, clock):
-    """{lock: (ours, theirs)} wait by wait: each thread's waits on a lock in time
-    order, where both saw as many (a thread's waits on a lock are sequential)."""
+    """{lock: (ours, theirs)} wait by wait. A thread's waits on a lock are
+    sequential and the outside clock's handler runs before ours at the end, so
+    each of our waits is the one of theirs that ended last at or before ours
+    ended, within a millisecond: a wait one side lost leaves the rest matched."""
     pid, s = oracle["pid"], oracle["rec"].samples
     mine = defaultdict(list)
     for tid, lock, ts, w in zip(s["tid"].tolist(), s["lock_addr"].tolist(),
@@ -278,36 +286,57 @@ def per_wait(oracle, clock):
             theirs[(tid, lock)].append((end, w))
     out = defaultdict(lambda: ([], []))
     for key, m in mine.items():
-        t = theirs.get(key, [])
-        if len(t) == len(m):
-            out[key[1]][0].extend(w for _, w in sorted(m))
-            out[key[1]][1].extend(w for _, w in sorted(t))
+        t = sorted(theirs.get(key, []))
+        ends = np.array([e for e, _ in t], np.int64)
+        for end, w in m:
+            i = int(np.searchsorted(ends, end, side="right")) - 1
+            if i >= 0 and end - ends[i] < 1_000_000:
+                out[key[1]][0].append(w)
+                out[key[1]][1].append(t[i][1])
     return {k: (np.array(a, np.int64), np.array(b, np.int64)) for k, (a, b) in out.items()}
+
+
+def shifted(oracle, clock="perf"):
+    """{lock: share of its waits, matched wait by wait, that differ from the outside
+    clock's by more than the handlers between them}: those a stall of the CPU
+    inside the tracepoint, between the two timestamps, moved (see
+    test_each_wait_matches_the_outside_clock)."""
+    floor = handler_floor(oracle, clock)
+    return {lock: float((np.abs(o - t) > floor).mean())
+            for lock, (o, t) in per_wait(oracle, clock).items() if len(o)}
 
 
 @pytest.mark.parametrize("clock", ["perf", "ftrace"])
 def test_each_wait_matches_the_outside_clock(oracle, clock):
     """Wait by wait, most agree with the outside clock within the handlers between
     the two, and a lock's longest wait agrees within the largest difference.
-    Measured here: 90-99.8% of all waits per clock, 99.4-100% of those on KVM's
-    locks; run-queue lock waits agree 79-91%, the others reading up to ~10 us
-    shorter than the outside clock's (something between its begin timestamp and
-    ours takes that long on some: not understood yet). The share of run-queue
-    waits sets the total, so the bound is on the median and on three quarters."""
+
+    The rest are stalls: on this nested host the CPU is sometimes held for 8-16 us
+    inside contention_begin, between one probe and the next, even between two
+    trivial programs that only read the clock (bench/probe_stalls.py: 1-4% of
+    run-queue lock begins, none of the others'; likely the hypervisor taking the
+    vCPU when the lock's holder sends it a reschedule IPI). A stall after the
+    outside clock's timestamp and before ours is a wait that begins later by ours,
+    so the waits beyond the bound read shorter (measured 97-99% of them), on
+    run-queue locks (measured: KVM's locks 99.4-100% within, run-queue locks 79-97%).
+    Their share sets the total, so the bound is on the median and on three quarters."""
     floor = handler_floor(oracle, clock)
     matched = per_wait(oracle, clock)
     n = sum(len(o) for o, _ in matched.values())
     assert n >= 0.99 * len(oracle["rec"].samples)
     diff = np.concatenate([o - t for o, t in matched.values()])
+    beyond = diff[np.abs(diff) > floor]
     print(f"\n{clock}: {n} waits matched; ours - theirs: median {np.median(diff):.0f} ns, "
           f"1-99% [{np.percentile(diff, 1):.0f}, {np.percentile(diff, 99):.0f}] ns, "
-          f"{(np.abs(diff) <= floor).mean():.2%} within {floor:.0f} ns")
+          f"{(np.abs(diff) <= floor).mean():.2%} within {floor:.0f} ns; beyond it "
+          f"{(beyond < 0).mean() if len(beyond) else 1:.1%} of {len(beyond)} read shorter")
     for lock, (o, t) in matched.items():
         if len(o) >= MIN_WAITS:
             d = o - t
             print(f"  {lock:#x}: {len(o)} waits, within {(np.abs(d) <= floor).mean():.2%}, "
                   f"1-99% [{np.percentile(d, 1):.0f}, {np.percentile(d, 99):.0f}]")
     assert abs(np.median(diff)) <= floor and (np.abs(diff) <= floor).mean() >= 0.75
+    assert len(beyond) <= 0.01 * n or (beyond < 0).mean() >= 0.9
     for lock, (o, t) in matched.items():
         if len(o) >= MIN_WAITS:
             assert abs(o.max() - t.max()) <= max(np.abs(o - t).max(), floor)
@@ -322,9 +351,11 @@ def test_histogram_buckets_hold_what_they_say(oracle):
     """The log2 buckets as the user sees them (wait_histogram's [lo_ns, hi_ns), the
     HTML's bars): kvmlockprof's own samples binned by those edges give exactly the
     in-kernel counts (a 2x edge error shifts every wait one bucket), and perf's
-    waits give the same counts but for waits within our handler cost of an edge."""
+    waits give the same counts but for waits within our handler cost of an edge and
+    those a stall moved (shifted())."""
     pid, rec = oracle["pid"], oracle["rec"]
     floor = handler_floor(oracle)
+    moved = shifted(oracle)
     h = analysis.wait_histogram(rec, by="lock", top_n=1000)
     names = analysis.lock_names(rec)
     addr = {names.get(f"{a:#x}", f"{a:#x}"): a for a in rec.aggregates["lock_addr"]}
@@ -344,8 +375,8 @@ def test_histogram_buckets_hold_what_they_say(oracle):
             continue
         near = sum(((w >= e - floor) & (w < e + floor)).sum() for _, e, _ in buckets)
         for lo, hi, n in buckets:
-            assert abs(((w >= lo) & (w < hi)).sum() - n) <= near + 0.01 * len(w), \
-                (lock, lo, hi, n)
+            assert abs(((w >= lo) & (w < hi)).sum() - n) <= \
+                near + (0.01 + moved.get(a, 0)) * len(w), (lock, lo, hi, n)
         checked += 1
     assert checked >= 2
 
@@ -353,9 +384,14 @@ def test_histogram_buckets_hold_what_they_say(oracle):
 def test_percentile_bounds_hold_exact_percentiles(oracle):
     """With --sample-every 0 every p50/p90/p99 is a `<=` bucket bound: at least the
     exact percentile of perf's waits and less than twice it (within what perf's
-    handler and its own cost, as it measured it: only those sit between)."""
+    handler and its own cost, as it measured it), but for the waits a stall moved:
+    those are a share of the ranks, measured wait by wait against perf (shifted():
+    a stall between perf's timestamp and this recording's is one between perf's and
+    the later full recording's). On run-queue locks, whose waits are bimodal (~1.5
+    and ~9 us), 8% moved took a p50 from 8347 to 2254 ns."""
     pid, agg = oracle["pid"], oracle["agg"]
     floor = 2 * sum(handler_ns(agg, tp) for tp in EVENTS)
+    moved = shifted(oracle)
     top = analysis.top(agg, by="lock", pids=[pid])
     assert not top["pct_exact"].any()
     perf = by_lock(oracle["perf"], pid)
@@ -366,10 +402,12 @@ def test_percentile_bounds_hold_exact_percentiles(oracle):
         rows = top[top["lock"] == names.get(f"{lock_addr:#x}", f"{lock_addr:#x}")]
         if len(w) < MIN_WAITS or len(rows) != 1:   # (one lock type: one distribution)
             continue
+        f = moved.get(lock_addr, 0)
         for col, q in analysis.QUANTILES.items():
-            exact = np.quantile(w, q, method="inverted_cdf")
+            lo, hi = (np.quantile(w, min(max(q + d, 0), 1), method="inverted_cdf")
+                      for d in (-f, f))
             bound = rows[col].iloc[0]
-            assert exact - floor <= bound < 2 * exact + floor, (hex(lock_addr), col, exact, bound)
+            assert lo - floor <= bound < 2 * hi + floor, (hex(lock_addr), col, lo, hi, bound, f)
         checked += 1
     assert checked >= 1, top[["lock", "type", "contended"]]
     assert "<=" in text

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .. import bpfload
+from .. import bpfload, bpfstats
 from ..catalog import TRACEPOINT
 from ..maps import read_counters, read_hash
 from ..recording import to_arrow
@@ -18,8 +18,10 @@ from ..ringbuf import BatchRingBuffer
 COUNTERS = ("begin", "end", "end_without_begin", "lost_pending_full", "lost_agg_full",
             "lost_ringbuf_full", "stack_failures", "sampled", "begin_without_end",
             "first_walks", "lost_filter_full", "filter_exits")
+# The kernel's own count of events our handlers never ran for (bpfstats.recursion_misses).
+RECURSION = "lost_recursion"
 LOSSES = ("lost_pending_full", "lost_agg_full", "lost_ringbuf_full", "stack_failures",
-          "lost_filter_full")
+          "lost_filter_full", RECURSION)
 # The tracepoints a wait is paired from (raw: see contention.bpf.c), in attach order.
 TRACEPOINTS = ("contention_begin", "contention_end")
 
@@ -182,7 +184,9 @@ class ContentionProbe:
                          "age_ns": pa.array(now - began)})
 
     def counters(self):
-        return read_counters(self.bpf["counters"], COUNTERS)
+        out = read_counters(self.bpf["counters"], COUNTERS)
+        out[RECURSION] = sum(bpfstats.recursion_misses(fd) for fd in self.prog_fds().values())
+        return out
 
     def snapshots(self):
         """The in-kernel aggregates as Arrow tables. The map is read again only if
