@@ -122,6 +122,19 @@ def annotate(rec, columns=None):
     return rec.derived(("annotated", tuple(columns)), lambda: _annotate(rec, columns))
 
 
+def annotated_aggregates(rec):
+    """annotate()'s aggregates alone (no sample is read)."""
+    for key in ("annotated", ("annotated", TOP_SAMPLE_COLUMNS)):
+        if rec.has_derived(key):
+            return rec.derived(key, None)[0]
+
+    def compute():
+        aggs = rec.aggregates
+        return aggs if aggs.empty else _with_stack_columns(aggs, contention_stacks(rec),
+                                                           lock_names(rec))
+    return rec.derived("annotated_aggregates", compute)
+
+
 def _annotate(rec, columns=None):
     info = contention_stacks(rec)
     names = lock_names(rec)
@@ -204,6 +217,73 @@ def hist_quantile(hist, q):
     return float(hist_bounds(slot)[1])
 
 
+# Above this many samples top() reads them chunk by chunk, twice (exact percentiles in
+# memory bounded by a chunk and the waits near each percentile), not all at once:
+# 10 M samples loaded take ~1 GB.
+STREAM_SAMPLES = 2_000_000
+STREAM_COLUMNS = ("wait_ns", "lock_addr", "flags", "stack_id", "tgid")
+FINE_BITS = 6       # the first pass's bins: 2^6 per octave, each 1.1% wide
+
+
+def _fine_bins(v):
+    """A bin per value, non-decreasing in it: 0 for 0, then 2^FINE_BITS per octave."""
+    m, e = np.frexp(v.astype(np.float64))
+    sub = ((m * 2 - 1) * (1 << FINE_BITS)).astype(np.int64)
+    return np.where(v > 0, e.astype(np.int64) * (1 << FINE_BITS) + sub + 1, 0)
+
+
+def _lerp(a, b, t):
+    """numpy's own interpolation between neighbouring order statistics (linear method)."""
+    d = b - a
+    return np.where(t >= 0.5, b - d * (1 - t), a + d * t)
+
+
+def streamed_quantiles(chunks, nrows, qs):
+    """numpy's (linear) quantiles qs of each row's values, as an (nrows, len(qs)) array,
+    and each row's count: exact, from chunks of (row per value, -1 for none; values)
+    given twice (a callable returning a fresh iterator). The first pass counts values
+    per fine bin (1.1% wide), which says the bin of each order statistic a quantile
+    needs; the second keeps only the values in those bins. Memory: the bins' counts
+    and those values, never all values."""
+    nb = 66 << FINE_BITS
+    keys, counts = np.array([], np.int64), np.array([], np.int64)
+    for rows, v in chunks():
+        ok = rows >= 0
+        k, c = np.unique(rows[ok] * nb + _fine_bins(v[ok]), return_counts=True)
+        keys, inv = np.unique(np.concatenate([keys, k]), return_inverse=True)
+        counts = np.bincount(inv, weights=np.concatenate([counts, c]),
+                             minlength=len(keys)).astype(np.int64)
+    row_of_key = keys // nb
+    n = np.bincount(row_of_key, weights=counts, minlength=nrows).astype(np.int64)
+    out = np.full((nrows, len(qs)), np.nan)
+    if not len(keys):
+        return out, n
+    cum = np.cumsum(counts)
+    start = np.concatenate([[0], np.cumsum(n)])[:-1]        # global rank of a row's first
+    has = n > 0
+    h = (n[has, None] - 1) * np.asarray(qs)[None, :]        # numpy's virtual index
+    lo = np.floor(h).astype(np.int64)
+    hi = np.minimum(lo + 1, n[has, None] - 1)
+    ranks = np.stack([lo, hi]) + start[has][None, :, None]  # (2, rows, qs) global ranks
+    at = np.searchsorted(cum, ranks, side="right")          # the key holding each rank
+    within = ranks - (cum[at] - counts[at])
+    wanted = np.unique(keys[at])
+    got_k, got_v = [], []
+    for rows, v in chunks():
+        ok = rows >= 0
+        k = rows[ok] * nb + _fine_bins(v[ok])
+        m = np.isin(k, wanted)
+        got_k.append(k[m])
+        got_v.append(v[ok][m])
+    got_k, got_v = np.concatenate(got_k), np.concatenate(got_v)
+    order = np.lexsort((got_v, got_k))
+    got_k, got_v = got_k[order], got_v[order]
+    first = np.searchsorted(got_k, keys[at])
+    val = got_v[first + within].astype(np.float64)
+    out[has] = _lerp(val[0], val[1], h - lo)
+    return out, n
+
+
 def top(rec, by="lock", sort="total", limit=None, pids=None):
     """perf-lock-contention-style table: one row per lock, caller or task.
 
@@ -212,7 +292,10 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
     a row are complete, else the upper bound of a log2 bucket (`pct_exact` False).
     By caller, waits whose stack was not walked are spread over their lock's walked
     callers (spread_unwalked: `estimated` True)."""
-    aggs, samples = annotate(rec, TOP_SAMPLE_COLUMNS)
+    streamed = rec.manifest.get("samples", 0) > STREAM_SAMPLES and \
+        not rec.in_memory("contention")
+    aggs, samples = (annotated_aggregates(rec), pd.DataFrame()) if streamed else \
+        annotate(rec, TOP_SAMPLE_COLUMNS)
     keys = _group_keys(by)
     cols = ["contended", "total_ns", "max_ns", "min_ns", "avg_ns", "p50_ns", "p90_ns",
             "p99_ns", "pct_exact", "type", "lock", "caller", "tgid", "comm", "vm", "kvm",
@@ -243,7 +326,9 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
     # (object: an empty mapping would give float NaNs, which refuse a str fill)
     out["comm"] = out["tgid"].map(comm).astype(object).fillna("?")
     out["vm"] = out["tgid"].map(_vm_labels(rec)).astype(object).fillna(out["comm"])
-    out = _percentiles(out, keys, samples, g["hist"])
+    exact = _streamed_percentiles(rec, out, keys, pids) if streamed else \
+        _sample_percentiles(samples, keys)
+    out = _percentiles(out, keys, exact, g["hist"])
     if sort not in SORT_KEYS:
         raise ValueError(f"--sort must be one of {', '.join(SORT_KEYS)}")
     out = out.sort_values(SORT_KEYS[sort], ascending=False, kind="stable")
@@ -252,15 +337,43 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
     return out[cols].reset_index(drop=True)
 
 
-def _percentiles(out, keys, samples, hists):
+def _sample_percentiles(samples, keys):
+    """numpy's p50/p90/p99 (linear) and the count of each group's samples, or None."""
+    if samples.empty:
+        return None
+    codes, index = group_codes(samples, keys)
+    q = group_quantiles(codes, samples["wait_ns"].to_numpy(), len(index),
+                        list(QUANTILES.values()))
+    return pd.DataFrame(q, index=index, columns=list(QUANTILES)).assign(
+        n=np.bincount(codes, minlength=len(index)))
+
+
+def _streamed_percentiles(rec, out, keys, pids):
+    """_sample_percentiles() of top()'s rows, the samples read chunk by chunk."""
+    info, names = contention_stacks(rec), lock_names(rec)
+    arrays = [np.asarray(out[k]) for k in keys]             # (as group_codes gives them)
+    index = pd.MultiIndex.from_arrays(arrays, names=keys) if len(keys) > 1 else \
+        pd.Index(arrays[0], name=keys[0])
+    row_of = {k: i for i, k in enumerate(index.tolist())}
+
+    def chunks():
+        for df in rec.chunks("contention", STREAM_COLUMNS):
+            if pids:
+                df = df[df["tgid"].isin(pids)]
+            if df.empty:
+                continue
+            df = _with_stack_columns(df, info, names)
+            codes, groups = group_codes(df, keys)
+            pos = np.array([row_of.get(k, -1) for k in groups.tolist()], np.int64)
+            yield pos[codes], df["wait_ns"].to_numpy()
+    q, n = streamed_quantiles(chunks, len(index), list(QUANTILES.values()))
+    return pd.DataFrame(q, index=index, columns=list(QUANTILES)).assign(n=n)[n > 0]
+
+
+def _percentiles(out, keys, exact, hists):
     """p50/p90/p99 per row: numpy's (linear) over the row's samples when every
     wait of the row was sampled, else the bound of the log2 bucket holding it."""
-    if not samples.empty:
-        codes, index = group_codes(samples, keys)
-        q = group_quantiles(codes, samples["wait_ns"].to_numpy(), len(index),
-                            list(QUANTILES.values()))
-        exact = pd.DataFrame(q, index=index, columns=list(QUANTILES)).assign(
-            n=np.bincount(codes, minlength=len(index)))
+    if exact is not None:
         out = out.merge(exact.reset_index(), on=keys, how="left")
     else:
         out = out.assign(n=np.nan, **{c: np.nan for c in QUANTILES})
@@ -316,11 +429,13 @@ def group_quantiles(codes, values, ngroups, qs):
 def _comm_by_tgid(rec):
     """The most frequent comm of each process's sampled waits (once per recording)."""
     def compute():
-        samples = rec.table("contention", ["tgid", "comm"])
-        if samples.empty:
+        parts = []
+        for samples in rec.chunks("contention", ["tgid", "comm"]):     # (a big one too)
+            codes, pairs = group_codes(samples, ["tgid", "comm"])
+            parts.append(pd.Series(np.bincount(codes), index=pairs))
+        if not parts:
             return {}
-        codes, pairs = group_codes(samples, ["tgid", "comm"])
-        counts = pd.Series(np.bincount(codes), index=pairs)
+        counts = pd.concat(parts).groupby(level=["tgid", "comm"]).sum()
         return counts.sort_values(ascending=False, kind="stable").reset_index().drop_duplicates(
             "tgid").set_index("tgid")["comm"].to_dict()
     return rec.derived("comm_by_tgid", compute)
@@ -328,7 +443,7 @@ def _comm_by_tgid(rec):
 
 def top_stacks(rec, row, by="lock", n=1):
     """The n stacks with the most wait inside one `top()` row."""
-    aggs, _ = annotate(rec, TOP_SAMPLE_COLUMNS)
+    aggs = annotated_aggregates(rec)
     keys = _group_keys(by)
     sel = np.logical_and.reduce([aggs[k] == row[k] for k in keys])
     info = contention_stacks(rec)

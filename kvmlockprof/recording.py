@@ -16,6 +16,7 @@ a checksum of each of its columns' values, and a checksum of the manifest itself
 reading a table checks them, so a damaged file is refused instead of giving other
 numbers. Version 1 files (without it) are read unchecked.
 """
+import contextlib
 import glob
 import hashlib
 import json
@@ -241,11 +242,15 @@ def _check_integrity(path, manifest):
 
 def _verify(path, name, table, expect):
     """Refuse a table whose rows or column values differ from those recorded."""
-    if table.num_rows != expect["rows"]:
-        raise _damaged(path, f"table {name!r} has {table.num_rows} rows, "
+    _verify_digests(path, name, table.num_rows, table_digests(table), expect)
+
+
+def _verify_digests(path, name, rows, digests, expect):
+    if rows != expect["rows"]:
+        raise _damaged(path, f"table {name!r} has {rows} rows, "
                              f"{expect['rows']} were recorded")
     cols = expect["columns"]
-    for col, d in table_digests(table).items():
+    for col, d in digests.items():
         if col not in cols:
             raise _damaged(path, f"table {name!r} has a column {col!r} that was not recorded")
         if d.hexdigest() != cols[col]:
@@ -446,6 +451,11 @@ class Recording:
     def table_names(self):
         return list(self._tables)
 
+    def in_memory(self, name):
+        """Whether the named table (or columns of it) is loaded already."""
+        return name in self._cache or any(isinstance(k, tuple) and k[0] == name
+                                          for k in self._cache)
+
     def has_derived(self, key):
         return ("derived", key) in self._cache
 
@@ -464,16 +474,43 @@ class Recording:
                 if isinstance(k, tuple) and k[0] == name and set(columns) <= set(k[1]):
                     return df[list(columns)]
         if key not in self._cache:
-            try:
-                t = _check_table(self.path, name, self._tables[name](columns), columns)
+            with self._reading(name):
+                t = _check_table(self.path, name, pa.concat_tables(self._tables[name](columns)),
+                                 columns)
                 if self._integrity is not None:
                     _verify(self.path, name, t, self._integrity[name])
                 self._cache[key] = t.to_pandas(split_blocks=True, self_destruct=True)
-            except (pa.ArrowException, OSError, KeyError, ValueError, TypeError,
-                    IndexError, AttributeError) as e:
-                raise RecordingError(f"{self.path}: table {name!r} is corrupt "
-                                     f"({_first_line(e)})") from None
         return self._cache[key]
+
+    def chunks(self, name, columns):
+        """The named table's columns as DataFrames, one chunk (row group, or chunk
+        file) at a time, checked like table(): memory bounded by a chunk, for
+        recordings too big to load (the checksums are checked at the end, and a
+        mismatch raises then). A table held in memory is one chunk."""
+        if name in self._cache or self._tables.get(name) is None:
+            df = self.table(name, columns)
+            if not df.empty:
+                yield df
+            return
+        digests, rows = {}, 0
+        with self._reading(name):
+            for t in self._tables[name](columns):
+                t = _check_table(self.path, name, t, columns)
+                if self._integrity is not None:
+                    table_digests(t, digests)
+                rows += t.num_rows
+                yield t.to_pandas(split_blocks=True, self_destruct=True)
+            if self._integrity is not None:
+                _verify_digests(self.path, name, rows, digests, self._integrity[name])
+
+    @contextlib.contextmanager
+    def _reading(self, name):
+        try:
+            yield
+        except (pa.ArrowException, OSError, KeyError, ValueError, TypeError,
+                IndexError, AttributeError) as e:
+            raise RecordingError(f"{self.path}: table {name!r} is corrupt "
+                                 f"({_first_line(e)})") from None
 
     @property
     def samples(self):
@@ -620,9 +657,9 @@ def load(path):
     def reader(name, groups):
         # Row group by row group: Arrow cannot read a struct with a dictionary
         # child (comm) into one chunked column.
-        return lambda columns=None: pa.concat_tables(
-            [_flatten(pf.read_row_group(i, columns=[f"{name}.{c}" for c in columns]
-                                        if columns else [name]), name) for i in groups])
+        return lambda columns=None: (
+            _flatten(pf.read_row_group(i, columns=[f"{name}.{c}" for c in columns]
+                                       if columns else [name]), name) for i in groups)
     tables = {n: reader(n, g) for n, g in layout.items() if n in names}
     if integrity is not None:
         for n in set(integrity) | set(layout):
@@ -668,8 +705,8 @@ def _load_partial(d):
                             f"last manifest) were left out: {', '.join(later[:3])}")
 
     def reader(files):
-        return lambda columns=None: pa.concat_tables(
-            [pq.read_table(f, columns=list(columns) if columns else None) for f in files])
+        return lambda columns=None: (pq.read_table(f, columns=list(columns) if columns else None)
+                                     for f in files)
     return Recording(d, manifest, {n: reader(fs) for n, fs in parts.items()},
                      interrupted=True, integrity=integrity, warnings=warnings)
 

@@ -100,6 +100,35 @@ def test_group_quantiles_are_numpys_per_group():
     assert np.isnan(q[3]).all()
 
 
+def test_streamed_quantiles_are_numpys_per_row():
+    """Two passes over chunks give numpy's own quantiles per row, bit for bit: ties,
+    zeros, one-value rows, values past 2^40, rows no value belongs to (-1)."""
+    rng = np.random.default_rng(2)
+    n = 50_000
+    rows = rng.integers(-1, 6, n)
+    rows[rows == 4] = 5                            # row 4: no values
+    values = np.concatenate([rng.integers(0, 2**12, n // 2),        # many ties
+                             rng.lognormal(12, 3, n - n // 2).astype(np.int64)]
+                            ).astype(np.uint64)
+    values[:100] = 0
+    values[100] = 2**45 + 3
+    rows[101] = 6                                  # row 6: one value
+    qs = [0.0, 0.5, 0.9, 0.99, 1.0]
+    cuts = [0, 7, 9000, 9001, 31000, n]            # uneven chunks
+
+    def chunks():
+        for a, b in zip(cuts, cuts[1:]):
+            yield rows[a:b], values[a:b]
+    q, count = analysis.streamed_quantiles(chunks, 7, qs)
+    for r in range(7):
+        mine = values[rows == r]
+        assert count[r] == len(mine)
+        if len(mine):
+            np.testing.assert_array_equal(q[r], np.quantile(mine, qs))
+        else:
+            assert np.isnan(q[r]).all()
+
+
 def test_unwalked_waits_spread_over_their_locks_walked_callers():
     """A stack budget leaves some waits without a stack: per lock the sums stay
     exact, per caller they are shared out in proportion, marked as estimates."""

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import kvmlockprof
@@ -152,6 +153,32 @@ def test_live_breakdowns(churn_recording):
     assert tl["t_s"].max() >= 2.0 and (tl["waits"] > 0).all()     # spans the run
     r = analysis.rates(rec)
     assert (r["waits_per_exit"] > 0).all() and (r["waits_per_memslot_op"] > 0).all()
+
+
+@pytest.mark.parametrize("by", analysis.GROUPS)
+def test_streamed_report_is_the_loaded_one(churn_recording, by, monkeypatch):
+    """A recording too big to load is reported from its samples read chunk by chunk
+    (two passes): the same table, and every exact percentile numpy's over the
+    row's samples."""
+    rec, _, _ = churn_recording
+    loaded = analysis.top(rec, by=by)
+    monkeypatch.setattr(analysis, "STREAM_SAMPLES", 0)
+    again = kvmlockprof.load(rec.path)
+    streamed = analysis.top(again, by=by)
+    assert not again.in_memory("contention")        # never loaded whole
+    pd.testing.assert_frame_equal(loaded, streamed)
+    key = analysis.GROUP_COLUMN[by]
+    _, samples = analysis.annotate(rec)
+    exact = streamed[streamed["pct_exact"]]
+    assert len(exact)
+    for _, row in exact.iterrows():
+        sel = samples[key] == row[key]
+        if by == "lock":
+            sel &= samples["type"] == row["type"]
+        w = samples.loc[sel, "wait_ns"].to_numpy()
+        assert len(w) == row["contended"]
+        assert list(row[list(analysis.QUANTILES)]) == \
+            list(np.quantile(w, list(analysis.QUANTILES.values())))
 
 
 def test_vm_named_from_its_command_line(churn_recording):
