@@ -64,6 +64,25 @@ def _with_identity(df):
     return df.assign(identity=pd.Categorical.from_codes(lcodes[codes], cats))
 
 
+def _streamed(rec):
+    """Whether a recording's samples are read chunk by chunk (analysis.top's rule)."""
+    return rec.manifest.get("samples", 0) > analysis.STREAM_SAMPLES and \
+        not rec.in_memory("contention")
+
+
+def _identity_chunks(rec, identities):
+    """(position in `identities` per sample, -1 for none; waits; end times) of a big
+    recording's samples, chunk by chunk."""
+    info, names = analysis.contention_stacks(rec), analysis.lock_names(rec)
+    pos, seen = {k: i for i, k in enumerate(identities)}, {}
+    for df in rec.chunks("contention", SAMPLE_COLUMNS):
+        df = analysis._with_stack_columns(df, info, names)
+        codes, combos = analysis.group_codes(df, ["lock", "type", "caller"])
+        at = np.array([seen.setdefault(c, pos.get(lock_identity(*c), -1))
+                       for c in combos.tolist()], np.int64)
+        yield at[codes], df["wait_ns"].to_numpy(), df["ts_ns"].to_numpy(np.int64)
+
+
 def identified(rec):
     """analysis.annotate() with the identity column, once per recording
     (lock_values and the single-run observations both need it). Identities name
@@ -71,7 +90,8 @@ def identified(rec):
     callers (analysis.spread_unwalked): rates stay comparable whatever share of
     stacks the --stack-budget let through."""
     def compute():
-        aggs, samples = analysis.annotate(rec, SAMPLE_COLUMNS)
+        aggs, samples = (analysis.annotated_aggregates(rec), pd.DataFrame()) \
+            if _streamed(rec) else analysis.annotate(rec, SAMPLE_COLUMNS)
         if not aggs.empty:
             aggs = analysis.spread_unwalked(aggs)
         return _with_identity(aggs), _with_identity(samples)
@@ -100,7 +120,13 @@ def lock_values(rec):
         out[f"waits/{unit}"] = out["count"] / n if n else np.nan
     out["mean wait"] = (out["total_ns"] / out["count"]).where(
         out["count"] >= MIN_WAITS["mean wait"])
-    if not samples.empty:
+    if _streamed(rec):
+        st = _streamed_stats(rec)
+        n = pd.Series(st["n"], st["identities"]).reindex(out.index).fillna(0)
+        for i, metric in enumerate(("p50 wait", "p99 wait")):
+            out[metric] = pd.Series(st["q"][:, i], st["identities"]).reindex(out.index).where(
+                n >= MIN_WAITS[metric])
+    elif not samples.empty:
         codes, cats = samples["identity"].cat.codes.to_numpy(), samples["identity"].cat.categories
         q = pd.DataFrame(analysis.group_quantiles(codes, samples["wait_ns"].to_numpy(),
                                                   len(cats), [0.5, 0.99]), index=cats)
@@ -176,6 +202,8 @@ def _single_observations(rec, identities):
     dur = rec.manifest.get("duration_s") or np.nan
     nbins = max(1, int(np.ceil(dur * 1e9 / BIN_NS))) if dur == dur else 1
     out = {}
+    if _streamed(rec):
+        return _streamed_observations(rec, aggs, sorted(identities), dur, nbins), nbins
     if samples.empty:
         return out, nbins
     t0 = rec.manifest.get("start_monotonic_ns", int(samples["ts_ns"].min()))
@@ -203,6 +231,82 @@ def _single_observations(rec, identities):
             if len(waits) >= MIN_WAITS[metric]:
                 out[(ident, metric)] = (waits, stat)
     return out, nbins
+
+
+def _streamed_stats(rec):
+    """What a comparison needs of a big recording's samples, per identity of its
+    aggregates, in two passes over them (once per recording): count, exact p50/p99,
+    waits and wait time per BIN_NS bin, total wait, and a uniform sample of
+    SAMPLE_CAP waits (the smallest of a random key each: what the bootstrap would
+    draw from all of them)."""
+    def compute():
+        aggs, _ = identified(rec)
+        idents = list(aggs["identity"].cat.categories) if not aggs.empty else []
+        k, dur = len(idents), rec.manifest.get("duration_s") or np.nan
+        nbins = max(1, int(np.ceil(dur * 1e9 / BIN_NS))) if dur == dur else 1
+        t0 = rec.manifest.get("start_monotonic_ns")
+        if t0 is None:
+            t0 = min((int(ts.min()) for _, _, ts in _identity_chunks(rec, [])), default=0)
+        acc = dict(per_bin=np.zeros(k * nbins), wsum=np.zeros(k * nbins), total=np.zeros(k),
+                   r=np.array([], np.int64), key=np.array([]), w=np.array([]))
+        rng = np.random.default_rng(0)
+        first = [True]
+
+        def chunks():
+            for rows, waits, ts in _identity_chunks(rec, idents):
+                if first[0]:
+                    _accumulate(acc, rows, waits, ts, t0, k, nbins, rng)
+                yield rows, waits
+            first[0] = False
+        q, n = analysis.streamed_quantiles(chunks, k, [0.5, 0.99])
+        return dict(acc, identities=idents, q=q, n=n, nbins=nbins)
+    return rec.derived("streamed_stats", compute)
+
+
+def _accumulate(acc, rows, waits, ts, t0, k, nbins, rng):
+    """_streamed_stats()'s first pass over one chunk."""
+    ok = rows >= 0
+    rows, waits, ts = rows[ok], waits[ok].astype(np.float64), ts[ok]
+    cell = rows * nbins + np.clip((ts - t0) // BIN_NS, 0, nbins - 1)
+    acc["per_bin"] += np.bincount(cell, minlength=k * nbins)
+    acc["wsum"] += np.bincount(cell, weights=waits, minlength=k * nbins)
+    acc["total"] += np.bincount(rows, weights=waits, minlength=k)
+    r = np.concatenate([acc["r"], rows])
+    key = np.concatenate([acc["key"], rng.random(len(rows))])
+    w = np.concatenate([acc["w"], waits])
+    order = np.lexsort((key, r))
+    rank = np.arange(len(r)) - np.searchsorted(r[order], r[order])
+    keep = order[rank < SAMPLE_CAP]
+    acc.update(r=r[keep], key=key[keep], w=w[keep])
+
+
+def _streamed_observations(rec, aggs, identities, dur, nbins):
+    """_single_observations() of a recording read chunk by chunk (_streamed_stats):
+    the rates' bins exactly; for the wait statistics the sample of SAMPLE_CAP waits,
+    with the exact mean and percentiles as the values (a third item)."""
+    st = _streamed_stats(rec)
+    pos = {ident: i for i, ident in enumerate(st["identities"])}
+    counts = aggs.groupby("identity", observed=True)["count"].sum()
+    nb, out = st["nbins"], {}
+    for ident in identities:
+        i = pos.get(ident)
+        if i is None or not st["n"][i]:
+            continue
+        n = st["n"][i]
+        scale = counts.get(ident, n) / n * 1e9 / BIN_NS
+        bins = st["per_bin"][i * nb:(i + 1) * nb] * scale
+        out[(ident, "waits/s")] = (bins, "mean")
+        out[(ident, "wait/s")] = (st["wsum"][i * nb:(i + 1) * nb] * scale, "mean")
+        for unit, units in _work(rec).items():
+            if units:
+                out[(ident, f"waits/{unit}")] = (bins * dur / units, "mean")
+        sample = st["w"][st["r"] == i]
+        for metric, stat, value in (("mean wait", "mean", st["total"][i] / n),
+                                    ("p50 wait", 0.5, st["q"][i, 0]),
+                                    ("p99 wait", 0.99, st["q"][i, 1])):
+            if n >= MIN_WAITS[metric]:
+                out[(ident, metric)] = (sample, stat, value, int(n))
+    return out
 
 
 # --- the bootstrap ------------------------------------------------------------------
@@ -280,12 +384,18 @@ def compare(base, new, threshold=0.05, limit=20, resamples=None, seed=0):
     identities = list(pooled.sort_values(ascending=False).index[:limit])
     rows = []
 
-    def add(kind, name, metric, better, b_obs, n_obs, stat="mean", unit=""):
+    def add(kind, name, metric, better, b_obs, n_obs, stat="mean", unit="", values=None):
+        """values: (value, count) of each side (or None) whose observations are a
+        sample of the waits they stand for."""
         b_obs = np.asarray(b_obs, np.float64)
         n_obs = np.asarray(n_obs, np.float64)
         b_obs, n_obs = b_obs[~np.isnan(b_obs)], n_obs[~np.isnan(n_obs)]
         bv = _stat(b_obs, stat) if len(b_obs) else np.nan
         nv = _stat(n_obs, stat) if len(n_obs) else np.nan
+        nb_, nn_ = len(b_obs), len(n_obs)
+        if values:                          # (value, count) per side, or None
+            (bv, nb_), (nv, nn_) = (v if v is not None else (x, c) for v, x, c in
+                                    zip(values, (bv, nv), (nb_, nn_)))
         if runs_mode and min(len(b_obs), len(n_obs)) < MIN_RUNS:
             lo = hi = rlo = rhi = np.nan
         else:
@@ -297,7 +407,7 @@ def compare(base, new, threshold=0.05, limit=20, resamples=None, seed=0):
                      "base": bv, "new": nv, "change": change, "ratio": ratio,
                      "ci_low": lo, "ci_high": hi, "ratio_ci_low": rlo, "ratio_ci_high": rhi,
                      "verdict": _verdict(better, lo, hi, change, ratio, threshold),
-                     "n_base": len(b_obs), "n_new": len(n_obs)})
+                     "n_base": nb_, "n_new": nn_})
 
     if runs_mode:
         for ident in identities:
@@ -329,7 +439,8 @@ def compare(base, new, threshold=0.05, limit=20, resamples=None, seed=0):
                     return np.zeros(bins) if metric in RATE_METRICS and \
                         _has_unit(rec, metric) else []
                 add("lock", ident, metric, better, b[0] if b else missing(base[0], bbins),
-                    n[0] if n else missing(new[0], nbins), stat, unit)
+                    n[0] if n else missing(new[0], nbins), stat, unit,
+                    values=[o[2:] if o and len(o) > 2 else None for o in (b, n)])
         bp, np_ = probe_values(base[0]), probe_values(new[0])
         for key in sorted(set(bp) | set(np_)):
             add("probe", key[0], "", key[1], [bp.get(key, np.nan)], [np_.get(key, np.nan)],

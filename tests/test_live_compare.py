@@ -79,6 +79,25 @@ def test_a_a_finds_no_change(runs):
         out["warnings"]
 
 
+def test_streamed_compare_is_the_loaded_one(runs, monkeypatch):
+    """Recordings too big to load are compared from their samples read chunk by
+    chunk: the same rows, values and counts; the intervals, drawn from another
+    uniform sample of the same waits, overlap the loaded ones."""
+    def run():
+        return compare.compare([kvmlockprof.load(runs[0][0])], [kvmlockprof.load(runs[1][0])])
+    loaded = run()
+    monkeypatch.setattr(analysis, "STREAM_SAMPLES", 0)
+    streamed = run()
+    key = ["kind", "name", "metric"]
+    m = loaded.merge(streamed, on=key, suffixes=("", "_s"), validate="1:1")
+    assert len(m) == len(loaded) == len(streamed) and len(m) > 20
+    for c in ("base", "new", "change", "ratio"):
+        np.testing.assert_allclose(m[c + "_s"], m[c], rtol=1e-9, equal_nan=True)
+    assert (m["n_base"] == m["n_base_s"]).all() and (m["n_new"] == m["n_new_s"]).all()
+    ci = m.dropna(subset=["ci_low", "ci_low_s"])
+    assert len(ci) and ((ci["ci_low"] <= ci["ci_high_s"]) & (ci["ci_low_s"] <= ci["ci_high"])).all()
+
+
 def test_memslot_churn_is_a_regression_on_the_kvm_locks(live, tmp_path):
     """churn off vs on, recorded by `kvmlockprof ab`: kvm->slots_lock (mutex under
     kvm_vm_ioctl) and kvm->mmu_lock (rwlock:W under kvm_mmu_*) regress, with
