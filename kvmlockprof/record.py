@@ -23,13 +23,15 @@ from .workload import WORK_ENV
 # What SessionNames.update reads of the aggregates (not the histograms: slow to convert)
 NAMING_COLUMNS = ["lock_addr", "flags", "stack_id", "tgid", "count"]
 
-# From the second second of a recording (after the first flush: start-up and every
-# lock's first walk are behind), what each handler run costs (bpf_stats, ~90 ns more
-# per run of any BPF program while on): the floor under every wait it times, in the
-# manifest (handler_ns, probe_cost) and the report. The window lasts a second, or
-# until our programs have run COST_MIN_RUNS times (an idle host, a command still
-# starting), at most COST_MAX_S.
+# What each handler run costs (bpf_stats, ~90 ns more per run of any BPF program
+# while on), sampled: a window opens at the first flush (start-up and every lock's
+# first walk are behind) and again every COST_EVERY_S, and the manifest keeps the sum
+# of all windows (handler_ns: the floor under every wait it times; probe_cost), so a
+# command that starts slowly or changes pace is measured over its whole run. A window
+# lasts a second, or until our programs have run COST_MIN_RUNS times (an idle host),
+# at most COST_MAX_S.
 COST_WINDOW_S = 1.0
+COST_EVERY_S = 10.0
 COST_MIN_RUNS = 1000
 COST_MAX_S = 30.0
 # A wait still in progress when the recording stops, begun this long before: a
@@ -89,6 +91,7 @@ class Recorder:
         self.warn = warn or (lambda msg: None)
         self.prefer = prefer            # attach method to try first (fentry/kprobe)
         self.cost = None                # the handler-cost window while it is open
+        self.cost_total, self.cost_seconds, self.next_cost = {}, 0.0, 0.0   # windows' sums
         self.in_progress = None         # waits begun long before the stop, never ended
         # None: every probe this host can attach; else names (checked here, early)
         self.requested = None if probes is None else catalog.select(probes)
@@ -216,24 +219,33 @@ class Recorder:
         return child, work_file
 
     def _cost_window(self, final):
-        """Start the handler-cost window at the first flush, end it a second later:
-        the contention handlers' ns per run (handler_ns), and what each function
-        probe costs (probe_cost: calls/s, ns a call, share of one CPU)."""
+        """Open a handler-cost window at the first flush and every COST_EVERY_S after,
+        close each a second later, and keep the sums: the contention handlers' ns
+        per run (handler_ns), and what each function probe costs (probe_cost: calls/s,
+        ns a call, share of one CPU)."""
         c, f = self.sources.get("contention"), self.sources.get("functions")
+        now = time.monotonic()
         if self.cost:
-            now = time.monotonic()
             if final or now >= self.cost_until + COST_MAX_S - COST_WINDOW_S or (
                     now >= self.cost_until and self.cost.runs() >= COST_MIN_RUNS):
-                runs = self.cost.finish()
-                self.manifest["handler_ns"] = {n: runs[n] for n in c.prog_fds()} if c else {}
-                self.manifest["probe_cost"] = self._probe_cost(runs, self.cost.seconds)
+                for n, r in self.cost.finish().items():
+                    t = self.cost_total.setdefault(n, {"runs": 0, "ns": 0})
+                    t["runs"] += r["runs"]
+                    t["ns"] += r["ns"]
+                self.cost_seconds += self.cost.seconds
+                total = {n: dict(t, ns_per_run=t["ns"] / t["runs"] if t["runs"] else None)
+                         for n, t in self.cost_total.items()}
+                self.manifest["handler_ns"] = {n: total[n] for n in c.prog_fds()} if c else {}
+                self.manifest["probe_cost"] = self._probe_cost(total, self.cost_seconds)
                 self.cost = None
-        elif (c or f) and not final and "handler_ns" not in self.manifest:
+                self.next_cost = now + COST_EVERY_S
+        elif (c or f) and not final and now >= self.next_cost and \
+                self.manifest.get("handler_ns", {}).get("error") is None:
             self.fn_progs = f.prog_fds() if f else {}
             self.cost = bpfstats.CostWindow(
                 {**(c.prog_fds() if c else {}),
                  **{n: fd for n, (fd, _) in self.fn_progs.items()}})
-            self.cost_until = time.monotonic() + COST_WINDOW_S
+            self.cost_until = now + COST_WINDOW_S
             if not self.cost.start():
                 self.cost = None
                 self.manifest["handler_ns"] = {"error": "bpf_stats unavailable (kernel < 5.8)"}
