@@ -8,6 +8,8 @@ call and share of one CPU by bpf_stats (record's sampled cost windows: the BPF
 program only, not the kprobe or trampoline that calls it: the rate ratio has
 those). Needs a kernel whose probes attach, so run it in the lab:
     kvmlockprof lab --cpus 2 --memory 3G -- python bench/probe_cost.py
+(the lab's console is shown at its end: redirect to a file in the shared directory to
+follow it). Xen sends are measured alone (--probes xen_evtchn --workload "... --xen").
 """
 import argparse
 import json
@@ -29,6 +31,7 @@ TARGET = 0.02                   # issue 21: a probe on by default costs under 2%
 
 
 def run(probes, workload, out):
+    print(f"  record --probes {probes} -- workload {workload}", flush=True)
     subprocess.run(KLP + ["record", "-q", "-f", "-o", out, "--probes", probes, "--"] + KLP +
                    ["workload"] + shlex.split(workload), check=True, stdout=subprocess.DEVNULL)
     m = kvmlockprof.load(out).manifest

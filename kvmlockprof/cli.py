@@ -431,8 +431,9 @@ def doctor(fix):
                      f"{found} ({probe})" if found else f"absent ({probe})"))
     for p in catalog.CATALOG:
         plan = capabilities.plan(p, caps)
+        cost = f"; off by default ({p.opt_in})" if p.opt_in else "; on by default"
         rows.append((f"probe {p.name}", "ok" if plan.ok else "no",
-                     plan.method if plan.ok else plan.reason))
+                     (plan.method if plan.ok else plan.reason) + f"; runs {p.fires}{cost}"))
     h = host.find_headers()
     if fix and h.status == "fallback":
         try:
@@ -480,6 +481,8 @@ def probes():
         click.echo(f"{p.name:<11} {p.summary}")
         click.echo(f"{'':<11} arch {'/'.join(p.arch)}; tables {', '.join(p.tables) or '-'}")
         click.echo(f"{'':<11} runs {p.fires}")
+        click.echo(f"{'':<11} " + (f"off by default ({p.opt_in}): --probes ...,{p.name}"
+                                   if p.opt_in else "on by default"))
         for t in p.targets:
             sym = ("" if caps is None else catalog.resolve_symbol(t, caps.symbols)) or ""
             names = " / ".join(t.symbols)

@@ -21,6 +21,13 @@ import threading
 import time
 
 KVM_MODULES = "modprobe kvm_amd 2>/dev/null || modprobe kvm_intel 2>/dev/null; "
+# A VM held by a process of its own while the command runs. KVM turns its
+# preempt-notifier static key on with the first VM and off with the last, rewriting a
+# jump in __schedule each time; under QEMU's TCG that rewrite hung or panicked the
+# guest (Oops: int3 at that jump) once a command's first workload had ended and the
+# next began (the Xen test's second run: two 1500 s timeouts). Held, the key stays on.
+ANCHOR_VM = ("python -c 'import time; from kvmlockprof.workload import kvmapi as k; "
+             "k.ioctl(k.open_kvm(), k.CREATE_VM, 0); time.sleep(1e9)' 2>/dev/null & ")
 TAIL_LINES = 30         # the guest's last lines an error quotes
 KILL_GRACE_S = 5.0      # after SIGTERM (and again after SIGKILL) before giving up
 
@@ -113,7 +120,7 @@ def vng_argv(command, kernel=None, cpus=2, memory="2G", cwd=None, possible_cpus=
     cwd = os.path.abspath(cwd or os.getcwd())
     # the guest starts with a fresh PATH: put this venv's (kvmlockprof, bcc) first
     venv_bin = os.path.dirname(sys.executable)
-    script = (f"export PATH={shlex.quote(venv_bin)}:$PATH; " + KVM_MODULES +
+    script = (f"export PATH={shlex.quote(venv_bin)}:$PATH; " + KVM_MODULES + ANCHOR_VM +
               f"cd {shlex.quote(cwd)} && " + shlex.join(command))
     append = ["--append", f"possible_cpus={possible_cpus}"] if possible_cpus else []
     return [vng_path(), "--run", kernel, "--disable-kvm", "--force-9p", "--cpus", str(cpus),

@@ -23,6 +23,10 @@ def _function_plans(requested, status, prefer, warn):
         plan = capabilities.plan(p, caps, prefer=prefer)
         if p not in function_probes:
             status[p.name] = {"status": "not requested"}
+        elif requested is None and p.opt_in and plan.ok:
+            status[p.name] = {"status": "not requested",
+                              "reason": f"off by default ({p.opt_in}): add it with "
+                                        f"--probes contention,{p.name}"}
         elif plan.ok:
             plans[p] = plan
         else:

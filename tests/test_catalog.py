@@ -67,3 +67,24 @@ def test_target_keys_are_unique():
     holds every function probe."""
     keys = [t.key for p in catalog.CATALOG for t in p.targets]
     assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+
+
+def test_opt_in_probes_attach_only_when_asked(monkeypatch):
+    """Plain record leaves a probe whose measured cost is over the target off, and
+    says why in its status; --probes naming it attaches it."""
+    from types import SimpleNamespace
+    from kvmlockprof import capabilities, sources
+    opt_in = [p for p in catalog.CATALOG if p.opt_in]
+    assert opt_in, "no probe is opt-in: the cost table (bench/README.md) says some are"
+    monkeypatch.setattr(capabilities, "probe_host", lambda full=False: None)
+    monkeypatch.setattr(capabilities, "plan", lambda p, caps, prefer=None:
+                        SimpleNamespace(ok=True, reason="", method="kprobe"))
+    status = {}
+    plans = sources._function_plans(None, status, None, lambda m: None)
+    for p in opt_in:
+        assert p not in plans and status[p.name]["status"] == "not requested"
+        assert p.opt_in in status[p.name]["reason"] and "--probes" in status[p.name]["reason"]
+    assert {p for p in catalog.CATALOG if not p.opt_in and p.name != "contention"} <= set(plans)
+    plans = sources._function_plans(catalog.select([p.name for p in opt_in]), {}, None,
+                                    lambda m: None)
+    assert set(opt_in) == set(plans)

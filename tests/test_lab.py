@@ -18,7 +18,7 @@ import time
 import pytest
 
 import kvmlockprof
-from kvmlockprof import lab, probe_analysis, report
+from kvmlockprof import catalog, lab, probe_analysis, report
 
 WORKLOAD = "kvmlockprof workload --vcpus 2 --duration 6"
 # One lab run's limit (TCG: 2-4 minutes a boot, more with several recordings);
@@ -434,7 +434,7 @@ def test_interrupt_kills_the_group(tmp_path):
 @pytest.mark.lab
 def test_kernel_memory_at_256_possible_cpus(in_lab):
     """A big host's per-CPU sizes (possible_cpus=256, which 6.1 takes and 6.12 no
-    longer does): record with every probe the lab kernel attaches pins at most its
+    longer does): record with every probe the lab kernel attaches (opt-in ones too) pins at most its
     default limit, by the kernel's count, and the old per-CPU aggregate layout would
     pin ~100x more (bench/flush_cost.py)."""
     kernel = lab.find_kernel("6.1.")
@@ -442,7 +442,9 @@ def test_kernel_memory_at_256_possible_cpus(in_lab):
         pytest.skip("no 6.1 lab kernel installed (make lab)")
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "bench", "flush_cost.py")
-    d = in_lab(f"kvmlockprof record -q -o big.parquet -- {WORKLOAD} --kvmclock --churn && "
+    every = ",".join(p.name for p in catalog.CATALOG)      # the opt-in ones too
+    d = in_lab(f"kvmlockprof record -q -o big.parquet --probes {every} -- {WORKLOAD} "
+               f"--kvmclock --churn && "
                f"python {shlex.quote(bench)} --cycles 5 -M 4096 -o flush256.json",
                kernel=kernel, possible_cpus=256, memory="3G")
     rec = kvmlockprof.load(d / "big.parquet")
