@@ -431,9 +431,11 @@ def doctor(fix):
                      f"{found} ({probe})" if found else f"absent ({probe})"))
     for p in catalog.CATALOG:
         plan = capabilities.plan(p, caps)
-        cost = f"; off by default ({p.opt_in})" if p.opt_in else "; on by default"
         rows.append((f"probe {p.name}", "ok" if plan.ok else "no",
-                     (plan.method if plan.ok else plan.reason) + f"; runs {p.fires}{cost}"))
+                     plan.method if plan.ok else plan.reason))
+        rows.append((f"probe {p.name} cost", "off" if p.opt_in else "on",
+                     f"runs {p.fires}; " + (f"off by default ({p.opt_in})" if p.opt_in
+                                            else "on by default")))
     h = host.find_headers()
     if fix and h.status == "fallback":
         try:

@@ -47,6 +47,10 @@ def test_doctor_matches_kernel_facts(live):
     with open("/proc/kallsyms") as f:
         has_xen = any(line.split()[2] == "kvm_xen_set_evtchn_fast" for line in f)
     assert (r["symbol kvm_xen_set_evtchn_fast"][0] == "ok") == has_xen
+    from kvmlockprof import catalog             # each probe's cost class and default
+    for probe in catalog.CATALOG:
+        default, detail = r[f"probe {probe.name} cost"]
+        assert default == ("off" if probe.opt_in else "on") and probe.fires in detail
 
 
 def test_probes_say_why_not(live):
