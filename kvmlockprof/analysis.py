@@ -225,6 +225,24 @@ STREAM_COLUMNS = ("wait_ns", "lock_addr", "flags", "stack_id", "tgid")
 FINE_BITS = 6       # the first pass's bins: 2^6 per octave, each 1.1% wide
 
 
+def streamed(rec):
+    """Whether a recording's samples are read chunk by chunk (report, compare)."""
+    return rec.manifest.get("samples", 0) > STREAM_SAMPLES and not rec.in_memory("contention")
+
+
+def annotated_chunks(rec, columns):
+    """These sample columns with annotate()'s, chunk by chunk (Recording.chunks)."""
+    info, names = contention_stacks(rec), lock_names(rec)
+    for df in rec.chunks("contention", columns):
+        yield _with_stack_columns(df, info, names)
+
+
+def group_positions(df, keys, position):
+    """position(group key) for each row (-1: none): one call per distinct group."""
+    codes, groups = group_codes(df, keys)
+    return np.array([position(g) for g in groups.tolist()], np.int64)[codes]
+
+
 def _fine_bins(v):
     """A bin per value, non-decreasing in it: 0 for 0, then 2^FINE_BITS per octave."""
     m, e = np.frexp(v.astype(np.float64))
@@ -292,9 +310,8 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
     a row are complete, else the upper bound of a log2 bucket (`pct_exact` False).
     By caller, waits whose stack was not walked are spread over their lock's walked
     callers (spread_unwalked: `estimated` True)."""
-    streamed = rec.manifest.get("samples", 0) > STREAM_SAMPLES and \
-        not rec.in_memory("contention")
-    aggs, samples = (annotated_aggregates(rec), pd.DataFrame()) if streamed else \
+    chunked = streamed(rec)
+    aggs, samples = (annotated_aggregates(rec), pd.DataFrame()) if chunked else \
         annotate(rec, TOP_SAMPLE_COLUMNS)
     keys = _group_keys(by)
     cols = ["contended", "total_ns", "max_ns", "min_ns", "avg_ns", "p50_ns", "p90_ns",
@@ -326,7 +343,7 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
     # (object: an empty mapping would give float NaNs, which refuse a str fill)
     out["comm"] = out["tgid"].map(comm).astype(object).fillna("?")
     out["vm"] = out["tgid"].map(_vm_labels(rec)).astype(object).fillna(out["comm"])
-    exact = _streamed_percentiles(rec, out, keys, pids) if streamed else \
+    exact = _streamed_percentiles(rec, out, keys, pids) if chunked else \
         _sample_percentiles(samples, keys)
     out = _percentiles(out, keys, exact, g["hist"])
     if sort not in SORT_KEYS:
@@ -350,22 +367,18 @@ def _sample_percentiles(samples, keys):
 
 def _streamed_percentiles(rec, out, keys, pids):
     """_sample_percentiles() of top()'s rows, the samples read chunk by chunk."""
-    info, names = contention_stacks(rec), lock_names(rec)
     arrays = [np.asarray(out[k]) for k in keys]             # (as group_codes gives them)
     index = pd.MultiIndex.from_arrays(arrays, names=keys) if len(keys) > 1 else \
         pd.Index(arrays[0], name=keys[0])
     row_of = {k: i for i, k in enumerate(index.tolist())}
 
     def chunks():
-        for df in rec.chunks("contention", STREAM_COLUMNS):
+        for df in annotated_chunks(rec, STREAM_COLUMNS):
             if pids:
                 df = df[df["tgid"].isin(pids)]
-            if df.empty:
-                continue
-            df = _with_stack_columns(df, info, names)
-            codes, groups = group_codes(df, keys)
-            pos = np.array([row_of.get(k, -1) for k in groups.tolist()], np.int64)
-            yield pos[codes], df["wait_ns"].to_numpy()
+            if not df.empty:
+                yield group_positions(df, keys, lambda k: row_of.get(k, -1)), \
+                    df["wait_ns"].to_numpy()
     q, n = streamed_quantiles(chunks, len(index), list(QUANTILES.values()))
     return pd.DataFrame(q, index=index, columns=list(QUANTILES)).assign(n=n)[n > 0]
 

@@ -64,23 +64,14 @@ def _with_identity(df):
     return df.assign(identity=pd.Categorical.from_codes(lcodes[codes], cats))
 
 
-def _streamed(rec):
-    """Whether a recording's samples are read chunk by chunk (analysis.top's rule)."""
-    return rec.manifest.get("samples", 0) > analysis.STREAM_SAMPLES and \
-        not rec.in_memory("contention")
-
-
 def _identity_chunks(rec, identities):
     """(position in `identities` per sample, -1 for none; waits; end times) of a big
     recording's samples, chunk by chunk."""
-    info, names = analysis.contention_stacks(rec), analysis.lock_names(rec)
-    pos, seen = {k: i for i, k in enumerate(identities)}, {}
-    for df in rec.chunks("contention", SAMPLE_COLUMNS):
-        df = analysis._with_stack_columns(df, info, names)
-        codes, combos = analysis.group_codes(df, ["lock", "type", "caller"])
-        at = np.array([seen.setdefault(c, pos.get(lock_identity(*c), -1))
-                       for c in combos.tolist()], np.int64)
-        yield at[codes], df["wait_ns"].to_numpy(), df["ts_ns"].to_numpy(np.int64)
+    pos = {k: i for i, k in enumerate(identities)}
+    for df in analysis.annotated_chunks(rec, SAMPLE_COLUMNS):
+        at = analysis.group_positions(df, ["lock", "type", "caller"],
+                                      lambda c: pos.get(lock_identity(*c), -1))
+        yield at, df["wait_ns"].to_numpy(), df["ts_ns"].to_numpy(np.int64)
 
 
 def identified(rec):
@@ -91,7 +82,7 @@ def identified(rec):
     stacks the --stack-budget let through."""
     def compute():
         aggs, samples = (analysis.annotated_aggregates(rec), pd.DataFrame()) \
-            if _streamed(rec) else analysis.annotate(rec, SAMPLE_COLUMNS)
+            if analysis.streamed(rec) else analysis.annotate(rec, SAMPLE_COLUMNS)
         if not aggs.empty:
             aggs = analysis.spread_unwalked(aggs)
         return _with_identity(aggs), _with_identity(samples)
@@ -120,7 +111,7 @@ def lock_values(rec):
         out[f"waits/{unit}"] = out["count"] / n if n else np.nan
     out["mean wait"] = (out["total_ns"] / out["count"]).where(
         out["count"] >= MIN_WAITS["mean wait"])
-    if _streamed(rec):
+    if analysis.streamed(rec):
         st = _streamed_stats(rec)
         n = pd.Series(st["n"], st["identities"]).reindex(out.index).fillna(0)
         for i, metric in enumerate(("p50 wait", "p99 wait")):
@@ -202,7 +193,7 @@ def _single_observations(rec, identities):
     dur = rec.manifest.get("duration_s") or np.nan
     nbins = max(1, int(np.ceil(dur * 1e9 / BIN_NS))) if dur == dur else 1
     out = {}
-    if _streamed(rec):
+    if analysis.streamed(rec):
         return _streamed_observations(rec, aggs, sorted(identities), dur, nbins), nbins
     if samples.empty:
         return out, nbins
