@@ -298,7 +298,11 @@ def test_every_lock_gets_a_caller_under_the_budget(live, tmp_path):
 def test_waits_pair_with_either_pending_store(live, pending):
     """A wait in progress is kept in task-local storage, or in a hash on kernels
     before 5.12: both pair every begin with its end (nothing lost, every end
-    aggregated), and the nesting of waits in a task fits its slots."""
+    aggregated), and the nesting of waits in a task fits its slots. A begin is
+    left without its end only when the kernel skipped our end handler (its
+    recursion_misses: a lock contended inside the handler, as the hash's bucket
+    lock can be, nests a wait whose end comes while the handler runs)."""
+    from kvmlockprof import bpfstats
     from kvmlockprof.probes.contention import ContentionProbe
     probe = ContentionProbe(pending=pending, sample_every=0, stack_budget=1000)
     try:
@@ -307,12 +311,13 @@ def test_waits_pair_with_either_pending_store(live, pending):
                        capture_output=True, timeout=60)
         probe.detach()
         c = probe.counters()
+        skipped = {tp: bpfstats.recursion_misses(fd) for tp, fd in probe.prog_fds().items()}
         aggs = probe.snapshots()["aggregates"]
     finally:
         probe.close()
     assert c["end"] > 1000, c
     assert c["lost_pending_full"] == 0 and c["lost_agg_full"] == 0, c
-    assert c["begin_without_end"] == 0, c                     # none left behind
+    assert c["begin_without_end"] <= skipped["contention_end"], (c, skipped)  # none left behind
     assert c["end_without_begin"] <= 0.01 * c["end"], c       # begun before attach
     assert sum(aggs.column("count").to_pylist()) == c["end"] - c["end_without_begin"]
 
