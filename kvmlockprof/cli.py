@@ -497,6 +497,7 @@ def probes():
 EPILOG_LAB = """\b
 Examples:
   kvmlockprof lab -- kvmlockprof doctor
+  kvmlockprof lab --console console.log --timeout 600 -- kvmlockprof doctor
   kvmlockprof lab --kernel /boot/vmlinuz-6.1.0-56-amd64 --possible-cpus 256 -- kvmlockprof doctor
   kvmlockprof lab -- kvmlockprof record -o lab.parquet -- kvmlockprof workload --kvmclock
   kvmlockprof lab --kernel ~/linux/arch/x86/boot/bzImage -- kvmlockprof record -o patched.parquet \\
@@ -514,8 +515,11 @@ Examples:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Kill the lab (QEMU and all) after this long and print the guest's "
                    "last lines.")
+@click.option("--console", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Write the guest kernel's console (boot included) to FILE; errors "
+                   "quote its last lines.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def lab(kernel, cpus, memory, possible_cpus, timeout, command):
+def lab(kernel, cpus, memory, possible_cpus, timeout, console, command):
     """Run COMMAND inside another kernel under QEMU (kprobes, fentry, nested KVM).
 
     The current directory is shared read-write: recordings land on this host.
@@ -523,7 +527,7 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, command):
     from . import lab as labmod
     try:
         p = labmod.run(list(command), kernel=kernel, cpus=cpus, memory=memory,
-                       timeout=timeout, possible_cpus=possible_cpus)
+                       timeout=timeout, possible_cpus=possible_cpus, console=console)
     except labmod.LabError as e:
         fail(str(e))
     sys.exit(p.returncode)

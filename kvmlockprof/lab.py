@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -24,8 +25,7 @@ KVM_MODULES = "modprobe kvm_amd 2>/dev/null || modprobe kvm_intel 2>/dev/null; "
 # A VM held by a process of its own while the command runs. KVM turns its
 # preempt-notifier static key on with the first VM and off with the last, rewriting a
 # jump in __schedule each time; under QEMU's TCG that rewrite hung or panicked the
-# guest (Oops: int3 at that jump) in the VM-reuse run. Held, the key stays on. (The
-# Xen test's lab runs still time out with it: that hang has another cause.)
+# guest (Oops: int3 at that jump) in the VM-reuse run. Held, the key stays on.
 ANCHOR_VM = ("python -c 'import time; from kvmlockprof.workload import kvmapi as k; "
              "k.ioctl(k.open_kvm(), k.CREATE_VM, 0); time.sleep(1e9)' 2>/dev/null & ")
 TAIL_LINES = 30         # the guest's last lines an error quotes
@@ -40,16 +40,16 @@ class LabTimeout(LabError, subprocess.TimeoutExpired):
     """The lab run outlived its timeout and its process group was killed; str()
     quotes the last lines it printed (also in .tail)."""
 
-    def __init__(self, cmd, timeout, tail, output=None, stderr=None, left=()):
+    def __init__(self, cmd, timeout, tail, output=None, stderr=None, left=(), console=None):
         subprocess.TimeoutExpired.__init__(self, cmd, timeout, output, stderr)
-        self.tail, self.left = tail, list(left)
+        self.tail, self.left, self.console = tail, list(left), console
 
     def __str__(self):
         head = (f"the lab run timed out after {self.timeout:g} s; its process group "
                 "(virtme-ng, QEMU) was killed")
         if self.left:
             head += f", but these processes of it would not die: {self.left}"
-        return head + "\n" + _quote_tail(self.tail)
+        return head + "\n" + _quote_tail(self.tail) + _quote_console(self.console)
 
 
 def _version_key(path):
@@ -106,34 +106,58 @@ def vng_path():
     raise LabError("virtme-ng is missing: run `make lab`")
 
 
-def vng_argv(command, kernel=None, cpus=2, memory="2G", cwd=None, possible_cpus=None):
-    """The virtme-ng command line that boots `kernel` and runs `command` in `cwd`,
-    which is shared read-write so that what the command writes stays on the host.
-    possible_cpus: make the kernel size its per-CPU data for that many CPUs (as a
-    big host's), whatever runs: possible_cpus=N, which x86 kernels before 6.9 take
-    (6.1 does; 6.12 ignores it)."""
+# The kernel's command line holds at most 2048 bytes (x86 COMMAND_LINE_SIZE) and
+# virtme-ng puts --exec on it, base64, after ~850 bytes of its own; one byte more and
+# the guest panicked at boot (fortify: strlen overflow in start_kernel), silently,
+# since the console goes nowhere. The command therefore goes in a file.
+MAX_EXEC = 512
+
+
+def guest_script(command, cwd):
+    """The shell script the guest runs: `command` in `cwd`, this venv's PATH first
+    (the guest starts with a fresh PATH), KVM loaded and a VM held (ANCHOR_VM)."""
+    venv_bin = os.path.dirname(sys.executable)
+    return (f"export PATH={shlex.quote(venv_bin)}:$PATH; " + KVM_MODULES + ANCHOR_VM +
+            f"cd {shlex.quote(cwd)} && exec {shlex.join(command)}\n")
+
+
+def vng_argv(script, kernel=None, cpus=2, memory="2G", cwd=None, possible_cpus=None,
+             verbose=False):
+    """The virtme-ng command line that boots `kernel` and runs the shell script at
+    path `script` (guest_script's) in `cwd`, which is shared read-write so that what
+    the command writes stays on the host. possible_cpus: make the kernel size its
+    per-CPU data for that many CPUs (as a big host's), whatever runs:
+    possible_cpus=N, which x86 kernels before 6.9 take (6.1 does; 6.12 ignores it).
+    verbose: the guest kernel's console goes to stderr too (see Console)."""
     kernel = kernel or default_kernel()
     if not os.path.exists(kernel):
         raise LabError(f"no kernel image at {kernel}: give a bzImage/vmlinuz path")
     if not shutil.which("qemu-system-x86_64"):
         raise LabError("qemu-system-x86_64 is missing: run `make lab`")
     cwd = os.path.abspath(cwd or os.getcwd())
-    # the guest starts with a fresh PATH: put this venv's (kvmlockprof, bcc) first
-    venv_bin = os.path.dirname(sys.executable)
-    script = (f"export PATH={shlex.quote(venv_bin)}:$PATH; " + KVM_MODULES + ANCHOR_VM +
-              f"cd {shlex.quote(cwd)} && " + shlex.join(command))
     append = ["--append", f"possible_cpus={possible_cpus}"] if possible_cpus else []
     return [vng_path(), "--run", kernel, "--disable-kvm", "--force-9p", "--cpus", str(cpus),
             "--memory", memory, "--rwdir", cwd, "--qemu-opts=-cpu max", *append,
-            "--exec", script]
+            *(["--verbose"] if verbose else []), "--exec", guest_exec(script)]
+
+
+def guest_exec(script):
+    """virtme-ng's --exec that runs the script at path `script`: short, whatever it runs."""
+    line = f"sh {shlex.quote(script)}"
+    if len(line) > MAX_EXEC:
+        raise LabError(f"the lab's directory path is too long for the guest kernel's "
+                       f"command line ({len(line)} > {MAX_EXEC} bytes): run from a shorter one")
+    return line
 
 
 def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, possible_cpus=None,
-        **popen):
+        console=None, **popen):
     """Run `command` inside the lab kernel; returns the CompletedProcess.
 
     Takes subprocess.run's output options (capture_output, stdout, stderr, text,
-    check); see run_group for what a timeout or an interrupt does.
+    check); see run_group for what a timeout or an interrupt does. The guest's
+    script is a dot file in `cwd` while it runs. console: a path where the guest
+    kernel's console is written (errors quote its last lines).
 
     Without a terminal, stdin must not be left open to the caller: virtme-ng
     forwards it to the guest, and the guest command then waits on it."""
@@ -142,8 +166,21 @@ def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, possi
     env = dict(popen.pop("env", None) or os.environ)
     # virtme-ng runs its helpers (virtme-run) from PATH: put the venv's first
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    return run_group(vng_argv(command, kernel, cpus, memory, cwd, possible_cpus),
-                     timeout=timeout, env=env, **popen)
+    cwd = os.path.abspath(cwd or os.getcwd())
+    try:
+        fd, script = tempfile.mkstemp(prefix=".kvmlockprof-lab-", suffix=".sh", dir=cwd)
+    except OSError as e:
+        raise LabError(f"cannot write the guest's script in {cwd} ({e.strerror}): "
+                       f"run from a directory you can write") from e
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(guest_script(command, cwd))
+        con = Console(console) if console else None
+        return run_group(vng_argv(script, kernel, cpus, memory, cwd, possible_cpus,
+                                  verbose=con is not None),
+                         timeout=timeout, env=env, console=con, **popen)
+    finally:
+        os.unlink(script)
 
 
 # --- running a process group ------------------------------------------------------------
@@ -152,6 +189,14 @@ def _quote_tail(tail):
     if not tail:
         return "it printed nothing"
     return f"its last {len(tail)} lines:\n" + "\n".join("  | " + line for line in tail)
+
+
+def _quote_console(console):
+    if console is None:
+        return ""
+    lines = list(console.tail)
+    return f"\nthe guest kernel's console ({console.path}): " + \
+        (_quote_tail(lines) if lines else "empty")
 
 
 def group_members(pgid):
@@ -214,6 +259,45 @@ class _Tail:
         return out[-self.lines.maxlen:]
 
 
+class Console:
+    """The guest kernel's console, split from the stderr it shares under virtme-ng's
+    --verbose: every line until the guest starts the command, then the kernel's
+    lines (printk's "[  12.345678] "), go to the file at `path` and are kept for
+    errors (.tail); what is left is the command's stderr. A guest that panics while
+    booting shows it only here."""
+
+    KERNEL_LINE = re.compile(rb"^\[ *\d+\.\d+\] ")
+    STARTED = b"virtme-ng-init: starting script"
+
+    def __init__(self, path, n=TAIL_LINES):
+        self.path, self.file = path, open(path, "wb")
+        self.tail = collections.deque(maxlen=n)
+        self.partial, self.booting = b"", True
+
+    def _line(self, line):
+        """The line if it is the command's (with its newline), else b""."""
+        if not (self.booting or self.KERNEL_LINE.match(line)):
+            return line + b"\n"
+        self.file.write(line + b"\n")
+        self.tail.append(line.rstrip(b"\r").decode(errors="replace"))
+        self.booting = self.booting and self.STARTED not in line
+        return b""
+
+    def split(self, chunk):
+        """What of `chunk` is the command's stderr (whole lines only)."""
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        out = b"".join(map(self._line, lines))
+        self.file.flush()
+        return out
+
+    def close(self):
+        """The command's part of a last unended line, if any."""
+        rest, self.partial = self.partial, b""
+        out = self._line(rest)[:-1] if rest else b""
+        self.file.close()
+        return out
+
+
 def _sink_fd(dest, live_fd):
     """Where a stream's bytes go besides the tail: (fd or None, keep them?)."""
     if dest == subprocess.PIPE:
@@ -235,14 +319,22 @@ class _Pump(threading.Thread):
     """Copies one pipe to its sink (live or kept) and to the tail, until EOF, or
     until stopped (a process that left the group may hold the pipe open)."""
 
-    def __init__(self, pipe, name, sink, keep, tail):
+    def __init__(self, pipe, name, sink, keep, tail, console=None):
         super().__init__(name=f"lab-{name}", daemon=True)
         self.fd, self.stream, self.sink, self.tail = pipe.fileno(), name, sink, tail
+        self.console = console              # a Console: its lines are taken out first
         self.kept = [] if keep else None
         self.stop = threading.Event()
         self.error = None
 
     def _take(self, chunk):
+        if self.console:
+            chunk = self.console.split(chunk)
+        self._keep(chunk)
+
+    def _keep(self, chunk):
+        if not chunk:
+            return
         if self.kept is not None:
             self.kept.append(chunk)
         self.tail.feed(self.stream, chunk)
@@ -265,6 +357,9 @@ class _Pump(threading.Thread):
                     self._take(chunk)
         except (OSError, ValueError) as e:      # the pipe was closed under us
             self.error = e
+        finally:
+            if self.console:
+                self._keep(self.console.close())
 
     def data(self):
         return None if self.kept is None else b"".join(self.kept)
@@ -293,7 +388,7 @@ def _decode(data, text, encoding, errors):
 
 def run_group(argv, timeout=None, check=False, capture_output=False, stdout=None,
               stderr=None, text=None, encoding=None, errors=None, universal_newlines=None,
-              tail_lines=TAIL_LINES, grace=None, **popen):
+              tail_lines=TAIL_LINES, grace=None, console=None, **popen):
     """subprocess.run for a command that starts processes of its own (virtme-ng ->
     QEMU), run in a new session, so a process group of its own.
 
@@ -303,7 +398,8 @@ def run_group(argv, timeout=None, check=False, capture_output=False, stdout=None
     When the command ends, whatever is left of its group is killed. On a timeout
     the group is killed (SIGTERM, SIGKILL after `grace` s, KILL_GRACE_S by default), reaped, and LabTimeout
     (a LabError and a TimeoutExpired) quotes the last lines; on Ctrl-C the group is
-    killed and KeyboardInterrupt goes on; on any other error, LabError."""
+    killed and KeyboardInterrupt goes on; on any other error, LabError. console: a
+    Console, which takes the guest kernel's lines out of stderr; errors quote it too."""
     if capture_output:
         if stdout is not None or stderr is not None:
             raise ValueError("capture_output with stdout or stderr")
@@ -322,7 +418,8 @@ def run_group(argv, timeout=None, check=False, capture_output=False, stdout=None
                             stderr=subprocess.STDOUT if merged else subprocess.PIPE,
                             start_new_session=True, **popen)
     tail = _Tail(tail_lines)
-    pumps = [_Pump(getattr(proc, name), name, sink, keep, tail)
+    pumps = [_Pump(getattr(proc, name), name, sink, keep, tail,
+                   console if name == list(sinks)[-1] else None)
              for name, (sink, keep) in sinks.items()]
     left = []
     try:
@@ -334,7 +431,8 @@ def run_group(argv, timeout=None, check=False, capture_output=False, stdout=None
         proc.wait()
         _stop(pumps)
         if not finished:
-            raise LabTimeout(argv, timeout, tail.get(), *(p.data() for p in pumps), left=left)
+            raise LabTimeout(argv, timeout, tail.get(), *(p.data() for p in pumps), left=left,
+                             console=console)
     except BaseException as e:
         if proc.returncode is None:
             left = kill_group(proc.pid, grace)
@@ -348,7 +446,7 @@ def run_group(argv, timeout=None, check=False, capture_output=False, stdout=None
                            _quote_tail(tail.get()))
             raise
         raise LabError(f"lab run failed ({type(e).__name__}: {e}); its process group "
-                       f"was killed; {_quote_tail(tail.get())}") from e
+                       f"was killed; {_quote_tail(tail.get())}{_quote_console(console)}") from e
     finally:
         for pipe in (proc.stdout, proc.stderr):
             if pipe:

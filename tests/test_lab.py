@@ -42,15 +42,17 @@ def lab_run(d, script, kernel=None, timeout=LAB_TIMEOUT, **options):
     the guest's last lines, if the run fails or outlives `timeout` (lab.run then
     kills its QEMU). options: lab.run's (possible_cpus, memory)."""
     t0 = time.monotonic()
+    console = d / f"console-{time.strftime('%H%M%S')}.log"     # the guest kernel's
     try:
         p = lab.run(["sh", "-c", script], kernel=kernel, cwd=d, timeout=timeout,
-                    capture_output=True, text=True, **options)
+                    capture_output=True, text=True, console=console, **options)
     except lab.LabError as e:
         pytest.fail(f"lab run ({kernel or 'default kernel'}) after "
                     f"{time.monotonic() - t0:.0f} s: {e}", pytrace=False)
     print(f"lab run ({kernel or lab.default_kernel()}) took {time.monotonic() - t0:.0f} s:"
           f"\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, (p.stderr[-3000:] + "\nthe guest kernel's console:\n" +
+                               "\n".join(console.read_text().splitlines()[-lab.TAIL_LINES:]))
     return d
 
 
@@ -399,6 +401,37 @@ def test_lab_test_runner_fails_with_the_guest_tail(tmp_path, monkeypatch):
     assert_group_gone(pid_in(tmp_path, "leader.pid"), pid_in(tmp_path, "sleeper.pid"))
 
 
+VERBOSE_VNG = r"""
+echo $$ > "$1/leader.pid"
+printf 'Probing EDD (edd=off to disable)... ok\n[    0.000000] Linux version 6.12\n' >&2
+printf '[   10.7] virtme-ng-init: starting script\n' >&2
+echo "the command's own error" >&2; echo "the command's output"
+printf '[   14.2] BUG: soft lockup - CPU#1 stuck for 22s!\n[   14.3] RIP: 0010:' >&2
+sleep 1000
+"""
+
+
+def test_the_guest_console_is_kept_apart_and_quoted(tmp_path):
+    """With a console file (`kvmlockprof lab --console`, every lab test's run),
+    virtme-ng's --verbose console is split from the command's stderr: the boot and
+    the kernel's lines go to the file, the command's stay its own, and a hang
+    quotes the kernel's last lines (a guest that panics while booting prints
+    nothing else)."""
+    path = tmp_path / "console.log"
+    with pytest.raises(lab.LabTimeout) as info:
+        lab.run_group(fake_vng(tmp_path, VERBOSE_VNG), timeout=1.5, grace=0.5,
+                      capture_output=True, stdin=subprocess.DEVNULL,
+                      console=lab.Console(path))
+    e = info.value
+    assert e.stderr == b"the command's own error\n" and e.output == b"the command's output\n"
+    assert "soft lockup" in str(e) and str(path) in str(e)
+    assert "soft lockup" not in "\n".join(e.tail)        # the command's tail: its own
+    text = path.read_text()
+    assert text.startswith("Probing EDD") and "starting script" in text
+    assert text.endswith("RIP: 0010:\n") and "own error" not in text
+    assert_group_gone(pid_in(tmp_path, "leader.pid"))
+
+
 def test_normal_exit_returns_output_and_kills_leftovers(tmp_path):
     body = 'echo $$ > "$1/leader.pid"; sleep 1000 & echo $! > "$1/sleeper.pid"; ' \
            'echo out; echo err >&2; exit 3'
@@ -429,6 +462,21 @@ def test_interrupt_kills_the_group(tmp_path):
     if sys.version_info >= (3, 11):
         assert "workload hangs here" in "".join(info.value.__notes__)
     assert_group_gone(pid_in(tmp_path, "leader.pid"), pid_in(tmp_path, "sleeper.pid"))
+
+
+def test_a_long_command_stays_off_the_kernel_command_line(tmp_path, monkeypatch):
+    """virtme-ng puts --exec on the guest kernel's command line (2048 bytes at most;
+    past that the guest panicked at boot, unseen, and the Xen test's two recordings
+    in one run hung to the timeout): the command goes in a script file instead,
+    gone after the run."""
+    command = ["sh", "-c", "echo " + "kvmlockprof record -q -- workload; " * 100]
+    monkeypatch.setattr(lab, "vng_argv", lambda script, *a, **kw: ["cat", script])
+    p = lab.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0 and shlex.join(command) in p.stdout
+    assert len(lab.guest_exec(str(tmp_path / ".kvmlockprof-lab-x.sh"))) <= lab.MAX_EXEC
+    with pytest.raises(lab.LabError, match="shorter"):
+        lab.guest_exec("/" + "d" * lab.MAX_EXEC)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.lab
