@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -199,8 +198,8 @@ class Recorder:
 
         A tiny Python holds it: Popen returns once that has started, and execvp
         keeps the pid, so nothing the command does runs before the filter knows it."""
-        fd, work_file = tempfile.mkstemp(prefix="kvmlockprof-work-", suffix=".json")
-        os.close(fd)
+        # in the recording's own directory: a killed record leaves nothing elsewhere
+        work_file = os.path.join(self.writer.dir, "work.json")
         gate_r, gate_w = os.pipe()
         env = dict(os.environ, **{WORK_ENV: work_file})
         gate = (f"import os, sys; os.read({gate_r}, 1); os.close({gate_r}); "

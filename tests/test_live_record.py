@@ -1,10 +1,12 @@
 """Live: real BPF on the built-in KVM workload (root, /dev/kvm)."""
+import glob
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -106,7 +108,9 @@ def test_every_exit_path_detaches(live, tmp_path, sig):
 
 
 def test_kill_9_leaves_flushed_data_readable(live, tmp_path):
+    """...and nothing outside it: the workload's report goes in its .partial directory."""
     before = kernel_objects()
+    temp_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "kvmlockprof*")))
     out = tmp_path / "k.parquet"
     p = subprocess.Popen([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
                           "--", *workload_argv("--duration", 30, "--churn")], cwd=ROOT,
@@ -122,6 +126,7 @@ def test_kill_9_leaves_flushed_data_readable(live, tmp_path):
     p.wait()
     # the kernel drops the programs with the last file descriptor: none of ours stays
     assert_none_left(before)
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "kvmlockprof*"))) == temp_before
     rec = kvmlockprof.load(out)
     assert rec.interrupted and len(rec.samples) > 0
     r = klp("report", out)
