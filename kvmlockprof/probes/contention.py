@@ -192,7 +192,7 @@ class ContentionProbe:
         """The in-kernel aggregates as Arrow tables. The map is read again only if
         a wait ended since the read before last (an end is counted before it is
         aggregated: one more read lets the handlers that were running finish)."""
-        ends = self.counters()["end"]
+        ends = read_counters(self.bpf["counters"], COUNTERS)["end"]  # not counters(): no fdinfo
         changed = ends != self._read_at[0]
         if changed or self._read_at[1] or self._aggregates is None:
             self._aggregates = to_arrow(read_hash(self.bpf["agg"]))
