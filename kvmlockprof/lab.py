@@ -28,6 +28,11 @@ KVM_MODULES = "modprobe kvm_amd 2>/dev/null || modprobe kvm_intel 2>/dev/null; "
 # guest (Oops: int3 at that jump) in the VM-reuse run. Held, the key stays on.
 ANCHOR_VM = ("python -c 'import time; from kvmlockprof.workload import kvmapi as k; "
              "k.ioctl(k.open_kvm(), k.CREATE_VM, 0); time.sleep(1e9)' 2>/dev/null & ")
+# record's handler-cost windows turn BPF run-time stats on and off (BPF_ENABLE_STATS),
+# patching the static key in every BPF program's exit (update_prog_stats); under TCG a
+# CPU in a probe hit that patch's int3 after it had ended (Oops, the lab's gpc/srcu
+# run). Held on by the sysctl, the key is patched once, before anything runs.
+HOLD_STATS = "echo 1 > /proc/sys/kernel/bpf_stats_enabled; "
 TAIL_LINES = 30         # the guest's last lines an error quotes
 KILL_GRACE_S = 5.0      # after SIGTERM (and again after SIGKILL) before giving up
 
@@ -115,9 +120,11 @@ MAX_EXEC = 512
 
 def guest_script(command, cwd):
     """The shell script the guest runs: `command` in `cwd`, this venv's PATH first
-    (the guest starts with a fresh PATH), KVM loaded and a VM held (ANCHOR_VM)."""
+    (the guest starts with a fresh PATH), KVM loaded, a VM held (ANCHOR_VM) and BPF
+    stats on (HOLD_STATS)."""
     venv_bin = os.path.dirname(sys.executable)
     return (f"export PATH={shlex.quote(venv_bin)}:$PATH; " + KVM_MODULES + ANCHOR_VM +
+            HOLD_STATS +
             f"cd {shlex.quote(cwd)} && exec {shlex.join(command)}\n")
 
 
@@ -266,7 +273,7 @@ class Console:
     errors (.tail); what is left is the command's stderr. A guest that panics while
     booting shows it only here."""
 
-    KERNEL_LINE = re.compile(rb"^\[ *\d+\.\d+\] ")
+    KERNEL_LINE = re.compile(rb"^(\[ *\d+\.\d+\] |\*\* \d+ printk messages dropped)")
     STARTED = b"virtme-ng-init: starting script"
 
     def __init__(self, path, n=TAIL_LINES):

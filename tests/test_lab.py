@@ -405,7 +405,7 @@ VERBOSE_VNG = r"""
 echo $$ > "$1/leader.pid"
 printf 'Probing EDD (edd=off to disable)... ok\n[    0.000000] Linux version 6.12\n' >&2
 printf '[   10.7] virtme-ng-init: starting script\n' >&2
-echo "the command's own error" >&2; echo "the command's output"
+echo "the command's own error" >&2; echo "the command's output"; echo "** 3 printk messages dropped **" >&2
 printf '[   14.2] BUG: soft lockup - CPU#1 stuck for 22s!\n[   14.3] RIP: 0010:' >&2
 sleep 1000
 """
@@ -427,7 +427,7 @@ def test_the_guest_console_is_kept_apart_and_quoted(tmp_path):
     assert "soft lockup" in str(e) and str(path) in str(e)
     assert "soft lockup" not in "\n".join(e.tail)        # the command's tail: its own
     text = path.read_text()
-    assert text.startswith("Probing EDD") and "starting script" in text
+    assert text.startswith("Probing EDD") and "starting script" in text and "dropped" in text
     assert text.endswith("RIP: 0010:\n") and "own error" not in text
     assert_group_gone(pid_in(tmp_path, "leader.pid"))
 
