@@ -25,9 +25,12 @@ KVM_MODULES = "modprobe kvm_amd 2>/dev/null || modprobe kvm_intel 2>/dev/null; "
 # A VM held by a process of its own while the command runs. KVM turns its
 # preempt-notifier static key on with the first VM and off with the last, rewriting a
 # jump in __schedule each time; under QEMU's TCG that rewrite hung or panicked the
-# guest (Oops: int3 at that jump) in the VM-reuse run. Held, the key stays on.
+# guest (Oops: int3 at that jump) in the VM-reuse run. Held, the key stays on; the
+# command starts once it is (the first VM's flip Oopsed a command already running).
 ANCHOR_VM = ("python -c 'import time; from kvmlockprof.workload import kvmapi as k; "
-             "k.ioctl(k.open_kvm(), k.CREATE_VM, 0); time.sleep(1e9)' 2>/dev/null & ")
+             "k.ioctl(k.open_kvm(), k.CREATE_VM, 0); open(\"/tmp/.kvmlockprof-vm\", \"w\"); "
+             "time.sleep(1e9)' 2>/dev/null & "
+             "while [ ! -e /tmp/.kvmlockprof-vm ] && kill -0 $! 2>/dev/null; do sleep 0.1; done; ")
 # record's handler-cost windows turn BPF run-time stats on and off (BPF_ENABLE_STATS),
 # patching the static key in every BPF program's exit (update_prog_stats); under TCG a
 # CPU in a probe hit that patch's int3 after it had ended (Oops, the lab's gpc/srcu
