@@ -223,6 +223,7 @@ def hist_quantile(hist, q):
 STREAM_SAMPLES = 2_000_000
 STREAM_COLUMNS = ("wait_ns", "lock_addr", "flags", "stack_id", "tgid")
 FINE_BITS = 6       # the first pass's bins: 2^6 per octave, each 1.1% wide
+DENSE_CELLS = 1 << 22   # rows x bins counted in one array (32 MiB) rather than sorted
 
 
 def streamed(rec):
@@ -265,12 +266,20 @@ def streamed_quantiles(chunks, nrows, qs):
     and those values, never all values."""
     nb = 66 << FINE_BITS
     keys, counts = np.array([], np.int64), np.array([], np.int64)
+    dense = np.zeros(nrows * nb, np.int64) if nrows * nb <= DENSE_CELLS else None
     for rows, v in chunks():
         ok = rows >= 0
-        k, c = np.unique(rows[ok] * nb + _fine_bins(v[ok]), return_counts=True)
+        cell = rows[ok] * nb + _fine_bins(v[ok])
+        if dense is not None:           # a count per cell: no sort
+            dense += np.bincount(cell, minlength=len(dense))
+            continue
+        k, c = np.unique(cell, return_counts=True)
         keys, inv = np.unique(np.concatenate([keys, k]), return_inverse=True)
         counts = np.bincount(inv, weights=np.concatenate([counts, c]),
                              minlength=len(keys)).astype(np.int64)
+    if dense is not None:
+        keys = np.flatnonzero(dense)
+        counts = dense[keys]
     row_of_key = keys // nb
     n = np.bincount(row_of_key, weights=counts, minlength=nrows).astype(np.int64)
     out = np.full((nrows, len(qs)), np.nan)

@@ -227,9 +227,9 @@ def _single_observations(rec, identities):
 def _streamed_stats(rec):
     """What a comparison needs of a big recording's samples, per identity of its
     aggregates, in two passes over them (once per recording): count, exact p50/p99,
-    waits and wait time per BIN_NS bin, total wait, and a uniform sample of
-    SAMPLE_CAP waits (the smallest of a random key each: what the bootstrap would
-    draw from all of them)."""
+    waits and wait time per BIN_NS bin and total wait (first pass), and a uniform
+    sample of about SAMPLE_CAP waits (second pass, each wait kept with chance
+    SAMPLE_CAP/count: what the bootstrap would draw from all of them, no sort)."""
     def compute():
         aggs, _ = identified(rec)
         idents = list(aggs["identity"].cat.categories) if not aggs.empty else []
@@ -238,23 +238,29 @@ def _streamed_stats(rec):
         t0 = rec.manifest.get("start_monotonic_ns")
         if t0 is None:
             t0 = min((int(ts.min()) for _, _, ts in _identity_chunks(rec, [])), default=0)
-        acc = dict(per_bin=np.zeros(k * nbins), wsum=np.zeros(k * nbins), total=np.zeros(k),
-                   r=np.array([], np.int64), key=np.array([]), w=np.array([]))
+        acc = dict(per_bin=np.zeros(k * nbins), wsum=np.zeros(k * nbins), total=np.zeros(k))
         rng = np.random.default_rng(0)
-        first = [True]
+        kept, chance = [], [None]
 
         def chunks():
             for rows, waits, ts in _identity_chunks(rec, idents):
-                if first[0]:
-                    _accumulate(acc, rows, waits, ts, t0, k, nbins, rng)
+                if chance[0] is None:
+                    _accumulate(acc, rows, waits, ts, t0, k, nbins)
+                else:
+                    m = (rows >= 0) & (rng.random(len(rows)) < chance[0][rows])
+                    kept.append((rows[m], waits[m].astype(np.float64)))
                 yield rows, waits
-            first[0] = False
+            if chance[0] is None:           # the counts are whole: the second pass samples
+                n = acc["per_bin"].reshape(k, nbins).sum(axis=1)
+                chance[0] = np.minimum(1.0, SAMPLE_CAP / np.maximum(n, 1))
         q, n = analysis.streamed_quantiles(chunks, k, [0.5, 0.99])
-        return dict(acc, identities=idents, q=q, n=n, nbins=nbins)
+        r = np.concatenate([c[0] for c in kept]) if kept else np.array([], np.int64)
+        w = np.concatenate([c[1] for c in kept]) if kept else np.array([])
+        return dict(acc, r=r, w=w, identities=idents, q=q, n=n, nbins=nbins)
     return rec.derived("streamed_stats", compute)
 
 
-def _accumulate(acc, rows, waits, ts, t0, k, nbins, rng):
+def _accumulate(acc, rows, waits, ts, t0, k, nbins):
     """_streamed_stats()'s first pass over one chunk."""
     ok = rows >= 0
     rows, waits, ts = rows[ok], waits[ok].astype(np.float64), ts[ok]
@@ -262,18 +268,11 @@ def _accumulate(acc, rows, waits, ts, t0, k, nbins, rng):
     acc["per_bin"] += np.bincount(cell, minlength=k * nbins)
     acc["wsum"] += np.bincount(cell, weights=waits, minlength=k * nbins)
     acc["total"] += np.bincount(rows, weights=waits, minlength=k)
-    r = np.concatenate([acc["r"], rows])
-    key = np.concatenate([acc["key"], rng.random(len(rows))])
-    w = np.concatenate([acc["w"], waits])
-    order = np.lexsort((key, r))
-    rank = np.arange(len(r)) - np.searchsorted(r[order], r[order])
-    keep = order[rank < SAMPLE_CAP]
-    acc.update(r=r[keep], key=key[keep], w=w[keep])
 
 
 def _streamed_observations(rec, aggs, identities, dur, nbins):
     """_single_observations() of a recording read chunk by chunk (_streamed_stats):
-    the rates' bins exactly; for the wait statistics the sample of SAMPLE_CAP waits,
+    the rates' bins exactly; for the wait statistics the sample of ~SAMPLE_CAP waits,
     with the exact mean and percentiles as the values (a third item)."""
     st = _streamed_stats(rec)
     pos = {ident: i for i, ident in enumerate(st["identities"])}

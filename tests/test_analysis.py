@@ -100,9 +100,12 @@ def test_group_quantiles_are_numpys_per_group():
     assert np.isnan(q[3]).all()
 
 
-def test_streamed_quantiles_are_numpys_per_row():
+@pytest.mark.parametrize("dense_cells", [analysis.DENSE_CELLS, 0])
+def test_streamed_quantiles_are_numpys_per_row(dense_cells, monkeypatch):
     """Two passes over chunks give numpy's own quantiles per row, bit for bit: ties,
-    zeros, one-value rows, values past 2^40, rows no value belongs to (-1)."""
+    zeros, one-value rows, values past 2^40, rows no value belongs to (-1); with
+    the first pass's counts in one array and, for many rows, sorted."""
+    monkeypatch.setattr(analysis, "DENSE_CELLS", dense_cells)
     rng = np.random.default_rng(2)
     n = 50_000
     rows = rng.integers(-1, 6, n)
