@@ -240,19 +240,20 @@ def _streamed_stats(rec):
             t0 = min((int(ts.min()) for _, _, ts in _identity_chunks(rec, [])), default=0)
         acc = dict(per_bin=np.zeros(k * nbins), wsum=np.zeros(k * nbins), total=np.zeros(k))
         rng = np.random.default_rng(0)
-        kept, chance = [], [None]
+        kept, chance = [], None             # chance per identity: set after the first pass
 
         def chunks():
+            nonlocal chance
             for rows, waits, ts in _identity_chunks(rec, idents):
-                if chance[0] is None:
+                if chance is None:
                     _accumulate(acc, rows, waits, ts, t0, k, nbins)
                 else:
-                    m = (rows >= 0) & (rng.random(len(rows)) < chance[0][rows])
+                    m = (rows >= 0) & (rng.random(len(rows)) < chance[rows])
                     kept.append((rows[m], waits[m].astype(np.float64)))
                 yield rows, waits
-            if chance[0] is None:           # the counts are whole: the second pass samples
+            if chance is None:              # the counts are whole: the second pass samples
                 n = acc["per_bin"].reshape(k, nbins).sum(axis=1)
-                chance[0] = np.minimum(1.0, SAMPLE_CAP / np.maximum(n, 1))
+                chance = np.minimum(1.0, SAMPLE_CAP / np.maximum(n, 1))
         q, n = analysis.streamed_quantiles(chunks, k, [0.5, 0.99])
         r = np.concatenate([c[0] for c in kept]) if kept else np.array([], np.int64)
         w = np.concatenate([c[1] for c in kept]) if kept else np.array([])
