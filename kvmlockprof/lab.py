@@ -182,6 +182,7 @@ def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, possi
     except OSError as e:
         raise LabError(f"cannot write the guest's script in {cwd} ({e.strerror}): "
                        f"run from a directory you can write") from e
+    con = None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(guest_script(command, cwd))
@@ -191,6 +192,8 @@ def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, possi
                          timeout=timeout, env=env, console=con, **popen)
     finally:
         os.unlink(script)
+        if con:
+            con.file.close()            # its pump closes it, unless none ever ran
 
 
 # --- running a process group ------------------------------------------------------------
