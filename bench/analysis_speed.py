@@ -88,6 +88,7 @@ def main():
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
         d = a.keep or tmp
+        os.makedirs(d, exist_ok=True)
         src = a.source
         if not src:
             src = os.path.join(d, "src.parquet")

@@ -80,19 +80,31 @@ def stack_info(stacks):
                         index=pd.Index(stacks["stack_id"].astype(int), name="stack_id"))
 
 
-def _with_stack_columns(df, info, lock_names):
-    """type, caller, kvm, lock_name and lock columns (Categoricals) for each row."""
-    df = df.copy(deep=False)                # copy-on-write: new columns only
-    df["type"] = _by_unique(df["flags"], _type_name)
+def _label_rules(info, lock_names):
+    """Each label column as a function of one raw sample column:
+    {label: (raw column, fn(raw value))}, stated once for whole tables and chunks."""
     callers, kvm = info["caller"].to_dict(), info["kvm"].to_dict()
-    stacks = pd.factorize(df["stack_id"].to_numpy())
-    df["caller"] = _labels(*stacks, lambda s: callers.get(
-        int(s), "[stack not sampled]" if s == NO_STACK else "[no stack]"))
-    df["kvm"] = np.append([bool(kvm.get(int(s), False)) for s in stacks[1].tolist()],
-                          False)[stacks[0]]
-    locks = pd.factorize(df["lock_addr"].to_numpy())
-    df["lock_name"] = _labels(*locks, lambda a: lock_names.get(f"{a:#x}"))
-    df["lock"] = _labels(*locks, lambda a: lock_names.get(f"{a:#x}", f"{a:#x}"))
+
+    def caller(s):
+        return callers.get(int(s), "[stack not sampled]" if s == NO_STACK else "[no stack]")
+    return {"type": ("flags", _type_name), "caller": ("stack_id", caller),
+            "kvm": ("stack_id", lambda s: bool(kvm.get(int(s), False))),
+            "lock_name": ("lock_addr", lambda a: lock_names.get(f"{int(a):#x}")),
+            "lock": ("lock_addr", lambda a: lock_names.get(f"{int(a):#x}", f"{int(a):#x}")),
+            "tgid": ("tgid", int)}
+
+
+def _with_stack_columns(df, info, lock_names):
+    """type, caller, kvm, lock_name and lock columns (Categoricals; kvm a bool
+    array) for each row."""
+    df = df.copy(deep=False)                # copy-on-write: new columns only
+    factorized = {}
+    for label, (col, fn) in _label_rules(info, lock_names).items():
+        if col == label:
+            continue
+        codes, uniq = factorized.setdefault(col, pd.factorize(df[col].to_numpy()))
+        df[label] = np.append([fn(u) for u in uniq.tolist()], False)[codes] \
+            if label == "kvm" else _labels(codes, uniq, fn)
     return df
 
 
@@ -221,7 +233,6 @@ def hist_quantile(hist, q):
 # memory bounded by a chunk and the waits near each percentile), not all at once:
 # 10 M samples loaded take ~1 GB.
 STREAM_SAMPLES = 2_000_000
-STREAM_COLUMNS = ("wait_ns", "lock_addr", "flags", "stack_id", "tgid")
 FINE_BITS = 6       # the first pass's bins: 2^6 per octave, each 1.1% wide
 DENSE_CELLS = 1 << 22   # rows x bins counted in one array (32 MiB) rather than sorted
 
@@ -231,17 +242,36 @@ def streamed(rec):
     return rec.manifest.get("samples", 0) > STREAM_SAMPLES and not rec.in_memory("contention")
 
 
-def annotated_chunks(rec, columns):
-    """These sample columns with annotate()'s, chunk by chunk (Recording.chunks)."""
-    info, names = contention_stacks(rec), lock_names(rec)
-    for df in rec.chunks("contention", columns):
-        yield _with_stack_columns(df, info, names)
-
-
 def group_positions(df, keys, position):
     """position(group key) for each row (-1: none): one call per distinct group."""
     codes, groups = group_codes(df, keys)
     return np.array([position(g) for g in groups.tolist()], np.int64)[codes]
+
+
+def label_positions(rec, keys, position):
+    """(positions, raw columns): positions(chunk) is position(key) for each row of a
+    chunk of raw samples, key the row's values of the label columns `keys` (as
+    group_positions gives them), from the raw columns the labels follow from
+    (_label_rules), which the chunk must hold. position is called once per distinct
+    raw key in all the chunks it is given (a cache), and no label column is built:
+    the chunk loops of report and compare (twice over each recording) pay one
+    factorization a chunk."""
+    rules = _label_rules(contention_stacks(rec), lock_names(rec))
+    raw = list(dict.fromkeys(rules[k][0] for k in keys))
+    at = [raw.index(rules[k][0]) for k in keys]
+    cache = {}
+
+    def label(values):
+        values = values if len(raw) > 1 else (values,)
+        key = tuple(rules[k][1](values[i]) for k, i in zip(keys, at))
+        return position(key if len(keys) > 1 else key[0])
+
+    def positions(df):
+        codes, groups = group_codes(df, raw)
+        groups = groups.tolist()
+        return np.array([cache[g] if g in cache else cache.setdefault(g, label(g))
+                         for g in groups], np.int64)[codes]
+    return positions, raw
 
 
 def _fine_bins(v):
@@ -251,7 +281,7 @@ def _fine_bins(v):
     return np.where(v > 0, e.astype(np.int64) * (1 << FINE_BITS) + sub + 1, 0)
 
 
-def _lerp(a, b, t):
+def lerp(a, b, t):
     """numpy's own interpolation between neighbouring order statistics (linear method)."""
     d = b - a
     return np.where(t >= 0.5, b - d * (1 - t), a + d * t)
@@ -307,7 +337,7 @@ def streamed_quantiles(chunks, nrows, qs):
     got_k, got_v = got_k[order], got_v[order]
     first = np.searchsorted(got_k, keys[at])
     val = got_v[first + within].astype(np.float64)
-    out[has] = _lerp(val[0], val[1], h - lo)
+    out[has] = lerp(val[0], val[1], h - lo)
     return out, n
 
 
@@ -380,14 +410,15 @@ def _streamed_percentiles(rec, out, keys, pids):
     index = pd.MultiIndex.from_arrays(arrays, names=keys) if len(keys) > 1 else \
         pd.Index(arrays[0], name=keys[0])
     row_of = {k: i for i, k in enumerate(index.tolist())}
+    positions, raw = label_positions(rec, keys, lambda k: row_of.get(k, -1))
+    columns = list(dict.fromkeys(["wait_ns", *raw, *(["tgid"] if pids else [])]))
 
     def chunks():
-        for df in annotated_chunks(rec, STREAM_COLUMNS):
+        for df in rec.chunks("contention", columns):
             if pids:
                 df = df[df["tgid"].isin(pids)]
             if not df.empty:
-                yield group_positions(df, keys, lambda k: row_of.get(k, -1)), \
-                    df["wait_ns"].to_numpy()
+                yield positions(df), df["wait_ns"].to_numpy()
     q, n = streamed_quantiles(chunks, len(index), list(QUANTILES.values()))
     return pd.DataFrame(q, index=index, columns=list(QUANTILES)).assign(n=n)[n > 0]
 
@@ -415,11 +446,10 @@ def group_codes(df, keys):
     several times faster on millions of rows. The key columns hold no missing
     values (the reader refuses them; labels always have a value)."""
     combined = np.zeros(len(df), np.int64)
-    parts = []
+    parts, span = [], 1
     for k in keys:
-        c = df[k]
-        codes, uniq = (c.cat.codes.to_numpy(np.int64), c.cat.categories) \
-            if isinstance(c.dtype, pd.CategoricalDtype) else pd.factorize(c.to_numpy())
+        codes, uniq = _codes(df[k], (1 << 62) // span)
+        span *= len(uniq) + 1
         combined = combined * (len(uniq) + 1) + (codes + 1)     # 0: a missing value
         parts.append(np.asarray(uniq))
     gcodes, groups = pd.factorize(combined)
@@ -431,6 +461,25 @@ def group_codes(df, keys):
     index = pd.MultiIndex.from_arrays(arrays, names=keys) if len(keys) > 1 else \
         pd.Index(arrays[0], name=keys[0])
     return gcodes, index
+
+
+RANGE_CODES = 1 << 16       # an integer column spanning fewer values is coded by value
+
+
+def _codes(c, room):
+    """(codes, uniques) of a column: a categorical's own; an integer column of a
+    narrow range (flags, stack ids) its values less the smallest, which costs no
+    hashing (every value in the range a unique, used or not, while fewer than
+    `room`); else pd.factorize."""
+    if isinstance(c.dtype, pd.CategoricalDtype):
+        return c.cat.codes.to_numpy(np.int64), c.cat.categories
+    v = c.to_numpy()
+    if v.dtype.kind in "iu" and len(v):
+        lo, hi = v.min(), v.max()
+        if int(hi) - int(lo) < min(RANGE_CODES, room - 1):
+            return (v - lo).astype(np.int64), np.arange(int(hi) - int(lo) + 1).astype(
+                v.dtype) + lo
+    return pd.factorize(v)
 
 
 def group_quantiles(codes, values, ngroups, qs):

@@ -9,6 +9,7 @@ for rates (probe metrics then get no interval). A change is reported as improved
 only when its interval excludes zero and it is at least `threshold` (relative)."""
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,9 @@ BIN_NS = 500_000_000          # time bins for a single run's rates
 SAMPLE_CAP = 20_000           # waits per side resampled for a single run's mean wait
 # the sample columns a comparison reads (of 10: a 10 M-sample run loads in half the time)
 SAMPLE_COLUMNS = ("ts_ns", "wait_ns", "lock_addr", "flags", "stack_id")
-QUANTILE_CAP = 5_000          # ... and for its percentiles (a sort per resample)
+QUANTILE_CAP = 5_000          # ... and for its percentiles
+NORMAL_MIN = 1_000            # observations a side from which a mean's bootstrap is
+                              # drawn from its normal limit (the CLT), not resampled
 # waits a run needs before its mean / percentile of a lock means anything (the
 # p99 of a dozen waits is their maximum)
 MIN_WAITS = {"mean wait": 50, "p50 wait": 50, "p99 wait": 200}
@@ -65,13 +68,18 @@ def _with_identity(df):
 
 
 def _identity_chunks(rec, identities):
-    """(position in `identities` per sample, -1 for none; waits; end times) of a big
-    recording's samples, chunk by chunk."""
+    """chunks(columns): (position in `identities` per sample, -1 for none; waits; end
+    times, or None without ts_ns in `columns`) of a big recording's samples, chunk
+    by chunk; the identity of each raw key is worked out once for all calls."""
     pos = {k: i for i, k in enumerate(identities)}
-    for df in analysis.annotated_chunks(rec, SAMPLE_COLUMNS):
-        at = analysis.group_positions(df, ["lock", "type", "caller"],
-                                      lambda c: pos.get(lock_identity(*c), -1))
-        yield at, df["wait_ns"].to_numpy(), df["ts_ns"].to_numpy(np.int64)
+    positions, raw = analysis.label_positions(rec, ["lock", "type", "caller"],
+                                              lambda c: pos.get(lock_identity(*c), -1))
+
+    def chunks(columns=SAMPLE_COLUMNS):
+        for df in rec.chunks("contention", list(dict.fromkeys([*columns, *raw]))):
+            yield positions(df), df["wait_ns"].to_numpy(), \
+                df["ts_ns"].to_numpy(np.int64) if "ts_ns" in columns else None
+    return chunks
 
 
 def identified(rec):
@@ -236,15 +244,17 @@ def _streamed_stats(rec):
         k, dur = len(idents), rec.manifest.get("duration_s") or np.nan
         nbins = max(1, int(np.ceil(dur * 1e9 / BIN_NS))) if dur == dur else 1
         t0 = rec.manifest.get("start_monotonic_ns")
+        samples = _identity_chunks(rec, idents)
         if t0 is None:
-            t0 = min((int(ts.min()) for _, _, ts in _identity_chunks(rec, [])), default=0)
+            t0 = min((int(ts.min()) for _, _, ts in samples()), default=0)
         acc = dict(per_bin=np.zeros(k * nbins), wsum=np.zeros(k * nbins), total=np.zeros(k))
         rng = np.random.default_rng(0)
         kept, chance = [], None             # chance per identity: set after the first pass
 
         def chunks():
             nonlocal chance
-            for rows, waits, ts in _identity_chunks(rec, idents):
+            # (the second pass needs no end times)
+            for rows, waits, ts in samples(SAMPLE_COLUMNS if chance is None else ("wait_ns",)):
                 if chance is None:
                     _accumulate(acc, rows, waits, ts, t0, k, nbins)
                 else:
@@ -328,17 +338,48 @@ def _interval(base, new, stat, rng, resamples):
     cap = SAMPLE_CAP if stat == "mean" else QUANTILE_CAP
     base = base if len(base) <= cap else rng.choice(base, cap, replace=False)
     new = new if len(new) <= cap else rng.choice(new, cap, replace=False)
+    level = confidence_level(n)
+    if stat != "mean":                      # each side's resampled quantile, drawn exactly
+        sb, sn = (quantile_resamples(x, stat, rng, resamples) for x in (base, new))
+    elif n >= NORMAL_MIN:                   # a resampled mean is normal to within the
+        sb, sn = (rng.normal(x.mean(), x.std(ddof=1) / np.sqrt(len(x)), resamples)
+                  for x in (base, new))    # noise of the resampling itself at this n
+    else:
+        def both(b, n, axis=-1):            # one resampling for the difference and ratio
+            sb, sn = _stat(b, stat, axis), _stat(n, stat, axis)
+            return np.stack([sn - sb, sn / sb])
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = stats.bootstrap((base, new), both, n_resamples=resamples,
+                                  method="percentile", vectorized=True, rng=rng, batch=100,
+                                  confidence_level=level)
+        lo, hi = res.confidence_interval
+        return lo[0], hi[0], lo[1], hi[1]
+    tails = [50 * (1 - level), 50 * (1 + level)]
+    with np.errstate(all="ignore"):
+        (lo, hi), (rlo, rhi) = (np.percentile(d, tails) for d in (sn - sb, sn / sb))
+    return lo, hi, rlo, rhi
 
-    def both(b, n, axis=-1):                # one resampling for the difference and ratio
-        sb, sn = _stat(b, stat, axis), _stat(n, stat, axis)
-        return np.stack([sn - sb, sn / sb])
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = stats.bootstrap((base, new), both, n_resamples=resamples, method="percentile",
-                              vectorized=True, rng=rng, batch=100,
-                              confidence_level=confidence_level(n))
-    lo, hi = res.confidence_interval
-    return lo[0], hi[0], lo[1], hi[1]
+
+def quantile_resamples(x, q, rng, size):
+    """np.quantile(r, q) of `size` bootstrap resamples r of x (drawn with replacement,
+    len(x) values each), without drawing them: with x sorted and h = (n-1)q, numpy's
+    quantile of r lies between r's (k+1)-th and (k+2)-th smallest (k = floor(h)),
+    which are x's ceil(nU)-th and ceil(nV)-th smallest, U the (k+1)-th smallest of n
+    uniforms, Beta(k+1, n-k), and V = U + (1-U) Beta(1, n-k-1). One sort of x and
+    two draws a resample, where resampling sorts n values a resample."""
+    x = np.sort(np.asarray(x, np.float64))
+    n = len(x)
+    h = (n - 1) * q
+    k = int(np.floor(h))
+
+    def at(u):                              # x's ceil(n u)-th smallest
+        return x[np.clip(np.ceil(u * n).astype(np.int64) - 1, 0, n - 1)]
+    u = rng.beta(k + 1, n - k, size)
+    if k + 1 >= n:
+        return at(u)
+    v = u + (1 - u) * rng.beta(1, n - k - 1, size)
+    return analysis.lerp(at(u), at(v), h - k)
 
 
 def _verdict(better, lo, hi, change, ratio, threshold):
@@ -368,6 +409,10 @@ def compare(base, new, threshold=0.05, limit=20, resamples=None, seed=0):
     base, new: lists of Recordings (one or several runs each)."""
     rng = np.random.default_rng(seed)
     runs_mode = len(base) > 1 or len(new) > 1
+    big = list({id(r): r for r in (*base, *new) if analysis.streamed(r)}.values())
+    if len(big) > 1:    # two at once: reading, checksums and hashing release the GIL
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(_streamed_stats, big))
     resamples = resamples or RESAMPLES["runs" if runs_mode else "single"]
     bl = [lock_values(r) for r in base]
     nl = [lock_values(r) for r in new]

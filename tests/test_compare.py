@@ -22,6 +22,42 @@ def test_interval_covers_an_exact_shift_and_refuses_one_value():
     assert all(np.isnan(compare._interval(np.array([1.0]), new, "mean", rng, 100)))
 
 
+def test_resampled_quantiles_are_drawn_as_resampling_draws_them():
+    """quantile_resamples() against the bootstrap done the long way (numpy's quantile
+    of explicit resamples), ties and both ends included."""
+    from scipy import stats
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.lognormal(7, 1.2, 90).round(), [500.0] * 11])   # ties
+    for q in (0.0, 0.5, 0.9, 0.99, 1.0):
+        ours = compare.quantile_resamples(x, q, rng, 20000)
+        long = np.quantile(rng.choice(x, (20000, len(x))), q, axis=1)
+        assert stats.ks_2samp(ours, long).pvalue > 1e-3, q
+        assert np.isin(ours, long).mean() > 0.95 or q not in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("stat", ["mean", 0.5, 0.99])
+def test_interval_matches_scipy_bootstrap(stat):
+    """The interval of a change between two big samples of skewed waits, against
+    scipy's own percentile bootstrap (resampling) and, for the mean, Welch's
+    interval: endpoints within a tenth of the width (the bootstraps' own noise)."""
+    from scipy import stats
+    rng = np.random.default_rng(3)
+    n = 4000 if stat == "mean" else compare.QUANTILE_CAP
+    base, new = rng.lognormal(8, 1.0, n), rng.lognormal(8.05, 1.0, n)
+    ours = np.array(compare._interval(base, new, stat, rng, 4000))
+    fn = (lambda b, m, axis=-1: np.mean(m, axis) - np.mean(b, axis)) if stat == "mean" else \
+        (lambda b, m, axis=-1: np.quantile(m, stat, axis=axis) - np.quantile(b, stat, axis=axis))
+    ref = stats.bootstrap((base, new), fn, n_resamples=4000, method="percentile",
+                          vectorized=True, rng=rng, batch=200,
+                          confidence_level=compare.confidence_level(n)).confidence_interval
+    width = ref.high - ref.low
+    assert abs(ours[0] - ref.low) < 0.1 * width and abs(ours[1] - ref.high) < 0.1 * width
+    if stat == "mean":
+        welch = stats.ttest_ind(new, base, equal_var=False).confidence_interval(
+            compare.confidence_level(n))
+        assert abs(ours[0] - welch.low) < 0.1 * width and abs(ours[1] - welch.high) < 0.1 * width
+
+
 def test_verdicts():
     v = compare._verdict
     assert v("lower", 5, 10, 7, 1.5, 0.05) == "regressed"
