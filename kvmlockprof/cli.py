@@ -558,6 +558,7 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
              name, vms, as_json, progress_every):
     """Built-in KVM workload: a tiny VMM over /dev/kvm (no QEMU)."""
     from .workload import WORK_ENV, KvmError, run, run_vms
+    from .workload.vmm import KICK_AFTER_S
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # stop early, still report
     if vms > 1 and progress_every:
         fail("--progress-every is for one VM: drop it or --vms")
@@ -589,6 +590,10 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
                    f"{done['duration_s']:.1f} s ({', '.join(f'{x:.0f}' for x in done['exits_per_s_per_vcpu'])}"
                    f" /s per vCPU), {done['churn_ops']} memslot ops, "
                    f"{done['msr_writes']} kvmclock MSR writes, {done['xen_sends']} Xen sends")
+    if done["kicked"]:
+        click.echo(f"workload: vCPU {', '.join(map(str, done['kicked']))} still in KVM_RUN "
+                   f"{KICK_AFTER_S:g} s after the stop (its guest stopped exiting): kicked out "
+                   "with a signal", err=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Live robustness: an error in the middle of `record` (a full disk), and a
 60 s contention storm (bounded memory, counted losses, the workload goes on)."""
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,21 @@ def test_contention_storm_bounded_memory(live, tmp_path):
     c = m["counters"]
     assert len(rec.samples) + m["losses"]["lost_ringbuf_full"] + c["end_without_begin"] == \
         pytest.approx(c["end"], rel=0.001)
+
+
+def test_a_guest_that_stops_exiting_is_kicked_out_at_the_stop(live):
+    """A vCPU whose guest never exits to the VMM (here `jmp $`) would keep KVM_RUN,
+    and the workload, running forever (as the 6.1 lab's hung runs did): at the stop
+    the workload signals it out of KVM_RUN and says which vCPUs it kicked."""
+    script = (
+        "import json\n"
+        "from kvmlockprof.workload import vmm\n"
+        "with vmm.Workload(vmm.WorkloadConfig(vcpus=2, duration=1)) as w:\n"
+        "    w.main_mem[vmm.CODE_GPA:vmm.CODE_GPA + 2] = bytes([0xEB, 0xFE])  # jmp $\n"
+        "    done = w.run()\n"
+        "    print(json.dumps({'kicked': done.kicked, 'exits': done.exits}))\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.splitlines()[-1])
+    assert out["kicked"] == [0, 1] and out["exits"] == [0, 0]     # (timeout: no kick)

@@ -51,6 +51,7 @@ def run_vms(n, argv, names, env=None):
     done.update(pid=os.getpid(), duration_s=max(v["duration_s"] for v in vms),
                 config=dict(vms[0]["config"], vms=n),
                 interrupted=any(v["interrupted"] for v in vms),
+                kicked=[f"{name}/{i}" for v, name in zip(vms, names) for i in v["kicked"]],
                 vms=[dict(v, name=name) for v, name in zip(vms, names)])
     done["churn_ops_per_s"] = done["churn_ops"] / done["duration_s"] if done["duration_s"] \
         else 0.0

@@ -140,6 +140,8 @@ def open_kvm(path="/dev/kvm"):
 def ioctl(fd, request, arg=0):
     try:
         return fcntl.ioctl(fd, request, arg)
+    except InterruptedError:    # a signal: KVM_RUN's caller tells a kick from a failure
+        raise
     except OSError as e:
         raise KvmError(f"KVM ioctl {request:#x} failed: {e.strerror}") from None
 

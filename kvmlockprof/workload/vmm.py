@@ -11,6 +11,7 @@ waits in `synchronize_srcu_expedited(&kvm->srcu)` and zaps SPTEs under
 import ctypes
 import mmap
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ class WorkDone:
     xen_forced_slow: int = 0                            # shared_info pages dropped
     config: dict = field(default_factory=dict)
     interrupted: bool = False                           # stopped early by a signal
+    kicked: list = field(default_factory=list)          # vCPUs still in KVM_RUN at the stop
 
     def as_dict(self):
         d = dict(self.__dict__)
@@ -108,7 +110,10 @@ class _Vcpu:
         exits = io = mmio = 0
         try:
             while not stop.is_set():
-                run_ioctl(fd, k.RUN)
+                try:
+                    run_ioctl(fd, k.RUN)
+                except InterruptedError:    # kicked out at the stop (run()), or a stray signal
+                    continue
                 reason = int.from_bytes(run[k.RUN_EXIT_REASON:k.RUN_EXIT_REASON + 4], "little")
                 exits += 1
                 if not exits & 1023:         # progress(): live counts, at little cost
@@ -124,6 +129,33 @@ class _Vcpu:
             self.error = e
             stop.set()
         self.exits, self.io, self.mmio = exits, io, mmio
+
+
+KICK_AFTER_S = 1.0      # a vCPU exits every few us: one still in KVM_RUN after this is stuck
+
+
+def _join(vcpu_threads):
+    """Join the vCPU threads once stop is set; those still in KVM_RUN after
+    KICK_AFTER_S (a guest that stopped exiting) are kicked out with a signal,
+    which KVM_RUN returns for as EINTR, again every 0.1 s until they return (a
+    signal taken just before the ioctl is not pending inside it). Returns the
+    indices kicked. Signal handlers belong to the main thread: elsewhere, no kick."""
+    deadline = time.monotonic() + KICK_AFTER_S
+    for t in vcpu_threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [i for i, t in enumerate(vcpu_threads) if t.is_alive()]
+    if not stuck or threading.current_thread() is not threading.main_thread():
+        return stuck
+    old = signal.signal(signal.SIGUSR1, lambda *_: None)   # no default action: it kills
+    try:
+        while any(vcpu_threads[i].is_alive() for i in stuck):
+            for i in stuck:
+                if vcpu_threads[i].is_alive():
+                    signal.pthread_kill(vcpu_threads[i].ident, signal.SIGUSR1)
+            time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    return stuck
 
 
 class Workload:
@@ -253,6 +285,7 @@ class Workload:
             interrupted = True
         finally:
             stop.set()
+            kicked = _join(threads[:len(self.vcpus)])
             for t in threads:
                 t.join()
         elapsed = time.monotonic() - t0
@@ -266,7 +299,7 @@ class Workload:
             msr_writes=sum(v.io for v in self.vcpus) if cfg.kvmclock else 0,
             churn_ops=self.churn_ops, xen_sends=self.xen_sends,
             xen_forced_slow=self.xen_forced_slow, config=dict(cfg.__dict__),
-            interrupted=interrupted)
+            interrupted=interrupted, kicked=kicked)
 
     def close(self):
         for v in self.vcpus:
