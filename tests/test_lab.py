@@ -124,7 +124,7 @@ def test_gpc_and_srcu_live(in_lab, release):
     assert hits > 0 and abs(ours - hits) <= max(2, 0.01 * hits), (ours, hits)
     # vCPU teardowns against the vCPUs the workload created
     vms = rec.manifest["probe_counters"]["vms"]
-    print(f"vms counters: {vms}")
+    print(f"vms counters: {vms}; vCPUs kicked out of KVM_RUN at the stop: {work.get('kicked')}")
     assert vms["vcpus_created"] == work["vcpus"] == vms["vcpus_destroyed"], vms
     sections = probe_analysis.srcu_sections(rec)
     assert sections[sections["kind"] == "kvm->srcu"]["count"].sum() > 0
