@@ -248,30 +248,56 @@ def group_positions(df, keys, position):
     return np.array([position(g) for g in groups.tolist()], np.int64)[codes]
 
 
-def label_positions(rec, keys, position):
-    """(positions, raw columns): positions(chunk) is position(key) for each row of a
-    chunk of raw samples, key the row's values of the label columns `keys` (as
-    group_positions gives them), from the raw columns the labels follow from
-    (_label_rules), which the chunk must hold. position is called once per distinct
-    raw key in all the chunks it is given (a cache), and no label column is built:
-    the chunk loops of report and compare (twice over each recording) pay one
-    factorization a chunk."""
-    rules = _label_rules(contention_stacks(rec), lock_names(rec))
-    raw = list(dict.fromkeys(rules[k][0] for k in keys))
-    at = [raw.index(rules[k][0]) for k in keys]
-    cache = {}
+POSITIONS_BYTES = 32 << 20      # positions kept between passes over a big recording
 
-    def label(values):
-        values = values if len(raw) > 1 else (values,)
-        key = tuple(rules[k][1](values[i]) for k, i in zip(keys, at))
-        return position(key if len(keys) > 1 else key[0])
 
-    def positions(df):
-        codes, groups = group_codes(df, raw)
-        groups = groups.tolist()
-        return np.array([cache[g] if g in cache else cache.setdefault(g, label(g))
-                         for g in groups], np.int64)[codes]
-    return positions, raw
+class Positioned:
+    """A big recording's samples chunk by chunk, each row with position(key), key its
+    values of the label columns `keys` (as group_positions gives them; -1: none),
+    for passes over them: passes(columns) yields (positions, chunk of `columns`).
+    The positions come from the raw columns the labels follow from (_label_rules),
+    position called once per distinct raw key (a cache), no label column built;
+    rows whose `where` column (column, values) is not in values get -1. The first
+    pass keeps the positions (the narrowest integers) while all of them fit
+    POSITIONS_BYTES, and a later pass then reads only the columns it asks for."""
+
+    def __init__(self, rec, keys, position, where=None):
+        self.rec, self.where, self.kept, self.cache = rec, where, None, {}
+        rules = _label_rules(contention_stacks(rec), lock_names(rec))
+        self.raw = list(dict.fromkeys(rules[k][0] for k in keys))
+        at = [self.raw.index(rules[k][0]) for k in keys]
+
+        def label(values):
+            values = values if len(self.raw) > 1 else (values,)
+            key = tuple(rules[k][1](values[i]) for k, i in zip(keys, at))
+            return position(key if len(keys) > 1 else key[0])
+        self.label = label
+
+    def positions(self, df):
+        codes, groups = group_codes(df, self.raw)
+        cache, label = self.cache, self.label
+        pos = np.array([cache[g] if g in cache else cache.setdefault(g, label(g))
+                        for g in groups.tolist()], np.int64)[codes]
+        if self.where:
+            pos[~df[self.where[0]].isin(self.where[1]).to_numpy()] = -1
+        return pos
+
+    def __call__(self, columns):
+        if self.kept is not None:           # (read to its end: the checksums are checked)
+            for i, df in enumerate(self.rec.chunks("contention", list(columns))):
+                yield self.kept[i].astype(np.int64), df     # (callers compute with them)
+            return
+        extra = [self.where[0]] if self.where else []
+        kept, size = [], 0
+        for df in self.rec.chunks("contention",
+                                  list(dict.fromkeys([*columns, *self.raw, *extra]))):
+            pos = self.positions(df)
+            if kept is not None:
+                kept.append(pos.astype(np.min_scalar_type(-int(pos.max(initial=0)) - 1)))
+                size += kept[-1].nbytes
+                kept = kept if size <= POSITIONS_BYTES else None
+            yield pos, df
+        self.kept = kept
 
 
 def _fine_bins(v):
@@ -410,15 +436,12 @@ def _streamed_percentiles(rec, out, keys, pids):
     index = pd.MultiIndex.from_arrays(arrays, names=keys) if len(keys) > 1 else \
         pd.Index(arrays[0], name=keys[0])
     row_of = {k: i for i, k in enumerate(index.tolist())}
-    positions, raw = label_positions(rec, keys, lambda k: row_of.get(k, -1))
-    columns = list(dict.fromkeys(["wait_ns", *raw, *(["tgid"] if pids else [])]))
+    samples = Positioned(rec, keys, lambda k: row_of.get(k, -1),
+                         ("tgid", list(pids)) if pids else None)
 
     def chunks():
-        for df in rec.chunks("contention", columns):
-            if pids:
-                df = df[df["tgid"].isin(pids)]
-            if not df.empty:
-                yield positions(df), df["wait_ns"].to_numpy()
+        for pos, df in samples(["wait_ns"]):
+            yield pos, df["wait_ns"].to_numpy()
     q, n = streamed_quantiles(chunks, len(index), list(QUANTILES.values()))
     return pd.DataFrame(q, index=index, columns=list(QUANTILES)).assign(n=n)[n > 0]
 

@@ -70,14 +70,14 @@ def _with_identity(df):
 def _identity_chunks(rec, identities):
     """chunks(columns): (position in `identities` per sample, -1 for none; waits; end
     times, or None without ts_ns in `columns`) of a big recording's samples, chunk
-    by chunk; the identity of each raw key is worked out once for all calls."""
+    by chunk, in as many passes as it is called (analysis.Positioned)."""
     pos = {k: i for i, k in enumerate(identities)}
-    positions, raw = analysis.label_positions(rec, ["lock", "type", "caller"],
-                                              lambda c: pos.get(lock_identity(*c), -1))
+    samples = analysis.Positioned(rec, ["lock", "type", "caller"],
+                                  lambda c: pos.get(lock_identity(*c), -1))
 
     def chunks(columns=SAMPLE_COLUMNS):
-        for df in rec.chunks("contention", list(dict.fromkeys([*columns, *raw]))):
-            yield positions(df), df["wait_ns"].to_numpy(), \
+        for at, df in samples(columns):
+            yield at, df["wait_ns"].to_numpy(), \
                 df["ts_ns"].to_numpy(np.int64) if "ts_ns" in columns else None
     return chunks
 

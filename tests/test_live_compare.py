@@ -79,14 +79,17 @@ def test_a_a_finds_no_change(runs):
         out["warnings"]
 
 
-def test_streamed_compare_is_the_loaded_one(runs, monkeypatch):
+@pytest.mark.parametrize("kept", [True, False], ids=["positions-kept", "positions-again"])
+def test_streamed_compare_is_the_loaded_one(runs, kept, monkeypatch):
     """Recordings too big to load are compared from their samples read chunk by
-    chunk: the same rows, values and counts; the intervals, drawn from another
-    uniform sample of the same waits, overlap the loaded ones."""
+    chunk (the rows' positions kept between the passes, or worked out again): the
+    same rows, values and counts; the intervals, drawn from another uniform sample
+    of the same waits, overlap the loaded ones."""
     def run():
         return compare.compare([kvmlockprof.load(runs[0][0])], [kvmlockprof.load(runs[1][0])])
     loaded = run()
     monkeypatch.setattr(analysis, "STREAM_SAMPLES", 0)
+    monkeypatch.setattr(analysis, "POSITIONS_BYTES", analysis.POSITIONS_BYTES if kept else 0)
     streamed = run()
     key = ["kind", "name", "metric"]
     m = loaded.merge(streamed, on=key, suffixes=("", "_s"), validate="1:1")

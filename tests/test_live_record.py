@@ -161,18 +161,24 @@ def test_live_breakdowns(churn_recording):
     assert (r["waits_per_exit"] > 0).all() and (r["waits_per_memslot_op"] > 0).all()
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["positions-kept", "positions-again"])
 @pytest.mark.parametrize("by", analysis.GROUPS)
-def test_streamed_report_is_the_loaded_one(churn_recording, by, monkeypatch):
+def test_streamed_report_is_the_loaded_one(churn_recording, by, kept, monkeypatch):
     """A recording too big to load is reported from its samples read chunk by chunk
-    (two passes): the same table, and every exact percentile numpy's over the
-    row's samples."""
+    (two passes, the rows' positions kept from the first, or worked out again when
+    they would not fit): the same table, and every exact percentile numpy's over
+    the row's samples."""
     rec, _, _ = churn_recording
     loaded = analysis.top(rec, by=by)
     monkeypatch.setattr(analysis, "STREAM_SAMPLES", 0)
+    monkeypatch.setattr(analysis, "POSITIONS_BYTES", analysis.POSITIONS_BYTES if kept else 0)
     again = kvmlockprof.load(rec.path)
     streamed = analysis.top(again, by=by)
     assert not again.in_memory("contention")        # never loaded whole
     pd.testing.assert_frame_equal(loaded, streamed)
+    pid = [rec.manifest["work"]["pid"]]             # --pid: the other rows left out
+    pd.testing.assert_frame_equal(analysis.top(rec, by=by, pids=pid),
+                                  analysis.top(kvmlockprof.load(rec.path), by=by, pids=pid))
     key = analysis.GROUP_COLUMN[by]
     _, samples = analysis.annotate(rec)
     exact = streamed[streamed["pct_exact"]]
