@@ -352,9 +352,8 @@ def _interval(base, new, stat, rng, resamples):
             return np.stack([sn - sb, sn / sb])
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = bootstrap((base, new), both, n_resamples=resamples,
-                                  method="percentile", vectorized=True, rng=rng, batch=100,
-                                  confidence_level=level)
+            res = bootstrap((base, new), both, n_resamples=resamples, method="percentile",
+                            vectorized=True, rng=rng, batch=100, confidence_level=level)
         lo, hi = res.confidence_interval
         return lo[0], hi[0], lo[1], hi[1]
     tails = [50 * (1 - level), 50 * (1 + level)]
