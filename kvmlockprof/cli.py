@@ -518,8 +518,11 @@ Examples:
 @click.option("--console", metavar="FILE", type=click.Path(dir_okay=False),
               help="Write the guest kernel's console (boot included) to FILE; errors "
                    "quote its last lines.")
+@click.option("--tcg-thread", type=click.Choice(["multi", "single"]), default="multi",
+              show_default=True, help="QEMU's emulator: a host thread per guest CPU, or "
+                                      "one for all (slower; no two CPUs emulated at once).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def lab(kernel, cpus, memory, possible_cpus, timeout, console, command):
+def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, command):
     """Run COMMAND inside another kernel under QEMU (kprobes, fentry, nested KVM).
 
     The current directory is shared read-write: recordings land on this host.
@@ -527,7 +530,8 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, console, command):
     from . import lab as labmod
     try:
         p = labmod.run(list(command), kernel=kernel, cpus=cpus, memory=memory,
-                       timeout=timeout, possible_cpus=possible_cpus, console=console)
+                       timeout=timeout, possible_cpus=possible_cpus, console=console,
+                       tcg_thread=tcg_thread)
     except labmod.LabError as e:
         fail(str(e))
     sys.exit(p.returncode)

@@ -132,13 +132,16 @@ def guest_script(command, cwd):
 
 
 def vng_argv(script, kernel=None, cpus=2, memory="2G", cwd=None, possible_cpus=None,
-             verbose=False):
+             verbose=False, tcg_thread="multi"):
     """The virtme-ng command line that boots `kernel` and runs the shell script at
     path `script` (guest_script's) in `cwd`, which is shared read-write so that what
     the command writes stays on the host. possible_cpus: make the kernel size its
     per-CPU data for that many CPUs (as a big host's), whatever runs:
     possible_cpus=N, which x86 kernels before 6.9 take (6.1 does; 6.12 ignores it).
-    verbose: the guest kernel's console goes to stderr too (see Console)."""
+    verbose: the guest kernel's console goes to stderr too (see Console).
+    tcg_thread: QEMU's emulator on one host thread per guest CPU ("multi", its
+    default) or all guest CPUs on one ("single": slower, and no CPU ever runs
+    beside another inside the emulator)."""
     kernel = kernel or default_kernel()
     if not os.path.exists(kernel):
         raise LabError(f"no kernel image at {kernel}: give a bzImage/vmlinuz path")
@@ -147,7 +150,8 @@ def vng_argv(script, kernel=None, cpus=2, memory="2G", cwd=None, possible_cpus=N
     cwd = os.path.abspath(cwd or os.getcwd())
     append = ["--append", f"possible_cpus={possible_cpus}"] if possible_cpus else []
     return [vng_path(), "--run", kernel, "--disable-kvm", "--force-9p", "--cpus", str(cpus),
-            "--memory", memory, "--rwdir", cwd, "--qemu-opts=-cpu max", *append,
+            "--memory", memory, "--rwdir", cwd,
+            f"--qemu-opts=-cpu max -accel tcg,thread={tcg_thread}", *append,
             *(["--verbose"] if verbose else []), "--exec", guest_exec(script)]
 
 
@@ -161,7 +165,7 @@ def guest_exec(script):
 
 
 def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, possible_cpus=None,
-        console=None, **popen):
+        console=None, tcg_thread="multi", **popen):
     """Run `command` inside the lab kernel; returns the CompletedProcess.
 
     Takes subprocess.run's output options (capture_output, stdout, stderr, text,
@@ -188,7 +192,7 @@ def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, possi
             f.write(guest_script(command, cwd))
         con = Console(console) if console else None
         return run_group(vng_argv(script, kernel, cpus, memory, cwd, possible_cpus,
-                                  verbose=con is not None),
+                                  verbose=con is not None, tcg_thread=tcg_thread),
                          timeout=timeout, env=env, console=con, **popen)
     finally:
         os.unlink(script)
