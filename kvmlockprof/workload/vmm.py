@@ -263,8 +263,10 @@ class Workload:
         cfg = self.config
         self.churn_live = [0] * cfg.churn_threads
         stop = threading.Event()
-        threads = [threading.Thread(target=v.loop, args=(stop, f"klp-vcpu{i}"), name=f"vcpu{i}", daemon=True)
-                   for i, v in enumerate(self.vcpus)]
+        vcpu_threads = [threading.Thread(target=v.loop, args=(stop, f"klp-vcpu{i}"),
+                                         name=f"vcpu{i}", daemon=True)
+                        for i, v in enumerate(self.vcpus)]
+        threads = list(vcpu_threads)
         if cfg.churn:
             threads += [threading.Thread(target=self._churn, args=(i, stop), name=f"churn{i}",
                                          daemon=True) for i in range(cfg.churn_threads)]
@@ -285,7 +287,7 @@ class Workload:
             interrupted = True
         finally:
             stop.set()
-            kicked = _join(threads[:len(self.vcpus)])
+            kicked = _join(vcpu_threads)
             for t in threads:
                 t.join()
         elapsed = time.monotonic() - t0
