@@ -274,10 +274,9 @@ class Positioned:
         self.label = label
 
     def positions(self, df):
-        codes, groups = group_codes(df, self.raw)
         cache, label = self.cache, self.label
-        pos = np.array([cache[g] if g in cache else cache.setdefault(g, label(g))
-                        for g in groups.tolist()], np.int64)[codes]
+        pos = group_positions(df, self.raw, lambda g: cache[g] if g in cache else
+                              cache.setdefault(g, label(g)))
         if self.where:
             pos[~df[self.where[0]].isin(self.where[1]).to_numpy()] = -1
         return pos
