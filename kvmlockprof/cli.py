@@ -518,9 +518,9 @@ Examples:
 @click.option("--console", metavar="FILE", type=click.Path(dir_okay=False),
               help="Write the guest kernel's console (boot included) to FILE; errors "
                    "quote its last lines.")
-@click.option("--tcg-thread", type=click.Choice(["multi", "single"]), default="multi",
-              show_default=True, help="QEMU's emulator: a host thread per guest CPU, or "
-                                      "one for all (slower; no two CPUs emulated at once).")
+@click.option("--tcg-thread", type=click.Choice(["multi", "single"]),
+              help="QEMU's emulator: a host thread per guest CPU, or one for all (slower; "
+                   "no two CPUs emulated at once). Default: single on 6.1, else multi.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, command):
     """Run COMMAND inside another kernel under QEMU (kprobes, fentry, nested KVM).

@@ -37,6 +37,9 @@ ANCHOR_VM = ("python -c 'import time; from kvmlockprof.workload import kvmapi as
 # run). Held on by the sysctl, the key is patched once, before anything runs.
 HOLD_STATS = "echo 1 > /proc/sys/kernel/bpf_stats_enabled; "
 TAIL_LINES = 30         # the guest's last lines an error quotes
+# Kernels whose nested guests got stuck (or the lab guest panicked) under QEMU's
+# multi-threaded emulator and not, so far, single-threaded (README, "The 6.1 lab").
+SINGLE_TCG_RELEASES = ("6.1.",)
 KILL_GRACE_S = 5.0      # after SIGTERM (and again after SIGKILL) before giving up
 
 
@@ -107,6 +110,12 @@ def default_kernel():
     return kernels[0]
 
 
+def default_tcg_thread(kernel):
+    """"single" for the kernels in SINGLE_TCG_RELEASES, else "multi" (twice as fast)."""
+    rel = os.path.basename(kernel)[len("vmlinuz-"):]
+    return "single" if rel.startswith(SINGLE_TCG_RELEASES) else "multi"
+
+
 def vng_path():
     for cand in (os.path.join(os.path.dirname(sys.executable), "vng"), shutil.which("vng")):
         if cand and os.path.exists(cand):
@@ -132,17 +141,18 @@ def guest_script(command, cwd):
 
 
 def vng_argv(script, kernel=None, cpus=2, memory="2G", cwd=None, possible_cpus=None,
-             verbose=False, tcg_thread="multi"):
+             verbose=False, tcg_thread=None):
     """The virtme-ng command line that boots `kernel` and runs the shell script at
     path `script` (guest_script's) in `cwd`, which is shared read-write so that what
     the command writes stays on the host. possible_cpus: make the kernel size its
     per-CPU data for that many CPUs (as a big host's), whatever runs:
     possible_cpus=N, which x86 kernels before 6.9 take (6.1 does; 6.12 ignores it).
     verbose: the guest kernel's console goes to stderr too (see Console).
-    tcg_thread: QEMU's emulator on one host thread per guest CPU ("multi", its
-    default) or all guest CPUs on one ("single": slower, and no CPU ever runs
-    beside another inside the emulator)."""
+    tcg_thread: QEMU's emulator on one host thread per guest CPU ("multi") or all
+    guest CPUs on one ("single": slower, and no CPU ever runs beside another inside
+    the emulator); None: default_tcg_thread's for the kernel."""
     kernel = kernel or default_kernel()
+    tcg_thread = tcg_thread or default_tcg_thread(kernel)
     if not os.path.exists(kernel):
         raise LabError(f"no kernel image at {kernel}: give a bzImage/vmlinuz path")
     if not shutil.which("qemu-system-x86_64"):
@@ -165,7 +175,7 @@ def guest_exec(script):
 
 
 def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, possible_cpus=None,
-        console=None, tcg_thread="multi", **popen):
+        console=None, tcg_thread=None, **popen):
     """Run `command` inside the lab kernel; returns the CompletedProcess.
 
     Takes subprocess.run's output options (capture_output, stdout, stderr, text,

@@ -85,6 +85,20 @@ def in_lab(tmp_path_factory):
         lab_run(d, script, kernel, timeout, **options)
 
 
+def test_the_6_1_lab_runs_qemus_emulator_single_threaded(tmp_path, monkeypatch):
+    """6.1's nested guests got stuck under the multi-threaded emulator (README):
+    its lab runs are single-threaded unless asked otherwise; other kernels' are not."""
+    monkeypatch.setattr(lab, "vng_path", lambda: "vng")
+    monkeypatch.setattr(lab.shutil, "which", lambda name: name)
+    for release, default in (("6.1.0-57-amd64", "single"), ("6.12.95+deb12-amd64", "multi")):
+        image = tmp_path / f"vmlinuz-{release}"
+        image.touch()
+        opts = lambda **kw: [a for a in lab.vng_argv("s.sh", str(image), **kw)
+                             if a.startswith("--qemu-opts")]
+        assert opts() == [f"--qemu-opts=-cpu max -accel tcg,thread={default}"]
+        assert opts(tcg_thread="multi") == ["--qemu-opts=-cpu max -accel tcg,thread=multi"]
+
+
 @pytest.mark.lab
 @pytest.mark.parametrize("release", ["default", "6.1."])
 def test_gpc_and_srcu_live(in_lab, release):
