@@ -29,7 +29,7 @@ from results_io import RESULTS, save      # bench/ is on sys.path when run as a 
 # The layout record used until 2026-11-23: one value per possible CPU per entry.
 PER_CPU = r"""
 #include "contention.h"
-BPF_PERCPU_HASH(agg, struct klp_agg_key, struct klp_agg_val, ENTRIES);
+BPF_PERCPU_HASH(agg, struct kvmlp_agg_key, struct kvmlp_agg_val, ENTRIES);
 """
 
 

@@ -34,7 +34,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
         return 0;
     for (int i = 0; i < BURST; i++) {
         __sync_fetch_and_add(tried, 1);
-        struct klp_contention_event *e = events.ringbuf_reserve(sizeof(*e));
+        struct kvmlp_contention_event *e = events.ringbuf_reserve(sizeof(*e));
         if (!e) {
             __sync_fetch_and_add(lost, 1);
             continue;

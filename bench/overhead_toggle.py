@@ -129,7 +129,7 @@ def main():
         clock.update(own=cpu_seconds(os.getpid()) - clock["own0"], end=time.monotonic())
         spans.append((budget, t0, t1))
 
-    out = tempfile.mkdtemp(prefix="klp-toggle-")
+    out = tempfile.mkdtemp(prefix="kvmlp-toggle-")
     rec = ToggledRecord(os.path.join(out, "r.parquet"), a.windows, a.window, a.settle, a.flush,
                         on_window, budgets, sample_every=a.sample_every,
                         stack_every=a.stack_every)

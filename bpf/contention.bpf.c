@@ -1,12 +1,12 @@
 /* lock:contention_begin/end -> per-thread pairing -> in-kernel aggregates
  * and a sample stream.  Build-time defines (set by the loader):
- *   KLP_FILTER_TGID   1: only processes in tgid_filter count
- *   KLP_FOLLOW_FORK   1: children of filtered processes join the filter
- *   KLP_SAMPLE_EVERY  stream every Nth wait (0: aggregates only)
- *   KLP_PENDING_ENTRIES, KLP_AGG_ENTRIES, KLP_STACK_ENTRIES, KLP_RINGBUF_PAGES
- *   KLP_WAKEUP_EVERY  wake the reader early every N samples on a CPU
- *   KLP_STACK_EVERY   walk the kernel stack of one wait in N per CPU
- *   KLP_PENDING_TASK  1: a wait in progress is kept in task-local storage (5.12+);
+ *   KVMLP_FILTER_TGID   1: only processes in tgid_filter count
+ *   KVMLP_FOLLOW_FORK   1: children of filtered processes join the filter
+ *   KVMLP_SAMPLE_EVERY  stream every Nth wait (0: aggregates only)
+ *   KVMLP_PENDING_ENTRIES, KVMLP_AGG_ENTRIES, KVMLP_STACK_ENTRIES, KVMLP_RINGBUF_PAGES
+ *   KVMLP_WAKEUP_EVERY  wake the reader early every N samples on a CPU
+ *   KVMLP_STACK_EVERY   walk the kernel stack of one wait in N per CPU
+ *   KVMLP_PENDING_TASK  1: a wait in progress is kept in task-local storage (5.12+);
  *                     0: in a hash keyed by thread and lock (any kernel, slower)
  * The stack budget is set at run time (see armed).
  *
@@ -17,20 +17,20 @@
  */
 #include "contention.h"
 
-#if KLP_PENDING_TASK
+#if KVMLP_PENDING_TASK
 /* The waits in progress of a task, by lock: a mutex begins several times
  * before its end (see continues()), and the task can contend on other locks inside
  * a wait (the mutex's wait_lock; interrupts and softirqs taken while a
  * paravirt spinlock waiter halts), so several slots: 5 waits at once were
  * seen here under the churn storm. Task storage costs ~40 ns a lookup here,
  * a hash ~200 ns an operation, and it needs no sizing. */
-#define KLP_NEST 8
+#define KVMLP_NEST 8
 struct pending_slots {
-	u64 lock[KLP_NEST];     /* 0: free */
-	u64 ts_ns[KLP_NEST];
-	u32 flags[KLP_NEST];
-	s32 stack_id[KLP_NEST];
-	u32 epoch[KLP_NEST];    /* armed.epoch at its begin */
+	u64 lock[KVMLP_NEST];     /* 0: free */
+	u64 ts_ns[KVMLP_NEST];
+	u32 flags[KVMLP_NEST];
+	s32 stack_id[KVMLP_NEST];
+	u32 epoch[KVMLP_NEST];    /* armed.epoch at its begin */
 };
 BPF_TASK_STORAGE(pending, struct pending_slots);
 #else
@@ -50,24 +50,24 @@ struct pending_val {
 };
 
 /* LRU: waits left from an earlier attach age out rather than fill it. */
-BPF_TABLE("lru_hash", struct pending_key, struct pending_val, pending, KLP_PENDING_ENTRIES);
+BPF_TABLE("lru_hash", struct pending_key, struct pending_val, pending, KVMLP_PENDING_ENTRIES);
 #endif
-BPF_HASH(agg, struct klp_agg_key, struct klp_agg_val, KLP_AGG_ENTRIES);
-/* The aggregate keys (stack KLP_NO_STACK) that got a stack at their end: see
+BPF_HASH(agg, struct kvmlp_agg_key, struct kvmlp_agg_val, KVMLP_AGG_ENTRIES);
+/* The aggregate keys (stack KVMLP_NO_STACK) that got a stack at their end: see
  * first_stack(). */
-BPF_HASH(first_walked, struct klp_agg_key, u8, KLP_AGG_ENTRIES);
-KLP_STACK_MAP(stacks, KLP_STACK_ENTRIES);
-BPF_PERCPU_ARRAY(counters, u64, KLP_NR_COUNTERS);
-BPF_RINGBUF_OUTPUT(events, KLP_RINGBUF_PAGES);
-#if KLP_FILTER_TGID
-/* The processes followed, and (KLP_FOLLOW_FORK) the threads forked in them
+BPF_HASH(first_walked, struct kvmlp_agg_key, u8, KVMLP_AGG_ENTRIES);
+KVMLP_STACK_MAP(stacks, KVMLP_STACK_ENTRIES);
+BPF_PERCPU_ARRAY(counters, u64, KVMLP_NR_COUNTERS);
+BPF_RINGBUF_OUTPUT(events, KVMLP_RINGBUF_PAGES);
+#if KVMLP_FILTER_TGID
+/* The processes followed, and (KVMLP_FOLLOW_FORK) the threads forked in them
  * while they live: a task leaves it when it exits. */
-BPF_HASH(tgid_filter, u32, u8, KLP_FILTER_ENTRIES);
+BPF_HASH(tgid_filter, u32, u8, KVMLP_FILTER_ENTRIES);
 #endif
-#if KLP_SAMPLE_EVERY > 1
+#if KVMLP_SAMPLE_EVERY > 1
 BPF_PERCPU_ARRAY(sample_tick, u64, 1);
 #endif
-#if KLP_STACK_EVERY > 1
+#if KVMLP_STACK_EVERY > 1
 BPF_PERCPU_ARRAY(stack_tick, u64, 1);
 #endif
 /* This CPU's stack budget: a walk spends armed.walk_ns of credit, which
@@ -95,16 +95,16 @@ BPF_PERCPU_ARRAY(stack_budget, struct stack_window, 1);
  * one walk per `walk_ns` per CPU, and bursts of at most `walks` (window_ns 0:
  * no cap); values, not build-time constants, so that it can change between
  * attaches. */
-struct klp_arm {
+struct kvmlp_arm {
 	u32 on;
 	u32 epoch;
 	u64 window_ns;
 	u64 walks;
 	u64 walk_ns;
 };
-BPF_ARRAY(armed, struct klp_arm, 1);
+BPF_ARRAY(armed, struct kvmlp_arm, 1);
 /* A zeroed value to create aggregates from: too big for the 512-byte stack. */
-BPF_ARRAY(agg_zero, struct klp_agg_val, 1);
+BPF_ARRAY(agg_zero, struct kvmlp_agg_val, 1);
 
 static __always_inline void count(int idx)
 {
@@ -115,7 +115,7 @@ static __always_inline void count(int idx)
 
 static __always_inline int wanted(u32 tgid)
 {
-#if KLP_FILTER_TGID
+#if KVMLP_FILTER_TGID
 	return tgid_filter.lookup(&tgid) != NULL;
 #else
 	return 1;
@@ -126,25 +126,25 @@ static __always_inline int get_stack(void *ctx)
 {
 	int stack_id = stacks.get_stackid(ctx, 0);
 	if (stack_id < 0)
-		count(KLP_C_STACK_FAIL);
+		count(KVMLP_C_STACK_FAIL);
 	return stack_id;
 }
 
-/* The kernel stack of a wait that begins now, or KLP_NO_STACK. A walk costs
+/* The kernel stack of a wait that begins now, or KVMLP_NO_STACK. A walk costs
  * ~6 us here (ORC, nested guest), so it is done at contention_begin, where the
  * task is about to wait anyway: at contention_end the lock is held (and a
  * mutex's wait_lock, with interrupts off), so a walk there lengthens the
  * critical section and every waiter behind it. --stack-every N walks for one
  * wait in N per CPU, and the budget caps walks per CPU-second, so a contention
  * storm costs a bounded amount; the waits without a stack count under
- * KLP_NO_STACK. */
-static __always_inline int walk_stack(void *ctx, u64 now, struct klp_arm *arm)
+ * KVMLP_NO_STACK. */
+static __always_inline int walk_stack(void *ctx, u64 now, struct kvmlp_arm *arm)
 {
 	int zero_idx = 0;
 	int walk = 1;
-#if KLP_STACK_EVERY > 1
+#if KVMLP_STACK_EVERY > 1
 	u64 *st = stack_tick.lookup(&zero_idx);
-	walk = st && (*st)++ % KLP_STACK_EVERY == 0;
+	walk = st && (*st)++ % KVMLP_STACK_EVERY == 0;
 #endif
 	u64 window_ns = arm->window_ns, walks = arm->walks;
 	struct stack_window *sw = window_ns ? stack_budget.lookup(&zero_idx) : NULL;
@@ -166,7 +166,7 @@ static __always_inline int walk_stack(void *ctx, u64 now, struct klp_arm *arm)
 			sw->credit_ns = walk ? credit - arm->walk_ns : credit;
 		}
 	}
-	return walk ? get_stack(ctx) : KLP_NO_STACK;
+	return walk ? get_stack(ctx) : KVMLP_NO_STACK;
 }
 
 /* The stack of a wait that ends now without one, its lock (per process and
@@ -177,17 +177,17 @@ static __always_inline int walk_stack(void *ctx, u64 now, struct klp_arm *arm)
  * end, inside this one critical section, because only there does the
  * aggregate lookup every wait makes anyway say that the key is new, so the
  * common path pays nothing more. */
-static __always_inline s32 first_stack(void *ctx, struct klp_agg_key *ak)
+static __always_inline s32 first_stack(void *ctx, struct kvmlp_agg_key *ak)
 {
 	u8 one = 1;
 	if (first_walked.insert(ak, &one))
-		return KLP_NO_STACK;    /* walked before, or the map is full */
-	count(KLP_C_FIRST_WALK);
+		return KVMLP_NO_STACK;    /* walked before, or the map is full */
+	count(KVMLP_C_FIRST_WALK);
 	return get_stack(ctx);
 }
 
 /* LCB_F_* of lock:contention_begin (include/trace/events/lock.h). */
-#define KLP_LCB_F_MUTEX (1U << 5)
+#define KVMLP_LCB_F_MUTEX (1U << 5)
 
 /* Whether a begin on a lock this task has a wait on (of this epoch) continues
  * that wait. Only a mutex begins more than once a wait: spinning (MUTEX|SPIN),
@@ -196,53 +196,53 @@ static __always_inline s32 first_stack(void *ctx, struct klp_agg_key *ak)
  * starts (begin_without_end), or its start would be taken for this wait's. */
 static __always_inline int continues(u32 had, u32 flags)
 {
-	return (had & KLP_LCB_F_MUTEX) && (flags & KLP_LCB_F_MUTEX);
+	return (had & KVMLP_LCB_F_MUTEX) && (flags & KVMLP_LCB_F_MUTEX);
 }
 
 
-#if KLP_PENDING_TASK
+#if KVMLP_PENDING_TASK
 static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
-				       struct klp_arm *arm)
+				       struct kvmlp_arm *arm)
 {
 	u32 epoch = arm->epoch;
 	struct pending_slots *p = pending.task_storage_get(bpf_get_current_task_btf(), 0,
 							   BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!p) {
-		count(KLP_C_PENDING_FULL);
+		count(KVMLP_C_PENDING_FULL);
 		return;
 	}
 	/* The slot: this lock's, else a free one (or an earlier epoch's), else
 	 * the oldest (most likely a wait whose end was missed). */
-	int slot = KLP_NEST, free = KLP_NEST;
+	int slot = KVMLP_NEST, free = KVMLP_NEST;
 #pragma unroll
-	for (int i = 0; i < KLP_NEST; i++) {
+	for (int i = 0; i < KVMLP_NEST; i++) {
 		int live = p->lock[i] && p->epoch[i] == epoch;
 		if (live && p->lock[i] == lock)
 			slot = i;
-		if (free == KLP_NEST && !live)
+		if (free == KVMLP_NEST && !live)
 			free = i;
 	}
-	if (slot < KLP_NEST && continues(p->flags[slot], flags)) {
+	if (slot < KVMLP_NEST && continues(p->flags[slot], flags)) {
 		/* keep the first start and stack, take how it finally waits */
 		p->flags[slot] = flags;
 		return;
 	}
-	if (slot < KLP_NEST) {
-		count(KLP_C_BEGIN_NO_END);
-	} else if (free < KLP_NEST) {
+	if (slot < KVMLP_NEST) {
+		count(KVMLP_C_BEGIN_NO_END);
+	} else if (free < KVMLP_NEST) {
 		slot = free;
 	} else {
-		count(KLP_C_PENDING_FULL);
+		count(KVMLP_C_PENDING_FULL);
 		slot = 0;
 #pragma unroll
-		for (int i = 1; i < KLP_NEST; i++) {
-			if (p->ts_ns[i] < p->ts_ns[slot & (KLP_NEST - 1)])
+		for (int i = 1; i < KVMLP_NEST; i++) {
+			if (p->ts_ns[i] < p->ts_ns[slot & (KVMLP_NEST - 1)])
 				slot = i;
 		}
 	}
 	s32 stack_id = walk_stack(ctx, now, arm);
-	/* the index is < KLP_NEST on every path; the mask tells the verifier */
-	slot &= KLP_NEST - 1;
+	/* the index is < KVMLP_NEST on every path; the mask tells the verifier */
+	slot &= KVMLP_NEST - 1;
 	p->ts_ns[slot] = now;
 	p->stack_id[slot] = stack_id;
 	p->flags[slot] = flags;
@@ -258,7 +258,7 @@ static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
 	if (!p)
 		return 0;
 #pragma unroll
-	for (int i = 0; i < KLP_NEST; i++) {
+	for (int i = 0; i < KVMLP_NEST; i++) {
 		if (p->lock[i] == lock) {
 			p->lock[i] = 0;
 			if (p->epoch[i] != epoch)
@@ -282,7 +282,7 @@ static __always_inline struct pending_key key_of(u64 lock)
 }
 
 static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
-				       struct klp_arm *arm)
+				       struct kvmlp_arm *arm)
 {
 	u32 epoch = arm->epoch;
 	struct pending_key k = key_of(lock);
@@ -292,14 +292,14 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 		return;
 	}
 	if (p && p->epoch == epoch)
-		count(KLP_C_BEGIN_NO_END);
+		count(KVMLP_C_BEGIN_NO_END);
 	struct pending_val v = {};
 	v.ts_ns = now;
 	v.stack_id = walk_stack(ctx, now, arm);
 	v.flags = flags;
 	v.epoch = epoch;
 	if (pending.update(&k, &v))
-		count(KLP_C_PENDING_FULL);
+		count(KVMLP_C_PENDING_FULL);
 }
 
 static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
@@ -330,10 +330,10 @@ RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) *
 	u64 now = bpf_ktime_get_ns();
 	/* Waits are taken only once contention_end is attached too (see armed). */
 	int zero = 0;
-	struct klp_arm *arm = armed.lookup(&zero);
+	struct kvmlp_arm *arm = armed.lookup(&zero);
 	if (!arm || !arm->on || !wanted(bpf_get_current_pid_tgid() >> 32))
 		return 0;
-	count(KLP_C_BEGIN);
+	count(KVMLP_C_BEGIN);
 	begin_wait(ctx, now, ctx->args[0], (u32)ctx->args[1], arm);
 	return 0;
 }
@@ -345,57 +345,57 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	u32 tgid = id >> 32;
 	if (!wanted(tgid))
 		return 0;
-	count(KLP_C_END);
+	count(KVMLP_C_END);
 	u64 lock = ctx->args[0];
 	u64 start = 0;
 	u32 flags = 0;
-	s32 stack_id = KLP_NO_STACK;
+	s32 stack_id = KVMLP_NO_STACK;
 	int zero_idx = 0;
-	struct klp_arm *arm = armed.lookup(&zero_idx);
+	struct kvmlp_arm *arm = armed.lookup(&zero_idx);
 	if (!arm || !end_wait(lock, arm->epoch, &start, &flags, &stack_id)) {
-		count(KLP_C_END_NO_BEGIN);
+		count(KVMLP_C_END_NO_BEGIN);
 		return 0;
 	}
 	u64 wait = now - start;
 
-	struct klp_agg_key ak = {};
+	struct kvmlp_agg_key ak = {};
 	ak.lock_addr = lock;
 	ak.tgid = tgid;
 	ak.flags = flags;
 	ak.stack_id = stack_id;
-	struct klp_agg_val *a = agg.lookup(&ak);
-	if (stack_id == KLP_NO_STACK && (!a || !a->count)) {
+	struct kvmlp_agg_val *a = agg.lookup(&ak);
+	if (stack_id == KVMLP_NO_STACK && (!a || !a->count)) {
 		s32 first = first_stack(ctx, &ak);
-		if (first != KLP_NO_STACK) {
+		if (first != KVMLP_NO_STACK) {
 			ak.stack_id = stack_id = first;
 			a = agg.lookup(&ak);
 		}
 	}
 	if (!a) {
-		struct klp_agg_val *zero = agg_zero.lookup(&zero_idx);
+		struct kvmlp_agg_val *zero = agg_zero.lookup(&zero_idx);
 		a = zero ? agg.lookup_or_try_init(&ak, zero) : NULL;
 	}
 	if (a) {
-		klp_add(&a->count, 1);
-		klp_add(&a->total_ns, wait);
-		klp_max(&a->max_ns, wait);
-		klp_min_nonzero(&a->min_ns, wait);
-		klp_add(&a->hist[klp_slot(wait)], 1);
+		kvmlp_add(&a->count, 1);
+		kvmlp_add(&a->total_ns, wait);
+		kvmlp_max(&a->max_ns, wait);
+		kvmlp_min_nonzero(&a->min_ns, wait);
+		kvmlp_add(&a->hist[kvmlp_slot(wait)], 1);
 	} else {
-		count(KLP_C_AGG_FULL);
+		count(KVMLP_C_AGG_FULL);
 	}
 
-#if KLP_SAMPLE_EVERY == 0
+#if KVMLP_SAMPLE_EVERY == 0
 	return 0;
 #else
-#if KLP_SAMPLE_EVERY > 1
+#if KVMLP_SAMPLE_EVERY > 1
 	u64 *tick = sample_tick.lookup(&zero_idx);
-	if (!tick || (*tick)++ % KLP_SAMPLE_EVERY)
+	if (!tick || (*tick)++ % KVMLP_SAMPLE_EVERY)
 		return 0;
 #endif
-	struct klp_contention_event *e = events.ringbuf_reserve(sizeof(*e));
+	struct kvmlp_contention_event *e = events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
-		count(KLP_C_RINGBUF_FULL);
+		count(KVMLP_C_RINGBUF_FULL);
 		return 0;
 	}
 	e->ts_ns = now;
@@ -409,18 +409,18 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	e->ret = (s32)ctx->args[1];
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	/* The reader polls on a timer; a wakeup per sample would cost more than
-	 * the sample.  Every KLP_WAKEUP_EVERY samples on a CPU wake it early. */
-	int idx = KLP_C_SAMPLED;
+	 * the sample.  Every KVMLP_WAKEUP_EVERY samples on a CPU wake it early. */
+	int idx = KVMLP_C_SAMPLED;
 	u64 *n = counters.lookup(&idx);
 	u64 wake = BPF_RB_NO_WAKEUP;
-	if (n && ++(*n) % KLP_WAKEUP_EVERY == 0)
+	if (n && ++(*n) % KVMLP_WAKEUP_EVERY == 0)
 		wake = BPF_RB_FORCE_WAKEUP;
 	events.ringbuf_submit(e, wake);
 	return 0;
 #endif
 }
 
-#if KLP_FILTER_TGID && KLP_FOLLOW_FORK
+#if KVMLP_FILTER_TGID && KVMLP_FOLLOW_FORK
 /* (struct task_struct *parent, struct task_struct *child): the child's pid is
  * read from the tracepoint's ftrace format instead (no struct offset needed),
  * so a thread is added too: it leaves at its exit, below. */
@@ -432,11 +432,11 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 	u32 child = args->child_pid;    /* a new process's tgid, or a thread's id */
 	u8 one = 1;
 	if (tgid_filter.update(&child, &one))
-		count(KLP_C_FILTER_FULL);
+		count(KVMLP_C_FILTER_FULL);
 	return 1;
 }
 #endif
-#if KLP_FILTER_TGID
+#if KVMLP_FILTER_TGID
 /* A thread that exits leaves the filter (it was added at its fork). Not a
  * process's leader: its other threads may still be exiting, and their waits
  * (the VM's teardown, its mm) are the process's; a process stays followed. */
@@ -445,7 +445,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id;
 	if (tid != id >> 32 && !tgid_filter.delete(&tid))
-		count(KLP_C_FILTER_EXITS);
+		count(KVMLP_C_FILTER_EXITS);
 	return 0;
 }
 #endif

@@ -10,7 +10,7 @@ enum gpc_place {
 enum gpc_op { GPC_CHECK_MISS, GPC_CHECK_HIT, GPC_ACTIVATE, GPC_DEACTIVATE };
 enum { GPC_C_REFRESHES, GPC_C_CHECKS, GPC_C_RINGBUF_FULL, GPC_C_PENDING_FULL, GPC_C_AGG_FULL };
 
-struct klp_gpc_event {
+struct kvmlp_gpc_event {
 	u64 ts_ns;
 	u64 lat_ns;
 	u64 gpc;
@@ -22,7 +22,7 @@ struct klp_gpc_event {
 	u32 tgid;
 };
 
-struct klp_gpc_key {
+struct kvmlp_gpc_key {
 	u64 gpc;
 	u64 kvm;
 	u32 place;
@@ -31,80 +31,80 @@ struct klp_gpc_key {
 	u32 pad;
 };
 
-struct klp_gpc_val {
+struct kvmlp_gpc_val {
 	u64 count;
 };
 
-BPF_RINGBUF_OUTPUT(gpc_events, KLP_RINGBUF_PAGES);
-BPF_HASH(gpc_ops, struct klp_gpc_key, struct klp_gpc_val, 4096);
-#define gpc_count(i) klp_count(KLP_CBASE_GPC + (i))
+BPF_RINGBUF_OUTPUT(gpc_events, KVMLP_RINGBUF_PAGES);
+BPF_HASH(gpc_ops, struct kvmlp_gpc_key, struct kvmlp_gpc_val, 4096);
+#define gpc_count(i) kvmlp_count(KVMLP_CBASE_GPC + (i))
 
 /* gpc->kvm, or (6.1, before caches knew their VM) gpc->vcpu->kvm. */
 static __always_inline u64 gpc_kvm(u64 gpc)
 {
-	if (KLP_OFF_GPC_KVM >= 0)
-		return klp_read_u64(gpc, KLP_OFF_GPC_KVM);
-	return klp_read_u64(klp_read_u64(gpc, KLP_OFF_GPC_VCPU), KLP_OFF_VCPU_KVM);
+	if (KVMLP_OFF_GPC_KVM >= 0)
+		return kvmlp_read_u64(gpc, KVMLP_OFF_GPC_KVM);
+	return kvmlp_read_u64(kvmlp_read_u64(gpc, KVMLP_OFF_GPC_VCPU), KVMLP_OFF_VCPU_KVM);
 }
 
 static __always_inline int gpc_vcpu_place(u64 gpc, u64 kvm, int off)
 {
 	if (off < 0)
 		return 0;
-	return klp_read_u64(gpc - off, KLP_OFF_VCPU_KVM) == kvm;
+	return kvmlp_read_u64(gpc - off, KVMLP_OFF_VCPU_KVM) == kvm;
 }
 
 static __always_inline u32 gpc_place(u64 gpc, u64 kvm)
 {
 	if (!kvm)
 		return GPC_UNKNOWN;
-	if (KLP_OFF_XEN_SHINFO >= 0 && gpc - KLP_OFF_XEN_SHINFO == kvm)
+	if (KVMLP_OFF_XEN_SHINFO >= 0 && gpc - KVMLP_OFF_XEN_SHINFO == kvm)
 		return GPC_XEN_SHINFO;
-	if (gpc_vcpu_place(gpc, kvm, KLP_OFF_PV_TIME))
+	if (gpc_vcpu_place(gpc, kvm, KVMLP_OFF_PV_TIME))
 		return GPC_PV_TIME;
-	if (gpc_vcpu_place(gpc, kvm, KLP_OFF_XEN_VCPU_INFO))
+	if (gpc_vcpu_place(gpc, kvm, KVMLP_OFF_XEN_VCPU_INFO))
 		return GPC_XEN_VCPU_INFO;
-	if (gpc_vcpu_place(gpc, kvm, KLP_OFF_XEN_VCPU_TIME))
+	if (gpc_vcpu_place(gpc, kvm, KVMLP_OFF_XEN_VCPU_TIME))
 		return GPC_XEN_VCPU_TIME;
-	if (gpc_vcpu_place(gpc, kvm, KLP_OFF_XEN_RUNSTATE))
+	if (gpc_vcpu_place(gpc, kvm, KVMLP_OFF_XEN_RUNSTATE))
 		return GPC_XEN_RUNSTATE;
-	if (gpc_vcpu_place(gpc, kvm, KLP_OFF_XEN_RUNSTATE2))
+	if (gpc_vcpu_place(gpc, kvm, KVMLP_OFF_XEN_RUNSTATE2))
 		return GPC_XEN_RUNSTATE2;
 	return GPC_UNKNOWN;
 }
 
 static __always_inline int gpc_op(u64 gpc, u32 op)
 {
-	struct klp_gpc_key k = {};
+	struct kvmlp_gpc_key k = {};
 	k.gpc = gpc;
 	k.kvm = gpc_kvm(gpc);
 	k.place = gpc_place(gpc, k.kvm);
 	k.op = op;
 	k.tgid = bpf_get_current_pid_tgid() >> 32;
-	klp_note_vm(k.kvm);
-	struct klp_gpc_val zero = {};
-	struct klp_gpc_val *v = gpc_ops.lookup_or_try_init(&k, &zero);
+	kvmlp_note_vm(k.kvm);
+	struct kvmlp_gpc_val zero = {};
+	struct kvmlp_gpc_val *v = gpc_ops.lookup_or_try_init(&k, &zero);
 	if (v)
-		klp_add(&v->count, 1);
+		kvmlp_add(&v->count, 1);
 	else
 		gpc_count(GPC_C_AGG_FULL);
 	return 0;
 }
 
-KLP_ENTRY(GPC_REFRESH)
+KVMLP_ENTRY(GPC_REFRESH)
 {
-	if (klp_call_enter(KLP_FN_GPC_REFRESH, KLP_ARG(GPC_REFRESH, GPC), 0))
+	if (kvmlp_call_enter(KVMLP_FN_GPC_REFRESH, KVMLP_ARG(GPC_REFRESH, GPC), 0))
 		gpc_count(GPC_C_PENDING_FULL);
 	return 0;
 }
 
-KLP_RETURN(GPC_REFRESH)
+KVMLP_RETURN(GPC_REFRESH)
 {
-	struct klp_call c;
-	if (!klp_call_exit(KLP_FN_GPC_REFRESH, &c))
+	struct kvmlp_call c;
+	if (!kvmlp_call_exit(KVMLP_FN_GPC_REFRESH, &c))
 		return 0;
 	gpc_count(GPC_C_REFRESHES);
-	struct klp_gpc_event *e = gpc_events.ringbuf_reserve(sizeof(*e));
+	struct kvmlp_gpc_event *e = gpc_events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
 		gpc_count(GPC_C_RINGBUF_FULL);
 		return 0;
@@ -114,38 +114,38 @@ KLP_RETURN(GPC_REFRESH)
 	e->lat_ns = e->ts_ns - c.ts_ns;
 	e->gpc = c.a0;
 	e->kvm = gpc_kvm(c.a0);
-	e->gpa = klp_read_u64(c.a0, KLP_OFF_GPC_GPA);
-	e->ret = (s32)KLP_RET(GPC_REFRESH);
+	e->gpa = kvmlp_read_u64(c.a0, KVMLP_OFF_GPC_GPA);
+	e->ret = (s32)KVMLP_RET(GPC_REFRESH);
 	e->place = gpc_place(c.a0, e->kvm);
 	e->tid = (u32)id;
 	e->tgid = id >> 32;
-	klp_note_vm(e->kvm);
+	kvmlp_note_vm(e->kvm);
 	gpc_events.ringbuf_submit(e, 0);
 	return 0;
 }
 
-KLP_ENTRY(GPC_CHECK)
+KVMLP_ENTRY(GPC_CHECK)
 {
-	if (klp_call_enter(KLP_FN_GPC_CHECK, KLP_ARG(GPC_CHECK, GPC), 0))
+	if (kvmlp_call_enter(KVMLP_FN_GPC_CHECK, KVMLP_ARG(GPC_CHECK, GPC), 0))
 		gpc_count(GPC_C_PENDING_FULL);
 	return 0;
 }
 
-KLP_RETURN(GPC_CHECK)
+KVMLP_RETURN(GPC_CHECK)
 {
-	struct klp_call c;
-	if (!klp_call_exit(KLP_FN_GPC_CHECK, &c))
+	struct kvmlp_call c;
+	if (!kvmlp_call_exit(KVMLP_FN_GPC_CHECK, &c))
 		return 0;
 	gpc_count(GPC_C_CHECKS);
-	return gpc_op(c.a0, (u8)KLP_RET(GPC_CHECK) ? GPC_CHECK_HIT : GPC_CHECK_MISS);
+	return gpc_op(c.a0, (u8)KVMLP_RET(GPC_CHECK) ? GPC_CHECK_HIT : GPC_CHECK_MISS);
 }
 
-KLP_ENTRY(GPC_ACTIVATE)
+KVMLP_ENTRY(GPC_ACTIVATE)
 {
-	return gpc_op(KLP_ARG(GPC_ACTIVATE, GPC), GPC_ACTIVATE);
+	return gpc_op(KVMLP_ARG(GPC_ACTIVATE, GPC), GPC_ACTIVATE);
 }
 
-KLP_ENTRY(GPC_DEACTIVATE)
+KVMLP_ENTRY(GPC_DEACTIVATE)
 {
-	return gpc_op(KLP_ARG(GPC_DEACTIVATE, GPC), GPC_DEACTIVATE);
+	return gpc_op(KVMLP_ARG(GPC_DEACTIVATE, GPC), GPC_DEACTIVATE);
 }

@@ -5,23 +5,23 @@
  * (1.7 GB for 16384 contention entries at 192 CPUs) and every read copies all
  * of it; a shared entry costs a locked add per field, on a cache line the
  * waiters of that lock already share. */
-#ifndef KLP_KMAPS_H
-#define KLP_KMAPS_H
+#ifndef KVMLP_KMAPS_H
+#define KVMLP_KMAPS_H
 
 /* log2(ns) buckets, as bcc's bpf_log2l() numbers them (floor(log2 ns) + 1):
  * slot s >= 1 holds [2^(s-1), 2^s) ns, slot 1 also 0 ns, slot 0 nothing.
  * kvmlockprof.analysis.hist_bounds() is the one reader of this rule; 64
  * slots make the index a mask. */
-#define KLP_HIST_SLOTS 64
+#define KVMLP_HIST_SLOTS 64
 
-static __always_inline u32 klp_slot(u64 ns)
+static __always_inline u32 kvmlp_slot(u64 ns)
 {
 	/* A mask, not a compare: older verifiers (6.1) lose a compared bound when
 	 * the compiler indexes with another copy of the register. */
-	return bpf_log2l(ns) & (KLP_HIST_SLOTS - 1);
+	return bpf_log2l(ns) & (KVMLP_HIST_SLOTS - 1);
 }
 
-static __always_inline void klp_add(u64 *p, u64 v)
+static __always_inline void kvmlp_add(u64 *p, u64 v)
 {
 	__sync_fetch_and_add(p, v);
 }
@@ -29,12 +29,12 @@ static __always_inline void klp_add(u64 *p, u64 v)
 /* *p = max(*p, v), or (min) the smallest non-zero: a compare-and-swap retried
  * while another CPU moves *p, a few times (a lost race costs at most one
  * extreme among waits that ended in the same instant). */
-#define KLP_CAS_TRIES 4
-static __always_inline void klp_max(u64 *p, u64 v)
+#define KVMLP_CAS_TRIES 4
+static __always_inline void kvmlp_max(u64 *p, u64 v)
 {
 	u64 cur = *p;
 #pragma unroll
-	for (int i = 0; i < KLP_CAS_TRIES && v > cur; i++) {
+	for (int i = 0; i < KVMLP_CAS_TRIES && v > cur; i++) {
 		u64 seen = __sync_val_compare_and_swap(p, cur, v);
 		if (seen == cur)
 			break;
@@ -42,11 +42,11 @@ static __always_inline void klp_max(u64 *p, u64 v)
 	}
 }
 
-static __always_inline void klp_min_nonzero(u64 *p, u64 v)
+static __always_inline void kvmlp_min_nonzero(u64 *p, u64 v)
 {
 	u64 cur = *p;
 #pragma unroll
-	for (int i = 0; i < KLP_CAS_TRIES && (cur == 0 || v < cur); i++) {
+	for (int i = 0; i < KVMLP_CAS_TRIES && (cur == 0 || v < cur); i++) {
 		u64 seen = __sync_val_compare_and_swap(p, cur, v);
 		if (seen == cur)
 			break;
@@ -54,13 +54,13 @@ static __always_inline void klp_min_nonzero(u64 *p, u64 v)
 	}
 }
 
-/* Kernel stacks, KLP_STACK_DEPTH frames from the innermost (set by the loader;
+/* Kernel stacks, KVMLP_STACK_DEPTH frames from the innermost (set by the loader;
  * bcc's BPF_STACK_TRACE keeps 127, 1 KB an entry): deeper stacks lose their
  * outermost frames, never the caller of the lock. */
-struct klp_stack {
-	u64 ip[KLP_STACK_DEPTH];
+struct kvmlp_stack {
+	u64 ip[KVMLP_STACK_DEPTH];
 };
-#define KLP_STACK_MAP(name, entries) \
-	BPF_TABLE("stacktrace", int, struct klp_stack, name, roundup_pow_of_two(entries))
+#define KVMLP_STACK_MAP(name, entries) \
+	BPF_TABLE("stacktrace", int, struct kvmlp_stack, name, roundup_pow_of_two(entries))
 
 #endif

@@ -1,6 +1,6 @@
 /* srcu: read sections (__srcu_read_lock .. __srcu_read_unlock, paired per
  * thread and srcu_struct, nesting counted) aggregated in the kernel per
- * srcu_struct; one section in KLP_SRCU_SAMPLE_EVERY is streamed. Grace-period
+ * srcu_struct; one section in KVMLP_SRCU_SAMPLE_EVERY is streamed. Grace-period
  * waits in synchronize_srcu{,_expedited} are streamed with their stack.
  * kvm->srcu / kvm->irq_srcu are told apart by their offset in a known VM. */
 
@@ -21,14 +21,14 @@ struct srcu_reader {
 	u32 pad;
 };
 
-struct klp_srcu_key {
+struct kvmlp_srcu_key {
 	u64 ssp;
 	u64 kvm;
 	u32 kind;
 	u32 pad;
 };
 
-struct klp_srcu_event {
+struct kvmlp_srcu_event {
 	u64 ts_ns;
 	u64 dur_ns;
 	u64 ssp;
@@ -42,17 +42,17 @@ struct klp_srcu_event {
 };
 
 BPF_HASH(srcu_readers, struct srcu_reader_key, struct srcu_reader, 16384);
-BPF_HASH(srcu_sections, struct klp_srcu_key, struct klp_lat, 4096);
-BPF_RINGBUF_OUTPUT(srcu_events, KLP_RINGBUF_PAGES);
-#define srcu_count(i) klp_count(KLP_CBASE_SRCU + (i))
+BPF_HASH(srcu_sections, struct kvmlp_srcu_key, struct kvmlp_lat, 4096);
+BPF_RINGBUF_OUTPUT(srcu_events, KVMLP_RINGBUF_PAGES);
+#define srcu_count(i) kvmlp_count(KVMLP_CBASE_SRCU + (i))
 BPF_PERCPU_ARRAY(srcu_tick, u64, 1);
 
 static __always_inline u64 srcu_kvm(u64 ssp, u32 *kind)
 {
-	u64 kvm = klp_vm_of(ssp, KLP_OFF_KVM_SRCU);
+	u64 kvm = kvmlp_vm_of(ssp, KVMLP_OFF_KVM_SRCU);
 	*kind = kvm ? SRCU_KVM : SRCU_OTHER;
 	if (!kvm) {
-		kvm = klp_vm_of(ssp, KLP_OFF_KVM_IRQ_SRCU);
+		kvm = kvmlp_vm_of(ssp, KVMLP_OFF_KVM_IRQ_SRCU);
 		*kind = kvm ? SRCU_KVM_IRQ : SRCU_OTHER;
 	}
 	return kvm;
@@ -60,7 +60,7 @@ static __always_inline u64 srcu_kvm(u64 ssp, u32 *kind)
 
 static __always_inline void srcu_emit(u64 now, u64 dur, u64 ssp, u32 type, s32 stack_id)
 {
-	struct klp_srcu_event *e = srcu_events.ringbuf_reserve(sizeof(*e));
+	struct kvmlp_srcu_event *e = srcu_events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
 		srcu_count(SRCU_C_RINGBUF_FULL);
 		return;
@@ -77,11 +77,11 @@ static __always_inline void srcu_emit(u64 now, u64 dur, u64 ssp, u32 type, s32 s
 	srcu_events.ringbuf_submit(e, 0);
 }
 
-KLP_ENTRY(SRCU_LOCK)
+KVMLP_ENTRY(SRCU_LOCK)
 {
 	struct srcu_reader_key k = {};
 	k.tid = (u32)bpf_get_current_pid_tgid();
-	k.ssp = KLP_ARG(SRCU_LOCK, SSP);
+	k.ssp = KVMLP_ARG(SRCU_LOCK, SSP);
 	srcu_count(SRCU_C_LOCKS);
 	struct srcu_reader *r = srcu_readers.lookup(&k);
 	if (r) {
@@ -96,11 +96,11 @@ KLP_ENTRY(SRCU_LOCK)
 	return 0;
 }
 
-KLP_ENTRY(SRCU_UNLOCK)
+KVMLP_ENTRY(SRCU_UNLOCK)
 {
 	struct srcu_reader_key k = {};
 	k.tid = (u32)bpf_get_current_pid_tgid();
-	k.ssp = KLP_ARG(SRCU_UNLOCK, SSP);
+	k.ssp = KVMLP_ARG(SRCU_UNLOCK, SSP);
 	srcu_count(SRCU_C_UNLOCKS);
 	struct srcu_reader *r = srcu_readers.lookup(&k);
 	if (!r) {
@@ -114,19 +114,19 @@ KLP_ENTRY(SRCU_UNLOCK)
 	u64 dur = now - r->start_ns;
 	srcu_readers.delete(&k);
 
-	struct klp_srcu_key ak = {};
+	struct kvmlp_srcu_key ak = {};
 	ak.ssp = k.ssp;
 	ak.kvm = srcu_kvm(k.ssp, &ak.kind);
-	struct klp_lat *zero = klp_lat_zero();
-	struct klp_lat *v = zero ? srcu_sections.lookup_or_try_init(&ak, zero) : NULL;
+	struct kvmlp_lat *zero = kvmlp_lat_zero();
+	struct kvmlp_lat *v = zero ? srcu_sections.lookup_or_try_init(&ak, zero) : NULL;
 	if (v)
-		klp_lat_add(v, dur);
+		kvmlp_lat_add(v, dur);
 	else
 		srcu_count(SRCU_C_AGG_FULL);
-#if KLP_SRCU_SAMPLE_EVERY > 0
+#if KVMLP_SRCU_SAMPLE_EVERY > 0
 	int zero_idx = 0;
 	u64 *tick = srcu_tick.lookup(&zero_idx);
-	if (tick && (*tick)++ % KLP_SRCU_SAMPLE_EVERY == 0)
+	if (tick && (*tick)++ % KVMLP_SRCU_SAMPLE_EVERY == 0)
 		srcu_emit(now, dur, k.ssp, SRCU_EV_SECTION, -1);
 #endif
 	return 0;
@@ -134,16 +134,16 @@ KLP_ENTRY(SRCU_UNLOCK)
 
 static __always_inline int srcu_sync_enter(void *ctx, u32 fn, u64 ssp)
 {
-	u64 stack = (u32)klp_stacks.get_stackid(ctx, 0);
-	if (klp_call_enter(fn, ssp, stack))
+	u64 stack = (u32)kvmlp_stacks.get_stackid(ctx, 0);
+	if (kvmlp_call_enter(fn, ssp, stack))
 		srcu_count(SRCU_C_PENDING_FULL);
 	return 0;
 }
 
 static __always_inline int srcu_sync_exit(u32 fn, u32 type)
 {
-	struct klp_call c;
-	if (!klp_call_exit(fn, &c))
+	struct kvmlp_call c;
+	if (!kvmlp_call_exit(fn, &c))
 		return 0;
 	srcu_count(SRCU_C_SYNCS);
 	u64 now = bpf_ktime_get_ns();
@@ -151,22 +151,22 @@ static __always_inline int srcu_sync_exit(u32 fn, u32 type)
 	return 0;
 }
 
-KLP_ENTRY(SYNC)
+KVMLP_ENTRY(SYNC)
 {
-	return srcu_sync_enter(ctx, KLP_FN_SYNC, KLP_ARG(SYNC, SSP));
+	return srcu_sync_enter(ctx, KVMLP_FN_SYNC, KVMLP_ARG(SYNC, SSP));
 }
 
-KLP_RETURN(SYNC)
+KVMLP_RETURN(SYNC)
 {
-	return srcu_sync_exit(KLP_FN_SYNC, SRCU_EV_SYNC);
+	return srcu_sync_exit(KVMLP_FN_SYNC, SRCU_EV_SYNC);
 }
 
-KLP_ENTRY(SYNC_EXP)
+KVMLP_ENTRY(SYNC_EXP)
 {
-	return srcu_sync_enter(ctx, KLP_FN_SYNC_EXP, KLP_ARG(SYNC_EXP, SSP));
+	return srcu_sync_enter(ctx, KVMLP_FN_SYNC_EXP, KVMLP_ARG(SYNC_EXP, SSP));
 }
 
-KLP_RETURN(SYNC_EXP)
+KVMLP_RETURN(SYNC_EXP)
 {
-	return srcu_sync_exit(KLP_FN_SYNC_EXP, SRCU_EV_SYNC_EXP);
+	return srcu_sync_exit(KVMLP_FN_SYNC_EXP, SRCU_EV_SYNC_EXP);
 }

@@ -2,7 +2,7 @@
  * this put dropped the last reference, and whether IRQs were off at the call
  * (seen only by the kprobe flavour, from the saved processor state). */
 
-struct klp_vgic_event {
+struct kvmlp_vgic_event {
 	u64 ts_ns;
 	u64 lat_ns;
 	u64 kvm;
@@ -15,8 +15,8 @@ struct klp_vgic_event {
 	u32 pad;
 };
 
-BPF_RINGBUF_OUTPUT(vgic_events, KLP_RINGBUF_PAGES);
-#define vgic_count(i) klp_count(KLP_CBASE_VGIC + (i))
+BPF_RINGBUF_OUTPUT(vgic_events, KVMLP_RINGBUF_PAGES);
+#define vgic_count(i) kvmlp_count(KVMLP_CBASE_VGIC + (i))
 
 enum { VGIC_C_PUTS, VGIC_C_RINGBUF_FULL, VGIC_C_PENDING_FULL };
 
@@ -36,29 +36,29 @@ static __always_inline u32 vgic_irqs_off(void *ctx, int kprobe)
 /* Everything the event needs is taken at entry: the kretprobe flavour cannot
  * read arguments at return, and a put that drops the last reference frees the
  * IRQ (6.1: kfree) before returning. */
-KLP_ENTRY(VGIC_PUT)
+KVMLP_ENTRY(VGIC_PUT)
 {
-	u64 kvm = KLP_ARG(VGIC_PUT, KVM);
-	u64 irq = KLP_ARG(VGIC_PUT, IRQ);
-	klp_note_vm(kvm);
-	struct klp_call c = {};
+	u64 kvm = KVMLP_ARG(VGIC_PUT, KVM);
+	u64 irq = KVMLP_ARG(VGIC_PUT, IRQ);
+	kvmlp_note_vm(kvm);
+	struct kvmlp_call c = {};
 	c.a0 = irq;
 	c.a1 = kvm;
-	c.a2 = KLP_OFF_IRQ_INTID >= 0 ? klp_read_u32(irq, KLP_OFF_IRQ_INTID) : 0xffffffff;
-	c.a3 = (u64)(KLP_OFF_IRQ_REFCOUNT >= 0 ? klp_read_u32(irq, KLP_OFF_IRQ_REFCOUNT) : 0)
-		<< 32 | vgic_irqs_off(ctx, KLP_M_VGIC_PUT == 2);
-	if (klp_call_save(KLP_FN_VGIC_PUT, &c))
+	c.a2 = KVMLP_OFF_IRQ_INTID >= 0 ? kvmlp_read_u32(irq, KVMLP_OFF_IRQ_INTID) : 0xffffffff;
+	c.a3 = (u64)(KVMLP_OFF_IRQ_REFCOUNT >= 0 ? kvmlp_read_u32(irq, KVMLP_OFF_IRQ_REFCOUNT) : 0)
+		<< 32 | vgic_irqs_off(ctx, KVMLP_M_VGIC_PUT == 2);
+	if (kvmlp_call_save(KVMLP_FN_VGIC_PUT, &c))
 		vgic_count(VGIC_C_PENDING_FULL);
 	return 0;
 }
 
-KLP_RETURN(VGIC_PUT)
+KVMLP_RETURN(VGIC_PUT)
 {
-	struct klp_call c;
-	if (!klp_call_exit(KLP_FN_VGIC_PUT, &c))
+	struct kvmlp_call c;
+	if (!kvmlp_call_exit(KVMLP_FN_VGIC_PUT, &c))
 		return 0;
 	vgic_count(VGIC_C_PUTS);
-	struct klp_vgic_event *e = vgic_events.ringbuf_reserve(sizeof(*e));
+	struct kvmlp_vgic_event *e = vgic_events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
 		vgic_count(VGIC_C_RINGBUF_FULL);
 		return 0;

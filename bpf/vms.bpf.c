@@ -3,24 +3,24 @@
  * their creation where it can be seen; end them when they are destroyed, so
  * that an address the kernel reuses for a new VM (or vCPU) gets its new owner. */
 
-#define vms_count(i) klp_count(KLP_CBASE_VMS + (i))
+#define vms_count(i) kvmlp_count(KVMLP_CBASE_VMS + (i))
 
 enum { VMS_C_VMS_CREATED, VMS_C_VMS_DESTROYED, VMS_C_VCPUS_CREATED, VMS_C_VCPUS_DESTROYED,
        VMS_C_PENDING_FULL };
 
-KLP_ENTRY(VM_IOCTL)
+KVMLP_ENTRY(VM_IOCTL)
 {
-	u64 filp = KLP_ARG(VM_IOCTL, FILP);
-	klp_note_vm(klp_read_u64(filp, KLP_OFF_FILE_PRIVATE_DATA));
+	u64 filp = KVMLP_ARG(VM_IOCTL, FILP);
+	kvmlp_note_vm(kvmlp_read_u64(filp, KVMLP_OFF_FILE_PRIVATE_DATA));
 	return 0;
 }
 
 #define KVM_RUN 0xae80          /* _IO(KVMIO, 0x80): UAPI */
 
-KLP_ENTRY(VCPU_IOCTL)
+KVMLP_ENTRY(VCPU_IOCTL)
 {
-	u64 filp = KLP_ARG(VCPU_IOCTL, FILP);
-	u64 vcpu = klp_read_u64(filp, KLP_OFF_FILE_PRIVATE_DATA);
+	u64 filp = KVMLP_ARG(VCPU_IOCTL, FILP);
+	u64 vcpu = kvmlp_read_u64(filp, KVMLP_OFF_FILE_PRIVATE_DATA);
 	if (!vcpu)
 		return 0;
 	/* The vCPU's thread is the one that runs it: set-up ioctls may come from
@@ -29,36 +29,36 @@ KLP_ENTRY(VCPU_IOCTL)
 	 * of thousands a second), hence a lookup first: an update takes the bucket
 	 * lock. */
 	u64 id = bpf_get_current_pid_tgid();
-	struct klp_vcpu *known = klp_vcpus.lookup(&vcpu);
-	if (known && (known->tid == (u32)id || (u32)KLP_ARG(VCPU_IOCTL, IOCTL) != KVM_RUN))
+	struct kvmlp_vcpu *known = kvmlp_vcpus.lookup(&vcpu);
+	if (known && (known->tid == (u32)id || (u32)KVMLP_ARG(VCPU_IOCTL, IOCTL) != KVM_RUN))
 		return 0;
-	struct klp_vcpu v = {};
-	v.kvm = klp_read_u64(vcpu, KLP_OFF_VCPU_KVM);
+	struct kvmlp_vcpu v = {};
+	v.kvm = kvmlp_read_u64(vcpu, KVMLP_OFF_VCPU_KVM);
 	v.tid = (u32)id;
 	v.tgid = id >> 32;
-	v.vcpu_idx = KLP_OFF_VCPU_IDX >= 0 ? (s32)klp_read_u32(vcpu, KLP_OFF_VCPU_IDX) : -1;
-	v.vcpu_id = KLP_OFF_VCPU_ID >= 0 ? (s32)klp_read_u32(vcpu, KLP_OFF_VCPU_ID) : -1;
+	v.vcpu_idx = KVMLP_OFF_VCPU_IDX >= 0 ? (s32)kvmlp_read_u32(vcpu, KVMLP_OFF_VCPU_IDX) : -1;
+	v.vcpu_id = KVMLP_OFF_VCPU_ID >= 0 ? (s32)kvmlp_read_u32(vcpu, KVMLP_OFF_VCPU_ID) : -1;
 	v.first_ns = known ? known->first_ns : bpf_ktime_get_ns();
-	klp_vcpus.update(&vcpu, &v);
-	klp_note_vm(v.kvm);
+	kvmlp_vcpus.update(&vcpu, &v);
+	kvmlp_note_vm(v.kvm);
 	return 0;
 }
 
 /* kvm_arch_init_vm(kvm, type), as KVM_CREATE_VM builds the VM: a new lifetime,
  * owned by the creating process. An entry still at that address is a VM whose
  * destruction was missed: it ends now. */
-KLP_ENTRY(VM_CREATE)
+KVMLP_ENTRY(VM_CREATE)
 {
-	u64 kvm = KLP_ARG(VM_CREATE, KVM);
+	u64 kvm = KVMLP_ARG(VM_CREATE, KVM);
 	if (!kvm)
 		return 0;
 	vms_count(VMS_C_VMS_CREATED);
-	klp_end_vm(kvm);
-	struct klp_vm v = {};
+	kvmlp_end_vm(kvm);
+	struct kvmlp_vm v = {};
 	v.tgid = bpf_get_current_pid_tgid() >> 32;
-	v.flags = KLP_VM_CREATED;
+	v.flags = KVMLP_VM_CREATED;
 	v.first_ns = bpf_ktime_get_ns();
-	klp_vms.update(&kvm, &v);
+	kvmlp_vms.update(&kvm, &v);
 	return 0;
 }
 
@@ -66,33 +66,33 @@ KLP_ENTRY(VM_CREATE)
  * at entry: its teardown still uses it (vCPU-array erases, gpc deactivations
  * that would register it again). Entry saves the address and the lifetime it
  * had (a kretprobe cannot read the argument at return). */
-KLP_ENTRY(VM_DESTROY)
+KVMLP_ENTRY(VM_DESTROY)
 {
-	u64 kvm = KLP_ARG(VM_DESTROY, KVM);
-	struct klp_vm *v = klp_vms.lookup(&kvm);
-	struct klp_call c = {};
+	u64 kvm = KVMLP_ARG(VM_DESTROY, KVM);
+	struct kvmlp_vm *v = kvmlp_vms.lookup(&kvm);
+	struct kvmlp_call c = {};
 	c.a0 = kvm;
 	c.a1 = v ? v->first_ns : 0;
 	c.a2 = v ? v->tgid : 0;
-	if (klp_call_save(KLP_FN_VM_DESTROY, &c))
+	if (kvmlp_call_save(KVMLP_FN_VM_DESTROY, &c))
 		vms_count(VMS_C_PENDING_FULL);
 	return 0;
 }
 
-KLP_RETURN(VM_DESTROY)
+KVMLP_RETURN(VM_DESTROY)
 {
-	struct klp_call c;
-	if (!klp_call_exit(KLP_FN_VM_DESTROY, &c))
+	struct kvmlp_call c;
+	if (!kvmlp_call_exit(KVMLP_FN_VM_DESTROY, &c))
 		return 0;
 	vms_count(VMS_C_VMS_DESTROYED);
 	u64 kvm = c.a0;
-	struct klp_vm *v = klp_vms.lookup(&kvm);
+	struct kvmlp_vm *v = kvmlp_vms.lookup(&kvm);
 	/* kvm_destroy_vm frees the VM before it returns: a VM created at the same
 	 * address since (seen at its creation, another lifetime) stays. */
-	if (v && (v->first_ns == c.a1 || !(v->flags & KLP_VM_CREATED)))
-		klp_end_vm(kvm);
+	if (v && (v->first_ns == c.a1 || !(v->flags & KVMLP_VM_CREATED)))
+		kvmlp_end_vm(kvm);
 	else if (c.a1)
-		klp_vm_ended(kvm, c.a1, (u32)c.a2);
+		kvmlp_vm_ended(kvm, c.a1, (u32)c.a2);
 	return 0;
 }
 
@@ -101,37 +101,37 @@ KLP_RETURN(VM_DESTROY)
  * KVM_RUN thread takes over). An entry of another VM at that address is a vCPU
  * whose destruction was missed: it ends now; one of this VM was registered by an
  * ioctl on the new fd, racing with this, and stays. */
-KLP_ENTRY(VCPU_CREATE)
+KVMLP_ENTRY(VCPU_CREATE)
 {
-	u64 vcpu = KLP_ARG(VCPU_CREATE, VCPU);
+	u64 vcpu = KVMLP_ARG(VCPU_CREATE, VCPU);
 	if (!vcpu)
 		return 0;
 	vms_count(VMS_C_VCPUS_CREATED);
-	u64 kvm = klp_read_u64(vcpu, KLP_OFF_VCPU_KVM);
-	struct klp_vcpu *known = klp_vcpus.lookup(&vcpu);
+	u64 kvm = kvmlp_read_u64(vcpu, KVMLP_OFF_VCPU_KVM);
+	struct kvmlp_vcpu *known = kvmlp_vcpus.lookup(&vcpu);
 	if (known) {
 		if (known->kvm == kvm)
 			return 0;
-		klp_end_vcpu(vcpu);
+		kvmlp_end_vcpu(vcpu);
 	}
 	u64 id = bpf_get_current_pid_tgid();
-	struct klp_vcpu v = {};
+	struct kvmlp_vcpu v = {};
 	v.kvm = kvm;
 	v.tid = (u32)id;
 	v.tgid = id >> 32;
-	v.vcpu_idx = KLP_OFF_VCPU_IDX >= 0 ? (s32)klp_read_u32(vcpu, KLP_OFF_VCPU_IDX) : -1;
-	v.vcpu_id = KLP_OFF_VCPU_ID >= 0 ? (s32)klp_read_u32(vcpu, KLP_OFF_VCPU_ID) : -1;
+	v.vcpu_idx = KVMLP_OFF_VCPU_IDX >= 0 ? (s32)kvmlp_read_u32(vcpu, KVMLP_OFF_VCPU_IDX) : -1;
+	v.vcpu_id = KVMLP_OFF_VCPU_ID >= 0 ? (s32)kvmlp_read_u32(vcpu, KVMLP_OFF_VCPU_ID) : -1;
 	v.first_ns = bpf_ktime_get_ns();
-	klp_vcpus.update(&vcpu, &v);
-	klp_note_vm(kvm);
+	kvmlp_vcpus.update(&vcpu, &v);
+	kvmlp_note_vm(kvm);
 	return 0;
 }
 
 /* kvm_arch_vcpu_destroy(vcpu): every vCPU torn down, at VM destruction or when a
  * KVM_CREATE_VCPU fails after the arch part was made (then with no create). */
-KLP_ENTRY(VCPU_TEARDOWN)
+KVMLP_ENTRY(VCPU_TEARDOWN)
 {
 	vms_count(VMS_C_VCPUS_DESTROYED);
-	klp_end_vcpu(KLP_ARG(VCPU_TEARDOWN, VCPU));
+	kvmlp_end_vcpu(KVMLP_ARG(VCPU_TEARDOWN, VCPU));
 	return 0;
 }

@@ -6,7 +6,7 @@ enum xa_owner { XA_OTHER, XA_KVM_VCPU_ARRAY, XA_KVM_LPI, XA_KVM_VCPU_ARRAY_BY_CA
 enum { XA_C_ERASES, XA_C_KVM_ERASES, XA_C_RINGBUF_FULL, XA_C_PENDING_FULL, XA_C_AGG_FULL,
        XA_C_VCPU_DESTROYS };
 
-struct klp_xa_event {
+struct kvmlp_xa_event {
 	u64 ts_ns;
 	u64 lat_ns;
 	u64 xa;
@@ -17,21 +17,21 @@ struct klp_xa_event {
 	u32 tgid;
 };
 
-struct klp_xa_key {
+struct kvmlp_xa_key {
 	u64 xa;
 	u64 kvm;
 	u32 owner;
 	s32 stack_id;
 };
 
-BPF_RINGBUF_OUTPUT(xa_events, KLP_RINGBUF_PAGES);
-BPF_HASH(xa_agg, struct klp_xa_key, struct klp_lat, 8192);
-#define xa_count(i) klp_count(KLP_CBASE_XARRAY + (i))
+BPF_RINGBUF_OUTPUT(xa_events, KVMLP_RINGBUF_PAGES);
+BPF_HASH(xa_agg, struct kvmlp_xa_key, struct kvmlp_lat, 8192);
+#define xa_count(i) kvmlp_count(KVMLP_CBASE_XARRAY + (i))
 
-static __always_inline void xa_emit(u64 now, u64 lat, struct klp_xa_key *k)
+static __always_inline void xa_emit(u64 now, u64 lat, struct kvmlp_xa_key *k)
 {
 	xa_count(XA_C_KVM_ERASES);
-	struct klp_xa_event *e = xa_events.ringbuf_reserve(sizeof(*e));
+	struct kvmlp_xa_event *e = xa_events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
 		xa_count(XA_C_RINGBUF_FULL);
 		return;
@@ -48,39 +48,39 @@ static __always_inline void xa_emit(u64 now, u64 lat, struct klp_xa_key *k)
 	xa_events.ringbuf_submit(e, 0);
 }
 
-static __always_inline void xa_account(struct klp_xa_key *k, u64 lat)
+static __always_inline void xa_account(struct kvmlp_xa_key *k, u64 lat)
 {
-	struct klp_lat *zero = klp_lat_zero();
-	struct klp_lat *v = zero ? xa_agg.lookup_or_try_init(k, zero) : NULL;
+	struct kvmlp_lat *zero = kvmlp_lat_zero();
+	struct kvmlp_lat *v = zero ? xa_agg.lookup_or_try_init(k, zero) : NULL;
 	if (v)
-		klp_lat_add(v, lat);
+		kvmlp_lat_add(v, lat);
 	else
 		xa_count(XA_C_AGG_FULL);
 }
 
-KLP_ENTRY(XA_ERASE)
+KVMLP_ENTRY(XA_ERASE)
 {
 	/* The stack is taken at entry: at return the caller's frame is gone. */
-	u64 stack = (u32)klp_stacks.get_stackid(ctx, 0);
-	if (klp_call_enter(KLP_FN_XA_ERASE, KLP_ARG(XA_ERASE, XA), stack))
+	u64 stack = (u32)kvmlp_stacks.get_stackid(ctx, 0);
+	if (kvmlp_call_enter(KVMLP_FN_XA_ERASE, KVMLP_ARG(XA_ERASE, XA), stack))
 		xa_count(XA_C_PENDING_FULL);
 	return 0;
 }
 
-KLP_RETURN(XA_ERASE)
+KVMLP_RETURN(XA_ERASE)
 {
-	struct klp_call c;
-	if (!klp_call_exit(KLP_FN_XA_ERASE, &c))
+	struct kvmlp_call c;
+	if (!kvmlp_call_exit(KVMLP_FN_XA_ERASE, &c))
 		return 0;
 	u64 now = bpf_ktime_get_ns();
 	u64 lat = now - c.ts_ns;
-	struct klp_xa_key k = {};
+	struct kvmlp_xa_key k = {};
 	k.xa = c.a0;
 	k.stack_id = (s32)c.a1;
-	k.kvm = klp_vm_of(c.a0, KLP_OFF_VCPU_ARRAY);
+	k.kvm = kvmlp_vm_of(c.a0, KVMLP_OFF_VCPU_ARRAY);
 	k.owner = k.kvm ? XA_KVM_VCPU_ARRAY : XA_OTHER;
 	if (!k.kvm) {
-		k.kvm = klp_vm_of(c.a0, KLP_OFF_LPI_XA);
+		k.kvm = kvmlp_vm_of(c.a0, KVMLP_OFF_LPI_XA);
 		k.owner = k.kvm ? XA_KVM_LPI : XA_OTHER;
 	}
 	xa_count(XA_C_ERASES);
@@ -92,16 +92,16 @@ KLP_RETURN(XA_ERASE)
 
 /* The erase of this vCPU's slot in kvm->vcpu_array follows (no latency: the
  * erase itself is not seen). */
-KLP_ENTRY(VCPU_DESTROY)
+KVMLP_ENTRY(VCPU_DESTROY)
 {
-	u64 vcpu = KLP_ARG(VCPU_DESTROY, VCPU);
-	struct klp_xa_key k = {};
-	k.kvm = klp_read_u64(vcpu, KLP_OFF_VCPU_KVM);
-	if (!k.kvm || KLP_OFF_VCPU_ARRAY < 0)
+	u64 vcpu = KVMLP_ARG(VCPU_DESTROY, VCPU);
+	struct kvmlp_xa_key k = {};
+	k.kvm = kvmlp_read_u64(vcpu, KVMLP_OFF_VCPU_KVM);
+	if (!k.kvm || KVMLP_OFF_VCPU_ARRAY < 0)
 		return 0;
-	k.xa = k.kvm + KLP_OFF_VCPU_ARRAY;
+	k.xa = k.kvm + KVMLP_OFF_VCPU_ARRAY;
 	k.owner = XA_KVM_VCPU_ARRAY_BY_CALLER;
-	k.stack_id = klp_stacks.get_stackid(ctx, 0);
+	k.stack_id = kvmlp_stacks.get_stackid(ctx, 0);
 	xa_count(XA_C_VCPU_DESTROYS);
 	xa_account(&k, 0);
 	xa_emit(bpf_ktime_get_ns(), 0, &k);

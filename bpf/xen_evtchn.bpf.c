@@ -1,7 +1,7 @@
 /* xen_evtchn: kvm_xen_set_evtchn_fast(xe, kvm) outcome and latency per call;
  * the slow path kvm_xen_set_evtchn() where it is a separate symbol. */
 
-struct klp_xen_event {
+struct kvmlp_xen_event {
 	u64 ts_ns;
 	u64 lat_ns;
 	u64 kvm;
@@ -14,26 +14,26 @@ struct klp_xen_event {
 	u32 slow;       /* 0: the fast path, 1: the slow path */
 };
 
-BPF_RINGBUF_OUTPUT(xen_events, KLP_RINGBUF_PAGES);
-#define xen_count(i) klp_count(KLP_CBASE_XEN_EVTCHN + (i))
+BPF_RINGBUF_OUTPUT(xen_events, KVMLP_RINGBUF_PAGES);
+#define xen_count(i) kvmlp_count(KVMLP_CBASE_XEN_EVTCHN + (i))
 
 enum { XEN_C_CALLS, XEN_C_RINGBUF_FULL, XEN_C_PENDING_FULL };
 
 static __always_inline int xen_enter(u32 fn, u64 xe, u64 kvm)
 {
-	klp_note_vm(kvm);
-	if (klp_call_enter(fn, xe, kvm))
+	kvmlp_note_vm(kvm);
+	if (kvmlp_call_enter(fn, xe, kvm))
 		xen_count(XEN_C_PENDING_FULL);
 	return 0;
 }
 
 static __always_inline int xen_exit(u32 fn, s32 ret)
 {
-	struct klp_call c;
-	if (!klp_call_exit(fn, &c))
+	struct kvmlp_call c;
+	if (!kvmlp_call_exit(fn, &c))
 		return 0;
 	xen_count(XEN_C_CALLS);
-	struct klp_xen_event *e = xen_events.ringbuf_reserve(sizeof(*e));
+	struct kvmlp_xen_event *e = xen_events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
 		xen_count(XEN_C_RINGBUF_FULL);
 		return 0;
@@ -42,32 +42,32 @@ static __always_inline int xen_exit(u32 fn, s32 ret)
 	e->ts_ns = bpf_ktime_get_ns();
 	e->lat_ns = e->ts_ns - c.ts_ns;
 	e->kvm = c.a1;
-	e->port = klp_read_u32(c.a0, KLP_OFF_XE_PORT);
-	e->vcpu_id = klp_read_u32(c.a0, KLP_OFF_XE_VCPU_ID);
+	e->port = kvmlp_read_u32(c.a0, KVMLP_OFF_XE_PORT);
+	e->vcpu_id = kvmlp_read_u32(c.a0, KVMLP_OFF_XE_VCPU_ID);
 	e->ret = ret;
 	e->tid = (u32)id;
 	e->tgid = id >> 32;
-	e->slow = fn == KLP_FN_XEN_SLOW;
+	e->slow = fn == KVMLP_FN_XEN_SLOW;
 	xen_events.ringbuf_submit(e, 0);
 	return 0;
 }
 
-KLP_ENTRY(XEN_FAST)
+KVMLP_ENTRY(XEN_FAST)
 {
-	return xen_enter(KLP_FN_XEN_FAST, KLP_ARG(XEN_FAST, XE), KLP_ARG(XEN_FAST, KVM));
+	return xen_enter(KVMLP_FN_XEN_FAST, KVMLP_ARG(XEN_FAST, XE), KVMLP_ARG(XEN_FAST, KVM));
 }
 
-KLP_RETURN(XEN_FAST)
+KVMLP_RETURN(XEN_FAST)
 {
-	return xen_exit(KLP_FN_XEN_FAST, (s32)KLP_RET(XEN_FAST));
+	return xen_exit(KVMLP_FN_XEN_FAST, (s32)KVMLP_RET(XEN_FAST));
 }
 
-KLP_ENTRY(XEN_SLOW)
+KVMLP_ENTRY(XEN_SLOW)
 {
-	return xen_enter(KLP_FN_XEN_SLOW, KLP_ARG(XEN_SLOW, XE), KLP_ARG(XEN_SLOW, KVM));
+	return xen_enter(KVMLP_FN_XEN_SLOW, KVMLP_ARG(XEN_SLOW, XE), KVMLP_ARG(XEN_SLOW, KVM));
 }
 
-KLP_RETURN(XEN_SLOW)
+KVMLP_RETURN(XEN_SLOW)
 {
-	return xen_exit(KLP_FN_XEN_SLOW, (s32)KLP_RET(XEN_SLOW));
+	return xen_exit(KVMLP_FN_XEN_SLOW, (s32)KVMLP_RET(XEN_SLOW));
 }

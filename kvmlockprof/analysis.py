@@ -21,7 +21,7 @@ LOCK_TYPES = {
 KVM_FRAME = re.compile(r"^(__)?(kvm|vcpu|vmx|svm|pvm|tdp_mmu|x86_emulate|mmu_(?!notifier))"
                        r"|\[kvm(_\w+)?\]")
 
-NO_STACK = -1000    # bpf/contention.h KLP_NO_STACK: no stack walked (--stack-every/-budget)
+NO_STACK = -1000    # bpf/contention.h KVMLP_NO_STACK: no stack walked (--stack-every/-budget)
 
 # The column a `by` grouping names a row with (top() also splits locks by type).
 GROUP_COLUMN = {"lock": "lock", "caller": "caller", "task": "tgid"}
@@ -645,7 +645,7 @@ def per_vm(rec):
 
 
 def per_thread(rec):
-    """Contention per process and thread (vCPU threads are named klp-vcpuN by the
+    """Contention per process and thread (vCPU threads are named kvmlp-vcpuN by the
     built-in workload; QEMU names them "CPU N/KVM"): waits and wait time."""
     _, samples = annotate(rec)
     cols = ["tgid", "vm", "tid", "comm", "waits", "wait_ns", "kvm_waits"]

@@ -12,7 +12,7 @@ import numpy as np
 from . import host
 
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
-# Frames kept of each kernel stack (KLP_STACK_DEPTH, bpf/kmaps.h): 8 bytes each
+# Frames kept of each kernel stack (KVMLP_STACK_DEPTH, bpf/kmaps.h): 8 bytes each
 # per stack-map entry. The deepest contention stack seen on the lab and host
 # workloads had 26 frames; a deeper one loses its outermost frames.
 STACK_DEPTH = 32
@@ -67,7 +67,7 @@ def compile_bpf(source=None, text=None, defines=None, headers=None):
     os.environ.update(headers.env)
     cflags = list(headers.cflags) + [f"-I{BPF_DIR}", "-Wno-macro-redefined"]
     cflags += [f"-D{k}={v if isinstance(v, str) else int(v)}"
-               for k, v in {"KLP_STACK_DEPTH": STACK_DEPTH, **(defines or {})}.items()]
+               for k, v in {"KVMLP_STACK_DEPTH": STACK_DEPTH, **(defines or {})}.items()]
     if source:
         text = (BPF_DIR / source).read_text()
     # bcc writes tracefs paths at import; make sure it is mounted first.

@@ -7,10 +7,10 @@ For a function probe, each Target names the kernel function (newest name first,
 older aliases after), the attach methods it allows in order of preference, the
 parameters the C reads (their positions come from BTF, else from `signatures`),
 and whether a return handler is needed. The C sees, per target KEY:
-KLP_M_KEY (method: 0 off, 1 fentry/fexit, 2 kprobe/kretprobe, 3 fentry/fexit on a
-symbol several targets share), KLP_S_KEY (the
-symbol), KLP_N_KEY (argument count), KLP_A_KEY_PARAM (argument index or -1).
-Struct field offsets (`fields`) reach it as KLP_OFF_NAME, -1 where BTF lacks one.
+KVMLP_M_KEY (method: 0 off, 1 fentry/fexit, 2 kprobe/kretprobe, 3 fentry/fexit on a
+symbol several targets share), KVMLP_S_KEY (the
+symbol), KVMLP_N_KEY (argument count), KVMLP_A_KEY_PARAM (argument index or -1).
+Struct field offsets (`fields`) reach it as KVMLP_OFF_NAME, -1 where BTF lacks one.
 """
 from dataclasses import dataclass, field
 
@@ -48,7 +48,7 @@ class Probe:
     streams: tuple = ()            # (ring buffer map, recording table)
     aggregates: tuple = ()         # (in-kernel map, recording table), snapshotted
     counters: tuple = ()           # names of <name>_counters entries, in order
-    fields: dict = field(default_factory=dict)      # KLP_OFF_X -> (struct, field path)
+    fields: dict = field(default_factory=dict)      # KVMLP_OFF_X -> (struct, field path)
     needs: tuple = ()              # kernel config a probe needs, for the why-not
     notes: str = ""
     fires: str = ""                # how often its programs run: its cost class

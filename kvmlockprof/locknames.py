@@ -57,9 +57,9 @@ def _records(table):
 class Registry:
     """The VMs and vCPUs the function probes registered, one row per lifetime.
 
-    The kernel keeps an entry per live object (klp_vms, klp_vcpus) and, when the
+    The kernel keeps an entry per live object (kvmlp_vms, kvmlp_vcpus) and, when the
     vms probe sees the object destroyed, moves it with the time it ended to
-    klp_vm_ends / klp_vcpu_ends. A lifetime is (address, first_ns): here each one
+    kvmlp_vm_ends / kvmlp_vcpu_ends. A lifetime is (address, first_ns): here each one
     seen in any snapshot is kept, with when the probes first saw it (first_ns,
     from the kernel), when it was last known alive (last_ns: the last snapshot that
     had it, or its end) and when it ended (end_ns; 0 if not seen ending). An

@@ -45,10 +45,10 @@ def test_61_signature_without_btf():
     per-alias signature: 6.1's refresh takes (kvm, gpc, gpa, len)."""
     d = target_defines(target("gpc", "GPC_REFRESH"), "kvm_gfn_to_pfn_cache_refresh",
                        catalog.KPROBE, None)
-    assert d["KLP_A_GPC_REFRESH_GPC"] == 1 and d["KLP_N_GPC_REFRESH"] == 4
-    assert d["KLP_M_GPC_REFRESH"] == catalog.METHOD_CODE[catalog.KPROBE]
+    assert d["KVMLP_A_GPC_REFRESH_GPC"] == 1 and d["KVMLP_N_GPC_REFRESH"] == 4
+    assert d["KVMLP_M_GPC_REFRESH"] == catalog.METHOD_CODE[catalog.KPROBE]
     d = target_defines(target("gpc", "GPC_REFRESH"), "kvm_gpc_refresh", catalog.FENTRY, None)
-    assert d["KLP_A_GPC_REFRESH_GPC"] == 0 and d["KLP_N_GPC_REFRESH"] == 2
+    assert d["KVMLP_A_GPC_REFRESH_GPC"] == 0 and d["KVMLP_N_GPC_REFRESH"] == 2
 
 
 def test_unknown_probe_lists_valid_ones():
@@ -63,7 +63,7 @@ def test_every_bpf_file_is_in_the_catalog():
 
 
 def test_target_keys_are_unique():
-    """A target's key names its C macros (KLP_M_KEY, ...), global to the module that
+    """A target's key names its C macros (KVMLP_M_KEY, ...), global to the module that
     holds every function probe."""
     keys = [t.key for p in catalog.CATALOG for t in p.targets]
     assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)

@@ -55,10 +55,10 @@ def test_fentry_flavours_compile_together(kbtf):
     shared = {sym: {t.key for t in ts} for sym, ts in shared_fentry(plans).items()}
     assert shared["kvm_arch_vcpu_destroy"] == {"VCPU_DESTROY", "VCPU_TEARDOWN"}, shared
     src = dispatch_source(plans)
-    assert "KFUNC_PROBE(kvm_arch_vcpu_destroy)" in src and "klp_fe__VCPU_TEARDOWN(ctx);" in src
+    assert "KFUNC_PROBE(kvm_arch_vcpu_destroy)" in src and "kvmlp_fe__VCPU_TEARDOWN(ctx);" in src
     defines = module_defines(plans, kbtf)
-    assert defines["KLP_M_VCPU_TEARDOWN"] == defines["KLP_M_VCPU_DESTROY"] == SHARED_FENTRY
-    assert defines["KLP_M_VM_IOCTL"] == catalog.METHOD_CODE[catalog.FENTRY]
+    assert defines["KVMLP_M_VCPU_TEARDOWN"] == defines["KVMLP_M_VCPU_DESTROY"] == SHARED_FENTRY
+    assert defines["KVMLP_M_VM_IOCTL"] == catalog.METHOD_CODE[catalog.FENTRY]
     try:
         FunctionProbes(plans, kbtf, attach=False).close()
     except bpfload.BpfUnavailable as e:
@@ -66,17 +66,17 @@ def test_fentry_flavours_compile_together(kbtf):
 
 
 RETURN_READS_ARG = """
-KLP_ENTRY(T)
+KVMLP_ENTRY(T)
 {
-	return klp_call_enter(1, KLP_ARG(T, FILE), 0);
+	return kvmlp_call_enter(1, KVMLP_ARG(T, FILE), 0);
 }
 
-KLP_RETURN(T)
+KVMLP_RETURN(T)
 {
-	struct klp_call c;
-	if (!klp_call_exit(1, &c))
+	struct kvmlp_call c;
+	if (!kvmlp_call_exit(1, &c))
 		return 0;
-	return (KLP_ARG(T, FILE) == c.a0) + (int)KLP_RET(T);
+	return (KVMLP_ARG(T, FILE) == c.a0) + (int)KVMLP_RET(T);
 }
 """
 
@@ -84,12 +84,12 @@ KLP_RETURN(T)
 @pytest.mark.parametrize("method", [catalog.KPROBE, catalog.FENTRY])
 def test_return_handlers_cannot_read_arguments_as_kretprobes(bpf_host, method):
     """A kretprobe's argument registers hold garbage by the return (vgic read `kvm`
-    there): in that flavour KLP_ARG in a return handler does not compile, so no probe
+    there): in that flavour KVMLP_ARG in a return handler does not compile, so no probe
     can ship the mistake (test_kprobe_flavours_pass_the_verifier compiles them all);
     fexit does see the arguments. The same handler reading its saved copy compiles."""
-    defines = {"KLP_NR_COUNTERS": 1, "KLP_STACK_ENTRIES": 1024,
-               "KLP_M_T": catalog.METHOD_CODE[method], "KLP_S_T": "vfs_read",
-               "KLP_N_T": 3, "KLP_A_T_FILE": 0}
+    defines = {"KVMLP_NR_COUNTERS": 1, "KVMLP_STACK_ENTRIES": 1024,
+               "KVMLP_M_T": catalog.METHOD_CODE[method], "KVMLP_S_T": "vfs_read",
+               "KVMLP_N_T": 3, "KVMLP_A_T_FILE": 0}
     common = (bpfload.BPF_DIR / "common.h").read_text()
 
     def compiles(text):
@@ -104,7 +104,7 @@ def test_return_handlers_cannot_read_arguments_as_kretprobes(bpf_host, method):
         assert "undeclared identifier 'ctx'" in err, err
     else:
         assert not err, err
-    assert not compiles(RETURN_READS_ARG.replace("KLP_ARG(T, FILE) == c.a0", "c.a0"))
+    assert not compiles(RETURN_READS_ARG.replace("KVMLP_ARG(T, FILE) == c.a0", "c.a0"))
 
 
 def empty_like(module, table):

@@ -61,7 +61,7 @@ def ftrace_counting(function, out, script):
     instance's function tracer on that one function (Debian builds no function
     profiler), on from before record attaches to after it detaches. The count and
     the number of CPUs whose buffer overran go to `out` (read by ftrace_count)."""
-    i = "/sys/kernel/tracing/instances/klp-oracle"
+    i = "/sys/kernel/tracing/instances/kvmlp-oracle"
     return (f"mkdir {i} && echo {function} > {i}/set_ftrace_filter && "
             f"echo function > {i}/current_tracer && {{ {script}; }}; rc=$?; "
             f"echo 0 > {i}/tracing_on; grep -c ' {function}' {i}/trace > {out}; "

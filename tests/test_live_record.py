@@ -153,7 +153,7 @@ def test_live_breakdowns(churn_recording):
     """Per-thread, timeline and per-unit-of-work views of a real recording."""
     rec, _, _ = churn_recording
     threads = analysis.per_thread(rec)
-    assert threads["comm"].str.startswith("klp-").any()          # the workload's threads
+    assert threads["comm"].str.startswith("kvmlp-").any()          # the workload's threads
     assert set(threads["tgid"]) == {rec.manifest["command_pid"]}
     tl = analysis.timeline(rec, bin_ms=100)
     assert tl["t_s"].max() >= 2.0 and (tl["waits"] > 0).all()     # spans the run
@@ -204,7 +204,7 @@ def test_vm_named_from_its_command_line(churn_recording):
     threads = analysis.per_thread(rec)
     mine = threads[threads["tgid"] == pid]
     assert set(mine["vm"]) == {"churnvm"}
-    assert mine["comm"].str.match(r"klp-(vcpu|churn)\d").any()
+    assert mine["comm"].str.match(r"kvmlp-(vcpu|churn)\d").any()
     text = klp("report", rec.path, "--by", "task").stdout
     assert f"churnvm ({pid})" in text
 

@@ -25,7 +25,7 @@ class Tmux:
             if os.environ.get("CI"):
                 pytest.fail("tmux missing in CI (make setup installs it)")
             pytest.skip("tmux is not installed")
-        self.sock = f"klp-test-{os.getpid()}"
+        self.sock = f"kvmlp-test-{os.getpid()}"
         self.status = tmp_path / "exit-status"
         # bash goes on after a child that handled Ctrl-C itself (dash dies with it)
         cmd = f"cd {shlex.quote(ROOT)} && {shlex.join(argv)}; echo $? > {self.status}"

@@ -29,7 +29,7 @@ def shared_dir():
     """A directory the unprivileged user can read and write."""
     if os.geteuid() != 0:
         pytest.skip("already unprivileged: nothing to drop")
-    d = tempfile.mkdtemp(prefix="klp-noroot-")
+    d = tempfile.mkdtemp(prefix="kvmlp-noroot-")
     os.chmod(d, 0o777)
     yield d
     subprocess.run(["rm", "-rf", d])

@@ -14,7 +14,7 @@ from ..maps import read_counters, read_hash
 from ..recording import to_arrow
 from ..ringbuf import BatchRingBuffer
 
-# Names of enum klp_counter in bpf/contention.h, in order.
+# Names of enum kvmlp_counter in bpf/contention.h, in order.
 COUNTERS = ("begin", "end", "end_without_begin", "lost_pending_full", "lost_agg_full",
             "lost_ringbuf_full", "stack_failures", "sampled", "begin_without_end",
             "first_walks", "lost_filter_full", "filter_exits")
@@ -68,11 +68,11 @@ class ContentionProbe:
         pages = max(1, ringbuf_mb * (1 << 20) // 4096)
         pages = 1 << (pages.bit_length() - 1)                  # a power of two
         self.defines = dict(
-            KLP_FILTER_TGID=tgids is not None, KLP_FOLLOW_FORK=follow_fork,
-            KLP_SAMPLE_EVERY=sample_every, KLP_PENDING_ENTRIES=pending_entries,
-            KLP_AGG_ENTRIES=agg_entries, KLP_STACK_ENTRIES=stack_entries,
-            KLP_RINGBUF_PAGES=pages, KLP_WAKEUP_EVERY=4096, KLP_STACK_EVERY=stack_every,
-            KLP_FILTER_ENTRIES=filter_entries)
+            KVMLP_FILTER_TGID=tgids is not None, KVMLP_FOLLOW_FORK=follow_fork,
+            KVMLP_SAMPLE_EVERY=sample_every, KVMLP_PENDING_ENTRIES=pending_entries,
+            KVMLP_AGG_ENTRIES=agg_entries, KVMLP_STACK_ENTRIES=stack_entries,
+            KVMLP_RINGBUF_PAGES=pages, KVMLP_WAKEUP_EVERY=4096, KVMLP_STACK_EVERY=stack_every,
+            KVMLP_FILTER_ENTRIES=filter_entries)
         self.bpf, self.pending = self._load(pending)
         self.options = {"sample_every": sample_every, "stack_every": stack_every,
                         "stack_budget": stack_budget,
@@ -115,13 +115,13 @@ class ContentionProbe:
         if pending in ("auto", "task storage"):
             try:
                 return (bpfload.compile_bpf("contention.bpf.c",
-                                            defines={**self.defines, "KLP_PENDING_TASK": 1}),
+                                            defines={**self.defines, "KVMLP_PENDING_TASK": 1}),
                         "task storage")
             except bpfload.BpfUnavailable:
                 if pending != "auto":
                     raise
         return (bpfload.compile_bpf("contention.bpf.c",
-                                    defines={**self.defines, "KLP_PENDING_TASK": 0}), "hash")
+                                    defines={**self.defines, "KVMLP_PENDING_TASK": 0}), "hash")
 
     def add_tgids(self, tgids):
         t = self.bpf["tgid_filter"]

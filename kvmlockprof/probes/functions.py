@@ -9,36 +9,36 @@ from ..ringbuf import BatchRingBuffer
 
 # The VM/vCPU registry every module shares (common.h): live, and the lifetimes ended
 # (locknames.REGISTRY_TABLES; keyed by address and first_ns, LRU).
-SHARED_TABLES = (("klp_vms", "vms", "kvm"), ("klp_vcpus", "vcpus", "vcpu"),
-                 ("klp_vm_ends", "vm_ends", "key"), ("klp_vcpu_ends", "vcpu_ends", "key"))
-SHARED_FENTRY = 3       # KLP_M_*: fentry on a symbol that other targets of the module share
+SHARED_TABLES = (("kvmlp_vms", "vms", "kvm"), ("kvmlp_vcpus", "vcpus", "vcpu"),
+                 ("kvmlp_vm_ends", "vm_ends", "key"), ("kvmlp_vcpu_ends", "vcpu_ends", "key"))
+SHARED_FENTRY = 3       # KVMLP_M_*: fentry on a symbol that other targets of the module share
 
 
 def target_defines(target, symbol, method, kbtf):
-    """KLP_M/S/N/A_* for one target: method, symbol, argument count and positions."""
+    """KVMLP_M/S/N/A_* for one target: method, symbol, argument count and positions."""
     params = (kbtf.func_params(symbol) if kbtf and symbol else None) or \
         list(target.signatures.get(symbol, ()))
-    d = {f"KLP_M_{target.key}": catalog.METHOD_CODE[method],
-         f"KLP_S_{target.key}": symbol or "klp_absent", f"KLP_N_{target.key}": len(params)}
+    d = {f"KVMLP_M_{target.key}": catalog.METHOD_CODE[method],
+         f"KVMLP_S_{target.key}": symbol or "kvmlp_absent", f"KVMLP_N_{target.key}": len(params)}
     for p in target.params:
-        d[f"KLP_A_{target.key}_{p.upper()}"] = params.index(p) if p in params else -1
+        d[f"KVMLP_A_{target.key}_{p.upper()}"] = params.index(p) if p in params else -1
     return d
 
 
 def module_defines(plans, kbtf, stack_entries=16384, ringbuf_pages=1024, srcu_sample_every=64):
     """Every define the combined module needs, for {probe: Plan}."""
-    d = {"KLP_STACK_ENTRIES": stack_entries, "KLP_RINGBUF_PAGES": ringbuf_pages,
-         "KLP_SRCU_SAMPLE_EVERY": srcu_sample_every}
+    d = {"KVMLP_STACK_ENTRIES": stack_entries, "KVMLP_RINGBUF_PAGES": ringbuf_pages,
+         "KVMLP_SRCU_SAMPLE_EVERY": srcu_sample_every}
     bases = counter_bases(plans)
-    d.update({f"KLP_CBASE_{p.name.upper()}": base for p, base in bases.items()})
-    d["KLP_NR_COUNTERS"] = max(1, sum(len(p.counters) for p in plans))
+    d.update({f"KVMLP_CBASE_{p.name.upper()}": base for p, base in bases.items()})
+    d["KVMLP_NR_COUNTERS"] = max(1, sum(len(p.counters) for p in plans))
     for probe, plan in plans.items():
         for t in probe.targets:
             sym, method = plan.targets.get(t.key, (None, None))
             d.update(target_defines(t, sym, method, kbtf))
-        d.update({f"KLP_OFF_{k}": v for k, v in btfmod.defines(kbtf, probe.fields).items()})
+        d.update({f"KVMLP_OFF_{k}": v for k, v in btfmod.defines(kbtf, probe.fields).items()})
     for targets in shared_fentry(plans).values():
-        d.update({f"KLP_M_{t.key}": SHARED_FENTRY for t in targets})
+        d.update({f"KVMLP_M_{t.key}": SHARED_FENTRY for t in targets})
     return d
 
 
@@ -59,21 +59,21 @@ def shared_fentry(plans):
 
 def dispatch_source(plans):
     """The fentry/fexit programs of the shared symbols, each calling its targets'
-    handlers (KLP_M 3 makes those plain functions, common.h)."""
+    handlers (KVMLP_M 3 makes those plain functions, common.h)."""
     out = []
     for sym, targets in shared_fentry(plans).items():
         keys = ", ".join(t.key for t in targets)
-        calls = "".join(f"\tklp_fe__{t.key}(ctx);\n" for t in targets)
+        calls = "".join(f"\tkvmlp_fe__{t.key}(ctx);\n" for t in targets)
         out.append(f"/* ---- fentry on {sym}, shared by {keys} ---- */\n"
                    f"KFUNC_PROBE({sym})\n{{\n{calls}\treturn 0;\n}}\n")
-        rets = "".join(f"\tklp_fx__{t.key}(ctx);\n" for t in targets if t.ret)
+        rets = "".join(f"\tkvmlp_fx__{t.key}(ctx);\n" for t in targets if t.ret)
         if rets:
             out.append(f"KRETFUNC_PROBE({sym})\n{{\n{rets}\treturn 0;\n}}\n")
     return "\n".join(out)
 
 
 def counter_bases(probes):
-    """Where each probe's counters start in the shared klp_counters array."""
+    """Where each probe's counters start in the shared kvmlp_counters array."""
     bases, n = {}, 0
     for p in probes:
         bases[p] = n
@@ -134,9 +134,9 @@ class FunctionProbes:
         for t in probe.targets:
             sym, method = plan.targets.get(t.key, (None, None))
             if method == catalog.KPROBE and target in (None, t):
-                out.append((f"klp_kp__{t.key}", sym, False))
+                out.append((f"kvmlp_kp__{t.key}", sym, False))
                 if t.ret:
-                    out.append((f"klp_kr__{t.key}", sym, True))
+                    out.append((f"kvmlp_kr__{t.key}", sym, True))
         return out
 
     def _detach_kprobes(self, handlers):
@@ -205,7 +205,7 @@ class FunctionProbes:
 
     def counters(self):
         names = [f"{p.name}.{c}" for p in self.plans for c in p.counters]
-        flat = read_counters(self.bpf["klp_counters"], names) if names else {}
+        flat = read_counters(self.bpf["kvmlp_counters"], names) if names else {}
         out = {}
         for key, v in flat.items():
             probe, counter = key.split(".", 1)
@@ -213,7 +213,7 @@ class FunctionProbes:
         return out
 
     def stack_addrs(self, stack_id):
-        return bpfload.stack_addrs(self.bpf["klp_stacks"], stack_id)
+        return bpfload.stack_addrs(self.bpf["kvmlp_stacks"], stack_id)
 
     def prog_fds(self):
         """{program name: (fd, names of the probes it serves)} of every attached

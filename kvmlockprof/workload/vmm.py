@@ -209,7 +209,7 @@ class Workload:
         the fast path delivers; every xen_slow_every sends, drop the shared_info
         page from our mapping: the gfn_to_pfn_cache is invalidated and the next
         send falls back to the slow path."""
-        _name_thread("klp-xen")
+        _name_thread("kvmlp-xen")
         ev = k.XenEvtchn(port=XEN_PORT, vcpu=0, priority=k.XEN_EVTCHN_PRIO_2LEVEL)
         pending = XEN_SHINFO_GPA + XEN_PENDING_OFF
         sends = slow = 0
@@ -227,7 +227,7 @@ class Workload:
         self.xen_sends, self.xen_forced_slow = sends, slow
 
     def _churn(self, index, stop):
-        _name_thread(f"klp-churn{index}")
+        _name_thread(f"kvmlp-churn{index}")
         slot = 1 + index
         # Slot 1 is what the vCPUs read; the others sit above real mode's reach.
         gpa = 0x100000 + index * SPARE_SIZE if index else SPARE_GPA
@@ -263,7 +263,7 @@ class Workload:
         cfg = self.config
         self.churn_live = [0] * cfg.churn_threads
         stop = threading.Event()
-        vcpu_threads = [threading.Thread(target=v.loop, args=(stop, f"klp-vcpu{i}"),
+        vcpu_threads = [threading.Thread(target=v.loop, args=(stop, f"kvmlp-vcpu{i}"),
                                          name=f"vcpu{i}", daemon=True)
                         for i, v in enumerate(self.vcpus)]
         threads = list(vcpu_threads)
