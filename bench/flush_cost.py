@@ -87,7 +87,8 @@ def main():
     ncpu = possible_cpus()
     a.keys = min(a.keys, a.entries * 3 // 4)           # a full hash refuses the rest
     keys = [0xffff888100000000 + 64 * i for i in range(a.keys)]
-    probe = ContentionProbe(tgids=[], agg_entries=a.entries, stack_entries=a.entries)
+    probe = ContentionProbe(tgids=[], agg_entries=a.entries, stack_entries=a.entries,
+                            stack_budget=0)
     old = bpfload.compile_bpf(text=PER_CPU, defines={"ENTRIES": a.entries})
     res = {"possible_cpus": ncpu, "keys": a.keys, "entries": a.entries}
     try:

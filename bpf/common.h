@@ -228,11 +228,8 @@ static __always_inline u64 kvmlp_vm_of(u64 addr, int off)
 	return kvmlp_vms.lookup(&kvm) ? kvm : 0;
 }
 
-/* Per-thread state between a function's entry and its return, by function. */
-enum kvmlp_fn {
-	KVMLP_FN_XEN_FAST = 1, KVMLP_FN_XEN_SLOW, KVMLP_FN_GPC_REFRESH, KVMLP_FN_GPC_CHECK,
-	KVMLP_FN_VGIC_PUT, KVMLP_FN_XA_ERASE, KVMLP_FN_SYNC, KVMLP_FN_SYNC_EXP, KVMLP_FN_VM_DESTROY,
-};
+/* Per-thread state between a function's entry and its return, by function: the
+ * loader numbers each target with a return handler KVMLP_FN_KEY (1, 2, ...). */
 
 struct kvmlp_call_key {
 	u32 tid;

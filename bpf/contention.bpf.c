@@ -126,7 +126,7 @@ static __always_inline int get_stack(void *ctx)
 {
 	int stack_id = stacks.get_stackid(ctx, 0);
 	if (stack_id < 0)
-		count(KVMLP_C_STACK_FAIL);
+		count(KVMLP_C_STACK_FAILURES);
 	return stack_id;
 }
 
@@ -182,7 +182,7 @@ static __always_inline s32 first_stack(void *ctx, struct kvmlp_agg_key *ak)
 	u8 one = 1;
 	if (first_walked.insert(ak, &one))
 		return KVMLP_NO_STACK;    /* walked before, or the map is full */
-	count(KVMLP_C_FIRST_WALK);
+	count(KVMLP_C_FIRST_WALKS);
 	return get_stack(ctx);
 }
 
@@ -208,7 +208,7 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 	struct pending_slots *p = pending.task_storage_get(bpf_get_current_task_btf(), 0,
 							   BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!p) {
-		count(KVMLP_C_PENDING_FULL);
+		count(KVMLP_C_LOST_PENDING_FULL);
 		return;
 	}
 	/* The slot: this lock's, else a free one (or an earlier epoch's), else
@@ -228,11 +228,11 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 		return;
 	}
 	if (slot < KVMLP_NEST) {
-		count(KVMLP_C_BEGIN_NO_END);
+		count(KVMLP_C_BEGIN_WITHOUT_END);
 	} else if (free < KVMLP_NEST) {
 		slot = free;
 	} else {
-		count(KVMLP_C_PENDING_FULL);
+		count(KVMLP_C_LOST_PENDING_FULL);
 		slot = 0;
 #pragma unroll
 		for (int i = 1; i < KVMLP_NEST; i++) {
@@ -292,14 +292,14 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 		return;
 	}
 	if (p && p->epoch == epoch)
-		count(KVMLP_C_BEGIN_NO_END);
+		count(KVMLP_C_BEGIN_WITHOUT_END);
 	struct pending_val v = {};
 	v.ts_ns = now;
 	v.stack_id = walk_stack(ctx, now, arm);
 	v.flags = flags;
 	v.epoch = epoch;
 	if (pending.update(&k, &v))
-		count(KVMLP_C_PENDING_FULL);
+		count(KVMLP_C_LOST_PENDING_FULL);
 }
 
 static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
@@ -353,7 +353,7 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	int zero_idx = 0;
 	struct kvmlp_arm *arm = armed.lookup(&zero_idx);
 	if (!arm || !end_wait(lock, arm->epoch, &start, &flags, &stack_id)) {
-		count(KVMLP_C_END_NO_BEGIN);
+		count(KVMLP_C_END_WITHOUT_BEGIN);
 		return 0;
 	}
 	u64 wait = now - start;
@@ -382,7 +382,7 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 		kvmlp_min_nonzero(&a->min_ns, wait);
 		kvmlp_add(&a->hist[kvmlp_slot(wait)], 1);
 	} else {
-		count(KVMLP_C_AGG_FULL);
+		count(KVMLP_C_LOST_AGG_FULL);
 	}
 
 #if KVMLP_SAMPLE_EVERY == 0
@@ -395,7 +395,7 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 #endif
 	struct kvmlp_contention_event *e = events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
-		count(KVMLP_C_RINGBUF_FULL);
+		count(KVMLP_C_LOST_RINGBUF_FULL);
 		return 0;
 	}
 	e->ts_ns = now;
@@ -432,7 +432,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 	u32 child = args->child_pid;    /* a new process's tgid, or a thread's id */
 	u8 one = 1;
 	if (tgid_filter.update(&child, &one))
-		count(KVMLP_C_FILTER_FULL);
+		count(KVMLP_C_LOST_FILTER_FULL);
 	return 1;
 }
 #endif

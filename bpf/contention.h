@@ -9,19 +9,19 @@
 #define KVMLP_COMM_LEN 16
 
 /* Indexes of the in-kernel counters: every event seen, and every one lost. */
-enum kvmlp_counter {
-	KVMLP_C_BEGIN,            /* contention_begin that passed the filter */
-	KVMLP_C_END,              /* contention_end that passed the filter */
-	KVMLP_C_END_NO_BEGIN,     /* an end whose begin we never saw (attached mid-wait) */
-	KVMLP_C_PENDING_FULL,     /* lost: a wait in progress dropped (its task's slots full) */
-	KVMLP_C_AGG_FULL,         /* lost: a wait not aggregated, the aggregate map was full */
-	KVMLP_C_RINGBUF_FULL,     /* lost: a sample not streamed, the ring buffer was full */
-	KVMLP_C_STACK_FAIL,       /* a wait whose kernel stack could not be stored */
-	KVMLP_C_SAMPLED,          /* samples handed to the ring buffer */
-	KVMLP_C_BEGIN_NO_END,     /* a begin on a lock whose previous wait's end was missed */
-	KVMLP_C_FIRST_WALK,       /* stacks walked at the end of a lock's first unwalked wait */
-	KVMLP_C_FILTER_FULL,      /* lost: a forked task not followed, tgid_filter was full */
-	KVMLP_C_FILTER_EXITS,     /* threads that left tgid_filter when they exited */
+enum contention_counter {
+	KVMLP_C_BEGIN,              /* contention_begin that passed the filter */
+	KVMLP_C_END,                /* contention_end that passed the filter */
+	KVMLP_C_END_WITHOUT_BEGIN,  /* an end whose begin we never saw (attached mid-wait) */
+	KVMLP_C_LOST_PENDING_FULL,  /* lost: a wait in progress dropped (its task's slots full) */
+	KVMLP_C_LOST_AGG_FULL,      /* lost: a wait not aggregated, the aggregate map was full */
+	KVMLP_C_LOST_RINGBUF_FULL,  /* lost: a sample not streamed, the ring buffer was full */
+	KVMLP_C_STACK_FAILURES,     /* a wait whose kernel stack could not be stored */
+	KVMLP_C_SAMPLED,            /* samples handed to the ring buffer */
+	KVMLP_C_BEGIN_WITHOUT_END,  /* a begin on a lock whose previous wait's end was missed */
+	KVMLP_C_FIRST_WALKS,        /* stacks walked at the end of a lock's first unwalked wait */
+	KVMLP_C_LOST_FILTER_FULL,   /* lost: a forked task not followed, tgid_filter was full */
+	KVMLP_C_FILTER_EXITS,       /* threads that left tgid_filter when they exited */
 	KVMLP_NR_COUNTERS,
 };
 
@@ -36,7 +36,7 @@ struct kvmlp_contention_event {
 	u32 tid;
 	u32 tgid;
 	u32 flags;              /* LCB_F_* of the last contention_begin */
-	s32 stack_id;           /* < 0: no stack (KVMLP_C_STACK_FAIL, or KVMLP_NO_STACK) */
+	s32 stack_id;           /* < 0: no stack (KVMLP_C_STACK_FAILURES, or KVMLP_NO_STACK) */
 	u32 cpu;
 	s32 ret;                /* contention_end's ret: 0, or -EINTR etc. for killable waits */
 	char comm[KVMLP_COMM_LEN];

@@ -8,7 +8,10 @@ enum gpc_place {
 	GPC_XEN_RUNSTATE, GPC_XEN_RUNSTATE2,
 };
 enum gpc_op { GPC_CHECK_MISS, GPC_CHECK_HIT, GPC_ACTIVATE, GPC_DEACTIVATE };
-enum { GPC_C_REFRESHES, GPC_C_CHECKS, GPC_C_RINGBUF_FULL, GPC_C_PENDING_FULL, GPC_C_AGG_FULL };
+enum gpc_counter {
+	GPC_C_REFRESHES, GPC_C_CHECKS, GPC_C_LOST_RINGBUF_FULL, GPC_C_LOST_PENDING_FULL,
+	GPC_C_LOST_AGG_FULL,
+};
 
 struct kvmlp_gpc_event {
 	u64 ts_ns;
@@ -87,14 +90,14 @@ static __always_inline int gpc_op(u64 gpc, u32 op)
 	if (v)
 		kvmlp_add(&v->count, 1);
 	else
-		gpc_count(GPC_C_AGG_FULL);
+		gpc_count(GPC_C_LOST_AGG_FULL);
 	return 0;
 }
 
 KVMLP_ENTRY(GPC_REFRESH)
 {
 	if (kvmlp_call_enter(KVMLP_FN_GPC_REFRESH, KVMLP_ARG(GPC_REFRESH, GPC), 0))
-		gpc_count(GPC_C_PENDING_FULL);
+		gpc_count(GPC_C_LOST_PENDING_FULL);
 	return 0;
 }
 
@@ -106,7 +109,7 @@ KVMLP_RETURN(GPC_REFRESH)
 	gpc_count(GPC_C_REFRESHES);
 	struct kvmlp_gpc_event *e = gpc_events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
-		gpc_count(GPC_C_RINGBUF_FULL);
+		gpc_count(GPC_C_LOST_RINGBUF_FULL);
 		return 0;
 	}
 	u64 id = bpf_get_current_pid_tgid();
@@ -127,7 +130,7 @@ KVMLP_RETURN(GPC_REFRESH)
 KVMLP_ENTRY(GPC_CHECK)
 {
 	if (kvmlp_call_enter(KVMLP_FN_GPC_CHECK, KVMLP_ARG(GPC_CHECK, GPC), 0))
-		gpc_count(GPC_C_PENDING_FULL);
+		gpc_count(GPC_C_LOST_PENDING_FULL);
 	return 0;
 }
 

@@ -6,8 +6,10 @@
 
 enum srcu_kind { SRCU_OTHER, SRCU_KVM, SRCU_KVM_IRQ };
 enum srcu_event_type { SRCU_EV_SECTION, SRCU_EV_SYNC, SRCU_EV_SYNC_EXP };
-enum { SRCU_C_LOCKS, SRCU_C_UNLOCKS, SRCU_C_UNPAIRED, SRCU_C_SYNCS, SRCU_C_RINGBUF_FULL,
-       SRCU_C_PENDING_FULL, SRCU_C_AGG_FULL };
+enum srcu_counter {
+	SRCU_C_READ_LOCKS, SRCU_C_READ_UNLOCKS, SRCU_C_UNPAIRED_UNLOCKS, SRCU_C_SYNCS,
+	SRCU_C_LOST_RINGBUF_FULL, SRCU_C_LOST_PENDING_FULL, SRCU_C_LOST_AGG_FULL,
+};
 
 struct srcu_reader_key {
 	u32 tid;
@@ -62,7 +64,7 @@ static __always_inline void srcu_emit(u64 now, u64 dur, u64 ssp, u32 type, s32 s
 {
 	struct kvmlp_srcu_event *e = srcu_events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
-		srcu_count(SRCU_C_RINGBUF_FULL);
+		srcu_count(SRCU_C_LOST_RINGBUF_FULL);
 		return;
 	}
 	u64 id = bpf_get_current_pid_tgid();
@@ -82,7 +84,7 @@ KVMLP_ENTRY(SRCU_LOCK)
 	struct srcu_reader_key k = {};
 	k.tid = (u32)bpf_get_current_pid_tgid();
 	k.ssp = KVMLP_ARG(SRCU_LOCK, SSP);
-	srcu_count(SRCU_C_LOCKS);
+	srcu_count(SRCU_C_READ_LOCKS);
 	struct srcu_reader *r = srcu_readers.lookup(&k);
 	if (r) {
 		r->depth++;     /* nested: the outermost section is the one measured */
@@ -92,7 +94,7 @@ KVMLP_ENTRY(SRCU_LOCK)
 	n.start_ns = bpf_ktime_get_ns();
 	n.depth = 1;
 	if (srcu_readers.update(&k, &n))
-		srcu_count(SRCU_C_PENDING_FULL);
+		srcu_count(SRCU_C_LOST_PENDING_FULL);
 	return 0;
 }
 
@@ -101,10 +103,10 @@ KVMLP_ENTRY(SRCU_UNLOCK)
 	struct srcu_reader_key k = {};
 	k.tid = (u32)bpf_get_current_pid_tgid();
 	k.ssp = KVMLP_ARG(SRCU_UNLOCK, SSP);
-	srcu_count(SRCU_C_UNLOCKS);
+	srcu_count(SRCU_C_READ_UNLOCKS);
 	struct srcu_reader *r = srcu_readers.lookup(&k);
 	if (!r) {
-		srcu_count(SRCU_C_UNPAIRED);   /* locked before we attached,
+		srcu_count(SRCU_C_UNPAIRED_UNLOCKS);   /* locked before we attached,
 							       * or in another task */
 		return 0;
 	}
@@ -122,7 +124,7 @@ KVMLP_ENTRY(SRCU_UNLOCK)
 	if (v)
 		kvmlp_lat_add(v, dur);
 	else
-		srcu_count(SRCU_C_AGG_FULL);
+		srcu_count(SRCU_C_LOST_AGG_FULL);
 #if KVMLP_SRCU_SAMPLE_EVERY > 0
 	int zero_idx = 0;
 	u64 *tick = srcu_tick.lookup(&zero_idx);
@@ -136,7 +138,7 @@ static __always_inline int srcu_sync_enter(void *ctx, u32 fn, u64 ssp)
 {
 	u64 stack = (u32)kvmlp_stacks.get_stackid(ctx, 0);
 	if (kvmlp_call_enter(fn, ssp, stack))
-		srcu_count(SRCU_C_PENDING_FULL);
+		srcu_count(SRCU_C_LOST_PENDING_FULL);
 	return 0;
 }
 

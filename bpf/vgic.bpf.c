@@ -7,29 +7,34 @@ struct kvmlp_vgic_event {
 	u64 lat_ns;
 	u64 kvm;
 	u64 irq;
-	u32 intid;      /* 0xffffffff: unknown on this kernel */
+	u32 intid;      /* VGIC_INTID_UNKNOWN where BTF lacks irq->intid */
 	u32 refcount;   /* at entry; 1 means the put released the IRQ */
-	u32 irqs_off;   /* 1 off, 0 on, 2 unknown */
+	u32 irqs_off;   /* enum vgic_irqs */
 	u32 tid;
 	u32 tgid;
 	u32 pad;
 };
 
+#define VGIC_INTID_UNKNOWN 0xffffffff
+#define VGIC_MIN_LPI 8192       /* the GIC architecture's first LPI INTID */
+
 BPF_RINGBUF_OUTPUT(vgic_events, KVMLP_RINGBUF_PAGES);
 #define vgic_count(i) kvmlp_count(KVMLP_CBASE_VGIC + (i))
 
-enum { VGIC_C_PUTS, VGIC_C_RINGBUF_FULL, VGIC_C_PENDING_FULL };
+enum vgic_counter { VGIC_C_PUTS, VGIC_C_LOST_RINGBUF_FULL, VGIC_C_LOST_PENDING_FULL };
+/* IRQs at the call: only the kprobe flavour sees the saved processor state. */
+enum vgic_irqs { VGIC_IRQS_ON, VGIC_IRQS_OFF, VGIC_IRQS_UNKNOWN };
 
 static __always_inline u32 vgic_irqs_off(void *ctx, int kprobe)
 {
 	if (!kprobe)
-		return 2;
+		return VGIC_IRQS_UNKNOWN;
 #if defined(CONFIG_ARM64)
-	return (((struct pt_regs *)ctx)->pstate & 0x80) ? 1 : 0;      /* PSR_I_BIT */
+	return (((struct pt_regs *)ctx)->pstate & 0x80) ? VGIC_IRQS_OFF : VGIC_IRQS_ON; /* PSR_I_BIT */
 #elif defined(CONFIG_X86)
-	return (((struct pt_regs *)ctx)->flags & 0x200) ? 0 : 1;      /* X86_EFLAGS_IF */
+	return (((struct pt_regs *)ctx)->flags & 0x200) ? VGIC_IRQS_ON : VGIC_IRQS_OFF; /* EFLAGS_IF */
 #else
-	return 2;
+	return VGIC_IRQS_UNKNOWN;
 #endif
 }
 
@@ -44,11 +49,12 @@ KVMLP_ENTRY(VGIC_PUT)
 	struct kvmlp_call c = {};
 	c.a0 = irq;
 	c.a1 = kvm;
-	c.a2 = KVMLP_OFF_IRQ_INTID >= 0 ? kvmlp_read_u32(irq, KVMLP_OFF_IRQ_INTID) : 0xffffffff;
+	c.a2 = KVMLP_OFF_IRQ_INTID >= 0 ? kvmlp_read_u32(irq, KVMLP_OFF_IRQ_INTID) :
+		VGIC_INTID_UNKNOWN;
 	c.a3 = (u64)(KVMLP_OFF_IRQ_REFCOUNT >= 0 ? kvmlp_read_u32(irq, KVMLP_OFF_IRQ_REFCOUNT) : 0)
 		<< 32 | vgic_irqs_off(ctx, KVMLP_M_VGIC_PUT == 2);
 	if (kvmlp_call_save(KVMLP_FN_VGIC_PUT, &c))
-		vgic_count(VGIC_C_PENDING_FULL);
+		vgic_count(VGIC_C_LOST_PENDING_FULL);
 	return 0;
 }
 
@@ -60,7 +66,7 @@ KVMLP_RETURN(VGIC_PUT)
 	vgic_count(VGIC_C_PUTS);
 	struct kvmlp_vgic_event *e = vgic_events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
-		vgic_count(VGIC_C_RINGBUF_FULL);
+		vgic_count(VGIC_C_LOST_RINGBUF_FULL);
 		return 0;
 	}
 	u64 id = bpf_get_current_pid_tgid();

@@ -5,8 +5,10 @@
 
 #define vms_count(i) kvmlp_count(KVMLP_CBASE_VMS + (i))
 
-enum { VMS_C_VMS_CREATED, VMS_C_VMS_DESTROYED, VMS_C_VCPUS_CREATED, VMS_C_VCPUS_DESTROYED,
-       VMS_C_PENDING_FULL };
+enum vms_counter {
+	VMS_C_VMS_CREATED, VMS_C_VMS_DESTROYED, VMS_C_VCPUS_CREATED, VMS_C_VCPUS_DESTROYED,
+	VMS_C_LOST_PENDING_FULL,
+};
 
 KVMLP_ENTRY(VM_IOCTL)
 {
@@ -75,7 +77,7 @@ KVMLP_ENTRY(VM_DESTROY)
 	c.a1 = v ? v->first_ns : 0;
 	c.a2 = v ? v->tgid : 0;
 	if (kvmlp_call_save(KVMLP_FN_VM_DESTROY, &c))
-		vms_count(VMS_C_PENDING_FULL);
+		vms_count(VMS_C_LOST_PENDING_FULL);
 	return 0;
 }
 

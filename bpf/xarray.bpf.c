@@ -3,8 +3,10 @@
  * An xarray is KVM's when it sits at a known field of a known VM. */
 
 enum xa_owner { XA_OTHER, XA_KVM_VCPU_ARRAY, XA_KVM_LPI, XA_KVM_VCPU_ARRAY_BY_CALLER };
-enum { XA_C_ERASES, XA_C_KVM_ERASES, XA_C_RINGBUF_FULL, XA_C_PENDING_FULL, XA_C_AGG_FULL,
-       XA_C_VCPU_DESTROYS };
+enum xarray_counter {
+	XA_C_ERASES, XA_C_KVM_ERASES, XA_C_LOST_RINGBUF_FULL, XA_C_LOST_PENDING_FULL,
+	XA_C_LOST_AGG_FULL, XA_C_VCPU_DESTROYS,
+};
 
 struct kvmlp_xa_event {
 	u64 ts_ns;
@@ -33,7 +35,7 @@ static __always_inline void xa_emit(u64 now, u64 lat, struct kvmlp_xa_key *k)
 	xa_count(XA_C_KVM_ERASES);
 	struct kvmlp_xa_event *e = xa_events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
-		xa_count(XA_C_RINGBUF_FULL);
+		xa_count(XA_C_LOST_RINGBUF_FULL);
 		return;
 	}
 	u64 id = bpf_get_current_pid_tgid();
@@ -55,7 +57,7 @@ static __always_inline void xa_account(struct kvmlp_xa_key *k, u64 lat)
 	if (v)
 		kvmlp_lat_add(v, lat);
 	else
-		xa_count(XA_C_AGG_FULL);
+		xa_count(XA_C_LOST_AGG_FULL);
 }
 
 KVMLP_ENTRY(XA_ERASE)
@@ -63,7 +65,7 @@ KVMLP_ENTRY(XA_ERASE)
 	/* The stack is taken at entry: at return the caller's frame is gone. */
 	u64 stack = (u32)kvmlp_stacks.get_stackid(ctx, 0);
 	if (kvmlp_call_enter(KVMLP_FN_XA_ERASE, KVMLP_ARG(XA_ERASE, XA), stack))
-		xa_count(XA_C_PENDING_FULL);
+		xa_count(XA_C_LOST_PENDING_FULL);
 	return 0;
 }
 

@@ -17,13 +17,13 @@ struct kvmlp_xen_event {
 BPF_RINGBUF_OUTPUT(xen_events, KVMLP_RINGBUF_PAGES);
 #define xen_count(i) kvmlp_count(KVMLP_CBASE_XEN_EVTCHN + (i))
 
-enum { XEN_C_CALLS, XEN_C_RINGBUF_FULL, XEN_C_PENDING_FULL };
+enum xen_evtchn_counter { XEN_C_CALLS, XEN_C_LOST_RINGBUF_FULL, XEN_C_LOST_PENDING_FULL };
 
 static __always_inline int xen_enter(u32 fn, u64 xe, u64 kvm)
 {
 	kvmlp_note_vm(kvm);
 	if (kvmlp_call_enter(fn, xe, kvm))
-		xen_count(XEN_C_PENDING_FULL);
+		xen_count(XEN_C_LOST_PENDING_FULL);
 	return 0;
 }
 
@@ -35,7 +35,7 @@ static __always_inline int xen_exit(u32 fn, s32 ret)
 	xen_count(XEN_C_CALLS);
 	struct kvmlp_xen_event *e = xen_events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
-		xen_count(XEN_C_RINGBUF_FULL);
+		xen_count(XEN_C_LOST_RINGBUF_FULL);
 		return 0;
 	}
 	u64 id = bpf_get_current_pid_tgid();

@@ -5,6 +5,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from . import cdefs
+
 # include/trace/events/lock.h
 LCB_F_SPIN, LCB_F_READ, LCB_F_WRITE, LCB_F_RT, LCB_F_PERCPU, LCB_F_MUTEX = 1, 2, 4, 8, 16, 32
 # The names `perf lock contention` prints.
@@ -21,14 +23,14 @@ LOCK_TYPES = {
 KVM_FRAME = re.compile(r"^(__)?(kvm|vcpu|vmx|svm|pvm|tdp_mmu|x86_emulate|mmu_(?!notifier))"
                        r"|\[kvm(_\w+)?\]")
 
-NO_STACK = -1000    # bpf/contention.h KVMLP_NO_STACK: no stack walked (--stack-every/-budget)
+NO_STACK = cdefs.define("contention.h", "KVMLP_NO_STACK")  # no stack walked (--stack-every/-budget)
 
 # The column a `by` grouping names a row with (top() also splits locks by type).
-GROUP_COLUMN = {"lock": "lock", "caller": "caller", "task": "tgid"}
+GROUP_COLUMN = {"lock": "lock", "caller": "caller", "process": "tgid"}
 SORT_KEYS = {"contended": "contended", "total": "total_ns", "max": "max_ns", "avg": "avg_ns",
              "min": "min_ns", "p50": "p50_ns", "p90": "p90_ns", "p99": "p99_ns"}
 QUANTILES = {"p50_ns": 0.50, "p90_ns": 0.90, "p99_ns": 0.99}
-GROUPS = ("lock", "caller", "task")
+GROUPS = ("lock", "caller", "process")
 
 
 def _labels(codes, uniq, fn):
@@ -201,7 +203,7 @@ def lock_names(rec):
 def _group_keys(by):
     if by not in GROUPS:
         raise ValueError(f"--by must be one of {', '.join(GROUPS)}")
-    return {"lock": ["lock", "type"], "caller": ["caller"], "task": ["tgid"]}[by]
+    return {"lock": ["lock", "type"], "caller": ["caller"], "process": ["tgid"]}[by]
 
 
 def hist_bounds(slots):
@@ -671,3 +673,13 @@ def rates(rec, by="lock", limit=None):
             df[f"waits_per_{unit}"] = df["contended"] / n
             df[f"wait_ns_per_{unit}"] = df["total_ns"] / n
     return df
+
+
+def hist_frame(rows):
+    """log2-bucket rows {label, hist} -> (label, lo_ns, hi_ns, count) rows."""
+    out = []
+    for label, hist in rows:
+        lo, hi, n = hist_buckets(hist)
+        out += [{"what": label, "lo_ns": a, "hi_ns": b, "count": c}
+                for a, b, c in zip(lo.tolist(), hi.tolist(), n.tolist())]
+    return pd.DataFrame(out)

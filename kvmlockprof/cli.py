@@ -8,6 +8,7 @@ import sys
 import click
 
 from . import __version__
+from .probes.contention import MAP_ENTRIES, RINGBUF_MB, SAMPLE_EVERY, STACK_BUDGET, STACK_EVERY
 
 EPILOG_RECORD = """\b
 Examples:
@@ -17,12 +18,6 @@ Examples:
   kvmlockprof record -a -- ./my-test.sh             # whole host while it runs
   kvmlockprof record --stack-budget 0 -d 10         # a kernel stack for every wait
 """
-# Stack walks per second per CPU: the walk is most of a wait's cost (~6-8 us on a
-# nested guest, more when walks are spread out and its caches are cold); 250/s bounds
-# it to ~0.5% of each CPU there (bench/README.md), and still gives thousands of
-# stacks a minute to split the waits by caller. Its throughput cost is larger than
-# that CPU: ~2% of the exit rate at moderate contention there (bench/README.md).
-STACK_BUDGET = 250
 STACK_BUDGET_HELP = ("Walk the kernel stack of at most N waits per second per CPU (0: every "
                      "wait), drawn at random, plus one for each lock that has none; the "
                      "others count exactly under their lock, and by caller are spread over "
@@ -55,6 +50,33 @@ def main():
     """eBPF live lock-contention profiler for Linux KVM hosts."""
 
 
+# perf lock contention's sort keys (-k), as ours name them
+PERF_SORT_KEYS = {"wait_total": "total", "wait_max": "max", "wait_min": "min",
+                  "avg_wait": "avg"}
+SORTS = ["contended", "total", "max", "avg", "min", "p50", "p90", "p99"]
+
+
+def view_options(what):
+    """--by, -s/-k, -n/-E, -p: report's and top's, the same letters as perf lock's."""
+    def add(f):
+        for opt in reversed((
+                click.option("--by", type=click.Choice(["lock", "caller", "process"]),
+                             default="lock", show_default=True,
+                             help="Group rows by lock, caller or process (VM)."),
+                click.option("-s", "-k", "--sort", type=click.Choice(
+                    SORTS + list(PERF_SORT_KEYS)), default="total", show_default=True,
+                    callback=lambda ctx, p, v: PERF_SORT_KEYS.get(v, v),
+                    help=f"Sort key{what} (perf's wait_total, wait_max, wait_min, "
+                         "avg_wait too)."),
+                click.option("-n", "-E", "--limit", type=click.IntRange(min=1), default=20,
+                             show_default=True, help="Rows shown (perf's -E/--entries)."),
+                click.option("-p", "--pid", "pids", type=int, multiple=True,
+                             help="Only these processes (tgid); repeatable."))):
+            f = opt(f)
+        return f
+    return add
+
+
 def kernel_mem_option(f):
     from .sources import KERNEL_MEM_MB
     return click.option(
@@ -74,14 +96,16 @@ def kernel_mem_option(f):
 @click.option("-o", "--output", default="kvmlockprof.parquet", show_default=True,
               help="Recording file.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing recording.")
-@click.option("--sample-every", type=click.IntRange(min=0), default=1, show_default=True,
+@click.option("--sample-every", type=click.IntRange(min=0), default=SAMPLE_EVERY,
+              show_default=True,
               help="Stream every Nth wait as a sample (0: in-kernel aggregates only).")
-@click.option("--ringbuf-mb", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--ringbuf-mb", type=click.IntRange(min=1), default=RINGBUF_MB, show_default=True,
               help="Ring buffer size for streamed samples.")
-@click.option("-M", "--map-nr-entries", type=click.IntRange(min=1), default=16384,
+@click.option("-M", "--map-nr-entries", type=click.IntRange(min=1), default=MAP_ENTRIES,
               show_default=True, help="Entries of the in-kernel aggregate and stack maps "
               "(as perf lock contention's); a full map counts its losses.")
-@click.option("--stack-every", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--stack-every", type=click.IntRange(min=1), default=STACK_EVERY,
+              show_default=True,
               help="Walk the kernel stack of one wait in N (per CPU; with the budget "
                    "below, both apply).")
 @click.option("--stack-budget", type=click.IntRange(min=0), default=STACK_BUDGET,
@@ -165,22 +189,14 @@ Examples:
   kvmlockprof top                                  # whole host, refresh every second
   kvmlockprof top -p 1234 --by caller --sort max   # one VM, worst single waits
   kvmlockprof top --batch --iterations 5 > top.txt # plain text frames, then exit
-Keys: q quit, s next sort key, b next grouping (lock, caller, task).
+Keys: q quit, s next sort key, b next grouping (lock, caller, process).
 """
 
 
 @main.command(epilog=EPILOG_TOP)
 @click.option("-i", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="Seconds between refreshes.")
-@click.option("--by", type=click.Choice(["lock", "caller", "task"]), default="lock",
-              show_default=True, help="Group rows by lock, caller or task.")
-@click.option("-s", "--sort", type=click.Choice(["contended", "total", "max", "avg", "min",
-                                                  "p50", "p90", "p99"]),
-              default="total", show_default=True,
-              help="Sort key, taken over the last interval.")
-@click.option("-n", "--limit", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("-p", "--pid", "pids", type=int, multiple=True,
-              help="Only these processes (tgid); repeatable. Filtered in the kernel.")
+@view_options(", taken over the last interval")
 @click.option("--probes", "probe_names", metavar="A,B,...",
               help="Probes to attach (default: every probe this host can attach).")
 @click.option("--stack-budget", type=click.IntRange(min=0), default=STACK_BUDGET,
@@ -237,13 +253,7 @@ def top(interval, by, sort, limit, pids, probe_names, stack_budget, prefer, batc
 
 @main.command(epilog=EPILOG_REPORT)
 @click.argument("recording", default="kvmlockprof.parquet")
-@click.option("--by", type=click.Choice(["lock", "caller", "task"]), default="lock",
-              show_default=True, help="Group rows by lock, caller or task.")
-@click.option("-s", "--sort", type=click.Choice(["contended", "total", "max", "avg", "min",
-                                                  "p50", "p90", "p99"]),
-              default="total", show_default=True)
-@click.option("-n", "--limit", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("-p", "--pid", "pids", type=int, multiple=True, help="Only these processes.")
+@view_options("")
 @click.option("--stacks", is_flag=True, help="Print the heaviest stack of each row.")
 @click.option("-F", "--format", "fmt", type=click.Choice(["text", "csv", "json"]),
               default="text", show_default=True)
@@ -290,7 +300,7 @@ def _write_atomic(path, text):
 EPILOG_COMPARE = """\b
 Examples:
   kvmlockprof compare before.parquet after.parquet
-  kvmlockprof compare -b base1.parquet -b base2.parquet -n new1.parquet -n new2.parquet
+  kvmlockprof compare --base b1.parquet --base b2.parquet --new n1.parquet --new n2.parquet
   kvmlockprof compare runs/base runs/new --threshold 0.1 --html cmp.html
   kvmlockprof compare before.parquet after.parquet --format csv -o cmp.csv
 """
@@ -298,13 +308,13 @@ Examples:
 
 @main.command(epilog=EPILOG_COMPARE)
 @click.argument("sides", nargs=-1)
-@click.option("-b", "--base", "bases", multiple=True, help="A BASE recording or directory of "
+@click.option("--base", "bases", multiple=True, help="A BASE recording or directory of "
               "recordings (repeat for repeat runs).")
-@click.option("-n", "--new", "news", multiple=True, help="A NEW recording or directory "
+@click.option("--new", "news", multiple=True, help="A NEW recording or directory "
               "(repeat for repeat runs).")
 @click.option("--threshold", type=click.FloatRange(min=0), default=0.05, show_default=True,
               help="Smallest relative change reported as improved/regressed.")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+@click.option("-n", "-E", "--limit", type=click.IntRange(min=1), default=20, show_default=True,
               help="Locks compared: the heaviest by total wait on either side.")
 @click.option("--resamples", type=click.IntRange(min=100),
               help="Bootstrap resamples (default: 4000 over runs, 1000 within one run).")
@@ -318,17 +328,23 @@ def compare(sides, bases, news, threshold, limit, resamples, fmt, output, html_o
     """Before/after: per lock and probe metric, the change, its 95% CI and a verdict.
 
     BASE and NEW are each a recording or a directory of recordings (repeat runs),
-    given as two arguments or with -b/-n."""
-    from . import compare as cmp, compare_report as cr
-    from .recording import RecordingError
+    given as two arguments or with --base/--new."""
     if sides and (bases or news):
-        fail("give BASE NEW as two arguments or with -b/-n, not both")
+        fail("give BASE NEW as two arguments or with --base/--new, not both")
     if sides:
         if len(sides) != 2:
             fail("compare takes two recordings (or directories): BASE NEW")
         bases, news = (sides[0],), (sides[1],)
     if not bases or not news:
         fail("compare needs a BASE and a NEW side: kvmlockprof compare BASE NEW")
+    _compare(bases, news, threshold, limit, resamples, fmt, output, html_out, force)
+
+
+def _compare(bases, news, threshold, limit=20, resamples=None, fmt="text", output=None,
+             html_out=None, force=False):
+    """compare's work, for compare and ab: load, check, compare, print or write."""
+    from . import compare as cmp, compare_report as cr
+    from .recording import RecordingError
     for path in (output, html_out):
         if path and os.path.exists(path) and not force:
             fail(f"{path} exists: use --force to overwrite it")
@@ -356,7 +372,7 @@ def compare(sides, bases, news, threshold, limit, resamples, fmt, output, html_o
 
 EPILOG_AB = """\b
 Examples:
-  kvmlockprof ab --runs 5 --new-args "--churn" -o ab-churn       # churn off vs on
+  kvmlockprof ab --runs 5 --new-args "--churn" --dir ab-churn    # churn off vs on
   kvmlockprof ab --runs 5 --workload "--churn" --base-args "--vcpus 1" --new-args "--vcpus 4"
   kvmlockprof ab --runs 5 --workload "--kvmclock --churn" \\
       --base-kernel /boot/vmlinuz-6.12.95+deb12-amd64 --new-kernel ~/linux/arch/x86/boot/bzImage
@@ -376,14 +392,16 @@ Examples:
 @click.option("--new-kernel", metavar="IMAGE", help="Run NEW in the lab on this kernel.")
 @click.option("--record-args", default="", metavar="ARGS",
               help="Extra `kvmlockprof record` options for every run.")
-@click.option("-o", "--output-dir", default="kvmlockprof-ab", show_default=True,
-              help="Directory for the recordings (BASE in base/, NEW in new/).")
+@click.option("--dir", "--output-dir", "output_dir", default="kvmlockprof-ab",
+              show_default=True, help="Directory for the recordings (BASE in base/, NEW in "
+                                      "new/).")
 @click.option("--threshold", type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option("-o", "--output", help="Write the comparison to this file instead of stdout.")
 @click.option("--html", "html_out", metavar="FILE", help="Also write the comparison as HTML.")
 @click.option("-f", "--force", is_flag=True,
               help="Reuse a non-empty output directory; compare even if not comparable.")
 def ab(runs, duration, workload_args, base_args, new_args, base_kernel, new_kernel, record_args,
-       output_dir, threshold, html_out, force):
+       output_dir, threshold, output, html_out, force):
     """Record the built-in workload N times under two settings, then compare them."""
     import shlex
     from . import ab as abmod, host
@@ -391,8 +409,11 @@ def ab(runs, duration, workload_args, base_args, new_args, base_kernel, new_kern
         fail("give both --base-kernel and --new-kernel, or neither")
     if not base_kernel and base_args == new_args:
         fail("the two sides are the same: give --new-args/--base-args or two kernels")
+    for path in (output, html_out):
+        if path and os.path.exists(path) and not force:
+            fail(f"{path} exists: use --force to overwrite it")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not force:
-        fail(f"{output_dir} is not empty: use --force to reuse it, or -o another directory")
+        fail(f"{output_dir} is not empty: use --force to reuse it, or --dir another one")
     if not base_kernel and not host.can_bpf():
         fail("ab records on this host: it needs root (or CAP_BPF+CAP_PERFMON)")
     w, r = shlex.split(workload_args), shlex.split(record_args)
@@ -409,13 +430,8 @@ def ab(runs, duration, workload_args, base_args, new_args, base_kernel, new_kern
         fail(f"a run failed (exit {e.returncode}): {shlex.join(map(str, e.cmd))}")
     except abmod.lab.LabError as e:
         fail(str(e))
-    args = [a for p in paths["base"] for a in ("-b", p)] + \
-        [a for p in paths["new"] for a in ("-n", p)] + ["--threshold", str(threshold)]
-    if html_out:
-        args += ["--html", html_out]
-    if force:
-        args.append("--force")
-    compare.main(args, standalone_mode=False)
+    _compare(paths["base"], paths["new"], threshold, output=output, html_out=html_out,
+             force=force)
 
 
 @main.command()

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import special   # (scipy.stats takes 0.4 s more to import: only to resample)
 
-from . import analysis, probe_analysis
+from . import analysis
 
 LOCK_METRICS = {          # metric -> (better, unit)
     "waits/s": ("lower", "/s"), "wait/s": ("lower", "ns"), "waits/exit": ("lower", ""),
@@ -138,49 +138,12 @@ def lock_values(rec):
 
 
 def probe_values(rec):
-    """{(probe metric name, better, unit): value} of the function probes in one run."""
+    """{(probe metric name, better, unit): value} of every probe's compare hook, one run."""
+    from .catalog import CATALOG
     out = {}
-    dur = rec.manifest.get("duration_s") or np.nan
-    xen = probe_analysis.xen_hit_ratio(rec)
-    if not xen.empty:
-        calls, fell = xen["fast_calls"].sum(), xen["fell_back"].sum()
-        out[("xen fast-path hit ratio", "higher", "ratio")] = 1 - fell / calls if calls else np.nan
-        out[("xen fast-path calls/s", "none", "/s")] = calls / dur
-    checks = probe_analysis.gpc_checks(rec)
-    if not checks.empty:
-        for place, p in checks.groupby("place_name"):
-            n = p["check_hit"].sum() + p["check_miss"].sum()
-            if n:
-                out[(f"gpc check hit ratio {place}", "higher", "ratio")] = p["check_hit"].sum() / n
-    ref = rec.table("gpc_refresh")
-    if not ref.empty:
-        out[("gpc refreshes/s", "lower", "/s")] = len(ref) / dur
-        out[("gpc refresh mean latency", "lower", "ns")] = float(ref["lat_ns"].mean())
-    sec = rec.table("srcu_sections")
-    if not sec.empty:
-        kinds = sec.assign(kind=sec["kind"].map(probe_analysis.SRCU_KINDS))
-        for kind, p in kinds.groupby("kind"):
-            if p["count"].sum():
-                out[(f"srcu read section mean {kind}", "lower", "ns")] = \
-                    p["total_ns"].sum() / p["count"].sum()
-    sync = rec.table("srcu_sync")
-    sync = sync[sync["type"] != 0] if not sync.empty else sync
-    if not sync.empty:
-        ops = _work(rec)["memslot op"]
-        for (typ, kind), p in sync.groupby(["type", "kind"]):
-            what = f"{probe_analysis.SRCU_EVENTS[typ]} {probe_analysis.SRCU_KINDS.get(kind)}"
-            out[(f"{what} mean wait", "lower", "ns")] = float(p["dur_ns"].mean())
-            out[(f"{what} p99 wait", "lower", "ns")] = float(p["dur_ns"].quantile(0.99))
-            if ops:
-                out[(f"{what} per memslot op", "lower", "")] = len(p) / ops
-    xa = probe_analysis.xa_erases(rec)
-    if not xa.empty:
-        for owner, p in xa.groupby("owner_name"):
-            out[(f"xa_erase mean latency {owner}", "lower", "ns")] = \
-                p["total_ns"].sum() / p["count"].sum()
-    vg = rec.table("vgic")
-    if not vg.empty:
-        out[("vgic_put_irq mean latency", "lower", "ns")] = float(vg["lat_ns"].mean())
+    for probe in CATALOG:
+        if probe.compare:
+            out.update(probe.compare(rec))
     return out
 
 

@@ -53,13 +53,13 @@ def render(rec, limit=20):
     page.h2("Per vCPU / thread")
     page.fig(plots.per_thread(rec, limit=limit))
     figs = plots.probe_figures(rec)
-    for key, title, fn in report.PROBE_SECTIONS:
-        df = fn(rec)
+    for sec in report.probe_sections():
+        df = sec.frame(rec)
         if df is None or df.empty:
             continue
-        page.h2(title)
-        if figs.get(key) is not None:
-            page.fig(figs[key])
+        page.h2(sec.title)
+        if figs.get(sec.key) is not None:
+            page.fig(figs[sec.key])
         page.raw(_table(df.head(limit)))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>kvmlockprof: "
             f"{html.escape(str(rec.path))}</title><style>{STYLE}</style></head><body>"

@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from . import analysis, probe_analysis
+from . import analysis
 from .report import fmt_ns
 
 
@@ -89,69 +89,16 @@ def stacks_icicle(rec, depth=10, min_share=0.002):
     return fig
 
 
-def _hist_frame(rows):
-    """log2-bucket rows {label, hist} -> (label, lo_ns, hi_ns, count) rows."""
-    out = []
-    for label, hist in rows:
-        lo, hi, n = analysis.hist_buckets(hist)
-        out += [{"what": label, "lo_ns": a, "hi_ns": b, "count": c}
-                for a, b, c in zip(lo.tolist(), hi.tolist(), n.tolist())]
-    return pd.DataFrame(out)
-
-
 def probe_figures(rec):
-    """{report section key: figure} for every function probe that has data."""
+    """{section key: figure} of every probe section that has data."""
+    from .catalog import CATALOG
     figs = {}
-    xen = probe_analysis.xen_hit_ratio(rec)
-    if not xen.empty:
-        x = xen.assign(vm=xen["tgid"].map(_vm_label(rec)).astype(str) + " " +
-                       xen["kvm"].map(lambda k: f"{k:#x}"))
-        figs["xen"] = px.bar(x, x="vm", y="hit_ratio", range_y=[0, 1],
-                             hover_data=["fast_calls", "fell_back", "slow_calls"])
-    checks = probe_analysis.gpc_checks(rec)
-    if not checks.empty:
-        c = checks.groupby("place_name")[["check_hit", "check_miss", "activate"]].sum()
-        c = c.reset_index().melt(id_vars="place_name", var_name="op", value_name="count")
-        figs["gpc_checks"] = px.bar(c, x="place_name", y="count", color="op", barmode="group")
-    ref = rec.table("gpc_refresh")
-    if not ref.empty:
-        r = ref.assign(cache=ref["place"].map(probe_analysis.GPC_PLACES).fillna("?"))
-        figs["gpc_refresh"] = px.histogram(r, x="lat_ns", color="cache", log_y=True, nbins=60,
-                                           labels={"lat_ns": "refresh latency (ns)"})
-    sec = rec.table("srcu_sections")
-    if not sec.empty:
-        kinds = sec.assign(kind=sec["kind"].map(probe_analysis.SRCU_KINDS).fillna("?"))
-        h = _hist_frame([(k, np.sum(np.stack(p["hist"].to_numpy()), axis=0))
-                         for k, p in kinds.groupby("kind")])
-        figs["srcu_sections"] = px.bar(
-            h, x="lo_ns", y="count", color="what", barmode="group", log_x=True,
-            labels={"lo_ns": "read section (ns, log2 bucket lower bound)",
-                    "what": "srcu_struct"})
-    sync = rec.table("srcu_sync")
-    s = sync[sync["type"] != 0] if not sync.empty else sync
-    if not s.empty:
-        s = s.assign(wait=s["type"].map(probe_analysis.SRCU_EVENTS),
-                     srcu=s["kind"].map(probe_analysis.SRCU_KINDS))
-        figs["srcu_sync"] = px.histogram(s, x="dur_ns", color="wait", facet_col="srcu",
-                                         log_y=True, nbins=60,
-                                         labels={"dur_ns": "wait in synchronize_srcu* (ns)"})
-    xa = probe_analysis.xa_erases(rec)
-    if not xa.empty:
-        figs["xa_erase"] = px.bar(xa.head(20), x="caller", y="count", color="owner_name",
-                                  hover_data=["mean_ns", "max_ns"])
-    vg = probe_analysis.vgic_puts(rec)
-    if not vg.empty:
-        v = vg.assign(what=np.where(vg["lpi"], "LPI", "SGI/PPI/SPI") +
-                      np.where(vg["released"], ", last ref", ""))
-        figs["vgic"] = px.bar(v, x="what", y="count", color="irqs_off",
-                              hover_data=["p50_ns", "p99_ns", "max_ns"])
+    for probe in CATALOG:
+        for sec in probe.sections:
+            fig = sec.figure(rec) if sec.figure else None
+            if fig is not None:
+                figs[sec.key] = fig
     return figs
-
-
-def _vm_label(rec):
-    p = analysis.processes(rec)
-    names = dict(zip(p["tgid"], p["vm"]))
-    return lambda t: names.get(t, str(t))
 
 
 def compare_forest(df, limit=40):

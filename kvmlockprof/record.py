@@ -12,6 +12,7 @@ import numpy as np
 from . import __version__, bpfstats, catalog, host, processes
 from .ksyms import Kallsyms
 from .locknames import REGISTRY_TABLES, SessionNames
+from .probes import contention as cp
 from .probes.contention import LOSSES
 from .sources import KERNEL_MEM_MB, load_btf, open_sources
 from . import recording
@@ -70,9 +71,10 @@ def _raise_stop(signum, frame):
 
 class Recorder:
     def __init__(self, out, duration=None, pids=(), command=(), system_wide=False,
-                 sample_every=1, flush_interval=1.0, force=False, progress=None,
-                 ringbuf_mb=16, map_entries=16384, probes=None, warn=None, prefer=None,
-                 stack_every=1, stack_budget=0, kernel_mem_mb=KERNEL_MEM_MB):
+                 sample_every=cp.SAMPLE_EVERY, flush_interval=1.0, force=False, progress=None,
+                 ringbuf_mb=cp.RINGBUF_MB, map_entries=cp.MAP_ENTRIES, probes=None, warn=None,
+                 prefer=None, stack_every=cp.STACK_EVERY, stack_budget=cp.STACK_BUDGET,
+                 kernel_mem_mb=KERNEL_MEM_MB):
         self.out = out
         self.kernel_mem_mb = kernel_mem_mb
         self.duration = duration

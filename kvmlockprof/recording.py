@@ -530,30 +530,8 @@ def _first_line(e):
     return s[0] if s else type(e).__name__
 
 
-# The columns each table must have for the analyses (and their kind: "n" numeric,
-# "s" strings, "l" lists); a damaged file that lacks them is refused when read.
-COLUMNS = {
-    "contention": {"ts_ns": "n", "wait_ns": "n", "lock_addr": "n", "tid": "n", "tgid": "n",
-                   "flags": "n", "stack_id": "n", "comm": "s"},
-    "aggregates": {"lock_addr": "n", "tgid": "n", "flags": "n", "stack_id": "n", "count": "n",
-                   "total_ns": "n", "max_ns": "n", "min_ns": "n", "hist": "l"},
-    "stacks": {"stack_id": "n", "frames": "l", "lock_frame": "l"},
-    "xen_evtchn": {"tgid": "n", "kvm": "n", "ret": "n", "slow": "n"},
-    "gpc_ops": {"tgid": "n", "kvm": "n", "gpc": "n", "place": "n", "op": "n", "count": "n"},
-    "gpc_refresh": {"tgid": "n", "kvm": "n", "gpc": "n", "place": "n", "ret": "n",
-                    "lat_ns": "n"},
-    "srcu_sections": {"ssp": "n", "kvm": "n", "kind": "n", "count": "n", "total_ns": "n",
-                      "max_ns": "n", "hist": "l"},
-    "srcu_sync": {"type": "n", "kind": "n", "ssp": "n", "dur_ns": "n", "stack_id": "n"},
-    "xa_erase_agg": {"owner": "n", "kvm": "n", "stack_id": "n", "count": "n", "total_ns": "n",
-                     "max_ns": "n"},
-    "vgic": {"tgid": "n", "kvm": "n", "intid": "n", "refcount": "n", "irqs_off": "n",
-             "lat_ns": "n"},
-    "vms": {"kvm": "n", "tgid": "n"},
-    "in_progress": {"tid": "n", "tgid": "n", "lock_addr": "n", "flags": "n", "stack_id": "n",
-                    "age_ns": "n"},
-    "vcpus": {"vcpu": "n", "kvm": "n", "tgid": "n", "vcpu_idx": "n"},
-}
+# Each table's columns the analyses need (kinds: "n" numeric, "s" strings, "l" lists)
+# are its probe's (catalog.table_columns()): a damaged file that lacks them is refused.
 _KIND = {"n": pa.types.is_integer, "s": lambda t: pa.types.is_string(t) or (
     pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)),
     "l": lambda t: pa.types.is_list(t) or pa.types.is_fixed_size_list(t)}
@@ -568,7 +546,8 @@ MANIFEST_TYPES = {"duration_s": _NUMBER, "start_monotonic_ns": int, "samples": i
 
 
 def _check_table(path, name, table, columns=None):
-    for col, kind in COLUMNS.get(name, {}).items():
+    from .catalog import table_columns      # (the catalog's probes import this module)
+    for col, kind in table_columns().get(name, {}).items():
         if columns is not None and col not in columns:
             continue
         if col not in table.column_names:

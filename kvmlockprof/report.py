@@ -3,20 +3,13 @@ import json
 
 import pandas as pd
 
-from . import analysis, probe_analysis
+from . import analysis
 
-# (key, title, analysis function) for each function probe's section of the report;
-# plots.probe_figures() draws the sections under the same keys
-PROBE_SECTIONS = (
-    ("xen", "Xen event channels: fast-path hit ratio per VM", probe_analysis.xen_hit_ratio),
-    ("gpc_checks", "gfn_to_pfn_cache checks per cache", probe_analysis.gpc_checks),
-    ("gpc_refresh", "gfn_to_pfn_cache refreshes", probe_analysis.gpc_refreshes),
-    ("srcu_sections", "SRCU read sections per srcu_struct (p50/p99: log2 bucket bounds)",
-     probe_analysis.srcu_sections),
-    ("srcu_sync", "SRCU grace-period waits", probe_analysis.srcu_syncs),
-    ("xa_erase", "xa_erase by owner and caller", probe_analysis.xa_erases),
-    ("vgic", "vgic_put_irq", probe_analysis.vgic_puts),
-)
+
+def probe_sections():
+    """Every registered probe's report sections (catalog.Section), in catalog order."""
+    from .catalog import CATALOG
+    return [sec for p in CATALOG for sec in p.sections]
 
 
 def fmt_ns(ns, bound=False):
@@ -114,11 +107,11 @@ def _walked_share(rec):
 def table_text(df, by):
     head = (f"{'contended':>10} {'total wait':>11} {'max wait':>10} {'avg wait':>10} "
             f"{'p50':>11} {'p99':>11} {'type':>11}  {'lock':<24} {'kvm':>3}  "
-            f"{'task' if by == 'task' else 'caller'}")
+            f"{'process' if by == 'process' else 'caller'}")
     lines = [head]
     for r in df.itertuples(index=False):
         bound = not r.pct_exact
-        who = f"{r.vm} ({r.tgid})" if by == "task" else r.caller
+        who = f"{r.vm} ({r.tgid})" if by == "process" else r.caller
         n = ("~" if getattr(r, "estimated", False) else "") + str(r.contended)
         lines.append(f"{n:>10} {fmt_ns(r.total_ns):>11} {fmt_ns(r.max_ns):>10} "
                      f"{fmt_ns(r.avg_ns):>10} {fmt_ns(r.p50_ns, bound):>11} "
@@ -132,13 +125,13 @@ def ns_columns(df):
     return [c for c in df.columns if c.endswith(("_ns", "_ns_bound"))]
 
 
-def _frame_text(df):
+def _frame_text(df, hex_columns=()):
     df = df.copy()
     ns = ns_columns(df)
     for c in df.columns:
         if c in ns:
             df[c] = [fmt_ns(v) for v in df[c]]
-        elif c in ("kvm", "gpc", "ssp", "xa") and pd.api.types.is_integer_dtype(df[c]):
+        elif c in hex_columns and pd.api.types.is_integer_dtype(df[c]):
             df[c] = [f"{v:#x}" for v in df[c]]
         elif c.endswith("ratio"):
             df[c] = [f"{v:.1%}" if v == v else "-" for v in df[c]]
@@ -163,10 +156,10 @@ def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pid
                 lines.append("")
                 lines.append(f"#{i + 1} {row['lock']} {row['type']}  stack {sid}:")
                 lines += [f"   {'K' if analysis.is_kvm_frame(f) else ' '} {f}" for f in frames]
-    for _, title, fn in PROBE_SECTIONS:
-        part = fn(rec)
+    for sec in probe_sections():
+        part = sec.frame(rec)
         if part is not None and not part.empty:
-            lines += ["", title, _frame_text(part.head(limit))]
+            lines += ["", sec.title, _frame_text(part.head(limit), sec.hex)]
     if any(not x for x in df.get("pct_exact", [])):
         lines.append("")
         lines.append("<= : a log2 histogram bucket bound (not every wait of the row was sampled)")

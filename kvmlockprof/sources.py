@@ -5,6 +5,7 @@ import os
 
 from . import bpfstats, btf, capabilities, catalog
 from .bpfload import BpfUnavailable
+from .probes import contention as cp
 from .probes.contention import ContentionProbe
 from .probes.functions import FunctionProbes
 
@@ -97,9 +98,10 @@ def _within_limit(sources, limit_mb):
     return mem
 
 
-def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=1,
-                 ringbuf_mb=16, map_entries=16384, prefer=None, warn=None, status=None,
-                 kbtf=None, stack_every=1, stack_budget=0, kernel_mem_mb=KERNEL_MEM_MB):
+def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=cp.SAMPLE_EVERY,
+                 ringbuf_mb=cp.RINGBUF_MB, map_entries=cp.MAP_ENTRIES, prefer=None, warn=None,
+                 status=None, kbtf=None, stack_every=cp.STACK_EVERY,
+                 stack_budget=cp.STACK_BUDGET, kernel_mem_mb=KERNEL_MEM_MB):
     """({name: source}, {probe name: status}, kernel memory (see kernel_memory)).
 
     requested: catalog probes, or None for every probe this host can attach.

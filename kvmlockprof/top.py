@@ -4,7 +4,6 @@ Nothing is streamed for contention (aggregates only): each refresh reads the
 aggregate map, subtracts the previous read for the last interval, and runs the
 same analysis.top() as `report` on both. Function probes show their counters'
 rates and the fast-path / cache hit ratios, over the interval and cumulative."""
-import errno
 import time
 
 import numpy as np
@@ -81,10 +80,16 @@ class LiveView:
             {"aggregates": aggs, "stacks": stacks, "contention": pd.DataFrame()})
 
     def _ratio(self, name, hits, total):
+        """One interval's hits of total."""
         h = self.hits.setdefault(name, [0, 0, 0, 0])
         h[0], h[1] = hits, total
         h[2] += hits
         h[3] += total
+
+    def _totals(self, name, hits, total):
+        """Hits of total counted since the start: the interval's are the difference."""
+        h = self.hits.setdefault(name, [0, 0, 0, 0])
+        h[:] = [hits - h[2], total - h[3], hits, total]
 
     def _read_functions(self, dt, snaps):
         """Lines for the function probes: counter rates, hit ratios (snaps: their
@@ -94,19 +99,13 @@ class LiveView:
         if src is None:
             return lines
         batches = src.poll()
-        xen = batches.get("xen_evtchn")
-        if xen is not None and xen.size:
-            fast = xen[xen["slow"] == 0]
-            self._ratio("xen fast path", int((fast["ret"] != -errno.EWOULDBLOCK).sum()),
-                        int(fast.size))
-        ops = snaps.get("gpc_ops")
-        if ops is not None and ops.num_rows:
-            df = ops.to_pandas()
-            hit = int(df.loc[df["op"] == 1, "count"].sum())
-            miss = int(df.loc[df["op"] == 0, "count"].sum())
-            ph, pm = self.prev_counters.get("gpc_check", (0, 0))
-            self.prev_counters["gpc_check"] = (hit, miss)
-            self.hits["gpc check"] = [hit - ph, hit - ph + miss - pm, hit, hit + miss]
+        for probe in src.plans:
+            for name, (hits, total, since_start) in (probe.top(batches, snaps) if probe.top
+                                                     else {}).items():
+                if since_start:
+                    self._totals(name, hits, total)
+                else:
+                    self._ratio(name, hits, total)
         counters = src.counters()
         for probe, vals in counters.items():
             prev = self.prev_counters.get(probe, {})
@@ -169,12 +168,12 @@ class LiveView:
         df = df.sort_values(["now_sort", sort_col], ascending=False, kind="stable")
         df = df.head(self.limit)
         # the row's name first: it survives a narrow terminal
-        head = {"lock": "lock", "caller": "caller", "task": "VM / process"}[self.by]
+        head = {"lock": "lock", "caller": "caller", "process": "VM / process"}[self.by]
         other = "caller" if self.by == "lock" else "lock"
         lines = [f"{head:<34} {'type':>10} K {'waits/s':>8} {'wait/s':>10} | {'waits':>9} "
                  f"{'total':>10} {'max':>10} {'p99':>11}  {other}"]
         for r in df.itertuples(index=False):
-            name = {"lock": r.lock, "caller": r.caller, "task": f"{r.vm} ({r.tgid})"}[self.by]
+            name = {"lock": r.lock, "caller": r.caller, "process": f"{r.vm} ({r.tgid})"}[self.by]
             waits = ("~" if r.estimated else "") + f"{r.contended:,}"     # ~: estimate
             lines.append(f"{str(name)[:34]:<34} {r.type:>10} {'K' if r.kvm else ' '} "
                          f"{r.now_waits / dt:>8,.0f} {fmt_ns(r.now_ns / dt):>10} | "

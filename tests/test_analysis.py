@@ -46,7 +46,7 @@ def test_hist_quantile_bounds():
     assert np.isnan(analysis.hist_quantile(np.zeros(64), 0.5))
 
 
-@pytest.mark.parametrize("by", ["lock", "caller", "task"])
+@pytest.mark.parametrize("by", ["lock", "caller", "process"])
 def test_group_by_and_sort(tmp_path, by):
     rec = kvmlockprof.load(small_recording(tmp_path / "r.parquet"))
     top = analysis.top(rec, by=by, sort="contended")
@@ -56,7 +56,7 @@ def test_group_by_and_sort(tmp_path, by):
 
 def test_pid_filter_in_report(tmp_path):
     rec = kvmlockprof.load(small_recording(tmp_path / "r.parquet"))
-    top = analysis.top(rec, by="task", pids=[8])
+    top = analysis.top(rec, by="process", pids=[8])
     assert list(top["tgid"]) == [8]
 
 

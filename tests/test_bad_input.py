@@ -106,7 +106,7 @@ def test_compare_bad_input(recording, tmp_path):
 
 def test_ab_refuses_same_sides(tmp_path):
     assert "the two sides are the same" in one_line_error(
-        klp("ab", "-o", tmp_path / "x", check=False))
+        klp("ab", "--dir", tmp_path / "x", check=False))
 
 
 def test_damaged_recording(recording, tmp_path):

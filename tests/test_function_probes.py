@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import kvmlockprof
-from kvmlockprof import bpfload, btf, catalog, probe_analysis
+from kvmlockprof import bpfload, btf, catalog
+from kvmlockprof.probes import gpc, srcu, vgic, xarray, xen_evtchn
 from kvmlockprof.maps import read_hash
 from kvmlockprof.probes.functions import (SHARED_FENTRY, FunctionProbes, dispatch_source,
                                           forced_plans, module_defines, shared_fentry)
@@ -133,10 +134,10 @@ def test_xen_hit_ratio(module, tmp_path):
     ev["ret"] = [1, 1, 0, -errno.EWOULDBLOCK, -errno.ENOTCONN, 1]
     ev["slow"] = [0, 0, 0, 0, 0, 1]
     rec = write_recording(tmp_path / "x.parquet", {"xen_evtchn": ev})
-    out = probe_analysis.xen_outcomes(rec)
+    out = xen_evtchn.outcomes(rec)
     assert list(out["outcome"][:5]) == ["delivered", "delivered", "already pending",
                                         "fell back (slow path)", "masked"]
-    r = probe_analysis.xen_hit_ratio(rec).iloc[0]
+    r = xen_evtchn.hit_ratio(rec).iloc[0]
     assert (r["fast_calls"], r["fell_back"], r["slow_calls"]) == (5, 1, 1)
     assert r["hit_ratio"] == pytest.approx(0.8)
 
@@ -150,11 +151,11 @@ def test_gpc_checks_and_refreshes(module, tmp_path):
     ref["gpc"], ref["kvm"], ref["tgid"], ref["place"] = 0x1000, 0x2000, 7, 2
     ref["lat_ns"] = [100, 200, 300, 400]
     rec = write_recording(tmp_path / "g.parquet", {"gpc_ops": ops, "gpc_refresh": ref})
-    c = probe_analysis.gpc_checks(rec).iloc[0]
+    c = gpc.checks(rec).iloc[0]
     assert c["place_name"] == "vcpu->arch.pv_time"
     assert (c["check_hit"], c["check_miss"], c["activate"]) == (90, 10, 1)
     assert c["hit_ratio"] == pytest.approx(0.9)
-    r = probe_analysis.gpc_refreshes(rec).iloc[0]
+    r = gpc.refreshes(rec).iloc[0]
     assert r["count"] == 4 and r["p50_ns"] == np.percentile([100, 200, 300, 400], 50)
 
 
@@ -174,11 +175,11 @@ def test_srcu_sections_and_syncs(module, tmp_path):
                        "lock_frame": [[False, False]]})
     rec = write_recording(tmp_path / "s.parquet", {"srcu_sections": sec, "srcu_sync": sync},
                           stacks)
-    s = probe_analysis.srcu_sections(rec)
+    s = srcu.sections(rec)
     top = s.iloc[0]
     assert top["kind"] == "kvm->srcu" and top["count"] == 3
     assert top["p50_ns_bound"] == 256.0 and top["p99_ns_bound"] == 512.0
-    w = probe_analysis.srcu_syncs(rec).iloc[0]
+    w = srcu.syncs(rec).iloc[0]
     assert w["wait"] == "synchronize_srcu_expedited" and w["kind_name"] == "kvm->srcu"
     assert w["caller"] == "kvm_set_memslot+0x9" and w["count"] == 2
     assert w["p50_ns"] == 2000.0
@@ -190,7 +191,7 @@ def test_xa_erases_kvm_owned(module, tmp_path):
         [400, 1000]
     agg["stack_id"] = -1
     rec = write_recording(tmp_path / "a.parquet", {"xa_erase_agg": agg})
-    out = probe_analysis.xa_erases(rec)
+    out = xarray.erases(rec)
     kvm = out[out["owner_name"] == "kvm->vcpu_array"].iloc[0]
     assert kvm["count"] == 4 and kvm["mean_ns"] == 100
 
@@ -202,7 +203,7 @@ def test_vgic_puts(module, tmp_path):
     ev["irqs_off"] = [1, 0, 2]
     ev["lat_ns"] = [10, 20, 30]
     rec = write_recording(tmp_path / "v.parquet", {"vgic": ev})
-    out = probe_analysis.vgic_puts(rec)
+    out = vgic.puts(rec)
     lpi = out[out["lpi"]].iloc[0]
     assert lpi["released"] and lpi["irqs_off"] == "off"
     assert len(out) == 3
@@ -253,7 +254,7 @@ def test_every_probe_with_data_gets_a_plot_panel(module, tmp_path):
     tables["xa_erase_agg"]["count"], tables["xa_erase_agg"]["stack_id"] = 1, -1
     rec = write_recording(tmp_path / "all.parquet", tables)
     figs = plots.probe_figures(rec)
-    assert set(figs) == {key for key, _, _ in report.PROBE_SECTIONS}
+    assert set(figs) == {sec.key for sec in report.probe_sections()}
     page = html.render(rec)
-    for _, title, _ in report.PROBE_SECTIONS:
-        assert title.split(" (")[0].replace(">", "&gt;") in page
+    for sec in report.probe_sections():
+        assert sec.title.split(" (")[0].replace(">", "&gt;") in page

@@ -18,7 +18,8 @@ import time
 import pytest
 
 import kvmlockprof
-from kvmlockprof import catalog, lab, probe_analysis, report
+from kvmlockprof import catalog, lab, report
+from kvmlockprof.probes import gpc, srcu, xarray, xen_evtchn
 
 WORKLOAD = "kvmlockprof workload --vcpus 2 --duration 6"
 # One lab run's limit (TCG: 2-4 minutes a boot, more with several recordings);
@@ -119,16 +120,16 @@ def test_gpc_and_srcu_live(in_lab, release):
     assert rec.manifest["probes"]["gpc"]["status"] == "attached"
     assert rec.manifest["probes"]["srcu"]["status"] == "attached"
     # gpc: each guest wrmsr(MSR_KVM_SYSTEM_TIME_NEW) activates its vCPU's pv_time cache
-    checks = probe_analysis.gpc_checks(rec)
+    checks = gpc.checks(rec)
     pv = checks[checks["place_name"] == "vcpu->arch.pv_time"]
     assert len(pv) == work["vcpus"]
     assert abs(int(pv["activate"].sum()) - work["msr_writes"]) <= 2 * work["vcpus"]
     assert (pv["check_hit"] + pv["check_miss"]).sum() > 0
-    ref = probe_analysis.gpc_refreshes(rec)
+    ref = gpc.refreshes(rec)
     assert ref[ref["place_name"] == "vcpu->arch.pv_time"]["count"].sum() > 0
     assert (ref["p50_ns"] > 0).all()
     # srcu: memslot updates wait for kvm->srcu readers, named as such
-    syncs = probe_analysis.srcu_syncs(rec)
+    syncs = srcu.syncs(rec)
     exp = syncs[(syncs["wait"] == "synchronize_srcu_expedited") &
                 (syncs["kind_name"] == "kvm->srcu")]
     assert exp["count"].sum() >= work["churn_ops"]            # >= one per memslot op
@@ -140,7 +141,7 @@ def test_gpc_and_srcu_live(in_lab, release):
     vms = rec.manifest["probe_counters"]["vms"]
     print(f"vms counters: {vms}; vCPUs kicked out of KVM_RUN at the stop: {work.get('kicked')}")
     assert vms["vcpus_created"] == work["vcpus"] == vms["vcpus_destroyed"], vms
-    sections = probe_analysis.srcu_sections(rec)
+    sections = srcu.sections(rec)
     assert sections[sections["kind"] == "kvm->srcu"]["count"].sum() > 0
     # KVM-aware lock names from the kvm modules' BTF, the VM base observed by `vms`
     layout = rec.manifest["kvm_objects"]["layout"]["kvm"]
@@ -168,7 +169,7 @@ def test_fentry_and_kprobe_count_the_same(in_lab):
     for m in ("fentry", "kprobe"):
         rec = kvmlockprof.load(d / f"{m}.parquet")
         assert rec.manifest["probes"]["srcu"]["method"] == m
-        syncs = probe_analysis.srcu_syncs(rec)
+        syncs = srcu.syncs(rec)
         n = syncs[(syncs["wait"] == "synchronize_srcu_expedited") &
                   (syncs["kind_name"] == "kvm->srcu")]["count"].sum()
         ratios[m] = n / rec.manifest["work"]["churn_ops"]
@@ -188,7 +189,7 @@ def test_vcpu_array_erases_at_teardown(in_lab):
     if not st["targets"]["XA_ERASE"]["method"]:
         assert "xa_erase" in st["targets"]["XA_ERASE"].get("error", "") or \
             "traceable" in str(st), st
-    erases = probe_analysis.xa_erases(rec)
+    erases = xarray.erases(rec)
     vcpu_array = erases[erases["owner_name"].str.startswith("kvm->vcpu_array")]
     assert vcpu_array["count"].sum() == 3, erases.to_string()
     assert vcpu_array["kvm"].nunique() == 1
@@ -213,12 +214,12 @@ def test_xen_fast_path_hits_and_falls_back(in_lab):
     for n in (0, 50):
         rec = kvmlockprof.load(d / f"xen{n}.parquet")
         assert rec.manifest["probes"]["xen_evtchn"]["status"] == "attached"
-        ratio = probe_analysis.xen_hit_ratio(rec).iloc[0]
-        outcomes = probe_analysis.xen_outcomes(rec)
+        ratio = xen_evtchn.hit_ratio(rec).iloc[0]
+        outcomes = xen_evtchn.outcomes(rec)
         assert (outcomes["outcome"] == "delivered").sum() > 0
         assert ratio["fast_calls"] >= rec.manifest["work"]["xen_sends"]
         fell[n] = (int(ratio["fell_back"]), rec.manifest["work"]["xen_forced_slow"])
-        fast_calls += int(probe_analysis.xen_hit_ratio(rec)["fast_calls"].sum())
+        fast_calls += int(xen_evtchn.hit_ratio(rec)["fast_calls"].sum())
     assert fell[50][0] >= fell[50][1] > 0            # every dropped page made a fallback
     assert fell[50][0] > fell[0][0]
     hits = ftrace_count(d / "ftrace-xen.txt")     # the kernel's count of the same calls

@@ -40,7 +40,7 @@ def runs(live, tmp_path_factory):
 
 
 def compare_json(base, new, *extra):
-    args = [a for p in base for a in ("-b", p)] + [a for p in new for a in ("-n", p)]
+    args = [a for p in base for a in ("--base", p)] + [a for p in new for a in ("--new", p)]
     return json.loads(klp("compare", *args, "-F", "json", *extra).stdout)
 
 
@@ -107,7 +107,7 @@ def test_memslot_churn_is_a_regression_on_the_kvm_locks(live, tmp_path):
     intervals above zero."""
     out_dir = tmp_path / "ab"
     p = klp("ab", "--runs", 3, "-d", SECONDS, "--workload", "--vcpus 2",
-            "--new-args", "--churn", "-o", out_dir, timeout=600)
+            "--new-args", "--churn", "--dir", out_dir, timeout=600)
     assert "regressed" in p.stdout
     out = compare_json([str(out_dir / "base")], [str(out_dir / "new")])
     reg = {(r["name"], r["metric"]): r for r in out["rows"] if r["verdict"] == "regressed"}

@@ -199,13 +199,13 @@ def test_vm_named_from_its_command_line(churn_recording):
     pid = rec.manifest["command_pid"]
     vms = analysis.per_vm(rec).set_index("tgid")
     assert vms.loc[pid, "vm"] == "churnvm"
-    by_task = analysis.top(rec, by="task").set_index("tgid")
-    assert vms.loc[pid, "waits"] == by_task.loc[pid, "contended"]
+    by_process = analysis.top(rec, by="process").set_index("tgid")
+    assert vms.loc[pid, "waits"] == by_process.loc[pid, "contended"]
     threads = analysis.per_thread(rec)
     mine = threads[threads["tgid"] == pid]
     assert set(mine["vm"]) == {"churnvm"}
     assert mine["comm"].str.match(r"kvmlp-(vcpu|churn)\d").any()
-    text = klp("report", rec.path, "--by", "task").stdout
+    text = klp("report", rec.path, "--by", "process").stdout
     assert f"churnvm ({pid})" in text
 
 

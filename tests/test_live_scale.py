@@ -86,7 +86,7 @@ def test_twenty_vms_each_named_with_their_own_waits(live, tmp_path):
     rec = kvmlockprof.load(out)
     vms = {v["pid"]: v["name"] for v in rec.manifest["work"]["vms"]}
     assert len(vms) == 20 and len(set(vms.values())) == 20
-    by_vm = analysis.top(rec, by="task").set_index("tgid")
+    by_vm = analysis.top(rec, by="process").set_index("tgid")
     assert set(vms) <= set(by_vm.index), by_vm
     assert by_vm.loc[list(vms), "vm"].to_dict() == vms
     for pid in vms:

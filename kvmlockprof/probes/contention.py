@@ -9,15 +9,42 @@ import numpy as np
 import pyarrow as pa
 
 from .. import bpfload, bpfstats
-from ..catalog import TRACEPOINT
+from ..catalog import TRACEPOINT, Probe, Target
 from ..maps import read_counters, read_hash
 from ..recording import to_arrow
 from ..ringbuf import BatchRingBuffer
 
-# Names of enum kvmlp_counter in bpf/contention.h, in order.
-COUNTERS = ("begin", "end", "end_without_begin", "lost_pending_full", "lost_agg_full",
-            "lost_ringbuf_full", "stack_failures", "sampled", "begin_without_end",
-            "first_walks", "lost_filter_full", "filter_exits")
+# Its tables are the report's own (analysis.py, report.py): no sections of its own.
+PROBE = Probe(
+    name="contention",
+    fires="per contended wait (two programs)",
+    summary="every contended kernel lock: wait time, lock type, stack, task",
+    targets=(Target("CONTENTION_BEGIN", ("lock:contention_begin",), (TRACEPOINT,)),
+             Target("CONTENTION_END", ("lock:contention_end",), (TRACEPOINT,))),
+    bpf="contention.bpf.c",
+    header="contention.h",
+    tables=("contention", "aggregates", "stacks"),
+    columns={
+        "contention": {"ts_ns": "n", "wait_ns": "n", "lock_addr": "n", "tid": "n",
+                       "tgid": "n", "flags": "n", "stack_id": "n", "comm": "s"},
+        "aggregates": {"lock_addr": "n", "tgid": "n", "flags": "n", "stack_id": "n",
+                       "count": "n", "total_ns": "n", "max_ns": "n", "min_ns": "n",
+                       "hist": "l"},
+        "stacks": {"stack_id": "n", "frames": "l", "lock_frame": "l"},
+        "in_progress": {"tid": "n", "tgid": "n", "lock_addr": "n", "flags": "n",
+                        "stack_id": "n", "age_ns": "n"}},
+)
+COUNTERS = PROBE.counters           # enum contention_counter, bpf/contention.h
+
+# Its knobs' defaults, the same for record/top's options and the Python API.
+SAMPLE_EVERY = 1            # stream every wait as a sample
+RINGBUF_MB = 16
+MAP_ENTRIES = 16384         # aggregate, stack and pending maps (perf's -M)
+STACK_EVERY = 1
+# Stack walks per second per CPU: the walk is most of a wait's cost; 250/s bounds it
+# to ~0.5% of each CPU on a nested guest and still gives thousands of stacks a
+# minute to split the waits by caller (bench/README.md, "Stack budget").
+STACK_BUDGET = 250
 # The kernel's own count of events our handlers never ran for (bpfstats.recursion_misses).
 RECURSION = "lost_recursion"
 LOSSES = ("lost_pending_full", "lost_agg_full", "lost_ringbuf_full", "stack_failures",
@@ -62,9 +89,10 @@ def _tgid(tid):
 class ContentionProbe:
     name = "contention"
 
-    def __init__(self, tgids=None, follow_fork=False, sample_every=1, ringbuf_mb=16,
-                 agg_entries=16384, stack_entries=16384, pending_entries=16384, stack_every=1,
-                 stack_budget=0, pending="auto", filter_entries=16384):
+    def __init__(self, tgids=None, follow_fork=False, sample_every=SAMPLE_EVERY,
+                 ringbuf_mb=RINGBUF_MB, agg_entries=MAP_ENTRIES, stack_entries=MAP_ENTRIES,
+                 pending_entries=MAP_ENTRIES, stack_every=STACK_EVERY,
+                 stack_budget=STACK_BUDGET, pending="auto", filter_entries=MAP_ENTRIES):
         pages = max(1, ringbuf_mb * (1 << 20) // 4096)
         pages = 1 << (pages.bit_length() - 1)                  # a power of two
         self.defines = dict(

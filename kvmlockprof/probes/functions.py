@@ -32,6 +32,8 @@ def module_defines(plans, kbtf, stack_entries=16384, ringbuf_pages=1024, srcu_sa
     bases = counter_bases(plans)
     d.update({f"KVMLP_CBASE_{p.name.upper()}": base for p, base in bases.items()})
     d["KVMLP_NR_COUNTERS"] = max(1, sum(len(p.counters) for p in plans))
+    returning = [t for p in plans for t in p.targets if t.ret]
+    d.update({f"KVMLP_FN_{t.key}": i for i, t in enumerate(returning, 1)})
     for probe, plan in plans.items():
         for t in probe.targets:
             sym, method = plan.targets.get(t.key, (None, None))

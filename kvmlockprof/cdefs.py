@@ -1,0 +1,95 @@
+"""Constants the Python side takes from the BPF C, where they are stated once:
+enums (counters, outcomes) and integer #defines, read from bpf/ with the subset of C
+the project's headers use. bcc's view of the C gives layouts (table.Key/Leaf,
+table.event()), not enumerators; this gives those."""
+import ast
+import functools
+import operator
+import re
+from pathlib import Path
+
+BPF_DIR = Path(__file__).resolve().parent / "bpf"
+
+_COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
+_ENUM = re.compile(r"\benum\s+(\w+)\s*\{(.*?)\}", re.S)
+_DEFINE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(\w+)[ \t]+([-+()<|x0-9a-fA-FuUlL \t]+)$", re.M)
+_SUFFIX = re.compile(r"(?<=[0-9a-fA-F])[uUlL]+\b")
+_OPS = {ast.LShift: operator.lshift, ast.BitOr: operator.or_, ast.Add: operator.add,
+        ast.Sub: operator.sub, ast.USub: operator.neg}
+
+
+def _value(text):
+    """An integer constant expression (literals with U/L suffixes, <<, |, +, -)."""
+    def ev(n):
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return n.value
+        if isinstance(n, ast.BinOp) and type(n.op) in _OPS:
+            return _OPS[type(n.op)](ev(n.left), ev(n.right))
+        if isinstance(n, ast.UnaryOp) and type(n.op) in _OPS:
+            return _OPS[type(n.op)](ev(n.operand))
+        raise ValueError(text)
+    return ev(ast.parse(_SUFFIX.sub("", text).strip(), mode="eval").body)
+
+
+# (file, enum) every enum read so far: a test checks that each enum of bpf/ is read
+READ = set()
+
+
+class CDefsError(LookupError):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def _text(name):
+    return _COMMENT.sub(" ", (BPF_DIR / name).read_text())
+
+
+def enum(file, name):
+    """{enumerator: value} of `enum name` in bpf/<file>, in declaration order."""
+    for m in _ENUM.finditer(_text(file)):
+        if m.group(1) != name:
+            continue
+        READ.add((file, name))
+        out, nxt = {}, 0
+        for item in filter(None, (s.strip() for s in m.group(2).split(","))):
+            ident, _, value = (p.strip() for p in item.partition("="))
+            if value:
+                nxt = out[value] if value in out else _value(value)
+            out[ident] = nxt
+            nxt += 1
+        return out
+    raise CDefsError(f"bpf/{file} has no enum {name}")
+
+
+def define(file, name):
+    """The integer value of `#define name` in bpf/<file>."""
+    for m in _DEFINE.finditer(_text(file)):
+        if m.group(1) == name:
+            return _value(m.group(2))
+    raise CDefsError(f"bpf/{file} has no integer #define {name}")
+
+
+def counters(file, name):
+    """The counter names of `enum name`, in order: each enumerator's part after
+    `_C_`, lower-cased (KVMLP_C_LOST_AGG_FULL -> lost_agg_full), the trailing
+    count (..._NR_...) left out."""
+    out = []
+    for ident in enum(file, name):
+        head, sep, tail = ident.partition("_C_")
+        if not sep:
+            if "_NR_" in ident:
+                continue
+            raise CDefsError(f"bpf/{file}: enum {name}'s {ident} is not named PREFIX_C_NAME")
+        out.append(tail.lower())
+    return tuple(out)
+
+
+def labels(file, name, names):
+    """{value: label} for `enum name`, from {enumerator: label}: every enumerator
+    labelled, no label for an enumerator the C lacks."""
+    values = enum(file, name)
+    if set(values) != set(names):
+        raise CDefsError(f"bpf/{file}: enum {name} and its labels disagree: "
+                         f"unlabelled {sorted(set(values) - set(names))}, "
+                         f"not in the C {sorted(set(names) - set(values))}")
+    return {values[k]: v for k, v in names.items()}

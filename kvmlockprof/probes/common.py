@@ -1,0 +1,41 @@
+"""What the function probes' analyses share: DataFrames in, DataFrames out."""
+import pandas as pd
+
+
+def stats(df, keys, col):
+    """count, total, mean, p50, p99 (numpy, linear), max of `col` per group."""
+    g = df.groupby(keys)[col]
+    return pd.DataFrame({"count": g.size(), "total_ns": g.sum(), "mean_ns": g.mean(),
+                         "p50_ns": g.quantile(0.5), "p99_ns": g.quantile(0.99),
+                         "max_ns": g.max()}).reset_index()
+
+
+def callers(rec, stack_ids, skip):
+    """First frame of each function-probe stack that is not the probed function
+    itself nor probe machinery (kprobe/trampoline frames)."""
+    st = rec.stacks
+    if st.empty:
+        return pd.Series(["?"] * len(stack_ids), index=stack_ids.index)
+    if "source" in st.columns:
+        st = st[st["source"] == "functions"]
+    first = {}
+    for sid, frames in zip(st["stack_id"], st["frames"]):
+        for f in frames:
+            name = f.split("+", 1)[0]
+            if name in skip or name.startswith(("bpf_", "kprobe", "ftrace", "0x")):
+                continue
+            first[int(sid)] = f
+            break
+    return stack_ids.map(lambda s: first.get(int(s), "?"))
+
+
+def duration_s(rec):
+    return rec.manifest.get("duration_s") or float("nan")
+
+
+def vm_label(rec):
+    """tgid -> the VM's name (its process), for figures."""
+    from ..analysis import processes
+    p = processes(rec)
+    names = dict(zip(p["tgid"], p["vm"]))
+    return lambda t: names.get(t, str(t))
