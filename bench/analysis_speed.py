@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 import kvmlockprof
-from kvmlockprof.recording import Writer
+from kvmlockprof.recording.store import Writer
 
 from results_io import RESULTS, save      # bench/ is on sys.path when run as a script
 

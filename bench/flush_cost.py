@@ -18,11 +18,11 @@ import time
 
 import numpy as np
 
-from kvmlockprof import bpfload, bpfstats, maps
+from kvmlockprof.kernel import bpfload, bpfstats, maps
 from kvmlockprof.probes.contention import ContentionProbe
-from kvmlockprof.record import SNAPSHOT_S, Snapshots
-from kvmlockprof.recording import Writer, to_arrow
-from kvmlockprof.sources import possible_cpus
+from kvmlockprof.probes.sources import possible_cpus
+from kvmlockprof.recording.recorder import SNAPSHOT_S, Snapshots
+from kvmlockprof.recording.store import Writer, to_arrow
 
 from results_io import RESULTS, save      # bench/ is on sys.path when run as a script
 

@@ -15,9 +15,9 @@ import sys
 import time
 
 
-from kvmlockprof import bpfload
-from kvmlockprof.recording import to_arrow
-from kvmlockprof.ringbuf import BatchRingBuffer
+from kvmlockprof.kernel import bpfload
+from kvmlockprof.kernel.ringbuf import BatchRingBuffer
+from kvmlockprof.recording.store import to_arrow
 
 from results_io import RESULTS, save      # bench/ is on sys.path when run as a script
 

@@ -38,7 +38,7 @@ from overhead import (KLP, WORK, Progress, cpu_seconds, geomean_ci,  # noqa: E40
                       log_ratios_aligned)
 from results_io import RESULTS, save                      # noqa: E402
 from kvmlockprof.cli import STACK_BUDGET                # noqa: E402
-from kvmlockprof.record import Recorder                  # noqa: E402
+from kvmlockprof.recording.recorder import Recorder                  # noqa: E402
 
 
 def span_rates(history, spans):

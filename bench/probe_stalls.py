@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections import Counter, defaultdict
 
-from kvmlockprof import bpfload
+from kvmlockprof.kernel import bpfload
 
 from results_io import RESULTS, save      # bench/ is on sys.path when run as a script
 

@@ -8,7 +8,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kvmlockprof import cli, record  # noqa: E402
+from kvmlockprof import cli  # noqa: E402
+from kvmlockprof.recording import recorder as record
 
 
 class DetachedRecorder(record.Recorder):

@@ -2,10 +2,10 @@
 
     import kvmlockprof
     rec = kvmlockprof.load("kvmlockprof.parquet")   # no root needed
-    kvmlockprof.analysis.top(rec, by="lock")
+    kvmlockprof.analysis.locks.top(rec, by="lock")
 """
 __version__ = "0.1.0"
 
-from .recording import Recording, RecordingError, load  # noqa: E402,F401
+from kvmlockprof.recording.store import Recording, RecordingError, load  # noqa: E402,F401
 
 __all__ = ["Recording", "RecordingError", "load", "__version__"]

@@ -1,3 +1,3 @@
-from .cli import main
+from kvmlockprof.cli import main
 
 main()

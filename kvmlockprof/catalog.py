@@ -17,7 +17,7 @@ Struct field offsets (`fields`) reach it as KVMLP_OFF_NAME, -1 where BTF lacks o
 """
 from dataclasses import dataclass, field
 
-from . import cdefs
+from kvmlockprof import cdefs
 
 TRACEPOINT = "raw_tracepoint"    # never perf-attached: see bpf/contention.bpf.c
 FENTRY = "fentry"
@@ -129,4 +129,4 @@ def table_columns():
 
 # The built-in probes register themselves (probes/__init__.py); their modules need
 # the classes above, so this comes last.
-from . import probes  # noqa: E402,F401
+from kvmlockprof import probes  # noqa: E402,F401

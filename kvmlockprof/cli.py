@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from . import __version__
-from .probes.contention import MAP_ENTRIES, RINGBUF_MB, SAMPLE_EVERY, STACK_BUDGET, STACK_EVERY
+from kvmlockprof import __version__
+from kvmlockprof.probes.contention import MAP_ENTRIES, RINGBUF_MB, SAMPLE_EVERY, STACK_BUDGET, STACK_EVERY
 
 EPILOG_RECORD = """\b
 Examples:
@@ -78,7 +78,7 @@ def view_options(what):
 
 
 def kernel_mem_option(f):
-    from .sources import KERNEL_MEM_MB
+    from kvmlockprof.probes.sources import KERNEL_MEM_MB
     return click.option(
         "--kernel-mem-mb", type=click.IntRange(min=1), default=KERNEL_MEM_MB,
         show_default=True, help="Refuse to start if the probes' maps would pin more "
@@ -124,11 +124,11 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
     it lives."""
-    from .bpfload import BpfUnavailable
-    from .catalog import UnknownProbe
-    from .record import Recorder
-    from .recording import RecordingError
-    from . import host
+    from kvmlockprof.kernel.bpfload import BpfUnavailable
+    from kvmlockprof.catalog import UnknownProbe
+    from kvmlockprof.recording.recorder import Recorder
+    from kvmlockprof.recording.store import RecordingError
+    from kvmlockprof.kernel import host
     names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
     try:
         # checks the probe names and the output file: both need no privileges
@@ -150,7 +150,7 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
     except (RecordingError, BpfUnavailable, RuntimeError) as e:
         fail(str(e))
     except OSError as e:
-        from .recording import partial_dir
+        from kvmlockprof.recording.store import partial_dir
         fail(f"cannot write the recording ({e.strerror or e}): every probe is detached; what "
              f"was flushed before is in {partial_dir(output)} (`kvmlockprof report "
              f"{output}` reads it)")
@@ -170,7 +170,7 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
 
 def _progress(m):
     """One line, rewritten in place each flush (only on a terminal)."""
-    from .report import fmt_ns
+    from kvmlockprof.views.report import fmt_ns
     c = m.get("counters", {})
     lost = sum(m.get("losses", {}).values())
     top = m.get("top_lock")
@@ -211,11 +211,10 @@ Keys: q quit, s next sort key, b next grouping (lock, caller, process).
 def top(interval, by, sort, limit, pids, probe_names, stack_budget, prefer, batch, iterations,
         kernel_mem_mb):
     """Live view of lock contention and the function probes, like kvm_stat."""
-    from .bpfload import BpfUnavailable
-    from .catalog import UnknownProbe, select
-    from .record import Stop, _raise_stop
-    from .sources import close_sources, load_btf, open_sources
-    from . import host, top as topmod
+    from kvmlockprof.kernel.bpfload import BpfUnavailable
+    from kvmlockprof.catalog import UnknownProbe, select
+    from kvmlockprof.kernel import host
+    from kvmlockprof.views import top as topmod
     names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
     try:
         requested = None if names is None else select(names)
@@ -223,32 +222,16 @@ def top(interval, by, sort, limit, pids, probe_names, stack_budget, prefer, batc
         fail(str(e))
     if not host.can_bpf():
         fail("top needs root (or CAP_BPF+CAP_PERFMON): run it with sudo")
-    batch = batch or not sys.stdout.isatty()
-    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
-    sources = {}
+    click.echo("kvmlockprof top: compiling and attaching the probes ...", err=True)
     try:
-        click.echo("kvmlockprof top: compiling and attaching the probes ...", err=True)
-        warn = lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True)  # noqa: E731
-        kbtf, _ = load_btf(warn)
-        sources, status, _ = open_sources(
-            requested, tgids=list(pids) or None, sample_every=0, ringbuf_mb=1, prefer=prefer,
-            warn=warn, kbtf=kbtf, stack_budget=stack_budget, kernel_mem_mb=kernel_mem_mb)
-        view = topmod.LiveView(sources, status, by=by, sort=sort, limit=limit,
-                               pids=list(pids) or None, kbtf=kbtf)
-        kbtf = None
-        host.release_memory()
-        if batch:
-            topmod.run_batch(view, interval, iterations, lambda t: click.echo(t))
-        else:
-            topmod.run_curses(view, interval, iterations)
+        topmod.run(requested, list(pids) or None, by=by, sort=sort, limit=limit,
+                   interval=interval, iterations=iterations, stack_budget=stack_budget,
+                   prefer=prefer, kernel_mem_mb=kernel_mem_mb,
+                   batch=batch or not sys.stdout.isatty(),
+                   warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
+                   echo=click.echo)
     except BpfUnavailable as e:
         fail(str(e))
-    except (KeyboardInterrupt, Stop):
-        pass
-    finally:
-        close_sources(sources)
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 @main.command(epilog=EPILOG_REPORT)
@@ -263,8 +246,8 @@ def top(interval, by, sort, limit, pids, probe_names, stack_budget, prefer, batc
 @click.option("-f", "--force", is_flag=True, help="Overwrite --output/--html if they exist.")
 def report(recording, by, sort, limit, pids, stacks, fmt, output, html_out, force):
     """Contention report of a recording, like `perf lock contention`."""
-    from . import report as rpt
-    from .recording import RecordingError, load
+    from kvmlockprof.views import report as rpt
+    from kvmlockprof.recording.store import RecordingError, load
     for path in (output, html_out):
         if path and os.path.exists(path) and not force:
             fail(f"{path} exists: use --force to overwrite it")
@@ -273,7 +256,7 @@ def report(recording, by, sort, limit, pids, stacks, fmt, output, html_out, forc
         text = rpt.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
                           pids=list(pids) or None)
         if html_out:                # reads more of the recording than the text does
-            from . import html
+            from kvmlockprof.views import html
             page = html.render(rec, limit=limit)
     except RecordingError as e:
         fail(str(e))
@@ -343,8 +326,9 @@ def compare(sides, bases, news, threshold, limit, resamples, fmt, output, html_o
 def _compare(bases, news, threshold, limit=20, resamples=None, fmt="text", output=None,
              html_out=None, force=False):
     """compare's work, for compare and ab: load, check, compare, print or write."""
-    from . import compare as cmp, compare_report as cr
-    from .recording import RecordingError
+    from kvmlockprof.analysis import compare as cmp
+    from kvmlockprof.views import compare_report as cr
+    from kvmlockprof.recording.store import RecordingError
     for path in (output, html_out):
         if path and os.path.exists(path) and not force:
             fail(f"{path} exists: use --force to overwrite it")
@@ -404,7 +388,8 @@ def ab(runs, duration, workload_args, base_args, new_args, base_kernel, new_kern
        output_dir, threshold, output, html_out, force):
     """Record the built-in workload N times under two settings, then compare them."""
     import shlex
-    from . import ab as abmod, host
+    from kvmlockprof.recording import ab as abmod
+    from kvmlockprof.kernel import host
     if bool(base_kernel) != bool(new_kernel):
         fail("give both --base-kernel and --new-kernel, or neither")
     if not base_kernel and base_args == new_args:
@@ -439,7 +424,8 @@ def ab(runs, duration, workload_args, base_args, new_args, base_kernel, new_kern
               "other bcc tools find them too.")
 def doctor(fix):
     """What this host can profile, and why not."""
-    from . import capabilities, catalog, host
+    from kvmlockprof.kernel import capabilities, headers, host
+    from kvmlockprof import catalog
     caps = capabilities.probe_host()
     rows = [(c.name, c.status, c.detail) for c in caps.checks.values()]
     for probe, target, found in capabilities.symbol_rows(caps):
@@ -452,10 +438,10 @@ def doctor(fix):
         rows.append((f"probe {p.name} cost", "off" if p.opt_in else "on",
                      f"runs {p.fires}; " + (f"off by default ({p.opt_in})" if p.opt_in
                                             else "on by default")))
-    h = host.find_headers()
+    h = headers.find_headers()
     if fix and h.status == "fallback":
         try:
-            rows.append(("fix headers", "ok", host.link_fallback_headers(h)))
+            rows.append(("fix headers", "ok", headers.link_fallback_headers(h)))
         except OSError as e:
             rows.append(("fix headers", "no", str(e)))
     rows.append(_doctor_memory())
@@ -469,8 +455,8 @@ def doctor(fix):
 
 def _doctor_memory():
     """doctor's row: the kernel memory record's maps take here, by the kernel's count."""
-    from .bpfload import BpfUnavailable
-    from .sources import KERNEL_MEM_MB, MEMORY_FORMULA, default_memory
+    from kvmlockprof.kernel.bpfload import BpfUnavailable
+    from kvmlockprof.probes.sources import KERNEL_MEM_MB, MEMORY_FORMULA, default_memory
     try:
         mem = default_memory()
     except BpfUnavailable as e:
@@ -488,7 +474,8 @@ def _doctor_memory():
 @main.command()
 def probes():
     """The probe catalog, and how each probe would attach on this host (or why not)."""
-    from . import capabilities, catalog, host
+    from kvmlockprof.kernel import capabilities, host
+    from kvmlockprof import catalog
     caps = capabilities.probe_host() if host.can_bpf() else None
     for p in catalog.CATALOG:
         if caps is None:
@@ -543,7 +530,7 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, comma
 
     The current directory is shared read-write: recordings land on this host.
     Ctrl-C or --timeout kills the whole lab, QEMU included."""
-    from . import lab as labmod
+    from kvmlockprof import lab as labmod
     try:
         p = labmod.run(list(command), kernel=kernel, cpus=cpus, memory=memory,
                        timeout=timeout, possible_cpus=possible_cpus, console=console,
@@ -577,8 +564,8 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, comma
 def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, xen_slow_every,
              name, vms, as_json, progress_every):
     """Built-in KVM workload: a tiny VMM over /dev/kvm (no QEMU)."""
-    from .workload import WORK_ENV, KvmError, run, run_vms
-    from .workload.vmm import KICK_AFTER_S
+    from kvmlockprof.workload import WORK_ENV, KvmError, run, run_vms
+    from kvmlockprof.workload.vmm import KICK_AFTER_S
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # stop early, still report
     if vms > 1 and progress_every:
         fail("--progress-every is for one VM: drop it or --vms")

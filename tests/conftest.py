@@ -19,11 +19,11 @@ def _bpf_problem():
         import bcc  # noqa: F401
     except ImportError:
         return "bcc Python bindings missing (python3-bpfcc)"
-    from kvmlockprof import host
-    host.mount_tracefs()
-    if not host.tracepoint_exists("lock", "contention_end"):
+    from kvmlockprof.kernel import headers, host, tracefs
+    tracefs.mount_tracefs()
+    if not tracefs.tracepoint_exists("lock", "contention_end"):
         return "no lock:contention_* tracepoints in this kernel"
-    if host.find_headers().status == "missing":
+    if headers.find_headers().status == "missing":
         return "no kernel headers for bcc"
     return None
 
@@ -73,10 +73,10 @@ def kernel_objects():
         out = subprocess.run(["bpftool", "-j", kind, "show"], capture_output=True, text=True,
                              check=True).stdout
         objs |= {(kind, o["id"]) for o in json.loads(out or "[]")}
-    from kvmlockprof import host
+    from kvmlockprof.kernel import tracefs
     for events in ("kprobe_events", "uprobe_events"):
         try:
-            with open(os.path.join(host.tracefs_path() or "/nonexistent", events)) as f:
+            with open(os.path.join(tracefs.tracefs_path() or "/nonexistent", events)) as f:
                 objs |= {(events, line.strip()) for line in f if line.strip()}
         except OSError:
             pass
@@ -101,7 +101,7 @@ def workload_argv(*args):
 def ends_counter():
     """An independent BPF program (bcc, ours only in name) counting contention_end
     per process in its map `ends`: {tgid: count} once read."""
-    from kvmlockprof.bpfload import compile_bpf
+    from kvmlockprof.kernel.bpfload import compile_bpf
     return compile_bpf(text="""
         BPF_HASH(ends, u32, u64, 65536);
         TRACEPOINT_PROBE(lock, contention_end) {

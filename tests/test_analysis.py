@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import kvmlockprof
-from kvmlockprof import analysis
+from kvmlockprof.analysis import locks as analysis
 from tests_support import events, small_recording
 
 
@@ -61,7 +61,7 @@ def test_pid_filter_in_report(tmp_path):
 
 
 def test_to_arrow_keeps_layout():
-    from kvmlockprof.recording import to_arrow
+    from kvmlockprof.recording.store import to_arrow
     t = to_arrow(events([(1, 2, 3, 4, 5)]))
     assert t.column("comm").to_pylist() == ["vcpu"]
     assert t.column("wait_ns").to_pylist() == [1]
@@ -150,7 +150,7 @@ def test_unwalked_waits_spread_over_their_locks_walked_callers():
 
 def test_waits_in_progress_in_the_report(tmp_path):
     import pyarrow as pa
-    from kvmlockprof import report
+    from kvmlockprof.views import report
     stuck = pa.table({"tid": pa.array([71, 72], pa.uint32()), "tgid": pa.array([7, 7], pa.uint32()),
                       "lock_addr": pa.array([0x1000, 0x2000], pa.uint64()),
                       "flags": pa.array([32, 1], pa.uint32()),

@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from kvmlockprof import catalog, host
+from kvmlockprof import catalog
+from kvmlockprof.kernel import ksyms
 from kvmlockprof.probes.functions import target_defines
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -30,7 +31,7 @@ def test_61_aliases():
 
 
 def test_this_kernel_aliases():
-    syms = host.kallsyms_names()
+    syms = ksyms.text_symbols()
     if "kvm_vm_ioctl" not in syms:
         pytest.skip("KVM is not in this kernel")
     ref = target("gpc", "GPC_REFRESH")
@@ -57,7 +58,7 @@ def test_unknown_probe_lists_valid_ones():
 
 
 def test_every_bpf_file_is_in_the_catalog():
-    from kvmlockprof.bpfload import BPF_DIR
+    from kvmlockprof.kernel.bpfload import BPF_DIR
     files = {f for f in os.listdir(BPF_DIR) if f.endswith(".bpf.c")}
     assert files == {p.bpf for p in catalog.CATALOG if p.bpf}
 
@@ -73,7 +74,8 @@ def test_opt_in_probes_attach_only_when_asked(monkeypatch):
     """Plain record leaves a probe whose measured cost is over the target off, and
     says why in its status; --probes naming it attaches it."""
     from types import SimpleNamespace
-    from kvmlockprof import capabilities, sources
+    from kvmlockprof.kernel import capabilities
+    from kvmlockprof.probes import sources
     opt_in = [p for p in catalog.CATALOG if p.opt_in]
     assert opt_in, "no probe is opt-in: the cost table (bench/README.md) says some are"
     monkeypatch.setattr(capabilities, "probe_host", lambda full=False: None)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from kvmlockprof import compare
-from kvmlockprof.recording import Recording
+from kvmlockprof.analysis import compare
+from kvmlockprof.recording.store import Recording
 
 
 def test_expanded_level_widens_for_few_runs():

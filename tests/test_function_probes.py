@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 import kvmlockprof
-from kvmlockprof import bpfload, btf, catalog
+from kvmlockprof import catalog
+from kvmlockprof.kernel import bpfload, btf
+from kvmlockprof.kernel.maps import read_hash
 from kvmlockprof.probes import gpc, srcu, vgic, xarray, xen_evtchn
-from kvmlockprof.maps import read_hash
 from kvmlockprof.probes.functions import (SHARED_FENTRY, FunctionProbes, dispatch_source,
                                           forced_plans, module_defines, shared_fentry)
-from kvmlockprof.recording import Writer, to_arrow
+from kvmlockprof.recording.store import Writer, to_arrow
 
 FUNCTION_PROBES = [p for p in catalog.CATALOG if p.name != "contention"]
 
@@ -213,7 +214,7 @@ def test_registry_lifetimes_in_the_maps_layout(module, tmp_path):
     """The registry maps as record reads them (the live ones and those of ended
     lifetimes, in the layout bcc parsed from common.h): an address reused by a
     second VM keeps both owners, in the recording's vms/vcpus tables too."""
-    from kvmlockprof.locknames import REGISTRY_TABLES, Registry
+    from kvmlockprof.recording.locknames import REGISTRY_TABLES, Registry
     from kvmlockprof.probes.functions import SHARED_TABLES
     layout = {table: read_hash(module.bpf[m], key_name=key).dtype
               for m, table, key in SHARED_TABLES}
@@ -242,7 +243,7 @@ def test_registry_lifetimes_in_the_maps_layout(module, tmp_path):
 
 def test_every_probe_with_data_gets_a_plot_panel(module, tmp_path):
     """The HTML report draws one panel per function probe that has data."""
-    from kvmlockprof import html, plots, report
+    from kvmlockprof.views import html, plots, report
     n = 4
     tables = {t: empty_like(module, t)(n) for t in
               ("xen_evtchn", "gpc_ops", "gpc_refresh", "srcu_sections", "srcu_sync",

@@ -19,9 +19,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import kvmlockprof
-from kvmlockprof import analysis, report
-from kvmlockprof.recording import MANIFEST_KEY, ColumnDigest, RecordingError, to_arrow
-from kvmlockprof.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SIZE, BatchRingBuffer
+from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.kernel.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SIZE, BatchRingBuffer
+from kvmlockprof.recording.store import MANIFEST_KEY, ColumnDigest, RecordingError, to_arrow
+from kvmlockprof.views import report
 from tests_support import (EVENT, aggregates_of, flush, partial_recording, rewrite,
                            small_recording)
 

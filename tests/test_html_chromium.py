@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 import kvmlockprof
-from kvmlockprof import html
+from kvmlockprof.views import html
 from tests_support import small_recording
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -45,7 +45,8 @@ def test_page_renders_without_js_errors(chromium, tmp_path):
 
 
 def test_compare_page_renders(chromium, tmp_path):
-    from kvmlockprof import compare, compare_report
+    from kvmlockprof.analysis import compare
+    from kvmlockprof.views import compare_report
     rows = [(w, 0x1000, 7, 32, 1) for w in range(100, 400)] + \
         [(w, 0x2000, 7, 1, 2) for w in range(50, 150)]
     slower = [(w * 2, lock, t, f, s) for w, lock, t, f, s in rows]

@@ -1,5 +1,5 @@
 """Symbol resolution on a kallsyms file written here."""
-from kvmlockprof.ksyms import Kallsyms
+from kvmlockprof.kernel.ksyms import Kallsyms
 
 KALLSYMS = """\
 ffffffff81000000 T _stext

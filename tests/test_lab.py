@@ -18,8 +18,9 @@ import time
 import pytest
 
 import kvmlockprof
-from kvmlockprof import catalog, lab, report
+from kvmlockprof import catalog, lab
 from kvmlockprof.probes import gpc, srcu, xarray, xen_evtchn
+from kvmlockprof.views import report
 
 WORKLOAD = "kvmlockprof workload --vcpus 2 --duration 6"
 # One lab run's limit (TCG: 2-4 minutes a boot, more with several recordings);

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import kvmlockprof
-from kvmlockprof import analysis, compare
+from kvmlockprof.analysis import locks as analysis, compare
 from conftest import klp, workload_argv
 
 pytestmark = pytest.mark.live

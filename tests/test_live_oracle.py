@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import kvmlockprof
-from kvmlockprof import analysis, host
+from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.kernel import host, tracefs
 from kvmlockprof.probes.contention import RECURSION
 from conftest import ROOT, assert_none_left, kernel_objects, klp, workload_argv
 
@@ -66,7 +67,7 @@ class Ftrace:
     """An ftrace instance of its own on the two tracepoints, trace_clock mono."""
 
     def __init__(self, name):
-        self.dir = os.path.join(host.tracefs_path(), "instances", name)
+        self.dir = os.path.join(tracefs.tracefs_path(), "instances", name)
         os.mkdir(self.dir)
         self._write("trace_clock", "mono")
         self._write("buffer_size_kb", "65536")
@@ -97,7 +98,7 @@ class Ftrace:
         self._write("options/fields", "0")
         assert len(raw) == len(text)
         tgids = {}
-        with open(os.path.join(host.tracefs_path(), "saved_tgids")) as fh:
+        with open(os.path.join(tracefs.tracefs_path(), "saved_tgids")) as fh:
             saved = fh.read()                   # (one table for every instance)
         for line in saved.splitlines():
             pid, tgid = line.split()

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 import kvmlockprof
-from kvmlockprof import analysis
+from kvmlockprof.analysis import locks as analysis
 from conftest import ROOT, assert_none_left, klp, kernel_objects, workload_argv
 from kvmlockprof.cli import STACK_BUDGET
 from kvmlockprof.probes.contention import stack_window
@@ -313,7 +313,7 @@ def test_waits_pair_with_either_pending_store(live, pending):
     left without its end only when the kernel skipped our end handler (its
     recursion_misses: a lock contended inside the handler, as the hash's bucket
     lock can be, nests a wait whose end comes while the handler runs)."""
-    from kvmlockprof import bpfstats
+    from kvmlockprof.kernel import bpfstats
     from kvmlockprof.probes.contention import ContentionProbe
     probe = ContentionProbe(pending=pending, sample_every=0, stack_budget=1000)
     try:

@@ -11,8 +11,8 @@ import pytest
 
 import kvmlockprof
 from conftest import assert_none_left, ends_counter, klp, kernel_objects, workload_argv
-from kvmlockprof import analysis
-from kvmlockprof.sources import KERNEL_MEM_MB
+from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.probes.sources import KERNEL_MEM_MB
 
 pytestmark = pytest.mark.live
 
@@ -109,7 +109,7 @@ def test_a_minute_of_recording_keeps_memory_and_files_flat(live, tmp_path):
     """60 s of a memslot-churn VM: record's resident memory (the kernel's count,
     /proc) stays flat after its start-up, and its chunk files are merged as they
     pile up (one a second otherwise); the recording has every wait."""
-    from kvmlockprof.recording import COMPACT_CHUNKS
+    from kvmlockprof.recording.store import COMPACT_CHUNKS
     out = tmp_path / "soak.parquet"
     p = subprocess.Popen([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
                           "--", *workload_argv("--duration", 60, "--vcpus", 2, "--churn",

@@ -9,7 +9,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from kvmlockprof import btf, locknames
+from kvmlockprof.kernel import btf
+from kvmlockprof.recording import locknames
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
 LOCK_MEMBER = re.compile(r"^\t(struct mutex|spinlock_t|rwlock_t|struct rw_semaphore|"
@@ -246,8 +247,8 @@ def test_record_keeps_every_owner_and_names_the_latest(kbtf, tmp_path):
     lifetimes, its lock there is named after 200, and the vms probe's counters
     reach probe_counters."""
     import kvmlockprof
-    from kvmlockprof import record
-    from kvmlockprof.recording import Writer
+    from kvmlockprof.recording import recorder as record
+    from kvmlockprof.recording.store import Writer
     slots = BASE + kbtf.offset("kvm", "slots_lock")
     aggs = pd.DataFrame({"lock_addr": [slots], "tgid": [200], "flags": [32],
                          "stack_id": [-1], "count": [5], "total_ns": [500], "max_ns": [200],

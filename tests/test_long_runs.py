@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 
 import kvmlockprof
-from kvmlockprof import recording
-from kvmlockprof.record import Snapshots
-from kvmlockprof.recording import RecordingError, Writer, to_arrow
+from kvmlockprof.recording import store as recording
+from kvmlockprof.recording.recorder import Snapshots
+from kvmlockprof.recording.store import RecordingError, Writer, to_arrow
 from tests_support import _manifest, events
 
 

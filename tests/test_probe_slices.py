@@ -3,7 +3,6 @@ catalog, reach the loader, report, HTML, compare and top without an edit
 anywhere else; and every constant the two sides share is stated once, in the C."""
 import importlib.util
 import re
-import sys
 
 import numpy as np
 import pandas as pd
@@ -12,9 +11,11 @@ import click
 from click.testing import CliRunner
 
 import kvmlockprof
-from kvmlockprof import analysis, catalog, cdefs, cli, compare, html, report, top
+from kvmlockprof import catalog, cdefs, cli
+from kvmlockprof.analysis import locks as analysis, compare
 from kvmlockprof.probes import functions
-from kvmlockprof.recording import RecordingError, Writer, to_arrow
+from kvmlockprof.recording.store import RecordingError, Writer, to_arrow
+from kvmlockprof.views import html, report, top
 
 TOY_C = """
 /* toy: a function's latency, streamed. */
@@ -202,8 +203,8 @@ def test_a_short_flag_means_the_same_in_every_command():
 
 def test_the_python_api_defaults_are_the_clis():
     import inspect
-    from kvmlockprof.record import Recorder
-    from kvmlockprof.sources import open_sources
+    from kvmlockprof.recording.recorder import Recorder
+    from kvmlockprof.probes.sources import open_sources
     cli_defaults = {o.name: o.default for o in _options(cli.main.commands["record"])}
     cli_defaults["map_entries"] = cli_defaults.pop("map_nr_entries")
     for fn in (Recorder.__init__, open_sources):

@@ -2,7 +2,7 @@
 import numpy as np
 import pyarrow as pa
 
-from kvmlockprof.recording import Writer, to_arrow
+from kvmlockprof.recording.store import Writer, to_arrow
 
 EVENT = np.dtype([("ts_ns", "<u8"), ("wait_ns", "<u8"), ("lock_addr", "<u8"), ("tid", "<u4"),
                   ("tgid", "<u4"), ("flags", "<u4"), ("stack_id", "<i4"), ("cpu", "<u4"),
@@ -97,7 +97,7 @@ def rewrite(path, out, manifest=None, table=None):
     manifest(m) for its manifest and table(name, arrow table) for each table's rows."""
     import json
     import pyarrow.parquet as pq
-    from kvmlockprof.recording import MANIFEST_KEY, _as_union_rows
+    from kvmlockprof.recording.store import MANIFEST_KEY, _as_union_rows
     pf = pq.ParquetFile(path)
     m = json.loads(pf.schema_arrow.metadata[MANIFEST_KEY])
     m = manifest(m) if manifest else m

@@ -1,8 +1,8 @@
 """The probes: each module is one probe, beside its bpf/<probe>.bpf.c, and declares
 its catalog entry (PROBE) with everything that shows it; functions.py loads and
 reads every function probe generically, common.py holds what their analyses share."""
-from .. import catalog
-from . import contention, gpc, srcu, vgic, vms, xarray, xen_evtchn
+from kvmlockprof import catalog
+from kvmlockprof.probes import contention, gpc, srcu, vgic, vms, xarray, xen_evtchn
 
 # Catalog order: what `probes`, doctor and the report list first.
 BUILTIN = tuple(m.PROBE for m in (contention, vms, xen_evtchn, gpc, vgic, xarray, srcu))

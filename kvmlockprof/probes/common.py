@@ -35,7 +35,7 @@ def duration_s(rec):
 
 def vm_label(rec):
     """tgid -> the VM's name (its process), for figures."""
-    from ..analysis import processes
+    from kvmlockprof.analysis.locks import processes
     p = processes(rec)
     names = dict(zip(p["tgid"], p["vm"]))
     return lambda t: names.get(t, str(t))

@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .. import bpfload, bpfstats
-from ..catalog import TRACEPOINT, Probe, Target
-from ..maps import read_counters, read_hash
-from ..recording import to_arrow
-from ..ringbuf import BatchRingBuffer
+from kvmlockprof.catalog import TRACEPOINT, Probe, Target
+from kvmlockprof.kernel import bpfload, bpfstats
+from kvmlockprof.kernel.maps import read_counters, read_hash
+from kvmlockprof.kernel.ringbuf import BatchRingBuffer
+from kvmlockprof.recording.store import to_arrow
 
 # Its tables are the report's own (analysis.py, report.py): no sections of its own.
 PROBE = Probe(

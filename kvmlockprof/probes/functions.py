@@ -2,10 +2,11 @@
 one BPF module (they share the VM registry and the stack map), attached per
 target with the method its plan chose, read generically from the catalog's
 stream/aggregate/counter declarations."""
-from .. import bpfload, btf as btfmod, catalog
-from ..maps import read_counters, read_hash
-from ..recording import to_arrow
-from ..ringbuf import BatchRingBuffer
+from kvmlockprof import catalog
+from kvmlockprof.kernel import bpfload, btf as btfmod
+from kvmlockprof.kernel.maps import read_counters, read_hash
+from kvmlockprof.kernel.ringbuf import BatchRingBuffer
+from kvmlockprof.recording.store import to_arrow
 
 # The VM/vCPU registry every module shares (common.h): live, and the lifetimes ended
 # (locknames.REGISTRY_TABLES; keyed by address and first_ns, LRU).
@@ -86,7 +87,7 @@ def counter_bases(probes):
 def forced_plans(probes, method):
     """Plans that use `method` for every target under its newest name, whatever
     this host has: for compiling and verifying flavours a host cannot attach."""
-    from ..capabilities import Plan
+    from kvmlockprof.kernel.capabilities import Plan
     return {p: Plan(p, {t.key: (t.symbols[0], method) for t in p.targets}) for p in probes}
 
 

@@ -3,9 +3,9 @@ activations, per cache, named by where it lives (bpf/gpc.bpf.c)."""
 import numpy as np
 import pandas as pd
 
-from .. import cdefs
-from ..catalog import FENTRY, KPROBE, Probe, Section, Target
-from .common import duration_s, stats
+from kvmlockprof import cdefs
+from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
+from kvmlockprof.probes.common import duration_s, stats
 
 PLACES = cdefs.labels("gpc.bpf.c", "gpc_place", {
     "GPC_UNKNOWN": "?", "GPC_XEN_SHINFO": "kvm->arch.xen.shinfo_cache",

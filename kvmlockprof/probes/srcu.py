@@ -3,9 +3,9 @@ apart) and the synchronize_srcu* grace-period waits (bpf/srcu.bpf.c)."""
 import numpy as np
 import pandas as pd
 
-from .. import cdefs
-from ..catalog import FENTRY, KPROBE, Probe, Section, Target
-from .common import callers, stats
+from kvmlockprof import cdefs
+from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
+from kvmlockprof.probes.common import callers, stats
 
 KINDS = cdefs.labels("srcu.bpf.c", "srcu_kind", {
     "SRCU_OTHER": "other", "SRCU_KVM": "kvm->srcu", "SRCU_KVM_IRQ": "kvm->irq_srcu"})
@@ -18,7 +18,7 @@ _SECTION = cdefs.enum("srcu.bpf.c", "srcu_event_type")["SRCU_EV_SECTION"]
 def sections(rec):
     """Read-section lengths per srcu_struct (in-kernel log2 histograms: p50/p99
     are bucket upper bounds)."""
-    from ..analysis import hist_quantile
+    from kvmlockprof.analysis.locks import hist_quantile
     df = rec.table("srcu_sections")
     if df.empty:
         return df
@@ -50,7 +50,7 @@ def syncs(rec):
 
 def _sections_figure(rec):
     import plotly.express as px
-    from ..analysis import hist_frame
+    from kvmlockprof.analysis.locks import hist_frame
     sec = rec.table("srcu_sections")
     if sec.empty:
         return None

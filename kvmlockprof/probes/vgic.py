@@ -2,9 +2,9 @@
 released the IRQ, and whether IRQs were off at the call (bpf/vgic.bpf.c)."""
 import numpy as np
 
-from .. import cdefs
-from ..catalog import FENTRY, KPROBE, Probe, Section, Target
-from .common import stats
+from kvmlockprof import cdefs
+from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
+from kvmlockprof.probes.common import stats
 
 IRQS = cdefs.labels("vgic.bpf.c", "vgic_irqs", {
     "VGIC_IRQS_ON": "on", "VGIC_IRQS_OFF": "off", "VGIC_IRQS_UNKNOWN": "unknown"})

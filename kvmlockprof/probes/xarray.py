@@ -3,9 +3,9 @@ vgic LPI xarray) told apart, and vCPU-array erases counted at their KVM caller
 where xa_erase cannot be probed (bpf/xarray.bpf.c)."""
 import pandas as pd
 
-from .. import cdefs
-from ..catalog import FENTRY, KPROBE, Probe, Section, Target
-from .common import callers
+from kvmlockprof import cdefs
+from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
+from kvmlockprof.probes.common import callers
 
 OWNERS = cdefs.labels("xarray.bpf.c", "xa_owner", {
     "XA_OTHER": "other", "XA_KVM_VCPU_ARRAY": "kvm->vcpu_array",

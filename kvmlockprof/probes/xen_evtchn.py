@@ -5,8 +5,8 @@ import errno
 import numpy as np
 import pandas as pd
 
-from ..catalog import FENTRY, KPROBE, Probe, Section, Target
-from .common import duration_s, vm_label
+from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
+from kvmlockprof.probes.common import duration_s, vm_label
 
 # kvm_xen_set_evtchn_fast()'s return values (the kernel's, not ours)
 OUTCOMES = {1: "delivered", 0: "already pending", -errno.ENOTCONN: "masked",

@@ -5,8 +5,8 @@ import signal
 import subprocess
 import sys
 
-from .kvmapi import KvmError
-from .vmm import Workload, WorkloadConfig, WorkDone
+from kvmlockprof.workload.kvmapi import KvmError
+from kvmlockprof.workload.vmm import Workload, WorkloadConfig, WorkDone
 
 __all__ = ["KvmError", "Workload", "WorkloadConfig", "WorkDone", "run", "run_vms", "WORK_ENV"]
 WORK_ENV = "KVMLOCKPROF_WORK_OUT"     # where `workload` writes its WorkDone (record sets it)

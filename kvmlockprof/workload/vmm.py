@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import kvmapi as k
+from kvmlockprof.workload import kvmapi as k
 
 CODE_GPA = 0x1000
 PVCLOCK_GPA = 0x2000

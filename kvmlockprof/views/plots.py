@@ -3,12 +3,11 @@
 Each function takes a Recording and returns a figure, or None when the
 recording has nothing for it."""
 import numpy as np
-import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from . import analysis
-from .report import fmt_ns
+from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.views.report import fmt_ns
 
 
 def wait_histogram(rec, top_n=8):
@@ -91,7 +90,7 @@ def stacks_icicle(rec, depth=10, min_share=0.002):
 
 def probe_figures(rec):
     """{section key: figure} of every probe section that has data."""
-    from .catalog import CATALOG
+    from kvmlockprof.catalog import CATALOG
     figs = {}
     for probe in CATALOG:
         for sec in probe.sections:

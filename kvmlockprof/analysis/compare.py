@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import special   # (scipy.stats takes 0.4 s more to import: only to resample)
 
-from . import analysis
+from kvmlockprof.analysis import locks as analysis
 
 LOCK_METRICS = {          # metric -> (better, unit)
     "waits/s": ("lower", "/s"), "wait/s": ("lower", "ns"), "waits/exit": ("lower", ""),
@@ -139,7 +139,7 @@ def lock_values(rec):
 
 def probe_values(rec):
     """{(probe metric name, better, unit): value} of every probe's compare hook, one run."""
-    from .catalog import CATALOG
+    from kvmlockprof.catalog import CATALOG
     out = {}
     for probe in CATALOG:
         if probe.compare:

@@ -3,11 +3,12 @@ contention probe and one module holding every function probe this host can
 attach, with a status for every catalog probe (attached, or why not)."""
 import os
 
-from . import bpfstats, btf, capabilities, catalog
-from .bpfload import BpfUnavailable
-from .probes import contention as cp
-from .probes.contention import ContentionProbe
-from .probes.functions import FunctionProbes
+from kvmlockprof import catalog
+from kvmlockprof.kernel import bpfstats, btf, capabilities
+from kvmlockprof.kernel.bpfload import BpfUnavailable
+from kvmlockprof.probes import contention as cp
+from kvmlockprof.probes.contention import ContentionProbe
+from kvmlockprof.probes.functions import FunctionProbes
 
 
 def _function_plans(requested, status, prefer, warn):

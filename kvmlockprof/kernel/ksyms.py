@@ -19,17 +19,32 @@ _TRACE_FN = re.compile(r"^(bpf_prog_|bpf_trace_run|__bpf_trace_|__traceiter_|per
                        r"|__SCT__|bpf_get_stack)")
 
 
+def read(path="/proc/kallsyms"):
+    """/proc/kallsyms as a DataFrame: addr (0 without privileges), type, name, module."""
+    df = pd.read_csv(path, sep=r"\s+", header=None, names=["addr", "type", "name", "module"],
+                     dtype={"addr": str, "type": str, "name": str, "module": str},
+                     engine="c", keep_default_na=False)
+    df["addr"] = df["addr"].map(lambda a: int(a, 16)).astype(np.uint64)
+    df["module"] = df["module"].str.strip("[]")
+    return df
+
+
+def text_symbols(path="/proc/kallsyms"):
+    """The kernel's text symbols: {name: module}, module "" for vmlinux (the first
+    of a name that several modules define)."""
+    df = read(path)
+    df = df[df["type"].isin(list("tTwW"))].drop_duplicates("name")
+    return dict(zip(df["name"], df["module"]))
+
+
 class Kallsyms:
     def __init__(self, path="/proc/kallsyms"):
-        df = pd.read_csv(path, sep=r"\s+", header=None, names=["addr", "type", "name", "module"],
-                         dtype={"addr": str, "type": str, "name": str, "module": str},
-                         engine="c", keep_default_na=False)
-        df["addr"] = df["addr"].map(lambda a: int(a, 16)).astype(np.uint64)
+        df = read(path)
         df = df[df["addr"] != 0].sort_values("addr", kind="stable").reset_index(drop=True)
         self.addr = df["addr"].to_numpy()
         self.type = df["type"].to_numpy()
         self.name = df["name"].to_numpy()
-        self.module = df["module"].str.strip("[]").to_numpy()
+        self.module = df["module"].to_numpy()
         by_name = dict(zip(df["name"], df["addr"]))
         self.lock_text = self._range(by_name, "__lock_text_start", "__lock_text_end")
         self.sched_text = self._range(by_name, "__sched_text_start", "__sched_text_end")

@@ -3,7 +3,8 @@ import html
 
 import plotly.io as pio
 
-from . import analysis, plots, report
+from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.views import plots, report
 
 STYLE = ("body{font-family:sans-serif;margin:2em} table.t{border-collapse:collapse;"
          "font-size:12px} table.t td,table.t th{padding:2px 8px;border-bottom:1px solid #ddd}")

@@ -546,7 +546,7 @@ MANIFEST_TYPES = {"duration_s": _NUMBER, "start_monotonic_ns": int, "samples": i
 
 
 def _check_table(path, name, table, columns=None):
-    from .catalog import table_columns      # (the catalog's probes import this module)
+    from kvmlockprof.catalog import table_columns      # (the catalog's probes import this module)
     for col, kind in table_columns().get(name, {}).items():
         if columns is not None and col not in columns:
             continue

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from . import cdefs
+from kvmlockprof import cdefs
 
 # include/trace/events/lock.h
 LCB_F_SPIN, LCB_F_READ, LCB_F_WRITE, LCB_F_RT, LCB_F_PERCPU, LCB_F_MUTEX = 1, 2, 4, 8, 16, 32

@@ -3,12 +3,12 @@ import json
 
 import pandas as pd
 
-from . import analysis
+from kvmlockprof.analysis import locks as analysis
 
 
 def probe_sections():
     """Every registered probe's report sections (catalog.Section), in catalog order."""
-    from .catalog import CATALOG
+    from kvmlockprof.catalog import CATALOG
     return [sec for p in CATALOG for sec in p.sections]
 
 

@@ -5,13 +5,13 @@ import io
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from . import host
+from kvmlockprof.cdefs import BPF_DIR
+from kvmlockprof.kernel import tracefs
+from kvmlockprof.kernel.headers import find_headers
 
-BPF_DIR = Path(__file__).resolve().parent / "bpf"
 # Frames kept of each kernel stack (KVMLP_STACK_DEPTH, bpf/kmaps.h): 8 bytes each
 # per stack-map entry. The deepest contention stack seen on the lab and host
 # workloads had 26 frames; a deeper one loses its outermost frames.
@@ -60,7 +60,7 @@ def compile_bpf(source=None, text=None, defines=None, headers=None):
 
     Errors become BpfUnavailable with the compiler's or verifier's first lines."""
     bcc = import_bcc()
-    headers = headers or host.find_headers()
+    headers = headers or find_headers()
     if headers.status == "missing" and not os.path.exists("/sys/kernel/kheaders.tar.xz"):
         raise BpfUnavailable("no kernel headers: apt-get install linux-headers-amd64 "
                              "(any version works as a fallback; offsets come from BTF)")
@@ -71,7 +71,7 @@ def compile_bpf(source=None, text=None, defines=None, headers=None):
     if source:
         text = (BPF_DIR / source).read_text()
     # bcc writes tracefs paths at import; make sure it is mounted first.
-    host.mount_tracefs()
+    tracefs.mount_tracefs()
     failure = None
     with _captured_stderr() as err:
         try:
@@ -102,3 +102,15 @@ def table_dtypes(table):
     (A per-CPU map's Leaf is an array over CPUs: the value is its element.)"""
     leaf = np.dtype(table.Leaf)
     return np.dtype(table.Key), leaf.base if leaf.subdtype else leaf
+
+
+def release_memory():
+    """Give freed heap back to the system: after bcc's compile and the BTF dump
+    (hundreds of MB of transient objects), a long `record` should not keep them."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass                    # not glibc

@@ -4,7 +4,7 @@ import errno
 
 import numpy as np
 
-from .bpfload import table_dtypes
+from kvmlockprof.kernel.bpfload import table_dtypes
 
 BATCH = 1024            # entries per BPF_MAP_LOOKUP_BATCH call (more than any hash bucket)
 ENOTSUPP = 524          # the kernel's own "not supported" (not in Python's errno module)

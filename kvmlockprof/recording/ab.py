@@ -7,7 +7,7 @@ import shlex
 import subprocess
 import sys
 
-from . import lab
+from kvmlockprof import lab
 
 SIDES = ("base", "new")
 

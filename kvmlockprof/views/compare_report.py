@@ -6,9 +6,10 @@ import os
 
 import numpy as np
 
-from . import compare, plots
-from .recording import RecordingError, load
-from .report import fmt_ns
+from kvmlockprof.analysis import compare
+from kvmlockprof.recording.store import RecordingError, load
+from kvmlockprof.views import plots
+from kvmlockprof.views.report import fmt_ns
 
 def expand(paths):
     """Recording paths; a directory stands for the *.parquet files in it."""

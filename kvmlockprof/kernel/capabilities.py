@@ -4,7 +4,8 @@ import os
 import platform
 from dataclasses import dataclass, field
 
-from . import bpfload, catalog, host
+from kvmlockprof import catalog
+from kvmlockprof.kernel import bpfload, headers, host, ksyms, tracefs
 
 KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
 
@@ -53,7 +54,7 @@ def _trial(text, attach=None):
 
 def _kprobe_check(symbol):
     if not (os.path.exists(KPROBE_PMU) or
-            os.path.exists(os.path.join(host.tracefs_path() or "/nonexistent",
+            os.path.exists(os.path.join(tracefs.tracefs_path() or "/nonexistent",
                                         "kprobe_events"))):
         cfg = host.config_option("CONFIG_KPROBES")
         return Check("kprobe attach", False,
@@ -88,10 +89,10 @@ def probe_host(full=True):
     add(Check("privileges", host.can_bpf(),
               ("root" if root else "CAP_BPF+CAP_PERFMON") if host.can_bpf() else
               "need root or CAP_BPF+CAP_PERFMON: run with sudo"))
-    tfs, how = host.mount_tracefs() if host.can_bpf() else (host.tracefs_path(), "")
+    tfs, how = tracefs.mount_tracefs() if host.can_bpf() else (tracefs.tracefs_path(), "")
     add(Check("tracefs", bool(tfs), f"{tfs} ({how})" if tfs else
               (how or "not mounted; needs root to mount")))
-    h = host.find_headers()
+    h = headers.find_headers()
     add(Check("kernel headers", h.status != "missing", h.describe(), warn=h.status == "fallback"))
     add(Check("BTF", host.has_btf(),
               f"{host.BTF_VMLINUX} ({len(os.listdir('/sys/kernel/btf')) - 1} module BTFs)"
@@ -99,7 +100,7 @@ def probe_host(full=True):
     kvm_ok = os.access("/dev/kvm", os.R_OK | os.W_OK)
     add(Check("/dev/kvm", kvm_ok, "usable: the built-in workload can run" if kvm_ok else
               "missing or not permitted: the built-in workload cannot run"))
-    caps.symbols = host.kallsyms_names()
+    caps.symbols = ksyms.text_symbols()
 
     if not host.can_bpf():
         for n in ("BPF syscall", "tracepoint lock:contention_begin/end", "kprobe attach",
@@ -120,7 +121,7 @@ def _probe_tracing(add):
     err = _trial("int f(void *ctx) { return 0; }",
                  lambda b: b.load_func("f", bpfload.import_bcc().BPF.KPROBE))
     add(Check("BPF syscall", not err, "programs load and pass the verifier" if not err else err))
-    have_tp = all(host.tracepoint_exists("lock", e) for e in
+    have_tp = all(tracefs.tracepoint_exists("lock", e) for e in
                   ("contention_begin", "contention_end"))
     err = "" if have_tp else "no lock:contention_* tracepoints (kernel < 5.19?)"
     if have_tp:
@@ -128,7 +129,7 @@ def _probe_tracing(add):
                      "RAW_TRACEPOINT_PROBE(contention_end) { return 0; }")
     add(Check("tracepoint lock:contention_begin/end", not err,
               "attached (trial)" if not err else err))
-    kvm_events = host.tracepoint_events("kvm")
+    kvm_events = tracefs.tracepoint_events("kvm")
     add(Check("tracepoints kvm:*", bool(kvm_events),
               f"{len(kvm_events)} events" if kvm_events else "kvm module not loaded"))
 
@@ -172,7 +173,7 @@ def plan(probe, caps, prefer=None):
     for t in probe.targets:
         if catalog.TRACEPOINT in t.methods:
             cat, ev = t.name.split(":")
-            if not host.tracepoint_exists(cat, ev):
+            if not tracefs.tracepoint_exists(cat, ev):
                 p.reason = f"tracepoint {t.name} does not exist"
             elif not caps.ok("tracepoint lock:contention_begin/end"):
                 p.reason = caps.why("tracepoint lock:contention_begin/end")
@@ -223,7 +224,7 @@ def symbol_rows(caps):
         for t in p.targets:
             if catalog.TRACEPOINT in t.methods:
                 cat, ev = t.name.split(":")
-                found = t.name if host.tracepoint_exists(cat, ev) else ""
+                found = t.name if tracefs.tracepoint_exists(cat, ev) else ""
             else:
                 found = catalog.resolve_symbol(t, caps.symbols) or ""
             rows.append((p.name, t.name, found))

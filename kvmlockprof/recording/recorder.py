@@ -9,16 +9,18 @@ import time
 
 import numpy as np
 
-from . import __version__, bpfstats, catalog, host, processes
-from .ksyms import Kallsyms
-from .locknames import REGISTRY_TABLES, SessionNames
-from .probes import contention as cp
-from .probes.contention import LOSSES
-from .sources import KERNEL_MEM_MB, load_btf, open_sources
-from . import recording
-from .recording import Writer, check_output, to_arrow
-from .stacks import new_stack_ids, stack_ids_in, stacks_table
-from .workload import WORK_ENV
+from kvmlockprof import __version__, catalog
+from kvmlockprof.kernel import bpfload, bpfstats, headers, host
+from kvmlockprof.kernel.ksyms import Kallsyms
+from kvmlockprof.probes import contention as cp
+from kvmlockprof.probes.contention import LOSSES
+from kvmlockprof.probes.sources import KERNEL_MEM_MB, load_btf, open_sources
+from kvmlockprof.recording import processes
+from kvmlockprof.recording import store as recording
+from kvmlockprof.recording.locknames import REGISTRY_TABLES, SessionNames
+from kvmlockprof.recording.stacks import new_stack_ids, stack_ids_in, stacks_table
+from kvmlockprof.recording.store import Writer, check_output, to_arrow
+from kvmlockprof.workload import WORK_ENV
 
 # What SessionNames.update reads of the aggregates (not the histograms: slow to convert)
 NAMING_COLUMNS = ["lock_addr", "flags", "stack_id", "tgid", "count"]
@@ -139,7 +141,7 @@ class Recorder:
             self.ksyms = Kallsyms()
             self.names = SessionNames(self.ksyms, self.kbtf)
             self.kbtf = None            # the names keep their own small tables
-            host.release_memory()
+            bpfload.release_memory()
             self.writer = Writer(self.out)
             self.snapshots = Snapshots(self.writer)
             self.writer.manifest(self.manifest)
@@ -193,7 +195,7 @@ class Recorder:
                 "machine": os.uname().machine, "command_line": sys.argv,
                 "command": self.command, "pid_filter": self.pids,
                 "system_wide": self._filter() is None, "duration_requested_s": self.duration,
-                "headers": host.find_headers().describe(), "probes": {}}
+                "headers": headers.find_headers().describe(), "probes": {}}
 
     def _spawn(self, tgids):
         """Start the command held at a gate until its pid is in the filter.

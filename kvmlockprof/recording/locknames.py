@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .analysis import LCB_F_READ, LCB_F_SPIN, LCB_F_WRITE
+from kvmlockprof.analysis.locks import LCB_F_READ, LCB_F_SPIN, LCB_F_WRITE
 
 # The function probes' registry snapshots (FunctionProbes.snapshots): the live VMs
 # and vCPUs, and those whose end the vms probe saw.
@@ -269,7 +269,7 @@ class SessionNames:
     def add_stacks(self, stacks):
         """New contention stacks (an Arrow table or DataFrame with stack_id, frames,
         lock_frame); no DataFrame is built: this runs at every flush that has some."""
-        from .analysis import caller_frame
+        from kvmlockprof.analysis.locks import caller_frame
         cols = stacks.to_pydict() if hasattr(stacks, "to_pydict") else stacks
         for sid, frames, lockf in zip(cols["stack_id"], cols["frames"], cols["lock_frame"]):
             self.callers[int(sid)] = caller_frame(list(frames), lockf)

@@ -4,17 +4,20 @@ Nothing is streamed for contention (aggregates only): each refresh reads the
 aggregate map, subtracts the previous read for the last interval, and runs the
 same analysis.top() as `report` on both. Function probes show their counters'
 rates and the fast-path / cache hit ratios, over the interval and cumulative."""
+import signal
 import time
 
 import numpy as np
 import pandas as pd
 
-from . import analysis, host, processes
-from .ksyms import Kallsyms
-from .locknames import REGISTRY_TABLES, SessionNames
-from .recording import Recording
-from .report import fmt_ns
-from .stacks import new_stack_ids, stacks_table
+from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.kernel import bpfload, host
+from kvmlockprof.kernel.ksyms import Kallsyms
+from kvmlockprof.recording import processes
+from kvmlockprof.recording.locknames import REGISTRY_TABLES, SessionNames
+from kvmlockprof.recording.stacks import new_stack_ids, stacks_table
+from kvmlockprof.recording.store import Recording
+from kvmlockprof.views.report import fmt_ns
 
 AGG_KEYS = ["lock_addr", "tgid", "flags", "stack_id"]
 SORTS = list(analysis.SORT_KEYS)
@@ -187,6 +190,34 @@ class LiveView:
             self.sort = SORTS[(SORTS.index(self.sort) + 1) % len(SORTS)]
         else:
             self.by = BYS[(BYS.index(self.by) + 1) % len(BYS)]
+
+
+def run(requested, pids, by, sort, limit, interval, iterations, stack_budget, prefer,
+        kernel_mem_mb, batch, warn, echo):
+    """A whole `top` session: attach (sample-free: aggregates only), refresh until q,
+    Ctrl-C, SIGTERM/SIGHUP or `iterations`, and detach whatever happens."""
+    from kvmlockprof.probes.sources import close_sources, load_btf, open_sources
+    from kvmlockprof.recording.recorder import Stop, _raise_stop
+    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    sources = {}
+    try:
+        kbtf, _ = load_btf(warn)
+        sources, status, _ = open_sources(
+            requested, tgids=pids, sample_every=0, ringbuf_mb=1, prefer=prefer, warn=warn,
+            kbtf=kbtf, stack_budget=stack_budget, kernel_mem_mb=kernel_mem_mb)
+        view = LiveView(sources, status, by=by, sort=sort, limit=limit, pids=pids, kbtf=kbtf)
+        kbtf = None
+        bpfload.release_memory()
+        if batch:
+            run_batch(view, interval, iterations, echo)
+        else:
+            run_curses(view, interval, iterations)
+    except (KeyboardInterrupt, Stop):
+        pass
+    finally:
+        close_sources(sources)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def run_batch(view, interval, iterations, echo):

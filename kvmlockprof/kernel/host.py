@@ -1,0 +1,64 @@
+"""Facts about the running kernel that decide how (and whether) we can probe it."""
+import errno
+import os
+import platform
+import socket
+
+BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+
+
+def kernel_release():
+    return platform.release()
+
+
+def hostname():
+    return socket.gethostname()
+
+
+# --- privileges --------------------------------------------------------------
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+
+def effective_caps():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def can_bpf():
+    caps = effective_caps()
+    has = lambda c: bool(caps & (1 << c))  # noqa: E731
+    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
+
+
+# --- BTF, config ----------------------------------------------------------------
+
+def has_btf():
+    return os.path.exists(BTF_VMLINUX)
+
+
+def config_option(name):
+    """A kernel config value from /boot/config-* or /proc/config.gz, or None."""
+    import gzip
+    paths = [f"/boot/config-{kernel_release()}"]
+    for p in paths + ["/proc/config.gz"]:
+        try:
+            opener = gzip.open if p.endswith(".gz") else open
+            with opener(p, "rt") as f:
+                for line in f:
+                    if line.startswith(name + "="):
+                        return line.strip().split("=", 1)[1]
+                    if line.startswith(f"# {name} is not set"):
+                        return "n"
+        except OSError:
+            continue
+    return None
+
+
+def errno_name(e):
+    return errno.errorcode.get(e, str(e))
