@@ -21,9 +21,8 @@
 /* The waits in progress of a task, by lock: a mutex begins several times
  * before its end (see continues()), and the task can contend on other locks inside
  * a wait (the mutex's wait_lock; interrupts and softirqs taken while a
- * paravirt spinlock waiter halts), so several slots: 5 waits at once were
- * seen here under the churn storm. Task storage costs ~40 ns a lookup here,
- * a hash ~200 ns an operation, and it needs no sizing. */
+ * paravirt spinlock waiter halts), so several slots. Task storage is a few
+ * times cheaper a lookup than a hash and needs no sizing (bench/README.md). */
 #define KVMLP_NEST 8
 struct pending_slots {
 	u64 lock[KVMLP_NEST];     /* 0: free */
@@ -77,8 +76,8 @@ BPF_PERCPU_ARRAY(stack_tick, u64, 1);
  * through at the previous window's rate of waits: the first waits of every
  * window would stand for all of them, and bursts would skew the callers.
  * Credit, not a count reset every window: a count lets the draws of a
- * window's start through and cuts those after it (walked waits began at 0.40
- * of their window on average, against 0.50 for all waits). */
+ * window's start through and cuts those after it, leaning the walked waits to
+ * the window's start (bench/README.md). */
 struct stack_window {
 	u64 window;             /* now / window_ns */
 	u64 waits;              /* begun in this window */
@@ -130,8 +129,8 @@ static __always_inline int get_stack(void *ctx)
 	return stack_id;
 }
 
-/* The kernel stack of a wait that begins now, or KVMLP_NO_STACK. A walk costs
- * ~6 us here (ORC, nested guest), so it is done at contention_begin, where the
+/* The kernel stack of a wait that begins now, or KVMLP_NO_STACK. A walk is most
+ * of a wait's cost (bench/README.md), so it is done at contention_begin, where the
  * task is about to wait anyway: at contention_end the lock is held (and a
  * mutex's wait_lock, with interrupts off), so a walk there lengthens the
  * critical section and every waiter behind it. --stack-every N walks for one
@@ -172,7 +171,7 @@ static __always_inline int walk_stack(void *ctx, u64 now, struct kvmlp_arm *arm)
 /* The stack of a wait that ends now without one, its lock (per process and
  * flags) having had no unwalked wait on this CPU yet: under the budget a lock
  * that contends a few times amid a storm would most often keep no caller at
- * all (10 s storms: 5 of 13 and 11 of 20 locks had none). One walk per such
+ * all (bench/README.md). One walk per such
  * aggregate key, ever (first_walked), outside the budget; it is done at the
  * end, inside this one critical section, because only there does the
  * aggregate lookup every wait makes anyway say that the key is new, so the

@@ -42,8 +42,8 @@ RINGBUF_MB = 16
 MAP_ENTRIES = 16384         # aggregate, stack and pending maps (perf's -M)
 STACK_EVERY = 1
 # Stack walks per second per CPU: the walk is most of a wait's cost; 250/s bounds it
-# to ~0.5% of each CPU on a nested guest and still gives thousands of stacks a
-# minute to split the waits by caller (bench/README.md, "Stack budget").
+# to about half a percent of each CPU and still gives thousands of stacks a minute
+# to split the waits by caller (bench/README.md, "Overhead").
 STACK_BUDGET = 250
 # The kernel's own count of events our handlers never ran for (bpfstats.recursion_misses).
 RECURSION = "lost_recursion"
@@ -64,9 +64,8 @@ def stack_window(budget):
     budget is exceeded. A little longer (3%, so a little under the budget) and an
     odd number of ns: a window that is a multiple of the timer tick (8 ms at 250
     walks/s, HZ=250) starts on the burst of waits each tick brings, with its
-    credit full, so walked waits leaned to their window's start (0.31-0.41 of it,
-    against 0.47 for every wait); a window out of step with the tick drifts over
-    its phases. (0, 0): no cap."""
+    credit full, so walked waits leaned to their window's start (bench/README.md);
+    a window out of step with the tick drifts over its phases. (0, 0): no cap."""
     if not budget:
         return 0, 0
     walks = budget // 100 if budget >= 200 else 2

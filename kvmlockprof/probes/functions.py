@@ -104,7 +104,7 @@ def module_source(probes):
 
 
 # Each streaming probe's ring buffer: drained at least ten times a second, 2 MB holds
-# ~30k events, several times the busiest stream seen (Xen sends, 5k/s in the lab).
+# ~30k events, several times the busiest stream measured (bench/README.md).
 RINGBUF_MB = 2
 
 
