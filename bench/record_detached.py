@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kvmlockprof import cli  # noqa: E402
-from kvmlockprof.recording import recorder as record
+from kvmlockprof.recording import recorder as record  # noqa: E402
 
 
 class DetachedRecorder(record.Recorder):

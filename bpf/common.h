@@ -2,9 +2,9 @@
  * that they share the VM registry and the stack map.
  *
  * Each target KEY is written once and compiles to the attach method the loader
- * chose (KVMLP_M_KEY): 1 fentry/fexit, 2 kprobe/kretprobe, 0 not attached, 3
- * fentry/fexit on a symbol other targets share (a plain function here, which the
- * symbol's one program, made by the loader, calls). Its
+ * chose (KVMLP_M_KEY, one of KVMLP_M_* below): fentry/fexit, kprobe/kretprobe, not
+ * attached, or fentry/fexit on a symbol other targets share (a plain function here,
+ * which the symbol's one program, made by the loader, calls). Its
  * arguments are read by position (KVMLP_A_KEY_PARAM, from BTF), never through a
  * struct declared in headers, which may be from another kernel. */
 #ifndef KVMLP_COMMON_H
@@ -16,10 +16,16 @@
 #define KVMLP_CAT_(a, b) a##b
 #define KVMLP_CAT(a, b) KVMLP_CAT_(a, b)
 
+/* The attach methods (KVMLP_M_KEY), which the macros below paste as suffixes. */
+#define KVMLP_M_OFF 0
+#define KVMLP_M_FENTRY 1
+#define KVMLP_M_KPROBE 2
+#define KVMLP_M_SHARED_FENTRY 3
+
 #define KVMLP_ENTRY(key) KVMLP_ENTRY_M(KVMLP_M_##key, KVMLP_S_##key, key)
 #define KVMLP_ENTRY_M(m, sym, key) KVMLP_CAT(KVMLP_ENTRY_, m)(sym, key)
 #define KVMLP_ENTRY_1(sym, key) KFUNC_PROBE(sym)
-#define KVMLP_ENTRY_2(sym, key) int kvmlp_kp__##key(struct pt_regs *ctx)
+#define KVMLP_ENTRY_2(sym, key) int kvmlp_kp_##key(struct pt_regs *ctx)
 #define KVMLP_ENTRY_0(sym, key) static __always_inline int kvmlp_off__##key(void *ctx)
 #define KVMLP_ENTRY_3(sym, key) static __always_inline int kvmlp_fe__##key(unsigned long long *ctx)
 
@@ -30,7 +36,7 @@
 #define KVMLP_RETURN(key) KVMLP_RETURN_M(KVMLP_M_##key, KVMLP_S_##key, key)
 #define KVMLP_RETURN_M(m, sym, key) KVMLP_CAT(KVMLP_RETURN_, m)(sym, key)
 #define KVMLP_RETURN_1(sym, key) KRETFUNC_PROBE(sym)
-#define KVMLP_RETURN_2(sym, key) int kvmlp_kr__##key(struct pt_regs *kvmlp_ret_regs)
+#define KVMLP_RETURN_2(sym, key) int kvmlp_kr_##key(struct pt_regs *kvmlp_ret_regs)
 #define KVMLP_RETURN_0(sym, key) static __always_inline int kvmlp_offr__##key(void *ctx)
 #define KVMLP_RETURN_3(sym, key) static __always_inline int kvmlp_fx__##key(unsigned long long *ctx)
 

@@ -1,8 +1,9 @@
 """kvmlockprof: an eBPF live lock-contention profiler for Linux KVM hosts.
 
     import kvmlockprof
+    from kvmlockprof.analysis import locks
     rec = kvmlockprof.load("kvmlockprof.parquet")   # no root needed
-    kvmlockprof.analysis.locks.top(rec, by="lock")
+    locks.top(rec, by="lock")
 """
 __version__ = "0.1.0"
 

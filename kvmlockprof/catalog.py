@@ -22,7 +22,10 @@ from kvmlockprof import cdefs
 TRACEPOINT = "raw_tracepoint"    # never perf-attached: see bpf/contention.bpf.c
 FENTRY = "fentry"
 KPROBE = "kprobe"
-METHOD_CODE = {None: 0, FENTRY: 1, KPROBE: 2}
+# The C's codes for them (KVMLP_M_*, bpf/common.h), which its macros paste as suffixes
+METHOD_CODE = {None: cdefs.define("common.h", "KVMLP_M_OFF"),
+               FENTRY: cdefs.define("common.h", "KVMLP_M_FENTRY"),
+               KPROBE: cdefs.define("common.h", "KVMLP_M_KPROBE")}
 
 
 @dataclass(frozen=True, eq=False)   # catalog entries are singletons: hash by identity
@@ -65,6 +68,7 @@ class Probe:
     streams: tuple = ()            # (ring buffer map, recording table)
     aggregates: tuple = ()         # (in-kernel map, recording table), snapshotted
     fields: dict = field(default_factory=dict)      # KVMLP_OFF_X -> (struct, field path)
+    defines: dict = field(default_factory=dict)     # its own build-time knobs, for its C
     sections: tuple = ()           # its Sections of report and HTML, in order
     compare: object = None         # rec -> {(metric, better, unit): value}
     # (stream batches, map snapshots) -> {name: (hits, total, counted since the start)}
@@ -78,11 +82,10 @@ class Probe:
 
     @property
     def counters(self):
-        """Names of its in-kernel counters, in order: `enum <name>_counter` of its C."""
-        try:
-            return cdefs.counters(self.header or self.bpf, f"{self.name}_counter")
-        except (cdefs.CDefsError, OSError):
-            return ()
+        """Names of its in-kernel counters, in order: `enum <name>_counter` of its C
+        (a probe with C must have one: its slots in the shared array come from it)."""
+        return cdefs.counters(self.header or self.bpf, f"{self.name}_counter") \
+            if self.bpf else ()
 
 
 CATALOG = []           # in registration order: the built-in probes first
@@ -93,6 +96,7 @@ def register(probe):
     """Add a probe to the catalog (its name must be new); returns it."""
     if probe.name in BY_NAME:
         raise ValueError(f"a probe named {probe.name!r} is already registered")
+    probe.counters                  # its C states them: refuse a probe whose C does not
     CATALOG.append(probe)
     BY_NAME[probe.name] = probe
     return probe

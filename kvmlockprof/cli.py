@@ -8,7 +8,8 @@ import sys
 import click
 
 from kvmlockprof import __version__
-from kvmlockprof.probes.contention import MAP_ENTRIES, RINGBUF_MB, SAMPLE_EVERY, STACK_BUDGET, STACK_EVERY
+from kvmlockprof.probes.contention import (MAP_ENTRIES, RINGBUF_MB, SAMPLE_EVERY, STACK_BUDGET,
+                                           STACK_EVERY)
 
 EPILOG_RECORD = """\b
 Examples:
@@ -56,7 +57,7 @@ PERF_SORT_KEYS = {"wait_total": "total", "wait_max": "max", "wait_min": "min",
 SORTS = ["contended", "total", "max", "avg", "min", "p50", "p90", "p99"]
 
 
-def view_options(what):
+def view_options(what, pid_note=""):
     """--by, -s/-k, -n/-E, -p: report's and top's, the same letters as perf lock's."""
     def add(f):
         for opt in reversed((
@@ -71,7 +72,7 @@ def view_options(what):
                 click.option("-n", "-E", "--limit", type=click.IntRange(min=1), default=20,
                              show_default=True, help="Rows shown (perf's -E/--entries)."),
                 click.option("-p", "--pid", "pids", type=int, multiple=True,
-                             help="Only these processes (tgid); repeatable."))):
+                             help="Only these processes (tgid); repeatable" + pid_note + "."))):
             f = opt(f)
         return f
     return add
@@ -196,7 +197,7 @@ Keys: q quit, s next sort key, b next grouping (lock, caller, process).
 @main.command(epilog=EPILOG_TOP)
 @click.option("-i", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="Seconds between refreshes.")
-@view_options(", taken over the last interval")
+@view_options(", taken over the last interval", pid_note="; filtered in the kernel")
 @click.option("--probes", "probe_names", metavar="A,B,...",
               help="Probes to attach (default: every probe this host can attach).")
 @click.option("--stack-budget", type=click.IntRange(min=0), default=STACK_BUDGET,
@@ -395,6 +396,8 @@ def ab(runs, duration, workload_args, base_args, new_args, base_kernel, new_kern
     if not base_kernel and base_args == new_args:
         fail("the two sides are the same: give --new-args/--base-args or two kernels")
     for path in (output, html_out):
+        if path and os.path.isdir(path):
+            fail(f"{path} is a directory: -o/--html take a file (the recordings go to --dir)")
         if path and os.path.exists(path) and not force:
             fail(f"{path} exists: use --force to overwrite it")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not force:

@@ -79,7 +79,7 @@ def test_top_shows_kvm_contention_and_exits_clean(churn, tmp_path, how):
         assert kernel_objects() - before, "top should have its probes loaded"
         assert "waits/s" in screen and "mutex" in screen     # memslot churn: slots_lock
         assert "not attached:" in screen or "attached: contention" in screen
-        # the grouping key cycles: b -> task, the VM named by its -name
+        # the grouping key cycles: b -> process, the VM named by its -name
         t.tmux("send-keys", "b")
         t.wait_for(lambda s: f"topvm ({churn.pid})" in s)
         t.tmux("send-keys", how)

@@ -214,3 +214,17 @@ def test_the_python_api_defaults_are_the_clis():
             assert api[knob] == cli_defaults[knob], (fn.__qualname__, knob)
     top_defaults = {o.name: o.default for o in _options(cli.main.commands["top"])}
     assert top_defaults["stack_budget"] == cli_defaults["stack_budget"]
+
+
+def test_every_kprobe_program_has_a_name_of_its_own_in_the_kernel():
+    """The kernel keeps 15 characters of a program's name (bpftool prog shows them):
+    each target's kprobe and kretprobe handler must stay told apart there."""
+    plans = functions.forced_plans([p for p in catalog.CATALOG if p.bpf and
+                                    p.targets[0].methods != (catalog.TRACEPOINT,)],
+                                   catalog.KPROBE)
+    fp = functions.FunctionProbes.__new__(functions.FunctionProbes)
+    fp.plans = plans
+    names = [fn for p in plans for fn, _, _ in fp.kprobe_functions(p)]
+    short = [n[:15] for n in names]
+    assert len(set(short)) == len(short), sorted(n for n in names if short.count(n[:15]) > 1)
+    assert all(n.startswith("kvmlp_") for n in names)

@@ -5,6 +5,6 @@ from kvmlockprof import catalog
 from kvmlockprof.probes import contention, gpc, srcu, vgic, vms, xarray, xen_evtchn
 
 # Catalog order: what `probes`, doctor and the report list first.
-BUILTIN = tuple(m.PROBE for m in (contention, vms, xen_evtchn, gpc, vgic, xarray, srcu))
+BUILTIN = tuple(m.PROBE for m in (contention, vms, xen_evtchn, gpc, srcu, xarray, vgic))
 for _probe in BUILTIN:
     catalog.register(_probe)

@@ -14,7 +14,7 @@ from kvmlockprof.kernel.maps import read_counters, read_hash
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
 from kvmlockprof.recording.store import to_arrow
 
-# Its tables are the report's own (analysis.py, report.py): no sections of its own.
+# Its tables are the lock views' own (analysis.locks, views.report): no sections.
 PROBE = Probe(
     name="contention",
     fires="per contended wait (two programs)",

@@ -2,7 +2,7 @@
 one BPF module (they share the VM registry and the stack map), attached per
 target with the method its plan chose, read generically from the catalog's
 stream/aggregate/counter declarations."""
-from kvmlockprof import catalog
+from kvmlockprof import catalog, cdefs
 from kvmlockprof.kernel import bpfload, btf as btfmod
 from kvmlockprof.kernel.maps import read_counters, read_hash
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
@@ -12,7 +12,8 @@ from kvmlockprof.recording.store import to_arrow
 # (locknames.REGISTRY_TABLES; keyed by address and first_ns, LRU).
 SHARED_TABLES = (("kvmlp_vms", "vms", "kvm"), ("kvmlp_vcpus", "vcpus", "vcpu"),
                  ("kvmlp_vm_ends", "vm_ends", "key"), ("kvmlp_vcpu_ends", "vcpu_ends", "key"))
-SHARED_FENTRY = 3       # KVMLP_M_*: fentry on a symbol that other targets of the module share
+# fentry on a symbol that other targets of the module share (bpf/common.h)
+SHARED_FENTRY = cdefs.define("common.h", "KVMLP_M_SHARED_FENTRY")
 
 
 def target_defines(target, symbol, method, kbtf):
@@ -26,10 +27,11 @@ def target_defines(target, symbol, method, kbtf):
     return d
 
 
-def module_defines(plans, kbtf, stack_entries=16384, ringbuf_pages=1024, srcu_sample_every=64):
+def module_defines(plans, kbtf, stack_entries=16384, ringbuf_pages=1024):
     """Every define the combined module needs, for {probe: Plan}."""
-    d = {"KVMLP_STACK_ENTRIES": stack_entries, "KVMLP_RINGBUF_PAGES": ringbuf_pages,
-         "KVMLP_SRCU_SAMPLE_EVERY": srcu_sample_every}
+    d = {"KVMLP_STACK_ENTRIES": stack_entries, "KVMLP_RINGBUF_PAGES": ringbuf_pages}
+    for probe in plans:
+        d.update(probe.defines)
     bases = counter_bases(plans)
     d.update({f"KVMLP_CBASE_{p.name.upper()}": base for p, base in bases.items()})
     d["KVMLP_NR_COUNTERS"] = max(1, sum(len(p.counters) for p in plans))
@@ -111,12 +113,11 @@ RINGBUF_MB = 2
 class FunctionProbes:
     """Compile, attach, read and detach a set of function probes."""
 
-    def __init__(self, plans, kbtf, ringbuf_mb=RINGBUF_MB, srcu_sample_every=64, attach=True):
+    def __init__(self, plans, kbtf, ringbuf_mb=RINGBUF_MB, attach=True):
         self.plans = dict(plans)
         pages = max(1, ringbuf_mb * (1 << 20) // 4096)
         self.ringbuf_bytes = (1 << (pages.bit_length() - 1)) * 4096
-        self.defines = module_defines(self.plans, kbtf, ringbuf_pages=self.ringbuf_bytes // 4096,
-                                      srcu_sample_every=srcu_sample_every)
+        self.defines = module_defines(self.plans, kbtf, ringbuf_pages=self.ringbuf_bytes // 4096)
         # fentry handlers attach as bcc compiles the module; kprobes below, one by one.
         self.bpf = bpfload.compile_bpf(text=module_source(self.plans), defines=self.defines)
         self.status = {}
@@ -137,9 +138,9 @@ class FunctionProbes:
         for t in probe.targets:
             sym, method = plan.targets.get(t.key, (None, None))
             if method == catalog.KPROBE and target in (None, t):
-                out.append((f"kvmlp_kp__{t.key}", sym, False))
+                out.append((f"kvmlp_kp_{t.key}", sym, False))
                 if t.ret:
-                    out.append((f"kvmlp_kr__{t.key}", sym, True))
+                    out.append((f"kvmlp_kr_{t.key}", sym, True))
         return out
 
     def _detach_kprobes(self, handlers):

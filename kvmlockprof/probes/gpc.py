@@ -31,7 +31,7 @@ def refreshes(rec):
 def checks(rec):
     """Per cache: check hits, misses, the hit ratio, activations and deactivations."""
     df = rec.table("gpc_ops")
-    cols = list(OPS.values())
+    cols = ["check_hit", "check_miss", "activate", "deactivate"]
     if df.empty:
         return pd.DataFrame(columns=["tgid", "kvm", "gpc", "place_name", *cols, "hit_ratio"])
     df = df.assign(op_name=df["op"].map(OPS), place_name=df["place"].map(PLACES))

@@ -125,7 +125,7 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=cp.
         plans = _function_plans(requested, status, prefer, warn)
         if plans:
             try:
-                f = FunctionProbes(plans, kbtf or btf.Btf(), srcu_sample_every=64)
+                f = FunctionProbes(plans, kbtf or btf.Btf())
             except (BpfUnavailable, btf.BtfError) as e:
                 for p in plans:
                     status[p.name] = {"status": "failed", "reason": str(e)}

@@ -115,6 +115,8 @@ PROBE = Probe(
     streams=(("srcu_events", "srcu_sync"),),
     aggregates=(("srcu_sections", "srcu_sections"),),
     fields={"KVM_SRCU": ("kvm", "srcu"), "KVM_IRQ_SRCU": ("kvm", "irq_srcu")},
+    # one read section in this many streamed with its caller (all are in the histograms)
+    defines={"KVMLP_SRCU_SAMPLE_EVERY": 64},
     sections=(Section("srcu_sections", "SRCU read sections per srcu_struct (p50/p99: log2 "
                       "bucket bounds)", sections, _sections_figure, hex=("kvm", "ssp")),
               Section("srcu_sync", "SRCU grace-period waits", syncs, _syncs_figure,
