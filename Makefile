@@ -10,7 +10,7 @@ LAB_PKGS := qemu-system-x86 busybox-static
 LAB_STAMP := $(VENV)/.lab
 DEMO_S  ?= 10
 
-.PHONY: setup apt demo test bench lab lab-apt lab-test clean
+.PHONY: setup apt demo test bench peer lab lab-apt lab-test clean
 
 setup: $(STAMP)
 
@@ -29,9 +29,21 @@ endef
 apt:
 	$(call apt-install,$(APT_PKGS))
 
+# The real peer, `perf lock contention -b`: Debian's linux-perf has no BPF skeletons, so
+# bench/peer.py builds perf from Debian's kernel source (the newest whose skeleton loads
+# here), cached in /var/cache/kvmlockprof/peer: a second run builds nothing.
+PEER_PKGS := clang llvm libelf-dev libdw-dev libtraceevent-dev libcap-dev flex bison \
+	pkg-config libzstd-dev linux-source-6.1
+peer: setup
+	$(call apt-install,$(PEER_PKGS),--no-install-recommends)
+	-@dpkg-query -W -f='$${Status}\n' linux-source-6.12 2>/dev/null | grep -q '^install ok' || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  linux-source-6.12 || echo "linux-source-6.12 not available: perf 6.1 only"
+	$(PY) bench/peer.py
+
 # Benchmarks (bench/README.md): the peers to compare with, then every benchmark.
 BENCH_PKGS := bpftrace
-bench: setup
+bench: setup peer
 	$(call apt-install,$(BENCH_PKGS),--no-install-recommends)
 	$(PY) bench/overhead.py
 	$(PY) bench/overhead.py --workload "--vcpus 2 --churn --churn-rate 250" \

@@ -7,6 +7,10 @@ Configurations:
   kvmlockprof-agg-allstacks  aggregates only, a kernel stack for every wait (--stack-budget 0)
   bpftrace             the same aggregation in bpftrace (bench/contention.bt)
   perf                 perf record -e lock:contention_begin,lock:contention_end -a -g
+  perf-lock-b          the real peer: perf lock contention -ab (in-kernel aggregation,
+                       caller stacks; perf built with BPF skeletons by `make peer`)
+  perf-lock-b-addr     perf lock contention -ab -l (by lock address, no stacks), where the
+                       built perf has -l (6.2+)
 Control (not in the default set):
   kvmlockprof-agg-detached   kvmlockprof-agg whose probes are detached when its loop starts,
                        after its start-up (bench/record_detached.py): the record process, its
@@ -53,7 +57,31 @@ from results_io import RESULTS, save      # bench/ is on sys.path when run as a 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KLP = [sys.executable, "-m", "kvmlockprof"]
-CONFIGS = ("kvmlockprof-agg,kvmlockprof-stream,kvmlockprof-agg-allstacks,bpftrace,perf")
+CONFIGS = ("kvmlockprof-agg,kvmlockprof-stream,kvmlockprof-agg-allstacks,bpftrace,perf,"
+           "perf-lock-b,perf-lock-b-addr")
+
+
+def peer_perf():
+    """The built `perf lock contention -b` (bench/peer.py's cache), or None."""
+    from peer import find
+    try:
+        return find(verbose=False)[0]
+    except Exception:
+        return None
+
+
+def available(config, peer):
+    if config.startswith("kvmlockprof"):
+        return True
+    if config.startswith("perf-lock-b"):
+        if not peer:
+            return False
+        if config.endswith("-addr"):
+            h = subprocess.run([peer, "lock", "contention", "-h"], capture_output=True,
+                               text=True)
+            return "--lock-addr" in h.stdout + h.stderr
+        return True
+    return bool(shutil.which(config))
 WORK = ("exits", "churn_ops")
 
 
@@ -86,7 +114,7 @@ def _sigint_default():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start(config, tmp):
+def start(config, tmp, peer=None):
     """Start a profiler; return its Popen once it is attached."""
     if config.startswith("kvmlockprof"):
         out = os.path.join(tmp, f"{config}.parquet")
@@ -112,6 +140,15 @@ def start(config, tmp):
                              preexec_fn=_sigint_default)
         wait_for(lambda: os.path.exists(data) and os.path.getsize(data) > 0 or
                  p.poll() is not None)
+    elif config.startswith("perf-lock-b"):
+        before = set(prog_stats())
+        log = os.path.join(tmp, f"{config}.log")
+        p = subprocess.Popen([peer, "lock", "contention", "-ab"] +
+                             (["-l"] if config.endswith("-addr") else []),
+                             stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                             preexec_fn=_sigint_default)
+        # attached: its two tp_btf programs are loaded (it prints nothing until the end)
+        wait_for(lambda: len(set(prog_stats()) - before) >= 2 or p.poll() is not None)
     if p.poll() is not None:
         raise RuntimeError(f"{config} exited at start ({p.returncode})")
     return p
@@ -252,7 +289,8 @@ def main():
         summarize(result)
         save(result, a.reanalyse)
         return
-    configs = [c for c in a.configs.split(",") if c.startswith("kvmlockprof") or shutil.which(c)]
+    peer = peer_perf() if "perf-lock-b" in a.configs else None
+    configs = [c for c in a.configs.split(",") if available(c, peer)]
     skipped = sorted(set(a.configs.split(",")) - set(configs))
     # off + (settle + start-up ~3 s + window + cost window + stop ~1 s) per profiled window
     duration = a.rounds * len(configs) * (2 * (a.window + a.settle) + a.cost_window + 6) + 60
@@ -272,7 +310,7 @@ def main():
                 for c in configs:
                     time.sleep(a.settle)
                     offs.append(window(progress, a.window))
-                    p = start(c, tmp)
+                    p = start(c, tmp, peer)
                     try:
                         time.sleep(a.settle)
                         ons.append((c, window(progress, a.window, p.pid)))

@@ -20,12 +20,26 @@ KLP = [sys.executable, "-m", "kvmlockprof"]
 
 
 def sample(pid, partial):
+    """(VmRSS, RssAnon) in kB, CPU seconds, files in .partial."""
     with open(f"/proc/{pid}/status") as f:
-        rss = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), None)
+        st = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f)
+              if k in ("VmRSS", "RssAnon")}
+    rss = (st["VmRSS"], st.get("RssAnon")) if "VmRSS" in st else None
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return rss, cpu, len(os.listdir(partial))
+
+
+def slope(series, key):
+    """MiB an hour of series[key] (kB) against t (s), least squares; NaN if too short."""
+    pts = [(s["t"], s[key]) for s in series if s.get(key) is not None]
+    if len(pts) < 3:
+        return float("nan")
+    n = len(pts)
+    mt, mv = sum(t for t, _ in pts) / n, sum(v for _, v in pts) / n
+    b = sum((t - mt) * (v - mv) for t, v in pts) / sum((t - mt) ** 2 for t, _ in pts)
+    return b * 3600 / 1024
 
 
 def peak_rss_kb(argv):
@@ -57,8 +71,8 @@ def main():
         except (OSError, StopIteration):
             continue
         if rss:
-            series.append({"t": time.monotonic() - t0, "rss_kb": rss, "cpu_s": cpu,
-                           "files": files})
+            series.append({"t": time.monotonic() - t0, "rss_kb": rss[0], "anon_kb": rss[1],
+                           "cpu_s": cpu, "files": files})
     assert p.wait() == 0, "record failed"
     t = time.monotonic()
     report_rss = peak_rss_kb(KLP + ["report", a.out, "--limit", "20"])
@@ -70,13 +84,17 @@ def main():
            "samples": rec.manifest["samples"], "file_mb": os.path.getsize(a.out) / 2**20,
            "rss_mb_at_30s": first["rss_kb"] / 1024, "rss_mb_end": last["rss_kb"] / 1024,
            "record_cpu_share": (last["cpu_s"] - first["cpu_s"]) / (last["t"] - first["t"]),
+           # the resident memory's trend after start-up, MiB an hour (least squares)
+           "rss_mb_per_h": slope([s for s in series if s["t"] >= 300], "rss_kb"),
+           "anon_mb_per_h": slope([s for s in series if s["t"] >= 300], "anon_kb"),
            "max_files": max(s["files"] for s in series),
            "report_s": report_s,
            "report_peak_rss_mb": report_rss / 1024}
     print(f"record {a.seconds:.0f} s of `workload {a.workload}`: {res['samples']} samples, "
           f"{res['file_mb']:.0f} MB file")
     print(f"  record RSS {res['rss_mb_at_30s']:.0f} MiB at 30 s -> {res['rss_mb_end']:.0f} MiB "
-          f"at the end; CPU {res['record_cpu_share']:.1%} of one CPU; at most "
+          f"at the end (after 5 min: {res['rss_mb_per_h']:+.1f} MiB/h, anonymous "
+          f"{res['anon_mb_per_h']:+.1f} MiB/h); CPU {res['record_cpu_share']:.1%} of one CPU; at most "
           f"{res['max_files']} files in .partial")
     print(f"  report: {report_s:.1f} s, peak RSS {res['report_peak_rss_mb']:.0f} MiB")
     save(res, a.output)

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import kvmlockprof
@@ -55,17 +56,22 @@ def test_chunks_are_merged_as_they_pile_up(tmp_path, monkeypatch):
     ev = _flushes(w, 11)
     # 11 chunks: two merged files of 4, then 3 chunks not merged yet
     files = sorted(f for f in os.listdir(w.dir) if f.startswith("contention-"))
-    assert len(files) == 5 and w.merged["contention"] == 2, files
+    assert len(files) == 5 and w.levels["contention"] == [1, 1, 0, 0, 0], files
     ev = np.concatenate([ev, _flushes(w, 9, start=11)])
     # 20 chunks: the first 4 merged files (16 chunks) merged again into one, and
-    # the last 4 chunks into another
+    # the last 4 chunks into another; each merged file is one row group
     files = sorted(f for f in os.listdir(w.dir) if f.startswith("contention-"))
-    assert len(files) == 2 and w.merged["contention"] == 2, files
+    assert len(files) == 2 and w.levels["contention"] == [2, 1], files
+    assert [pq.ParquetFile(os.path.join(w.dir, f)).metadata.num_row_groups
+            for f in w.files["contention"]] == [1, 1]
+    # 64 chunks: the 16-chunk files merged once more (a level up), never re-merged later
+    ev = np.concatenate([ev, _flushes(w, 44, start=20)])
+    assert w.levels["contention"] == [3], w.levels
     partial = kvmlockprof.load(tmp_path / "r.parquet")     # .partial: as a killed record
     assert partial.interrupted and (partial.samples["wait_ns"].to_numpy() == ev["wait_ns"]).all()
     w.finalize(_manifest(len(ev)))
     rec = kvmlockprof.load(tmp_path / "r.parquet")
-    assert len(rec.samples) == len(ev) == 100
+    assert len(rec.samples) == len(ev) == 320
     assert (rec.samples["wait_ns"].to_numpy() == ev["wait_ns"]).all()
     assert (rec.samples["lock_addr"].to_numpy() == ev["lock_addr"]).all()
 

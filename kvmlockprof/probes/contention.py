@@ -30,7 +30,7 @@ PROBE = Probe(
         "aggregates": {"lock_addr": "n", "tgid": "n", "flags": "n", "stack_id": "n",
                        "count": "n", "total_ns": "n", "max_ns": "n", "min_ns": "n",
                        "hist": "l"},
-        "stacks": {"stack_id": "n", "frames": "l", "lock_frame": "l"},
+        "stacks": {"stack_id": "n", "frames": "ls", "lock_frame": "l"},
         "in_progress": {"tid": "n", "tgid": "n", "lock_addr": "n", "flags": "n",
                         "stack_id": "n", "age_ns": "n"}},
 )

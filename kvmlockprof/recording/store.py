@@ -36,8 +36,11 @@ READABLE = (1, 2)           # is damaged); version 1 files are read unchecked
 MANIFEST_KEY = b"kvmlockprof.manifest"
 SNAPSHOT_TABLES = ("aggregates",)     # rewritten whole at every flush, not appended
 # An appended table's chunks (one a flush, a second) are merged into one file once
-# there are this many, and the merged files too (see Writer._compact).
+# there are this many, and so on up, a level at a time (see Writer._compact).
 COMPACT_CHUNKS = 30
+# Rows a merged file's row group holds at most (consecutive chunks' rows together):
+# few row groups to read back, and a merge's memory bounded (~20 MB of samples).
+MERGE_ROWS = 1 << 18
 
 
 class RecordingError(Exception):
@@ -276,7 +279,7 @@ class Writer:
         self.files = {}             # table -> its files in order (a snapshot: the last)
         self.digests = {}           # table -> {column: ColumnDigest} of those files
         self.replaced = []          # files to delete once the manifest is written
-        self.merged = {}            # table -> how many of its first files are merged ones
+        self.levels = {}            # table -> each file's merge level (0: a chunk), in order
 
     def _new_name(self, table_name):
         n = self.seq.get(table_name, 0) + 1
@@ -292,35 +295,42 @@ class Writer:
         if table is None or table.num_rows == 0:
             return
         self.files.setdefault(table_name, []).append(self._write(table_name, table))
+        self.levels.setdefault(table_name, []).append(0)
         self.rows[table_name] = self.rows.get(table_name, 0) + table.num_rows
         table_digests(table, self.digests.setdefault(table_name, {}))
         self._compact(table_name)
 
     def _compact(self, table_name):
-        """Merge the table's last COMPACT_CHUNKS chunks into one file, and as many
-        merged files into one: at most 2 x COMPACT_CHUNKS files a table, however
-        long the recording. Read back from disk: a chunk damaged there fails
+        """Merge a table's last COMPACT_CHUNKS files of one level into one file of the
+        next level: a row is rewritten once a level (log base COMPACT_CHUNKS of the
+        chunks), never the whole recording again, and a table keeps fewer than
+        COMPACT_CHUNKS files a level. Read back from disk: a chunk damaged there fails
         finalize()'s checksums, as it would have."""
-        files, k = self.files[table_name], self.merged.get(table_name, 0)
-        if len(files) - k >= COMPACT_CHUNKS:
-            self._merge(table_name, k, len(files))
-            k = self.merged[table_name] = k + 1
-        if k >= COMPACT_CHUNKS:
-            self._merge(table_name, 0, k)
-            self.merged[table_name] = 1
+        levels = self.levels[table_name]
+        while len(levels) >= COMPACT_CHUNKS and len(set(levels[-COMPACT_CHUNKS:])) == 1:
+            n = len(self.files[table_name])
+            self._merge(table_name, n - COMPACT_CHUNKS, n)
+            levels[-COMPACT_CHUNKS:] = [levels[-1] + 1]
 
     def _merge(self, table_name, start, end):
-        """files[start:end] as one file, written a row group at a time: memory for one
-        row group, not for the whole merge (a storm's 30 s of samples)."""
+        """files[start:end] as one file, their row groups joined up to MERGE_ROWS: memory
+        for that many rows, not for the whole merge (a storm's minutes of samples)."""
         files, name = self.files[table_name], self._new_name(table_name)
 
         def write(tmp):
             with pq.ParquetWriter(tmp, pq.read_schema(os.path.join(self.dir, files[start]))) \
                     as w:
+                held, rows = [], 0
                 for f in files[start:end]:
                     pf = pq.ParquetFile(os.path.join(self.dir, f), memory_map=True)
                     for i in range(pf.metadata.num_row_groups):
-                        w.write_table(pf.read_row_group(i, use_threads=False))
+                        held.append(pf.read_row_group(i, use_threads=False))
+                        rows += held[-1].num_rows
+                        if rows >= MERGE_ROWS:
+                            w.write_table(pa.concat_tables(held), row_group_size=rows)
+                            held, rows = [], 0
+                if held:
+                    w.write_table(pa.concat_tables(held), row_group_size=max(1, rows))
         _atomic(os.path.join(self.dir, name), write)
         self.replaced += files[start:end]
         self.files[table_name] = files[:start] + [name] + files[end:]
@@ -530,11 +540,13 @@ def _first_line(e):
     return s[0] if s else type(e).__name__
 
 
-# Each table's columns the analyses need (kinds: "n" numeric, "s" strings, "l" lists)
+# Each table's columns the analyses need (kinds: "n" numeric, "s" strings, "l" lists, "ls" lists of strings)
 # are its probe's (catalog.table_columns()): a damaged file that lacks them is refused.
 _KIND = {"n": pa.types.is_integer, "s": lambda t: pa.types.is_string(t) or (
     pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)),
-    "l": lambda t: pa.types.is_list(t) or pa.types.is_fixed_size_list(t)}
+    "l": lambda t: pa.types.is_list(t) or pa.types.is_fixed_size_list(t),
+    "ls": lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and
+    pa.types.is_string(t.value_type)}       # list of strings (stack frames)
 
 # Manifest fields the analyses read, and the JSON types they must have.
 _NUMBER = (int, float)
