@@ -39,8 +39,8 @@ SNAPSHOT_TABLES = ("aggregates",)     # rewritten whole at every flush, not appe
 # there are this many, and so on up, a level at a time (see Writer._compact).
 COMPACT_CHUNKS = 30
 # Rows a merged file's row group holds at most (consecutive chunks' rows together):
-# few row groups to read back, and a merge's memory bounded (~20 MB of samples).
-MERGE_ROWS = 1 << 18
+# few row groups to read back, and the memory of a merge or of finalize bounded (~5 MB).
+MERGE_ROWS = 1 << 16
 
 
 class RecordingError(Exception):
