@@ -10,8 +10,7 @@ For a function probe, each Target names the kernel function (newest name first,
 older aliases after), the attach methods it allows in order of preference, the
 parameters the C reads (their positions come from BTF, else from `signatures`),
 and whether a return handler is needed. The C sees, per target KEY:
-KVMLP_M_KEY (method: 0 off, 1 fentry/fexit, 2 kprobe/kretprobe, 3 fentry/fexit on a
-symbol several targets share), KVMLP_S_KEY (the
+KVMLP_M_KEY (the method: one of KVMLP_M_* in bpf/common.h), KVMLP_S_KEY (the
 symbol), KVMLP_N_KEY (argument count), KVMLP_A_KEY_PARAM (argument index or -1).
 Struct field offsets (`fields`) reach it as KVMLP_OFF_NAME, -1 where BTF lacks one.
 """

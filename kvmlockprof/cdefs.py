@@ -69,6 +69,7 @@ def define(file, name):
     raise CDefsError(f"bpf/{file} has no integer #define {name}")
 
 
+@functools.lru_cache(maxsize=None)      # read at every flush (FunctionProbes.counters)
 def counters(file, name):
     """The counter names of `enum name`, in order: each enumerator's part after
     `_C_`, lower-cased (KVMLP_C_LOST_AGG_FULL -> lost_agg_full), the trailing
