@@ -16,10 +16,12 @@ task (a run-queue lock in __schedule while the task sleeps on a mutex) is ours o
 
 Skipped, with the reason, where no built perf is cached: building it takes minutes
 (`make peer`), and CI runs `make test` only."""
+import glob
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -193,3 +195,101 @@ def test_perfs_entries_are_read_with_their_stacks_and_units():
     assert got == {("__mutex_lock.constprop.0+0x5e", "kvm_vm_ioctl+0xcce"): (60, 21.71e6),
                    ("__pv_queued_spin_lock_slowpath+0x10e", "__task_rq_lock+0x35"):
                    (6597, 24.58e3)}
+
+
+def built_perfs():
+    """{(major, minor): path} of the perfs bench/peer.py built, loadable here or not."""
+    out = {}
+    for path in glob.glob(os.path.join(CACHE, "perf-*", "perf")):
+        m = re.match(r"perf-(\d+)\.(\d+)", os.path.basename(os.path.dirname(path)))
+        if m and os.access(path, os.X_OK):
+            out[(int(m.group(1)), int(m.group(2)))] = path
+    return out
+
+
+def parse_perf_by_address(text, sep=","):
+    """perf lock contention -l -x SEP's rows (6.2+): {address: (count, total ns)}.
+    Each row is contended, total, max, avg wait (ns: -x prints raw numbers), then
+    the address in hex, perf's name for it and the lock type."""
+    out = {}
+    for line in text.splitlines():
+        f = [x.strip() for x in line.split(sep)]
+        if len(f) < 7 or line.startswith("#") or not f[0].isdigit():
+            continue
+        n, total, addr = int(f[0]), float(f[1]), int(f[4], 16)
+        a, t = out.get(addr, (0, 0.0))
+        out[addr] = (a + n, t + total)
+    return out
+
+
+PERF_L = """\
+# output: contended, total wait, max wait, avg wait, address, symbol, type
+1542, 81234567, 912345, 52681, ffff8881023c4d10, , mutex
+17, 20431, 3012, 1201, ffffffff83a1b2c0, jiffies_lock, spinlock
+"""
+
+
+def test_perfs_address_rows_are_read_in_ns():
+    assert parse_perf_by_address(PERF_L) == {0xffff8881023c4d10: (1542, 81234567.0),
+                                             0xffffffff83a1b2c0: (17, 20431.0)}
+
+
+@pytest.mark.lab
+def test_per_lock_address_agrees_with_perf_in_the_lab(tmp_path):
+    """By lock address, with the perf that has -l (6.2+): on the lab's 6.12 kernel, whose
+    CONFIG_KALLSYMS_ALL lets perf 6.12's skeleton load (this host's kernel does not).
+    Compared on the locks of the workload's VM (named kvm(PID)->... by kvmlockprof):
+    they exist only while the workload runs, inside both windows."""
+    from test_lab import lab_problem, lab_run
+    problem = lab_problem()
+    if problem:
+        pytest.skip(f"no lab: {problem}")
+    newer = {v: p for v, p in built_perfs().items() if v >= (6, 2)}
+    if not newer:
+        pytest.skip(f"no perf 6.2+ built in {CACHE} (`make peer` builds 6.12 where "
+                    "linux-source-6.12 is installed)")
+    perf = tmp_path / "perf"                 # the guest mounts its own /var/cache
+    shutil.copy(newer[max(newer)], perf)
+    record = ("kvmlockprof record -q -o addr.parquet --probes contention,vms -- "
+              "kvmlockprof workload --vcpus 2 "
+              "--duration 6 --churn --kvmclock")
+    lab_run(tmp_path, "echo 1 > /proc/sys/kernel/bpf_stats_enabled; "
+            f"./perf lock contention -ab -l -x , -E 100000 -- sh -c "
+            f"{shlex.quote(record + ' && bpftool -j prog show > progs.json')} "
+            "> perf.txt 2>&1")
+    text = (tmp_path / "perf.txt").read_text()
+    theirs = parse_perf_by_address(text)
+    rec = kvmlockprof.load(tmp_path / "addr.parquet")
+    cost = {}
+    for prog in json.load(open(tmp_path / "progs.json")):
+        name = prog.get("name", "")
+        if name.startswith("contention_") and prog.get("run_cnt"):
+            cost[name[:14]] = prog["run_time_ns"] / prog["run_cnt"]
+    # Our begin reads the clock after perf's begin handler, our end after its end
+    # handler: per wait, ours is perf's less at most the one, plus at most the other.
+    # (Under the emulator the two handlers' times differ and depend on where in them
+    # perf reads its clock, so no single shift as on the host.)
+    b, e = cost.get("contention_beg", 0), cost.get("contention_end", 0)
+    pid = rec.manifest["work"]["pid"]
+    from kvmlockprof.analysis import locks
+    vm = {int(a, 16): n for a, n in locks.lock_names(rec).items()
+          if n.startswith(f"kvm({pid})->")}
+    s = rec.samples
+    g = s[s["lock_addr"].isin(list(vm))].groupby("lock_addr")["wait_ns"].agg(["size", "sum"])
+    mine = {int(a): (int(r["size"]), float(r["sum"])) for a, r in g.iterrows()}
+    peer = {a: theirs[a] for a in vm if a in theirs}
+    print(f"\nperf {newer[max(newer)]}: handlers (bpf_stats) {cost}; the VM's locks:")
+    for a in sorted(set(mine) | set(peer), key=lambda a: -peer.get(a, (0, 0))[1]):
+        (n, t), (pn, pt) = mine.get(a, (0, 0.0)), peer.get(a, (0, 0.0))
+        print(f"  {vm[a]:<36} {n:>7} {pn:>7} waits  {t / 1e6:>9.2f} {pt / 1e6:>9.2f} ms "
+              f"({(t - pt) / max(pt, 1):+.1%}; handlers allow -{n * b / max(pt, 1):.1%} "
+              f"+{n * e / max(pt, 1):.1%})")
+    assert len(cost) == 2, cost
+    assert len(mine) >= 2 and set(mine) == set(peer), (mine, peer)
+    for a in mine:
+        (n, t), (pn, pt) = mine[a], peer[a]
+        assert abs(n - pn) <= 0.01 * pn + 2, (vm[a], n, pn)
+        if pn >= 100:
+            assert pt - n * b - 0.05 * pt <= t <= pt + n * e + 0.05 * pt, (vm[a], t, pt, b, e)
+    top = lambda d: {a for a, _ in sorted(d.items(), key=lambda kv: -kv[1][1])[:10]}  # noqa
+    assert top(mine) == top(peer)
