@@ -14,6 +14,8 @@ handler, which the kernel measures (bpf_stats of perf's programs, read while the
 are loaded). perf 6.1 keeps one wait a task: a wait nested in another of the same
 task (a run-queue lock in __schedule while the task sleeps on a mutex) is ours only.
 
+The lab test compares by lock address, with perf 6.12's -l, in the 6.12 guest.
+
 Skipped, with the reason, where no built perf is cached: building it takes minutes
 (`make peer`), and CI runs `make test` only."""
 import glob
@@ -29,6 +31,7 @@ import numpy as np
 import pytest
 
 import kvmlockprof
+from kvmlockprof.analysis import locks
 from conftest import ROOT, workload_argv
 
 CACHE = os.environ.get("KVMLOCKPROF_PEER_CACHE", "/var/cache/kvmlockprof/peer")
@@ -100,6 +103,18 @@ def ours_by_stack(rec):
     return out
 
 
+def handler_ns(progs):
+    """ns a run of perf's two tp_btf handlers, from `bpftool -j prog show` (bpf_stats on),
+    by their names as the kernel cuts them: contention_beg(in), contention_end."""
+    cost = {}
+    for prog in json.load(open(progs)):
+        name = prog.get("name", "")
+        if prog.get("type") == "tracing" and name.startswith("contention_") and \
+                prog.get("run_cnt"):
+            cost[name[:14]] = prog["run_time_ns"] / prog["run_cnt"]
+    return cost
+
+
 def kvm_keys(d):
     return {k: v for k, v in d.items() if any(f.startswith("kvm_") for f in k)}
 
@@ -124,13 +139,8 @@ def side_by_side(live, tmp_path_factory):
     finally:
         open(stats, "w").write(was)
     assert p.returncode == 0, p.stderr[-3000:]
-    cost = {}
-    for prog in json.load(open(progs)):
-        name = prog.get("name", "")
-        if prog.get("type") == "tracing" and name.startswith("contention_") and \
-                prog.get("run_cnt"):
-            cost[name[:14]] = prog["run_time_ns"] / prog["run_cnt"]
-    return parse_perf(p.stdout + p.stderr), kvmlockprof.load(out), p.stdout + p.stderr, cost
+    return parse_perf(p.stdout + p.stderr), kvmlockprof.load(out), p.stdout + p.stderr, \
+        handler_ns(progs)
 
 
 def test_per_stack_counts_and_totals_agree_with_perf(side_by_side):
@@ -260,18 +270,13 @@ def test_per_lock_address_agrees_with_perf_in_the_lab(tmp_path):
     text = (tmp_path / "perf.txt").read_text()
     theirs = parse_perf_by_address(text)
     rec = kvmlockprof.load(tmp_path / "addr.parquet")
-    cost = {}
-    for prog in json.load(open(tmp_path / "progs.json")):
-        name = prog.get("name", "")
-        if name.startswith("contention_") and prog.get("run_cnt"):
-            cost[name[:14]] = prog["run_time_ns"] / prog["run_cnt"]
+    cost = handler_ns(tmp_path / "progs.json")
     # Our begin reads the clock after perf's begin handler, our end after its end
     # handler: per wait, ours is perf's less at most the one, plus at most the other.
     # (Under the emulator the two handlers' times differ and depend on where in them
     # perf reads its clock, so no single shift as on the host.)
     b, e = cost.get("contention_beg", 0), cost.get("contention_end", 0)
     pid = rec.manifest["work"]["pid"]
-    from kvmlockprof.analysis import locks
     vm = {int(a, 16): n for a, n in locks.lock_names(rec).items()
           if n.startswith(f"kvm({pid})->")}
     s = rec.samples
