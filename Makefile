@@ -10,7 +10,11 @@ LAB_PKGS := qemu-system-x86 busybox-static
 LAB_STAMP := $(VENV)/.lab
 DEMO_S  ?= 10
 
-.PHONY: setup apt demo test bench peer lab lab-apt lab-test clean
+# The arm64 lab: QEMU's aarch64 emulator; the root (Debian arm64) is built from packages.
+LAB_ARM64_PKGS := qemu-system-arm qemu-user-static mmdebstrap arch-test
+LAB_ARM64_STAMP := $(VENV)/.lab-arm64
+
+.PHONY: setup apt demo test bench peer lab lab-apt lab-test lab-arm64 lab-arm64-test clean
 
 setup: $(STAMP)
 
@@ -99,7 +103,19 @@ lab: setup $(LAB_STAMP)
 	$(KLP) lab -- kvmlockprof doctor
 
 lab-test: setup $(LAB_STAMP)
-	$(PY) -m pytest -ra -m lab -s
+	$(PY) -m pytest -ra -m "lab and not arm64" -s
+
+# arm64: builds the root once (/var/cache/kvmlockprof/arm64, ~25 min here), then boots it.
+$(LAB_ARM64_STAMP): $(LAB_STAMP)
+	$(call apt-install,$(LAB_ARM64_PKGS),--no-install-recommends)
+	$(PY) -m kvmlockprof.labroot
+	touch $@
+
+lab-arm64: setup $(LAB_ARM64_STAMP)
+	$(KLP) lab --arch arm64 -- kvmlockprof doctor
+
+lab-arm64-test: setup $(LAB_ARM64_STAMP)
+	$(PY) -m pytest -ra -m "lab and arm64" -s
 
 clean:
 	rm -rf $(VENV) demo.parquet demo-report.txt demo-report.html .pytest_cache

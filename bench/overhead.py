@@ -5,6 +5,8 @@ Configurations:
                        the default stack budget: at most 250 stack walks/s per CPU)
   kvmlockprof-stream   kvmlockprof record -a (every wait streamed as a sample)
   kvmlockprof-agg-allstacks  aggregates only, a kernel stack for every wait (--stack-budget 0)
+  kvmlockprof-agg-allstacks8  the same, stacks of 8 frames as perf's (--max-stack 8): the
+                       same information as perf-lock-b
   bpftrace             the same aggregation in bpftrace (bench/contention.bt)
   perf                 perf record -e lock:contention_begin,lock:contention_end -a -g
   perf-lock-b          the real peer: perf lock contention -ab (in-kernel aggregation,
@@ -57,8 +59,8 @@ from results_io import RESULTS, save      # bench/ is on sys.path when run as a 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KLP = [sys.executable, "-m", "kvmlockprof"]
-CONFIGS = ("kvmlockprof-agg,kvmlockprof-stream,kvmlockprof-agg-allstacks,bpftrace,perf,"
-           "perf-lock-b,perf-lock-b-addr")
+CONFIGS = ("kvmlockprof-agg,kvmlockprof-stream,kvmlockprof-agg-allstacks,"
+           "kvmlockprof-agg-allstacks8,bpftrace,perf,perf-lock-b,perf-lock-b-addr")
 
 
 def peer_perf():
@@ -122,7 +124,8 @@ def start(config, tmp, peer=None):
             if config.endswith("-detached") else KLP
         argv = cmd + ["record", "-a", "-q", "-f", "-o", out] + \
             (["--sample-every", "0"] if "-agg" in config else []) + \
-            (["--stack-budget", "0"] if config.endswith("-allstacks") else [])
+            (["--stack-budget", "0"] if "-allstacks" in config else []) + \
+            (["--max-stack", "8"] if config.endswith("-allstacks8") else [])
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              preexec_fn=_sigint_default)
         wait_for(lambda: os.path.exists(f"{out}.partial/manifest.json") or p.poll() is not None)

@@ -1,6 +1,7 @@
 /* vgic (arm64): vgic_put_irq(kvm, irq): latency, intid (LPI or not), whether
- * this put dropped the last reference, and whether IRQs were off at the call
- * (seen only by the kprobe flavour, from the saved processor state). */
+ * this put dropped the last reference (and so erased the LPI from lpi_xa, under
+ * its lock), its caller, and its context: hardirq/softirq/task and whether IRQs
+ * were off (seen only by the kprobe flavour, from the saved processor state). */
 
 struct kvmlp_vgic_event {
 	u64 ts_ns;
@@ -10,9 +11,10 @@ struct kvmlp_vgic_event {
 	u32 intid;      /* VGIC_INTID_UNKNOWN where BTF lacks irq->intid */
 	u32 refcount;   /* at entry; 1 means the put released the IRQ */
 	u32 irqs_off;   /* enum vgic_irqs */
+	u32 context;    /* enum vgic_context */
+	s32 stack_id;   /* in kvmlp_stacks: the caller */
 	u32 tid;
 	u32 tgid;
-	u32 pad;
 };
 
 #define VGIC_INTID_UNKNOWN 0xffffffff
@@ -24,6 +26,23 @@ BPF_RINGBUF_OUTPUT(vgic_events, KVMLP_RINGBUF_PAGES);
 enum vgic_counter { VGIC_C_PUTS, VGIC_C_LOST_RINGBUF_FULL, VGIC_C_LOST_PENDING_FULL };
 /* IRQs at the call: only the kprobe flavour sees the saved processor state. */
 enum vgic_irqs { VGIC_IRQS_ON, VGIC_IRQS_OFF, VGIC_IRQS_UNKNOWN };
+/* From preempt_count, where the task keeps it (arm64's thread_info; BTF says). */
+enum vgic_context { VGIC_CTX_TASK, VGIC_CTX_SOFTIRQ, VGIC_CTX_HARDIRQ, VGIC_CTX_NMI,
+		    VGIC_CTX_UNKNOWN };
+
+static __always_inline u32 vgic_context(void)
+{
+	if (KVMLP_OFF_TASK_PREEMPT < 0)
+		return VGIC_CTX_UNKNOWN;
+	u32 pc = kvmlp_read_u32(bpf_get_current_task(), KVMLP_OFF_TASK_PREEMPT);
+	if (pc & 0x00f00000)            /* NMI_MASK */
+		return VGIC_CTX_NMI;
+	if (pc & 0x000f0000)            /* HARDIRQ_MASK */
+		return VGIC_CTX_HARDIRQ;
+	if (pc & 0x00000100)            /* SOFTIRQ_OFFSET: serving one, not just BH off */
+		return VGIC_CTX_SOFTIRQ;
+	return VGIC_CTX_TASK;
+}
 
 static __always_inline u32 vgic_irqs_off(void *ctx, int kprobe)
 {
@@ -49,10 +68,10 @@ KVMLP_ENTRY(VGIC_PUT)
 	struct kvmlp_call c = {};
 	c.a0 = irq;
 	c.a1 = kvm;
-	c.a2 = KVMLP_OFF_IRQ_INTID >= 0 ? kvmlp_read_u32(irq, KVMLP_OFF_IRQ_INTID) :
-		VGIC_INTID_UNKNOWN;
+	c.a2 = (KVMLP_OFF_IRQ_INTID >= 0 ? kvmlp_read_u32(irq, KVMLP_OFF_IRQ_INTID) :
+		VGIC_INTID_UNKNOWN) | (u64)(u32)kvmlp_stacks.get_stackid(ctx, 0) << 32;
 	c.a3 = (u64)(KVMLP_OFF_IRQ_REFCOUNT >= 0 ? kvmlp_read_u32(irq, KVMLP_OFF_IRQ_REFCOUNT) : 0)
-		<< 32 | vgic_irqs_off(ctx, KVMLP_M_VGIC_PUT == 2);
+		<< 32 | vgic_context() << 8 | vgic_irqs_off(ctx, KVMLP_M_VGIC_PUT == KVMLP_M_KPROBE);
 	if (kvmlp_call_save(KVMLP_FN_VGIC_PUT, &c))
 		vgic_count(VGIC_C_LOST_PENDING_FULL);
 	return 0;
@@ -75,8 +94,10 @@ KVMLP_RETURN(VGIC_PUT)
 	e->kvm = c.a1;
 	e->irq = c.a0;
 	e->intid = (u32)c.a2;
+	e->stack_id = (s32)(c.a2 >> 32);
 	e->refcount = c.a3 >> 32;
-	e->irqs_off = (u32)c.a3;
+	e->irqs_off = (u8)c.a3;
+	e->context = (u8)(c.a3 >> 8);
 	e->tid = (u32)id;
 	e->tgid = id >> 32;
 	vgic_events.ringbuf_submit(e, 0);

@@ -8,6 +8,7 @@ import sys
 import click
 
 from kvmlockprof import __version__
+from kvmlockprof.kernel.bpfload import STACK_DEPTH
 from kvmlockprof.probes.contention import (MAP_ENTRIES, RINGBUF_MB, SAMPLE_EVERY, STACK_BUDGET,
                                            STACK_EVERY)
 
@@ -37,6 +38,7 @@ Examples:
   kvmlockprof workload --kvmclock                     # gfn_to_pfn_cache traffic
   kvmlockprof workload --xen --xen-slow-every 100     # Xen event channels (lab kernel)
   kvmlockprof workload --vms 20 --vcpus 1 --churn --churn-rate 20  # 20 VMs, a process each
+  kvmlockprof workload --lpis 64 --lpi-reset-every 0.5 # arm64: vGIC ITS LPIs, released
 """
 
 
@@ -111,6 +113,9 @@ def kernel_mem_option(f):
                    "below, both apply).")
 @click.option("--stack-budget", type=click.IntRange(min=0), default=STACK_BUDGET,
               show_default=True, help=STACK_BUDGET_HELP)
+@click.option("--max-stack", type=click.IntRange(1, 127), default=STACK_DEPTH,
+              show_default=True, help="Frames kept of each contention stack, innermost "
+              "first (perf lock contention's --max-stack; the walk stops there).")
 @click.option("--probes", "probe_names", metavar="A,B,...",
               help="Probes to attach (default: every probe this host can attach; "
                    "see `kvmlockprof probes`).")
@@ -120,7 +125,8 @@ def kernel_mem_option(f):
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb, map_nr_entries,
-           stack_every, stack_budget, probe_names, prefer, kernel_mem_mb, quiet, command):
+           stack_every, stack_budget, max_stack, probe_names, prefer, kernel_mem_mb, quiet,
+           command):
     """Record lock contention to a Parquet recording.
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
@@ -137,7 +143,7 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
                        system_wide=system_wide, sample_every=sample_every, force=force,
                        ringbuf_mb=ringbuf_mb, map_entries=map_nr_entries, probes=names,
                        prefer=prefer, stack_every=stack_every, stack_budget=stack_budget,
-                       kernel_mem_mb=kernel_mem_mb,
+                       kernel_mem_mb=kernel_mem_mb, max_stack=max_stack,
                        warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
     except (UnknownProbe, RecordingError) as e:
@@ -508,6 +514,8 @@ Examples:
   kvmlockprof lab -- kvmlockprof record -o lab.parquet -- kvmlockprof workload --kvmclock
   kvmlockprof lab --kernel ~/linux/arch/x86/boot/bzImage -- kvmlockprof record -o patched.parquet \\
       -- kvmlockprof workload --churn
+  kvmlockprof lab --arch arm64 -- kvmlockprof record -o lpi.parquet --probes vgic,contention \\
+      -- kvmlockprof workload --lpis 64 --lpi-reset-every 0.5
 """
 
 
@@ -527,19 +535,26 @@ Examples:
 @click.option("--tcg-thread", type=click.Choice(["multi", "single"]),
               help="QEMU's emulator: a host thread per guest CPU, or one for all (slower; "
                    "no two CPUs emulated at once). Default: single on 6.1, else multi.")
+@click.option("--arch", type=click.Choice(["x86_64", "arm64"]), default="x86_64",
+              show_default=True, help="arm64: Debian arm64 under QEMU's emulator, at EL2 "
+              "with a GICv3 ITS (`make lab-arm64` builds its root once).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, command):
+def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, arch, command):
     """Run COMMAND inside another kernel under QEMU (kprobes, fentry, nested KVM).
 
     The current directory is shared read-write: recordings land on this host.
     Ctrl-C or --timeout kills the whole lab, QEMU included."""
     from kvmlockprof import lab as labmod
+    # SIGTERM as Ctrl-C: the lab's process group (QEMU) is killed, its script removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         p = labmod.run(list(command), kernel=kernel, cpus=cpus, memory=memory,
                        timeout=timeout, possible_cpus=possible_cpus, console=console,
-                       tcg_thread=tcg_thread)
+                       tcg_thread=tcg_thread, arch=arch)
     except labmod.LabError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("lab run interrupted: its QEMU and everything it started were killed", 130)
     sys.exit(p.returncode)
 
 
@@ -557,6 +572,14 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, comma
 @click.option("--xen-slow-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --xen: drop the shared_info page every N sends, forcing the "
                    "slow path.")
+@click.option("--lpis", type=click.IntRange(min=0), default=0, show_default=True,
+              help="arm64: a vGICv3 + ITS mapping this many LPIs, injected by MSI.")
+@click.option("--msi-threads", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option("--msi-rate", type=float, default=0.0,
+              help="With --lpis: MSIs/s per thread (0: as fast as possible).")
+@click.option("--lpi-reset-every", type=click.FloatRange(min=0), default=0.0,
+              help="With --lpis: reset the ITS this often (seconds): every LPI is released "
+                   "and made anew.")
 @click.option("--name", help="A VM name, given like QEMU's -name: reports name the VM by it.")
 @click.option("--vms", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Run this many VMs, each a process of its own (named NAME-i, or vmI).")
@@ -565,7 +588,7 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, comma
               help="Also print the work done so far as a JSON line this often (seconds; "
                    "for benchmarks that measure while it runs).")
 def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, xen_slow_every,
-             name, vms, as_json, progress_every):
+             lpis, msi_threads, msi_rate, lpi_reset_every, name, vms, as_json, progress_every):
     """Built-in KVM workload: a tiny VMM over /dev/kvm (no QEMU)."""
     from kvmlockprof.workload import WORK_ENV, KvmError, run, run_vms
     from kvmlockprof.workload.vmm import KICK_AFTER_S
@@ -576,7 +599,9 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
         if vms > 1:
             argv = [f"--vcpus={vcpus}", f"--duration={duration}",
                     f"--churn-threads={churn_threads}", f"--churn-rate={churn_rate}",
-                    f"--xen-slow-every={xen_slow_every}"] + \
+                    f"--xen-slow-every={xen_slow_every}", f"--lpis={lpis}",
+                    f"--msi-threads={msi_threads}", f"--msi-rate={msi_rate}",
+                    f"--lpi-reset-every={lpi_reset_every}"] + \
                 [flag for flag, on in (("--churn", churn), ("--kvmclock", kvmclock),
                                        ("--xen", xen)) if on]
             done = run_vms(vms, argv, [f"{name}-{i}" if name else f"vm{i}"
@@ -584,7 +609,8 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
         else:
             done = run(vcpus=vcpus, duration=duration, churn=churn, churn_threads=churn_threads,
                        churn_rate=churn_rate, kvmclock=kvmclock, xen=xen,
-                       xen_slow_every=xen_slow_every, every=progress_every,
+                       xen_slow_every=xen_slow_every, lpis=lpis, msi_threads=msi_threads,
+                       msi_rate=msi_rate, lpi_reset_every=lpi_reset_every, every=progress_every,
                        report=lambda p: click.echo(json.dumps({"progress": p}))).as_dict()
     except KvmError as e:
         fail(str(e))
@@ -599,7 +625,10 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
                    f"{done['exits_total']} exits in "
                    f"{done['duration_s']:.1f} s ({', '.join(f'{x:.0f}' for x in done['exits_per_s_per_vcpu'])}"
                    f" /s per vCPU), {done['churn_ops']} memslot ops, "
-                   f"{done['msr_writes']} kvmclock MSR writes, {done['xen_sends']} Xen sends")
+                   f"{done['msr_writes']} kvmclock MSR writes, {done['xen_sends']} Xen sends" +
+                   (f", {done['msis']} MSIs to {done['lpis']} LPIs ({done['msis_refused']} "
+                    f"refused), ITS tables loaded {done['lpi_restores']}x"
+                    if done.get("lpis") else ""))
     if done["kicked"]:
         click.echo(f"workload: vCPU {', '.join(map(str, done['kicked']))} still in KVM_RUN "
                    f"{KICK_AFTER_S:g} s after the stop (its guest stopped exiting): kicked out "

@@ -130,18 +130,42 @@ def vng_path():
 MAX_EXEC = 512
 
 
-def guest_script(command, cwd):
+def repo_dir():
+    """The directory this kvmlockprof is imported from (the arm64 guest runs it)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def guest_script(command, cwd, arch="x86_64"):
     """The shell script the guest runs: `command` in `cwd`, this venv's PATH first
-    (the guest starts with a fresh PATH), KVM loaded, a VM held (ANCHOR_VM) and BPF
-    stats on (HOLD_STATS)."""
-    venv_bin = os.path.dirname(sys.executable)
-    return (f"export PATH={shlex.quote(venv_bin)}:$PATH; " + KVM_MODULES + ANCHOR_VM +
-            HOLD_STATS +
+    (the guest starts with a fresh PATH; arm64: the root's python3, with its wheels
+    and this tree on PYTHONPATH), KVM loaded, a VM held (ANCHOR_VM) and BPF stats on
+    (HOLD_STATS)."""
+    if arch == "arm64":
+        from kvmlockprof import labroot
+        env = (f"export PATH=/usr/local/bin:$PATH PYTHONPATH="
+               f"{shlex.quote(labroot.SITE + ':' + repo_dir())}; ")
+    else:
+        env = f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH; "
+    return (env + KVM_MODULES + ANCHOR_VM + HOLD_STATS +
             f"cd {shlex.quote(cwd)} && exec {shlex.join(command)}\n")
 
 
+ARCHES = ("x86_64", "arm64")
+# arm64: EL2 for the guest kernel (KVM inside), a GICv3 with an ITS (the vgic LPIs).
+ARM64_MACHINE = "-machine virtualization=on,gic-version=3,its=on"
+
+
+def arm64_kernel():
+    from kvmlockprof import labroot
+    images = labroot.kernels() if labroot.ready() else []
+    if not images:
+        raise LabError("no arm64 lab root (Debian arm64, its kernel, bcc): run "
+                       "`make lab-arm64`")
+    return images[0]
+
+
 def vng_argv(script, kernel=None, cpus=2, memory="2G", cwd=None, possible_cpus=None,
-             verbose=False, tcg_thread=None):
+             verbose=False, tcg_thread=None, arch="x86_64"):
     """The virtme-ng command line that boots `kernel` and runs the shell script at
     path `script` (guest_script's) in `cwd`, which is shared read-write so that what
     the command writes stays on the host. possible_cpus: make the kernel size its
@@ -151,17 +175,31 @@ def vng_argv(script, kernel=None, cpus=2, memory="2G", cwd=None, possible_cpus=N
     tcg_thread: QEMU's emulator on one host thread per guest CPU ("multi") or all
     guest CPUs on one ("single": slower, and no CPU ever runs beside another inside
     the emulator); None: default_tcg_thread's for the kernel."""
-    kernel = kernel or default_kernel()
-    tcg_thread = tcg_thread or default_tcg_thread(kernel)
+    if arch not in ARCHES:
+        raise LabError(f"no lab for {arch}: choose one of {', '.join(ARCHES)}")
+    arm = arch == "arm64"
+    kernel = kernel or (arm64_kernel() if arm else default_kernel())
+    tcg_thread = tcg_thread or ("multi" if arm else default_tcg_thread(kernel))
     if not os.path.exists(kernel):
         raise LabError(f"no kernel image at {kernel}: give a bzImage/vmlinuz path")
-    if not shutil.which("qemu-system-x86_64"):
-        raise LabError("qemu-system-x86_64 is missing: run `make lab`")
+    qemu = "qemu-system-aarch64" if arm else "qemu-system-x86_64"
+    if not shutil.which(qemu):
+        raise LabError(f"{qemu} is missing: run `make {'lab-arm64' if arm else 'lab'}`")
     cwd = os.path.abspath(cwd or os.getcwd())
     append = ["--append", f"possible_cpus={possible_cpus}"] if possible_cpus else []
+    if arm:
+        from kvmlockprof import labroot
+        # The root is the arm64 tree: the shared directories are named guest=host.
+        shared = ["--root", labroot.ROOT, "--arch", "arm64", "--rwdir", f"{cwd}={cwd}"]
+        repo = repo_dir()
+        if os.path.relpath(cwd, repo).startswith(".."):
+            shared += ["--rodir", f"{repo}={repo}"]
+        machine = ARM64_MACHINE + " "
+    else:
+        shared, machine = ["--rwdir", cwd], ""
     return [vng_path(), "--run", kernel, "--disable-kvm", "--force-9p", "--cpus", str(cpus),
-            "--memory", memory, "--rwdir", cwd,
-            f"--qemu-opts=-cpu max -accel tcg,thread={tcg_thread}", *append,
+            "--memory", memory, *shared,
+            f"--qemu-opts=-cpu max {machine}-accel tcg,thread={tcg_thread}", *append,
             *(["--verbose"] if verbose else []), "--exec", guest_exec(script)]
 
 
@@ -175,7 +213,7 @@ def guest_exec(script):
 
 
 def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, possible_cpus=None,
-        console=None, tcg_thread=None, **popen):
+        console=None, tcg_thread=None, arch="x86_64", **popen):
     """Run `command` inside the lab kernel; returns the CompletedProcess.
 
     Takes subprocess.run's output options (capture_output, stdout, stderr, text,
@@ -199,10 +237,10 @@ def run(command, kernel=None, cpus=2, memory="2G", cwd=None, timeout=None, possi
     con = None
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(guest_script(command, cwd))
+            f.write(guest_script(command, cwd, arch))
         con = Console(console) if console else None
         return run_group(vng_argv(script, kernel, cpus, memory, cwd, possible_cpus,
-                                  verbose=con is not None, tcg_thread=tcg_thread),
+                                  verbose=con is not None, tcg_thread=tcg_thread, arch=arch),
                          timeout=timeout, env=env, console=con, **popen)
     finally:
         os.unlink(script)

@@ -210,6 +210,22 @@ def test_vgic_puts(module, tmp_path):
     assert len(out) == 3
 
 
+def test_vgic_contexts_per_caller(module, tmp_path):
+    """The seed question's table: LPI puts and releases per context (enum values as
+    the C states them); no stacks recorded, so callers read "?"."""
+    ev = empty_like(module, "vgic")(5)
+    ev["intid"] = [8192, 8193, 8192, 8194, 27]
+    ev["refcount"] = [1, 2, 1, 1, 1]
+    ev["irqs_off"] = [vgic.IRQS_OFF, vgic.IRQS_OFF, 1 - vgic.IRQS_OFF, 1 - vgic.IRQS_OFF,
+                      vgic.IRQS_OFF]
+    ev["stack_id"] = -1
+    rec = write_recording(tmp_path / "v.parquet", {"vgic": ev})
+    out = vgic.contexts(rec).set_index("irqs_off")
+    assert out.loc["off", "puts"] == 2 and out.loc["off", "releases"] == 1
+    assert out.loc["on", "puts"] == 2 and out.loc["on", "releases"] == 2
+    assert out.loc["on", "distinct_lpis"] == 2 and set(out["context"]) == {"task"}
+
+
 def test_registry_lifetimes_in_the_maps_layout(module, tmp_path):
     """The registry maps as record reads them (the live ones and those of ended
     lifetimes, in the layout bcc parsed from common.h): an address reused by a
@@ -253,6 +269,7 @@ def test_every_probe_with_data_gets_a_plot_panel(module, tmp_path):
     tables["srcu_sections"]["count"], tables["srcu_sections"]["hist"][:, 7] = 1, 1
     tables["srcu_sync"]["type"], tables["srcu_sync"]["dur_ns"] = 1, [10, 20, 30, 40]
     tables["xa_erase_agg"]["count"], tables["xa_erase_agg"]["stack_id"] = 1, -1
+    tables["vgic"]["intid"], tables["vgic"]["stack_id"] = 8192, -1      # LPIs
     rec = write_recording(tmp_path / "all.parquet", tables)
     figs = plots.probe_figures(rec)
     assert set(figs) == {sec.key for sec in report.probe_sections()}

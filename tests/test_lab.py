@@ -101,6 +101,27 @@ def test_the_6_1_lab_runs_qemus_emulator_single_threaded(tmp_path, monkeypatch):
         assert opts(tcg_thread="multi") == ["--qemu-opts=-cpu max -accel tcg,thread=multi"]
 
 
+def test_the_arm64_lab_boots_its_own_root_at_el2_with_an_its(tmp_path, monkeypatch):
+    """arm64: the Debian arm64 root (not this machine's), QEMU's virt machine with
+    EL2 and a GICv3 ITS; this tree is shared in for the guest's python3 to import."""
+    from kvmlockprof import labroot
+    monkeypatch.setattr(lab, "vng_path", lambda: "vng")
+    monkeypatch.setattr(lab.shutil, "which", lambda name: name)
+    image = tmp_path / "vmlinuz-6.12.99+bpo-arm64"
+    image.touch()
+    argv = lab.vng_argv("s.sh", str(image), cwd=str(tmp_path), arch="arm64")
+    assert argv[argv.index("--root") + 1] == labroot.ROOT
+    assert argv[argv.index("--arch") + 1] == "arm64"
+    assert f"{tmp_path}={tmp_path}" in argv
+    assert f"{lab.repo_dir()}={lab.repo_dir()}" in argv          # cwd is outside the tree
+    assert ("--qemu-opts=-cpu max -machine virtualization=on,gic-version=3,its=on "
+            "-accel tcg,thread=multi") in argv
+    script = lab.guest_script(["kvmlockprof", "doctor"], str(tmp_path), "arm64")
+    assert f"PYTHONPATH={labroot.SITE}:{lab.repo_dir()}" in script
+    with pytest.raises(lab.LabError, match="no lab for"):
+        lab.vng_argv("s.sh", str(image), arch="riscv64")
+
+
 @pytest.mark.lab
 @pytest.mark.parametrize("release", ["default", "6.1."])
 def test_gpc_and_srcu_live(in_lab, release):

@@ -425,3 +425,15 @@ def test_exited_threads_leave_the_pid_filter(live, tmp_path):
     c = kvmlockprof.load(out).manifest["counters"]
     assert c["filter_exits"] >= 6000, c
     assert c["lost_filter_full"] == 0, c
+
+
+def test_max_stack_stops_the_walk_as_perfs_does(live, tmp_path):
+    """--max-stack 8 (perf lock contention's default depth): every stack the kernel
+    walked has at most 8 frames, and the deep KVM stacks (20+ frames) reach 8."""
+    out = tmp_path / "m.parquet"
+    klp("record", "-q", "--sample-every", 0, "--stack-budget", 0, "--max-stack", 8,
+        "-o", out, "--", *workload_argv("--duration", 2, "--vcpus", 2, "--churn"))
+    rec = kvmlockprof.load(out)
+    depth = rec.stacks["frames"].map(len)
+    assert rec.manifest["probes"]["contention"]["max_stack"] == 8
+    assert depth.max() == 8, depth.value_counts()

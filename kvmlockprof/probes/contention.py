@@ -91,7 +91,8 @@ class ContentionProbe:
     def __init__(self, tgids=None, follow_fork=False, sample_every=SAMPLE_EVERY,
                  ringbuf_mb=RINGBUF_MB, agg_entries=MAP_ENTRIES, stack_entries=MAP_ENTRIES,
                  pending_entries=MAP_ENTRIES, stack_every=STACK_EVERY,
-                 stack_budget=STACK_BUDGET, pending="auto", filter_entries=MAP_ENTRIES):
+                 stack_budget=STACK_BUDGET, pending="auto", filter_entries=MAP_ENTRIES,
+                 max_stack=bpfload.STACK_DEPTH):
         pages = max(1, ringbuf_mb * (1 << 20) // 4096)
         pages = 1 << (pages.bit_length() - 1)                  # a power of two
         self.defines = dict(
@@ -99,10 +100,10 @@ class ContentionProbe:
             KVMLP_SAMPLE_EVERY=sample_every, KVMLP_PENDING_ENTRIES=pending_entries,
             KVMLP_AGG_ENTRIES=agg_entries, KVMLP_STACK_ENTRIES=stack_entries,
             KVMLP_RINGBUF_PAGES=pages, KVMLP_WAKEUP_EVERY=4096, KVMLP_STACK_EVERY=stack_every,
-            KVMLP_FILTER_ENTRIES=filter_entries)
+            KVMLP_FILTER_ENTRIES=filter_entries, KVMLP_STACK_DEPTH=max_stack)
         self.bpf, self.pending = self._load(pending)
         self.options = {"sample_every": sample_every, "stack_every": stack_every,
-                        "stack_budget": stack_budget,
+                        "stack_budget": stack_budget, "max_stack": max_stack,
                         "ringbuf_bytes": pages * 4096,
                         "agg_entries": agg_entries, "stack_entries": stack_entries,
                         "follow_fork": follow_fork, "pending": self.pending}

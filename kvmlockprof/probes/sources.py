@@ -102,7 +102,8 @@ def _within_limit(sources, limit_mb):
 def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=cp.SAMPLE_EVERY,
                  ringbuf_mb=cp.RINGBUF_MB, map_entries=cp.MAP_ENTRIES, prefer=None, warn=None,
                  status=None, kbtf=None, stack_every=cp.STACK_EVERY,
-                 stack_budget=cp.STACK_BUDGET, kernel_mem_mb=KERNEL_MEM_MB):
+                 stack_budget=cp.STACK_BUDGET, kernel_mem_mb=KERNEL_MEM_MB,
+                 max_stack=None):
     """({name: source}, {probe name: status}, kernel memory (see kernel_memory)).
 
     requested: catalog probes, or None for every probe this host can attach.
@@ -118,7 +119,8 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=cp.
             c = ContentionProbe(tgids=tgids, follow_fork=follow_fork,
                                 sample_every=sample_every, ringbuf_mb=ringbuf_mb,
                                 agg_entries=map_entries, stack_entries=map_entries,
-                                stack_every=stack_every, stack_budget=stack_budget)
+                                stack_every=stack_every, stack_budget=stack_budget,
+                                **({"max_stack": max_stack} if max_stack else {}))
             sources["contention"] = c
             status["contention"] = {"status": "attached", "method": catalog.TRACEPOINT,
                                     "targets": sorted(c.attached), **c.options}

@@ -76,8 +76,9 @@ class Recorder:
                  sample_every=cp.SAMPLE_EVERY, flush_interval=1.0, force=False, progress=None,
                  ringbuf_mb=cp.RINGBUF_MB, map_entries=cp.MAP_ENTRIES, probes=None, warn=None,
                  prefer=None, stack_every=cp.STACK_EVERY, stack_budget=cp.STACK_BUDGET,
-                 kernel_mem_mb=KERNEL_MEM_MB):
+                 kernel_mem_mb=KERNEL_MEM_MB, max_stack=None):
         self.out = out
+        self.max_stack = max_stack      # contention stacks' frames (None: STACK_DEPTH)
         self.kernel_mem_mb = kernel_mem_mb
         self.duration = duration
         self.pids = list(pids)
@@ -115,6 +116,7 @@ class Recorder:
             sample_every=self.sample_every, ringbuf_mb=self.ringbuf_mb,
             map_entries=self.map_entries, prefer=self.prefer, stack_every=self.stack_every,
             stack_budget=self.stack_budget, kernel_mem_mb=self.kernel_mem_mb,
+            max_stack=self.max_stack,
             warn=self.warn, status=self.manifest["probes"], kbtf=self.kbtf)
         self.manifest["kernel_memory"] = dict(memory, limit_mb=self.kernel_mem_mb)
         return sources

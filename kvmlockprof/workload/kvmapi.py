@@ -116,6 +116,66 @@ EXIT_NAMES = {0: "unknown", 1: "exception", 2: "io", 3: "hypercall", 4: "debug",
 
 MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
 
+# --- arm64 (linux/kvm.h, arch/arm64/include/uapi/asm/kvm.h) ---------------------------
+
+
+class VcpuInit(ctypes.Structure):           # struct kvm_vcpu_init
+    _fields_ = [("target", ctypes.c_uint32), ("features", ctypes.c_uint32 * 7)]
+
+
+class OneReg(ctypes.Structure):             # struct kvm_one_reg
+    _fields_ = [("id", ctypes.c_uint64), ("addr", ctypes.c_uint64)]
+
+
+class CreateDevice(ctypes.Structure):       # struct kvm_create_device
+    _fields_ = [("type", ctypes.c_uint32), ("fd", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class DeviceAttr(ctypes.Structure):         # struct kvm_device_attr
+    _fields_ = [("flags", ctypes.c_uint32), ("group", ctypes.c_uint32),
+                ("attr", ctypes.c_uint64), ("addr", ctypes.c_uint64)]
+
+
+class Msi(ctypes.Structure):                # struct kvm_msi
+    _fields_ = [("address_lo", ctypes.c_uint32), ("address_hi", ctypes.c_uint32),
+                ("data", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("devid", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 12)]
+
+
+def _iowr(nr, struct):
+    return _ioc(3, nr, ctypes.sizeof(struct))
+
+
+SIGNAL_MSI = _iow(0xA5, Msi)
+SET_ONE_REG = _iow(0xAC, OneReg)
+ARM_VCPU_INIT = _iow(0xAE, VcpuInit)
+ARM_PREFERRED_TARGET = _ior(0xAF, VcpuInit)
+CREATE_DEVICE = _iowr(0xE0, CreateDevice)
+SET_DEVICE_ATTR = _iow(0xE1, DeviceAttr)
+MSI_VALID_DEVID = 1
+DEV_TYPE_ARM_VGIC_V3 = 7
+DEV_TYPE_ARM_VGIC_ITS = 8
+VGIC_GRP_ADDR = 0
+VGIC_GRP_CTRL = 4
+VGIC_GRP_REDIST_REGS = 5
+VGIC_GRP_ITS_REGS = 8
+VGIC_V3_ADDR_TYPE_DIST = 2
+VGIC_V3_ADDR_TYPE_REDIST = 3
+VGIC_ITS_ADDR_TYPE = 4
+VGIC_CTRL_INIT = 0
+ITS_RESTORE_TABLES = 2
+ITS_CTRL_RESET = 4
+# KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | (offset in struct kvm_regs) / 4
+ARM64_CORE_REG = 0x6030000000100000
+
+
+def arm64_core_reg(offset):
+    return ARM64_CORE_REG | (offset // 4)
+
+
+ARM64_REG_X1 = arm64_core_reg(8)
+ARM64_REG_PC = arm64_core_reg(32 * 8)           # after x0..x30 and sp
+
 
 class KvmError(RuntimeError):
     """/dev/kvm is missing, not permitted, or refused a request."""

@@ -7,16 +7,21 @@ gfn_to_pfn_cache `vcpu->arch.pv_time`), and exit to this process on port I/O.
 Churn threads create and delete spare memslots, which takes `kvm->slots_lock`,
 waits in `synchronize_srcu_expedited(&kvm->srcu)` and zaps SPTEs under
 `kvm->mmu_lock`: the contention a memslot-update patch is reviewed for.
+On arm64 the vCPUs run AArch64 code instead, with a vGICv3 and its ITS's LPIs
+(gicv3.py) when asked.
 """
 import ctypes
 import mmap
 import os
+import platform
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
 
-from kvmlockprof.workload import kvmapi as k
+from kvmlockprof.workload import gicv3, kvmapi as k
+
+ARM64 = platform.machine() == "aarch64"
 
 CODE_GPA = 0x1000
 PVCLOCK_GPA = 0x2000
@@ -51,6 +56,10 @@ class WorkloadConfig:
     kvmclock: bool = False         # guest writes MSR_KVM_SYSTEM_TIME_NEW every loop
     xen: bool = False              # KVM_XEN_HVM_EVTCHN_SEND in a loop (kvm_xen_set_evtchn_fast)
     xen_slow_every: int = 0        # drop the shared_info page every N sends: forces fallback
+    lpis: int = 0                  # arm64: a vGICv3 + ITS with this many LPIs (gicv3.Lpis)
+    msi_threads: int = 2           # threads injecting the LPIs (KVM_SIGNAL_MSI)
+    msi_rate: float = 0.0          # MSIs/s per thread, 0 = as fast as possible
+    lpi_reset_every: float = 0.0   # s between ITS resets (every LPI released, made anew)
 
 
 @dataclass
@@ -66,6 +75,10 @@ class WorkDone:
     churn_ops: int = 0                                  # memslot create + delete ioctls
     xen_sends: int = 0                                  # KVM_XEN_HVM_EVTCHN_SEND ioctls
     xen_forced_slow: int = 0                            # shared_info pages dropped
+    lpis: int = 0                                       # LPIs the ITS tables map
+    msis: int = 0                                       # KVM_SIGNAL_MSI delivered
+    msis_refused: int = 0                               # refused (the ITS was being reset)
+    lpi_restores: int = 0                               # tables loaded (1 + resets)
     config: dict = field(default_factory=dict)
     interrupted: bool = False                           # stopped early by a signal
     kicked: list = field(default_factory=list)          # vCPUs still in KVM_RUN at the stop
@@ -87,11 +100,47 @@ def _name_thread(name):
         pass
 
 
+class _Gate:
+    """Parks every vCPU thread out of KVM_RUN while a VM-wide ioctl that needs all of
+    their mutexes runs (the ITS reset), as a VMM pauses its vCPUs."""
+
+    def __init__(self, n):
+        self.n, self.parked, self.closing = n, 0, False
+        self.cond = threading.Condition()
+
+    def park(self):                         # a vCPU thread, between two KVM_RUNs
+        with self.cond:
+            self.parked += 1
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: not self.closing)
+            self.parked -= 1
+
+    def paused(self, fn, stop):
+        """fn() with every vCPU parked; False if stopped first."""
+        with self.cond:
+            self.closing = True
+            try:
+                while not self.cond.wait_for(lambda: self.parked == self.n, 0.1):
+                    if stop.is_set():
+                        return False
+                fn()
+                return True
+            finally:
+                self.closing = False
+                self.cond.notify_all()
+
+
 class _Vcpu:
-    def __init__(self, vm_fd, index, run_size, kvmclock):
+    def __init__(self, vm_fd, index, run_size, kvmclock, gate=None):
         self.fd = k.ioctl(vm_fd, k.CREATE_VCPU, index)
         self.run = mmap.mmap(self.fd, run_size, flags=mmap.MAP_SHARED,
                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.exits = self.io = self.mmio = 0
+        self.error = None
+        self.gate = gate
+        if ARM64:
+            gicv3.init_vcpu(vm_fd, self.fd, CODE_GPA)
+            return
         sregs = k.Sregs()
         k.ioctl(self.fd, k.GET_SREGS, sregs)
         sregs.cs.base, sregs.cs.selector = 0, 0
@@ -101,12 +150,10 @@ class _Vcpu:
                       rcx=k.MSR_KVM_SYSTEM_TIME_NEW if kvmclock else 0,
                       rax=(PVCLOCK_GPA + 64 * index) | 1, rdx=0)
         k.ioctl(self.fd, k.SET_REGS, regs)
-        self.exits = self.io = self.mmio = 0
-        self.error = None
 
     def loop(self, stop, name):
         _name_thread(name)
-        run_ioctl, fd, run = k.ioctl, self.fd, self.run
+        run_ioctl, fd, run, gate = k.ioctl, self.fd, self.run, self.gate
         exits = io = mmio = 0
         try:
             while not stop.is_set():
@@ -118,6 +165,8 @@ class _Vcpu:
                 exits += 1
                 if not exits & 1023:         # progress(): live counts, at little cost
                     self.exits = exits
+                if gate is not None and gate.closing:
+                    gate.park()
                 if reason == k.EXIT_IO:
                     io += 1
                 elif reason == k.EXIT_MMIO:      # the spare slot is deleted right now
@@ -165,13 +214,20 @@ class Workload:
         self.config = config
         self.kvm_fd = k.open_kvm()
         self.vm_fd = k.ioctl(self.kvm_fd, k.CREATE_VM, 0)
+        if (config.lpis or config.lpi_reset_every) and not ARM64:
+            raise k.KvmError("--lpis needs an arm64 host (a vGICv3 ITS): run it in "
+                             "`kvmlockprof lab --arch arm64`")
+        if config.lpi_reset_every and not config.lpis:
+            raise k.KvmError("--lpi-reset-every resets the ITS of --lpis N: give both")
+        if config.xen and ARM64:
+            raise k.KvmError("--xen is x86 only")
         try:
             # VMX real mode wants a TSS (the int arg is signed; KVM takes 32 bits)
             k.ioctl(self.vm_fd, k.SET_TSS_ADDR, 0xFFFBD000 - (1 << 32))
         except k.KvmError:
             pass                                             # not needed on SVM/PVM
         self.main_mem, main_hva = k.guest_memory(MAIN_SLOT_SIZE)
-        code = guest_code(config.kvmclock)
+        code = gicv3.guest_code() if ARM64 else guest_code(config.kvmclock)
         self.main_mem[CODE_GPA:CODE_GPA + len(code)] = code
         k.set_memslot(self.vm_fd, 0, 0, MAIN_SLOT_SIZE, main_hva)
         self.spare = [k.guest_memory(SPARE_SIZE) for _ in range(max(1, config.churn_threads))]
@@ -181,15 +237,20 @@ class Workload:
         if config.xen:
             self._xen_config()
         run_size = k.ioctl(self.kvm_fd, k.GET_VCPU_MMAP_SIZE)
-        self.vcpus = [_Vcpu(self.vm_fd, i, run_size, config.kvmclock)
+        # The vGIC is made before the vCPUs and started once they all exist.
+        self.lpis = gicv3.Lpis(self.vm_fd, config.vcpus, config.lpis) if config.lpis else None
+        self.gate = _Gate(config.vcpus) if config.lpi_reset_every else None
+        self.vcpus = [_Vcpu(self.vm_fd, i, run_size, config.kvmclock, self.gate)
                       for i in range(config.vcpus)]
+        if self.lpis:
+            self.lpis.start()
         if config.xen:
             for i, v in enumerate(self.vcpus):
                 k.ioctl(v.fd, k.XEN_VCPU_SET_ATTR,
                         k.XenAttr(type=k.XEN_VCPU_ATTR_TYPE_VCPU_INFO,
                                   u64=XEN_VCPU_INFO_GPA + 64 * i))
         self.xen_sends = self.xen_forced_slow = 0
-        self.churn_ops = 0
+        self.churn_ops = self.msis = self.msis_refused = 0
         self.errors = []
         self._lock = threading.Lock()
 
@@ -225,6 +286,42 @@ class Workload:
             self.errors.append(e)
             stop.set()
         self.xen_sends, self.xen_forced_slow = sends, slow
+
+    def _msi(self, index, stop):
+        """Inject LPIs index, index + msi_threads, ... in turn, at msi_rate."""
+        _name_thread(f"kvmlp-msi{index}")
+        cfg = self.config
+        mine = range(index, self.lpis.n, cfg.msi_threads) or range(self.lpis.n)
+        period = 1.0 / cfg.msi_rate if cfg.msi_rate else 0.0
+        sent = refused = 0
+        next_t = time.monotonic()
+        try:
+            while not stop.is_set():
+                for lpi in mine:
+                    try:
+                        sent += self.lpis.msi(lpi)
+                    except k.KvmError:      # the ITS is being reset: its tables are gone
+                        refused += 1
+                if period:
+                    next_t += period
+                    delay = next_t - time.monotonic()
+                    if delay > 0:
+                        stop.wait(delay)
+        except Exception as e:
+            self.errors.append(e)
+            stop.set()
+        with self._lock:
+            self.msis += sent
+            self.msis_refused += refused
+
+    def _lpi_resets(self, stop):
+        _name_thread("kvmlp-itsreset")
+        try:
+            while not stop.wait(self.config.lpi_reset_every):
+                self.gate.paused(self.lpis.reset, stop)
+        except Exception as e:
+            self.errors.append(e)
+            stop.set()
 
     def _churn(self, index, stop):
         _name_thread(f"kvmlp-churn{index}")
@@ -272,6 +369,11 @@ class Workload:
                                          daemon=True) for i in range(cfg.churn_threads)]
         if cfg.xen:
             threads.append(threading.Thread(target=self._xen_sender, args=(stop,), daemon=True))
+        if self.lpis:
+            threads += [threading.Thread(target=self._msi, args=(i, stop), daemon=True)
+                        for i in range(cfg.msi_threads)]
+        if self.gate:
+            threads.append(threading.Thread(target=self._lpi_resets, args=(stop,), daemon=True))
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -300,10 +402,14 @@ class Workload:
             mmio_exits=[v.mmio for v in self.vcpus],
             msr_writes=sum(v.io for v in self.vcpus) if cfg.kvmclock else 0,
             churn_ops=self.churn_ops, xen_sends=self.xen_sends,
-            xen_forced_slow=self.xen_forced_slow, config=dict(cfg.__dict__),
+            xen_forced_slow=self.xen_forced_slow, lpis=cfg.lpis, msis=self.msis,
+            msis_refused=self.msis_refused,
+            lpi_restores=self.lpis.restores if self.lpis else 0, config=dict(cfg.__dict__),
             interrupted=interrupted, kicked=kicked)
 
     def close(self):
+        if self.lpis:
+            self.lpis.close()
         for v in self.vcpus:
             v.run.close()
             os.close(v.fd)
