@@ -189,11 +189,15 @@ def vng_argv(script, kernel=None, cpus=2, memory="2G", cwd=None, possible_cpus=N
     append = ["--append", f"possible_cpus={possible_cpus}"] if possible_cpus else []
     if arm:
         from kvmlockprof import labroot
-        # The root is the arm64 tree: the shared directories are named guest=host.
-        shared = ["--root", labroot.ROOT, "--arch", "arm64", "--rwdir", f"{cwd}={cwd}"]
+        # The root is the arm64 tree, read-only in the guest: the shared directories
+        # are named guest=host, at the host's paths, their mount points made in it.
         repo = repo_dir()
-        if os.path.relpath(cwd, repo).startswith(".."):
-            shared += ["--rodir", f"{repo}={repo}"]
+        inside = not os.path.relpath(cwd, repo).startswith("..")
+        shared = ["--root", labroot.ROOT, "--arch", "arm64",
+                  "--rwdir", f"{repo}={repo}" if inside else f"{cwd}={cwd}",
+                  *([] if inside else ["--rodir", f"{repo}={repo}"])]
+        for d in (repo,) if inside else (cwd, repo):
+            os.makedirs(labroot.ROOT + d, exist_ok=True)
         machine = ARM64_MACHINE + " "
     else:
         shared, machine = ["--rwdir", cwd], ""

@@ -20,7 +20,7 @@ CACHE = "/var/cache/kvmlockprof/arm64"
 ROOT = os.path.join(CACHE, "root")
 SITE = "/opt/kvmlockprof/site"            # inside ROOT: the wheels
 STAMP = os.path.join(ROOT, ".kvmlockprof-root")
-PACKAGES = ("busybox-static", "kmod", "procps", "python3", "python3-bpfcc", "bpfcc-tools",
+PACKAGES = ("busybox-static", "kmod", "mount", "procps", "python3", "python3-bpfcc", "bpfcc-tools",
             "bpftool", "linux-image-arm64/bookworm-backports",
             "linux-headers-arm64/bookworm-backports")
 BINFMT = "/proc/sys/fs/binfmt_misc"

@@ -107,13 +107,20 @@ def test_the_arm64_lab_boots_its_own_root_at_el2_with_an_its(tmp_path, monkeypat
     from kvmlockprof import labroot
     monkeypatch.setattr(lab, "vng_path", lambda: "vng")
     monkeypatch.setattr(lab.shutil, "which", lambda name: name)
+    monkeypatch.setattr(labroot, "ROOT", str(tmp_path / "root"))
     image = tmp_path / "vmlinuz-6.12.99+bpo-arm64"
     image.touch()
-    argv = lab.vng_argv("s.sh", str(image), cwd=str(tmp_path), arch="arm64")
+    work = tmp_path / "work"
+    argv = lab.vng_argv("s.sh", str(image), cwd=str(work), arch="arm64")
     assert argv[argv.index("--root") + 1] == labroot.ROOT
     assert argv[argv.index("--arch") + 1] == "arm64"
-    assert f"{tmp_path}={tmp_path}" in argv
-    assert f"{lab.repo_dir()}={lab.repo_dir()}" in argv          # cwd is outside the tree
+    repo = lab.repo_dir()
+    assert argv[argv.index("--rwdir") + 1] == f"{work}={work}"
+    assert argv[argv.index("--rodir") + 1] == f"{repo}={repo}"   # cwd is outside the tree
+    # the guest's root is read-only: the mount points are made in it beforehand
+    assert os.path.isdir(labroot.ROOT + str(work)) and os.path.isdir(labroot.ROOT + repo)
+    inside = lab.vng_argv("s.sh", str(image), cwd=os.path.join(repo, "tests"), arch="arm64")
+    assert inside[inside.index("--rwdir") + 1] == f"{repo}={repo}" and "--rodir" not in inside
     assert ("--qemu-opts=-cpu max -machine virtualization=on,gic-version=3,its=on "
             "-accel tcg,thread=multi") in argv
     script = lab.guest_script(["kvmlockprof", "doctor"], str(tmp_path), "arm64")

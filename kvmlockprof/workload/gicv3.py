@@ -26,7 +26,7 @@ MIN_LPI = 8192                    # the GIC architecture's first LPI INTID
 ID_BITS = 14                      # INTIDs below 2^14: up to 8192 LPIs
 EVENT_BITS = 5                    # 32 events (LPIs) a device
 PAGE = 0x1000
-PEND_ALIGN = 0x10000              # GICR_PENDBASER is 64 KiB aligned
+PEND_ALIGN = 0x10000              # GICR_PENDBASER and the ITS tables: 64 KiB aligned
 
 GICR_CTLR, GICR_PROPBASER, GICR_PENDBASER = 0x0000, 0x0070, 0x0078
 GITS_CTLR, GITS_CBASER, GITS_BASER0, GITS_BASER1 = 0x0000, 0x0080, 0x0100, 0x0108
@@ -84,8 +84,12 @@ def _device(vm_fd, kind):
 
 def _set(fd, group, attr, value=None, width=8):
     buf = (k.ctypes.c_uint64 if width == 8 else k.ctypes.c_uint32)(value or 0)
-    k.ioctl(fd, k.SET_DEVICE_ATTR, k.DeviceAttr(group=group, attr=attr,
-                                                addr=k.ctypes.addressof(buf)))
+    try:
+        k.ioctl(fd, k.SET_DEVICE_ATTR, k.DeviceAttr(group=group, attr=attr,
+                                                    addr=k.ctypes.addressof(buf)))
+    except k.KvmError as e:
+        raise k.KvmError(f"{e} (KVM_SET_DEVICE_ATTR group {group} attr {attr:#x} value "
+                         f"{value or 0:#x})") from None
 
 
 class Lpis:
@@ -104,12 +108,13 @@ class Lpis:
         self.its = _device(vm_fd, k.DEV_TYPE_ARM_VGIC_ITS)
         _set(self.its, k.VGIC_GRP_ADDR, k.VGIC_ITS_ADDR_TYPE, ITS_GPA)
         _set(self.its, k.VGIC_GRP_CTRL, k.VGIC_CTRL_INIT)
-        # Property table, one pending table a vCPU, then the ITS's tables.
+        # Property table, one pending table a vCPU, then the ITS's tables: KVM reads a
+        # GITS_BASER's address as 64 KiB pages' (bits 47:16) and scans 64 KiB a page.
         self.prop = 0
         self.pend = PEND_ALIGN
         self.dev_table = self.pend + PEND_ALIGN * vcpus
-        self.coll_table = self.dev_table + PAGE
-        self.cmd_queue = self.coll_table + PAGE
+        self.coll_table = self.dev_table + PEND_ALIGN
+        self.cmd_queue = self.coll_table + PEND_ALIGN
         self.itts = self.cmd_queue + PAGE
         self.size = -(-(self.itts + self.devices * 256) // PEND_ALIGN) * PEND_ALIGN
         self.mem, hva = k.guest_memory(self.size)
