@@ -109,7 +109,9 @@ PROBE = Probe(
                       "irqs_off": "n", "context": "n", "stack_id": "n", "lat_ns": "n"}},
     streams=(("vgic_events", "vgic"),),
     fields={"IRQ_INTID": ("vgic_irq", "intid"),
-            "IRQ_REFCOUNT": ("vgic_irq", "refcount.refs.counter"),
+            # refcount_t (6.10+), or a kref around one (before)
+            "IRQ_REFCOUNT": ("vgic_irq", ("refcount.refs.counter",
+                                          "refcount.refcount.refs.counter")),
             "TASK_PREEMPT": ("task_struct", "thread_info.preempt_count")},
     notes="6.10 moved LPI refcounting into the xarray; later kernels changed it again: "
           "`released` is read from the refcount at entry where BTF has it",

@@ -28,6 +28,7 @@ EVENT_BITS = 5                    # 32 events (LPIs) a device
 PAGE = 0x1000
 PEND_ALIGN = 0x10000              # GICR_PENDBASER and the ITS tables: 64 KiB aligned
 
+GICD_CTLR, GICD_CTLR_ENABLE_G1A, GICD_CTLR_ARE = 0x0000, 1 << 1, 1 << 4
 GICR_CTLR, GICR_PROPBASER, GICR_PENDBASER = 0x0000, 0x0070, 0x0078
 GITS_CTLR, GITS_CBASER, GITS_BASER0, GITS_BASER1 = 0x0000, 0x0080, 0x0100, 0x0108
 VALID = 1 << 63
@@ -127,6 +128,8 @@ class Lpis:
         """After the vCPUs exist: initialise the vGIC, enable LPIs on every
         redistributor and load the ITS's tables (the LPIs are created)."""
         _set(self.gic, k.VGIC_GRP_CTRL, k.VGIC_CTRL_INIT)
+        # No guest driver: the VMM enables the distributor's group 1, as one would.
+        _set(self.gic, k.VGIC_GRP_DIST_REGS, GICD_CTLR, GICD_CTLR_ENABLE_G1A | GICD_CTLR_ARE, 4)
         for i in range(self.vcpus):
             mpidr = ((i >> 4) << 8 | (i & 15)) << 32      # KVM's default MPIDR: 16 a cluster
             prop = TABLES_GPA + self.prop | (ID_BITS - 1)
