@@ -30,8 +30,10 @@ def arm64_run(tmp_path_factory):
     record = (f"kvmlockprof record -q -o lpi.parquet --probes contention,vms,vgic -- "
               f"kvmlockprof workload --vcpus 2 --duration 8 --lpis {LPIS} --msi-rate 200 "
               f"--lpi-reset-every 2")
-    lab_run(d, ftrace_counting("vgic_put_irq", "ftrace-vgic.txt", record) +
-            " ; bpftool -j prog show > progs.json", arch="arm64", timeout=LAB_TIMEOUT)
+    # (ftrace_counting's script exits with the command's status: bpftool goes inside)
+    lab_run(d, ftrace_counting("vgic_put_irq", "ftrace-vgic.txt",
+                               record + " && bpftool -j prog show > progs.json"),
+            arch="arm64", timeout=LAB_TIMEOUT)
     return d
 
 
