@@ -180,6 +180,19 @@ class _Vcpu:
         self.exits, self.io, self.mmio = exits, io, mmio
 
 
+def _paced(stop, rate):
+    """Yield until `stop` is set, at most `rate` times a second (0: as fast as possible)."""
+    period = 1.0 / rate if rate else 0.0
+    next_t = time.monotonic()
+    while not stop.is_set():
+        yield
+        if period:
+            next_t += period
+            delay = next_t - time.monotonic()
+            if delay > 0:
+                stop.wait(delay)
+
+
 KICK_AFTER_S = 1.0      # a vCPU exits every few us: one still in KVM_RUN after this is stuck
 
 
@@ -292,21 +305,14 @@ class Workload:
         _name_thread(f"kvmlp-msi{index}")
         cfg = self.config
         mine = range(index, self.lpis.n, cfg.msi_threads) or range(self.lpis.n)
-        period = 1.0 / cfg.msi_rate if cfg.msi_rate else 0.0
         sent = refused = 0
-        next_t = time.monotonic()
         try:
-            while not stop.is_set():
+            for _ in _paced(stop, cfg.msi_rate):
                 for lpi in mine:
                     try:
                         sent += self.lpis.msi(lpi)
                     except k.KvmError:      # the ITS is being reset: its tables are gone
                         refused += 1
-                if period:
-                    next_t += period
-                    delay = next_t - time.monotonic()
-                    if delay > 0:
-                        stop.wait(delay)
         except Exception as e:
             self.errors.append(e)
             stop.set()
@@ -329,21 +335,14 @@ class Workload:
         # Slot 1 is what the vCPUs read; the others sit above real mode's reach.
         gpa = 0x100000 + index * SPARE_SIZE if index else SPARE_GPA
         hva = self.spare[index][1]
-        period = 1.0 / self.config.churn_rate if self.config.churn_rate else 0.0
         ops = 0
         try:
             present = index == 0
-            next_t = time.monotonic()
-            while not stop.is_set():
+            for _ in _paced(stop, self.config.churn_rate):
                 k.set_memslot(self.vm_fd, slot, gpa, 0 if present else SPARE_SIZE, hva)
                 present = not present
                 ops += 1
                 self.churn_live[index] = ops
-                if period:
-                    next_t += period
-                    delay = next_t - time.monotonic()
-                    if delay > 0:
-                        stop.wait(delay)
         except Exception as e:
             self.errors.append(e)
             stop.set()
