@@ -37,7 +37,10 @@ def containers(kbtf, struct):
     out = []
     for name, (unit, t) in kbtf.structs.items():
         members = t.get("members") or []
-        if name == struct or not members or members[0]["bits_offset"] != 0:
+        # arm64's pkvm_hyp_vm/pkvm_hyp_vcpu embed them too, but are the EL2 hypervisor's
+        # copies under protected KVM: the host's VMs are never inside one
+        if name == struct or name.startswith("pkvm_hyp_") or not members or \
+                members[0]["bits_offset"] != 0:
             continue
         mt = kbtf._resolve(members[0]["type_id"], unit)
         if mt and mt["kind"] == "STRUCT" and mt.get("name") == struct:
