@@ -9,6 +9,7 @@ injects them (vgic_put_irq from the ioctl, IRQs on); the guest acknowledges them
 the translations (vgic_put_irq from its_free_ite, IRQs on), releasing each LPI
 whose last reference it was (the `lpi_xa` erase).
 """
+import os
 import struct
 
 from kvmlockprof.workload import kvmapi as k
@@ -181,6 +182,5 @@ class Lpis:
         return k.ioctl(self.vm_fd, k.SIGNAL_MSI, m) > 0
 
     def close(self):
-        import os
         for fd in (self.its, self.gic):
             os.close(fd)
