@@ -67,7 +67,13 @@ class Probe:
     streams: tuple = ()            # (ring buffer map, recording table)
     aggregates: tuple = ()         # (in-kernel map, recording table), snapshotted
     fields: dict = field(default_factory=dict)      # KVMLP_OFF_X -> (struct, field path)
-    defines: dict = field(default_factory=dict)     # its own build-time knobs, for its C
+    # its own build-time knobs, for its C: a dict, or kbtf -> dict (sizes from BTF)
+    defines: object = field(default_factory=dict)
+    # table -> columns holding lock addresses that `record` names (as it names the
+    # contended ones)
+    lock_columns: dict = field(default_factory=dict)
+    # Plan -> None: turn targets off as a set (Plan.off says why), after the plan is made
+    adjust_plan: object = None
     sections: tuple = ()           # its Sections of report and HTML, in order
     compare: object = None         # rec -> {(metric, better, unit): value}
     # (stream batches, map snapshots) -> {name: (hits, total, counted since the start)}

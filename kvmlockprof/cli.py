@@ -30,6 +30,7 @@ Examples:
   kvmlockprof report vm.parquet --by caller --sort max --limit 10 --stacks
   kvmlockprof report vm.parquet --format csv -o top.csv
   kvmlockprof report vm.parquet --html vm.html
+  kvmlockprof report debug.parquet --order    # recorded with --probes lockorder
 """
 EPILOG_WORKLOAD = """\b
 Examples:
@@ -251,7 +252,9 @@ def top(interval, by, sort, limit, pids, probe_names, stack_budget, prefer, batc
 @click.option("--html", "html_out", metavar="FILE",
               help="Also write a self-contained HTML report (plots; opens offline).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite --output/--html if they exist.")
-def report(recording, by, sort, limit, pids, stacks, fmt, output, html_out, force):
+@click.option("--order", is_flag=True, help="Only the lock order, IRQ contexts and recursion "
+              "of KVM's locks (a recording made with --probes lockorder).")
+def report(recording, by, sort, limit, pids, stacks, fmt, output, html_out, force, order):
     """Contention report of a recording, like `perf lock contention`."""
     from kvmlockprof.views import report as rpt
     from kvmlockprof.recording.store import RecordingError, load
@@ -260,8 +263,11 @@ def report(recording, by, sort, limit, pids, stacks, fmt, output, html_out, forc
             fail(f"{path} exists: use --force to overwrite it")
     try:
         rec = load(recording)
-        text = rpt.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
-                          pids=list(pids) or None)
+        if order and fmt != "text":
+            fail("--order prints text: drop --format")
+        text = rpt.probe_text(rec, "lockorder", limit=limit) if order else \
+            rpt.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
+                       pids=list(pids) or None)
         if html_out:                # reads more of the recording than the text does
             from kvmlockprof.views import html
             page = html.render(rec, limit=limit)
@@ -572,6 +578,9 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, arch,
 @click.option("--xen-slow-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --xen: drop the shared_info page every N sends, forcing the "
                    "slow path.")
+@click.option("--xen-vcpu-info/--no-xen-vcpu-info", default=True, show_default=True,
+              help="With --xen: give each vCPU an explicit vcpu_info (its own gfn_to_pfn "
+                   "cache); without, only shared_info's.")
 @click.option("--lpis", type=click.IntRange(min=0), default=0, show_default=True,
               help="arm64: a vGICv3 + ITS mapping this many LPIs, injected by MSI.")
 @click.option("--msi-threads", type=click.IntRange(1, 16), default=2, show_default=True)
@@ -588,7 +597,7 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, arch,
               help="Also print the work done so far as a JSON line this often (seconds; "
                    "for benchmarks that measure while it runs).")
 def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, xen_slow_every,
-             lpis, msi_threads, msi_rate, lpi_reset_every, name, vms, as_json, progress_every):
+             xen_vcpu_info, lpis, msi_threads, msi_rate, lpi_reset_every, name, vms, as_json, progress_every):
     """Built-in KVM workload: a tiny VMM over /dev/kvm (no QEMU)."""
     from kvmlockprof.workload import WORK_ENV, KvmError, run, run_vms
     from kvmlockprof.workload.vmm import KICK_AFTER_S
@@ -603,13 +612,14 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
                     f"--msi-threads={msi_threads}", f"--msi-rate={msi_rate}",
                     f"--lpi-reset-every={lpi_reset_every}"] + \
                 [flag for flag, on in (("--churn", churn), ("--kvmclock", kvmclock),
-                                       ("--xen", xen)) if on]
+                                       ("--xen", xen)) if on] + \
+                ([] if xen_vcpu_info else ["--no-xen-vcpu-info"])
             done = run_vms(vms, argv, [f"{name}-{i}" if name else f"vm{i}"
                                        for i in range(vms)])
         else:
             done = run(vcpus=vcpus, duration=duration, churn=churn, churn_threads=churn_threads,
                        churn_rate=churn_rate, kvmclock=kvmclock, xen=xen,
-                       xen_slow_every=xen_slow_every, lpis=lpis, msi_threads=msi_threads,
+                       xen_slow_every=xen_slow_every, xen_vcpu_info=xen_vcpu_info, lpis=lpis, msi_threads=msi_threads,
                        msi_rate=msi_rate, lpi_reset_every=lpi_reset_every, every=progress_every,
                        report=lambda p: click.echo(json.dumps({"progress": p}))).as_dict()
     except KvmError as e:

@@ -346,6 +346,9 @@ def quantile_resamples(x, q, rng, size):
     return analysis.lerp(at(u), at(v), h - k)
 
 
+NEW, GONE = "new in NEW", "gone in NEW"     # a probe metric seen on one side only
+
+
 def _verdict(better, lo, hi, change, ratio, threshold):
     if better == "none":
         return "(context)"
@@ -408,6 +411,9 @@ def compare(base, new, threshold=0.05, limit=20, resamples=None, seed=0):
                      "ci_low": lo, "ci_high": hi, "ratio_ci_low": rlo, "ratio_ci_high": rhi,
                      "verdict": _verdict(better, lo, hi, change, ratio, threshold),
                      "n_base": nb_, "n_new": nn_})
+        # a probe metric only one side has (a lock order edge a patch adds): one line
+        if kind == "probe" and better != "none" and bool(len(b_obs)) != bool(len(n_obs)):
+            rows[-1]["verdict"] = NEW if len(n_obs) else GONE
 
     if runs_mode:
         for ident in identities:
@@ -445,7 +451,7 @@ def compare(base, new, threshold=0.05, limit=20, resamples=None, seed=0):
         for key in sorted(set(bp) | set(np_)):
             add("probe", key[0], "", key[1], [bp.get(key, np.nan)], [np_.get(key, np.nan)],
                 unit=key[2])
-            if key[1] != "none":
+            if key[1] != "none" and rows[-1]["verdict"] not in (NEW, GONE):
                 rows[-1]["verdict"] = "no CI (one run per side)"
     df = pd.DataFrame(rows, columns=COLUMNS)
     return sort_by_effect(df)
@@ -461,13 +467,14 @@ def _run_value(table, rec, ident, metric):
 
 
 def sort_by_effect(df):
-    """Significant changes first, then by |log2 ratio| (a change from zero first)."""
+    """Significant changes (and probe metrics only one side has) first, then by |log2
+    ratio| (a change from zero first)."""
     if df.empty:
         return df
     with np.errstate(divide="ignore", invalid="ignore"):
         effect = np.abs(np.log2(df["ratio"].astype(float).replace(0, np.nan)))
     effect = effect.fillna(0).replace(np.inf, 1e9)
-    sig = df["verdict"].isin(["improved", "regressed"])
+    sig = df["verdict"].isin(["improved", "regressed", NEW, GONE])
     order = np.lexsort((-effect.to_numpy(), ~sig.to_numpy()))
     return df.iloc[order].reset_index(drop=True)
 

@@ -150,7 +150,7 @@ class Btf:
         spinlock), or None when no lock starts there."""
         return self.lock_offsets(struct).get(offset)
 
-    def lock_offsets(self, struct):
+    def lock_offsets(self, struct, types=LOCK_TYPES):
         """{byte offset: lock path} of every lock inside struct: it descends through
         structs; a lock is named where it starts (the outermost lock at an offset:
         "mmu_lock", not its raw_lock), and locks inside locks at other offsets too
@@ -163,7 +163,7 @@ class Btf:
                 names, mt = self._type_names(m["type_id"], unit)
                 start = base + m["bits_offset"] // 8
                 sub = path + ([m["name"]] if m["name"] not in ("(anon)", "") else [])
-                if LOCK_TYPES.intersection(names):
+                if types.intersection(names):
                     out.setdefault(start, ".".join(sub))
                 if mt and mt["kind"] in ("STRUCT", "UNION"):
                     walk(mt, start, sub)

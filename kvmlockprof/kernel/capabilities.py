@@ -140,6 +140,7 @@ class Plan:
     probe: object
     targets: dict = field(default_factory=dict)     # key -> (symbol or None, method or None)
     reason: str = ""
+    off: dict = field(default_factory=dict)         # what the probe turned off, and why
 
     @property
     def ok(self):
@@ -212,6 +213,9 @@ def plan(probe, caps, prefer=None):
             if not t.optional:
                 p.reason = p.reason or not_attachable[-1]
         p.targets[t.key] = (sym, method)
+    if probe.adjust_plan and not p.reason:
+        probe.adjust_plan(p)
+        not_attachable += list(p.off.values())
     if not p.reason and not any(m for _, m in p.targets.values()):
         p.reason = " | ".join(not_attachable)        # only optional targets, none usable
     return p

@@ -2,9 +2,11 @@
 its catalog entry (PROBE) with everything that shows it; functions.py loads and
 reads every function probe generically, common.py holds what their analyses share."""
 from kvmlockprof import catalog
-from kvmlockprof.probes import contention, gpc, srcu, vgic, vms, xarray, xen_evtchn
+from kvmlockprof.probes import (contention, gpc, lockorder, srcu, vgic, vms, xarray,
+                                xen_evtchn)
 
 # Catalog order: what `probes`, doctor and the report list first.
-BUILTIN = tuple(m.PROBE for m in (contention, vms, xen_evtchn, gpc, srcu, xarray, vgic))
+BUILTIN = tuple(m.PROBE for m in (contention, vms, xen_evtchn, gpc, srcu, xarray, vgic,
+                                         lockorder))
 for _probe in BUILTIN:
     catalog.register(_probe)

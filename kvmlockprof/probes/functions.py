@@ -31,7 +31,7 @@ def module_defines(plans, kbtf, stack_entries=16384, ringbuf_pages=1024):
     """Every define the combined module needs, for {probe: Plan}."""
     d = {"KVMLP_STACK_ENTRIES": stack_entries, "KVMLP_RINGBUF_PAGES": ringbuf_pages}
     for probe in plans:
-        d.update(probe.defines)
+        d.update(probe.defines(kbtf) if callable(probe.defines) else probe.defines)
     bases = counter_bases(plans)
     d.update({f"KVMLP_CBASE_{p.name.upper()}": base for p, base in bases.items()})
     d["KVMLP_NR_COUNTERS"] = max(1, sum(len(p.counters) for p in plans))
@@ -175,14 +175,15 @@ class FunctionProbes:
                 continue
             if method:
                 attached.append(t)
+        off = getattr(plan, "off", {})
         if not attached:
-            return {"status": "failed", "method": None, "targets": targets,
+            return {"status": "failed", "method": None, "targets": targets, "off": off,
                     "reason": " | ".join(v.get("error", f"{k}: not attachable")
                                          for k, v in targets.items())}
         return {"status": "attached",
                 "method": "+".join(sorted({v["method"] for v in targets.values()
                                            if v["method"]})),
-                "targets": targets}
+                "targets": targets, **({"off": off} if off else {})}
 
     def load_kprobe_handlers(self):
         """Load every kprobe handler through the verifier (no attach): the check

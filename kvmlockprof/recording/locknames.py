@@ -171,8 +171,11 @@ class LockNamer:
             # its name (kvm_svm.kvm, but vcpu_svm.vcpu): `mutex`, not `vcpu.mutex`
             prefix = kbtf.structs[cont][1]["members"][0]["name"] + "." if cont != struct \
                 else ""
+            # SRCU structs too (kvm->srcu: lockorder follows its read sections); a
+            # lock that starts at the same offset keeps the name
+            offsets = {**kbtf.lock_offsets(cont, {"srcu_struct"}), **kbtf.lock_offsets(cont)}
             self.locks[struct] = {off: p[len(prefix):] if prefix and p.startswith(prefix)
-                                  else p for off, p in kbtf.lock_offsets(cont).items()}
+                                  else p for off, p in offsets.items()}
         self.mmu_lock = kbtf.offset("kvm", "mmu_lock") if kbtf else None
 
     # --- learning bases --------------------------------------------------------------
@@ -268,6 +271,7 @@ class SessionNames:
         self.callers = {}        # contention stack id -> caller frame
         self.symbols = {}        # hex address -> kallsyms data symbol
         self.kvm = {}            # hex address -> {"name", "how"}
+        self.more = {}           # the same, of other probes' lock addresses (name_more)
 
     def add_stacks(self, stacks):
         """New contention stacks (an Arrow table or DataFrame with stack_id, frames,
@@ -300,13 +304,18 @@ class SessionNames:
             self.namer.infer(aggs, self.callers)
             self.kvm = self.namer.names(addrs)
 
+    def name_more(self, addrs):
+        """Name lock addresses other probes saw (not contended ones), as update does."""
+        if self.namer:
+            self.more = self.namer.names(sorted(addrs))
+
     def display(self):
         """{hex address: name} for every address with a name."""
         out = {a: n for a, n in self.symbols.items() if n}
-        out.update({a: v["name"] for a, v in self.kvm.items()})
+        out.update({a: v["name"] for a, v in {**self.more, **self.kvm}.items()})
         return out
 
     def manifest(self):
         return {"lock_symbols": {a: n for a, n in self.symbols.items() if n},
-                "lock_names": self.kvm,
+                "lock_names": {**self.more, **self.kvm},
                 "kvm_objects": self.namer.manifest() if self.namer else None}

@@ -63,6 +63,22 @@ class Snapshots:
         return True
 
 
+def _lock_addresses(tables):
+    """Lock addresses in the tables of probes that declare them (Probe.lock_columns):
+    {table: numpy array or Arrow table}."""
+    out = set()
+    for probe in catalog.CATALOG:
+        for table, cols in probe.lock_columns.items():
+            t = tables.get(table)
+            if t is None or len(t) == 0:
+                continue
+            for c in cols:
+                col = t[c] if isinstance(t, np.ndarray) else t.column(c).to_numpy()
+                out.update(np.unique(col).tolist())
+    out.discard(0)
+    return out
+
+
 class Stop(Exception):
     """SIGTERM/SIGHUP: unwind like Ctrl-C so that `finally` detaches the probes."""
 
@@ -305,6 +321,7 @@ class Recorder:
         self._poll()
         counters, probe_counters = {}, {}
         contention_aggs, registry = None, {}       # for the lock names
+        lock_addrs = set()                         # other probes' (Probe.lock_columns)
         for name, src in self.sources.items():
             dtypes = src.event_dtypes()
             events = {t: np.concatenate(self.pending.pop(t)) if t in self.pending else
@@ -324,6 +341,7 @@ class Recorder:
                 if table not in REGISTRY_TABLES:        # those: as lifetimes, below
                     self.snapshots.put(table, snap, time.monotonic(), final)
             self._learn_processes(events, snaps)
+            lock_addrs |= _lock_addresses({**events, **snaps})
             if name == "contention":
                 counters = src.counters()
                 contention_aggs = snaps["aggregates"]
@@ -336,6 +354,8 @@ class Recorder:
             self.names.observe(**registry)
             for table, t in self.names.registry.tables().items():
                 self.writer.snapshot(table, t)
+        if lock_addrs:
+            self.names.name_more(lock_addrs)
         if contention_aggs is not None:
             # Aggregate rows are never removed, so the same row count means the same
             # (lock, process, stack) set, and the same registry version the same

@@ -77,24 +77,27 @@ def header_lines(base, new, warnings, threshold):
 
 def text(df, base, new, warnings, threshold):
     lines = header_lines(base, new, warnings, threshold) + [""]
-    lines.append(f"{'verdict':<22} {'what':<58} {'base':>10} {'new':>10} {'change':>11} "
+    whats = [f"{r['name']}  {r['metric']}".strip() if r["kind"] == "lock" else
+             f"[probe] {r['name']}" for _, r in df.iterrows()]
+    w = min(100, max([58] + [len(x) for x in whats]))     # lock order edges are long
+    lines.append(f"{'verdict':<22} {'what':<{w}} {'base':>10} {'new':>10} {'change':>11} "
                  f"{'95% CI of change':>25} {'ratio':>7} {'ratio 95% CI':>16}")
-    for _, r in df.iterrows():
+    for what, (_, r) in zip(whats, df.iterrows()):
         ns = _is_ns(r)
-        what = f"{r['name']}  {r['metric']}".strip() if r["kind"] == "lock" else \
-            f"[probe] {r['name']}"
         ci = (f"[{fmt_value(r['ci_low'], ns, True)}, {fmt_value(r['ci_high'], ns, True)}]"
               if not np.isnan(r["ci_low"]) else "-")
         rci = (f"[{fmt_ratio(r['ratio_ci_low'])}, {fmt_ratio(r['ratio_ci_high'])}]"
                if not np.isnan(r["ratio_ci_low"]) else "-")
-        lines.append(f"{r['verdict']:<22} {what[:58]:<58} {fmt_value(r['base'], ns):>10} "
+        lines.append(f"{r['verdict']:<22} {what[:w]:<{w}} {fmt_value(r['base'], ns):>10} "
                      f"{fmt_value(r['new'], ns):>10} {fmt_value(r['change'], ns, True):>11} "
                      f"{ci:>25} {fmt_ratio(r['ratio']):>7} {rci:>16}")
     if df.empty:
         lines.append("(nothing to compare: neither side recorded contention or probe data)")
     counts = df["verdict"].value_counts()
-    lines += ["", "  ".join(f"{k}: {counts.get(k, 0)}" for k in
-                            ("regressed", "improved", "no significant change"))]
+    lines += ["", "  ".join([f"{k}: {counts.get(k, 0)}" for k in
+                             ("regressed", "improved", "no significant change")] +
+                            [f"{k}: {counts[k]}" for k in (compare.NEW, compare.GONE)
+                             if counts.get(k)])]
     return "\n".join(lines) + "\n"
 
 

@@ -6,10 +6,11 @@ import pandas as pd
 from kvmlockprof.analysis import locks as analysis
 
 
-def probe_sections():
-    """Every registered probe's report sections (catalog.Section), in catalog order."""
+def probe_sections(only=None):
+    """Every registered probe's report sections (catalog.Section), in catalog order
+    (only: just that probe's)."""
     from kvmlockprof.catalog import CATALOG
-    return [sec for p in CATALOG for sec in p.sections]
+    return [sec for p in CATALOG for sec in p.sections if only in (None, p.name)]
 
 
 def fmt_ns(ns, bound=False):
@@ -136,6 +137,20 @@ def _frame_text(df, hex_columns=()):
         elif c.endswith("ratio"):
             df[c] = [f"{v:.1%}" if v == v else "-" for v in df[c]]
     return df.to_string(index=False)
+
+
+def probe_text(rec, probe, limit=20):
+    """Just one probe's sections (`report --order`: lockorder's), text."""
+    lines = summary_lines(rec)
+    parts = [(sec, sec.frame(rec)) for sec in probe_sections(probe)]
+    for sec, part in parts:
+        lines += ["", sec.title, _frame_text(part.head(limit), sec.hex) if part is not None
+                  and not part.empty else "(none)"]
+    st = (rec.manifest.get("probes") or {}).get(probe, {})
+    if st.get("status") != "attached":
+        lines += ["", f"probe {probe} was not attached in this recording "
+                  f"({st.get('status', 'not requested')}{': ' + st['reason'] if st.get('reason') else ''})"]
+    return "\n".join(lines) + "\n"
 
 
 def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pids=None):

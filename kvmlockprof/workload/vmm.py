@@ -56,6 +56,7 @@ class WorkloadConfig:
     kvmclock: bool = False         # guest writes MSR_KVM_SYSTEM_TIME_NEW every loop
     xen: bool = False              # KVM_XEN_HVM_EVTCHN_SEND in a loop (kvm_xen_set_evtchn_fast)
     xen_slow_every: int = 0        # drop the shared_info page every N sends: forces fallback
+    xen_vcpu_info: bool = True     # an explicit vcpu_info per vCPU (its own gfn_to_pfn_cache)
     lpis: int = 0                  # arm64: a vGICv3 + ITS with this many LPIs (gicv3.Lpis)
     msi_threads: int = 2           # threads injecting the LPIs (KVM_SIGNAL_MSI)
     msi_rate: float = 0.0          # MSIs/s per thread, 0 = as fast as possible
@@ -257,7 +258,7 @@ class Workload:
                       for i in range(config.vcpus)]
         if self.lpis:
             self.lpis.start()
-        if config.xen:
+        if config.xen and config.xen_vcpu_info:
             for i, v in enumerate(self.vcpus):
                 k.ioctl(v.fd, k.XEN_VCPU_SET_ATTR,
                         k.XenAttr(type=k.XEN_VCPU_ATTR_TYPE_VCPU_INFO,

@@ -1,0 +1,445 @@
+/* lockorder: a lockdep-lite for KVM's own locks on a production kernel. Every
+ * lock and unlock entry point (spin, rwlock, mutex, rwsem, SRCU read sections)
+ * runs this, and one lookup of the lock's page tells whether the lock lies
+ * inside a watched KVM object (a struct kvm or kvm_vcpu and their containers,
+ * registered at their first ioctl): the host's other locks stop there. For
+ * watched locks a per-task stack of those held gives order edges (held ->
+ * acquired, first stack kept), each acquisition's context (task/irq, IRQs held
+ * off or on, the lock it was taken under) and recursion (a lock taken again by
+ * the task holding it: streamed with both stacks). Trylocks are not hooked: a
+ * lock taken by trylock is not seen as held. */
+
+enum lockorder_counter {
+	LO_C_WATCHED, LO_C_RELEASES, LO_C_UNMATCHED_RELEASES, LO_C_DEPTH_OVERFLOW,
+	LO_C_RECURSIONS, LO_C_LOST_RINGBUF_FULL, LO_C_LOST_AGG_FULL, LO_C_LOST_HELD_FULL,
+	LO_C_OBJECTS_WATCHED, LO_C_LOST_PAGES_FULL,
+};
+/* What was taken: the class of entry point. */
+enum lo_kind {
+	LO_SPIN, LO_READ, LO_WRITE, LO_MUTEX, LO_RWSEM_READ, LO_RWSEM_WRITE, LO_SRCU_READ,
+	LO_SRCU_SYNC,   /* synchronize_srcu*: waits for the readers, held by no one */
+};
+/* How the entry point leaves IRQs while the lock is held (C only: the acquisitions
+ * record the IRQ state it gives). */
+#define LO_PLAIN 0
+#define LO_IRQ 1
+#define LO_BH 2
+/* The context of the acquisition. x86 keeps preempt_count per CPU, out of reach:
+ * there, "irq" is a stack that is not the task's (hardirq, or softirq on the
+ * IRQ stack). */
+enum lo_context { LO_CTX_TASK, LO_CTX_SOFTIRQ, LO_CTX_HARDIRQ, LO_CTX_NMI, LO_CTX_IRQ,
+		  LO_CTX_UNKNOWN };
+/* IRQs while the lock is held: only a kprobe sees the saved flags at the call. */
+enum lo_irqs { LO_IRQS_ON, LO_IRQS_OFF, LO_IRQS_UNKNOWN };
+#define LO_OBJ_KVM 1            /* struct lo_obj kind (C only) */
+#define LO_OBJ_VCPU 2
+
+#define LO_DEPTH 8              /* watched locks one task holds at once */
+#define LO_PAGE_SHIFT 12
+#define LO_MAX_PAGES 32         /* pages one watched object may span */
+#define LO_THREAD_SIZE 16384    /* x86-64 and arm64 without KASAN */
+
+struct lo_held_lock {
+	u64 addr;
+	u32 kind;
+	s32 stack_id;
+};
+
+struct lo_held {
+	u32 n;
+	u32 pad;
+	struct lo_held_lock l[LO_DEPTH];
+};
+
+/* A held stack per task, and one per CPU for IRQ context (its locks pair up
+ * inside the interrupt and are never ordered after the interrupted task's). */
+struct lo_held_key {
+	u32 id;         /* tid, or the CPU in IRQ context */
+	u32 irq;
+};
+
+struct lo_obj {
+	u64 base[2];    /* a page may end one object and start the next */
+	u32 size[2];
+	u32 kind[2];    /* LO_OBJ_* */
+};
+
+struct lockorder_edge_key {
+	u64 held;
+	u64 acquired;
+	u32 held_kind;
+	u32 acquired_kind;
+};
+
+struct lockorder_edge_val {
+	u64 count;
+	s32 stack_id;   /* the first seen */
+	u32 tgid;
+};
+
+struct lockorder_acq_key {
+	u64 addr;
+	u64 outer;      /* the innermost watched lock held, 0 if none */
+	u32 kind;
+	u32 context;
+	u32 irqs;       /* enum lo_irqs, while held */
+	u32 pad;
+};
+
+struct lockorder_acq_val {
+	u64 count;
+	s32 stack_id;   /* the first seen */
+	u32 tgid;
+};
+
+struct kvmlp_lockorder_event {
+	u64 ts_ns;
+	u64 addr;
+	u32 kind;
+	u32 held_kind;
+	s32 stack_id;   /* taken again here */
+	s32 held_stack_id;   /* first taken here */
+	u32 depth;
+	u32 context;
+	u32 tid;
+	u32 tgid;
+};
+
+BPF_TABLE("lru_hash", u64, struct lo_obj, lo_pages, 16384);
+BPF_HASH(lo_held_locks, struct lo_held_key, struct lo_held, 16384);
+BPF_HASH(lockorder_edges, struct lockorder_edge_key, struct lockorder_edge_val, 8192);
+BPF_HASH(lockorder_acqs, struct lockorder_acq_key, struct lockorder_acq_val, 8192);
+BPF_ARRAY(lo_zero_held, struct lo_held, 1);
+BPF_RINGBUF_OUTPUT(lockorder_events, KVMLP_RINGBUF_PAGES);
+#define lo_count(i) kvmlp_count(KVMLP_CBASE_LOCKORDER + (i))
+
+/* --- watched objects ------------------------------------------------------------ */
+
+static __always_inline void lo_watch(u64 base, u32 size, u32 kind)
+{
+	if (!base || !size)
+		return;
+	u64 first = base >> LO_PAGE_SHIFT, last = (base + size - 1) >> LO_PAGE_SHIFT;
+	u64 page = first;
+	struct lo_obj *o = lo_pages.lookup(&page);
+	if (o && (o->base[0] == base || o->base[1] == base))
+		return;                 /* known: the common case, once per ioctl */
+	lo_count(LO_C_OBJECTS_WATCHED);
+#pragma unroll
+	for (int i = 0; i < LO_MAX_PAGES; i++) {
+		page = first + i;
+		if (page > last)
+			break;
+		struct lo_obj n = {};
+		o = lo_pages.lookup(&page);
+		if (o)
+			n = *o;
+		/* slot 0 holds an object that starts before this page, slot 1 one that
+		 * starts inside it: the two a page can share */
+		if ((base >> LO_PAGE_SHIFT) < page) {
+			n.base[0] = base;
+			n.size[0] = size;
+			n.kind[0] = kind;
+		} else {
+			n.base[1] = base;
+			n.size[1] = size;
+			n.kind[1] = kind;
+		}
+		if (lo_pages.update(&page, &n))
+			lo_count(LO_C_LOST_PAGES_FULL);
+	}
+}
+
+static __always_inline int lo_watched(u64 addr)
+{
+	u64 page = addr >> LO_PAGE_SHIFT;
+	struct lo_obj *o = lo_pages.lookup(&page);
+	if (!o)
+		return 0;
+	return (addr - o->base[0] < o->size[0]) || (addr - o->base[1] < o->size[1]);
+}
+
+/* --- context -------------------------------------------------------------------- */
+
+static __always_inline u32 lo_context(void *ctx, int kprobe)
+{
+	u64 task = bpf_get_current_task();
+	if (KVMLP_OFF_LO_TASK_PREEMPT >= 0) {
+		u32 pc = kvmlp_read_u32(task, KVMLP_OFF_LO_TASK_PREEMPT);
+		if (pc & 0x00f00000)            /* NMI_MASK */
+			return LO_CTX_NMI;
+		if (pc & 0x000f0000)            /* HARDIRQ_MASK */
+			return LO_CTX_HARDIRQ;
+		if (pc & 0x00000100)            /* SOFTIRQ_OFFSET: serving one */
+			return LO_CTX_SOFTIRQ;
+		return LO_CTX_TASK;
+	}
+	if (!kprobe || KVMLP_OFF_LO_TASK_STACK < 0)
+		return LO_CTX_UNKNOWN;
+	u64 stack = kvmlp_read_u64(task, KVMLP_OFF_LO_TASK_STACK);
+	u64 sp = PT_REGS_SP((struct pt_regs *)ctx);
+	return sp - stack < LO_THREAD_SIZE ? LO_CTX_TASK : LO_CTX_IRQ;
+}
+
+static __always_inline u32 lo_irqs(void *ctx, int kprobe, u32 variant)
+{
+	if (variant == LO_IRQ)
+		return LO_IRQS_OFF;
+	if (!kprobe)
+		return LO_IRQS_UNKNOWN;
+#if defined(CONFIG_ARM64)
+	return (((struct pt_regs *)ctx)->pstate & 0x80) ? LO_IRQS_OFF : LO_IRQS_ON; /* PSR_I_BIT */
+#elif defined(CONFIG_X86)
+	return (((struct pt_regs *)ctx)->flags & 0x200) ? LO_IRQS_ON : LO_IRQS_OFF; /* EFLAGS_IF */
+#else
+	return LO_IRQS_UNKNOWN;
+#endif
+}
+
+static __always_inline int lo_in_irq(u32 context)
+{
+	return context == LO_CTX_HARDIRQ || context == LO_CTX_SOFTIRQ ||
+	       context == LO_CTX_NMI || context == LO_CTX_IRQ;
+}
+
+static __always_inline void lo_held_key_of(struct lo_held_key *k, u32 context)
+{
+	k->irq = lo_in_irq(context);
+	k->id = k->irq ? bpf_get_smp_processor_id() : (u32)bpf_get_current_pid_tgid();
+}
+
+/* --- acquire and release -------------------------------------------------------- */
+
+static __always_inline void lo_edge(struct lo_held_lock *h, u64 addr, u32 kind, s32 *sid,
+				    void *ctx)
+{
+	struct lockorder_edge_key k = {};
+	k.held = h->addr;
+	k.acquired = addr;
+	k.held_kind = h->kind;
+	k.acquired_kind = kind;
+	struct lockorder_edge_val *v = lockorder_edges.lookup(&k);
+	if (!v) {
+		if (*sid < 0)
+			*sid = kvmlp_stacks.get_stackid(ctx, 0);
+		struct lockorder_edge_val n = {};
+		n.stack_id = *sid;
+		n.tgid = bpf_get_current_pid_tgid() >> 32;
+		lockorder_edges.insert(&k, &n);
+		v = lockorder_edges.lookup(&k);
+		if (!v) {
+			lo_count(LO_C_LOST_AGG_FULL);
+			return;
+		}
+	}
+	kvmlp_add(&v->count, 1);
+}
+
+static __always_inline void lo_recursion(struct lo_held_lock *h, u64 addr, u32 kind,
+					 s32 sid, u32 depth, u32 context)
+{
+	lo_count(LO_C_RECURSIONS);
+	struct kvmlp_lockorder_event *e = lockorder_events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		lo_count(LO_C_LOST_RINGBUF_FULL);
+		return;
+	}
+	u64 id = bpf_get_current_pid_tgid();
+	e->ts_ns = bpf_ktime_get_ns();
+	e->addr = addr;
+	e->kind = kind;
+	e->held_kind = h->kind;
+	e->stack_id = sid;
+	e->held_stack_id = h->stack_id;
+	e->depth = depth;
+	e->context = context;
+	e->tid = (u32)id;
+	e->tgid = id >> 32;
+	lockorder_events.ringbuf_submit(e, 0);
+}
+
+/* Read sections nest by design (rwlock readers, SRCU): taking one again is no
+ * recursion. */
+static __always_inline int lo_recursive_ok(u32 kind)
+{
+	return kind == LO_READ || kind == LO_SRCU_READ;
+}
+
+static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant, int kprobe)
+{
+	/* a grace-period wait is ordered after what is held, but holds nothing */
+	int push = kind != LO_SRCU_SYNC;
+	if (!lo_watched(addr))
+		return 0;
+	lo_count(LO_C_WATCHED);
+	u32 context = lo_context(ctx, kprobe);
+	struct lo_held_key hk = {};
+	lo_held_key_of(&hk, context);
+	int z = 0;
+	struct lo_held *zero = lo_zero_held.lookup(&z);
+	struct lo_held *held = zero ? lo_held_locks.lookup_or_try_init(&hk, zero) : NULL;
+	if (!held) {
+		lo_count(LO_C_LOST_HELD_FULL);
+		return 0;
+	}
+	s32 sid = -1;
+	u32 n = held->n;
+	struct lockorder_acq_key ak = {};
+	ak.addr = addr;
+	ak.kind = kind;
+	ak.context = context;
+	ak.irqs = lo_irqs(ctx, kprobe, variant);
+	/* indexes masked: the compiler may unroll the loop partly, and the verifier
+	 * then loses the bound of a plain index */
+	for (int i = 0; i < LO_DEPTH; i++) {
+		if (i >= n)
+			break;
+		struct lo_held_lock *h = &held->l[i & (LO_DEPTH - 1)];
+		if (h->addr == addr) {
+			if (!lo_recursive_ok(kind)) {
+				if (sid < 0)
+					sid = kvmlp_stacks.get_stackid(ctx, 0);
+				lo_recursion(h, addr, kind, sid, n, context);
+			}
+		} else {
+			lo_edge(h, addr, kind, &sid, ctx);
+		}
+		ak.outer = h->addr;
+	}
+	struct lockorder_acq_val *av = lockorder_acqs.lookup(&ak);
+	if (!av) {
+		if (sid < 0)
+			sid = kvmlp_stacks.get_stackid(ctx, 0);
+		struct lockorder_acq_val an = {};
+		an.stack_id = sid;
+		an.tgid = bpf_get_current_pid_tgid() >> 32;
+		lockorder_acqs.insert(&ak, &an);
+		av = lockorder_acqs.lookup(&ak);
+	}
+	if (av)
+		kvmlp_add(&av->count, 1);
+	else
+		lo_count(LO_C_LOST_AGG_FULL);
+	if (!push) {
+		if (!n)
+			lo_held_locks.delete(&hk);
+		return 0;
+	}
+	if (n >= LO_DEPTH) {
+		lo_count(LO_C_DEPTH_OVERFLOW);
+		return 0;
+	}
+	held->l[n & (LO_DEPTH - 1)].addr = addr;
+	held->l[n & (LO_DEPTH - 1)].kind = kind;
+	held->l[n & (LO_DEPTH - 1)].stack_id = sid;
+	held->n = n + 1;
+	return 0;
+}
+
+/* Drops the innermost entry for addr (locks need not be released in order). */
+static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
+{
+	if (!lo_watched(addr))
+		return 0;
+	lo_count(LO_C_RELEASES);
+	struct lo_held_key hk = {};
+	lo_held_key_of(&hk, lo_context(ctx, kprobe));
+	struct lo_held *held = lo_held_locks.lookup(&hk);
+	if (!held) {
+		lo_count(LO_C_UNMATCHED_RELEASES);
+		return 0;
+	}
+	u32 n = held->n;
+	int at = -1;
+	for (int i = 0; i < LO_DEPTH; i++) {
+		if (i < n && held->l[i & (LO_DEPTH - 1)].addr == addr)
+			at = i;
+	}
+	if (at < 0) {
+		lo_count(LO_C_UNMATCHED_RELEASES);
+		return 0;
+	}
+	for (int i = 0; i < LO_DEPTH - 1; i++) {
+		if (i >= at && i + 1 < n)
+			held->l[i & (LO_DEPTH - 1)] = held->l[(i + 1) & (LO_DEPTH - 1)];
+	}
+	if (n <= 1)
+		lo_held_locks.delete(&hk);
+	else
+		held->n = n - 1;
+	return 0;
+}
+
+/* --- the entry points ----------------------------------------------------------- */
+
+#define LO_KPROBE(key) (KVMLP_M_##key == KVMLP_M_KPROBE)
+#define LO_ACQ(key, param, kind, variant) \
+	KVMLP_ENTRY(key) \
+	{ return lo_acquire(ctx, KVMLP_ARG(key, param), kind, variant, LO_KPROBE(key)); }
+#define LO_REL(key, param) \
+	KVMLP_ENTRY(key) \
+	{ return lo_release(ctx, KVMLP_ARG(key, param), LO_KPROBE(key)); }
+
+/* Keys (the kernel keeps 15 characters of a program's name): L lock, U unlock;
+ * S spin, R read, W write (rwlock), M mutex, D/E rwsem read/write, C SRCU read,
+ * Y synchronize_srcu;
+ * then B _bh, I _irq, F _irqsave/_irqrestore, T _interruptible, K _killable,
+ * E _expedited.
+ * The symbols are in kvmlockprof/probes/lockorder.py. */
+LO_ACQ(LOLS, LOCK, LO_SPIN, LO_PLAIN)
+LO_ACQ(LOLSB, LOCK, LO_SPIN, LO_BH)
+LO_ACQ(LOLSI, LOCK, LO_SPIN, LO_IRQ)
+LO_ACQ(LOLSF, LOCK, LO_SPIN, LO_IRQ)
+LO_REL(LOUS, LOCK)
+LO_REL(LOUSB, LOCK)
+LO_REL(LOUSI, LOCK)
+LO_REL(LOUSF, LOCK)
+LO_ACQ(LOLR, LOCK, LO_READ, LO_PLAIN)
+LO_ACQ(LOLRB, LOCK, LO_READ, LO_BH)
+LO_ACQ(LOLRI, LOCK, LO_READ, LO_IRQ)
+LO_ACQ(LOLRF, LOCK, LO_READ, LO_IRQ)
+LO_REL(LOUR, LOCK)
+LO_REL(LOURB, LOCK)
+LO_REL(LOURI, LOCK)
+LO_REL(LOURF, LOCK)
+LO_ACQ(LOLW, LOCK, LO_WRITE, LO_PLAIN)
+LO_ACQ(LOLWB, LOCK, LO_WRITE, LO_BH)
+LO_ACQ(LOLWI, LOCK, LO_WRITE, LO_IRQ)
+LO_ACQ(LOLWF, LOCK, LO_WRITE, LO_IRQ)
+LO_REL(LOUW, LOCK)
+LO_REL(LOUWB, LOCK)
+LO_REL(LOUWI, LOCK)
+LO_REL(LOUWF, LOCK)
+LO_ACQ(LOLM, LOCK, LO_MUTEX, LO_PLAIN)
+LO_ACQ(LOLMT, LOCK, LO_MUTEX, LO_PLAIN)
+LO_ACQ(LOLMK, LOCK, LO_MUTEX, LO_PLAIN)
+LO_REL(LOUM, LOCK)
+LO_ACQ(LOLD, SEM, LO_RWSEM_READ, LO_PLAIN)
+LO_ACQ(LOLDK, SEM, LO_RWSEM_READ, LO_PLAIN)
+LO_ACQ(LOLE, SEM, LO_RWSEM_WRITE, LO_PLAIN)
+LO_ACQ(LOLEK, SEM, LO_RWSEM_WRITE, LO_PLAIN)
+LO_REL(LOUD, SEM)
+LO_REL(LOUE, SEM)
+LO_ACQ(LOLC, SSP, LO_SRCU_READ, LO_PLAIN)
+LO_REL(LOUC, SSP)
+LO_ACQ(LOLY, SSP, LO_SRCU_SYNC, LO_PLAIN)
+LO_ACQ(LOLYE, SSP, LO_SRCU_SYNC, LO_PLAIN)
+
+/* The objects: a VM at its first VM ioctl, a vCPU at its first vCPU ioctl (before
+ * the locks those ioctls take). */
+KVMLP_ENTRY(LOVM)
+{
+	u64 filp = KVMLP_ARG(LOVM, FILP);
+	lo_watch(kvmlp_read_u64(filp, KVMLP_OFF_LO_FILE_PRIVATE_DATA), KVMLP_LO_KVM_SIZE,
+		 LO_OBJ_KVM);
+	return 0;
+}
+
+KVMLP_ENTRY(LOVC)
+{
+	u64 filp = KVMLP_ARG(LOVC, FILP);
+	u64 vcpu = kvmlp_read_u64(filp, KVMLP_OFF_LO_FILE_PRIVATE_DATA);
+	lo_watch(vcpu, KVMLP_LO_VCPU_SIZE, LO_OBJ_VCPU);
+	lo_watch(kvmlp_read_u64(vcpu, KVMLP_OFF_LO_VCPU_KVM), KVMLP_LO_KVM_SIZE, LO_OBJ_KVM);
+	return 0;
+}

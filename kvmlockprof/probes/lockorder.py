@@ -1,0 +1,383 @@
+"""lockorder: lock order, IRQ context and recursion of KVM's own locks, on a
+production kernel without lockdep (bpf/lockorder.bpf.c).
+
+Every lock and unlock entry point is probed; only locks inside a watched KVM object
+(a struct kvm or kvm_vcpu, watched from its first ioctl) are followed. Per lock
+class (the lock's place in its object: `kvm->slots_lock`,
+`vcpu->arch.xen.vcpu_info_cache.lock`, `kvm->srcu`), the report lists the order
+edges seen (held -> acquired), the contexts of each acquisition, and what lockdep
+would flag: inversions (A -> B and B -> A), IRQ-safety conflicts (a lock taken in
+IRQ context and elsewhere held with IRQs on), recursion (a task taking a lock it
+holds), and edges against the orders Documentation/virt/kvm/locking.rst states.
+It sees only watched locks and only the paths the workload ran; trylocks are not
+followed. A debugging probe: every lock operation of the host pays for its filter
+(bench/README.md "lockorder cost")."""
+import re
+
+import pandas as pd
+
+from kvmlockprof import cdefs
+from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
+from kvmlockprof.probes.common import callers
+
+KINDS = cdefs.labels("lockorder.bpf.c", "lo_kind", {
+    "LO_SPIN": "spin", "LO_READ": "read", "LO_WRITE": "write", "LO_MUTEX": "mutex",
+    "LO_RWSEM_READ": "rwsem read", "LO_RWSEM_WRITE": "rwsem write",
+    "LO_SRCU_READ": "srcu read", "LO_SRCU_SYNC": "srcu sync"})
+READERS = {"read", "rwsem read", "srcu read"}
+CONTEXTS = cdefs.labels("lockorder.bpf.c", "lo_context", {
+    "LO_CTX_TASK": "task", "LO_CTX_SOFTIRQ": "softirq", "LO_CTX_HARDIRQ": "hardirq",
+    "LO_CTX_NMI": "nmi", "LO_CTX_IRQ": "irq", "LO_CTX_UNKNOWN": "unknown"})
+IRQS = cdefs.labels("lockorder.bpf.c", "lo_irqs", {
+    "LO_IRQS_ON": "on", "LO_IRQS_OFF": "off", "LO_IRQS_UNKNOWN": "unknown"})
+IRQ_CONTEXTS = {"softirq", "hardirq", "nmi", "irq"}
+
+# (key in the C, kernel symbol, parameter): keys are short (bpf/lockorder.bpf.c says
+# how they are spelled) and grouped by the kind of lock their unlocks release.
+_RAW = {"S": "spin", "R": "read", "W": "write"}
+_VARIANTS = (("", ""), ("B", "_bh"), ("I", "_irq"))
+ENTRY_POINTS = {}
+for _k, _name in _RAW.items():
+    ENTRY_POINTS[_name] = (
+        [(f"LOL{_k}{v}", f"_raw_{_name}_lock{suffix}", "lock") for v, suffix in _VARIANTS] +
+        [(f"LOL{_k}F", f"_raw_{_name}_lock_irqsave", "lock")],
+        [(f"LOU{_k}{v}", f"_raw_{_name}_unlock{suffix}", "lock") for v, suffix in _VARIANTS] +
+        [(f"LOU{_k}F", f"_raw_{_name}_unlock_irqrestore", "lock")])
+ENTRY_POINTS["mutex"] = ([("LOLM", "mutex_lock", "lock"),
+                          ("LOLMT", "mutex_lock_interruptible", "lock"),
+                          ("LOLMK", "mutex_lock_killable", "lock")],
+                         [("LOUM", "mutex_unlock", "lock")])
+ENTRY_POINTS["rwsem"] = ([("LOLD", "down_read", "sem"), ("LOLDK", "down_read_killable", "sem"),
+                          ("LOLE", "down_write", "sem"), ("LOLEK", "down_write_killable", "sem")],
+                         [("LOUD", "up_read", "sem"), ("LOUE", "up_write", "sem")])
+ENTRY_POINTS["srcu"] = ([("LOLC", "__srcu_read_lock", "ssp")],
+                        [("LOUC", "__srcu_read_unlock", "ssp")])
+# a grace-period wait: ordered after the locks held, released at once (no unlock)
+ENTRY_POINTS["srcu sync"] = ([("LOLY", "synchronize_srcu", "ssp"),
+                              ("LOLYE", "synchronize_srcu_expedited", "ssp")], [])
+LOCK_SYMBOLS = {s for acq, rel in ENTRY_POINTS.values() for _, s, _ in acq + rel}
+
+
+def _targets():
+    out = []
+    for acq, rel in ENTRY_POINTS.values():
+        for key, sym, param in acq + rel:
+            # kprobe first: only its saved flags say whether IRQs were on
+            out.append(Target(key, (sym,), (KPROBE, FENTRY), (param,), {sym: (param,)},
+                              optional=True))
+    _filp = {"kvm_vm_ioctl": ("filp", "ioctl", "arg"), "kvm_vcpu_ioctl": ("filp", "ioctl", "arg")}
+    out += [Target("LOVM", ("kvm_vm_ioctl",), (KPROBE, FENTRY), ("filp",), _filp),
+            Target("LOVC", ("kvm_vcpu_ioctl",), (KPROBE, FENTRY), ("filp",), _filp)]
+    return tuple(out)
+
+
+def adjust_plan(plan):
+    """A kind of lock whose unlocks cannot all be probed here (an unlock the kernel
+    inlined) would leave phantom held locks: none of its entry points attach."""
+    for kind, (acq, rel) in ENTRY_POINTS.items():
+        missing = [sym for key, sym, _ in rel if not plan.targets.get(key, (None, None))[1]]
+        if missing:
+            for key, sym, _ in acq + rel:
+                plan.targets[key] = (plan.targets.get(key, (sym, None))[0], None)
+            plan.off[kind] = f"{', '.join(missing)} not probeable here: {kind} locks not followed"
+
+
+def defines(kbtf):
+    """The watched objects' sizes: the arch's containers of struct kvm / kvm_vcpu."""
+    from kvmlockprof.recording.locknames import containers
+    out = {}
+    for struct, name in (("kvm", "KVMLP_LO_KVM_SIZE"), ("kvm_vcpu", "KVMLP_LO_VCPU_SIZE")):
+        size = kbtf.size(struct) if kbtf else None
+        conts = containers(kbtf, struct) if size else []
+        out[name] = max([size or 0] + [kbtf.size(c) or 0 for c in conts])
+    return out
+
+
+# --- naming ---------------------------------------------------------------------------
+
+_PID = re.compile(r"^kvm\(\d+\)->(vcpu\d+->)?")
+
+
+def lock_class(name):
+    """`kvm(1234)->vcpu0->mutex` -> `vcpu->mutex`; `kvm(1234)->slots_lock` -> `kvm->slots_lock`."""
+    return _PID.sub(lambda m: "vcpu->" if m.group(1) else "kvm->", name)
+
+
+def _objects(rec):
+    """[(base, size, "kvm"/"vcpu")] of the recording's VMs and vCPUs."""
+    ko = rec.manifest.get("kvm_objects") or {}
+    layout = ko.get("layout") or {}
+    out = []
+    for kind, struct in (("vcpus", "kvm_vcpu"), ("vms", "kvm")):
+        size = (layout.get(struct) or {}).get("size")
+        if size:
+            out += [(int(b, 16), size, "vcpu" if kind == "vcpus" else "kvm")
+                    for b in (ko.get(kind) or {})]
+    return out
+
+
+def class_names(rec, addrs):
+    """{address: lock class} for watched lock addresses: the recorded lock name
+    without its process, else the object and offset (a lock BTF does not name)."""
+    names = {int(a, 16): v["name"] for a, v in (rec.manifest.get("lock_names") or {}).items()}
+    objs = _objects(rec)
+    out = {}
+    for a in set(int(x) for x in addrs):
+        if a in names:
+            out[a] = lock_class(names[a])
+            continue
+        hit = next(((b, k) for b, s, k in objs if b <= a < b + s), None)
+        out[a] = f"{hit[1]}->+{a - hit[0]:#x}" if hit else f"{a:#x}"
+    return out
+
+
+# --- analyses: DataFrames in, DataFrames out ---------------------------------------------
+
+def _skip():
+    return LOCK_SYMBOLS | {"srcu_read_lock", "srcu_read_unlock"}
+
+
+def edges(rec):
+    """Order edges between lock classes: held -> acquired, count, the VMs it was seen
+    in, and the caller of its first acquisition."""
+    df = rec.table("lockorder_edges")
+    if df.empty:
+        return df
+    cls = class_names(rec, pd.concat([df["held"], df["acquired"]]))
+    df = df.assign(held_class=df["held"].map(cls), acquired_class=df["acquired"].map(cls),
+                   held_kind=df["held_kind"].map(KINDS),
+                   acquired_kind=df["acquired_kind"].map(KINDS),
+                   caller=callers(rec, df["stack_id"], skip=_skip()))
+    g = df.sort_values("count", ascending=False).groupby(["held_class", "acquired_class"])
+    kinds = lambda s: "/".join(sorted(set(s)))     # noqa: E731
+    out = pd.DataFrame({"count": g["count"].sum(), "objects": g["held"].nunique(),
+                        "held_kind": g["held_kind"].agg(kinds),
+                        "acquired_kind": g["acquired_kind"].agg(kinds),
+                        "first_caller": g["caller"].first()}).reset_index()
+    return out.sort_values("count", ascending=False, ignore_index=True)
+
+
+def contexts(rec):
+    """Per lock class: acquisitions by context, IRQs while held, and the class it was
+    taken under ("" when no watched lock was held)."""
+    df = rec.table("lockorder_acqs")
+    if df.empty:
+        return df
+    cls = class_names(rec, pd.concat([df["addr"], df["outer"][df["outer"] != 0]]))
+    df = df.assign(lock_class=df["addr"].map(cls), kind=df["kind"].map(KINDS),
+                   context=df["context"].map(CONTEXTS), irqs=df["irqs"].map(IRQS),
+                   under=df["outer"].map(lambda a: cls.get(int(a), "") if a else ""),
+                   caller=callers(rec, df["stack_id"], skip=_skip()))
+    g = df.sort_values("count", ascending=False).groupby(
+        ["lock_class", "kind", "context", "irqs", "under"])
+    out = pd.DataFrame({"count": g["count"].sum(), "first_caller": g["caller"].first()})
+    return out.reset_index().sort_values(["lock_class", "count"], ascending=[True, False],
+                                         ignore_index=True)
+
+
+def recursion(rec):
+    """Acquisitions of a lock its task already held (the fast-path/slow-path
+    deadlock shape), with the caller of both."""
+    df = rec.table("lockorder_recursion")
+    if df.empty:
+        return df
+    cls = class_names(rec, df["addr"])
+    skip = _skip()
+    return pd.DataFrame({
+        "lock_class": df["addr"].map(cls), "kind": df["kind"].map(KINDS),
+        "held_as": df["held_kind"].map(KINDS), "context": df["context"].map(CONTEXTS),
+        "taken_again_at": callers(rec, df["stack_id"], skip=skip),
+        "first_taken_at": callers(rec, df["held_stack_id"], skip=skip),
+        "depth": df["depth"], "tid": df["tid"], "tgid": df["tgid"],
+        "ts_ns": df["ts_ns"]})
+
+
+def _blocks(acquired, held):
+    """Whether taking a lock as `acquired` waits for a holder of it as `held`: readers
+    share (SRCU readers always; rwlock and rwsem readers unless a writer queues,
+    which lockdep models and this does not), a grace-period wait waits for readers."""
+    if acquired == "srcu sync":
+        return held == "srcu read"
+    return not (acquired in READERS and held in READERS)
+
+
+def _conflict(acquired_kinds, held_kinds):
+    return any(_blocks(a, h) for a in acquired_kinds.split("/") for h in held_kinds.split("/"))
+
+
+def inversions(e):
+    """Pairs of classes seen in both orders (from `edges`) where each side can wait
+    for the other: a possible ABBA deadlock. Readers on both sides of a class do not
+    wait for each other (kvm->srcu read sections in either order with a mutex are
+    fine; a synchronize_srcu inside that mutex is not)."""
+    if e is None or e.empty:
+        return pd.DataFrame(columns=["a", "b", "a_then_b", "b_then_a", "a_then_b_at",
+                                     "b_then_a_at"])
+    fwd = {(h, a): (n, c, hk, ak) for h, a, n, c, hk, ak in zip(
+        e["held_class"], e["acquired_class"], e["count"], e["first_caller"],
+        e["held_kind"], e["acquired_kind"])}
+    rows = []
+    for (h, a), (n, c, hk, ak) in fwd.items():
+        if h < a and (a, h) in fwd:
+            m, d, hk2, ak2 = fwd[(a, h)]
+            # a (as ak) waits for a held (as hk2), and h (as ak2) waits for h held (as hk)
+            if _conflict(ak, hk2) and _conflict(ak2, hk):
+                rows.append((h, a, n, m, c, d))
+    return pd.DataFrame(rows, columns=["a", "b", "a_then_b", "b_then_a", "a_then_b_at",
+                                       "b_then_a_at"])
+
+
+def irq_conflicts(cx):
+    """Lockdep's IRQ-safety rule, from `contexts`: a class taken in IRQ context and
+    also held with IRQs on elsewhere (an interrupt there can deadlock on it).
+    Read sections of an rwlock are exempt only in IRQ context taking them for read."""
+    cols = ["lock_class", "in_irq", "irqs_on_elsewhere", "irq_at", "irqs_on_at"]
+    if cx is None or cx.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for c, g in cx.groupby("lock_class"):
+        irq = g[g["context"].isin(IRQ_CONTEXTS)]
+        on = g[(~g["context"].isin(IRQ_CONTEXTS)) & (g["irqs"] == "on")]
+        if irq.empty or on.empty:
+            continue
+        # readers in IRQ context beside readers with IRQs on do not deadlock (rwlock
+        # readers are recursive); a writer on either side does
+        if set(irq["kind"]) <= {"read", "srcu read"} and set(on["kind"]) <= {"read", "srcu read"}:
+            continue
+        rows.append((c, int(irq["count"].sum()), int(on["count"].sum()),
+                     irq["first_caller"].iloc[0], on["first_caller"].iloc[0]))
+    return pd.DataFrame(rows, columns=cols)
+
+
+# Documentation/virt/kvm/locking.rst (6.12), "Acquisition Orders": (outer, inner)
+# pairs it states, and the classes it says cannot be taken inside kvm->srcu.
+DOCUMENTED_ORDER = (
+    ("kvm->lock", "vcpu->mutex"), ("kvm->lock", "kvm->slots_lock"),
+    ("kvm->lock", "kvm->irq_lock"), ("kvm->slots_lock", "kvm->irq_lock"),
+    ("vcpu->mutex", "kvm->arch.hyperv.hv_lock"), ("vcpu->mutex", "kvm->arch.xen.xen_lock"),
+    ("kvm->mmu_lock", "kvm->arch.tdp_mmu_pages_lock"),
+    ("kvm->mmu_lock", "kvm->arch.mmu_unsync_pages_lock"))
+NOT_UNDER_SRCU = ("kvm->lock", "vcpu->mutex", "kvm->slots_lock")
+SRCU_CLASSES = ("kvm->srcu",)
+
+
+def documented(e):
+    """Each edge (from `edges`) against locking.rst: "documented" (an order it
+    states), "reversed" (the opposite of one), "forbidden" (a lock it says cannot be
+    taken inside a kvm->srcu read section), else "not stated"."""
+    if e is None or e.empty:
+        return pd.DataFrame(columns=["held_class", "acquired_class", "count", "locking_rst"])
+    order = set(DOCUMENTED_ORDER)
+
+    def verdict(h, a):
+        if (h, a) in order:
+            return "documented"
+        if (a, h) in order:
+            return "reversed"
+        if h in SRCU_CLASSES and a in NOT_UNDER_SRCU:
+            return "forbidden"
+        return "not stated"
+    out = e[["held_class", "acquired_class", "count"]].copy()
+    out["locking_rst"] = [verdict(h, a) for h, a in zip(out["held_class"],
+                                                        out["acquired_class"])]
+    rank = {"reversed": 0, "forbidden": 1, "documented": 2, "not stated": 3}
+    return out.sort_values(["locking_rst", "count"], key=lambda s: s.map(rank)
+                           if s.name == "locking_rst" else -s, ignore_index=True)
+
+
+def findings(rec):
+    """What lockdep would report, one row each: inversion, IRQ conflict, recursion,
+    an edge locking.rst reverses or forbids."""
+    e, cx = edges(rec), contexts(rec)
+    rows = [("inversion", f"{r.a} <-> {r.b}", f"{r.a_then_b} x at {r.a_then_b_at}; "
+             f"{r.b_then_a} x at {r.b_then_a_at}") for r in inversions(e).itertuples()]
+    rows += [("IRQ conflict", r.lock_class, f"in IRQ context {r.in_irq} x at {r.irq_at}; "
+              f"held with IRQs on {r.irqs_on_elsewhere} x at {r.irqs_on_at}")
+             for r in irq_conflicts(cx).itertuples()]
+    rows += [("recursion", r.lock_class, f"{r.kind} taken again at {r.taken_again_at}, "
+              f"held since {r.first_taken_at}") for r in recursion(rec).drop_duplicates(
+                  ["lock_class", "taken_again_at", "first_taken_at"]).itertuples()]
+    d = documented(e)
+    rows += [(f"locking.rst: {r.locking_rst}", f"{r.held_class} -> {r.acquired_class}",
+              f"{r.count} x") for r in d[d["locking_rst"].isin(["reversed", "forbidden"])]
+             .itertuples()] if not d.empty else []
+    return pd.DataFrame(rows, columns=["finding", "locks", "seen"])
+
+
+def order_figure(rec):
+    """The classes on a circle, an arrow per edge, its width by count."""
+    import math
+    import plotly.graph_objects as go
+    e = edges(rec)
+    if e.empty:
+        return None
+    classes = sorted(set(e["held_class"]) | set(e["acquired_class"]))
+    pos = {c: (math.cos(2 * math.pi * i / len(classes)), math.sin(2 * math.pi * i / len(classes)))
+           for i, c in enumerate(classes)}
+    top = max(1, int(e["count"].max()))
+    fig = go.Figure()
+    for r in e.itertuples():
+        (x0, y0), (x1, y1) = pos[r.held_class], pos[r.acquired_class]
+        fig.add_annotation(x=x1, y=y1, ax=x0, ay=y0, xref="x", yref="y", axref="x", ayref="y",
+                           showarrow=True, arrowhead=2, arrowwidth=1 + 5 * r.count / top,
+                           hovertext=f"{r.held_class} -> {r.acquired_class}: {r.count}")
+    fig.add_trace(go.Scatter(x=[p[0] for p in pos.values()], y=[p[1] for p in pos.values()],
+                             mode="markers+text", text=list(pos), textposition="top center"))
+    fig.update_layout(xaxis_visible=False, yaxis_visible=False, showlegend=False,
+                      title="lock order: held -> acquired")
+    return fig
+
+
+def compare_values(rec):
+    """Each edge's count and each (class, context, IRQs) acquisition count: an edge
+    or context only NEW has is a line BASE reads 0 in."""
+    out = {}
+    e = edges(rec)
+    for r in e.itertuples() if not e.empty else ():
+        out[(f"order {r.held_class} -> {r.acquired_class}", "lower", "count")] = float(r.count)
+    cx = contexts(rec)
+    if not cx.empty:
+        g = cx.groupby(["lock_class", "context", "irqs"])["count"].sum()
+        for (c, ctx, irqs), n in g.items():
+            out[(f"taken {c} in {ctx}, IRQs {irqs}", "lower", "count")] = float(n)
+    return out
+
+
+PROBE = Probe(
+    name="lockorder",
+    fires="per lock and unlock of every lock on the host (the filter), and per "
+          "VM/vCPU ioctl",
+    summary="lock order, IRQ context and recursion of KVM's locks (a lockdep for "
+            "watched KVM objects)",
+    targets=_targets(),
+    bpf="lockorder.bpf.c",
+    tables=("lockorder_edges", "lockorder_acqs", "lockorder_recursion"),
+    columns={"lockorder_edges": {"held": "n", "acquired": "n", "held_kind": "n",
+                                 "acquired_kind": "n", "count": "n", "stack_id": "n"},
+             "lockorder_acqs": {"addr": "n", "outer": "n", "kind": "n", "context": "n",
+                                "irqs": "n", "count": "n", "stack_id": "n"}},
+    streams=(("lockorder_events", "lockorder_recursion"),),
+    aggregates=(("lockorder_edges", "lockorder_edges"), ("lockorder_acqs", "lockorder_acqs")),
+    lock_columns={"lockorder_edges": ("held", "acquired"), "lockorder_acqs": ("addr", "outer"),
+                  "lockorder_recursion": ("addr",)},
+    fields={"LO_TASK_PREEMPT": ("task_struct", "thread_info.preempt_count"),
+            "LO_TASK_STACK": ("task_struct", "stack"),
+            "LO_FILE_PRIVATE_DATA": ("file", "private_data"),
+            "LO_VCPU_KVM": ("kvm_vcpu", "kvm")},
+    defines=defines,
+    adjust_plan=adjust_plan,
+    sections=(Section("lockorder_findings", "Lock order: what lockdep would report",
+                      findings),
+              Section("lockorder_edges", "Lock order edges (held -> acquired)", edges,
+                      order_figure),
+              Section("lockorder_documented", "Lock order edges against "
+                      "Documentation/virt/kvm/locking.rst", lambda r: documented(edges(r))),
+              Section("lockorder_contexts", "Lock acquisitions by context and IRQs",
+                      contexts),
+              Section("lockorder_recursion", "Recursive acquisitions", recursion)),
+    compare=compare_values,
+    notes="sees only locks inside watched KVM objects (from their first ioctl) and only "
+          "the paths the workload ran; trylocks are not followed",
+    opt_in="every lock operation of the host runs its filter: a debugging probe "
+           "(bench/README.md \"lockorder cost\")",
+)
