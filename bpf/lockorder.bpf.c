@@ -83,13 +83,21 @@ struct lockorder_acq_key {
 	u32 kind;
 	u32 context;
 	u32 irqs;       /* enum lo_irqs, while held */
-	u32 pad;
+	u32 irqs_at_call;       /* before the call (an _irqsave saves this) */
 };
 
 struct lockorder_acq_val {
 	u64 count;
 	s32 stack_id;   /* the first seen */
 	u32 tgid;
+};
+
+/* At the entry of a function chosen by --srcu-at: which watched SRCU read section
+ * is held (0: none). */
+struct lockorder_at_key {
+	u64 ssp;
+	u32 fn;         /* the --srcu-at slot */
+	u32 context;
 };
 
 struct kvmlp_lockorder_event {
@@ -109,6 +117,7 @@ BPF_TABLE("lru_hash", u64, struct lo_obj, lo_pages, 16384);
 BPF_HASH(lo_held_locks, struct lo_held_key, struct lo_held, 16384);
 BPF_HASH(lockorder_edges, struct lockorder_edge_key, struct lockorder_edge_val, 8192);
 BPF_HASH(lockorder_acqs, struct lockorder_acq_key, struct lockorder_acq_val, 8192);
+BPF_HASH(lockorder_srcu_at, struct lockorder_at_key, struct lockorder_acq_val, 1024);
 BPF_ARRAY(lo_zero_held, struct lo_held, 1);
 BPF_RINGBUF_OUTPUT(lockorder_events, KVMLP_RINGBUF_PAGES);
 #define lo_count(i) kvmlp_count(KVMLP_CBASE_LOCKORDER + (i))
@@ -181,10 +190,8 @@ static __always_inline u32 lo_context(void *ctx, int kprobe)
 	return sp - stack < LO_THREAD_SIZE ? LO_CTX_TASK : LO_CTX_IRQ;
 }
 
-static __always_inline u32 lo_irqs(void *ctx, int kprobe, u32 variant)
+static __always_inline u32 lo_irqs_at_call(void *ctx, int kprobe)
 {
-	if (variant == LO_IRQ)
-		return LO_IRQS_OFF;
 	if (!kprobe)
 		return LO_IRQS_UNKNOWN;
 #if defined(CONFIG_ARM64)
@@ -194,6 +201,11 @@ static __always_inline u32 lo_irqs(void *ctx, int kprobe, u32 variant)
 #else
 	return LO_IRQS_UNKNOWN;
 #endif
+}
+
+static __always_inline u32 lo_irqs(u32 at_call, u32 variant)
+{
+	return variant == LO_IRQ ? LO_IRQS_OFF : at_call;
 }
 
 static __always_inline int lo_in_irq(u32 context)
@@ -288,7 +300,8 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	ak.addr = addr;
 	ak.kind = kind;
 	ak.context = context;
-	ak.irqs = lo_irqs(ctx, kprobe, variant);
+	ak.irqs_at_call = lo_irqs_at_call(ctx, kprobe);
+	ak.irqs = lo_irqs(ak.irqs_at_call, variant);
 	/* indexes masked: the compiler may unroll the loop partly, and the verifier
 	 * then loses the bound of a plain index */
 	for (int i = 0; i < LO_DEPTH; i++) {
@@ -370,6 +383,36 @@ static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
 	return 0;
 }
 
+static __always_inline int lo_srcu_at(void *ctx, u32 fn, int kprobe)
+{
+	struct lockorder_at_key k = {};
+	k.fn = fn;
+	k.context = lo_context(ctx, kprobe);
+	struct lo_held_key hk = {};
+	lo_held_key_of(&hk, k.context);
+	struct lo_held *held = lo_held_locks.lookup(&hk);
+	if (held) {
+		u32 n = held->n;
+		for (int i = 0; i < LO_DEPTH; i++) {
+			if (i < n && held->l[i & (LO_DEPTH - 1)].kind == LO_SRCU_READ)
+				k.ssp = held->l[i & (LO_DEPTH - 1)].addr;
+		}
+	}
+	struct lockorder_acq_val *v = lockorder_srcu_at.lookup(&k);
+	if (!v) {
+		struct lockorder_acq_val n = {};
+		n.stack_id = kvmlp_stacks.get_stackid(ctx, 0);
+		n.tgid = bpf_get_current_pid_tgid() >> 32;
+		lockorder_srcu_at.insert(&k, &n);
+		v = lockorder_srcu_at.lookup(&k);
+	}
+	if (v)
+		kvmlp_add(&v->count, 1);
+	else
+		lo_count(LO_C_LOST_AGG_FULL);
+	return 0;
+}
+
 /* --- the entry points ----------------------------------------------------------- */
 
 #define LO_KPROBE(key) (KVMLP_M_##key == KVMLP_M_KPROBE)
@@ -424,6 +467,14 @@ LO_ACQ(LOLC, SSP, LO_SRCU_READ, LO_PLAIN)
 LO_REL(LOUC, SSP)
 LO_ACQ(LOLY, SSP, LO_SRCU_SYNC, LO_PLAIN)
 LO_ACQ(LOLYE, SSP, LO_SRCU_SYNC, LO_PLAIN)
+
+#define LO_AT(key, slot) \
+	KVMLP_ENTRY(key) \
+	{ return lo_srcu_at(ctx, slot, LO_KPROBE(key)); }
+LO_AT(LOAT0, 0)
+LO_AT(LOAT1, 1)
+LO_AT(LOAT2, 2)
+LO_AT(LOAT3, 3)
 
 /* The objects: a VM at its first VM ioctl, a vCPU at its first vCPU ioctl (before
  * the locks those ioctls take). */

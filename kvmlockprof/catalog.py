@@ -72,7 +72,8 @@ class Probe:
     # table -> columns holding lock addresses that `record` names (as it names the
     # contended ones)
     lock_columns: dict = field(default_factory=dict)
-    # Plan -> None: turn targets off as a set (Plan.off says why), after the plan is made
+    # (Plan, Capabilities) -> None: turn targets off as a set (Plan.off says why), or
+    # point them at symbols chosen at run time, after the plan is made
     adjust_plan: object = None
     sections: tuple = ()           # its Sections of report and HTML, in order
     compare: object = None         # rec -> {(metric, better, unit): value}

@@ -19,6 +19,7 @@ Examples:
   kvmlockprof record -- kvmlockprof workload --churn --duration 10
   kvmlockprof record -a -- ./my-test.sh             # whole host while it runs
   kvmlockprof record --stack-budget 0 -d 10         # a kernel stack for every wait
+  kvmlockprof record --probes vms,lockorder --srcu-at kvm_vcpu_update_apicv -- ./test.sh
 """
 STACK_BUDGET_HELP = ("Walk the kernel stack of at most N waits per second per CPU (0: every "
                      "wait), drawn at random, plus one for each lock that has none; the "
@@ -122,12 +123,15 @@ def kernel_mem_option(f):
                    "see `kvmlockprof probes`).")
 @click.option("--prefer", type=click.Choice(["fentry", "kprobe"]),
               help="Attach method to try first for function probes (default: fentry).")
+@click.option("--srcu-at", metavar="FN,...", help="With the lockorder probe: at the entry of "
+              "these kernel functions (at most 4), is a kvm->srcu read section held? "
+              "[default: kvm_vcpu_update_apicv]")
 @kernel_mem_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb, map_nr_entries,
-           stack_every, stack_budget, max_stack, probe_names, prefer, kernel_mem_mb, quiet,
-           command):
+           stack_every, stack_budget, max_stack, probe_names, prefer, srcu_at, kernel_mem_mb,
+           quiet, command):
     """Record lock contention to a Parquet recording.
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
@@ -138,13 +142,16 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
     from kvmlockprof.recording.store import RecordingError
     from kvmlockprof.kernel import host
     names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
+    at = [f.strip() for f in srcu_at.split(",") if f.strip()] if srcu_at else None
+    if at and "lockorder" not in (names or ()):
+        fail("--srcu-at is the lockorder probe's: add --probes ...,lockorder")
     try:
         # checks the probe names and the output file: both need no privileges
         rec = Recorder(output, duration=duration, pids=pids, command=command,
                        system_wide=system_wide, sample_every=sample_every, force=force,
                        ringbuf_mb=ringbuf_mb, map_entries=map_nr_entries, probes=names,
                        prefer=prefer, stack_every=stack_every, stack_budget=stack_budget,
-                       kernel_mem_mb=kernel_mem_mb, max_stack=max_stack,
+                       kernel_mem_mb=kernel_mem_mb, max_stack=max_stack, srcu_at=at,
                        warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
     except (UnknownProbe, RecordingError) as e:

@@ -299,6 +299,7 @@ def _lockorder_recording(module, tmp_path, name, edges, acqs, recursion=()):
     for i, (lock, c, irq, under, n) in enumerate(acqs):
         q[i]["addr"], q[i]["kind"], q[i]["context"], q[i]["irqs"] = \
             LO_ADDR[lock], kind[LO_KIND[lock]], ctx[c], irqs[irq]
+        q[i]["irqs_at_call"] = irqs[irq]
         q[i]["outer"], q[i]["count"] = LO_ADDR.get(under, 0), n
     q["stack_id"] = -1
     r = empty_like(module, "lockorder_recursion")(len(recursion))
@@ -412,3 +413,23 @@ def test_lockorder_turns_off_a_lock_kind_whose_unlock_is_inlined():
     assert all(plan.targets[k][1] is None for k in spin)
     assert plan.targets["LOLM"][1] == catalog.KPROBE
     assert "_raw_spin_unlock_irqrestore" in plan.off["spin"]
+
+
+def test_lockorder_srcu_at(module, tmp_path):
+    """--srcu-at's table: calls per function with the SRCU section held (by class)
+    or none, the slot numbers mapped to the names the manifest keeps."""
+    from kvmlockprof.probes import lockorder as lo
+    at = empty_like(module, "lockorder_srcu_at")(3)
+    at["fn"], at["ssp"], at["count"], at["stack_id"] = [0, 0, 1], \
+        [0, LO_ADDR["kvm->srcu"], LO_ADDR["kvm->srcu"]], [5, 2, 7], -1
+    at["context"] = {v: k for k, v in lo.CONTEXTS.items()}["task"]
+    w = Writer(tmp_path / "at.parquet")
+    w.append("lockorder_srcu_at", to_arrow(at))
+    w.finalize({"format": "kvmlockprof-recording", "version": 1, "probes": {},
+                "srcu_at": ["kvm_xen_set_evtchn_fast", "kvm_gpc_check"],
+                "lock_names": {f"{LO_ADDR['kvm->srcu']:#x}": {"name": "kvm(7)->srcu"}}})
+    out = lo.srcu_at(kvmlockprof.load(tmp_path / "at.parquet")).set_index(
+        ["function", "srcu_held"])["calls"]
+    assert out.to_dict() == {("kvm_gpc_check", "kvm->srcu"): 7,
+                             ("kvm_xen_set_evtchn_fast", "kvm->srcu"): 2,
+                             ("kvm_xen_set_evtchn_fast", "none"): 5}

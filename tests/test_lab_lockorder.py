@@ -17,6 +17,9 @@ from test_lab import LAB_TIMEOUT, ftrace_count, ftrace_counting, lab_problem, la
 pytestmark = pytest.mark.lab
 
 XEN = "kvmlockprof workload --vcpus 1 --duration 4 --xen"
+# kvm_xen_set_evtchn() calls the fast path once outside kvm->srcu, then (on
+# -EWOULDBLOCK) again inside it; kvm_gpc_check() runs under the caller's srcu
+SRCU_AT = ("kvm_vcpu_update_apicv", "kvm_xen_set_evtchn_fast", "kvm_gpc_check")
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +31,12 @@ def lockorder_run(tmp_path_factory):
     if not kernel:
         pytest.skip("no Xen-capable lab kernel (make lab installs bookworm-backports')")
     d = tmp_path_factory.mktemp("lockorder")
-    info = f"kvmlockprof record -q -o info.parquet --probes vms,lockorder -- {XEN}"
+    info = (f"kvmlockprof record -q -o info.parquet --probes vms,lockorder --srcu-at "
+            f"{','.join(SRCU_AT)} -- {XEN}")
     script = (ftrace_counting("kvm_vcpu_ioctl", "ftrace-vcpu-ioctl.txt", info) +
               f"; kvmlockprof record -q -o noinfo.parquet --probes vms,lockorder -- "
-              f"{XEN} --no-xen-vcpu-info && kvmlockprof report --order info.parquet "
+              f"{XEN} --no-xen-vcpu-info && kvmlockprof record -q -o idle.parquet "
+              f"--probes vms,lockorder -- sleep 5 && kvmlockprof report --order info.parquet "
               f"> order.txt && kvmlockprof compare noinfo.parquet info.parquet > cmp.txt; "
               f"bpftool prog show > progs.txt; cat /sys/kernel/tracing/kprobe_events "
               f"> kprobes.txt")
@@ -100,3 +105,34 @@ def test_nothing_left_behind(lockorder_run):
     kprobes = (lockorder_run / "kprobes.txt").read_text()
     assert "kvmlp" not in progs and "kvmlp" not in kprobes and not kprobes.strip(), \
         (progs, kprobes)
+
+
+def test_srcu_held_at_chosen_functions(lockorder_run):
+    """--srcu-at: every KVM_XEN_HVM_EVTCHN_SEND calls kvm_xen_set_evtchn_fast once
+    with no SRCU read section held (the workload's count of those ioctls is the
+    oracle); kvm_gpc_check runs with kvm->srcu held."""
+    rec = kvmlockprof.load(lockorder_run / "info.parquet")
+    at = lo.srcu_at(rec)
+    print(at.to_string())
+    assert rec.manifest["srcu_at"] == list(SRCU_AT)
+    fast = at[at["function"] == "kvm_xen_set_evtchn_fast"]
+    none = int(fast[fast["srcu_held"] == "none"]["calls"].sum())
+    assert none == rec.manifest["work"]["xen_sends"] > 0, (none, rec.manifest["work"])
+    check = at[at["function"] == "kvm_gpc_check"]
+    assert set(check["srcu_held"]) == {"kvm->srcu"}, check
+
+
+def test_lockorder_cost_watched_and_not(lockorder_run):
+    """Calls/s and ns a call of the lock entry points (bpf_stats, TCG: slow), with no
+    VM (every lock unwatched: one page lookup) and with the Xen workload."""
+    out = {}
+    for name in ("idle", "info"):
+        rec = kvmlockprof.load(lockorder_run / f"{name}.parquet")
+        cost = rec.manifest["probe_cost"]["lockorder"]
+        c = rec.manifest["probe_counters"]["lockorder"]
+        out[name] = (cost["calls_per_s"], cost["ns_per_call"], cost["cpu_share"],
+                     c["watched"] + c["releases"])
+        print(f"lockorder {name}: {cost['calls_per_s']:.0f} calls/s, "
+              f"{cost['ns_per_call']:.0f} ns a call, {cost['cpu_share']:.2%} of a CPU; "
+              f"watched lock operations {c['watched'] + c['releases']}")
+    assert out["idle"][3] == 0 and out["info"][3] > 0

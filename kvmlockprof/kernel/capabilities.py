@@ -214,7 +214,7 @@ def plan(probe, caps, prefer=None):
                 p.reason = p.reason or not_attachable[-1]
         p.targets[t.key] = (sym, method)
     if probe.adjust_plan and not p.reason:
-        probe.adjust_plan(p)
+        probe.adjust_plan(p, caps)
         not_attachable += list(p.off.values())
     if not p.reason and not any(m for _, m in p.targets.values()):
         p.reason = " | ".join(not_attachable)        # only optional targets, none usable

@@ -57,6 +57,13 @@ ENTRY_POINTS["srcu sync"] = ([("LOLY", "synchronize_srcu", "ssp"),
                               ("LOLYE", "synchronize_srcu_expedited", "ssp")], [])
 LOCK_SYMBOLS = {s for acq, rel in ENTRY_POINTS.values() for _, s, _ in acq + rel}
 
+# `record --srcu-at FN,...`: at each function's entry, which kvm->srcu read section is
+# held. Four slots (LOAT0-3 in the C); without the option, slot 0 watches the
+# function the review asked about.
+SRCU_AT_SLOTS = 4
+SRCU_AT_DEFAULT = ("kvm_vcpu_update_apicv",)
+SRCU_AT = list(SRCU_AT_DEFAULT)        # set by record before the plan is made
+
 
 def _targets():
     out = []
@@ -68,12 +75,33 @@ def _targets():
     _filp = {"kvm_vm_ioctl": ("filp", "ioctl", "arg"), "kvm_vcpu_ioctl": ("filp", "ioctl", "arg")}
     out += [Target("LOVM", ("kvm_vm_ioctl",), (KPROBE, FENTRY), ("filp",), _filp),
             Target("LOVC", ("kvm_vcpu_ioctl",), (KPROBE, FENTRY), ("filp",), _filp)]
+    out += [Target(f"LOAT{i}", (SRCU_AT_DEFAULT[i] if i < len(SRCU_AT_DEFAULT) else
+                               f"kvmlp_srcu_at_{i}",), (KPROBE, FENTRY), optional=True,
+                   why_limited="a slot for a function named by --srcu-at")
+            for i in range(SRCU_AT_SLOTS)]
     return tuple(out)
 
 
-def adjust_plan(plan):
+def _srcu_at_method(sym, caps):
+    if caps.ok("kprobe attach"):
+        return KPROBE
+    if caps.ok("fentry load (trial)") and not caps.symbols.get(sym):   # vmlinux only
+        return FENTRY
+    return None
+
+
+def adjust_plan(plan, caps=None):
     """A kind of lock whose unlocks cannot all be probed here (an unlock the kernel
-    inlined) would leave phantom held locks: none of its entry points attach."""
+    inlined) would leave phantom held locks: none of its entry points attach. The
+    --srcu-at slots get their functions."""
+    if caps is not None:
+        for i in range(SRCU_AT_SLOTS):
+            sym = SRCU_AT[i] if i < len(SRCU_AT) else None
+            if sym and sym not in caps.symbols:
+                plan.off[f"srcu-at {sym}"] = f"--srcu-at: no function {sym} in this kernel"
+                sym = None
+            plan.targets[f"LOAT{i}"] = (sym, _srcu_at_method(sym, caps)) if sym else \
+                (None, None)
     for kind, (acq, rel) in ENTRY_POINTS.items():
         missing = [sym for key, sym, _ in rel if not plan.targets.get(key, (None, None))[1]]
         if missing:
@@ -158,21 +186,40 @@ def edges(rec):
 
 
 def contexts(rec):
-    """Per lock class: acquisitions by context, IRQs while held, and the class it was
-    taken under ("" when no watched lock was held)."""
+    """Per lock class: acquisitions by context, IRQs at the call and while held (an
+    _irqsave entry point turns them off), and the class it was taken under ("" when
+    no watched lock was held)."""
     df = rec.table("lockorder_acqs")
     if df.empty:
         return df
     cls = class_names(rec, pd.concat([df["addr"], df["outer"][df["outer"] != 0]]))
     df = df.assign(lock_class=df["addr"].map(cls), kind=df["kind"].map(KINDS),
                    context=df["context"].map(CONTEXTS), irqs=df["irqs"].map(IRQS),
+                   irqs_at_call=df["irqs_at_call"].map(IRQS),
                    under=df["outer"].map(lambda a: cls.get(int(a), "") if a else ""),
                    caller=callers(rec, df["stack_id"], skip=_skip()))
     g = df.sort_values("count", ascending=False).groupby(
-        ["lock_class", "kind", "context", "irqs", "under"])
+        ["lock_class", "kind", "context", "irqs_at_call", "irqs", "under"])
     out = pd.DataFrame({"count": g["count"].sum(), "first_caller": g["caller"].first()})
     return out.reset_index().sort_values(["lock_class", "count"], ascending=[True, False],
                                          ignore_index=True)
+
+
+def srcu_at(rec):
+    """Per function named by --srcu-at: its calls with a kvm->srcu read section held
+    (which) and without, by context."""
+    df = rec.table("lockorder_srcu_at")
+    if df.empty:
+        return df
+    fns = rec.manifest.get("srcu_at") or []
+    cls = class_names(rec, df["ssp"][df["ssp"] != 0])
+    df = df.assign(function=df["fn"].map(lambda i: fns[i] if i < len(fns) else f"slot {i}"),
+                   srcu_held=df["ssp"].map(lambda a: cls.get(int(a), "") if a else "none"),
+                   context=df["context"].map(CONTEXTS),
+                   caller=callers(rec, df["stack_id"], skip=set(fns)))
+    g = df.groupby(["function", "srcu_held", "context"])
+    return pd.DataFrame({"calls": g["count"].sum(), "first_caller": g["caller"].first()}) \
+        .reset_index()
 
 
 def recursion(rec):
@@ -351,15 +398,17 @@ PROBE = Probe(
             "watched KVM objects)",
     targets=_targets(),
     bpf="lockorder.bpf.c",
-    tables=("lockorder_edges", "lockorder_acqs", "lockorder_recursion"),
+    tables=("lockorder_edges", "lockorder_acqs", "lockorder_recursion", "lockorder_srcu_at"),
     columns={"lockorder_edges": {"held": "n", "acquired": "n", "held_kind": "n",
                                  "acquired_kind": "n", "count": "n", "stack_id": "n"},
              "lockorder_acqs": {"addr": "n", "outer": "n", "kind": "n", "context": "n",
-                                "irqs": "n", "count": "n", "stack_id": "n"}},
+                                "irqs": "n", "irqs_at_call": "n", "count": "n",
+                                "stack_id": "n"}},
     streams=(("lockorder_events", "lockorder_recursion"),),
-    aggregates=(("lockorder_edges", "lockorder_edges"), ("lockorder_acqs", "lockorder_acqs")),
+    aggregates=(("lockorder_edges", "lockorder_edges"), ("lockorder_acqs", "lockorder_acqs"),
+                ("lockorder_srcu_at", "lockorder_srcu_at")),
     lock_columns={"lockorder_edges": ("held", "acquired"), "lockorder_acqs": ("addr", "outer"),
-                  "lockorder_recursion": ("addr",)},
+                  "lockorder_recursion": ("addr",), "lockorder_srcu_at": ("ssp",)},
     fields={"LO_TASK_PREEMPT": ("task_struct", "thread_info.preempt_count"),
             "LO_TASK_STACK": ("task_struct", "stack"),
             "LO_FILE_PRIVATE_DATA": ("file", "private_data"),
@@ -374,7 +423,9 @@ PROBE = Probe(
                       "Documentation/virt/kvm/locking.rst", lambda r: documented(edges(r))),
               Section("lockorder_contexts", "Lock acquisitions by context and IRQs",
                       contexts),
-              Section("lockorder_recursion", "Recursive acquisitions", recursion)),
+              Section("lockorder_recursion", "Recursive acquisitions", recursion),
+              Section("lockorder_srcu_at", "SRCU held at the entry of --srcu-at functions",
+                      srcu_at)),
     compare=compare_values,
     notes="sees only locks inside watched KVM objects (from their first ioctl) and only "
           "the paths the workload ran; trylocks are not followed",

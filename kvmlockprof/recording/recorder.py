@@ -63,6 +63,11 @@ class Snapshots:
         return True
 
 
+def _srcu_at():
+    from kvmlockprof.probes import lockorder
+    return lockorder.SRCU_AT
+
+
 def _lock_addresses(tables):
     """Lock addresses in the tables of probes that declare them (Probe.lock_columns):
     {table: numpy array or Arrow table}."""
@@ -92,8 +97,14 @@ class Recorder:
                  sample_every=cp.SAMPLE_EVERY, flush_interval=1.0, force=False, progress=None,
                  ringbuf_mb=cp.RINGBUF_MB, map_entries=cp.MAP_ENTRIES, probes=None, warn=None,
                  prefer=None, stack_every=cp.STACK_EVERY, stack_budget=cp.STACK_BUDGET,
-                 kernel_mem_mb=KERNEL_MEM_MB, max_stack=None):
+                 kernel_mem_mb=KERNEL_MEM_MB, max_stack=None, srcu_at=None):
         self.out = out
+        if srcu_at is not None:         # the lockorder probe's --srcu-at functions
+            from kvmlockprof.probes import lockorder
+            if len(srcu_at) > lockorder.SRCU_AT_SLOTS:
+                raise catalog.UnknownProbe(f"--srcu-at takes at most "
+                                           f"{lockorder.SRCU_AT_SLOTS} functions")
+            lockorder.SRCU_AT[:] = srcu_at
         self.max_stack = max_stack      # contention stacks' frames (None: STACK_DEPTH)
         self.kernel_mem_mb = kernel_mem_mb
         self.duration = duration
@@ -213,7 +224,8 @@ class Recorder:
                 "machine": os.uname().machine, "command_line": sys.argv,
                 "command": self.command, "pid_filter": self.pids,
                 "system_wide": self._filter() is None, "duration_requested_s": self.duration,
-                "headers": headers.find_headers().describe(), "probes": {}}
+                "headers": headers.find_headers().describe(), "probes": {},
+                "srcu_at": list(_srcu_at())}
 
     def _spawn(self, tgids):
         """Start the command held at a gate until its pid is in the filter.
