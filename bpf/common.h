@@ -84,6 +84,49 @@ static __always_inline u32 kvmlp_read_u32(u64 base, int off)
 	return v;
 }
 
+/* The context of a probe hit, from preempt_count where the task keeps it (arm64's
+ * thread_info: preempt_off >= 0, from BTF); else (x86 keeps it per CPU, out of reach)
+ * a kprobe's stack pointer outside the task's stack is "irq" (hardirq, or softirq
+ * on the IRQ stack). Values are recorded: append only. */
+enum kvmlp_context { KVMLP_CTX_TASK, KVMLP_CTX_SOFTIRQ, KVMLP_CTX_HARDIRQ, KVMLP_CTX_NMI,
+		     KVMLP_CTX_UNKNOWN, KVMLP_CTX_IRQ };
+/* IRQs at the call: only a kprobe sees the saved processor state. */
+enum kvmlp_irqs { KVMLP_IRQS_ON, KVMLP_IRQS_OFF, KVMLP_IRQS_UNKNOWN };
+#define KVMLP_THREAD_SIZE 16384         /* x86-64 and arm64 without KASAN */
+
+static __always_inline u32 kvmlp_context(void *ctx, int kprobe, int preempt_off, int stack_off)
+{
+	u64 task = bpf_get_current_task();
+	if (preempt_off >= 0) {
+		u32 pc = kvmlp_read_u32(task, preempt_off);
+		if (pc & 0x00f00000)            /* NMI_MASK */
+			return KVMLP_CTX_NMI;
+		if (pc & 0x000f0000)            /* HARDIRQ_MASK */
+			return KVMLP_CTX_HARDIRQ;
+		if (pc & 0x00000100)            /* SOFTIRQ_OFFSET: serving one, not just BH off */
+			return KVMLP_CTX_SOFTIRQ;
+		return KVMLP_CTX_TASK;
+	}
+	if (!kprobe || stack_off < 0)
+		return KVMLP_CTX_UNKNOWN;
+	u64 stack = kvmlp_read_u64(task, stack_off);
+	u64 sp = PT_REGS_SP((struct pt_regs *)ctx);
+	return sp - stack < KVMLP_THREAD_SIZE ? KVMLP_CTX_TASK : KVMLP_CTX_IRQ;
+}
+
+static __always_inline u32 kvmlp_irqs_at_call(void *ctx, int kprobe)
+{
+	if (!kprobe)
+		return KVMLP_IRQS_UNKNOWN;
+#if defined(CONFIG_ARM64)
+	return (((struct pt_regs *)ctx)->pstate & 0x80) ? KVMLP_IRQS_OFF : KVMLP_IRQS_ON; /* PSR_I_BIT */
+#elif defined(CONFIG_X86)
+	return (((struct pt_regs *)ctx)->flags & 0x200) ? KVMLP_IRQS_ON : KVMLP_IRQS_OFF; /* EFLAGS_IF */
+#else
+	return KVMLP_IRQS_UNKNOWN;
+#endif
+}
+
 /* Every probe's counters in one per-CPU array: probe P's counter i is at
  * KVMLP_CBASE_P + i (the loader lays them out from the catalog). */
 BPF_PERCPU_ARRAY(kvmlp_counters, u64, KVMLP_NR_COUNTERS);

@@ -24,20 +24,12 @@ enum lo_kind {
 #define LO_PLAIN 0
 #define LO_IRQ 1
 #define LO_BH 2
-/* The context of the acquisition. x86 keeps preempt_count per CPU, out of reach:
- * there, "irq" is a stack that is not the task's (hardirq, or softirq on the
- * IRQ stack). */
-enum lo_context { LO_CTX_TASK, LO_CTX_SOFTIRQ, LO_CTX_HARDIRQ, LO_CTX_NMI, LO_CTX_IRQ,
-		  LO_CTX_UNKNOWN };
-/* IRQs while the lock is held: only a kprobe sees the saved flags at the call. */
-enum lo_irqs { LO_IRQS_ON, LO_IRQS_OFF, LO_IRQS_UNKNOWN };
 #define LO_OBJ_KVM 1            /* struct lo_obj kind (C only) */
 #define LO_OBJ_VCPU 2
 
 #define LO_DEPTH 8              /* watched locks one task holds at once */
 #define LO_PAGE_SHIFT 12
 #define LO_MAX_PAGES 32         /* pages one watched object may span */
-#define LO_THREAD_SIZE 16384    /* x86-64 and arm64 without KASAN */
 
 struct lo_held_lock {
 	u64 addr;
@@ -81,8 +73,8 @@ struct lockorder_acq_key {
 	u64 addr;
 	u64 outer;      /* the innermost watched lock held, 0 if none */
 	u32 kind;
-	u32 context;
-	u32 irqs;       /* enum lo_irqs, while held */
+	u32 context;    /* enum kvmlp_context */
+	u32 irqs;       /* enum kvmlp_irqs, while held */
 	u32 irqs_at_call;       /* before the call (an _irqsave saves this) */
 };
 
@@ -172,46 +164,18 @@ static __always_inline int lo_watched(u64 addr)
 
 static __always_inline u32 lo_context(void *ctx, int kprobe)
 {
-	u64 task = bpf_get_current_task();
-	if (KVMLP_OFF_LO_TASK_PREEMPT >= 0) {
-		u32 pc = kvmlp_read_u32(task, KVMLP_OFF_LO_TASK_PREEMPT);
-		if (pc & 0x00f00000)            /* NMI_MASK */
-			return LO_CTX_NMI;
-		if (pc & 0x000f0000)            /* HARDIRQ_MASK */
-			return LO_CTX_HARDIRQ;
-		if (pc & 0x00000100)            /* SOFTIRQ_OFFSET: serving one */
-			return LO_CTX_SOFTIRQ;
-		return LO_CTX_TASK;
-	}
-	if (!kprobe || KVMLP_OFF_LO_TASK_STACK < 0)
-		return LO_CTX_UNKNOWN;
-	u64 stack = kvmlp_read_u64(task, KVMLP_OFF_LO_TASK_STACK);
-	u64 sp = PT_REGS_SP((struct pt_regs *)ctx);
-	return sp - stack < LO_THREAD_SIZE ? LO_CTX_TASK : LO_CTX_IRQ;
-}
-
-static __always_inline u32 lo_irqs_at_call(void *ctx, int kprobe)
-{
-	if (!kprobe)
-		return LO_IRQS_UNKNOWN;
-#if defined(CONFIG_ARM64)
-	return (((struct pt_regs *)ctx)->pstate & 0x80) ? LO_IRQS_OFF : LO_IRQS_ON; /* PSR_I_BIT */
-#elif defined(CONFIG_X86)
-	return (((struct pt_regs *)ctx)->flags & 0x200) ? LO_IRQS_ON : LO_IRQS_OFF; /* EFLAGS_IF */
-#else
-	return LO_IRQS_UNKNOWN;
-#endif
+	return kvmlp_context(ctx, kprobe, KVMLP_OFF_LO_TASK_PREEMPT, KVMLP_OFF_LO_TASK_STACK);
 }
 
 static __always_inline u32 lo_irqs(u32 at_call, u32 variant)
 {
-	return variant == LO_IRQ ? LO_IRQS_OFF : at_call;
+	return variant == LO_IRQ ? KVMLP_IRQS_OFF : at_call;
 }
 
 static __always_inline int lo_in_irq(u32 context)
 {
-	return context == LO_CTX_HARDIRQ || context == LO_CTX_SOFTIRQ ||
-	       context == LO_CTX_NMI || context == LO_CTX_IRQ;
+	return context == KVMLP_CTX_HARDIRQ || context == KVMLP_CTX_SOFTIRQ ||
+	       context == KVMLP_CTX_NMI || context == KVMLP_CTX_IRQ;
 }
 
 static __always_inline void lo_held_key_of(struct lo_held_key *k, u32 context)
@@ -300,7 +264,7 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	ak.addr = addr;
 	ak.kind = kind;
 	ak.context = context;
-	ak.irqs_at_call = lo_irqs_at_call(ctx, kprobe);
+	ak.irqs_at_call = kvmlp_irqs_at_call(ctx, kprobe);
 	ak.irqs = lo_irqs(ak.irqs_at_call, variant);
 	/* indexes masked: the compiler may unroll the loop partly, and the verifier
 	 * then loses the bound of a plain index */

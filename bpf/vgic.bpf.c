@@ -10,8 +10,8 @@ struct kvmlp_vgic_event {
 	u64 irq;
 	u32 intid;      /* VGIC_INTID_UNKNOWN where BTF lacks irq->intid */
 	u32 refcount;   /* at entry; 1 means the put released the IRQ */
-	u32 irqs_off;   /* enum vgic_irqs */
-	u32 context;    /* enum vgic_context */
+	u32 irqs_off;   /* enum kvmlp_irqs */
+	u32 context;    /* enum kvmlp_context */
 	s32 stack_id;   /* in kvmlp_stacks: the caller */
 	u32 tid;
 	u32 tgid;
@@ -24,39 +24,6 @@ BPF_RINGBUF_OUTPUT(vgic_events, KVMLP_RINGBUF_PAGES);
 #define vgic_count(i) kvmlp_count(KVMLP_CBASE_VGIC + (i))
 
 enum vgic_counter { VGIC_C_PUTS, VGIC_C_LOST_RINGBUF_FULL, VGIC_C_LOST_PENDING_FULL };
-/* IRQs at the call: only the kprobe flavour sees the saved processor state. */
-enum vgic_irqs { VGIC_IRQS_ON, VGIC_IRQS_OFF, VGIC_IRQS_UNKNOWN };
-/* From preempt_count, where the task keeps it (arm64's thread_info; BTF says). */
-enum vgic_context { VGIC_CTX_TASK, VGIC_CTX_SOFTIRQ, VGIC_CTX_HARDIRQ, VGIC_CTX_NMI,
-		    VGIC_CTX_UNKNOWN };
-
-static __always_inline u32 vgic_context(void)
-{
-	if (KVMLP_OFF_TASK_PREEMPT < 0)
-		return VGIC_CTX_UNKNOWN;
-	u32 pc = kvmlp_read_u32(bpf_get_current_task(), KVMLP_OFF_TASK_PREEMPT);
-	if (pc & 0x00f00000)            /* NMI_MASK */
-		return VGIC_CTX_NMI;
-	if (pc & 0x000f0000)            /* HARDIRQ_MASK */
-		return VGIC_CTX_HARDIRQ;
-	if (pc & 0x00000100)            /* SOFTIRQ_OFFSET: serving one, not just BH off */
-		return VGIC_CTX_SOFTIRQ;
-	return VGIC_CTX_TASK;
-}
-
-static __always_inline u32 vgic_irqs_off(void *ctx, int kprobe)
-{
-	if (!kprobe)
-		return VGIC_IRQS_UNKNOWN;
-#if defined(CONFIG_ARM64)
-	return (((struct pt_regs *)ctx)->pstate & 0x80) ? VGIC_IRQS_OFF : VGIC_IRQS_ON; /* PSR_I_BIT */
-#elif defined(CONFIG_X86)
-	return (((struct pt_regs *)ctx)->flags & 0x200) ? VGIC_IRQS_ON : VGIC_IRQS_OFF; /* EFLAGS_IF */
-#else
-	return VGIC_IRQS_UNKNOWN;
-#endif
-}
-
 /* Everything the event needs is taken at entry: the kretprobe flavour cannot
  * read arguments at return, and a put that drops the last reference frees the
  * IRQ (6.1: kfree) before returning. */
@@ -71,7 +38,8 @@ KVMLP_ENTRY(VGIC_PUT)
 	c.a2 = (KVMLP_OFF_IRQ_INTID >= 0 ? kvmlp_read_u32(irq, KVMLP_OFF_IRQ_INTID) :
 		VGIC_INTID_UNKNOWN) | (u64)(u32)kvmlp_stacks.get_stackid(ctx, 0) << 32;
 	c.a3 = (u64)(KVMLP_OFF_IRQ_REFCOUNT >= 0 ? kvmlp_read_u32(irq, KVMLP_OFF_IRQ_REFCOUNT) : 0)
-		<< 32 | vgic_context() << 8 | vgic_irqs_off(ctx, KVMLP_M_VGIC_PUT == KVMLP_M_KPROBE);
+		<< 32 | kvmlp_context(ctx, KVMLP_M_VGIC_PUT == KVMLP_M_KPROBE, KVMLP_OFF_TASK_PREEMPT, -1)
+		<< 8 | kvmlp_irqs_at_call(ctx, KVMLP_M_VGIC_PUT == KVMLP_M_KPROBE);
 	if (kvmlp_call_save(KVMLP_FN_VGIC_PUT, &c))
 		vgic_count(VGIC_C_LOST_PENDING_FULL);
 	return 0;

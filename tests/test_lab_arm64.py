@@ -31,8 +31,13 @@ def arm64_run(tmp_path_factory):
               f"kvmlockprof workload --vcpus 2 --duration 8 --lpis {LPIS} --msi-rate 200 "
               f"--lpi-reset-every 2")
     # (ftrace_counting's script exits with the command's status: bpftool goes inside)
+    # then the lockorder probe on the same workload: the LPI xarray's lock itself
+    order = (f"kvmlockprof record -q -o order.parquet --probes vms,vgic,lockorder -- "
+             f"kvmlockprof workload --vcpus 2 --duration 8 --lpis {LPIS} --msi-rate 200 "
+             f"--lpi-reset-every 2 && kvmlockprof report --order order.parquet > order.txt")
     lab_run(d, ftrace_counting("vgic_put_irq", "ftrace-vgic.txt",
-                               record + " && bpftool -j prog show > progs.json"),
+                               record + " && bpftool -j prog show > progs.json")
+            .replace("; exit $rc", "; [ $rc = 0 ] || exit $rc", 1) + "; " + order,
             arch="arm64", timeout=LAB_TIMEOUT)
     return d
 
@@ -91,3 +96,25 @@ def test_arm64_lock_names_and_nothing_left(arm64_run):
     for n in names:                       # a lock inside the vgic is named by its path
         if "vgic" in n:
             assert n.startswith((f"kvm({pid})->arch.vgic.", "vcpu")), n
+
+
+def test_lpi_xarray_lock_contexts_from_lockorder(arm64_run):
+    """The seed question asked of the lock itself: every acquisition of
+    kvm->arch.vgic.lpi_xa.xa_lock, by context and IRQs at the call (an
+    xa_lock_irqsave that is sometimes called with IRQs on and sometimes off needs
+    its irqsave). Each LPI release (vgic_put_irq dropping the last reference) takes
+    it once, so it is taken at least as often as the vgic probe saw releases."""
+    from kvmlockprof.probes import lockorder as lo
+    print((arm64_run / "order.txt").read_text())
+    rec = kvmlockprof.load(arm64_run / "order.parquet")
+    st = rec.manifest["probes"]["lockorder"]
+    print("lockorder:", st.get("status"), st.get("method"), st.get("off"))
+    assert st["status"] == "attached", st
+    cx = lo.contexts(rec)
+    xa = cx[cx["lock_class"] == "kvm->arch.vgic.lpi_xa.xa_lock"]
+    print(xa.to_string())
+    ev = vgic._events(rec)
+    released = int((ev["lpi"] & ev["released"]).sum())
+    assert released > 0 and int(xa["count"].sum()) >= released, (released, xa)
+    assert set(xa["irqs"]) == {"off"}           # 6.12: xa_lock_irqsave everywhere
+    assert lo.recursion(rec).empty and lo.inversions(lo.edges(rec)).empty

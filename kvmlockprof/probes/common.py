@@ -1,6 +1,16 @@
 """What the function probes' analyses share: DataFrames in, DataFrames out."""
 import pandas as pd
 
+from kvmlockprof import cdefs
+
+# A probe hit's context and IRQs at the call, as bpf/common.h records them
+CONTEXTS = cdefs.labels("common.h", "kvmlp_context", {
+    "KVMLP_CTX_TASK": "task", "KVMLP_CTX_SOFTIRQ": "softirq", "KVMLP_CTX_HARDIRQ": "hardirq",
+    "KVMLP_CTX_NMI": "nmi", "KVMLP_CTX_UNKNOWN": "unknown", "KVMLP_CTX_IRQ": "irq"})
+IRQS = cdefs.labels("common.h", "kvmlp_irqs", {
+    "KVMLP_IRQS_ON": "on", "KVMLP_IRQS_OFF": "off", "KVMLP_IRQS_UNKNOWN": "unknown"})
+IRQS_OFF = cdefs.enum("common.h", "kvmlp_irqs")["KVMLP_IRQS_OFF"]
+
 
 def stats(df, keys, col):
     """count, total, mean, p50, p99 (numpy, linear), max of `col` per group."""

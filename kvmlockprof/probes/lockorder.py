@@ -18,18 +18,13 @@ import pandas as pd
 
 from kvmlockprof import cdefs
 from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
-from kvmlockprof.probes.common import callers
+from kvmlockprof.probes.common import CONTEXTS, IRQS, callers
 
 KINDS = cdefs.labels("lockorder.bpf.c", "lo_kind", {
     "LO_SPIN": "spin", "LO_READ": "read", "LO_WRITE": "write", "LO_MUTEX": "mutex",
     "LO_RWSEM_READ": "rwsem read", "LO_RWSEM_WRITE": "rwsem write",
     "LO_SRCU_READ": "srcu read", "LO_SRCU_SYNC": "srcu sync"})
 READERS = {"read", "rwsem read", "srcu read"}
-CONTEXTS = cdefs.labels("lockorder.bpf.c", "lo_context", {
-    "LO_CTX_TASK": "task", "LO_CTX_SOFTIRQ": "softirq", "LO_CTX_HARDIRQ": "hardirq",
-    "LO_CTX_NMI": "nmi", "LO_CTX_IRQ": "irq", "LO_CTX_UNKNOWN": "unknown"})
-IRQS = cdefs.labels("lockorder.bpf.c", "lo_irqs", {
-    "LO_IRQS_ON": "on", "LO_IRQS_OFF": "off", "LO_IRQS_UNKNOWN": "unknown"})
 IRQ_CONTEXTS = {"softirq", "hardirq", "nmi", "irq"}
 
 # (key in the C, kernel symbol, parameter): keys are short (bpf/lockorder.bpf.c says
@@ -97,7 +92,11 @@ def adjust_plan(plan, caps=None):
     if caps is not None:
         for i in range(SRCU_AT_SLOTS):
             sym = SRCU_AT[i] if i < len(SRCU_AT) else None
-            if sym and sym not in caps.symbols:
+            if sym and sym not in caps.symbols and f"__{sym}" in caps.symbols:
+                # inlined into its callers here (6.12: kvm_vcpu_update_apicv): its body
+                plan.off[f"srcu-at {sym}"] = f"--srcu-at: {sym} is inlined here: at __{sym}"
+                sym = f"__{sym}"
+            elif sym and sym not in caps.symbols:
                 plan.off[f"srcu-at {sym}"] = f"--srcu-at: no function {sym} in this kernel"
                 sym = None
             plan.targets[f"LOAT{i}"] = (sym, _srcu_at_method(sym, caps)) if sym else \

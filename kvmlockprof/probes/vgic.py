@@ -9,16 +9,10 @@ import pandas as pd
 
 from kvmlockprof import cdefs
 from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
-from kvmlockprof.probes.common import callers, stats
+from kvmlockprof.probes.common import CONTEXTS, IRQS, IRQS_OFF, callers, stats
 
-IRQS = cdefs.labels("vgic.bpf.c", "vgic_irqs", {
-    "VGIC_IRQS_ON": "on", "VGIC_IRQS_OFF": "off", "VGIC_IRQS_UNKNOWN": "unknown"})
-IRQS_OFF = cdefs.enum("vgic.bpf.c", "vgic_irqs")["VGIC_IRQS_OFF"]
 MIN_LPI = cdefs.define("vgic.bpf.c", "VGIC_MIN_LPI")
 INTID_UNKNOWN = cdefs.define("vgic.bpf.c", "VGIC_INTID_UNKNOWN")
-CONTEXTS = cdefs.labels("vgic.bpf.c", "vgic_context", {
-    "VGIC_CTX_TASK": "task", "VGIC_CTX_SOFTIRQ": "softirq", "VGIC_CTX_HARDIRQ": "hardirq",
-    "VGIC_CTX_NMI": "nmi", "VGIC_CTX_UNKNOWN": "unknown"})
 
 
 def _events(rec):
