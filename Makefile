@@ -14,7 +14,7 @@ DEMO_S  ?= 10
 LAB_ARM64_PKGS := qemu-system-arm qemu-user-static mmdebstrap arch-test
 LAB_ARM64_STAMP := $(VENV)/.lab-arm64
 
-.PHONY: setup apt demo test bench peer lab lab-apt lab-test lab-arm64 lab-arm64-test clean
+.PHONY: setup apt demo test bench peer viewers lab lab-apt lab-test lab-arm64 lab-arm64-test clean
 
 setup: $(STAMP)
 
@@ -91,7 +91,19 @@ demo: setup
 	  --html demo-report.html --force
 	@echo "reports written to demo-report.txt and demo-report.html (recording: demo.parquet)"
 
-test: setup
+# A real viewer the export formats are tested in (tests/test_viewers.py): speedscope,
+# from npm (its release is a static page that headless Chromium opens).
+SPEEDSCOPE_VERSION := 1.25.0
+SPEEDSCOPE := /var/cache/kvmlockprof/speedscope-$(SPEEDSCOPE_VERSION)
+viewers: $(SPEEDSCOPE)/package/dist/release/index.html
+$(SPEEDSCOPE)/package/dist/release/index.html:
+	@command -v npm > /dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm; }
+	mkdir -p $(SPEEDSCOPE)
+	cd $(SPEEDSCOPE) && npm pack --silent speedscope@$(SPEEDSCOPE_VERSION) > /dev/null && \
+	  tar xzf speedscope-$(SPEEDSCOPE_VERSION).tgz
+
+test: setup viewers
 	$(PY) -m pytest -ra -m "not lab"
 
 $(LAB_STAMP): $(STAMP) | lab-apt

@@ -31,6 +31,8 @@ Examples:
   kvmlockprof report vm.parquet --by caller --sort max --limit 10 --stacks
   kvmlockprof report vm.parquet --format csv -o top.csv
   kvmlockprof report vm.parquet --html vm.html
+  kvmlockprof report vm.parquet --format folded > vm.folded   # flamegraph.pl, speedscope
+  kvmlockprof report vm.parquet --format trace-json -o vm.json # Perfetto, chrome://tracing
   kvmlockprof report debug.parquet --order    # recorded with --probes lockorder
 """
 EPILOG_WORKLOAD = """\b
@@ -253,15 +255,22 @@ def top(interval, by, sort, limit, pids, probe_names, stack_budget, prefer, batc
 @click.argument("recording", default="kvmlockprof.parquet")
 @view_options("")
 @click.option("--stacks", is_flag=True, help="Print the heaviest stack of each row.")
-@click.option("-F", "--format", "fmt", type=click.Choice(["text", "csv", "json"]),
-              default="text", show_default=True)
+@click.option("-F", "--format", "fmt", type=click.Choice(["text", "csv", "json", "folded",
+                                                         "trace-json"]),
+              default="text", show_default=True, help="folded: folded stacks (process;"
+              "stack;lock value) for flamegraph.pl, inferno or speedscope; trace-json: the "
+              "sampled waits and probe events as a timeline (Chrome Trace Event format: "
+              "Perfetto, chrome://tracing, speedscope).")
+@click.option("--value", type=click.Choice(["wait", "count"]), default="wait",
+              show_default=True, help="With --format folded: wait time (ns) or waits.")
 @click.option("-o", "--output", help="Write the report to this file instead of stdout.")
 @click.option("--html", "html_out", metavar="FILE",
               help="Also write a self-contained HTML report (plots; opens offline).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite --output/--html if they exist.")
 @click.option("--order", is_flag=True, help="Only the lock order, IRQ contexts and recursion "
               "of KVM's locks (a recording made with --probes lockorder).")
-def report(recording, by, sort, limit, pids, stacks, fmt, output, html_out, force, order):
+def report(recording, by, sort, limit, pids, stacks, fmt, value, output, html_out, force,
+           order):
     """Contention report of a recording, like `perf lock contention`."""
     from kvmlockprof.views import report as rpt
     from kvmlockprof.recording.store import RecordingError, load
@@ -272,9 +281,19 @@ def report(recording, by, sort, limit, pids, stacks, fmt, output, html_out, forc
         rec = load(recording)
         if order and fmt != "text":
             fail("--order prints text: drop --format")
-        text = rpt.probe_text(rec, "lockorder", limit=limit) if order else \
-            rpt.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
-                       pids=list(pids) or None)
+        if fmt in ("folded", "trace-json") and (stacks or by != "lock"):
+            fail(f"--format {fmt} writes every stack or event: drop --stacks/--by")
+        if fmt == "folded":
+            from kvmlockprof.views import folded
+            text = folded.text(rec, value, pids=list(pids) or None)
+        elif fmt == "trace-json":
+            from kvmlockprof.views import trace
+            text = trace.trace_json(rec, pids=list(pids) or None)
+        elif order:
+            text = rpt.probe_text(rec, "lockorder", limit=limit)
+        else:
+            text = rpt.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
+                              pids=list(pids) or None)
         if html_out:                # reads more of the recording than the text does
             from kvmlockprof.views import html
             page = html.render(rec, limit=limit)
@@ -306,6 +325,7 @@ Examples:
   kvmlockprof compare --base b1.parquet --base b2.parquet --new n1.parquet --new n2.parquet
   kvmlockprof compare runs/base runs/new --threshold 0.1 --html cmp.html
   kvmlockprof compare before.parquet after.parquet --format csv -o cmp.csv
+  kvmlockprof compare before.parquet after.parquet --format folded > diff.folded
 """
 
 
@@ -321,13 +341,17 @@ Examples:
               help="Locks compared: the heaviest by total wait on either side.")
 @click.option("--resamples", type=click.IntRange(min=100),
               help="Bootstrap resamples (default: 4000 over runs, 1000 within one run).")
-@click.option("-F", "--format", "fmt", type=click.Choice(["text", "csv", "json"]),
-              default="text", show_default=True)
+@click.option("-F", "--format", "fmt", type=click.Choice(["text", "csv", "json", "folded"]),
+              default="text", show_default=True, help="folded: two-column folded stacks "
+              "(stack BASE NEW, a mean run each) for a differential flame graph.")
+@click.option("--value", type=click.Choice(["wait", "count"]), default="wait",
+              show_default=True, help="With --format folded: wait time (ns) or waits.")
 @click.option("-o", "--output", help="Write the comparison to this file instead of stdout.")
 @click.option("--html", "html_out", metavar="FILE", help="Also write a self-contained HTML page.")
 @click.option("-f", "--force", is_flag=True, help="Compare even when the sides are not "
               "comparable (different probes, losses); overwrite --output/--html.")
-def compare(sides, bases, news, threshold, limit, resamples, fmt, output, html_out, force):
+def compare(sides, bases, news, threshold, limit, resamples, fmt, value, output, html_out,
+            force):
     """Before/after: per lock and probe metric, the change, its 95% CI and a verdict.
 
     BASE and NEW are each a recording or a directory of recordings (repeat runs),
@@ -340,11 +364,11 @@ def compare(sides, bases, news, threshold, limit, resamples, fmt, output, html_o
         bases, news = (sides[0],), (sides[1],)
     if not bases or not news:
         fail("compare needs a BASE and a NEW side: kvmlockprof compare BASE NEW")
-    _compare(bases, news, threshold, limit, resamples, fmt, output, html_out, force)
+    _compare(bases, news, threshold, limit, resamples, fmt, output, html_out, force, value)
 
 
 def _compare(bases, news, threshold, limit=20, resamples=None, fmt="text", output=None,
-             html_out=None, force=False):
+             html_out=None, force=False, value="wait"):
     """compare's work, for compare and ab: load, check, compare, print or write."""
     from kvmlockprof.analysis import compare as cmp
     from kvmlockprof.views import compare_report as cr
@@ -361,12 +385,19 @@ def _compare(bases, news, threshold, limit=20, resamples=None, fmt="text", outpu
         warnings = refuse + warnings
         for w in warnings:
             click.echo(f"kvmlockprof: WARNING: {w}", err=True)
-        df = cmp.compare(base, new, threshold=threshold, limit=limit, resamples=resamples)
+        if fmt == "folded":
+            from kvmlockprof.views import folded
+            body = folded.diff_text(base, new, value)
+        else:
+            df = cmp.compare(base, new, threshold=threshold, limit=limit, resamples=resamples)
     except RecordingError as e:
         fail(str(e))
-    out = {"text": cr.text, "json": cr.as_json}.get(fmt)
-    body = out(df, base, new, warnings, threshold) if out else df.to_csv(index=False)
+    if fmt != "folded":
+        out = {"text": cr.text, "json": cr.as_json}.get(fmt)
+        body = out(df, base, new, warnings, threshold) if out else df.to_csv(index=False)
     if html_out:
+        if fmt == "folded":
+            fail("--html draws the comparison table: drop --format folded")
         _write_atomic(html_out, cr.page(df, base, new, warnings, threshold))
     if output:
         _write_atomic(output, body)
