@@ -7,7 +7,8 @@
  * acquired, first stack kept), each acquisition's context (task/irq, IRQs held
  * off or on, the lock it was taken under) and recursion (a lock taken again by
  * the task holding it: streamed with both stacks). Trylocks are not hooked: a
- * lock taken by trylock is not seen as held. */
+ * lock taken by trylock is not seen as held; nor is a lock of a kind whose unlocks
+ * are not all probeable (lo_followed). */
 
 enum lockorder_counter {
 	LO_C_WATCHED, LO_C_RELEASES, LO_C_UNMATCHED_RELEASES, LO_C_DEPTH_OVERFLOW,
@@ -241,10 +242,27 @@ static __always_inline int lo_recursive_ok(u32 kind)
 	return kind == LO_READ || kind == LO_SRCU_READ;
 }
 
+/* A kind is followed (pushed on the held stack) only if every one of its unlocks is
+ * probed: a release through an inlined unlock (arm64's spin unlocks) would leave a
+ * phantom. Its acquisitions still give contexts, and edges into it. */
+#define LO_ON(key) (KVMLP_M_##key != KVMLP_M_OFF)
+static __always_inline int lo_followed(u32 kind)
+{
+	switch (kind) {
+	case LO_SPIN: return LO_ON(LOUS) && LO_ON(LOUSB) && LO_ON(LOUSI) && LO_ON(LOUSF);
+	case LO_READ: return LO_ON(LOUR) && LO_ON(LOURB) && LO_ON(LOURI) && LO_ON(LOURF);
+	case LO_WRITE: return LO_ON(LOUW) && LO_ON(LOUWB) && LO_ON(LOUWI) && LO_ON(LOUWF);
+	case LO_MUTEX: return LO_ON(LOUM);
+	case LO_RWSEM_READ:
+	case LO_RWSEM_WRITE: return LO_ON(LOUD) && LO_ON(LOUE);
+	case LO_SRCU_READ: return LO_ON(LOUC);
+	default: return 0;      /* a grace-period wait holds nothing */
+	}
+}
+
 static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant, int kprobe)
 {
-	/* a grace-period wait is ordered after what is held, but holds nothing */
-	int push = kind != LO_SRCU_SYNC;
+	int push = lo_followed(kind);
 	if (!lo_watched(addr))
 		return 0;
 	lo_count(LO_C_WATCHED);

@@ -78,10 +78,28 @@ def view_options(what, pid_note=""):
                 click.option("-n", "-E", "--limit", type=click.IntRange(min=1), default=20,
                              show_default=True, help="Rows shown (perf's -E/--entries)."),
                 click.option("-p", "--pid", "pids", type=int, multiple=True,
-                             help="Only these processes (tgid); repeatable" + pid_note + "."))):
+                             help="Only these processes (tgid); repeatable" + pid_note + "."),
+                click.option("-L", "--lock-filter", "lock_filter", metavar="LOCK,...",
+                             callback=_csv, help="Only these locks: an address, a symbol, "
+                             "or a glob on the KVM-aware name (kvm->mmu_lock, vcpu->mutex, "
+                             "'kvm->arch.*'); perf's -L."),
+                click.option("-Y", "--type-filter", "type_filter", metavar="TYPE,...",
+                             callback=_csv, help="Only these lock types (spinlock, rwlock, "
+                             "rwlock:W, mutex, rwsem:R...); perf's -Y."),
+                click.option("-S", "--callstack-filter", "callstack_filter",
+                             metavar="NAME,...", callback=_csv, help="Only waits whose stack "
+                             "has a frame containing one of these; perf's -S."))):
             f = opt(f)
         return f
     return add
+
+
+def _csv(ctx, param, value):
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+def _filters(lock_filter, type_filter, callstack_filter):
+    return {"locks": lock_filter, "types": type_filter, "callstacks": callstack_filter}
 
 
 def kernel_mem_option(f):
@@ -225,8 +243,8 @@ Keys: q quit, s next sort key, b next grouping (lock, caller, process).
 @click.option("--iterations", type=click.IntRange(min=1), help="Exit after this many "
               "refreshes.")
 @kernel_mem_option
-def top(interval, by, sort, limit, pids, probe_names, stack_budget, prefer, batch, iterations,
-        kernel_mem_mb):
+def top(interval, by, sort, limit, pids, lock_filter, type_filter, callstack_filter, probe_names,
+        stack_budget, prefer, batch, iterations, kernel_mem_mb):
     """Live view of lock contention and the function probes, like kvm_stat."""
     from kvmlockprof.kernel.bpfload import BpfUnavailable
     from kvmlockprof.catalog import UnknownProbe, select
@@ -244,6 +262,7 @@ def top(interval, by, sort, limit, pids, probe_names, stack_budget, prefer, batc
         topmod.run(requested, list(pids) or None, by=by, sort=sort, limit=limit,
                    interval=interval, iterations=iterations, stack_budget=stack_budget,
                    prefer=prefer, kernel_mem_mb=kernel_mem_mb,
+                   filters=_filters(lock_filter, type_filter, callstack_filter),
                    batch=batch or not sys.stdout.isatty(),
                    warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                    echo=click.echo)
@@ -269,8 +288,8 @@ def top(interval, by, sort, limit, pids, probe_names, stack_budget, prefer, batc
 @click.option("-f", "--force", is_flag=True, help="Overwrite --output/--html if they exist.")
 @click.option("--order", is_flag=True, help="Only the lock order, IRQ contexts and recursion "
               "of KVM's locks (a recording made with --probes lockorder).")
-def report(recording, by, sort, limit, pids, stacks, fmt, value, output, html_out, force,
-           order):
+def report(recording, by, sort, limit, pids, lock_filter, type_filter, callstack_filter, stacks,
+           fmt, value, output, html_out, force, order):
     """Contention report of a recording, like `perf lock contention`."""
     from kvmlockprof.views import report as rpt
     from kvmlockprof.recording.store import RecordingError, load
@@ -279,13 +298,14 @@ def report(recording, by, sort, limit, pids, stacks, fmt, value, output, html_ou
             fail(f"{path} exists: use --force to overwrite it")
     try:
         rec = load(recording)
+        filters = _filters(lock_filter, type_filter, callstack_filter)
         if order and fmt != "text":
             fail("--order prints text: drop --format")
         if fmt in ("folded", "trace-json") and (stacks or by != "lock"):
             fail(f"--format {fmt} writes every stack or event: drop --stacks/--by")
         if fmt == "folded":
             from kvmlockprof.views import folded
-            text = folded.text(rec, value, pids=list(pids) or None)
+            text = folded.text(rec, value, pids=list(pids) or None, filters=filters)
         elif fmt == "trace-json":
             from kvmlockprof.views import trace
             text = trace.trace_json(rec, pids=list(pids) or None)
@@ -293,7 +313,7 @@ def report(recording, by, sort, limit, pids, stacks, fmt, value, output, html_ou
             text = rpt.probe_text(rec, "lockorder", limit=limit)
         else:
             text = rpt.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
-                              pids=list(pids) or None)
+                              pids=list(pids) or None, filters=filters)
         if html_out:                # reads more of the recording than the text does
             from kvmlockprof.views import html
             page = html.render(rec, limit=limit)

@@ -118,3 +118,8 @@ def test_lpi_xarray_lock_contexts_from_lockorder(arm64_run):
     assert released > 0 and int(xa["count"].sum()) >= released, (released, xa)
     assert set(xa["irqs"]) == {"off"}           # 6.12: xa_lock_irqsave everywhere
     assert lo.recursion(rec).empty and lo.inversions(lo.edges(rec)).empty
+    # Debian's arm64 kernel inlines the spin unlocks: spin locks are not followed as
+    # held (their contexts above are still every acquisition), and the recording says so
+    off = st.get("off") or {}
+    print("not followed as held:", off)
+    assert "spin" not in off or "inlined" in off["spin"], off

@@ -1,5 +1,6 @@
 """Analysis on recordings: functions that take a Recording or DataFrames and return
 DataFrames (one row per event in, one row per group out), as in LISA."""
+import fnmatch
 import re
 
 import numpy as np
@@ -191,6 +192,61 @@ def spread_unwalked(aggs):
     return out[~(unwalked & spread)]
 
 
+_PID = re.compile(r"^kvm\(\d+\)->(vcpu\d+->)?")
+
+
+def lock_class(name):
+    """A KVM lock's class, its place in any VM: `kvm(1234)->vcpu0->mutex` ->
+    `vcpu->mutex`; `kvm(1234)->slots_lock` -> `kvm->slots_lock`."""
+    return _PID.sub(lambda m: "vcpu->" if m.group(1) else "kvm->", name)
+
+
+def lock_matches(patterns, addr, name):
+    """perf lock contention's -L: an address (0x...), or a glob on the lock's name,
+    its name without the pid, or its class (`kvm->mmu_lock`, `vcpu->mutex`)."""
+    forms = {str(name), re.sub(r"\(\d+\)", "", str(name)), lock_class(str(name)),
+             f"{int(addr):#x}"}
+    for p in patterns:
+        try:
+            if int(p, 16) == int(addr):
+                return True
+        except ValueError:          # not an address: a glob (`0xffff88*` too)
+            pass
+        if any(fnmatch.fnmatchcase(f, p) for f in forms):
+            return True
+    return False
+
+
+def type_matches(patterns, typ):
+    """perf's -Y: a type (`rwlock:R`) or its family (`rwlock`: both sides; `mutex`:
+    mutex and mutex-spin)."""
+    return any(typ == p or typ.split(":")[0] == p or typ.startswith(p + "-")
+               for p in patterns)
+
+
+def apply_filters(rec, df, locks=(), types=(), callstacks=()):
+    """Annotated aggregates or samples kept by -L/-Y/-S (perf's letters): each given
+    list must match (a lock of it, a type of it, a frame containing one of its names)."""
+    if df.empty or not (locks or types or callstacks):
+        return df
+    keep = np.ones(len(df), bool)
+    if locks:
+        a = df["lock_addr"].to_numpy()
+        uniq, inv = np.unique(a, return_inverse=True)
+        names = lock_names(rec)
+        ok = np.array([lock_matches(locks, u, names.get(f"{int(u):#x}", f"{int(u):#x}"))
+                       for u in uniq.tolist()], bool)
+        keep &= ok[inv]
+    if types:
+        keep &= df["type"].astype(str).map(lambda t: type_matches(types, t)).to_numpy(bool)
+    if callstacks:
+        st = stacks_of(rec)
+        hit = {int(s) for s, frames in zip(st["stack_id"], st["frames"])
+               if any(c in f for f in frames for c in callstacks)}
+        keep &= df["stack_id"].isin(hit).to_numpy()
+    return df[keep]
+
+
 def lock_names(rec):
     """{hex address: name}: kallsyms data symbols, and the KVM-aware names
     (`kvm(1234)->mmu_lock`; how each was derived is in manifest["lock_names"])."""
@@ -368,14 +424,15 @@ def streamed_quantiles(chunks, nrows, qs):
     return out, n
 
 
-def top(rec, by="lock", sort="total", limit=None, pids=None):
+def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None):
     """perf-lock-contention-style table: one row per lock, caller or task.
 
     count/total/max/min come from the in-kernel aggregates (nothing lost to the
     ring buffer); p50/p99 are exact (numpy over the samples) where the samples of
     a row are complete, else the upper bound of a log2 bucket (`pct_exact` False).
     By caller, waits whose stack was not walked are spread over their lock's walked
-    callers (spread_unwalked: `estimated` True)."""
+    callers (spread_unwalked: `estimated` True). filters: apply_filters()'s
+    {locks, types, callstacks} (perf's -L/-Y/-S)."""
     chunked = streamed(rec)
     aggs, samples = (annotated_aggregates(rec), pd.DataFrame()) if chunked else \
         annotate(rec, TOP_SAMPLE_COLUMNS)
@@ -388,6 +445,10 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
     if pids:
         aggs = aggs[aggs["tgid"].isin(pids)]
         samples = samples[samples["tgid"].isin(pids)] if not samples.empty else samples
+    if filters and any(filters.values()):
+        aggs, samples = (apply_filters(rec, d, **filters) for d in (aggs, samples))
+        if aggs.empty:
+            return pd.DataFrame(columns=cols)
     aggs = spread_unwalked(aggs) if by == "caller" else aggs.assign(estimated=False)
     comm = _comm_by_tgid(rec)
     g = aggs.groupby(keys, sort=False)
@@ -409,7 +470,10 @@ def top(rec, by="lock", sort="total", limit=None, pids=None):
     # (object: an empty mapping would give float NaNs, which refuse a str fill)
     out["comm"] = out["tgid"].map(comm).astype(object).fillna("?")
     out["vm"] = out["tgid"].map(_vm_labels(rec)).astype(object).fillna(out["comm"])
-    exact = _streamed_percentiles(rec, out, keys, pids) if chunked else \
+    # (a filtered big recording: the log2 bounds of the filtered aggregates, as the
+    # streamed samples are not filtered)
+    exact = None if chunked and filters and any(filters.values()) else \
+        _streamed_percentiles(rec, out, keys, pids) if chunked else \
         _sample_percentiles(samples, keys)
     out = _percentiles(out, keys, exact, g["hist"])
     if sort not in SORT_KEYS:

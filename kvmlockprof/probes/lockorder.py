@@ -12,11 +12,10 @@ holds), and edges against the orders Documentation/virt/kvm/locking.rst states.
 It sees only watched locks and only the paths the workload ran; trylocks are not
 followed. A debugging probe: every lock operation of the host pays for its filter
 (bench/README.md "lockorder cost")."""
-import re
-
 import pandas as pd
 
 from kvmlockprof import cdefs
+from kvmlockprof.analysis.locks import lock_class
 from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import CONTEXTS, IRQS, callers
 
@@ -87,8 +86,9 @@ def _srcu_at_method(sym, caps):
 
 def adjust_plan(plan, caps=None):
     """A kind of lock whose unlocks cannot all be probed here (an unlock the kernel
-    inlined) would leave phantom held locks: none of its entry points attach. The
-    --srcu-at slots get their functions."""
+    inlined, as arm64's spin unlocks) would leave phantom held locks: its unlocks are
+    left off and the C does not push it (lo_followed). The --srcu-at slots get their
+    functions."""
     if caps is not None:
         for i in range(SRCU_AT_SLOTS):
             sym = SRCU_AT[i] if i < len(SRCU_AT) else None
@@ -103,10 +103,12 @@ def adjust_plan(plan, caps=None):
                 (None, None)
     for kind, (acq, rel) in ENTRY_POINTS.items():
         missing = [sym for key, sym, _ in rel if not plan.targets.get(key, (None, None))[1]]
-        if missing:
-            for key, sym, _ in acq + rel:
+        if missing:             # the C follows a kind only with all its unlocks
+            for key, sym, _ in rel:
                 plan.targets[key] = (plan.targets.get(key, (sym, None))[0], None)
-            plan.off[kind] = f"{', '.join(missing)} not probeable here: {kind} locks not followed"
+            plan.off[kind] = (f"{', '.join(missing)} not probeable here (inlined): {kind} "
+                              f"locks give contexts and edges into them, but are not "
+                              f"followed as held (no edges out of them, no recursion)")
 
 
 def defines(kbtf):
@@ -121,14 +123,6 @@ def defines(kbtf):
 
 
 # --- naming ---------------------------------------------------------------------------
-
-_PID = re.compile(r"^kvm\(\d+\)->(vcpu\d+->)?")
-
-
-def lock_class(name):
-    """`kvm(1234)->vcpu0->mutex` -> `vcpu->mutex`; `kvm(1234)->slots_lock` -> `kvm->slots_lock`."""
-    return _PID.sub(lambda m: "vcpu->" if m.group(1) else "kvm->", name)
-
 
 def _objects(rec):
     """[(base, size, "kvm"/"vcpu")] of the recording's VMs and vCPUs."""

@@ -22,13 +22,16 @@ def _clean(frame):
     return frame.replace(";", ":").replace("\n", " ")
 
 
-def stacks(rec, value="wait", pids=None):
-    """{folded stack: value} of a recording."""
+def stacks(rec, value="wait", pids=None, filters=None):
+    """{folded stack: value} of a recording (filters: -L/-Y/-S, analysis.apply_filters)."""
     aggs = analysis.annotated_aggregates(rec)
     if aggs.empty:
         return {}
     if pids:
         aggs = aggs[aggs["tgid"].isin(pids)]
+    aggs = analysis.apply_filters(rec, aggs, **(filters or {}))
+    if aggs.empty:
+        return {}
     aggs = analysis.spread_unwalked(aggs)
     st = analysis.stacks_of(rec)
     paths = {}
@@ -50,8 +53,8 @@ def stacks(rec, value="wait", pids=None):
     return out
 
 
-def text(rec, value="wait", pids=None):
-    lines = [f"{k} {round(v)}" for k, v in sorted(stacks(rec, value, pids).items())
+def text(rec, value="wait", pids=None, filters=None):
+    lines = [f"{k} {round(v)}" for k, v in sorted(stacks(rec, value, pids, filters).items())
              if round(v) > 0]
     return "\n".join(lines) + ("\n" if lines else "")
 

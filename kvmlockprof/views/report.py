@@ -153,8 +153,9 @@ def probe_text(rec, probe, limit=20):
     return "\n".join(lines) + "\n"
 
 
-def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pids=None):
-    df = analysis.top(rec, by=by, sort=sort, limit=limit, pids=pids)
+def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pids=None,
+           filters=None):
+    df = analysis.top(rec, by=by, sort=sort, limit=limit, pids=pids, filters=filters)
     if fmt == "csv":
         return df.to_csv(index=False)
     if fmt == "json":
@@ -164,7 +165,8 @@ def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pid
                       indent=1)
     lines = summary_lines(rec) + [""] + table_text(df, by)
     if df.empty:
-        lines.append("(no contention recorded)")
+        lines.append("(nothing matches the filters)" if filters and any(filters.values())
+                     else "(no contention recorded)")
     if stacks:
         for i, row in df.iterrows():
             for sid, frames in analysis.top_stacks(rec, row, by=by):

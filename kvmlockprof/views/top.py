@@ -46,8 +46,9 @@ class LiveView:
     """State of a live session: previous reads, names learnt so far."""
 
     def __init__(self, sources, status, by="lock", sort="total", limit=20, pids=None,
-                 kbtf=None):
+                 kbtf=None, filters=None):
         self.sources, self.status = sources, status
+        self.filters = filters or {}            # -L/-Y/-S, as report's
         self.by, self.sort, self.limit, self.pids = by, sort, limit, pids
         self.ksyms = Kallsyms()
         self.stacks, self.seen_stacks = [], set()
@@ -159,8 +160,10 @@ class LiveView:
 
     def _table(self, aggs, interval, dt):
         key = analysis._group_keys(self.by)
-        cum = analysis.top(self._recording(aggs), by=self.by, pids=self.pids)
-        cur = analysis.top(self._recording(interval), by=self.by, pids=self.pids)
+        cum = analysis.top(self._recording(aggs), by=self.by, pids=self.pids,
+                           filters=self.filters)
+        cur = analysis.top(self._recording(interval), by=self.by, pids=self.pids,
+                           filters=self.filters)
         if cum.empty:
             return ["(no contention yet)"]
         sort_col = analysis.SORT_KEYS[self.sort]
@@ -193,7 +196,7 @@ class LiveView:
 
 
 def run(requested, pids, by, sort, limit, interval, iterations, stack_budget, prefer,
-        kernel_mem_mb, batch, warn, echo):
+        kernel_mem_mb, batch, warn, echo, filters=None):
     """A whole `top` session: attach (sample-free: aggregates only), refresh until q,
     Ctrl-C, SIGTERM/SIGHUP or `iterations`, and detach whatever happens."""
     from kvmlockprof.probes.sources import close_sources, load_btf, open_sources
@@ -205,7 +208,8 @@ def run(requested, pids, by, sort, limit, interval, iterations, stack_budget, pr
         sources, status, _ = open_sources(
             requested, tgids=pids, sample_every=0, ringbuf_mb=1, prefer=prefer, warn=warn,
             kbtf=kbtf, stack_budget=stack_budget, kernel_mem_mb=kernel_mem_mb)
-        view = LiveView(sources, status, by=by, sort=sort, limit=limit, pids=pids, kbtf=kbtf)
+        view = LiveView(sources, status, by=by, sort=sort, limit=limit, pids=pids, kbtf=kbtf,
+                        filters=filters)
         kbtf = None
         bpfload.release_memory()
         if batch:
