@@ -164,3 +164,26 @@ def test_waits_in_progress_in_the_report(tmp_path):
     text = "\n".join(report.summary_lines(rec))
     assert "2 waits still in progress at the stop, begun at least 1.00 s before" in text
     assert "tid 71 (vcpu, pid 7) waiting 2.50 s on 0x1000 (mutex) from kvm_vm_ioctl+0x10" in text
+
+
+def test_perf_filters_on_a_small_recording(tmp_path):
+    """-L by address, glob and KVM class; -Y by type and family; -S by frame, with
+    unwalked waits spread over the lock's walked stacks (estimates)."""
+    rec = kvmlockprof.load(small_recording(tmp_path / "r.parquet"))
+    top = lambda **f: analysis.top(rec, filters=f)        # noqa: E731
+    assert set(top(locks=("0x1000",))["lock"]) == {"0x1000"}
+    assert set(top(locks=("0x2*",))["lock"]) == {"0x2000"}
+    assert set(top(types=("mutex",))["type"]) == {"mutex"}
+    assert top(types=("rwlock",)).empty
+    assert set(top(callstacks=("futex_wake",))["lock"]) == {"0x2000"}
+    assert analysis.lock_matches(("kvm->mmu_lock",), 1, "kvm(42)->mmu_lock")
+    assert analysis.lock_matches(("vcpu->mutex",), 1, "kvm(42)->vcpu3->mutex")
+    assert analysis.lock_matches(("kvm->vcpu*->mutex",), 1, "kvm(42)->vcpu3->mutex")
+    assert not analysis.lock_matches(("kvm->slots_lock",), 1, "kvm(42)->mmu_lock")
+    assert analysis.type_matches(("rwlock",), "rwlock:W")
+    assert analysis.type_matches(("mutex",), "mutex-spin")
+    assert not analysis.type_matches(("rwsem",), "rwlock:R")
+    rows = [(100, 0x1000, 7, 32, 1), (300, 0x1000, 7, 32, analysis.NO_STACK)]
+    rec = kvmlockprof.load(small_recording(tmp_path / "u.parquet", rows))
+    got = analysis.top(rec, filters={"callstacks": ("kvm_vm_ioctl",)})
+    assert got.iloc[0]["contended"] == 2 and got.iloc[0]["estimated"]

@@ -171,8 +171,8 @@ def spread_unwalked(aggs):
     stays, as "[stack not sampled]". max/min/hist stay those of the walked waits.
     Without unwalked rows the aggregates come back as they are (exact)."""
     unwalked = (aggs["stack_id"] == NO_STACK).to_numpy()
-    if not unwalked.any():
-        return aggs.assign(estimated=False)
+    if not unwalked.any():              # (spread already: its estimates stay marked)
+        return aggs if "estimated" in aggs.columns else aggs.assign(estimated=False)
     group, _ = group_codes(aggs, ["lock_addr", "flags", "tgid"])
 
     def sums(col):          # per row: its value, and its group's walked and whole sums
@@ -226,9 +226,14 @@ def type_matches(patterns, typ):
 
 def apply_filters(rec, df, locks=(), types=(), callstacks=()):
     """Annotated aggregates or samples kept by -L/-Y/-S (perf's letters): each given
-    list must match (a lock of it, a type of it, a frame containing one of its names)."""
+    list must match (a lock of it, a type of it, a frame containing one of its names).
+    With -S, aggregated waits whose stack was not walked are first spread over their
+    lock's walked stacks (spread_unwalked: `estimated`), as `--by caller` does; a
+    sample without a walked stack is dropped."""
     if df.empty or not (locks or types or callstacks):
         return df
+    if callstacks and "hist" in df.columns:
+        df = spread_unwalked(df)
     keep = np.ones(len(df), bool)
     if locks:
         a = df["lock_addr"].to_numpy()
@@ -449,7 +454,8 @@ def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None):
         aggs, samples = (apply_filters(rec, d, **filters) for d in (aggs, samples))
         if aggs.empty:
             return pd.DataFrame(columns=cols)
-    aggs = spread_unwalked(aggs) if by == "caller" else aggs.assign(estimated=False)
+    aggs = spread_unwalked(aggs) if by == "caller" else \
+        aggs if "estimated" in aggs.columns else aggs.assign(estimated=False)
     comm = _comm_by_tgid(rec)
     g = aggs.groupby(keys, sort=False)
     out = g.agg(contended=("count", "sum"), total_ns=("total_ns", "sum"),

@@ -1,0 +1,94 @@
+"""perf's filters (-L/-Y/-S) on a live recording of the built-in workload, against an
+independent BPF program (bcc, written here) that counts each contention_begin of the
+workload's process by lock address and flags. Mutex waits begin again at every spin
+and sleep, so the counts compared are of the other types (one begin a wait); the
+filters are applied by report/top to the recording (not in the kernel)."""
+import subprocess
+import sys
+
+import pytest
+
+import kvmlockprof
+from kvmlockprof.analysis import locks as analysis
+from conftest import ROOT, workload_argv
+
+pytestmark = pytest.mark.live
+
+LCB_F_SPIN, LCB_F_WRITE = analysis.LCB_F_SPIN, analysis.LCB_F_WRITE
+
+
+@pytest.fixture(scope="module")
+def filtered_run(live, tmp_path_factory):
+    from kvmlockprof.kernel.bpfload import compile_bpf
+    counter = compile_bpf(text="""
+        struct key { u64 addr; u32 tgid; u32 flags; };
+        BPF_HASH(begins, struct key, u64, 65536);
+        TRACEPOINT_PROBE(lock, contention_begin) {
+            struct key k = {};
+            k.addr = (u64)args->lock_addr;
+            k.tgid = bpf_get_current_pid_tgid() >> 32;
+            k.flags = args->flags;
+            u64 zero = 0, *n = begins.lookup_or_try_init(&k, &zero);
+            if (n) __sync_fetch_and_add(n, 1);
+            return 1;       /* 0 would drop the event for other listeners */
+        }""")
+    out = tmp_path_factory.mktemp("filters") / "f.parquet"
+    try:
+        # every stack walked: -S then counts exactly (else unwalked waits are spread)
+        subprocess.run([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
+                        "--stack-budget", "0",
+                        "--", *workload_argv("--duration", 4, "--vcpus", 2, "--churn")],
+                       check=True, cwd=ROOT, timeout=300)
+        begins = {(k.addr, k.tgid, k.flags): v.value for k, v in counter["begins"].items()}
+    finally:
+        counter.cleanup()
+    return kvmlockprof.load(out), begins
+
+
+def _oracle(begins, pid, addr=None, flags=None):
+    return sum(n for (a, t, f), n in begins.items() if t == pid and
+               (addr is None or a == addr) and (flags is None or f in flags))
+
+
+def test_type_filter_counts_what_the_kernel_flagged(filtered_run):
+    rec, begins = filtered_run
+    pid = rec.manifest["command_pid"]
+    spin = analysis.top(rec, pids=[pid], filters={"types": ("spinlock",)})
+    rw = analysis.top(rec, pids=[pid], filters={"types": ("rwlock:W",)})
+    assert set(spin["type"]) <= {"spinlock"} and set(rw["type"]) <= {"rwlock:W"}
+    for df, flags in ((spin, {LCB_F_SPIN}), (rw, {LCB_F_SPIN | LCB_F_WRITE})):
+        want = _oracle(begins, pid, flags=flags)
+        got = int(df["contended"].sum())
+        print(f"-Y {flags}: kvmlockprof {got}, the kernel's begins {want}")
+        assert want > 0 and abs(got - want) <= max(2, 0.01 * want), (got, want)
+
+
+def test_lock_filter_by_kvm_name_counts_that_lock(filtered_run):
+    rec, begins = filtered_run
+    pid = rec.manifest["command_pid"]
+    names = analysis.lock_names(rec)
+    mmu = next(int(a, 16) for a, n in names.items() if n == f"kvm({pid})->mmu_lock")
+    df = analysis.top(rec, pids=[pid], filters={"locks": ("kvm->mmu_lock",)})
+    assert set(df["lock"]) == {f"kvm({pid})->mmu_lock"}, df
+    want = _oracle(begins, pid, addr=mmu)
+    got = int(df["contended"].sum())
+    print(f"-L kvm->mmu_lock: kvmlockprof {got}, the kernel's begins {want}")
+    assert want > 0 and abs(got - want) <= max(2, 0.01 * want), (got, want)
+    by_addr = analysis.top(rec, pids=[pid], filters={"locks": (f"{mmu:#x}",)})
+    assert int(by_addr["contended"].sum()) == got
+
+
+def test_callstack_filter_keeps_stacks_through_the_frame(filtered_run):
+    rec, _ = filtered_run
+    df = analysis.top(rec, by="caller", filters={"callstacks": ("kvm_vm_ioctl",)})
+    assert not df.empty
+    st = analysis.stacks_of(rec)
+    through = {int(s) for s, f in zip(st["stack_id"], st["frames"])
+               if any("kvm_vm_ioctl" in x for x in f)}
+    aggs = analysis.annotated_aggregates(rec)
+    want = int(aggs[aggs["stack_id"].isin(through)]["count"].sum())
+    assert int(df["contended"].sum()) == want and not df["estimated"].any()
+    p = subprocess.run([sys.executable, "-m", "kvmlockprof", "report", rec.path, "-Y",
+                        "mutex", "-L", "kvm->*", "-F", "csv"], capture_output=True, text=True,
+                       cwd=ROOT, check=True)
+    assert p.stdout.count("\n") >= 2 and "mutex" in p.stdout
