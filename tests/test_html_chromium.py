@@ -59,3 +59,24 @@ def test_compare_page_renders(chromium, tmp_path):
     console, shot = render(chromium, page, tmp_path)
     assert not console, console
     assert shot.exists() and shot.stat().st_size > 30_000
+
+
+def test_page_reads_like_a_report(tmp_path):
+    """Times carry their unit (not a `_ns` column of numbers), flags are the text
+    report's marks, and a probe that did not attach is one collapsed line."""
+    from kvmlockprof.recording.store import Writer, to_arrow
+    from tests_support import ROWS, _manifest, _stacks, aggregates_of, events
+    ev = events(ROWS)
+    w = Writer(tmp_path / "g.parquet")
+    w.append("contention", to_arrow(ev))
+    w.append("stacks", _stacks())
+    w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
+    m = _manifest(len(ev))
+    m["probes"]["gpc"] = {"status": "unavailable",
+                          "reason": "kvm_gpc_refresh: kprobe: no kprobes here"}
+    w.finalize(m)
+    page = html.render(kvmlockprof.load(tmp_path / "g.parquet"))
+    assert "total_ns" not in page and "<th>total</th>" in page and " us</td>" in page
+    assert "<td>K</td>" in page and "<td>True</td>" not in page
+    assert "<details><summary>probe gpc: unavailable</summary>kvm_gpc_refresh: kprobe: " \
+           "no kprobes here</details>" in page

@@ -7,12 +7,39 @@ from kvmlockprof.analysis import locks as analysis
 from kvmlockprof.views import plots, report
 
 STYLE = ("body{font-family:sans-serif;margin:2em} table.t{border-collapse:collapse;"
-         "font-size:12px} table.t td,table.t th{padding:2px 8px;border-bottom:1px solid #ddd}")
+         "font-size:12px} table.t td,table.t th{padding:2px 8px;border-bottom:1px solid #ddd}"
+         " pre{white-space:pre-wrap;overflow-wrap:anywhere} details,div.off{font-size:12px}")
+# Flags shown as the text report's marks, not True/False
+MARKS = {"kvm": "K", "estimated": "~"}
+
+
 def _table(df):
+    """A DataFrame as an HTML table: times with their unit (the column name loses its
+    `_ns`), flags as marks."""
     if df is None or df.empty:
         return "<p>(none)</p>"
-    df = df.assign(**{c: df[c].map(report.fmt_ns) for c in report.ns_columns(df)})
+    ns = report.ns_columns(df)
+    df = df.assign(**{c: df[c].map(report.fmt_ns) for c in ns},
+                   **{c: df[c].map(lambda v, m=m: m if v is True or v == 1 else "")
+                      for c, m in MARKS.items() if c in df.columns and df[c].dtype == bool})
+    df = df.rename(columns={c: c.removesuffix("_ns_bound").removesuffix("_ns") +
+                            (" (bound)" if c.endswith("_bound") else "") for c in ns})
     return df.to_html(index=False, border=0, classes="t", escape=True)
+
+
+def _summary(rec):
+    """The text summary, with each probe that did not attach one collapsed line (its
+    reason inside)."""
+    out, lines = [], report.summary_lines(rec)
+    plain = [x for x in lines if not (x.startswith("probe ") and "NOT attached" in x)]
+    out.append(f"<pre>{html.escape(chr(10).join(plain))}</pre>")
+    for x in lines:
+        if x.startswith("probe ") and "NOT attached" in x:
+            head, _, why = x.partition(" (NOT attached: ")
+            why = why.removesuffix(")").strip()
+            out.append(f"<details><summary>{html.escape(head)}</summary>{html.escape(why)}"
+                       f"</details>" if why else f"<div class='off'>{html.escape(head)}</div>")
+    return "".join(out)
 
 
 class _Page:
@@ -38,7 +65,7 @@ def render(rec, limit=20):
     analysis.annotate(rec)          # the plots need every sample column: load them once
     page = _Page()
     page.h2("Summary")
-    page.raw(f"<pre>{html.escape(chr(10).join(report.summary_lines(rec)))}</pre>")
+    page.raw(_summary(rec))
     page.h2("Top locks")
     page.raw(_table(analysis.top(rec, by="lock", limit=limit).drop(columns=["pct_exact"])))
     page.raw("<p>p50/p90/p99 are exact where every wait of a row was sampled, else the "
