@@ -79,6 +79,10 @@ def view_options(what, pid_note=""):
                              show_default=True, help="Rows shown (perf's -E/--entries)."),
                 click.option("-p", "--pid", "pids", type=int, multiple=True,
                              help="Only these processes (tgid); repeatable" + pid_note + "."),
+                click.option("--vm", "vm_names", multiple=True, metavar="NAME",
+                             help="Only this VM, by the name its operator gave it (QEMU's "
+                             "-name, libvirt's domain), with its helper threads (vhost-PID "
+                             "...); repeatable."),
                 click.option("-L", "--lock-filter", "lock_filter", metavar="LOCK,...",
                              callback=_csv, help="Only these locks: an address, a symbol, "
                              "or a glob on the KVM-aware name (kvm->mmu_lock, vcpu->mutex, "
@@ -96,6 +100,30 @@ def view_options(what, pid_note=""):
 
 def _csv(ctx, param, value):
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+def _live_vm_pids(names):
+    """tgids of the running VMs named so (and their helpers); fails if one is not found."""
+    from kvmlockprof.recording.processes import find_vm
+    out = []
+    for n in names:
+        found = find_vm(n)
+        if not found:
+            fail(f"no running VM is named {n!r} (QEMU's -name guest=..., or libvirt's "
+                 f"domain): check `ps -eo pid,args | grep qemu`, or use -p PID")
+        out += found
+    return out
+
+
+def _recorded_vm_pids(rec, names):
+    """tgids of a recording's processes that are (or work for) the VMs named so."""
+    from kvmlockprof.analysis.locks import processes
+    p = processes(rec)
+    pids = p[p["vm"].isin(names)]["tgid"].tolist()
+    if not pids:
+        fail(f"no VM named {', '.join(names)} in this recording (its VMs: "
+             f"{', '.join(sorted(set(p['vm'].astype(str)))) or 'none'})")
+    return pids
 
 
 def _filters(lock_filter, type_filter, callstack_filter):
@@ -116,6 +144,9 @@ def kernel_mem_option(f):
               "or until COMMAND exits).")
 @click.option("-p", "--pid", "pids", type=int, multiple=True,
               help="Only these processes (tgid); repeatable. Filtered in the kernel.")
+@click.option("--vm", "vm_names", multiple=True, metavar="NAME",
+              help="Only this running VM, by the name its operator gave it (QEMU's -name, "
+              "libvirt's domain), with its helper threads; repeatable. Filtered in the kernel.")
 @click.option("-a", "--all", "system_wide", is_flag=True,
               help="With COMMAND: record the whole host, not just COMMAND and its children.")
 @click.option("-o", "--output", default="kvmlockprof.parquet", show_default=True,
@@ -149,7 +180,7 @@ def kernel_mem_option(f):
 @kernel_mem_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb, map_nr_entries,
+def record(duration, pids, vm_names, system_wide, output, force, sample_every, ringbuf_mb, map_nr_entries,
            stack_every, stack_budget, max_stack, probe_names, prefer, srcu_at, kernel_mem_mb,
            quiet, command):
     """Record lock contention to a Parquet recording.
@@ -163,6 +194,8 @@ def record(duration, pids, system_wide, output, force, sample_every, ringbuf_mb,
     from kvmlockprof.kernel import host
     names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
     at = [f.strip() for f in srcu_at.split(",") if f.strip()] if srcu_at else None
+    if vm_names:
+        pids = tuple(pids) + tuple(_live_vm_pids(vm_names))
     if at and "lockorder" not in (names or ()):
         fail("--srcu-at is the lockorder probe's: add --probes ...,lockorder")
     try:
@@ -243,8 +276,8 @@ Keys: q quit, s next sort key, b next grouping (lock, caller, process).
 @click.option("--iterations", type=click.IntRange(min=1), help="Exit after this many "
               "refreshes.")
 @kernel_mem_option
-def top(interval, by, sort, limit, pids, lock_filter, type_filter, callstack_filter, probe_names,
-        stack_budget, prefer, batch, iterations, kernel_mem_mb):
+def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, callstack_filter,
+        probe_names, stack_budget, prefer, batch, iterations, kernel_mem_mb):
     """Live view of lock contention and the function probes, like kvm_stat."""
     from kvmlockprof.kernel.bpfload import BpfUnavailable
     from kvmlockprof.catalog import UnknownProbe, select
@@ -257,6 +290,8 @@ def top(interval, by, sort, limit, pids, lock_filter, type_filter, callstack_fil
         fail(str(e))
     if not host.can_bpf():
         fail("top needs root (or CAP_BPF+CAP_PERFMON): run it with sudo")
+    if vm_names:
+        pids = tuple(pids) + tuple(_live_vm_pids(vm_names))
     click.echo("kvmlockprof top: compiling and attaching the probes ...", err=True)
     try:
         topmod.run(requested, list(pids) or None, by=by, sort=sort, limit=limit,
@@ -288,8 +323,8 @@ def top(interval, by, sort, limit, pids, lock_filter, type_filter, callstack_fil
 @click.option("-f", "--force", is_flag=True, help="Overwrite --output/--html if they exist.")
 @click.option("--order", is_flag=True, help="Only the lock order, IRQ contexts and recursion "
               "of KVM's locks (a recording made with --probes lockorder).")
-def report(recording, by, sort, limit, pids, lock_filter, type_filter, callstack_filter, stacks,
-           fmt, value, output, html_out, force, order):
+def report(recording, by, sort, limit, pids, vm_names, lock_filter, type_filter,
+           callstack_filter, stacks, fmt, value, output, html_out, force, order):
     """Contention report of a recording, like `perf lock contention`."""
     from kvmlockprof.views import report as rpt
     from kvmlockprof.recording.store import RecordingError, load
@@ -299,6 +334,8 @@ def report(recording, by, sort, limit, pids, lock_filter, type_filter, callstack
     try:
         rec = load(recording)
         filters = _filters(lock_filter, type_filter, callstack_filter)
+        if vm_names:
+            pids = tuple(pids) + tuple(_recorded_vm_pids(rec, vm_names))
         if order and fmt != "text":
             fail("--order prints text: drop --format")
         if fmt in ("folded", "trace-json") and (stacks or by != "lock"):

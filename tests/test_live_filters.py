@@ -92,3 +92,28 @@ def test_callstack_filter_keeps_stacks_through_the_frame(filtered_run):
                         "mutex", "-L", "kvm->*", "-F", "csv"], capture_output=True, text=True,
                        cwd=ROOT, check=True)
     assert p.stdout.count("\n") >= 2 and "mutex" in p.stdout
+
+
+def test_record_a_vm_by_its_name(live, tmp_path):
+    """record --vm NAME: the running VM whose -name is NAME, found in /proc and
+    filtered in the kernel (its pid); nothing of another VM running beside it."""
+    # long enough to outlive record's start-up (BPF compile, BTF: several seconds)
+    vm = subprocess.Popen(workload_argv("--duration", 60, "--churn", "--name", "kvmlp-vm-a"),
+                          cwd=ROOT, stdout=subprocess.DEVNULL)
+    other = subprocess.Popen(workload_argv("--duration", 60, "--churn", "--name", "kvmlp-vm-b"),
+                             cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        import time
+        time.sleep(1)                       # both running, named
+        out = tmp_path / "a.parquet"
+        subprocess.run([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
+                        "--vm", "kvmlp-vm-a", "-d", "3"], check=True, cwd=ROOT, timeout=120)
+    finally:
+        for p in (vm, other):
+            p.terminate()           # the workload stops early on SIGTERM
+            p.wait(30)
+    rec = kvmlockprof.load(out)
+    assert rec.manifest["pid_filter"] == [vm.pid]
+    tgids = set(rec.aggregates["tgid"])
+    assert tgids == {vm.pid}, tgids
+    assert set(analysis.per_vm(rec)["vm"]) == {"kvmlp-vm-a"}

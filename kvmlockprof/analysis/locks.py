@@ -678,7 +678,9 @@ def wait_histogram(rec, by="lock", top_n=5):
 
 def processes(rec):
     """One row per process the recording saw: tgid, comm, the VM name from its
-    command line (QEMU's -name) if any, and `vm`: that name, else the comm."""
+    command line (QEMU's -name) or libvirt's scope if any, `vm_tgid`: the VMM it works
+    for (itself, or the VMM a helper such as vhost-<pid> is named after), and `vm`:
+    that VMM's name, else its comm."""
     known = rec.manifest.get("processes", {})
     comm = _comm_by_tgid(rec)
     tgids = set(int(t) for t in known) | set(comm)
@@ -687,8 +689,16 @@ def processes(rec):
         info = known.get(str(t), {})
         c = info.get("comm") or comm.get(t, "?")
         rows.append({"tgid": t, "comm": c, "vm_name": info.get("vm_name"),
-                     "vm": info.get("vm_name") or c, "cmdline": info.get("cmdline", "")})
-    return pd.DataFrame(rows, columns=["tgid", "comm", "vm_name", "vm", "cmdline"])
+                     "vm_tgid": int(info.get("vm_tgid") or t),
+                     "cmdline": info.get("cmdline", "")})
+    cols = ["tgid", "comm", "vm_name", "vm_tgid", "vm", "cmdline"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    df = pd.DataFrame(rows)
+    own = dict(zip(df["tgid"], df["vm_name"].fillna(df["comm"])))
+    df["vm"] = [own.get(o) or f"{o}" if o != t else own[t]
+                for t, o in zip(df["tgid"], df["vm_tgid"])]
+    return df[cols]
 
 
 def _vm_labels(rec):
@@ -703,6 +713,12 @@ def per_vm(rec):
     cols = ["tgid", "vm", "waits", "wait_ns", "kvm_waits", "kvm_wait_ns", "threads"]
     if aggs.empty:
         return pd.DataFrame(columns=cols)
+    # a helper thread's waits (vhost-<pid>, ...) are its VM's
+    p = processes(rec)
+    owner = dict(zip(p["tgid"], p["vm_tgid"]))
+    aggs = aggs.assign(tgid=aggs["tgid"].map(lambda t: owner.get(t, t)))
+    if not samples.empty:
+        samples = samples.assign(tgid=samples["tgid"].map(lambda t: owner.get(t, t)))
     kvm = aggs[aggs["kvm"]]
     g = aggs.groupby("tgid")
     out = pd.DataFrame({"waits": g["count"].sum(), "wait_ns": g["total_ns"].sum(),

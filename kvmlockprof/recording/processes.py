@@ -3,27 +3,51 @@
 Read from /proc while the process lives (at each flush of `record`), kept in
 the recording's manifest so that reports name VMs after the process is gone."""
 import os
+import re
 
 NAME_FLAGS = ("-name", "--name")
+# libvirt's systemd scope of a QEMU domain: machine-qemu\x2d<id>\x2d<name>.scope, with
+# systemd's escapes (\x2d is "-")
+LIBVIRT_SCOPE = re.compile(r"machine-qemu\\x2d\d+\\x2d(.+?)\.scope")
+# Kernel helpers working for one VM, named after its VMM's pid
+HELPER_COMM = re.compile(r"^(?:vhost|kvm-nx-lpage-recovery|kvm-pit)[-/](\d+)$")
+
+
+def _name_value(value):
+    parts = value.split(",")
+    for p in parts:
+        if p.startswith("guest="):
+            return p[len("guest="):] or None
+    return parts[0] if parts[0] and "=" not in parts[0] else None
 
 
 def vm_name(argv):
     """The VM name in a command line: QEMU's `-name guest=NAME,...` or `-name NAME`
-    (also `--name NAME` / `--name=NAME`, as the built-in workload takes it)."""
+    (also `--name NAME` / `--name=NAME`, as the built-in workload takes it); the last
+    one given wins, as QEMU's option parsing does."""
+    name = None
     for i, arg in enumerate(argv):
         value = None
         if arg in NAME_FLAGS and i + 1 < len(argv):
             value = argv[i + 1]
         elif arg.startswith(tuple(f + "=" for f in NAME_FLAGS)):
             value = arg.split("=", 1)[1]
-        if value is None:
-            continue
-        parts = value.split(",")
-        for p in parts:
-            if p.startswith("guest="):
-                return p[len("guest="):] or None
-        return parts[0] if parts[0] and "=" not in parts[0] else None
-    return None
+        if value is not None:
+            name = _name_value(value)
+    return name
+
+
+def cgroup_vm_name(cgroup_text):
+    """The VM name of a process in libvirt's machine scope (/proc/PID/cgroup), or None."""
+    m = LIBVIRT_SCOPE.search(cgroup_text or "")
+    return m.group(1).replace("\\x2d", "-") if m else None
+
+
+def helper_owner(comm):
+    """The VMM pid a KVM helper thread works for (vhost-<pid>, kvm-nx-lpage-recovery-
+    <pid>, kvm-pit/<pid>), or None."""
+    m = HELPER_COMM.match(comm or "")
+    return int(m.group(1)) if m else None
 
 
 def process_info(tgid, proc="/proc"):
@@ -35,7 +59,34 @@ def process_info(tgid, proc="/proc"):
             argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except OSError:
         return None
-    return {"comm": comm, "vm_name": vm_name(argv), "cmdline": " ".join(argv)[:512]}
+    try:
+        with open(os.path.join(proc, str(tgid), "cgroup")) as f:
+            cgroup = f.read()
+    except OSError:
+        cgroup = ""
+    info = {"comm": comm, "vm_name": vm_name(argv) or cgroup_vm_name(cgroup),
+            "cmdline": " ".join(argv)[:512]}
+    owner = helper_owner(comm)
+    if owner:
+        info["vm_tgid"] = owner             # a helper: its VM's waits
+    return info
+
+
+def find_vm(name, proc="/proc"):
+    """tgids of the VM the operator calls `name` (its -name, or libvirt's scope), with
+    the helpers working for it; [] if none runs."""
+    vmms, helpers = [], {}
+    for d in os.listdir(proc):
+        if not d.isdigit():
+            continue
+        info = process_info(int(d), proc)
+        if not info:
+            continue
+        if info["vm_name"] == name:
+            vmms.append(int(d))
+        elif info.get("vm_tgid"):
+            helpers.setdefault(info["vm_tgid"], []).append(int(d))
+    return sorted(vmms + [h for v in vmms for h in helpers.get(v, [])])
 
 
 def learn(known, tgids):
