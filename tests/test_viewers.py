@@ -15,12 +15,13 @@ import pytest
 import kvmlockprof
 from kvmlockprof.analysis import locks as analysis
 from kvmlockprof.views import folded
+from test_html_chromium import FLAGS as CHROMIUM_FLAGS
 from tests_support import small_recording
 
 SPEEDSCOPE = "/var/cache/kvmlockprof/speedscope-1.25.0/package/dist/release/index.html"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--allow-file-access-from-files", "--virtual-time-budget=10000", "--dump-dom"]
+# the HTML test's Chromium flags, with a longer budget, file access for the loader, the DOM
+FLAGS = [f for f in CHROMIUM_FLAGS if not f.startswith("--virtual-time-budget")] + [
+    "--allow-file-access-from-files", "--virtual-time-budget=10000", "--dump-dom"]
 
 
 @pytest.fixture(scope="module")
