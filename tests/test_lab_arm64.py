@@ -95,7 +95,7 @@ def test_arm64_lock_names_and_nothing_left(arm64_run):
     pid = rec.manifest["work"]["pid"]
     for n in names:                       # a lock inside the vgic is named by its path
         if "vgic" in n:
-            assert n.startswith((f"kvm({pid})->arch.vgic.", "vcpu")), n
+            assert n.startswith((f"kvm({pid})->arch.vgic.", f"kvm({pid})->vcpu")), n
 
 
 def test_lpi_xarray_lock_contexts_from_lockorder(arm64_run):
@@ -110,6 +110,13 @@ def test_lpi_xarray_lock_contexts_from_lockorder(arm64_run):
     st = rec.manifest["probes"]["lockorder"]
     print("lockorder:", st.get("status"), st.get("method"), st.get("off"))
     assert st["status"] == "attached", st
+    spin = {k: v for k, v in st["targets"].items() if k.startswith("LOLS")}
+    if not any(v["method"] for v in spin.values()):
+        # Debian's arm64 kernel (no PREEMPTION) inlines spin_lock and spin_unlock: no
+        # entry point to probe; the vgic probe's contexts answer the question there
+        off = st.get("off") or {}
+        assert "inlined" in off.get("spin", ""), off
+        pytest.skip(f"no spin lock entry point in this kernel (inlined): {spin}")
     cx = lo.contexts(rec)
     xa = cx[cx["lock_class"] == "kvm->arch.vgic.lpi_xa.xa_lock"]
     print(xa.to_string())
@@ -117,6 +124,13 @@ def test_lpi_xarray_lock_contexts_from_lockorder(arm64_run):
     released = int((ev["lpi"] & ev["released"]).sum())
     assert released > 0 and int(xa["count"].sum()) >= released, (released, xa)
     assert set(xa["irqs"]) == {"off"}           # 6.12: xa_lock_irqsave everywhere
+    # the arm64 objects' locks named live, by the VM's pid (BTF of the arm64 kernel)
+    pid = rec.manifest["work"]["pid"]
+    names = {v["name"] for v in rec.manifest["lock_names"].values()}
+    print("named:", sorted(n for n in names if "vgic" in n))
+    assert f"kvm({pid})->arch.vgic.lpi_xa.xa_lock" in names, names
+    assert any(n.startswith(f"kvm({pid})->vcpu") and n.endswith("arch.vgic_cpu.ap_list_lock")
+               for n in names), names
     assert lo.recursion(rec).empty and lo.inversions(lo.edges(rec)).empty
     # Debian's arm64 kernel inlines the spin unlocks: spin locks are not followed as
     # held (their contexts above are still every acquisition), and the recording says so
