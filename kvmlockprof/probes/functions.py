@@ -175,7 +175,7 @@ class FunctionProbes:
                 continue
             if method:
                 attached.append(t)
-        off = getattr(plan, "off", {})
+        off = plan.off
         if not attached:
             return {"status": "failed", "method": None, "targets": targets, "off": off,
                     "reason": " | ".join(v.get("error", f"{k}: not attachable")

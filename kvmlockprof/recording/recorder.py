@@ -124,6 +124,7 @@ class Recorder:
         self.cost = None                # the handler-cost window while it is open
         self.cost_total, self.cost_seconds, self.next_cost = {}, 0.0, 0.0   # windows' sums
         self.in_progress = None         # waits begun long before the stop, never ended
+        self.lock_addrs, self.more_named_for = set(), None   # other probes' lock addresses
         # None: every probe this host can attach; else names (checked here, early)
         self.requested = None if probes is None else catalog.select(probes)
         check_output(out, force)
@@ -333,7 +334,6 @@ class Recorder:
         self._poll()
         counters, probe_counters = {}, {}
         contention_aggs, registry = None, {}       # for the lock names
-        lock_addrs = set()                         # other probes' (Probe.lock_columns)
         for name, src in self.sources.items():
             dtypes = src.event_dtypes()
             events = {t: np.concatenate(self.pending.pop(t)) if t in self.pending else
@@ -353,7 +353,7 @@ class Recorder:
                 if table not in REGISTRY_TABLES:        # those: as lifetimes, below
                     self.snapshots.put(table, snap, time.monotonic(), final)
             self._learn_processes(events, snaps)
-            lock_addrs |= _lock_addresses({**events, **snaps})
+            self.lock_addrs |= _lock_addresses({**events, **snaps})
             if name == "contention":
                 counters = src.counters()
                 contention_aggs = snaps["aggregates"]
@@ -366,8 +366,12 @@ class Recorder:
             self.names.observe(**registry)
             for table, t in self.names.registry.tables().items():
                 self.writer.snapshot(table, t)
-        if lock_addrs:
-            self.names.name_more(lock_addrs)
+        # named again only when a new address or a new VM/vCPU lifetime appears (every
+        # address seen so far: a streamed one is in this flush's batch only)
+        seen = (len(self.lock_addrs), self.names.registry.version)
+        if self.lock_addrs and seen != self.more_named_for:
+            self.names.name_more(self.lock_addrs)
+            self.more_named_for = seen
         if contention_aggs is not None:
             # Aggregate rows are never removed, so the same row count means the same
             # (lock, process, stack) set, and the same registry version the same
