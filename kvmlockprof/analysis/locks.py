@@ -243,7 +243,9 @@ def apply_filters(rec, df, locks=(), types=(), callstacks=()):
                        for u in uniq.tolist()], bool)
         keep &= ok[inv]
     if types:
-        keep &= df["type"].astype(str).map(lambda t: type_matches(types, t)).to_numpy(bool)
+        # per distinct type (a Categorical's few), not per wait
+        matching = [t for t in pd.unique(df["type"]) if type_matches(types, str(t))]
+        keep &= df["type"].isin(matching).to_numpy(bool)
     if callstacks:
         st = stacks_of(rec)
         hit = {int(s) for s, frames in zip(st["stack_id"], st["frames"])
