@@ -8,6 +8,8 @@
  *   KVMLP_STACK_EVERY   walk the kernel stack of one wait in N per CPU
  *   KVMLP_PENDING_TASK  1: a wait in progress is kept in task-local storage (5.12+);
  *                     0: in a hash keyed by thread and lock (any kernel, slower)
+ *   KVMLP_FILTER_TID, _ADDR, _TYPE: 1: perf's --tid, -L (addresses), -Y in the kernel
+ *   KVMLP_FILTER_CGROUPS  N > 0: only tasks under one of N cgroups (-G)
  * The stack budget is set at run time (see armed).
  *
  * Raw tracepoints, not perf-attached ones: a BPF program on a tracepoint
@@ -63,6 +65,28 @@ BPF_RINGBUF_OUTPUT(events, KVMLP_RINGBUF_PAGES);
  * while they live: a task leaves it when it exits. */
 BPF_HASH(tgid_filter, u32, u8, KVMLP_FILTER_ENTRIES);
 #endif
+/* perf lock contention's filters beside the process's, set from user space
+ * before arming: a wait they drop takes one lookup at its begin and one at its
+ * end, never a slot, a stack walk or a ring buffer record (its begins counted:
+ * KVMLP_C_FILTERED). */
+#if KVMLP_FILTER_TID
+BPF_HASH(tid_filter, u32, u8, KVMLP_FILTER_ENTRIES);
+#endif
+#if KVMLP_FILTER_ADDR
+BPF_HASH(addr_filter, u64, u8, KVMLP_FILTER_ENTRIES);
+#endif
+#define KVMLP_TYPE_END 1
+#define KVMLP_TYPE_BEGIN 2
+#if KVMLP_FILTER_TYPE
+/* By LCB_F_* flags: KVMLP_TYPE_END set if a wait of these final flags is kept,
+ * KVMLP_TYPE_BEGIN if a begin of them starts (or continues) one: a mutex begins
+ * as mutex-spin and may end as mutex, so -Y mutex-spin lets every mutex begin in
+ * and decides at the end. */
+BPF_ARRAY(type_filter, u8, KVMLP_TYPE_SLOTS);
+#endif
+#if KVMLP_FILTER_CGROUPS
+BPF_CGROUP_ARRAY(cgroup_filter, KVMLP_FILTER_CGROUPS);
+#endif
 #if KVMLP_SAMPLE_EVERY > 1
 BPF_PERCPU_ARRAY(sample_tick, u64, 1);
 #endif
@@ -112,10 +136,47 @@ static __always_inline void count(int idx)
 		(*v)++;         /* per-CPU: no atomics needed */
 }
 
-static __always_inline int wanted(u32 tgid)
+/* Whether the current process is followed (-p, or a command and its children). */
+static __always_inline int wanted_process(u32 tgid)
 {
 #if KVMLP_FILTER_TGID
 	return tgid_filter.lookup(&tgid) != NULL;
+#else
+	return 1;
+#endif
+}
+
+/* Whether the current thread and this lock pass --tid/-G/-L. */
+static __always_inline int wanted(u64 id, u64 lock)
+{
+#if KVMLP_FILTER_TID
+	u32 tid = (u32)id;
+	if (!tid_filter.lookup(&tid))
+		return 0;
+#endif
+#if KVMLP_FILTER_ADDR
+	if (!addr_filter.lookup(&lock))
+		return 0;
+#endif
+#if KVMLP_FILTER_CGROUPS
+	int under = 0;
+#pragma unroll
+	for (int i = 0; i < KVMLP_FILTER_CGROUPS; i++)
+		under |= cgroup_filter.check_current_task(i) == 1;
+	if (!under)
+		return 0;
+#endif
+	return 1;
+}
+
+/* Whether -Y keeps a wait of these flags (mask: KVMLP_TYPE_BEGIN or _END). */
+static __always_inline int wanted_type(u32 flags, u8 mask)
+{
+#if KVMLP_FILTER_TYPE
+	if (flags >= KVMLP_TYPE_SLOTS)
+		return 0;               /* a type perf has no name for: no -Y matches it */
+	u8 *t = type_filter.lookup(&flags);
+	return t && (*t & mask);
 #else
 	return 1;
 #endif
@@ -330,8 +391,14 @@ RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) *
 	/* Waits are taken only once contention_end is attached too (see armed). */
 	int zero = 0;
 	struct kvmlp_arm *arm = armed.lookup(&zero);
-	if (!arm || !arm->on || !wanted(bpf_get_current_pid_tgid() >> 32))
+	u64 id = bpf_get_current_pid_tgid();
+	if (!arm || !arm->on || !wanted_process(id >> 32))
 		return 0;
+	if (!wanted(id, ctx->args[0]) ||
+	    !wanted_type((u32)ctx->args[1], KVMLP_TYPE_BEGIN)) {
+		count(KVMLP_C_FILTERED);
+		return 0;
+	}
 	count(KVMLP_C_BEGIN);
 	begin_wait(ctx, now, ctx->args[0], (u32)ctx->args[1], arm);
 	return 0;
@@ -342,20 +409,31 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	u64 now = bpf_ktime_get_ns();
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32;
-	if (!wanted(tgid))
-		return 0;
-	count(KVMLP_C_END);
 	u64 lock = ctx->args[0];
+	if (!wanted_process(tgid) || !wanted(id, lock))
+		return 0;               /* (its begin was counted as filtered) */
+#if !KVMLP_FILTER_TYPE
+	count(KVMLP_C_END);
+#endif
 	u64 start = 0;
 	u32 flags = 0;
 	s32 stack_id = KVMLP_NO_STACK;
 	int zero_idx = 0;
 	struct kvmlp_arm *arm = armed.lookup(&zero_idx);
 	if (!arm || !end_wait(lock, arm->epoch, &start, &flags, &stack_id)) {
+#if !KVMLP_FILTER_TYPE  /* (with -Y: most likely the end of a type it dropped) */
 		count(KVMLP_C_END_WITHOUT_BEGIN);
+#endif
 		return 0;
 	}
+#if KVMLP_FILTER_TYPE
+	count(KVMLP_C_END);
+#endif
 	u64 wait = now - start;
+	if (!wanted_type(flags, KVMLP_TYPE_END)) {
+		count(KVMLP_C_FILTERED_END);
+		return 0;
+	}
 
 	struct kvmlp_agg_key ak = {};
 	ak.lock_addr = lock;

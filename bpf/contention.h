@@ -22,8 +22,13 @@ enum contention_counter {
 	KVMLP_C_FIRST_WALKS,        /* stacks walked at the end of a lock's first unwalked wait */
 	KVMLP_C_LOST_FILTER_FULL,   /* lost: a forked task not followed, tgid_filter was full */
 	KVMLP_C_FILTER_EXITS,       /* threads that left tgid_filter when they exited */
+	KVMLP_C_FILTERED,           /* contention_begin of a followed process dropped by --tid/-G/-L/-Y */
+	KVMLP_C_FILTERED_END,       /* waits dropped at their end by -Y (a mutex's final type) */
 	KVMLP_NR_COUNTERS,
 };
+
+/* -Y's table: one entry per LCB_F_* flags value (include/trace/events/lock.h has 6 bits). */
+#define KVMLP_TYPE_SLOTS 64
 
 /* stack_id of a wait whose stack was not walked (--stack-every, --stack-budget). */
 #define KVMLP_NO_STACK (-1000)

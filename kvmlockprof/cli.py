@@ -61,15 +61,88 @@ def main():
 PERF_SORT_KEYS = {"wait_total": "total", "wait_max": "max", "wait_min": "min",
                   "avg_wait": "avg"}
 SORTS = ["contended", "total", "max", "avg", "min", "p50", "p90", "p99"]
+GROUPS = ["lock", "address", "caller", "process", "thread"]
 
 
-def view_options(what, pid_note=""):
-    """--by, -s/-k, -n/-E, -p: report's and top's, the same letters as perf lock's."""
+def options(opts):
+    """A decorator adding these click options, in their order in --help."""
+    def add(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return add
+
+
+def filter_options(kernel=False):
+    """perf lock contention's -L/-Y/-S (and, where the kernel applies them: record, top,
+    --tid and -G), the same letters as perf's."""
+    where = " Filtered in the kernel." if kernel else ""
+    opts = [
+        click.option("-L", "--lock-filter", "lock_filter", metavar="LOCK,...",
+                     callback=_csv, help="Only these locks: an address, a symbol, "
+                     "or a glob on the KVM-aware name (kvm->mmu_lock, vcpu->mutex, "
+                     "'kvm->arch.*'); perf's -L." + (" Addresses and symbols are filtered "
+                     "in the kernel, names as the recording is read." if kernel else "")),
+        click.option("-Y", "--type-filter", "type_filter", metavar="TYPE,...",
+                     callback=_csv, help="Only these lock types (spinlock, rwlock, "
+                     "rwlock:W, mutex, rwsem:R...); perf's -Y." + where),
+        click.option("-S", "--callstack-filter", "callstack_filter",
+                     metavar="NAME,...", callback=_csv, help="Only waits whose stack "
+                     "has a frame containing one of these; perf's -S." +
+                     (" Applied as the recording is read (stacks are walked for some "
+                      "waits only)." if kernel else ""))]
+    if kernel:
+        opts += [
+            click.option("--tid", "tids", metavar="TID,...", callback=_ints,
+                         help="Only these threads; perf's --tid. Filtered in the kernel."),
+            click.option("-G", "--cgroup", "cgroups", metavar="CGROUP,...", callback=_csv,
+                         help="Only tasks in these cgroup v2 groups or below them (relative "
+                         "to /sys/fs/cgroup, e.g. machine.slice); perf's -G. Filtered in "
+                         "the kernel.")]
+    return opts
+
+
+def _ints(ctx, param, value):
+    try:
+        return tuple(int(v) for v in _csv(ctx, param, value))
+    except ValueError:
+        raise click.BadParameter("give numbers, comma-separated")
+
+
+def _kernel_filters(filters, tids, cgroups):
+    """recording.filters.split of the options, or a one-line failure."""
+    from kvmlockprof.kernel.ksyms import Kallsyms
+    from kvmlockprof.recording.filters import FilterError, split
+    try:
+        return split(**filters, tids=tids, cgroups=cgroups, kallsyms=Kallsyms)
+    except FilterError as e:
+        fail(str(e))
+
+
+def _by(flag_value):
+    """-l/-t: perf's views, as --by values."""
+    def set_by(ctx, param, value):
+        if value:
+            ctx.params["by"] = flag_value
+        return value
+    return set_by
+
+
+def view_options(what, pid_note="", kernel=False):
+    """--by, -s/-k, -n/-E, -p, -l, -t, the filters: report's and top's, the same
+    letters as perf lock's."""
     def add(f):
         for opt in reversed((
-                click.option("--by", type=click.Choice(["lock", "caller", "process"]),
-                             default="lock", show_default=True,
-                             help="Group rows by lock, caller or process (VM)."),
+                click.option("--by", type=click.Choice(GROUPS), default="lock",
+                             show_default=True, help="Group rows by lock (its name), "
+                             "address, caller, process (VM) or thread.", is_eager=True),
+                click.option("-l", "--lock-addr", "lock_addr_view", is_flag=True,
+                             callback=_by("address"), expose_value=False,
+                             help="A row per lock address (perf's -l): --by address."),
+                click.option("-t", "--threads", "threads_view", is_flag=True,
+                             callback=_by("thread"), expose_value=False,
+                             help="A row per thread (perf's -t): --by thread; from the "
+                             "sampled waits."),
                 click.option("-s", "-k", "--sort", type=click.Choice(
                     SORTS + list(PERF_SORT_KEYS)), default="total", show_default=True,
                     callback=lambda ctx, p, v: PERF_SORT_KEYS.get(v, v),
@@ -83,16 +156,7 @@ def view_options(what, pid_note=""):
                              help="Only this VM, by the name its operator gave it (QEMU's "
                              "-name, libvirt's domain), with its helper threads (vhost-PID "
                              "...); repeatable."),
-                click.option("-L", "--lock-filter", "lock_filter", metavar="LOCK,...",
-                             callback=_csv, help="Only these locks: an address, a symbol, "
-                             "or a glob on the KVM-aware name (kvm->mmu_lock, vcpu->mutex, "
-                             "'kvm->arch.*'); perf's -L."),
-                click.option("-Y", "--type-filter", "type_filter", metavar="TYPE,...",
-                             callback=_csv, help="Only these lock types (spinlock, rwlock, "
-                             "rwlock:W, mutex, rwsem:R...); perf's -Y."),
-                click.option("-S", "--callstack-filter", "callstack_filter",
-                             metavar="NAME,...", callback=_csv, help="Only waits whose stack "
-                             "has a frame containing one of these; perf's -S."))):
+                *filter_options(kernel))):
             f = opt(f)
         return f
     return add
@@ -174,6 +238,7 @@ def kernel_mem_option(f):
                    "see `kvmlockprof probes`).")
 @click.option("--prefer", type=click.Choice(["fentry", "kprobe"]),
               help="Attach method to try first for function probes (default: fentry).")
+@options(filter_options(kernel=True))
 @click.option("--srcu-at", metavar="FN,...", help="With the lockorder probe: at the entry of "
               "these kernel functions (at most 4), is a kvm->srcu read section held? "
               "[default: kvm_vcpu_update_apicv]")
@@ -182,13 +247,14 @@ def kernel_mem_option(f):
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(duration, pids, vm_names, system_wide, output, force, sample_every, ringbuf_mb, map_nr_entries,
            stack_every, stack_budget, max_stack, probe_names, prefer, srcu_at, kernel_mem_mb,
-           quiet, command):
+           quiet, command, lock_filter, type_filter, callstack_filter, tids, cgroups):
     """Record lock contention to a Parquet recording.
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
     it lives."""
     from kvmlockprof.kernel.bpfload import BpfUnavailable
     from kvmlockprof.catalog import UnknownProbe
+    from kvmlockprof.recording.filters import FilterError
     from kvmlockprof.recording.recorder import Recorder
     from kvmlockprof.recording.store import RecordingError
     from kvmlockprof.kernel import host
@@ -205,9 +271,11 @@ def record(duration, pids, vm_names, system_wide, output, force, sample_every, r
                        ringbuf_mb=ringbuf_mb, map_entries=map_nr_entries, probes=names,
                        prefer=prefer, stack_every=stack_every, stack_budget=stack_budget,
                        kernel_mem_mb=kernel_mem_mb, max_stack=max_stack, srcu_at=at,
+                       filters=dict(_filters(lock_filter, type_filter, callstack_filter),
+                                    tids=tids, cgroups=cgroups),
                        warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
-    except (UnknownProbe, RecordingError) as e:
+    except (UnknownProbe, RecordingError, FilterError) as e:
         fail(str(e))
     if not host.can_bpf():
         fail("record needs root (or CAP_BPF+CAP_PERFMON): run it with sudo")
@@ -264,7 +332,8 @@ Keys: q quit, s next sort key, b next grouping (lock, caller, process).
 @main.command(epilog=EPILOG_TOP)
 @click.option("-i", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="Seconds between refreshes.")
-@view_options(", taken over the last interval", pid_note="; filtered in the kernel")
+@view_options(", taken over the last interval", pid_note="; filtered in the kernel",
+              kernel=True)
 @click.option("--probes", "probe_names", metavar="A,B,...",
               help="Probes to attach (default: every probe this host can attach).")
 @click.option("--stack-budget", type=click.IntRange(min=0), default=STACK_BUDGET,
@@ -277,7 +346,7 @@ Keys: q quit, s next sort key, b next grouping (lock, caller, process).
               "refreshes.")
 @kernel_mem_option
 def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, callstack_filter,
-        probe_names, stack_budget, prefer, batch, iterations, kernel_mem_mb):
+        tids, cgroups, probe_names, stack_budget, prefer, batch, iterations, kernel_mem_mb):
     """Live view of lock contention and the function probes, like kvm_stat."""
     from kvmlockprof.kernel.bpfload import BpfUnavailable
     from kvmlockprof.catalog import UnknownProbe, select
@@ -292,12 +361,17 @@ def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, cal
         fail("top needs root (or CAP_BPF+CAP_PERFMON): run it with sudo")
     if vm_names:
         pids = tuple(pids) + tuple(_live_vm_pids(vm_names))
+    if by == "thread":
+        fail("top reads the in-kernel aggregates, which are per process: for a row per "
+             "thread, `kvmlockprof record` then `report -t`")
+    filters = _filters(lock_filter, type_filter, callstack_filter)
+    kfilter, _ = _kernel_filters(filters, tids, cgroups)
     click.echo("kvmlockprof top: compiling and attaching the probes ...", err=True)
     try:
         topmod.run(requested, list(pids) or None, by=by, sort=sort, limit=limit,
                    interval=interval, iterations=iterations, stack_budget=stack_budget,
-                   prefer=prefer, kernel_mem_mb=kernel_mem_mb,
-                   filters=_filters(lock_filter, type_filter, callstack_filter),
+                   prefer=prefer, kernel_mem_mb=kernel_mem_mb, filters=filters,
+                   kfilter=kfilter,
                    batch=batch or not sys.stdout.isatty(),
                    warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                    echo=click.echo)

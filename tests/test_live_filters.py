@@ -117,3 +117,43 @@ def test_record_a_vm_by_its_name(live, tmp_path):
     tgids = set(rec.aggregates["tgid"])
     assert tgids == {vm.pid}, tgids
     assert set(analysis.per_vm(rec)["vm"]) == {"kvmlp-vm-a"}
+
+
+def test_record_type_filter_in_the_kernel(live, tmp_path):
+    """record -Y spinlock: the kernel drops every other wait of the workload at its
+    begin (counted: `filtered` = the independent counter's other begins), so the
+    ring buffer carries spin lock waits only, as many as the kernel flagged."""
+    from kvmlockprof.kernel.bpfload import compile_bpf
+    out = tmp_path / "y.parquet"
+    # every begin by (process, flags): the command's pid is known only once it runs
+    counter = compile_bpf(text="""
+        struct key { u32 tgid; u32 flags; };
+        BPF_HASH(begins, struct key, u64, 65536);
+        TRACEPOINT_PROBE(lock, contention_begin) {
+            struct key k = {};
+            k.tgid = bpf_get_current_pid_tgid() >> 32;
+            k.flags = args->flags;
+            u64 zero = 0, *n = begins.lookup_or_try_init(&k, &zero);
+            if (n) __sync_fetch_and_add(n, 1);
+            return 1;
+        }""")
+    try:
+        subprocess.run([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
+                        "-Y", "spinlock", "--",
+                        *workload_argv("--duration", 3, "--vcpus", 2, "--churn")],
+                       check=True, cwd=ROOT, timeout=300)
+        begins = {(k.tgid, k.flags): v.value for k, v in counter["begins"].items()}
+    finally:
+        counter.cleanup()
+    rec = kvmlockprof.load(out)
+    pid, c = rec.manifest["command_pid"], rec.manifest["counters"]
+    assert rec.manifest["filters"]["type"]["where"] == "kernel"
+    spin = sum(n for (t, f), n in begins.items() if t == pid and f == LCB_F_SPIN)
+    other = sum(n for (t, f), n in begins.items() if t == pid and f != LCB_F_SPIN)
+    samples = rec.table("contention")
+    print(f"-Y spinlock in the kernel: {len(samples)} samples, {c['begin']} begins taken, "
+          f"{c['filtered']} filtered; the kernel's spin begins {spin}, others {other}")
+    assert set(analysis.lock_type(samples["flags"])) == {"spinlock"}
+    assert spin > 0 and other > 0
+    assert c["begin"] == spin and c["filtered"] == other
+    assert len(samples) == c["sampled"] and abs(len(samples) - spin) <= max(2, 0.01 * spin)

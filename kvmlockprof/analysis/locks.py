@@ -27,11 +27,12 @@ KVM_FRAME = re.compile(r"^(__)?(kvm|vcpu|vmx|svm|pvm|tdp_mmu|x86_emulate|mmu_(?!
 NO_STACK = cdefs.define("contention.h", "KVMLP_NO_STACK")  # no stack walked (--stack-every/-budget)
 
 # The column a `by` grouping names a row with (top() also splits locks by type).
-GROUP_COLUMN = {"lock": "lock", "caller": "caller", "process": "tgid"}
+GROUP_COLUMN = {"lock": "lock", "address": "lock_addr", "caller": "caller",
+                "process": "tgid", "thread": "tid"}
 SORT_KEYS = {"contended": "contended", "total": "total_ns", "max": "max_ns", "avg": "avg_ns",
              "min": "min_ns", "p50": "p50_ns", "p90": "p90_ns", "p99": "p99_ns"}
 QUANTILES = {"p50_ns": 0.50, "p90_ns": 0.90, "p99_ns": 0.99}
-GROUPS = ("lock", "caller", "process")
+GROUPS = ("lock", "address", "caller", "process", "thread")   # address, thread: perf's -l, -t
 
 
 def _labels(codes, uniq, fn):
@@ -125,7 +126,7 @@ def contention_stacks(rec):
 
 
 # The sample columns top() and the reports built on it read.
-TOP_SAMPLE_COLUMNS = ("wait_ns", "lock_addr", "flags", "stack_id", "tgid", "comm")
+TOP_SAMPLE_COLUMNS = ("wait_ns", "lock_addr", "flags", "stack_id", "tgid", "tid", "comm")
 
 
 def annotate(rec, columns=None):
@@ -145,9 +146,17 @@ def annotated_aggregates(rec):
 
     def compute():
         aggs = rec.aggregates
-        return aggs if aggs.empty else _with_stack_columns(aggs, contention_stacks(rec),
-                                                           lock_names(rec))
+        return aggs if aggs.empty else recorded_filters(
+            rec, _with_stack_columns(aggs, contention_stacks(rec), lock_names(rec)))
     return rec.derived("annotated_aggregates", compute)
+
+
+def recorded_filters(rec, df):
+    """df kept by the filters `record` left to the reader (a -L name glob, -S: see
+    recording.filters), so every view of a recording shows the waits it asked for."""
+    from kvmlockprof.recording.filters import read_filters
+    f = read_filters(rec.manifest)
+    return apply_filters(rec, df, **f) if any(f.values()) else df
 
 
 def _annotate(rec, columns=None):
@@ -156,9 +165,9 @@ def _annotate(rec, columns=None):
     aggs = rec.aggregates
     samples = rec.table("contention", columns)
     if not aggs.empty:
-        aggs = _with_stack_columns(aggs, info, names)
+        aggs = recorded_filters(rec, _with_stack_columns(aggs, info, names))
     if not samples.empty:
-        samples = _with_stack_columns(samples, info, names)
+        samples = recorded_filters(rec, _with_stack_columns(samples, info, names))
     return aggs, samples
 
 
@@ -266,7 +275,8 @@ def lock_names(rec):
 def _group_keys(by):
     if by not in GROUPS:
         raise ValueError(f"--by must be one of {', '.join(GROUPS)}")
-    return {"lock": ["lock", "type"], "caller": ["caller"], "process": ["tgid"]}[by]
+    return {"lock": ["lock", "type"], "address": ["lock_addr", "type"], "caller": ["caller"],
+            "process": ["tgid"], "thread": ["tid"]}[by]
 
 
 def hist_bounds(slots):
@@ -441,12 +451,17 @@ def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None):
     callers (spread_unwalked: `estimated` True). filters: apply_filters()'s
     {locks, types, callstacks} (perf's -L/-Y/-S)."""
     chunked = streamed(rec)
-    aggs, samples = (annotated_aggregates(rec), pd.DataFrame()) if chunked else \
-        annotate(rec, TOP_SAMPLE_COLUMNS)
     keys = _group_keys(by)
     cols = ["contended", "total_ns", "max_ns", "min_ns", "avg_ns", "p50_ns", "p90_ns",
             "p99_ns", "pct_exact", "type", "lock", "caller", "tgid", "comm", "vm", "kvm",
-            "estimated"]
+            "estimated"] + {"address": ["lock_addr"], "thread": ["tid"]}.get(by, [])
+    if by == "thread":
+        if chunked:
+            raise ValueError(f"a row per thread reads every sample: this recording has "
+                             f"more than {STREAM_SAMPLES:,}; use --by process")
+        return _by_thread(rec, sort, limit, pids, filters, cols)
+    aggs, samples = (annotated_aggregates(rec), pd.DataFrame()) if chunked else \
+        annotate(rec, TOP_SAMPLE_COLUMNS)
     if aggs.empty:
         return pd.DataFrame(columns=cols)
     if pids:
@@ -474,6 +489,9 @@ def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None):
         if c not in keys:
             out[c] = dom[c]
     out = out.reset_index()
+    if by == "address":             # a lock's name where it has one, else its address
+        out["lock"] = [f"{int(a):#x}" if n == f"{int(a):#x}" else f"{n} {int(a):#x}"
+                       for a, n in zip(out["lock_addr"], out["lock"].astype(str))]
     out["avg_ns"] = out["total_ns"] / out["contended"]
     # (object: an empty mapping would give float NaNs, which refuse a str fill)
     out["comm"] = out["tgid"].map(comm).astype(object).fillna("?")
@@ -490,6 +508,44 @@ def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None):
     if limit:
         out = out.head(limit)
     return out[cols].reset_index(drop=True)
+
+
+def _by_thread(rec, sort, limit, pids, filters, cols):
+    """perf's -t: a row per thread, from the samples (the aggregates are per process):
+    exact when every wait was streamed (--sample-every 1, no ring buffer loss), else
+    scaled by the sampling rate and marked `estimated`."""
+    _, samples = annotate(rec, TOP_SAMPLE_COLUMNS)
+    if samples.empty:
+        return pd.DataFrame(columns=cols)
+    if pids:
+        samples = samples[samples["tgid"].isin(pids)]
+    if filters and any(filters.values()):
+        samples = apply_filters(rec, samples, **filters)
+    if samples.empty:
+        return pd.DataFrame(columns=cols)
+    m = rec.manifest
+    every = int((m.get("probes", {}).get("contention") or {}).get("sample_every") or 1)
+    lost = (m.get("losses") or {}).get("lost_ringbuf_full", 0)
+    g = samples.groupby("tid", sort=False)
+    out = g.agg(contended=("wait_ns", "size"), total_ns=("wait_ns", "sum"),
+                max_ns=("wait_ns", "max"), min_ns=("wait_ns", "min"), kvm=("kvm", "any"),
+                tgid=("tgid", "first"), comm=("comm", "last"))
+    out[["contended", "total_ns"]] *= every
+    out["estimated"] = every != 1 or bool(lost)
+    weight = samples.groupby(["tid", "lock", "type", "caller"], observed=True)["wait_ns"].sum()
+    dom = weight.reset_index().sort_values("wait_ns", kind="stable").groupby("tid").last()
+    for c in ("type", "lock", "caller"):
+        out[c] = dom[c]
+    out = out.reset_index()
+    out["avg_ns"] = out["total_ns"] / out["contended"]
+    out["comm"] = out["comm"].astype(object)
+    out["vm"] = out["tgid"].map(_vm_labels(rec)).astype(object).fillna(out["comm"])
+    # the samples' own percentiles: exact when every wait was streamed
+    out = out.merge(_sample_percentiles(samples, ["tid"]).reset_index(), on="tid",
+                    how="left").drop(columns="n")
+    out["pct_exact"] = not out["estimated"].any()
+    out = out.sort_values(SORT_KEYS[sort], ascending=False, kind="stable")
+    return (out.head(limit) if limit else out)[cols].reset_index(drop=True)
 
 
 def _sample_percentiles(samples, keys):

@@ -84,6 +84,11 @@ class Kallsyms:
                         dtype=bool)
         return hit
 
+    def data_address(self, name):
+        """The address of a data symbol, or None (none with CONFIG_KALLSYMS_ALL=n)."""
+        hit = (self.name == name) & np.isin(self.type, list(DATA_TYPES))
+        return int(self.addr[hit][0]) if hit.any() else None
+
     def data_symbols(self, addrs, max_offset=4096):
         """Name of the data symbol holding each address, or None.
 

@@ -92,7 +92,9 @@ class ContentionProbe:
                  ringbuf_mb=RINGBUF_MB, agg_entries=MAP_ENTRIES, stack_entries=MAP_ENTRIES,
                  pending_entries=MAP_ENTRIES, stack_every=STACK_EVERY,
                  stack_budget=STACK_BUDGET, pending="auto", filter_entries=MAP_ENTRIES,
-                 max_stack=bpfload.STACK_DEPTH):
+                 max_stack=bpfload.STACK_DEPTH, kfilter=None):
+        """kfilter: the kernel-side filters (recording.filters.split's first part)."""
+        kf = {k: v for k, v in (kfilter or {}).items() if v is not None}
         pages = max(1, ringbuf_mb * (1 << 20) // 4096)
         pages = 1 << (pages.bit_length() - 1)                  # a power of two
         self.defines = dict(
@@ -100,7 +102,9 @@ class ContentionProbe:
             KVMLP_SAMPLE_EVERY=sample_every, KVMLP_PENDING_ENTRIES=pending_entries,
             KVMLP_AGG_ENTRIES=agg_entries, KVMLP_STACK_ENTRIES=stack_entries,
             KVMLP_RINGBUF_PAGES=pages, KVMLP_WAKEUP_EVERY=4096, KVMLP_STACK_EVERY=stack_every,
-            KVMLP_FILTER_ENTRIES=filter_entries, KVMLP_STACK_DEPTH=max_stack)
+            KVMLP_FILTER_ENTRIES=filter_entries, KVMLP_STACK_DEPTH=max_stack,
+            KVMLP_FILTER_TID="tids" in kf, KVMLP_FILTER_ADDR="addrs" in kf,
+            KVMLP_FILTER_TYPE="type_bits" in kf, KVMLP_FILTER_CGROUPS=len(kf.get("cgroups", ())))
         self.bpf, self.pending = self._load(pending)
         self.options = {"sample_every": sample_every, "stack_every": stack_every,
                         "stack_budget": stack_budget, "max_stack": max_stack,
@@ -109,6 +113,7 @@ class ContentionProbe:
                         "follow_fork": follow_fork, "pending": self.pending}
         if tgids is not None:
             self.add_tgids(tgids)
+        self._set_filters(kf)
         events = self.bpf["events"]
         self.ring = BatchRingBuffer(events.map_fd, pages * 4096, bpfload.event_dtype(events))
         self.attached = {}
@@ -155,6 +160,18 @@ class ContentionProbe:
         t = self.bpf["tgid_filter"]
         for pid in tgids:
             t[t.Key(pid)] = t.Leaf(1)
+
+    def _set_filters(self, kf):
+        for name, key in (("tids", "tid_filter"), ("addrs", "addr_filter")):
+            t = self.bpf[key] if name in kf else None
+            for v in kf.get(name, ()):
+                t[t.Key(v)] = t.Leaf(1)
+        if "type_bits" in kf:
+            t = self.bpf["type_filter"]
+            for flags, bits in enumerate(kf["type_bits"]):
+                t[t.Key(flags)] = t.Leaf(bits)
+        for i, path in enumerate(kf.get("cgroups", ())):
+            self.bpf["cgroup_filter"][i] = path
 
     def prog_fds(self):
         """{tracepoint: program fd} of the two handlers that time a wait."""

@@ -15,6 +15,7 @@ from kvmlockprof.kernel.ksyms import Kallsyms
 from kvmlockprof.probes import contention as cp
 from kvmlockprof.probes.contention import LOSSES
 from kvmlockprof.probes.sources import KERNEL_MEM_MB, load_btf, open_sources
+from kvmlockprof.recording import filters as filters_mod
 from kvmlockprof.recording import processes
 from kvmlockprof.recording import store as recording
 from kvmlockprof.recording.locknames import REGISTRY_TABLES, SessionNames
@@ -97,8 +98,13 @@ class Recorder:
                  sample_every=cp.SAMPLE_EVERY, flush_interval=1.0, force=False, progress=None,
                  ringbuf_mb=cp.RINGBUF_MB, map_entries=cp.MAP_ENTRIES, probes=None, warn=None,
                  prefer=None, stack_every=cp.STACK_EVERY, stack_budget=cp.STACK_BUDGET,
-                 kernel_mem_mb=KERNEL_MEM_MB, max_stack=None, srcu_at=None):
+                 kernel_mem_mb=KERNEL_MEM_MB, max_stack=None, srcu_at=None, filters=None):
+        """filters: perf's -L/-Y/-S/--tid/-G as {locks, types, callstacks, tids, cgroups}
+        (recording.filters: the kernel applies what it can, the reader the rest)."""
         self.out = out
+        self.filters = {k: tuple(v) for k, v in (filters or {}).items() if v}
+        self.kfilter, self.read_filter = filters_mod.split(
+            **self.filters, kallsyms=Kallsyms)
         if srcu_at is not None:         # the lockorder probe's --srcu-at functions
             from kvmlockprof.probes import lockorder
             if len(srcu_at) > lockorder.SRCU_AT_SLOTS:
@@ -144,7 +150,7 @@ class Recorder:
             sample_every=self.sample_every, ringbuf_mb=self.ringbuf_mb,
             map_entries=self.map_entries, prefer=self.prefer, stack_every=self.stack_every,
             stack_budget=self.stack_budget, kernel_mem_mb=self.kernel_mem_mb,
-            max_stack=self.max_stack,
+            max_stack=self.max_stack, kfilter=self.kfilter,
             warn=self.warn, status=self.manifest["probes"], kbtf=self.kbtf)
         self.manifest["kernel_memory"] = dict(memory, limit_mb=self.kernel_mem_mb)
         return sources
@@ -224,6 +230,9 @@ class Recorder:
                 "kernel_release": host.kernel_release(), "host": host.hostname(),
                 "machine": os.uname().machine, "command_line": sys.argv,
                 "command": self.command, "pid_filter": self.pids,
+                "filters": filters_mod.manifest_entry(self.kfilter, self.read_filter,
+                                                      **{k: v for k, v in self.filters.items()
+                                                         if k != "callstacks"}),
                 "system_wide": self._filter() is None, "duration_requested_s": self.duration,
                 "headers": headers.find_headers().describe(), "probes": {},
                 "srcu_at": list(_srcu_at())}

@@ -108,11 +108,12 @@ def _walked_share(rec):
 def table_text(df, by):
     head = (f"{'contended':>10} {'total wait':>11} {'max wait':>10} {'avg wait':>10} "
             f"{'p50':>11} {'p99':>11} {'type':>11}  {'lock':<24} {'kvm':>3}  "
-            f"{'process' if by == 'process' else 'caller'}")
+            f"{ {'process': 'process', 'thread': 'thread'}.get(by, 'caller')}")
     lines = [head]
     for r in df.itertuples(index=False):
         bound = not r.pct_exact
-        who = f"{r.vm} ({r.tgid})" if by == "process" else r.caller
+        who = f"{r.vm} ({r.tgid})" if by == "process" else \
+            f"{r.comm} ({r.tid}, {r.vm})" if by == "thread" else r.caller
         n = ("~" if getattr(r, "estimated", False) else "") + str(r.contended)
         lines.append(f"{n:>10} {fmt_ns(r.total_ns):>11} {fmt_ns(r.max_ns):>10} "
                      f"{fmt_ns(r.avg_ns):>10} {fmt_ns(r.p50_ns, bound):>11} "

@@ -21,7 +21,7 @@ from kvmlockprof.views.report import fmt_ns
 
 AGG_KEYS = ["lock_addr", "tgid", "flags", "stack_id"]
 SORTS = list(analysis.SORT_KEYS)
-BYS = list(analysis.GROUPS)
+BYS = [g for g in analysis.GROUPS if g != "thread"]    # (aggregates are per process)
 
 
 def _delta(cur, prev):
@@ -174,12 +174,14 @@ class LiveView:
         df = df.sort_values(["now_sort", sort_col], ascending=False, kind="stable")
         df = df.head(self.limit)
         # the row's name first: it survives a narrow terminal
-        head = {"lock": "lock", "caller": "caller", "process": "VM / process"}[self.by]
-        other = "caller" if self.by == "lock" else "lock"
+        head = {"lock": "lock", "address": "lock (address)", "caller": "caller",
+                "process": "VM / process"}[self.by]
+        other = "caller" if self.by in ("lock", "address") else "lock"
         lines = [f"{head:<34} {'type':>10} K {'waits/s':>8} {'wait/s':>10} | {'waits':>9} "
                  f"{'total':>10} {'max':>10} {'p99':>11}  {other}"]
         for r in df.itertuples(index=False):
-            name = {"lock": r.lock, "caller": r.caller, "process": f"{r.vm} ({r.tgid})"}[self.by]
+            name = {"lock": r.lock, "address": r.lock, "caller": r.caller,
+                    "process": f"{r.vm} ({r.tgid})"}[self.by]
             waits = ("~" if r.estimated else "") + f"{r.contended:,}"     # ~: estimate
             lines.append(f"{str(name)[:34]:<34} {r.type:>10} {'K' if r.kvm else ' '} "
                          f"{r.now_waits / dt:>8,.0f} {fmt_ns(r.now_ns / dt):>10} | "
@@ -196,7 +198,7 @@ class LiveView:
 
 
 def run(requested, pids, by, sort, limit, interval, iterations, stack_budget, prefer,
-        kernel_mem_mb, batch, warn, echo, filters=None):
+        kernel_mem_mb, batch, warn, echo, filters=None, kfilter=None):
     """A whole `top` session: attach (sample-free: aggregates only), refresh until q,
     Ctrl-C, SIGTERM/SIGHUP or `iterations`, and detach whatever happens."""
     from kvmlockprof.probes.sources import close_sources, load_btf, open_sources
@@ -207,7 +209,8 @@ def run(requested, pids, by, sort, limit, interval, iterations, stack_budget, pr
         kbtf, _ = load_btf(warn)
         sources, status, _ = open_sources(
             requested, tgids=pids, sample_every=0, ringbuf_mb=1, prefer=prefer, warn=warn,
-            kbtf=kbtf, stack_budget=stack_budget, kernel_mem_mb=kernel_mem_mb)
+            kbtf=kbtf, stack_budget=stack_budget, kernel_mem_mb=kernel_mem_mb,
+            kfilter=kfilter)
         view = LiveView(sources, status, by=by, sort=sort, limit=limit, pids=pids, kbtf=kbtf,
                         filters=filters)
         kbtf = None
