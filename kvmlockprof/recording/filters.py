@@ -10,7 +10,15 @@ import re
 from kvmlockprof import cdefs
 from kvmlockprof.analysis.locks import LCB_F_MUTEX, _type_name, type_matches
 
-CGROUP_ROOT = "/sys/fs/cgroup"
+def cgroup2_root(mounts="/proc/self/mounts"):
+    """Where cgroup v2 is mounted (/sys/fs/cgroup, or .../unified beside v1), or None."""
+    with open(mounts) as f:
+        for line in f:
+            dev, path, fstype = line.split()[:3]
+            if fstype == "cgroup2":
+                return path
+    return None
+
 MAX_CGROUPS = 8                 # -G: one under-cgroup check each at every begin and end
 TYPE_SLOTS = cdefs.define("contention.h", "KVMLP_TYPE_SLOTS")
 TYPE_END, TYPE_BEGIN = 1, 2     # bpf/contention.bpf.c's KVMLP_TYPE_END/_BEGIN
@@ -60,12 +68,15 @@ def lock_addresses(patterns, kallsyms):
 
 
 def cgroup_paths(names):
-    """-G: cgroup v2 directories, as perf takes them (relative to the cgroup mount)."""
+    """-G: cgroup v2 directories, as perf takes them (relative to the cgroup2 mount)."""
     if len(names) > MAX_CGROUPS:
         raise FilterError(f"-G takes at most {MAX_CGROUPS} cgroups")
-    out = []
+    out, root = [], cgroup2_root() if names else None
+    if names and root is None:
+        raise FilterError("-G needs cgroup v2, and none is mounted: mount -t cgroup2 none "
+                          "/sys/fs/cgroup/unified")
     for n in names:
-        path = n if os.path.isabs(n) else os.path.join(CGROUP_ROOT, n.lstrip("/"))
+        path = n if os.path.isabs(n) else os.path.join(root, n.lstrip("/"))
         if not os.path.isfile(os.path.join(path, "cgroup.procs")):
             raise FilterError(f"-G {n}: no cgroup v2 directory {path} (see `systemd-cgls`; "
                               f"libvirt's VMs are machine.slice/machine-qemu...scope)")
