@@ -75,3 +75,17 @@ def test_libvirt_scope_names_the_vm():
                 break
             except OSError:
                 time.sleep(0.05)
+
+
+def test_qemu_vcpu_threads_are_named_vm_slash_vcpu(tmp_path):
+    """QEMU names its vCPU threads "CPU N/KVM": a view shows them as VM/vcpuN (here with
+    no vms probe, so by the thread name alone); other threads keep their names."""
+    import kvmlockprof
+    from kvmlockprof.analysis import locks as analysis
+    from kvmlockprof.recording.store import Writer
+    w = Writer(tmp_path / "q.parquet")
+    w.finalize({"format": "kvmlockprof-recording", "version": 1, "probes": {}})
+    rec = kvmlockprof.load(tmp_path / "q.parquet")
+    got = analysis.vcpu_labels(rec, {11: (10, "CPU 0/KVM"), 12: (10, "CPU 13/KVM"),
+                                     13: (10, "IO mon_iothread"), 14: (10, "kvmlp-vcpu2")})
+    assert got == {11: "10/vcpu0", 12: "10/vcpu13", 14: "10/vcpu2"}

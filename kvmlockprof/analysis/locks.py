@@ -538,8 +538,9 @@ def _by_thread(rec, sort, limit, pids, filters, cols):
         out[c] = dom[c]
     out = out.reset_index()
     out["avg_ns"] = out["total_ns"] / out["contended"]
-    out["comm"] = out["comm"].astype(object)
     out["vm"] = out["tgid"].map(_vm_labels(rec)).astype(object).fillna(out["comm"])
+    label = vcpu_labels(rec, {t: (p, c) for t, p, c in zip(out["tid"], out["tgid"], out["comm"])})
+    out["comm"] = [label.get(t, c) for t, c in zip(out["tid"], out["comm"].astype(str))]
     # the samples' own percentiles: exact when every wait was streamed
     out = out.merge(_sample_percentiles(samples, ["tid"]).reset_index(), on="tid",
                     how="left").drop(columns="n")
@@ -764,6 +765,28 @@ def _vm_labels(rec):
     return dict(zip(p["tgid"], p["vm"]))
 
 
+# vCPU threads by their names: QEMU's "CPU 3/KVM", the built-in workload's kvmlp-vcpu3
+_VCPU_COMM = re.compile(r"^(?:CPU (\d+)/KVM|kvmlp-vcpu(\d+))$")
+
+
+def vcpu_labels(rec, comms):
+    """{tid: "VM/vcpuN"} of the vCPU threads among comms ({tid: comm}): the vCPU
+    registry's index where the vms probe saw KVM_RUN, else the thread's name."""
+    vm = _vm_labels(rec)
+    v = rec.table("vcpus")
+    if not {"tid", "tgid", "vcpu_idx"} <= set(v.columns):     # (no vms probe)
+        v = pd.DataFrame({"tid": [], "tgid": [], "vcpu_idx": []})
+    idx = dict(zip(v["tid"].tolist(), v["vcpu_idx"].tolist()))
+    tgid = dict(zip(v["tid"].tolist(), v["tgid"].tolist()))
+    out = {}
+    for t, (p, c) in comms.items():
+        m = _VCPU_COMM.match(str(c))
+        n = idx.get(t, next((int(g) for g in m.groups() if g), None) if m else None)
+        if n is not None:
+            out[t] = f"{vm.get(tgid.get(t, p), p)}/vcpu{n}"
+    return out
+
+
 def per_vm(rec):
     """Contention per process (VM): waits and wait time from the in-kernel
     aggregates (complete), how much of it went through KVM, threads that waited."""
@@ -801,6 +824,8 @@ def per_thread(rec):
     out = pd.DataFrame({"waits": g.size(), "wait_ns": g["wait_ns"].sum(),
                         "kvm_waits": g["kvm"].sum()}).reset_index()
     out["vm"] = out["tgid"].map(_vm_labels(rec)).fillna("?")
+    label = vcpu_labels(rec, {t: (p, c) for t, p, c in zip(out["tid"], out["tgid"], out["comm"])})
+    out["comm"] = [label.get(t, c) for t, c in zip(out["tid"], out["comm"].astype(str))]
     return out[cols].sort_values("wait_ns", ascending=False, ignore_index=True)
 
 

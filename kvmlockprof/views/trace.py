@@ -75,14 +75,17 @@ def _names(rec, events):
         return []
     used = pd.concat([e[["pid", "tid"]] for e in events]).drop_duplicates()
     vm = analysis._vm_labels(rec)
-    vcpus = rec.table("vcpus")
-    vcpu = dict(zip(vcpus["tid"], vcpus["vcpu_idx"])) if not vcpus.empty else {}
     samples = rec.table("contention", ["tid", "comm"])
     comm = dict(zip(samples["tid"], samples["comm"].astype(str))) if not samples.empty else {}
+    pid_of = dict(zip(used["tid"].tolist(), used["pid"].tolist()))
+    vcpu = analysis.vcpu_labels(rec, {t: (pid_of.get(t, 0), c) for t, c in comm.items()})
+    v = rec.table("vcpus")          # vCPUs the vms probe saw, with no wait sampled
+    for t in (v["tid"].tolist() if "tid" in v.columns else ()):
+        vcpu.setdefault(t, analysis.vcpu_labels(rec, {t: (pid_of.get(t, 0), "")}).get(t))
     rows = [{"name": "process_name", "ph": "M", "pid": int(p), "tid": int(p),
              "args": {"name": str(vm.get(int(p), p))}} for p in used["pid"].unique()]
     for p, t in zip(used["pid"].tolist(), used["tid"].tolist()):
-        label = f"vcpu{vcpu[t]}" if t in vcpu else comm.get(t, str(t))
+        label = vcpu.get(t) or comm.get(t, str(t))
         rows.append({"name": "thread_name", "ph": "M", "pid": int(p), "tid": int(t),
                      "args": {"name": label}})
     return [pd.DataFrame(rows)]
