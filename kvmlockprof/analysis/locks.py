@@ -338,7 +338,8 @@ class Positioned:
 
     def __init__(self, rec, keys, position, where=None):
         self.rec, self.where, self.kept, self.cache = rec, where, None, {}
-        rules = _label_rules(contention_stacks(rec), lock_names(rec))
+        rules = {k: (k, lambda v: v) for k in keys}         # a raw column: itself
+        rules.update(_label_rules(contention_stacks(rec), lock_names(rec)))
         self.raw = list(dict.fromkeys(rules[k][0] for k in keys))
         at = [self.raw.index(rules[k][0]) for k in keys]
 
@@ -455,10 +456,7 @@ def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None):
     cols = ["contended", "total_ns", "max_ns", "min_ns", "avg_ns", "p50_ns", "p90_ns",
             "p99_ns", "pct_exact", "type", "lock", "caller", "tgid", "comm", "vm", "kvm",
             "estimated"] + {"address": ["lock_addr"], "thread": ["tid"]}.get(by, [])
-    if by == "thread":
-        if chunked:
-            raise ValueError(f"a row per thread reads every sample: this recording has "
-                             f"more than {STREAM_SAMPLES:,}; use --by process")
+    if by == "thread":              # (reads every sample, even of a big recording)
         return _by_thread(rec, sort, limit, pids, filters, cols)
     aggs, samples = (annotated_aggregates(rec), pd.DataFrame()) if chunked else \
         annotate(rec, TOP_SAMPLE_COLUMNS)
