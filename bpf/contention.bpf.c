@@ -75,8 +75,6 @@ BPF_HASH(tid_filter, u32, u8, KVMLP_FILTER_ENTRIES);
 #if KVMLP_FILTER_ADDR
 BPF_HASH(addr_filter, u64, u8, KVMLP_FILTER_ENTRIES);
 #endif
-#define KVMLP_TYPE_END 1
-#define KVMLP_TYPE_BEGIN 2
 #if KVMLP_FILTER_TYPE
 /* By LCB_F_* flags: KVMLP_TYPE_END set if a wait of these final flags is kept,
  * KVMLP_TYPE_BEGIN if a begin of them starts (or continues) one: a mutex begins

@@ -27,8 +27,11 @@ enum contention_counter {
 	KVMLP_NR_COUNTERS,
 };
 
-/* -Y's table: one entry per LCB_F_* flags value (include/trace/events/lock.h has 6 bits). */
+/* -Y's table: one entry per LCB_F_* flags value (include/trace/events/lock.h has 6 bits),
+ * its bits: a wait ending with these flags is kept / a begin with them may start one. */
 #define KVMLP_TYPE_SLOTS 64
+#define KVMLP_TYPE_END 1
+#define KVMLP_TYPE_BEGIN 2
 
 /* stack_id of a wait whose stack was not walked (--stack-every, --stack-budget). */
 #define KVMLP_NO_STACK (-1000)

@@ -537,8 +537,7 @@ def _by_thread(rec, sort, limit, pids, filters, cols):
     out = out.reset_index()
     out["avg_ns"] = out["total_ns"] / out["contended"]
     out["vm"] = out["tgid"].map(_vm_labels(rec)).astype(object).fillna(out["comm"])
-    label = vcpu_labels(rec, {t: (p, c) for t, p, c in zip(out["tid"], out["tgid"], out["comm"])})
-    out["comm"] = [label.get(t, c) for t, c in zip(out["tid"], out["comm"].astype(str))]
+    out["comm"] = _vcpu_comms(rec, out)
     # the samples' own percentiles: exact when every wait was streamed
     out = out.merge(_sample_percentiles(samples, ["tid"]).reset_index(), on="tid",
                     how="left").drop(columns="n")
@@ -785,6 +784,13 @@ def vcpu_labels(rec, comms):
     return out
 
 
+def _vcpu_comms(rec, rows):
+    """rows' comm column with the vCPU threads' as VM/vcpuN (vcpu_labels)."""
+    label = vcpu_labels(rec, {t: (p, c) for t, p, c in
+                              zip(rows["tid"], rows["tgid"], rows["comm"])})
+    return [label.get(t, c) for t, c in zip(rows["tid"], rows["comm"].astype(str))]
+
+
 def per_vm(rec):
     """Contention per process (VM): waits and wait time from the in-kernel
     aggregates (complete), how much of it went through KVM, threads that waited."""
@@ -822,8 +828,7 @@ def per_thread(rec):
     out = pd.DataFrame({"waits": g.size(), "wait_ns": g["wait_ns"].sum(),
                         "kvm_waits": g["kvm"].sum()}).reset_index()
     out["vm"] = out["tgid"].map(_vm_labels(rec)).fillna("?")
-    label = vcpu_labels(rec, {t: (p, c) for t, p, c in zip(out["tid"], out["tgid"], out["comm"])})
-    out["comm"] = [label.get(t, c) for t, c in zip(out["tid"], out["comm"].astype(str))]
+    out["comm"] = _vcpu_comms(rec, out)
     return out[cols].sort_values("wait_ns", ascending=False, ignore_index=True)
 
 

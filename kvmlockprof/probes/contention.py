@@ -156,16 +156,18 @@ class ContentionProbe:
         return (bpfload.compile_bpf("contention.bpf.c",
                                     defines={**self.defines, "KVMLP_PENDING_TASK": 0}), "hash")
 
+    def _add_keys(self, table, keys):
+        t = self.bpf[table]
+        for k in keys:
+            t[t.Key(k)] = t.Leaf(1)
+
     def add_tgids(self, tgids):
-        t = self.bpf["tgid_filter"]
-        for pid in tgids:
-            t[t.Key(pid)] = t.Leaf(1)
+        self._add_keys("tgid_filter", tgids)
 
     def _set_filters(self, kf):
-        for name, key in (("tids", "tid_filter"), ("addrs", "addr_filter")):
-            t = self.bpf[key] if name in kf else None
-            for v in kf.get(name, ()):
-                t[t.Key(v)] = t.Leaf(1)
+        for name, table in (("tids", "tid_filter"), ("addrs", "addr_filter")):
+            if name in kf:
+                self._add_keys(table, kf[name])
         if "type_bits" in kf:
             t = self.bpf["type_filter"]
             for flags, bits in enumerate(kf["type_bits"]):

@@ -10,6 +10,12 @@ import re
 from kvmlockprof import cdefs
 from kvmlockprof.analysis.locks import LCB_F_MUTEX, _type_name, type_matches
 
+MAX_CGROUPS = 8                 # -G: one under-cgroup check each at every begin and end
+TYPE_SLOTS, TYPE_END, TYPE_BEGIN = (cdefs.define("contention.h", d) for d in (
+    "KVMLP_TYPE_SLOTS", "KVMLP_TYPE_END", "KVMLP_TYPE_BEGIN"))
+_SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
 def cgroup2_root(mounts="/proc/self/mounts"):
     """Where cgroup v2 is mounted (/sys/fs/cgroup, or .../unified beside v1), or None."""
     with open(mounts) as f:
@@ -18,11 +24,6 @@ def cgroup2_root(mounts="/proc/self/mounts"):
             if fstype == "cgroup2":
                 return path
     return None
-
-MAX_CGROUPS = 8                 # -G: one under-cgroup check each at every begin and end
-TYPE_SLOTS = cdefs.define("contention.h", "KVMLP_TYPE_SLOTS")
-TYPE_END, TYPE_BEGIN = 1, 2     # bpf/contention.bpf.c's KVMLP_TYPE_END/_BEGIN
-_SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
 class FilterError(ValueError):

@@ -77,11 +77,8 @@ def _names(rec, events):
     vm = analysis._vm_labels(rec)
     samples = rec.table("contention", ["tid", "comm"])
     comm = dict(zip(samples["tid"], samples["comm"].astype(str))) if not samples.empty else {}
-    pid_of = dict(zip(used["tid"].tolist(), used["pid"].tolist()))
-    vcpu = analysis.vcpu_labels(rec, {t: (pid_of.get(t, 0), c) for t, c in comm.items()})
-    v = rec.table("vcpus")          # vCPUs the vms probe saw, with no wait sampled
-    for t in (v["tid"].tolist() if "tid" in v.columns else ()):
-        vcpu.setdefault(t, analysis.vcpu_labels(rec, {t: (pid_of.get(t, 0), "")}).get(t))
+    vcpu = analysis.vcpu_labels(rec, {t: (p, comm.get(t, "")) for p, t in
+                                      zip(used["pid"].tolist(), used["tid"].tolist())})
     rows = [{"name": "process_name", "ph": "M", "pid": int(p), "tid": int(p),
              "args": {"name": str(vm.get(int(p), p))}} for p in used["pid"].unique()]
     for p, t in zip(used["pid"].tolist(), used["tid"].tolist()):
