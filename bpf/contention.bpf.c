@@ -10,6 +10,8 @@
  *                     0: in a hash keyed by thread and lock (any kernel, slower)
  *   KVMLP_FILTER_TID, _ADDR, _TYPE: 1: perf's --tid, -L (addresses), -Y in the kernel
  *   KVMLP_FILTER_CGROUPS  N > 0: only tasks under one of N cgroups (-G)
+ *   KVMLP_VCPU_EXITS    1: attribute vCPU threads' waits to KVM_RUN windows and
+ *                     (KVMLP_EXIT_TP 1: x86's kvm_exit fields, 2: arm64's) to exits
  * The stack budget is set at run time (see armed).
  *
  * Raw tracepoints, not perf-attached ones: a BPF program on a tracepoint
@@ -379,6 +381,182 @@ static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
 }
 #endif
 
+#if KVMLP_VCPU_EXITS
+/* Each vCPU thread's open windows (see kvmlp_basis in contention.h): an exit's
+ * handling nests inside a KVM_RUN. LRU: a thread that exits mid-window ages out. */
+struct vcpu_window {
+	u64 exit_ns;            /* kvm_exit's time; 0: not in an exit's handling */
+	u64 exit_wait_ns;
+	u64 run_ns;             /* KVM_RUN's entry; 0: not in KVM_RUN */
+	u64 run_wait_ns;
+	u32 exit_waits;
+	u32 run_waits;
+	u32 isa;
+	u32 reason;
+	u32 vcpu_id;
+	u32 pad;
+};
+BPF_TABLE("lru_hash", u32, struct vcpu_window, vcpu_windows, KVMLP_FILTER_ENTRIES);
+BPF_HASH(vcpu_exits, struct kvmlp_exit_key, struct kvmlp_exit_val, KVMLP_AGG_ENTRIES);
+BPF_HASH(vcpu_exit_waits, struct kvmlp_exit_wait_key, struct kvmlp_exit_wait_val,
+	 KVMLP_AGG_ENTRIES);
+/* KVM_RUN, _IO(KVMIO, 0x80) (include/uapi/linux/kvm.h) */
+#define KVMLP_KVM_RUN 0xae80
+
+static __always_inline struct vcpu_window *vcpu_window(u64 id, int create)
+{
+	u32 tid = (u32)id;
+	struct vcpu_window *w = vcpu_windows.lookup(&tid);
+	if (w || !create)
+		return w;
+	struct vcpu_window zero = {};
+	w = vcpu_windows.lookup_or_try_init(&tid, &zero);
+	if (!w)
+		count(KVMLP_C_LOST_VCPU_FULL);
+	return w;
+}
+
+/* A window ends: one more of its kind and reason, its time and the waits inside. */
+static __always_inline void close_window(u64 id, u32 basis, u32 isa, u32 reason, u32 vcpu_id,
+					 u64 ns, u64 wait_ns, u32 waits)
+{
+	struct kvmlp_exit_key k = {};
+	k.tgid = id >> 32;
+	k.tid = (u32)id;
+	k.basis = basis;
+	k.isa = isa;
+	k.reason = reason;
+	k.vcpu_id = vcpu_id;
+	struct kvmlp_exit_val zero = {}, *v = vcpu_exits.lookup_or_try_init(&k, &zero);
+	if (!v) {
+		count(KVMLP_C_LOST_VCPU_FULL);
+		return;
+	}
+	kvmlp_add(&v->count, 1);
+	kvmlp_add(&v->time_ns, ns);
+	kvmlp_add(&v->wait_ns, wait_ns);
+	kvmlp_add(&v->waits, waits);
+}
+
+static __always_inline void add_exit_wait(u64 id, u64 lock, u32 flags, u32 basis, u32 isa,
+					  u32 reason, u64 wait)
+{
+	struct kvmlp_exit_wait_key k = {};
+	k.lock_addr = lock;
+	k.tgid = id >> 32;
+	k.tid = (u32)id;
+	k.basis = basis;
+	k.isa = isa;
+	k.reason = reason;
+	k.flags = flags;
+	struct kvmlp_exit_wait_val zero = {}, *v = vcpu_exit_waits.lookup_or_try_init(&k, &zero);
+	if (!v) {
+		count(KVMLP_C_LOST_VCPU_FULL);
+		return;
+	}
+	kvmlp_add(&v->count, 1);
+	kvmlp_add(&v->wait_ns, wait);
+}
+
+/* A wait that ended on this thread, begun at `start`: inside which windows? */
+static __always_inline void vcpu_wait(u64 id, u64 lock, u32 flags, u64 start, u64 wait)
+{
+	struct vcpu_window *w = vcpu_window(id, 0);
+	if (!w)
+		return;
+	if (w->exit_ns && start >= w->exit_ns) {
+		w->exit_wait_ns += wait;
+		w->exit_waits++;
+		add_exit_wait(id, lock, flags, KVMLP_BASIS_EXIT, w->isa, w->reason, wait);
+	}
+	if (w->run_ns && start >= w->run_ns) {
+		w->run_wait_ns += wait;
+		w->run_waits++;
+		add_exit_wait(id, lock, flags, KVMLP_BASIS_RUN, 0, KVMLP_REASON_ANY, wait);
+	}
+}
+
+/* Perf-attached (the kvm_exit reason is a field of the formatted event only, and
+ * the ioctl's cmd of the syscall's): each returns 1 so perf's listeners get the
+ * event too (0 would drop it for them). */
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+	if (args->cmd != KVMLP_KVM_RUN)
+		return 1;
+	u64 id = bpf_get_current_pid_tgid();
+	if (!wanted_process(id >> 32))
+		return 1;
+	struct vcpu_window *w = vcpu_window(id, 1);
+	if (w) {
+		w->run_ns = bpf_ktime_get_ns();
+		w->run_wait_ns = 0;
+		w->run_waits = 0;
+		w->exit_ns = 0;
+	}
+	return 1;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
+{
+	u64 now = bpf_ktime_get_ns();
+	u64 id = bpf_get_current_pid_tgid();
+	struct vcpu_window *w = vcpu_window(id, 0);
+	if (!w || !w->run_ns)
+		return 1;
+	/* a failed or interrupted run (errno < 0): its reason field is stale */
+	u32 reason = args->errno < 0 ? KVMLP_REASON_ERRNO | (u32)-args->errno : args->reason;
+	close_window(id, KVMLP_BASIS_RUN, 0, reason, ~0U, now - w->run_ns,
+		     w->run_wait_ns, w->run_waits);
+	w->run_ns = 0;
+#if KVMLP_EXIT_TP
+	/* an exit handled in user space (I/O, MMIO): the kernel's part ends here */
+	if (w->exit_ns)
+		close_window(id, KVMLP_BASIS_EXIT, w->isa, w->reason, w->vcpu_id,
+			     now - w->exit_ns, w->exit_wait_ns, w->exit_waits);
+#endif
+	w->exit_ns = 0;
+	return 1;
+}
+
+#if KVMLP_EXIT_TP
+TRACEPOINT_PROBE(kvm, kvm_exit)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if (!wanted_process(id >> 32))
+		return 1;
+	struct vcpu_window *w = vcpu_window(id, 1);
+	if (!w)
+		return 1;
+	w->exit_ns = bpf_ktime_get_ns();
+	w->exit_wait_ns = 0;
+	w->exit_waits = 0;
+#if KVMLP_EXIT_TP == 1          /* x86: VMX or SVM exit code, and which */
+	w->isa = args->isa;
+	w->reason = args->exit_reason;
+	w->vcpu_id = args->vcpu_id;
+#else                           /* arm64: the exception class (ESR_ELx_EC) */
+	w->isa = 0;
+	w->reason = args->esr_ec;
+	w->vcpu_id = ~0U;
+#endif
+	return 1;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_entry)
+{
+	u64 now = bpf_ktime_get_ns();
+	u64 id = bpf_get_current_pid_tgid();
+	struct vcpu_window *w = vcpu_window(id, 0);
+	if (!w || !w->exit_ns)
+		return 1;
+	close_window(id, KVMLP_BASIS_EXIT, w->isa, w->reason, w->vcpu_id, now - w->exit_ns,
+		     w->exit_wait_ns, w->exit_waits);
+	w->exit_ns = 0;
+	return 1;
+}
+#endif
+#endif
+
 /* A wait runs from the top of its begin handler to the top of its end
  * handler, as perf lock contention times it: the stack walk and the rest of
  * both handlers fall inside it, walked or not, so that every wait carries the
@@ -459,6 +637,9 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	} else {
 		count(KVMLP_C_LOST_AGG_FULL);
 	}
+#if KVMLP_VCPU_EXITS
+	vcpu_wait(id, lock, flags, start, wait);
+#endif
 
 #if KVMLP_SAMPLE_EVERY == 0
 	return 0;

@@ -24,6 +24,7 @@ enum contention_counter {
 	KVMLP_C_FILTER_EXITS,       /* threads that left tgid_filter when they exited */
 	KVMLP_C_FILTERED,           /* contention_begin of a followed process dropped by --tid/-G/-L/-Y */
 	KVMLP_C_FILTERED_END,       /* waits dropped at their end by -Y (a mutex's final type) */
+	KVMLP_C_LOST_VCPU_FULL,     /* lost: a vCPU window not kept or aggregated, its map was full */
 	KVMLP_NR_COUNTERS,
 };
 
@@ -65,6 +66,53 @@ struct kvmlp_agg_val {
 	u64 max_ns;
 	u64 min_ns;
 	u64 hist[KVMLP_HIST_SLOTS];
+};
+
+/* --vcpu-exits: where a vCPU thread's waits fall. A window is one exit's handling
+ * (kvm:kvm_exit to kvm:kvm_entry) or one KVM_RUN (the ioctl's entry to
+ * kvm:kvm_userspace_exit, guest time included): the first where the kernel fires
+ * kvm_exit, the second everywhere. */
+enum kvmlp_basis {
+	KVMLP_BASIS_EXIT = 1,
+	KVMLP_BASIS_RUN = 2,
+};
+/* The reason of a KVM_RUN window's waits: only known when the run ends. */
+#define KVMLP_REASON_ANY 0xffffffff
+/* A KVM_RUN that returned an error: this bit and -errno (kvm_userspace_exit's). */
+#define KVMLP_REASON_ERRNO 0x80000000
+
+/* Per thread and window kind, reason (kvm_exit's exit_reason and isa, or
+ * kvm_userspace_exit's reason, isa 0): windows, their time, the waits inside. */
+struct kvmlp_exit_key {
+	u32 tgid;
+	u32 tid;
+	u32 basis;
+	u32 isa;
+	u32 reason;
+	u32 vcpu_id;            /* kvm_exit's; ~0 for KVM_RUN windows */
+};
+
+struct kvmlp_exit_val {
+	u64 count;
+	u64 time_ns;
+	u64 wait_ns;
+	u64 waits;
+};
+
+/* The same waits by lock: per exit reason, or KVMLP_REASON_ANY for KVM_RUN. */
+struct kvmlp_exit_wait_key {
+	u64 lock_addr;
+	u32 tgid;
+	u32 tid;
+	u32 basis;
+	u32 isa;
+	u32 reason;
+	u32 flags;
+};
+
+struct kvmlp_exit_wait_val {
+	u64 count;
+	u64 wait_ns;
 };
 
 #endif

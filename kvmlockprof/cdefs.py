@@ -18,7 +18,7 @@ _OPS = {ast.LShift: operator.lshift, ast.BitOr: operator.or_, ast.Add: operator.
         ast.Sub: operator.sub, ast.USub: operator.neg}
 
 
-def _value(text):
+def value(text):
     """An integer constant expression (literals with U/L suffixes, <<, |, +, -)."""
     def ev(n):
         if isinstance(n, ast.Constant) and isinstance(n.value, int):
@@ -52,9 +52,9 @@ def enum(file, name):
         READ.add((file, name))
         out, nxt = {}, 0
         for item in filter(None, (s.strip() for s in m.group(2).split(","))):
-            ident, _, value = (p.strip() for p in item.partition("="))
-            if value:
-                nxt = out[value] if value in out else _value(value)
+            ident, _, expr = (p.strip() for p in item.partition("="))
+            if expr:
+                nxt = out[expr] if expr in out else value(expr)
             out[ident] = nxt
             nxt += 1
         return out
@@ -65,7 +65,7 @@ def define(file, name):
     """The integer value of `#define name` in bpf/<file>."""
     for m in _DEFINE.finditer(_text(file)):
         if m.group(1) == name:
-            return _value(m.group(2))
+            return value(m.group(2))
     raise CDefsError(f"bpf/{file} has no integer #define {name}")
 
 

@@ -20,6 +20,7 @@ Examples:
   kvmlockprof record -a -- ./my-test.sh             # whole host while it runs
   kvmlockprof record --stack-budget 0 -d 10         # a kernel stack for every wait
   kvmlockprof record --probes vms,lockorder --srcu-at kvm_vcpu_update_apicv -- ./test.sh
+  kvmlockprof record -x -p 1234 -d 30               # + each vCPU's waits by lock, exit reason
 """
 STACK_BUDGET_HELP = ("Walk the kernel stack of at most N waits per second per CPU (0: every "
                      "wait), drawn at random, plus one for each lock that has none; the "
@@ -203,6 +204,13 @@ def kernel_mem_option(f):
         "count).")(f)
 
 
+vcpu_exits_option = click.option(
+    "-x", "--vcpu-exits", is_flag=True,
+    help="Per-vCPU impact: time each vCPU thread's waits inside its exits' handling "
+    "(kvm:kvm_exit to kvm_entry, where the kernel fires them) and its KVM_RUN calls, "
+    "by lock and exit reason. Costs a probe on every exit.")
+
+
 @main.command(epilog=EPILOG_RECORD, context_settings={"ignore_unknown_options": False})
 @click.option("-d", "--duration", type=float, help="Seconds to record (default: until Ctrl-C "
               "or until COMMAND exits).")
@@ -242,12 +250,13 @@ def kernel_mem_option(f):
 @click.option("--srcu-at", metavar="FN,...", help="With the lockorder probe: at the entry of "
               "these kernel functions (at most 4), is a kvm->srcu read section held? "
               "[default: kvm_vcpu_update_apicv]")
+@vcpu_exits_option
 @kernel_mem_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(duration, pids, vm_names, system_wide, output, force, sample_every, ringbuf_mb, map_nr_entries,
            stack_every, stack_budget, max_stack, probe_names, prefer, srcu_at, kernel_mem_mb,
-           quiet, command, lock_filter, type_filter, callstack_filter, tids, cgroups):
+           quiet, command, lock_filter, type_filter, callstack_filter, tids, cgroups, vcpu_exits):
     """Record lock contention to a Parquet recording.
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
@@ -272,7 +281,7 @@ def record(duration, pids, vm_names, system_wide, output, force, sample_every, r
                        prefer=prefer, stack_every=stack_every, stack_budget=stack_budget,
                        kernel_mem_mb=kernel_mem_mb, max_stack=max_stack, srcu_at=at,
                        filters=dict(_filters(lock_filter, type_filter, callstack_filter),
-                                    tids=tids, cgroups=cgroups),
+                                    tids=tids, cgroups=cgroups), vcpu_exits=vcpu_exits,
                        warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
     except (UnknownProbe, RecordingError, FilterError) as e:
@@ -324,6 +333,7 @@ EPILOG_TOP = """\b
 Examples:
   kvmlockprof top                                  # whole host, refresh every second
   kvmlockprof top -p 1234 --by caller --sort max   # one VM, worst single waits
+  kvmlockprof top -x --vm guest1                   # + each vCPU's share spent waiting
   kvmlockprof top --batch --iterations 5 > top.txt # plain text frames, then exit
 Keys: q quit, s next sort key, b next grouping (lock, caller, process).
 """
@@ -344,9 +354,11 @@ Keys: q quit, s next sort key, b next grouping (lock, caller, process).
               "is not a terminal).")
 @click.option("--iterations", type=click.IntRange(min=1), help="Exit after this many "
               "refreshes.")
+@vcpu_exits_option
 @kernel_mem_option
 def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, callstack_filter,
-        tids, cgroups, probe_names, stack_budget, prefer, batch, iterations, kernel_mem_mb):
+        tids, cgroups, probe_names, stack_budget, prefer, batch, iterations, kernel_mem_mb,
+        vcpu_exits):
     """Live view of lock contention and the function probes, like kvm_stat."""
     from kvmlockprof.kernel.bpfload import BpfUnavailable
     from kvmlockprof.catalog import UnknownProbe, select
@@ -371,7 +383,7 @@ def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, cal
         topmod.run(requested, list(pids) or None, by=by, sort=sort, limit=limit,
                    interval=interval, iterations=iterations, stack_budget=stack_budget,
                    prefer=prefer, kernel_mem_mb=kernel_mem_mb, filters=filters,
-                   kfilter=kfilter,
+                   kfilter=kfilter, vcpu_exits=vcpu_exits,
                    batch=batch or not sys.stdout.isatty(),
                    warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                    echo=click.echo)

@@ -8,6 +8,7 @@ it, that a lab run which hangs is killed whole and says what the guest printed.
 """
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 import kvmlockprof
 from kvmlockprof import catalog, lab
 from kvmlockprof.probes import gpc, srcu, xarray, xen_evtchn
+from kvmlockprof.analysis import vcpus
 from kvmlockprof.views import report
 
 WORKLOAD = "kvmlockprof workload --vcpus 2 --duration 6"
@@ -254,6 +256,65 @@ def test_xen_fast_path_hits_and_falls_back(in_lab):
     hits = ftrace_count(d / "ftrace-xen.txt")     # the kernel's count of the same calls
     print(f"kvm_xen_set_evtchn_fast: ftrace {hits}, kvmlockprof {fast_calls}")
     assert hits > 0 and abs(fast_calls - hits) <= max(2, 0.01 * hits), (fast_calls, hits)
+
+
+EXIT_EVENTS = ("kvm_exit", "kvm_entry", "kvm_userspace_exit")
+FTRACE_LINE = re.compile(r"-(\d+)\s+\(\s*(\d+)\)\s+\[\d+\]\s+\S+\s+(\d+)\.(\d+): (\w+): (.*)$")
+
+
+def exits_traced(script, out):
+    """`script` inside an ftrace instance of kvm_exit, kvm_entry and kvm_userspace_exit
+    (the kernel's own text of each) saved to `out`, its overrun CPUs to out.overruns."""
+    i = "/sys/kernel/tracing/instances/kvmlp-exits"
+    on = " && ".join(f"echo 1 > {i}/events/kvm/{e}/enable" for e in EXIT_EVENTS)
+    off = "; ".join(f"echo 0 > {i}/events/kvm/{e}/enable" for e in EXIT_EVENTS)
+    return (f"mkdir {i} && echo 1 > {i}/options/record-tgid && echo 32768 > "
+            f"{i}/buffer_size_kb && {on} && {{ {script}; }}; rc=$?; echo 0 > {i}/tracing_on; "
+            f"cat {i}/trace > {out}; cat {i}/per_cpu/cpu*/stats | grep -c '^overrun: [1-9]' "
+            f"> {out}.overruns; {off}; rmdir {i}; exit $rc")
+
+
+@pytest.mark.lab
+def test_vcpu_exit_windows_equal_ftraces(in_lab):
+    """record -x where kvm_exit fires: each exit's handling (kvm_exit to kvm_entry, or
+    to kvm_userspace_exit when user space handles it) per vCPU thread and exit reason,
+    against ftrace's text of the same events: the same count per (thread, reason, as
+    the kernel prints it), and the time within 5% (ftrace's text has microseconds)."""
+    d = in_lab(exits_traced(f"kvmlockprof record -q -x -o exits.parquet -- {WORKLOAD} "
+                            f"--churn --name labvm", "exits-ftrace.txt"))
+    assert int((d / "exits-ftrace.txt.overruns").read_text()) == 0
+    rec = kvmlockprof.load(d / "exits.parquet")
+    pid = rec.manifest["work"]["pid"]
+    counts, times, open_at = {}, {}, {}
+    for line in (d / "exits-ftrace.txt").read_text().splitlines():
+        m = FTRACE_LINE.search(line)
+        if not m or int(m.group(2)) != pid:
+            continue
+        tid, ts, ev, rest = int(m.group(1)), int(m.group(3)) * 10**6 + int(m.group(4)), \
+            m.group(5), m.group(6)
+        if ev == "kvm_exit":
+            reason = rest.split(" reason ", 1)[1].split(" rip ", 1)[0]
+            open_at[tid] = (ts, reason)
+        elif tid in open_at:
+            start, reason = open_at.pop(tid)
+            counts[(tid, reason)] = counts.get((tid, reason), 0) + 1
+            times[tid] = times.get(tid, 0) + (ts - start) * 1000
+    w = vcpus.windows(rec)
+    w = w[(w["window"] == "exit handling") & (w["tgid"] == pid)]
+    ours = w.groupby(["tid", "reason"])["windows"].sum()
+    print(f"exit windows per (thread, reason): ftrace {counts}, kvmlockprof "
+          f"{ours.to_dict()}")
+    assert sum(counts.values()) > 1000
+    assert {k: int(v) for k, v in ours.items()} == counts
+    t = w.groupby("tid")["time_ns"].sum()
+    for tid, ns in times.items():
+        assert abs(int(t[tid]) - ns) <= 0.05 * ns, (tid, int(t[tid]), ns)
+    assert vcpus.basis(rec) == "exit handling"
+    impact = vcpus.vcpu_impact(rec)
+    assert set(impact["vcpu"]) == {"labvm/vcpu0", "labvm/vcpu1"}
+    text = report.render(rec)
+    assert "windows are exits' handling" in text and "Exit reasons whose handling" in text
+    print(text[text.index("Per-vCPU impact"):])
 
 
 @pytest.mark.lab

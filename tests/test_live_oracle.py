@@ -25,6 +25,7 @@ from kvmlockprof.analysis import locks as analysis
 from kvmlockprof.kernel import host, tracefs
 from kvmlockprof.probes.contention import RECURSION
 from conftest import ROOT, assert_none_left, kernel_objects, klp, workload_argv
+from ftrace import Ftrace
 
 pytestmark = pytest.mark.live
 
@@ -63,65 +64,9 @@ def perf_events(perf, data):
     return ev
 
 
-class Ftrace:
-    """An ftrace instance of its own on the two tracepoints, trace_clock mono."""
-
-    def __init__(self, name):
-        self.dir = os.path.join(tracefs.tracefs_path(), "instances", name)
-        os.mkdir(self.dir)
-        self._write("trace_clock", "mono")
-        self._write("buffer_size_kb", "65536")
-        self._write("options/hash-ptr", "0")
-        self._write("options/record-tgid", "1")
-        for e in EVENTS:
-            self._write(f"events/lock/{e}/enable", "1")
-
-    def _write(self, f, v):
-        with open(os.path.join(self.dir, f), "w") as fh:
-            fh.write(v)
-
-    def _read(self, f):
-        with open(os.path.join(self.dir, f)) as fh:
-            return fh.read()
-
-    def stop(self):
-        self._write("tracing_on", "0")
-
-    def events(self):
-        """The buffer read twice, raw (ns timestamps, tid) and with fields (lock):
-        the same events in the same order."""
-        self._write("options/raw", "1")
-        raw = [ln for ln in self._read("trace").splitlines() if not ln.startswith("#")]
-        self._write("options/raw", "0")
-        self._write("options/fields", "1")
-        text = [ln for ln in self._read("trace").splitlines() if not ln.startswith("#")]
-        self._write("options/fields", "0")
-        assert len(raw) == len(text)
-        tgids = {}
-        with open(os.path.join(tracefs.tracefs_path(), "saved_tgids")) as fh:
-            saved = fh.read()                   # (one table for every instance)
-        for line in saved.splitlines():
-            pid, tgid = line.split()
-            tgids[int(pid)] = int(tgid)
-        ev = []
-        for r, t in zip(raw, text):
-            pid, _cpu, ts = r.split()[:3]
-            m = re.search(r" (contention_\w+): lock_addr=(0x[0-9a-f]+)", t)
-            ev.append((int(pid), tgids.get(int(pid), -1), int(ts), m.group(1),
-                       int(m.group(2), 16)))
-        return ev
-
-    def overruns(self):
-        return sum(int(m) for m in re.findall(r"^overrun: (\d+)",
-                                              "".join(self._read(f"per_cpu/{c}/stats")
-                                                      for c in os.listdir(
-                                                          os.path.join(self.dir, "per_cpu"))),
-                                              re.M))
-
-    def remove(self):
-        for e in EVENTS:
-            self._write(f"events/lock/{e}/enable", "0")
-        os.rmdir(self.dir)
+def ftrace_waits_events(ft):
+    """The instance's contention events as pair() takes them."""
+    return [(tid, tgid, ts, ev, f["lock_addr"]) for tid, tgid, ts, ev, f in ft.events()]
 
 
 def _wait_for(path, timeout=60):
@@ -139,7 +84,7 @@ def oracle(live, tmp_path_factory):
             "CI") else pytest.skip("perf is missing (apt-get install linux-perf)")
     d = tmp_path_factory.mktemp("oracle")
     before = kernel_objects()
-    ft = Ftrace(f"kvmlockprof-oracle-{os.getpid()}")
+    ft = Ftrace(f"kvmlockprof-oracle-{os.getpid()}", {f"lock/{e}": None for e in EVENTS})
     perf_p = agg_p = None
     try:
         perf_p = subprocess.Popen([perf, "record", "-e", ",".join(f"lock:{e}" for e in EVENTS),
@@ -166,7 +111,7 @@ def oracle(live, tmp_path_factory):
         perf_ev = perf_events(perf, str(d / "perf.data"))
         perf_stats = subprocess.run([perf, "report", "--stats", "-i", str(d / "perf.data")],
                                     capture_output=True, text=True).stdout
-        ftrace_ev, overruns = ft.events(), ft.overruns()
+        ftrace_ev, overruns = ftrace_waits_events(ft), ft.overruns()
     finally:
         for p in (perf_p, agg_p):
             if p and p.poll() is None:

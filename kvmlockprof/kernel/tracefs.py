@@ -2,6 +2,9 @@
 import ctypes
 import ctypes.util
 import os
+import re
+
+from kvmlockprof import cdefs
 
 CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
@@ -40,3 +43,45 @@ def tracepoint_events(category):
     if not d or not os.path.isdir(d):
         return []
     return sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)))
+
+
+def event_format(category, event):
+    """The tracepoint's format file (its fields and print fmt), or "" if it has none."""
+    p = tracefs_path()
+    try:
+        with open(os.path.join(p or "/nonexistent", "events", category, event, "format")) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+_FIELD = re.compile(r"^\s*field:[^;]*?(\w+)(?:\[[^;]*\])?;", re.M)
+_ENTRY = re.compile(r'\{\s*([^{},]+?)\s*,\s*((?:"[^"]*"\s*)+)\}')     # "A" "B": C's "AB"
+
+
+def event_fields(category, event):
+    """The names of the tracepoint's fields (its format file), in order."""
+    return _FIELD.findall(event_format(category, event))
+
+
+def print_symbolic(category, event):
+    """[(expression, {value: name})] of each __print_symbolic() in the tracepoint's
+    print fmt, in order: the kernel's own names of its codes (exit reasons)."""
+    fmt = event_format(category, event).partition("print fmt:")[2]
+    out, start = [], 0
+    while (i := fmt.find("__print_symbolic(", start)) >= 0:
+        depth, j = 0, i + len("__print_symbolic")
+        for j in range(j, len(fmt)):
+            depth += {"(": 1, ")": -1}.get(fmt[j], 0)
+            if depth == 0:
+                break
+        body = fmt[i + len("__print_symbolic("):j]
+        names = {}
+        for value, name in _ENTRY.findall(body):
+            try:
+                names[cdefs.value(value)] = "".join(re.findall(r'"([^"]*)"', name))
+            except ValueError:
+                pass
+        out.append((body.partition(",")[0].strip(), names))
+        start = j
+    return out

@@ -8,13 +8,15 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from kvmlockprof.catalog import TRACEPOINT, Probe, Target
+from kvmlockprof.analysis import vcpus
+from kvmlockprof.catalog import TRACEPOINT, Probe, Section, Target
 from kvmlockprof.kernel import bpfload, bpfstats
 from kvmlockprof.kernel.maps import read_counters, read_hash
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
 from kvmlockprof.recording.store import to_arrow
 
-# Its tables are the lock views' own (analysis.locks, views.report): no sections.
+# Its lock tables are the lock views' own (analysis.locks, views.report); --vcpu-exits'
+# tables have their sections (analysis.vcpus).
 PROBE = Probe(
     name="contention",
     fires="per contended wait (two programs)",
@@ -23,7 +25,7 @@ PROBE = Probe(
              Target("CONTENTION_END", ("lock:contention_end",), (TRACEPOINT,))),
     bpf="contention.bpf.c",
     header="contention.h",
-    tables=("contention", "aggregates", "stacks"),
+    tables=("contention", "aggregates", "stacks", "vcpu_exits", "vcpu_exit_waits"),
     columns={
         "contention": {"ts_ns": "n", "wait_ns": "n", "lock_addr": "n", "tid": "n",
                        "tgid": "n", "flags": "n", "stack_id": "n", "comm": "s"},
@@ -32,7 +34,19 @@ PROBE = Probe(
                        "hist": "l"},
         "stacks": {"stack_id": "n", "frames": "ls", "lock_frame": "l"},
         "in_progress": {"tid": "n", "tgid": "n", "lock_addr": "n", "flags": "n",
-                        "stack_id": "n", "age_ns": "n"}},
+                        "stack_id": "n", "age_ns": "n"},
+        "vcpu_exits": {"tgid": "n", "tid": "n", "basis": "n", "isa": "n", "reason": "n",
+                       "vcpu_id": "n", "count": "n", "time_ns": "n", "wait_ns": "n",
+                       "waits": "n", "comm": "s"},
+        "vcpu_exit_waits": {"lock_addr": "n", "tgid": "n", "tid": "n", "basis": "n",
+                            "isa": "n", "reason": "n", "flags": "n", "count": "n",
+                            "wait_ns": "n"}},
+    sections=(Section("vcpu_impact", "Per-vCPU impact: each vCPU's time in the host and "
+                      "the share of it spent waiting (--vcpu-exits)", vcpus.vcpu_impact),
+              Section("vcpu_locks", "Per-vCPU impact by lock: the share of each vCPU's "
+                      "time in the host spent waiting on each lock", vcpus.vcpu_lock_share),
+              Section("vcpu_exit_reasons", "Exit reasons whose handling waited most",
+                      vcpus.exit_reasons)),
 )
 COUNTERS = PROBE.counters           # enum contention_counter, bpf/contention.h
 
@@ -51,6 +65,45 @@ LOSSES = ("lost_pending_full", "lost_agg_full", "lost_ringbuf_full", "stack_fail
           "lost_filter_full", RECURSION)
 # The tracepoints a wait is paired from (raw: see contention.bpf.c), in attach order.
 TRACEPOINTS = ("contention_begin", "contention_end")
+# --vcpu-exits: KVM_RUN windows everywhere, exit windows where kvm_exit exists.
+VCPU_TRACEPOINTS = ("syscalls:sys_enter_ioctl", "kvm:kvm_userspace_exit",
+                    "kvm:kvm_exit", "kvm:kvm_entry")
+VCPU_TABLES = ("vcpu_exits", "vcpu_exit_waits")
+# kvm_exit's fields by architecture: KVMLP_EXIT_TP's values (bpf/contention.bpf.c)
+EXIT_FORMATS = {1: {"exit_reason", "isa", "vcpu_id"}, 2: {"esr_ec"}}
+
+
+def vcpu_exit_names():
+    """What a recording keeps to name its windows' reasons (the kernel's own names, from
+    the tracepoints' print fmt): {"exit_tp", "why_no_exits", "run": {reason: name},
+    "exit": {isa: {reason: name}}} (JSON keys: strings)."""
+    from kvmlockprof.kernel import tracefs
+    code, why = vcpu_exit_tracepoints()
+    run = tracefs.print_symbolic("kvm", "kvm_userspace_exit")
+    tables = [names for expr, names in tracefs.print_symbolic("kvm", "kvm_exit")
+              if ("exit_reason" if code == 1 else "esr_ec") in expr] if code else []
+    # x86's print fmt: VMX's table (isa 1) first, then SVM's (isa 2); arm64: isa 0
+    isas = (1, 2) if code == 1 else (0,)
+    return {"exit_tp": code, "why_no_exits": why,
+            "run": {str(k): v for k, v in (run[0][1] if run else {}).items()},
+            "exit": {str(i): {str(k): v for k, v in t.items()} for i, t in zip(isas, tables)}}
+
+
+def vcpu_exit_tracepoints():
+    """(KVMLP_EXIT_TP, why not) for this kernel: which kvm_exit fields the C reads (0:
+    KVM_RUN windows only). Raises BpfUnavailable where even those cannot be had."""
+    from kvmlockprof.kernel import tracefs
+    tracefs.mount_tracefs()
+    for cat, ev in (tp.split(":") for tp in VCPU_TRACEPOINTS[:2]):
+        if not tracefs.tracepoint_exists(cat, ev):
+            why = ("load the kvm module (modprobe kvm)" if cat == "kvm" else
+                   "the kernel has no syscall tracepoints (CONFIG_FTRACE_SYSCALLS)")
+            raise bpfload.BpfUnavailable(f"--vcpu-exits needs {cat}:{ev}: {why}")
+    fields = set(tracefs.event_fields("kvm", "kvm_exit"))
+    for code, need in EXIT_FORMATS.items():
+        if need <= fields and tracefs.tracepoint_exists("kvm", "kvm_entry"):
+            return code, None
+    return 0, "no kvm:kvm_exit/kvm_entry of a known format: KVM_RUN windows only"
 
 
 def stack_window(budget):
@@ -92,8 +145,10 @@ class ContentionProbe:
                  ringbuf_mb=RINGBUF_MB, agg_entries=MAP_ENTRIES, stack_entries=MAP_ENTRIES,
                  pending_entries=MAP_ENTRIES, stack_every=STACK_EVERY,
                  stack_budget=STACK_BUDGET, pending="auto", filter_entries=MAP_ENTRIES,
-                 max_stack=bpfload.STACK_DEPTH, kfilter=None):
-        """kfilter: the kernel-side filters (recording.filters.split's first part)."""
+                 max_stack=bpfload.STACK_DEPTH, kfilter=None, vcpu_exits=False):
+        """kfilter: the kernel-side filters (recording.filters.split's first part);
+        vcpu_exits: attribute vCPU threads' waits to KVM_RUN and exit windows
+        (vcpu_exit_tracepoints says which this kernel has)."""
         kf = {k: v for k, v in (kfilter or {}).items() if v is not None}
         pages = max(1, ringbuf_mb * (1 << 20) // 4096)
         pages = 1 << (pages.bit_length() - 1)                  # a power of two
@@ -104,13 +159,16 @@ class ContentionProbe:
             KVMLP_RINGBUF_PAGES=pages, KVMLP_WAKEUP_EVERY=4096, KVMLP_STACK_EVERY=stack_every,
             KVMLP_FILTER_ENTRIES=filter_entries, KVMLP_STACK_DEPTH=max_stack,
             KVMLP_FILTER_TID="tids" in kf, KVMLP_FILTER_ADDR="addrs" in kf,
-            KVMLP_FILTER_TYPE="type_bits" in kf, KVMLP_FILTER_CGROUPS=len(kf.get("cgroups", ())))
+            KVMLP_FILTER_TYPE="type_bits" in kf, KVMLP_FILTER_CGROUPS=len(kf.get("cgroups", ())),
+            KVMLP_VCPU_EXITS=bool(vcpu_exits), KVMLP_EXIT_TP=vcpu_exit_tracepoints()[0]
+            if vcpu_exits else 0)
         self.bpf, self.pending = self._load(pending)
         self.options = {"sample_every": sample_every, "stack_every": stack_every,
                         "stack_budget": stack_budget, "max_stack": max_stack,
                         "ringbuf_bytes": pages * 4096,
                         "agg_entries": agg_entries, "stack_entries": stack_entries,
-                        "follow_fork": follow_fork, "pending": self.pending}
+                        "follow_fork": follow_fork, "pending": self.pending,
+                        "vcpu_exits": vcpu_exit_names() if vcpu_exits else None}
         if tgids is not None:
             self.add_tgids(tgids)
         self._set_filters(kf)
@@ -118,6 +176,7 @@ class ContentionProbe:
         self.ring = BatchRingBuffer(events.map_fd, pages * 4096, bpfload.event_dtype(events))
         self.attached = {}
         self._aggregates, self._read_at = None, (None, False)    # see snapshots()
+        self._comms = {}
         self._attach_tracepoints()                  # (bcc attached them on load)
         self.set_stack_budget(stack_budget)
         self._arm(True)
@@ -244,7 +303,25 @@ class ContentionProbe:
         if changed or self._read_at[1] or self._aggregates is None:
             self._aggregates = to_arrow(read_hash(self.bpf["agg"]))
         self._read_at = (ends, changed)
-        return {"aggregates": self._aggregates}
+        out = {"aggregates": self._aggregates}
+        if self.defines["KVMLP_VCPU_EXITS"]:        # (windows end without waits: always read)
+            out.update({t: to_arrow(read_hash(self.bpf[t])) for t in VCPU_TABLES})
+            ex = out["vcpu_exits"]
+            out["vcpu_exits"] = ex.append_column("comm", pa.array(self._thread_comms(
+                ex.column("tgid").to_pylist(), ex.column("tid").to_pylist())).dictionary_encode())
+        return out
+
+    def _thread_comms(self, tgids, tids):
+        """Each vCPU window thread's name (/proc, read once a thread; "?" once gone):
+        vCPU labels without samples."""
+        for p, t in zip(tgids, tids):
+            if t not in self._comms:
+                try:
+                    with open(f"/proc/{p}/task/{t}/comm") as f:
+                        self._comms[t] = f.read().strip()
+                except OSError:
+                    self._comms[t] = "?"
+        return [self._comms[t] for t in tids]
 
     def poll(self):
         return {"contention": self.ring.consume()}
@@ -269,6 +346,16 @@ class ContentionProbe:
             if tp.encode() not in self.bpf.raw_tracepoint_fds:
                 self.bpf.attach_raw_tracepoint(tp=tp, fn_name="raw_tracepoint__" + tp)
             self.attached["lock:" + tp] = TRACEPOINT
+        for tp in self._vcpu_tracepoints():    # perf-attached (bcc attached them on load)
+            if tp.encode() not in self.bpf.tracepoint_fds:
+                cat, _, ev = tp.partition(":")
+                self.bpf.attach_tracepoint(tp=tp, fn_name=f"tracepoint__{cat}__{ev}")
+            self.attached[tp] = "tracepoint"
+
+    def _vcpu_tracepoints(self):
+        if not self.defines["KVMLP_VCPU_EXITS"]:
+            return ()
+        return VCPU_TRACEPOINTS[:4 if self.defines["KVMLP_EXIT_TP"] else 2]
 
     def detach(self):
         """Stop the probes firing; maps stay readable until close().
@@ -280,6 +367,9 @@ class ContentionProbe:
         for tp in reversed(TRACEPOINTS):
             if tp.encode() in self.bpf.raw_tracepoint_fds:
                 self.bpf.detach_raw_tracepoint(tp)
+        for tp in self._vcpu_tracepoints():
+            if tp.encode() in self.bpf.tracepoint_fds:
+                self.bpf.detach_tracepoint(tp.encode())
         self.attached = {}
 
     def close(self):

@@ -103,12 +103,13 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=cp.
                  ringbuf_mb=cp.RINGBUF_MB, map_entries=cp.MAP_ENTRIES, prefer=None, warn=None,
                  status=None, kbtf=None, stack_every=cp.STACK_EVERY,
                  stack_budget=cp.STACK_BUDGET, kernel_mem_mb=KERNEL_MEM_MB,
-                 max_stack=None, kfilter=None):
+                 max_stack=None, kfilter=None, vcpu_exits=False):
     """({name: source}, {probe name: status}, kernel memory (see kernel_memory)).
 
     requested: catalog probes, or None for every probe this host can attach.
     tgids: processes to keep (None: whole host); kfilter: the contention probe's
-    other kernel-side filters (recording.filters.split). Raises BpfUnavailable when
+    other kernel-side filters (recording.filters.split); vcpu_exits: its per-vCPU
+    windows (analysis.vcpus). Raises BpfUnavailable when
     nothing at all could attach, or when the maps take more than kernel_mem_mb
     (None: no limit; they are freed at once). Sources opened before an error
     are closed."""
@@ -121,7 +122,8 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=cp.
                                 sample_every=sample_every, ringbuf_mb=ringbuf_mb,
                                 agg_entries=map_entries, stack_entries=map_entries,
                                 stack_every=stack_every, stack_budget=stack_budget,
-                                kfilter=kfilter, **({"max_stack": max_stack} if max_stack else {}))
+                                kfilter=kfilter, vcpu_exits=vcpu_exits,
+                                **({"max_stack": max_stack} if max_stack else {}))
             sources["contention"] = c
             status["contention"] = {"status": "attached", "method": catalog.TRACEPOINT,
                                     "targets": sorted(c.attached), **c.options}

@@ -98,7 +98,8 @@ class Recorder:
                  sample_every=cp.SAMPLE_EVERY, flush_interval=1.0, force=False, progress=None,
                  ringbuf_mb=cp.RINGBUF_MB, map_entries=cp.MAP_ENTRIES, probes=None, warn=None,
                  prefer=None, stack_every=cp.STACK_EVERY, stack_budget=cp.STACK_BUDGET,
-                 kernel_mem_mb=KERNEL_MEM_MB, max_stack=None, srcu_at=None, filters=None):
+                 kernel_mem_mb=KERNEL_MEM_MB, max_stack=None, srcu_at=None, filters=None,
+                 vcpu_exits=False):
         """filters: perf's -L/-Y/-S/--tid/-G as {locks, types, callstacks, tids, cgroups}
         (recording.filters: the kernel applies what it can, the reader the rest)."""
         self.out = out
@@ -112,6 +113,7 @@ class Recorder:
                                            f"{lockorder.SRCU_AT_SLOTS} functions")
             lockorder.SRCU_AT[:] = srcu_at
         self.max_stack = max_stack      # contention stacks' frames (None: STACK_DEPTH)
+        self.vcpu_exits = vcpu_exits    # per-vCPU windows (analysis.vcpus)
         self.kernel_mem_mb = kernel_mem_mb
         self.duration = duration
         self.pids = list(pids)
@@ -150,7 +152,7 @@ class Recorder:
             sample_every=self.sample_every, ringbuf_mb=self.ringbuf_mb,
             map_entries=self.map_entries, prefer=self.prefer, stack_every=self.stack_every,
             stack_budget=self.stack_budget, kernel_mem_mb=self.kernel_mem_mb,
-            max_stack=self.max_stack, kfilter=self.kfilter,
+            max_stack=self.max_stack, kfilter=self.kfilter, vcpu_exits=self.vcpu_exits,
             warn=self.warn, status=self.manifest["probes"], kbtf=self.kbtf)
         self.manifest["kernel_memory"] = dict(memory, limit_mb=self.kernel_mem_mb)
         return sources

@@ -1,6 +1,7 @@
 """`report --html`: one self-contained page (plotly.js embedded, opens offline)."""
 import html
 
+import pandas as pd
 import plotly.io as pio
 
 from kvmlockprof.analysis import locks as analysis
@@ -20,6 +21,9 @@ def _table(df):
         return "<p>(none)</p>"
     ns = report.ns_columns(df)
     df = df.assign(**{c: df[c].map(report.fmt_ns) for c in ns},
+                   **{c: df[c].map(lambda v: f"{v:.1%}" if v == v else "-")
+                      for c in df.columns if c.endswith(("ratio", "share"))
+                      and pd.api.types.is_float_dtype(df[c])},
                    **{c: df[c].map(lambda v, m=m: m if v is True or v == 1 else "")
                       for c, m in MARKS.items() if c in df.columns and df[c].dtype == bool})
     df = df.rename(columns={c: c.removesuffix("_ns_bound").removesuffix("_ns") +

@@ -4,6 +4,7 @@ import json
 import pandas as pd
 
 from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis import vcpus
 
 
 def probe_sections(only=None):
@@ -67,6 +68,8 @@ def summary_lines(rec):
                      f"{since} before (a deadlock, or a very long wait):")
         lines += [f"  tid {r.tid} ({r.comm}, pid {r.tgid}) waiting {fmt_ns(r.age_ns)} on "
                   f"{r.lock} ({r.type}) from {r.caller}" for r in stuck.head(20).itertuples()]
+    if vcpus.note(rec):
+        lines.append(vcpus.note(rec))
     w = m.get("work")
     if w:
         lines.append(f"workload pid {w.get('pid')}: {w.get('exits_total')} exits "
@@ -135,7 +138,7 @@ def _frame_text(df, hex_columns=()):
             df[c] = [fmt_ns(v) for v in df[c]]
         elif c in hex_columns and pd.api.types.is_integer_dtype(df[c]):
             df[c] = [f"{v:#x}" for v in df[c]]
-        elif c.endswith("ratio"):
+        elif c.endswith(("ratio", "share")):
             df[c] = [f"{v:.1%}" if v == v else "-" for v in df[c]]
     return df.to_string(index=False)
 

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis import vcpus
+from kvmlockprof.probes.contention import VCPU_TABLES
 from kvmlockprof.kernel import bpfload, host
 from kvmlockprof.kernel.ksyms import Kallsyms
 from kvmlockprof.recording import processes
@@ -22,6 +24,19 @@ from kvmlockprof.views.report import fmt_ns
 AGG_KEYS = ["lock_addr", "tgid", "flags", "stack_id"]
 SORTS = list(analysis.SORT_KEYS)
 BYS = [g for g in analysis.GROUPS if g != "thread"]    # (aggregates are per process)
+
+
+def _counted_since(cur, prev):
+    """Counting tables (every numeric column not in the key a sum) less an earlier
+    read: what was counted since."""
+    if prev is None or prev.empty or cur.empty:
+        return cur
+    sums = [c for c in ("count", "time_ns", "wait_ns", "waits") if c in cur]
+    keys = [c for c in cur.columns if c not in sums]
+    m = cur.merge(prev[keys + sums], on=keys, how="left", suffixes=("", "_prev"))
+    for c in sums:
+        m[c] = m[c] - m[c + "_prev"].fillna(0).astype(m[c].dtype)
+    return m[cur.columns]
 
 
 def _delta(cur, prev):
@@ -55,6 +70,7 @@ class LiveView:
         self.names = SessionNames(self.ksyms, kbtf)
         self.procs = {}
         self.prev_aggs, self.prev_counters = None, {}
+        self.vcpu_now, self.vcpu_prev = {}, {}       # --vcpu-exits' tables
         self.hits = {}          # name -> [interval hits, interval total, cum hits, cum total]
         self.t0 = self.t_prev = time.monotonic()
         self.header = f"{host.hostname()}  kernel {host.kernel_release()}"
@@ -66,7 +82,9 @@ class LiveView:
         if src is None:
             return pd.DataFrame()
         src.poll()                                  # nothing streams (aggregates only)
-        aggs = src.snapshots()["aggregates"]
+        snaps = src.snapshots()
+        aggs = snaps["aggregates"]
+        self.vcpu_now = {t: snaps[t].to_pandas() for t in VCPU_TABLES if t in snaps}
         new = new_stack_ids(self.seen_stacks, aggs.column("stack_id").to_numpy())
         if new:
             self.stacks.append(stacks_table(src, "contention", new, self.ksyms).to_pandas())
@@ -142,9 +160,42 @@ class LiveView:
         lines += self._probe_status()
         lines.append("")
         lines += self._table(aggs, interval, dt)
+        lines += self._vcpu_lines(aggs)
         fn = self._read_functions(dt, fsnaps)
         if fn:
             lines += ["", "function probes (rate over the last interval, total):"] + fn
+        return lines
+
+    def _vcpu_lines(self, aggs):
+        """Per vCPU: the share of its time in the host spent waiting, last interval and
+        since the start, and the lock it waited on most (analysis.vcpus, as report)."""
+        if not self.vcpu_now:
+            return []
+        now, prev = self.vcpu_now, self.vcpu_prev
+        self.vcpu_prev = now
+        manifest = {**self.names.manifest(), "processes": self.procs,
+                    "probes": {"contention": self.status.get("contention", {})}}
+        stacks = pd.DataFrame({"source": [], "stack_id": [], "frames": [], "lock_frame": []})
+
+        def rec(tables):
+            return Recording.from_frames("<live>", manifest,
+                                         {"aggregates": aggs, "stacks": stacks, **tables})
+        cum = rec(now)
+        last = vcpus.vcpu_impact(rec({t: _counted_since(now[t], prev.get(t))
+                                      for t in now})).set_index("tid")["wait_share"]
+        impact = vcpus.vcpu_impact(cum)
+        if impact.empty:
+            return ["", "per-vCPU impact: no vCPU window yet"]
+        locks = vcpus.vcpu_lock_share(cum).drop_duplicates("vcpu").set_index("vcpu")
+        lines = ["", f"per-vCPU impact ({impact['window'].iloc[0]} windows): the share of "
+                 f"each vCPU's time in the host spent waiting, and on which lock most"]
+        for r in impact.head(self.limit).itertuples(index=False):
+            cur = last.get(r.tid, float("nan"))
+            top_lock = f"{locks.at[r.vcpu, 'lock']} {locks.at[r.vcpu, 'wait_share']:.1%}" \
+                if r.vcpu in locks.index else "-"
+            cur = f"{cur:.1%}" if cur == cur else "-"
+            lines.append(f"  {r.vcpu[:30]:<30} {cur:>7} last interval {r.wait_share:>7.1%} "
+                         f"in all  {top_lock}")
         return lines
 
     def _probe_status(self):
@@ -198,7 +249,7 @@ class LiveView:
 
 
 def run(requested, pids, by, sort, limit, interval, iterations, stack_budget, prefer,
-        kernel_mem_mb, batch, warn, echo, filters=None, kfilter=None):
+        kernel_mem_mb, batch, warn, echo, filters=None, kfilter=None, vcpu_exits=False):
     """A whole `top` session: attach (sample-free: aggregates only), refresh until q,
     Ctrl-C, SIGTERM/SIGHUP or `iterations`, and detach whatever happens."""
     from kvmlockprof.probes.sources import close_sources, load_btf, open_sources
@@ -210,7 +261,7 @@ def run(requested, pids, by, sort, limit, interval, iterations, stack_budget, pr
         sources, status, _ = open_sources(
             requested, tgids=pids, sample_every=0, ringbuf_mb=1, prefer=prefer, warn=warn,
             kbtf=kbtf, stack_budget=stack_budget, kernel_mem_mb=kernel_mem_mb,
-            kfilter=kfilter)
+            kfilter=kfilter, vcpu_exits=vcpu_exits)
         view = LiveView(sources, status, by=by, sort=sort, limit=limit, pids=pids, kbtf=kbtf,
                         filters=filters)
         kbtf = None
