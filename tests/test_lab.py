@@ -262,16 +262,22 @@ EXIT_EVENTS = ("kvm_exit", "kvm_entry", "kvm_userspace_exit")
 FTRACE_LINE = re.compile(r"-(\d+)\s+\(\s*(\d+)\)\s+\[\d+\]\s+\S+\s+(\d+)\.(\d+): (\w+): (.*)$")
 
 
-def exits_traced(script, out):
-    """`script` inside an ftrace instance of kvm_exit, kvm_entry and kvm_userspace_exit
-    (the kernel's own text of each) saved to `out`, its overrun CPUs to out.overruns."""
+def exits_traced(record, script, out):
+    """`record` (backgrounded, SIGTERM at the end: a background job of sh ignores
+    SIGINT) and, once it has attached, `script` inside an ftrace instance of kvm_exit, kvm_entry and kvm_userspace_exit
+    (the kernel's own text of each, trace_clock mono as bpf_ktime_get_ns) saved to
+    `out`, its overrun CPUs to out.overruns. ftrace is enabled after record attaches, so
+    that on each tracepoint our program runs before ftrace's: our stamps then follow
+    only the perf path's filling of the event's fields, ftrace's follow ours too."""
     i = "/sys/kernel/tracing/instances/kvmlp-exits"
     on = " && ".join(f"echo 1 > {i}/events/kvm/{e}/enable" for e in EXIT_EVENTS)
     off = "; ".join(f"echo 0 > {i}/events/kvm/{e}/enable" for e in EXIT_EVENTS)
-    return (f"mkdir {i} && echo 1 > {i}/options/record-tgid && echo 32768 > "
-            f"{i}/buffer_size_kb && {on} && {{ {script}; }}; rc=$?; echo 0 > {i}/tracing_on; "
-            f"cat {i}/trace > {out}; cat {i}/per_cpu/cpu*/stats | grep -c '^overrun: [1-9]' "
-            f"> {out}.overruns; {off}; rmdir {i}; exit $rc")
+    return (f"{record} & rp=$!; while [ ! -f exits.parquet.partial/manifest.json ]; do "
+            f"sleep 0.2; done; mkdir {i} && echo mono > {i}/trace_clock && echo 1 > "
+            f"{i}/options/record-tgid && echo 32768 > {i}/buffer_size_kb && {on} && "
+            f"{{ {script}; }}; rc=$?; echo 0 > {i}/tracing_on; kill -TERM $rp; wait $rp || "
+            f"rc=1; cat {i}/trace > {out}; cat {i}/per_cpu/cpu*/stats | grep -c "
+            f"'^overrun: [1-9]' > {out}.overruns; {off}; rmdir {i}; exit $rc")
 
 
 @pytest.mark.lab
@@ -279,12 +285,17 @@ def test_vcpu_exit_windows_equal_ftraces(in_lab):
     """record -x where kvm_exit fires: each exit's handling (kvm_exit to kvm_entry, or
     to kvm_userspace_exit when user space handles it) per vCPU thread and exit reason,
     against ftrace's text of the same events: the same count per (thread, reason, as
-    the kernel prints it), and the time within 5% (ftrace's text has microseconds)."""
-    d = in_lab(exits_traced(f"kvmlockprof record -q -x -o exits.parquet -- {WORKLOAD} "
-                            f"--churn --name labvm", "exits-ftrace.txt"))
+    the kernel prints it), and the time within 5% (ftrace attached after us: see
+    exits_traced; attached before, its handler for kvm_exit, which reads the exit's
+    fields from the VMCB/VMCS, took ~8 us more than for kvm_entry under the emulator,
+    and our windows read that much shorter than its)."""
+    d = in_lab(exits_traced("kvmlockprof record -q -x -a -d 600 --probes contention "
+                            "-o exits.parquet",
+                            f"{WORKLOAD} --churn --name labvm", "exits-ftrace.txt"))
     assert int((d / "exits-ftrace.txt.overruns").read_text()) == 0
     rec = kvmlockprof.load(d / "exits.parquet")
-    pid = rec.manifest["work"]["pid"]
+    ex = rec.table("vcpu_exits")
+    (pid,) = ex.loc[ex["comm"].astype(str).str.startswith("kvmlp-vcpu"), "tgid"].unique()
     counts, times, open_at = {}, {}, {}
     for line in (d / "exits-ftrace.txt").read_text().splitlines():
         m = FTRACE_LINE.search(line)
@@ -308,6 +319,9 @@ def test_vcpu_exit_windows_equal_ftraces(in_lab):
     assert {k: int(v) for k, v in ours.items()} == counts
     t = w.groupby("tid")["time_ns"].sum()
     for tid, ns in times.items():
+        n = int(w.loc[w["tid"] == tid, "windows"].sum())
+        print(f"exit handling time, thread {tid}: ftrace {ns} ns, kvmlockprof {int(t[tid])} "
+              f"({(int(t[tid]) - ns) / n:+.0f} ns a window)")
         assert abs(int(t[tid]) - ns) <= 0.05 * ns, (tid, int(t[tid]), ns)
     assert vcpus.basis(rec) == "exit handling"
     impact = vcpus.vcpu_impact(rec)
