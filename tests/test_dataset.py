@@ -250,3 +250,14 @@ def test_compare_takes_a_dataset_and_a_condition_per_side(fleet, tmp_path):
     p = klp("compare", d, d, "--base-where", "host = 'hv1'", "--new-where", "host = 'nope'",
             check=False)
     assert p.returncode == 1 and "no recording" in p.stderr
+
+
+def test_a_format_1_recording_exports(fleet, tmp_path):
+    """Recordings made before the checksums (format 1) are read and exported too."""
+    from tests_support import rewrite
+    old = rewrite(fleet[0], tmp_path / "v1.parquet", manifest=lambda m: {
+        k: v for k, v in dict(m, version=1).items() if k != "integrity"})
+    assert kvmlockprof.load(old).manifest["version"] == 1
+    got = dataset.query("SELECT format_version, waits FROM recordings", [old])
+    assert got.values.tolist() == [[1, 4]]
+    assert dataset.query(PER_CLASS, [old]).equals(dataset.query(PER_CLASS, fleet[:1]))
