@@ -217,7 +217,7 @@ def test_bad_files_are_one_line(tmp_path, fleet):
     empty.mkdir()
     for bad, says in ((junk, "truncated"), (foreign, "not a kvmlockprof recording"),
                       (tmp_path / "missing.parquet", "does not exist"),
-                      (empty, "holds no recordings")):
+                      (empty, "holds no *.parquet")):
         p = klp("query", "SELECT count(*) FROM aggregates", fleet[0], bad, check=False)
         assert p.returncode == 1 and not p.stdout, bad
         assert len(p.stderr.strip().splitlines()) == 1 and says in p.stderr, p.stderr

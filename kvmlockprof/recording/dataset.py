@@ -334,7 +334,7 @@ def expand(paths):
         elif os.path.isdir(p) and not p.rstrip("/").endswith(".partial"):
             found = sorted(glob.glob(os.path.join(p, "*.parquet")))
             if not found:
-                raise DatasetError(f"{p} holds no recordings (*.parquet) and is not a dataset "
+                raise DatasetError(f"{p} holds no *.parquet recordings and is not a dataset "
                                    "(no recordings/ in it): give recordings or an export's "
                                    "directory")
             recs += found
