@@ -157,3 +157,89 @@ def test_record_type_filter_in_the_kernel(live, tmp_path):
     assert spin > 0 and other > 0
     assert c["begin"] == spin and c["filtered"] == other
     assert len(samples) == c["sampled"] and abs(len(samples) - spin) <= max(2, 0.01 * spin)
+
+
+def thread_counter():
+    """An independent BPF program (bcc, written here) counting every contention_begin
+    and contention_end by (process, thread): {(tgid, tid): (begins, ends)} once read."""
+    from kvmlockprof.kernel.bpfload import compile_bpf
+    return compile_bpf(text="""
+        struct key { u32 tgid; u32 tid; };
+        struct val { u64 begins; u64 ends; };
+        BPF_HASH(counts, struct key, struct val, 65536);
+        static inline struct val *slot(void) {
+            u64 id = bpf_get_current_pid_tgid();
+            struct key k = {.tgid = id >> 32, .tid = (u32)id};
+            struct val zero = {};
+            return counts.lookup_or_try_init(&k, &zero);
+        }
+        TRACEPOINT_PROBE(lock, contention_begin) {
+            struct val *v = slot();
+            if (v) __sync_fetch_and_add(&v->begins, 1);
+            return 1;
+        }
+        TRACEPOINT_PROBE(lock, contention_end) {
+            struct val *v = slot();
+            if (v) __sync_fetch_and_add(&v->ends, 1);
+            return 1;
+        }""")
+
+
+def read_threads(counter):
+    return {(k.tgid, k.tid): (v.begins, v.ends) for k, v in counter["counts"].items()}
+
+
+def _report_rows(path, *args):
+    import csv
+    import io
+    p = subprocess.run([sys.executable, "-m", "kvmlockprof", "report", str(path), *map(str, args),
+                        "-F", "csv", "-n", "100000"], capture_output=True, text=True,
+                       cwd=ROOT, check=True)
+    return list(csv.DictReader(io.StringIO(p.stdout)))
+
+
+def test_report_tid_counts_that_threads_waits(live, tmp_path):
+    """report --tid T selects T's waits from the samples: with every wait sampled and
+    none lost, its waits are exactly the kernel's contention_end events of T (an
+    independent counter); sampled 1 in 4, scaled and marked `~`, close to them."""
+    from conftest import assert_none_left, kernel_objects
+    before = kernel_objects()
+    outs = {1: tmp_path / "all.parquet", 4: tmp_path / "every4.parquet"}
+    counts = {}
+    for every, out in outs.items():
+        counter = thread_counter()
+        try:
+            subprocess.run([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
+                            "--sample-every", str(every), "--",
+                            *workload_argv("--duration", 3, "--vcpus", 2, "--churn")],
+                           check=True, cwd=ROOT, timeout=300)
+            counts[every] = read_threads(counter)
+        finally:
+            counter.cleanup()
+    assert_none_left(before)
+    rec = kvmlockprof.load(outs[1])
+    pid = rec.manifest["command_pid"]
+    assert rec.manifest["losses"].get("lost_ringbuf_full", 0) == 0   # (else not exact)
+    ends = {t: e for (g, t), (_, e) in counts[1].items() if g == pid and e}
+    busiest = sorted(ends, key=ends.get, reverse=True)[:2]        # (vCPU threads, here)
+    s = rec.table("contention", ["tid", "comm"])
+    churn = sorted(set(s.loc[s["comm"].astype(str).str.startswith("kvmlp-churn"), "tid"]))
+    for tids in ([busiest[0]], busiest, churn[:1]):
+        rows = _report_rows(outs[1], "--tid", ",".join(map(str, tids)))
+        got = sum(int(r["contended"]) for r in rows)
+        want = sum(ends.get(t, 0) for t in tids)
+        print(f"report --tid {tids}: {got} waits; the kernel's contention_end of those "
+              f"threads {want}")
+        assert want > 0 and got == want and {r["estimated"] for r in rows} == {"False"}
+    p = subprocess.run([sys.executable, "-m", "kvmlockprof", "report", str(outs[1]), "--tid",
+                        str(busiest[0])], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert f"threads {busiest[0]}: from the sampled waits (exact" in p.stdout
+    # sampled 1 in 4: scaled, marked, near the kernel's count for a busy thread
+    rec4 = kvmlockprof.load(outs[4])
+    ends4 = {t: e for (g, t), (_, e) in counts[4].items() if g == rec4.manifest["command_pid"]}
+    t4 = max(ends4, key=ends4.get)
+    rows = _report_rows(outs[4], "--tid", t4)
+    got = sum(int(r["contended"]) for r in rows)
+    print(f"report --tid {t4} of a 1-in-4 recording: ~{got}; the kernel's {ends4[t4]}")
+    assert {r["estimated"] for r in rows} == {"True"} and got % 4 == 0
+    assert abs(got - ends4[t4]) <= 0.15 * ends4[t4], (got, ends4[t4])
