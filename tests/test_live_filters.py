@@ -243,3 +243,176 @@ def test_report_tid_counts_that_threads_waits(live, tmp_path):
     print(f"report --tid {t4} of a 1-in-4 recording: ~{got}; the kernel's {ends4[t4]}")
     assert {r["estimated"] for r in rows} == {"True"} and got % 4 == 0
     assert abs(got - ends4[t4]) <= 0.15 * ends4[t4], (got, ends4[t4])
+
+
+def _threads(pid):
+    """{tid: comm} of a running process."""
+    import os
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/comm") as f:
+                out[int(t)] = f.read().strip()
+        except OSError:
+            pass                        # (a thread that just exited)
+    return out
+
+
+def _all_stopped(pid):
+    """Every thread of pid stopped by SIGSTOP (state T in /proc/PID/task/*/stat)."""
+    import os
+    states = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            pass
+    return all(s in ("T", "t") for s in states)
+
+
+def _until(cond, what, timeout=60):
+    import time
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"{what}: not after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_record_tid_filter_in_the_kernel(live, tmp_path):
+    """record -p PID --tid T: the kernel takes T's waits only, and counts every other
+    begin of PID as filtered. The workload is stopped (SIGSTOP) outside the
+    recording's window, so an independent counter of every contention_begin/end by
+    thread sees exactly the window's events: T's begins = the recording's begins, T's
+    ends = its waits, the other threads' begins = `filtered`."""
+    import signal
+    import time
+    from conftest import assert_none_left, kernel_objects
+    before = kernel_objects()
+    out = tmp_path / "tid.parquet"
+    work = subprocess.Popen(workload_argv("--duration", 120, "--vcpus", 2, "--churn"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL)
+    rec_p = counter = None
+    try:
+        _until(lambda: any(c.startswith("kvmlp-churn") for c in _threads(work.pid).values()),
+               "the workload's churn threads")
+        tid = min(t for t, c in _threads(work.pid).items() if c.startswith("kvmlp-churn"))
+        work.send_signal(signal.SIGSTOP)
+        _until(lambda: _all_stopped(work.pid), "the workload stopped")
+        counter = thread_counter()
+        rec_p = subprocess.Popen([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o",
+                                  str(out), "-p", str(work.pid), "--tid", str(tid)],
+                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _until(lambda: (tmp_path / "tid.parquet.partial/manifest.json").exists() or
+               rec_p.poll() is not None, "record armed")
+        assert rec_p.poll() is None, rec_p.stderr.read()
+        work.send_signal(signal.SIGCONT)
+        time.sleep(3)
+        work.send_signal(signal.SIGSTOP)
+        _until(lambda: _all_stopped(work.pid), "the workload stopped")
+        counts = read_threads(counter)
+        rec_p.send_signal(signal.SIGINT)
+        assert rec_p.wait(120) == 0, rec_p.stderr.read()
+    finally:
+        for p in (rec_p, work):
+            if p and p.poll() is None:
+                p.kill()
+                p.wait()
+        if counter:
+            counter.cleanup()
+    assert_none_left(before)
+    rec = kvmlockprof.load(out)
+    c = rec.manifest["counters"]
+    assert rec.manifest["filters"]["tid"] == {"values": [tid], "where": "kernel"}
+    mine = counts.get((work.pid, tid), (0, 0))
+    others = sum(b for (g, t), (b, _) in counts.items() if g == work.pid and t != tid)
+    waits = int(rec.aggregates["count"].sum())
+    print(f"record -p {work.pid} --tid {tid} (a churn thread): {c['begin']} begins taken, "
+          f"{waits} waits, {c['filtered']} other begins filtered; the kernel's: "
+          f"{mine[0]} begins, {mine[1]} ends of that thread, {others} begins of the others")
+    assert mine[1] > 0 and others > 0
+    assert c["begin"] == mine[0] and waits == mine[1] and c["filtered"] == others
+    assert set(rec.aggregates["tgid"]) == {work.pid}
+    assert set(rec.table("contention", ["tid"])["tid"]) == {tid}
+
+
+def test_record_cgroup_filter_in_the_kernel(live, tmp_path):
+    """record -a -G GROUP: a cgroup v2 group made here, the workload started inside it
+    (its shell joins the group, then execs it). The recording holds that process
+    only, and its begins and waits are those an independent counter saw in that
+    group (by bpf_get_current_cgroup_id, not the filter's under-cgroup check); every
+    other begin on the host in its window was counted as filtered."""
+    import os
+    import shlex
+    import time
+    from conftest import _require, assert_none_left, kernel_objects
+    from kvmlockprof.kernel.bpfload import compile_bpf
+    from kvmlockprof.recording.filters import cgroup2_root
+    root = cgroup2_root()
+    _require(None if root else "no cgroup v2 mounted (mount -t cgroup2 none "
+             "/sys/fs/cgroup/unified)")
+    name = f"kvmlp-test-{os.getpid()}"
+    group = os.path.join(root, name)
+    before = kernel_objects()
+    out = tmp_path / "g.parquet"
+    os.mkdir(group)
+    counter = None
+    try:
+        cgid = os.stat(group).st_ino            # a cgroup v2 group's id: its inode
+        counter = compile_bpf(text="""
+            struct key { u64 cgid; u32 tgid; u32 pad; };
+            struct val { u64 begins; u64 ends; };
+            BPF_HASH(counts, struct key, struct val, 65536);
+            static inline struct val *slot(void) {
+                struct key k = {.cgid = bpf_get_current_cgroup_id(),
+                                .tgid = bpf_get_current_pid_tgid() >> 32};
+                struct val zero = {};
+                return counts.lookup_or_try_init(&k, &zero);
+            }
+            TRACEPOINT_PROBE(lock, contention_begin) {
+                struct val *v = slot();
+                if (v) __sync_fetch_and_add(&v->begins, 1);
+                return 1;
+            }
+            TRACEPOINT_PROBE(lock, contention_end) {
+                struct val *v = slot();
+                if (v) __sync_fetch_and_add(&v->ends, 1);
+                return 1;
+            }""")
+        work = shlex.join(workload_argv("--duration", 3, "--vcpus", 2, "--churn"))
+        subprocess.run([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
+                        "-a", "-G", name, "--", "sh", "-c",
+                        f"echo $$ > {group}/cgroup.procs && exec {work}"],
+                       check=True, cwd=ROOT, timeout=300)
+        counts = {(k.cgid, k.tgid): (v.begins, v.ends) for k, v in counter["counts"].items()}
+    finally:
+        if counter:
+            counter.cleanup()
+        # the group is empty once its process is reaped; kill what may be left first
+        deadline = time.time() + 30
+        while os.path.isdir(group):
+            try:
+                with open(f"{group}/cgroup.procs") as f:
+                    for pid in f.read().split():
+                        os.kill(int(pid), 9)
+                os.rmdir(group)
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+    assert_none_left(before)
+    rec = kvmlockprof.load(out)
+    c, pid = rec.manifest["counters"], rec.manifest["command_pid"]
+    assert rec.manifest["filters"]["cgroup"]["where"] == "kernel"
+    inside = {g: v for (cg, g), v in counts.items() if cg == cgid}
+    begins = sum(b for b, _ in inside.values())
+    ends = sum(e for _, e in inside.values())
+    outside = sum(b for (cg, _), (b, _) in counts.items() if cg != cgid)
+    waits = int(rec.aggregates["count"].sum())
+    print(f"record -a -G {name}: {c['begin']} begins taken, {waits} waits, "
+          f"{c['filtered']} begins filtered; the kernel's in the group: {begins} begins, "
+          f"{ends} ends (processes {sorted(inside)}), {outside} begins elsewhere on the "
+          f"host (a longer window)")
+    assert set(inside) == {pid} and set(rec.aggregates["tgid"]) == {pid}
+    assert ends > 0 and c["begin"] == begins and waits == ends
+    assert 0 < c["filtered"] <= outside
