@@ -33,6 +33,7 @@ Examples:
   kvmlockprof report vm.parquet --html vm.html
   kvmlockprof report vm.parquet --format folded > vm.folded   # flamegraph.pl, speedscope
   kvmlockprof report vm.parquet --format trace-json -o vm.json # Perfetto, chrome://tracing
+  kvmlockprof report vm.parquet --tid 4321,4322  # those threads' waits, from the samples
   kvmlockprof report debug.parquet --order    # recorded with --probes lockorder
 """
 EPILOG_WORKLOAD = """\b
