@@ -34,6 +34,7 @@ Examples:
   kvmlockprof report vm.parquet --html vm.html
   kvmlockprof report vm.parquet --format folded > vm.folded   # flamegraph.pl, speedscope
   kvmlockprof report vm.parquet --format trace-json -o vm.json # Perfetto, chrome://tracing
+  kvmlockprof report vm.parquet --tid 4321,4322  # those threads' waits, from the samples
   kvmlockprof report debug.parquet --order    # recorded with --probes lockorder
 """
 EPILOG_WORKLOAD = """\b
@@ -415,8 +416,11 @@ def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, cal
 @click.option("-f", "--force", is_flag=True, help="Overwrite --output/--html if they exist.")
 @click.option("--order", is_flag=True, help="Only the lock order, IRQ contexts and recursion "
               "of KVM's locks (a recording made with --probes lockorder).")
+@click.option("--tid", "tids", metavar="TID,...", callback=_ints,
+              help="Only these threads' waits (perf's --tid), from the sampled waits: "
+              "scaled and marked ~ unless every wait was sampled and none lost.")
 def report(recording, by, sort, limit, pids, vm_names, lock_filter, type_filter,
-           callstack_filter, stacks, fmt, value, output, html_out, force, order):
+           callstack_filter, stacks, fmt, value, output, html_out, force, order, tids):
     """Contention report of a recording, like `perf lock contention`."""
     from kvmlockprof.views import report as rpt
     from kvmlockprof.recording.store import RecordingError, load
@@ -432,6 +436,9 @@ def report(recording, by, sort, limit, pids, vm_names, lock_filter, type_filter,
             fail("--order prints text: drop --format")
         if fmt in ("folded", "trace-json") and (stacks or by != "lock"):
             fail(f"--format {fmt} writes every stack or event: drop --stacks/--by")
+        if tids and (fmt in ("folded", "trace-json") or order or html_out):
+            fail("--tid selects the rows of text, csv and json: drop --format "
+                 f"{fmt}/--order/--html (or record --tid: filtered in the kernel)")
         if fmt == "folded":
             from kvmlockprof.views import folded
             text = folded.text(rec, value, pids=list(pids) or None, filters=filters)
@@ -442,7 +449,7 @@ def report(recording, by, sort, limit, pids, vm_names, lock_filter, type_filter,
             text = rpt.probe_text(rec, "lockorder", limit=limit)
         else:
             text = rpt.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
-                              pids=list(pids) or None, filters=filters)
+                              pids=list(pids) or None, filters=filters, tids=list(tids) or None)
         if html_out:                # reads more of the recording than the text does
             from kvmlockprof.views import html
             page = html.render(rec, limit=limit)
