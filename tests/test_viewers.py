@@ -19,6 +19,7 @@ import pytest
 
 import kvmlockprof
 from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis.compare import lock_across_runs
 from kvmlockprof.views import folded
 from conftest import klp, workload_argv
 from test_html_chromium import FLAGS as CHROMIUM_FLAGS
@@ -100,7 +101,7 @@ def test_folded_counts_and_the_differential_form(tmp_path):
     # the sides meet by lock name (no pid); a bare address is `?` (not stable across runs)
     first = {re.sub(r";0x[0-9a-f]+ \(", ";? (", x.rsplit(" ", 1)[0]): int(x.rsplit(" ", 1)[1])
              for x in folded.text(rec).splitlines()}
-    assert folded.across_runs("kvm(1234)->vcpu0->mutex") == "kvm->vcpu0->mutex"
+    assert lock_across_runs("kvm(1234)->vcpu0->mutex") == "kvm->vcpu0->mutex"
     assert {x.rsplit(" ", 2)[0]: int(x.rsplit(" ", 2)[1]) for x in diff
             if int(x.rsplit(" ", 2)[1])} == first
 

@@ -10,11 +10,10 @@ stacks, as `report --by caller` does, so each lock's total stays exact.
 `compare --format folded` writes the two-column differential form
 (`stack base new`, as difffolded.pl makes for flamegraph.pl), its locks named as
 compare matches them across runs (no pid, no address)."""
-import re
-
 import numpy as np
 
 from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis.compare import lock_across_runs
 
 VALUES = {"wait": "total_ns", "count": "count"}
 
@@ -25,15 +24,9 @@ def _clean(frame):
     return frame.replace(";", ":").replace("\n", " ")
 
 
-def across_runs(lock):
-    """A lock as compare matches it in another run: its name without the pid
-    (`kvm(1234)->slots_lock` -> `kvm->slots_lock`), `?` for a bare address."""
-    return "?" if lock.startswith("0x") else re.sub(r"\(\d+\)", "", lock)
-
-
 def stacks(rec, value="wait", pids=None, filters=None, matched=False):
     """{folded stack: value} of a recording (filters: -L/-Y/-S, analysis.apply_filters);
-    matched: locks named as across_runs() (a differential graph's two sides meet)."""
+    matched: locks named as compare matches them (a differential graph's sides meet)."""
     aggs = analysis.annotated_aggregates(rec)
     if aggs.empty:
         return {}
@@ -58,7 +51,7 @@ def stacks(rec, value="wait", pids=None, filters=None, matched=False):
                                       aggs[col].to_numpy(np.float64).tolist()):
         path = paths.get(int(sid), "[stack not sampled]" if sid == analysis.NO_STACK
                          else "[no stack]")
-        lock = across_runs(lock) if matched else lock
+        lock = lock_across_runs(lock) if matched else lock
         key = f"{_clean(str(vm.get(tgid, tgid)))};{path};{_clean(f'{lock} ({typ})')}"
         out[key] = out.get(key, 0.0) + v
     return out
