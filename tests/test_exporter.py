@@ -227,3 +227,64 @@ def test_systemd_unit_verifies(tmp_path):
     errors = [ln for ln in p.stderr.splitlines() if "kvmlockprof-exporter" in ln]
     assert not errors, p.stderr
     assert re.search(r"^ExecStart=\S*kvmlockprof exporter", text, re.M)
+
+
+class FakeFunctions:
+    """What the session reads of the function probes: the real gpc and xen_evtchn
+    Probe objects (their streams, aggregates and top ratios), made-up events."""
+
+    def __init__(self):
+        import errno
+        import pyarrow as pa
+        from kvmlockprof.probes import gpc, xen_evtchn
+        self.plans = {gpc.PROBE: None, xen_evtchn.PROBE: None}
+        xen = np.zeros(4, [("lat_ns", "u8"), ("ret", "i4"), ("slow", "u4")])
+        xen["lat_ns"] = [100, 300, 5000, 70000]
+        xen["ret"] = [1, 1, -errno.EWOULDBLOCK, 1]
+        xen["slow"] = [0, 0, 0, 1]
+        self.batches = [{"xen_evtchn": xen}, {}]
+        op = {v: k for k, v in gpc.OPS.items()}
+        self.ops = pa.table({"tgid": [1, 1], "kvm": [2, 2], "gpc": [3, 3], "place": [0, 0],
+                             "op": [op["check_hit"], op["check_miss"]], "count": [9, 1]})
+
+    def poll(self):
+        return self.batches.pop(0) if self.batches else {}
+
+    def snapshots(self):
+        return {"gpc_ops": self.ops}
+
+    def counters(self):
+        return {"xen_evtchn": {"calls": 4, "lost_ringbuf_full": 0}}
+
+
+def test_session_serves_function_probes():
+    """Streamed events' latencies and per-drain ratios are counted once each; a
+    ratio read from a map is its totals; losses and the probe set are served."""
+    src = FakeFunctions()
+    status = {"xen_evtchn": {"status": "attached", "method": "fentry"},
+              "contention": {"status": "not requested"}}
+    s = exp.ExporterSession({"functions": src}, status, kbtf=None, filters={})
+    s.poll_functions()          # the first batch, between reads
+    s.read()
+    s.read()                    # nothing new: nothing counted twice
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(s.collector)
+    got = {(smp.name, tuple(sorted(smp.labels.items()))): smp.value for fam in
+           text_string_to_metric_families(generate_latest(reg).decode()) for smp in fam.samples}
+    # xen: 3 fast-path sends, 1 fell back
+    assert value(got, "kvmlockprof_probe_ratio_hits_total", probe="xen_evtchn",
+                 ratio="xen fast path") == 2
+    assert value(got, "kvmlockprof_probe_ratio_calls_total", probe="xen_evtchn",
+                 ratio="xen fast path") == 3
+    assert value(got, "kvmlockprof_probe_ratio_hits_total", probe="gpc", ratio="gpc check") == 9
+    assert value(got, "kvmlockprof_probe_ratio_calls_total", probe="gpc",
+                 ratio="gpc check") == 10
+    assert value(got, "kvmlockprof_probe_latency_seconds_count", probe="xen_evtchn",
+                 what="xen_evtchn") == 4
+    assert value(got, "kvmlockprof_probe_latency_seconds_bucket", probe="xen_evtchn",
+                 what="xen_evtchn", le=repr(exp.LE_SECONDS[0])) == 1       # 100 ns <= 256
+    assert value(got, "kvmlockprof_lost_events_total", probe="xen_evtchn",
+                 reason="ringbuf_full") == 0
+    assert value(got, "kvmlockprof_probe_attached", probe="xen_evtchn", method="fentry",
+                 status="attached") == 1
+    assert value(got, "kvmlockprof_exporter_reads_total") == 2
