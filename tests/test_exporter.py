@@ -95,7 +95,8 @@ def test_counters_only_grow_and_labels_stay_bounded():
     series = exp.LockSeries(top_locks=2, top_vms=5)
     seen = {}
     reads = [
-        [("kvm->slots_lock", "a", "mutex", [1000] * 10), ("kvm->mmu_lock", "a", "rwlock:W", [500] * 5),
+        [("kvm->slots_lock", "a", "mutex", [1000] * 10),
+         ("kvm->mmu_lock", "a", "rwlock:W", [500] * 5),
          ("0xffff1", "a", "spinlock", [10] * 3)],
         [("0xffff1", "a", "spinlock", [10**6] * 20)],           # overtakes mmu_lock
         [("kvm->mmu_lock", "a", "rwlock:W", [100])],            # now counted as other
@@ -288,3 +289,16 @@ def test_session_serves_function_probes():
     assert value(got, "kvmlockprof_probe_attached", probe="xen_evtchn", method="fentry",
                  status="attached") == 1
     assert value(got, "kvmlockprof_exporter_reads_total") == 2
+
+
+def test_exporter_without_privileges_says_so(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("already unprivileged: nothing to drop")
+    import sys
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        sys.executable, "-m", "kvmlockprof", "exporter"], cwd="/tmp",
+                       env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1
+    assert p.stderr == ("kvmlockprof: exporter needs root (or CAP_BPF+CAP_PERFMON): run it "
+                        "with sudo\n")
