@@ -398,6 +398,80 @@ def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, cal
         fail(str(e))
 
 
+EPILOG_EXPORTER = """\b
+Examples:
+  kvmlockprof exporter                                 # whole host, http://127.0.0.1:9475/metrics
+  kvmlockprof exporter --listen 0.0.0.0:9475 --top 20  # 20 lock classes, the rest as other
+  kvmlockprof exporter --vm web1 -Y mutex,rwsem        # one VM's sleeping locks
+  kvmlockprof exporter --probes contention             # no function probes
+  curl -s 127.0.0.1:9475/metrics | grep slots_lock
+"""
+
+
+@main.command(epilog=EPILOG_EXPORTER)
+@click.option("--listen", default="127.0.0.1:9475", show_default=True, metavar="HOST:PORT",
+              help="Where to serve /metrics (Prometheus text and OpenMetrics).")
+@click.option("-i", "--interval", type=click.FloatRange(min=0.1), default=5.0,
+              show_default=True, help="Seconds between reads of the in-kernel aggregates "
+              "(a scrape serves the latest read).")
+@click.option("--top", "top_locks", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Lock classes with a label of their own (the heaviest by wait since the "
+              "start); the others count as lock=\"other\".")
+@click.option("--top-vms", type=click.IntRange(min=1), default=20, show_default=True,
+              help="VMs (or processes) with a label of their own; the others as "
+              "vm=\"other\".")
+@click.option("-p", "--pid", "pids", type=int, multiple=True,
+              help="Only these processes (tgid); repeatable. Filtered in the kernel.")
+@click.option("--vm", "vm_names", multiple=True, metavar="NAME",
+              help="Only this running VM, by its operator's name; repeatable.")
+@options(filter_options(kernel=True))
+@click.option("--probes", "probe_names", metavar="A,B,...",
+              help="Probes to attach (default: every probe this host can attach).")
+@click.option("--stack-budget", type=click.IntRange(min=0), default=STACK_BUDGET,
+              show_default=True, help=STACK_BUDGET_HELP)
+@click.option("--prefer", type=click.Choice(["fentry", "kprobe"]),
+              help="Attach method to try first for function probes (default: fentry).")
+@click.option("-M", "--map-nr-entries", type=click.IntRange(min=1), default=MAP_ENTRIES,
+              show_default=True, help="Entries of the in-kernel aggregate map (the entries "
+              "of exited processes are deleted once counted).")
+@kernel_mem_option
+def exporter(listen, interval, top_locks, top_vms, pids, vm_names, lock_filter, type_filter,
+             callstack_filter, tids, cgroups, probe_names, stack_budget, prefer,
+             map_nr_entries, kernel_mem_mb):
+    """Serve the in-kernel aggregates as Prometheus metrics, until SIGTERM or Ctrl-C.
+
+    Per lock class (kvm->slots_lock: KVM-aware, without the pid), VM and lock type:
+    waits, wait seconds and a wait-time histogram; per probe its counters, ratios,
+    latencies and losses."""
+    from kvmlockprof.kernel.bpfload import BpfUnavailable
+    from kvmlockprof.catalog import UnknownProbe, select
+    from kvmlockprof.kernel import host
+    from kvmlockprof.views import exporter as exp
+    names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
+    try:
+        requested = None if names is None else select(names)
+        exp.parse_listen(listen)
+    except (UnknownProbe, ValueError) as e:
+        fail(str(e))
+    if not host.can_bpf():
+        fail("exporter needs root (or CAP_BPF+CAP_PERFMON): run it with sudo")
+    if vm_names:
+        pids = tuple(pids) + tuple(_live_vm_pids(vm_names))
+    filters = _filters(lock_filter, type_filter, callstack_filter)
+    kfilter, _ = _kernel_filters(filters, tids, cgroups)
+    try:
+        exp.run(requested, list(pids) or None, listen, interval, top_locks, top_vms,
+                stack_budget=stack_budget, prefer=prefer, kernel_mem_mb=kernel_mem_mb,
+                map_entries=map_nr_entries, filters=filters, kfilter=kfilter,
+                warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
+                echo=lambda m: click.echo(m, err=True))
+    except BpfUnavailable as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot listen on {listen}: {e.strerror or e} (another exporter running? "
+             f"give another --listen)")
+
+
 @main.command(epilog=EPILOG_REPORT)
 @click.argument("recording", default="kvmlockprof.parquet")
 @view_options("")
