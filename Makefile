@@ -103,7 +103,11 @@ $(SPEEDSCOPE)/package/dist/release/index.html:
 	cd $(SPEEDSCOPE) && npm pack --silent speedscope@$(SPEEDSCOPE_VERSION) > /dev/null && \
 	  tar xzf speedscope-$(SPEEDSCOPE_VERSION).tgz
 
+# A real Prometheus server scrapes the exporter in tests/test_live_exporter.py (the test
+# runs its own on 127.0.0.1; the package's service is not used).
+TEST_PKGS := prometheus
 test: setup viewers
+	$(call apt-install,$(TEST_PKGS),--no-install-recommends)
 	$(PY) -m pytest -ra -m "not lab"
 
 $(LAB_STAMP): $(STAMP) | lab-apt

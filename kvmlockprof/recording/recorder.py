@@ -99,10 +99,11 @@ class Recorder:
                  ringbuf_mb=cp.RINGBUF_MB, map_entries=cp.MAP_ENTRIES, probes=None, warn=None,
                  prefer=None, stack_every=cp.STACK_EVERY, stack_budget=cp.STACK_BUDGET,
                  kernel_mem_mb=KERNEL_MEM_MB, max_stack=None, srcu_at=None, filters=None,
-                 vcpu_exits=False):
+                 vcpu_exits=False, labels=None):
         """filters: perf's -L/-Y/-S/--tid/-G as {locks, types, callstacks, tids, cgroups}
         (recording.filters: the kernel applies what it can, the reader the rest)."""
         self.out = out
+        self.labels = {k: v for k, v in (labels or {}).items() if v}   # host, run: a fleet's
         self.filters = {k: tuple(v) for k, v in (filters or {}).items() if v}
         self.kfilter, self.read_filter = filters_mod.split(
             **self.filters, kallsyms=Kallsyms)
@@ -229,7 +230,9 @@ class Recorder:
     def _manifest_head(self):
         return {"format": recording.FORMAT, "version": recording.VERSION,
                 "kvmlockprof_version": __version__,
-                "kernel_release": host.kernel_release(), "host": host.hostname(),
+                "kernel_release": host.kernel_release(),
+                "host": self.labels.get("host") or host.hostname(),
+                **({"run": self.labels["run"]} if "run" in self.labels else {}),
                 "machine": os.uname().machine, "command_line": sys.argv,
                 "command": self.command, "pid_filter": self.pids,
                 "filters": filters_mod.manifest_entry(self.kfilter, self.read_filter,

@@ -25,8 +25,20 @@ def expand(paths):
     return out
 
 
-def load_side(paths):
-    return [load(p) for p in expand(paths)]
+def load_side(paths, where=None):
+    """A side's recordings: files, directories of them, and datasets (`export
+    --dataset`: each recording in it a run); where: only the recordings that this
+    SQL condition on the `recordings` view keeps (`host = 'hv1'`)."""
+    from kvmlockprof.recording import dataset
+    files, sets = dataset.expand(paths)
+    keep = None
+    if where:
+        keep = set(dataset.query(f"SELECT recording FROM recordings WHERE {where}",
+                                 paths)["recording"])
+        if not keep:
+            raise RecordingError(f"no recording of {' '.join(paths)} has {where}")
+    recs = [load(p) for p in files] + [r for d in sets for r in dataset.load_dataset(d)]
+    return [r for r in recs if keep is None or dataset.recording_id(r.manifest) in keep]
 
 
 def _is_ns(row):

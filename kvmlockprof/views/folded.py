@@ -8,10 +8,12 @@ in-kernel aggregates (every wait, not only the sampled ones). Waits whose stack 
 not walked (--stack-every, the stack budget) are spread over their lock's walked
 stacks, as `report --by caller` does, so each lock's total stays exact.
 `compare --format folded` writes the two-column differential form
-(`stack base new`, as difffolded.pl makes for flamegraph.pl)."""
+(`stack base new`, as difffolded.pl makes for flamegraph.pl), its locks named as
+compare matches them across runs (no pid, no address)."""
 import numpy as np
 
 from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis.compare import lock_across_runs
 
 VALUES = {"wait": "total_ns", "count": "count"}
 
@@ -22,8 +24,9 @@ def _clean(frame):
     return frame.replace(";", ":").replace("\n", " ")
 
 
-def stacks(rec, value="wait", pids=None, filters=None):
-    """{folded stack: value} of a recording (filters: -L/-Y/-S, analysis.apply_filters)."""
+def stacks(rec, value="wait", pids=None, filters=None, matched=False):
+    """{folded stack: value} of a recording (filters: -L/-Y/-S, analysis.apply_filters);
+    matched: locks named as compare matches them (a differential graph's sides meet)."""
     aggs = analysis.annotated_aggregates(rec)
     if aggs.empty:
         return {}
@@ -48,6 +51,7 @@ def stacks(rec, value="wait", pids=None, filters=None):
                                       aggs[col].to_numpy(np.float64).tolist()):
         path = paths.get(int(sid), "[stack not sampled]" if sid == analysis.NO_STACK
                          else "[no stack]")
+        lock = lock_across_runs(lock) if matched else lock
         key = f"{_clean(str(vm.get(tgid, tgid)))};{path};{_clean(f'{lock} ({typ})')}"
         out[key] = out.get(key, 0.0) + v
     return out
@@ -66,7 +70,7 @@ def diff_text(base, new, value="wait"):
     for recs in (base, new):
         total = {}
         for rec in recs:
-            for k, v in stacks(rec, value).items():
+            for k, v in stacks(rec, value, matched=True).items():
                 total[k] = total.get(k, 0.0) + v / len(recs)
         sides.append(total)
     keys = sorted(set(sides[0]) | set(sides[1]))

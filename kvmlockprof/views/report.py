@@ -157,19 +157,33 @@ def probe_text(rec, probe, limit=20):
     return "\n".join(lines) + "\n"
 
 
+def sampled_line(rec, by, tids):
+    """What a table from the samples (-t, --tid) is, or None for the aggregates'."""
+    if by != "thread" and not tids:
+        return None
+    every, lost = analysis.sampling(rec)
+    who = f"threads {', '.join(map(str, tids))}" if tids else "per thread"
+    how = "exact: every wait was sampled and none lost" if every == 1 and not lost else \
+        f"scaled (~): 1 wait in {every} sampled, {lost} lost to a full ring buffer"
+    return f"{who}: from the sampled waits ({how})"
+
+
 def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pids=None,
-           filters=None):
-    df = analysis.top(rec, by=by, sort=sort, limit=limit, pids=pids, filters=filters)
+           filters=None, tids=None):
+    df = analysis.top(rec, by=by, sort=sort, limit=limit, pids=pids, filters=filters,
+                      tids=tids)
     if fmt == "csv":
         return df.to_csv(index=False)
     if fmt == "json":
-        return json.dumps({"manifest": rec.manifest,
+        return json.dumps({"manifest": rec.manifest, **({"tids": tids} if tids else {}),
                            "rows": json.loads(df.to_json(orient="records",
                                                       double_precision=15))},
                       indent=1)
-    lines = summary_lines(rec) + [""] + table_text(df, by)
+    sampled = sampled_line(rec, by, tids)
+    lines = summary_lines(rec) + ([sampled] if sampled else []) + [""] + table_text(df, by)
     if df.empty:
         lines.append("(nothing matches the filters)" if filters and any(filters.values())
+                     else f"(no sampled wait of thread {', '.join(map(str, tids))})" if tids
                      else "(no contention recorded)")
     if stacks:
         for i, row in df.iterrows():
@@ -185,7 +199,8 @@ def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pid
         lines.append("")
         lines.append("<= : a log2 histogram bucket bound (not every wait of the row was sampled)")
     if df.get("estimated", pd.Series(dtype=bool)).any():
-        lines.append("~ : an estimate: this caller's walked stacks, scaled up by the waits "
-                     "of its lock that had no stack walked")
+        lines.append("~ : an estimate: the sampled waits, scaled up by the sampling rate"
+                     if sampled else "~ : an estimate: this caller's walked stacks, scaled "
+                     "up by the waits of its lock that had no stack walked")
     lines.append("K : the stack goes through KVM")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,450 @@
+"""`kvmlockprof exporter`: `top`'s session (the in-kernel aggregates only, the same
+filters as record) read every interval and served as Prometheus/OpenMetrics text.
+
+Each read's increase of every aggregate entry is added, under the labels the entry
+has at that moment, to counters kept here: they never go down over the process's
+life, whatever the kernel side does (an entry renamed when its VM becomes known, a
+VM that exits and whose entries are deleted, a lock class that leaves the top N).
+collect() only formats the latest read; a scrape reads nothing from the kernel."""
+import os
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+
+from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.recording.store import Recording
+from kvmlockprof.views.top import LiveView, _delta
+
+PREFIX = "kvmlockprof"
+OTHER = "other"
+TOP_LOCKS = 50
+TOP_VMS = 20
+DEFAULT_LISTEN = "127.0.0.1:9475"
+# The histograms' `le` bounds: log2 slots s of the in-kernel histograms (slot s holds
+# waits in [2^(s-1), 2^s) ns, analysis.hist_bounds), every other one from 256 ns to
+# 17 s. The bucket `le=2^s ns` is the sum of slots 0..s, exact: it counts the waits
+# shorter than 2^s ns (a wait of exactly 2^s ns is in the next bucket).
+LE_SLOTS = np.arange(8, 35, 2)
+LE_SECONDS = [float(2.0 ** s / 1e9) for s in LE_SLOTS]
+# Classes and VMs ranked (lifetime wait), beyond the labelled ones: the rest's
+# totals are dropped (they only decide who is promoted later).
+RANK_KEEP = 10
+
+
+def cumulative_buckets(hist):
+    """(n, 64) log2 slot counts -> (n, len(LE_SLOTS)) counts of waits under each `le`."""
+    hist = np.atleast_2d(np.asarray(hist, dtype=np.float64))
+    return np.cumsum(hist, axis=1)[:, LE_SLOTS]
+
+
+def values_buckets(ns):
+    """Counts of values (ns) <= each `le` bound (exact: Prometheus's own rule)."""
+    le_ns = 2.0 ** LE_SLOTS
+    idx = np.searchsorted(le_ns, np.asarray(ns, dtype=np.float64), side="left")
+    return np.cumsum(np.bincount(idx, minlength=len(le_ns) + 1)[:len(le_ns)])
+
+
+class Ranking:
+    """Lifetime totals of names (lock classes, VMs): the top `n` get their own label.
+    A name keeps its label until another overtakes it; the bookkeeping of names far
+    below the top is dropped, so memory does not grow with every address ever seen."""
+
+    def __init__(self, n):
+        self.n, self.total = n, {}
+
+    def add(self, names, weights):
+        for k, w in zip(names, weights):
+            self.total[k] = self.total.get(k, 0.0) + float(w)
+        if len(self.total) > RANK_KEEP * max(self.n, 1) * 2:
+            keep = sorted(self.total.items(), key=lambda kv: -kv[1])[:RANK_KEEP * self.n]
+            self.total = dict(keep)
+
+    def labelled(self):
+        return {k for k, _ in sorted(self.total.items(), key=lambda kv: -kv[1])[:self.n]}
+
+
+class LockSeries:
+    """Counters per (lock class, VM, type), bounded: the top `top_locks` classes and
+    `top_vms` VMs by lifetime wait keep their names, the rest count as `other`.
+
+    add() takes one read's increases (a DataFrame: lock, vm, type, count, total_ns,
+    hist: 64 log2 slots); each increase goes to the series its labels name at that
+    read, so every series only grows. A series that lost its label stops being
+    served (its count is kept, and goes on if the label comes back)."""
+
+    def __init__(self, top_locks=TOP_LOCKS, top_vms=TOP_VMS):
+        self.locks, self.vms = Ranking(top_locks), Ranking(top_vms)
+        self.acc = {}           # (lock, vm, type) -> [count, total_ns, buckets...]
+
+    def add(self, df):
+        if df is None or df.empty:
+            return
+        w = df["total_ns"].to_numpy(np.float64)
+        for rank, col in ((self.locks, "lock"), (self.vms, "vm")):
+            g = pd.Series(w).groupby(df[col].astype(str).to_numpy()).sum()
+            rank.add(g.index, g.to_numpy())
+        locks, vms = self.locks.labelled(), self.vms.labelled()
+        lock = df["lock"].astype(str).where(df["lock"].astype(str).isin(locks), OTHER)
+        vm = df["vm"].astype(str).where(df["vm"].astype(str).isin(vms), OTHER)
+        keys = pd.MultiIndex.from_arrays([lock.to_numpy(), vm.to_numpy(),
+                                          df["type"].astype(str).to_numpy()])
+        codes, uniq = pd.factorize(keys)
+        vals = np.column_stack([df["count"].to_numpy(np.float64), w,
+                                cumulative_buckets(np.stack(df["hist"].to_numpy()))])
+        sums = np.zeros((len(uniq), vals.shape[1]))
+        np.add.at(sums, codes, vals)
+        for key, row in zip(uniq, sums):
+            if key in self.acc:
+                self.acc[key] += row
+            else:
+                self.acc[key] = row.copy()
+
+    def rows(self):
+        """The series served now: [((lock, vm, type), count, total_ns, buckets)]."""
+        locks, vms = self.locks.labelled() | {OTHER}, self.vms.labelled() | {OTHER}
+        return [(k, v[0], v[1], v[2:]) for k, v in sorted(self.acc.items())
+                if k[0] in locks and k[1] in vms]
+
+
+class Latencies:
+    """Per (probe, what) latency histograms: streamed events' lat_ns/dur_ns added as
+    they come, in-kernel kvmlp_lat aggregates (count, total_ns, hist) taken whole."""
+
+    def __init__(self):
+        self.streamed = {}      # (probe, table) -> [count, sum_ns, buckets...]
+        self.aggregated = {}    # (probe, table) -> the same, the map's latest sums
+
+    def add_events(self, probe, table, ns):
+        if not len(ns):
+            return
+        row = np.concatenate([[len(ns), float(np.sum(ns, dtype=np.float64))],
+                              values_buckets(ns)])
+        key = (probe, table)
+        self.streamed[key] = self.streamed.get(key, 0) + row
+
+    def set_aggregate(self, probe, table, df):
+        if df.empty or "hist" not in df.columns:
+            return
+        hist = np.stack(df["hist"].to_numpy()).sum(axis=0, keepdims=True)
+        row = np.concatenate([[df["count"].sum(), df["total_ns"].astype(float).sum()],
+                              cumulative_buckets(hist)[0]])
+        old = self.aggregated.get((probe, table))
+        # (the map only grows; a maximum keeps a counter monotonic if it ever did not)
+        self.aggregated[(probe, table)] = row if old is None else np.maximum(old, row)
+
+    def rows(self):
+        return [(k, v[0], v[1], v[2:]) for k, v in
+                sorted({**self.streamed, **self.aggregated}.items())]
+
+
+class Snapshot:
+    """What collect() serves: built at each read, read by the HTTP thread."""
+
+    def __init__(self):
+        self.locks, self.latencies, self.counters, self.ratios = [], [], {}, {}
+        self.status, self.map_entries, self.map_capacity = {}, 0, 0
+        self.reads, self.read_seconds, self.gone = 0, 0.0, 0
+        self.info = {}
+
+
+def _buckets(cum):
+    """(le, cumulative count) pairs, the bounds written exactly (repr: 1.073741824)."""
+    return [(repr(le), c) for le, c in zip(LE_SECONDS, cum)]
+
+
+def _families(s):
+    from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                        HistogramMetricFamily, InfoMetricFamily)
+    lab = ["lock", "vm", "type"]
+    waits = CounterMetricFamily(f"{PREFIX}_lock_waits", "Contended waits (lock:contention_"
+                                "end), per lock class, VM and lock type.", labels=lab)
+    secs = CounterMetricFamily(f"{PREFIX}_lock_wait_seconds", "Time spent waiting, per lock "
+                               "class, VM and lock type.", labels=lab)
+    hist = HistogramMetricFamily(f"{PREFIX}_lock_wait_duration_seconds", "Wait durations "
+                                 "(le: waits shorter than the bound, from the in-kernel log2 "
+                                 "histograms).", labels=lab, unit="")
+    for (lock, vm, typ), n, ns, b in s.locks:
+        labels = [lock, vm, typ]
+        waits.add_metric(labels, n)
+        secs.add_metric(labels, ns / 1e9)
+        hist.add_metric(labels, _buckets(b) +
+                        [("+Inf", n)], ns / 1e9)
+    yield waits
+    yield secs
+    yield hist
+    lat = HistogramMetricFamily(f"{PREFIX}_probe_latency_seconds", "Function-probe "
+                                "latencies (what: the probe's table).", labels=["probe", "what"])
+    for (probe, what), n, ns, b in s.latencies:
+        lat.add_metric([probe, what], _buckets(b) +
+                       [("+Inf", n)], ns / 1e9)
+    yield lat
+    events = CounterMetricFamily(f"{PREFIX}_probe_events", "Each probe's in-kernel event "
+                                 "counters.", labels=["probe", "counter"])
+    lost = CounterMetricFamily(f"{PREFIX}_lost_events", "Events lost, per probe and reason "
+                               "(a full map or ring buffer, a failed stack walk, the "
+                               "kernel's recursion misses).", labels=["probe", "reason"])
+    for probe, vals in sorted(s.counters.items()):
+        for k, v in vals.items():
+            if k.startswith("lost") or k == "stack_failures":
+                lost.add_metric([probe, k.removeprefix("lost_")], v)
+            else:
+                events.add_metric([probe, k], v)
+    yield events
+    yield lost
+    hits = CounterMetricFamily(f"{PREFIX}_probe_ratio_hits", "Hits of a probe's ratio "
+                               "(divide by ..._ratio_calls_total).", labels=["probe", "ratio"])
+    calls = CounterMetricFamily(f"{PREFIX}_probe_ratio_calls", "Calls a probe's ratio is "
+                                "taken of.", labels=["probe", "ratio"])
+    for (probe, name), (h, n) in sorted(s.ratios.items()):
+        hits.add_metric([probe, name], h)
+        calls.add_metric([probe, name], n)
+    yield hits
+    yield calls
+    att = GaugeMetricFamily(f"{PREFIX}_probe_attached", "1 if the probe is attached, 0 if "
+                            "not (status: attached, unavailable, not requested, failed).",
+                            labels=["probe", "method", "status"])
+    for probe, st in sorted(s.status.items()):
+        att.add_metric([probe, str(st.get("method") or ""), str(st.get("status"))],
+                       1.0 if st.get("status") == "attached" else 0.0)
+    yield att
+    yield GaugeMetricFamily(f"{PREFIX}_aggregate_map_entries", "Entries in the in-kernel "
+                            "contention aggregate map (waits are lost when it is full).",
+                            value=s.map_entries)
+    yield GaugeMetricFamily(f"{PREFIX}_aggregate_map_capacity", "Its size (-M).",
+                            value=s.map_capacity)
+    yield CounterMetricFamily(f"{PREFIX}_exporter_reads", "Reads of the in-kernel "
+                              "aggregates.", value=s.reads)
+    yield GaugeMetricFamily(f"{PREFIX}_exporter_read_seconds", "How long the last read "
+                            "took.", value=s.read_seconds)
+    yield CounterMetricFamily(f"{PREFIX}_exporter_processes_gone", "Processes that exited: "
+                              "their counts kept, their kernel entries deleted.", value=s.gone)
+    info = InfoMetricFamily(f"{PREFIX}_exporter", "The exporter and its host.")
+    info.add_metric([], s.info)
+    yield info
+
+
+class Collector:
+    """A prometheus_client custom collector serving the latest Snapshot."""
+
+    def __init__(self):
+        self.snapshot, self.lock = Snapshot(), threading.Lock()
+
+    def publish(self, snap):
+        with self.lock:
+            self.snapshot = snap
+
+    def describe(self):
+        return []           # (not collect(): registering must not read anything)
+
+    def collect(self):
+        with self.lock:
+            s = self.snapshot
+        yield from _families(s)
+
+
+def _gone(tgids):
+    return [t for t in tgids if t and not os.path.exists(f"/proc/{t}")]
+
+
+class ExporterSession(LiveView):
+    """top's live session, read into counters."""
+
+    def __init__(self, sources, status, top_locks=TOP_LOCKS, top_vms=TOP_VMS, **kw):
+        super().__init__(sources, status, **kw)
+        self.series = LockSeries(top_locks, top_vms)
+        self.latencies = Latencies()
+        self.ratios = {}            # (probe, name) -> [hits, calls] since the start
+        self.collector = Collector()
+        self.reads, self.gone = 0, 0
+        c = sources.get("contention")
+        self.capacity = c.options["agg_entries"] if c else 0
+        from kvmlockprof import __version__
+        from kvmlockprof.kernel import host
+        self.info = {"version": __version__, "kernel": host.kernel_release(),
+                     "probes": ",".join(sorted(n for n, st in status.items()
+                                               if st.get("status") == "attached"))}
+
+    def poll_functions(self):
+        """Drain the function probes' ring buffers: ratios and latencies of their events
+        (at least ten times a second, as record does)."""
+        src = self.sources.get("functions")
+        if src is None:
+            return
+        batches = src.poll()
+        self._function_events(src, batches, None)
+
+    def _function_events(self, src, batches, snaps):
+        for probe in src.plans:
+            for ring, table in probe.streams:
+                ev = batches.get(table)
+                if ev is None or not len(ev):
+                    continue
+                col = next((c for c in ("lat_ns", "dur_ns") if c in (ev.dtype.names or ())),
+                           None)
+                if col:
+                    self.latencies.add_events(probe.name, table, ev[col])
+            if probe.top is None:
+                continue
+            for name, (hits, total, since_start) in probe.top(batches, snaps or {}).items():
+                r = self.ratios.setdefault((probe.name, name), [0, 0])
+                if since_start:         # the map's totals: kept, never lowered
+                    r[0], r[1] = max(r[0], hits), max(r[1], total)
+                elif snaps is None:     # (a stream's: counted at each drain, once)
+                    r[0] += hits
+                    r[1] += total
+
+    def read(self):
+        """One read of every probe: the increases go into the counters, a new snapshot
+        is published."""
+        t0 = time.monotonic()
+        fn_src = self.sources.get("functions")
+        fsnaps = fn_src.snapshots() if fn_src else {}
+        if fn_src:
+            self._function_events(fn_src, fn_src.poll(), None)
+            self._function_events(fn_src, {}, fsnaps)
+            for probe in fn_src.plans:
+                for _, table in probe.aggregates:
+                    if table in fsnaps:
+                        self.latencies.set_aggregate(probe.name, table,
+                                                     fsnaps[table].to_pandas())
+        # processes gone before this read: their entries in it are final
+        gone = _gone(pd.unique(self.prev_aggs["tgid"]).tolist()) \
+            if self.prev_aggs is not None and not self.prev_aggs.empty else []
+        aggs = self._read_contention(fsnaps)
+        interval = _delta(aggs, self.prev_aggs)
+        self.series.add(self._labelled(interval))
+        self.prev_aggs = self._forget(aggs, gone)
+        counters = {name: src.counters() for name, src in self.sources.items()}
+        counters = {**counters.pop("functions", {}), **counters}
+        self.reads += 1
+        snap = Snapshot()
+        snap.locks, snap.latencies = self.series.rows(), self.latencies.rows()
+        snap.counters = counters
+        snap.ratios = {k: tuple(v) for k, v in self.ratios.items()}
+        snap.status, snap.info = self.status, self.info
+        snap.map_entries, snap.map_capacity = len(aggs), self.capacity
+        snap.reads, snap.gone = self.reads, self.gone
+        snap.read_seconds = time.monotonic() - t0
+        self.collector.publish(snap)
+
+    def _labelled(self, interval):
+        """Increases with their labels: lock class (KVM-aware, no pid), VM, type;
+        -L/-Y/-S applied as top applies them."""
+        if interval.empty:
+            return None
+        # (no stacks, hence no caller per read, but for -S: the labels need none)
+        stacks = pd.concat(self.stacks, ignore_index=True) \
+            if self.stacks and self.filters.get("callstacks") else pd.DataFrame(
+                {"source": [], "stack_id": [], "frames": [], "lock_frame": []})
+        rec = Recording.from_frames(
+            "<live>", {**self.names.manifest(), "processes": self.procs},
+            {"aggregates": interval, "stacks": stacks, "contention": pd.DataFrame()})
+        df = analysis.annotated_aggregates(rec)
+        if self.pids:
+            df = df[df["tgid"].isin(self.pids)]
+        if self.filters and any(self.filters.values()):
+            df = analysis.apply_filters(rec, df, **self.filters)
+        if df.empty:
+            return None
+        classes = df["lock"].astype(str).map(
+            {n: analysis.lock_class(n) for n in pd.unique(df["lock"].astype(str))})
+        vms = df["tgid"].map(analysis._vm_labels(rec))
+        vms = vms.astype(object).fillna(df["tgid"].astype(str))
+        return pd.DataFrame({"lock": classes.to_numpy(), "vm": vms.to_numpy(),
+                             "type": df["type"].astype(str).to_numpy(),
+                             "count": df["count"].to_numpy(np.float64),
+                             "total_ns": df["total_ns"].to_numpy(np.float64),
+                             "hist": df["hist"].to_numpy()})
+
+    def _forget(self, aggs, gone):
+        """Delete the kernel entries of processes that had exited before this read
+        (their last increase is counted now), so that the map holds the live ones
+        only; the aggregates left, for the next read's increases."""
+        if aggs.empty or not gone:
+            return aggs
+        rows = aggs[aggs["tgid"].isin(gone)]
+        c = self.sources["contention"].bpf
+        for table in ("agg", "first_walked"):
+            t = c[table]
+            for a, tg, fl, sid in zip(rows["lock_addr"].tolist(), rows["tgid"].tolist(),
+                                      rows["flags"].tolist(), rows["stack_id"].tolist()):
+                k = t.Key(lock_addr=a, tgid=tg, flags=fl, stack_id=sid)
+                try:
+                    del t[k]
+                except KeyError:
+                    pass
+        for t in gone:
+            self.procs.pop(str(t), None)
+        self.gone += len(gone)
+        return aggs[~aggs["tgid"].isin(gone)].reset_index(drop=True)
+
+
+def parse_listen(listen):
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port); ValueError with what to give."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--listen {listen!r}: give HOST:PORT, e.g. {DEFAULT_LISTEN}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def serve(collector, listen):
+    """prometheus_client's HTTP server on `listen`, serving the collector and the
+    exporter process's own CPU and memory: (server, thread)."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+    host, port = parse_listen(listen)
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(collector)
+    ProcessCollector(registry=reg)
+    return start_http_server(port, addr=host, registry=reg)
+
+
+def run(requested, pids, listen, interval, top_locks, top_vms, stack_budget, prefer,
+        kernel_mem_mb, map_entries, warn, echo, filters=None, kfilter=None):
+    """A whole exporter session: listen first (a taken port fails before any probe is
+    loaded), attach, read every `interval` until SIGTERM/SIGINT/SIGHUP, detach and
+    stop serving whatever happens."""
+    import signal
+    from kvmlockprof.kernel import bpfload
+    from kvmlockprof.probes.sources import close_sources, load_btf, open_sources
+    from kvmlockprof.recording.recorder import Stop, _raise_stop
+    collector = Collector()
+    server, thread = serve(collector, listen)
+    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    sources = {}
+    try:
+        kbtf, _ = load_btf(warn)
+        sources, status, _ = open_sources(
+            requested, tgids=pids, sample_every=0, ringbuf_mb=1, prefer=prefer, warn=warn,
+            kbtf=kbtf, stack_budget=stack_budget, kernel_mem_mb=kernel_mem_mb,
+            map_entries=map_entries, kfilter=kfilter)
+        session = ExporterSession(sources, status, top_locks=top_locks, top_vms=top_vms,
+                                  pids=pids, kbtf=kbtf, filters=filters)
+        session.collector = collector
+        kbtf = None
+        bpfload.release_memory()
+        session.read()
+        echo(f"kvmlockprof exporter: serving http://{listen}/metrics "
+             f"(attached: {session.info['probes']})")
+        next_read = time.monotonic() + interval
+        while True:
+            time.sleep(min(0.1, max(0.0, next_read - time.monotonic())))
+            if time.monotonic() >= next_read:
+                session.read()
+                next_read += interval
+                if next_read < time.monotonic():        # (a read slower than interval)
+                    next_read = time.monotonic() + interval
+            else:
+                session.poll_functions()
+    except (KeyboardInterrupt, Stop):
+        pass
+    finally:
+        try:
+            close_sources(sources)
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+            for s, h in old.items():
+                signal.signal(s, h)
