@@ -29,6 +29,9 @@ def test_the_last_name_wins_as_in_qemu():
     assert processes.vm_name(["qemu-system-x86_64", "-name", "guest=first,debug-threads=on",
                               "-m", "1G", "-name", "guest=web01,process=qemu:web01"]) == "web01"
     assert processes.vm_name(["qemu", "-name", "plain"]) == "plain"
+    # a wrapper's command (record -- workload --name X) is not the VM X
+    assert processes.vm_name(["python3", "-m", "kvmlockprof", "record", "--", "python3",
+                              "-m", "kvmlockprof", "workload", "--name", "x"]) is None
     assert processes.vm_name(["qemu", "-name", "process=x"]) is None
 
 

@@ -24,9 +24,12 @@ def _name_value(value):
 def vm_name(argv):
     """The VM name in a command line: QEMU's `-name guest=NAME,...` or `-name NAME`
     (also `--name NAME` / `--name=NAME`, as the built-in workload takes it); the last
-    one given wins, as QEMU's option parsing does."""
+    one given wins, as QEMU's option parsing does. Nothing after a bare `--`: those are
+    another program's arguments (`kvmlockprof record -- workload --name X` is not X)."""
     name = None
     for i, arg in enumerate(argv):
+        if arg == "--":
+            break
         value = None
         if arg in NAME_FLAGS and i + 1 < len(argv):
             value = argv[i + 1]
