@@ -15,7 +15,7 @@ import pandas as pd
 
 from kvmlockprof.analysis import locks as analysis
 from kvmlockprof.recording.store import Recording
-from kvmlockprof.views.top import LiveView, _delta
+from kvmlockprof.views.top import LiveView, _delta, live_session
 
 PREFIX = "kvmlockprof"
 OTHER = "other"
@@ -405,46 +405,33 @@ def run(requested, pids, listen, interval, top_locks, top_vms, stack_budget, pre
     """A whole exporter session: listen first (a taken port fails before any probe is
     loaded), attach, read every `interval` until SIGTERM/SIGINT/SIGHUP, detach and
     stop serving whatever happens."""
-    import signal
-    from kvmlockprof.kernel import bpfload
-    from kvmlockprof.probes.sources import close_sources, load_btf, open_sources
-    from kvmlockprof.recording.recorder import Stop, _raise_stop
+    from kvmlockprof.recording.recorder import Stop
     collector = Collector()
     server, thread = serve(collector, listen)
-    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
-    sources = {}
+
+    def make_view(sources, status, kbtf):
+        return ExporterSession(sources, status, top_locks=top_locks, top_vms=top_vms,
+                               pids=pids, kbtf=kbtf, filters=filters)
     try:
-        kbtf, _ = load_btf(warn)
-        sources, status, _ = open_sources(
-            requested, tgids=pids, sample_every=0, ringbuf_mb=1, prefer=prefer, warn=warn,
-            kbtf=kbtf, stack_budget=stack_budget, kernel_mem_mb=kernel_mem_mb,
-            map_entries=map_entries, kfilter=kfilter)
-        session = ExporterSession(sources, status, top_locks=top_locks, top_vms=top_vms,
-                                  pids=pids, kbtf=kbtf, filters=filters)
-        session.collector = collector
-        kbtf = None
-        bpfload.release_memory()
-        session.read()
-        echo(f"kvmlockprof exporter: serving http://{listen}/metrics "
-             f"(attached: {session.info['probes']})")
-        next_read = time.monotonic() + interval
-        while True:
-            time.sleep(min(0.1, max(0.0, next_read - time.monotonic())))
-            if time.monotonic() >= next_read:
-                session.read()
-                next_read += interval
-                if next_read < time.monotonic():        # (a read slower than interval)
-                    next_read = time.monotonic() + interval
-            else:
-                session.poll_functions()
+        with live_session(make_view, requested, pids, stack_budget, prefer, kernel_mem_mb,
+                          warn, map_entries=map_entries, kfilter=kfilter) as session:
+            session.collector = collector
+            session.read()
+            echo(f"kvmlockprof exporter: serving http://{listen}/metrics "
+                 f"(attached: {session.info['probes']})")
+            next_read = time.monotonic() + interval
+            while True:
+                time.sleep(min(0.1, max(0.0, next_read - time.monotonic())))
+                if time.monotonic() >= next_read:
+                    session.read()
+                    next_read += interval
+                    if next_read < time.monotonic():    # (a read slower than interval)
+                        next_read = time.monotonic() + interval
+                else:
+                    session.poll_functions()
     except (KeyboardInterrupt, Stop):
         pass
     finally:
-        try:
-            close_sources(sources)
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
-            for s, h in old.items():
-                signal.signal(s, h)
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -4,6 +4,7 @@ Nothing is streamed for contention (aggregates only): each refresh reads the
 aggregate map, subtracts the previous read for the last interval, and runs the
 same analysis.top() as `report` on both. Function probes show their counters'
 rates and the fast-path / cache hit ratios, over the interval and cumulative."""
+import contextlib
 import signal
 import time
 
@@ -248,34 +249,49 @@ class LiveView:
             self.by = BYS[(BYS.index(self.by) + 1) % len(BYS)]
 
 
-def run(requested, pids, by, sort, limit, interval, iterations, stack_budget, prefer,
-        kernel_mem_mb, batch, warn, echo, filters=None, kfilter=None, vcpu_exits=False):
-    """A whole `top` session: attach (sample-free: aggregates only), refresh until q,
-    Ctrl-C, SIGTERM/SIGHUP or `iterations`, and detach whatever happens."""
+@contextlib.contextmanager
+def live_session(make_view, requested, pids, stack_budget, prefer, kernel_mem_mb, warn,
+                 **options):
+    """The probes of a live session (`top`, `exporter`): attached sample-free (aggregates
+    only), SIGTERM/SIGHUP raising recorder.Stop (to unwind like Ctrl-C), and everything
+    detached whatever happens. Yields make_view(sources, status, kbtf); options:
+    open_sources()'s (kfilter, map_entries, vcpu_exits)."""
     from kvmlockprof.probes.sources import close_sources, load_btf, open_sources
-    from kvmlockprof.recording.recorder import Stop, _raise_stop
+    from kvmlockprof.recording.recorder import _raise_stop
     old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     sources = {}
     try:
         kbtf, _ = load_btf(warn)
         sources, status, _ = open_sources(
             requested, tgids=pids, sample_every=0, ringbuf_mb=1, prefer=prefer, warn=warn,
-            kbtf=kbtf, stack_budget=stack_budget, kernel_mem_mb=kernel_mem_mb,
-            kfilter=kfilter, vcpu_exits=vcpu_exits)
-        view = LiveView(sources, status, by=by, sort=sort, limit=limit, pids=pids, kbtf=kbtf,
-                        filters=filters)
-        kbtf = None
+            kbtf=kbtf, stack_budget=stack_budget, kernel_mem_mb=kernel_mem_mb, **options)
+        view = make_view(sources, status, kbtf)
+        kbtf = None                     # the BTF dump (hundreds of MB): freed here
         bpfload.release_memory()
-        if batch:
-            run_batch(view, interval, iterations, echo)
-        else:
-            run_curses(view, interval, iterations)
-    except (KeyboardInterrupt, Stop):
-        pass
+        yield view
     finally:
         close_sources(sources)
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def run(requested, pids, by, sort, limit, interval, iterations, stack_budget, prefer,
+        kernel_mem_mb, batch, warn, echo, filters=None, kfilter=None, vcpu_exits=False):
+    """A whole `top` session: refresh until q, Ctrl-C, SIGTERM/SIGHUP or `iterations`."""
+    from kvmlockprof.recording.recorder import Stop
+
+    def make_view(sources, status, kbtf):
+        return LiveView(sources, status, by=by, sort=sort, limit=limit, pids=pids,
+                        kbtf=kbtf, filters=filters)
+    try:
+        with live_session(make_view, requested, pids, stack_budget, prefer, kernel_mem_mb,
+                          warn, kfilter=kfilter, vcpu_exits=vcpu_exits) as view:
+            if batch:
+                run_batch(view, interval, iterations, echo)
+            else:
+                run_curses(view, interval, iterations)
+    except (KeyboardInterrupt, Stop):
+        pass
 
 
 def run_batch(view, interval, iterations, echo):
