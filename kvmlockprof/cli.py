@@ -75,6 +75,16 @@ def options(opts):
     return add
 
 
+# What a live session (top, exporter) attaches.
+LIVE_SESSION_OPTIONS = [
+    click.option("--probes", "probe_names", metavar="A,B,...",
+                 help="Probes to attach (default: every probe this host can attach)."),
+    click.option("--stack-budget", type=click.IntRange(min=0), default=STACK_BUDGET,
+                 show_default=True, help=STACK_BUDGET_HELP),
+    click.option("--prefer", type=click.Choice(["fentry", "kprobe"]),
+                 help="Attach method to try first for function probes (default: fentry).")]
+
+
 def filter_options(kernel=False):
     """perf lock contention's -L/-Y/-S (and, where the kernel applies them: record, top,
     --tid and -G), the same letters as perf's."""
@@ -351,12 +361,7 @@ Keys: q quit, s next sort key, b next grouping (lock, caller, process).
               help="Seconds between refreshes.")
 @view_options(", taken over the last interval", pid_note="; filtered in the kernel",
               kernel=True)
-@click.option("--probes", "probe_names", metavar="A,B,...",
-              help="Probes to attach (default: every probe this host can attach).")
-@click.option("--stack-budget", type=click.IntRange(min=0), default=STACK_BUDGET,
-              show_default=True, help=STACK_BUDGET_HELP)
-@click.option("--prefer", type=click.Choice(["fentry", "kprobe"]),
-              help="Attach method to try first for function probes (default: fentry).")
+@options(LIVE_SESSION_OPTIONS)
 @click.option("--batch", is_flag=True, help="Print plain text frames (default when stdout "
               "is not a terminal).")
 @click.option("--iterations", type=click.IntRange(min=1), help="Exit after this many "
@@ -425,12 +430,7 @@ Examples:
 @click.option("--vm", "vm_names", multiple=True, metavar="NAME",
               help="Only this running VM, by its operator's name; repeatable.")
 @options(filter_options(kernel=True))
-@click.option("--probes", "probe_names", metavar="A,B,...",
-              help="Probes to attach (default: every probe this host can attach).")
-@click.option("--stack-budget", type=click.IntRange(min=0), default=STACK_BUDGET,
-              show_default=True, help=STACK_BUDGET_HELP)
-@click.option("--prefer", type=click.Choice(["fentry", "kprobe"]),
-              help="Attach method to try first for function probes (default: fentry).")
+@options(LIVE_SESSION_OPTIONS)
 @click.option("-M", "--map-nr-entries", type=click.IntRange(min=1), default=MAP_ENTRIES,
               show_default=True, help="Entries of the in-kernel aggregate map (the entries "
               "of exited processes are deleted once counted).")
