@@ -186,19 +186,12 @@ def _arrow(df, table, ident, extra=()):
 
 # --- one recording's tables ---------------------------------------------------------------
 
-def _names(rec):
+def _lock_class_column(df):
+    """lock_class of each row's lock (as annotate() named it): per distinct name, not
+    per row."""
     from kvmlockprof.analysis import locks
-    return locks.lock_names(rec)
-
-
-def _lock_columns(df, names):
-    """lock and lock_class of each row's lock_addr: per distinct address, not per row."""
-    from kvmlockprof.analysis import locks
-    codes, uniq = pd.factorize(df["lock_addr"].to_numpy())
-    label = [names.get(f"{int(a):#x}", f"{int(a):#x}") for a in uniq.tolist()]
-    df["lock"] = pd.Categorical.from_codes(*pd.factorize(pd.Series(label, dtype=object))) \
-        .take(codes) if len(df) else pd.Series([], dtype=object)
-    df["lock_class"] = np.array([locks.lock_class(x) for x in label] + [None],
+    codes, uniq = pd.factorize(df["lock"].astype(str).to_numpy())
+    df["lock_class"] = np.array([locks.lock_class(x) for x in uniq.tolist()] + [None],
                                 dtype=object)[codes]
     return df
 
@@ -209,10 +202,10 @@ def _annotated(rec, df, filtered=True):
     from kvmlockprof.analysis import locks
     if df.empty:
         return df
-    df = locks._with_stack_columns(df, locks.contention_stacks(rec), _names(rec))
+    df = locks._with_stack_columns(df, locks.contention_stacks(rec), locks.lock_names(rec))
     if filtered:
         df = locks.recorded_filters(rec, df)
-    df = _lock_columns(df.copy(deep=False), _names(rec))
+    df = _lock_class_column(df.copy(deep=False))
     if "tgid" in df.columns:
         vm = rec.derived("dataset_vms", lambda: locks._vm_labels(rec))
         codes, uniq = pd.factorize(df["tgid"].to_numpy())
