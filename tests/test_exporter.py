@@ -39,18 +39,22 @@ def frame(rows):
                          "hist": [slots_of(r[3]) for r in rows]})
 
 
-def scrape(series, **snap):
-    """The text a scrape serves for this state, parsed by prometheus_client's parser:
-    {(name, labels as a sorted tuple): value}."""
+def registry(**snap):
+    """A registry whose collector has published a Snapshot with these fields."""
     s = exp.Snapshot()
-    s.locks = series.rows()
     for k, v in snap.items():
         setattr(s, k, v)
     c = exp.Collector()
     c.publish(s)
     reg = CollectorRegistry(auto_describe=False)
     reg.register(c)
-    text = generate_latest(reg).decode()
+    return reg
+
+
+def scrape(series, **snap):
+    """The text a scrape serves for this state, parsed by prometheus_client's parser:
+    {(name, labels as a sorted tuple): value}."""
+    text = generate_latest(registry(locks=series.rows(), **snap)).decode()
     return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
             for fam in text_string_to_metric_families(text) for smp in fam.samples}
 
@@ -156,14 +160,7 @@ def test_probe_metrics_and_openmetrics():
                  status="unavailable") == 0
     assert value(got, "kvmlockprof_aggregate_map_entries") == 3
     # the same state in OpenMetrics, read by its own parser
-    s = exp.Snapshot()
-    for k, v in snap.items():
-        setattr(s, k, v)
-    c = exp.Collector()
-    c.publish(s)
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(c)
-    fams = {f.name for f in parse_om(generate_om(reg).decode())}
+    fams = {f.name for f in parse_om(generate_om(registry(**snap)).decode())}
     assert {"kvmlockprof_lock_waits", "kvmlockprof_probe_latency_seconds",
             "kvmlockprof_lost_events"} <= fams
 
