@@ -332,9 +332,13 @@ def test_record_tid_filter_in_the_kernel(live, tmp_path):
     waits = int(rec.aggregates["count"].sum())
     print(f"record -p {work.pid} --tid {tid} (a churn thread): {c['begin']} begins taken, "
           f"{waits} waits, {c['filtered']} other begins filtered; the kernel's: "
-          f"{mine[0]} begins, {mine[1]} ends of that thread, {others} begins of the others")
+          f"{mine[0]} begins, {mine[1]} ends of that thread, {others} begins of the others; "
+          f"lost_recursion {c['lost_recursion']}")
     assert mine[1] > 0 and others > 0
-    assert c["begin"] == mine[0] and waits == mine[1] and c["filtered"] == others
+    assert c["begin"] == mine[0] and waits == mine[1]
+    # a begin in an interrupt taken inside our handler runs the counter's program, not
+    # ours (the kernel counts it: lost_recursion); a CI run missed one of 76225 so
+    assert others - c["lost_recursion"] <= c["filtered"] <= others
     assert set(rec.aggregates["tgid"]) == {work.pid}
     assert set(rec.table("contention", ["tid"])["tid"]) == {tid}
 

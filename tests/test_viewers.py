@@ -173,11 +173,12 @@ def report_rows(path):
 @pytest.fixture(scope="module")
 def two_runs(live, tmp_path_factory):
     """Two live recordings of the built-in workload: BASE churns memslots as fast as
-    it can, NEW at 100 ops/s per thread (kvm->slots_lock waits far less). Every stack
+    it can, NEW at 400 ops/s per thread (kvm->slots_lock waits far less, but contends: at
+    100 it sometimes never did, and the lock had no name to match). Every stack
     walked, so no wait is spread over callers."""
     d = tmp_path_factory.mktemp("flame")
     out = {}
-    for side, rate in (("base", 0), ("new", 100)):
+    for side, rate in (("base", 0), ("new", 400)):
         out[side] = d / f"{side}.parquet"
         klp("record", "-q", "-o", out[side], "--stack-budget", 0, "--",
             *workload_argv("--duration", 3, "--vcpus", 2, "--churn", "--churn-rate", rate),
