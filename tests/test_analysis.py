@@ -19,8 +19,8 @@ def test_top_by_lock_exact_percentiles(tmp_path):
     assert first["lock"] == "0x1000" and first["type"] == "mutex"
     assert first["contended"] == 3 and first["total_ns"] == 5400 and first["max_ns"] == 5000
     waits = np.array([100, 300, 5000])
-    assert first["p50_ns"] == np.percentile(waits, 50)
-    assert first["p99_ns"] == np.percentile(waits, 99)
+    assert first["p50_ns"] == np.percentile(waits, 50, method="inverted_cdf")
+    assert first["p99_ns"] == np.percentile(waits, 99, method="inverted_cdf")
     assert first["pct_exact"]
     assert first["caller"] == "kvm_vm_ioctl+0x10" and first["kvm"]
     second = top.iloc[1]
@@ -89,19 +89,20 @@ def test_rates_per_unit_of_work(tmp_path):
     assert set(t["tgid"]) == {7, 8} and t["waits"].sum() == 6
 
 
-def test_group_quantiles_are_numpys_per_group():
+def test_group_quantiles_are_numpys_nearest_rank_per_group():
     rng = np.random.default_rng(1)
     codes = rng.integers(0, 5, 1000)
     codes[codes == 3] = 4                          # an empty group gives NaN
     values = rng.integers(0, 10**6, 1000).astype(np.uint64)
     q = analysis.group_quantiles(codes, values, 5, [0.5, 0.9, 0.99])
     for g in (0, 1, 2, 4):
-        assert list(q[g]) == list(np.quantile(values[codes == g], [0.5, 0.9, 0.99]))
+        assert list(q[g]) == list(np.quantile(values[codes == g], [0.5, 0.9, 0.99],
+                                             method="inverted_cdf"))
     assert np.isnan(q[3]).all()
 
 
 @pytest.mark.parametrize("dense_cells", [analysis.DENSE_CELLS, 0])
-def test_streamed_quantiles_are_numpys_per_row(dense_cells, monkeypatch):
+def test_streamed_quantiles_are_numpys_nearest_rank_per_row(dense_cells, monkeypatch):
     """Two passes over chunks give numpy's own quantiles per row, bit for bit: ties,
     zeros, one-value rows, values past 2^40, rows no value belongs to (-1); with
     the first pass's counts in one array and, for many rows, sorted."""
@@ -127,7 +128,7 @@ def test_streamed_quantiles_are_numpys_per_row(dense_cells, monkeypatch):
         mine = values[rows == r]
         assert count[r] == len(mine)
         if len(mine):
-            np.testing.assert_array_equal(q[r], np.quantile(mine, qs))
+            np.testing.assert_array_equal(q[r], np.quantile(mine, qs, method="inverted_cdf"))
         else:
             assert np.isnan(q[r]).all()
 

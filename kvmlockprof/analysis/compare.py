@@ -281,7 +281,8 @@ def _streamed_observations(rec, aggs, identities, dur, nbins):
 # --- the bootstrap ------------------------------------------------------------------
 
 def _stat(x, stat, axis=-1):
-    return np.mean(x, axis=axis) if stat == "mean" else np.quantile(x, stat, axis=axis)
+    return np.mean(x, axis=axis) if stat == "mean" else \
+        np.quantile(x, stat, axis=axis, method=analysis.QUANTILE_METHOD)
 
 
 def confidence_level(n, level=0.95):
@@ -331,24 +332,16 @@ def _interval(base, new, stat, rng, resamples):
 
 
 def quantile_resamples(x, q, rng, size):
-    """np.quantile(r, q) of `size` bootstrap resamples r of x (drawn with replacement,
-    len(x) values each), without drawing them: with x sorted and h = (n-1)q, numpy's
-    quantile of r lies between r's (k+1)-th and (k+2)-th smallest (k = floor(h)),
-    which are x's ceil(nU)-th and ceil(nV)-th smallest, U the (k+1)-th smallest of n
-    uniforms, Beta(k+1, n-k), and V = U + (1-U) Beta(1, n-k-1). One sort of x and
-    two draws a resample, where resampling sorts n values a resample."""
+    """The q-quantile (nearest rank) of `size` bootstrap resamples r of x (drawn with
+    replacement, len(x) values each), without drawing them: it is r's (k+1)-th
+    smallest (k = quantile_index(n, q)), which is x's ceil(nU)-th smallest, U the
+    (k+1)-th smallest of n uniforms, Beta(k+1, n-k). One sort of x and one draw a
+    resample, where resampling sorts n values a resample."""
     x = np.sort(np.asarray(x, np.float64))
     n = len(x)
-    h = (n - 1) * q
-    k = int(np.floor(h))
-
-    def at(u):                              # x's ceil(n u)-th smallest
-        return x[np.clip(np.ceil(u * n).astype(np.int64) - 1, 0, n - 1)]
+    k = int(analysis.quantile_index(n, q))
     u = rng.beta(k + 1, n - k, size)
-    if k + 1 >= n:
-        return at(u)
-    v = u + (1 - u) * rng.beta(1, n - k - 1, size)
-    return analysis.lerp(at(u), at(v), h - k)
+    return x[np.clip(np.ceil(u * n).astype(np.int64) - 1, 0, n - 1)]
 
 
 NEW, GONE = "new in NEW", "gone in NEW"     # a probe metric seen on one side only

@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 
 from kvmlockprof import cdefs
+from kvmlockprof.quantiles import (  # noqa: F401 (the analyses' API)
+    QUANTILE_METHOD, hist_bounds, hist_buckets, hist_quantile, quantile_index, quantiles)
 
 # include/trace/events/lock.h
 LCB_F_SPIN, LCB_F_READ, LCB_F_WRITE, LCB_F_RT, LCB_F_PERCPU, LCB_F_MUTEX = 1, 2, 4, 8, 16, 32
@@ -279,31 +281,6 @@ def _group_keys(by):
             "process": ["tgid"], "thread": ["tid"]}[by]
 
 
-def hist_bounds(slots):
-    """(lo, hi) ns of in-kernel log2 histogram slots: the rule of bcc's bpf_log2l(),
-    which fills them (bpf/contention.h): slot s holds [2^(s-1), 2^s), slot 1 from 0."""
-    slots = np.asarray(slots, dtype=np.int64)
-    return np.where(slots > 1, 2 ** np.maximum(slots - 1, 0), 0), 2 ** slots
-
-
-def hist_buckets(hist):
-    """(lo_ns, hi_ns, count) of a histogram's non-empty slots."""
-    hist = np.asarray(hist)
-    slots = np.flatnonzero(hist)
-    lo, hi = hist_bounds(slots)
-    return lo, hi, hist[slots]
-
-
-def hist_quantile(hist, q):
-    """Upper bound of the log2 bucket holding quantile q: quantile <= it (< 2x it)."""
-    hist = np.asarray(hist, dtype=np.float64)
-    total = hist.sum()
-    if total == 0:
-        return np.nan
-    slot = int(np.searchsorted(np.cumsum(hist), q * total, side="left"))
-    return float(hist_bounds(slot)[1])
-
-
 # Above this many samples top() reads them chunk by chunk, twice (exact percentiles in
 # memory bounded by a chunk and the waits near each percentile), not all at once:
 # 10 M samples loaded take ~1 GB.
@@ -382,14 +359,8 @@ def _fine_bins(v):
     return np.where(v > 0, e.astype(np.int64) * (1 << FINE_BITS) + sub + 1, 0)
 
 
-def lerp(a, b, t):
-    """numpy's own interpolation between neighbouring order statistics (linear method)."""
-    d = b - a
-    return np.where(t >= 0.5, b - d * (1 - t), a + d * t)
-
-
 def streamed_quantiles(chunks, nrows, qs):
-    """numpy's (linear) quantiles qs of each row's values, as an (nrows, len(qs)) array,
+    """The quantiles qs (QUANTILE_METHOD) of each row's values, as an (nrows, len(qs)) array,
     and each row's count: exact, from chunks of (row per value, -1 for none; values)
     given twice (a callable returning a fresh iterator). The first pass counts values
     per fine bin (1.1% wide), which says the bin of each order statistic a quantile
@@ -419,10 +390,8 @@ def streamed_quantiles(chunks, nrows, qs):
     cum = np.cumsum(counts)
     start = np.concatenate([[0], np.cumsum(n)])[:-1]        # global rank of a row's first
     has = n > 0
-    h = (n[has, None] - 1) * np.asarray(qs)[None, :]        # numpy's virtual index
-    lo = np.floor(h).astype(np.int64)
-    hi = np.minimum(lo + 1, n[has, None] - 1)
-    ranks = np.stack([lo, hi]) + start[has][None, :, None]  # (2, rows, qs) global ranks
+    # the global rank of each row's quantile: its first value's plus its own rank
+    ranks = quantile_index(n[has, None], np.asarray(qs)[None, :]) + start[has][:, None]
     at = np.searchsorted(cum, ranks, side="right")          # the key holding each rank
     within = ranks - (cum[at] - counts[at])
     wanted = np.unique(keys[at])
@@ -438,7 +407,7 @@ def streamed_quantiles(chunks, nrows, qs):
     got_k, got_v = got_k[order], got_v[order]
     first = np.searchsorted(got_k, keys[at])
     val = got_v[first + within].astype(np.float64)
-    out[has] = lerp(val[0], val[1], h - lo)
+    out[has] = val
     return out, n
 
 
@@ -446,7 +415,7 @@ def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None, tids=
     """perf-lock-contention-style table: one row per lock, caller or task.
 
     count/total/max/min come from the in-kernel aggregates (nothing lost to the
-    ring buffer); p50/p99 are exact (numpy over the samples) where the samples of
+    ring buffer); p50/p99 (nearest rank) are exact where the samples of
     a row are complete, else the upper bound of a log2 bucket (`pct_exact` False).
     By caller, waits whose stack was not walked are spread over their lock's walked
     callers (spread_unwalked: `estimated` True). filters: apply_filters()'s
@@ -575,7 +544,7 @@ def _address_labels(out):
 
 
 def _sample_percentiles(samples, keys):
-    """numpy's p50/p90/p99 (linear) and the count of each group's samples, or None."""
+    """p50/p90/p99 (QUANTILE_METHOD) and the count of each group's samples, or None."""
     if samples.empty:
         return None
     codes, index = group_codes(samples, keys)
@@ -602,8 +571,8 @@ def _streamed_percentiles(rec, out, keys, pids):
 
 
 def _percentiles(out, keys, exact, hists):
-    """p50/p90/p99 per row: numpy's (linear) over the row's samples when every
-    wait of the row was sampled, else the bound of the log2 bucket holding it."""
+    """p50/p90/p99 per row (QUANTILE_METHOD): of the row's samples when every wait of
+    the row was sampled, else the bound of the log2 bucket holding it."""
     if exact is not None:
         out = out.merge(exact.reset_index(), on=keys, how="left")
     else:
@@ -661,7 +630,7 @@ def _codes(c, room):
 
 
 def group_quantiles(codes, values, ngroups, qs):
-    """numpy's (linear) quantiles qs of values per group code 0..ngroups-1, as an
+    """The quantiles qs (QUANTILE_METHOD) of values per group code 0..ngroups-1, as an
     (ngroups, len(qs)) array: one radix sort of the codes and a partition per group,
     not a sort of all values (pandas' groupby quantile sorts them)."""
     small = np.int16 if ngroups < 2**15 else np.int32     # radix sort for 16-bit keys
@@ -671,7 +640,7 @@ def group_quantiles(codes, values, ngroups, qs):
     out = np.full((ngroups, len(qs)), np.nan)
     for i in range(ngroups):
         if bounds[i + 1] > bounds[i]:
-            out[i] = np.quantile(vals[bounds[i]:bounds[i + 1]], qs)
+            out[i] = quantiles(vals[bounds[i]:bounds[i + 1]], qs)
     return out
 
 

@@ -2,6 +2,7 @@
 import pandas as pd
 
 from kvmlockprof import cdefs
+from kvmlockprof.quantiles import quantiles
 
 # A probe hit's context and IRQs at the call, as bpf/common.h records them
 CONTEXTS = cdefs.labels("common.h", "kvmlp_context", {
@@ -13,10 +14,11 @@ IRQS_OFF = cdefs.enum("common.h", "kvmlp_irqs")["KVMLP_IRQS_OFF"]
 
 
 def stats(df, keys, col):
-    """count, total, mean, p50, p99 (numpy, linear), max of `col` per group."""
+    """count, total, mean, p50, p99 (nearest rank), max of `col` per group."""
     g = df.groupby(keys)[col]
     return pd.DataFrame({"count": g.size(), "total_ns": g.sum(), "mean_ns": g.mean(),
-                         "p50_ns": g.quantile(0.5), "p99_ns": g.quantile(0.99),
+                         "p50_ns": g.agg(lambda x: quantiles(x.to_numpy(), 0.5)),
+                         "p99_ns": g.agg(lambda x: quantiles(x.to_numpy(), 0.99)),
                          "max_ns": g.max()}).reset_index()
 
 

@@ -6,6 +6,7 @@ import pandas as pd
 from kvmlockprof import cdefs
 from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import callers, stats
+from kvmlockprof.quantiles import hist_quantile, quantiles
 
 KINDS = cdefs.labels("srcu.bpf.c", "srcu_kind", {
     "SRCU_OTHER": "other", "SRCU_KVM": "kvm->srcu", "SRCU_KVM_IRQ": "kvm->irq_srcu"})
@@ -18,7 +19,6 @@ _SECTION = cdefs.enum("srcu.bpf.c", "srcu_event_type")["SRCU_EV_SECTION"]
 def sections(rec):
     """Read-section lengths per srcu_struct (in-kernel log2 histograms: p50/p99
     are bucket upper bounds)."""
-    from kvmlockprof.analysis.locks import hist_quantile
     df = rec.table("srcu_sections")
     if df.empty:
         return df
@@ -85,7 +85,7 @@ def compare_values(rec):
     for (typ, kind), p in (sync.groupby(["type", "kind"]) if not sync.empty else ()):
         what = f"{EVENTS[typ]} {KINDS.get(kind)}"
         out[(f"{what} mean wait", "lower", "ns")] = float(p["dur_ns"].mean())
-        out[(f"{what} p99 wait", "lower", "ns")] = float(p["dur_ns"].quantile(0.99))
+        out[(f"{what} p99 wait", "lower", "ns")] = float(quantiles(p["dur_ns"].to_numpy(), 0.99))
         if ops:
             out[(f"{what} per memslot op", "lower", "")] = len(p) / ops
     return out
