@@ -158,7 +158,8 @@ def test_gpc_checks_and_refreshes(module, tmp_path):
     assert (c["check_hit"], c["check_miss"], c["activate"]) == (90, 10, 1)
     assert c["hit_ratio"] == pytest.approx(0.9)
     r = gpc.refreshes(rec).iloc[0]
-    assert r["count"] == 4 and r["p50_ns"] == np.percentile([100, 200, 300, 400], 50)
+    assert r["count"] == 4 and r["p50_ns"] == np.percentile([100, 200, 300, 400], 50,
+                                                           method="inverted_cdf")
 
 
 def test_srcu_sections_and_syncs(module, tmp_path):
@@ -184,7 +185,7 @@ def test_srcu_sections_and_syncs(module, tmp_path):
     w = srcu.syncs(rec).iloc[0]
     assert w["wait"] == "synchronize_srcu_expedited" and w["kind_name"] == "kvm->srcu"
     assert w["caller"] == "kvm_set_memslot+0x9" and w["count"] == 2
-    assert w["p50_ns"] == 2000.0
+    assert w["p50_ns"] == 1000.0            # nearest rank of 1000, 3000
 
 
 def test_xa_erases_kvm_owned(module, tmp_path):

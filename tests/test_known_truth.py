@@ -51,3 +51,49 @@ def test_bounds_bound_exact_percentiles_of_any_waits(tmp_path_factory, waits, dr
             assert row[col] == truth
         else:                       # the upper end of the power-of-two bucket holding it
             assert truth < row[col] <= max(2 * truth, 2), (col, truth, row[col])
+
+
+def _sampled_recording(path, ev, every):
+    """A recording of waits ev whose aggregates hold them all and whose samples are
+    every `every`-th of them, as record --sample-every writes it."""
+    from kvmlockprof.recording.store import Writer, to_arrow
+    from tests_support import _manifest, _stacks, aggregates_of
+    w = Writer(path)
+    w.append("contention", to_arrow(ev[::every]))
+    w.append("stacks", _stacks())
+    w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
+    m = _manifest(len(ev[::every]))
+    m["probes"]["contention"]["sample_every"] = every
+    w.finalize(m)
+    return kvmlockprof.load(str(path))
+
+
+def test_views_from_samples_stand_for_every_wait_under_sample_every(tmp_path):
+    """1000 waits of one process, thread 11 600 of them and thread 12 400, streamed
+    one in 10: per_vm, per_thread, top --by thread and the timeline all say 1000."""
+    from tests_support import events
+    rng = np.random.default_rng(5)
+    tids = rng.permutation([11] * 600 + [12] * 400)
+    waits = rng.integers(100, 10_000, 1000)
+    ev = events([(int(w), 0x1000, 7, 1, 1) for w in waits])
+    ev["tid"] = tids
+    ev["ts_ns"] = np.sort(rng.integers(0, 10**9, 1000))
+    rec = _sampled_recording(tmp_path / "s.parquet", ev, 10)
+    truth = {t: (int((tids == t).sum()), int(waits[tids == t].sum())) for t in (11, 12)}
+    assert analysis.per_vm(rec)["waits"].sum() == 1000
+    pt = analysis.per_thread(rec).set_index("tid")
+    assert pt["waits"].sum() == 1000 and pt["wait_ns"].sum() == waits.sum()
+    assert pt["estimated"].all()
+    by_thread = analysis.top(rec, by="thread").set_index("tid")
+    assert by_thread["contended"].sum() == 1000
+    for t, (n, ns) in truth.items():        # a 1-in-10 sample's estimate of each thread
+        assert abs(pt.loc[t, "waits"] - n) <= 0.2 * n, (t, pt.loc[t, "waits"], n)
+        assert abs(pt.loc[t, "wait_ns"] - ns) <= 0.25 * ns
+        assert by_thread.loc[t, "contended"] == pt.loc[t, "waits"]
+    tl = analysis.timeline(rec, bin_ms=100)
+    assert tl["waits"].sum() == 1000 and tl["wait_ns"].sum() == waits.sum()
+    # every wait streamed: exact, nothing scaled
+    exact = _sampled_recording(tmp_path / "e.parquet", ev, 1)
+    pt = analysis.per_thread(exact).set_index("tid")
+    assert not pt["estimated"].any()
+    assert {t: (pt.loc[t, "waits"], pt.loc[t, "wait_ns"]) for t in (11, 12)} == truth

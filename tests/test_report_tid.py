@@ -16,8 +16,9 @@ def _rows(path, *args):
 
 
 def _recorded(path, sample_every=1, lost=0):
-    """small_recording's waits as `record --sample-every N` would have streamed them
-    (all of them here: what differs is what the manifest says of the sampling)."""
+    """small_recording's waits with a manifest that says `record --sample-every N`
+    streamed them (all of them are here: scaled to the process's aggregates, which
+    hold the same waits, each thread's count stays its own)."""
     ev = events(ROWS)
     w = Writer(path)
     w.append("contention", to_arrow(ev))
@@ -49,9 +50,9 @@ def test_report_tid_scales_what_was_not_sampled(tmp_path):
     scaled = _recorded(tmp_path / "s.parquet", sample_every=4)
     (row,) = _rows(scaled, "--tid", 7)
     assert (int(row["contended"]), int(row["total_ns"]), row["estimated"]) == \
-        (12, 21600, "True")
+        (3, 5400, "True")
     text = klp("report", scaled, "--tid", 7).stdout
-    assert "scaled (~): 1 wait in 4 sampled, 0 lost" in text and "~12" in text
+    assert "scaled (~): 1 wait in 4 sampled, 0 lost" in text and "~3" in text
     (row,) = _rows(_recorded(tmp_path / "l.parquet", lost=1), "--tid", 7)
     assert (int(row["contended"]), row["estimated"]) == (3, "True")
 

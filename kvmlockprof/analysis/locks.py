@@ -485,30 +485,54 @@ def sampling(rec):
     return every, (m.get("losses") or {}).get("lost_ringbuf_full", 0)
 
 
+def sample_weights(rec, samples, aggs):
+    """(waits, wait ns, estimated): what each sample stands for. 1 and 1, exact, when
+    every wait was streamed and none lost; else, per process, its aggregates' waits
+    and wait time over its samples' (the aggregates are complete per process): a
+    view from the samples (per thread, per time bin) then adds up to the process's
+    aggregates under --sample-every N or ring-buffer losses."""
+    every, lost = sampling(rec)
+    if every == 1 and not lost:
+        return np.ones(len(samples)), samples["wait_ns"].to_numpy(np.float64), False
+    a = aggs.groupby("tgid")[["count", "total_ns"]].sum() if not aggs.empty else \
+        pd.DataFrame(columns=["count", "total_ns"], dtype=np.float64)
+    s = samples.groupby("tgid", observed=True)["wait_ns"].agg(["size", "sum"])
+    per = pd.DataFrame({"n": (a["count"] / s["size"]), "t": a["total_ns"] / s["sum"]}
+                       ).reindex(s.index).astype(np.float64)
+    per["n"] = per["n"].fillna(float(every))     # (a process without aggregates)
+    per["t"] = per["t"].where(np.isfinite(per["t"]), per["n"])
+    tgid = samples["tgid"].to_numpy()
+    return per["n"].reindex(tgid).to_numpy(), \
+        samples["wait_ns"].to_numpy(np.float64) * per["t"].reindex(tgid).to_numpy(), True
+
+
 def _from_samples(rec, by, sort, limit, pids, tids, filters, cols):
     """perf's -t (a row per thread) and --tid (only these threads' waits): from the
     samples, as the aggregates are per process: exact when every wait was streamed
-    (--sample-every 1, no ring buffer loss), else scaled by the sampling rate and
-    marked `estimated`. By caller, a wait whose stack was not walked stays under
+    (--sample-every 1, no ring buffer loss), else scaled (sample_weights) and marked
+    `estimated`. By caller, a wait whose stack was not walked stays under
     "[stack not sampled]" (only the aggregates can spread it)."""
-    _, samples = annotate(rec, TOP_SAMPLE_COLUMNS)
+    aggs, samples = annotate(rec, TOP_SAMPLE_COLUMNS)
     if samples.empty:
         return pd.DataFrame(columns=cols)
     if pids:
         samples = samples[samples["tgid"].isin(pids)]
+        aggs = aggs[aggs["tgid"].isin(pids)]
+    if filters and any(filters.values()):
+        samples, aggs = (apply_filters(rec, d, **filters) for d in (samples, aggs))
+    n, t, estimated = sample_weights(rec, samples, aggs)     # (before --tid: per process)
+    samples = samples.assign(_n=n, _t=t)
     if tids:
         samples = samples[samples["tid"].isin(tids)]
-    if filters and any(filters.values()):
-        samples = apply_filters(rec, samples, **filters)
     if samples.empty:
         return pd.DataFrame(columns=cols)
-    every, lost = sampling(rec)
     keys = _group_keys(by)
     g = samples.groupby(keys, sort=False, observed=True)
-    out = g.agg(contended=("wait_ns", "size"), total_ns=("wait_ns", "sum"),
+    out = g.agg(contended=("_n", "sum"), total_ns=("_t", "sum"),
                 max_ns=("wait_ns", "max"), min_ns=("wait_ns", "min"), kvm=("kvm", "any"))
-    out[["contended", "total_ns"]] *= every
-    out["estimated"] = every != 1 or bool(lost)
+    for c in ("contended", "total_ns"):
+        out[c] = out[c].round().astype(np.int64)
+    out["estimated"] = estimated
     # the row's dominant lock/caller/process: the one with the most sampled wait
     others = [c for c in ("type", "lock", "caller", "tgid") if c not in keys]
     weight = samples.groupby(keys + others, observed=True)["wait_ns"].sum()
@@ -698,17 +722,21 @@ def totals(rec):
 
 
 def timeline(rec, bin_ms=100, by="lock", top_n=5):
-    """Contention over time: waits and wait time per `bin_ms` bin (from the samples),
-    for the `top_n` heaviest groups of `by`; one row per (bin, group)."""
+    """Contention over time: waits and wait time per `bin_ms` bin (from the samples,
+    scaled as sample_weights says), for the `top_n` heaviest groups of `by`; one row
+    per (bin, group)."""
     aggs, samples = annotate(rec)
     if samples.empty:
         return pd.DataFrame(columns=["t_s", by, "waits", "wait_ns"])
     key = GROUP_COLUMN[by]
-    top_keys = samples.groupby(key)["wait_ns"].sum().nlargest(top_n).index
+    n, t, _ = sample_weights(rec, samples, aggs)
+    samples = samples.assign(_n=n, _t=t)
+    top_keys = samples.groupby(key, observed=True)["_t"].sum().nlargest(top_n).index
     s = samples[samples[key].isin(top_keys)]
     t0 = rec.manifest.get("start_monotonic_ns", int(samples["ts_ns"].min()))
     bins = ((s["ts_ns"].astype("int64") - t0) // (bin_ms * 1_000_000)).rename("bin")
-    out = s.groupby([bins, s[key]])["wait_ns"].agg(waits="size", wait_ns="sum").reset_index()
+    out = s.groupby([bins, s[key]], observed=True)[["_n", "_t"]].sum().round().astype(
+        np.int64).rename(columns={"_n": "waits", "_t": "wait_ns"}).reset_index()
     out["t_s"] = out["bin"] * bin_ms / 1000
     return out[["t_s", key, "waits", "wait_ns"]].rename(columns={key: by})
 
@@ -816,14 +844,19 @@ def per_vm(rec):
 
 def per_thread(rec):
     """Contention per process and thread (vCPU threads are named kvmlp-vcpuN by the
-    built-in workload; QEMU names them "CPU N/KVM"): waits and wait time."""
-    _, samples = annotate(rec)
-    cols = ["tgid", "vm", "tid", "comm", "waits", "wait_ns", "kvm_waits"]
+    built-in workload; QEMU names them "CPU N/KVM"): waits and wait time, from the
+    samples, scaled to the aggregates where not every wait was streamed (sample_weights:
+    `estimated`)."""
+    aggs, samples = annotate(rec)
+    cols = ["tgid", "vm", "tid", "comm", "waits", "wait_ns", "kvm_waits", "estimated"]
     if samples.empty:
         return pd.DataFrame(columns=cols)
+    n, t, estimated = sample_weights(rec, samples, aggs)
+    samples = samples.assign(_n=n, _t=t, _k=np.where(samples["kvm"], n, 0.0))
     g = samples.groupby(["tgid", "tid", "comm"], observed=True)
-    out = pd.DataFrame({"waits": g.size(), "wait_ns": g["wait_ns"].sum(),
-                        "kvm_waits": g["kvm"].sum()}).reset_index()
+    out = pd.DataFrame({"waits": g["_n"].sum(), "wait_ns": g["_t"].sum(),
+                        "kvm_waits": g["_k"].sum()}).round().astype(np.int64).reset_index()
+    out["estimated"] = estimated
     out["vm"] = out["tgid"].map(_vm_labels(rec)).fillna("?")
     out["comm"] = _vcpu_comms(rec, out)
     return out[cols].sort_values("wait_ns", ascending=False, ignore_index=True)

@@ -164,7 +164,8 @@ def sampled_line(rec, by, tids):
     every, lost = analysis.sampling(rec)
     who = f"threads {', '.join(map(str, tids))}" if tids else "per thread"
     how = "exact: every wait was sampled and none lost" if every == 1 and not lost else \
-        f"scaled (~): 1 wait in {every} sampled, {lost} lost to a full ring buffer"
+        f"scaled (~): 1 wait in {every} sampled, {lost} lost to a full ring buffer; " \
+        "scaled to each process's in-kernel totals"
     return f"{who}: from the sampled waits ({how})"
 
 
@@ -199,7 +200,7 @@ def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pid
         lines.append("")
         lines.append("<= : a log2 histogram bucket bound (not every wait of the row was sampled)")
     if df.get("estimated", pd.Series(dtype=bool)).any():
-        lines.append("~ : an estimate: the sampled waits, scaled up by the sampling rate"
+        lines.append("~ : an estimate: the sampled waits, scaled to their process's totals"
                      if sampled else "~ : an estimate: this caller's walked stacks, scaled "
                      "up by the waits of its lock that had no stack walked")
     lines.append("K : the stack goes through KVM")
