@@ -92,7 +92,6 @@ enum kvmlp_context { KVMLP_CTX_TASK, KVMLP_CTX_SOFTIRQ, KVMLP_CTX_HARDIRQ, KVMLP
 		     KVMLP_CTX_UNKNOWN, KVMLP_CTX_IRQ };
 /* IRQs at the call: only a kprobe sees the saved processor state. */
 enum kvmlp_irqs { KVMLP_IRQS_ON, KVMLP_IRQS_OFF, KVMLP_IRQS_UNKNOWN };
-#define KVMLP_THREAD_SIZE 16384         /* x86-64 and arm64 without KASAN */
 
 static __always_inline u32 kvmlp_context(void *ctx, int kprobe, int preempt_off, int stack_off)
 {

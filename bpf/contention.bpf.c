@@ -12,6 +12,8 @@
  *   KVMLP_FILTER_CGROUPS  N > 0: only tasks under one of N cgroups (-G)
  *   KVMLP_VCPU_EXITS    1: attribute vCPU threads' waits to KVM_RUN windows and
  *                     (KVMLP_EXIT_TP 1: x86's kvm_exit fields, 2: arm64's) to exits
+ *   KVMLP_OFF_TASK_STACK  task_struct.stack's offset (BTF; -1: unknown): tells an
+ *                     interrupt's waits from its task's
  * The stack budget is set at run time (see armed).
  *
  * Raw tracepoints, not perf-attached ones: a BPF program on a tracepoint
@@ -34,8 +36,12 @@ struct pending_slots {
 	u32 flags[KVMLP_NEST];
 	s32 stack_id[KVMLP_NEST];
 	u32 epoch[KVMLP_NEST];    /* armed.epoch at its begin */
+	u32 nested[KVMLP_NEST];   /* begun inside another wait of the task */
 };
 BPF_TASK_STORAGE(pending, struct pending_slots);
+/* An interrupt's waits, per CPU: in the task's slots, an interrupt waiting on the
+ * lock its task waits on would take the task's slot (and end its wait). */
+BPF_PERCPU_ARRAY(irq_pending, struct pending_slots, 1);
 #else
 /* Keyed by thread and lock, for the same reasons. */
 struct pending_key {
@@ -56,6 +62,7 @@ struct pending_val {
 BPF_TABLE("lru_hash", struct pending_key, struct pending_val, pending, KVMLP_PENDING_ENTRIES);
 #endif
 BPF_HASH(agg, struct kvmlp_agg_key, struct kvmlp_agg_val, KVMLP_AGG_ENTRIES);
+BPF_HASH(nested_waits, struct kvmlp_nested_key, struct kvmlp_nested_val, KVMLP_AGG_ENTRIES);
 /* The aggregate keys (stack KVMLP_NO_STACK) that got a stack at their end: see
  * first_stack(). */
 BPF_HASH(first_walked, struct kvmlp_agg_key, u8, KVMLP_AGG_ENTRIES);
@@ -261,12 +268,27 @@ static __always_inline int continues(u32 had, u32 flags)
 
 
 #if KVMLP_PENDING_TASK
+static __always_inline int any_live(struct pending_slots *p, u32 epoch, int except)
+{
+	int live = 0;
+#pragma unroll
+	for (int i = 0; i < KVMLP_NEST; i++)
+		live |= i != except && p->lock[i] && p->epoch[i] == epoch;
+	return live;
+}
+
+static __always_inline struct pending_slots *slots_of(int irq, u64 flags)
+{
+	int zero = 0;
+	return irq ? irq_pending.lookup(&zero) :
+		pending.task_storage_get(bpf_get_current_task_btf(), 0, flags);
+}
+
 static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
-				       struct kvmlp_arm *arm)
+				       struct kvmlp_arm *arm, int irq)
 {
 	u32 epoch = arm->epoch;
-	struct pending_slots *p = pending.task_storage_get(bpf_get_current_task_btf(), 0,
-							   BPF_LOCAL_STORAGE_GET_F_CREATE);
+	struct pending_slots *p = slots_of(irq, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!p) {
 		count(KVMLP_C_LOST_PENDING_FULL);
 		return;
@@ -300,21 +322,32 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 				slot = i;
 		}
 	}
-	s32 stack_id = walk_stack(ctx, now, arm);
 	/* the index is < KVMLP_NEST on every path; the mask tells the verifier */
 	slot &= KVMLP_NEST - 1;
+	/* inside another wait: of this task, of this CPU's interrupts, or (in an
+	 * interrupt) of the task it interrupted */
+	int nested = any_live(p, epoch, slot);
+	if (irq && !nested) {
+		struct pending_slots *t = slots_of(0, 0);
+		nested = t && any_live(t, epoch, KVMLP_NEST);
+	}
+	s32 stack_id = walk_stack(ctx, now, arm);
+	if (stack_id != KVMLP_NO_STACK)
+		now = bpf_ktime_get_ns();       /* the wait starts after our walk */
 	p->ts_ns[slot] = now;
 	p->stack_id[slot] = stack_id;
 	p->flags[slot] = flags;
 	p->epoch[slot] = epoch;
+	p->nested[slot] = nested;
 	p->lock[slot] = lock;
 }
 
-/* The wait on `lock` that ends now: 1 and its start, flags and stack, or 0. */
+/* The wait on `lock` that ends now: 1 and its start, flags, stack and whether it
+ * was nested, or 0. */
 static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
-				    s32 *stack_id)
+				    s32 *stack_id, u32 *nested, int irq)
 {
-	struct pending_slots *p = pending.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+	struct pending_slots *p = slots_of(irq, 0);
 	if (!p)
 		return 0;
 #pragma unroll
@@ -326,26 +359,29 @@ static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
 			*ts_ns = p->ts_ns[i];
 			*flags = p->flags[i];
 			*stack_id = p->stack_id[i];
+			*nested = p->nested[i];
 			return 1;
 		}
 	}
 	return 0;
 }
 #else
-static __always_inline struct pending_key key_of(u64 lock)
+/* An interrupt's waits under tid ~0 and its CPU, apart from its task's (see
+ * irq_pending). Nesting is not told on this path (no per-task view of its waits). */
+static __always_inline struct pending_key key_of(u64 lock, int irq)
 {
 	struct pending_key k = {};
-	k.tid = (u32)bpf_get_current_pid_tgid();
-	k.cpu = k.tid ? 0 : bpf_get_smp_processor_id();
+	k.tid = irq ? ~0U : (u32)bpf_get_current_pid_tgid();
+	k.cpu = k.tid && !irq ? 0 : bpf_get_smp_processor_id();
 	k.lock_addr = lock;
 	return k;
 }
 
 static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
-				       struct kvmlp_arm *arm)
+				       struct kvmlp_arm *arm, int irq)
 {
 	u32 epoch = arm->epoch;
-	struct pending_key k = key_of(lock);
+	struct pending_key k = key_of(lock, irq);
 	struct pending_val *p = pending.lookup(&k);
 	if (p && p->epoch == epoch && continues(p->flags, flags)) {
 		p->flags = flags;       /* as above */
@@ -354,8 +390,8 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 	if (p && p->epoch == epoch)
 		count(KVMLP_C_BEGIN_WITHOUT_END);
 	struct pending_val v = {};
-	v.ts_ns = now;
 	v.stack_id = walk_stack(ctx, now, arm);
+	v.ts_ns = v.stack_id != KVMLP_NO_STACK ? bpf_ktime_get_ns() : now;   /* as above */
 	v.flags = flags;
 	v.epoch = epoch;
 	if (pending.update(&k, &v))
@@ -363,9 +399,10 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 }
 
 static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
-				    s32 *stack_id)
+				    s32 *stack_id, u32 *nested, int irq)
 {
-	struct pending_key k = key_of(lock);
+	*nested = 0;
+	struct pending_key k = key_of(lock, irq);
 	struct pending_val *p = pending.lookup(&k);
 	if (!p)
 		return 0;
@@ -557,10 +594,12 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
 #endif
 #endif
 
-/* A wait runs from the top of its begin handler to the top of its end
- * handler, as perf lock contention times it: the stack walk and the rest of
- * both handlers fall inside it, walked or not, so that every wait carries the
- * same cost (the resolution floor, measured: manifest handler_ns). */
+/* A wait runs from its begin handler (after the stack walk, if one was done)
+ * to the top of its end handler: our own walk is not the lock's wait, and a
+ * walked wait would otherwise read a walk longer than its unwalked twin, which
+ * skews every per-caller number (callers come from walked waits). The rest of
+ * the handlers falls inside every wait alike (the resolution floor, measured:
+ * manifest handler_ns). An outside clock (perf, ftrace) sees the walk inside. */
 RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) */
 {
 	u64 now = bpf_ktime_get_ns();
@@ -576,7 +615,8 @@ RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) *
 		return 0;
 	}
 	count(KVMLP_C_BEGIN);
-	begin_wait(ctx, now, ctx->args[0], (u32)ctx->args[1], arm);
+	begin_wait(ctx, now, ctx->args[0], (u32)ctx->args[1], arm,
+		   kvmlp_on_irq_stack(KVMLP_OFF_TASK_STACK));
 	return 0;
 }
 
@@ -592,11 +632,12 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	count(KVMLP_C_END);
 #endif
 	u64 start = 0;
-	u32 flags = 0;
+	u32 flags = 0, nested = 0;
 	s32 stack_id = KVMLP_NO_STACK;
 	int zero_idx = 0;
+	int irq = kvmlp_on_irq_stack(KVMLP_OFF_TASK_STACK);
 	struct kvmlp_arm *arm = armed.lookup(&zero_idx);
-	if (!arm || !end_wait(lock, arm->epoch, &start, &flags, &stack_id)) {
+	if (!arm || !end_wait(lock, arm->epoch, &start, &flags, &stack_id, &nested, irq)) {
 #if !KVMLP_FILTER_TYPE  /* (with -Y: most likely the end of a type it dropped) */
 		count(KVMLP_C_END_WITHOUT_BEGIN);
 #endif
@@ -637,8 +678,25 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	} else {
 		count(KVMLP_C_LOST_AGG_FULL);
 	}
+	if (irq)
+		count(KVMLP_C_IRQ_WAITS);
+	if (nested) {
+		count(KVMLP_C_NESTED);
+		struct kvmlp_nested_key nk = {};
+		nk.lock_addr = lock;
+		nk.tgid = tgid;
+		nk.irq = irq;
+		struct kvmlp_nested_val nzero = {}, *nv = nested_waits.lookup_or_try_init(&nk, &nzero);
+		if (nv) {
+			kvmlp_add(&nv->count, 1);
+			kvmlp_add(&nv->total_ns, wait);
+		} else {
+			count(KVMLP_C_LOST_AGG_FULL);
+		}
+	}
 #if KVMLP_VCPU_EXITS
-	vcpu_wait(id, lock, flags, start, wait);
+	if (!nested && !irq)    /* a vCPU's own outermost waits: shares never double count */
+		vcpu_wait(id, lock, flags, start, wait);
 #endif
 
 #if KVMLP_SAMPLE_EVERY == 0

@@ -25,6 +25,9 @@ enum contention_counter {
 	KVMLP_C_FILTERED,           /* contention_begin of a followed process dropped by --tid/-G/-L/-Y */
 	KVMLP_C_FILTERED_END,       /* waits dropped at their end by -Y (a mutex's final type) */
 	KVMLP_C_LOST_VCPU_FULL,     /* lost: a vCPU window not kept or aggregated, its map was full */
+	KVMLP_C_NESTED,             /* waits that began inside another wait of their task (a
+	                             * mutex's wait_lock, an interrupt over a waiting task) */
+	KVMLP_C_IRQ_WAITS,          /* waits in interrupt context (kept apart from the task's) */
 	KVMLP_NR_COUNTERS,
 };
 
@@ -66,6 +69,20 @@ struct kvmlp_agg_val {
 	u64 max_ns;
 	u64 min_ns;
 	u64 hist[KVMLP_HIST_SLOTS];
+};
+
+/* The nested waits, by lock and process: their time lies inside an outer wait of
+ * the same task, so it is in the aggregates (every wait, as perf counts them) but
+ * not added to a process's or a vCPU's total. */
+struct kvmlp_nested_key {
+	u64 lock_addr;
+	u32 tgid;
+	u32 irq;                /* 1: the nested wait ran in an interrupt */
+};
+
+struct kvmlp_nested_val {
+	u64 count;
+	u64 total_ns;
 };
 
 /* --vcpu-exits: where a vCPU thread's waits fall. A window is one exit's handling

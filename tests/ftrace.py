@@ -54,10 +54,16 @@ class Ftrace:
             tgids[int(pid)] = int(tgid)
         out = []
         for r, t in zip(raw, text):
-            pid, _cpu, ts = r.split()[:3]
-            ev = _EVENT.search(t.partition("] ")[2]).group(1)
-            out.append((int(pid), tgids.get(int(pid), -1), int(ts), ev,
-                        {k: int(v, 0) for k, v in _FIELD.findall(t.split(ev + ": ", 1)[1])}))
+            pid, cpu, ts = r.split()[:3]
+            rest = t.partition("] ")[2]
+            ev = _EVENT.search(rest).group(1)
+            fields = {k: int(v, 0) for k, v in _FIELD.findall(t.split(ev + ": ", 1)[1])}
+            # the tracer's own context flags (irq-info: "d.h1."): its third says
+            # hardirq (h, H), softirq (s) or NMI (z, Z)
+            flags = rest.split()[0]
+            fields["__cpu"] = int(cpu.strip("[]"))
+            fields["__irq"] = int(len(flags) >= 3 and flags[2] in "hHszZ")
+            out.append((int(pid), tgids.get(int(pid), -1), int(ts), ev, fields))
         return out
 
     def overruns(self):

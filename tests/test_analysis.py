@@ -140,7 +140,10 @@ def test_unwalked_waits_spread_over_their_locks_walked_callers():
     no = analysis.NO_STACK
     aggs = pd.DataFrame({"lock_addr": [1, 1, 1, 2, 3], "flags": [1] * 5, "tgid": [9] * 5,
                          "stack_id": [7, 8, no, no, 10], "count": [3, 1, 4, 5, 2],
-                         "total_ns": [30, 10, 80, 50, 20]}, index=[5, 6, 7, 8, 9])
+                         "total_ns": [30, 10, 80, 50, 20], "min_ns": [10] * 5,
+                         "max_ns": [10] * 5, "hist": [np.eye(64)[4] * c for c in
+                                                     [3, 1, 4, 5, 2]]},
+                        index=[5, 6, 7, 8, 9])
     out = analysis.spread_unwalked(aggs)
     assert list(out["stack_id"]) == [7, 8, no, 10]   # lock 2 had no walked stack: kept
     assert list(out["count"]) == [6, 2, 5, 2] and list(out["total_ns"]) == [90, 30, 50, 20]

@@ -97,3 +97,74 @@ def test_views_from_samples_stand_for_every_wait_under_sample_every(tmp_path):
     pt = analysis.per_thread(exact).set_index("tid")
     assert not pt["estimated"].any()
     assert {t: (pt.loc[t, "waits"], pt.loc[t, "wait_ns"]) for t in (11, 12)} == truth
+
+
+def test_by_caller_counts_the_unwalked_waits_in_its_min_and_percentiles(tmp_path):
+    """990 waits of 1 us with no stack walked and 10 walked ones of one caller, all
+    alike: by caller the min and p50 are those of its 1000 waits, as by lock."""
+    no = analysis.NO_STACK
+    waits = [1000] * 1000
+    rows = [(w, 0x1000, 7, 1, 1 if i % 100 == 0 else no) for i, w in enumerate(waits)]
+    rec = kvmlockprof.load(small_recording(tmp_path / "r.parquet", rows))
+    rec._cache["contention"] = rec.samples.iloc[1:]           # percentiles from the hist
+    lock = analysis.top(rec, by="lock").iloc[0]
+    caller = analysis.top(rec, by="caller").iloc[0]
+    truth = np.quantile(waits, 0.5, method=NEAREST)
+    assert caller["contended"] == lock["contended"] == 1000 and caller["estimated"]
+    assert caller["min_ns"] == lock["min_ns"] == min(waits)
+    assert truth <= caller["p50_ns"] == lock["p50_ns"] < 2 * truth
+
+
+def test_a_callers_estimated_bounds_contain_its_true_waits(tmp_path):
+    """Two callers, one fast (1 us) and one slow (100 us), 1 in 20 of each walked:
+    each caller's estimated min is not above its true min, max not below its true max,
+    and its histogram holds its share of the lock's waits (the sums add up)."""
+    no = analysis.NO_STACK
+    rng = np.random.default_rng(3)
+    rows, truth = [], {1: [], 2: []}
+    for i in range(2000):
+        sid = 1 if i % 2 else 2
+        w = int(rng.integers(900, 1100) if sid == 1 else rng.integers(90_000, 110_000))
+        truth[sid].append(w)
+        rows.append((w, 0x1000, 7, 1, sid if i % 40 < 2 else no))
+    rec = kvmlockprof.load(small_recording(tmp_path / "r.parquet", rows))
+    rec._cache["contention"] = rec.samples.iloc[1:]
+    by = analysis.top(rec, by="caller").set_index("caller")
+    rows_of = {1: "kvm_vm_ioctl+0x10", 2: "futex_wake+0x1"}
+    assert by["contended"].sum() == 2000
+    for sid, w in truth.items():
+        r = by.loc[rows_of[sid]]
+        assert r["estimated"] and r["min_ns"] <= min(w) and r["max_ns"] >= max(w)
+        assert abs(r["contended"] - len(w)) <= 0.2 * len(w)
+
+
+def test_per_vm_counts_each_instant_once(tmp_path):
+    """A process's wait time leaves out its nested waits (begun inside another wait
+    of the same task, whose time already holds theirs); they stay counted by lock."""
+    import pyarrow as pa
+    rows = [(10_000, 0x1000, 7, 32, 1), (300, 0x2000, 7, 1, 2), (200, 0x2000, 7, 1, 2)]
+    path = small_recording(tmp_path / "n.parquet", rows)
+    from tests_support import rewrite
+    nested = pa.table({"lock_addr": pa.array([0x2000], pa.uint64()),
+                       "tgid": pa.array([7], pa.uint32()), "irq": pa.array([0], pa.uint32()),
+                       "count": pa.array([2], pa.uint64()),
+                       "total_ns": pa.array([500], pa.uint64())})
+    out = tmp_path / "n2.parquet"
+    from kvmlockprof.recording.store import Writer, to_arrow
+    from tests_support import _manifest, _stacks, aggregates_of, events
+    ev = events(rows)
+    w = Writer(out)
+    w.append("contention", to_arrow(ev))
+    w.append("stacks", _stacks())
+    w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
+    w.snapshot("nested_waits", nested)
+    m = _manifest(len(ev))
+    m["counters"].update(nested=2, irq_waits=0)
+    w.finalize(m)
+    rec = kvmlockprof.load(str(out))
+    vm = analysis.per_vm(rec).set_index("tgid").loc[7]
+    assert (vm["waits"], vm["wait_ns"], vm["nested_waits"], vm["nested_ns"]) == \
+        (3, 10_000, 2, 500)
+    assert analysis.top(rec)["total_ns"].sum() == 10_500       # by lock: every wait
+    assert analysis.totals(rec)["nested_waits"] == 2
+    assert analysis.per_vm(kvmlockprof.load(path))["nested_waits"].sum() == 0  # an old one

@@ -390,3 +390,47 @@ def test_resolution_floor_is_reported(oracle):
     text = klp("report", rec.path).stdout
     assert "resolution: every wait includes" in text
     assert floor < 50_000
+
+
+def test_a_walked_wait_starts_after_its_walk(live, tmp_path):
+    """Every wait walked (--stack-budget 0): wait by wait, an ftrace instance attached
+    before us sees our walk inside the wait and we do not, so its wait is longer than
+    ours by about what our begin handler costs (the kernel's bpf_stats, walks included),
+    and never by more than that plus the handlers between the two clocks (a walked
+    wait used to read as long as ftrace's: the walk counted as the lock's wait)."""
+    before = kernel_objects()
+    ft = Ftrace(f"kvmlockprof-walk-{os.getpid()}", {f"lock/{e}": None for e in EVENTS})
+    try:
+        out = tmp_path / "walked.parquet"
+        klp("record", "-q", "--stack-budget", 0, "-o", out, "--",
+            *workload_argv("--duration", 3, "--vcpus", 2, "--churn"))
+        ft.stop()
+        theirs_all = pair(ftrace_waits_events(ft))
+    finally:
+        ft.remove()
+    assert_none_left(before)
+    rec = kvmlockprof.load(out)
+    pid, s = rec.manifest["command_pid"], rec.samples
+    walked = s[s["stack_id"] >= 0]
+    assert len(walked) >= 0.9 * len(s) >= 500, (len(walked), len(s))
+    theirs = defaultdict(list)
+    for tgid, lock, w, end, tid in theirs_all:
+        if tgid == pid:
+            theirs[(tid, lock)].append((end, w))
+    theirs = {k: (np.array([e for e, _ in sorted(v)], np.int64),
+                  [w for _, w in sorted(v)]) for k, v in theirs.items()}
+    diff = []
+    for tid, lock, end, w in zip(walked["tid"].tolist(), walked["lock_addr"].tolist(),
+                                 walked["ts_ns"].tolist(), walked["wait_ns"].tolist()):
+        ends, ws = theirs.get((tid, lock), (np.array([], np.int64), []))
+        i = int(np.searchsorted(ends, end, side="right")) - 1
+        if i >= 0 and end - ends[i] < 1_000_000:
+            diff.append(ws[i] - w)
+    diff = np.array(diff)
+    begin = handler_ns(rec)
+    floor = (BETWEEN["ftrace"] + 1) * sum(handler_ns(rec, tp) for tp in EVENTS)
+    print(f"\n{len(diff)} walked waits matched of {len(walked)}; ftrace's - ours: median "
+          f"{np.median(diff):.0f} ns, 5-95% [{np.percentile(diff, 5):.0f}, "
+          f"{np.percentile(diff, 95):.0f}]; our begin handler {begin:.0f} ns a run")
+    assert len(diff) >= 0.95 * len(walked)
+    assert 0.5 * begin <= np.median(diff) <= begin + floor, (np.median(diff), begin, floor)

@@ -5,8 +5,9 @@ same tracepoints the windows are made of (the KVM_RUN ioctl's entry,
 kvm_userspace_exit and, where they fire, kvm_exit/kvm_entry) and lock:contention_*.
 The test rebuilds the windows and the waits inside them from ftrace's text by the
 plain rule (a window from its entry event to its end event on that thread; a wait
-from a thread's first contention_begin on a lock to the next contention_end on it)
-and compares. On this development host (PVM) kvm_exit/kvm_entry never fire: the
+from a thread's first contention_begin on a lock to the next contention_end on it,
+counted when it is the thread's own outermost wait: not in an interrupt, by the
+tracer's flags, nor begun while another wait of the thread was open) and compares. On this development host (PVM) kvm_exit/kvm_entry never fire: the
 windows are whole KVM_RUN calls, and the test says so; the lab checks exit windows
 (tests/test_lab.py)."""
 import os
@@ -44,11 +45,16 @@ def ftrace_windows(events, pid):
             r = runs[(tid, reason)]
             r[0] += 1
             r[1] += ts - run_start.pop(tid)
-        elif ev == "contention_begin":
-            pending.setdefault((tid, f["lock_addr"]), ts)
+        elif f.get("__irq"):
+            continue                    # an interrupt's wait is not the vCPU's own
+        elif ev == "contention_begin" and (tid, f["lock_addr"]) not in pending:
+            # nested: begun while another wait of the thread is open (its time is
+            # inside that one's, so a vCPU's share counts it once)
+            outer = any(t == tid for t, _ in pending)
+            pending[(tid, f["lock_addr"])] = (ts, outer)
         elif ev == "contention_end" and (tid, f["lock_addr"]) in pending:
-            began = pending.pop((tid, f["lock_addr"]))
-            if tid in run_start and began >= run_start[tid]:
+            began, nested = pending.pop((tid, f["lock_addr"]))
+            if tid in run_start and began >= run_start[tid] and not nested:
                 waits.append((tid, f["lock_addr"], ts - began))
     return runs, waits
 

@@ -176,15 +176,17 @@ def _annotate(rec, columns=None):
 def spread_unwalked(aggs):
     """Aggregates with the waits whose stack was not walked (--stack-every, or
     past the per-CPU stack budget) spread over the walked stacks of the same
-    lock, flags and process: count in proportion to the walked counts, total_ns
-    to the walked totals, so a lock's sums stay exact and each caller gets an
-    estimate (`estimated` True). An unwalked row whose group has no walked stack
-    stays, as "[stack not sampled]". max/min/hist stay those of the walked waits.
+    lock, flags and process, each walked row taking the share of its walked count:
+    count, histogram and (by the walked totals) total_ns, so a lock's sums stay
+    exact and each caller gets an estimate (`estimated` True) whose percentile
+    bounds count every wait. min/max of such a row become the envelope of its own
+    and the unwalked waits' (a caller's true min is not below it, nor its max above).
+    An unwalked row whose group has no walked stack stays, as "[stack not sampled]".
     Without unwalked rows the aggregates come back as they are (exact)."""
     unwalked = (aggs["stack_id"] == NO_STACK).to_numpy()
     if not unwalked.any():              # (spread already: its estimates stay marked)
         return aggs if "estimated" in aggs.columns else aggs.assign(estimated=False)
-    group, _ = group_codes(aggs, ["lock_addr", "flags", "tgid"])
+    group, index = group_codes(aggs, ["lock_addr", "flags", "tgid"])
 
     def sums(col):          # per row: its value, and its group's walked and whole sums
         v = aggs[col].to_numpy(np.float64)
@@ -197,9 +199,23 @@ def spread_unwalked(aggs):
     with np.errstate(invalid="ignore", divide="ignore"):
         fn = np.where(unwalked, 0.0, n_all / n_walked)
         ft = np.where(t_walked > 0, np.where(unwalked, 0.0, t_all / t_walked), fn)
+        share = np.where(unwalked | ~spread, 0.0, n / n_walked)   # of the unwalked waits
     out["count"] = np.where(spread, n * fn, n)
     out["total_ns"] = np.where(spread, t * ft, t)
-    out["estimated"] = spread & (n_all != n_walked) & ~unwalked
+    into = ~unwalked & spread & (n_all != n_walked)
+    out["estimated"] = into
+    hist = np.stack(aggs["hist"].to_numpy()).astype(np.float64)
+    uhist = np.zeros((len(index), hist.shape[1]))
+    np.add.at(uhist, group[unwalked], hist[unwalked])
+    out["hist"] = list(hist + uhist[group] * share[:, None])
+    big = np.iinfo(np.int64).max
+    umin = np.full(len(index), big)
+    np.minimum.at(umin, group[unwalked], aggs["min_ns"].to_numpy(np.int64)[unwalked])
+    umax = np.zeros(len(index), np.int64)
+    np.maximum.at(umax, group[unwalked], aggs["max_ns"].to_numpy(np.int64)[unwalked])
+    mn, mx = aggs["min_ns"].to_numpy(np.int64), aggs["max_ns"].to_numpy(np.int64)
+    out["min_ns"] = np.where(into, np.minimum(mn, umin[group]), mn)
+    out["max_ns"] = np.where(into, np.maximum(mx, umax[group]), mx)
     return out[~(unwalked & spread)]
 
 
@@ -707,11 +723,30 @@ def waits_in_progress(rec):
     return w.sort_values("age_ns", ascending=False)[cols].reset_index(drop=True)
 
 
+def nested_waits(rec):
+    """Per process: the waits that began inside another wait of their task (a mutex's
+    wait_lock, an interrupt over a waiting task) and their time, which lies inside
+    the outer wait's: counted by lock as perf counts them, never added again to a
+    process's or a vCPU's total. Empty for recordings made before it was kept."""
+    n = rec.table("nested_waits")
+    if n.empty or "tgid" not in n.columns:
+        return pd.DataFrame({"waits": pd.Series(dtype=np.int64),
+                             "wait_ns": pd.Series(dtype=np.int64)}, index=pd.Index(
+                                 [], name="tgid"))
+    return n.groupby("tgid")[["count", "total_ns"]].sum().rename(
+        columns={"count": "waits", "total_ns": "wait_ns"}).astype(np.int64)
+
+
 def totals(rec):
-    """What was seen and what was lost, from the manifest's in-kernel counters."""
+    """What was seen and what was lost, from the manifest's in-kernel counters, and
+    the nested waits (whose time is inside another wait's)."""
     m = rec.manifest
     c = m.get("counters", {})
+    nested = nested_waits(rec)
     return {"contention_end_seen": c.get("end", 0),
+            "nested_waits": int(nested["waits"].sum()) if "nested" in c else None,
+            "nested_ns": int(nested["wait_ns"].sum()),
+            "irq_waits": c.get("irq_waits"),
             "waits_paired": c.get("end", 0) - c.get("end_without_begin", 0),
             # a wait whose end never came (0 unless the kernel left one unpaired)
             "begins_unended": c.get("begin_without_end", 0),
@@ -818,9 +853,12 @@ def _vcpu_comms(rec, rows):
 
 def per_vm(rec):
     """Contention per process (VM): waits and wait time from the in-kernel
-    aggregates (complete), how much of it went through KVM, threads that waited."""
+    aggregates (complete), how much of it went through KVM, threads that waited.
+    wait_ns is the time its threads waited: without the nested waits' (nested_ns,
+    inside another wait's time), so it never counts an instant twice."""
     aggs, samples = annotate(rec)
-    cols = ["tgid", "vm", "waits", "wait_ns", "kvm_waits", "kvm_wait_ns", "threads"]
+    cols = ["tgid", "vm", "waits", "wait_ns", "kvm_waits", "kvm_wait_ns", "threads",
+            "nested_waits", "nested_ns"]
     if aggs.empty:
         return pd.DataFrame(columns=cols)
     # a helper thread's waits (vhost-<pid>, ...) are its VM's
@@ -834,7 +872,12 @@ def per_vm(rec):
     out = pd.DataFrame({"waits": g["count"].sum(), "wait_ns": g["total_ns"].sum(),
                         "kvm_waits": kvm.groupby("tgid")["count"].sum(),
                         "kvm_wait_ns": kvm.groupby("tgid")["total_ns"].sum()})
+    nested = nested_waits(rec)
+    nested.index = nested.index.map(lambda t: owner.get(t, t))
+    nested = nested.groupby(level=0).sum()
+    out["nested_waits"], out["nested_ns"] = nested["waits"], nested["wait_ns"]
     out = out.fillna(0).astype("int64")
+    out["wait_ns"] -= out["nested_ns"]
     out["threads"] = samples.groupby("tgid")["tid"].nunique() if not samples.empty else 0
     out = out.reset_index()
     out["threads"] = out["threads"].fillna(0).astype(int)

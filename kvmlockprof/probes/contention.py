@@ -25,7 +25,8 @@ PROBE = Probe(
              Target("CONTENTION_END", ("lock:contention_end",), (TRACEPOINT,))),
     bpf="contention.bpf.c",
     header="contention.h",
-    tables=("contention", "aggregates", "stacks", "vcpu_exits", "vcpu_exit_waits"),
+    tables=("contention", "aggregates", "stacks", "vcpu_exits", "vcpu_exit_waits",
+            "nested_waits"),
     columns={
         "contention": {"ts_ns": "n", "wait_ns": "n", "lock_addr": "n", "tid": "n",
                        "tgid": "n", "flags": "n", "stack_id": "n", "comm": "s"},
@@ -33,6 +34,8 @@ PROBE = Probe(
                        "count": "n", "total_ns": "n", "max_ns": "n", "min_ns": "n",
                        "hist": "l"},
         "stacks": {"stack_id": "n", "frames": "ls", "lock_frame": "l"},
+        "nested_waits": {"lock_addr": "n", "tgid": "n", "irq": "n", "count": "n",
+                         "total_ns": "n"},
         "in_progress": {"tid": "n", "tgid": "n", "lock_addr": "n", "flags": "n",
                         "stack_id": "n", "age_ns": "n"},
         "vcpu_exits": {"tgid": "n", "tid": "n", "basis": "n", "isa": "n", "reason": "n",
@@ -145,10 +148,13 @@ class ContentionProbe:
                  ringbuf_mb=RINGBUF_MB, agg_entries=MAP_ENTRIES, stack_entries=MAP_ENTRIES,
                  pending_entries=MAP_ENTRIES, stack_every=STACK_EVERY,
                  stack_budget=STACK_BUDGET, pending="auto", filter_entries=MAP_ENTRIES,
-                 max_stack=bpfload.STACK_DEPTH, kfilter=None, vcpu_exits=False):
+                 max_stack=bpfload.STACK_DEPTH, kfilter=None, vcpu_exits=False,
+                 task_stack_off=-1):
         """kfilter: the kernel-side filters (recording.filters.split's first part);
         vcpu_exits: attribute vCPU threads' waits to KVM_RUN and exit windows
-        (vcpu_exit_tracepoints says which this kernel has)."""
+        (vcpu_exit_tracepoints says which this kernel has); task_stack_off:
+        task_struct.stack's offset (BTF), which tells an interrupt's waits from its
+        task's (-1: every wait taken as its task's)."""
         kf = {k: v for k, v in (kfilter or {}).items() if v is not None}
         pages = max(1, ringbuf_mb * (1 << 20) // 4096)
         pages = 1 << (pages.bit_length() - 1)                  # a power of two
@@ -161,7 +167,7 @@ class ContentionProbe:
             KVMLP_FILTER_TID="tids" in kf, KVMLP_FILTER_ADDR="addrs" in kf,
             KVMLP_FILTER_TYPE="type_bits" in kf, KVMLP_FILTER_CGROUPS=len(kf.get("cgroups", ())),
             KVMLP_VCPU_EXITS=bool(vcpu_exits), KVMLP_EXIT_TP=vcpu_exit_tracepoints()[0]
-            if vcpu_exits else 0)
+            if vcpu_exits else 0, KVMLP_OFF_TASK_STACK=task_stack_off)
         self.bpf, self.pending = self._load(pending)
         self.options = {"sample_every": sample_every, "stack_every": stack_every,
                         "stack_budget": stack_budget, "max_stack": max_stack,
@@ -303,7 +309,8 @@ class ContentionProbe:
         if changed or self._read_at[1] or self._aggregates is None:
             self._aggregates = to_arrow(read_hash(self.bpf["agg"]))
         self._read_at = (ends, changed)
-        out = {"aggregates": self._aggregates}
+        out = {"aggregates": self._aggregates,
+               "nested_waits": to_arrow(read_hash(self.bpf["nested_waits"]))}
         if self.defines["KVMLP_VCPU_EXITS"]:        # (windows end without waits: always read)
             out.update({t: to_arrow(read_hash(self.bpf[t])) for t in VCPU_TABLES})
             ex = out["vcpu_exits"]

@@ -123,6 +123,8 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=cp.
                                 agg_entries=map_entries, stack_entries=map_entries,
                                 stack_every=stack_every, stack_budget=stack_budget,
                                 kfilter=kfilter, vcpu_exits=vcpu_exits,
+                                task_stack_off=kbtf.offset("task_struct", "stack")
+                                if kbtf else -1,
                                 **({"max_stack": max_stack} if max_stack else {}))
             sources["contention"] = c
             status["contention"] = {"status": "attached", "method": catalog.TRACEPOINT,

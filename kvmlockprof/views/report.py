@@ -61,6 +61,11 @@ def summary_lines(rec):
                  f"losses {', '.join(f'{k}={v}' for k, v in lost.items()) or 'none'}" +
                  (f"  begins whose end never came {t['begins_unended']}"
                   if t["begins_unended"] else ""))
+    if t["nested_waits"]:
+        lines.append(f"nested waits {t['nested_waits']} ({fmt_ns(t['nested_ns'])}): begun "
+                     "inside another wait of their task (a mutex's wait_lock, an interrupt); "
+                     "counted by lock, their time not added again to per-VM or per-vCPU "
+                     f"totals; {t['irq_waits']} waits in interrupt context")
     stuck = analysis.waits_in_progress(rec)
     if not stuck.empty:
         since = fmt_ns(m.get("in_progress_min_ns", float("nan")))
@@ -95,7 +100,8 @@ def resolution_line(manifest):
     if begin.get("ns_per_run") is None:
         return None
     return (f"resolution: every wait includes kvmlockprof's contention_begin handler, "
-            f"{fmt_ns(begin['ns_per_run'])} on average (stack walks included; contention_end "
+            f"at most {fmt_ns(begin['ns_per_run'])} on average (its stack walks, outside the "
+            f"waits, counted in this average; contention_end "
             f"{fmt_ns(end.get('ns_per_run') or float('nan'))}), measured by bpf_stats over "
             f"{begin.get('runs')} runs")
 
