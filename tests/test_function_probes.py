@@ -282,9 +282,14 @@ def test_every_probe_with_data_gets_a_plot_panel(module, tmp_path):
             assert sec.title.split(" (")[0].replace(">", "&gt;") in page
 
 
-def _lockorder_recording(module, tmp_path, name, edges, acqs, recursion=()):
+def _lockorder_recording(module, tmp_path, name, edges, acqs, recursion=(),
+                         acqs_columns=None):
     """A recording of the lockorder tables in the layout bcc parsed from the C: one VM
-    (base KVM) with one vCPU (base VCPU), lock names as `record` writes them."""
+    (base KVM) with one vCPU (base VCPU), lock names as `record` writes them. An
+    acquisition is (lock, context, IRQs while held, under, count) and optionally
+    {"kind", "softirqs", "irqs_at_call"} (else the lock's kind, softirqs on, IRQs at
+    the call as while held); a recursion is a lock or (lock, kind, held as).
+    acqs_columns: only these columns of lockorder_acqs (an older recording's)."""
     from kvmlockprof.probes import lockorder as lo
     kind = {v: k for k, v in lo.KINDS.items()}
     ctx = {v: k for k, v in lo.CONTEXTS.items()}
@@ -296,15 +301,21 @@ def _lockorder_recording(module, tmp_path, name, edges, acqs, recursion=()):
         e[i]["held_kind"], e[i]["acquired_kind"] = kind[hk], kind[ak]
     e["stack_id"] = -1
     q = empty_like(module, "lockorder_acqs")(len(acqs))
-    for i, (lock, c, irq, under, n) in enumerate(acqs):
+    for i, (lock, c, irq, under, n, *more) in enumerate(acqs):
+        more = more[0] if more else {}
         q[i]["addr"], q[i]["kind"], q[i]["context"], q[i]["irqs"] = \
-            LO_ADDR[lock], kind[LO_KIND[lock]], ctx[c], irqs[irq]
-        q[i]["irqs_at_call"] = irqs[irq]
+            LO_ADDR[lock], kind[more.get("kind", LO_KIND[lock])], ctx[c], irqs[irq]
+        q[i]["irqs_at_call"] = irqs[more.get("irqs_at_call", irq)]
+        q[i]["softirqs"] = irqs[more.get("softirqs", "on")]
         q[i]["outer"], q[i]["count"] = LO_ADDR.get(under, 0), n
     q["stack_id"] = -1
+    if acqs_columns is not None:
+        q = q[list(acqs_columns)]
     r = empty_like(module, "lockorder_recursion")(len(recursion))
     for i, lock in enumerate(recursion):
-        r[i]["addr"], r[i]["kind"] = LO_ADDR[lock], kind[LO_KIND[lock]]
+        lock, k, held_as = (lock, LO_KIND[lock], LO_KIND[lock]) if isinstance(lock, str) \
+            else lock
+        r[i]["addr"], r[i]["kind"], r[i]["held_kind"] = LO_ADDR[lock], kind[k], kind[held_as]
     r["stack_id"] = r["held_stack_id"] = -1
     w = Writer(tmp_path / name)
     for t, arr in (("lockorder_edges", e), ("lockorder_acqs", q), ("lockorder_recursion", r)):
@@ -367,6 +378,23 @@ def test_lockorder_finds_inversion_recursion_and_irq_conflicts(module, tmp_path)
     assert sorted(f["finding"]) == ["IRQ conflict", "inversion", "locking.rst: forbidden",
                                     "locking.rst: reversed", "recursion"]
     assert lo.order_figure(rec) is not None
+
+
+def test_lockorder_reads_a_recording_made_before_softirqs_were(module, tmp_path):
+    """lockorder_acqs without its softirqs column (recordings before it) loads: the
+    softirqs are "unknown", and a lock taken in softirq context and with IRQs on in
+    a task is still a conflict (as lockdep's softirqs_enabled is on by default)."""
+    from kvmlockprof.probes import lockorder as lo
+    lock = "vcpu->arch.xen.vcpu_info_cache.lock"
+    rec = _lockorder_recording(
+        module, tmp_path, "old.parquet", edges=[],
+        acqs=[(lock, "softirq", "on", "", 2), (lock, "task", "on", "", 3)],
+        acqs_columns=("addr", "outer", "kind", "context", "irqs", "irqs_at_call",
+                      "count", "stack_id", "tgid"))
+    assert "softirqs" not in rec.table("lockorder_acqs")
+    cx = lo.contexts(rec)
+    assert set(cx["softirqs"]) == {"unknown"}
+    assert list(lo.irq_conflicts(cx)["lock_class"]) == [lock]
 
 
 def test_lockorder_srcu_read_sections_are_no_inversion_but_a_grace_period_is(module,

@@ -22,8 +22,9 @@ from kvmlockprof.probes.common import CONTEXTS, IRQS, callers
 KINDS = cdefs.labels("lockorder.bpf.c", "lo_kind", {
     "LO_SPIN": "spin", "LO_READ": "read", "LO_WRITE": "write", "LO_MUTEX": "mutex",
     "LO_RWSEM_READ": "rwsem read", "LO_RWSEM_WRITE": "rwsem write",
-    "LO_SRCU_READ": "srcu read", "LO_SRCU_SYNC": "srcu sync"})
-READERS = {"read", "rwsem read", "srcu read"}
+    "LO_SRCU_READ": "srcu read", "LO_SRCU_SYNC": "srcu sync",
+    "LO_READ_RECURSIVE": "recursive read"})
+READERS = {"read", "recursive read", "rwsem read", "srcu read"}
 IRQ_CONTEXTS = {"softirq", "hardirq", "nmi", "irq"}
 
 # (key in the C, kernel symbol, parameter): keys are short (bpf/lockorder.bpf.c says
@@ -180,19 +181,22 @@ def edges(rec):
 
 def contexts(rec):
     """Per lock class: acquisitions by context, IRQs at the call and while held (an
-    _irqsave entry point turns them off), and the class it was taken under ("" when
-    no watched lock was held)."""
+    _irqsave entry point turns them off), softirqs while held (a _bh entry point
+    turns them off; "unknown" where the kernel keeps that per CPU, and in recordings
+    made before it was recorded), and the class it was taken under ("" when no
+    watched lock was held)."""
     df = rec.table("lockorder_acqs")
     if df.empty:
         return df
     cls = class_names(rec, pd.concat([df["addr"], df["outer"][df["outer"] != 0]]))
+    softirqs = df["softirqs"].map(IRQS) if "softirqs" in df else "unknown"
     df = df.assign(lock_class=df["addr"].map(cls), kind=df["kind"].map(KINDS),
                    context=df["context"].map(CONTEXTS), irqs=df["irqs"].map(IRQS),
-                   irqs_at_call=df["irqs_at_call"].map(IRQS),
+                   irqs_at_call=df["irqs_at_call"].map(IRQS), softirqs=softirqs,
                    under=df["outer"].map(lambda a: cls.get(int(a), "") if a else ""),
                    caller=callers(rec, df["stack_id"], skip=_skip()))
     g = df.sort_values("count", ascending=False).groupby(
-        ["lock_class", "kind", "context", "irqs_at_call", "irqs", "under"])
+        ["lock_class", "kind", "context", "irqs_at_call", "irqs", "softirqs", "under"])
     out = pd.DataFrame({"count": g["count"].sum(), "first_caller": g["caller"].first()})
     return out.reset_index().sort_values(["lock_class", "count"], ascending=[True, False],
                                          ignore_index=True)
