@@ -335,11 +335,14 @@ def _lockorder_recording(module, tmp_path, name, edges, acqs, recursion=(),
 LO_KVM, LO_VCPU = 0xffffc90001000000, 0xffff888104000000
 LO_ADDR = {"kvm->lock": LO_KVM + 0x10, "kvm->slots_lock": LO_KVM + 0x40,
            "kvm->srcu": LO_KVM + 0x100, "kvm->arch.xen.shinfo_cache.lock": LO_KVM + 0x900,
-           "vcpu->mutex": LO_VCPU + 0x20,
+           "kvm->mmu_lock": LO_KVM + 0x1000, "kvm->arch.tdp_mmu_pages_lock": LO_KVM + 0x2000,
+           "kvm->arch.apicv_update_lock": LO_KVM + 0x3000, "vcpu->mutex": LO_VCPU + 0x20,
            "vcpu->arch.xen.vcpu_info_cache.lock": LO_VCPU + 0x700,
            "unnamed": LO_VCPU + 0x7777}
 LO_KIND = {"kvm->lock": "mutex", "kvm->slots_lock": "mutex", "kvm->srcu": "srcu read",
-           "kvm->arch.xen.shinfo_cache.lock": "read", "vcpu->mutex": "mutex",
+           "kvm->arch.xen.shinfo_cache.lock": "read", "kvm->mmu_lock": "write",
+           "kvm->arch.tdp_mmu_pages_lock": "spin", "kvm->arch.apicv_update_lock": "rwsem read",
+           "vcpu->mutex": "mutex",
            "vcpu->arch.xen.vcpu_info_cache.lock": "write", "unnamed": "spin"}
 
 
@@ -410,6 +413,60 @@ def test_lockorder_srcu_read_sections_are_no_inversion_but_a_grace_period_is(mod
         ("kvm->lock", "kvm->srcu", 1, "mutex", "srcu sync")])
     inv = lo.inversions(lo.edges(rec))
     assert list(zip(inv["a"], inv["b"])) == [("kvm->lock", "kvm->srcu")]
+
+
+def test_lockorder_softirq_safe_lock_held_with_bh_off_is_no_irq_conflict(module, tmp_path):
+    """lockdep's IRQ-safety states are per state: a lock taken in softirq context is
+    softirq-safe; held elsewhere under spin_lock_bh it is hardirq-unsafe, never
+    softirq-unsafe. With softirqs on it is softirq-unsafe: a conflict."""
+    from kvmlockprof.probes import lockorder as lo
+    lock, off = "kvm->arch.tdp_mmu_pages_lock", {"softirqs": "off"}
+
+    def conflicts(*acqs):
+        rec = _lockorder_recording(module, tmp_path, "bh.parquet", edges=[], acqs=acqs)
+        return lo.irq_conflicts(lo.contexts(rec))
+    in_softirq = (lock, "softirq", "on", "", 4, off)
+    # lib/locking-selftest.c, hardirq_deadlock_softirq_not_deadlock(): lock_D taken in
+    # softirq and under SOFTIRQ_DISABLE() is no report of its own (mark_usage() marks
+    # ENABLED_SOFTIRQ only with curr->softirqs_enabled)
+    assert conflicts(in_softirq, (lock, "task", "on", "", 9, off)).empty
+    # x86: a softirq on the IRQ stack is "irq" with IRQs on at the call
+    assert conflicts((lock, "irq", "on", "", 4, off), (lock, "task", "on", "", 9, off)).empty
+    # irqsafe1_soft_spin ("soft-irqs-on + irq-safe-A"): expected to fail
+    assert list(conflicts(in_softirq, (lock, "task", "on", "", 9))["state"]) == ["softirq"]
+    # irqsafe1_hard_spin ("hard-irqs-on + irq-safe-A"): expected to fail, the
+    # IRQs-on side under BH off or in a softirq all the same (ENABLED_HARDIRQ)
+    in_hardirq = (lock, "hardirq", "off", "", 4, off)
+    assert list(conflicts(in_hardirq, (lock, "task", "on", "", 9, off))["state"]) == \
+        ["hardirq"]
+    assert list(conflicts(in_hardirq, in_softirq)["state"]) == ["hardirq"]
+
+
+def test_lockorder_srcu_read_in_irq_beside_synchronize_srcu_is_no_irq_conflict(module,
+                                                                              tmp_path):
+    """SRCU readers never wait: a kvm->srcu read section in hardirq context beside
+    synchronize_srcu(&kvm->srcu) with IRQs on is no IRQ conflict, nor beside read
+    sections with IRQs on. synchronize_srcu inside its own read section is lockdep's
+    recursion (check_deadlock(): the sync is a write)."""
+    from kvmlockprof.probes import lockorder as lo
+    srcu = "kvm->srcu"
+    in_irq = (srcu, "hardirq", "off", "", 3, {"softirqs": "off"})
+    sync = (srcu, "task", "on", "", 2, {"kind": "srcu sync"})
+    # lockdep.c mark_usage(): "For lock_sync(), don't mark the ENABLED usage"; the
+    # SRCU selftests posted with it ([PATCH 3/3] WIP locking/lockdep: selftests: Add
+    # selftests for SRCU, Jan 2023) expect srcu_irqsafe ("Irqsafe synchronize_srcu")
+    # to pass
+    rec = _lockorder_recording(module, tmp_path, "s.parquet", edges=[], acqs=[in_irq, sync])
+    assert lo.irq_conflicts(lo.contexts(rec)).empty
+    # mark_lock_irq(): a read usage conflicts only with a write one
+    rec = _lockorder_recording(module, tmp_path, "r.parquet", edges=[],
+                               acqs=[in_irq, (srcu, "task", "on", "", 5)])
+    assert lo.irq_conflicts(lo.contexts(rec)).empty
+    rec = _lockorder_recording(module, tmp_path, "a.parquet", edges=[], acqs=[sync],
+                               recursion=[(srcu, "srcu sync", "srcu read")])
+    f = lo.findings(rec)
+    assert list(zip(f["finding"], f["locks"])) == [("recursion", srcu)]
+    assert f.iloc[0]["seen"].startswith("srcu sync taken again")
 
 
 def test_lockorder_compare_lists_a_new_edge(module, tmp_path):

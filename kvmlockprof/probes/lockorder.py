@@ -271,25 +271,43 @@ def inversions(e):
                                        "b_then_a_at"])
 
 
+def _usage(g):
+    """lockdep's usage of each acquisition row (mark_usage()), per state: (taken in
+    that IRQ context: the lock is safe, held with it enabled: unsafe)."""
+    ctx, at_call = g["context"], g["irqs_at_call"]
+    # x86's "irq" (off the task's stack) with IRQs on at the call is a softirq: hardirq
+    # handlers run with them off
+    soft = (ctx == "softirq") | ((ctx == "irq") & (at_call == "on"))
+    hard = ctx.isin(["hardirq", "nmi"]) | ((ctx == "irq") & (at_call != "on"))
+    # lock_sync() (synchronize_srcu) marks no ENABLED usage: it holds nothing
+    hard_on = (g["irqs"] == "on") & (g["kind"] != "srcu sync")
+    # ENABLED_SOFTIRQ needs hardirqs on as well; softirq context runs with BH off
+    soft_on = hard_on & (g["softirqs"] != "off") & ~ctx.isin(IRQ_CONTEXTS)
+    return (("hardirq", hard, hard_on), ("softirq", soft, soft_on))
+
+
 def irq_conflicts(cx):
-    """Lockdep's IRQ-safety rule, from `contexts`: a class taken in IRQ context and
-    also held with IRQs on elsewhere (an interrupt there can deadlock on it).
-    Read sections of an rwlock are exempt only in IRQ context taking them for read."""
-    cols = ["lock_class", "in_irq", "irqs_on_elsewhere", "irq_at", "irqs_on_at"]
+    """Lockdep's single-lock IRQ-safety rule, from `contexts`, per state (hardirq,
+    softirq): a class taken in that IRQ context and also held with it enabled (an
+    interrupt there can deadlock on it). A class held only with softirqs off
+    (spin_lock_bh) is no conflict for a softirq; a read usage conflicts only with a
+    write one (SRCU and rwlock read sections beside each other are none). Softirqs
+    "unknown" (x86 without a _bh entry point) count as on. One row a class: its
+    hardirq conflict, else its softirq one."""
+    cols = ["lock_class", "state", "in_irq", "irqs_on_elsewhere", "irq_at", "irqs_on_at"]
     if cx is None or cx.empty:
         return pd.DataFrame(columns=cols)
     rows = []
     for c, g in cx.groupby("lock_class"):
-        irq = g[g["context"].isin(IRQ_CONTEXTS)]
-        on = g[(~g["context"].isin(IRQ_CONTEXTS)) & (g["irqs"] == "on")]
-        if irq.empty or on.empty:
-            continue
-        # readers in IRQ context beside readers with IRQs on do not deadlock (rwlock
-        # readers are recursive); a writer on either side does
-        if set(irq["kind"]) <= {"read", "srcu read"} and set(on["kind"]) <= {"read", "srcu read"}:
-            continue
-        rows.append((c, int(irq["count"].sum()), int(on["count"].sum()),
-                     irq["first_caller"].iloc[0], on["first_caller"].iloc[0]))
+        for state, safe, unsafe in _usage(g):
+            irq, on = g[safe], g[unsafe]
+            if irq.empty or on.empty:
+                continue
+            if set(irq["kind"]) <= READERS and set(on["kind"]) <= READERS:
+                continue
+            rows.append((c, state, int(irq["count"].sum()), int(on["count"].sum()),
+                         irq["first_caller"].iloc[0], on["first_caller"].iloc[0]))
+            break
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -335,8 +353,9 @@ def findings(rec):
     e, cx = edges(rec), contexts(rec)
     rows = [("inversion", f"{r.a} <-> {r.b}", f"{r.a_then_b} x at {r.a_then_b_at}; "
              f"{r.b_then_a} x at {r.b_then_a_at}") for r in inversions(e).itertuples()]
-    rows += [("IRQ conflict", r.lock_class, f"in IRQ context {r.in_irq} x at {r.irq_at}; "
-              f"held with IRQs on {r.irqs_on_elsewhere} x at {r.irqs_on_at}")
+    rows += [("IRQ conflict", r.lock_class, f"{r.state}-safe: in {r.state} context "
+              f"{r.in_irq} x at {r.irq_at}; {r.state}-unsafe: held with {r.state}s on "
+              f"{r.irqs_on_elsewhere} x at {r.irqs_on_at}")
              for r in irq_conflicts(cx).itertuples()]
     rows += [("recursion", r.lock_class, f"{r.kind} taken again at {r.taken_again_at}, "
               f"held since {r.first_taken_at}") for r in recursion(rec).drop_duplicates(
