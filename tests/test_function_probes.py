@@ -469,6 +469,61 @@ def test_lockorder_srcu_read_in_irq_beside_synchronize_srcu_is_no_irq_conflict(m
     assert f.iloc[0]["seen"].startswith("srcu sync taken again")
 
 
+def _inverted(module, tmp_path, edges):
+    from kvmlockprof.probes import lockorder as lo
+    rec = _lockorder_recording(module, tmp_path, "inv.parquet", edges=edges, acqs=[])
+    return lo.inversions(lo.edges(rec))
+
+
+def test_lockorder_non_recursive_read_abba_is_an_inversion(module, tmp_path):
+    """A reader that queues behind a waiting writer (an rwsem's, a task's rwlock read
+    on a queued rwlock) can deadlock in an ABBA with a reader on the other side; a
+    recursive reader (an rwlock read in_interrupt()) cannot. Expected verdicts: the
+    cases of lib/locking-selftest.c named."""
+    sem, mutex = "kvm->arch.apicv_update_lock", "kvm->lock"
+    # rwsem_ABBA2 ("mixed read-lock/lock-read ABBA", rsem): expected to fail
+    inv = _inverted(module, tmp_path, [(sem, mutex, 3, "rwsem read", "mutex"),
+                                       (mutex, sem, 2, "mutex", "rwsem read")])
+    assert list(zip(inv["a"], inv["b"], inv["a_then_b"], inv["b_then_a"])) == \
+        [(sem, mutex, 3, 2)]
+    rw, spin = "kvm->mmu_lock", "kvm->arch.tdp_mmu_pages_lock"
+    # queued_read_lock_hardirq_RE_Er: read_lock in a hardirq then spin_lock; spin_lock
+    # then read_lock in a task (non-recursive): expected to fail
+    inv = _inverted(module, tmp_path, [(rw, spin, 1, "recursive read", "spin"),
+                                       (spin, rw, 1, "spin", "read")])
+    assert list(zip(inv["a"], inv["b"])) == [(spin, rw)]
+    # queued_read_lock_hardirq_ER_rE: spin_lock then read_lock in a hardirq; read_lock
+    # then spin_lock in a task: expected to pass
+    assert _inverted(module, tmp_path, [(spin, rw, 1, "spin", "recursive read"),
+                                        (rw, spin, 1, "read", "spin")]).empty
+    # rlock_ABBA2 (reads recursive there: force_read_lock_recursive): expected to pass
+    assert _inverted(module, tmp_path, [(rw, spin, 1, "recursive read", "spin"),
+                                        (spin, rw, 1, "spin", "recursive read")]).empty
+    # rlock_ABBA1 ("mixed read-lock/lock-write ABBA"): expected to fail
+    assert not _inverted(module, tmp_path, [(rw, spin, 1, "recursive read", "spin"),
+                                            (spin, rw, 1, "spin", "write")]).empty
+
+
+def test_lockorder_inversion_is_judged_per_pair_of_edges(module, tmp_path):
+    """Two rwlocks X, Y: X read -> Y write and X write -> Y read (in an interrupt),
+    and Y read -> X read (in an interrupt). Summed per class pair the kinds pair up
+    (Y write against Y read, X write against X read), but no edge each way can wait
+    for the other: the write of X -> Y meets a recursive read of Y, the read of
+    X -> Y a recursive read of X. lockdep-design.rst: a circle deadlocks only if it is
+    strong, no -(xR)-> followed by -(Sx)->, each dependency with its own types."""
+    x, y = "kvm->arch.xen.shinfo_cache.lock", "kvm->mmu_lock"
+    assert _inverted(module, tmp_path, [(x, y, 4, "read", "write"),
+                                        (x, y, 2, "write", "recursive read"),
+                                        (y, x, 3, "recursive read", "recursive read")]).empty
+    # rlock_chaincache_ABBA1 (lockdep keeps the read and the write dependency of a
+    # pair apart): expected to fail, through the write only
+    inv = _inverted(module, tmp_path, [(x, y, 5, "recursive read", "spin"),
+                                       (y, x, 7, "spin", "recursive read"),
+                                       (y, x, 1, "spin", "write")])
+    assert list(zip(inv["a_then_b"], inv["b_then_a"], inv["kinds"])) == \
+        [(5, 1, "recursive read -> spin; spin -> write")]
+
+
 def test_lockorder_compare_lists_a_new_edge(module, tmp_path):
     from kvmlockprof.analysis import compare
     base = _lockorder_recording(module, tmp_path, "b.parquet",

@@ -25,6 +25,7 @@ KINDS = cdefs.labels("lockorder.bpf.c", "lo_kind", {
     "LO_SRCU_READ": "srcu read", "LO_SRCU_SYNC": "srcu sync",
     "LO_READ_RECURSIVE": "recursive read"})
 READERS = {"read", "recursive read", "rwsem read", "srcu read"}
+RECURSIVE = {"recursive read", "srcu read"}     # lockdep's read=2: no waiting writer stops one
 IRQ_CONTEXTS = {"softirq", "hardirq", "nmi", "irq"}
 
 # (key in the C, kernel symbol, parameter): keys are short (bpf/lockorder.bpf.c says
@@ -159,24 +160,33 @@ def _skip():
     return LOCK_SYMBOLS | {"srcu_read_lock", "srcu_read_unlock"}
 
 
+def _kind(k):
+    return KINDS.get(int(k), f"kind {k}")
+
+
 def edges(rec):
-    """Order edges between lock classes: held -> acquired, count, the VMs it was seen
-    in, and the caller of its first acquisition."""
+    """Order edges between lock classes, one a pair of kinds (as lockdep keeps a
+    dependency per read/write type): held -> acquired, count, the VMs it was seen in,
+    and the caller of its first acquisition."""
     df = rec.table("lockorder_edges")
     if df.empty:
         return df
     cls = class_names(rec, pd.concat([df["held"], df["acquired"]]))
     df = df.assign(held_class=df["held"].map(cls), acquired_class=df["acquired"].map(cls),
-                   held_kind=df["held_kind"].map(KINDS),
-                   acquired_kind=df["acquired_kind"].map(KINDS),
+                   held_kind=df["held_kind"].map(_kind),
+                   acquired_kind=df["acquired_kind"].map(_kind),
                    caller=callers(rec, df["stack_id"], skip=_skip()))
-    g = df.sort_values("count", ascending=False).groupby(["held_class", "acquired_class"])
-    kinds = lambda s: "/".join(sorted(set(s)))     # noqa: E731
+    g = df.sort_values("count", ascending=False).groupby(
+        ["held_class", "acquired_class", "held_kind", "acquired_kind"])
     out = pd.DataFrame({"count": g["count"].sum(), "objects": g["held"].nunique(),
-                        "held_kind": g["held_kind"].agg(kinds),
-                        "acquired_kind": g["acquired_kind"].agg(kinds),
                         "first_caller": g["caller"].first()}).reset_index()
     return out.sort_values("count", ascending=False, ignore_index=True)
+
+
+def _pairs(e):
+    """`edges` summed per pair of classes (held -> acquired, count)."""
+    return e.groupby(["held_class", "acquired_class"], as_index=False, sort=False)[
+        "count"].sum().sort_values("count", ascending=False, ignore_index=True)
 
 
 def contexts(rec):
@@ -237,38 +247,42 @@ def recursion(rec):
 
 
 def _blocks(acquired, held):
-    """Whether taking a lock as `acquired` waits for a holder of it as `held`: readers
-    share (SRCU readers always; rwlock and rwsem readers unless a writer queues,
-    which lockdep models and this does not), a grace-period wait waits for readers."""
-    if acquired == "srcu sync":
-        return held == "srcu read"
-    return not (acquired in READERS and held in READERS)
-
-
-def _conflict(acquired_kinds, held_kinds):
-    return any(_blocks(a, h) for a in acquired_kinds.split("/") for h in held_kinds.split("/"))
+    """Whether taking a lock as `acquired` can wait for a holder of it as `held`
+    (lockdep-design.rst's block conditions): a recursive reader (an SRCU read section,
+    an rwlock read in_interrupt()) waits only for a writer; any other acquisition for
+    any holder (an rwsem or a task's rwlock read queues behind a waiting writer, which
+    waits for the readers; synchronize_srcu waits for the readers)."""
+    return not (acquired in RECURSIVE and held in READERS)
 
 
 def inversions(e):
-    """Pairs of classes seen in both orders (from `edges`) where each side can wait
-    for the other: a possible ABBA deadlock. Readers on both sides of a class do not
-    wait for each other (kvm->srcu read sections in either order with a mutex are
-    fine; a synchronize_srcu inside that mutex is not)."""
+    """Pairs of classes seen in both orders (from `edges`) where an edge each way can
+    wait for the other: a possible ABBA deadlock. Judged per pair of edges, each with
+    its own kinds (lockdep-design.rst's strong circle): a kvm->srcu read section
+    inside a mutex and the mutex inside one are none, a synchronize_srcu inside the
+    mutex is one. The counts and callers are those of the edges that pair up; kinds,
+    the heaviest such pair."""
+    cols = ["a", "b", "a_then_b", "b_then_a", "a_then_b_at", "b_then_a_at", "kinds"]
     if e is None or e.empty:
-        return pd.DataFrame(columns=["a", "b", "a_then_b", "b_then_a", "a_then_b_at",
-                                     "b_then_a_at"])
-    fwd = {(h, a): (n, c, hk, ak) for h, a, n, c, hk, ak in zip(
-        e["held_class"], e["acquired_class"], e["count"], e["first_caller"],
-        e["held_kind"], e["acquired_kind"])}
+        return pd.DataFrame(columns=cols)
+    by_pair = dict(iter(e.groupby(["held_class", "acquired_class"], sort=False)))
     rows = []
-    for (h, a), (n, c, hk, ak) in fwd.items():
-        if h < a and (a, h) in fwd:
-            m, d, hk2, ak2 = fwd[(a, h)]
-            # a (as ak) waits for a held (as hk2), and h (as ak2) waits for h held (as hk)
-            if _conflict(ak, hk2) and _conflict(ak2, hk):
-                rows.append((h, a, n, m, c, d))
-    return pd.DataFrame(rows, columns=["a", "b", "a_then_b", "b_then_a", "a_then_b_at",
-                                       "b_then_a_at"])
+    for (h, a), fwd in by_pair.items():
+        rev = by_pair.get((a, h))
+        if not h < a or rev is None:
+            continue
+        # each edge's acquisition waits for the other edge's holder of that class
+        hits = [(f, r) for f in fwd.itertuples() for r in rev.itertuples()
+                if _blocks(f.acquired_kind, r.held_kind)
+                and _blocks(r.acquired_kind, f.held_kind)]
+        if not hits:
+            continue
+        ab = fwd.loc[sorted({p[0].Index for p in hits}), "count"].sum()
+        ba = rev.loc[sorted({p[1].Index for p in hits}), "count"].sum()
+        f, r = max(hits, key=lambda p: p[0].count + p[1].count)
+        rows.append((h, a, int(ab), int(ba), f.first_caller, r.first_caller,
+                     f"{f.held_kind} -> {f.acquired_kind}; {r.held_kind} -> {r.acquired_kind}"))
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _usage(g):
@@ -339,7 +353,7 @@ def documented(e):
         if h in SRCU_CLASSES and a in NOT_UNDER_SRCU:
             return "forbidden"
         return "not stated"
-    out = e[["held_class", "acquired_class", "count"]].copy()
+    out = _pairs(e)
     out["locking_rst"] = [verdict(h, a) for h, a in zip(out["held_class"],
                                                         out["acquired_class"])]
     rank = {"reversed": 0, "forbidden": 1, "documented": 2, "not stated": 3}
@@ -352,7 +366,8 @@ def findings(rec):
     an edge locking.rst reverses or forbids."""
     e, cx = edges(rec), contexts(rec)
     rows = [("inversion", f"{r.a} <-> {r.b}", f"{r.a_then_b} x at {r.a_then_b_at}; "
-             f"{r.b_then_a} x at {r.b_then_a_at}") for r in inversions(e).itertuples()]
+             f"{r.b_then_a} x at {r.b_then_a_at} ({r.kinds})")
+            for r in inversions(e).itertuples()]
     rows += [("IRQ conflict", r.lock_class, f"{r.state}-safe: in {r.state} context "
               f"{r.in_irq} x at {r.irq_at}; {r.state}-unsafe: held with {r.state}s on "
               f"{r.irqs_on_elsewhere} x at {r.irqs_on_at}")
@@ -374,6 +389,7 @@ def order_figure(rec):
     e = edges(rec)
     if e.empty:
         return None
+    e = _pairs(e)
     classes = sorted(set(e["held_class"]) | set(e["acquired_class"]))
     pos = {c: (math.cos(2 * math.pi * i / len(classes)), math.sin(2 * math.pi * i / len(classes)))
            for i, c in enumerate(classes)}
@@ -396,7 +412,7 @@ def compare_values(rec):
     or context only NEW has is a line BASE reads 0 in."""
     out = {}
     e = edges(rec)
-    for r in e.itertuples() if not e.empty else ():
+    for r in _pairs(e).itertuples() if not e.empty else ():
         out[(f"order {r.held_class} -> {r.acquired_class}", "lower", "count")] = float(r.count)
     cx = contexts(rec)
     if not cx.empty:
