@@ -6,9 +6,10 @@ Every lock and unlock entry point is probed; only locks inside a watched KVM obj
 class (the lock's place in its object: `kvm->slots_lock`,
 `vcpu->arch.xen.vcpu_info_cache.lock`, `kvm->srcu`), the report lists the order
 edges seen (held -> acquired), the contexts of each acquisition, and what lockdep
-would flag: inversions (A -> B and B -> A), IRQ-safety conflicts (a lock taken in
-IRQ context and elsewhere held with IRQs on), recursion (a task taking a lock it
-holds), and edges against the orders Documentation/virt/kvm/locking.rst states.
+would flag: inversions (A -> B and B -> A, where each can wait for the other),
+IRQ-safety conflicts (a lock taken in hardirq or softirq context and elsewhere held
+with that enabled), recursion (a task taking a lock it holds), and edges against the
+orders Documentation/virt/kvm/locking.rst states.
 It sees only watched locks and only the paths the workload ran; trylocks are not
 followed. A debugging probe: every lock operation of the host pays for its filter
 (bench/README.md "lockorder cost")."""
@@ -200,7 +201,7 @@ def contexts(rec):
         return df
     cls = class_names(rec, pd.concat([df["addr"], df["outer"][df["outer"] != 0]]))
     softirqs = df["softirqs"].map(IRQS) if "softirqs" in df else "unknown"
-    df = df.assign(lock_class=df["addr"].map(cls), kind=df["kind"].map(KINDS),
+    df = df.assign(lock_class=df["addr"].map(cls), kind=df["kind"].map(_kind),
                    context=df["context"].map(CONTEXTS), irqs=df["irqs"].map(IRQS),
                    irqs_at_call=df["irqs_at_call"].map(IRQS), softirqs=softirqs,
                    under=df["outer"].map(lambda a: cls.get(int(a), "") if a else ""),
@@ -286,8 +287,9 @@ def inversions(e):
 
 
 def _usage(g):
-    """lockdep's usage of each acquisition row (mark_usage()), per state: (taken in
-    that IRQ context: the lock is safe, held with it enabled: unsafe)."""
+    """Per state (hardirq, softirq): the acquisition rows that make the lock safe
+    (taken in that IRQ context) and those that make it unsafe (held with it
+    enabled), as lockdep's mark_usage() marks them."""
     ctx, at_call = g["context"], g["irqs_at_call"]
     # x86's "irq" (off the task's stack) with IRQs on at the call is a softirq: hardirq
     # handlers run with them off
