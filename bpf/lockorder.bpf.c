@@ -4,21 +4,24 @@
  * inside a watched KVM object (a struct kvm or kvm_vcpu and their containers,
  * registered at their first ioctl): the host's other locks stop there. For
  * watched locks a per-task stack of those held gives order edges (held ->
- * acquired, first stack kept), each acquisition's context (task/irq, IRQs held
- * off or on, the lock it was taken under) and recursion (a lock taken again by
- * the task holding it: streamed with both stacks). Trylocks are not hooked: a
- * lock taken by trylock is not seen as held; nor is a lock of a kind whose unlocks
- * are not all probeable (lo_followed). */
+ * acquired, first stack kept), each acquisition's context (task/irq, IRQs and
+ * softirqs held off or on, the lock it was taken under) and recursion (a lock
+ * taken again by the task holding it: streamed with both stacks). Trylocks are
+ * not hooked: a lock taken by trylock is not seen as held; nor is a lock of a kind
+ * whose unlocks are not all probeable (lo_followed). */
 
 enum lockorder_counter {
 	LO_C_WATCHED, LO_C_RELEASES, LO_C_UNMATCHED_RELEASES, LO_C_DEPTH_OVERFLOW,
 	LO_C_RECURSIONS, LO_C_LOST_RINGBUF_FULL, LO_C_LOST_AGG_FULL, LO_C_LOST_HELD_FULL,
 	LO_C_OBJECTS_WATCHED, LO_C_LOST_PAGES_FULL,
 };
-/* What was taken: the class of entry point. */
+/* What was taken: the class of entry point. Values are recorded: append only. */
 enum lo_kind {
 	LO_SPIN, LO_READ, LO_WRITE, LO_MUTEX, LO_RWSEM_READ, LO_RWSEM_WRITE, LO_SRCU_READ,
 	LO_SRCU_SYNC,   /* synchronize_srcu*: waits for the readers, held by no one */
+	/* read_lock in_interrupt() (IRQ context, or BH off): a queued rwlock lets it past a
+	 * waiting writer, lockdep's recursive reader; LO_READ is the one that queues */
+	LO_READ_RECURSIVE,
 };
 /* How the entry point leaves IRQs while the lock is held (C only: the acquisitions
  * record the IRQ state it gives). */
@@ -36,6 +39,8 @@ struct lo_held_lock {
 	u64 addr;
 	u32 kind;
 	s32 stack_id;
+	u32 bh;         /* taken by a _bh entry point: BH off until its unlock */
+	u32 pad;
 };
 
 struct lo_held {
@@ -77,6 +82,8 @@ struct lockorder_acq_key {
 	u32 context;    /* enum kvmlp_context */
 	u32 irqs;       /* enum kvmlp_irqs, while held */
 	u32 irqs_at_call;       /* before the call (an _irqsave saves this) */
+	u32 softirqs;   /* enum kvmlp_irqs: softirqs while held (off: BH disabled) */
+	u32 pad;
 };
 
 struct lockorder_acq_val {
@@ -179,6 +186,19 @@ static __always_inline int lo_in_irq(u32 context)
 	       context == KVMLP_CTX_NMI || context == KVMLP_CTX_IRQ;
 }
 
+/* Softirqs while the lock is held, as lockdep's softirqs_enabled: off under a _bh
+ * entry point (this one or a held lock's), in IRQ context, or where preempt_count
+ * (arm64's thread_info) counts a BH disable; x86 keeps it per CPU: else unknown. */
+static __always_inline u32 lo_softirqs(u32 context, int bh)
+{
+	if (bh || lo_in_irq(context))
+		return KVMLP_IRQS_OFF;
+	if (KVMLP_OFF_LO_TASK_PREEMPT < 0)
+		return KVMLP_IRQS_UNKNOWN;
+	u32 pc = kvmlp_read_u32(bpf_get_current_task(), KVMLP_OFF_LO_TASK_PREEMPT);
+	return (pc & 0x0000ff00) ? KVMLP_IRQS_OFF : KVMLP_IRQS_ON;     /* SOFTIRQ_MASK */
+}
+
 static __always_inline void lo_held_key_of(struct lo_held_key *k, u32 context)
 {
 	k->irq = lo_in_irq(context);
@@ -235,11 +255,17 @@ static __always_inline void lo_recursion(struct lo_held_lock *h, u64 addr, u32 k
 	lockorder_events.ringbuf_submit(e, 0);
 }
 
-/* Read sections nest by design (rwlock readers, SRCU): taking one again is no
- * recursion. */
-static __always_inline int lo_recursive_ok(u32 kind)
+static __always_inline int lo_reader(u32 kind)
 {
-	return kind == LO_READ || kind == LO_SRCU_READ;
+	return kind == LO_READ || kind == LO_READ_RECURSIVE || kind == LO_RWSEM_READ ||
+	       kind == LO_SRCU_READ;
+}
+
+/* A recursive reader taken again inside a read section is no recursion (lockdep's
+ * check_deadlock()); any other kind can wait for the task itself. */
+static __always_inline int lo_recursive_ok(u32 kind, u32 held_kind)
+{
+	return (kind == LO_READ_RECURSIVE || kind == LO_SRCU_READ) && lo_reader(held_kind);
 }
 
 /* A kind is followed (pushed on the held stack) only if every one of its unlocks is
@@ -250,7 +276,9 @@ static __always_inline int lo_followed(u32 kind)
 {
 	switch (kind) {
 	case LO_SPIN: return LO_ON(LOUS) && LO_ON(LOUSB) && LO_ON(LOUSI) && LO_ON(LOUSF);
-	case LO_READ: return LO_ON(LOUR) && LO_ON(LOURB) && LO_ON(LOURI) && LO_ON(LOURF);
+	case LO_READ:
+	case LO_READ_RECURSIVE:
+		return LO_ON(LOUR) && LO_ON(LOURB) && LO_ON(LOURI) && LO_ON(LOURF);
 	case LO_WRITE: return LO_ON(LOUW) && LO_ON(LOUWB) && LO_ON(LOUWI) && LO_ON(LOUWF);
 	case LO_MUTEX: return LO_ON(LOUM);
 	case LO_RWSEM_READ:
@@ -278,12 +306,22 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	}
 	s32 sid = -1;
 	u32 n = held->n;
+	int bh = variant == LO_BH;
+	for (int i = 0; i < LO_DEPTH; i++) {
+		if (i < n && held->l[i & (LO_DEPTH - 1)].bh)
+			bh = 1;
+	}
+	u32 softirqs = lo_softirqs(context, bh);
+	/* lockdep's read_lock_is_recursive() for queued rwlocks: in_interrupt() */
+	if (kind == LO_READ && softirqs == KVMLP_IRQS_OFF)
+		kind = LO_READ_RECURSIVE;
 	struct lockorder_acq_key ak = {};
 	ak.addr = addr;
 	ak.kind = kind;
 	ak.context = context;
 	ak.irqs_at_call = kvmlp_irqs_at_call(ctx, kprobe);
 	ak.irqs = lo_irqs(ak.irqs_at_call, variant);
+	ak.softirqs = softirqs;
 	/* indexes masked: the compiler may unroll the loop partly, and the verifier
 	 * then loses the bound of a plain index */
 	for (int i = 0; i < LO_DEPTH; i++) {
@@ -291,7 +329,7 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 			break;
 		struct lo_held_lock *h = &held->l[i & (LO_DEPTH - 1)];
 		if (h->addr == addr) {
-			if (!lo_recursive_ok(kind)) {
+			if (!lo_recursive_ok(kind, h->kind)) {
 				if (sid < 0)
 					sid = kvmlp_stacks.get_stackid(ctx, 0);
 				lo_recursion(h, addr, kind, sid, n, context);
@@ -327,6 +365,7 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	held->l[n & (LO_DEPTH - 1)].addr = addr;
 	held->l[n & (LO_DEPTH - 1)].kind = kind;
 	held->l[n & (LO_DEPTH - 1)].stack_id = sid;
+	held->l[n & (LO_DEPTH - 1)].bh = variant == LO_BH;
 	held->n = n + 1;
 	return 0;
 }

@@ -283,9 +283,14 @@ def test_every_probe_with_data_gets_a_plot_panel(module, tmp_path):
             assert sec.title.split(" (")[0].replace(">", "&gt;") in page
 
 
-def _lockorder_recording(module, tmp_path, name, edges, acqs, recursion=()):
+def _lockorder_recording(module, tmp_path, name, edges, acqs, recursion=(),
+                         acqs_columns=None):
     """A recording of the lockorder tables in the layout bcc parsed from the C: one VM
-    (base KVM) with one vCPU (base VCPU), lock names as `record` writes them."""
+    (base KVM) with one vCPU (base VCPU), lock names as `record` writes them. An
+    acquisition is (lock, context, IRQs while held, under, count) and optionally
+    {"kind", "softirqs", "irqs_at_call"} (else the lock's kind, softirqs on, IRQs at
+    the call as while held); a recursion is a lock or (lock, kind, held as).
+    acqs_columns: only these columns of lockorder_acqs (an older recording's)."""
     from kvmlockprof.probes import lockorder as lo
     kind = {v: k for k, v in lo.KINDS.items()}
     ctx = {v: k for k, v in lo.CONTEXTS.items()}
@@ -297,15 +302,21 @@ def _lockorder_recording(module, tmp_path, name, edges, acqs, recursion=()):
         e[i]["held_kind"], e[i]["acquired_kind"] = kind[hk], kind[ak]
     e["stack_id"] = -1
     q = empty_like(module, "lockorder_acqs")(len(acqs))
-    for i, (lock, c, irq, under, n) in enumerate(acqs):
+    for i, (lock, c, irq, under, n, *more) in enumerate(acqs):
+        more = more[0] if more else {}
         q[i]["addr"], q[i]["kind"], q[i]["context"], q[i]["irqs"] = \
-            LO_ADDR[lock], kind[LO_KIND[lock]], ctx[c], irqs[irq]
-        q[i]["irqs_at_call"] = irqs[irq]
+            LO_ADDR[lock], kind[more.get("kind", LO_KIND[lock])], ctx[c], irqs[irq]
+        q[i]["irqs_at_call"] = irqs[more.get("irqs_at_call", irq)]
+        q[i]["softirqs"] = irqs[more.get("softirqs", "on")]
         q[i]["outer"], q[i]["count"] = LO_ADDR.get(under, 0), n
     q["stack_id"] = -1
+    if acqs_columns is not None:
+        q = q[list(acqs_columns)]
     r = empty_like(module, "lockorder_recursion")(len(recursion))
     for i, lock in enumerate(recursion):
-        r[i]["addr"], r[i]["kind"] = LO_ADDR[lock], kind[LO_KIND[lock]]
+        lock, k, held_as = (lock, LO_KIND[lock], LO_KIND[lock]) if isinstance(lock, str) \
+            else lock
+        r[i]["addr"], r[i]["kind"], r[i]["held_kind"] = LO_ADDR[lock], kind[k], kind[held_as]
     r["stack_id"] = r["held_stack_id"] = -1
     w = Writer(tmp_path / name)
     for t, arr in (("lockorder_edges", e), ("lockorder_acqs", q), ("lockorder_recursion", r)):
@@ -325,11 +336,14 @@ def _lockorder_recording(module, tmp_path, name, edges, acqs, recursion=()):
 LO_KVM, LO_VCPU = 0xffffc90001000000, 0xffff888104000000
 LO_ADDR = {"kvm->lock": LO_KVM + 0x10, "kvm->slots_lock": LO_KVM + 0x40,
            "kvm->srcu": LO_KVM + 0x100, "kvm->arch.xen.shinfo_cache.lock": LO_KVM + 0x900,
-           "vcpu->mutex": LO_VCPU + 0x20,
+           "kvm->mmu_lock": LO_KVM + 0x1000, "kvm->arch.tdp_mmu_pages_lock": LO_KVM + 0x2000,
+           "kvm->arch.apicv_update_lock": LO_KVM + 0x3000, "vcpu->mutex": LO_VCPU + 0x20,
            "vcpu->arch.xen.vcpu_info_cache.lock": LO_VCPU + 0x700,
            "unnamed": LO_VCPU + 0x7777}
 LO_KIND = {"kvm->lock": "mutex", "kvm->slots_lock": "mutex", "kvm->srcu": "srcu read",
-           "kvm->arch.xen.shinfo_cache.lock": "read", "vcpu->mutex": "mutex",
+           "kvm->arch.xen.shinfo_cache.lock": "read", "kvm->mmu_lock": "write",
+           "kvm->arch.tdp_mmu_pages_lock": "spin", "kvm->arch.apicv_update_lock": "rwsem read",
+           "vcpu->mutex": "mutex",
            "vcpu->arch.xen.vcpu_info_cache.lock": "write", "unnamed": "spin"}
 
 
@@ -370,6 +384,23 @@ def test_lockorder_finds_inversion_recursion_and_irq_conflicts(module, tmp_path)
     assert lo.order_figure(rec) is not None
 
 
+def test_lockorder_reads_a_recording_made_before_softirqs_were(module, tmp_path):
+    """lockorder_acqs without its softirqs column (recordings before it) loads: the
+    softirqs are "unknown", and a lock taken in softirq context and with IRQs on in
+    a task is still a conflict (as lockdep's softirqs_enabled is on by default)."""
+    from kvmlockprof.probes import lockorder as lo
+    lock = "vcpu->arch.xen.vcpu_info_cache.lock"
+    rec = _lockorder_recording(
+        module, tmp_path, "old.parquet", edges=[],
+        acqs=[(lock, "softirq", "on", "", 2), (lock, "task", "on", "", 3)],
+        acqs_columns=("addr", "outer", "kind", "context", "irqs", "irqs_at_call",
+                      "count", "stack_id", "tgid"))
+    assert "softirqs" not in rec.table("lockorder_acqs")
+    cx = lo.contexts(rec)
+    assert set(cx["softirqs"]) == {"unknown"}
+    assert list(lo.irq_conflicts(cx)["lock_class"]) == [lock]
+
+
 def test_lockorder_srcu_read_sections_are_no_inversion_but_a_grace_period_is(module,
                                                                               tmp_path):
     """A mutex inside kvm->srcu and kvm->srcu inside it (readers) cannot deadlock;
@@ -383,6 +414,115 @@ def test_lockorder_srcu_read_sections_are_no_inversion_but_a_grace_period_is(mod
         ("kvm->lock", "kvm->srcu", 1, "mutex", "srcu sync")])
     inv = lo.inversions(lo.edges(rec))
     assert list(zip(inv["a"], inv["b"])) == [("kvm->lock", "kvm->srcu")]
+
+
+def test_lockorder_softirq_safe_lock_held_with_bh_off_is_no_irq_conflict(module, tmp_path):
+    """lockdep's IRQ-safety states are per state: a lock taken in softirq context is
+    softirq-safe; held elsewhere under spin_lock_bh it is hardirq-unsafe, never
+    softirq-unsafe. With softirqs on it is softirq-unsafe: a conflict."""
+    from kvmlockprof.probes import lockorder as lo
+    lock, off = "kvm->arch.tdp_mmu_pages_lock", {"softirqs": "off"}
+
+    def conflicts(*acqs):
+        rec = _lockorder_recording(module, tmp_path, "bh.parquet", edges=[], acqs=acqs)
+        return lo.irq_conflicts(lo.contexts(rec))
+    in_softirq = (lock, "softirq", "on", "", 4, off)
+    # lib/locking-selftest.c, hardirq_deadlock_softirq_not_deadlock(): lock_D taken in
+    # softirq and under SOFTIRQ_DISABLE() is no report of its own (mark_usage() marks
+    # ENABLED_SOFTIRQ only with curr->softirqs_enabled)
+    assert conflicts(in_softirq, (lock, "task", "on", "", 9, off)).empty
+    # x86: a softirq on the IRQ stack is "irq" with IRQs on at the call
+    assert conflicts((lock, "irq", "on", "", 4, off), (lock, "task", "on", "", 9, off)).empty
+    # irqsafe1_soft_spin ("soft-irqs-on + irq-safe-A"): expected to fail
+    assert list(conflicts(in_softirq, (lock, "task", "on", "", 9))["state"]) == ["softirq"]
+    # irqsafe1_hard_spin ("hard-irqs-on + irq-safe-A"): expected to fail, the
+    # IRQs-on side under BH off or in a softirq all the same (ENABLED_HARDIRQ)
+    in_hardirq = (lock, "hardirq", "off", "", 4, off)
+    assert list(conflicts(in_hardirq, (lock, "task", "on", "", 9, off))["state"]) == \
+        ["hardirq"]
+    assert list(conflicts(in_hardirq, in_softirq)["state"]) == ["hardirq"]
+
+
+def test_lockorder_srcu_read_in_irq_beside_synchronize_srcu_is_no_irq_conflict(module,
+                                                                              tmp_path):
+    """SRCU readers never wait: a kvm->srcu read section in hardirq context beside
+    synchronize_srcu(&kvm->srcu) with IRQs on is no IRQ conflict, nor beside read
+    sections with IRQs on. synchronize_srcu inside its own read section is lockdep's
+    recursion (check_deadlock(): the sync is a write)."""
+    from kvmlockprof.probes import lockorder as lo
+    srcu = "kvm->srcu"
+    in_irq = (srcu, "hardirq", "off", "", 3, {"softirqs": "off"})
+    sync = (srcu, "task", "on", "", 2, {"kind": "srcu sync"})
+    # lockdep.c mark_usage(): "For lock_sync(), don't mark the ENABLED usage"; the
+    # SRCU selftests posted with it ([PATCH 3/3] WIP locking/lockdep: selftests: Add
+    # selftests for SRCU, Jan 2023) expect srcu_irqsafe ("Irqsafe synchronize_srcu")
+    # to pass
+    rec = _lockorder_recording(module, tmp_path, "s.parquet", edges=[], acqs=[in_irq, sync])
+    assert lo.irq_conflicts(lo.contexts(rec)).empty
+    # mark_lock_irq(): a read usage conflicts only with a write one
+    rec = _lockorder_recording(module, tmp_path, "r.parquet", edges=[],
+                               acqs=[in_irq, (srcu, "task", "on", "", 5)])
+    assert lo.irq_conflicts(lo.contexts(rec)).empty
+    rec = _lockorder_recording(module, tmp_path, "a.parquet", edges=[], acqs=[sync],
+                               recursion=[(srcu, "srcu sync", "srcu read")])
+    f = lo.findings(rec)
+    assert list(zip(f["finding"], f["locks"])) == [("recursion", srcu)]
+    assert f.iloc[0]["seen"].startswith("srcu sync taken again")
+
+
+def _inverted(module, tmp_path, edges):
+    from kvmlockprof.probes import lockorder as lo
+    rec = _lockorder_recording(module, tmp_path, "inv.parquet", edges=edges, acqs=[])
+    return lo.inversions(lo.edges(rec))
+
+
+def test_lockorder_non_recursive_read_abba_is_an_inversion(module, tmp_path):
+    """A reader that queues behind a waiting writer (an rwsem's, a task's rwlock read
+    on a queued rwlock) can deadlock in an ABBA with a reader on the other side; a
+    recursive reader (an rwlock read in_interrupt()) cannot. Expected verdicts: the
+    cases of lib/locking-selftest.c named."""
+    sem, mutex = "kvm->arch.apicv_update_lock", "kvm->lock"
+    # rwsem_ABBA2 ("mixed read-lock/lock-read ABBA", rsem): expected to fail
+    inv = _inverted(module, tmp_path, [(sem, mutex, 3, "rwsem read", "mutex"),
+                                       (mutex, sem, 2, "mutex", "rwsem read")])
+    assert list(zip(inv["a"], inv["b"], inv["a_then_b"], inv["b_then_a"])) == \
+        [(sem, mutex, 3, 2)]
+    rw, spin = "kvm->mmu_lock", "kvm->arch.tdp_mmu_pages_lock"
+    # queued_read_lock_hardirq_RE_Er: read_lock in a hardirq then spin_lock; spin_lock
+    # then read_lock in a task (non-recursive): expected to fail
+    inv = _inverted(module, tmp_path, [(rw, spin, 1, "recursive read", "spin"),
+                                       (spin, rw, 1, "spin", "read")])
+    assert list(zip(inv["a"], inv["b"])) == [(spin, rw)]
+    # queued_read_lock_hardirq_ER_rE: spin_lock then read_lock in a hardirq; read_lock
+    # then spin_lock in a task: expected to pass
+    assert _inverted(module, tmp_path, [(spin, rw, 1, "spin", "recursive read"),
+                                        (rw, spin, 1, "read", "spin")]).empty
+    # rlock_ABBA2 (reads recursive there: force_read_lock_recursive): expected to pass
+    assert _inverted(module, tmp_path, [(rw, spin, 1, "recursive read", "spin"),
+                                        (spin, rw, 1, "spin", "recursive read")]).empty
+    # rlock_ABBA1 ("mixed read-lock/lock-write ABBA"): expected to fail
+    assert not _inverted(module, tmp_path, [(rw, spin, 1, "recursive read", "spin"),
+                                            (spin, rw, 1, "spin", "write")]).empty
+
+
+def test_lockorder_inversion_is_judged_per_pair_of_edges(module, tmp_path):
+    """Two rwlocks X, Y: X read -> Y write and X write -> Y read (in an interrupt),
+    and Y read -> X read (in an interrupt). Summed per class pair the kinds pair up
+    (Y write against Y read, X write against X read), but no edge each way can wait
+    for the other: the write of X -> Y meets a recursive read of Y, the read of
+    X -> Y a recursive read of X. lockdep-design.rst: a circle deadlocks only if it is
+    strong, no -(xR)-> followed by -(Sx)->, each dependency with its own types."""
+    x, y = "kvm->arch.xen.shinfo_cache.lock", "kvm->mmu_lock"
+    assert _inverted(module, tmp_path, [(x, y, 4, "read", "write"),
+                                        (x, y, 2, "write", "recursive read"),
+                                        (y, x, 3, "recursive read", "recursive read")]).empty
+    # rlock_chaincache_ABBA1 (lockdep keeps the read and the write dependency of a
+    # pair apart): expected to fail, through the write only
+    inv = _inverted(module, tmp_path, [(x, y, 5, "recursive read", "spin"),
+                                       (y, x, 7, "spin", "recursive read"),
+                                       (y, x, 1, "spin", "write")])
+    assert list(zip(inv["a_then_b"], inv["b_then_a"], inv["kinds"])) == \
+        [(5, 1, "recursive read -> spin; spin -> write")]
 
 
 def test_lockorder_compare_lists_a_new_edge(module, tmp_path):

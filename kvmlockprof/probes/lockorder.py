@@ -6,9 +6,10 @@ Every lock and unlock entry point is probed; only locks inside a watched KVM obj
 class (the lock's place in its object: `kvm->slots_lock`,
 `vcpu->arch.xen.vcpu_info_cache.lock`, `kvm->srcu`), the report lists the order
 edges seen (held -> acquired), the contexts of each acquisition, and what lockdep
-would flag: inversions (A -> B and B -> A), IRQ-safety conflicts (a lock taken in
-IRQ context and elsewhere held with IRQs on), recursion (a task taking a lock it
-holds), and edges against the orders Documentation/virt/kvm/locking.rst states.
+would flag: inversions (A -> B and B -> A, where each can wait for the other),
+IRQ-safety conflicts (a lock taken in hardirq or softirq context and elsewhere held
+with that enabled), recursion (a task taking a lock it holds), and edges against the
+orders Documentation/virt/kvm/locking.rst states.
 It sees only watched locks and only the paths the workload ran; trylocks are not
 followed. A debugging probe: every lock operation of the host pays for its filter
 (bench/README.md "lockorder cost")."""
@@ -22,8 +23,10 @@ from kvmlockprof.probes.common import CONTEXTS, IRQS, callers
 KINDS = cdefs.labels("lockorder.bpf.c", "lo_kind", {
     "LO_SPIN": "spin", "LO_READ": "read", "LO_WRITE": "write", "LO_MUTEX": "mutex",
     "LO_RWSEM_READ": "rwsem read", "LO_RWSEM_WRITE": "rwsem write",
-    "LO_SRCU_READ": "srcu read", "LO_SRCU_SYNC": "srcu sync"})
-READERS = {"read", "rwsem read", "srcu read"}
+    "LO_SRCU_READ": "srcu read", "LO_SRCU_SYNC": "srcu sync",
+    "LO_READ_RECURSIVE": "recursive read"})
+READERS = {"read", "recursive read", "rwsem read", "srcu read"}
+RECURSIVE = {"recursive read", "srcu read"}     # lockdep's read=2: no waiting writer stops one
 IRQ_CONTEXTS = {"softirq", "hardirq", "nmi", "irq"}
 
 # (key in the C, kernel symbol, parameter): keys are short (bpf/lockorder.bpf.c says
@@ -158,41 +161,53 @@ def _skip():
     return LOCK_SYMBOLS | {"srcu_read_lock", "srcu_read_unlock"}
 
 
+def _kind(k):
+    return KINDS.get(int(k), f"kind {k}")
+
+
 def edges(rec):
-    """Order edges between lock classes: held -> acquired, count, the VMs it was seen
-    in, and the caller of its first acquisition."""
+    """Order edges between lock classes, one a pair of kinds (as lockdep keeps a
+    dependency per read/write type): held -> acquired, count, the VMs it was seen in,
+    and the caller of its first acquisition."""
     df = rec.table("lockorder_edges")
     if df.empty:
         return df
     cls = class_names(rec, pd.concat([df["held"], df["acquired"]]))
     df = df.assign(held_class=df["held"].map(cls), acquired_class=df["acquired"].map(cls),
-                   held_kind=df["held_kind"].map(KINDS),
-                   acquired_kind=df["acquired_kind"].map(KINDS),
+                   held_kind=df["held_kind"].map(_kind),
+                   acquired_kind=df["acquired_kind"].map(_kind),
                    caller=callers(rec, df["stack_id"], skip=_skip()))
-    g = df.sort_values("count", ascending=False).groupby(["held_class", "acquired_class"])
-    kinds = lambda s: "/".join(sorted(set(s)))     # noqa: E731
+    g = df.sort_values("count", ascending=False).groupby(
+        ["held_class", "acquired_class", "held_kind", "acquired_kind"])
     out = pd.DataFrame({"count": g["count"].sum(), "objects": g["held"].nunique(),
-                        "held_kind": g["held_kind"].agg(kinds),
-                        "acquired_kind": g["acquired_kind"].agg(kinds),
                         "first_caller": g["caller"].first()}).reset_index()
     return out.sort_values("count", ascending=False, ignore_index=True)
 
 
+def _pairs(e):
+    """`edges` summed per pair of classes (held -> acquired, count)."""
+    return e.groupby(["held_class", "acquired_class"], as_index=False, sort=False)[
+        "count"].sum().sort_values("count", ascending=False, ignore_index=True)
+
+
 def contexts(rec):
     """Per lock class: acquisitions by context, IRQs at the call and while held (an
-    _irqsave entry point turns them off), and the class it was taken under ("" when
-    no watched lock was held)."""
+    _irqsave entry point turns them off), softirqs while held (a _bh entry point
+    turns them off; "unknown" where the kernel keeps that per CPU, and in recordings
+    made before it was recorded), and the class it was taken under ("" when no
+    watched lock was held)."""
     df = rec.table("lockorder_acqs")
     if df.empty:
         return df
     cls = class_names(rec, pd.concat([df["addr"], df["outer"][df["outer"] != 0]]))
-    df = df.assign(lock_class=df["addr"].map(cls), kind=df["kind"].map(KINDS),
+    softirqs = df["softirqs"].map(IRQS) if "softirqs" in df else "unknown"
+    df = df.assign(lock_class=df["addr"].map(cls), kind=df["kind"].map(_kind),
                    context=df["context"].map(CONTEXTS), irqs=df["irqs"].map(IRQS),
-                   irqs_at_call=df["irqs_at_call"].map(IRQS),
+                   irqs_at_call=df["irqs_at_call"].map(IRQS), softirqs=softirqs,
                    under=df["outer"].map(lambda a: cls.get(int(a), "") if a else ""),
                    caller=callers(rec, df["stack_id"], skip=_skip()))
     g = df.sort_values("count", ascending=False).groupby(
-        ["lock_class", "kind", "context", "irqs_at_call", "irqs", "under"])
+        ["lock_class", "kind", "context", "irqs_at_call", "irqs", "softirqs", "under"])
     out = pd.DataFrame({"count": g["count"].sum(), "first_caller": g["caller"].first()})
     return out.reset_index().sort_values(["lock_class", "count"], ascending=[True, False],
                                          ignore_index=True)
@@ -233,59 +248,82 @@ def recursion(rec):
 
 
 def _blocks(acquired, held):
-    """Whether taking a lock as `acquired` waits for a holder of it as `held`: readers
-    share (SRCU readers always; rwlock and rwsem readers unless a writer queues,
-    which lockdep models and this does not), a grace-period wait waits for readers."""
-    if acquired == "srcu sync":
-        return held == "srcu read"
-    return not (acquired in READERS and held in READERS)
-
-
-def _conflict(acquired_kinds, held_kinds):
-    return any(_blocks(a, h) for a in acquired_kinds.split("/") for h in held_kinds.split("/"))
+    """Whether taking a lock as `acquired` can wait for a holder of it as `held`
+    (lockdep-design.rst's block conditions): a recursive reader (an SRCU read section,
+    an rwlock read in_interrupt()) waits only for a writer; any other acquisition for
+    any holder (an rwsem or a task's rwlock read queues behind a waiting writer, which
+    waits for the readers; synchronize_srcu waits for the readers)."""
+    return not (acquired in RECURSIVE and held in READERS)
 
 
 def inversions(e):
-    """Pairs of classes seen in both orders (from `edges`) where each side can wait
-    for the other: a possible ABBA deadlock. Readers on both sides of a class do not
-    wait for each other (kvm->srcu read sections in either order with a mutex are
-    fine; a synchronize_srcu inside that mutex is not)."""
+    """Pairs of classes seen in both orders (from `edges`) where an edge each way can
+    wait for the other: a possible ABBA deadlock. Judged per pair of edges, each with
+    its own kinds (lockdep-design.rst's strong circle): a kvm->srcu read section
+    inside a mutex and the mutex inside one are none, a synchronize_srcu inside the
+    mutex is one. The counts and callers are those of the edges that pair up; kinds,
+    the heaviest such pair."""
+    cols = ["a", "b", "a_then_b", "b_then_a", "a_then_b_at", "b_then_a_at", "kinds"]
     if e is None or e.empty:
-        return pd.DataFrame(columns=["a", "b", "a_then_b", "b_then_a", "a_then_b_at",
-                                     "b_then_a_at"])
-    fwd = {(h, a): (n, c, hk, ak) for h, a, n, c, hk, ak in zip(
-        e["held_class"], e["acquired_class"], e["count"], e["first_caller"],
-        e["held_kind"], e["acquired_kind"])}
+        return pd.DataFrame(columns=cols)
+    by_pair = dict(iter(e.groupby(["held_class", "acquired_class"], sort=False)))
     rows = []
-    for (h, a), (n, c, hk, ak) in fwd.items():
-        if h < a and (a, h) in fwd:
-            m, d, hk2, ak2 = fwd[(a, h)]
-            # a (as ak) waits for a held (as hk2), and h (as ak2) waits for h held (as hk)
-            if _conflict(ak, hk2) and _conflict(ak2, hk):
-                rows.append((h, a, n, m, c, d))
-    return pd.DataFrame(rows, columns=["a", "b", "a_then_b", "b_then_a", "a_then_b_at",
-                                       "b_then_a_at"])
+    for (h, a), fwd in by_pair.items():
+        rev = by_pair.get((a, h))
+        if not h < a or rev is None:
+            continue
+        # each edge's acquisition waits for the other edge's holder of that class
+        hits = [(f, r) for f in fwd.itertuples() for r in rev.itertuples()
+                if _blocks(f.acquired_kind, r.held_kind)
+                and _blocks(r.acquired_kind, f.held_kind)]
+        if not hits:
+            continue
+        ab = fwd.loc[sorted({p[0].Index for p in hits}), "count"].sum()
+        ba = rev.loc[sorted({p[1].Index for p in hits}), "count"].sum()
+        f, r = max(hits, key=lambda p: p[0].count + p[1].count)
+        rows.append((h, a, int(ab), int(ba), f.first_caller, r.first_caller,
+                     f"{f.held_kind} -> {f.acquired_kind}; {r.held_kind} -> {r.acquired_kind}"))
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _usage(g):
+    """Per state (hardirq, softirq): the acquisition rows that make the lock safe
+    (taken in that IRQ context) and those that make it unsafe (held with it
+    enabled), as lockdep's mark_usage() marks them."""
+    ctx, at_call = g["context"], g["irqs_at_call"]
+    # x86's "irq" (off the task's stack) with IRQs on at the call is a softirq: hardirq
+    # handlers run with them off
+    soft = (ctx == "softirq") | ((ctx == "irq") & (at_call == "on"))
+    hard = ctx.isin(["hardirq", "nmi"]) | ((ctx == "irq") & (at_call != "on"))
+    # lock_sync() (synchronize_srcu) marks no ENABLED usage: it holds nothing
+    hard_on = (g["irqs"] == "on") & (g["kind"] != "srcu sync")
+    # ENABLED_SOFTIRQ needs hardirqs on as well; softirq context runs with BH off
+    soft_on = hard_on & (g["softirqs"] != "off") & ~ctx.isin(IRQ_CONTEXTS)
+    return (("hardirq", hard, hard_on), ("softirq", soft, soft_on))
 
 
 def irq_conflicts(cx):
-    """Lockdep's IRQ-safety rule, from `contexts`: a class taken in IRQ context and
-    also held with IRQs on elsewhere (an interrupt there can deadlock on it).
-    Read sections of an rwlock are exempt only in IRQ context taking them for read."""
-    cols = ["lock_class", "in_irq", "irqs_on_elsewhere", "irq_at", "irqs_on_at"]
+    """Lockdep's single-lock IRQ-safety rule, from `contexts`, per state (hardirq,
+    softirq): a class taken in that IRQ context and also held with it enabled (an
+    interrupt there can deadlock on it). A class held only with softirqs off
+    (spin_lock_bh) is no conflict for a softirq; a read usage conflicts only with a
+    write one (SRCU and rwlock read sections beside each other are none). Softirqs
+    "unknown" (x86 without a _bh entry point) count as on. One row a class: its
+    hardirq conflict, else its softirq one."""
+    cols = ["lock_class", "state", "in_irq", "irqs_on_elsewhere", "irq_at", "irqs_on_at"]
     if cx is None or cx.empty:
         return pd.DataFrame(columns=cols)
     rows = []
     for c, g in cx.groupby("lock_class"):
-        irq = g[g["context"].isin(IRQ_CONTEXTS)]
-        on = g[(~g["context"].isin(IRQ_CONTEXTS)) & (g["irqs"] == "on")]
-        if irq.empty or on.empty:
-            continue
-        # readers in IRQ context beside readers with IRQs on do not deadlock (rwlock
-        # readers are recursive); a writer on either side does
-        if set(irq["kind"]) <= {"read", "srcu read"} and set(on["kind"]) <= {"read", "srcu read"}:
-            continue
-        rows.append((c, int(irq["count"].sum()), int(on["count"].sum()),
-                     irq["first_caller"].iloc[0], on["first_caller"].iloc[0]))
+        for state, safe, unsafe in _usage(g):
+            irq, on = g[safe], g[unsafe]
+            if irq.empty or on.empty:
+                continue
+            if set(irq["kind"]) <= READERS and set(on["kind"]) <= READERS:
+                continue
+            rows.append((c, state, int(irq["count"].sum()), int(on["count"].sum()),
+                         irq["first_caller"].iloc[0], on["first_caller"].iloc[0]))
+            break
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -317,7 +355,7 @@ def documented(e):
         if h in SRCU_CLASSES and a in NOT_UNDER_SRCU:
             return "forbidden"
         return "not stated"
-    out = e[["held_class", "acquired_class", "count"]].copy()
+    out = _pairs(e)
     out["locking_rst"] = [verdict(h, a) for h, a in zip(out["held_class"],
                                                         out["acquired_class"])]
     rank = {"reversed": 0, "forbidden": 1, "documented": 2, "not stated": 3}
@@ -330,9 +368,11 @@ def findings(rec):
     an edge locking.rst reverses or forbids."""
     e, cx = edges(rec), contexts(rec)
     rows = [("inversion", f"{r.a} <-> {r.b}", f"{r.a_then_b} x at {r.a_then_b_at}; "
-             f"{r.b_then_a} x at {r.b_then_a_at}") for r in inversions(e).itertuples()]
-    rows += [("IRQ conflict", r.lock_class, f"in IRQ context {r.in_irq} x at {r.irq_at}; "
-              f"held with IRQs on {r.irqs_on_elsewhere} x at {r.irqs_on_at}")
+             f"{r.b_then_a} x at {r.b_then_a_at} ({r.kinds})")
+            for r in inversions(e).itertuples()]
+    rows += [("IRQ conflict", r.lock_class, f"{r.state}-safe: in {r.state} context "
+              f"{r.in_irq} x at {r.irq_at}; {r.state}-unsafe: held with {r.state}s on "
+              f"{r.irqs_on_elsewhere} x at {r.irqs_on_at}")
              for r in irq_conflicts(cx).itertuples()]
     rows += [("recursion", r.lock_class, f"{r.kind} taken again at {r.taken_again_at}, "
               f"held since {r.first_taken_at}") for r in recursion(rec).drop_duplicates(
@@ -351,6 +391,7 @@ def order_figure(rec):
     e = edges(rec)
     if e.empty:
         return None
+    e = _pairs(e)
     classes = sorted(set(e["held_class"]) | set(e["acquired_class"]))
     pos = {c: (math.cos(2 * math.pi * i / len(classes)), math.sin(2 * math.pi * i / len(classes)))
            for i, c in enumerate(classes)}
@@ -373,7 +414,7 @@ def compare_values(rec):
     or context only NEW has is a line BASE reads 0 in."""
     out = {}
     e = edges(rec)
-    for r in e.itertuples() if not e.empty else ():
+    for r in _pairs(e).itertuples() if not e.empty else ():
         out[(f"order {r.held_class} -> {r.acquired_class}", "lower", "count")] = float(r.count)
     cx = contexts(rec)
     if not cx.empty:
