@@ -421,10 +421,11 @@ Examples:
               "(a scrape serves the latest read).")
 @click.option("--top", "top_locks", type=click.IntRange(min=1), default=50, show_default=True,
               help="Lock classes with a label of their own (the heaviest by wait since the "
-              "start); the others count as lock=\"other\".")
+              "start, kept once given; at most twice this many ever); the others count "
+              "as lock=\"other\".")
 @click.option("--top-vms", type=click.IntRange(min=1), default=20, show_default=True,
-              help="VMs (or processes) with a label of their own; the others as "
-              "vm=\"other\".")
+              help="VMs (or processes) with a label of their own, as --top; the others "
+              "as vm=\"other\".")
 @click.option("-p", "--pid", "pids", type=int, multiple=True,
               help="Only these processes (tgid); repeatable. Filtered in the kernel.")
 @click.option("--vm", "vm_names", multiple=True, metavar="NAME",

@@ -1,12 +1,14 @@
 """The exporter's collector on small frames (no BPF): bucket bounds against waits
 counted by hand, counters that never go down, bounded labels, and the text read back
-by prometheus_client's own parser. The live test (a real Prometheus scraping it) is
+by prometheus_client's own parser; its session over a made-up in-kernel map, read by a
+real Prometheus. The live test (the exporter on BPF, a real Prometheus scraping it) is
 tests/test_live_exporter.py."""
 import json
 import os
 import re
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pandas as pd
@@ -93,33 +95,47 @@ def test_streamed_latencies_bucket_by_le():
                           for le in exp.LE_SECONDS]
 
 
-def test_counters_only_grow_and_labels_stay_bounded():
-    """3 lock classes, --top 2: the third counts as other; when it overtakes one,
-    that one stops being served but no served counter ever goes down."""
-    series = exp.LockSeries(top_locks=2, top_vms=5)
-    seen = {}
+def test_labels_are_kept_and_bounded():
+    """--top 1: a class that overtakes the labelled one gets a label too, its earlier
+    waits staying in other; the one overtaken keeps its label and counts on; once 2
+    classes have one, a third that overtakes both counts as other. Every wait counted
+    once, no series ends or falls."""
+    series = exp.LockSeries(top_locks=1, top_vms=5)
     reads = [
         [("kvm->slots_lock", "a", "mutex", [1000] * 10),
-         ("kvm->mmu_lock", "a", "rwlock:W", [500] * 5),
-         ("0xffff1", "a", "spinlock", [10] * 3)],
-        [("0xffff1", "a", "spinlock", [10**6] * 20)],           # overtakes mmu_lock
-        [("kvm->mmu_lock", "a", "rwlock:W", [100])],            # now counted as other
+         ("kvm->mmu_lock", "a", "rwlock:W", [500] * 5)],
+        [("kvm->mmu_lock", "a", "rwlock:W", [10**6] * 2),         # overtakes slots_lock
+         ("kvm->slots_lock", "a", "mutex", [1000])],
+        [("0xffff1", "a", "spinlock", [10**8] * 3),               # overtakes both
+         ("kvm->slots_lock", "a", "mutex", [1000])],
     ]
-    served = []
+    seen, total = {}, 0
     for r in reads:
         series.add(frame(r))
+        total += sum(len(w) for *_, w in r)
         got = scrape(series)
-        waits = {k: v for k, v in got.items() if k[0] == "kvmlockprof_lock_waits_total"}
-        for k, v in waits.items():
-            assert v >= seen.get(k, 0), f"{k} went down"
-            seen[k] = v
-        served.append({dict(k[1])["lock"] for k in waits})
-        assert len({dict(k[1])["lock"] for k in waits} - {"other"}) <= 2
-    assert served[0] == {"kvm->slots_lock", "kvm->mmu_lock", "other"}
-    assert "0xffff1" in served[1] and "kvm->mmu_lock" not in served[2]
-    # every wait counted once, under one served or unserved series
-    total = sum(v[0] for v in series.acc.values())
-    assert total == 10 + 5 + 3 + 20 + 1
+        waits = {(dict(k[1])["lock"], dict(k[1])["type"]): v for k, v in got.items()
+                 if k[0] == "kvmlockprof_lock_waits_total"}
+        for k, v in seen.items():
+            assert waits.get(k, -1) >= v, f"{k} went down or ended"
+        seen = waits
+        assert sum(waits.values()) == total
+    assert seen == {("kvm->slots_lock", "mutex"): 12, ("kvm->mmu_lock", "rwlock:W"): 2,
+                    ("other", "rwlock:W"): 5, ("other", "spinlock"): 3}
+    assert series.locks.total == {}             # no label left to give: nothing ranked
+
+
+def test_ranking_memory_is_bounded():
+    """Thousands of lock addresses seen once each: the ranking keeps a bounded number
+    of totals, at most 2 x --top of them get a label, and the series stay bounded."""
+    series = exp.LockSeries(top_locks=5, top_vms=2)
+    for i in range(60):
+        series.add(frame([(f"0x{i:04x}{j:02x}", f"vm{j % 7}", "spinlock", [100 + i + j])
+                          for j in range(100)]))
+        assert len(series.locks.total) <= exp.RANK_KEEP * 5 * 2
+    assert len(series.locks.named) == 10 and len(series.vms.named) <= 4
+    assert len(series.acc) <= 11 * 5
+    assert sum(v[0] for v in series.acc.values()) == 6000
 
 
 def test_vms_beyond_the_top_are_other():
@@ -195,7 +211,8 @@ def test_dashboard_names_only_served_metrics():
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     assert exprs and all(p.get("targets") for p in dash["panels"] if p["type"] != "row")
     s = exp.Snapshot()
-    s.locks = [(("kvm->slots_lock", "vm", "mutex"), 1.0, 1.0, np.ones(len(exp.LE_SLOTS)))]
+    s.locks = [(("kvm->slots_lock", "vm", "mutex"), 1.0, 1.0, 1.0, 1.0,
+                np.ones(len(exp.LE_SLOTS)))]
     s.latencies = [(("gpc", "gpc_refresh"), 1.0, 1.0, np.ones(len(exp.LE_SLOTS)))]
     s.counters = {"contention": {"end": 1, "lost_agg_full": 0}}
     s.ratios = {("gpc", "gpc check"): (1, 1)}
@@ -299,3 +316,413 @@ def test_exporter_without_privileges_says_so(tmp_path):
     assert p.returncode == 1
     assert p.stderr == ("kvmlockprof: exporter needs root (or CAP_BPF+CAP_PERFMON): run it "
                         "with sudo\n")
+
+
+def test_increases_keep_a_histogram_that_grew_alone():
+    """A read between a wait's count and slot adds: the entry's next increase is its
+    histogram alone (or its count alone), kept; an entry made again counts whole."""
+    def aggs(rows):
+        return pd.DataFrame({"lock_addr": [r[0] for r in rows], "tgid": 7, "flags": 32,
+                             "stack_id": 1, "count": np.array([r[1] for r in rows], np.uint64),
+                             "total_ns": np.array([r[2] for r in rows], np.uint64),
+                             "max_ns": 0, "min_ns": 0, "hist": [slots_of(r[3]) for r in rows]})
+    prev = aggs([(1, 2, 2000, [1000]), (2, 5, 500, [100] * 5), (3, 9, 900, [100] * 9)])
+    cur = aggs([(1, 2, 2000, [1000, 1000]),        # its second wait's slot, after the read
+                (2, 6, 600, [100] * 5),            # a count, its slot not yet
+                (3, 1, 100, [100])])               # deleted and made again
+    got = exp.increases(cur, prev)
+    assert got["lock_addr"].tolist() == [1, 2, 3]
+    assert got["count"].tolist() == [0, 1, 1] and got["total_ns"].tolist() == [0, 100, 100]
+    assert [h.sum() for h in got["hist"]] == [1, 0, 1]
+    assert exp.increases(cur, cur).empty
+
+
+# --- the session over made-up in-kernel aggregates, seen by Prometheus -----------------
+
+TEXT = {"caller_x": 0xffffffff81000000, "caller_y": 0xffffffff81001000,
+        "mutex_lock": 0xffffffff81002000}
+LOCKS = {n: 0xffffffff82000000 + 0x1000 * i
+         for i, n in enumerate(["lock_a", "lock_b", "lock_c", "lock_d"])}
+STACKS = {7: [TEXT["mutex_lock"] + 4, TEXT["caller_x"] + 8],
+          8: [TEXT["mutex_lock"] + 4, TEXT["caller_y"] + 8]}
+VMS = {101: "vm1", 102: "vm2", 103: "vm3"}
+MUTEX = 32
+STEPS = 5
+
+
+class FakeKernel:
+    """The contention probe as ExporterSession reads it, over a made-up aggregate map.
+    end() ends waits as the BPF program does: the entry's count and total_ns, then its
+    histogram slot, separate atomic adds; torn="slot" puts a read between the two (the
+    slot lands after it), torn="count" the other way round."""
+
+    def __init__(self):
+        self.map = {}           # (lock_addr, tgid, flags, stack_id) -> [count, ns, hist]
+        self.after_read = []
+        self.waits = {}         # (lock, tgid) -> every wait's ns, the truth
+        self.truth = [(0, 0, np.zeros(64))]    # after each read: the map's sums
+        self.options = {"agg_entries": 1024}
+        self.bpf = {}
+
+    def end(self, lock, tgid, ns, n=1, stack=None, torn=None):
+        stack = exp.analysis.NO_STACK if stack is None else stack
+        e = self.map.setdefault((LOCKS[lock], tgid, MUTEX, stack),
+                                [0, 0, np.zeros(64, np.uint64)])
+        self.waits.setdefault((lock, tgid), []).extend([ns] * n)
+
+        def count():
+            e[0] += n
+            e[1] += n * ns
+
+        def slot():
+            e[2][int(ns).bit_length()] += n
+        first, then = (slot, count) if torn == "count" else (count, slot)
+        first()
+        if torn:
+            self.after_read.append(then)
+        else:
+            then()
+
+    def snapshots(self):
+        import pyarrow as pa
+        keys, vals = list(self.map), list(self.map.values())
+        col = lambda i, t: pa.array([k[i] for k in keys], t)      # noqa: E731
+        hist = np.array([v[2] for v in vals], np.uint64).reshape(-1, 64)
+        count = np.array([v[0] for v in vals], np.uint64)
+        total = np.array([v[1] for v in vals], np.uint64)
+        table = pa.table({
+            "lock_addr": col(0, pa.uint64()), "tgid": col(1, pa.uint32()),
+            "flags": col(2, pa.uint32()), "stack_id": col(3, pa.int32()),
+            "count": pa.array(count), "total_ns": pa.array(total),
+            "max_ns": pa.array(total), "min_ns": pa.array(total),
+            "hist": pa.FixedSizeListArray.from_arrays(pa.array(hist.ravel()), 64)
+            .cast(pa.list_(pa.uint64()))})
+        self.truth.append((int(count.sum()), int(total.sum()), hist.sum(axis=0)))
+        for f in self.after_read:
+            f()
+        self.after_read = []
+        return {"aggregates": table}
+
+    def poll(self):
+        return {}
+
+    def counters(self):
+        return {"end": sum(v[0] for v in self.map.values())}
+
+    def stack_addrs(self, stack_id):
+        return STACKS[stack_id]
+
+
+def promotion(k, step):
+    """--top 1 --top-vms 1: lock_b overtakes lock_a (a second label), lock_c overtakes
+    both (no label left); vm2 overtakes vm1, vm3 finds no label left; a read falls
+    between a wait's count and slot adds twice, once each way."""
+    if step == 0:
+        k.end("lock_a", 101, 1000, n=60)
+        k.end("lock_b", 101, 500, n=50)
+    elif step == 1:
+        k.end("lock_b", 101, 100_000, n=10)
+        k.end("lock_b", 101, 100_000, torn="slot")
+    elif step == 2:
+        k.end("lock_c", 102, 10_000_000, n=5)
+        k.end("lock_a", 102, 2000, n=3)
+        k.end("lock_a", 101, 3000, torn="count")
+    elif step == 3:
+        k.end("lock_d", 103, 10**9)
+        k.end("lock_a", 101, 1000, n=2)
+
+
+def callstacks(k, step):
+    """-S caller_x: lock_a's waits, 10 a read with a stack (6 from caller_x, 4 from
+    caller_y), 90 without (past the stack budget), each half 3 us and half 100 us."""
+    if step < STEPS - 1:
+        for ns in (3000, 100_000):
+            k.end("lock_a", 101, ns, n=3, stack=7)
+            k.end("lock_a", 101, ns, n=2, stack=8)
+            k.end("lock_a", 101, ns, n=45)
+
+
+@pytest.fixture
+def make_session(tmp_path, monkeypatch):
+    """ExporterSession over a FakeKernel, with a kallsyms of the made-up symbols and
+    the made-up processes named as VMs."""
+    from kvmlockprof.kernel.ksyms import Kallsyms
+    from kvmlockprof.views import top
+    path = tmp_path / "kallsyms"
+    path.write_text("".join(f"{a:x} T {n}\n" for n, a in TEXT.items()) +
+                    "".join(f"{a:x} D {n}\n" for n, a in LOCKS.items()))
+    ksyms = Kallsyms(str(path))
+    monkeypatch.setattr(top, "Kallsyms", lambda: ksyms)
+    monkeypatch.setattr(exp, "_gone", lambda tgids: [])    # (they never exit)
+
+    def make(kernel, **kw):
+        status = {"contention": {"status": "attached", "method": "raw_tracepoint"}}
+        s = exp.ExporterSession({"contention": kernel}, status, kbtf=None, **kw)
+        s.procs.update({str(t): {"comm": "qemu", "vm_name": v} for t, v in VMS.items()})
+        return s
+    return make
+
+
+def le_buckets(hist):
+    """The cumulative counts a histogram of log2 slots has under each `le` = 2^e ns: its
+    slots up to e (slot s holds the waits with s bits, shorter than 2^s ns)."""
+    return [int(hist[:e + 1].sum()) for e in exp.LE_SLOTS]
+
+
+def true_bucket(waits, q):
+    """(lo, hi] in seconds: the bucket holding the wait of rank q (Prometheus's rank:
+    the first bucket whose count reaches q x count)."""
+    w = sorted(waits)
+    v = w[max(int(np.ceil(q * len(w))) - 1, 0)]
+    i = next(i for i, s in enumerate(exp.LE_SLOTS) if v < 2 ** s)
+    return (2.0 ** exp.LE_SLOTS[i - 1] / 1e9 if i else 0.0), 2.0 ** exp.LE_SLOTS[i] / 1e9
+
+
+def served(collector):
+    """What a scrape of the collector serves, read by prometheus_client's parser:
+    {(name, labels as a sorted tuple): value}."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(collector)
+    text = generate_latest(reg).decode()
+    return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+
+def histograms(got, name="kvmlockprof_lock_wait_duration_seconds"):
+    """{(lock, vm, type): ({le: cumulative count}, _count, _sum)}"""
+    out = {}
+    for (n, lab), v in got.items():
+        d = dict(lab)
+        key = (d.get("lock"), d.get("vm"), d.get("type"))
+        if n == name + "_bucket":
+            out.setdefault(key, [{}, None, None])[0][d["le"]] = v
+        elif n in (name + "_count", name + "_sum"):
+            out.setdefault(key, [{}, None, None])[1 if n.endswith("count") else 2] = v
+    return out
+
+
+def check_histograms(hists):
+    """Each histogram by Prometheus's rules: _count is its +Inf bucket, its buckets
+    never fall with le and never exceed _count."""
+    for key, (b, count, _) in hists.items():
+        assert b["+Inf"] == count, key
+        cum = [b[repr(le)] for le in exp.LE_SECONDS] + [b["+Inf"]]
+        assert cum == sorted(cum), (key, cum)
+
+
+def test_served_counters_add_up_across_a_promotion(make_session):
+    """At every read: no served series falls or ends; the served series add up to the
+    made-up map's waits, seconds and histogram slots (whatever their labels); each
+    histogram is consistent. Once the reads fall between no adds any more, the
+    histograms hold every wait, as many as waits_total."""
+    k = FakeKernel()
+    s = make_session(k, top_locks=1, top_vms=1)
+    before = {}
+    for step in range(STEPS):
+        promotion(k, step)
+        s.read()
+        got = served(s.collector)
+        waits = {lab: v for (n, lab), v in got.items() if n == "kvmlockprof_lock_waits_total"}
+        for lab, v in before.items():
+            assert waits.get(lab, -1) >= v, f"{dict(lab)} fell or ended at read {step + 1}"
+        before = waits
+        n, ns, hist = k.truth[-1]
+        assert sum(waits.values()) == n
+        assert sum(v for (m, _), v in got.items()
+                   if m == "kvmlockprof_lock_wait_seconds_total") == pytest.approx(ns / 1e9)
+        hists = histograms(got)
+        check_histograms(hists)
+        assert sum(h[1] for h in hists.values()) == hist.sum()
+        assert [sum(h[0][repr(le)] for h in hists.values()) for le in exp.LE_SECONDS] == \
+            le_buckets(hist)
+        assert {dict(lab)["lock"] for lab in waits} <= {"lock_a", "lock_b", "other"}
+        assert {dict(lab)["vm"] for lab in waits} <= {"vm1", "vm2", "other"}
+    every = [w for ws in k.waits.values() for w in ws]
+    assert sum(waits.values()) == sum(h[1] for h in hists.values()) == len(every)
+    assert sum(h[2] for h in hists.values()) == pytest.approx(sum(every) / 1e9)
+    assert [sum(h[0][repr(le)] for h in hists.values()) for le in exp.LE_SECONDS] == \
+        [sum(1 for w in every if w < round(le * 1e9)) for le in exp.LE_SECONDS]
+
+
+def spread_histogram_too(spread):
+    """spread_unwalked as it may become: the unwalked waits' histogram also spread over
+    the lock's walked stacks, in proportion to their counts."""
+    def spread_hist(aggs):
+        no = exp.analysis.NO_STACK
+        hist = np.stack(aggs["hist"].to_numpy()).astype(np.float64)
+        unwalked = (aggs["stack_id"] == no).to_numpy()
+        group = aggs.groupby(["lock_addr", "flags", "tgid"]).ngroup().to_numpy()
+        n = np.where(unwalked, 0.0, aggs["count"].to_numpy(np.float64))
+        walked_n = np.bincount(group, n)[group]
+        share = np.divide(n, walked_n, out=np.zeros_like(n), where=walked_n > 0)
+        for g in np.unique(group[unwalked]):
+            if walked_n[group == g][0] > 0:
+                rows = group == g
+                hist[rows & ~unwalked] += np.outer(share[rows & ~unwalked],
+                                                   hist[rows & unwalked].sum(axis=0))
+        return spread(aggs.assign(hist=list(hist)))
+    return spread_hist
+
+
+def spreads_histograms():
+    """Whether analysis.spread_unwalked spreads the unwalked waits' histogram too."""
+    aggs = pd.DataFrame({"lock_addr": [1, 1], "flags": 1, "tgid": 1,
+                         "stack_id": [7, exp.analysis.NO_STACK], "count": [1, 1],
+                         "total_ns": [10, 10], "hist": [slots_of([10]), slots_of([10])]})
+    return exp.analysis.spread_unwalked(aggs)["hist"].iloc[0].sum() > 1
+
+
+@pytest.mark.parametrize("spread", ["analysis", "hist too"])
+def test_callstack_filter_histogram_agrees(make_session, monkeypatch, spread):
+    """-S: the waits without a stack are spread over the walked ones (estimates). The
+    histogram's _count is its +Inf bucket, its quantiles fall in the made-up waits'
+    buckets and its mean is theirs, whether spread_unwalked leaves the histogram to
+    the walked waits or spreads it too (as the analysis does, and as a stand-in does)."""
+    hist_spread = spreads_histograms()
+    if spread == "hist too" and not hist_spread:
+        monkeypatch.setattr(exp.analysis, "spread_unwalked",
+                            spread_histogram_too(exp.analysis.spread_unwalked))
+        hist_spread = True
+    k = FakeKernel()
+    s = make_session(k, filters={"callstacks": ("caller_x",)})
+    for step in range(STEPS):
+        callstacks(k, step)
+        s.read()
+    got = served(s.collector)
+    hists = histograms(got)
+    check_histograms(hists)
+    assert list(hists) == [("lock_a", "vm1", "mutex")]
+    b, count, total = hists[("lock_a", "vm1", "mutex")]
+    waits = value(got, "kvmlockprof_lock_waits_total", lock="lock_a", vm="vm1", type="mutex")
+    assert waits == pytest.approx(0.6 * 400)        # (caller_x: 6 of the 10 walked)
+    assert count == (pytest.approx(waits) if hist_spread else 24)
+    every = k.waits[("lock_a", 101)]
+    assert total / count == pytest.approx(np.mean(every) / 1e9)
+    for q in (0.25, 0.75):
+        lo, hi = true_bucket(every, q)
+        first = next(le for le in exp.LE_SECONDS if b[repr(le)] >= q * count)
+        assert first == hi, (q, first, hi)
+
+
+class CountingCollector(exp.Collector):
+    """The session's collector, counting the scrapes since its last publish."""
+
+    def __init__(self):
+        import threading
+        super().__init__()
+        self.scrapes, self.cond = 0, threading.Condition()
+
+    def publish(self, snap):
+        with self.cond:
+            super().publish(snap)
+            self.scrapes = 0
+
+    def collect(self):
+        yield from super().collect()
+        with self.cond:
+            self.scrapes += 1
+            self.cond.notify_all()
+
+    def wait_scrapes(self, n, timeout=30):
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.scrapes >= n, timeout), "no scrape"
+
+
+def test_prometheus_reads_the_counters_right(make_session, tmp_path):
+    """A real Prometheus (Debian's) scrapes two exporters fed with made-up aggregates
+    (no BPF), every read served to at least one whole scrape: the promotion and torn
+    reads above, and -S. By PromQL: resets() finds no counter, bucket or _count of any
+    series going down; no series ends once served; at every scrape sum() of each
+    counter over its series is the made-up map's total at that read; every histogram
+    has _count = its +Inf bucket >= each bucket; histogram_quantile() lands in the
+    bucket of the made-up waits' quantile."""
+    from promserver import Prometheus, free_port, wait_for
+    jobs = {"promotion": (FakeKernel(), promotion, dict(top_locks=1, top_vms=1)),
+            "callstacks": (FakeKernel(), callstacks, dict(filters={"callstacks": ("caller_x",)}))}
+    sessions, servers = {}, []
+    for job, (k, _, kw) in jobs.items():
+        s = sessions[job] = make_session(k, **kw)
+        s.collector = CountingCollector()
+        servers.append(exp.serve(s.collector, f"127.0.0.1:{free_port()}"))
+    prom = None
+    try:
+        prom = Prometheus({job: "127.0.0.1:%d" % srv.server_port
+                           for job, (srv, _) in zip(jobs, servers)}, tmp_path, interval="200ms")
+        prom.ready()
+        wait_for(lambda: prom.value("sum(up)") == 2, 60, "both exporters scraped", 0.2)
+        for step in range(STEPS):
+            for job, (k, steps, _) in jobs.items():
+                steps(k, step)
+                sessions[job].read()
+            for s in sessions.values():
+                s.collector.wait_scrapes(2)     # (one of them whole, after the publish)
+        wait_for(lambda: prom.value("min(kvmlockprof_exporter_reads_total)") == STEPS, 30,
+                 "the last reads in Prometheus", 0.2)
+        check_prometheus(prom, jobs)
+    finally:
+        if prom:
+            prom.stop()
+        for srv, thread in servers:
+            srv.shutdown()
+            srv.server_close()
+            thread.join(5)
+
+
+def check_prometheus(prom, jobs):
+    hist = "kvmlockprof_lock_wait_duration_seconds"
+    for name in ("kvmlockprof_lock_waits_total", "kvmlockprof_lock_wait_seconds_total",
+                 f"{hist}_bucket", f"{hist}_count", f"{hist}_sum"):
+        assert prom.value(f"max(resets({name}[1h]))") == 0, name
+    time.sleep(1)
+    end = time.time() - 0.5         # (every scrape up to then is in)
+    series = prom.query('{__name__=~"kvmlockprof_lock_wait.*"}[1h]', end)
+    for job, (k, _, _) in jobs.items():
+        sel = f'job="{job}"'
+        scrapes = [(float(t), int(v)) for t, v in prom.query(
+            f"kvmlockprof_exporter_reads_total{{{sel}}}[1h]", end)[0]["values"]]
+        at = [t for t, _ in scrapes]
+        for ser in series:
+            if ser["metric"]["job"] == job:       # served at every scrape from its first
+                mine = [float(t) for t, _ in ser["values"]]
+                assert mine == [t for t in at if t >= mine[0]], ser["metric"]
+        for t, reads in scrapes:
+            n, ns, slots = k.truth[reads]
+
+            def total(name):
+                return prom.value(f"sum({name}{{{sel}}})", t) or 0
+            if job == "promotion":
+                assert total("kvmlockprof_lock_waits_total") == n, (t, reads)
+                assert total("kvmlockprof_lock_wait_seconds_total") == pytest.approx(ns / 1e9)
+                assert total(f"{hist}_count") == slots.sum()
+                by_le = {r["metric"]["le"]: float(r["value"][1]) for r in
+                         prom.query(f"sum by (le) ({hist}_bucket{{{sel}}})", t)}
+                assert [by_le.get(repr(le), 0) for le in exp.LE_SECONDS] == le_buckets(slots)
+            assert not prom.query(f'{hist}_count{{{sel}}} != ignoring(le) '
+                                  f'{hist}_bucket{{le="+Inf"}}', t)
+            assert not prom.query(f"{hist}_bucket{{{sel}}} > ignoring(le) group_left "
+                                  f"{hist}_count", t)
+            hists = {}
+            for r in prom.query(f'{{__name__=~"{hist}_(bucket|count)",{sel}}}', t):
+                m = r["metric"]
+                h = hists.setdefault((m["lock"], m["vm"], m["type"]), [{}, None, None])
+                if "le" in m:
+                    h[0][m["le"]] = float(r["value"][1])
+                else:
+                    h[1] = float(r["value"][1])
+            check_histograms(hists)
+    promo = [w for ws in jobs["promotion"][0].waits.values() for w in ws]
+    cs = jobs["callstacks"][0].waits[("lock_a", 101)]
+    for q, sel, waits in [(0.5, 'job="promotion"', promo), (0.9, 'job="promotion"', promo),
+                          (0.5, 'job="promotion",lock="lock_a",vm="vm1"',
+                           jobs["promotion"][0].waits[("lock_a", 101)]),
+                          (0.25, 'job="callstacks"', cs), (0.75, 'job="callstacks"', cs)]:
+        got = prom.value(f"histogram_quantile({q}, sum by (le) ({hist}_bucket{{{sel}}}))")
+        lo, hi = true_bucket(waits, q)
+        assert lo <= got <= hi, (q, sel, got, lo, hi)
+    sel = '{job="callstacks"}'
+    assert prom.value(f"sum({hist}_sum{sel}) / sum({hist}_count{sel})") == \
+        pytest.approx(np.mean(cs) / 1e9)
+    # (the promoted lock's waits before it got its label stay in other, where they were)
+    waits = 'sum(kvmlockprof_lock_waits_total{job="promotion",lock="%s"})'
+    assert prom.value(waits % "lock_b") == 11
+    assert prom.value(waits % "other") == 50 + 5 + 1

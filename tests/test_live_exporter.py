@@ -6,14 +6,11 @@ independent BPF count of the workload's contention_end."""
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 
 import pytest
 
@@ -21,76 +18,9 @@ import kvmlockprof
 from conftest import (ROOT, assert_none_left, ends_counter, kernel_objects, klp,
                       workload_argv)
 from kvmlockprof.analysis import locks as analysis
+from promserver import Prometheus, free_port, get, wait_for
 
 pytestmark = pytest.mark.live
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def get(url):
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.read().decode()
-    except OSError:
-        return None
-
-
-class Prometheus:
-    """A private Prometheus server scraping one target every second."""
-
-    def __init__(self, target, tmp_path):
-        exe = shutil.which("prometheus")
-        if not exe:
-            if os.environ.get("CI"):
-                pytest.fail("prometheus missing in CI (make test installs it)")
-            pytest.skip("prometheus is not installed (apt-get install prometheus)")
-        self.port = free_port()
-        cfg = tmp_path / "prometheus.yml"
-        cfg.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                       "scrape_configs:\n  - job_name: kvmlockprof\n"
-                       f"    static_configs:\n      - targets: ['{target}']\n")
-        self.log = open(tmp_path / "prometheus.log", "w")
-        self.proc = subprocess.Popen(
-            [exe, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def query(self, expr, at=None):
-        """An instant query's result vector (HTTP API)."""
-        q = {"query": expr, **({"time": f"{at:.3f}"} if at else {})}
-        body = get(f"{self.url}/api/v1/query?{urllib.parse.urlencode(q)}")
-        assert body, f"Prometheus did not answer {expr!r}"
-        out = json.loads(body)
-        assert out["status"] == "success", out
-        return out["data"]["result"]
-
-    def value(self, expr):
-        r = self.query(expr)
-        return float(r[0]["value"][1]) if r else None
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 def start_exporter(port, tmp_path, *args):

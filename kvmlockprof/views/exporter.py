@@ -4,8 +4,13 @@ filters as record) read every interval and served as Prometheus/OpenMetrics text
 Each read's increase of every aggregate entry is added, under the labels the entry
 has at that moment, to counters kept here: they never go down over the process's
 life, whatever the kernel side does (an entry renamed when its VM becomes known, a
-VM that exits and whose entries are deleted, a lock class that leaves the top N).
-collect() only formats the latest read; a scrape reads nothing from the kernel."""
+VM that exits and whose entries are deleted). A label set once served is served to
+the end: a lock class (VM) gets a label of its own when it ranks in the top N by wait
+since the start, and keeps it; what it waited before stays in `other`, where it was
+counted. So no served series falls or ends, and at every scrape the served series add
+up to every wait read. At most 2N names ever get a label (Labels): the series stay
+bounded. collect() only formats the latest read; a scrape reads nothing from the
+kernel."""
 import os
 import threading
 import time
@@ -15,7 +20,7 @@ import pandas as pd
 
 from kvmlockprof.analysis import locks as analysis
 from kvmlockprof.recording.store import Recording
-from kvmlockprof.views.top import LiveView, _delta, live_session
+from kvmlockprof.views.top import AGG_KEYS, LiveView, live_session
 
 PREFIX = "kvmlockprof"
 OTHER = "other"
@@ -31,6 +36,9 @@ LE_SECONDS = [float(2.0 ** s / 1e9) for s in LE_SLOTS]
 # Classes and VMs ranked (lifetime wait), beyond the labelled ones: the rest's
 # totals are dropped (they only decide who is promoted later).
 RANK_KEEP = 10
+# Names that ever get a label, per label of the top N: a label is never taken back
+# (its series would end and the sum fall), so this is what bounds the series.
+NAMES_PER_TOP = 2
 
 
 def cumulative_buckets(hist):
@@ -46,53 +54,102 @@ def values_buckets(ns):
     return np.cumsum(np.bincount(idx, minlength=len(le_ns) + 1)[:len(le_ns)])
 
 
-class Ranking:
-    """Lifetime totals of names (lock classes, VMs): the top `n` get their own label.
-    A name keeps its label until another overtakes it; the bookkeeping of names far
-    below the top is dropped, so memory does not grow with every address ever seen."""
+def increases(cur, prev):
+    """Each aggregate entry's increase since `prev` (DataFrames of the agg map), field by
+    field. The kernel adds to an entry's count, total_ns and histogram slot with
+    separate atomic adds, so a read can fall between them: an entry whose histogram
+    alone grew is kept (its count grew a read before, or will a read after), and over
+    reads the increases add up to the entry's last values. An entry that fell (deleted
+    and made again) counts whole, so no increase is negative."""
+    if prev is None or prev.empty or cur.empty:
+        return cur
+    pos = cur[AGG_KEYS].merge(prev[AGG_KEYS].assign(_pos=np.arange(len(prev))),
+                              on=AGG_KEYS, how="left")["_pos"].to_numpy()
+    seen = ~np.isnan(pos)
+    at = pos[seen].astype(np.int64)
+    n, ns = cur["count"].to_numpy(np.uint64), cur["total_ns"].to_numpy(np.uint64)
+    hist = np.stack(cur["hist"].to_numpy()).astype(np.uint64)
+    pn = prev["count"].to_numpy(np.uint64)[at]
+    pns = prev["total_ns"].to_numpy(np.uint64)[at]
+    phist = np.stack(prev["hist"].to_numpy()).astype(np.uint64)[at]
+    fell = (n[seen] < pn) | (ns[seen] < pns) | (hist[seen] < phist).any(axis=1)
+    rows = np.flatnonzero(seen)[~fell]          # (new and fallen entries count whole)
+    n, ns, hist = n.copy(), ns.copy(), hist.copy()
+    n[rows] -= pn[~fell]
+    ns[rows] -= pns[~fell]
+    hist[rows] -= phist[~fell]
+    grew = (n > 0) | (ns > 0) | hist.any(axis=1)
+    out = cur.assign(count=n, total_ns=ns, hist=pd.Series(list(hist), index=cur.index))
+    return out[grew].reset_index(drop=True)
+
+
+class Labels:
+    """Which names (lock classes, VMs) have a label of their own: a name gets one when
+    it ranks in the top `n` by wait since the start, and keeps it; at most
+    NAMES_PER_TOP * n names ever get one, then the ranking stops (its later leaders
+    count as `other`). The totals of names far below the top are dropped, and all of
+    them once no label is left to give, so memory does not grow with every address
+    ever seen."""
 
     def __init__(self, n):
-        self.n, self.total = n, {}
+        self.n, self.cap = n, NAMES_PER_TOP * n
+        self.named, self.total = set(), {}
 
     def add(self, names, weights):
+        if len(self.named) >= self.cap:
+            return
         for k, w in zip(names, weights):
             self.total[k] = self.total.get(k, 0.0) + float(w)
-        if len(self.total) > RANK_KEEP * max(self.n, 1) * 2:
-            keep = sorted(self.total.items(), key=lambda kv: -kv[1])[:RANK_KEEP * self.n]
-            self.total = dict(keep)
+        ranked = sorted(self.total.items(), key=lambda kv: (-kv[1], kv[0]))
+        for k, _ in ranked[:self.n]:
+            if len(self.named) < self.cap:
+                self.named.add(k)
+        if len(self.named) >= self.cap:
+            self.total = {}
+        elif len(self.total) > RANK_KEEP * max(self.n, 1) * 2:
+            self.total = dict(ranked[:RANK_KEEP * self.n])
 
-    def labelled(self):
-        return {k for k, _ in sorted(self.total.items(), key=lambda kv: -kv[1])[:self.n]}
+    def of(self, names):
+        """Each name's label: itself if it has one, else `other`."""
+        names = pd.Series(names).astype(str)
+        return names.where(names.isin(self.named), OTHER).to_numpy()
 
 
 class LockSeries:
-    """Counters per (lock class, VM, type), bounded: the top `top_locks` classes and
-    `top_vms` VMs by lifetime wait keep their names, the rest count as `other`.
+    """Counters per (lock class, VM, type), bounded: the classes and VMs labelled by
+    Labels(top_locks) and Labels(top_vms) keep their names, the rest count as `other`.
 
     add() takes one read's increases (a DataFrame: lock, vm, type, count, total_ns,
-    hist: 64 log2 slots); each increase goes to the series its labels name at that
-    read, so every series only grows. A series that lost its label stops being
-    served (its count is kept, and goes on if the label comes back)."""
+    hist: 64 log2 slots, and hist_ns: the time of the waits hist holds, if not
+    total_ns); each goes to the series its labels name at that read (a name labelled
+    at this read counts under its label from this read on), so every series only
+    grows, and every series made is served to the end. The histogram's own count is
+    its slots' sum: its +Inf bucket and _count, never below a finite bucket (a read
+    between a wait's count and slot adds leaves waits_total a wait ahead or behind
+    until the next read)."""
+
+    # acc's columns: count, total_ns, then the histogram's count, its _sum in ns and
+    # its cumulative buckets
+    N, NS, HN, HNS, B = 0, 1, 2, 3, 4
 
     def __init__(self, top_locks=TOP_LOCKS, top_vms=TOP_VMS):
-        self.locks, self.vms = Ranking(top_locks), Ranking(top_vms)
-        self.acc = {}           # (lock, vm, type) -> [count, total_ns, buckets...]
+        self.locks, self.vms = Labels(top_locks), Labels(top_vms)
+        self.acc = {}           # (lock, vm, type) -> the columns above
 
     def add(self, df):
         if df is None or df.empty:
             return
         w = df["total_ns"].to_numpy(np.float64)
-        for rank, col in ((self.locks, "lock"), (self.vms, "vm")):
+        for labels, col in ((self.locks, "lock"), (self.vms, "vm")):
             g = pd.Series(w).groupby(df[col].astype(str).to_numpy()).sum()
-            rank.add(g.index, g.to_numpy())
-        locks, vms = self.locks.labelled(), self.vms.labelled()
-        lock = df["lock"].astype(str).where(df["lock"].astype(str).isin(locks), OTHER)
-        vm = df["vm"].astype(str).where(df["vm"].astype(str).isin(vms), OTHER)
-        keys = pd.MultiIndex.from_arrays([lock.to_numpy(), vm.to_numpy(),
+            labels.add(g.index, g.to_numpy())
+        keys = pd.MultiIndex.from_arrays([self.locks.of(df["lock"]), self.vms.of(df["vm"]),
                                           df["type"].astype(str).to_numpy()])
         codes, uniq = pd.factorize(keys)
-        vals = np.column_stack([df["count"].to_numpy(np.float64), w,
-                                cumulative_buckets(np.stack(df["hist"].to_numpy()))])
+        hist = np.stack(df["hist"].to_numpy()).astype(np.float64)
+        hist_ns = df["hist_ns"].to_numpy(np.float64) if "hist_ns" in df else w
+        vals = np.column_stack([df["count"].to_numpy(np.float64), w, hist.sum(axis=1),
+                                hist_ns, cumulative_buckets(hist)])
         sums = np.zeros((len(uniq), vals.shape[1]))
         np.add.at(sums, codes, vals)
         for key, row in zip(uniq, sums):
@@ -102,10 +159,10 @@ class LockSeries:
                 self.acc[key] = row.copy()
 
     def rows(self):
-        """The series served now: [((lock, vm, type), count, total_ns, buckets)]."""
-        locks, vms = self.locks.labelled() | {OTHER}, self.vms.labelled() | {OTHER}
-        return [(k, v[0], v[1], v[2:]) for k, v in sorted(self.acc.items())
-                if k[0] in locks and k[1] in vms]
+        """Every series: [((lock, vm, type), count, total_ns, hist count, hist ns,
+        cumulative buckets)]."""
+        return [(k, v[self.N], v[self.NS], v[self.HN], v[self.HNS], v[self.B:])
+                for k, v in sorted(self.acc.items())]
 
 
 class Latencies:
@@ -165,12 +222,11 @@ def _families(s):
     hist = HistogramMetricFamily(f"{PREFIX}_lock_wait_duration_seconds", "Wait durations "
                                  "(le: waits shorter than the bound, from the in-kernel log2 "
                                  "histograms).", labels=lab, unit="")
-    for (lock, vm, typ), n, ns, b in s.locks:
+    for (lock, vm, typ), n, ns, hist_n, hist_ns, b in s.locks:
         labels = [lock, vm, typ]
         waits.add_metric(labels, n)
         secs.add_metric(labels, ns / 1e9)
-        hist.add_metric(labels, _buckets(b) +
-                        [("+Inf", n)], ns / 1e9)
+        hist.add_metric(labels, _buckets(b) + [("+Inf", hist_n)], hist_ns / 1e9)
     yield waits
     yield secs
     yield hist
@@ -244,6 +300,13 @@ class Collector:
         yield from _families(s)
 
 
+def _hist_counts(df):
+    """Each row's histogram total (the waits it holds)."""
+    if df.empty:
+        return np.zeros(0)
+    return np.stack(df["hist"].to_numpy()).astype(np.float64).sum(axis=1)
+
+
 def _gone(tgids):
     return [t for t in tgids if t and not os.path.exists(f"/proc/{t}")]
 
@@ -313,7 +376,7 @@ class ExporterSession(LiveView):
         gone = _gone(pd.unique(self.prev_aggs["tgid"]).tolist()) \
             if self.prev_aggs is not None and not self.prev_aggs.empty else []
         aggs = self._read_contention(fsnaps)
-        interval = _delta(aggs, self.prev_aggs)
+        interval = increases(aggs, self.prev_aggs)
         self.series.add(self._labelled(interval))
         self.prev_aggs = self._forget(aggs, gone)
         counters = {name: src.counters() for name, src in self.sources.items()}
@@ -344,10 +407,17 @@ class ExporterSession(LiveView):
         df = analysis.annotated_aggregates(rec)
         if self.pids:
             df = df[df["tgid"].isin(self.pids)]
+        own_n, own_ns = _hist_counts(df), df["total_ns"].to_numpy(np.float64)
+        df = df.assign(_own_n=own_n, _own_ns=own_ns)
         if self.filters and any(self.filters.values()):
             df = analysis.apply_filters(rec, df, **self.filters)
         if df.empty:
             return None
+        # -S spreads the unwalked waits' counts and times over the walked stacks: the
+        # histogram's time is its own waits' unless their histogram was spread too
+        hist_n = _hist_counts(df)
+        hist_ns = np.where(hist_n == df["_own_n"].to_numpy(), df["_own_ns"].to_numpy(),
+                           df["total_ns"].to_numpy(np.float64))
         classes = df["lock"].astype(str).map(
             {n: analysis.lock_class(n) for n in pd.unique(df["lock"].astype(str))})
         vms = df["tgid"].map(analysis._vm_labels(rec))
@@ -356,7 +426,7 @@ class ExporterSession(LiveView):
                              "type": df["type"].astype(str).to_numpy(),
                              "count": df["count"].to_numpy(np.float64),
                              "total_ns": df["total_ns"].to_numpy(np.float64),
-                             "hist": df["hist"].to_numpy()})
+                             "hist": df["hist"].to_numpy(), "hist_ns": hist_ns})
 
     def _forget(self, aggs, gone):
         """Delete the kernel entries of processes that had exited before this read
