@@ -208,6 +208,8 @@ def spread_unwalked(aggs):
     uhist = np.zeros((len(index), hist.shape[1]))
     np.add.at(uhist, group[unwalked], hist[unwalked])
     out["hist"] = list(hist + uhist[group] * share[:, None])
+    if "min_ns" not in aggs.columns:        # (a table of counts alone)
+        return out[~(unwalked & spread)]
     big = np.iinfo(np.int64).max
     umin = np.full(len(index), big)
     np.minimum.at(umin, group[unwalked], aggs["min_ns"].to_numpy(np.int64)[unwalked])
