@@ -45,7 +45,7 @@ struct lo_held_lock {
 
 struct lo_held {
 	u32 n;
-	u32 pad;
+	u32 bh_held;    /* of the n, those taken by a _bh entry point */
 	struct lo_held_lock l[LO_DEPTH];
 };
 
@@ -306,12 +306,9 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	}
 	s32 sid = -1;
 	u32 n = held->n;
-	int bh = variant == LO_BH;
-	for (int i = 0; i < LO_DEPTH; i++) {
-		if (i < n && held->l[i & (LO_DEPTH - 1)].bh)
-			bh = 1;
-	}
-	u32 softirqs = lo_softirqs(context, bh);
+	/* (a count, not a loop over the held locks: 6.1's verifier loses the bound of
+	 * the loop below when the compiler lays out a second one beside it) */
+	u32 softirqs = lo_softirqs(context, variant == LO_BH || held->bh_held);
 	/* lockdep's read_lock_is_recursive() for queued rwlocks: in_interrupt() */
 	if (kind == LO_READ && softirqs == KVMLP_IRQS_OFF)
 		kind = LO_READ_RECURSIVE;
@@ -366,6 +363,7 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	held->l[n & (LO_DEPTH - 1)].kind = kind;
 	held->l[n & (LO_DEPTH - 1)].stack_id = sid;
 	held->l[n & (LO_DEPTH - 1)].bh = variant == LO_BH;
+	held->bh_held += variant == LO_BH;
 	held->n = n + 1;
 	return 0;
 }
@@ -393,6 +391,8 @@ static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
 		lo_count(LO_C_UNMATCHED_RELEASES);
 		return 0;
 	}
+	if (held->l[at & (LO_DEPTH - 1)].bh && held->bh_held)
+		held->bh_held--;
 	for (int i = 0; i < LO_DEPTH - 1; i++) {
 		if (i >= at && i + 1 < n)
 			held->l[i & (LO_DEPTH - 1)] = held->l[(i + 1) & (LO_DEPTH - 1)];
