@@ -544,11 +544,20 @@ def compare_values(rows, threshold=0.05, fdr=FDR):
     return judge(out, threshold, fdr)
 
 
-def compare(base, new, threshold=0.05, limit=20, fdr=FDR):
+def compare(base, new, threshold=0.05, limit=20, fdr=FDR, locks=(), metrics=()):
     """One row per (lock identity or probe, metric): base and new values, change, its
     interval (absolute and ratio), p-values, verdict; sorted by effect size.
 
-    base, new: lists of Recordings (one or several runs each)."""
+    base, new: lists of Recordings (one or several runs each). locks (globs on the
+    identity, `kvm->slots_lock*`) and metrics (of LOCK_METRICS) narrow the family the
+    false discovery rate is held over to the rows a reviewer asks about beforehand (a
+    patch to one lock): fewer tests, more power. Given either, probe rows are left out."""
+    import fnmatch
+    unknown = sorted(set(metrics) - set(LOCK_METRICS))
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}: one of {', '.join(LOCK_METRICS)}")
+    lock_metrics = {m: v for m, v in LOCK_METRICS.items() if not metrics or m in metrics}
+    probes = not (locks or metrics)
     big = list({id(r): r for r in (*base, *new) if analysis.streamed(r)}.values())
     if len(big) > 1:    # two at once: reading, checksums and hashing release the GIL
         with ThreadPoolExecutor(2) as pool:
@@ -556,30 +565,33 @@ def compare(base, new, threshold=0.05, limit=20, fdr=FDR):
     bl = [lock_values(r) for r in base]
     nl = [lock_values(r) for r in new]
     pooled = pd.concat([*bl, *nl]).groupby("identity")["total_ns"].sum()
-    identities = list(pooled.sort_values(ascending=False).index[:limit])
+    ranked = [i for i in pooled.sort_values(ascending=False).index
+              if not locks or any(fnmatch.fnmatchcase(str(i), p) for p in locks)]
+    identities = ranked[:limit]
     bt, nt = ([t.set_index("identity").to_dict("index") for t in side] for side in (bl, nl))
     if len(base) > 1 or len(new) > 1:
         rows = []
         for ident in identities:
-            for metric, (better, unit) in LOCK_METRICS.items():
+            for metric, (better, unit) in lock_metrics.items():
                 b = [_run_value(t, r, ident, metric) for t, r in zip(bt, base)]
                 n = [_run_value(t, r, ident, metric) for t, r in zip(nt, new)]
                 if not (np.isnan(b).all() and np.isnan(n).all()):
                     rows.append(("lock", ident, metric, better, unit, b, n))
-        bp, np_ = [probe_values(r) for r in base], [probe_values(r) for r in new]
+        bp, np_ = ([probe_values(r) for r in side] if probes else [] for side in (base, new))
         for key in sorted(set().union(*bp, *np_)):
             rows.append(("probe", key[0], "", key[1], key[2], [p.get(key, np.nan) for p in bp],
                          [p.get(key, np.nan) for p in np_]))
         return compare_values(rows, threshold, fdr)
-    return judge(_single_rows(base[0], new[0], bt[0], nt[0], identities), threshold, fdr)
+    return judge(_single_rows(base[0], new[0], bt[0], nt[0], identities, lock_metrics,
+                              probes), threshold, fdr)
 
 
-def _single_rows(base, new, bt, nt, identities):
+def _single_rows(base, new, bt, nt, identities, lock_metrics=LOCK_METRICS, probes=True):
     """compare()'s rows for one run a side, each with its single_test()."""
     bo, no = (_single_observations(r, set(identities)) for r in (base, new))
     rows = []
     for ident in identities:
-        for metric, (better, unit) in LOCK_METRICS.items():
+        for metric, (better, unit) in lock_metrics.items():
             b, n = bo.get((ident, metric)), no.get((ident, metric))
             if b is None and n is None:     # no samples: the point values, no test
                 bv, nv = _run_value(bt, base, ident, metric), _run_value(nt, new, ident, metric)
@@ -597,7 +609,7 @@ def _single_rows(base, new, bt, nt, identities):
             if row["test"] is None:
                 row["verdict"] = "no CI" if metric in RATE_METRICS else "no CI (too few waits)"
             rows.append(row)
-    bp, np_ = probe_values(base), probe_values(new)
+    bp, np_ = (probe_values(r) if probes else {} for r in (base, new))
     for key in sorted(set(bp) | set(np_)):
         bv, nv = bp.get(key, np.nan), np_.get(key, np.nan)
         row = _row("probe", key[0], "", key[1], key[2], bv, nv, int(bv == bv), int(nv == nv))
