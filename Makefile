@@ -57,6 +57,7 @@ bench: setup peer
 	  -o bench/results/overhead-toggle-stream.json
 	$(PY) bench/ingest.py
 	$(PY) bench/analysis_speed.py
+	$(PY) bench/compare_calibration.py
 
 # Lab kernels: bookworm's 6.1 (the "old kernel": the image matching the 6.1 headers
 # make setup installed, so bcc compiles against an exact match) and, the default,

@@ -558,6 +558,7 @@ Examples:
   kvmlockprof compare before.parquet after.parquet --format csv -o cmp.csv
   kvmlockprof compare before.parquet after.parquet --format folded > diff.folded
   kvmlockprof compare ds/ ds/ --base-where "kernel LIKE '6.1.%'" --new-where "kernel LIKE '6.12.%'"
+  kvmlockprof compare runs/base runs/new -L 'kvm->slots_lock*' --metric 'mean wait'
 """
 
 
@@ -574,8 +575,12 @@ Examples:
               help="Smallest relative change reported as improved/regressed.")
 @click.option("-n", "-E", "--limit", type=click.IntRange(min=1), default=20, show_default=True,
               help="Locks compared: the heaviest by total wait on either side.")
-@click.option("--resamples", type=click.IntRange(min=100),
-              help="Bootstrap resamples (default: 4000 over runs, 1000 within one run).")
+@click.option("-L", "--lock", "locks", multiple=True, metavar="GLOB",
+              help="Only locks whose identity matches (`kvm->slots_lock*`): the rows "
+              "the false discovery rate is held over, so fewer rows, more power.")
+@click.option("--metric", "metrics", multiple=True, metavar="METRIC",
+              help="Only this lock metric ('mean wait', 'p99 wait', 'waits/s'...; repeat); "
+              "with -L or --metric no probe rows.")
 @click.option("-F", "--format", "fmt", type=click.Choice(["text", "csv", "json", "folded"]),
               default="text", show_default=True, help="folded: two-column folded stacks "
               "(stack BASE NEW, a mean run each) for a differential flame graph.")
@@ -585,9 +590,9 @@ Examples:
 @click.option("--html", "html_out", metavar="FILE", help="Also write a self-contained HTML page.")
 @click.option("-f", "--force", is_flag=True, help="Compare even when the sides are not "
               "comparable (different probes, losses); overwrite --output/--html.")
-def compare(sides, bases, news, base_where, new_where, threshold, limit, resamples, fmt, value,
-            output, html_out, force):
-    """Before/after: per lock and probe metric, the change, its 95% CI and a verdict.
+def compare(sides, bases, news, base_where, new_where, threshold, limit, locks, metrics, fmt,
+            value, output, html_out, force):
+    """Before/after: per lock and probe metric, the change, its CI and a verdict.
 
     BASE and NEW are each a recording, a directory of recordings (repeat runs) or
     a dataset (`export --dataset`), given as two arguments or with --base/--new."""
@@ -599,12 +604,12 @@ def compare(sides, bases, news, base_where, new_where, threshold, limit, resampl
         bases, news = (sides[0],), (sides[1],)
     if not bases or not news:
         fail("compare needs a BASE and a NEW side: kvmlockprof compare BASE NEW")
-    _compare(bases, news, threshold, limit, resamples, fmt, output, html_out, force, value,
-             wheres=(base_where, new_where))
+    _compare(bases, news, threshold, limit, fmt, output, html_out, force, value,
+             wheres=(base_where, new_where), focus=dict(locks=locks, metrics=metrics))
 
 
-def _compare(bases, news, threshold, limit=20, resamples=None, fmt="text", output=None,
-             html_out=None, force=False, value="wait", wheres=(None, None)):
+def _compare(bases, news, threshold, limit=20, fmt="text", output=None,
+             html_out=None, force=False, value="wait", wheres=(None, None), focus=None):
     """compare's work, for compare and ab: load, check, compare, print or write."""
     from kvmlockprof.analysis import compare as cmp
     from kvmlockprof.views import compare_report as cr
@@ -625,8 +630,8 @@ def _compare(bases, news, threshold, limit=20, resamples=None, fmt="text", outpu
             from kvmlockprof.views import folded
             body = folded.diff_text(base, new, value)
         else:
-            df = cmp.compare(base, new, threshold=threshold, limit=limit, resamples=resamples)
-    except RecordingError as e:
+            df = cmp.compare(base, new, threshold=threshold, limit=limit, **(focus or {}))
+    except (RecordingError, ValueError) as e:
         fail(str(e))
     if fmt != "folded":
         out = {"text": cr.text, "json": cr.as_json}.get(fmt)

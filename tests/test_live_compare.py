@@ -9,7 +9,7 @@ from kvmlockprof.analysis import locks as analysis, compare
 from conftest import klp, workload_argv
 
 pytestmark = pytest.mark.live
-RUNS = 6                  # per side (ABBA pairs); the expanded interval keeps A/A quiet
+RUNS = 5                  # per side (ABBA pairs)
 SECONDS = 2
 # A fixed load: free-running churn is bimodal on this host (15-30k memslot ops a run
 # on one side, 20-48k on the other), and every lock the load drives moves with it.
@@ -44,37 +44,18 @@ def compare_json(base, new, *extra):
     return json.loads(klp("compare", *args, "-F", "json", *extra).stdout)
 
 
-def top_metrics(out, n=20):
-    """The metrics of the heaviest locks that compare could judge, heaviest first
-    (order of the rows' names by the lock's mean total wait), at most n. A metric
-    without an interval (a p99 from fewer than 3 runs with 200 waits) is neither
-    a true nor a false verdict, so it is not one of the 20."""
-    rows = [r for r in out["rows"] if r["kind"] == "lock" and
-            r["metric"] in ("waits/s", "waits/exit", "mean wait", "p99 wait") and
-            not r["verdict"].startswith("no CI")]
-    weight = {}
-    for r in out["rows"]:
-        if r["metric"] == "wait/s":
-            weight[r["name"]] = max(r["base"] or 0, r["new"] or 0)
-    rows.sort(key=lambda r: -weight.get(r["name"], 0))
-    return rows[:n]
-
-
 def test_a_a_finds_no_change(runs):
-    """Calibration: the same fixed load on both sides (README: 6 runs a side flag at
-    most 3 of the top 20 metrics, and the work done reads the same)."""
+    """Calibration: the same fixed load on both sides, 5 runs each. compare's rule
+    (Benjamini-Hochberg at 5% over every row with a test) lets a report with no real
+    change flag anything 5% of the time at most (bench/compare_calibration.py: 2.8% of
+    4000 simulated reports): this one flags nothing, and the work done reads the same."""
     a, b = runs
     out = compare_json(a, b)
-    top = top_metrics(out)
-    assert len(top) == 20
-    flagged = [(r["name"], r["metric"], r["ratio"]) for r in top
+    tested = [r for r in out["rows"] if r["p_value"] is not None]
+    assert len(tested) >= 20, out["rows"][:5]
+    flagged = [(r["name"], r["metric"], r["ratio"], r["p_adjusted"]) for r in out["rows"]
                if r["verdict"] in ("improved", "regressed")]
-    # The requirement is a false-positive rate of at most 1 in 20 on average: one
-    # flagged metric in 20 is the expected count, not a bound. If each metric were
-    # flagged with p = 1/20 independently, 4 or more of 20 would happen 1.6% of the
-    # time (3 or more: 7.5%); metrics of one lock move together, so allow 3.
-    # The load is fixed, so neither the verdicts nor the work may differ.
-    assert len(flagged) <= 3, (flagged, out["warnings"])
+    assert not flagged, (flagged, out["warnings"])
     assert not [w for w in out["warnings"] if w.startswith("the work done differs")], \
         out["warnings"]
 
@@ -104,9 +85,10 @@ def test_streamed_compare_is_the_loaded_one(runs, kept, monkeypatch):
 def test_memslot_churn_is_a_regression_on_the_kvm_locks(live, tmp_path):
     """churn off vs on, recorded by `kvmlockprof ab`: kvm->slots_lock (mutex under
     kvm_vm_ioctl) and kvm->mmu_lock (rwlock:W under kvm_mmu_*) regress, with
-    intervals above zero."""
+    intervals above zero. 5 runs a side: where BASE has no contention at all, Welch's
+    t rests on NEW's runs alone (2 degrees of freedom with 3 runs)."""
     out_dir = tmp_path / "ab"
-    p = klp("ab", "--runs", 3, "-d", SECONDS, "--workload", "--vcpus 2",
+    p = klp("ab", "--runs", 5, "-d", SECONDS, "--workload", "--vcpus 2",
             "--new-args", "--churn", "--dir", out_dir, timeout=600)
     assert "regressed" in p.stdout
     out = compare_json([str(out_dir / "base")], [str(out_dir / "new")])

@@ -1,21 +1,25 @@
 """Before/after comparison of recordings: per lock and per probe metric, the
-change, a 95% bootstrap confidence interval for it, and a verdict.
+change, a confidence interval for it, and a verdict.
 
-With several runs per side the bootstrap resamples runs (each run one value
-per metric: run-to-run noise is what decides), with the expanded percentile
-interval that keeps 95% coverage for a handful of runs; with one run per side
-it resamples within the run: waits for the wait statistics, 500 ms time bins
-for rates (probe metrics then get no interval). A change is reported as improved or regressed
-only when its interval excludes zero and it is at least `threshold` (relative)."""
+Each row tests "no change". With several runs per side: Welch's t over the runs (each
+run one value per metric: run-to-run noise is what decides) on the log of the values
+(ratios are what a patch changes, and run-to-run noise is multiplicative). With one run
+per side, within the run: rates over 500 ms bins weighted by their length, the mean wait
+by Welch's t on the waits, p50/p99 by an exact test (how many of NEW's waits are above
+the pooled waits' percentile); probe metrics then get no test. A report's tests are one
+family: Benjamini-Hochberg at a 5% false discovery rate, so that with no real change a
+report flags anything 5% of the time at most. Intervals are at the level BH used (the
+false coverage rate's), so a change counts when its interval excludes zero and it is at
+least `threshold` (relative)."""
 import re
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
-from scipy import special   # (scipy.stats takes 0.4 s more to import: only to resample)
+from scipy import special   # (scipy.stats takes 0.4 s more to import: only for percentiles)
 
 from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.quantiles import quantile_index
 
 LOCK_METRICS = {          # metric -> (better, unit)
     "waits/s": ("lower", "/s"), "wait/s": ("lower", "ns"), "waits/exit": ("lower", ""),
@@ -24,19 +28,19 @@ LOCK_METRICS = {          # metric -> (better, unit)
 }
 RATE_METRICS = ("waits/s", "wait/s", "waits/exit", "waits/memslot op")
 BIN_NS = 500_000_000          # time bins for a single run's rates
-SAMPLE_CAP = 20_000           # waits per side resampled for a single run's mean wait
+SAMPLE_CAP = 20_000           # waits per identity a big recording keeps (a uniform
+                              # sample) for a single run's mean and percentile tests
 # the sample columns a comparison reads (of 10: a 10 M-sample run loads in half the time)
 SAMPLE_COLUMNS = ("ts_ns", "wait_ns", "lock_addr", "flags", "stack_id")
-QUANTILE_CAP = 5_000          # ... and for its percentiles
-NORMAL_MIN = 1_000            # observations a side from which a mean's bootstrap is
-                              # drawn from its normal limit (the CLT), not resampled
 # waits a run needs before its mean / percentile of a lock means anything (the
 # p99 of a dozen waits is their maximum)
 MIN_WAITS = {"mean wait": 50, "p50 wait": 50, "p99 wait": 200}
-MIN_RUNS = 3                  # runs per side for an interval over runs: with 2, all
-                              # 2+2 orderings put both NEW above both BASE 1 time in 6
+MIN_RUNS = 3                  # runs per side for a test over runs (Welch's t on 2 values
+                              # a side rests on 1 degree of freedom)
+FDR = 0.05                    # Benjamini-Hochberg's level over the rows of one report
 COLUMNS = ["kind", "name", "metric", "unit", "better", "base", "new", "change", "ratio",
-           "ci_low", "ci_high", "ratio_ci_low", "ratio_ci_high", "verdict", "n_base", "n_new"]
+           "ci_low", "ci_high", "ratio_ci_low", "ratio_ci_high", "verdict", "n_base", "n_new",
+           "p_value", "p_adjusted", "ci_level"]
 
 
 class NotComparable(Exception):
@@ -161,18 +165,43 @@ def _has_unit(rec, metric):
     return bool(_work(rec).get(metric[len("waits/"):]))
 
 
-def _single_observations(rec, identities):
-    """({(identity, metric): (observations, statistic)}, bins): what the bootstrap
-    resamples when there is one run per side. Rates: per 500 ms bin (scaled so
-    that unsampled waits count); wait statistics: the sampled waits."""
-    aggs, samples = identified(rec)
+def _nbins(rec):
     dur = rec.manifest.get("duration_s") or np.nan
-    nbins = max(1, int(np.ceil(dur * 1e9 / BIN_NS))) if dur == dur else 1
+    return max(1, int(np.ceil(dur * 1e9 / BIN_NS))) if dur == dur else 1
+
+
+def _exposure(rec, metric, nbins):
+    """Each BIN_NS bin's exposure for a rate metric: its seconds (the last bin's as
+    long as the run lasted into it), or its share of the run's work (spread evenly
+    over the run); NaN without a duration."""
+    dur = rec.manifest.get("duration_s") or np.nan
+    if dur != dur:
+        return np.full(nbins, np.nan)
+    seconds = np.clip(dur - np.arange(nbins) * (BIN_NS / 1e9), 0, BIN_NS / 1e9)
+    if metric in ("waits/s", "wait/s"):
+        return seconds
+    return seconds * _work(rec)[metric[len("waits/"):]] / dur
+
+
+def _rate_observations(rec, ident, per_bin, wait_per_bin):
+    """{(ident, rate metric): ("rate", counts a bin, exposure a bin)} of one run."""
+    return {(ident, metric): ("rate", wait_per_bin if metric == "wait/s" else per_bin,
+                              _exposure(rec, metric, len(per_bin)))
+            for metric in RATE_METRICS if _has_unit(rec, metric)}
+
+
+def _single_observations(rec, identities):
+    """{(identity, metric): observations} of one run, what a single run's tests read.
+    Rates: ("rate", counts, exposures) of its BIN_NS bins (counts scaled so that
+    unsampled waits count); wait statistics: (statistic, sampled waits, value, count),
+    value and count None where they are the sample's own."""
+    aggs, samples = identified(rec)
+    nbins = _nbins(rec)
     out = {}
     if analysis.streamed(rec):
-        return _streamed_observations(rec, aggs, sorted(identities), dur, nbins), nbins
+        return _streamed_observations(rec, aggs, sorted(identities), nbins)
     if samples.empty:
-        return out, nbins
+        return out
     t0 = rec.manifest.get("start_monotonic_ns", int(samples["ts_ns"].min()))
     counts = aggs.groupby("identity", observed=True)["count"].sum()
     # each identity's rows as one slice of a sort by its code (groupby's take() of
@@ -187,17 +216,14 @@ def _single_observations(rec, identities):
             continue
         waits = all_waits[rows].astype(np.float64)
         b = np.clip((all_ts[rows] - t0) // BIN_NS, 0, nbins - 1)
-        scale = counts.get(ident, len(rows)) / len(rows) * 1e9 / BIN_NS
-        per_bin = np.bincount(b, minlength=nbins) * scale
-        out[(ident, "waits/s")] = (per_bin, "mean")
-        out[(ident, "wait/s")] = (np.bincount(b, weights=waits, minlength=nbins) * scale, "mean")
-        for unit, n in _work(rec).items():
-            if n:
-                out[(ident, f"waits/{unit}")] = (per_bin * dur / n, "mean")
+        scale = counts.get(ident, len(rows)) / len(rows)
+        out.update(_rate_observations(
+            rec, ident, np.bincount(b, minlength=nbins) * scale,
+            np.bincount(b, weights=waits, minlength=nbins) * scale))
         for metric, stat in (("mean wait", "mean"), ("p50 wait", 0.5), ("p99 wait", 0.99)):
             if len(waits) >= MIN_WAITS[metric]:
-                out[(ident, metric)] = (waits, stat)
-    return out, nbins
+                out[(ident, metric)] = (stat, waits, None, None)
+    return out
 
 
 def _streamed_stats(rec):
@@ -205,12 +231,11 @@ def _streamed_stats(rec):
     aggregates, in two passes over them (once per recording): count, exact p50/p99,
     waits and wait time per BIN_NS bin and total wait (first pass), and a uniform
     sample of about SAMPLE_CAP waits (second pass, each wait kept with chance
-    SAMPLE_CAP/count: what the bootstrap would draw from all of them, no sort)."""
+    SAMPLE_CAP/count, no sort: a single run's tests read it)."""
     def compute():
         aggs, _ = identified(rec)
         idents = list(aggs["identity"].cat.categories) if not aggs.empty else []
-        k, dur = len(idents), rec.manifest.get("duration_s") or np.nan
-        nbins = max(1, int(np.ceil(dur * 1e9 / BIN_NS))) if dur == dur else 1
+        k, nbins = len(idents), _nbins(rec)
         t0 = rec.manifest.get("start_monotonic_ns")
         samples = _identity_chunks(rec, idents)
         if t0 is None:
@@ -249,10 +274,10 @@ def _accumulate(acc, rows, waits, ts, t0, k, nbins):
     acc["total"] += np.bincount(rows, weights=waits, minlength=k)
 
 
-def _streamed_observations(rec, aggs, identities, dur, nbins):
+def _streamed_observations(rec, aggs, identities, nbins):
     """_single_observations() of a recording read chunk by chunk (_streamed_stats):
     the rates' bins exactly; for the wait statistics the sample of ~SAMPLE_CAP waits,
-    with the exact mean and percentiles as the values (a third item)."""
+    with the exact mean and percentiles as the values."""
     st = _streamed_stats(rec)
     pos = {ident: i for i, ident in enumerate(st["identities"])}
     counts = aggs.groupby("identity", observed=True)["count"].sum()
@@ -262,97 +287,203 @@ def _streamed_observations(rec, aggs, identities, dur, nbins):
         if i is None or not st["n"][i]:
             continue
         n = st["n"][i]
-        scale = counts.get(ident, n) / n * 1e9 / BIN_NS
-        bins = st["per_bin"][i * nb:(i + 1) * nb] * scale
-        out[(ident, "waits/s")] = (bins, "mean")
-        out[(ident, "wait/s")] = (st["wsum"][i * nb:(i + 1) * nb] * scale, "mean")
-        for unit, units in _work(rec).items():
-            if units:
-                out[(ident, f"waits/{unit}")] = (bins * dur / units, "mean")
+        scale = counts.get(ident, n) / n
+        out.update(_rate_observations(rec, ident, st["per_bin"][i * nb:(i + 1) * nb] * scale,
+                                      st["wsum"][i * nb:(i + 1) * nb] * scale))
         sample = st["w"][st["r"] == i]
         for metric, stat, value in (("mean wait", "mean", st["total"][i] / n),
                                     ("p50 wait", 0.5, st["q"][i, 0]),
                                     ("p99 wait", 0.99, st["q"][i, 1])):
             if n >= MIN_WAITS[metric]:
-                out[(ident, metric)] = (sample, stat, value, int(n))
+                out[(ident, metric)] = (stat, sample, value, int(n))
     return out
 
 
-# --- the bootstrap ------------------------------------------------------------------
+# --- the tests ----------------------------------------------------------------------
 
-def _stat(x, stat, axis=-1):
-    return np.mean(x, axis=axis) if stat == "mean" else \
-        np.quantile(x, stat, axis=axis, method=analysis.QUANTILE_METHOD)
-
-
-def confidence_level(n, level=0.95):
-    """The level to ask the percentile bootstrap for so that its interval covers
-    `level` with n observations: Hesterberg's expanded percentile interval (the
-    plain one is too narrow for small n, as in a handful of runs)."""
-    if n < 2:
-        return np.nan
-    alpha = 1 - level
-    z = np.sqrt(n / (n - 1)) * special.stdtrit(n - 1, 1 - alpha / 2)   # Student's t quantile
-    return 1 - 2 * special.ndtr(-z)
+def _welch_df(vb, db, vn, dn):
+    """Welch-Satterthwaite degrees of freedom of vb + vn (the variances of two
+    estimates, on db and dn degrees of freedom)."""
+    return (vb + vn) ** 2 / sum(v * v / d for v, d in ((vb, db), (vn, dn)) if v > 0)
 
 
-def _interval(base, new, stat, rng, resamples):
-    """95% CI of stat(new) - stat(base) and of stat(new) / stat(base)."""
-    n = min(len(base), len(new))
-    if n < 2:                               # one value per side: no spread to go on
-        return (np.nan,) * 4
-    if np.ptp(base) == 0 and np.ptp(new) == 0:         # no spread: the change is exact
-        d, r = new[0] - base[0], (new[0] / base[0] if base[0] else np.inf)
-        return d, d, r, r
-    cap = SAMPLE_CAP if stat == "mean" else QUANTILE_CAP
-    base = base if len(base) <= cap else rng.choice(base, cap, replace=False)
-    new = new if len(new) <= cap else rng.choice(new, cap, replace=False)
-    level = confidence_level(n)
-    if stat != "mean":                      # each side's resampled quantile, drawn exactly
-        sb, sn = (quantile_resamples(x, stat, rng, resamples) for x in (base, new))
-    elif n >= NORMAL_MIN:                   # a resampled mean is normal to within the
-        sb, sn = (rng.normal(x.mean(), x.std(ddof=1) / np.sqrt(len(x)), resamples)
-                  for x in (base, new))    # noise of the resampling itself at this n
-    else:
-        from scipy.stats import bootstrap
+class Welch:
+    """Welch's t of NEW against BASE: diff of the two sides' estimates (of their logs
+    when `log`), their variances vb, vn on db, dn degrees of freedom. The ratio's
+    interval is exp(diff +- t se) on logs, the change's BASE x (ratio - 1); without
+    logs (a side has a zero) the change's is diff +- t se."""
 
-        def both(b, n, axis=-1):            # one resampling for the difference and ratio
-            sb, sn = _stat(b, stat, axis), _stat(n, stat, axis)
-            return np.stack([sn - sb, sn / sb])
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res = bootstrap((base, new), both, n_resamples=resamples, method="percentile",
-                            vectorized=True, rng=rng, batch=100, confidence_level=level)
-        lo, hi = res.confidence_interval
-        return lo[0], hi[0], lo[1], hi[1]
-    tails = [50 * (1 - level), 50 * (1 + level)]
-    with np.errstate(all="ignore"):
-        (lo, hi), (rlo, rhi) = (np.percentile(d, tails) for d in (sn - sb, sn / sb))
-    return lo, hi, rlo, rhi
+    def __init__(self, diff, vb, db, vn, dn, base, log=True):
+        self.diff, self.se, self.base, self.log = diff, np.sqrt(vb + vn), base, log
+        self.df = _welch_df(vb, db, vn, dn) if self.se > 0 else np.inf
+
+    def p(self):
+        if self.se == 0:                    # no spread on either side: the change is exact
+            return 0.0 if self.diff else 1.0
+        return float(2 * special.stdtr(self.df, -abs(self.diff) / self.se))
+
+    def interval(self, alpha):
+        """(change low, high, ratio low, high) at level 1 - alpha."""
+        h = self.se * special.stdtrit(self.df, 1 - alpha / 2) if self.se > 0 else 0.0
+        lo, hi = self.diff - h, self.diff + h
+        if self.log:
+            rlo, rhi = np.exp(lo), np.exp(hi)
+            return self.base * (rlo - 1), self.base * (rhi - 1), rlo, rhi
+        if self.base > 0:
+            return lo, hi, max(0.0, 1 + lo / self.base), 1 + hi / self.base
+        return lo, hi, np.nan, np.nan
 
 
-def quantile_resamples(x, q, rng, size):
-    """The q-quantile (nearest rank) of `size` bootstrap resamples r of x (drawn with
-    replacement, len(x) values each), without drawing them: it is r's (k+1)-th
-    smallest (k = quantile_index(n, q)), which is x's ceil(nU)-th smallest, U the
-    (k+1)-th smallest of n uniforms, Beta(k+1, n-k). One sort of x and one draw a
-    resample, where resampling sorts n values a resample."""
-    x = np.sort(np.asarray(x, np.float64))
-    n = len(x)
-    k = int(analysis.quantile_index(n, q))
-    u = rng.beta(k + 1, n - k, size)
-    return x[np.clip(np.ceil(u * n).astype(np.int64) - 1, 0, n - 1)]
+def runs_test(b, n):
+    """Welch's t over runs (a value per run): on logs when every value is positive,
+    else on the values; None with fewer than MIN_RUNS values on a side."""
+    b, n = np.asarray(b, np.float64), np.asarray(n, np.float64)
+    if min(len(b), len(n)) < MIN_RUNS:
+        return None
+    base, log = b.mean(), (b > 0).all() and (n > 0).all()
+    if log:
+        b, n = np.log(b), np.log(n)
+    return Welch(n.mean() - b.mean(), b.var(ddof=1) / len(b), len(b) - 1,
+                 n.var(ddof=1) / len(n), len(n) - 1, base, log)
+
+
+def rate_test(b, n):
+    """A rate within one run a side: (counts, exposures) of each side's bins, the rate
+    their ratio of sums and its variance the ratio estimator's over the k bins (k - 1
+    degrees of freedom): a bin weighs as much as its exposure (a run's last, partial
+    bin little). On logs unless a side's rate is zero."""
+    est = []
+    for c, e in (b, n):
+        if len(e) < 2 or not np.isfinite(e).all():
+            return None
+        k, r = len(c), c.sum() / e.sum()
+        est.append((r, k / (k - 1) * ((c - r * e) ** 2).sum() / e.sum() ** 2, k - 1))
+    (rb, vb, db), (rn, vn, dn) = est
+    if rb > 0 and rn > 0:
+        return Welch(np.log(rn / rb), vb / rb ** 2, db, vn / rn ** 2, dn, rb)
+    return Welch(rn - rb, vb, db, vn, dn, rb, log=False)
+
+
+def mean_test(b, n):
+    """The mean wait within one run a side: (sampled waits, mean, count) of each side
+    (the sample may be a uniform part of count waits); Welch's t on the log of the
+    means (their variances by the delta method: the waits' variance / (count mean^2))."""
+    (bs, bm, bn), (ns, nm, nn) = b, n
+    if min(len(bs), len(ns)) < 2 or not (bm > 0 and nm > 0):
+        return None
+    return Welch(np.log(nm / bm), bs.var(ddof=1) / (bn * bm * bm), len(bs) - 1,
+                 ns.var(ddof=1) / (nn * nm * nm), len(ns) - 1, bm)
+
+
+class QuantileTest:
+    """The q-quantile (nearest rank) of the waits within one run a side, from samples
+    of them: how many of NEW's waits are above the pooled waits' q-quantile. When both
+    sides come from one distribution that count is hypergeometric, whatever the
+    distribution (Mood's median test at q = 0.5): the test is exact. The interval of
+    the ratio: the ratios r for which NEW's waits / r pass it."""
+
+    def __init__(self, b, n, q, base):
+        self.b, self.n = (np.sort(np.asarray(x, np.float64)) for x in (b, n))
+        self.q, self.base = q, base
+        self.k = int(quantile_index(len(self.b) + len(self.n), q))
+
+    def _p(self, ratio):
+        """The test of NEW's waits / ratio against BASE's."""
+        from scipy.stats import hypergeom
+        b, n = self.b, self.n
+        t = _kth_of_two(b, n, self.k, 1 / ratio)
+        above_n = len(n) - np.searchsorted(n, t * ratio, "right")
+        above = above_n + len(b) - np.searchsorted(b, t, "right")
+        dist = hypergeom(len(b) + len(n), above, len(n))
+        return float(min(1.0, 2 * min(dist.cdf(above_n), dist.sf(above_n - 1))))
+
+    def p(self):
+        return self._p(1.0)
+
+    def interval(self, alpha):
+        """(change low, high, ratio low, high) at level 1 - alpha: the test inverted by
+        bisection on log ratio (the count above falls as the ratio grows, so the
+        p-value rises and falls once along it)."""
+        if min(self.b[0], self.n[0]) <= 0:
+            return (np.nan,) * 4
+        qb, qn = (x[quantile_index(len(x), self.q)] for x in (self.b, self.n))
+        start = np.log(qn / qb)            # NEW / ratio has BASE's quantile there
+        span = np.log(max(self.n[-1], self.b[-1]) / min(self.n[0], self.b[0])) + 1
+        ends = []
+        for sign in (-1, 1):
+            inside, step, out = start, 1e-3, None
+            while step < 2 * span:          # outward until the test rejects
+                if self._p(np.exp(start + sign * step)) <= alpha:
+                    out = start + sign * step
+                    break
+                inside, step = start + sign * step, step * 2
+            if out is None:                 # it never does: no bound on that side
+                ends.append(sign * np.inf)
+                continue
+            for _ in range(30):
+                mid = (inside + out) / 2
+                if self._p(np.exp(mid)) <= alpha:
+                    out = mid
+                else:
+                    inside = mid
+            ends.append(inside)
+        rlo, rhi = np.exp(ends)
+        return self.base * (rlo - 1), self.base * (rhi - 1), rlo, rhi
+
+
+def _kth_of_two(a, b, k, scale=1.0):
+    """The (k+1)-th smallest of sorted a and sorted b * scale together (a binary
+    search on how many of them are a's)."""
+    lo, hi = max(0, k + 1 - len(b)), min(k + 1, len(a))
+    while lo < hi:
+        i = (lo + hi) // 2
+        if b[k - i] * scale > a[i]:         # b's (k+1-i)-th is above a's (i+1)-th: more of a
+            lo = i + 1
+        else:
+            hi = i
+    i, j = lo, k + 1 - lo
+    return max(a[i - 1] if i else -np.inf, b[j - 1] * scale if j else -np.inf)
+
+
+def single_test(b, n, base):
+    """The test of one metric within one run a side, from _single_observations()'s
+    observations of each side; None without one."""
+    if b is None or n is None:
+        return None
+    if b[0] == "rate":
+        return rate_test(b[1:], n[1:])
+    stat, sides = b[0], []
+    for _, sample, value, count in (b, n):
+        sides.append((sample, sample.mean() if value is None else value,
+                      len(sample) if count is None else count))
+    if stat == "mean":
+        return mean_test(*sides)
+    return QuantileTest(b[1], n[1], stat, base) if min(len(b[1]), len(n[1])) else None
+
+
+def bh_adjusted(p):
+    """Benjamini-Hochberg's adjusted p-values (a row is rejected at FDR q when its
+    adjusted p-value is <= q)."""
+    p = np.asarray(p, np.float64)
+    m = len(p)
+    order = np.argsort(p)
+    adj = np.minimum.accumulate((p[order] * m / np.arange(1, m + 1))[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(adj, 1.0)
+    return out
 
 
 NEW, GONE = "new in NEW", "gone in NEW"     # a probe metric seen on one side only
 
 
-def _verdict(better, lo, hi, change, ratio, threshold):
+def _verdict(better, significant, change, ratio, threshold):
+    """significant: whether the row's test rejects no change after the family's
+    adjustment (None: the row has no test)."""
     if better == "none":
         return "(context)"
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return "no CI (too few runs)" if np.isnan(lo) else "no CI"
-    if lo <= 0 <= hi:
+    if significant is None:
+        return "no CI (too few runs)"
+    if not significant:
         return "no significant change"
     rel = abs(ratio - 1) if np.isfinite(ratio) else np.inf
     if rel < threshold:
@@ -361,106 +492,154 @@ def _verdict(better, lo, hi, change, ratio, threshold):
     return "regressed" if worse else "improved"
 
 
+def judge(rows, threshold=0.05, fdr=FDR):
+    """The verdicts of a report: rows are dicts (base, new, change, ratio, better, the
+    row's `test` or None, and a `verdict` where it is already known). Benjamini-Hochberg
+    at `fdr` over the rows with a test; every interval at the level BH used, 1 - R fdr / m
+    for R rejections of m tests (1 - fdr / m for none): the false coverage rate's level,
+    at which a row's interval excludes no change exactly when BH rejects it."""
+    tested = [r for r in rows if r.get("test") is not None and r["better"] != "none"
+              and "verdict" not in r]
+    p = np.array([r["test"].p() for r in tested])
+    adj = bh_adjusted(p)
+    rejected = adj <= fdr
+    alpha = fdr * max(int(rejected.sum()), 1) / max(len(tested), 1)
+    for r, pv, pa, rej in zip(tested, p, adj, rejected):
+        r["ci_low"], r["ci_high"], r["ratio_ci_low"], r["ratio_ci_high"] = \
+            r["test"].interval(alpha)
+        r.update(p_value=pv, p_adjusted=pa, ci_level=1 - alpha,
+                 verdict=_verdict(r["better"], bool(rej), r["change"], r["ratio"], threshold))
+    for r in rows:
+        r.setdefault("verdict", _verdict(r["better"], None, r["change"], r["ratio"],
+                                         threshold))
+    return sort_by_effect(pd.DataFrame(rows, columns=COLUMNS))
+
+
 # --- the comparison -----------------------------------------------------------------
 
-RESAMPLES = {"runs": 4000, "single": 1000}   # the expanded interval needs far tails;
-                                             # a single run's resamples are large arrays
+def _row(kind, name, metric, better, unit, bv, nv, n_base, n_new):
+    return {"kind": kind, "name": name, "metric": metric, "unit": unit, "better": better,
+            "base": bv, "new": nv, "change": nv - bv,
+            "ratio": nv / bv if bv else (np.inf if nv else 1.0),
+            "ci_low": np.nan, "ci_high": np.nan, "ratio_ci_low": np.nan,
+            "ratio_ci_high": np.nan, "n_base": n_base, "n_new": n_new,
+            "p_value": np.nan, "p_adjusted": np.nan, "ci_level": np.nan}
 
 
-def compare(base, new, threshold=0.05, limit=20, resamples=None, seed=0):
-    """One row per (lock identity or probe, metric): base and new values, change,
-    95% CI of the change (absolute and ratio), verdict; sorted by effect size.
+def compare_values(rows, threshold=0.05, fdr=FDR):
+    """compare() from the runs' values: rows of (kind, name, metric, better, unit,
+    BASE's values, NEW's values), one value a run (NaN: that run has none). Each side's
+    value is the mean of its runs'; the test is runs_test()'s."""
+    out = []
+    for kind, name, metric, better, unit, b, n in rows:
+        b, n = (np.asarray(x, np.float64) for x in (b, n))
+        b, n = b[~np.isnan(b)], n[~np.isnan(n)]
+        row = _row(kind, name, metric, better, unit, b.mean() if len(b) else np.nan,
+                   n.mean() if len(n) else np.nan, len(b), len(n))
+        row["test"] = runs_test(b, n) if better != "none" else None
+        # a probe metric only one side has (a lock order edge a patch adds): one line
+        if kind == "probe" and better != "none" and bool(len(b)) != bool(len(n)):
+            row["verdict"] = NEW if len(n) else GONE
+        out.append(row)
+    return judge(out, threshold, fdr)
 
-    base, new: lists of Recordings (one or several runs each)."""
-    rng = np.random.default_rng(seed)
-    runs_mode = len(base) > 1 or len(new) > 1
+
+def compare(base, new, threshold=0.05, limit=20, fdr=FDR, locks=(), metrics=()):
+    """One row per (lock identity or probe, metric): base and new values, change, its
+    interval (absolute and ratio), p-values, verdict; sorted by effect size.
+
+    base, new: lists of Recordings (one or several runs each). locks (globs on the
+    identity, `kvm->slots_lock*`) and metrics (of LOCK_METRICS) narrow the family the
+    false discovery rate is held over to the rows a reviewer asks about beforehand (a
+    patch to one lock): fewer tests, more power. Given either, probe rows are left out."""
+    import fnmatch
+    unknown = sorted(set(metrics) - set(LOCK_METRICS))
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}: one of {', '.join(LOCK_METRICS)}")
+    lock_metrics = {m: v for m, v in LOCK_METRICS.items() if not metrics or m in metrics}
+    probes = not (locks or metrics)
     big = list({id(r): r for r in (*base, *new) if analysis.streamed(r)}.values())
     if len(big) > 1:    # two at once: reading, checksums and hashing release the GIL
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(_streamed_stats, big))
-    resamples = resamples or RESAMPLES["runs" if runs_mode else "single"]
     bl = [lock_values(r) for r in base]
     nl = [lock_values(r) for r in new]
     pooled = pd.concat([*bl, *nl]).groupby("identity")["total_ns"].sum()
-    identities = list(pooled.sort_values(ascending=False).index[:limit])
-    rows = []
-
-    def add(kind, name, metric, better, b_obs, n_obs, stat="mean", unit="", values=None):
-        """values: (value, count) of each side (or None) whose observations are a
-        sample of the waits they stand for."""
-        b_obs = np.asarray(b_obs, np.float64)
-        n_obs = np.asarray(n_obs, np.float64)
-        b_obs, n_obs = b_obs[~np.isnan(b_obs)], n_obs[~np.isnan(n_obs)]
-        bv = _stat(b_obs, stat) if len(b_obs) else np.nan
-        nv = _stat(n_obs, stat) if len(n_obs) else np.nan
-        nb_, nn_ = len(b_obs), len(n_obs)
-        if values:                          # (value, count) per side, or None
-            (bv, nb_), (nv, nn_) = (v if v is not None else (x, c) for v, x, c in
-                                    zip(values, (bv, nv), (nb_, nn_)))
-        if runs_mode and min(len(b_obs), len(n_obs)) < MIN_RUNS:
-            lo = hi = rlo = rhi = np.nan
-        else:
-            lo, hi, rlo, rhi = _interval(b_obs, n_obs, stat, rng, resamples)
-        change = nv - bv
-        ratio = nv / bv if bv else (np.inf if nv else 1.0)
-        rows.append({"kind": kind, "name": name, "metric": metric, "unit": unit,
-                     "better": better,
-                     "base": bv, "new": nv, "change": change, "ratio": ratio,
-                     "ci_low": lo, "ci_high": hi, "ratio_ci_low": rlo, "ratio_ci_high": rhi,
-                     "verdict": _verdict(better, lo, hi, change, ratio, threshold),
-                     "n_base": nb_, "n_new": nn_})
-        # a probe metric only one side has (a lock order edge a patch adds): one line
-        if kind == "probe" and better != "none" and bool(len(b_obs)) != bool(len(n_obs)):
-            rows[-1]["verdict"] = NEW if len(n_obs) else GONE
-
-    if runs_mode:
+    ranked = [i for i in pooled.sort_values(ascending=False).index
+              if not locks or any(fnmatch.fnmatchcase(str(i), p) for p in locks)]
+    identities = ranked[:limit]
+    bt, nt = ([t.set_index("identity").to_dict("index") for t in side] for side in (bl, nl))
+    if len(base) > 1 or len(new) > 1:
+        rows = []
         for ident in identities:
-            for metric, (better, unit) in LOCK_METRICS.items():
-                b = [_run_value(t, r, ident, metric) for t, r in zip(bl, base)]
-                n = [_run_value(t, r, ident, metric) for t, r in zip(nl, new)]
+            for metric, (better, unit) in lock_metrics.items():
+                b = [_run_value(t, r, ident, metric) for t, r in zip(bt, base)]
+                n = [_run_value(t, r, ident, metric) for t, r in zip(nt, new)]
                 if not (np.isnan(b).all() and np.isnan(n).all()):
-                    add("lock", ident, metric, better, b, n, unit=unit)
-        bp, np_ = [probe_values(r) for r in base], [probe_values(r) for r in new]
+                    rows.append(("lock", ident, metric, better, unit, b, n))
+        bp, np_ = ([probe_values(r) for r in side] if probes else [] for side in (base, new))
         for key in sorted(set().union(*bp, *np_)):
-            add("probe", key[0], "", key[1], [p.get(key, np.nan) for p in bp],
-                [p.get(key, np.nan) for p in np_], unit=key[2])
-    else:
-        (bo, bbins), (no, nbins) = (_single_observations(r[0], set(identities))
-                                    for r in (base, new))
-        for ident in identities:
-            for metric, (better, unit) in LOCK_METRICS.items():
-                b, n = bo.get((ident, metric)), no.get((ident, metric))
-                if b is None and n is None:     # no samples: the point values, no CI
-                    bv = _run_value(bl[0], base[0], ident, metric)
-                    nv = _run_value(nl[0], new[0], ident, metric)
-                    if not (np.isnan(bv) and np.isnan(nv)):
-                        add("lock", ident, metric, better, [bv], [nv], unit=unit)
-                        rows[-1]["verdict"] = "no CI (no samples)"
-                    continue
-                stat = (b or n)[1]
+            rows.append(("probe", key[0], "", key[1], key[2], [p.get(key, np.nan) for p in bp],
+                         [p.get(key, np.nan) for p in np_]))
+        return compare_values(rows, threshold, fdr)
+    return judge(_single_rows(base[0], new[0], bt[0], nt[0], identities, lock_metrics,
+                              probes), threshold, fdr)
 
-                def missing(rec, bins):     # not contended in that run
-                    return np.zeros(bins) if metric in RATE_METRICS and \
-                        _has_unit(rec, metric) else []
-                add("lock", ident, metric, better, b[0] if b else missing(base[0], bbins),
-                    n[0] if n else missing(new[0], nbins), stat, unit,
-                    values=[o[2:] if o and len(o) > 2 else None for o in (b, n)])
-        bp, np_ = probe_values(base[0]), probe_values(new[0])
-        for key in sorted(set(bp) | set(np_)):
-            add("probe", key[0], "", key[1], [bp.get(key, np.nan)], [np_.get(key, np.nan)],
-                unit=key[2])
-            if key[1] != "none" and rows[-1]["verdict"] not in (NEW, GONE):
-                rows[-1]["verdict"] = "no CI (one run per side)"
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    return sort_by_effect(df)
+
+def _single_rows(base, new, bt, nt, identities, lock_metrics=LOCK_METRICS, probes=True):
+    """compare()'s rows for one run a side, each with its single_test()."""
+    bo, no = (_single_observations(r, set(identities)) for r in (base, new))
+    rows = []
+    for ident in identities:
+        for metric, (better, unit) in lock_metrics.items():
+            b, n = bo.get((ident, metric)), no.get((ident, metric))
+            if b is None and n is None:     # no samples: the point values, no test
+                bv, nv = _run_value(bt, base, ident, metric), _run_value(nt, new, ident, metric)
+                if not (np.isnan(bv) and np.isnan(nv)):
+                    rows.append(dict(_row("lock", ident, metric, better, unit, bv, nv, 1, 1),
+                                     verdict="no CI (no samples)"))
+                continue
+            if metric in RATE_METRICS:      # a run that did not contend: rate 0
+                b, n = (o or ("rate", np.zeros(_nbins(r)), _exposure(r, metric, _nbins(r)))
+                        if _has_unit(r, metric) else o for o, r in ((b, base), (n, new)))
+            values = [_observed_value(o) for o in (b, n)]
+            row = _row("lock", ident, metric, better, unit, *(v for v, _ in values),
+                       *(c for _, c in values))
+            row["test"] = single_test(b, n, row["base"])
+            if row["test"] is None:
+                row["verdict"] = "no CI" if metric in RATE_METRICS else "no CI (too few waits)"
+            rows.append(row)
+    bp, np_ = (probe_values(r) if probes else {} for r in (base, new))
+    for key in sorted(set(bp) | set(np_)):
+        bv, nv = bp.get(key, np.nan), np_.get(key, np.nan)
+        row = _row("probe", key[0], "", key[1], key[2], bv, nv, int(bv == bv), int(nv == nv))
+        if key[1] != "none":
+            row["verdict"] = (NEW if nv == nv else GONE) if (bv == bv) != (nv == nv) else \
+                "no CI (one run per side)"
+        rows.append(row)
+    return rows
+
+
+def _observed_value(obs):
+    """(value, count) of one side's single-run observations (NaN, 0 without)."""
+    if obs is None:
+        return np.nan, 0
+    if obs[0] == "rate":
+        return obs[1].sum() / obs[2].sum(), len(obs[1])
+    stat, sample, value, count = obs
+    if value is None:
+        value = sample.mean() if stat == "mean" else \
+            np.quantile(sample, stat, method=analysis.QUANTILE_METHOD)
+    return value, len(sample) if count is None else count
 
 
 def _run_value(table, rec, ident, metric):
-    """One run's value of a lock metric; a lock the run did not contend has rate 0
-    (where the rate's unit exists in that run) and no wait statistics."""
-    row = table[table["identity"] == ident]
-    if not row.empty:
-        return float(row[metric].iloc[0])
+    """One run's value of a lock metric ({identity: {metric: value}}); a lock the run
+    did not contend has rate 0 (where the rate's unit exists in that run) and no wait
+    statistics."""
+    row = table.get(ident)
+    if row is not None:
+        return float(row[metric])
     return 0.0 if metric in RATE_METRICS and _has_unit(rec, metric) else np.nan
 
 
@@ -539,14 +718,14 @@ def check(base, new):
 
 
 def _work_differs(base, new, threshold=0.05):
-    """Whether the runs' work rates differ beyond their run-to-run noise (the
-    interval of the change excludes zero, by `threshold` or more): the sides did not
+    """Whether the runs' work rates differ beyond their run-to-run noise (Welch's t
+    on their logs rejects no change at 5%, by `threshold` or more): the sides did not
     carry the same load, whatever the locks did. Same-workload runs on a noisy host
     do this too (memslot churn ran at 15-30k ops per run on one side and 20-48k on
     the other in an A/A pair of 6 runs each), and then every lock the load drives
     moves with it."""
     if min(len(base), len(new)) < MIN_RUNS or not (base.all() and new.all()):
         return False
-    lo, hi, _, _ = _interval(base, new, "mean", np.random.default_rng(0), RESAMPLES["runs"])
     change, ratio = new.mean() - base.mean(), new.mean() / base.mean()
-    return _verdict("higher", lo, hi, change, ratio, threshold) in ("improved", "regressed")
+    return _verdict("higher", runs_test(base, new).p() < 0.05, change, ratio,
+                    threshold) in ("improved", "regressed")

@@ -77,32 +77,46 @@ def side_line(name, recs):
             f"{ops:,.0f} memslot ops/s, {lost:.2%} of waits lost")
 
 
-def header_lines(base, new, warnings, threshold):
-    how = ("bootstrap over runs (expanded percentile)" if len(base) > 1 or len(new) > 1 else
-           "bootstrap within the run (waits; rates over 500 ms bins)")
+def header_lines(base, new, warnings, threshold, df=None):
+    """The sides, the warnings and how the verdicts were reached (with the table
+    `df`: over how many tests, and the intervals' level)."""
+    runs = len(base) > 1 or len(new) > 1
+    how = ("Welch's t over runs on the log of each run's value" if runs else
+           "within the run (not run-to-run noise: record several runs for that): rates "
+           "over 500 ms bins by their length, Welch's t on the mean wait, an exact test "
+           "of p50/p99")
+    tested = df["p_value"].notna() if df is not None else None
+    family = f"the {int(tested.sum())} rows with a test" if tested is not None else \
+        "the rows with a test"
+    level = (f"{100 * df.loc[tested, 'ci_level'].iloc[0]:.4f}".rstrip("0").rstrip(".") + "% "
+             if tested is not None and tested.any() else "")
     lines = [side_line("BASE", base), side_line("NEW ", new)]
     lines += [f"WARNING: {w}" for w in warnings]
-    lines.append(f"95% confidence intervals: {how}; a change counts when its interval "
-                 f"excludes 0 and it is at least {threshold:.0%}")
+    lines.append(f"Tests: {how}. Benjamini-Hochberg at a {compare.FDR:.0%} false discovery "
+                 f"rate over {family} (with no real change a report flags anything "
+                 f"{compare.FDR:.0%} of the time at most); intervals at {level}(the level "
+                 f"BH used), a change counts when its interval excludes 0 and it is at "
+                 f"least {threshold:.0%}")
     return lines
 
 
 def text(df, base, new, warnings, threshold):
-    lines = header_lines(base, new, warnings, threshold) + [""]
+    lines = header_lines(base, new, warnings, threshold, df) + [""]
     whats = [f"{r['name']}  {r['metric']}".strip() if r["kind"] == "lock" else
              f"[probe] {r['name']}" for _, r in df.iterrows()]
     w = min(100, max([58] + [len(x) for x in whats]))     # lock order edges are long
     lines.append(f"{'verdict':<22} {'what':<{w}} {'base':>10} {'new':>10} {'change':>11} "
-                 f"{'95% CI of change':>25} {'ratio':>7} {'ratio 95% CI':>16}")
+                 f"{'CI of change':>25} {'ratio':>7} {'ratio CI':>16} {'p (BH)':>8}")
     for what, (_, r) in zip(whats, df.iterrows()):
         ns = _is_ns(r)
         ci = (f"[{fmt_value(r['ci_low'], ns, True)}, {fmt_value(r['ci_high'], ns, True)}]"
               if not np.isnan(r["ci_low"]) else "-")
         rci = (f"[{fmt_ratio(r['ratio_ci_low'])}, {fmt_ratio(r['ratio_ci_high'])}]"
                if not np.isnan(r["ratio_ci_low"]) else "-")
+        padj = f"{r['p_adjusted']:.2g}" if r["p_adjusted"] == r["p_adjusted"] else "-"
         lines.append(f"{r['verdict']:<22} {what[:w]:<{w}} {fmt_value(r['base'], ns):>10} "
                      f"{fmt_value(r['new'], ns):>10} {fmt_value(r['change'], ns, True):>11} "
-                     f"{ci:>25} {fmt_ratio(r['ratio']):>7} {rci:>16}")
+                     f"{ci:>25} {fmt_ratio(r['ratio']):>7} {rci:>16} {padj:>8}")
     if df.empty:
         lines.append("(nothing to compare: neither side recorded contention or probe data)")
     counts = df["verdict"].value_counts()
@@ -115,7 +129,7 @@ def text(df, base, new, warnings, threshold):
 
 def as_json(df, base, new, warnings, threshold):
     return json.dumps({"base": [str(r.path) for r in base], "new": [str(r.path) for r in new],
-                       "threshold": threshold, "warnings": warnings,
+                       "threshold": threshold, "fdr": compare.FDR, "warnings": warnings,
                        "rows": json.loads(df.to_json(orient="records",
                                                       double_precision=15))},
                       indent=1)
@@ -124,11 +138,11 @@ def as_json(df, base, new, warnings, threshold):
 def page(df, base, new, warnings, threshold):
     """A self-contained page: the header, a forest plot of ratio CIs, the table."""
     import plotly.io as pio
-    head = "\n".join(header_lines(base, new, warnings, threshold))
+    head = "\n".join(header_lines(base, new, warnings, threshold, df))
     parts = [f"<h1>kvmlockprof compare</h1><pre>{html.escape(head)}</pre>"]
     fig = plots.compare_forest(df)
     if fig is not None:
-        parts.append("<h2>Change per metric (NEW / BASE, 95% CI)</h2>" +
+        parts.append("<h2>Change per metric (NEW / BASE, its interval)</h2>" +
                      pio.to_html(fig, full_html=False, include_plotlyjs=True))
     parts.append("<h2>All metrics</h2>" + df.to_html(index=False, border=0, classes="t"))
     style = ("body{font-family:sans-serif;margin:2em} table.t{border-collapse:collapse;"

@@ -101,8 +101,9 @@ def probe_figures(rec):
 
 
 def compare_forest(df, limit=40):
-    """The compare table as a forest plot: NEW/BASE ratio with its 95% CI per metric
-    (log x; metrics whose BASE is 0 have no finite ratio and are left out)."""
+    """The compare table as a forest plot: NEW/BASE ratio with its interval per metric
+    (at the report's level, ci_level; log x; metrics whose BASE is 0 have no finite
+    ratio and are left out)."""
     finite = df[np.isfinite(df["ratio"].astype(float)) & df["ratio_ci_low"].notna() &
                 np.isfinite(df["ratio_ci_high"].astype(float)) & (df["ratio"] > 0)]
     if finite.empty:
@@ -113,6 +114,6 @@ def compare_forest(df, limit=40):
         minus=lambda d: d["ratio"] - d["ratio_ci_low"].clip(lower=1e-9))
     fig = px.scatter(finite, x="ratio", y="what", color="verdict", error_x="plus",
                      error_x_minus="minus", log_x=True, height=max(400, 22 * len(finite)),
-                     labels={"ratio": "NEW / BASE (95% CI)", "what": ""})
+                     labels={"ratio": "NEW / BASE (interval)", "what": ""})
     fig.add_vline(x=1, line_dash="dot")
     return fig
