@@ -575,7 +575,7 @@ Examples:
               help="Smallest relative change reported as improved/regressed.")
 @click.option("-n", "-E", "--limit", type=click.IntRange(min=1), default=20, show_default=True,
               help="Locks compared: the heaviest by total wait on either side.")
-@click.option("-L", "--lock", "locks", multiple=True, metavar="GLOB",
+@click.option("-L", "--lock-filter", "locks", multiple=True, metavar="GLOB",
               help="Only locks whose identity matches (`kvm->slots_lock*`): the rows "
               "the false discovery rate is held over, so fewer rows, more power.")
 @click.option("--metric", "metrics", multiple=True, metavar="METRIC",
