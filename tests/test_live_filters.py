@@ -253,14 +253,15 @@ def test_report_tid_counts_that_threads_waits(live, tmp_path):
     p = subprocess.run([sys.executable, "-m", "kvmlockprof", "report", str(outs[1]), "--tid",
                         str(busiest[0])], capture_output=True, text=True, cwd=ROOT, check=True)
     assert f"threads {busiest[0]}: from the sampled waits (exact" in p.stdout
-    # sampled 1 in 4: scaled, marked, near the kernel's count for a busy thread
+    # sampled 1 in 4: scaled to the process's in-kernel count, marked, near the kernel's
+    # count for a busy thread
     rec4 = kvmlockprof.load(outs[4])
     ends4 = {t: e for (g, t), (_, e) in counts[4].items() if g == rec4.manifest["command_pid"]}
     t4 = max(ends4, key=ends4.get)
     rows = _report_rows(outs[4], "--tid", t4)
     got = sum(int(r["contended"]) for r in rows)
     print(f"report --tid {t4} of a 1-in-4 recording: ~{got}; the kernel's {ends4[t4]}")
-    assert {r["estimated"] for r in rows} == {"True"} and got % 4 == 0
+    assert {r["estimated"] for r in rows} == {"True"}
     assert abs(got - ends4[t4]) <= 0.15 * ends4[t4], (got, ends4[t4])
 
 
