@@ -14,7 +14,8 @@ DEMO_S  ?= 10
 LAB_ARM64_PKGS := qemu-system-arm qemu-user-static mmdebstrap arch-test
 LAB_ARM64_STAMP := $(VENV)/.lab-arm64
 
-.PHONY: setup apt demo test bench peer viewers lab lab-apt lab-test lab-arm64 lab-arm64-test clean
+.PHONY: setup apt demo test bench peer viewers lab lab-apt lab-test lab-arm64 lab-arm64-test \
+	lab-lockdep lab-lockdep-test clean
 
 setup: $(STAMP)
 
@@ -120,7 +121,18 @@ lab: setup $(LAB_STAMP)
 	$(KLP) lab -- kvmlockprof doctor
 
 lab-test: setup $(LAB_STAMP)
-	$(PY) -m pytest -ra -m "lab and not arm64" -s
+	$(PY) -m pytest -ra -m "lab and not arm64 and not lockdep" -s
+
+# Lockdep's verdicts: two kernels from Debian's linux-source-6.12, one with
+# CONFIG_PROVE_LOCKING and one with a production config (kvmlockprof/labkernel.py),
+# ~20 min each on 2 cores, cached in /var/cache/kvmlockprof/kernels.
+LOCKDEP_PKGS := linux-source-6.12 bc bison flex libelf-dev libssl-dev dwarves cpio
+lab-lockdep: setup $(LAB_STAMP)
+	$(call apt-install,$(LOCKDEP_PKGS),--no-install-recommends)
+	$(PY) -m kvmlockprof.labkernel lockdep prod
+
+lab-lockdep-test: lab-lockdep
+	$(PY) -m pytest -ra -m "lab and lockdep" -s
 
 # arm64: builds the root once (/var/cache/kvmlockprof/arm64, ~25 min here), then boots it.
 $(LAB_ARM64_STAMP): $(LAB_STAMP)

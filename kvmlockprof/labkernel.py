@@ -1,0 +1,267 @@
+"""Lab kernels built from Debian's linux-source-6.12: one with lockdep
+(CONFIG_PROVE_LOCKING), the authority lockorder is held against, and one with the
+same source and a production-like config (no lock debugging). Small configs: x86's
+defconfig, virtme-ng's own fragment for booting under it (its configkernel), and what
+the lab needs (KVM with Xen, BTF, kprobes, fentry, modules for the lock zoo).
+Built once into /var/cache/kvmlockprof/kernels/<release>, keyed by the source, the
+config and the compiler; its modules dir is linked from /lib/modules so that bcc and
+virtme-ng find it as they find Debian's.
+Usage: python -m kvmlockprof.labkernel [lockdep|prod ...] [--force]"""
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+CACHE = "/var/cache/kvmlockprof/kernels"
+SOURCE_TARBALL = "/usr/src/linux-source-6.12.tar.xz"
+# Both flavours: the lab's needs, and a distro host's locking (out-of-line unlocks,
+# as Debian's PREEMPT_DYNAMIC kernel has them; KALLSYMS_ALL as distros have it).
+COMMON = """
+CONFIG_LOCALVERSION_AUTO=n
+CONFIG_MODULES=y
+CONFIG_MODULE_UNLOAD=y
+CONFIG_MODULE_SIG=n
+CONFIG_KVM=y
+CONFIG_KVM_INTEL=y
+CONFIG_KVM_AMD=y
+CONFIG_KVM_XEN=y
+CONFIG_PREEMPT_VOLUNTARY=y
+CONFIG_PREEMPT_DYNAMIC=y
+CONFIG_KALLSYMS=y
+CONFIG_KALLSYMS_ALL=y
+CONFIG_DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT=y
+CONFIG_DEBUG_INFO_REDUCED=n
+CONFIG_DEBUG_INFO_SPLIT=n
+CONFIG_DEBUG_INFO_BTF=y
+CONFIG_DEBUG_INFO_BTF_MODULES=y
+CONFIG_IKCONFIG=y
+CONFIG_IKCONFIG_PROC=y
+CONFIG_KPROBES=y
+CONFIG_KPROBE_EVENTS=y
+CONFIG_FUNCTION_TRACER=y
+CONFIG_DYNAMIC_FTRACE=y
+CONFIG_BPF_SYSCALL=y
+CONFIG_BPF_JIT=y
+CONFIG_BPF_EVENTS=y
+CONFIG_DEBUG_FS=y
+CONFIG_SYSTEM_TRUSTED_KEYRING=n
+"""
+FLAVOURS = {
+    "lockdep": """
+CONFIG_LOCALVERSION="-kvmlp-lockdep"
+CONFIG_PROVE_LOCKING=y
+CONFIG_DEBUG_ATOMIC_SLEEP=y
+""",
+    "prod": """
+CONFIG_LOCALVERSION="-kvmlp-prod"
+CONFIG_PROVE_LOCKING=n
+CONFIG_DEBUG_LOCK_ALLOC=n
+CONFIG_DEBUG_SPINLOCK=n
+CONFIG_DEBUG_MUTEXES=n
+CONFIG_DEBUG_RWSEMS=n
+""",
+}
+# What must hold after olddefconfig (a dependency Kconfig dropped fails the build
+# before 20 minutes are spent on a kernel the lab cannot use).
+REQUIRED = ("CONFIG_KVM_XEN=y", "CONFIG_KPROBES=y", "CONFIG_DEBUG_INFO_BTF=y",
+            "CONFIG_UNINLINE_SPIN_UNLOCK=y", "CONFIG_NET_9P_VIRTIO=y", "CONFIG_MODULES=y",
+            "CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS=y")
+FLAVOUR_REQUIRED = {"lockdep": ("CONFIG_PROVE_LOCKING=y", "CONFIG_LOCKDEP=y"),
+                    "prod": ("# CONFIG_PROVE_LOCKING is not set",)}
+# ... and what must not (lock debugging that some other option selected)
+FLAVOUR_FORBIDDEN = {"lockdep": (), "prod": ("CONFIG_LOCKDEP=y", "CONFIG_DEBUG_LOCK_ALLOC=y",
+                                              "CONFIG_DEBUG_SPINLOCK=y", "CONFIG_DEBUG_MUTEXES=y")}
+BUILD_DEPS = ("gcc", "make", "bc", "bison", "flex", "pahole", "xz")
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def _virtme_fragment():
+    """virtme-ng's own minimal config for booting under it (its configkernel)."""
+    p = subprocess.run([sys.executable, "-m", "virtme.commands.configkernel", "--dry-run",
+                        "--arch", "x86_64", "--defconfig"], capture_output=True, text=True)
+    if p.returncode or "CONFIG_9P_FS" not in p.stdout:
+        raise KernelBuildError("virtme-ng's configkernel gave no config: run `make lab` "
+                               f"({p.stderr.strip()[-200:]})")
+    return p.stdout
+
+
+def _source_version():
+    """The tarball's version, from the Debian package that installed it."""
+    p = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "linux-source-6.12"],
+                       capture_output=True, text=True)
+    return p.stdout.strip() or "unknown"
+
+
+def _compiler():
+    return subprocess.run(["gcc", "--version"], capture_output=True,
+                          text=True).stdout.splitlines()[0]
+
+
+def config_text(flavour):
+    return _virtme_fragment() + COMMON + FLAVOURS[flavour]
+
+
+def cache_key(flavour):
+    h = hashlib.sha256("\0".join([_source_version(), config_text(flavour),
+                                  _compiler()]).encode()).hexdigest()[:12]
+    return f"{flavour}-{h}"
+
+
+def cache_dir(flavour):
+    return os.path.join(CACHE, cache_key(flavour))
+
+
+def built(flavour):
+    """The cached build's bzImage, or None."""
+    d = cache_dir(flavour)
+    image = os.path.join(d, "build", "arch", "x86", "boot", "bzImage")
+    return image if os.path.exists(os.path.join(d, ".built")) and os.path.exists(image) else None
+
+
+def release(image):
+    """The kernel release of a built bzImage (from its build tree)."""
+    with open(os.path.join(os.path.dirname(image), "..", "..", "..", "include", "config",
+                           "kernel.release")) as f:
+        return f.read().strip()
+
+
+def build_dir(image):
+    return os.path.realpath(os.path.join(os.path.dirname(image), "..", "..", ".."))
+
+
+def _source(log):
+    """The unpacked source, shared by the flavours (builds go to O= dirs)."""
+    if not os.path.exists(SOURCE_TARBALL):
+        raise KernelBuildError(f"{SOURCE_TARBALL} is missing: run `make lab-lockdep` "
+                               "(installs Debian's linux-source-6.12)")
+    src = os.path.join(CACHE, f"src-{_source_version()}")
+    stamp = os.path.join(src, ".unpacked")
+    if os.path.exists(stamp):
+        return os.path.join(src, "linux-source-6.12")
+    shutil.rmtree(src, ignore_errors=True)
+    os.makedirs(src)
+    print(f"unpacking {SOURCE_TARBALL} into {src}", file=log)
+    subprocess.run(["tar", "-xf", SOURCE_TARBALL, "-C", src], check=True)
+    open(stamp, "w").close()
+    return os.path.join(src, "linux-source-6.12")
+
+
+def _configure(src, out, flavour):
+    frag = os.path.join(out, "kvmlockprof.config")
+    with open(frag, "w") as f:
+        f.write(config_text(flavour))
+    make = ["make", "-C", src, f"O={out}", "-s"]
+    subprocess.run(make + ["x86_64_defconfig"], check=True)
+    subprocess.run([os.path.join(src, "scripts", "kconfig", "merge_config.sh"), "-m", "-O", out,
+                    os.path.join(out, ".config"), frag], check=True, cwd=src,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(make + ["olddefconfig"], check=True)
+    with open(os.path.join(out, ".config")) as f:
+        have = set(f.read().splitlines())
+    missing = [o for o in REQUIRED + FLAVOUR_REQUIRED[flavour] if o not in have]
+    if missing:
+        raise KernelBuildError(f"the {flavour} config lost {', '.join(missing)} "
+                               f"(a Kconfig dependency): see {out}/.config")
+    extra = [o for o in FLAVOUR_FORBIDDEN[flavour] if o in have]
+    if extra:
+        raise KernelBuildError(f"the {flavour} config has {', '.join(extra)} (selected by "
+                               f"another option): see {out}/.config")
+
+
+def build(flavour, force=False, log=sys.stderr, jobs=None):
+    """Build (or reuse) the flavour's kernel; returns its bzImage."""
+    if flavour not in FLAVOURS:
+        raise KernelBuildError(f"unknown lab kernel {flavour!r}: one of {', '.join(FLAVOURS)}")
+    if not force and built(flavour):
+        return built(flavour)
+    missing = [t for t in BUILD_DEPS if not shutil.which(t)]
+    if missing:
+        raise KernelBuildError(f"{', '.join(missing)} missing: run `make lab-lockdep`")
+    src = _source(log)
+    d = cache_dir(flavour)
+    out = os.path.join(d, "build")
+    if os.path.exists(os.path.join(d, ".built")):
+        os.unlink(os.path.join(d, ".built"))
+    os.makedirs(out, exist_ok=True)
+    _configure(src, out, flavour)
+    jobs = jobs or os.cpu_count() or 1
+    print(f"building the {flavour} lab kernel in {out} (-j{jobs}; ~20 min on 2 cores)",
+          file=log)
+    subprocess.run(["make", "-C", src, f"O={out}", "-s", f"-j{jobs}", "bzImage", "modules"],
+                   check=True)
+    mods = os.path.join(d, "modules")
+    shutil.rmtree(mods, ignore_errors=True)
+    subprocess.run(["make", "-C", src, f"O={out}", "-s", "modules_install",
+                    f"INSTALL_MOD_PATH={mods}", "INSTALL_MOD_STRIP=1"], check=True)
+    image = os.path.join(out, "arch", "x86", "boot", "bzImage")
+    open(os.path.join(d, ".built"), "w").close()
+    install_modules(image)
+    return image
+
+
+def install_modules(image):
+    """/lib/modules/<release> -> the cache's modules, its build link -> the build tree:
+    bcc's headers and virtme-ng's modules, found as for a packaged kernel."""
+    rel = release(image)
+    d = os.path.dirname(build_dir(image))
+    target = os.path.join(d, "modules", "lib", "modules", rel)
+    link = f"/lib/modules/{rel}"
+    if os.path.islink(link) and os.readlink(link) == target:
+        return link
+    if os.path.lexists(link):
+        if not os.path.islink(link):
+            raise KernelBuildError(f"{link} exists and is not ours: remove it to use the "
+                                   f"lab kernel {rel}")
+        os.unlink(link)
+    os.symlink(target, link)
+    # bcc reads a split (O=) tree's generated headers from build, the rest from source
+    for name, path in (("build", build_dir(image)), ("source", _source_of(image))):
+        at = os.path.join(target, name)
+        if os.path.lexists(at):
+            os.unlink(at)
+        os.symlink(path, at)
+    return link
+
+
+def _source_of(image):
+    """The source tree an O= build was made from (its Makefile includes it)."""
+    with open(os.path.join(build_dir(image), "Makefile")) as f:
+        for line in f:
+            if line.startswith("include ") and line.strip().endswith("/Makefile"):
+                return os.path.dirname(line.split(None, 1)[1].strip())
+    raise KernelBuildError(f"cannot tell the source tree of {build_dir(image)}")
+
+
+def find(flavour):
+    """The cached flavour's bzImage, linked in /lib/modules, or None."""
+    image = built(flavour)
+    if image:
+        install_modules(image)
+    return image
+
+
+def prune():
+    """Cached builds no flavour's current key names (an older source or config)."""
+    keep = {cache_key(f) for f in FLAVOURS}
+    return [d for d in glob.glob(os.path.join(CACHE, "*-*"))
+            if os.path.basename(d).split("-")[0] in FLAVOURS and os.path.basename(d) not in keep]
+
+
+def main(argv):
+    flavours = [a for a in argv if not a.startswith("-")] or list(FLAVOURS)
+    try:
+        for f in flavours:
+            print(build(f, force="--force" in argv))
+    except (KernelBuildError, subprocess.CalledProcessError, OSError) as e:
+        print(f"kvmlockprof: cannot build the lab kernel: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
