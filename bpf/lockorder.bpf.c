@@ -13,7 +13,7 @@
 enum lockorder_counter {
 	LO_C_WATCHED, LO_C_RELEASES, LO_C_UNMATCHED_RELEASES, LO_C_DEPTH_OVERFLOW,
 	LO_C_RECURSIONS, LO_C_LOST_RINGBUF_FULL, LO_C_LOST_AGG_FULL, LO_C_LOST_HELD_FULL,
-	LO_C_OBJECTS_WATCHED, LO_C_LOST_PAGES_FULL,
+	LO_C_OBJECTS_WATCHED, LO_C_LOST_PAGES_FULL, LO_C_FAILED_ACQUISITIONS,
 };
 /* What was taken: the class of entry point. Values are recorded: append only. */
 enum lo_kind {
@@ -30,6 +30,7 @@ enum lo_kind {
 #define LO_BH 2
 #define LO_OBJ_KVM 1            /* struct lo_obj kind (C only) */
 #define LO_OBJ_VCPU 2
+#define LO_OBJ_WATCH 3          /* named by record --watch (user space fills lo_pages) */
 
 #define LO_DEPTH 8              /* watched locks one task holds at once */
 #define LO_PAGE_SHIFT 12
@@ -170,9 +171,39 @@ static __always_inline int lo_watched(u64 addr)
 
 /* --- context -------------------------------------------------------------------- */
 
+/* x86 keeps preempt_count per CPU, out of reach: a softirq being served on a task's
+ * stack (ksoftirqd) is told by the kernel's softirq_entry/exit events instead. Softirqs
+ * do not nest on a CPU; one on the IRQ stack is "irq" with IRQs on (the Python). */
+BPF_PERCPU_ARRAY(lo_serving_softirq, u32, 1);
+
+RAW_TRACEPOINT_PROBE(softirq_entry)
+{
+	int z = 0;
+	u32 *v = lo_serving_softirq.lookup(&z);
+	if (v)
+		*v = 1;
+	return 0;
+}
+
+RAW_TRACEPOINT_PROBE(softirq_exit)
+{
+	int z = 0;
+	u32 *v = lo_serving_softirq.lookup(&z);
+	if (v)
+		*v = 0;
+	return 0;
+}
+
 static __always_inline u32 lo_context(void *ctx, int kprobe)
 {
-	return kvmlp_context(ctx, kprobe, KVMLP_OFF_LO_TASK_PREEMPT, KVMLP_OFF_LO_TASK_STACK);
+	u32 c = kvmlp_context(ctx, kprobe, KVMLP_OFF_LO_TASK_PREEMPT, KVMLP_OFF_LO_TASK_STACK);
+	if (KVMLP_OFF_LO_TASK_PREEMPT < 0 && c == KVMLP_CTX_TASK) {
+		int z = 0;
+		u32 *v = lo_serving_softirq.lookup(&z);
+		if (v && *v)
+			return KVMLP_CTX_SOFTIRQ;
+	}
+	return c;
 }
 
 static __always_inline u32 lo_irqs(u32 at_call, u32 variant)
@@ -404,6 +435,54 @@ static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
 	return 0;
 }
 
+/* A killable or interruptible acquisition that returned an error (a signal) holds
+ * nothing: its entry, the task's innermost (the wait takes no watched lock), comes
+ * off. The watched lock such a call is taking, per task, from its entry to its
+ * return (a kretprobe cannot read the argument). Sleeping locks: task context only. */
+BPF_HASH(lo_may_fail, u32, u64, 4096);
+
+static __always_inline int lo_acquire_may_fail(void *ctx, u64 addr, u32 kind, int kprobe)
+{
+	if (lo_watched(addr)) {
+		u32 tid = (u32)bpf_get_current_pid_tgid();
+		lo_may_fail.update(&tid, &addr);
+	}
+	return lo_acquire(ctx, addr, kind, LO_PLAIN, kprobe);
+}
+
+static __always_inline int lo_failed(s64 ret, u32 kind)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u64 *addr = lo_may_fail.lookup(&tid);
+	if (!addr)
+		return 0;               /* not a watched lock */
+	u64 a = *addr;
+	lo_may_fail.delete(&tid);
+	if (!ret)
+		return 0;
+	struct lo_held_key hk = {};
+	hk.id = tid;
+	struct lo_held *held = lo_held_locks.lookup(&hk);
+	if (!held)
+		return 0;
+	u32 n = held->n;
+	if (n == 0 || n > LO_DEPTH)
+		return 0;
+	u32 top = n - 1;
+	/* hide top's range from the compiler, which would otherwise drop the mask the
+	 * verifier needs as the index's bound */
+	asm volatile("" : "+r"(top));
+	struct lo_held_lock *h = &held->l[top & (LO_DEPTH - 1)];
+	if (h->addr != a || h->kind != kind)
+		return 0;
+	lo_count(LO_C_FAILED_ACQUISITIONS);
+	if (n <= 1)
+		lo_held_locks.delete(&hk);
+	else
+		held->n = n - 1;
+	return 0;
+}
+
 static __always_inline int lo_srcu_at(void *ctx, u32 fn, int kprobe)
 {
 	struct lockorder_at_key k = {};
@@ -440,6 +519,9 @@ static __always_inline int lo_srcu_at(void *ctx, u32 fn, int kprobe)
 #define LO_ACQ(key, param, kind, variant) \
 	KVMLP_ENTRY(key) \
 	{ return lo_acquire(ctx, KVMLP_ARG(key, param), kind, variant, LO_KPROBE(key)); }
+#define LO_ACQ_MF(key, param, kind) \
+	KVMLP_ENTRY(key) \
+	{ return lo_acquire_may_fail(ctx, KVMLP_ARG(key, param), kind, LO_KPROBE(key)); }
 #define LO_REL(key, param) \
 	KVMLP_ENTRY(key) \
 	{ return lo_release(ctx, KVMLP_ARG(key, param), LO_KPROBE(key)); }
@@ -448,7 +530,7 @@ static __always_inline int lo_srcu_at(void *ctx, u32 fn, int kprobe)
  * S spin, R read, W write (rwlock), M mutex, D/E rwsem read/write, C SRCU read,
  * Y synchronize_srcu;
  * then B _bh, I _irq, F _irqsave/_irqrestore, T _interruptible, K _killable,
- * E _expedited.
+ * E _expedited, N _nested (lockdep kernels' entry points).
  * The symbols are in kvmlockprof/probes/lockorder.py. */
 LO_ACQ(LOLS, LOCK, LO_SPIN, LO_PLAIN)
 LO_ACQ(LOLSB, LOCK, LO_SPIN, LO_BH)
@@ -475,19 +557,40 @@ LO_REL(LOUWB, LOCK)
 LO_REL(LOUWI, LOCK)
 LO_REL(LOUWF, LOCK)
 LO_ACQ(LOLM, LOCK, LO_MUTEX, LO_PLAIN)
-LO_ACQ(LOLMT, LOCK, LO_MUTEX, LO_PLAIN)
-LO_ACQ(LOLMK, LOCK, LO_MUTEX, LO_PLAIN)
+LO_ACQ_MF(LOLMT, LOCK, LO_MUTEX)
+LO_ACQ_MF(LOLMK, LOCK, LO_MUTEX)
 LO_REL(LOUM, LOCK)
 LO_ACQ(LOLD, SEM, LO_RWSEM_READ, LO_PLAIN)
-LO_ACQ(LOLDK, SEM, LO_RWSEM_READ, LO_PLAIN)
+LO_ACQ_MF(LOLDK, SEM, LO_RWSEM_READ)
 LO_ACQ(LOLE, SEM, LO_RWSEM_WRITE, LO_PLAIN)
-LO_ACQ(LOLEK, SEM, LO_RWSEM_WRITE, LO_PLAIN)
+LO_ACQ_MF(LOLEK, SEM, LO_RWSEM_WRITE)
 LO_REL(LOUD, SEM)
 LO_REL(LOUE, SEM)
 LO_ACQ(LOLC, SSP, LO_SRCU_READ, LO_PLAIN)
 LO_REL(LOUC, SSP)
+LO_ACQ(LOLSN, LOCK, LO_SPIN, LO_PLAIN)
+LO_ACQ(LOLSFN, LOCK, LO_SPIN, LO_IRQ)
+LO_ACQ(LOLMN, LOCK, LO_MUTEX, LO_PLAIN)
+LO_ACQ_MF(LOLMTN, LOCK, LO_MUTEX)
+LO_ACQ_MF(LOLMKN, LOCK, LO_MUTEX)
+LO_ACQ(LOLDN, SEM, LO_RWSEM_READ, LO_PLAIN)
+LO_ACQ_MF(LOLDKN, SEM, LO_RWSEM_READ)
+LO_ACQ(LOLEN, SEM, LO_RWSEM_WRITE, LO_PLAIN)
+LO_ACQ_MF(LOLEKN, SEM, LO_RWSEM_WRITE)
 LO_ACQ(LOLY, SSP, LO_SRCU_SYNC, LO_PLAIN)
 LO_ACQ(LOLYE, SSP, LO_SRCU_SYNC, LO_PLAIN)
+
+#define LO_FAIL(key, kind) \
+	KVMLP_RETURN(key) \
+	{ return lo_failed((s64)KVMLP_RET(key), kind); }
+LO_FAIL(LOLMT, LO_MUTEX)
+LO_FAIL(LOLMK, LO_MUTEX)
+LO_FAIL(LOLMTN, LO_MUTEX)
+LO_FAIL(LOLMKN, LO_MUTEX)
+LO_FAIL(LOLDK, LO_RWSEM_READ)
+LO_FAIL(LOLDKN, LO_RWSEM_READ)
+LO_FAIL(LOLEK, LO_RWSEM_WRITE)
+LO_FAIL(LOLEKN, LO_RWSEM_WRITE)
 
 #define LO_AT(key, slot) \
 	KVMLP_ENTRY(key) \

@@ -75,6 +75,9 @@ class Probe:
     # (Plan, Capabilities) -> None: turn targets off as a set (Plan.off says why), or
     # point them at symbols chosen at run time, after the plan is made
     adjust_plan: object = None
+    # (bcc module, its options from the command line) -> dict for its status: fills
+    # its maps before its programs attach
+    prepare: object = None
     sections: tuple = ()           # its Sections of report and HTML, in order
     compare: object = None         # rec -> {(metric, better, unit): value}
     # (stream batches, map snapshots) -> {name: (hits, total, counted since the start)}

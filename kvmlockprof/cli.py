@@ -261,6 +261,9 @@ vcpu_exits_option = click.option(
 @click.option("--srcu-at", metavar="FN,...", help="With the lockorder probe: at the entry of "
               "these kernel functions (at most 4), is a kvm->srcu read section held? "
               "[default: kvm_vcpu_update_apicv]")
+@click.option("--watch", "watch", multiple=True, metavar="MODULE|SYMBOL|ADDR:SIZE",
+              help="With the lockorder probe: follow these locks too (a loaded module's "
+              "data, a variable, or a range), beside KVM's objects; repeatable.")
 @vcpu_exits_option
 @kernel_mem_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
@@ -272,7 +275,7 @@ vcpu_exits_option = click.option(
 def record(duration, pids, vm_names, system_wide, output, force, sample_every, ringbuf_mb, map_nr_entries,
            stack_every, stack_budget, max_stack, probe_names, prefer, srcu_at, kernel_mem_mb,
            quiet, host_label, run_label, command, lock_filter, type_filter, callstack_filter, tids,
-           cgroups, vcpu_exits):
+           cgroups, vcpu_exits, watch):
     """Record lock contention to a Parquet recording.
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
@@ -280,6 +283,7 @@ def record(duration, pids, vm_names, system_wide, output, force, sample_every, r
     from kvmlockprof.kernel.bpfload import BpfUnavailable
     from kvmlockprof.catalog import UnknownProbe
     from kvmlockprof.recording.filters import FilterError
+    from kvmlockprof.probes.lockorder import WatchError
     from kvmlockprof.recording.recorder import Recorder
     from kvmlockprof.recording.store import RecordingError
     from kvmlockprof.kernel import host
@@ -289,6 +293,8 @@ def record(duration, pids, vm_names, system_wide, output, force, sample_every, r
         pids = tuple(pids) + tuple(_live_vm_pids(vm_names))
     if at and "lockorder" not in (names or ()):
         fail("--srcu-at is the lockorder probe's: add --probes ...,lockorder")
+    if watch and "lockorder" not in (names or ()):
+        fail("--watch is the lockorder probe's: add --probes ...,lockorder")
     try:
         # checks the probe names and the output file: both need no privileges
         rec = Recorder(output, duration=duration, pids=pids, command=command,
@@ -298,10 +304,10 @@ def record(duration, pids, vm_names, system_wide, output, force, sample_every, r
                        kernel_mem_mb=kernel_mem_mb, max_stack=max_stack, srcu_at=at,
                        filters=dict(_filters(lock_filter, type_filter, callstack_filter),
                                     tids=tids, cgroups=cgroups), vcpu_exits=vcpu_exits,
-                       labels={"host": host_label, "run": run_label},
+                       labels={"host": host_label, "run": run_label}, watch=watch,
                        warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
-    except (UnknownProbe, RecordingError, FilterError) as e:
+    except (UnknownProbe, RecordingError, FilterError, WatchError) as e:
         fail(str(e))
     if not host.can_bpf():
         fail("record needs root (or CAP_BPF+CAP_PERFMON): run it with sudo")

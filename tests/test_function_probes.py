@@ -575,3 +575,78 @@ def test_lockorder_srcu_at(module, tmp_path):
     assert out.to_dict() == {("kvm_gpc_check", "kvm->srcu"): 7,
                              ("kvm_xen_set_evtchn_fast", "kvm->srcu"): 2,
                              ("kvm_xen_set_evtchn_fast", "none"): 5}
+
+
+def test_lockorder_watch_names_a_modules_locks_by_symbol(module, tmp_path):
+    """record --watch MODULE: the module's data symbols from kallsyms become one
+    watched region, written into lo_pages as the C's lo_watch() writes a KVM object,
+    and its locks are named by symbol (lockdep's name for a static lock)."""
+    from kvmlockprof.probes import lockorder as lo
+    base = 0xffffffffc0a00ff0               # across a page boundary
+    ks = tmp_path / "kallsyms"
+    ks.write_text(f"{base:x} d abba_spin_a\t[zoo]\n{base + 0x18:x} b abba_spin_b\t[zoo]\n"
+                  f"{base - 0x5000:x} t zoo_init\t[zoo]\n"
+                  f"ffffffff81000000 T _stext\nffffffff82000000 D some_var\n"
+                  f"ffffffff82000040 D next_var\n")
+    (w,) = lo.resolve_watch(["zoo"], kallsyms=ks)
+    assert (w["base"], w["size"]) == (base, 0x18 + lo.LAST_SYMBOL_BYTES)
+    assert w["symbols"] == {f"{base:x}": "abba_spin_a", f"{base + 0x18:x}": "abba_spin_b"}
+    (v,) = lo.resolve_watch(["some_var"], kallsyms=ks)
+    assert (v["base"], v["size"]) == (0xffffffff82000000, 0x40)
+    for bad in ("nosuch", "ffff:zz", f"{base:x}:{lo.WATCH_MAX + 1}"):
+        with pytest.raises(lo.WatchError):
+            lo.resolve_watch([bad], kallsyms=ks)
+    st = lo.prepare(module.bpf, {"watch": [w]})
+    pages = module.bpf["lo_pages"]
+    first, second = pages[pages.Key(base >> 12)], pages[pages.Key((base >> 12) + 1)]
+    assert (first.base[1], first.size[1], first.kind[1]) == (base, w["size"], lo.LO_OBJ_WATCH)
+    assert (second.base[0], second.kind[0]) == (base, lo.LO_OBJ_WATCH)
+    pages.clear()
+    rec = _lockorder_recording(module, tmp_path, "w.parquet", edges=[], acqs=[], recursion=[])
+    rec.manifest["probes"]["lockorder"] = st
+    names = lo.class_names(rec, [base, base + 0x18, base + 0x1c, 0x1234])
+    assert names == {base: "abba_spin_a", base + 0x18: "abba_spin_b",
+                     base + 0x1c: "abba_spin_b+0x4", 0x1234: "0x1234"}
+
+
+def test_lockorder_finds_circles_of_three_and_keeps_reader_breaks(module, tmp_path):
+    """A -> B -> C -> A is lockdep's circular dependency (no pair is seen both
+    ways); the same circle through an SRCU read section (a recursive reader waits
+    for no reader) is none."""
+    from kvmlockprof.probes import lockorder as lo
+    rec = _lockorder_recording(module, tmp_path, "c3.parquet", edges=[
+        ("kvm->lock", "kvm->slots_lock", 1), ("kvm->slots_lock", "vcpu->mutex", 2),
+        ("vcpu->mutex", "kvm->lock", 3),
+        ("kvm->srcu", "kvm->arch.tdp_mmu_pages_lock", 1),
+        ("kvm->arch.tdp_mmu_pages_lock", "kvm->arch.apicv_update_lock", 1),
+        ("kvm->arch.apicv_update_lock", "kvm->srcu", 1)], acqs=[], recursion=[])
+    e = lo.edges(rec)
+    assert lo.inversions(e).empty
+    c = lo.cycles(e)
+    assert list(c["classes"]) == ["kvm->lock -> kvm->slots_lock -> vcpu->mutex -> kvm->lock"]
+    f = lo.findings(rec)
+    assert list(f[f["finding"] == "inversion"]["locks"]) == list(c["classes"]), f
+
+
+def test_lockorder_irq_safe_before_irq_unsafe(module, tmp_path):
+    """Lockdep's HARDIRQ-safe -> HARDIRQ-unsafe: A taken in hardirq, B held with
+    IRQs on, and A -> B (here through C): no single lock is inconsistent, the order
+    is the conflict. B only ever taken with IRQs off is none."""
+    from kvmlockprof.probes import lockorder as lo
+    a, c, b = ("vcpu->arch.xen.vcpu_info_cache.lock", "kvm->arch.tdp_mmu_pages_lock",
+               "kvm->lock")
+    rec = _lockorder_recording(module, tmp_path, "io.parquet",
+                               edges=[(a, c, 2), (c, b, 1)],
+                               acqs=[(a, "hardirq", "off", "", 4), (a, "task", "off", "", 3),
+                                     (c, "task", "off", a, 2), (b, "task", "on", "", 5)],
+                               recursion=[])
+    cx = lo.contexts(rec)
+    assert lo.irq_conflicts(cx).empty
+    io = lo.irq_order_conflicts(lo.edges(rec), cx)
+    assert list(zip(io["safe"], io["unsafe"], io["state"])) == [(a, b, "hardirq")], io
+    assert io.iloc[0]["path"] == f"{a} -> {c} -> {b}"
+    rec2 = _lockorder_recording(module, tmp_path, "io2.parquet",
+                                edges=[(a, c, 2), (c, b, 1)],
+                                acqs=[(a, "hardirq", "off", "", 4), (b, "task", "off", "", 5)],
+                                recursion=[])
+    assert lo.irq_order_conflicts(lo.edges(rec2), lo.contexts(rec2)).empty

@@ -62,13 +62,32 @@ SRCU_AT_DEFAULT = ("kvm_vcpu_update_apicv",)
 SRCU_AT = list(SRCU_AT_DEFAULT)        # set by record before the plan is made
 
 
+# Lockdep kernels (CONFIG_DEBUG_LOCK_ALLOC) route these through their _nested twins
+# (mutex_lock is a macro for mutex_lock_nested(lock, 0)): the same kinds, other symbols.
+ENTRY_POINTS["nested"] = ([("LOLSN", "_raw_spin_lock_nested", "lock"),
+                           ("LOLSFN", "_raw_spin_lock_irqsave_nested", "lock"),
+                           ("LOLMN", "mutex_lock_nested", "lock"),
+                           ("LOLMTN", "mutex_lock_interruptible_nested", "lock"),
+                           ("LOLMKN", "mutex_lock_killable_nested", "lock"),
+                           ("LOLDN", "down_read_nested", "sem"),
+                           ("LOLDKN", "down_read_killable_nested", "sem"),
+                           ("LOLEN", "down_write_nested", "sem"),
+                           ("LOLEKN", "down_write_killable_nested", "sem")], [])
+LOCK_SYMBOLS = {s for acq, rel in ENTRY_POINTS.values() for _, s, _ in acq + rel}
+
+
+# Acquisitions that can fail (a signal): their return handler drops what they pushed.
+MAY_FAIL = {"LOLMT", "LOLMK", "LOLMTN", "LOLMKN", "LOLDK", "LOLDKN", "LOLEK", "LOLEKN"}
+
+
 def _targets():
     out = []
     for acq, rel in ENTRY_POINTS.values():
         for key, sym, param in acq + rel:
             # kprobe first: only its saved flags say whether IRQs were on
-            out.append(Target(key, (sym,), (KPROBE, FENTRY), (param,), {sym: (param,)},
-                              optional=True))
+            sig = (param, "subclass") if sym.endswith("_nested") else (param,)
+            out.append(Target(key, (sym,), (KPROBE, FENTRY), (param,), {sym: sig},
+                              optional=True, ret=key in MAY_FAIL))
     _filp = {"kvm_vm_ioctl": ("filp", "ioctl", "arg"), "kvm_vcpu_ioctl": ("filp", "ioctl", "arg")}
     out += [Target("LOVM", ("kvm_vm_ioctl",), (KPROBE, FENTRY), ("filp",), _filp),
             Target("LOVC", ("kvm_vcpu_ioctl",), (KPROBE, FENTRY), ("filp",), _filp)]
@@ -125,6 +144,96 @@ def defines(kbtf):
     return out
 
 
+# --- record --watch: locks outside KVM's objects ----------------------------------------
+
+PAGE = 1 << cdefs.define("lockorder.bpf.c", "LO_PAGE_SHIFT")
+WATCH_MAX = cdefs.define("lockorder.bpf.c", "LO_MAX_PAGES") * PAGE
+LO_DEPTH = cdefs.define("lockorder.bpf.c", "LO_DEPTH")
+LO_OBJ_WATCH = cdefs.define("lockorder.bpf.c", "LO_OBJ_WATCH")
+DATA_TYPES = set("dDbBrR")      # kallsyms' data, bss and read-only data symbols
+LAST_SYMBOL_BYTES = 256         # what a module's last data symbol may span
+
+
+class WatchError(ValueError):
+    pass
+
+
+def _kallsyms(path):
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    mod = parts[3].strip("[]") if len(parts) > 3 else ""
+                    out.append((int(parts[0], 16), parts[1], parts[2], mod))
+    except OSError as e:
+        raise WatchError(f"--watch: cannot read {path}: {e.strerror}") from e
+    if out and not any(a for a, *_ in out):
+        raise WatchError("--watch: /proc/kallsyms shows no addresses: run as root")
+    return sorted(out)
+
+
+def resolve_watch(specs, kallsyms="/proc/kallsyms"):
+    """`record --watch` specs to [{spec, base, size, symbols: {address: name}}]: a
+    loaded module (MODULE: its data and bss symbols), a variable (SYMBOL: to the next
+    symbol; vmlinux's need CONFIG_KALLSYMS_ALL) or ADDR:SIZE. At most WATCH_MAX bytes
+    each (the pages one watched object may span in the C)."""
+    if not specs:
+        return []
+    syms = _kallsyms(kallsyms)
+    out = []
+    for spec in specs:
+        spec = spec.strip()
+        if ":" in spec:
+            a, _, n = spec.partition(":")
+            try:
+                base, size = int(a, 16), int(n, 0)
+            except ValueError:
+                raise WatchError(f"--watch {spec}: ADDR:SIZE wants hex:int") from None
+            named = {}
+        elif any(m == spec for _, _, _, m in syms):
+            data = [(a, name) for a, t, name, m in syms if m == spec and t in DATA_TYPES]
+            if not data:
+                raise WatchError(f"--watch {spec}: the module has no data symbols")
+            base, size = data[0][0], data[-1][0] + LAST_SYMBOL_BYTES - data[0][0]
+            named = dict(data)
+        else:
+            at = [i for i, (_, t, name, _) in enumerate(syms) if name == spec and t in DATA_TYPES]
+            if not at:
+                raise WatchError(f"--watch {spec}: no such module or data symbol in "
+                                 f"/proc/kallsyms (data symbols need CONFIG_KALLSYMS_ALL; "
+                                 f"a module must be loaded)")
+            i = at[0]
+            base = syms[i][0]
+            nxt = next((a for a, *_ in syms[i + 1:] if a > base), base + LAST_SYMBOL_BYTES)
+            size, named = nxt - base, {base: spec}
+        if not 0 < size <= WATCH_MAX:
+            raise WatchError(f"--watch {spec}: {size} bytes; at most {WATCH_MAX} "
+                             f"(name the variables instead)")
+        out.append({"spec": spec, "base": base, "size": size,
+                    "symbols": {f"{a:x}": n for a, n in named.items()}})
+    return out
+
+
+def prepare(bpf, options):
+    """Before attaching: the --watch regions into lo_pages, as the C's lo_watch()
+    puts a KVM object (slot 0: an object begun before the page, slot 1: in it)."""
+    watched = options.get("watch") or []
+    if not watched:
+        return {}
+    pages = bpf["lo_pages"]
+    for w in watched:
+        base, size = w["base"], w["size"]
+        for page in range(base // PAGE, (base + size - 1) // PAGE + 1):
+            k = pages.Key(page)
+            v = pages.get(k) or pages.Leaf()
+            slot = 0 if base // PAGE < page else 1
+            v.base[slot], v.size[slot], v.kind[slot] = base, size, LO_OBJ_WATCH
+            pages[k] = v
+    return {"watch": [dict(w, base=f"{w['base']:x}") for w in watched]}
+
+
 # --- naming ---------------------------------------------------------------------------
 
 def _objects(rec):
@@ -140,15 +249,29 @@ def _objects(rec):
     return out
 
 
+def _watched(rec):
+    """The --watch regions [(base, size)] and their symbols [(address, name)], sorted."""
+    st = (rec.manifest.get("probes") or {}).get("lockorder") or {}
+    ws = st.get("watch") or ()
+    return ([(int(w["base"], 16), w["size"]) for w in ws],
+            sorted((int(a, 16), n) for w in ws for a, n in w["symbols"].items()))
+
+
 def class_names(rec, addrs):
     """{address: lock class} for watched lock addresses: the recorded lock name
-    without its process, else the object and offset (a lock BTF does not name)."""
+    without its process, a --watch symbol (+offset), else the object and offset (a
+    lock BTF does not name)."""
     names = {int(a, 16): v["name"] for a, v in (rec.manifest.get("lock_names") or {}).items()}
     objs = _objects(rec)
+    regions, wsyms = _watched(rec)
     out = {}
     for a in set(int(x) for x in addrs):
         if a in names:
             out[a] = lock_class(names[a])
+            continue
+        sym = next(((b, n) for b, n in reversed(wsyms) if b <= a), None)
+        if sym and any(b <= a < b + s for b, s in regions):
+            out[a] = sym[1] if a == sym[0] else f"{sym[1]}+{a - sym[0]:#x}"
             continue
         hit = next(((b, k) for b, s, k in objs if b <= a < b + s), None)
         out[a] = f"{hit[1]}->+{a - hit[0]:#x}" if hit else f"{a:#x}"
@@ -286,6 +409,46 @@ def inversions(e):
     return pd.DataFrame(rows, columns=cols)
 
 
+CYCLE_MAX = 6          # classes in the longest circle looked for (lockdep: any length)
+
+
+def cycles(e):
+    """Circles of three or more classes (A -> B -> C -> A, from `edges`) where each
+    class's acquisition can wait for its holder in the next edge (`_blocks`), as
+    lockdep's circular dependency; pairs are `inversions`. One row a circle, started
+    at its least class, with the first caller of each edge."""
+    cols = ["classes", "edges_at"]
+    if e is None or e.empty:
+        return pd.DataFrame(columns=cols)
+    out_edges = {}
+    for r in e.itertuples():
+        if r.held_class != r.acquired_class:
+            out_edges.setdefault(r.held_class, []).append(r)
+    rows = []
+
+    def walk(start, path):
+        for r in out_edges.get(path[-1].acquired_class if path else start, ()):
+            if path and not _blocks(path[-1].acquired_kind, r.held_kind):
+                continue
+            nxt = r.acquired_class
+            if nxt == start:
+                if len(path) >= 2 and _blocks(r.acquired_kind, path[0].held_kind):
+                    rows.append(path + [r])
+            elif nxt > start and len(path) + 1 < CYCLE_MAX and \
+                    nxt not in {p.held_class for p in path}:
+                walk(start, path + [r])
+
+    for start in sorted(out_edges):
+        walk(start, [])
+    seen, out = set(), []
+    for c in rows:
+        key = tuple(r.held_class for r in c)
+        if key not in seen:
+            seen.add(key)
+            out.append((" -> ".join(key + (key[0],)), "; ".join(r.first_caller for r in c)))
+    return pd.DataFrame(out, columns=cols)
+
+
 def _usage(g):
     """Per state (hardirq, softirq): the acquisition rows that make the lock safe
     (taken in that IRQ context) and those that make it unsafe (held with it
@@ -325,6 +488,52 @@ def irq_conflicts(cx):
                          irq["first_caller"].iloc[0], on["first_caller"].iloc[0]))
             break
     return pd.DataFrame(rows, columns=cols)
+
+
+def irq_order_conflicts(e, cx):
+    """Lockdep's IRQ-safe -> IRQ-unsafe rule, per state: a class taken in that IRQ
+    context (safe) ordered, directly or through other classes (`edges`), before a
+    class held with that state enabled (unsafe): the interrupt that wants the first
+    can spin on a CPU whose task waits for the second's holder, which waits for the
+    interrupted task. Readers on both ends are no conflict (as in irq_conflicts)."""
+    cols = ["safe", "unsafe", "state", "path", "in_irq_at", "irqs_on_at"]
+    if e is None or e.empty or cx is None or cx.empty:
+        return pd.DataFrame(columns=cols)
+    nxt = {}
+    for h, a in zip(e["held_class"], e["acquired_class"]):
+        if h != a:
+            nxt.setdefault(h, set()).add(a)
+    safe, unsafe = {}, {}
+    for c, g in cx.groupby("lock_class"):
+        for state, s_mask, u_mask in _usage(g):
+            if s_mask.any():
+                safe.setdefault(state, {})[c] = g[s_mask]
+            if u_mask.any():
+                unsafe.setdefault(state, {})[c] = g[u_mask]
+    rows = []
+    for state in ("hardirq", "softirq"):
+        for s_cls, s_rows in safe.get(state, {}).items():
+            prev, todo = {s_cls: None}, [s_cls]
+            while todo:                 # breadth first: the shortest path to each
+                c = todo.pop(0)
+                for n in sorted(nxt.get(c, ())):
+                    if n not in prev:
+                        prev[n] = c
+                        todo.append(n)
+            for u_cls, u_rows in unsafe.get(state, {}).items():
+                if u_cls == s_cls or u_cls not in prev:
+                    continue
+                if set(s_rows["kind"]) <= READERS and set(u_rows["kind"]) <= READERS:
+                    continue
+                path, c = [u_cls], u_cls
+                while prev[c] is not None:
+                    c = prev[c]
+                    path.append(c)
+                rows.append((s_cls, u_cls, state, " -> ".join(reversed(path)),
+                             s_rows["first_caller"].iloc[0], u_rows["first_caller"].iloc[0]))
+    out = pd.DataFrame(rows, columns=cols)
+    # a pair conflicting in hardirq is reported once, as lockdep stops at the first
+    return out.drop_duplicates(["safe", "unsafe"], ignore_index=True)
 
 
 # Documentation/virt/kvm/locking.rst (6.12), "Acquisition Orders": (outer, inner)
@@ -370,10 +579,16 @@ def findings(rec):
     rows = [("inversion", f"{r.a} <-> {r.b}", f"{r.a_then_b} x at {r.a_then_b_at}; "
              f"{r.b_then_a} x at {r.b_then_a_at} ({r.kinds})")
             for r in inversions(e).itertuples()]
+    rows += [("inversion", r.classes, f"a circle: {r.edges_at}")
+             for r in cycles(e).itertuples()]
     rows += [("IRQ conflict", r.lock_class, f"{r.state}-safe: in {r.state} context "
               f"{r.in_irq} x at {r.irq_at}; {r.state}-unsafe: held with {r.state}s on "
               f"{r.irqs_on_elsewhere} x at {r.irqs_on_at}")
              for r in irq_conflicts(cx).itertuples()]
+    rows += [("IRQ conflict", f"{r.safe} -> {r.unsafe}", f"{r.state}-safe {r.safe} (in "
+              f"{r.state} at {r.in_irq_at}) before {r.state}-unsafe {r.unsafe} (held with "
+              f"{r.state}s on at {r.irqs_on_at}): {r.path}")
+             for r in irq_order_conflicts(e, cx).itertuples()]
     rows += [("recursion", r.lock_class, f"{r.kind} taken again at {r.taken_again_at}, "
               f"held since {r.first_taken_at}") for r in recursion(rec).drop_duplicates(
                   ["lock_class", "taken_again_at", "first_taken_at"]).itertuples()]
@@ -381,6 +596,11 @@ def findings(rec):
     rows += [(f"locking.rst: {r.locking_rst}", f"{r.held_class} -> {r.acquired_class}",
               f"{r.count} x") for r in d[d["locking_rst"].isin(["reversed", "forbidden"])]
              .itertuples()] if not d.empty else []
+    c = (rec.manifest.get("probe_counters") or {}).get("lockorder") or {}
+    if c.get("depth_overflow"):         # lockdep follows 48: say what was not followed
+        rows.append(("incomplete", "", f"{c['depth_overflow']} acquisitions with {LO_DEPTH} "
+                     f"watched locks held already: no edges out of them (lockdep "
+                     f"would have followed them)"))
     return pd.DataFrame(rows, columns=["finding", "locks", "seen"])
 
 
@@ -449,6 +669,7 @@ PROBE = Probe(
             "LO_VCPU_KVM": ("kvm_vcpu", "kvm")},
     defines=defines,
     adjust_plan=adjust_plan,
+    prepare=prepare,
     sections=(Section("lockorder_findings", "Lock order: what lockdep would report",
                       findings),
               Section("lockorder_edges", "Lock order edges (held -> acquired)", edges,

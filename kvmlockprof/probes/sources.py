@@ -103,13 +103,14 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=cp.
                  ringbuf_mb=cp.RINGBUF_MB, map_entries=cp.MAP_ENTRIES, prefer=None, warn=None,
                  status=None, kbtf=None, stack_every=cp.STACK_EVERY,
                  stack_budget=cp.STACK_BUDGET, kernel_mem_mb=KERNEL_MEM_MB,
-                 max_stack=None, kfilter=None, vcpu_exits=False):
+                 max_stack=None, kfilter=None, vcpu_exits=False, probe_options=None):
     """({name: source}, {probe name: status}, kernel memory (see kernel_memory)).
 
     requested: catalog probes, or None for every probe this host can attach.
     tgids: processes to keep (None: whole host); kfilter: the contention probe's
     other kernel-side filters (recording.filters.split); vcpu_exits: its per-vCPU
-    windows (analysis.vcpus). Raises BpfUnavailable when
+    windows (analysis.vcpus); probe_options: {function probe: its options}
+    (Probe.prepare). Raises BpfUnavailable when
     nothing at all could attach, or when the maps take more than kernel_mem_mb
     (None: no limit; they are freed at once). Sources opened before an error
     are closed."""
@@ -132,7 +133,7 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=cp.
         plans = _function_plans(requested, status, prefer, warn)
         if plans:
             try:
-                f = FunctionProbes(plans, kbtf or btf.Btf())
+                f = FunctionProbes(plans, kbtf or btf.Btf(), options=probe_options)
             except (BpfUnavailable, btf.BtfError) as e:
                 for p in plans:
                     status[p.name] = {"status": "failed", "reason": str(e)}

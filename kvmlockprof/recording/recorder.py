@@ -99,7 +99,7 @@ class Recorder:
                  ringbuf_mb=cp.RINGBUF_MB, map_entries=cp.MAP_ENTRIES, probes=None, warn=None,
                  prefer=None, stack_every=cp.STACK_EVERY, stack_budget=cp.STACK_BUDGET,
                  kernel_mem_mb=KERNEL_MEM_MB, max_stack=None, srcu_at=None, filters=None,
-                 vcpu_exits=False, labels=None):
+                 vcpu_exits=False, labels=None, watch=()):
         """filters: perf's -L/-Y/-S/--tid/-G as {locks, types, callstacks, tids, cgroups}
         (recording.filters: the kernel applies what it can, the reader the rest)."""
         self.out = out
@@ -113,6 +113,10 @@ class Recorder:
                 raise catalog.UnknownProbe(f"--srcu-at takes at most "
                                            f"{lockorder.SRCU_AT_SLOTS} functions")
             lockorder.SRCU_AT[:] = srcu_at
+        self.probe_options = {}
+        if watch:                       # the lockorder probe's --watch: resolved early
+            from kvmlockprof.probes import lockorder
+            self.probe_options["lockorder"] = {"watch": lockorder.resolve_watch(watch)}
         self.max_stack = max_stack      # contention stacks' frames (None: STACK_DEPTH)
         self.vcpu_exits = vcpu_exits    # per-vCPU windows (analysis.vcpus)
         self.kernel_mem_mb = kernel_mem_mb
@@ -154,7 +158,7 @@ class Recorder:
             map_entries=self.map_entries, prefer=self.prefer, stack_every=self.stack_every,
             stack_budget=self.stack_budget, kernel_mem_mb=self.kernel_mem_mb,
             max_stack=self.max_stack, kfilter=self.kfilter, vcpu_exits=self.vcpu_exits,
-            warn=self.warn, status=self.manifest["probes"], kbtf=self.kbtf)
+            probe_options=self.probe_options, warn=self.warn, status=self.manifest["probes"], kbtf=self.kbtf)
         self.manifest["kernel_memory"] = dict(memory, limit_mb=self.kernel_mem_mb)
         return sources
 
