@@ -1,0 +1,65 @@
+"""Lockdep's verdicts, read from a kernel log: the authority lockorder is held
+against (tests/test_lab_lockdep.py). Each report is one of lockdep's own headers,
+mapped to the kind of finding lockorder gives, with the lock classes it names; the
+lock zoo's "kvmlp_zoo: begin/end NAME" lines say which scenario it came from."""
+import re
+
+# lockdep's report headers (kernel/locking/lockdep.c) -> lockorder's kind
+KINDS = {
+    "possible recursive locking detected": "recursion",
+    "possible circular locking dependency detected": "inversion",
+    "inconsistent lock state": "IRQ-safety",
+    "possible irq lock inversion dependency detected": "IRQ-safety",
+    "HARDIRQ-safe -> HARDIRQ-unsafe lock order detected": "IRQ-safety",
+    "SOFTIRQ-safe -> SOFTIRQ-unsafe lock order detected": "IRQ-safety",
+}
+_PREFIX = re.compile(r"^\[\s*\d+\.\d+\]\s?")
+_WARNING = re.compile(r"^(?:WARNING|BUG): (.+?)!?\s*$")
+_MARK = re.compile(r"kvmlp_zoo: (begin|end) (\S+)(?: (\S+))?")
+# "(class){usage}" or "(class){usage}-{wait:wait}", the class may be "&x->y" or "x#2"
+_CLASS = re.compile(r"\(([^()\s{}]+)\)\{")
+
+
+def reports(log):
+    """[{scenario, header, kind, classes}] from a kernel log (dmesg's text); kind is
+    None for a report lockdep makes that is no lock-order verdict (bad unlock
+    balance, a held lock freed, sleeping in atomic...)."""
+    out, scenario, cur = [], None, None
+    for raw in log.splitlines():
+        line = _PREFIX.sub("", raw)
+        m = _MARK.search(line)
+        if m:
+            scenario = m.group(2) if m.group(1) == "begin" else None
+            cur = None
+            continue
+        w = _WARNING.match(line.strip())
+        if w and (w.group(1) in KINDS or "lock" in w.group(1)):
+            cur = {"scenario": scenario, "header": w.group(1),
+                   "kind": KINDS.get(w.group(1)), "classes": set()}
+            out.append(cur)
+            continue
+        if cur is not None:
+            if line.startswith("stack backtrace:"):
+                cur = None
+            else:
+                cur["classes"].update(_CLASS.findall(line))
+    return out
+
+
+def scenario_runs(log):
+    """{scenario: "ok" | "hung"} from the zoo's end lines."""
+    return {m.group(2): m.group(3) for m in
+            (_MARK.search(_PREFIX.sub("", line)) for line in log.splitlines())
+            if m and m.group(1) == "end"}
+
+
+def by_scenario(log):
+    """{scenario: (kind or "silent", the scenario's own classes named)}: the first
+    report inside each scenario (lockdep reports once, then is re-armed)."""
+    out = {s: ("silent", frozenset()) for s in scenario_runs(log)}
+    for r in reports(log):
+        s = r["scenario"]
+        if s and out.get(s, ("silent",))[0] == "silent":
+            own = frozenset(c for c in r["classes"] if c.split("__")[0] == s)
+            out[s] = (r["kind"] or r["header"], own)
+    return out

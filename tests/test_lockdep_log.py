@@ -1,0 +1,58 @@
+"""tests/lockdep.py against lockdep's own words: the log of the lockdep lab kernel
+over the lock zoo (tests/data/lockdep-zoo-6.12.txt, make lab-lockdep-test, the zoo's
+lines only). Each report's header line and lock lines, read by eye, are the
+expectations below; the parser must give the same kind and classes."""
+import pathlib
+
+from lockdep import by_scenario, reports, scenario_runs
+
+LOG = (pathlib.Path(__file__).parent / "data" / "lockdep-zoo-6.12.txt").read_text()
+
+
+def test_each_report_is_read_with_its_scenario_kind_and_classes():
+    got = {s: (k, sorted(c.split("__")[1] for c in cl)) for s, (k, cl) in
+           by_scenario(LOG).items()}
+    assert got == {
+        "ab_ab": ("silent", []), "trylock_ba": ("silent", []),
+        "rlock_twice_softirq": ("silent", []), "srcu_read_twice": ("silent", []),
+        "hardirq_irqsave": ("silent", []), "softirq_bh": ("silent", []),
+        "srcu_read_in_softirq": ("silent", []), "killable_fail": ("silent", []),
+        # "WARNING: possible circular locking dependency detected"
+        "abba_spin": ("inversion", ["a", "b"]), "abba_mutex": ("inversion", ["a", "b"]),
+        "abbcca": ("inversion", ["a", "b", "c"]),
+        "abba_rwsem_read_mutex": ("inversion", ["mutex", "sem"]),
+        "abba_rlock_spin": ("inversion", ["rw", "spin"]),
+        "deep_nesting": ("inversion", ["8", "9"]),
+        "srcu_abba": ("inversion", ["mutex", "srcu"]),
+        # "WARNING: possible recursive locking detected"
+        "rlock_twice": ("recursion", ["rw"]), "rwsem_read_twice": ("recursion", ["sem"]),
+        "hang_aa_mutex": ("recursion", ["m"]), "hang_rwsem_write_read": ("recursion", ["sem"]),
+        "hang_srcu_sync_in_read": ("recursion", ["srcu"]),
+        # "WARNING: inconsistent lock state" / "X-safe -> X-unsafe lock order detected"
+        "hardirq_inconsistent": ("IRQ-safety", ["a"]),
+        "softirq_inconsistent": ("IRQ-safety", ["a"]),
+        "hardirq_safe_unsafe": ("IRQ-safety", ["safe", "unsafe"]),
+        "softirq_safe_unsafe": ("IRQ-safety", ["safe", "unsafe"]),
+    }
+
+
+def test_every_report_and_run_is_counted():
+    assert len(reports(LOG)) == LOG.count("WARNING: ") == 16
+    runs = scenario_runs(LOG)
+    assert len(runs) == 24 and [s for s, v in runs.items() if v == "hung"] == \
+        ["hang_aa_mutex", "hang_rwsem_write_read", "hang_srcu_sync_in_read"]
+
+
+def test_a_report_outside_the_zoo_has_no_scenario_and_others_have_no_kind():
+    log = ("[ 1.0] WARNING: bad unlock balance detected!\n"
+           "[ 1.1] kthreadd/2 is trying to release lock (x) at:\n"
+           "[ 2.0] kvmlp_zoo: begin abba_spin\n"
+           "[ 2.1] WARNING: possible recursive locking detected\n"
+           "[ 2.2]  ffff (lock){+.+.}-{2:2}, at: __radix_tree_preload+0x41/0x260\n"
+           "[ 2.3] stack backtrace:\n[ 2.4]  (abba_spin__a){+.+.}\n"
+           "[ 2.5] kvmlp_zoo: end abba_spin ok\n")
+    r = reports(log)
+    assert [(x["scenario"], x["kind"]) for x in r] == [(None, None), ("abba_spin", "recursion")]
+    assert r[1]["classes"] == {"lock"}
+    # a scenario whose report names none of its locks: the kind, and no classes
+    assert by_scenario(log) == {"abba_spin": ("recursion", frozenset())}
