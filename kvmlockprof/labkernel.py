@@ -7,7 +7,6 @@ Built once into /var/cache/kvmlockprof/kernels/<release>, keyed by the source, t
 config and the compiler; its modules dir is linked from /lib/modules so that bcc and
 virtme-ng find it as they find Debian's.
 Usage: python -m kvmlockprof.labkernel [lockdep|prod ...] [--force]"""
-import glob
 import hashlib
 import os
 import shutil
@@ -243,13 +242,6 @@ def find(flavour):
     if image:
         install_modules(image)
     return image
-
-
-def prune():
-    """Cached builds no flavour's current key names (an older source or config)."""
-    keep = {cache_key(f) for f in FLAVOURS}
-    return [d for d in glob.glob(os.path.join(CACHE, "*-*"))
-            if os.path.basename(d).split("-")[0] in FLAVOURS and os.path.basename(d) not in keep]
 
 
 def main(argv):
