@@ -85,11 +85,15 @@ def test_streamed_compare_is_the_loaded_one(runs, kept, monkeypatch):
 def test_memslot_churn_is_a_regression_on_the_kvm_locks(live, tmp_path):
     """churn off vs on, recorded by `kvmlockprof ab`: kvm->slots_lock (mutex under
     kvm_vm_ioctl) and kvm->mmu_lock (rwlock:W under kvm_mmu_*) regress, with
-    intervals above zero. 5 runs a side: where BASE has no contention at all, Welch's
-    t rests on NEW's runs alone (2 degrees of freedom with 3 runs)."""
+    intervals above zero. Where BASE has no contention at all, Welch's t rests on
+    NEW's runs alone: churn at a fixed rate (free-running, one run in ~3 made 2-5x the
+    memslot ops of the others, and 5 runs of slots_lock waits/s, 0 against [4852,
+    1919, 10212, 2540, 2246], were no significant change) and 6 runs a side (at 2000
+    ops/s a thread, waits/s still spread 236-738 over 15 runs: with 5 a side BH's p
+    passed 0.05 in ~1% of resamples of them, with 6 in none)."""
     out_dir = tmp_path / "ab"
-    p = klp("ab", "--runs", 5, "-d", SECONDS, "--workload", "--vcpus 2",
-            "--new-args", "--churn", "--dir", out_dir, timeout=600)
+    p = klp("ab", "--runs", 6, "-d", SECONDS, "--workload", "--vcpus 2",
+            "--new-args", "--churn --churn-rate 2000", "--dir", out_dir, timeout=600)
     assert "regressed" in p.stdout
     out = compare_json([str(out_dir / "base")], [str(out_dir / "new")])
     reg = {(r["name"], r["metric"]): r for r in out["rows"] if r["verdict"] == "regressed"}
