@@ -6,7 +6,8 @@
  * watched locks a per-task stack of those held gives order edges (held ->
  * acquired, first stack kept), each acquisition's context (task/irq, IRQs and
  * softirqs held off or on, the lock it was taken under) and recursion (a lock
- * taken again by the task holding it: streamed with both stacks). Trylocks are
+ * taken again by the task holding it: streamed with both stacks; a lock still held
+ * when its task returns to user space or exits, once per acquisition). Trylocks are
  * not hooked: a lock taken by trylock is not seen as held; nor is a lock of a kind
  * whose unlocks are not all probeable (lo_followed). */
 
@@ -22,6 +23,12 @@ enum lo_kind {
 	/* read_lock in_interrupt() (IRQ context, or BH off): a queued rwlock lets it past a
 	 * waiting writer, lockdep's recursive reader; LO_READ is the one that queues */
 	LO_READ_RECURSIVE,
+};
+/* What an event tells. Values are recorded: append only. */
+enum lo_event {
+	LO_EV_RECURSION,        /* a held lock taken again by its task */
+	LO_EV_HELD_TO_USER,     /* held when the task returned to user space */
+	LO_EV_HELD_AT_EXIT,     /* held when the task exited */
 };
 /* How the entry point leaves IRQs while the lock is held (C only: the acquisitions
  * record the IRQ state it gives). */
@@ -41,7 +48,7 @@ struct lo_held_lock {
 	u32 kind;
 	s32 stack_id;
 	u32 bh;         /* taken by a _bh entry point: BH off until its unlock */
-	u32 pad;
+	u32 told;       /* 1 << LO_EV_* already streamed for this acquisition */
 };
 
 struct lo_held {
@@ -112,6 +119,8 @@ struct kvmlp_lockorder_event {
 	u32 context;
 	u32 tid;
 	u32 tgid;
+	u32 what;       /* enum lo_event */
+	u32 pad;
 };
 
 BPF_TABLE("lru_hash", u64, struct lo_obj, lo_pages, 16384);
@@ -263,10 +272,9 @@ static __always_inline void lo_edge(struct lo_held_lock *h, u64 addr, u32 kind, 
 	kvmlp_add(&v->count, 1);
 }
 
-static __always_inline void lo_recursion(struct lo_held_lock *h, u64 addr, u32 kind,
-					 s32 sid, u32 depth, u32 context)
+static __always_inline void lo_event(u64 addr, u32 kind, u32 held_kind, s32 sid,
+				     s32 held_sid, u32 depth, u32 context, u32 what)
 {
-	lo_count(LO_C_RECURSIONS);
 	struct kvmlp_lockorder_event *e = lockorder_events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
 		lo_count(LO_C_LOST_RINGBUF_FULL);
@@ -276,14 +284,61 @@ static __always_inline void lo_recursion(struct lo_held_lock *h, u64 addr, u32 k
 	e->ts_ns = bpf_ktime_get_ns();
 	e->addr = addr;
 	e->kind = kind;
-	e->held_kind = h->kind;
+	e->held_kind = held_kind;
 	e->stack_id = sid;
-	e->held_stack_id = h->stack_id;
+	e->held_stack_id = held_sid;
 	e->depth = depth;
 	e->context = context;
 	e->tid = (u32)id;
 	e->tgid = id >> 32;
+	e->what = what;
+	e->pad = 0;
 	lockorder_events.ringbuf_submit(e, 0);
+}
+
+static __always_inline void lo_recursion(struct lo_held_lock *h, u64 addr, u32 kind,
+					 s32 sid, u32 depth, u32 context)
+{
+	lo_count(LO_C_RECURSIONS);
+	lo_event(addr, kind, h->kind, sid, h->stack_id, depth, context, LO_EV_RECURSION);
+}
+
+/* Watched locks the task still holds as it returns to user space or exits: lockdep's
+ * "lock held when returning to user space!" and "still has locks held!" (a lock held
+ * across a range its end never closes). Each acquisition once per kind of event. */
+static __always_inline void lo_held_on_leaving(u32 what)
+{
+	struct lo_held_key k = {};
+	k.id = (u32)bpf_get_current_pid_tgid();
+	struct lo_held *held = lo_held_locks.lookup(&k);
+	if (!held)
+		return;
+	u32 n = held->n;
+	for (int i = 0; i < LO_DEPTH; i++) {
+		if (i >= n)
+			break;
+		struct lo_held_lock *h = &held->l[i & (LO_DEPTH - 1)];
+		if (h->told & (1 << what))
+			continue;
+		h->told |= 1 << what;
+		/* its stack: where it was taken */
+		lo_event(h->addr, h->kind, h->kind, h->stack_id, -1, n, KVMLP_CTX_TASK, what);
+	}
+	if (what == LO_EV_HELD_AT_EXIT)         /* its tid may be reused */
+		lo_held_locks.delete(&k);
+}
+
+/* (every syscall of the host: one lookup of the task's held locks) */
+RAW_TRACEPOINT_PROBE(sys_exit)
+{
+	lo_held_on_leaving(LO_EV_HELD_TO_USER);
+	return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sched_process_exit)
+{
+	lo_held_on_leaving(LO_EV_HELD_AT_EXIT);
+	return 0;
 }
 
 static __always_inline int lo_reader(u32 kind)
@@ -392,8 +447,11 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	}
 	held->l[n & (LO_DEPTH - 1)].addr = addr;
 	held->l[n & (LO_DEPTH - 1)].kind = kind;
-	held->l[n & (LO_DEPTH - 1)].stack_id = sid;
+	/* no walk of its own: this acquisition's first stack (the lock, under the same
+	 * lock, in the same context) when it was not walked here */
+	held->l[n & (LO_DEPTH - 1)].stack_id = sid >= 0 || !av ? sid : av->stack_id;
 	held->l[n & (LO_DEPTH - 1)].bh = variant == LO_BH;
+	held->l[n & (LO_DEPTH - 1)].told = 0;
 	held->bh_held += variant == LO_BH;
 	held->n = n + 1;
 	return 0;

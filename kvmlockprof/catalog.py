@@ -83,6 +83,7 @@ class Probe:
     # (stream batches, map snapshots) -> {name: (hits, total, counted since the start)}
     top: object = None
     needs: tuple = ()              # kernel config a probe needs, for the why-not
+    uses: tuple = ()               # probes recorded with it (what names its findings)
     notes: str = ""
     fires: str = ""                # how often its programs run: its cost class
     # Why plain record/top leave it off (its measured cost, bench/README.md "Function
@@ -127,6 +128,8 @@ def select(names):
         if n not in BY_NAME:
             raise UnknownProbe(f"unknown probe {n!r}; valid probes: {', '.join(BY_NAME)}")
         out.append(BY_NAME[n])
+    for p in list(out):
+        out += [BY_NAME[u] for u in p.uses if BY_NAME[u] not in out]
     return out
 
 

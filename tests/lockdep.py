@@ -12,7 +12,13 @@ KINDS = {
     "possible irq lock inversion dependency detected": "IRQ-safety",
     "HARDIRQ-safe -> HARDIRQ-unsafe lock order detected": "IRQ-safety",
     "SOFTIRQ-safe -> SOFTIRQ-unsafe lock order detected": "IRQ-safety",
+    "lock held when returning to user space": "held at return to user space",
+    "still has locks held": "held at exit",       # "WARNING: comm/pid still has ..."
 }
+_HELD_LIST = re.compile(r"^(?:\d+|no) locks? held by ")
+_TASK = re.compile(r"^\S+/\d+ (still has locks held)$")
+# checked as the write that ran the scenario returns: after its end line
+AFTER_END = {"lock held when returning to user space"}
 _PREFIX = re.compile(r"^\[\s*\d+\.\d+\]\s?")
 _WARNING = re.compile(r"^(?:WARNING|BUG): (.+?)!?\s*$")
 _MARK = re.compile(r"kvmlp_zoo: (begin|end) (\S+)(?: (\S+))?")
@@ -24,22 +30,27 @@ def reports(log):
     """[{scenario, header, kind, classes}] from a kernel log (dmesg's text); kind is
     None for a report lockdep makes that is no lock-order verdict (bad unlock
     balance, a held lock freed, sleeping in atomic...)."""
-    out, scenario, cur = [], None, None
+    out, scenario, ended, cur = [], None, None, None
     for raw in log.splitlines():
         line = _PREFIX.sub("", raw)
         m = _MARK.search(line)
         if m:
             scenario = m.group(2) if m.group(1) == "begin" else None
+            ended = m.group(2) if m.group(1) == "end" else None
             cur = None
             continue
         w = _WARNING.match(line.strip())
-        if w and (w.group(1) in KINDS or "lock" in w.group(1)):
-            cur = {"scenario": scenario, "header": w.group(1),
-                   "kind": KINDS.get(w.group(1)), "classes": set()}
+        header = w and (_TASK.sub(r"\1", w.group(1)))
+        if header and (header in KINDS or "lock" in header):
+            cur = {"scenario": scenario or (ended if header in AFTER_END else None),
+                   "header": header, "kind": KINDS.get(header), "classes": set()}
             out.append(cur)
             continue
         if cur is not None:
-            if line.startswith("stack backtrace:"):
+            # the held locks' list names the report's own locks only when it is about
+            # them (held on leaving); else they are bystanders (vcpu->mutex, kvm->srcu)
+            if line.startswith("stack backtrace:") or \
+                    (_HELD_LIST.match(line.strip()) and cur["classes"]):
                 cur = None
             else:
                 cur["classes"].update(_CLASS.findall(line))

@@ -289,7 +289,8 @@ def _lockorder_recording(module, tmp_path, name, edges, acqs, recursion=(),
     (base KVM) with one vCPU (base VCPU), lock names as `record` writes them. An
     acquisition is (lock, context, IRQs while held, under, count) and optionally
     {"kind", "softirqs", "irqs_at_call"} (else the lock's kind, softirqs on, IRQs at
-    the call as while held); a recursion is a lock or (lock, kind, held as).
+    the call as while held); a recursion is a lock or (lock, kind, held as[, what]),
+    what one of lo.EVENTS' labels (recursion, a lock held on leaving).
     acqs_columns: only these columns of lockorder_acqs (an older recording's)."""
     from kvmlockprof.probes import lockorder as lo
     kind = {v: k for k, v in lo.KINDS.items()}
@@ -313,10 +314,12 @@ def _lockorder_recording(module, tmp_path, name, edges, acqs, recursion=(),
     if acqs_columns is not None:
         q = q[list(acqs_columns)]
     r = empty_like(module, "lockorder_recursion")(len(recursion))
+    what = {v: k for k, v in lo.EVENTS.items()}
     for i, lock in enumerate(recursion):
-        lock, k, held_as = (lock, LO_KIND[lock], LO_KIND[lock]) if isinstance(lock, str) \
-            else lock
+        lock, k, held_as, *ev = (lock, LO_KIND[lock], LO_KIND[lock]) \
+            if isinstance(lock, str) else lock
         r[i]["addr"], r[i]["kind"], r[i]["held_kind"] = LO_ADDR[lock], kind[k], kind[held_as]
+        r[i]["what"] = what[ev[0] if ev else "recursion"]
     r["stack_id"] = r["held_stack_id"] = -1
     w = Writer(tmp_path / name)
     for t, arr in (("lockorder_edges", e), ("lockorder_acqs", q), ("lockorder_recursion", r)):
@@ -382,6 +385,26 @@ def test_lockorder_finds_inversion_recursion_and_irq_conflicts(module, tmp_path)
     assert sorted(f["finding"]) == ["IRQ conflict", "inversion", "locking.rst: forbidden",
                                     "locking.rst: reversed", "recursion"]
     assert lo.order_figure(rec) is not None
+
+
+def test_lockorder_tells_locks_held_on_leaving(module, tmp_path):
+    """The streamed events tell a recursion from a lock still held as its task
+    returned to user space or exited (lockdep's "lock held when returning to user
+    space!" and "still has locks held!"): each its own finding."""
+    from kvmlockprof.probes import lockorder as lo
+    rec = _lockorder_recording(module, tmp_path, "lo.parquet", edges=[], acqs=[
+        ("kvm->slots_lock", "task", "on", "", 1)], recursion=[
+        "kvm->lock",
+        ("kvm->slots_lock", "mutex", "mutex", "held at return to user space"),
+        ("kvm->slots_lock", "mutex", "mutex", "held at exit")])
+    assert list(lo.recursion(rec)["lock_class"]) == ["kvm->lock"]
+    held = lo.held_on_leaving(rec)
+    assert list(zip(held["event"], held["lock_class"], held["kind"])) == [
+        ("held at return to user space", "kvm->slots_lock", "mutex"),
+        ("held at exit", "kvm->slots_lock", "mutex")]
+    f = lo.findings(rec)
+    assert sorted(f["finding"]) == ["held at exit", "held at return to user space",
+                                    "recursion"]
 
 
 def test_lockorder_reads_a_recording_made_before_softirqs_were(module, tmp_path):

@@ -72,7 +72,7 @@ def scenarios():
     """The zoo's scenarios, in its order (its table in kvmlp_zoo.c)."""
     text = (ZOO / "kvmlp_zoo.c").read_text()
     table = text[text.index("scenarios[] = {"):]
-    return re.findall(r'\{ "(\w+)", \w+ \}', table[:table.index("};")])
+    return re.findall(r'\{ "(\w+)", \w+(?:, \w+)? \}', table[:table.index("};")])
 
 
 def lockdep_log(image, d):

@@ -22,23 +22,33 @@ def stats(df, keys, col):
                          "max_ns": g.max()}).reset_index()
 
 
-def callers(rec, stack_ids, skip):
-    """First frame of each function-probe stack that is not the probed function
-    itself nor probe machinery (kprobe/trampoline frames)."""
+def _by_stack(rec, stack_ids, skip, pick):
+    """pick(the frames of a function-probe stack that are not the probed function
+    itself nor probe machinery (kprobe/trampoline frames)) for each stack id; "?"
+    for a stack not recorded (or nothing picked)."""
     st = rec.stacks
     if st.empty:
         return pd.Series(["?"] * len(stack_ids), index=stack_ids.index)
     if "source" in st.columns:
         st = st[st["source"] == "functions"]
-    first = {}
+    out = {}
     for sid, frames in zip(st["stack_id"], st["frames"]):
-        for f in frames:
-            name = f.split("+", 1)[0]
-            if name in skip or name.startswith(("bpf_", "kprobe", "ftrace", "0x")):
-                continue
-            first[int(sid)] = f
-            break
-    return stack_ids.map(lambda s: first.get(int(s), "?"))
+        out[int(sid)] = pick([f for f in frames if f.split("+", 1)[0] not in skip and
+                              not f.startswith(("bpf_", "kprobe", "ftrace", "0x"))]) or "?"
+    return stack_ids.map(lambda s: out.get(int(s), "?"))
+
+
+def callers(rec, stack_ids, skip):
+    """The first such frame of each stack (with its offset): the caller."""
+    return _by_stack(rec, stack_ids, skip, lambda fs: fs[0] if fs else None)
+
+
+def call_chains(rec, stack_ids, skip, depth=5):
+    """The first `depth` such frames of each stack, innermost first, as "f <- g <- h"
+    (function names only): where a recursion was taken, whole enough to tell the
+    path, short enough for a line."""
+    return _by_stack(rec, stack_ids, skip,
+                     lambda fs: " <- ".join(f.split("+", 1)[0] for f in fs[:depth]))
 
 
 def duration_s(rec):

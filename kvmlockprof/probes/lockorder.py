@@ -8,8 +8,9 @@ class (the lock's place in its object: `kvm->slots_lock`,
 edges seen (held -> acquired), the contexts of each acquisition, and what lockdep
 would flag: inversions (A -> B and B -> A, where each can wait for the other),
 IRQ-safety conflicts (a lock taken in hardirq or softirq context and elsewhere held
-with that enabled), recursion (a task taking a lock it holds), and edges against the
-orders Documentation/virt/kvm/locking.rst states.
+with that enabled), recursion (a task taking a lock it holds), a lock still held as
+its task returns to user space or exits, and edges against the orders
+Documentation/virt/kvm/locking.rst states.
 It sees only watched locks and only the paths the workload ran; trylocks are not
 followed. A debugging probe: every lock operation of the host pays for its filter
 (bench/README.md "lockorder cost")."""
@@ -18,13 +19,16 @@ import pandas as pd
 from kvmlockprof import cdefs
 from kvmlockprof.analysis.locks import lock_class
 from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
-from kvmlockprof.probes.common import CONTEXTS, IRQS, callers
+from kvmlockprof.probes.common import CONTEXTS, IRQS, call_chains, callers
 
 KINDS = cdefs.labels("lockorder.bpf.c", "lo_kind", {
     "LO_SPIN": "spin", "LO_READ": "read", "LO_WRITE": "write", "LO_MUTEX": "mutex",
     "LO_RWSEM_READ": "rwsem read", "LO_RWSEM_WRITE": "rwsem write",
     "LO_SRCU_READ": "srcu read", "LO_SRCU_SYNC": "srcu sync",
     "LO_READ_RECURSIVE": "recursive read"})
+EVENTS = cdefs.labels("lockorder.bpf.c", "lo_event", {
+    "LO_EV_RECURSION": "recursion", "LO_EV_HELD_TO_USER": "held at return to user space",
+    "LO_EV_HELD_AT_EXIT": "held at exit"})
 READERS = {"read", "recursive read", "rwsem read", "srcu read"}
 RECURSIVE = {"recursive read", "srcu read"}     # lockdep's read=2: no waiting writer stops one
 IRQ_CONTEXTS = {"softirq", "hardirq", "nmi", "irq"}
@@ -353,10 +357,20 @@ def srcu_at(rec):
         .reset_index()
 
 
+def _events(rec, *whats):
+    """The streamed events of these kinds (a recording made before lockorder told
+    more than recursion has no `what`: all recursion)."""
+    df = rec.table("lockorder_recursion")
+    if df.empty:
+        return df
+    what = df["what"] if "what" in df.columns else pd.Series(0, index=df.index)
+    return df[what.isin([k for k, v in EVENTS.items() if v in whats])]
+
+
 def recursion(rec):
     """Acquisitions of a lock its task already held (the fast-path/slow-path
     deadlock shape), with the caller of both."""
-    df = rec.table("lockorder_recursion")
+    df = _events(rec, "recursion")
     if df.empty:
         return df
     cls = class_names(rec, df["addr"])
@@ -366,6 +380,8 @@ def recursion(rec):
         "held_as": df["held_kind"].map(KINDS), "context": df["context"].map(CONTEXTS),
         "taken_again_at": callers(rec, df["stack_id"], skip=skip),
         "first_taken_at": callers(rec, df["held_stack_id"], skip=skip),
+        "taken_again_stack": call_chains(rec, df["stack_id"], skip=skip),
+        "first_taken_stack": call_chains(rec, df["held_stack_id"], skip=skip),
         "depth": df["depth"], "tid": df["tid"], "tgid": df["tgid"],
         "ts_ns": df["ts_ns"]})
 
@@ -572,6 +588,28 @@ def documented(e):
                            if s.name == "locking_rst" else -s, ignore_index=True)
 
 
+def held_on_leaving(rec):
+    """Locks a task still held as it returned to user space or exited (a range whose
+    end never came: seed 003's rwsem held from a notifier's range start to an end
+    that never ran), with where they were taken (the acquisition's stack, else the
+    first stack seen taking that lock)."""
+    df = _events(rec, "held at return to user space", "held at exit")
+    if df.empty:
+        return df
+    cls = class_names(rec, df["addr"])
+    skip = _skip()
+    stacks = df["stack_id"]
+    acqs = rec.table("lockorder_acqs")
+    if not acqs.empty and (stacks < 0).any():
+        first = acqs.sort_values("count", ascending=False).drop_duplicates("addr") \
+            .set_index("addr")["stack_id"]
+        stacks = stacks.where(stacks >= 0, df["addr"].map(first).fillna(-1).astype(int))
+    return pd.DataFrame({
+        "event": df["what"].map(EVENTS), "lock_class": df["addr"].map(cls),
+        "kind": df["kind"].map(KINDS), "taken_at": call_chains(rec, stacks, skip=skip),
+        "held": df["depth"], "tid": df["tid"], "tgid": df["tgid"], "ts_ns": df["ts_ns"]})
+
+
 def findings(rec):
     """What lockdep would report, one row each: inversion, IRQ conflict, recursion,
     an edge locking.rst reverses or forbids."""
@@ -589,9 +627,12 @@ def findings(rec):
               f"{r.state} at {r.in_irq_at}) before {r.state}-unsafe {r.unsafe} (held with "
               f"{r.state}s on at {r.irqs_on_at}): {r.path}")
              for r in irq_order_conflicts(e, cx).itertuples()]
-    rows += [("recursion", r.lock_class, f"{r.kind} taken again at {r.taken_again_at}, "
-              f"held since {r.first_taken_at}") for r in recursion(rec).drop_duplicates(
-                  ["lock_class", "taken_again_at", "first_taken_at"]).itertuples()]
+    rows += [("recursion", r.lock_class, f"{r.kind} taken again at {r.taken_again_stack}; "
+              f"held since {r.first_taken_stack}") for r in recursion(rec).drop_duplicates(
+                  ["lock_class", "taken_again_stack", "first_taken_stack"]).itertuples()]
+    rows += [(r.event, r.lock_class, f"{r.kind} taken at {r.taken_at}, never released")
+             for r in held_on_leaving(rec).drop_duplicates(
+                 ["event", "lock_class", "taken_at"]).itertuples()]
     d = documented(e)
     rows += [(f"locking.rst: {r.locking_rst}", f"{r.held_class} -> {r.acquired_class}",
               f"{r.count} x") for r in d[d["locking_rst"].isin(["reversed", "forbidden"])]
@@ -679,9 +720,12 @@ PROBE = Probe(
               Section("lockorder_contexts", "Lock acquisitions by context and IRQs",
                       contexts),
               Section("lockorder_recursion", "Recursive acquisitions", recursion),
+              Section("lockorder_held", "Locks held on return to user space or at exit",
+                      held_on_leaving),
               Section("lockorder_srcu_at", "SRCU held at the entry of --srcu-at functions",
                       srcu_at)),
     compare=compare_values,
+    uses=("vms",),              # its lock classes are named after the VMs' and vCPUs' fields
     notes="sees only locks inside watched KVM objects (from their first ioctl) and only "
           "the paths the workload ran; trylocks are not followed",
     opt_in="every lock operation of the host runs its filter: a debugging probe "

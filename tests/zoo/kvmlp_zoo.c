@@ -433,6 +433,21 @@ static void killable_fail(void)
 	mutex_unlock(&killable_fail__n);
 }
 
+/* --- a lock never released: seed 003's rwsem, held from a notifier's range start to
+ * an end that never ran (the VM outlived the notifier) -------------------------------- */
+
+static DECLARE_RWSEM(held_at_exit__sem);
+static void held_at_exit(void)
+{
+	down_read(&held_at_exit__sem);          /* its thread exits holding it */
+}
+
+static DECLARE_RWSEM(held_to_user__sem);
+static void held_to_user(void)
+{
+	down_read(&held_to_user__sem);          /* run by the writer: back to user space */
+}
+
 /* --- real deadlocks: the thread stays blocked (run these last) -------------------- */
 
 static DEFINE_MUTEX(hang_aa_mutex__m);
@@ -461,6 +476,7 @@ static void hang_srcu_sync_in_read(void)
 struct scenario {
 	const char *name;
 	void (*fn)(void);
+	bool in_caller;         /* run by the task that wrote its name, not a kthread */
 };
 
 static const struct scenario scenarios[] = {
@@ -485,6 +501,8 @@ static const struct scenario scenarios[] = {
 	{ "srcu_read_in_softirq", srcu_read_in_softirq },
 	{ "srcu_abba", srcu_abba },
 	{ "killable_fail", killable_fail },
+	{ "held_at_exit", held_at_exit },
+	{ "held_to_user", held_to_user, true },
 	{ "hang_aa_mutex", hang_aa_mutex_fn },
 	{ "hang_rwsem_write_read", hang_rwsem_write_read },
 	{ "hang_srcu_sync_in_read", hang_srcu_sync_in_read },
@@ -517,6 +535,11 @@ static int run_scenario(const struct scenario *s)
 	int hung;
 
 	pr_info("kvmlp_zoo: begin %s\n", s->name);
+	if (s->in_caller) {
+		s->fn();
+		pr_info("kvmlp_zoo: end %s ok\n", s->name);
+		return 0;
+	}
 	reinit_completion(&run_done);
 	t = kthread_create(run_thread, (void *)s, "kvmlp_zoo");
 	if (IS_ERR(t))
