@@ -126,7 +126,7 @@ lab-test: setup $(LAB_STAMP)
 # Lockdep's verdicts: two kernels from Debian's linux-source-6.12, one with
 # CONFIG_PROVE_LOCKING and one with a production config (kvmlockprof/labkernel.py),
 # ~20 min each on 2 cores, cached in /var/cache/kvmlockprof/kernels.
-LOCKDEP_PKGS := linux-source-6.12 bc bison flex libelf-dev libssl-dev dwarves cpio
+LOCKDEP_PKGS := linux-source-6.12 bc bison flex libelf-dev libssl-dev dwarves cpio patch
 lab-lockdep: setup $(LAB_STAMP)
 	$(call apt-install,$(LOCKDEP_PKGS),--no-install-recommends)
 	$(PY) -m kvmlockprof.labkernel lockdep prod

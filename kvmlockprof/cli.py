@@ -331,6 +331,11 @@ def record(duration, pids, vm_names, system_wide, output, force, sample_every, r
         waits = m["counters"]["end"] - m["counters"]["end_without_begin"]
         click.echo(f"recorded {m['duration_s']:.1f} s: {waits} contended waits, "
                    f"{m['samples']} samples, {lost} lost -> {output}", err=True)
+    stuck = m.get("command_stuck")
+    if stuck:
+        from kvmlockprof.recording.processes import describe_stuck
+        fail(f"{describe_stuck(stuck)}; a kernel deadlock? The recording is complete: "
+             f"`kvmlockprof report --order {output}` (with --probes lockorder)")
     code = m.get("command_exit_code")
     if code:
         sys.exit(code if code > 0 else 128 - code)
@@ -971,6 +976,10 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, arch,
 @click.option("--xen-vcpu-info/--no-xen-vcpu-info", default=True, show_default=True,
               help="With --xen: give each vCPU an explicit vcpu_info (its own gfn_to_pfn "
                    "cache); without, only shared_info's.")
+@click.option("--xen-timer-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --xen: every N exits each vCPU drops the shared_info page and sets "
+                   "its Xen timer already expired, whose event takes the slow path (seed "
+                   "000's path).")
 @click.option("--lpis", type=click.IntRange(min=0), default=0, show_default=True,
               help="arm64: a vGICv3 + ITS mapping this many LPIs, injected by MSI.")
 @click.option("--msi-threads", type=click.IntRange(1, 16), default=2, show_default=True)
@@ -987,7 +996,7 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, arch,
               help="Also print the work done so far as a JSON line this often (seconds; "
                    "for benchmarks that measure while it runs).")
 def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, xen_slow_every,
-             xen_vcpu_info, lpis, msi_threads, msi_rate, lpi_reset_every, name, vms, as_json, progress_every):
+             xen_vcpu_info, xen_timer_every, lpis, msi_threads, msi_rate, lpi_reset_every, name, vms, as_json, progress_every):
     """Built-in KVM workload: a tiny VMM over /dev/kvm (no QEMU)."""
     from kvmlockprof.workload import WORK_ENV, KvmError, run, run_vms
     from kvmlockprof.workload.vmm import KICK_AFTER_S
@@ -999,6 +1008,7 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
             argv = [f"--vcpus={vcpus}", f"--duration={duration}",
                     f"--churn-threads={churn_threads}", f"--churn-rate={churn_rate}",
                     f"--xen-slow-every={xen_slow_every}", f"--lpis={lpis}",
+                    f"--xen-timer-every={xen_timer_every}",
                     f"--msi-threads={msi_threads}", f"--msi-rate={msi_rate}",
                     f"--lpi-reset-every={lpi_reset_every}"] + \
                 [flag for flag, on in (("--churn", churn), ("--kvmclock", kvmclock),
@@ -1009,7 +1019,8 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
         else:
             done = run(vcpus=vcpus, duration=duration, churn=churn, churn_threads=churn_threads,
                        churn_rate=churn_rate, kvmclock=kvmclock, xen=xen,
-                       xen_slow_every=xen_slow_every, xen_vcpu_info=xen_vcpu_info, lpis=lpis, msi_threads=msi_threads,
+                       xen_slow_every=xen_slow_every, xen_vcpu_info=xen_vcpu_info,
+                       xen_timer_every=xen_timer_every, lpis=lpis, msi_threads=msi_threads,
                        msi_rate=msi_rate, lpi_reset_every=lpi_reset_every, every=progress_every,
                        report=lambda p: click.echo(json.dumps({"progress": p}))).as_dict()
     except KvmError as e:
@@ -1026,6 +1037,8 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
                    f"{done['duration_s']:.1f} s ({', '.join(f'{x:.0f}' for x in done['exits_per_s_per_vcpu'])}"
                    f" /s per vCPU), {done['churn_ops']} memslot ops, "
                    f"{done['msr_writes']} kvmclock MSR writes, {done['xen_sends']} Xen sends" +
+                   (f", {done['xen_timers']} expired Xen timers" if done.get("xen_timers")
+                    else "") +
                    (f", {done['msis']} MSIs to {done['lpis']} LPIs ({done['msis_refused']} "
                     f"refused), ITS tables loaded {done['lpi_restores']}x"
                     if done.get("lpis") else ""))

@@ -3,11 +3,16 @@
 same source and a production-like config (no lock debugging). Small configs: x86's
 defconfig, virtme-ng's own fragment for booting under it (its configkernel), and what
 the lab needs (KVM with Xen, BTF, kprobes, fentry, modules for the lock zoo).
+Both carry labpatches/*.patch: the seeds' bugs put back, each off until a bit of
+kvm.kvmlp_seeds turns it on (so with 0 the kernel runs the code as released).
 Built once into /var/cache/kvmlockprof/kernels/<release>, keyed by the source, the
-config and the compiler; its modules dir is linked from /lib/modules so that bcc and
-virtme-ng find it as they find Debian's.
+config and the compiler; a change of the patches rebuilds only what they touch. Its
+modules dir is linked from /lib/modules so that bcc and virtme-ng find it as they
+find Debian's.
 Usage: python -m kvmlockprof.labkernel [lockdep|prod ...] [--force]"""
+import glob
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +20,7 @@ import sys
 
 CACHE = "/var/cache/kvmlockprof/kernels"
 SOURCE_TARBALL = "/usr/src/linux-source-6.12.tar.xz"
+PATCHES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "labpatches")
 # Both flavours: the lab's needs, and a distro host's locking (out-of-line unlocks,
 # as Debian's PREEMPT_DYNAMIC kernel has them; KALLSYMS_ALL as distros have it).
 COMMON = """
@@ -72,7 +78,7 @@ FLAVOUR_REQUIRED = {"lockdep": ("CONFIG_PROVE_LOCKING=y", "CONFIG_LOCKDEP=y"),
 # ... and what must not (lock debugging that some other option selected)
 FLAVOUR_FORBIDDEN = {"lockdep": (), "prod": ("CONFIG_LOCKDEP=y", "CONFIG_DEBUG_LOCK_ALLOC=y",
                                               "CONFIG_DEBUG_SPINLOCK=y", "CONFIG_DEBUG_MUTEXES=y")}
-BUILD_DEPS = ("gcc", "make", "bc", "bison", "flex", "pahole", "xz")
+BUILD_DEPS = ("gcc", "make", "bc", "bison", "flex", "pahole", "xz", "patch")
 
 
 class KernelBuildError(RuntimeError):
@@ -115,11 +121,38 @@ def cache_dir(flavour):
     return os.path.join(CACHE, cache_key(flavour))
 
 
+def _patches():
+    """[(path, text)] of the lab's kernel patches, in order."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(PATCHES, "*.patch"))):
+        with open(path) as f:
+            out.append((path, f.read()))
+    return out
+
+
+def patches_hash():
+    return hashlib.sha256("\0".join(t for _, t in _patches()).encode()).hexdigest()[:12]
+
+
+def _patched_files(text):
+    return [line.split(None, 1)[1].split("\t")[0][2:] for line in text.splitlines()
+            if line.startswith("+++ ")]
+
+
+def _stamp(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def built(flavour):
-    """The cached build's bzImage, or None."""
+    """The cached build's bzImage (built from the current patches), or None."""
     d = cache_dir(flavour)
     image = os.path.join(d, "build", "arch", "x86", "boot", "bzImage")
-    return image if os.path.exists(os.path.join(d, ".built")) and os.path.exists(image) else None
+    return image if _stamp(os.path.join(d, ".built")) == patches_hash() and \
+        os.path.exists(image) else None
 
 
 def release(image):
@@ -139,15 +172,46 @@ def _source(log):
         raise KernelBuildError(f"{SOURCE_TARBALL} is missing: run `make lab-lockdep` "
                                "(installs Debian's linux-source-6.12)")
     src = os.path.join(CACHE, f"src-{_source_version()}")
+    tree = os.path.join(src, "linux-source-6.12")
     stamp = os.path.join(src, ".unpacked")
+    if not os.path.exists(stamp):
+        shutil.rmtree(src, ignore_errors=True)
+        os.makedirs(src)
+        print(f"unpacking {SOURCE_TARBALL} into {src}", file=log)
+        subprocess.run(["tar", "-xf", SOURCE_TARBALL, "-C", src], check=True)
+        open(stamp, "w").close()
+    _patch(src, tree, log)
+    return tree
+
+
+def _patch(src, tree, log):
+    """Put the tree's patched files back as released and apply the current patches,
+    touching only those files (their objects alone are rebuilt)."""
+    stamp = os.path.join(src, ".patched")
+    try:
+        with open(stamp) as f:
+            was = json.load(f)
+    except (OSError, ValueError):
+        was = {"hash": None, "files": []}
+    want = patches_hash()
+    if was["hash"] == want:
+        return
+    patches = _patches()
+    files = sorted(set(was["files"]) | {f for _, t in patches for f in _patched_files(t)})
     if os.path.exists(stamp):
-        return os.path.join(src, "linux-source-6.12")
-    shutil.rmtree(src, ignore_errors=True)
-    os.makedirs(src)
-    print(f"unpacking {SOURCE_TARBALL} into {src}", file=log)
-    subprocess.run(["tar", "-xf", SOURCE_TARBALL, "-C", src], check=True)
-    open(stamp, "w").close()
-    return os.path.join(src, "linux-source-6.12")
+        os.unlink(stamp)
+    if files:
+        subprocess.run(["tar", "-xf", SOURCE_TARBALL, "-C", src, "--touch",
+                        *[f"linux-source-6.12/{f}" for f in files]], check=True)
+    for path, text in patches:
+        print(f"applying {os.path.basename(path)}", file=log)
+        p = subprocess.run(["patch", "-p1", "-d", tree, "--no-backup-if-mismatch", "-s"],
+                           input=text, capture_output=True, text=True)
+        if p.returncode:
+            raise KernelBuildError(f"{path} does not apply to {tree}: "
+                                   f"{(p.stdout + p.stderr).strip()[-300:]}")
+    with open(stamp, "w") as f:
+        json.dump({"hash": want, "files": files}, f)
 
 
 def _configure(src, out, flavour):
@@ -184,8 +248,8 @@ def build(flavour, force=False, log=sys.stderr, jobs=None):
     src = _source(log)
     d = cache_dir(flavour)
     out = os.path.join(d, "build")
-    if os.path.exists(os.path.join(d, ".built")):
-        os.unlink(os.path.join(d, ".built"))
+    if os.path.exists(os.path.join(d, ".built")):      # a build of older patches: make
+        os.unlink(os.path.join(d, ".built"))            # redoes what they touched
     os.makedirs(out, exist_ok=True)
     _configure(src, out, flavour)
     jobs = jobs or os.cpu_count() or 1
@@ -198,7 +262,8 @@ def build(flavour, force=False, log=sys.stderr, jobs=None):
     subprocess.run(["make", "-C", src, f"O={out}", "-s", "modules_install",
                     f"INSTALL_MOD_PATH={mods}", "INSTALL_MOD_STRIP=1"], check=True)
     image = os.path.join(out, "arch", "x86", "boot", "bzImage")
-    open(os.path.join(d, ".built"), "w").close()
+    with open(os.path.join(d, ".built"), "w") as f:
+        f.write(patches_hash())
     install_modules(image)
     return image
 

@@ -102,3 +102,46 @@ def learn(known, tgids):
             if info:
                 known[key] = info
     return known
+
+
+def stuck_threads(tgid, proc="/proc"):
+    """The threads of tgid in uninterruptible sleep (D), which no signal ends: [{tid,
+    comm, wchan, stack}] (stack: the kernel's frames, function names only; empty
+    without CONFIG_STACKTRACE or root). A process killed with one of these is never
+    reaped: a thread blocked on a lock nobody will release (a deadlock) is one."""
+    out = []
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"{proc}/{tgid}/task"))
+    except (OSError, ValueError):
+        return out
+    for tid in tids:
+        base = f"{proc}/{tgid}/task/{tid}"
+        try:
+            with open(f"{base}/stat") as f:
+                stat = f.read()
+            state = stat[stat.rindex(")") + 2:].split()[0]
+            if state != "D":
+                continue
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        except (OSError, ValueError, IndexError):
+            continue
+        out.append({"tid": tid, "comm": comm, "wchan": _read(f"{base}/wchan"),
+                    "stack": [line.split("] ", 1)[-1].split("+")[0]
+                              for line in _read(f"{base}/stack").splitlines()]})
+    return out
+
+
+def describe_stuck(stuck):
+    """A manifest's command_stuck, in one line."""
+    threads = "; ".join(f"{t['comm']} ({t['tid']}) blocked in " +
+                        (" <- ".join(t["stack"][:4]) or t["wchan"] or "?")
+                        for t in stuck["threads"]) or "no thread in D state any more"
+    return f"the command (pid {stuck['pid']}) did not end on SIGKILL: {threads}"
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""

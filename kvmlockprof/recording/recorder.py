@@ -40,6 +40,7 @@ COST_MAX_S = 30.0
 # A wait still in progress when the recording stops, begun this long before: a
 # deadlock or a very long wait, named in the recording (in_progress) and the report.
 IN_PROGRESS_NS = 10**9
+REAP_S = 5.0             # for the command to end after SIGTERM, then after SIGKILL
 
 
 # A snapshot table (the in-kernel aggregates) is rewritten when it changed, at most
@@ -452,13 +453,20 @@ class Recorder:
         return {"lock": self.names.display().get(a, a), "total_ns": int(sums[i])}
 
     def _reap(self, child):
+        """Stop the command; one that SIGKILL does not end either (a thread blocked in
+        the kernel for good: the deadlock a recording may be about) is left behind,
+        its blocked threads in the manifest, so that the recording still ends."""
         if child.poll() is None:
             child.terminate()
             try:
-                child.wait(5)
+                child.wait(REAP_S)
             except subprocess.TimeoutExpired:
                 child.kill()
-                child.wait()
+                try:
+                    child.wait(REAP_S)
+                except subprocess.TimeoutExpired:
+                    self.manifest["command_stuck"] = {
+                        "pid": child.pid, "threads": processes.stuck_threads(child.pid)}
 
     def _read_work(self):
         path = getattr(self, "work_file", None)

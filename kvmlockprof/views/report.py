@@ -5,6 +5,7 @@ import pandas as pd
 
 from kvmlockprof.analysis import locks as analysis
 from kvmlockprof.analysis import vcpus
+from kvmlockprof.recording import processes
 
 
 def probe_sections(only=None):
@@ -33,6 +34,8 @@ def summary_lines(rec):
              f"duration {m.get('duration_s', 0):.2f} s  stopped by {m.get('stopped_by', '?')}"]
     if rec.interrupted:
         lines.append(f"INTERRUPTED recording: read from {rec.path}, data up to the last flush")
+    if m.get("command_stuck"):
+        lines.append("COMMAND STUCK: " + processes.describe_stuck(m["command_stuck"]))
     cost = m.get("probe_cost") or {}
     for name, p in m.get("probes", {}).items():
         how = p.get("method") if p.get("status") == "attached" else \

@@ -29,6 +29,7 @@ XEN_SHINFO_GPA = 0x3000           # Xen shared_info page (evtchn_pending at +204
 XEN_VCPU_INFO_GPA = 0x4000        # one 64-byte vcpu_info per vCPU
 XEN_PENDING_OFF = 2048
 XEN_PORT = 3
+XEN_TIMER_PORT = 4
 MAIN_SLOT_SIZE = 0x10000          # 64 KiB at GPA 0: code and the pvclock page
 SPARE_GPA = 0x80000               # real mode reaches it as DS=0x8000
 SPARE_SIZE = 0x10000              # 16 pages, one touched per loop
@@ -57,6 +58,8 @@ class WorkloadConfig:
     xen: bool = False              # KVM_XEN_HVM_EVTCHN_SEND in a loop (kvm_xen_set_evtchn_fast)
     xen_slow_every: int = 0        # drop the shared_info page every N sends: forces fallback
     xen_vcpu_info: bool = True     # an explicit vcpu_info per vCPU (its own gfn_to_pfn_cache)
+    xen_timer_every: int = 0       # every N exits a vCPU sets its Xen timer already expired,
+                                   # its shared_info page dropped: the slow path (seed 000's)
     lpis: int = 0                  # arm64: a vGICv3 + ITS with this many LPIs (gicv3.Lpis)
     msi_threads: int = 2           # threads injecting the LPIs (KVM_SIGNAL_MSI)
     msi_rate: float = 0.0          # MSIs/s per thread, 0 = as fast as possible
@@ -76,6 +79,7 @@ class WorkDone:
     churn_ops: int = 0                                  # memslot create + delete ioctls
     xen_sends: int = 0                                  # KVM_XEN_HVM_EVTCHN_SEND ioctls
     xen_forced_slow: int = 0                            # shared_info pages dropped
+    xen_timers: int = 0                                 # expired Xen timers set
     lpis: int = 0                                       # LPIs the ITS tables map
     msis: int = 0                                       # KVM_SIGNAL_MSI delivered
     msis_refused: int = 0                               # refused (the ITS was being reset)
@@ -136,9 +140,10 @@ class _Vcpu:
         self.fd = k.ioctl(vm_fd, k.CREATE_VCPU, index)
         self.run = mmap.mmap(self.fd, run_size, flags=mmap.MAP_SHARED,
                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.exits = self.io = self.mmio = 0
+        self.exits = self.io = self.mmio = self.xen_timers = 0
         self.error = None
         self.gate = gate
+        self.between, self.between_every = None, 0     # a call every N exits (Workload's)
         if ARM64:
             gicv3.init_vcpu(vm_fd, self.fd, CODE_GPA)
             return
@@ -155,6 +160,7 @@ class _Vcpu:
     def loop(self, stop, name):
         _name_thread(name)
         run_ioctl, fd, run, gate = k.ioctl, self.fd, self.run, self.gate
+        between, every = self.between, self.between_every
         exits = io = mmio = 0
         try:
             while not stop.is_set():
@@ -168,6 +174,8 @@ class _Vcpu:
                     self.exits = exits
                 if gate is not None and gate.closing:
                     gate.park()
+                if between is not None and not exits % every:
+                    between(self)
                 if reason == k.EXIT_IO:
                     io += 1
                 elif reason == k.EXIT_MMIO:      # the spare slot is deleted right now
@@ -263,6 +271,11 @@ class Workload:
                 k.ioctl(v.fd, k.XEN_VCPU_SET_ATTR,
                         k.XenAttr(type=k.XEN_VCPU_ATTR_TYPE_VCPU_INFO,
                                   u64=XEN_VCPU_INFO_GPA + 64 * i))
+        if config.xen_timer_every:
+            if not config.xen:
+                raise k.KvmError("--xen-timer-every needs --xen (the shared_info page)")
+            for v in self.vcpus:
+                v.between, v.between_every = self._xen_expired_timer, config.xen_timer_every
         self.xen_sends = self.xen_forced_slow = 0
         self.churn_ops = self.msis = self.msis_refused = 0
         self.errors = []
@@ -300,6 +313,18 @@ class Workload:
             self.errors.append(e)
             stop.set()
         self.xen_sends, self.xen_forced_slow = sends, slow
+
+    def _xen_expired_timer(self, vcpu):
+        """From the vCPU's thread, between two KVM_RUNs: drop the shared_info page
+        (its cache is invalidated: the fast path fails) and set the vCPU's Xen timer to
+        a deadline long past, which KVM delivers at once: the timer's event then takes
+        kvm_xen_set_evtchn's slow path, from the ioctl or the next KVM_RUN."""
+        self.main_mem.madvise(mmap.MADV_DONTNEED, XEN_SHINFO_GPA, 4096)
+        attr = k.XenAttr(type=k.XEN_VCPU_ATTR_TYPE_TIMER,
+                         u64=XEN_TIMER_PORT | k.XEN_EVTCHN_PRIO_2LEVEL << 32)
+        attr.rest[0] = 1                    # expires_ns: kvmclock's first nanosecond
+        k.ioctl(vcpu.fd, k.XEN_VCPU_SET_ATTR, attr)
+        vcpu.xen_timers += 1
 
     def _msi(self, index, stop):
         """Inject LPIs index, index + msi_threads, ... in turn, at msi_rate."""
@@ -402,7 +427,8 @@ class Workload:
             mmio_exits=[v.mmio for v in self.vcpus],
             msr_writes=sum(v.io for v in self.vcpus) if cfg.kvmclock else 0,
             churn_ops=self.churn_ops, xen_sends=self.xen_sends,
-            xen_forced_slow=self.xen_forced_slow, lpis=cfg.lpis, msis=self.msis,
+            xen_forced_slow=self.xen_forced_slow,
+            xen_timers=sum(v.xen_timers for v in self.vcpus), lpis=cfg.lpis, msis=self.msis,
             msis_refused=self.msis_refused,
             lpi_restores=self.lpis.restores if self.lpis else 0, config=dict(cfg.__dict__),
             interrupted=interrupted, kicked=kicked)
