@@ -591,22 +591,16 @@ def documented(e):
 def held_on_leaving(rec):
     """Locks a task still held as it returned to user space or exited (a range whose
     end never came: seed 003's rwsem held from a notifier's range start to an end
-    that never ran), with where they were taken (the acquisition's stack, else the
-    first stack seen taking that lock)."""
+    that never ran), with where they were taken (the held entry's stack: its
+    acquisition's, or that acquisition's first, bpf/lockorder.bpf.c)."""
     df = _events(rec, "held at return to user space", "held at exit")
     if df.empty:
         return df
     cls = class_names(rec, df["addr"])
-    skip = _skip()
-    stacks = df["stack_id"]
-    acqs = rec.table("lockorder_acqs")
-    if not acqs.empty and (stacks < 0).any():
-        first = acqs.sort_values("count", ascending=False).drop_duplicates("addr") \
-            .set_index("addr")["stack_id"]
-        stacks = stacks.where(stacks >= 0, df["addr"].map(first).fillna(-1).astype(int))
     return pd.DataFrame({
         "event": df["what"].map(EVENTS), "lock_class": df["addr"].map(cls),
-        "kind": df["kind"].map(KINDS), "taken_at": call_chains(rec, stacks, skip=skip),
+        "kind": df["kind"].map(KINDS),
+        "taken_at": call_chains(rec, df["stack_id"], skip=_skip()),
         "held": df["depth"], "tid": df["tid"], "tgid": df["tgid"], "ts_ns": df["ts_ns"]})
 
 

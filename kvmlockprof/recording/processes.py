@@ -62,11 +62,7 @@ def process_info(tgid, proc="/proc"):
             argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except OSError:
         return None
-    try:
-        with open(os.path.join(proc, str(tgid), "cgroup")) as f:
-            cgroup = f.read()
-    except OSError:
-        cgroup = ""
+    cgroup = _read(os.path.join(proc, str(tgid), "cgroup"))
     info = {"comm": comm, "vm_name": vm_name(argv) or cgroup_vm_name(cgroup),
             "cmdline": " ".join(argv)[:512]}
     owner = helper_owner(comm)
@@ -116,15 +112,13 @@ def stuck_threads(tgid, proc="/proc"):
         return out
     for tid in tids:
         base = f"{proc}/{tgid}/task/{tid}"
+        stat = _read(f"{base}/stat")          # "" once the thread is gone
         try:
-            with open(f"{base}/stat") as f:
-                stat = f.read()
-            state = stat[stat.rindex(")") + 2:].split()[0]
-            if state != "D":
+            if stat[stat.rindex(")") + 2:].split()[0] != "D":
                 continue
-            comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        except (OSError, ValueError, IndexError):
+        except (ValueError, IndexError):
             continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
         out.append({"tid": tid, "comm": comm, "wchan": _read(f"{base}/wchan"),
                     "stack": [line.split("] ", 1)[-1].split("+")[0]
                               for line in _read(f"{base}/stack").splitlines()]})
