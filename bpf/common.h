@@ -14,6 +14,9 @@
 #include "kmaps.h"                    /* shared aggregates, KVMLP_HIST_SLOTS */
 
 #define KVMLP_CAT_(a, b) a##b
+/* Hides what the compiler knows of x: it keeps a bounding mask it could prove
+ * redundant, which 6.1's verifier needs on branches it does not prune as dead */
+#define KVMLP_OPAQUE(x) asm volatile("" : "+r"(x))
 #define KVMLP_CAT(a, b) KVMLP_CAT_(a, b)
 
 /* The attach methods (KVMLP_M_KEY), which the macros below paste as suffixes. */

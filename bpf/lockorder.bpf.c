@@ -39,7 +39,9 @@ enum lo_event {
 #define LO_OBJ_VCPU 2
 #define LO_OBJ_WATCH 3          /* named by record --watch (user space fills lo_pages) */
 
-#define LO_DEPTH 8              /* watched locks one task holds at once */
+#define LO_DEPTH 8              /* watched locks one task holds at once; loops over them
+                                 * are unrolled: 6.1's verifier loses a strength-reduced
+                                 * index's bound ("R6 min value is outside ...") */
 #define LO_PAGE_SHIFT 12
 #define LO_MAX_PAGES 32         /* pages one watched object may span */
 
@@ -314,11 +316,10 @@ static __always_inline void lo_held_on_leaving(u32 what)
 	if (!held)
 		return;
 	u32 n = held->n;
+#pragma unroll
 	for (int i = 0; i < LO_DEPTH; i++) {
-		if (i >= n)
-			break;
 		struct lo_held_lock *h = &held->l[i & (LO_DEPTH - 1)];
-		if (h->told & (1 << what))
+		if (i >= n || (h->told & (1 << what)))
 			continue;
 		h->told |= 1 << what;
 		/* its stack: where it was taken */
@@ -405,11 +406,10 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	ak.irqs_at_call = kvmlp_irqs_at_call(ctx, kprobe);
 	ak.irqs = lo_irqs(ak.irqs_at_call, variant);
 	ak.softirqs = softirqs;
-	/* indexes masked: the compiler may unroll the loop partly, and the verifier
-	 * then loses the bound of a plain index */
+#pragma unroll
 	for (int i = 0; i < LO_DEPTH; i++) {
 		if (i >= n)
-			break;
+			continue;       /* not break: a trip count of n loses the bound (LO_DEPTH) */
 		struct lo_held_lock *h = &held->l[i & (LO_DEPTH - 1)];
 		if (h->addr == addr) {
 			if (!lo_recursive_ok(kind, h->kind)) {
@@ -445,13 +445,16 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 		lo_count(LO_C_DEPTH_OVERFLOW);
 		return 0;
 	}
-	held->l[n & (LO_DEPTH - 1)].addr = addr;
-	held->l[n & (LO_DEPTH - 1)].kind = kind;
+	u32 top = n;
+	KVMLP_OPAQUE(top);
+	struct lo_held_lock *h = &held->l[top & (LO_DEPTH - 1)];
+	h->addr = addr;
+	h->kind = kind;
 	/* no walk of its own: this acquisition's first stack (the lock, under the same
 	 * lock, in the same context) when it was not walked here */
-	held->l[n & (LO_DEPTH - 1)].stack_id = sid >= 0 || !av ? sid : av->stack_id;
-	held->l[n & (LO_DEPTH - 1)].bh = variant == LO_BH;
-	held->l[n & (LO_DEPTH - 1)].told = 0;
+	h->stack_id = sid >= 0 || !av ? sid : av->stack_id;
+	h->bh = variant == LO_BH;
+	h->told = 0;
 	held->bh_held += variant == LO_BH;
 	held->n = n + 1;
 	return 0;
@@ -472,6 +475,7 @@ static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
 	}
 	u32 n = held->n;
 	int at = -1;
+#pragma unroll
 	for (int i = 0; i < LO_DEPTH; i++) {
 		if (i < n && held->l[i & (LO_DEPTH - 1)].addr == addr)
 			at = i;
@@ -480,8 +484,10 @@ static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
 		lo_count(LO_C_UNMATCHED_RELEASES);
 		return 0;
 	}
+	KVMLP_OPAQUE(at);
 	if (held->l[at & (LO_DEPTH - 1)].bh && held->bh_held)
 		held->bh_held--;
+#pragma unroll
 	for (int i = 0; i < LO_DEPTH - 1; i++) {
 		if (i >= at && i + 1 < n)
 			held->l[i & (LO_DEPTH - 1)] = held->l[(i + 1) & (LO_DEPTH - 1)];
@@ -527,9 +533,7 @@ static __always_inline int lo_failed(s64 ret, u32 kind)
 	if (n == 0 || n > LO_DEPTH)
 		return 0;
 	u32 top = n - 1;
-	/* hide top's range from the compiler, which would otherwise drop the mask the
-	 * verifier needs as the index's bound */
-	asm volatile("" : "+r"(top));
+	KVMLP_OPAQUE(top);
 	struct lo_held_lock *h = &held->l[top & (LO_DEPTH - 1)];
 	if (h->addr != a || h->kind != kind)
 		return 0;
@@ -551,6 +555,7 @@ static __always_inline int lo_srcu_at(void *ctx, u32 fn, int kprobe)
 	struct lo_held *held = lo_held_locks.lookup(&hk);
 	if (held) {
 		u32 n = held->n;
+#pragma unroll
 		for (int i = 0; i < LO_DEPTH; i++) {
 			if (i < n && held->l[i & (LO_DEPTH - 1)].kind == LO_SRCU_READ)
 				k.ssp = held->l[i & (LO_DEPTH - 1)].addr;

@@ -980,6 +980,9 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, arch,
               help="With --xen: every N exits each vCPU drops the shared_info page and sets "
                    "its Xen timer already expired, whose event takes the slow path (seed "
                    "000's path).")
+@click.option("--apic-toggle-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="x86: every N exits each vCPU turns its local APIC (in-kernel) off and "
+                   "on, by KVM_SET_SREGS and by KVM_SET_MSRS (seed 004's two callers).")
 @click.option("--lpis", type=click.IntRange(min=0), default=0, show_default=True,
               help="arm64: a vGICv3 + ITS mapping this many LPIs, injected by MSI.")
 @click.option("--msi-threads", type=click.IntRange(1, 16), default=2, show_default=True)
@@ -996,7 +999,7 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, arch,
               help="Also print the work done so far as a JSON line this often (seconds; "
                    "for benchmarks that measure while it runs).")
 def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, xen_slow_every,
-             xen_vcpu_info, xen_timer_every, lpis, msi_threads, msi_rate, lpi_reset_every, name, vms, as_json, progress_every):
+             xen_vcpu_info, xen_timer_every, apic_toggle_every, lpis, msi_threads, msi_rate, lpi_reset_every, name, vms, as_json, progress_every):
     """Built-in KVM workload: a tiny VMM over /dev/kvm (no QEMU)."""
     from kvmlockprof.workload import WORK_ENV, KvmError, run, run_vms
     from kvmlockprof.workload.vmm import KICK_AFTER_S
@@ -1009,6 +1012,7 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
                     f"--churn-threads={churn_threads}", f"--churn-rate={churn_rate}",
                     f"--xen-slow-every={xen_slow_every}", f"--lpis={lpis}",
                     f"--xen-timer-every={xen_timer_every}",
+                    f"--apic-toggle-every={apic_toggle_every}",
                     f"--msi-threads={msi_threads}", f"--msi-rate={msi_rate}",
                     f"--lpi-reset-every={lpi_reset_every}"] + \
                 [flag for flag, on in (("--churn", churn), ("--kvmclock", kvmclock),
@@ -1020,7 +1024,8 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
             done = run(vcpus=vcpus, duration=duration, churn=churn, churn_threads=churn_threads,
                        churn_rate=churn_rate, kvmclock=kvmclock, xen=xen,
                        xen_slow_every=xen_slow_every, xen_vcpu_info=xen_vcpu_info,
-                       xen_timer_every=xen_timer_every, lpis=lpis, msi_threads=msi_threads,
+                       xen_timer_every=xen_timer_every, apic_toggle_every=apic_toggle_every,
+                       lpis=lpis, msi_threads=msi_threads,
                        msi_rate=msi_rate, lpi_reset_every=lpi_reset_every, every=progress_every,
                        report=lambda p: click.echo(json.dumps({"progress": p}))).as_dict()
     except KvmError as e:
@@ -1038,6 +1043,8 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
                    f" /s per vCPU), {done['churn_ops']} memslot ops, "
                    f"{done['msr_writes']} kvmclock MSR writes, {done['xen_sends']} Xen sends" +
                    (f", {done['xen_timers']} expired Xen timers" if done.get("xen_timers")
+                    else "") +
+                   (f", APIC toggled {done['apic_toggles']}x" if done.get("apic_toggles")
                     else "") +
                    (f", {done['msis']} MSIs to {done['lpis']} LPIs ({done['msis_refused']} "
                     f"refused), ITS tables loaded {done['lpi_restores']}x"

@@ -673,3 +673,41 @@ def test_lockorder_irq_safe_before_irq_unsafe(module, tmp_path):
                                 acqs=[(a, "hardirq", "off", "", 4), (b, "task", "off", "", 5)],
                                 recursion=[])
     assert lo.irq_order_conflicts(lo.edges(rec2), lo.contexts(rec2)).empty
+
+
+def test_a_handler_the_verifier_refuses_fails_its_probe(module, monkeypatch):
+    """An optional target whose symbol is missing is skipped; one whose handler the
+    verifier refuses (6.1 refused lockorder's acquisitions while its releases loaded)
+    fails the whole probe with the verifier's reason, and what attached is detached:
+    a lockorder that sees releases and no acquisitions would report nothing, wrongly."""
+    lo = next(p for p in FUNCTION_PROBES if p.name == "lockorder")
+    plan = module.plans[lo]
+    attached, detached = [], []
+    refused = "kvmlp_kp_LOLM"
+    log = ["0: (b7) r1 = 0", "R3 invalid mem access 'scalar'",
+           "processed 599 insns (limit 1000000) max_states_per_insn 0"]
+
+    def load_func(bpf, fn, kind):
+        if fn.decode() == refused:
+            raise bpfload.BpfUnavailable(f"Failed to load BPF program {fn}: Permission "
+                                         f"denied: {bpfload._reason(log)}")
+    monkeypatch.setattr(bpfload, "load_func", load_func)
+    monkeypatch.setattr(module.bpf, "attach_kprobe", lambda event, fn_name: attached.append(fn_name))
+    monkeypatch.setattr(module.bpf, "detach_kprobe", lambda event, fn_name: detached.append(fn_name))
+    st = module._attach(lo, plan)
+    assert st["status"] == "failed", st
+    assert st["reason"].startswith("LOLM (mutex_lock): ") and \
+        st["reason"].endswith("R3 invalid mem access 'scalar'"), st["reason"]
+    assert attached and sorted(detached) == sorted(attached), (attached, detached)
+    assert refused not in attached
+
+
+def test_verifier_reason_is_the_line_before_its_statistics():
+    lines = ["In file included from <built-in>:4:", "warning: something", "; u32 n = held->n;",
+             "12: (61) r1 = *(u32 *)(r6 +0)",
+             "invalid access to map value, value_size=200 off=220 size=4",
+             "R6 min value is outside of the allowed memory range",
+             "processed 1909 insns (limit 1000000) max_states_per_insn 5 total_states 46"]
+    assert bpfload._reason(lines) == "R6 min value is outside of the allowed memory range"
+    assert bpfload._reason(["error: use of undeclared identifier 'x'", "1 error generated."]) \
+        == "error: use of undeclared identifier 'x'"

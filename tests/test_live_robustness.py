@@ -9,7 +9,7 @@ import time
 import pytest
 
 import kvmlockprof
-from conftest import ROOT, assert_none_left, kernel_objects, workload_argv
+from conftest import ROOT, assert_none_left, kernel_objects, klp, workload_argv
 
 pytestmark = pytest.mark.live
 
@@ -116,3 +116,13 @@ def test_a_guest_that_stops_exiting_is_kicked_out_at_the_stop(live):
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.splitlines()[-1])
     assert out["kicked"] == [0, 1] and out["exits"] == [0, 0]     # (timeout: no kick)
+
+
+def test_apic_toggles_keep_every_vcpu_running(live):
+    """--apic-toggle-every gives the VM an in-kernel local APIC, whose vCPUs but the
+    first wait for a startup IPI: the workload makes them runnable, and each vCPU
+    toggles its APIC every N of its exits (by sregs and by MSR: the ioctls succeed)."""
+    out = json.loads(klp("workload", "--vcpus", "2", "-d", "1", "--apic-toggle-every", "50",
+                         "--json").stdout.splitlines()[-1])
+    assert all(e > 1000 for e in out["exits"]), out["exits"]
+    assert out["apic_toggles"] == sum(e // 50 for e in out["exits"]), out

@@ -79,9 +79,45 @@ def compile_bpf(source=None, text=None, defines=None, headers=None):
         except Exception as e:
             failure = e
     # (outside the `with`: the captured text is complete only once it has closed)
-    msg = err.getvalue().decode(errors="replace").strip().splitlines()
-    detail = next((m for m in msg if "error" in m.lower()), msg[-1] if msg else "")
-    raise BpfUnavailable(f"{failure}: {detail}".strip(": ")) from None
+    text = err.getvalue().decode(errors="replace").strip()
+    raise BpfUnavailable(f"{failure}: {_reason(text.splitlines())}{_keep_log(text)}"
+                         .strip(": ")) from None
+
+
+def load_func(bpf, fn, prog_type):
+    """bpf.load_func(), a verifier's refusal as BpfUnavailable with its reason."""
+    failure = None
+    with _captured_stderr() as err:
+        try:
+            return bpf.load_func(fn, prog_type)
+        except Exception as e:
+            failure = e
+    text = err.getvalue().decode(errors="replace").strip()
+    raise BpfUnavailable(f"{failure}: {_reason(text.splitlines())}{_keep_log(text)}"
+                         .strip(": ")) from None
+
+
+def _reason(lines):
+    """The line of a compiler's or verifier's output that says why: the verifier
+    ends with its statistics ("processed N insns"), its reason is the line before."""
+    for i, line in enumerate(lines):
+        if line.startswith("processed ") and " insns " in line and i:
+            return lines[i - 1].strip()
+    return next((m for m in lines if "error" in m.lower()), lines[-1] if lines else "")
+
+
+def _keep_log(text):
+    """The whole output, kept where the error can name it (a verifier log runs to
+    thousands of lines: the one-line error cannot carry it)."""
+    if len(text.splitlines()) < 3:
+        return ""
+    path = os.path.join(tempfile.gettempdir(), f"kvmlockprof-bpf-{os.getpid()}.log")
+    try:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    except OSError:
+        return ""
+    return f" (whole log: {path})"
 
 
 def event_dtype(table):

@@ -157,25 +157,31 @@ class FunctionProbes:
 
     def _attach(self, probe, plan):
         """Attach a probe's kprobe targets. An optional target that fails is
-        reported and skipped; a required one fails the whole probe."""
+        reported and skipped; a required one, or a handler the verifier refuses,
+        fails the whole probe."""
         targets, attached = {}, []
+        kprobe = bpfload.import_bcc().BPF.KPROBE
         for t in probe.targets:
             sym, method = plan.targets.get(t.key, (None, None))
             targets[t.key] = {"symbol": sym, "method": method}
             handlers = self.kprobe_functions(probe, t)
             try:
+                for fn, _, _ in handlers:
+                    try:
+                        bpfload.load_func(self.bpf, fn.encode(), kprobe)
+                    except bpfload.BpfUnavailable as e:
+                        # the verifier refusing our handler is our bug on this kernel,
+                        # not a symbol it lacks: no target of the probe can be trusted
+                        return self._failed(probe, attached, targets, t, str(e))
                 for fn, s, is_ret in handlers:
                     (self.bpf.attach_kretprobe if is_ret else self.bpf.attach_kprobe)(
                         event=s, fn_name=fn)
             except Exception as e:
                 self._detach_kprobes(handlers)
                 reason = str(e).splitlines()[0]
-                targets[t.key].update(method=None, error=reason)
                 if not t.optional:
-                    for a in attached:
-                        self._detach_kprobes(self.kprobe_functions(probe, a))
-                    return {"status": "failed", "method": plan.method, "reason": reason,
-                            "targets": targets}
+                    return self._failed(probe, attached, targets, t, reason)
+                targets[t.key].update(method=None, error=reason)
                 continue
             if method:
                 attached.append(t)
@@ -188,6 +194,14 @@ class FunctionProbes:
                 "method": "+".join(sorted({v["method"] for v in targets.values()
                                            if v["method"]})),
                 "targets": targets, **({"off": off} if off else {})}
+
+    def _failed(self, probe, attached, targets, target, reason):
+        for a in attached:
+            self._detach_kprobes(self.kprobe_functions(probe, a))
+        targets[target.key].update(method=None, error=reason)
+        return {"status": "failed", "method": self.plans[probe].method,
+                "reason": f"{target.key} ({targets[target.key]['symbol']}): {reason}",
+                "targets": targets}
 
     def load_kprobe_handlers(self):
         """Load every kprobe handler through the verifier (no attach): the check

@@ -342,7 +342,8 @@ def contexts(rec):
 
 def srcu_at(rec):
     """Per function named by --srcu-at: its calls with a kvm->srcu read section held
-    (which) and without, by context."""
+    (which) and without, by context, and the path of the first call of each (the
+    callers tell which ioctl or exit held it or not)."""
     df = rec.table("lockorder_srcu_at")
     if df.empty:
         return df
@@ -351,9 +352,10 @@ def srcu_at(rec):
     df = df.assign(function=df["fn"].map(lambda i: fns[i] if i < len(fns) else f"slot {i}"),
                    srcu_held=df["ssp"].map(lambda a: cls.get(int(a), "") if a else "none"),
                    context=df["context"].map(CONTEXTS),
-                   caller=callers(rec, df["stack_id"], skip=set(fns)))
+                   caller=call_chains(rec, df["stack_id"], depth=4,
+                                      skip={*fns, *(f"__{f}" for f in fns)}))
     g = df.groupby(["function", "srcu_held", "context"])
-    return pd.DataFrame({"calls": g["count"].sum(), "first_caller": g["caller"].first()}) \
+    return pd.DataFrame({"calls": g["count"].sum(), "called_from": g["caller"].first()}) \
         .reset_index()
 
 

@@ -11,8 +11,8 @@ from kvmlockprof.workload.vmm import Workload, WorkloadConfig, WorkDone
 __all__ = ["KvmError", "Workload", "WorkloadConfig", "WorkDone", "run", "run_vms", "WORK_ENV"]
 WORK_ENV = "KVMLOCKPROF_WORK_OUT"     # where `workload` writes its WorkDone (record sets it)
 # What the VMs of run_vms() add up to; the rest of a VM's work is its own.
-SUMMED = ("vcpus", "msr_writes", "churn_ops", "xen_sends", "xen_forced_slow", "exits_total",
-          "lpis", "msis", "msis_refused", "lpi_restores")
+SUMMED = ("vcpus", "msr_writes", "churn_ops", "xen_sends", "xen_forced_slow", "xen_timers",
+          "apic_toggles", "exits_total", "lpis", "msis", "msis_refused", "lpi_restores")
 LISTED = ("exits", "io_exits", "mmio_exits", "exits_per_s_per_vcpu")
 
 

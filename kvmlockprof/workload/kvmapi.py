@@ -90,6 +90,9 @@ GET_VCPU_MMAP_SIZE = _io(0x04)
 CREATE_VCPU = _io(0x41)
 SET_USER_MEMORY_REGION = _iow(0x46, UserspaceMemoryRegion)
 SET_TSS_ADDR = _io(0x47)
+CREATE_IRQCHIP = _io(0x60)
+SET_MP_STATE = _ioc(1, 0x99, 4)      # struct kvm_mp_state: one u32
+MP_STATE_RUNNABLE = 0
 RUN = _io(0x80)
 CHECK_EXTENSION = _io(0x03)
 XEN_HVM_CONFIG = _iow(0x7A, XenHvmConfig)
@@ -116,6 +119,8 @@ EXIT_NAMES = {0: "unknown", 1: "exception", 2: "io", 3: "hypercall", 4: "debug",
               17: "internal_error"}
 
 MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
+MSR_IA32_APICBASE = 0x1B
+APICBASE_ENABLE = 1 << 11
 
 # --- arm64 (linux/kvm.h, arch/arm64/include/uapi/asm/kvm.h) ---------------------------
 

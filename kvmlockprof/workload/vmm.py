@@ -60,6 +60,8 @@ class WorkloadConfig:
     xen_vcpu_info: bool = True     # an explicit vcpu_info per vCPU (its own gfn_to_pfn_cache)
     xen_timer_every: int = 0       # every N exits a vCPU sets its Xen timer already expired,
                                    # its shared_info page dropped: the slow path (seed 000's)
+    apic_toggle_every: int = 0     # every N exits a vCPU turns its local APIC off and on,
+                                   # by KVM_SET_SREGS and by KVM_SET_MSRS (seed 004's callers)
     lpis: int = 0                  # arm64: a vGICv3 + ITS with this many LPIs (gicv3.Lpis)
     msi_threads: int = 2           # threads injecting the LPIs (KVM_SIGNAL_MSI)
     msi_rate: float = 0.0          # MSIs/s per thread, 0 = as fast as possible
@@ -80,6 +82,7 @@ class WorkDone:
     xen_sends: int = 0                                  # KVM_XEN_HVM_EVTCHN_SEND ioctls
     xen_forced_slow: int = 0                            # shared_info pages dropped
     xen_timers: int = 0                                 # expired Xen timers set
+    apic_toggles: int = 0                               # APIC off+on, each way (sregs, MSR)
     lpis: int = 0                                       # LPIs the ITS tables map
     msis: int = 0                                       # KVM_SIGNAL_MSI delivered
     msis_refused: int = 0                               # refused (the ITS was being reset)
@@ -140,10 +143,10 @@ class _Vcpu:
         self.fd = k.ioctl(vm_fd, k.CREATE_VCPU, index)
         self.run = mmap.mmap(self.fd, run_size, flags=mmap.MAP_SHARED,
                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.exits = self.io = self.mmio = self.xen_timers = 0
+        self.exits = self.io = self.mmio = self.xen_timers = self.apic_toggles = 0
         self.error = None
         self.gate = gate
-        self.between, self.between_every = None, 0     # a call every N exits (Workload's)
+        self.between = []               # (N, call): a call every N exits (Workload's)
         if ARM64:
             gicv3.init_vcpu(vm_fd, self.fd, CODE_GPA)
             return
@@ -160,7 +163,7 @@ class _Vcpu:
     def loop(self, stop, name):
         _name_thread(name)
         run_ioctl, fd, run, gate = k.ioctl, self.fd, self.run, self.gate
-        between, every = self.between, self.between_every
+        between = self.between
         exits = io = mmio = 0
         try:
             while not stop.is_set():
@@ -174,8 +177,9 @@ class _Vcpu:
                     self.exits = exits
                 if gate is not None and gate.closing:
                     gate.park()
-                if between is not None and not exits % every:
-                    between(self)
+                for every, call in between:
+                    if not exits % every:
+                        call(self)
                 if reason == k.EXIT_IO:
                     io += 1
                 elif reason == k.EXIT_MMIO:      # the spare slot is deleted right now
@@ -187,6 +191,22 @@ class _Vcpu:
             self.error = e
             stop.set()
         self.exits, self.io, self.mmio = exits, io, mmio
+
+
+def _toggle_apic(vcpu):
+    """From the vCPU's thread, between two KVM_RUNs: its local APIC off and on again,
+    once through KVM_SET_SREGS and once through KVM_SET_MSRS: kvm_lapic_set_base()
+    from two ioctls, which before 6.2 called kvm_vcpu_update_apicv() with SRCU not
+    held (sregs) and held (MSRs): seed 004's "may or may not hold SRCU"."""
+    sregs = k.Sregs()
+    k.ioctl(vcpu.fd, k.GET_SREGS, sregs)
+    base = sregs.apic_base
+    for value in (base & ~k.APICBASE_ENABLE, base):
+        sregs.apic_base = value
+        k.ioctl(vcpu.fd, k.SET_SREGS, sregs)
+    for value in (base & ~k.APICBASE_ENABLE, base):
+        k.set_msr(vcpu.fd, k.MSR_IA32_APICBASE, value)
+    vcpu.apic_toggles += 1
 
 
 def _paced(stop, rate):
@@ -258,6 +278,10 @@ class Workload:
         k.set_memslot(self.vm_fd, 1, SPARE_GPA, SPARE_SIZE, self.spare[0][1])
         if config.xen:
             self._xen_config()
+        if config.apic_toggle_every:
+            if ARM64:
+                raise k.KvmError("--apic-toggle-every is x86 only")
+            k.ioctl(self.vm_fd, k.CREATE_IRQCHIP)       # a local APIC in the kernel
         run_size = k.ioctl(self.kvm_fd, k.GET_VCPU_MMAP_SIZE)
         # The vGIC is made before the vCPUs and started once they all exist.
         self.lpis = gicv3.Lpis(self.vm_fd, config.vcpus, config.lpis) if config.lpis else None
@@ -275,7 +299,12 @@ class Workload:
             if not config.xen:
                 raise k.KvmError("--xen-timer-every needs --xen (the shared_info page)")
             for v in self.vcpus:
-                v.between, v.between_every = self._xen_expired_timer, config.xen_timer_every
+                v.between.append((config.xen_timer_every, self._xen_expired_timer))
+        if config.apic_toggle_every:
+            for v in self.vcpus:
+                v.between.append((config.apic_toggle_every, _toggle_apic))
+                # with a local APIC, all but vCPU 0 wait for a startup IPI
+                k.ioctl(v.fd, k.SET_MP_STATE, ctypes.c_uint32(k.MP_STATE_RUNNABLE))
         self.xen_sends = self.xen_forced_slow = 0
         self.churn_ops = self.msis = self.msis_refused = 0
         self.errors = []
@@ -428,7 +457,8 @@ class Workload:
             msr_writes=sum(v.io for v in self.vcpus) if cfg.kvmclock else 0,
             churn_ops=self.churn_ops, xen_sends=self.xen_sends,
             xen_forced_slow=self.xen_forced_slow,
-            xen_timers=sum(v.xen_timers for v in self.vcpus), lpis=cfg.lpis, msis=self.msis,
+            xen_timers=sum(v.xen_timers for v in self.vcpus),
+            apic_toggles=sum(v.apic_toggles for v in self.vcpus), lpis=cfg.lpis, msis=self.msis,
             msis_refused=self.msis_refused,
             lpi_restores=self.lpis.restores if self.lpis else 0, config=dict(cfg.__dict__),
             interrupted=interrupted, kicked=kicked)
