@@ -106,18 +106,25 @@ def _reason(lines):
     return next((m for m in lines if "error" in m.lower()), lines[-1] if lines else "")
 
 
+LAST_LOG = os.path.join(tempfile.gettempdir(), "kvmlockprof-bpf-last.log")
+
+
 def _keep_log(text):
-    """The whole output, kept where the error can name it (a verifier log runs to
-    thousands of lines: the one-line error cannot carry it)."""
-    if len(text.splitlines()) < 3:
+    """A verifier's or compiler's whole log, kept where the error can name it (it runs
+    to thousands of lines: the one-line error cannot carry it). One file, the last
+    refusal's: a refusal a kernel repeats on every run must not fill /tmp; a
+    feature the kernel lacks (fentry: EPERM, no log worth reading) is not kept."""
+    lines = text.splitlines()
+    if not any(line.startswith("processed ") or "error:" in line for line in lines):
         return ""
-    path = os.path.join(tempfile.gettempdir(), f"kvmlockprof-bpf-{os.getpid()}.log")
     try:
-        with open(path, "w") as f:
+        fd, tmp = tempfile.mkstemp(prefix="kvmlockprof-bpf-", dir=os.path.dirname(LAST_LOG))
+        with os.fdopen(fd, "w") as f:
             f.write(text + "\n")
+        os.replace(tmp, LAST_LOG)       # (replaces a link there, never follows it)
     except OSError:
         return ""
-    return f" (whole log: {path})"
+    return f" (whole log: {LAST_LOG})"
 
 
 def event_dtype(table):
