@@ -22,7 +22,8 @@ from kvmlockprof.kernel import bpfload, bpfstats, maps
 from kvmlockprof.probes.contention import ContentionProbe
 from kvmlockprof.probes.sources import possible_cpus
 from kvmlockprof.recording.recorder import SNAPSHOT_S, Snapshots
-from kvmlockprof.recording.store import Writer, to_arrow
+from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording.store import Writer
 
 from results_io import RESULTS, save      # bench/ is on sys.path when run as a script
 

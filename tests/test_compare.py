@@ -201,7 +201,8 @@ def test_quantile_interval_inverts_its_test():
 def _single_recording(path, rate, seconds, rng, waits=(9, 1.2)):
     """One run: waits on one lock (mutex under kvm_vm_ioctl) arriving at `rate`/s
     (Poisson) for `seconds`, lognormal wait times."""
-    from kvmlockprof.recording.store import Writer, to_arrow
+    from kvmlockprof.recording.arrow import to_arrow
+    from kvmlockprof.recording.store import Writer
     from tests_support import _manifest, _stacks, aggregates_of, events
     n = rng.poisson(rate * seconds)
     ts = np.sort(rng.uniform(0, seconds * 1e9, n)).astype(np.uint64)

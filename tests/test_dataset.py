@@ -12,7 +12,8 @@ import pytest
 import kvmlockprof
 from kvmlockprof.analysis import locks
 from kvmlockprof.recording import dataset
-from kvmlockprof.recording.store import Writer, to_arrow
+from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording.store import Writer
 
 from conftest import klp
 from tests_support import _manifest, _stacks, aggregates_of, events, partial_recording

@@ -14,7 +14,8 @@ from kvmlockprof.kernel.maps import read_hash
 from kvmlockprof.probes import gpc, srcu, vgic, xarray, xen_evtchn
 from kvmlockprof.probes.functions import (SHARED_FENTRY, FunctionProbes, dispatch_source,
                                           forced_plans, module_defines, shared_fentry)
-from kvmlockprof.recording.store import Writer, to_arrow
+from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording.store import Writer
 
 FUNCTION_PROBES = [p for p in catalog.CATALOG if p.name != "contention"]
 

@@ -64,7 +64,8 @@ def test_compare_page_renders(chromium, tmp_path):
 def test_page_reads_like_a_report(tmp_path):
     """Times carry their unit (not a `_ns` column of numbers), flags are the text
     report's marks, and a probe that did not attach is one collapsed line."""
-    from kvmlockprof.recording.store import Writer, to_arrow
+    from kvmlockprof.recording.arrow import to_arrow
+    from kvmlockprof.recording.store import Writer
     from tests_support import ROWS, _manifest, _stacks, aggregates_of, events
     ev = events(ROWS)
     w = Writer(tmp_path / "g.parquet")

@@ -56,7 +56,8 @@ def test_bounds_bound_exact_percentiles_of_any_waits(tmp_path_factory, waits, dr
 def _sampled_recording(path, ev, every):
     """A recording of waits ev whose aggregates hold them all and whose samples are
     every `every`-th of them, as record --sample-every writes it."""
-    from kvmlockprof.recording.store import Writer, to_arrow
+    from kvmlockprof.recording.arrow import to_arrow
+    from kvmlockprof.recording.store import Writer
     from tests_support import _manifest, _stacks, aggregates_of
     w = Writer(path)
     w.append("contention", to_arrow(ev[::every]))
@@ -150,7 +151,8 @@ def test_per_vm_counts_each_instant_once(tmp_path):
                        "count": pa.array([2], pa.uint64()),
                        "total_ns": pa.array([500], pa.uint64())})
     out = tmp_path / "n2.parquet"
-    from kvmlockprof.recording.store import Writer, to_arrow
+    from kvmlockprof.recording.arrow import to_arrow
+    from kvmlockprof.recording.store import Writer
     from tests_support import _manifest, _stacks, aggregates_of, events
     ev = events(rows)
     w = Writer(out)

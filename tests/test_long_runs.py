@@ -11,7 +11,8 @@ import pytest
 import kvmlockprof
 from kvmlockprof.recording import store as recording
 from kvmlockprof.recording.recorder import Snapshots
-from kvmlockprof.recording.store import RecordingError, Writer, to_arrow
+from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording.store import RecordingError, Writer
 from tests_support import _manifest, events
 
 

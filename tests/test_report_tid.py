@@ -7,7 +7,8 @@ import io
 import json
 
 from conftest import klp
-from kvmlockprof.recording.store import Writer, to_arrow
+from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording.store import Writer
 from tests_support import ROWS, _manifest, _stacks, aggregates_of, events, small_recording
 
 

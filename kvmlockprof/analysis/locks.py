@@ -1,26 +1,17 @@
 """Analysis on recordings: functions that take a Recording or DataFrames and return
 DataFrames (one row per event in, one row per group out), as in LISA."""
-import fnmatch
 import re
 
 import numpy as np
 import pandas as pd
 
 from kvmlockprof import cdefs
+from kvmlockprof.locktypes import (  # noqa: F401 (the analyses' API)
+    LCB_F_MUTEX, LCB_F_PERCPU, LCB_F_READ, LCB_F_RT, LCB_F_SPIN, LCB_F_WRITE, LOCK_TYPES,
+    lock_class, lock_matches, type_matches, type_name)
 from kvmlockprof.quantiles import (  # noqa: F401 (the analyses' API)
     QUANTILE_METHOD, hist_bounds, hist_buckets, hist_quantile, quantile_index, quantiles)
-
-# include/trace/events/lock.h
-LCB_F_SPIN, LCB_F_READ, LCB_F_WRITE, LCB_F_RT, LCB_F_PERCPU, LCB_F_MUTEX = 1, 2, 4, 8, 16, 32
-# The names `perf lock contention` prints.
-LOCK_TYPES = {
-    LCB_F_SPIN: "spinlock", LCB_F_SPIN | LCB_F_READ: "rwlock:R",
-    LCB_F_SPIN | LCB_F_WRITE: "rwlock:W", LCB_F_READ: "rwsem:R", LCB_F_WRITE: "rwsem:W",
-    LCB_F_RT: "rt-mutex", LCB_F_RT | LCB_F_READ: "rwlock-rt:R",
-    LCB_F_RT | LCB_F_WRITE: "rwlock-rt:W", LCB_F_PERCPU | LCB_F_READ: "pcpu-sem:R",
-    LCB_F_PERCPU | LCB_F_WRITE: "pcpu-sem:W", LCB_F_MUTEX: "mutex",
-    LCB_F_MUTEX | LCB_F_SPIN: "mutex-spin",
-}
+from kvmlockprof.recording.filters import read_filters
 
 # KVM's own functions (built in or in kvm*.ko): how a stack is known to go through KVM.
 KVM_FRAME = re.compile(r"^(__)?(kvm|vcpu|vmx|svm|pvm|tdp_mmu|x86_emulate|mmu_(?!notifier))"
@@ -52,13 +43,9 @@ def _by_unique(values, fn):
     return _labels(*pd.factorize(np.asarray(values)), fn)
 
 
-def _type_name(flags):
-    return LOCK_TYPES.get(int(flags), f"flags={int(flags):#x}")
-
-
 def lock_type(flags):
     """perf's lock type name for each LCB_F_* flags value."""
-    return pd.Series(_by_unique(flags, _type_name)).astype(object)
+    return pd.Series(_by_unique(flags, type_name)).astype(object)
 
 
 def is_kvm_frame(frame):
@@ -93,7 +80,7 @@ def _label_rules(info, lock_names):
 
     def caller(s):
         return callers.get(int(s), "[stack not sampled]" if s == NO_STACK else "[no stack]")
-    return {"type": ("flags", _type_name), "caller": ("stack_id", caller),
+    return {"type": ("flags", type_name), "caller": ("stack_id", caller),
             "kvm": ("stack_id", lambda s: bool(kvm.get(int(s), False))),
             "lock_name": ("lock_addr", lambda a: lock_names.get(f"{int(a):#x}")),
             "lock": ("lock_addr", lambda a: lock_names.get(f"{int(a):#x}", f"{int(a):#x}")),
@@ -156,7 +143,6 @@ def annotated_aggregates(rec):
 def recorded_filters(rec, df):
     """df kept by the filters `record` left to the reader (a -L name glob, -S: see
     recording.filters), so every view of a recording shows the waits it asked for."""
-    from kvmlockprof.recording.filters import read_filters
     f = read_filters(rec.manifest)
     return apply_filters(rec, df, **f) if any(f.values()) else df
 
@@ -219,38 +205,6 @@ def spread_unwalked(aggs):
     out["min_ns"] = np.where(into, np.minimum(mn, umin[group]), mn)
     out["max_ns"] = np.where(into, np.maximum(mx, umax[group]), mx)
     return out[~(unwalked & spread)]
-
-
-_PID = re.compile(r"^kvm\(\d+\)->(vcpu\d+->)?")
-
-
-def lock_class(name):
-    """A KVM lock's class, its place in any VM: `kvm(1234)->vcpu0->mutex` ->
-    `vcpu->mutex`; `kvm(1234)->slots_lock` -> `kvm->slots_lock`."""
-    return _PID.sub(lambda m: "vcpu->" if m.group(1) else "kvm->", name)
-
-
-def lock_matches(patterns, addr, name):
-    """perf lock contention's -L: an address (0x...), or a glob on the lock's name,
-    its name without the pid, or its class (`kvm->mmu_lock`, `vcpu->mutex`)."""
-    forms = {str(name), re.sub(r"\(\d+\)", "", str(name)), lock_class(str(name)),
-             f"{int(addr):#x}"}
-    for p in patterns:
-        try:
-            if int(p, 16) == int(addr):
-                return True
-        except ValueError:          # not an address: a glob (`0xffff88*` too)
-            pass
-        if any(fnmatch.fnmatchcase(f, p) for f in forms):
-            return True
-    return False
-
-
-def type_matches(patterns, typ):
-    """perf's -Y: a type (`rwlock:R`) or its family (`rwlock`: both sides; `mutex`:
-    mutex and mutex-spin)."""
-    return any(typ == p or typ.split(":")[0] == p or typ.startswith(p + "-")
-               for p in patterns)
 
 
 def apply_filters(rec, df, locks=(), types=(), callstacks=()):

@@ -17,8 +17,8 @@ followed. A debugging probe: every lock operation of the host pays for its filte
 import pandas as pd
 
 from kvmlockprof import cdefs
-from kvmlockprof.analysis.locks import lock_class
-from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
+from kvmlockprof.locktypes import lock_class
+from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import CONTEXTS, IRQS, call_chains, callers
 
 KINDS = cdefs.labels("lockorder.bpf.c", "lo_kind", {

@@ -5,7 +5,7 @@ import errno
 import numpy as np
 import pandas as pd
 
-from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
+from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import duration_s, vm_label
 
 # kvm_xen_set_evtchn_fast()'s return values (the kernel's, not ours)

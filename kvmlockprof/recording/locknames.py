@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from kvmlockprof.analysis.locks import LCB_F_READ, LCB_F_SPIN, LCB_F_WRITE
+from kvmlockprof.locktypes import LCB_F_READ, LCB_F_SPIN, LCB_F_WRITE
 
 # The function probes' registry snapshots (FunctionProbes.snapshots): the live VMs
 # and vCPUs, and those whose end the vms probe saw.

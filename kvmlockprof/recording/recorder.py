@@ -18,9 +18,10 @@ from kvmlockprof.probes.sources import KERNEL_MEM_MB, load_btf, open_sources
 from kvmlockprof.recording import filters as filters_mod
 from kvmlockprof.recording import processes
 from kvmlockprof.recording import store as recording
+from kvmlockprof.recording.arrow import to_arrow
 from kvmlockprof.recording.locknames import REGISTRY_TABLES, SessionNames
 from kvmlockprof.recording.stacks import new_stack_ids, stack_ids_in, stacks_table
-from kvmlockprof.recording.store import Writer, check_output, to_arrow
+from kvmlockprof.recording.store import Writer, check_output
 from kvmlockprof.workload import WORK_ENV
 
 # What SessionNames.update reads of the aggregates (not the histograms: slow to convert)

@@ -65,34 +65,6 @@ def check_output(path, force):
         raise RecordingError(f"cannot write in {parent}: choose another -o")
 
 
-# --- numpy -> arrow ----------------------------------------------------------------
-
-def to_arrow(arr):
-    """A numpy structured array as an Arrow table, without a Python object per row.
-
-    char[] fields become dictionary strings (few distinct values: comm),
-    fixed-size numeric arrays become fixed-size lists (histograms)."""
-    cols, names = [], []
-    for name in arr.dtype.names:
-        if name.startswith("pad"):
-            continue
-        col = np.ascontiguousarray(arr[name])
-        if col.dtype.kind == "S":
-            if col.ndim > 1:                       # char[N] arrives as N x S1
-                col = col.view(f"S{col.shape[1]}").reshape(-1)
-            uniq, inv = np.unique(col, return_inverse=True)
-            words = pa.array([u.split(b"\0", 1)[0].decode(errors="replace") for u in uniq],
-                             pa.string())
-            cols.append(pa.DictionaryArray.from_arrays(pa.array(inv.astype(np.int32)), words))
-        elif col.ndim > 1:
-            cols.append(pa.FixedSizeListArray.from_arrays(pa.array(col.reshape(-1)),
-                                                          col.shape[1]))
-        else:
-            cols.append(pa.array(col))
-        names.append(name)
-    return pa.Table.from_arrays(cols, names=names)
-
-
 def _atomic(path, write):
     """write(tmp) then rename over path: readers see the old file or the new one,
     and a failed write (a full disk) leaves the old one and no debris."""
@@ -558,7 +530,8 @@ MANIFEST_TYPES = {"duration_s": _NUMBER, "start_monotonic_ns": int, "samples": i
 
 
 def _check_table(path, name, table, columns=None):
-    from kvmlockprof.catalog import table_columns      # (the catalog's probes import this module)
+    # here, not at the top: `import kvmlockprof` reads recordings without every probe loaded
+    from kvmlockprof.catalog import table_columns
     for col, kind in table_columns().get(name, {}).items():
         if columns is not None and col not in columns:
             continue
