@@ -69,7 +69,8 @@ class Probe:
     # contended ones)
     lock_columns: dict = field(default_factory=dict)
     # (Plan, Capabilities) -> None: turn targets off as a set (Plan.off says why), or
-    # point them at symbols chosen at run time, after the plan is made
+    # point them at symbols chosen at run time (from Plan.options: the same options
+    # `prepare` gets), after the plan is made
     adjust_plan: object = None
     # (bcc module, its options from the command line) -> dict for its status: fills
     # its maps before its programs attach
