@@ -34,7 +34,7 @@ def _live_problem():
     return _bpf_problem()
 
 
-def _require(problem):
+def require(problem):
     if problem:
         if os.environ.get("CI"):
             pytest.fail(f"live environment missing in CI: {problem}")
@@ -44,13 +44,13 @@ def _require(problem):
 @pytest.fixture(scope="session")
 def bpf_host():
     """Root, bcc and kernel headers: BPF programs can be compiled and loaded."""
-    _require(_bpf_problem())
+    require(_bpf_problem())
 
 
 @pytest.fixture(scope="session")
 def live():
     """bpf_host plus a usable /dev/kvm: the built-in workload runs."""
-    _require(_live_problem())
+    require(_live_problem())
 
 
 def klp(*args, check=True, timeout=120, **kw):

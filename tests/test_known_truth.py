@@ -58,12 +58,12 @@ def _sampled_recording(path, ev, every):
     every `every`-th of them, as record --sample-every writes it."""
     from kvmlockprof.recording.arrow import to_arrow
     from kvmlockprof.recording.store import Writer
-    from tests_support import _manifest, _stacks, aggregates_of
+    from tests_support import aggregates_of, sample_manifest, sample_stacks
     w = Writer(path)
     w.append("contention", to_arrow(ev[::every]))
-    w.append("stacks", _stacks())
+    w.append("stacks", sample_stacks())
     w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
-    m = _manifest(len(ev[::every]))
+    m = sample_manifest(len(ev[::every]))
     m["probes"]["contention"]["sample_every"] = every
     w.finalize(m)
     return kvmlockprof.load(str(path))
@@ -153,14 +153,14 @@ def test_per_vm_counts_each_instant_once(tmp_path):
     out = tmp_path / "n2.parquet"
     from kvmlockprof.recording.arrow import to_arrow
     from kvmlockprof.recording.store import Writer
-    from tests_support import _manifest, _stacks, aggregates_of, events
+    from tests_support import aggregates_of, events, sample_manifest, sample_stacks
     ev = events(rows)
     w = Writer(out)
     w.append("contention", to_arrow(ev))
-    w.append("stacks", _stacks())
+    w.append("stacks", sample_stacks())
     w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
     w.snapshot("nested_waits", nested)
-    m = _manifest(len(ev))
+    m = sample_manifest(len(ev))
     m["counters"].update(nested=2, irq_waits=0)
     w.finalize(m)
     rec = kvmlockprof.load(str(out))

@@ -676,7 +676,7 @@ def loss_fraction(rec):
     return lost / end if end else 0.0
 
 
-def _work_rate(rec, unit):
+def work_rate(rec, unit):
     w = _work(rec)[unit]
     return w / rec.manifest["duration_s"] if w and rec.manifest.get("duration_s") else 0.0
 
@@ -706,7 +706,7 @@ def check(base, new):
                     f"{sorted(every['NEW'], key=str)}): percentiles may be exact on one side "
                     "and bucket bounds on the other")
     for unit in ("exit", "memslot op"):
-        per_run = {name: np.array([_work_rate(r, unit) for r in recs])
+        per_run = {name: np.array([work_rate(r, unit) for r in recs])
                    for name, recs in sides.items()}
         rates = {name: v.mean() for name, v in per_run.items()}
         lo, hi = sorted(rates.values())

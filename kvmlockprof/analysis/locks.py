@@ -87,7 +87,7 @@ def _label_rules(info, lock_names):
             "tgid": ("tgid", int)}
 
 
-def _with_stack_columns(df, info, lock_names):
+def with_stack_columns(df, info, lock_names):
     """type, caller, kvm, lock_name and lock columns (Categoricals; kvm a bool
     array) for each row."""
     df = df.copy(deep=False)                # copy-on-write: new columns only
@@ -136,7 +136,7 @@ def annotated_aggregates(rec):
     def compute():
         aggs = rec.aggregates
         return aggs if aggs.empty else recorded_filters(
-            rec, _with_stack_columns(aggs, contention_stacks(rec), lock_names(rec)))
+            rec, with_stack_columns(aggs, contention_stacks(rec), lock_names(rec)))
     return rec.derived("annotated_aggregates", compute)
 
 
@@ -153,9 +153,9 @@ def _annotate(rec, columns=None):
     aggs = rec.aggregates
     samples = rec.table("contention", columns)
     if not aggs.empty:
-        aggs = recorded_filters(rec, _with_stack_columns(aggs, info, names))
+        aggs = recorded_filters(rec, with_stack_columns(aggs, info, names))
     if not samples.empty:
-        samples = recorded_filters(rec, _with_stack_columns(samples, info, names))
+        samples = recorded_filters(rec, with_stack_columns(samples, info, names))
     return aggs, samples
 
 
@@ -246,7 +246,7 @@ def lock_names(rec):
     return names
 
 
-def _group_keys(by):
+def group_keys(by):
     if by not in GROUPS:
         raise ValueError(f"--by must be one of {', '.join(GROUPS)}")
     return {"lock": ["lock", "type"], "address": ["lock_addr", "type"], "caller": ["caller"],
@@ -394,7 +394,7 @@ def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None, tids=
     {locks, types, callstacks} (perf's -L/-Y/-S). By thread, or with tids (perf's
     --tid), the table comes from the samples (_from_samples)."""
     chunked = streamed(rec)
-    keys = _group_keys(by)
+    keys = group_keys(by)
     cols = ["contended", "total_ns", "max_ns", "min_ns", "avg_ns", "p50_ns", "p90_ns",
             "p99_ns", "pct_exact", "type", "lock", "caller", "tgid", "comm", "vm", "kvm",
             "estimated"] + {"address": ["lock_addr"], "thread": ["tid"]}.get(by, [])
@@ -434,7 +434,7 @@ def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None, tids=
     out["avg_ns"] = out["total_ns"] / out["contended"]
     # (object: an empty mapping would give float NaNs, which refuse a str fill)
     out["comm"] = out["tgid"].map(comm).astype(object).fillna("?")
-    out["vm"] = out["tgid"].map(_vm_labels(rec)).astype(object).fillna(out["comm"])
+    out["vm"] = out["tgid"].map(vm_labels(rec)).astype(object).fillna(out["comm"])
     # (a filtered big recording: the log2 bounds of the filtered aggregates, as the
     # streamed samples are not filtered)
     exact = None if chunked and filters and any(filters.values()) else \
@@ -498,7 +498,7 @@ def _from_samples(rec, by, sort, limit, pids, tids, filters, cols):
         samples = samples[samples["tid"].isin(tids)]
     if samples.empty:
         return pd.DataFrame(columns=cols)
-    keys = _group_keys(by)
+    keys = group_keys(by)
     g = samples.groupby(keys, sort=False, observed=True)
     out = g.agg(contended=("_n", "sum"), total_ns=("_t", "sum"),
                 max_ns=("wait_ns", "max"), min_ns=("wait_ns", "min"), kvm=("kvm", "any"))
@@ -518,7 +518,7 @@ def _from_samples(rec, by, sort, limit, pids, tids, filters, cols):
     if by == "address":
         out["lock"] = _address_labels(out)
     out["avg_ns"] = out["total_ns"] / out["contended"]
-    out["vm"] = out["tgid"].map(_vm_labels(rec)).astype(object)
+    out["vm"] = out["tgid"].map(vm_labels(rec)).astype(object)
     if by == "thread":
         out["vm"] = out["vm"].fillna(out["comm"])
         out["comm"] = _vcpu_comms(rec, out)
@@ -658,7 +658,7 @@ def _comm_by_tgid(rec):
 def top_stacks(rec, row, by="lock", n=1):
     """The n stacks with the most wait inside one `top()` row."""
     aggs = annotated_aggregates(rec)
-    keys = _group_keys(by)
+    keys = group_keys(by)
     sel = np.logical_and.reduce([aggs[k] == row[k] for k in keys])
     info = contention_stacks(rec)
     part = aggs[sel & aggs["stack_id"].isin(info.index)].groupby("stack_id")["total_ns"] \
@@ -674,7 +674,7 @@ def waits_in_progress(rec):
     cols = ["tid", "tgid", "comm", "lock", "type", "caller", "age_ns", "stack_id"]
     if w.empty:
         return pd.DataFrame(columns=cols)
-    w = _with_stack_columns(w, contention_stacks(rec), lock_names(rec))
+    w = with_stack_columns(w, contention_stacks(rec), lock_names(rec))
     w["comm"] = w["tgid"].map(_comm_by_tgid(rec)).astype(object).fillna("?")
     return w.sort_values("age_ns", ascending=False)[cols].reset_index(drop=True)
 
@@ -773,7 +773,7 @@ def processes(rec):
     return df[cols]
 
 
-def _vm_labels(rec):
+def vm_labels(rec):
     p = processes(rec)
     return dict(zip(p["tgid"], p["vm"]))
 
@@ -785,7 +785,7 @@ _VCPU_COMM = re.compile(r"^(?:CPU (\d+)/KVM|kvmlp-vcpu(\d+))$")
 def vcpu_labels(rec, comms):
     """{tid: "VM/vcpuN"} of the vCPU threads among comms ({tid: comm}): the vCPU
     registry's index where the vms probe saw KVM_RUN, else the thread's name."""
-    vm = _vm_labels(rec)
+    vm = vm_labels(rec)
     v = rec.table("vcpus")
     if not {"tid", "tgid", "vcpu_idx"} <= set(v.columns):     # (no vms probe)
         v = pd.DataFrame({"tid": [], "tgid": [], "vcpu_idx": []})
@@ -837,7 +837,7 @@ def per_vm(rec):
     out["threads"] = samples.groupby("tgid")["tid"].nunique() if not samples.empty else 0
     out = out.reset_index()
     out["threads"] = out["threads"].fillna(0).astype(int)
-    out["vm"] = out["tgid"].map(_vm_labels(rec)).fillna("?")
+    out["vm"] = out["tgid"].map(vm_labels(rec)).fillna("?")
     return out[cols].sort_values("wait_ns", ascending=False, ignore_index=True)
 
 
@@ -856,7 +856,7 @@ def per_thread(rec):
     out = pd.DataFrame({"waits": g["_n"].sum(), "wait_ns": g["_t"].sum(),
                         "kvm_waits": g["_k"].sum()}).round().astype(np.int64).reset_index()
     out["estimated"] = estimated
-    out["vm"] = out["tgid"].map(_vm_labels(rec)).fillna("?")
+    out["vm"] = out["tgid"].map(vm_labels(rec)).fillna("?")
     out["comm"] = _vcpu_comms(rec, out)
     return out[cols].sort_values("wait_ns", ascending=False, ignore_index=True)
 

@@ -64,7 +64,7 @@ def _label(rec, df):
     comms = df["comm"].astype(str) if "comm" in df else pd.Series("?", index=df.index)
     vcpu = locks.vcpu_labels(rec, {t: (p, c) for t, p, c in
                                     zip(df["tid"], df["tgid"], comms)})
-    vm = locks._vm_labels(rec)
+    vm = locks.vm_labels(rec)
     return df.assign(vm=df["tgid"].map(vm).fillna(df["tgid"].astype(str)),
                      vcpu=[vcpu.get(t, f"{c} ({t})") for t, c in zip(df["tid"], comms)])
 

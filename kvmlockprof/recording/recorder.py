@@ -86,7 +86,7 @@ class Stop(Exception):
     """SIGTERM/SIGHUP: unwind like Ctrl-C so that `finally` detaches the probes."""
 
 
-def _raise_stop(signum, frame):
+def raise_stop(signum, frame):
     raise Stop(signal.Signals(signum).name)
 
 
@@ -167,7 +167,7 @@ class Recorder:
     def run(self):
         """Record until the duration ends, the command exits or a signal; return the manifest."""
         self.manifest = self._manifest_head()
-        old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+        old = {s: signal.signal(s, raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
         self.sources, child = {}, None
         try:
             self.kbtf = self._btf()

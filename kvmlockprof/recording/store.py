@@ -359,7 +359,7 @@ class Writer:
                         for i in range(pq.ParquetFile(f).metadata.num_row_groups):
                             t = pq.ParquetFile(f).read_row_group(i)
                             table_digests(t, merged)
-                            w.write_table(_as_union_rows(name, t, union),
+                            w.write_table(as_union_rows(name, t, union),
                                           row_group_size=max(1, t.num_rows))
                     if {c: d.hexdigest() for c, d in merged.items()} != \
                             integrity[name]["columns"]:
@@ -375,7 +375,7 @@ class Writer:
         return manifest
 
 
-def _as_union_rows(name, table, union):
+def as_union_rows(name, table, union):
     n = table.num_rows
     cols = [pa.array([name] * n, pa.string())]
     for field in union:
