@@ -43,10 +43,6 @@ COLUMNS = ["kind", "name", "metric", "unit", "better", "base", "new", "change", 
            "p_value", "p_adjusted", "ci_level"]
 
 
-class NotComparable(Exception):
-    """The two sides should not be compared; str() says why and what to do."""
-
-
 # --- identities -------------------------------------------------------------------
 
 def _func(frame):

@@ -487,12 +487,3 @@ def _frame(rel):
         if pa.types.is_list(f.type) or pa.types.is_large_list(f.type):
             df[f.name] = t.column(f.name).to_pylist()
     return df
-
-
-def help_text():
-    """The views and their columns, for --help and the README."""
-    lines = ["Views (every one starts with host, kernel, run, recording):"]
-    for t, cols in SCHEMA.items():
-        lines.append(f"  {t}: " + ", ".join(n for n, _, _ in cols))
-    lines.append("  and each function probe's own tables under their names (vms, gpc_ops, ...)")
-    return lines

@@ -34,7 +34,6 @@ FORMAT = "kvmlockprof-recording"
 VERSION = 2                 # 2: the manifest has `integrity` (a version 2 file lacking it
 READABLE = (1, 2)           # is damaged); version 1 files are read unchecked
 MANIFEST_KEY = b"kvmlockprof.manifest"
-SNAPSHOT_TABLES = ("aggregates",)     # rewritten whole at every flush, not appended
 # An appended table's chunks (one a flush, a second) are merged into one file once
 # there are this many, and so on up, a level at a time (see Writer._compact).
 COMPACT_CHUNKS = 30
