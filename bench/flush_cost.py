@@ -1,13 +1,13 @@
 """Flush cost and kernel memory of the contention aggregates: the shared hash record
 uses against the per-CPU hash it used before, side by side, at K active keys.
 
-Both maps hold the same K keys (filled from user space, every value changed before
-each flush, the worst case); a flush is what record does every second with them:
-read the map (BPF_MAP_LOOKUP_BATCH), make the Arrow table, write the Parquet
-snapshot when record's Snapshots policy says so, and the manifest. CPU is this process's (user + system) per flush, so
-the share of one CPU at one flush a second. Memory is the kernel's (memlock).
-In the lab's 6.1 kernel with --possible-cpus 256, a big host's per-CPU sizes (the
-old layout at -M 4096 there: 16384 entries would take 2.3 GB):
+Both maps hold the same K keys (filled from user space, every value changed before each
+flush, the worst case); a flush is what record does every second with them: read the map
+(BPF_MAP_LOOKUP_BATCH), make the Arrow table, write the Parquet snapshot when record's
+Snapshots policy says so, and the manifest. CPU is this process's (user + system) per
+flush, so the share of one CPU at one flush a second. Memory is the kernel's (memlock).
+In the lab's 6.1 kernel with --possible-cpus 256, a big host's per-CPU sizes (the old
+layout at -M 4096 there: 16384 entries would take 2.3 GB):
     kvmlockprof lab --kernel /boot/vmlinuz-6.1.0-56-amd64 --possible-cpus 256 --memory 3G \
         -- python bench/flush_cost.py -M 4096
 """

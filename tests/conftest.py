@@ -19,7 +19,7 @@ def _bpf_problem():
         import bcc  # noqa: F401
     except ImportError:
         return "bcc Python bindings missing (python3-bpfcc)"
-    from kvmlockprof.kernel import headers, host, tracefs
+    from kvmlockprof.kernel import headers, tracefs
     tracefs.mount_tracefs()
     if not tracefs.tracepoint_exists("lock", "contention_end"):
         return "no lock:contention_* tracepoints in this kernel"
@@ -39,6 +39,15 @@ def require(problem):
         if os.environ.get("CI"):
             pytest.fail(f"live environment missing in CI: {problem}")
         pytest.skip(f"live environment missing: {problem}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs root (the bpf_host or live fixture, its own or a fixture's it
+    uses) is marked live: `-m "not live"` is what runs unprivileged (make test's first
+    stage)."""
+    for item in items:
+        if {"bpf_host", "live"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.live)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ import json
 import re
 
 import duckdb
-import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest

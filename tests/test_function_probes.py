@@ -718,8 +718,10 @@ def test_a_handler_the_verifier_refuses_fails_its_probe(module, monkeypatch):
             raise bpfload.BpfUnavailable(f"Failed to load BPF program {fn}: Permission "
                                          f"denied: {bpfload._reason(log)}")
     monkeypatch.setattr(bpfload, "load_func", load_func)
-    monkeypatch.setattr(module.bpf, "attach_kprobe", lambda event, fn_name: attached.append(fn_name))
-    monkeypatch.setattr(module.bpf, "detach_kprobe", lambda event, fn_name: detached.append(fn_name))
+    monkeypatch.setattr(module.bpf, "attach_kprobe",
+                        lambda event, fn_name: attached.append(fn_name))
+    monkeypatch.setattr(module.bpf, "detach_kprobe",
+                        lambda event, fn_name: detached.append(fn_name))
     st = module._attach(lo, plan)
     assert st["status"] == "failed", st
     assert st["reason"].startswith("LOLM (mutex_lock): ") and \

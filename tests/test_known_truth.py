@@ -2,7 +2,6 @@
 recordings whose truth the test sets: each expected value is computed from the
 made-up waits themselves with numpy, not with the project's rules."""
 import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 
 import kvmlockprof
@@ -145,7 +144,6 @@ def test_per_vm_counts_each_instant_once(tmp_path):
     import pyarrow as pa
     rows = [(10_000, 0x1000, 7, 32, 1), (300, 0x2000, 7, 1, 2), (200, 0x2000, 7, 1, 2)]
     path = small_recording(tmp_path / "n.parquet", rows)
-    from tests_support import rewrite
     nested = pa.table({"lock_addr": pa.array([0x2000], pa.uint64()),
                        "tgid": pa.array([7], pa.uint32()), "irq": pa.array([0], pa.uint32()),
                        "count": pa.array([2], pa.uint64()),

@@ -154,7 +154,8 @@ class Recorder:
             map_entries=self.map_entries, prefer=self.prefer, stack_every=self.stack_every,
             stack_budget=self.stack_budget, kernel_mem_mb=self.kernel_mem_mb,
             max_stack=self.max_stack, kfilter=self.kfilter, vcpu_exits=self.vcpu_exits,
-            probe_options=self.probe_options, warn=self.warn, status=self.manifest["probes"], kbtf=self.kbtf)
+            probe_options=self.probe_options, warn=self.warn, status=self.manifest["probes"],
+            kbtf=self.kbtf)
         self.manifest["kernel_memory"] = dict(memory, limit_mb=self.kernel_mem_mb)
         return sources
 

@@ -511,8 +511,9 @@ def _first_line(e):
     return s[0] if s else type(e).__name__
 
 
-# Each table's columns the analyses need (kinds: "n" numeric, "s" strings, "l" lists, "ls" lists of strings)
-# are its probe's (catalog.table_columns()): a damaged file that lacks them is refused.
+# Each table's columns the analyses need (kinds: "n" numeric, "s" strings, "l" lists, "ls"
+# lists of strings) are its probe's (catalog.table_columns()): a damaged file that lacks
+# them is refused.
 _KIND = {"n": pa.types.is_integer, "s": lambda t: pa.types.is_string(t) or (
     pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)),
     "l": lambda t: pa.types.is_list(t) or pa.types.is_fixed_size_list(t),
