@@ -51,7 +51,7 @@ def per_cpu_snapshot(table):
     """Old flush: every CPU's copy read, then reduced (sum; max by max)."""
     key_dt, val_dt = bpfload.table_dtypes(table)
     leaf_dt = np.dtype((val_dt, np.dtype(table.Leaf).shape))
-    karr, varr = maps._lookup_batch(table, key_dt, leaf_dt)
+    karr, varr = maps.lookup_batch(table, key_dt, leaf_dt)
     red = {n: (varr[n].max(axis=1) if n.startswith("max") else varr[n].sum(axis=1))
            for n in val_dt.names}
     out = np.zeros(len(karr), [(n, key_dt.fields[n][0]) for n in key_dt.names] +

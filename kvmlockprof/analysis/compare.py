@@ -598,7 +598,7 @@ def _single_rows(base, new, bt, nt, identities, lock_metrics=LOCK_METRICS, probe
             if metric in RATE_METRICS:      # a run that did not contend: rate 0
                 b, n = (o or ("rate", np.zeros(_nbins(r)), _exposure(r, metric, _nbins(r)))
                         if _has_unit(r, metric) else o for o, r in ((b, base), (n, new)))
-            values = [_observed_value(o) for o in (b, n)]
+            values = [observed_value(o) for o in (b, n)]
             row = _row("lock", ident, metric, better, unit, *(v for v, _ in values),
                        *(c for _, c in values))
             row["test"] = single_test(b, n, row["base"])
@@ -616,7 +616,7 @@ def _single_rows(base, new, bt, nt, identities, lock_metrics=LOCK_METRICS, probe
     return rows
 
 
-def _observed_value(obs):
+def observed_value(obs):
     """(value, count) of one side's single-run observations (NaN, 0 without)."""
     if obs is None:
         return np.nan, 0
