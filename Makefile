@@ -152,4 +152,4 @@ lab-arm64-test: setup $(LAB_ARM64_STAMP)
 	$(PY) -m pytest -ra -m "lab and arm64" -s
 
 clean:
-	rm -rf $(VENV) demo.parquet demo-report.txt demo-report.html .pytest_cache
+	rm -rf $(VENV) demo.parquet demo-report.txt demo-report.html .pytest_cache .ruff_cache
