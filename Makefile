@@ -3,6 +3,7 @@
 VENV    := .venv
 PY      := $(VENV)/bin/python
 KLP     := $(VENV)/bin/kvmlockprof
+RUFF    := $(VENV)/bin/ruff
 STAMP   := $(VENV)/.installed
 APT_PKGS := bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64 python3-venv bpftool chromium tmux dwarves linux-perf
 # The lab: QEMU and virtme-ng's static busybox; kernels below.
@@ -107,10 +108,14 @@ $(SPEEDSCOPE)/package/dist/release/index.html:
 
 # A real Prometheus server scrapes the exporter in tests/test_live_exporter.py (the test
 # runs its own on 127.0.0.1; the package's service is not used).
+# Lint, then the tests that need no root (-x: a broken import stops it in seconds), then
+# those that do (marked live: real BPF, /dev/kvm; tests/conftest.py).
 TEST_PKGS := prometheus
 test: setup viewers
 	$(call apt-install,$(TEST_PKGS),--no-install-recommends)
-	$(PY) -m pytest -ra -m "not lab"
+	$(RUFF) check .
+	$(PY) -m pytest -ra -x -m "not lab and not live"
+	$(PY) -m pytest -ra -m "not lab and live"
 
 $(LAB_STAMP): $(STAMP) | lab-apt
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,lab]'
@@ -147,4 +152,4 @@ lab-arm64-test: setup $(LAB_ARM64_STAMP)
 	$(PY) -m pytest -ra -m "lab and arm64" -s
 
 clean:
-	rm -rf $(VENV) demo.parquet demo-report.txt demo-report.html .pytest_cache
+	rm -rf $(VENV) demo.parquet demo-report.txt demo-report.html .pytest_cache .ruff_cache

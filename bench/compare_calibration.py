@@ -117,12 +117,12 @@ def single_scenario(rng, reports, locks=20, seconds=(2.0, 2.05)):
             rate, sigma = np.exp(rng.uniform(np.log(50), np.log(5000))), rng.uniform(0.8, 2.0)
             b, n = (single_observations(rng, rate, sigma, 9, s) for s in seconds)
             for metric in b.keys() & n.keys():
-                value = compare._observed_value(b[metric])[0]
+                value = compare.observed_value(b[metric])[0]
                 t = compare.single_test(b[metric], n[metric], value)
                 if t is None:
                     continue
                 p.append(t.p())
-                ratio.append(compare._observed_value(n[metric])[0] / value)
+                ratio.append(compare.observed_value(n[metric])[0] / value)
                 tested[metric] = tested.get(metric, 0) + 1
                 rejected[metric] = rejected.get(metric, 0) + (p[-1] <= 0.05)
         adj = compare.bh_adjusted(p)

@@ -1,13 +1,13 @@
 """Flush cost and kernel memory of the contention aggregates: the shared hash record
 uses against the per-CPU hash it used before, side by side, at K active keys.
 
-Both maps hold the same K keys (filled from user space, every value changed before
-each flush, the worst case); a flush is what record does every second with them:
-read the map (BPF_MAP_LOOKUP_BATCH), make the Arrow table, write the Parquet
-snapshot when record's Snapshots policy says so, and the manifest. CPU is this process's (user + system) per flush, so
-the share of one CPU at one flush a second. Memory is the kernel's (memlock).
-In the lab's 6.1 kernel with --possible-cpus 256, a big host's per-CPU sizes (the
-old layout at -M 4096 there: 16384 entries would take 2.3 GB):
+Both maps hold the same K keys (filled from user space, every value changed before each
+flush, the worst case); a flush is what record does every second with them: read the map
+(BPF_MAP_LOOKUP_BATCH), make the Arrow table, write the Parquet snapshot when record's
+Snapshots policy says so, and the manifest. CPU is this process's (user + system) per
+flush, so the share of one CPU at one flush a second. Memory is the kernel's (memlock).
+In the lab's 6.1 kernel with --possible-cpus 256, a big host's per-CPU sizes (the old
+layout at -M 4096 there: 16384 entries would take 2.3 GB):
     kvmlockprof lab --kernel /boot/vmlinuz-6.1.0-56-amd64 --possible-cpus 256 --memory 3G \
         -- python bench/flush_cost.py -M 4096
 """
@@ -22,7 +22,8 @@ from kvmlockprof.kernel import bpfload, bpfstats, maps
 from kvmlockprof.probes.contention import ContentionProbe
 from kvmlockprof.probes.sources import possible_cpus
 from kvmlockprof.recording.recorder import SNAPSHOT_S, Snapshots
-from kvmlockprof.recording.store import Writer, to_arrow
+from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording.store import Writer
 
 from results_io import RESULTS, save      # bench/ is on sys.path when run as a script
 
@@ -50,7 +51,7 @@ def per_cpu_snapshot(table):
     """Old flush: every CPU's copy read, then reduced (sum; max by max)."""
     key_dt, val_dt = bpfload.table_dtypes(table)
     leaf_dt = np.dtype((val_dt, np.dtype(table.Leaf).shape))
-    karr, varr = maps._lookup_batch(table, key_dt, leaf_dt)
+    karr, varr = maps.lookup_batch(table, key_dt, leaf_dt)
     red = {n: (varr[n].max(axis=1) if n.startswith("max") else varr[n].sum(axis=1))
            for n in val_dt.names}
     out = np.zeros(len(karr), [(n, key_dt.fields[n][0]) for n in key_dt.names] +

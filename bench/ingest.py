@@ -17,7 +17,7 @@ import time
 
 from kvmlockprof.kernel import bpfload
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
-from kvmlockprof.recording.store import to_arrow
+from kvmlockprof.recording.arrow import to_arrow
 
 from results_io import RESULTS, save      # bench/ is on sys.path when run as a script
 

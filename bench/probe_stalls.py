@@ -22,7 +22,9 @@ from results_io import RESULTS, save      # bench/ is on sys.path when run as a 
 
 FIRST = r"""
 BPF_TABLE_PUBLIC("percpu_array", u32, u64, stall_first, 2);
-static inline int stamp(u32 tp) { u64 now = bpf_ktime_get_ns(); stall_first.update(&tp, &now); return 0; }
+static inline int stamp(u32 tp) {
+    u64 now = bpf_ktime_get_ns(); stall_first.update(&tp, &now); return 0;
+}
 RAW_TRACEPOINT_PROBE(contention_begin) { return stamp(0); }
 RAW_TRACEPOINT_PROBE(contention_end) { return stamp(1); }
 """

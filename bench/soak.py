@@ -94,8 +94,8 @@ def main():
           f"{res['file_mb']:.0f} MB file")
     print(f"  record RSS {res['rss_mb_at_30s']:.0f} MiB at 30 s -> {res['rss_mb_end']:.0f} MiB "
           f"at the end (after 5 min: {res['rss_mb_per_h']:+.1f} MiB/h, anonymous "
-          f"{res['anon_mb_per_h']:+.1f} MiB/h); CPU {res['record_cpu_share']:.1%} of one CPU; at most "
-          f"{res['max_files']} files in .partial")
+          f"{res['anon_mb_per_h']:+.1f} MiB/h); CPU {res['record_cpu_share']:.1%} of one CPU; "
+          f"at most {res['max_files']} files in .partial")
     print(f"  report: {report_s:.1f} s, peak RSS {res['report_peak_rss_mb']:.0f} MiB")
     save(res, a.output)
 

@@ -1,102 +1,15 @@
-"""The probe catalog: what a probe is, and the registry of them.
+"""The probe catalog: the registry of probes, the built-in ones first.
 
 A probe is its BPF C file under bpf/ and one module under kvmlockprof/probes/ that
-declares its Probe: targets, tables, and the hooks through which report, HTML,
-top and compare show it (`sections`, `compare`, `top`). The loader, doctor,
-`probes`, `record` and every view iterate over CATALOG; none names a probe.
+declares its Probe (kvmlockprof/probe.py: targets, tables, and the hooks through which
+report, HTML, top and compare show it: `sections`, `compare`, `top`). The loader,
+doctor, `probes`, `record` and every view iterate over CATALOG; none names a probe.
 Adding one: the two files, and its module in probes.BUILTIN (or register() it).
-
-For a function probe, each Target names the kernel function (newest name first,
-older aliases after), the attach methods it allows in order of preference, the
-parameters the C reads (their positions come from BTF, else from `signatures`),
-and whether a return handler is needed. The C sees, per target KEY:
-KVMLP_M_KEY (the method: one of KVMLP_M_* in bpf/common.h), KVMLP_S_KEY (the
-symbol), KVMLP_N_KEY (argument count), KVMLP_A_KEY_PARAM (argument index or -1).
-Struct field offsets (`fields`) reach it as KVMLP_OFF_NAME, -1 where BTF lacks one.
 """
-from dataclasses import dataclass, field
-
-from kvmlockprof import cdefs
-
-TRACEPOINT = "raw_tracepoint"    # never perf-attached: see bpf/contention.bpf.c
-FENTRY = "fentry"
-KPROBE = "kprobe"
-# The C's codes for them (KVMLP_M_*, bpf/common.h), which its macros paste as suffixes
-METHOD_CODE = {None: cdefs.define("common.h", "KVMLP_M_OFF"),
-               FENTRY: cdefs.define("common.h", "KVMLP_M_FENTRY"),
-               KPROBE: cdefs.define("common.h", "KVMLP_M_KPROBE")}
-
-
-@dataclass(frozen=True, eq=False)   # catalog entries are singletons: hash by identity
-class Target:
-    key: str                       # C macro suffix
-    symbols: tuple                 # newest name first: the first one present is used
-    methods: tuple                 # attach methods allowed, preferred first
-    params: tuple = ()             # parameter names the C reads
-    signatures: dict = field(default_factory=dict)   # symbol -> parameter names (no BTF)
-    ret: bool = False              # needs a return handler
-    optional: bool = False         # the probe still works without this target
-    why_limited: str = ""          # why some methods are impossible for it
-
-    @property
-    def name(self):
-        return self.symbols[0]
-
-
-@dataclass(frozen=True)
-class Section:
-    """One part of a probe's report: a table (DataFrame from a Recording, empty
-    when there is nothing), and optionally its figure (plotly, or None)."""
-    key: str
-    title: str
-    frame: object                  # rec -> DataFrame
-    figure: object = None          # rec -> figure or None
-    hex: tuple = ()                # columns of kernel addresses, shown in hex
-
-
-@dataclass(frozen=True, eq=False)   # catalog entries are singletons: hash by identity
-class Probe:
-    name: str
-    summary: str
-    targets: tuple
-    bpf: str = ""
-    header: str = ""               # the C file of its enums, if not `bpf`
-    arch: tuple = ("x86_64", "aarch64")
-    tables: tuple = ()             # recording tables it fills
-    columns: dict = field(default_factory=dict)     # table -> {column: kind}, checked on read
-    streams: tuple = ()            # (ring buffer map, recording table)
-    aggregates: tuple = ()         # (in-kernel map, recording table), snapshotted
-    fields: dict = field(default_factory=dict)      # KVMLP_OFF_X -> (struct, field path)
-    # its own build-time knobs, for its C: a dict, or kbtf -> dict (sizes from BTF)
-    defines: object = field(default_factory=dict)
-    # table -> columns holding lock addresses that `record` names (as it names the
-    # contended ones)
-    lock_columns: dict = field(default_factory=dict)
-    # (Plan, Capabilities) -> None: turn targets off as a set (Plan.off says why), or
-    # point them at symbols chosen at run time, after the plan is made
-    adjust_plan: object = None
-    # (bcc module, its options from the command line) -> dict for its status: fills
-    # its maps before its programs attach
-    prepare: object = None
-    sections: tuple = ()           # its Sections of report and HTML, in order
-    compare: object = None         # rec -> {(metric, better, unit): value}
-    # (stream batches, map snapshots) -> {name: (hits, total, counted since the start)}
-    top: object = None
-    needs: tuple = ()              # kernel config a probe needs, for the why-not
-    uses: tuple = ()               # probes recorded with it (what names its findings)
-    notes: str = ""
-    fires: str = ""                # how often its programs run: its cost class
-    # Why plain record/top leave it off (its measured cost, bench/README.md "Function
-    # probe costs"); "" : on by default. --probes attaches it.
-    opt_in: str = ""
-
-    @property
-    def counters(self):
-        """Names of its in-kernel counters, in order: `enum <name>_counter` of its C
-        (a probe with C must have one: its slots in the shared array come from it)."""
-        return cdefs.counters(self.header or self.bpf, f"{self.name}_counter") \
-            if self.bpf else ()
-
+from kvmlockprof import probes
+# What a probe is, for whoever declares one beside the catalog (register())
+from kvmlockprof.probe import (  # noqa: F401
+    FENTRY, KPROBE, METHOD_CODE, TRACEPOINT, Probe, Section, Target)
 
 CATALOG = []           # in registration order: the built-in probes first
 BY_NAME = {}
@@ -143,6 +56,5 @@ def table_columns():
     return {t: cols for p in CATALOG for t, cols in p.columns.items()}
 
 
-# The built-in probes register themselves (probes/__init__.py); their modules need
-# the classes above, so this comes last.
-from kvmlockprof import probes  # noqa: E402,F401
+for _probe in probes.BUILTIN:
+    register(_probe)

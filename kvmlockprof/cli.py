@@ -272,10 +272,10 @@ vcpu_exits_option = click.option(
 @click.option("--run", "run_label", metavar="LABEL", help="A label for this run (default: its "
               "start time): `query`'s run column.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def record(duration, pids, vm_names, system_wide, output, force, sample_every, ringbuf_mb, map_nr_entries,
-           stack_every, stack_budget, max_stack, probe_names, prefer, srcu_at, kernel_mem_mb,
-           quiet, host_label, run_label, command, lock_filter, type_filter, callstack_filter, tids,
-           cgroups, vcpu_exits, watch):
+def record(duration, pids, vm_names, system_wide, output, force, sample_every, ringbuf_mb,
+           map_nr_entries, stack_every, stack_budget, max_stack, probe_names, prefer, srcu_at,
+           kernel_mem_mb, quiet, host_label, run_label, command, lock_filter, type_filter,
+           callstack_filter, tids, cgroups, vcpu_exits, watch):
     """Record lock contention to a Parquet recording.
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
@@ -834,7 +834,7 @@ def ab(runs, duration, workload_args, base_args, new_args, base_kernel, new_kern
               "other bcc tools find them too.")
 def doctor(fix):
     """What this host can profile, and why not."""
-    from kvmlockprof.kernel import capabilities, headers, host
+    from kvmlockprof.kernel import capabilities, headers
     from kvmlockprof import catalog
     caps = capabilities.probe_host()
     rows = [(c.name, c.status, c.detail) for c in caps.checks.values()]
@@ -999,7 +999,8 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, arch,
               help="Also print the work done so far as a JSON line this often (seconds; "
                    "for benchmarks that measure while it runs).")
 def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, xen_slow_every,
-             xen_vcpu_info, xen_timer_every, apic_toggle_every, lpis, msi_threads, msi_rate, lpi_reset_every, name, vms, as_json, progress_every):
+             xen_vcpu_info, xen_timer_every, apic_toggle_every, lpis, msi_threads, msi_rate,
+             lpi_reset_every, name, vms, as_json, progress_every):
     """Built-in KVM workload: a tiny VMM over /dev/kvm (no QEMU)."""
     from kvmlockprof.workload import WORK_ENV, KvmError, run, run_vms
     from kvmlockprof.workload.vmm import KICK_AFTER_S
@@ -1039,7 +1040,8 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
     else:
         click.echo(f"workload pid {done['pid']}{f' ({vms} VMs)' if vms > 1 else ''}: "
                    f"{done['exits_total']} exits in "
-                   f"{done['duration_s']:.1f} s ({', '.join(f'{x:.0f}' for x in done['exits_per_s_per_vcpu'])}"
+                   f"{done['duration_s']:.1f} s "
+                   f"({', '.join(f'{x:.0f}' for x in done['exits_per_s_per_vcpu'])}"
                    f" /s per vCPU), {done['churn_ops']} memslot ops, "
                    f"{done['msr_writes']} kvmclock MSR writes, {done['xen_sends']} Xen sends" +
                    (f", {done['xen_timers']} expired Xen timers" if done.get("xen_timers")

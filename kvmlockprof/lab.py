@@ -465,10 +465,11 @@ def run_group(argv, timeout=None, check=False, capture_output=False, stdout=None
     kept, output the caller did not redirect is copied live to our stdout/stderr
     (or to the file given), and the last `tail_lines` lines are kept in any case.
     When the command ends, whatever is left of its group is killed. On a timeout
-    the group is killed (SIGTERM, SIGKILL after `grace` s, KILL_GRACE_S by default), reaped, and LabTimeout
-    (a LabError and a TimeoutExpired) quotes the last lines; on Ctrl-C the group is
-    killed and KeyboardInterrupt goes on; on any other error, LabError. console: a
-    Console, which takes the guest kernel's lines out of stderr; errors quote it too."""
+    the group is killed (SIGTERM, SIGKILL after `grace` s, KILL_GRACE_S by default),
+    reaped, and LabTimeout (a LabError and a TimeoutExpired) quotes the last lines; on
+    Ctrl-C the group is killed and KeyboardInterrupt goes on; on any other error,
+    LabError. console: a Console, which takes the guest kernel's lines out of stderr;
+    errors quote it too."""
     if capture_output:
         if stdout is not None or stderr is not None:
             raise ValueError("capture_output with stdout or stderr")

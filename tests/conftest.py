@@ -19,7 +19,7 @@ def _bpf_problem():
         import bcc  # noqa: F401
     except ImportError:
         return "bcc Python bindings missing (python3-bpfcc)"
-    from kvmlockprof.kernel import headers, host, tracefs
+    from kvmlockprof.kernel import headers, tracefs
     tracefs.mount_tracefs()
     if not tracefs.tracepoint_exists("lock", "contention_end"):
         return "no lock:contention_* tracepoints in this kernel"
@@ -34,23 +34,32 @@ def _live_problem():
     return _bpf_problem()
 
 
-def _require(problem):
+def require(problem):
     if problem:
         if os.environ.get("CI"):
             pytest.fail(f"live environment missing in CI: {problem}")
         pytest.skip(f"live environment missing: {problem}")
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that needs root (the bpf_host or live fixture, its own or a fixture's it
+    uses) is marked live: `-m "not live"` is what runs unprivileged (make test's first
+    stage)."""
+    for item in items:
+        if {"bpf_host", "live"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.live)
+
+
 @pytest.fixture(scope="session")
 def bpf_host():
     """Root, bcc and kernel headers: BPF programs can be compiled and loaded."""
-    _require(_bpf_problem())
+    require(_bpf_problem())
 
 
 @pytest.fixture(scope="session")
 def live():
     """bpf_host plus a usable /dev/kvm: the built-in workload runs."""
-    _require(_live_problem())
+    require(_live_problem())
 
 
 def klp(*args, check=True, timeout=120, **kw):

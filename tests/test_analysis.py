@@ -61,7 +61,7 @@ def test_pid_filter_in_report(tmp_path):
 
 
 def test_to_arrow_keeps_layout():
-    from kvmlockprof.recording.store import to_arrow
+    from kvmlockprof.recording.arrow import to_arrow
     t = to_arrow(events([(1, 2, 3, 4, 5)]))
     assert t.column("comm").to_pylist() == ["vcpu"]
     assert t.column("wait_ns").to_pylist() == [1]

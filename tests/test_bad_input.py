@@ -130,7 +130,7 @@ def test_damaged_recording(recording, tmp_path):
 def test_flush_cut_short_is_left_out(tmp_path):
     """An interrupted recording whose last flush was cut short before its manifest:
     reported as of the manifest, with a warning that names what was left out."""
-    from kvmlockprof.recording.store import to_arrow
+    from kvmlockprof.recording.arrow import to_arrow
     from tests_support import partial_recording
     d, w, ev = partial_recording(tmp_path / "r.parquet")
     w.append("contention", to_arrow(ev[4:]))

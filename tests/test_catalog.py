@@ -79,7 +79,7 @@ def test_opt_in_probes_attach_only_when_asked(monkeypatch):
     opt_in = [p for p in catalog.CATALOG if p.opt_in]
     assert opt_in, "no probe is opt-in: the cost table (bench/README.md) says some are"
     monkeypatch.setattr(capabilities, "probe_host", lambda full=False: None)
-    monkeypatch.setattr(capabilities, "plan", lambda p, caps, prefer=None:
+    monkeypatch.setattr(capabilities, "plan", lambda p, caps, prefer=None, options=None:
                         SimpleNamespace(ok=True, reason="", method="kprobe"))
     status = {}
     plans = sources._function_plans(None, status, None, lambda m: None)

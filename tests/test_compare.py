@@ -201,17 +201,18 @@ def test_quantile_interval_inverts_its_test():
 def _single_recording(path, rate, seconds, rng, waits=(9, 1.2)):
     """One run: waits on one lock (mutex under kvm_vm_ioctl) arriving at `rate`/s
     (Poisson) for `seconds`, lognormal wait times."""
-    from kvmlockprof.recording.store import Writer, to_arrow
-    from tests_support import _manifest, _stacks, aggregates_of, events
+    from kvmlockprof.recording.arrow import to_arrow
+    from kvmlockprof.recording.store import Writer
+    from tests_support import aggregates_of, events, sample_manifest, sample_stacks
     n = rng.poisson(rate * seconds)
     ts = np.sort(rng.uniform(0, seconds * 1e9, n)).astype(np.uint64)
     ev = events([(int(w), 0x1000, 7, 32, 1) for w in rng.lognormal(*waits, n).round() + 1])
     ev["ts_ns"] = ts
     w = Writer(path)
     w.append("contention", to_arrow(ev))
-    w.append("stacks", _stacks())
+    w.append("stacks", sample_stacks())
     w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
-    w.finalize(_manifest(len(ev), duration_s=seconds, start_monotonic_ns=0))
+    w.finalize(sample_manifest(len(ev), duration_s=seconds, start_monotonic_ns=0))
     import kvmlockprof
     return kvmlockprof.load(path)
 

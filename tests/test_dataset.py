@@ -4,7 +4,6 @@ import json
 import re
 
 import duckdb
-import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
@@ -12,10 +11,11 @@ import pytest
 import kvmlockprof
 from kvmlockprof.analysis import locks
 from kvmlockprof.recording import dataset
-from kvmlockprof.recording.store import Writer, to_arrow
+from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording.store import Writer
 
 from conftest import klp
-from tests_support import _manifest, _stacks, aggregates_of, events, partial_recording
+from tests_support import aggregates_of, events, partial_recording, sample_manifest, sample_stacks
 
 
 def recording(path, host, pid, rows, run=None, **manifest):
@@ -24,11 +24,11 @@ def recording(path, host, pid, rows, run=None, **manifest):
     ev = events([(w, addr, pid, flags, sid) for w, addr, flags, sid in rows])
     w = Writer(path)
     w.append("contention", to_arrow(ev))
-    w.append("stacks", _stacks())
+    w.append("stacks", sample_stacks())
     w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
     names = {"0x1000": {"name": f"kvm({pid})->slots_lock", "how": "test"},
              "0x3000": {"name": f"kvm({pid})->vcpu0->mutex", "how": "test"}}
-    w.finalize(_manifest(len(ev), host=host, lock_names=names,
+    w.finalize(sample_manifest(len(ev), host=host, lock_names=names,
                          start=f"2026-12-0{pid % 9 + 1}T10:00:00+00:00",
                          **({"run": run} if run else {}), **manifest))
     return str(path)

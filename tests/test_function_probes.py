@@ -14,7 +14,8 @@ from kvmlockprof.kernel.maps import read_hash
 from kvmlockprof.probes import gpc, srcu, vgic, xarray, xen_evtchn
 from kvmlockprof.probes.functions import (SHARED_FENTRY, FunctionProbes, dispatch_source,
                                           forced_plans, module_defines, shared_fentry)
-from kvmlockprof.recording.store import Writer, to_arrow
+from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording.store import Writer
 
 FUNCTION_PROBES = [p for p in catalog.CATALOG if p.name != "contention"]
 
@@ -580,6 +581,31 @@ def test_lockorder_turns_off_a_lock_kind_whose_unlock_is_inlined():
     assert "_raw_spin_unlock_irqrestore" in plan.off["spin"]
 
 
+def test_lockorder_srcu_at_is_each_plans_own(tmp_path):
+    """--srcu-at reaches the lockorder probe through its plan's options: two plans
+    (and two Recorders) made in one process with different lists each see their own,
+    and one without the option the default: no module state carries one over."""
+    from kvmlockprof.kernel.capabilities import Capabilities, Check, plan
+    from kvmlockprof.probes import lockorder as lo
+    from kvmlockprof.recording.recorder import Recorder
+    p = catalog.BY_NAME["lockorder"]
+    fns = ["kvm_gpc_check", "kvm_xen_set_evtchn_fast", "kvm_gpc_refresh"]
+    caps = Capabilities(checks={"kprobe attach": Check("kprobe attach", True, "")},
+                        symbols={s: "" for t in p.targets for s in t.symbols + tuple(fns)})
+
+    def slots(opts):
+        got = plan(p, caps, options=opts)
+        return [got.targets[f"LOAT{i}"][0] for i in range(lo.SRCU_AT_SLOTS)]
+    assert slots({"srcu_at": fns[:2]}) == fns[:2] + [None, None]
+    assert slots({"srcu_at": fns[2:]}) == fns[2:] + [None, None, None]
+    assert slots(None) == ["kvm_vcpu_update_apicv", None, None, None]
+    first = Recorder(tmp_path / "a.parquet", srcu_at=fns[:2])
+    second = Recorder(tmp_path / "b.parquet")
+    assert first._manifest_head()["srcu_at"] == fns[:2]
+    assert second._manifest_head()["srcu_at"] == list(lo.SRCU_AT_DEFAULT)
+    assert second.probe_options["lockorder"] == {}
+
+
 def test_lockorder_srcu_at(module, tmp_path):
     """--srcu-at's table: calls per function with the SRCU section held (by class)
     or none, the slot numbers mapped to the names the manifest keeps."""
@@ -692,8 +718,10 @@ def test_a_handler_the_verifier_refuses_fails_its_probe(module, monkeypatch):
             raise bpfload.BpfUnavailable(f"Failed to load BPF program {fn}: Permission "
                                          f"denied: {bpfload._reason(log)}")
     monkeypatch.setattr(bpfload, "load_func", load_func)
-    monkeypatch.setattr(module.bpf, "attach_kprobe", lambda event, fn_name: attached.append(fn_name))
-    monkeypatch.setattr(module.bpf, "detach_kprobe", lambda event, fn_name: detached.append(fn_name))
+    monkeypatch.setattr(module.bpf, "attach_kprobe",
+                        lambda event, fn_name: attached.append(fn_name))
+    monkeypatch.setattr(module.bpf, "detach_kprobe",
+                        lambda event, fn_name: detached.append(fn_name))
     st = module._attach(lo, plan)
     assert st["status"] == "failed", st
     assert st["reason"].startswith("LOLM (mutex_lock): ") and \

@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 import kvmlockprof
 from kvmlockprof.analysis import locks as analysis
 from kvmlockprof.kernel.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SIZE, BatchRingBuffer
-from kvmlockprof.recording.store import MANIFEST_KEY, ColumnDigest, RecordingError, to_arrow
+from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording.store import MANIFEST_KEY, ColumnDigest, RecordingError
 from kvmlockprof.views import report
 from tests_support import (EVENT, aggregates_of, flush, partial_recording, rewrite,
                            small_recording)

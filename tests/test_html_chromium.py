@@ -64,14 +64,15 @@ def test_compare_page_renders(chromium, tmp_path):
 def test_page_reads_like_a_report(tmp_path):
     """Times carry their unit (not a `_ns` column of numbers), flags are the text
     report's marks, and a probe that did not attach is one collapsed line."""
-    from kvmlockprof.recording.store import Writer, to_arrow
-    from tests_support import ROWS, _manifest, _stacks, aggregates_of, events
+    from kvmlockprof.recording.arrow import to_arrow
+    from kvmlockprof.recording.store import Writer
+    from tests_support import ROWS, aggregates_of, events, sample_manifest, sample_stacks
     ev = events(ROWS)
     w = Writer(tmp_path / "g.parquet")
     w.append("contention", to_arrow(ev))
-    w.append("stacks", _stacks())
+    w.append("stacks", sample_stacks())
     w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
-    m = _manifest(len(ev))
+    m = sample_manifest(len(ev))
     m["probes"]["gpc"] = {"status": "unavailable",
                           "reason": "kvm_gpc_refresh: kprobe: no kprobes here"}
     w.finalize(m)

@@ -2,7 +2,6 @@
 recordings whose truth the test sets: each expected value is computed from the
 made-up waits themselves with numpy, not with the project's rules."""
 import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 
 import kvmlockprof
@@ -56,13 +55,14 @@ def test_bounds_bound_exact_percentiles_of_any_waits(tmp_path_factory, waits, dr
 def _sampled_recording(path, ev, every):
     """A recording of waits ev whose aggregates hold them all and whose samples are
     every `every`-th of them, as record --sample-every writes it."""
-    from kvmlockprof.recording.store import Writer, to_arrow
-    from tests_support import _manifest, _stacks, aggregates_of
+    from kvmlockprof.recording.arrow import to_arrow
+    from kvmlockprof.recording.store import Writer
+    from tests_support import aggregates_of, sample_manifest, sample_stacks
     w = Writer(path)
     w.append("contention", to_arrow(ev[::every]))
-    w.append("stacks", _stacks())
+    w.append("stacks", sample_stacks())
     w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
-    m = _manifest(len(ev[::every]))
+    m = sample_manifest(len(ev[::every]))
     m["probes"]["contention"]["sample_every"] = every
     w.finalize(m)
     return kvmlockprof.load(str(path))
@@ -144,21 +144,21 @@ def test_per_vm_counts_each_instant_once(tmp_path):
     import pyarrow as pa
     rows = [(10_000, 0x1000, 7, 32, 1), (300, 0x2000, 7, 1, 2), (200, 0x2000, 7, 1, 2)]
     path = small_recording(tmp_path / "n.parquet", rows)
-    from tests_support import rewrite
     nested = pa.table({"lock_addr": pa.array([0x2000], pa.uint64()),
                        "tgid": pa.array([7], pa.uint32()), "irq": pa.array([0], pa.uint32()),
                        "count": pa.array([2], pa.uint64()),
                        "total_ns": pa.array([500], pa.uint64())})
     out = tmp_path / "n2.parquet"
-    from kvmlockprof.recording.store import Writer, to_arrow
-    from tests_support import _manifest, _stacks, aggregates_of, events
+    from kvmlockprof.recording.arrow import to_arrow
+    from kvmlockprof.recording.store import Writer
+    from tests_support import aggregates_of, events, sample_manifest, sample_stacks
     ev = events(rows)
     w = Writer(out)
     w.append("contention", to_arrow(ev))
-    w.append("stacks", _stacks())
+    w.append("stacks", sample_stacks())
     w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
     w.snapshot("nested_waits", nested)
-    m = _manifest(len(ev))
+    m = sample_manifest(len(ev))
     m["counters"].update(nested=2, irq_waits=0)
     w.finalize(m)
     rec = kvmlockprof.load(str(out))

@@ -97,8 +97,10 @@ def test_the_6_1_lab_runs_qemus_emulator_single_threaded(tmp_path, monkeypatch):
     for release, default in (("6.1.0-57-amd64", "single"), ("6.12.95+deb12-amd64", "multi")):
         image = tmp_path / f"vmlinuz-{release}"
         image.touch()
-        opts = lambda **kw: [a for a in lab.vng_argv("s.sh", str(image), **kw)
-                             if a.startswith("--qemu-opts")]
+
+        def opts(**kw):
+            return [a for a in lab.vng_argv("s.sh", str(image), **kw)
+                    if a.startswith("--qemu-opts")]
         assert opts() == [f"--qemu-opts=-cpu max -accel tcg,thread={default}"]
         assert opts(tcg_thread="multi") == ["--qemu-opts=-cpu max -accel tcg,thread=multi"]
 
@@ -263,12 +265,13 @@ FTRACE_LINE = re.compile(r"-(\d+)\s+\(\s*(\d+)\)\s+\[\d+\]\s+\S+\s+(\d+)\.(\d+):
 
 
 def exits_traced(record, script, out):
-    """`record` (backgrounded, SIGTERM at the end: a background job of sh ignores
-    SIGINT) and, once it has attached, `script` inside an ftrace instance of kvm_exit, kvm_entry and kvm_userspace_exit
-    (the kernel's own text of each, trace_clock mono as bpf_ktime_get_ns) saved to
-    `out`, its overrun CPUs to out.overruns. ftrace is enabled after record attaches, so
-    that on each tracepoint our program runs before ftrace's: our stamps then follow
-    only the perf path's filling of the event's fields, ftrace's follow ours too."""
+    """`record` (backgrounded, SIGTERM at the end: a background job of sh ignores SIGINT)
+    and, once it has attached, `script` inside an ftrace instance of kvm_exit, kvm_entry
+    and kvm_userspace_exit (the kernel's own text of each, trace_clock mono as
+    bpf_ktime_get_ns) saved to `out`, its overrun CPUs to out.overruns. ftrace is
+    enabled after record attaches, so that on each tracepoint our program runs before
+    ftrace's: our stamps then follow only the perf path's filling of the event's fields,
+    ftrace's follow ours too."""
     i = "/sys/kernel/tracing/instances/kvmlp-exits"
     on = " && ".join(f"echo 1 > {i}/events/kvm/{e}/enable" for e in EXIT_EVENTS)
     off = "; ".join(f"echo 0 > {i}/events/kvm/{e}/enable" for e in EXIT_EVENTS)
@@ -524,7 +527,8 @@ VERBOSE_VNG = r"""
 echo $$ > "$1/leader.pid"
 printf 'Probing EDD (edd=off to disable)... ok\n[    0.000000] Linux version 6.12\n' >&2
 printf '[   10.7] virtme-ng-init: starting script\n' >&2
-echo "the command's own error" >&2; echo "the command's output"; echo "** 3 printk messages dropped **" >&2
+echo "the command's own error" >&2; echo "the command's output"
+echo "** 3 printk messages dropped **" >&2
 printf '[   14.2] BUG: soft lockup - CPU#1 stuck for 22s!\n[   14.3] RIP: 0010:' >&2
 sleep 1000
 """

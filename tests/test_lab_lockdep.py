@@ -42,7 +42,7 @@ FINDING_KIND = {"inversion": "inversion", "IRQ conflict": "IRQ-safety",
                 "recursion": "recursion"}
 
 
-def _kernel(flavour):
+def lab_kernel(flavour):
     """(bzImage, its build tree): the built flavours, or Debian's 6.12 lab kernel."""
     problem = lab_problem()
     if problem:
@@ -115,7 +115,7 @@ def zoo_runs(tmp_path_factory):
     lockdep.txt, lockdep's log over every scenario."""
     out = {}
     for flavour in FLAVOURS:
-        image, build = _kernel(flavour)
+        image, build = lab_kernel(flavour)
         d = tmp_path_factory.mktemp(f"zoo-{flavour}")
         _build_zoo(build, d)
         out[flavour] = lab_run(d, ZOO_SCRIPT, image, LAB_TIMEOUT, tcg_thread=TCG_THREAD)

@@ -65,7 +65,8 @@ def test_update_apicv_with_and_without_srcu(run):
     else:
         # the fix: only the run loop calls it, SRCU held
         assert none == 0, (none, none_from)
-        assert held > 0 and held_from.startswith("vcpu_run"), held_from   # (vcpu_enter_guest inlined)
+        # (vcpu_enter_guest inlined)
+        assert held > 0 and held_from.startswith("vcpu_run"), held_from
 
 
 def test_lapic_set_base_callers(run):

@@ -16,7 +16,7 @@ import kvmlockprof
 from kvmlockprof.probes import lockorder as lo
 from lockdep import reports
 from test_lab import LAB_TIMEOUT, lab_run
-from test_lab_lockdep import TCG_THREAD, _kernel
+from test_lab_lockdep import TCG_THREAD, lab_kernel
 
 pytestmark = [pytest.mark.lab, pytest.mark.lockdep]
 
@@ -42,7 +42,7 @@ def seed_runs(request, tmp_path_factory):
     bit, workload = SEEDS[seed]
     out = {}
     for flavour in ("lockdep", "prod", "stock"):
-        image, _ = _kernel(flavour)
+        image, _ = lab_kernel(flavour)
         d = tmp_path_factory.mktemp(f"seed{seed}-{flavour}")
         out[flavour] = lab_run(d, SCRIPT.format(bit=bit, workload=workload), image,
                                LAB_TIMEOUT, tcg_thread=TCG_THREAD)
@@ -126,7 +126,7 @@ def test_production_kernel_without_seeds_yields_no_finding(tmp_path):
     finds nothing on the lockdep kernel under the same workload."""
     out = {}
     for flavour in ("lockdep", "prod"):
-        image, _ = _kernel(flavour)
+        image, _ = lab_kernel(flavour)
         d = tmp_path / flavour
         d.mkdir()
         out[flavour] = lab_run(d, SCRIPT.format(bit=0, workload=WHOLE_WORKLOAD), image,

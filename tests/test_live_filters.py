@@ -375,11 +375,11 @@ def test_record_cgroup_filter_in_the_kernel(live, tmp_path):
     import os
     import shlex
     import time
-    from conftest import _require, assert_none_left, kernel_objects
+    from conftest import require, assert_none_left, kernel_objects
     from kvmlockprof.kernel.bpfload import compile_bpf
     from kvmlockprof.recording.filters import cgroup2_root
     root = cgroup2_root()
-    _require(None if root else "no cgroup v2 mounted (mount -t cgroup2 none "
+    require(None if root else "no cgroup v2 mounted (mount -t cgroup2 none "
              "/sys/fs/cgroup/unified)")
     name = f"kvmlp-test-{os.getpid()}"
     group = os.path.join(root, name)

@@ -1,13 +1,13 @@
 """Live: kvmlockprof's numbers against clocks that are not ours.
 
 While `record` profiles the built-in workload, Debian's perf (no BPF: the raw
-lock:contention_* events, CLOCK_MONOTONIC) and an ftrace instance (trace_clock
-mono) record the same tracepoints, and a second kvmlockprof records the whole
-host with --sample-every 0 and no stack walks (a walk in its begin handler
-would sit between the others' timestamps and the first kvmlockprof's). The waits are paired here, per thread, from perf's
-and ftrace's own text, never by project code; the rule is the plain one: a
-thread's wait on a lock runs from its first contention_begin on that lock to
-the next contention_end on it."""
+lock:contention_* events, CLOCK_MONOTONIC) and an ftrace instance (trace_clock mono)
+record the same tracepoints, and a second kvmlockprof records the whole host with
+--sample-every 0 and no stack walks (a walk in its begin handler would sit between the
+others' timestamps and the first kvmlockprof's). The waits are paired here, per thread,
+from perf's and ftrace's own text, never by project code; the rule is the plain one: a
+thread's wait on a lock runs from its first contention_begin on that lock to the next
+contention_end on it."""
 import os
 import re
 import shutil
@@ -22,7 +22,6 @@ import pytest
 
 import kvmlockprof
 from kvmlockprof.analysis import locks as analysis
-from kvmlockprof.kernel import host, tracefs
 from kvmlockprof.probes.contention import RECURSION
 from conftest import ROOT, assert_none_left, kernel_objects, klp, workload_argv
 from ftrace import Ftrace

@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import kvmlockprof

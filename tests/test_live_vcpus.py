@@ -7,8 +7,9 @@ The test rebuilds the windows and the waits inside them from ftrace's text by th
 plain rule (a window from its entry event to its end event on that thread; a wait
 from a thread's first contention_begin on a lock to the next contention_end on it,
 counted when it is the thread's own outermost wait: not in an interrupt, by the
-tracer's flags, nor begun while another wait of the thread was open) and compares. On this development host (PVM) kvm_exit/kvm_entry never fire: the
-windows are whole KVM_RUN calls, and the test says so; the lab checks exit windows
+tracer's flags, nor begun while another wait of the thread was open) and compares.
+On this development host (PVM) kvm_exit/kvm_entry never fire: the windows are whole
+KVM_RUN calls, and the test says so; the lab checks exit windows
 (tests/test_lab.py)."""
 import os
 import subprocess

@@ -11,8 +11,9 @@ import pytest
 import kvmlockprof
 from kvmlockprof.recording import store as recording
 from kvmlockprof.recording.recorder import Snapshots
-from kvmlockprof.recording.store import RecordingError, Writer, to_arrow
-from tests_support import _manifest, events
+from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording.store import RecordingError, Writer
+from tests_support import events, sample_manifest
 
 
 class Files:
@@ -46,7 +47,7 @@ def _flushes(w, n, per=5, start=0):
                  for i in range(start * per, (start + n) * per)])
     for i in range(n):
         w.append("contention", to_arrow(ev[i * per:(i + 1) * per]))
-        w.manifest(_manifest(per * (start + i + 1)))
+        w.manifest(sample_manifest(per * (start + i + 1)))
     return ev
 
 
@@ -69,7 +70,7 @@ def test_chunks_are_merged_as_they_pile_up(tmp_path, monkeypatch):
     assert w.levels["contention"] == [3], w.levels
     partial = kvmlockprof.load(tmp_path / "r.parquet")     # .partial: as a killed record
     assert partial.interrupted and (partial.samples["wait_ns"].to_numpy() == ev["wait_ns"]).all()
-    w.finalize(_manifest(len(ev)))
+    w.finalize(sample_manifest(len(ev)))
     rec = kvmlockprof.load(tmp_path / "r.parquet")
     assert len(rec.samples) == len(ev) == 320
     assert (rec.samples["wait_ns"].to_numpy() == ev["wait_ns"]).all()
@@ -84,4 +85,4 @@ def test_a_chunk_damaged_before_its_merge_fails_the_checksums(tmp_path, monkeypa
     recording._atomic_write_parquet(bad, os.path.join(w.dir, w.files["contention"][0]))
     _flushes(w, 1)                                          # the fourth chunk: merged
     with pytest.raises(RecordingError, match="changed on disk"):
-        w.finalize(_manifest(20))
+        w.finalize(sample_manifest(20))

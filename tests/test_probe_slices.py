@@ -14,7 +14,8 @@ import kvmlockprof
 from kvmlockprof import catalog, cdefs, cli
 from kvmlockprof.analysis import locks as analysis, compare
 from kvmlockprof.probes import functions
-from kvmlockprof.recording.store import RecordingError, Writer, to_arrow
+from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording.store import RecordingError, Writer
 from kvmlockprof.views import html, report, top
 
 TOY_C = """

@@ -7,8 +7,10 @@ import io
 import json
 
 from conftest import klp
-from kvmlockprof.recording.store import Writer, to_arrow
-from tests_support import ROWS, _manifest, _stacks, aggregates_of, events, small_recording
+from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording.store import Writer
+from tests_support import (ROWS, aggregates_of, events, sample_manifest, sample_stacks,
+                           small_recording)
 
 
 def _rows(path, *args):
@@ -22,9 +24,9 @@ def _recorded(path, sample_every=1, lost=0):
     ev = events(ROWS)
     w = Writer(path)
     w.append("contention", to_arrow(ev))
-    w.append("stacks", _stacks())
+    w.append("stacks", sample_stacks())
     w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
-    m = _manifest(len(ev))
+    m = sample_manifest(len(ev))
     m["probes"]["contention"]["sample_every"] = sample_every
     m["losses"]["lost_ringbuf_full"] = lost
     w.finalize(m)

@@ -2,7 +2,8 @@
 import numpy as np
 import pyarrow as pa
 
-from kvmlockprof.recording.store import Writer, to_arrow
+from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording.store import Writer
 
 EVENT = np.dtype([("ts_ns", "<u8"), ("wait_ns", "<u8"), ("lock_addr", "<u8"), ("tid", "<u4"),
                   ("tgid", "<u4"), ("flags", "<u4"), ("stack_id", "<i4"), ("cpu", "<u4"),
@@ -39,7 +40,7 @@ ROWS = [(100, 0x1000, 7, 32, 1), (300, 0x1000, 7, 32, 1), (5000, 0x1000, 7, 32, 
         (50, 0x2000, 8, 1, 2), (70, 0x2000, 8, 1, 2), (90, 0x2000, 8, 1, 2)]
 
 
-def _stacks():
+def sample_stacks():
     import pyarrow as pa
     return pa.table({
         "stack_id": pa.array([1, 2], pa.int32()),
@@ -49,7 +50,7 @@ def _stacks():
         "lock_frame": pa.array([[True, False, False], [True, False]], pa.list_(pa.bool_()))})
 
 
-def _manifest(n, **kw):
+def sample_manifest(n, **kw):
     return dict({"format": "kvmlockprof-recording", "version": 1, "host": "test",
                  "kernel_release": "test", "duration_s": 1.0, "samples": n,
                  "counters": {"end": n, "end_without_begin": 0},
@@ -62,11 +63,11 @@ def small_recording(path, rows=None, in_progress=None):
     ev = events(rows or ROWS)
     w = Writer(path)
     w.append("contention", to_arrow(ev))
-    w.append("stacks", _stacks())
+    w.append("stacks", sample_stacks())
     w.snapshot("aggregates", to_arrow(aggregates_of(ev)))
     if in_progress is not None:
         w.snapshot("in_progress", in_progress)
-    w.finalize(_manifest(len(ev), **({"in_progress_min_ns": 10**9}
+    w.finalize(sample_manifest(len(ev), **({"in_progress_min_ns": 10**9}
                                       if in_progress is not None else {})))
     return str(path)
 
@@ -77,9 +78,9 @@ def flush(w, ev, upto):
     done = w.rows.get("contention", 0)
     w.append("contention", to_arrow(ev[done:upto]))
     if done == 0:
-        w.append("stacks", _stacks())
+        w.append("stacks", sample_stacks())
     w.snapshot("aggregates", to_arrow(aggregates_of(ev[:upto])))
-    w.manifest(_manifest(upto, duration_s=upto / len(ev), interrupted=True))
+    w.manifest(sample_manifest(upto, duration_s=upto / len(ev), interrupted=True))
 
 
 def partial_recording(path, rows=None, flushes=2):
@@ -97,7 +98,7 @@ def rewrite(path, out, manifest=None, table=None):
     manifest(m) for its manifest and table(name, arrow table) for each table's rows."""
     import json
     import pyarrow.parquet as pq
-    from kvmlockprof.recording.store import MANIFEST_KEY, _as_union_rows
+    from kvmlockprof.recording.store import MANIFEST_KEY, as_union_rows
     pf = pq.ParquetFile(path)
     m = json.loads(pf.schema_arrow.metadata[MANIFEST_KEY])
     m = manifest(m) if manifest else m
@@ -110,5 +111,5 @@ def rewrite(path, out, manifest=None, table=None):
             t = pa.Table.from_arrays(col.flatten(), names=[f.name for f in col.type])
             if table:
                 t = table(name, t)
-            w.write_table(_as_union_rows(name, t, union), row_group_size=max(1, t.num_rows))
+            w.write_table(as_union_rows(name, t, union), row_group_size=max(1, t.num_rows))
     return str(out)

@@ -43,10 +43,6 @@ COLUMNS = ["kind", "name", "metric", "unit", "better", "base", "new", "change", 
            "p_value", "p_adjusted", "ci_level"]
 
 
-class NotComparable(Exception):
-    """The two sides should not be compared; str() says why and what to do."""
-
-
 # --- identities -------------------------------------------------------------------
 
 def _func(frame):
@@ -602,7 +598,7 @@ def _single_rows(base, new, bt, nt, identities, lock_metrics=LOCK_METRICS, probe
             if metric in RATE_METRICS:      # a run that did not contend: rate 0
                 b, n = (o or ("rate", np.zeros(_nbins(r)), _exposure(r, metric, _nbins(r)))
                         if _has_unit(r, metric) else o for o, r in ((b, base), (n, new)))
-            values = [_observed_value(o) for o in (b, n)]
+            values = [observed_value(o) for o in (b, n)]
             row = _row("lock", ident, metric, better, unit, *(v for v, _ in values),
                        *(c for _, c in values))
             row["test"] = single_test(b, n, row["base"])
@@ -620,7 +616,7 @@ def _single_rows(base, new, bt, nt, identities, lock_metrics=LOCK_METRICS, probe
     return rows
 
 
-def _observed_value(obs):
+def observed_value(obs):
     """(value, count) of one side's single-run observations (NaN, 0 without)."""
     if obs is None:
         return np.nan, 0
@@ -676,7 +672,7 @@ def loss_fraction(rec):
     return lost / end if end else 0.0
 
 
-def _work_rate(rec, unit):
+def work_rate(rec, unit):
     w = _work(rec)[unit]
     return w / rec.manifest["duration_s"] if w and rec.manifest.get("duration_s") else 0.0
 
@@ -706,7 +702,7 @@ def check(base, new):
                     f"{sorted(every['NEW'], key=str)}): percentiles may be exact on one side "
                     "and bucket bounds on the other")
     for unit in ("exit", "memslot op"):
-        per_run = {name: np.array([_work_rate(r, unit) for r in recs])
+        per_run = {name: np.array([work_rate(r, unit) for r in recs])
                    for name, recs in sides.items()}
         rates = {name: v.mean() for name, v in per_run.items()}
         lo, hi = sorted(rates.values())

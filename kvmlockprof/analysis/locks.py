@@ -1,26 +1,17 @@
 """Analysis on recordings: functions that take a Recording or DataFrames and return
 DataFrames (one row per event in, one row per group out), as in LISA."""
-import fnmatch
 import re
 
 import numpy as np
 import pandas as pd
 
 from kvmlockprof import cdefs
+from kvmlockprof.locktypes import (  # noqa: F401 (the analyses' API)
+    LCB_F_MUTEX, LCB_F_PERCPU, LCB_F_READ, LCB_F_RT, LCB_F_SPIN, LCB_F_WRITE, LOCK_TYPES,
+    lock_class, lock_matches, type_matches, type_name)
 from kvmlockprof.quantiles import (  # noqa: F401 (the analyses' API)
     QUANTILE_METHOD, hist_bounds, hist_buckets, hist_quantile, quantile_index, quantiles)
-
-# include/trace/events/lock.h
-LCB_F_SPIN, LCB_F_READ, LCB_F_WRITE, LCB_F_RT, LCB_F_PERCPU, LCB_F_MUTEX = 1, 2, 4, 8, 16, 32
-# The names `perf lock contention` prints.
-LOCK_TYPES = {
-    LCB_F_SPIN: "spinlock", LCB_F_SPIN | LCB_F_READ: "rwlock:R",
-    LCB_F_SPIN | LCB_F_WRITE: "rwlock:W", LCB_F_READ: "rwsem:R", LCB_F_WRITE: "rwsem:W",
-    LCB_F_RT: "rt-mutex", LCB_F_RT | LCB_F_READ: "rwlock-rt:R",
-    LCB_F_RT | LCB_F_WRITE: "rwlock-rt:W", LCB_F_PERCPU | LCB_F_READ: "pcpu-sem:R",
-    LCB_F_PERCPU | LCB_F_WRITE: "pcpu-sem:W", LCB_F_MUTEX: "mutex",
-    LCB_F_MUTEX | LCB_F_SPIN: "mutex-spin",
-}
+from kvmlockprof.recording.filters import read_filters
 
 # KVM's own functions (built in or in kvm*.ko): how a stack is known to go through KVM.
 KVM_FRAME = re.compile(r"^(__)?(kvm|vcpu|vmx|svm|pvm|tdp_mmu|x86_emulate|mmu_(?!notifier))"
@@ -52,13 +43,9 @@ def _by_unique(values, fn):
     return _labels(*pd.factorize(np.asarray(values)), fn)
 
 
-def _type_name(flags):
-    return LOCK_TYPES.get(int(flags), f"flags={int(flags):#x}")
-
-
 def lock_type(flags):
     """perf's lock type name for each LCB_F_* flags value."""
-    return pd.Series(_by_unique(flags, _type_name)).astype(object)
+    return pd.Series(_by_unique(flags, type_name)).astype(object)
 
 
 def is_kvm_frame(frame):
@@ -93,14 +80,14 @@ def _label_rules(info, lock_names):
 
     def caller(s):
         return callers.get(int(s), "[stack not sampled]" if s == NO_STACK else "[no stack]")
-    return {"type": ("flags", _type_name), "caller": ("stack_id", caller),
+    return {"type": ("flags", type_name), "caller": ("stack_id", caller),
             "kvm": ("stack_id", lambda s: bool(kvm.get(int(s), False))),
             "lock_name": ("lock_addr", lambda a: lock_names.get(f"{int(a):#x}")),
             "lock": ("lock_addr", lambda a: lock_names.get(f"{int(a):#x}", f"{int(a):#x}")),
             "tgid": ("tgid", int)}
 
 
-def _with_stack_columns(df, info, lock_names):
+def with_stack_columns(df, info, lock_names):
     """type, caller, kvm, lock_name and lock columns (Categoricals; kvm a bool
     array) for each row."""
     df = df.copy(deep=False)                # copy-on-write: new columns only
@@ -149,14 +136,13 @@ def annotated_aggregates(rec):
     def compute():
         aggs = rec.aggregates
         return aggs if aggs.empty else recorded_filters(
-            rec, _with_stack_columns(aggs, contention_stacks(rec), lock_names(rec)))
+            rec, with_stack_columns(aggs, contention_stacks(rec), lock_names(rec)))
     return rec.derived("annotated_aggregates", compute)
 
 
 def recorded_filters(rec, df):
     """df kept by the filters `record` left to the reader (a -L name glob, -S: see
     recording.filters), so every view of a recording shows the waits it asked for."""
-    from kvmlockprof.recording.filters import read_filters
     f = read_filters(rec.manifest)
     return apply_filters(rec, df, **f) if any(f.values()) else df
 
@@ -167,9 +153,9 @@ def _annotate(rec, columns=None):
     aggs = rec.aggregates
     samples = rec.table("contention", columns)
     if not aggs.empty:
-        aggs = recorded_filters(rec, _with_stack_columns(aggs, info, names))
+        aggs = recorded_filters(rec, with_stack_columns(aggs, info, names))
     if not samples.empty:
-        samples = recorded_filters(rec, _with_stack_columns(samples, info, names))
+        samples = recorded_filters(rec, with_stack_columns(samples, info, names))
     return aggs, samples
 
 
@@ -221,38 +207,6 @@ def spread_unwalked(aggs):
     return out[~(unwalked & spread)]
 
 
-_PID = re.compile(r"^kvm\(\d+\)->(vcpu\d+->)?")
-
-
-def lock_class(name):
-    """A KVM lock's class, its place in any VM: `kvm(1234)->vcpu0->mutex` ->
-    `vcpu->mutex`; `kvm(1234)->slots_lock` -> `kvm->slots_lock`."""
-    return _PID.sub(lambda m: "vcpu->" if m.group(1) else "kvm->", name)
-
-
-def lock_matches(patterns, addr, name):
-    """perf lock contention's -L: an address (0x...), or a glob on the lock's name,
-    its name without the pid, or its class (`kvm->mmu_lock`, `vcpu->mutex`)."""
-    forms = {str(name), re.sub(r"\(\d+\)", "", str(name)), lock_class(str(name)),
-             f"{int(addr):#x}"}
-    for p in patterns:
-        try:
-            if int(p, 16) == int(addr):
-                return True
-        except ValueError:          # not an address: a glob (`0xffff88*` too)
-            pass
-        if any(fnmatch.fnmatchcase(f, p) for f in forms):
-            return True
-    return False
-
-
-def type_matches(patterns, typ):
-    """perf's -Y: a type (`rwlock:R`) or its family (`rwlock`: both sides; `mutex`:
-    mutex and mutex-spin)."""
-    return any(typ == p or typ.split(":")[0] == p or typ.startswith(p + "-")
-               for p in patterns)
-
-
 def apply_filters(rec, df, locks=(), types=(), callstacks=()):
     """Annotated aggregates or samples kept by -L/-Y/-S (perf's letters): each given
     list must match (a lock of it, a type of it, a frame containing one of its names).
@@ -292,7 +246,7 @@ def lock_names(rec):
     return names
 
 
-def _group_keys(by):
+def group_keys(by):
     if by not in GROUPS:
         raise ValueError(f"--by must be one of {', '.join(GROUPS)}")
     return {"lock": ["lock", "type"], "address": ["lock_addr", "type"], "caller": ["caller"],
@@ -440,7 +394,7 @@ def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None, tids=
     {locks, types, callstacks} (perf's -L/-Y/-S). By thread, or with tids (perf's
     --tid), the table comes from the samples (_from_samples)."""
     chunked = streamed(rec)
-    keys = _group_keys(by)
+    keys = group_keys(by)
     cols = ["contended", "total_ns", "max_ns", "min_ns", "avg_ns", "p50_ns", "p90_ns",
             "p99_ns", "pct_exact", "type", "lock", "caller", "tgid", "comm", "vm", "kvm",
             "estimated"] + {"address": ["lock_addr"], "thread": ["tid"]}.get(by, [])
@@ -480,7 +434,7 @@ def top(rec, by="lock", sort="total", limit=None, pids=None, filters=None, tids=
     out["avg_ns"] = out["total_ns"] / out["contended"]
     # (object: an empty mapping would give float NaNs, which refuse a str fill)
     out["comm"] = out["tgid"].map(comm).astype(object).fillna("?")
-    out["vm"] = out["tgid"].map(_vm_labels(rec)).astype(object).fillna(out["comm"])
+    out["vm"] = out["tgid"].map(vm_labels(rec)).astype(object).fillna(out["comm"])
     # (a filtered big recording: the log2 bounds of the filtered aggregates, as the
     # streamed samples are not filtered)
     exact = None if chunked and filters and any(filters.values()) else \
@@ -544,7 +498,7 @@ def _from_samples(rec, by, sort, limit, pids, tids, filters, cols):
         samples = samples[samples["tid"].isin(tids)]
     if samples.empty:
         return pd.DataFrame(columns=cols)
-    keys = _group_keys(by)
+    keys = group_keys(by)
     g = samples.groupby(keys, sort=False, observed=True)
     out = g.agg(contended=("_n", "sum"), total_ns=("_t", "sum"),
                 max_ns=("wait_ns", "max"), min_ns=("wait_ns", "min"), kvm=("kvm", "any"))
@@ -564,7 +518,7 @@ def _from_samples(rec, by, sort, limit, pids, tids, filters, cols):
     if by == "address":
         out["lock"] = _address_labels(out)
     out["avg_ns"] = out["total_ns"] / out["contended"]
-    out["vm"] = out["tgid"].map(_vm_labels(rec)).astype(object)
+    out["vm"] = out["tgid"].map(vm_labels(rec)).astype(object)
     if by == "thread":
         out["vm"] = out["vm"].fillna(out["comm"])
         out["comm"] = _vcpu_comms(rec, out)
@@ -704,7 +658,7 @@ def _comm_by_tgid(rec):
 def top_stacks(rec, row, by="lock", n=1):
     """The n stacks with the most wait inside one `top()` row."""
     aggs = annotated_aggregates(rec)
-    keys = _group_keys(by)
+    keys = group_keys(by)
     sel = np.logical_and.reduce([aggs[k] == row[k] for k in keys])
     info = contention_stacks(rec)
     part = aggs[sel & aggs["stack_id"].isin(info.index)].groupby("stack_id")["total_ns"] \
@@ -720,7 +674,7 @@ def waits_in_progress(rec):
     cols = ["tid", "tgid", "comm", "lock", "type", "caller", "age_ns", "stack_id"]
     if w.empty:
         return pd.DataFrame(columns=cols)
-    w = _with_stack_columns(w, contention_stacks(rec), lock_names(rec))
+    w = with_stack_columns(w, contention_stacks(rec), lock_names(rec))
     w["comm"] = w["tgid"].map(_comm_by_tgid(rec)).astype(object).fillna("?")
     return w.sort_values("age_ns", ascending=False)[cols].reset_index(drop=True)
 
@@ -819,7 +773,7 @@ def processes(rec):
     return df[cols]
 
 
-def _vm_labels(rec):
+def vm_labels(rec):
     p = processes(rec)
     return dict(zip(p["tgid"], p["vm"]))
 
@@ -831,7 +785,7 @@ _VCPU_COMM = re.compile(r"^(?:CPU (\d+)/KVM|kvmlp-vcpu(\d+))$")
 def vcpu_labels(rec, comms):
     """{tid: "VM/vcpuN"} of the vCPU threads among comms ({tid: comm}): the vCPU
     registry's index where the vms probe saw KVM_RUN, else the thread's name."""
-    vm = _vm_labels(rec)
+    vm = vm_labels(rec)
     v = rec.table("vcpus")
     if not {"tid", "tgid", "vcpu_idx"} <= set(v.columns):     # (no vms probe)
         v = pd.DataFrame({"tid": [], "tgid": [], "vcpu_idx": []})
@@ -883,7 +837,7 @@ def per_vm(rec):
     out["threads"] = samples.groupby("tgid")["tid"].nunique() if not samples.empty else 0
     out = out.reset_index()
     out["threads"] = out["threads"].fillna(0).astype(int)
-    out["vm"] = out["tgid"].map(_vm_labels(rec)).fillna("?")
+    out["vm"] = out["tgid"].map(vm_labels(rec)).fillna("?")
     return out[cols].sort_values("wait_ns", ascending=False, ignore_index=True)
 
 
@@ -902,7 +856,7 @@ def per_thread(rec):
     out = pd.DataFrame({"waits": g["_n"].sum(), "wait_ns": g["_t"].sum(),
                         "kvm_waits": g["_k"].sum()}).round().astype(np.int64).reset_index()
     out["estimated"] = estimated
-    out["vm"] = out["tgid"].map(_vm_labels(rec)).fillna("?")
+    out["vm"] = out["tgid"].map(vm_labels(rec)).fillna("?")
     out["comm"] = _vcpu_comms(rec, out)
     return out[cols].sort_values("wait_ns", ascending=False, ignore_index=True)
 

@@ -7,6 +7,8 @@ included, and the reason is why the run returned to user space). The in-kernel
 tables count every window and every wait inside one (bpf/contention.bpf.c):
 nothing here is sampled. Views use exit windows where the recording has any, else
 KVM_RUN windows, and say which in their `window` column."""
+import errno
+
 import pandas as pd
 
 from kvmlockprof import cdefs
@@ -14,10 +16,8 @@ from kvmlockprof.analysis import locks
 
 BASIS = cdefs.labels("contention.h", "kvmlp_basis", {
     "KVMLP_BASIS_EXIT": "exit handling", "KVMLP_BASIS_RUN": "KVM_RUN"})
-REASON_ANY = cdefs.define("contention.h", "KVMLP_REASON_ANY")
 REASON_ERRNO = cdefs.define("contention.h", "KVMLP_REASON_ERRNO")
 VMX_FAILED_ENTRY = 1 << 31          # exit_reason's bit 31 on VMX: the entry failed
-EINTR = 4
 
 
 def _names(rec):
@@ -36,7 +36,7 @@ def reason_name(names, basis, isa, reason):
     if basis == "KVM_RUN":
         if reason & REASON_ERRNO:
             err = reason & ~REASON_ERRNO
-            return "restart (EINTR)" if err == EINTR else f"error (errno {err})"
+            return "restart (EINTR)" if err == errno.EINTR else f"error (errno {err})"
         return names.get("run", {}).get(str(reason), str(reason))
     table = names.get("exit", {}).get(str(isa), {})
     code = reason & 0xffff if isa == 1 else reason
@@ -64,7 +64,7 @@ def _label(rec, df):
     comms = df["comm"].astype(str) if "comm" in df else pd.Series("?", index=df.index)
     vcpu = locks.vcpu_labels(rec, {t: (p, c) for t, p, c in
                                     zip(df["tid"], df["tgid"], comms)})
-    vm = locks._vm_labels(rec)
+    vm = locks.vm_labels(rec)
     return df.assign(vm=df["tgid"].map(vm).fillna(df["tgid"].astype(str)),
                      vcpu=[vcpu.get(t, f"{c} ({t})") for t, c in zip(df["tid"], comms)])
 

@@ -65,7 +65,8 @@ class Btf:
             return []
         return sorted(m for m in os.listdir(BTF_DIR) if m.startswith("kvm"))
 
-    def _resolve(self, type_id, unit):
+    def resolve(self, type_id, unit):
+        """The type `type_id` is in `unit`, through typedefs and qualifiers."""
         t = unit.get(type_id)
         while t and t["kind"] in _QUALIFIERS:
             t = unit.get(t["type_id"])
@@ -74,7 +75,7 @@ class Btf:
     def _member(self, t, name, unit):
         """(byte offset, member type) of `name` in t, looking into anonymous members."""
         for m in t.get("members", []):
-            mt = self._resolve(m["type_id"], unit)
+            mt = self.resolve(m["type_id"], unit)
             if m["name"] == name:
                 return m["bits_offset"] // 8, mt
             if m["name"] in ("(anon)", "") and mt and mt["kind"] in ("STRUCT", "UNION"):
@@ -118,7 +119,7 @@ class Btf:
         while t and t["kind"] in ("STRUCT", "UNION"):
             best = None
             for m in t.get("members", []):
-                mt = self._resolve(m["type_id"], unit)
+                mt = self.resolve(m["type_id"], unit)
                 start = m["bits_offset"] // 8
                 size = self._sizeof(mt, unit)
                 if size and start <= offset < start + size:
@@ -177,7 +178,7 @@ class Btf:
         if "size" in t:
             return t["size"]
         if t["kind"] == "ARRAY":
-            return self._sizeof(self._resolve(t["type_id"], unit), unit) * t["nr_elems"]
+            return self._sizeof(self.resolve(t["type_id"], unit), unit) * t["nr_elems"]
         if t["kind"] == "PTR":
             return 8
         return 0

@@ -141,6 +141,9 @@ class Plan:
     targets: dict = field(default_factory=dict)     # key -> (symbol or None, method or None)
     reason: str = ""
     off: dict = field(default_factory=dict)         # what the probe turned off, and why
+    # the probe's options from the command line, as Probe.prepare gets them: its
+    # adjust_plan reads them here, so that no module state carries them between plans
+    options: dict = field(default_factory=dict)
 
     @property
     def ok(self):
@@ -159,11 +162,12 @@ def _missing_symbol_reason(probe, target):
     return why
 
 
-def plan(probe, caps, prefer=None):
+def plan(probe, caps, prefer=None, options=None):
     """The attach plan of one catalog probe on this host; `prefer` (fentry or
-    kprobe) is tried first where a target allows it."""
+    kprobe) is tried first where a target allows it; options: the probe's own (its
+    adjust_plan reads them)."""
     arch = platform.machine()
-    p = Plan(probe)
+    p = Plan(probe, options=dict(options or {}))
     if arch not in probe.arch:
         p.reason = f"{arch} host: this probe is for {'/'.join(probe.arch)}"
         return p

@@ -1,5 +1,4 @@
 """Facts about the running kernel that decide how (and whether) we can probe it."""
-import errno
 import os
 import platform
 import socket
@@ -59,6 +58,3 @@ def config_option(name):
             continue
     return None
 
-
-def errno_name(e):
-    return errno.errorcode.get(e, str(e))

@@ -10,7 +10,7 @@ BATCH = 1024            # entries per BPF_MAP_LOOKUP_BATCH call (more than any h
 ENOTSUPP = 524          # the kernel's own "not supported" (not in Python's errno module)
 
 
-def _lookup_batch(table, key_dt, leaf_dt):
+def lookup_batch(table, key_dt, leaf_dt):
     """(keys, values) of every entry, BATCH entries per syscall (the kernel's
     BPF_MAP_LOOKUP_BATCH, through libbcc), or None where the kernel lacks it."""
     from bcc.libbcc import lib
@@ -55,7 +55,7 @@ def read_hash(table, key_name="key"):
     key_dt, val_dt = table_dtypes(table)
     key_dt, val_dt = _struct(key_dt, key_name), _struct(val_dt, "value")
     assert not np.dtype(table.Leaf).subdtype, "per-CPU hash"
-    karr, varr = _lookup_batch(table, key_dt, val_dt) or _lookup_items(table, key_dt, val_dt)
+    karr, varr = lookup_batch(table, key_dt, val_dt) or _lookup_items(table, key_dt, val_dt)
     fields = [(n, key_dt.fields[n][0]) for n in key_dt.names if not n.startswith("pad")] + \
              [(n, val_dt.fields[n][0]) for n in val_dt.names if not n.startswith("pad")]
     out = np.zeros(len(karr), dtype=fields)

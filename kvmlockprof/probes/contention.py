@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 
 from kvmlockprof.analysis import vcpus
-from kvmlockprof.catalog import TRACEPOINT, Probe, Section, Target
+from kvmlockprof.probe import TRACEPOINT, Probe, Section, Target
 from kvmlockprof.kernel import bpfload, bpfstats
 from kvmlockprof.kernel.maps import read_counters, read_hash
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
-from kvmlockprof.recording.store import to_arrow
+from kvmlockprof.recording.arrow import to_arrow
 
 # Its lock tables are the lock views' own (analysis.locks, views.report); --vcpu-exits'
 # tables have their sections (analysis.vcpus).

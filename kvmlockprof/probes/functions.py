@@ -6,7 +6,7 @@ from kvmlockprof import catalog, cdefs
 from kvmlockprof.kernel import bpfload, btf as btfmod
 from kvmlockprof.kernel.maps import read_counters, read_hash
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
-from kvmlockprof.recording.store import to_arrow
+from kvmlockprof.recording.arrow import to_arrow
 
 # The VM/vCPU registry every module shares (common.h): live, and the lifetimes ended
 # (locknames.REGISTRY_TABLES; keyed by address and first_ns, LRU).

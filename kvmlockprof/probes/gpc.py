@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from kvmlockprof import cdefs
-from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
+from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import duration_s, stats
 
 PLACES = cdefs.labels("gpc.bpf.c", "gpc_place", {

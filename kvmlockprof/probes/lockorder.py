@@ -17,8 +17,8 @@ followed. A debugging probe: every lock operation of the host pays for its filte
 import pandas as pd
 
 from kvmlockprof import cdefs
-from kvmlockprof.analysis.locks import lock_class
-from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
+from kvmlockprof.locktypes import lock_class
+from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import CONTEXTS, IRQS, call_chains, callers
 
 KINDS = cdefs.labels("lockorder.bpf.c", "lo_kind", {
@@ -63,7 +63,13 @@ LOCK_SYMBOLS = {s for acq, rel in ENTRY_POINTS.values() for _, s, _ in acq + rel
 # function the review asked about.
 SRCU_AT_SLOTS = 4
 SRCU_AT_DEFAULT = ("kvm_vcpu_update_apicv",)
-SRCU_AT = list(SRCU_AT_DEFAULT)        # set by record before the plan is made
+
+
+def srcu_at_functions(options):
+    """The --srcu-at functions of the probe's options (its plan's), the default's
+    without the option."""
+    at = (options or {}).get("srcu_at")
+    return tuple(SRCU_AT_DEFAULT if at is None else at)
 
 
 # Lockdep kernels (CONFIG_DEBUG_LOCK_ALLOC) route these through their _nested twins
@@ -114,10 +120,11 @@ def adjust_plan(plan, caps=None):
     """A kind of lock whose unlocks cannot all be probed here (an unlock the kernel
     inlined, as arm64's spin unlocks) would leave phantom held locks: its unlocks are
     left off and the C does not push it (lo_followed). The --srcu-at slots get their
-    functions."""
+    functions (plan.options' srcu_at)."""
     if caps is not None:
+        at = srcu_at_functions(plan.options)
         for i in range(SRCU_AT_SLOTS):
-            sym = SRCU_AT[i] if i < len(SRCU_AT) else None
+            sym = at[i] if i < len(at) else None
             if sym and sym not in caps.symbols and f"__{sym}" in caps.symbols:
                 # inlined into its callers here (6.12: kvm_vcpu_update_apicv): its body
                 plan.off[f"srcu-at {sym}"] = f"--srcu-at: {sym} is inlined here: at __{sym}"

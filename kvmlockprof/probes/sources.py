@@ -11,8 +11,9 @@ from kvmlockprof.probes.contention import ContentionProbe
 from kvmlockprof.probes.functions import FunctionProbes
 
 
-def _function_plans(requested, status, prefer, warn):
-    """{probe: Plan} of the function probes to load; the others get a status."""
+def _function_plans(requested, status, prefer, warn, options=None):
+    """{probe: Plan} of the function probes to load; the others get a status.
+    options: {probe name: its options} (Plan.options)."""
     wanted = requested if requested is not None else catalog.CATALOG
     function_probes = [p for p in wanted if p.name != "contention"]
     if not function_probes:
@@ -22,7 +23,7 @@ def _function_plans(requested, status, prefer, warn):
     for p in catalog.CATALOG:
         if p.name == "contention":
             continue
-        plan = capabilities.plan(p, caps, prefer=prefer)
+        plan = capabilities.plan(p, caps, prefer=prefer, options=(options or {}).get(p.name))
         if p not in function_probes:
             status[p.name] = {"status": "not requested"}
         elif requested is None and p.opt_in and plan.ok:
@@ -110,7 +111,7 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=cp.
     tgids: processes to keep (None: whole host); kfilter: the contention probe's
     other kernel-side filters (recording.filters.split); vcpu_exits: its per-vCPU
     windows (analysis.vcpus); probe_options: {function probe: its options}
-    (Probe.prepare). Raises BpfUnavailable when
+    (its plan's and Probe.prepare's). Raises BpfUnavailable when
     nothing at all could attach, or when the maps take more than kernel_mem_mb
     (None: no limit; they are freed at once). Sources opened before an error
     are closed."""
@@ -130,7 +131,7 @@ def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=cp.
             sources["contention"] = c
             status["contention"] = {"status": "attached", "method": catalog.TRACEPOINT,
                                     "targets": sorted(c.attached), **c.options}
-        plans = _function_plans(requested, status, prefer, warn)
+        plans = _function_plans(requested, status, prefer, warn, probe_options)
         if plans:
             try:
                 f = FunctionProbes(plans, kbtf or btf.Btf(), options=probe_options)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from kvmlockprof import cdefs
-from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
+from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import CONTEXTS, IRQS, IRQS_OFF, callers, stats
 
 MIN_LPI = cdefs.define("vgic.bpf.c", "VGIC_MIN_LPI")

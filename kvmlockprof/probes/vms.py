@@ -1,6 +1,6 @@
 """vms: the VMs (struct kvm) and vCPUs the function probes name locks by, with
 their owners and lifetimes (bpf/vms.bpf.c, the registry in bpf/common.h)."""
-from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Target
+from kvmlockprof.probe import FENTRY, KPROBE, Probe, Target
 
 _FILP = {"kvm_vm_ioctl": ("filp", "ioctl", "arg"), "kvm_vcpu_ioctl": ("filp", "ioctl", "arg")}
 

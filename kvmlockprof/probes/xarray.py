@@ -4,7 +4,7 @@ where xa_erase cannot be probed (bpf/xarray.bpf.c)."""
 import pandas as pd
 
 from kvmlockprof import cdefs
-from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
+from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import callers
 
 OWNERS = cdefs.labels("xarray.bpf.c", "xa_owner", {

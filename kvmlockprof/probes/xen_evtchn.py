@@ -5,7 +5,7 @@ import errno
 import numpy as np
 import pandas as pd
 
-from kvmlockprof.catalog import FENTRY, KPROBE, Probe, Section, Target
+from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import duration_s, vm_label
 
 # kvm_xen_set_evtchn_fast()'s return values (the kernel's, not ours)
@@ -32,8 +32,8 @@ def hit_ratio(rec):
                                      "slow_calls"])
     fast = df[df["path"] == "fast"]
     g = fast.groupby(["tgid", "kvm"])
-    out = pd.DataFrame({"fast_calls": g.size(),
-                        "fell_back": g["ret"].apply(lambda r: int((r == -errno.EWOULDBLOCK).sum()))})
+    fell_back = g["ret"].apply(lambda r: int((r == -errno.EWOULDBLOCK).sum()))
+    out = pd.DataFrame({"fast_calls": g.size(), "fell_back": fell_back})
     out["hit_ratio"] = 1 - out["fell_back"] / out["fast_calls"]
     slow = df[df["path"] == "slow"].groupby(["tgid", "kvm"]).size()
     out["slow_calls"] = slow.reindex(out.index).fillna(0).astype(int)

@@ -202,12 +202,12 @@ def _annotated(rec, df, filtered=True):
     from kvmlockprof.analysis import locks
     if df.empty:
         return df
-    df = locks._with_stack_columns(df, locks.contention_stacks(rec), locks.lock_names(rec))
+    df = locks.with_stack_columns(df, locks.contention_stacks(rec), locks.lock_names(rec))
     if filtered:
         df = locks.recorded_filters(rec, df)
     df = _lock_class_column(df.copy(deep=False))
     if "tgid" in df.columns:
-        vm = rec.derived("dataset_vms", lambda: locks._vm_labels(rec))
+        vm = rec.derived("dataset_vms", lambda: locks.vm_labels(rec))
         codes, uniq = pd.factorize(df["tgid"].to_numpy())
         df["vm"] = np.array([vm.get(int(t), str(int(t))) for t in uniq.tolist()] + [None],
                             dtype=object)[codes]
@@ -487,12 +487,3 @@ def _frame(rel):
         if pa.types.is_list(f.type) or pa.types.is_large_list(f.type):
             df[f.name] = t.column(f.name).to_pylist()
     return df
-
-
-def help_text():
-    """The views and their columns, for --help and the README."""
-    lines = ["Views (every one starts with host, kernel, run, recording):"]
-    for t, cols in SCHEMA.items():
-        lines.append(f"  {t}: " + ", ".join(n for n, _, _ in cols))
-    lines.append("  and each function probe's own tables under their names (vms, gpc_ops, ...)")
-    return lines

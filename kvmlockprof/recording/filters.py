@@ -8,7 +8,7 @@ import os
 import re
 
 from kvmlockprof import cdefs
-from kvmlockprof.analysis.locks import LCB_F_MUTEX, _type_name, type_matches
+from kvmlockprof.locktypes import LCB_F_MUTEX, type_matches, type_name
 
 MAX_CGROUPS = 8                 # -G: one under-cgroup check each at every begin and end
 TYPE_SLOTS, TYPE_END, TYPE_BEGIN = (cdefs.define("contention.h", d) for d in (
@@ -33,9 +33,9 @@ class FilterError(ValueError):
 def type_bits(types):
     """-Y as bpf/contention.bpf.c's type_filter: per LCB_F_* flags value, END if a
     wait that ends with these flags is kept (the same rule as the reader's,
-    analysis.locks.type_matches), BEGIN if a begin with them may start one (every
+    locktypes.type_matches), BEGIN if a begin with them may start one (every
     mutex begin, when any mutex type is kept: its type is known only at its end)."""
-    end = [type_matches(types, _type_name(f)) for f in range(TYPE_SLOTS)]
+    end = [type_matches(types, type_name(f)) for f in range(TYPE_SLOTS)]
     any_mutex = any(e for f, e in enumerate(end) if f & LCB_F_MUTEX)
     return [(TYPE_END if e else 0) | (TYPE_BEGIN if e or (f & LCB_F_MUTEX and any_mutex) else 0)
             for f, e in enumerate(end)]

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from kvmlockprof.analysis.locks import LCB_F_READ, LCB_F_SPIN, LCB_F_WRITE
+from kvmlockprof.locktypes import LCB_F_READ, LCB_F_SPIN, LCB_F_WRITE
 
 # The function probes' registry snapshots (FunctionProbes.snapshots): the live VMs
 # and vCPUs, and those whose end the vms probe saw.
@@ -42,7 +42,7 @@ def containers(kbtf, struct):
         if name == struct or name.startswith("pkvm_hyp_") or not members or \
                 members[0]["bits_offset"] != 0:
             continue
-        mt = kbtf._resolve(members[0]["type_id"], unit)
+        mt = kbtf.resolve(members[0]["type_id"], unit)
         if mt and mt["kind"] == "STRUCT" and mt.get("name") == struct:
             out.append(name)
     return sorted(out)

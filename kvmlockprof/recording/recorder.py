@@ -12,15 +12,16 @@ import numpy as np
 from kvmlockprof import __version__, catalog
 from kvmlockprof.kernel import bpfload, bpfstats, headers, host
 from kvmlockprof.kernel.ksyms import Kallsyms
-from kvmlockprof.probes import contention as cp
+from kvmlockprof.probes import contention as cp, lockorder
 from kvmlockprof.probes.contention import LOSSES
 from kvmlockprof.probes.sources import KERNEL_MEM_MB, load_btf, open_sources
 from kvmlockprof.recording import filters as filters_mod
 from kvmlockprof.recording import processes
 from kvmlockprof.recording import store as recording
+from kvmlockprof.recording.arrow import to_arrow
 from kvmlockprof.recording.locknames import REGISTRY_TABLES, SessionNames
 from kvmlockprof.recording.stacks import new_stack_ids, stack_ids_in, stacks_table
-from kvmlockprof.recording.store import Writer, check_output, to_arrow
+from kvmlockprof.recording.store import Writer, check_output
 from kvmlockprof.workload import WORK_ENV
 
 # What SessionNames.update reads of the aggregates (not the histograms: slow to convert)
@@ -65,11 +66,6 @@ class Snapshots:
         return True
 
 
-def _srcu_at():
-    from kvmlockprof.probes import lockorder
-    return lockorder.SRCU_AT
-
-
 def _lock_addresses(tables):
     """Lock addresses in the tables of probes that declare them (Probe.lock_columns):
     {table: numpy array or Arrow table}."""
@@ -90,7 +86,7 @@ class Stop(Exception):
     """SIGTERM/SIGHUP: unwind like Ctrl-C so that `finally` detaches the probes."""
 
 
-def _raise_stop(signum, frame):
+def raise_stop(signum, frame):
     raise Stop(signal.Signals(signum).name)
 
 
@@ -108,16 +104,15 @@ class Recorder:
         self.filters = {k: tuple(v) for k, v in (filters or {}).items() if v}
         self.kfilter, self.read_filter = filters_mod.split(
             **self.filters, kallsyms=Kallsyms)
-        if srcu_at is not None:         # the lockorder probe's --srcu-at functions
-            from kvmlockprof.probes import lockorder
+        # the lockorder probe's options: its plan and its prepare() get them
+        self.probe_options = {"lockorder": {}}
+        if srcu_at is not None:         # --srcu-at: the functions its slots watch
             if len(srcu_at) > lockorder.SRCU_AT_SLOTS:
                 raise catalog.UnknownProbe(f"--srcu-at takes at most "
                                            f"{lockorder.SRCU_AT_SLOTS} functions")
-            lockorder.SRCU_AT[:] = srcu_at
-        self.probe_options = {}
-        if watch:                       # the lockorder probe's --watch: resolved early
-            from kvmlockprof.probes import lockorder
-            self.probe_options["lockorder"] = {"watch": lockorder.resolve_watch(watch)}
+            self.probe_options["lockorder"]["srcu_at"] = list(srcu_at)
+        if watch:                       # --watch: resolved early
+            self.probe_options["lockorder"]["watch"] = lockorder.resolve_watch(watch)
         self.max_stack = max_stack      # contention stacks' frames (None: STACK_DEPTH)
         self.vcpu_exits = vcpu_exits    # per-vCPU windows (analysis.vcpus)
         self.kernel_mem_mb = kernel_mem_mb
@@ -159,7 +154,8 @@ class Recorder:
             map_entries=self.map_entries, prefer=self.prefer, stack_every=self.stack_every,
             stack_budget=self.stack_budget, kernel_mem_mb=self.kernel_mem_mb,
             max_stack=self.max_stack, kfilter=self.kfilter, vcpu_exits=self.vcpu_exits,
-            probe_options=self.probe_options, warn=self.warn, status=self.manifest["probes"], kbtf=self.kbtf)
+            probe_options=self.probe_options, warn=self.warn, status=self.manifest["probes"],
+            kbtf=self.kbtf)
         self.manifest["kernel_memory"] = dict(memory, limit_mb=self.kernel_mem_mb)
         return sources
 
@@ -172,7 +168,7 @@ class Recorder:
     def run(self):
         """Record until the duration ends, the command exits or a signal; return the manifest."""
         self.manifest = self._manifest_head()
-        old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+        old = {s: signal.signal(s, raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
         self.sources, child = {}, None
         try:
             self.kbtf = self._btf()
@@ -245,7 +241,7 @@ class Recorder:
                                                          if k != "callstacks"}),
                 "system_wide": self._filter() is None, "duration_requested_s": self.duration,
                 "headers": headers.find_headers().describe(), "probes": {},
-                "srcu_at": list(_srcu_at())}
+                "srcu_at": list(lockorder.srcu_at_functions(self.probe_options["lockorder"]))}
 
     def _spawn(self, tgids):
         """Start the command held at a gate until its pid is in the filter.

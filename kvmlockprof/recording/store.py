@@ -34,7 +34,6 @@ FORMAT = "kvmlockprof-recording"
 VERSION = 2                 # 2: the manifest has `integrity` (a version 2 file lacking it
 READABLE = (1, 2)           # is damaged); version 1 files are read unchecked
 MANIFEST_KEY = b"kvmlockprof.manifest"
-SNAPSHOT_TABLES = ("aggregates",)     # rewritten whole at every flush, not appended
 # An appended table's chunks (one a flush, a second) are merged into one file once
 # there are this many, and so on up, a level at a time (see Writer._compact).
 COMPACT_CHUNKS = 30
@@ -63,34 +62,6 @@ def check_output(path, force):
     parent = os.path.dirname(os.path.abspath(path))
     if not os.access(parent, os.W_OK):
         raise RecordingError(f"cannot write in {parent}: choose another -o")
-
-
-# --- numpy -> arrow ----------------------------------------------------------------
-
-def to_arrow(arr):
-    """A numpy structured array as an Arrow table, without a Python object per row.
-
-    char[] fields become dictionary strings (few distinct values: comm),
-    fixed-size numeric arrays become fixed-size lists (histograms)."""
-    cols, names = [], []
-    for name in arr.dtype.names:
-        if name.startswith("pad"):
-            continue
-        col = np.ascontiguousarray(arr[name])
-        if col.dtype.kind == "S":
-            if col.ndim > 1:                       # char[N] arrives as N x S1
-                col = col.view(f"S{col.shape[1]}").reshape(-1)
-            uniq, inv = np.unique(col, return_inverse=True)
-            words = pa.array([u.split(b"\0", 1)[0].decode(errors="replace") for u in uniq],
-                             pa.string())
-            cols.append(pa.DictionaryArray.from_arrays(pa.array(inv.astype(np.int32)), words))
-        elif col.ndim > 1:
-            cols.append(pa.FixedSizeListArray.from_arrays(pa.array(col.reshape(-1)),
-                                                          col.shape[1]))
-        else:
-            cols.append(pa.array(col))
-        names.append(name)
-    return pa.Table.from_arrays(cols, names=names)
 
 
 def _atomic(path, write):
@@ -387,7 +358,7 @@ class Writer:
                         for i in range(pq.ParquetFile(f).metadata.num_row_groups):
                             t = pq.ParquetFile(f).read_row_group(i)
                             table_digests(t, merged)
-                            w.write_table(_as_union_rows(name, t, union),
+                            w.write_table(as_union_rows(name, t, union),
                                           row_group_size=max(1, t.num_rows))
                     if {c: d.hexdigest() for c, d in merged.items()} != \
                             integrity[name]["columns"]:
@@ -403,7 +374,7 @@ class Writer:
         return manifest
 
 
-def _as_union_rows(name, table, union):
+def as_union_rows(name, table, union):
     n = table.num_rows
     cols = [pa.array([name] * n, pa.string())]
     for field in union:
@@ -540,8 +511,9 @@ def _first_line(e):
     return s[0] if s else type(e).__name__
 
 
-# Each table's columns the analyses need (kinds: "n" numeric, "s" strings, "l" lists, "ls" lists of strings)
-# are its probe's (catalog.table_columns()): a damaged file that lacks them is refused.
+# Each table's columns the analyses need (kinds: "n" numeric, "s" strings, "l" lists, "ls"
+# lists of strings) are its probe's (catalog.table_columns()): a damaged file that lacks
+# them is refused.
 _KIND = {"n": pa.types.is_integer, "s": lambda t: pa.types.is_string(t) or (
     pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)),
     "l": lambda t: pa.types.is_list(t) or pa.types.is_fixed_size_list(t),
@@ -558,7 +530,8 @@ MANIFEST_TYPES = {"duration_s": _NUMBER, "start_monotonic_ns": int, "samples": i
 
 
 def _check_table(path, name, table, columns=None):
-    from kvmlockprof.catalog import table_columns      # (the catalog's probes import this module)
+    # here, not at the top: `import kvmlockprof` reads recordings without every probe loaded
+    from kvmlockprof.catalog import table_columns
     for col, kind in table_columns().get(name, {}).items():
         if columns is not None and col not in columns:
             continue

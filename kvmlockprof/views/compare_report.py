@@ -69,8 +69,8 @@ def side_line(name, recs):
     m = [r.manifest for r in recs]
     dur = np.mean([x.get("duration_s", 0) for x in m])
     kernels = sorted({x.get("kernel_release", "?") for x in m})
-    exits = np.mean([compare._work_rate(r, "exit") for r in recs])
-    ops = np.mean([compare._work_rate(r, "memslot op") for r in recs])
+    exits = np.mean([compare.work_rate(r, "exit") for r in recs])
+    ops = np.mean([compare.work_rate(r, "memslot op") for r in recs])
     lost = max(compare.loss_fraction(r) for r in recs)
     return (f"{name}: {len(recs)} run{'s' if len(recs) > 1 else ''}, kernel "
             f"{', '.join(kernels)}, {dur:.1f} s each, {exits:,.0f} exits/s, "

@@ -420,7 +420,7 @@ class ExporterSession(LiveView):
                            df["total_ns"].to_numpy(np.float64))
         classes = df["lock"].astype(str).map(
             {n: analysis.lock_class(n) for n in pd.unique(df["lock"].astype(str))})
-        vms = df["tgid"].map(analysis._vm_labels(rec))
+        vms = df["tgid"].map(analysis.vm_labels(rec))
         vms = vms.astype(object).fillna(df["tgid"].astype(str))
         return pd.DataFrame({"lock": classes.to_numpy(), "vm": vms.to_numpy(),
                              "type": df["type"].astype(str).to_numpy(),

@@ -42,7 +42,7 @@ def stacks(rec, value="wait", pids=None, filters=None, matched=False):
         kept = [_clean(f) for f, lk in zip(frames, lockf) if not lk] or \
             [_clean(f) for f in list(frames)[:1]]
         paths[int(sid)] = ";".join(reversed(kept))
-    vm = analysis._vm_labels(rec)
+    vm = analysis.vm_labels(rec)
     out = {}
     col = VALUES[value]
     for tgid, sid, lock, typ, v in zip(aggs["tgid"].tolist(), aggs["stack_id"].tolist(),

@@ -161,8 +161,9 @@ def probe_text(rec, probe, limit=20):
                   and not part.empty else "(none)"]
     st = (rec.manifest.get("probes") or {}).get(probe, {})
     if st.get("status") != "attached":
+        why = f": {st['reason']}" if st.get("reason") else ""
         lines += ["", f"probe {probe} was not attached in this recording "
-                  f"({st.get('status', 'not requested')}{': ' + st['reason'] if st.get('reason') else ''})"]
+                  f"({st.get('status', 'not requested')}{why})"]
     return "\n".join(lines) + "\n"
 
 

@@ -211,7 +211,7 @@ class LiveView:
         return lines
 
     def _table(self, aggs, interval, dt):
-        key = analysis._group_keys(self.by)
+        key = analysis.group_keys(self.by)
         cum = analysis.top(self._recording(aggs), by=self.by, pids=self.pids,
                            filters=self.filters)
         cur = analysis.top(self._recording(interval), by=self.by, pids=self.pids,
@@ -257,8 +257,8 @@ def live_session(make_view, requested, pids, stack_budget, prefer, kernel_mem_mb
     detached whatever happens. Yields make_view(sources, status, kbtf); options:
     open_sources()'s (kfilter, map_entries, vcpu_exits)."""
     from kvmlockprof.probes.sources import close_sources, load_btf, open_sources
-    from kvmlockprof.recording.recorder import _raise_stop
-    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    from kvmlockprof.recording.recorder import raise_stop
+    old = {s: signal.signal(s, raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     sources = {}
     try:
         kbtf, _ = load_btf(warn)

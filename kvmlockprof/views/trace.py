@@ -74,7 +74,7 @@ def _names(rec, events):
     if not events:
         return []
     used = pd.concat([e[["pid", "tid"]] for e in events]).drop_duplicates()
-    vm = analysis._vm_labels(rec)
+    vm = analysis.vm_labels(rec)
     samples = rec.table("contention", ["tid", "comm"])
     comm = dict(zip(samples["tid"], samples["comm"].astype(str))) if not samples.empty else {}
     vcpu = analysis.vcpu_labels(rec, {t: (p, comm.get(t, "")) for p, t in

@@ -1,0 +1,31 @@
+"""What BPF maps and ring buffers give (numpy structured arrays) as Arrow tables, the
+recording's form: apart from the store, for the probes' loaders to convert their
+reads without importing the file they are written to."""
+import numpy as np
+import pyarrow as pa
+
+
+def to_arrow(arr):
+    """A numpy structured array as an Arrow table, without a Python object per row.
+
+    char[] fields become dictionary strings (few distinct values: comm),
+    fixed-size numeric arrays become fixed-size lists (histograms)."""
+    cols, names = [], []
+    for name in arr.dtype.names:
+        if name.startswith("pad"):
+            continue
+        col = np.ascontiguousarray(arr[name])
+        if col.dtype.kind == "S":
+            if col.ndim > 1:                       # char[N] arrives as N x S1
+                col = col.view(f"S{col.shape[1]}").reshape(-1)
+            uniq, inv = np.unique(col, return_inverse=True)
+            words = pa.array([u.split(b"\0", 1)[0].decode(errors="replace") for u in uniq],
+                             pa.string())
+            cols.append(pa.DictionaryArray.from_arrays(pa.array(inv.astype(np.int32)), words))
+        elif col.ndim > 1:
+            cols.append(pa.FixedSizeListArray.from_arrays(pa.array(col.reshape(-1)),
+                                                          col.shape[1]))
+        else:
+            cols.append(pa.array(col))
+        names.append(name)
+    return pa.Table.from_arrays(cols, names=names)
