@@ -673,7 +673,7 @@ Views (each row also has host, kernel, run and recording: which recording it is 
                began_ns, age_ns
   and each function probe's tables by their names (vms, vcpus, gpc_ops, ...)
 lock_class is the lock's name without the VM's pid (kvm->slots_lock, vcpu->mutex); times
-are ns; units and meanings: README.md "Fleet".
+are ns; units and meanings: docs/fleet.md.
 
 \b
 Examples:

@@ -38,7 +38,7 @@ ANCHOR_VM = ("python -c 'import time; from kvmlockprof.workload import kvmapi as
 HOLD_STATS = "echo 1 > /proc/sys/kernel/bpf_stats_enabled; "
 TAIL_LINES = 30         # the guest's last lines an error quotes
 # Kernels whose nested guests got stuck (or the lab guest panicked) under QEMU's
-# multi-threaded emulator and not, so far, single-threaded (README, "The 6.1 lab").
+# multi-threaded emulator and not, so far, single-threaded (docs/lab.md, "The 6.1 lab's hung runs").
 SINGLE_TCG_RELEASES = ("6.1.",)
 KILL_GRACE_S = 5.0      # after SIGTERM (and again after SIGKILL) before giving up
 

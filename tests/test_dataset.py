@@ -54,7 +54,7 @@ PER_CLASS = ("SELECT host, lock_class, sum(count) AS waits, sum(total_ns) AS wai
 
 
 def _classes(name):
-    """The lock class rule stated here on its own (README): the VM's pid dropped."""
+    """The lock class rule stated here on its own (docs/fleet.md): the VM's pid dropped."""
     return re.sub(r"^kvm\(\d+\)->vcpu\d+->", "vcpu->", re.sub(r"^kvm\(\d+\)->(?!vcpu)", "kvm->",
                                                               name))
 

@@ -90,7 +90,7 @@ def in_lab(tmp_path_factory):
 
 
 def test_the_6_1_lab_runs_qemus_emulator_single_threaded(tmp_path, monkeypatch):
-    """6.1's nested guests got stuck under the multi-threaded emulator (README):
+    """6.1's nested guests got stuck under the multi-threaded emulator (docs/lab.md):
     its lab runs are single-threaded unless asked otherwise; other kernels' are not."""
     monkeypatch.setattr(lab, "vng_path", lambda: "vng")
     monkeypatch.setattr(lab.shutil, "which", lambda name: name)

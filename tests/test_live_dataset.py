@@ -21,7 +21,7 @@ PER_CLASS = ("SELECT host, lock_class, sum(count) AS waits, sum(total_ns) AS wai
 
 
 def _class(name):
-    """The lock class as the README states it: the VM's pid (and vCPU index) dropped."""
+    """The lock class as docs/fleet.md states it: the VM's pid (and vCPU index) dropped."""
     return re.sub(r"^kvm\(\d+\)->vcpu\d+->", "vcpu->",
                   re.sub(r"^kvm\(\d+\)->(?!vcpu)", "kvm->", name))
 

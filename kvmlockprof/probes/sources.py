@@ -72,7 +72,7 @@ def kernel_memory(sources):
     return {"maps": maps, "total": sum(maps.values()), "possible_cpus": possible_cpus()}
 
 
-# What the maps take, roughly (README "Kernel memory"); doctor prints it with the
+# What the maps take, roughly (docs/scale.md); doctor prints it with the
 # kernel's own figure for the default settings.
 MEMORY_FORMULA = ("contention ~ 1 KB x -M (aggregates, stacks, first walks) + 1.3 MB + "
                   "--ringbuf-mb; function probes ~ 16 MB (24.5 MB with all five of x86, "

@@ -80,7 +80,8 @@ SCHEMA = {
     "aggregates": _LOCK + [
         ("tgid", _U32, "process"),
         ("vm", _S, "the process's VM (processes.vm)"),
-        ("stack_id", _I32, "kernel stack (stacks.stack_id, source 'contention'); -2: not walked"),
+        ("stack_id", _I32, "kernel stack (stacks.stack_id, source 'contention'); -1000 "
+                              "(KVMLP_NO_STACK): not walked; other negative: the walk failed"),
         ("caller", _S, "first frame outside the locking code"),
         ("kvm", _B, "the stack goes through KVM"),
         ("count", _U64, "waits: every contended wait, from the in-kernel aggregates"),
@@ -101,7 +102,8 @@ SCHEMA = {
         ("comm", _S, "thread name"),
         ("vm", _S, "the process's VM"),
         ("cpu", _U32, "CPU"),
-        ("stack_id", _I32, "kernel stack; -2: not walked"),
+        ("stack_id", _I32, "kernel stack; -1000 (KVMLP_NO_STACK): not walked; other "
+                              "negative: the walk failed"),
         ("caller", _S, "first frame outside the locking code"),
         ("kvm", _B, "the stack goes through KVM"),
         ("ret", _I32, "contention_end's ret (0, or -EINTR etc.)"),
