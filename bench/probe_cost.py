@@ -27,7 +27,7 @@ from kvmlockprof import catalog
 from results_io import RESULTS, save      # bench/ is on sys.path when run as a script
 
 KLP = [sys.executable, "-m", "kvmlockprof"]
-TARGET = 0.02                   # issue 21: a probe on by default costs under 2%
+TARGET = 0.02                   # a probe on by default costs under 2% of a CPU
 
 
 def run(probes, workload, out):

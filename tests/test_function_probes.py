@@ -214,7 +214,7 @@ def test_vgic_puts(module, tmp_path):
 
 
 def test_vgic_contexts_per_caller(module, tmp_path):
-    """The seed question's table: LPI puts and releases per context (enum values as
+    """Which contexts take lpi_xa's lock: LPI puts and releases per context (enum values as
     the C states them); no stacks recorded, so callers read "?"."""
     ev = empty_like(module, "vgic")(5)
     ev["intid"] = [8192, 8193, 8192, 8194, 27]

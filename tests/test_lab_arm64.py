@@ -75,7 +75,7 @@ def test_ring_buffer_counts_every_put(arm64_run):
 
 
 def test_contexts_of_the_lpi_xarray(arm64_run):
-    """The seed question: releases (lpi_xa erases, under its lock) from IRQs-off
+    """Which contexts take lpi_xa's lock: releases (lpi_xa erases, under its lock) from IRQs-off
     (vCPU ap_list pruning) and IRQs-on (ITS reset, MSI injection) callers."""
     rec = kvmlockprof.load(arm64_run / "lpi.parquet")
     cx = vgic.contexts(rec)
@@ -99,7 +99,7 @@ def test_arm64_lock_names_and_nothing_left(arm64_run):
 
 
 def test_lpi_xarray_lock_contexts_from_lockorder(arm64_run):
-    """The seed question asked of the lock itself: every acquisition of
+    """The same asked of the lock itself: every acquisition of
     kvm->arch.vgic.lpi_xa.xa_lock, by context and IRQs at the call (an
     xa_lock_irqsave that is sometimes called with IRQs on and sometimes off needs
     its irqsave). Each LPI release (vgic_put_irq dropping the last reference) takes

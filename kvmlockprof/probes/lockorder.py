@@ -60,7 +60,7 @@ LOCK_SYMBOLS = {s for acq, rel in ENTRY_POINTS.values() for _, s, _ in acq + rel
 
 # `record --srcu-at FN,...`: at each function's entry, which kvm->srcu read section is
 # held. Four slots (LOAT0-3 in the C); without the option, slot 0 watches the
-# function the review asked about.
+# function that "may or may not hold SRCU" (kvm_lapic_set_base's callee before 6.2).
 SRCU_AT_SLOTS = 4
 SRCU_AT_DEFAULT = ("kvm_vcpu_update_apicv",)
 

@@ -1,7 +1,7 @@
 """vgic (arm64): vgic_put_irq's count and latency, LPI or not, whether the put
 released the IRQ (erasing it from the LPI xarray, under its lock), its caller,
 and its context: hardirq/softirq/task, IRQs off or on (bpf/vgic.bpf.c).
-The seed question, "from which contexts is lpi_xa's lock taken?", is `releases`:
+"From which contexts is lpi_xa's lock taken?" is `releases`:
 a caller that releases with IRQs on beside one with IRQs off means the lock must
 be taken with IRQs saved and disabled (xa_lock_irqsave), everywhere."""
 import numpy as np
