@@ -253,9 +253,6 @@ static __always_inline s32 first_stack(void *ctx, struct kvmlp_agg_key *ak)
 	return get_stack(ctx);
 }
 
-/* LCB_F_* of lock:contention_begin (include/trace/events/lock.h). */
-#define KVMLP_LCB_F_MUTEX (1U << 5)
-
 /* Whether a begin on a lock this task has a wait on (of this epoch) continues
  * that wait. Only a mutex begins more than once a wait: spinning (MUTEX|SPIN),
  * going to sleep (MUTEX), and again both each time it wakes first in line and

@@ -1,6 +1,6 @@
 /* Shared by the BPF side (contention.bpf.c) and the Python side, which takes
- * these layouts from bcc's view of this header (table.Key/Leaf, table.event()),
- * never from a restatement. */
+ * these layouts from bcc's view of this header (table.Key/Leaf, table.event()) and
+ * its enums and #defines from kvmlockprof/cdefs.py, never from a restatement. */
 #ifndef KVMLP_CONTENTION_H
 #define KVMLP_CONTENTION_H
 
@@ -30,6 +30,15 @@ enum contention_counter {
 	KVMLP_C_IRQ_WAITS,          /* waits in interrupt context (kept apart from the task's) */
 	KVMLP_NR_COUNTERS,
 };
+
+/* lock:contention_begin's flags, as the kernel's include/trace/events/lock.h defines
+ * them (no header bcc includes has them). */
+#define KVMLP_LCB_F_SPIN (1U << 0)
+#define KVMLP_LCB_F_READ (1U << 1)
+#define KVMLP_LCB_F_WRITE (1U << 2)
+#define KVMLP_LCB_F_RT (1U << 3)
+#define KVMLP_LCB_F_PERCPU (1U << 4)
+#define KVMLP_LCB_F_MUTEX (1U << 5)
 
 /* -Y's table: one entry per LCB_F_* flags value (include/trace/events/lock.h has 6 bits),
  * its bits: a wait ending with these flags is kept / a begin with them may start one. */

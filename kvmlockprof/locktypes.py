@@ -5,8 +5,12 @@ two apply one rule."""
 import fnmatch
 import re
 
-# include/trace/events/lock.h
-LCB_F_SPIN, LCB_F_READ, LCB_F_WRITE, LCB_F_RT, LCB_F_PERCPU, LCB_F_MUTEX = 1, 2, 4, 8, 16, 32
+from kvmlockprof import cdefs
+
+# The tracepoint's flags (include/trace/events/lock.h), as bpf/contention.h states them
+LCB_F_SPIN, LCB_F_READ, LCB_F_WRITE, LCB_F_RT, LCB_F_PERCPU, LCB_F_MUTEX = (
+    cdefs.define("contention.h", f"KVMLP_LCB_F_{f}")
+    for f in ("SPIN", "READ", "WRITE", "RT", "PERCPU", "MUTEX"))
 # The names `perf lock contention` prints.
 LOCK_TYPES = {
     LCB_F_SPIN: "spinlock", LCB_F_SPIN | LCB_F_READ: "rwlock:R",

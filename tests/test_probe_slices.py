@@ -160,11 +160,16 @@ def test_every_enum_of_the_c_is_read_from_the_c():
 
 
 def test_counters_and_sentinels_agree_between_c_and_python():
+    from kvmlockprof import locktypes
     from kvmlockprof.probes import contention, vgic
     assert contention.COUNTERS == cdefs.counters("contention.h", "contention_counter")
     assert set(contention.LOSSES) - {contention.RECURSION} <= set(contention.COUNTERS)
     assert analysis.NO_STACK == cdefs.define("contention.h", "KVMLP_NO_STACK") < 0
-    assert analysis.LCB_F_MUTEX == cdefs.define("contention.bpf.c", "KVMLP_LCB_F_MUTEX")
+    assert locktypes.LCB_F_MUTEX == cdefs.define("contention.h", "KVMLP_LCB_F_MUTEX")
+    # the C's copy of the kernel's include/trace/events/lock.h
+    assert [getattr(locktypes, f"LCB_F_{f}") for f in ("SPIN", "READ", "WRITE", "RT",
+                                                        "PERCPU", "MUTEX")] == \
+        [1 << i for i in range(6)]
     assert vgic.MIN_LPI == 8192 and vgic.INTID_UNKNOWN == 0xffffffff
 
 

@@ -2,15 +2,22 @@
 import numpy as np
 import pyarrow as pa
 
+from kvmlockprof import cdefs
+from kvmlockprof.locktypes import LCB_F_MUTEX, LCB_F_SPIN
 from kvmlockprof.recording.arrow import to_arrow
 from kvmlockprof.recording.store import Writer
 
+COMM_LEN = cdefs.define("contention.h", "KVMLP_COMM_LEN")
+HIST_SLOTS = cdefs.define("kmaps.h", "KVMLP_HIST_SLOTS")
+# bpf/contention.h's struct kvmlp_contention_event and kvmlp_agg_key + kvmlp_agg_val (pad
+# left out, as to_arrow leaves it), their array sizes from the C; the fields restated:
+# cdefs reads enums and #defines, not structs (bcc lays those out, compiling as root).
 EVENT = np.dtype([("ts_ns", "<u8"), ("wait_ns", "<u8"), ("lock_addr", "<u8"), ("tid", "<u4"),
                   ("tgid", "<u4"), ("flags", "<u4"), ("stack_id", "<i4"), ("cpu", "<u4"),
-                  ("ret", "<i4"), ("comm", "S16")])
+                  ("ret", "<i4"), ("comm", f"S{COMM_LEN}")])
 AGG = np.dtype([("lock_addr", "<u8"), ("tgid", "<u4"), ("flags", "<u4"), ("stack_id", "<i4"),
                 ("count", "<u8"), ("total_ns", "<u8"), ("max_ns", "<u8"), ("min_ns", "<u8"),
-                ("hist", "<u8", (64,))])
+                ("hist", "<u8", (HIST_SLOTS,))])
 
 
 def events(rows):
@@ -29,15 +36,17 @@ def aggregates_of(ev):
         keys.setdefault(k, []).append(int(e["wait_ns"]))
     out = np.zeros(len(keys), AGG)
     for i, (k, waits) in enumerate(keys.items()):
-        hist = np.zeros(64, np.uint64)
+        hist = np.zeros(HIST_SLOTS, np.uint64)
         for w in waits:
             hist[max(w.bit_length(), 1)] += 1       # bcc's bpf_log2l(w): floor(log2 w) + 1
         out[i] = (*k, len(waits), sum(waits), max(waits), min(waits), hist)
     return out
 
 
-ROWS = [(100, 0x1000, 7, 32, 1), (300, 0x1000, 7, 32, 1), (5000, 0x1000, 7, 32, 1),
-        (50, 0x2000, 8, 1, 2), (70, 0x2000, 8, 1, 2), (90, 0x2000, 8, 1, 2)]
+ROWS = [(100, 0x1000, 7, LCB_F_MUTEX, 1), (300, 0x1000, 7, LCB_F_MUTEX, 1),
+        (5000, 0x1000, 7, LCB_F_MUTEX, 1),
+        (50, 0x2000, 8, LCB_F_SPIN, 2), (70, 0x2000, 8, LCB_F_SPIN, 2),
+        (90, 0x2000, 8, LCB_F_SPIN, 2)]
 
 
 def sample_stacks():
