@@ -386,7 +386,7 @@ def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, cal
     from kvmlockprof.kernel.bpfload import BpfUnavailable
     from kvmlockprof.catalog import UnknownProbe, select
     from kvmlockprof.kernel import host
-    from kvmlockprof.views import top as topmod
+    from kvmlockprof.views import top
     names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
     try:
         requested = None if names is None else select(names)
@@ -403,13 +403,13 @@ def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, cal
     kfilter, _ = _kernel_filters(filters, tids, cgroups)
     click.echo("kvmlockprof top: compiling and attaching the probes ...", err=True)
     try:
-        topmod.run(requested, list(pids) or None, by=by, sort=sort, limit=limit,
-                   interval=interval, iterations=iterations, stack_budget=stack_budget,
-                   prefer=prefer, kernel_mem_mb=kernel_mem_mb, filters=filters,
-                   kfilter=kfilter, vcpu_exits=vcpu_exits,
-                   batch=batch or not sys.stdout.isatty(),
-                   warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
-                   echo=click.echo)
+        top.run(requested, list(pids) or None, by=by, sort=sort, limit=limit,
+                interval=interval, iterations=iterations, stack_budget=stack_budget,
+                prefer=prefer, kernel_mem_mb=kernel_mem_mb, filters=filters,
+                kfilter=kfilter, vcpu_exits=vcpu_exits,
+                batch=batch or not sys.stdout.isatty(),
+                warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
+                echo=click.echo)
     except BpfUnavailable as e:
         fail(str(e))
 
@@ -458,11 +458,11 @@ def exporter(listen, interval, top_locks, top_vms, pids, vm_names, lock_filter, 
     from kvmlockprof.kernel.bpfload import BpfUnavailable
     from kvmlockprof.catalog import UnknownProbe, select
     from kvmlockprof.kernel import host
-    from kvmlockprof.views import exporter as exp
+    from kvmlockprof.views import exporter
     names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
     try:
         requested = None if names is None else select(names)
-        exp.parse_listen(listen)
+        exporter.parse_listen(listen)
     except (UnknownProbe, ValueError) as e:
         fail(str(e))
     if not host.can_bpf():
@@ -472,11 +472,11 @@ def exporter(listen, interval, top_locks, top_vms, pids, vm_names, lock_filter, 
     filters = _filters(lock_filter, type_filter, callstack_filter)
     kfilter, _ = _kernel_filters(filters, tids, cgroups)
     try:
-        exp.run(requested, list(pids) or None, listen, interval, top_locks, top_vms,
-                stack_budget=stack_budget, prefer=prefer, kernel_mem_mb=kernel_mem_mb,
-                map_entries=map_nr_entries, filters=filters, kfilter=kfilter,
-                warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
-                echo=lambda m: click.echo(m, err=True))
+        exporter.run(requested, list(pids) or None, listen, interval, top_locks, top_vms,
+                     stack_budget=stack_budget, prefer=prefer, kernel_mem_mb=kernel_mem_mb,
+                     map_entries=map_nr_entries, filters=filters, kfilter=kfilter,
+                     warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
+                     echo=lambda m: click.echo(m, err=True))
     except BpfUnavailable as e:
         fail(str(e))
     except OSError as e:
@@ -508,7 +508,7 @@ def exporter(listen, interval, top_locks, top_vms, pids, vm_names, lock_filter, 
 def report(recording, by, sort, limit, pids, vm_names, lock_filter, type_filter,
            callstack_filter, stacks, fmt, value, output, html_out, force, order, tids):
     """Contention report of a recording, like `perf lock contention`."""
-    from kvmlockprof.views import report as rpt
+    from kvmlockprof.views import report
     from kvmlockprof.recording.store import RecordingError, load
     for path in (output, html_out):
         if path and os.path.exists(path) and not force:
@@ -532,10 +532,10 @@ def report(recording, by, sort, limit, pids, vm_names, lock_filter, type_filter,
             from kvmlockprof.views import trace
             text = trace.trace_json(rec, pids=list(pids) or None)
         elif order:
-            text = rpt.probe_text(rec, "lockorder", limit=limit)
+            text = report.probe_text(rec, "lockorder", limit=limit)
         else:
-            text = rpt.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
-                              pids=list(pids) or None, filters=filters, tids=list(tids) or None)
+            text = report.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
+                                 pids=list(pids) or None, filters=filters, tids=list(tids) or None)
         if html_out:                # reads more of the recording than the text does
             from kvmlockprof.views import html
             page = html.render(rec, limit=limit)
@@ -622,15 +622,16 @@ def compare(sides, bases, news, base_where, new_where, threshold, limit, locks, 
 def _compare(bases, news, threshold, limit=20, fmt="text", output=None,
              html_out=None, force=False, value="wait", wheres=(None, None), focus=None):
     """compare's work, for compare and ab: load, check, compare, print or write."""
-    from kvmlockprof.analysis import compare as cmp
-    from kvmlockprof.views import compare_report as cr
+    from kvmlockprof.analysis import compare
+    from kvmlockprof.views import compare_report
     from kvmlockprof.recording.store import RecordingError
     for path in (output, html_out):
         if path and os.path.exists(path) and not force:
             fail(f"{path} exists: use --force to overwrite it")
     try:
-        base, new = cr.load_side(bases, wheres[0]), cr.load_side(news, wheres[1])
-        refuse, warnings = cmp.check(base, new)
+        base = compare_report.load_side(bases, wheres[0])
+        new = compare_report.load_side(news, wheres[1])
+        refuse, warnings = compare.check(base, new)
         warnings += [f"{r.path}: {w}" for r in base + new for w in r.warnings]
         if refuse and not force:
             fail(f"not comparable: {refuse[0]} (--force compares anyway)")
@@ -641,16 +642,16 @@ def _compare(bases, news, threshold, limit=20, fmt="text", output=None,
             from kvmlockprof.views import folded
             body = folded.diff_text(base, new, value)
         else:
-            df = cmp.compare(base, new, threshold=threshold, limit=limit, **(focus or {}))
+            df = compare.compare(base, new, threshold=threshold, limit=limit, **(focus or {}))
     except (RecordingError, ValueError) as e:
         fail(str(e))
     if fmt != "folded":
-        out = {"text": cr.text, "json": cr.as_json}.get(fmt)
+        out = {"text": compare_report.text, "json": compare_report.as_json}.get(fmt)
         body = out(df, base, new, warnings, threshold) if out else df.to_csv(index=False)
     if html_out:
         if fmt == "folded":
             fail("--html draws the comparison table: drop --format folded")
-        _write_atomic(html_out, cr.page(df, base, new, warnings, threshold))
+        _write_atomic(html_out, compare_report.page(df, base, new, warnings, threshold))
     if output:
         _write_atomic(output, body)
     else:
@@ -796,7 +797,7 @@ def ab(runs, duration, workload_args, base_args, new_args, base_kernel, new_kern
        output_dir, threshold, output, html_out, force):
     """Record the built-in workload N times under two settings, then compare them."""
     import shlex
-    from kvmlockprof.recording import ab as abmod
+    from kvmlockprof.recording import ab
     from kvmlockprof.kernel import host
     if bool(base_kernel) != bool(new_kernel):
         fail("give both --base-kernel and --new-kernel, or neither")
@@ -815,15 +816,15 @@ def ab(runs, duration, workload_args, base_args, new_args, base_kernel, new_kern
     echo = lambda m: click.echo(f"kvmlockprof ab: {m}", err=True)   # noqa: E731
     try:
         if base_kernel:
-            paths = abmod.run_lab(output_dir, runs, duration, w,
-                                  {"base": base_kernel, "new": new_kernel}, r, echo)
+            paths = ab.run_lab(output_dir, runs, duration, w,
+                               {"base": base_kernel, "new": new_kernel}, r, echo)
         else:
-            paths = abmod.run_local(output_dir, runs, duration, w,
-                                    {"base": shlex.split(base_args),
-                                     "new": shlex.split(new_args)}, r, echo)
+            paths = ab.run_local(output_dir, runs, duration, w,
+                                 {"base": shlex.split(base_args),
+                                  "new": shlex.split(new_args)}, r, echo)
     except subprocess.CalledProcessError as e:
         fail(f"a run failed (exit {e.returncode}): {shlex.join(map(str, e.cmd))}")
-    except abmod.lab.LabError as e:
+    except ab.lab.LabError as e:
         fail(str(e))
     _compare(paths["base"], paths["new"], threshold, output=output, html_out=html_out,
              force=force)
@@ -945,14 +946,14 @@ def lab(kernel, cpus, memory, possible_cpus, timeout, console, tcg_thread, arch,
 
     The current directory is shared read-write: recordings land on this host.
     Ctrl-C or --timeout kills the whole lab, QEMU included."""
-    from kvmlockprof import lab as labmod
+    from kvmlockprof import lab
     # SIGTERM as Ctrl-C: the lab's process group (QEMU) is killed, its script removed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        p = labmod.run(list(command), kernel=kernel, cpus=cpus, memory=memory,
-                       timeout=timeout, possible_cpus=possible_cpus, console=console,
-                       tcg_thread=tcg_thread, arch=arch)
-    except labmod.LabError as e:
+        p = lab.run(list(command), kernel=kernel, cpus=cpus, memory=memory,
+                    timeout=timeout, possible_cpus=possible_cpus, console=console,
+                    tcg_thread=tcg_thread, arch=arch)
+    except lab.LabError as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("lab run interrupted: its QEMU and everything it started were killed", 130)

@@ -365,7 +365,7 @@ class FakeKernel:
         self.bpf = {}
 
     def end(self, lock, tgid, ns, n=1, stack=None, torn=None):
-        stack = exp.analysis.NO_STACK if stack is None else stack
+        stack = exp.locks.NO_STACK if stack is None else stack
         e = self.map.setdefault((LOCKS[lock], tgid, MUTEX, stack),
                                 [0, 0, np.zeros(64, np.uint64)])
         self.waits.setdefault((lock, tgid), []).extend([ns] * n)
@@ -548,7 +548,7 @@ def spread_histogram_too(spread):
     """spread_unwalked as it may become: the unwalked waits' histogram also spread over
     the lock's walked stacks, in proportion to their counts."""
     def spread_hist(aggs):
-        no = exp.analysis.NO_STACK
+        no = exp.locks.NO_STACK
         hist = np.stack(aggs["hist"].to_numpy()).astype(np.float64)
         unwalked = (aggs["stack_id"] == no).to_numpy()
         group = aggs.groupby(["lock_addr", "flags", "tgid"]).ngroup().to_numpy()
@@ -567,9 +567,9 @@ def spread_histogram_too(spread):
 def spreads_histograms():
     """Whether analysis.spread_unwalked spreads the unwalked waits' histogram too."""
     aggs = pd.DataFrame({"lock_addr": [1, 1], "flags": 1, "tgid": 1,
-                         "stack_id": [7, exp.analysis.NO_STACK], "count": [1, 1],
+                         "stack_id": [7, exp.locks.NO_STACK], "count": [1, 1],
                          "total_ns": [10, 10], "hist": [slots_of([10]), slots_of([10])]})
-    return exp.analysis.spread_unwalked(aggs)["hist"].iloc[0].sum() > 1
+    return exp.locks.spread_unwalked(aggs)["hist"].iloc[0].sum() > 1
 
 
 @pytest.mark.parametrize("spread", ["analysis", "hist too"])
@@ -580,8 +580,8 @@ def test_callstack_filter_histogram_agrees(make_session, monkeypatch, spread):
     the walked waits or spreads it too (as the analysis does, and as a stand-in does)."""
     hist_spread = spreads_histograms()
     if spread == "hist too" and not hist_spread:
-        monkeypatch.setattr(exp.analysis, "spread_unwalked",
-                            spread_histogram_too(exp.analysis.spread_unwalked))
+        monkeypatch.setattr(exp.locks, "spread_unwalked",
+                            spread_histogram_too(exp.locks.spread_unwalked))
         hist_spread = True
     k = FakeKernel()
     s = make_session(k, filters={"callstacks": ("caller_x",)})

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import special   # (scipy.stats takes 0.4 s more to import: only for percentiles)
 
-from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis import locks
 from kvmlockprof.quantiles import quantile_index
 
 LOCK_METRICS = {          # metric -> (better, unit)
@@ -66,7 +66,7 @@ def _with_identity(df):
     """An `identity` column: lock_identity() once per distinct (lock, type, caller)."""
     if df.empty:
         return df.assign(identity=pd.Series(dtype=str))
-    codes, combos = analysis.group_codes(df, ["lock", "type", "caller"])
+    codes, combos = locks.group_codes(df, ["lock", "type", "caller"])
     names = [lock_identity(*combo) for combo in combos]
     lcodes, cats = pd.factorize(pd.Series(names, dtype=object))
     return df.assign(identity=pd.Categorical.from_codes(lcodes[codes], cats))
@@ -75,10 +75,10 @@ def _with_identity(df):
 def _identity_chunks(rec, identities):
     """chunks(columns): (position in `identities` per sample, -1 for none; waits; end
     times, or None without ts_ns in `columns`) of a big recording's samples, chunk
-    by chunk, in as many passes as it is called (analysis.Positioned)."""
+    by chunk, in as many passes as it is called (locks.Positioned)."""
     pos = {k: i for i, k in enumerate(identities)}
-    samples = analysis.Positioned(rec, ["lock", "type", "caller"],
-                                  lambda c: pos.get(lock_identity(*c), -1))
+    samples = locks.Positioned(rec, ["lock", "type", "caller"],
+                               lambda c: pos.get(lock_identity(*c), -1))
 
     def chunks(columns=SAMPLE_COLUMNS):
         for at, df in samples(columns):
@@ -88,16 +88,16 @@ def _identity_chunks(rec, identities):
 
 
 def identified(rec):
-    """analysis.annotate() with the identity column, once per recording
+    """locks.annotate() with the identity column, once per recording
     (lock_values and the single-run observations both need it). Identities name
     callers, so waits without a walked stack are spread over their lock's walked
-    callers (analysis.spread_unwalked): rates stay comparable whatever share of
+    callers (locks.spread_unwalked): rates stay comparable whatever share of
     stacks the --stack-budget let through."""
     def compute():
-        aggs, samples = (analysis.annotated_aggregates(rec), pd.DataFrame()) \
-            if analysis.streamed(rec) else analysis.annotate(rec, SAMPLE_COLUMNS)
+        aggs, samples = (locks.annotated_aggregates(rec), pd.DataFrame()) \
+            if locks.streamed(rec) else locks.annotate(rec, SAMPLE_COLUMNS)
         if not aggs.empty:
-            aggs = analysis.spread_unwalked(aggs)
+            aggs = locks.spread_unwalked(aggs)
         return _with_identity(aggs), _with_identity(samples)
     return rec.derived("identified", compute)
 
@@ -124,7 +124,7 @@ def lock_values(rec):
         out[f"waits/{unit}"] = out["count"] / n if n else np.nan
     out["mean wait"] = (out["total_ns"] / out["count"]).where(
         out["count"] >= MIN_WAITS["mean wait"])
-    if analysis.streamed(rec):
+    if locks.streamed(rec):
         st = _streamed_stats(rec)
         n = pd.Series(st["n"], st["identities"]).reindex(out.index).fillna(0)
         for i, metric in enumerate(("p50 wait", "p99 wait")):
@@ -132,8 +132,8 @@ def lock_values(rec):
                 n >= MIN_WAITS[metric])
     elif not samples.empty:
         codes, cats = samples["identity"].cat.codes.to_numpy(), samples["identity"].cat.categories
-        q = pd.DataFrame(analysis.group_quantiles(codes, samples["wait_ns"].to_numpy(),
-                                                  len(cats), [0.5, 0.99]), index=cats)
+        q = pd.DataFrame(locks.group_quantiles(codes, samples["wait_ns"].to_numpy(),
+                                               len(cats), [0.5, 0.99]), index=cats)
         n = pd.Series(np.bincount(codes, minlength=len(cats)), cats).reindex(out.index).fillna(0)
         for i, metric in enumerate(("p50 wait", "p99 wait")):
             out[metric] = q[i].reindex(out.index).where(n >= MIN_WAITS[metric])
@@ -194,7 +194,7 @@ def _single_observations(rec, identities):
     aggs, samples = identified(rec)
     nbins = _nbins(rec)
     out = {}
-    if analysis.streamed(rec):
+    if locks.streamed(rec):
         return _streamed_observations(rec, aggs, sorted(identities), nbins)
     if samples.empty:
         return out
@@ -253,11 +253,20 @@ def _streamed_stats(rec):
             if chance is None:              # the counts are whole: the second pass samples
                 n = acc["per_bin"].reshape(k, nbins).sum(axis=1)
                 chance = np.minimum(1.0, SAMPLE_CAP / np.maximum(n, 1))
-        q, n = analysis.streamed_quantiles(chunks, k, [0.5, 0.99])
+        q, n = locks.streamed_quantiles(chunks, k, [0.5, 0.99])
         r = np.concatenate([c[0] for c in kept]) if kept else np.array([], np.int64)
         w = np.concatenate([c[1] for c in kept]) if kept else np.array([])
         return dict(acc, r=r, w=w, identities=idents, q=q, n=n, nbins=nbins)
     return rec.derived("streamed_stats", compute)
+
+
+def _read_streamed(recs):
+    """_streamed_stats() of the big recordings among recs, ahead of compare()'s reads
+    (whose `locks` argument hides this module's)."""
+    big = list({id(r): r for r in recs if locks.streamed(r)}.values())
+    if len(big) > 1:    # two at once: reading, checksums and hashing release the GIL
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(_streamed_stats, big))
 
 
 def _accumulate(acc, rows, waits, ts, t0, k, nbins):
@@ -554,10 +563,7 @@ def compare(base, new, threshold=0.05, limit=20, fdr=FDR, locks=(), metrics=()):
         raise ValueError(f"unknown metric {unknown[0]!r}: one of {', '.join(LOCK_METRICS)}")
     lock_metrics = {m: v for m, v in LOCK_METRICS.items() if not metrics or m in metrics}
     probes = not (locks or metrics)
-    big = list({id(r): r for r in (*base, *new) if analysis.streamed(r)}.values())
-    if len(big) > 1:    # two at once: reading, checksums and hashing release the GIL
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(_streamed_stats, big))
+    _read_streamed((*base, *new))
     bl = [lock_values(r) for r in base]
     nl = [lock_values(r) for r in new]
     pooled = pd.concat([*bl, *nl]).groupby("identity")["total_ns"].sum()
@@ -625,7 +631,7 @@ def observed_value(obs):
     stat, sample, value, count = obs
     if value is None:
         value = sample.mean() if stat == "mean" else \
-            np.quantile(sample, stat, method=analysis.QUANTILE_METHOD)
+            np.quantile(sample, stat, method=locks.QUANTILE_METHOD)
     return value, len(sample) if count is None else count
 
 

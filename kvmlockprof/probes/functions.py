@@ -3,7 +3,7 @@ one BPF module (they share the VM registry and the stack map), attached per
 target with the method its plan chose, read generically from the catalog's
 stream/aggregate/counter declarations."""
 from kvmlockprof import catalog, cdefs
-from kvmlockprof.kernel import bpfload, btf as btfmod
+from kvmlockprof.kernel import bpfload, btf
 from kvmlockprof.kernel.maps import read_counters, read_hash
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
 from kvmlockprof.recording.arrow import to_arrow
@@ -41,7 +41,7 @@ def module_defines(plans, kbtf, stack_entries=16384, ringbuf_pages=1024):
         for t in probe.targets:
             sym, method = plan.targets.get(t.key, (None, None))
             d.update(target_defines(t, sym, method, kbtf))
-        d.update({f"KVMLP_OFF_{k}": v for k, v in btfmod.defines(kbtf, probe.fields).items()})
+        d.update({f"KVMLP_OFF_{k}": v for k, v in btf.defines(kbtf, probe.fields).items()})
     for targets in shared_fentry(plans).values():
         d.update({f"KVMLP_M_{t.key}": SHARED_FENTRY for t in targets})
     return d

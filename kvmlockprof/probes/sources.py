@@ -6,7 +6,7 @@ import os
 from kvmlockprof import catalog
 from kvmlockprof.kernel import bpfstats, btf, capabilities
 from kvmlockprof.kernel.bpfload import BpfUnavailable
-from kvmlockprof.probes import contention as cp
+from kvmlockprof.probes import contention
 from kvmlockprof.probes.contention import ContentionProbe
 from kvmlockprof.probes.functions import FunctionProbes
 
@@ -100,10 +100,11 @@ def _within_limit(sources, limit_mb):
     return mem
 
 
-def open_sources(requested=None, tgids=None, follow_fork=False, sample_every=cp.SAMPLE_EVERY,
-                 ringbuf_mb=cp.RINGBUF_MB, map_entries=cp.MAP_ENTRIES, prefer=None, warn=None,
-                 status=None, kbtf=None, stack_every=cp.STACK_EVERY,
-                 stack_budget=cp.STACK_BUDGET, kernel_mem_mb=KERNEL_MEM_MB,
+def open_sources(requested=None, tgids=None, follow_fork=False,
+                 sample_every=contention.SAMPLE_EVERY, ringbuf_mb=contention.RINGBUF_MB,
+                 map_entries=contention.MAP_ENTRIES, prefer=None, warn=None, status=None,
+                 kbtf=None, stack_every=contention.STACK_EVERY,
+                 stack_budget=contention.STACK_BUDGET, kernel_mem_mb=KERNEL_MEM_MB,
                  max_stack=None, kfilter=None, vcpu_exits=False, probe_options=None):
     """({name: source}, {probe name: status}, kernel memory (see kernel_memory)).
 

@@ -12,12 +12,12 @@ import numpy as np
 from kvmlockprof import __version__, catalog
 from kvmlockprof.kernel import bpfload, bpfstats, headers, host
 from kvmlockprof.kernel.ksyms import Kallsyms
-from kvmlockprof.probes import contention as cp, lockorder
+from kvmlockprof.probes import contention, lockorder
 from kvmlockprof.probes.contention import LOSSES
 from kvmlockprof.probes.sources import KERNEL_MEM_MB, load_btf, open_sources
-from kvmlockprof.recording import filters as filters_mod
+from kvmlockprof.recording import filters as filters_mod  # Recorder's filters= hides it
 from kvmlockprof.recording import processes
-from kvmlockprof.recording import store as recording
+from kvmlockprof.recording import store
 from kvmlockprof.recording.arrow import to_arrow
 from kvmlockprof.recording.locknames import REGISTRY_TABLES, SessionNames
 from kvmlockprof.recording.stacks import new_stack_ids, stack_ids_in, stacks_table
@@ -92,9 +92,10 @@ def raise_stop(signum, frame):
 
 class Recorder:
     def __init__(self, out, duration=None, pids=(), command=(), system_wide=False,
-                 sample_every=cp.SAMPLE_EVERY, flush_interval=1.0, force=False, progress=None,
-                 ringbuf_mb=cp.RINGBUF_MB, map_entries=cp.MAP_ENTRIES, probes=None, warn=None,
-                 prefer=None, stack_every=cp.STACK_EVERY, stack_budget=cp.STACK_BUDGET,
+                 sample_every=contention.SAMPLE_EVERY, flush_interval=1.0, force=False,
+                 progress=None, ringbuf_mb=contention.RINGBUF_MB,
+                 map_entries=contention.MAP_ENTRIES, probes=None, warn=None, prefer=None,
+                 stack_every=contention.STACK_EVERY, stack_budget=contention.STACK_BUDGET,
                  kernel_mem_mb=KERNEL_MEM_MB, max_stack=None, srcu_at=None, filters=None,
                  vcpu_exits=False, labels=None, watch=()):
         """filters: perf's -L/-Y/-S/--tid/-G as {locks, types, callstacks, tids, cgroups}
@@ -229,7 +230,7 @@ class Recorder:
         return exc is not None and not isinstance(exc, (KeyboardInterrupt, Stop))
 
     def _manifest_head(self):
-        return {"format": recording.FORMAT, "version": recording.VERSION,
+        return {"format": store.FORMAT, "version": store.VERSION,
                 "kvmlockprof_version": __version__,
                 "kernel_release": host.kernel_release(),
                 "host": self.labels.get("host") or host.hostname(),

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis import locks
 from kvmlockprof.recording.store import Recording
 from kvmlockprof.views.top import AGG_KEYS, LiveView, live_session
 
@@ -28,7 +28,7 @@ TOP_LOCKS = 50
 TOP_VMS = 20
 DEFAULT_LISTEN = "127.0.0.1:9475"
 # The histograms' `le` bounds: log2 slots s of the in-kernel histograms (slot s holds
-# waits in [2^(s-1), 2^s) ns, analysis.hist_bounds), every other one from 256 ns to
+# waits in [2^(s-1), 2^s) ns, quantiles.hist_bounds), every other one from 256 ns to
 # 17 s. The bucket `le=2^s ns` is the sum of slots 0..s, exact: it counts the waits
 # shorter than 2^s ns (a wait of exactly 2^s ns is in the next bucket).
 LE_SLOTS = np.arange(8, 35, 2)
@@ -404,13 +404,13 @@ class ExporterSession(LiveView):
         rec = Recording.from_frames(
             "<live>", {**self.names.manifest(), "processes": self.procs},
             {"aggregates": interval, "stacks": stacks, "contention": pd.DataFrame()})
-        df = analysis.annotated_aggregates(rec)
+        df = locks.annotated_aggregates(rec)
         if self.pids:
             df = df[df["tgid"].isin(self.pids)]
         own_n, own_ns = _hist_counts(df), df["total_ns"].to_numpy(np.float64)
         df = df.assign(_own_n=own_n, _own_ns=own_ns)
         if self.filters and any(self.filters.values()):
-            df = analysis.apply_filters(rec, df, **self.filters)
+            df = locks.apply_filters(rec, df, **self.filters)
         if df.empty:
             return None
         # -S spreads the unwalked waits' counts and times over the walked stacks: the
@@ -419,8 +419,8 @@ class ExporterSession(LiveView):
         hist_ns = np.where(hist_n == df["_own_n"].to_numpy(), df["_own_ns"].to_numpy(),
                            df["total_ns"].to_numpy(np.float64))
         classes = df["lock"].astype(str).map(
-            {n: analysis.lock_class(n) for n in pd.unique(df["lock"].astype(str))})
-        vms = df["tgid"].map(analysis.vm_labels(rec))
+            {n: locks.lock_class(n) for n in pd.unique(df["lock"].astype(str))})
+        vms = df["tgid"].map(locks.vm_labels(rec))
         vms = vms.astype(object).fillna(df["tgid"].astype(str))
         return pd.DataFrame({"lock": classes.to_numpy(), "vm": vms.to_numpy(),
                              "type": df["type"].astype(str).to_numpy(),

@@ -12,7 +12,7 @@ stacks, as `report --by caller` does, so each lock's total stays exact.
 compare matches them across runs (no pid, no address)."""
 import numpy as np
 
-from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis import locks
 from kvmlockprof.analysis.compare import lock_across_runs
 
 VALUES = {"wait": "total_ns", "count": "count"}
@@ -25,31 +25,31 @@ def _clean(frame):
 
 
 def stacks(rec, value="wait", pids=None, filters=None, matched=False):
-    """{folded stack: value} of a recording (filters: -L/-Y/-S, analysis.apply_filters);
+    """{folded stack: value} of a recording (filters: -L/-Y/-S, locks.apply_filters);
     matched: locks named as compare matches them (a differential graph's sides meet)."""
-    aggs = analysis.annotated_aggregates(rec)
+    aggs = locks.annotated_aggregates(rec)
     if aggs.empty:
         return {}
     if pids:
         aggs = aggs[aggs["tgid"].isin(pids)]
-    aggs = analysis.apply_filters(rec, aggs, **(filters or {}))
+    aggs = locks.apply_filters(rec, aggs, **(filters or {}))
     if aggs.empty:
         return {}
-    aggs = analysis.spread_unwalked(aggs)
-    st = analysis.stacks_of(rec)
+    aggs = locks.spread_unwalked(aggs)
+    st = locks.stacks_of(rec)
     paths = {}
     for sid, frames, lockf in zip(st["stack_id"], st["frames"], st["lock_frame"]):
         kept = [_clean(f) for f, lk in zip(frames, lockf) if not lk] or \
             [_clean(f) for f in list(frames)[:1]]
         paths[int(sid)] = ";".join(reversed(kept))
-    vm = analysis.vm_labels(rec)
+    vm = locks.vm_labels(rec)
     out = {}
     col = VALUES[value]
     for tgid, sid, lock, typ, v in zip(aggs["tgid"].tolist(), aggs["stack_id"].tolist(),
                                       aggs["lock"].astype(str).tolist(),
                                       aggs["type"].astype(str).tolist(),
                                       aggs[col].to_numpy(np.float64).tolist()):
-        path = paths.get(int(sid), "[stack not sampled]" if sid == analysis.NO_STACK
+        path = paths.get(int(sid), "[stack not sampled]" if sid == locks.NO_STACK
                          else "[no stack]")
         lock = lock_across_runs(lock) if matched else lock
         key = f"{_clean(str(vm.get(tgid, tgid)))};{path};{_clean(f'{lock} ({typ})')}"

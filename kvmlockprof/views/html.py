@@ -4,7 +4,7 @@ import html
 import pandas as pd
 import plotly.io as pio
 
-from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis import locks
 from kvmlockprof.views import plots, report
 
 STYLE = ("body{font-family:sans-serif;margin:2em} table.t{border-collapse:collapse;"
@@ -66,12 +66,12 @@ class _Page:
 
 
 def render(rec, limit=20):
-    analysis.annotate(rec)          # the plots need every sample column: load them once
+    locks.annotate(rec)             # the plots need every sample column: load them once
     page = _Page()
     page.h2("Summary")
     page.raw(_summary(rec))
     page.h2("Top locks")
-    page.raw(_table(analysis.top(rec, by="lock", limit=limit).drop(columns=["pct_exact"])))
+    page.raw(_table(locks.top(rec, by="lock", limit=limit).drop(columns=["pct_exact"])))
     page.raw("<p>p50/p90/p99 are nearest-rank quantiles: exact where every wait of a row "
              "was sampled, else the upper bound of the log2 bucket holding them.</p>")
     page.h2("Wait-time histogram (in-kernel log2 buckets, heaviest locks)")
@@ -81,7 +81,7 @@ def render(rec, limit=20):
     page.h2("Where the wait comes from: lock, caller, caller's caller (click to zoom)")
     page.fig(plots.stacks_icicle(rec))
     page.h2("Per VM (process)")
-    page.raw(_table(analysis.per_vm(rec)))
+    page.raw(_table(locks.per_vm(rec)))
     page.h2("Per vCPU / thread")
     page.fig(plots.per_thread(rec, limit=limit))
     figs = plots.probe_figures(rec)

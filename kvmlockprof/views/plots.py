@@ -6,13 +6,13 @@ import numpy as np
 import plotly.express as px
 import plotly.graph_objects as go
 
-from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis import locks
 from kvmlockprof.views.report import fmt_ns
 
 
 def wait_histogram(rec, top_n=8):
     """Wait-time distribution of the heaviest locks (in-kernel log2 buckets)."""
-    hist = analysis.wait_histogram(rec, top_n=top_n)
+    hist = locks.wait_histogram(rec, top_n=top_n)
     if hist.empty:
         return None
     hist = hist.sort_values("lo_ns")
@@ -23,7 +23,7 @@ def wait_histogram(rec, top_n=8):
 
 
 def timeline(rec, bin_ms=100, top_n=8):
-    tl = analysis.timeline(rec, bin_ms=bin_ms, top_n=top_n)
+    tl = locks.timeline(rec, bin_ms=bin_ms, top_n=top_n)
     if tl.empty:
         return None
     return px.line(tl, x="t_s", y="wait_ns", color="lock", markers=True,
@@ -33,7 +33,7 @@ def timeline(rec, bin_ms=100, top_n=8):
 
 def per_thread(rec, limit=30):
     """Wait time per thread, coloured by VM (process)."""
-    th = analysis.per_thread(rec).head(limit)
+    th = locks.per_thread(rec).head(limit)
     if th.empty:
         return None
     th = th.assign(thread=th["comm"].astype(str) + " (" + th["tid"].astype(str) + ")",
@@ -50,12 +50,12 @@ def stacks_icicle(rec, depth=10, min_share=0.002):
     """Where the wait comes from: lock, then its caller, that caller's caller ...
     (callee-rooted, like `perf report --no-children -G` inverted), sized by wait time
     (a lock's waits without a walked stack spread over its walked ones: estimates)."""
-    aggs, _ = analysis.annotate(rec)
+    aggs, _ = locks.annotate(rec)
     if aggs.empty:
         return None
-    aggs = analysis.spread_unwalked(aggs)
-    info = analysis.contention_stacks(rec)
-    st = analysis.stacks_of(rec).set_index("stack_id")
+    aggs = locks.spread_unwalked(aggs)
+    info = locks.contention_stacks(rec)
+    st = locks.stacks_of(rec).set_index("stack_id")
     per = aggs.groupby(["lock", "type", "stack_id"])["total_ns"].sum()
     total = per.sum()
     if total <= 0:
@@ -70,7 +70,7 @@ def stacks_icicle(rec, depth=10, min_share=0.002):
             callers = [_strip(f) for f, lk in zip(frames, lockf) if not lk][:depth]
             ns_path = [f"{lock} ({typ})", *callers]
         else:
-            ns_path = [f"{lock} ({typ})", "[stack not sampled]" if sid == analysis.NO_STACK
+            ns_path = [f"{lock} ({typ})", "[stack not sampled]" if sid == locks.NO_STACK
                        else "[no stack]"]
         for k in range(1, len(ns_path) + 1):
             key = tuple(ns_path[:k])

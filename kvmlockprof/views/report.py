@@ -3,7 +3,7 @@ import json
 
 import pandas as pd
 
-from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis import locks
 from kvmlockprof.analysis import vcpus
 from kvmlockprof.recording import processes
 
@@ -29,7 +29,7 @@ def fmt_ns(ns, bound=False):
 
 def summary_lines(rec):
     m = rec.manifest
-    t = analysis.totals(rec)
+    t = locks.totals(rec)
     lines = [f"host {m.get('host')}  kernel {m.get('kernel_release')}  "
              f"duration {m.get('duration_s', 0):.2f} s  stopped by {m.get('stopped_by', '?')}"]
     if rec.interrupted:
@@ -69,7 +69,7 @@ def summary_lines(rec):
                      "inside another wait of their task (a mutex's wait_lock, an interrupt); "
                      "counted by lock, their time not added again to per-VM or per-vCPU "
                      f"totals; {t['irq_waits']} waits in interrupt context")
-    stuck = analysis.waits_in_progress(rec)
+    stuck = locks.waits_in_progress(rec)
     if not stuck.empty:
         since = fmt_ns(m.get("in_progress_min_ns", float("nan")))
         lines.append(f"{len(stuck)} waits still in progress at the stop, begun at least "
@@ -113,7 +113,7 @@ def _walked_share(rec):
     aggs = rec.aggregates
     if aggs.empty or not aggs["count"].sum():
         return 1.0
-    return 1 - aggs.loc[aggs["stack_id"] == analysis.NO_STACK, "count"].sum() / \
+    return 1 - aggs.loc[aggs["stack_id"] == locks.NO_STACK, "count"].sum() / \
         aggs["count"].sum()
 
 
@@ -171,7 +171,7 @@ def sampled_line(rec, by, tids):
     """What a table from the samples (-t, --tid) is, or None for the aggregates'."""
     if by != "thread" and not tids:
         return None
-    every, lost = analysis.sampling(rec)
+    every, lost = locks.sampling(rec)
     who = f"threads {', '.join(map(str, tids))}" if tids else "per thread"
     how = "exact: every wait was sampled and none lost" if every == 1 and not lost else \
         f"scaled (~): 1 wait in {every} sampled, {lost} lost to a full ring buffer; " \
@@ -181,8 +181,8 @@ def sampled_line(rec, by, tids):
 
 def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pids=None,
            filters=None, tids=None):
-    df = analysis.top(rec, by=by, sort=sort, limit=limit, pids=pids, filters=filters,
-                      tids=tids)
+    df = locks.top(rec, by=by, sort=sort, limit=limit, pids=pids, filters=filters,
+                   tids=tids)
     if fmt == "csv":
         return df.to_csv(index=False)
     if fmt == "json":
@@ -198,10 +198,10 @@ def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pid
                      else "(no contention recorded)")
     if stacks:
         for i, row in df.iterrows():
-            for sid, frames in analysis.top_stacks(rec, row, by=by):
+            for sid, frames in locks.top_stacks(rec, row, by=by):
                 lines.append("")
                 lines.append(f"#{i + 1} {row['lock']} {row['type']}  stack {sid}:")
-                lines += [f"   {'K' if analysis.is_kvm_frame(f) else ' '} {f}" for f in frames]
+                lines += [f"   {'K' if locks.is_kvm_frame(f) else ' '} {f}" for f in frames]
     for sec in probe_sections():
         part = sec.frame(rec)
         if part is not None and not part.empty:

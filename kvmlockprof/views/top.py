@@ -2,7 +2,7 @@
 
 Nothing is streamed for contention (aggregates only): each refresh reads the
 aggregate map, subtracts the previous read for the last interval, and runs the
-same analysis.top() as `report` on both. Function probes show their counters'
+same locks.top() as `report` on both. Function probes show their counters'
 rates and the fast-path / cache hit ratios, over the interval and cumulative."""
 import contextlib
 import signal
@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis import locks
 from kvmlockprof.analysis import vcpus
 from kvmlockprof.probes.contention import VCPU_TABLES
 from kvmlockprof.kernel import bpfload, host
@@ -23,8 +23,8 @@ from kvmlockprof.recording.store import Recording
 from kvmlockprof.views.report import fmt_ns
 
 AGG_KEYS = ["lock_addr", "tgid", "flags", "stack_id"]
-SORTS = list(analysis.SORT_KEYS)
-BYS = [g for g in analysis.GROUPS if g != "thread"]    # (aggregates are per process)
+SORTS = list(locks.SORT_KEYS)
+BYS = [g for g in locks.GROUPS if g != "thread"]       # (aggregates are per process)
 
 
 def _counted_since(cur, prev):
@@ -187,13 +187,13 @@ class LiveView:
         impact = vcpus.vcpu_impact(cum)
         if impact.empty:
             return ["", "per-vCPU impact: no vCPU window yet"]
-        locks = vcpus.vcpu_lock_share(cum).drop_duplicates("vcpu").set_index("vcpu")
+        shares = vcpus.vcpu_lock_share(cum).drop_duplicates("vcpu").set_index("vcpu")
         lines = ["", f"per-vCPU impact ({impact['window'].iloc[0]} windows): the share of "
                  f"each vCPU's time in the host spent waiting, and on which lock most"]
         for r in impact.head(self.limit).itertuples(index=False):
             cur = last.get(r.tid, float("nan"))
-            top_lock = f"{locks.at[r.vcpu, 'lock']} {locks.at[r.vcpu, 'wait_share']:.1%}" \
-                if r.vcpu in locks.index else "-"
+            top_lock = f"{shares.at[r.vcpu, 'lock']} {shares.at[r.vcpu, 'wait_share']:.1%}" \
+                if r.vcpu in shares.index else "-"
             cur = f"{cur:.1%}" if cur == cur else "-"
             lines.append(f"  {r.vcpu[:30]:<30} {cur:>7} last interval {r.wait_share:>7.1%} "
                          f"in all  {top_lock}")
@@ -211,14 +211,14 @@ class LiveView:
         return lines
 
     def _table(self, aggs, interval, dt):
-        key = analysis.group_keys(self.by)
-        cum = analysis.top(self._recording(aggs), by=self.by, pids=self.pids,
-                           filters=self.filters)
-        cur = analysis.top(self._recording(interval), by=self.by, pids=self.pids,
-                           filters=self.filters)
+        key = locks.group_keys(self.by)
+        cum = locks.top(self._recording(aggs), by=self.by, pids=self.pids,
+                        filters=self.filters)
+        cur = locks.top(self._recording(interval), by=self.by, pids=self.pids,
+                        filters=self.filters)
         if cum.empty:
             return ["(no contention yet)"]
-        sort_col = analysis.SORT_KEYS[self.sort]
+        sort_col = locks.SORT_KEYS[self.sort]
         now = cur[key].assign(now_waits=cur["contended"], now_ns=cur["total_ns"],
                               now_sort=cur[sort_col])
         df = cum.merge(now, on=key, how="left").fillna({"now_waits": 0, "now_ns": 0,

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from kvmlockprof.analysis import locks as analysis
+from kvmlockprof.analysis import locks
 
 PROBE_SKIP = {"contention", "stacks"}
 
@@ -31,7 +31,7 @@ def _frame(ts_us, dur_us, name, cat, pid, tid, ph, args=None):
 
 
 def _waits(rec, start, pids):
-    aggs, samples = analysis.annotate(rec)
+    aggs, samples = locks.annotate(rec)
     if samples.empty:
         return []
     if pids:
@@ -74,11 +74,11 @@ def _names(rec, events):
     if not events:
         return []
     used = pd.concat([e[["pid", "tid"]] for e in events]).drop_duplicates()
-    vm = analysis.vm_labels(rec)
+    vm = locks.vm_labels(rec)
     samples = rec.table("contention", ["tid", "comm"])
     comm = dict(zip(samples["tid"], samples["comm"].astype(str))) if not samples.empty else {}
-    vcpu = analysis.vcpu_labels(rec, {t: (p, comm.get(t, "")) for p, t in
-                                      zip(used["pid"].tolist(), used["tid"].tolist())})
+    vcpu = locks.vcpu_labels(rec, {t: (p, comm.get(t, "")) for p, t in
+                                   zip(used["pid"].tolist(), used["tid"].tolist())})
     rows = [{"name": "process_name", "ph": "M", "pid": int(p), "tid": int(p),
              "args": {"name": str(vm.get(int(p), p))}} for p in used["pid"].unique()]
     for p, t in zip(used["pid"].tolist(), used["tid"].tolist()):

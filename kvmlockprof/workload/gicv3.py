@@ -12,7 +12,7 @@ whose last reference it was (the `lpi_xa` erase).
 import os
 import struct
 
-from kvmlockprof.workload import kvmapi as k
+from kvmlockprof.workload import kvmapi
 
 # Guest physical layout (QEMU virt's GIC addresses; our RAM below them).
 DIST_GPA = 0x08000000
@@ -65,33 +65,34 @@ def guest_code():
 
 
 def init_vcpu(vm_fd, vcpu_fd, code_gpa):
-    target = k.VcpuInit()
-    k.ioctl(vm_fd, k.ARM_PREFERRED_TARGET, target)
-    k.ioctl(vcpu_fd, k.ARM_VCPU_INIT, target)
-    for reg, value in ((k.ARM64_REG_PC, code_gpa), (k.ARM64_REG_X1, MMIO_EXIT_GPA)):
-        v = k.ctypes.c_uint64(value)
-        k.ioctl(vcpu_fd, k.SET_ONE_REG, k.OneReg(id=reg, addr=k.ctypes.addressof(v)))
+    target = kvmapi.VcpuInit()
+    kvmapi.ioctl(vm_fd, kvmapi.ARM_PREFERRED_TARGET, target)
+    kvmapi.ioctl(vcpu_fd, kvmapi.ARM_VCPU_INIT, target)
+    for reg, value in ((kvmapi.ARM64_REG_PC, code_gpa), (kvmapi.ARM64_REG_X1, MMIO_EXIT_GPA)):
+        v = kvmapi.ctypes.c_uint64(value)
+        kvmapi.ioctl(vcpu_fd, kvmapi.SET_ONE_REG,
+                     kvmapi.OneReg(id=reg, addr=kvmapi.ctypes.addressof(v)))
 
 
 def _device(vm_fd, kind):
-    d = k.CreateDevice(type=kind)
+    d = kvmapi.CreateDevice(type=kind)
     try:
-        k.ioctl(vm_fd, k.CREATE_DEVICE, d)
-    except k.KvmError as e:
-        what = "vGICv3" if kind == k.DEV_TYPE_ARM_VGIC_V3 else "vGIC ITS"
-        raise k.KvmError(f"this KVM cannot create a {what} ({e}): the lab's arm64 machine "
-                         "needs gic-version=3,its=on") from None
+        kvmapi.ioctl(vm_fd, kvmapi.CREATE_DEVICE, d)
+    except kvmapi.KvmError as e:
+        what = "vGICv3" if kind == kvmapi.DEV_TYPE_ARM_VGIC_V3 else "vGIC ITS"
+        raise kvmapi.KvmError(f"this KVM cannot create a {what} ({e}): the lab's arm64 machine "
+                              "needs gic-version=3,its=on") from None
     return d.fd
 
 
 def _set(fd, group, attr, value=None, width=8):
-    buf = (k.ctypes.c_uint64 if width == 8 else k.ctypes.c_uint32)(value or 0)
+    buf = (kvmapi.ctypes.c_uint64 if width == 8 else kvmapi.ctypes.c_uint32)(value or 0)
     try:
-        k.ioctl(fd, k.SET_DEVICE_ATTR, k.DeviceAttr(group=group, attr=attr,
-                                                    addr=k.ctypes.addressof(buf)))
-    except k.KvmError as e:
-        raise k.KvmError(f"{e} (KVM_SET_DEVICE_ATTR group {group} attr {attr:#x} value "
-                         f"{value or 0:#x})") from None
+        kvmapi.ioctl(fd, kvmapi.SET_DEVICE_ATTR,
+                     kvmapi.DeviceAttr(group=group, attr=attr, addr=kvmapi.ctypes.addressof(buf)))
+    except kvmapi.KvmError as e:
+        raise kvmapi.KvmError(f"{e} (KVM_SET_DEVICE_ATTR group {group} attr {attr:#x} value "
+                              f"{value or 0:#x})") from None
 
 
 class Lpis:
@@ -101,15 +102,15 @@ class Lpis:
 
     def __init__(self, vm_fd, vcpus, n):
         if not 0 < n <= (1 << ID_BITS) - MIN_LPI:
-            raise k.KvmError(f"--lpis takes 1..{(1 << ID_BITS) - MIN_LPI}")
+            raise kvmapi.KvmError(f"--lpis takes 1..{(1 << ID_BITS) - MIN_LPI}")
         self.vm_fd, self.vcpus, self.n = vm_fd, vcpus, n
         self.devices = -(-n // (1 << EVENT_BITS))
-        self.gic = _device(vm_fd, k.DEV_TYPE_ARM_VGIC_V3)
-        _set(self.gic, k.VGIC_GRP_ADDR, k.VGIC_V3_ADDR_TYPE_DIST, DIST_GPA)
-        _set(self.gic, k.VGIC_GRP_ADDR, k.VGIC_V3_ADDR_TYPE_REDIST, REDIST_GPA)
-        self.its = _device(vm_fd, k.DEV_TYPE_ARM_VGIC_ITS)
-        _set(self.its, k.VGIC_GRP_ADDR, k.VGIC_ITS_ADDR_TYPE, ITS_GPA)
-        _set(self.its, k.VGIC_GRP_CTRL, k.VGIC_CTRL_INIT)
+        self.gic = _device(vm_fd, kvmapi.DEV_TYPE_ARM_VGIC_V3)
+        _set(self.gic, kvmapi.VGIC_GRP_ADDR, kvmapi.VGIC_V3_ADDR_TYPE_DIST, DIST_GPA)
+        _set(self.gic, kvmapi.VGIC_GRP_ADDR, kvmapi.VGIC_V3_ADDR_TYPE_REDIST, REDIST_GPA)
+        self.its = _device(vm_fd, kvmapi.DEV_TYPE_ARM_VGIC_ITS)
+        _set(self.its, kvmapi.VGIC_GRP_ADDR, kvmapi.VGIC_ITS_ADDR_TYPE, ITS_GPA)
+        _set(self.its, kvmapi.VGIC_GRP_CTRL, kvmapi.VGIC_CTRL_INIT)
         # Property table, one pending table a vCPU, then the ITS's tables: KVM reads a
         # GITS_BASER's address as 64 KiB pages' (bits 47:16) and scans 64 KiB a page.
         self.prop = 0
@@ -119,8 +120,8 @@ class Lpis:
         self.cmd_queue = self.coll_table + PEND_ALIGN
         self.itts = self.cmd_queue + PAGE
         self.size = -(-(self.itts + self.devices * 256) // PEND_ALIGN) * PEND_ALIGN
-        self.mem, hva = k.guest_memory(self.size)
-        k.set_memslot(vm_fd, TABLES_SLOT, TABLES_GPA, self.size, hva)
+        self.mem, hva = kvmapi.guest_memory(self.size)
+        kvmapi.set_memslot(vm_fd, TABLES_SLOT, TABLES_GPA, self.size, hva)
         self.mem[self.prop:self.prop + n] = bytes([0xA1]) * n      # priority 0xa0, enabled
         self.restores = 0
         self.doorbell = ITS_GPA + ITS_TRANSLATER
@@ -128,17 +129,18 @@ class Lpis:
     def start(self):
         """After the vCPUs exist: initialise the vGIC, enable LPIs on every
         redistributor and load the ITS's tables (the LPIs are created)."""
-        _set(self.gic, k.VGIC_GRP_CTRL, k.VGIC_CTRL_INIT)
+        _set(self.gic, kvmapi.VGIC_GRP_CTRL, kvmapi.VGIC_CTRL_INIT)
         # No guest driver: the VMM enables the distributor's group 1, as one would.
-        _set(self.gic, k.VGIC_GRP_DIST_REGS, GICD_CTLR, GICD_CTLR_ENABLE_G1A | GICD_CTLR_ARE, 4)
+        _set(self.gic, kvmapi.VGIC_GRP_DIST_REGS, GICD_CTLR,
+             GICD_CTLR_ENABLE_G1A | GICD_CTLR_ARE, 4)
         for i in range(self.vcpus):
             mpidr = ((i >> 4) << 8 | (i & 15)) << 32      # KVM's default MPIDR: 16 a cluster
             prop = TABLES_GPA + self.prop | (ID_BITS - 1)
             pend = TABLES_GPA + self.pend + PEND_ALIGN * i
             for off, value in ((GICR_PROPBASER, prop), (GICR_PENDBASER, pend)):
-                _set(self.gic, k.VGIC_GRP_REDIST_REGS, mpidr | off, value & 0xFFFFFFFF, 4)
-                _set(self.gic, k.VGIC_GRP_REDIST_REGS, mpidr | off + 4, value >> 32, 4)
-            _set(self.gic, k.VGIC_GRP_REDIST_REGS, mpidr | GICR_CTLR, 1, 4)  # EnableLPIs
+                _set(self.gic, kvmapi.VGIC_GRP_REDIST_REGS, mpidr | off, value & 0xFFFFFFFF, 4)
+                _set(self.gic, kvmapi.VGIC_GRP_REDIST_REGS, mpidr | off + 4, value >> 32, 4)
+            _set(self.gic, kvmapi.VGIC_GRP_REDIST_REGS, mpidr | GICR_CTLR, 1, 4)  # EnableLPIs
         self._write_tables()
         self.restore()
 
@@ -163,23 +165,23 @@ class Lpis:
         of KVM_RUN (KVM takes every vCPU's mutex, or refuses with EBUSY)."""
         for off, table in ((GITS_BASER0, self.dev_table), (GITS_BASER1, self.coll_table),
                            (GITS_CBASER, self.cmd_queue)):
-            _set(self.its, k.VGIC_GRP_ITS_REGS, off, VALID | (TABLES_GPA + table))
-        _set(self.its, k.VGIC_GRP_CTRL, k.ITS_RESTORE_TABLES)
-        _set(self.its, k.VGIC_GRP_ITS_REGS, GITS_CTLR, 1)
+            _set(self.its, kvmapi.VGIC_GRP_ITS_REGS, off, VALID | (TABLES_GPA + table))
+        _set(self.its, kvmapi.VGIC_GRP_CTRL, kvmapi.ITS_RESTORE_TABLES)
+        _set(self.its, kvmapi.VGIC_GRP_ITS_REGS, GITS_CTLR, 1)
         self.restores += 1
 
     def reset(self):
         """Free every translation (and so the LPIs no vCPU still holds), then load the
         tables again: each LPI is released and created anew. vCPUs out of KVM_RUN."""
-        _set(self.its, k.VGIC_GRP_CTRL, k.ITS_CTRL_RESET)
+        _set(self.its, kvmapi.VGIC_GRP_CTRL, kvmapi.ITS_CTRL_RESET)
         self.restore()
 
     def msi(self, lpi):
         """Inject LPI number `lpi` (0-based) through the ITS; True if delivered."""
-        m = k.Msi(address_lo=self.doorbell & 0xFFFFFFFF, address_hi=self.doorbell >> 32,
-                  data=lpi & ((1 << EVENT_BITS) - 1), flags=k.MSI_VALID_DEVID,
-                  devid=lpi >> EVENT_BITS)
-        return k.ioctl(self.vm_fd, k.SIGNAL_MSI, m) > 0
+        m = kvmapi.Msi(address_lo=self.doorbell & 0xFFFFFFFF, address_hi=self.doorbell >> 32,
+                       data=lpi & ((1 << EVENT_BITS) - 1), flags=kvmapi.MSI_VALID_DEVID,
+                       devid=lpi >> EVENT_BITS)
+        return kvmapi.ioctl(self.vm_fd, kvmapi.SIGNAL_MSI, m) > 0
 
     def close(self):
         for fd in (self.its, self.gic):

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from kvmlockprof.workload import gicv3, kvmapi as k
+from kvmlockprof.workload import gicv3, kvmapi
 
 ARM64 = platform.machine() == "aarch64"
 
@@ -140,7 +140,7 @@ class _Gate:
 
 class _Vcpu:
     def __init__(self, vm_fd, index, run_size, kvmclock, gate=None):
-        self.fd = k.ioctl(vm_fd, k.CREATE_VCPU, index)
+        self.fd = kvmapi.ioctl(vm_fd, kvmapi.CREATE_VCPU, index)
         self.run = mmap.mmap(self.fd, run_size, flags=mmap.MAP_SHARED,
                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.exits = self.io = self.mmio = self.xen_timers = self.apic_toggles = 0
@@ -150,28 +150,29 @@ class _Vcpu:
         if ARM64:
             gicv3.init_vcpu(vm_fd, self.fd, CODE_GPA)
             return
-        sregs = k.Sregs()
-        k.ioctl(self.fd, k.GET_SREGS, sregs)
+        sregs = kvmapi.Sregs()
+        kvmapi.ioctl(self.fd, kvmapi.GET_SREGS, sregs)
         sregs.cs.base, sregs.cs.selector = 0, 0
         sregs.ds.base, sregs.ds.selector = SPARE_GPA, SPARE_GPA >> 4
-        k.ioctl(self.fd, k.SET_SREGS, sregs)
-        regs = k.Regs(rip=CODE_GPA, rflags=2, rbx=0,
-                      rcx=k.MSR_KVM_SYSTEM_TIME_NEW if kvmclock else 0,
-                      rax=(PVCLOCK_GPA + 64 * index) | 1, rdx=0)
-        k.ioctl(self.fd, k.SET_REGS, regs)
+        kvmapi.ioctl(self.fd, kvmapi.SET_SREGS, sregs)
+        regs = kvmapi.Regs(rip=CODE_GPA, rflags=2, rbx=0,
+                           rcx=kvmapi.MSR_KVM_SYSTEM_TIME_NEW if kvmclock else 0,
+                           rax=(PVCLOCK_GPA + 64 * index) | 1, rdx=0)
+        kvmapi.ioctl(self.fd, kvmapi.SET_REGS, regs)
 
     def loop(self, stop, name):
         _name_thread(name)
-        run_ioctl, fd, run, gate = k.ioctl, self.fd, self.run, self.gate
+        run_ioctl, fd, run, gate = kvmapi.ioctl, self.fd, self.run, self.gate
         between = self.between
         exits = io = mmio = 0
         try:
             while not stop.is_set():
                 try:
-                    run_ioctl(fd, k.RUN)
+                    run_ioctl(fd, kvmapi.RUN)
                 except InterruptedError:    # kicked out at the stop (run()), or a stray signal
                     continue
-                reason = int.from_bytes(run[k.RUN_EXIT_REASON:k.RUN_EXIT_REASON + 4], "little")
+                reason = int.from_bytes(run[kvmapi.RUN_EXIT_REASON:kvmapi.RUN_EXIT_REASON + 4],
+                                        "little")
                 exits += 1
                 if not exits & 1023:         # progress(): live counts, at little cost
                     self.exits = exits
@@ -180,13 +181,13 @@ class _Vcpu:
                 for every, call in between:
                     if not exits % every:
                         call(self)
-                if reason == k.EXIT_IO:
+                if reason == kvmapi.EXIT_IO:
                     io += 1
-                elif reason == k.EXIT_MMIO:      # the spare slot is deleted right now
+                elif reason == kvmapi.EXIT_MMIO:  # the spare slot is deleted right now
                     mmio += 1
                 else:
-                    raise k.KvmError(f"guest stopped with exit reason "
-                                     f"{k.EXIT_NAMES.get(reason, reason)}")
+                    raise kvmapi.KvmError(f"guest stopped with exit reason "
+                                          f"{kvmapi.EXIT_NAMES.get(reason, reason)}")
         except Exception as e:   # reported by the main thread, which owns the exit code
             self.error = e
             stop.set()
@@ -198,14 +199,14 @@ def _toggle_apic(vcpu):
     once through KVM_SET_SREGS and once through KVM_SET_MSRS: kvm_lapic_set_base()
     from two ioctls, which before 6.2 called kvm_vcpu_update_apicv() with SRCU not
     held (sregs) and held (MSRs): seed 004's "may or may not hold SRCU"."""
-    sregs = k.Sregs()
-    k.ioctl(vcpu.fd, k.GET_SREGS, sregs)
+    sregs = kvmapi.Sregs()
+    kvmapi.ioctl(vcpu.fd, kvmapi.GET_SREGS, sregs)
     base = sregs.apic_base
-    for value in (base & ~k.APICBASE_ENABLE, base):
+    for value in (base & ~kvmapi.APICBASE_ENABLE, base):
         sregs.apic_base = value
-        k.ioctl(vcpu.fd, k.SET_SREGS, sregs)
-    for value in (base & ~k.APICBASE_ENABLE, base):
-        k.set_msr(vcpu.fd, k.MSR_IA32_APICBASE, value)
+        kvmapi.ioctl(vcpu.fd, kvmapi.SET_SREGS, sregs)
+    for value in (base & ~kvmapi.APICBASE_ENABLE, base):
+        kvmapi.set_msr(vcpu.fd, kvmapi.MSR_IA32_APICBASE, value)
     vcpu.apic_toggles += 1
 
 
@@ -254,35 +255,35 @@ class Workload:
 
     def __init__(self, config):
         self.config = config
-        self.kvm_fd = k.open_kvm()
-        self.vm_fd = k.ioctl(self.kvm_fd, k.CREATE_VM, 0)
+        self.kvm_fd = kvmapi.open_kvm()
+        self.vm_fd = kvmapi.ioctl(self.kvm_fd, kvmapi.CREATE_VM, 0)
         if (config.lpis or config.lpi_reset_every) and not ARM64:
-            raise k.KvmError("--lpis needs an arm64 host (a vGICv3 ITS): run it in "
-                             "`kvmlockprof lab --arch arm64`")
+            raise kvmapi.KvmError("--lpis needs an arm64 host (a vGICv3 ITS): run it in "
+                                  "`kvmlockprof lab --arch arm64`")
         if config.lpi_reset_every and not config.lpis:
-            raise k.KvmError("--lpi-reset-every resets the ITS of --lpis N: give both")
+            raise kvmapi.KvmError("--lpi-reset-every resets the ITS of --lpis N: give both")
         if config.xen and ARM64:
-            raise k.KvmError("--xen is x86 only")
+            raise kvmapi.KvmError("--xen is x86 only")
         try:
             # VMX real mode wants a TSS (the int arg is signed; KVM takes 32 bits)
-            k.ioctl(self.vm_fd, k.SET_TSS_ADDR, 0xFFFBD000 - (1 << 32))
-        except k.KvmError:
+            kvmapi.ioctl(self.vm_fd, kvmapi.SET_TSS_ADDR, 0xFFFBD000 - (1 << 32))
+        except kvmapi.KvmError:
             pass                                             # not needed on SVM/PVM
-        self.main_mem, main_hva = k.guest_memory(MAIN_SLOT_SIZE)
+        self.main_mem, main_hva = kvmapi.guest_memory(MAIN_SLOT_SIZE)
         code = gicv3.guest_code() if ARM64 else guest_code(config.kvmclock)
         self.main_mem[CODE_GPA:CODE_GPA + len(code)] = code
-        k.set_memslot(self.vm_fd, 0, 0, MAIN_SLOT_SIZE, main_hva)
-        self.spare = [k.guest_memory(SPARE_SIZE) for _ in range(max(1, config.churn_threads))]
+        kvmapi.set_memslot(self.vm_fd, 0, 0, MAIN_SLOT_SIZE, main_hva)
+        self.spare = [kvmapi.guest_memory(SPARE_SIZE) for _ in range(max(1, config.churn_threads))]
         # Slot 1 backs what the vCPUs read; further churn threads churn slots of
         # their own, so that they also contend with each other on kvm->slots_lock.
-        k.set_memslot(self.vm_fd, 1, SPARE_GPA, SPARE_SIZE, self.spare[0][1])
+        kvmapi.set_memslot(self.vm_fd, 1, SPARE_GPA, SPARE_SIZE, self.spare[0][1])
         if config.xen:
             self._xen_config()
         if config.apic_toggle_every:
             if ARM64:
-                raise k.KvmError("--apic-toggle-every is x86 only")
-            k.ioctl(self.vm_fd, k.CREATE_IRQCHIP)       # a local APIC in the kernel
-        run_size = k.ioctl(self.kvm_fd, k.GET_VCPU_MMAP_SIZE)
+                raise kvmapi.KvmError("--apic-toggle-every is x86 only")
+            kvmapi.ioctl(self.vm_fd, kvmapi.CREATE_IRQCHIP)  # a local APIC in the kernel
+        run_size = kvmapi.ioctl(self.kvm_fd, kvmapi.GET_VCPU_MMAP_SIZE)
         # The vGIC is made before the vCPUs and started once they all exist.
         self.lpis = gicv3.Lpis(self.vm_fd, config.vcpus, config.lpis) if config.lpis else None
         self.gate = _Gate(config.vcpus) if config.lpi_reset_every else None
@@ -292,34 +293,35 @@ class Workload:
             self.lpis.start()
         if config.xen and config.xen_vcpu_info:
             for i, v in enumerate(self.vcpus):
-                k.ioctl(v.fd, k.XEN_VCPU_SET_ATTR,
-                        k.XenAttr(type=k.XEN_VCPU_ATTR_TYPE_VCPU_INFO,
-                                  u64=XEN_VCPU_INFO_GPA + 64 * i))
+                kvmapi.ioctl(v.fd, kvmapi.XEN_VCPU_SET_ATTR,
+                             kvmapi.XenAttr(type=kvmapi.XEN_VCPU_ATTR_TYPE_VCPU_INFO,
+                                            u64=XEN_VCPU_INFO_GPA + 64 * i))
         if config.xen_timer_every:
             if not config.xen:
-                raise k.KvmError("--xen-timer-every needs --xen (the shared_info page)")
+                raise kvmapi.KvmError("--xen-timer-every needs --xen (the shared_info page)")
             for v in self.vcpus:
                 v.between.append((config.xen_timer_every, self._xen_expired_timer))
         if config.apic_toggle_every:
             for v in self.vcpus:
                 v.between.append((config.apic_toggle_every, _toggle_apic))
                 # with a local APIC, all but vCPU 0 wait for a startup IPI
-                k.ioctl(v.fd, k.SET_MP_STATE, ctypes.c_uint32(k.MP_STATE_RUNNABLE))
+                kvmapi.ioctl(v.fd, kvmapi.SET_MP_STATE, ctypes.c_uint32(kvmapi.MP_STATE_RUNNABLE))
         self.xen_sends = self.xen_forced_slow = 0
         self.churn_ops = self.msis = self.msis_refused = 0
         self.errors = []
         self._lock = threading.Lock()
 
     def _xen_config(self):
-        caps = k.ioctl(self.kvm_fd, k.CHECK_EXTENSION, k.CAP_XEN_HVM)
-        if not caps & k.XEN_HVM_CONFIG_EVTCHN_SEND:
-            raise k.KvmError("this kernel's KVM has no Xen event channels "
-                             "(CONFIG_KVM_XEN=n or too old): run --xen in a Xen-capable "
-                             "lab kernel")
-        k.ioctl(self.vm_fd, k.XEN_HVM_CONFIG,
-                k.XenHvmConfig(flags=k.XEN_HVM_CONFIG_EVTCHN_SEND))
-        k.ioctl(self.vm_fd, k.XEN_HVM_SET_ATTR,
-                k.XenAttr(type=k.XEN_ATTR_TYPE_SHARED_INFO, u64=XEN_SHINFO_GPA >> 12))
+        caps = kvmapi.ioctl(self.kvm_fd, kvmapi.CHECK_EXTENSION, kvmapi.CAP_XEN_HVM)
+        if not caps & kvmapi.XEN_HVM_CONFIG_EVTCHN_SEND:
+            raise kvmapi.KvmError("this kernel's KVM has no Xen event channels "
+                                  "(CONFIG_KVM_XEN=n or too old): run --xen in a Xen-capable "
+                                  "lab kernel")
+        kvmapi.ioctl(self.vm_fd, kvmapi.XEN_HVM_CONFIG,
+                     kvmapi.XenHvmConfig(flags=kvmapi.XEN_HVM_CONFIG_EVTCHN_SEND))
+        kvmapi.ioctl(self.vm_fd, kvmapi.XEN_HVM_SET_ATTR,
+                     kvmapi.XenAttr(type=kvmapi.XEN_ATTR_TYPE_SHARED_INFO,
+                                    u64=XEN_SHINFO_GPA >> 12))
 
     def _xen_sender(self, stop):
         """Send on one port to vCPU 0, clearing its pending bit each time so that
@@ -327,13 +329,13 @@ class Workload:
         page from our mapping: the gfn_to_pfn_cache is invalidated and the next
         send falls back to the slow path."""
         _name_thread("kvmlp-xen")
-        ev = k.XenEvtchn(port=XEN_PORT, vcpu=0, priority=k.XEN_EVTCHN_PRIO_2LEVEL)
+        ev = kvmapi.XenEvtchn(port=XEN_PORT, vcpu=0, priority=kvmapi.XEN_EVTCHN_PRIO_2LEVEL)
         pending = XEN_SHINFO_GPA + XEN_PENDING_OFF
         sends = slow = 0
         try:
             while not stop.is_set():
                 self.main_mem[pending:pending + 8] = bytes(8)
-                k.ioctl(self.vm_fd, k.XEN_HVM_EVTCHN_SEND, ev)
+                kvmapi.ioctl(self.vm_fd, kvmapi.XEN_HVM_EVTCHN_SEND, ev)
                 sends += 1
                 if self.config.xen_slow_every and sends % self.config.xen_slow_every == 0:
                     self.main_mem.madvise(mmap.MADV_DONTNEED, XEN_SHINFO_GPA, 4096)
@@ -349,10 +351,10 @@ class Workload:
         a deadline long past, which KVM delivers at once: the timer's event then takes
         kvm_xen_set_evtchn's slow path, from the ioctl or the next KVM_RUN."""
         self.main_mem.madvise(mmap.MADV_DONTNEED, XEN_SHINFO_GPA, 4096)
-        attr = k.XenAttr(type=k.XEN_VCPU_ATTR_TYPE_TIMER,
-                         u64=XEN_TIMER_PORT | k.XEN_EVTCHN_PRIO_2LEVEL << 32)
+        attr = kvmapi.XenAttr(type=kvmapi.XEN_VCPU_ATTR_TYPE_TIMER,
+                              u64=XEN_TIMER_PORT | kvmapi.XEN_EVTCHN_PRIO_2LEVEL << 32)
         attr.rest[0] = 1                    # expires_ns: kvmclock's first nanosecond
-        k.ioctl(vcpu.fd, k.XEN_VCPU_SET_ATTR, attr)
+        kvmapi.ioctl(vcpu.fd, kvmapi.XEN_VCPU_SET_ATTR, attr)
         vcpu.xen_timers += 1
 
     def _msi(self, index, stop):
@@ -366,7 +368,7 @@ class Workload:
                 for lpi in mine:
                     try:
                         sent += self.lpis.msi(lpi)
-                    except k.KvmError:      # the ITS is being reset: its tables are gone
+                    except kvmapi.KvmError:  # the ITS is being reset: its tables are gone
                         refused += 1
         except Exception as e:
             self.errors.append(e)
@@ -394,7 +396,7 @@ class Workload:
         try:
             present = index == 0
             for _ in _paced(stop, self.config.churn_rate):
-                k.set_memslot(self.vm_fd, slot, gpa, 0 if present else SPARE_SIZE, hva)
+                kvmapi.set_memslot(self.vm_fd, slot, gpa, 0 if present else SPARE_SIZE, hva)
                 present = not present
                 ops += 1
                 self.churn_live[index] = ops
