@@ -1,4 +1,4 @@
-"""Open the BPF modules a session reads (`record` and `top` alike): the
+"""Open the BPF modules a session reads (`record`, `top` and `exporter` alike): the
 contention probe and one module holding every function probe this host can
 attach, with a status for every catalog probe (attached, or why not)."""
 import os

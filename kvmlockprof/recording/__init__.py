@@ -1,2 +1,3 @@
-"""Recording: `record`'s loop (recorder), the on-disk store it writes and `load`
+"""Recording: `record`'s loop (recorder), the signals that stop a session and the
+live views' attach and detach (session), the on-disk store `record` writes and `load`
 reads (store), and what names a recording's locks, stacks and processes."""

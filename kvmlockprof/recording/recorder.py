@@ -18,6 +18,7 @@ from kvmlockprof.probes.sources import KERNEL_MEM_MB, load_btf, open_sources
 from kvmlockprof.recording import filters as filters_mod  # Recorder's filters= hides it
 from kvmlockprof.recording import processes
 from kvmlockprof.recording import store
+from kvmlockprof.recording.session import Stop, raise_stop
 from kvmlockprof.recording.arrow import to_arrow
 from kvmlockprof.recording.locknames import REGISTRY_TABLES, SessionNames
 from kvmlockprof.recording.stacks import new_stack_ids, stack_ids_in, stacks_table
@@ -80,14 +81,6 @@ def _lock_addresses(tables):
                 out.update(np.unique(col).tolist())
     out.discard(0)
     return out
-
-
-class Stop(Exception):
-    """SIGTERM/SIGHUP: unwind like Ctrl-C so that `finally` detaches the probes."""
-
-
-def raise_stop(signum, frame):
-    raise Stop(signal.Signals(signum).name)
 
 
 class Recorder:

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from kvmlockprof.analysis import locks
+from kvmlockprof.recording.session import Stop, live_session
 from kvmlockprof.recording.store import Recording
-from kvmlockprof.views.top import AGG_KEYS, LiveView, live_session
+from kvmlockprof.views.top import AGG_KEYS, LiveView
 
 PREFIX = "kvmlockprof"
 OTHER = "other"
@@ -475,7 +476,6 @@ def run(requested, pids, listen, interval, top_locks, top_vms, stack_budget, pre
     """A whole exporter session: listen first (a taken port fails before any probe is
     loaded), attach, read every `interval` until SIGTERM/SIGINT/SIGHUP, detach and
     stop serving whatever happens."""
-    from kvmlockprof.recording.recorder import Stop
     collector = Collector()
     server, thread = serve(collector, listen)
 

@@ -4,8 +4,6 @@ Nothing is streamed for contention (aggregates only): each refresh reads the
 aggregate map, subtracts the previous read for the last interval, and runs the
 same locks.top() as `report` on both. Function probes show their counters'
 rates and the fast-path / cache hit ratios, over the interval and cumulative."""
-import contextlib
-import signal
 import time
 
 import numpy as np
@@ -14,10 +12,11 @@ import pandas as pd
 from kvmlockprof.analysis import locks
 from kvmlockprof.analysis import vcpus
 from kvmlockprof.probes.contention import VCPU_TABLES
-from kvmlockprof.kernel import bpfload, host
+from kvmlockprof.kernel import host
 from kvmlockprof.kernel.ksyms import Kallsyms
 from kvmlockprof.recording import processes
 from kvmlockprof.recording.locknames import REGISTRY_TABLES, SessionNames
+from kvmlockprof.recording.session import Stop, live_session
 from kvmlockprof.recording.stacks import new_stack_ids, stacks_table
 from kvmlockprof.recording.store import Recording
 from kvmlockprof.views.report import fmt_ns
@@ -249,36 +248,9 @@ class LiveView:
             self.by = BYS[(BYS.index(self.by) + 1) % len(BYS)]
 
 
-@contextlib.contextmanager
-def live_session(make_view, requested, pids, stack_budget, prefer, kernel_mem_mb, warn,
-                 **options):
-    """The probes of a live session (`top`, `exporter`): attached sample-free (aggregates
-    only), SIGTERM/SIGHUP raising recorder.Stop (to unwind like Ctrl-C), and everything
-    detached whatever happens. Yields make_view(sources, status, kbtf); options:
-    open_sources()'s (kfilter, map_entries, vcpu_exits)."""
-    from kvmlockprof.probes.sources import close_sources, load_btf, open_sources
-    from kvmlockprof.recording.recorder import raise_stop
-    old = {s: signal.signal(s, raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
-    sources = {}
-    try:
-        kbtf, _ = load_btf(warn)
-        sources, status, _ = open_sources(
-            requested, tgids=pids, sample_every=0, ringbuf_mb=1, prefer=prefer, warn=warn,
-            kbtf=kbtf, stack_budget=stack_budget, kernel_mem_mb=kernel_mem_mb, **options)
-        view = make_view(sources, status, kbtf)
-        kbtf = None                     # the BTF dump (hundreds of MB): freed here
-        bpfload.release_memory()
-        yield view
-    finally:
-        close_sources(sources)
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def run(requested, pids, by, sort, limit, interval, iterations, stack_budget, prefer,
         kernel_mem_mb, batch, warn, echo, filters=None, kfilter=None, vcpu_exits=False):
     """A whole `top` session: refresh until q, Ctrl-C, SIGTERM/SIGHUP or `iterations`."""
-    from kvmlockprof.recording.recorder import Stop
 
     def make_view(sources, status, kbtf):
         return LiveView(sources, status, by=by, sort=sort, limit=limit, pids=pids,
