@@ -204,11 +204,15 @@ def resolve_watch(specs, kallsyms="/proc/kallsyms"):
                 raise WatchError(f"--watch {spec}: ADDR:SIZE wants hex:int") from None
             named = {}
         elif any(m == spec for _, _, _, m in syms):
-            data = [(a, name) for a, t, name, m in syms if m == spec and t in DATA_TYPES]
+            data = sorted((a, name) for a, t, name, m in syms if m == spec and t in DATA_TYPES)
             if not data:
                 raise WatchError(f"--watch {spec}: the module has no data symbols")
-            base, size = data[0][0], data[-1][0] + LAST_SYMBOL_BYTES - data[0][0]
-            named = dict(data)
+            # a module's data, bss, rodata and ro_after_init may be allocated apart
+            # (megabytes between them, as the allocator chose): a region each
+            for part in _clusters(data):
+                out.append(_region(spec, part[0][0], part[-1][0] + LAST_SYMBOL_BYTES -
+                                   part[0][0], dict(part)))
+            continue
         else:
             at = [i for i, (_, t, name, _) in enumerate(syms) if name == spec and t in DATA_TYPES]
             if not at:
@@ -219,12 +223,26 @@ def resolve_watch(specs, kallsyms="/proc/kallsyms"):
             base = syms[i][0]
             nxt = next((a for a, *_ in syms[i + 1:] if a > base), base + LAST_SYMBOL_BYTES)
             size, named = nxt - base, {base: spec}
-        if not 0 < size <= WATCH_MAX:
-            raise WatchError(f"--watch {spec}: {size} bytes; at most {WATCH_MAX} "
-                             f"(name the variables instead)")
-        out.append({"spec": spec, "base": base, "size": size,
-                    "symbols": {f"{a:x}": n for a, n in named.items()}})
+        out.append(_region(spec, base, size, named))
     return out
+
+
+def _clusters(data):
+    """(address, name) sorted, split where a gap is wider than a watched region."""
+    parts = [[data[0]]]
+    for prev, cur in zip(data, data[1:]):
+        if cur[0] - prev[0] > WATCH_MAX:
+            parts.append([])
+        parts[-1].append(cur)
+    return parts
+
+
+def _region(spec, base, size, named):
+    if not 0 < size <= WATCH_MAX:
+        raise WatchError(f"--watch {spec}: {size} bytes; at most {WATCH_MAX} "
+                         f"(name the variables instead)")
+    return {"spec": spec, "base": base, "size": size,
+            "symbols": {f"{a:x}": n for a, n in named.items()}}
 
 
 def prepare(bpf, options):
