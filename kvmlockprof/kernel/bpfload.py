@@ -79,9 +79,7 @@ def compile_bpf(source=None, text=None, defines=None, headers=None):
         except Exception as e:
             failure = e
     # (outside the `with`: the captured text is complete only once it has closed)
-    text = err.getvalue().decode(errors="replace").strip()
-    raise BpfUnavailable(f"{failure}: {_reason(text.splitlines())}{_keep_log(text)}"
-                         .strip(": ")) from None
+    raise _unavailable(failure, err) from None
 
 
 def load_func(bpf, fn, prog_type):
@@ -92,9 +90,14 @@ def load_func(bpf, fn, prog_type):
             return bpf.load_func(fn, prog_type)
         except Exception as e:
             failure = e
+    raise _unavailable(failure, err) from None
+
+
+def _unavailable(failure, err):
+    """BpfUnavailable for a failed compile or load, from its captured output."""
     text = err.getvalue().decode(errors="replace").strip()
-    raise BpfUnavailable(f"{failure}: {_reason(text.splitlines())}{_keep_log(text)}"
-                         .strip(": ")) from None
+    return BpfUnavailable(f"{failure}: {_reason(text.splitlines())}{_keep_log(text)}"
+                          .strip(": "))
 
 
 def _reason(lines):
