@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from kvmlockprof.kernel import bpfload, bpfstats, maps
-from kvmlockprof.probes.contention import ContentionProbe
+from kvmlockprof.probes.contention import ContentionOptions, ContentionProbe
 from kvmlockprof.probes.sources import possible_cpus
 from kvmlockprof.recording.recorder import SNAPSHOT_S, Snapshots
 from kvmlockprof.recording.arrow import to_arrow
@@ -88,8 +88,8 @@ def main():
     ncpu = possible_cpus()
     a.keys = min(a.keys, a.entries * 3 // 4)           # a full hash refuses the rest
     keys = [0xffff888100000000 + 64 * i for i in range(a.keys)]
-    probe = ContentionProbe(tgids=[], agg_entries=a.entries, stack_entries=a.entries,
-                            stack_budget=0)
+    probe = ContentionProbe(ContentionOptions(map_entries=a.entries, stack_budget=0),
+                            tgids=[])
     old = bpfload.compile_bpf(text=PER_CPU, defines={"ENTRIES": a.entries})
     res = {"possible_cpus": ncpu, "keys": a.keys, "entries": a.entries}
     try:

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from overhead import (KLP, WORK, Progress, cpu_seconds, geomean_ci,  # noqa: E402
                       log_ratios_aligned)
 from results_io import RESULTS, save                      # noqa: E402
-from kvmlockprof.cli import STACK_BUDGET                # noqa: E402
+from kvmlockprof.probes.contention import STACK_BUDGET  # noqa: E402
 from kvmlockprof.recording.recorder import Recorder                  # noqa: E402
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from overhead import geomean_ci, log_ratios                # noqa: E402
 from results_io import RESULTS, save                       # noqa: E402
 from kvmlockprof.kernel import bpfstats                    # noqa: E402
-from kvmlockprof.probes.contention import ContentionProbe  # noqa: E402
+from kvmlockprof.probes.contention import ContentionOptions, ContentionProbe  # noqa: E402
 
 CONFIGS = ("none", "contention", "vcpu-exits", "perf")
 PERF_EVENTS = ["-e", "syscalls:sys_enter_ioctl", "--filter", "cmd==0xae80",
@@ -51,7 +51,8 @@ def round_(config, seconds, tmp, stats):
             p.wait()
     if config == "none":
         return workload(seconds)
-    probe = ContentionProbe(sample_every=0, vcpu_exits=config == "vcpu-exits")
+    probe = ContentionProbe(ContentionOptions(sample_every=0,
+                                              vcpu_exits=config == "vcpu-exits"))
     try:
         rate = workload(seconds)
         if config == "vcpu-exits":

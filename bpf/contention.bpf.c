@@ -2,10 +2,8 @@
  * and a sample stream.  Build-time defines (set by the loader):
  *   KVMLP_FILTER_TGID   1: only processes in tgid_filter count
  *   KVMLP_FOLLOW_FORK   1: children of filtered processes join the filter
- *   KVMLP_SAMPLE_EVERY  stream every Nth wait (0: aggregates only)
  *   KVMLP_PENDING_ENTRIES, KVMLP_AGG_ENTRIES, KVMLP_STACK_ENTRIES, KVMLP_RINGBUF_PAGES
  *   KVMLP_WAKEUP_EVERY  wake the reader early every N samples on a CPU
- *   KVMLP_STACK_EVERY   walk the kernel stack of one wait in N per CPU
  *   KVMLP_PENDING_TASK  1: a wait in progress is kept in task-local storage (5.12+);
  *                     0: in a hash keyed by thread and lock (any kernel, slower)
  *   KVMLP_FILTER_TID, _ADDR, _TYPE: 1: perf's --tid, -L (addresses), -Y in the kernel
@@ -14,7 +12,9 @@
  *                     (KVMLP_EXIT_TP 1: x86's kvm_exit fields, 2: arm64's) to exits
  *   KVMLP_OFF_TASK_STACK  task_struct.stack's offset (BTF; -1: unknown): tells an
  *                     interrupt's waits from its task's
- * The stack budget is set at run time (see armed).
+ * Defines only size maps or decide whether a map or program exists; the values
+ * (the sampling, the stack walks' rate and budget) are set at load and read at run
+ * time from `armed`: one program serves every setting.
  *
  * Raw tracepoints, not perf-attached ones: a BPF program on a tracepoint
  * through perf that returns 0 drops the event for every perf listener (perf
@@ -94,12 +94,8 @@ BPF_ARRAY(type_filter, u8, KVMLP_TYPE_SLOTS);
 #if KVMLP_FILTER_CGROUPS
 BPF_CGROUP_ARRAY(cgroup_filter, KVMLP_FILTER_CGROUPS);
 #endif
-#if KVMLP_SAMPLE_EVERY > 1
 BPF_PERCPU_ARRAY(sample_tick, u64, 1);
-#endif
-#if KVMLP_STACK_EVERY > 1
 BPF_PERCPU_ARRAY(stack_tick, u64, 1);
-#endif
 /* This CPU's stack budget: a walk spends armed.walk_ns of credit, which
  * accrues with time up to one window's walks (armed.window_ns, ~10 ms; set by
  * ContentionProbe.set_stack_budget, which says why). Which waits are walked is
@@ -124,13 +120,16 @@ BPF_PERCPU_ARRAY(stack_budget, struct stack_window, 1);
  * (whose end came while detached) is stale, never paired. The stack budget:
  * one walk per `walk_ns` per CPU, and bursts of at most `walks` (window_ns 0:
  * no cap); values, not build-time constants, so that it can change between
- * attaches. */
+ * attaches. sample_every: stream every Nth wait (0: aggregates only);
+ * stack_every: walk the stack of one wait in N per CPU (with the budget). */
 struct kvmlp_arm {
 	u32 on;
 	u32 epoch;
 	u64 window_ns;
 	u64 walks;
 	u64 walk_ns;
+	u64 sample_every;
+	u64 stack_every;
 };
 BPF_ARRAY(armed, struct kvmlp_arm, 1);
 /* A zeroed value to create aggregates from: too big for the 512-byte stack. */
@@ -209,10 +208,11 @@ static __always_inline int walk_stack(void *ctx, u64 now, struct kvmlp_arm *arm)
 {
 	int zero_idx = 0;
 	int walk = 1;
-#if KVMLP_STACK_EVERY > 1
-	u64 *st = stack_tick.lookup(&zero_idx);
-	walk = st && (*st)++ % KVMLP_STACK_EVERY == 0;
-#endif
+	u64 every = arm->stack_every;
+	if (every > 1) {
+		u64 *st = stack_tick.lookup(&zero_idx);
+		walk = st && (*st)++ % every == 0;
+	}
 	u64 window_ns = arm->window_ns, walks = arm->walks;
 	struct stack_window *sw = window_ns ? stack_budget.lookup(&zero_idx) : NULL;
 	if (walk && sw) {
@@ -696,14 +696,14 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 		vcpu_wait(id, lock, flags, start, wait);
 #endif
 
-#if KVMLP_SAMPLE_EVERY == 0
-	return 0;
-#else
-#if KVMLP_SAMPLE_EVERY > 1
-	u64 *tick = sample_tick.lookup(&zero_idx);
-	if (!tick || (*tick)++ % KVMLP_SAMPLE_EVERY)
+	u64 every = arm->sample_every;
+	if (!every)
 		return 0;
-#endif
+	if (every > 1) {
+		u64 *tick = sample_tick.lookup(&zero_idx);
+		if (!tick || (*tick)++ % every)
+			return 0;
+	}
 	struct kvmlp_contention_event *e = events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
 		count(KVMLP_C_LOST_RINGBUF_FULL);
@@ -728,7 +728,6 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 		wake = BPF_RB_FORCE_WAKEUP;
 	events.ringbuf_submit(e, wake);
 	return 0;
-#endif
 }
 
 #if KVMLP_FILTER_TGID && KVMLP_FOLLOW_FORK

@@ -94,3 +94,46 @@ def labels(file, name, names):
                          f"unlabelled {sorted(set(values) - set(names))}, "
                          f"not in the C {sorted(set(names) - set(values))}")
     return {values[k]: v for k, v in names.items()}
+
+
+_STRUCT = re.compile(r"\bstruct\s+(\w+)\s*\{(.*?)\}\s*;", re.S)
+_MEMBER = re.compile(r"^\s*(u64|s64|u32|s32|u16|s16|u8|s8|char)\s+(\w+)\s*(?:\[\s*(\w+)\s*\])?$")
+_NUMPY = {"u64": "<u8", "s64": "<i8", "u32": "<u4", "s32": "<i4", "u16": "<u2", "s16": "<i2",
+          "u8": "u1", "s8": "i1"}
+
+
+def _size(file, text):
+    """An array size: a literal, or a #define of bpf/<file> or a header it includes."""
+    try:
+        return value(text)
+    except (ValueError, SyntaxError):
+        pass
+    for f in [file] + re.findall(r'#include\s+"([\w.]+)"', (BPF_DIR / file).read_text()):
+        try:
+            return define(f, text)
+        except CDefsError:
+            continue
+    raise CDefsError(f"bpf/{file}: no integer #define {text}")
+
+
+def struct_fields(file, name):
+    """[(member, numpy type[, shape])] of `struct name` in bpf/<file>: the fixed-width
+    integers and char arrays the shared headers use (char[N]: bytes S<N>), in order."""
+    for m in _STRUCT.finditer(_text(file)):
+        if m.group(1) != name:
+            continue
+        out = []
+        for decl in filter(None, (d.strip() for d in m.group(2).split(";"))):
+            mm = _MEMBER.match(decl)
+            if not mm:
+                raise CDefsError(f"bpf/{file}: struct {name}'s member {decl!r} is not "
+                                 "a fixed-width integer or a char array")
+            typ, member, n = mm.groups()
+            if typ == "char":
+                out.append((member, f"S{_size(file, n) if n else 1}"))
+            elif n:
+                out.append((member, _NUMPY[typ], (_size(file, n),)))
+            else:
+                out.append((member, _NUMPY[typ]))
+        return out
+    raise CDefsError(f"bpf/{file} has no struct {name}")

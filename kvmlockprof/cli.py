@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from kvmlockprof import __version__
-from kvmlockprof.kernel.bpfload import STACK_DEPTH
-from kvmlockprof.probes.contention import (MAP_ENTRIES, RINGBUF_MB, SAMPLE_EVERY, STACK_BUDGET,
-                                           STACK_EVERY)
+from kvmlockprof import __version__, catalog
+from kvmlockprof.options import OptionError, click_options
+from kvmlockprof.probes.contention import ContentionOptions
+from kvmlockprof.probes.sources import SessionOptions
 
 EPILOG_RECORD = """\b
 Examples:
@@ -22,10 +22,6 @@ Examples:
   kvmlockprof record --probes vms,lockorder --srcu-at kvm_vcpu_update_apicv -- ./test.sh
   kvmlockprof record -x -p 1234 -d 30               # + each vCPU's waits by lock, exit reason
 """
-STACK_BUDGET_HELP = ("Walk the kernel stack of at most N waits per second per CPU (0: every "
-                     "wait), drawn at random, plus one for each lock that has none; the "
-                     "others count exactly under their lock, and by caller are spread over "
-                     "the lock's walked callers.")
 EPILOG_REPORT = """\b
 Examples:
   kvmlockprof report kvmlockprof.parquet
@@ -75,14 +71,21 @@ def options(opts):
     return add
 
 
-# What a live session (top, exporter) attaches.
-LIVE_SESSION_OPTIONS = [
-    click.option("--probes", "probe_names", metavar="A,B,...",
-                 help="Probes to attach (default: every probe this host can attach)."),
-    click.option("--stack-budget", type=click.IntRange(min=0), default=STACK_BUDGET,
-                 show_default=True, help=STACK_BUDGET_HELP),
-    click.option("--prefer", type=click.Choice(["fentry", "kprobe"]),
-                 help="Attach method to try first for function probes (default: fentry).")]
+def probe_options(f):
+    """Every function probe's own options (Probe.options), for `record`."""
+    for p in reversed(catalog.CATALOG):
+        if p.options:
+            f = click_options(p.options)(f)
+    return f
+
+
+def session_options(kwargs, **contention):
+    """A command's SessionOptions from its parameters (taken out of kwargs);
+    contention: the contention options the command fixes. A bad value fails."""
+    try:
+        return SessionOptions.from_kwargs(kwargs, **contention)
+    except OptionError as e:
+        fail(str(e))
 
 
 def filter_options(kernel=False):
@@ -140,6 +143,16 @@ def _by(flag_value):
     return set_by
 
 
+def target_options(note=". Filtered in the kernel", live=True):
+    """-p and --vm: the processes (VMs) a command keeps."""
+    return [click.option("-p", "--pid", "pids", type=int, multiple=True,
+                         help="Only these processes (tgid); repeatable" + note + "."),
+            click.option("--vm", "vm_names", multiple=True, metavar="NAME",
+                         help=f"Only this {'running ' if live else ''}VM, by the name its "
+                         "operator gave it (QEMU's -name, libvirt's domain), with its "
+                         "helper threads (vhost-PID ...); repeatable" + note + ".")]
+
+
 def view_options(what, pid_note="", kernel=False):
     """--by, -s/-k, -n/-E, -p, -l, -t, the filters: report's and top's, the same
     letters as perf lock's."""
@@ -162,12 +175,7 @@ def view_options(what, pid_note="", kernel=False):
                          "avg_wait too)."),
                 click.option("-n", "-E", "--limit", type=click.IntRange(min=1), default=20,
                              show_default=True, help="Rows shown (perf's -E/--entries)."),
-                click.option("-p", "--pid", "pids", type=int, multiple=True,
-                             help="Only these processes (tgid); repeatable" + pid_note + "."),
-                click.option("--vm", "vm_names", multiple=True, metavar="NAME",
-                             help="Only this VM, by the name its operator gave it (QEMU's "
-                             "-name, libvirt's domain), with its helper threads (vhost-PID "
-                             "...); repeatable."),
+                *target_options(pid_note, live=kernel),
                 *filter_options(kernel))):
             f = opt(f)
         return f
@@ -206,76 +214,28 @@ def _filters(lock_filter, type_filter, callstack_filter):
     return {"locks": lock_filter, "types": type_filter, "callstacks": callstack_filter}
 
 
-def kernel_mem_option(f):
-    from kvmlockprof.probes.sources import KERNEL_MEM_MB
-    return click.option(
-        "--kernel-mem-mb", type=click.IntRange(min=1), default=KERNEL_MEM_MB,
-        show_default=True, help="Refuse to start if the probes' maps would pin more "
-        "kernel memory than this (the kernel's own figure; none grows with the CPU "
-        "count).")(f)
-
-
-vcpu_exits_option = click.option(
-    "-x", "--vcpu-exits", is_flag=True,
-    help="Per-vCPU impact: time each vCPU thread's waits inside its exits' handling "
-    "(kvm:kvm_exit to kvm_entry, where the kernel fires them) and its KVM_RUN calls, "
-    "by lock and exit reason. Costs a probe on every exit.")
-
 
 @main.command(epilog=EPILOG_RECORD, context_settings={"ignore_unknown_options": False})
 @click.option("-d", "--duration", type=float, help="Seconds to record (default: until Ctrl-C "
               "or until COMMAND exits).")
-@click.option("-p", "--pid", "pids", type=int, multiple=True,
-              help="Only these processes (tgid); repeatable. Filtered in the kernel.")
-@click.option("--vm", "vm_names", multiple=True, metavar="NAME",
-              help="Only this running VM, by the name its operator gave it (QEMU's -name, "
-              "libvirt's domain), with its helper threads; repeatable. Filtered in the kernel.")
+@options(target_options())
 @click.option("-a", "--all", "system_wide", is_flag=True,
               help="With COMMAND: record the whole host, not just COMMAND and its children.")
 @click.option("-o", "--output", default="kvmlockprof.parquet", show_default=True,
               help="Recording file.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing recording.")
-@click.option("--sample-every", type=click.IntRange(min=0), default=SAMPLE_EVERY,
-              show_default=True,
-              help="Stream every Nth wait as a sample (0: in-kernel aggregates only).")
-@click.option("--ringbuf-mb", type=click.IntRange(min=1), default=RINGBUF_MB, show_default=True,
-              help="Ring buffer size for streamed samples.")
-@click.option("-M", "--map-nr-entries", type=click.IntRange(min=1), default=MAP_ENTRIES,
-              show_default=True, help="Entries of the in-kernel aggregate and stack maps "
-              "(as perf lock contention's); a full map counts its losses.")
-@click.option("--stack-every", type=click.IntRange(min=1), default=STACK_EVERY,
-              show_default=True,
-              help="Walk the kernel stack of one wait in N (per CPU; with the budget "
-                   "below, both apply).")
-@click.option("--stack-budget", type=click.IntRange(min=0), default=STACK_BUDGET,
-              show_default=True, help=STACK_BUDGET_HELP)
-@click.option("--max-stack", type=click.IntRange(1, 127), default=STACK_DEPTH,
-              show_default=True, help="Frames kept of each contention stack, innermost "
-              "first (perf lock contention's --max-stack; the walk stops there).")
-@click.option("--probes", "probe_names", metavar="A,B,...",
-              help="Probes to attach (default: every probe this host can attach; "
-                   "see `kvmlockprof probes`).")
-@click.option("--prefer", type=click.Choice(["fentry", "kprobe"]),
-              help="Attach method to try first for function probes (default: fentry).")
+@click_options(ContentionOptions)
+@click_options(SessionOptions)
 @options(filter_options(kernel=True))
-@click.option("--srcu-at", metavar="FN,...", help="With the lockorder probe: at the entry of "
-              "these kernel functions (at most 4), is a kvm->srcu read section held? "
-              "[default: kvm_vcpu_update_apicv]")
-@click.option("--watch", "watch", multiple=True, metavar="MODULE|SYMBOL|ADDR:SIZE",
-              help="With the lockorder probe: follow these locks too (a loaded module's "
-              "data, a variable, or a range), beside KVM's objects; repeatable.")
-@vcpu_exits_option
-@kernel_mem_option
+@probe_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.option("--host", "host_label", metavar="NAME", help="The host's name in the recording "
               "(default: its hostname): `query`'s host column.")
 @click.option("--run", "run_label", metavar="LABEL", help="A label for this run (default: its "
               "start time): `query`'s run column.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def record(duration, pids, vm_names, system_wide, output, force, sample_every, ringbuf_mb,
-           map_nr_entries, stack_every, stack_budget, max_stack, probe_names, prefer, srcu_at,
-           kernel_mem_mb, quiet, host_label, run_label, command, lock_filter, type_filter,
-           callstack_filter, tids, cgroups, vcpu_exits, watch):
+def record(duration, pids, vm_names, system_wide, output, force, quiet, host_label, run_label,
+           command, lock_filter, type_filter, callstack_filter, tids, cgroups, **opts):
     """Record lock contention to a Parquet recording.
 
     With `-- COMMAND ...` it runs COMMAND and records it (and its children) while
@@ -287,24 +247,18 @@ def record(duration, pids, vm_names, system_wide, output, force, sample_every, r
     from kvmlockprof.recording.recorder import Recorder
     from kvmlockprof.recording.store import RecordingError
     from kvmlockprof.kernel import host
-    names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
-    at = [f.strip() for f in srcu_at.split(",") if f.strip()] if srcu_at else None
+    session = session_options(opts)
     if vm_names:
         pids = tuple(pids) + tuple(_live_vm_pids(vm_names))
-    if at and "lockorder" not in (names or ()):
-        fail("--srcu-at is the lockorder probe's: add --probes ...,lockorder")
-    if watch and "lockorder" not in (names or ()):
-        fail("--watch is the lockorder probe's: add --probes ...,lockorder")
+    for flag, probe in session.not_requested_options():
+        fail(f"{flag} is the {probe} probe's: add --probes ...,{probe}")
     try:
         # checks the probe names and the output file: both need no privileges
-        rec = Recorder(output, duration=duration, pids=pids, command=command,
-                       system_wide=system_wide, sample_every=sample_every, force=force,
-                       ringbuf_mb=ringbuf_mb, map_entries=map_nr_entries, probes=names,
-                       prefer=prefer, stack_every=stack_every, stack_budget=stack_budget,
-                       kernel_mem_mb=kernel_mem_mb, max_stack=max_stack, srcu_at=at,
+        rec = Recorder(output, session, duration=duration, pids=pids, command=command,
+                       system_wide=system_wide, force=force,
                        filters=dict(_filters(lock_filter, type_filter, callstack_filter),
-                                    tids=tids, cgroups=cgroups), vcpu_exits=vcpu_exits,
-                       labels={"host": host_label, "run": run_label}, watch=watch,
+                                    tids=tids, cgroups=cgroups),
+                       labels={"host": host_label, "run": run_label},
                        warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                        progress=None if quiet or not sys.stderr.isatty() else _progress)
     except (UnknownProbe, RecordingError, FilterError, WatchError) as e:
@@ -372,24 +326,22 @@ Keys: q quit, s next sort key, b next grouping (lock, caller, process).
               help="Seconds between refreshes.")
 @view_options(", taken over the last interval", pid_note="; filtered in the kernel",
               kernel=True)
-@options(LIVE_SESSION_OPTIONS)
+@click_options(SessionOptions)
+@click_options(ContentionOptions, only=("stack_budget", "vcpu_exits"))
 @click.option("--batch", is_flag=True, help="Print plain text frames (default when stdout "
               "is not a terminal).")
 @click.option("--iterations", type=click.IntRange(min=1), help="Exit after this many "
               "refreshes.")
-@vcpu_exits_option
-@kernel_mem_option
 def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, callstack_filter,
-        tids, cgroups, probe_names, stack_budget, prefer, batch, iterations, kernel_mem_mb,
-        vcpu_exits):
+        tids, cgroups, batch, iterations, **opts):
     """Live view of lock contention and the function probes, like kvm_stat."""
     from kvmlockprof.kernel.bpfload import BpfUnavailable
-    from kvmlockprof.catalog import UnknownProbe, select
+    from kvmlockprof.catalog import UnknownProbe
     from kvmlockprof.kernel import host
     from kvmlockprof.views import top
-    names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
+    session = session_options(opts)
     try:
-        requested = None if names is None else select(names)
+        session.requested()
     except UnknownProbe as e:
         fail(str(e))
     if not host.can_bpf():
@@ -403,10 +355,8 @@ def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, cal
     kfilter, _ = _kernel_filters(filters, tids, cgroups)
     click.echo("kvmlockprof top: compiling and attaching the probes ...", err=True)
     try:
-        top.run(requested, list(pids) or None, by=by, sort=sort, limit=limit,
-                interval=interval, iterations=iterations, stack_budget=stack_budget,
-                prefer=prefer, kernel_mem_mb=kernel_mem_mb, filters=filters,
-                kfilter=kfilter, vcpu_exits=vcpu_exits,
+        top.run(session, list(pids) or None, by=by, sort=sort, limit=limit,
+                interval=interval, iterations=iterations, filters=filters, kfilter=kfilter,
                 batch=batch or not sys.stdout.isatty(),
                 warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                 echo=click.echo)
@@ -437,31 +387,26 @@ Examples:
 @click.option("--top-vms", type=click.IntRange(min=1), default=20, show_default=True,
               help="VMs (or processes) with a label of their own, as --top; the others "
               "as vm=\"other\".")
-@click.option("-p", "--pid", "pids", type=int, multiple=True,
-              help="Only these processes (tgid); repeatable. Filtered in the kernel.")
-@click.option("--vm", "vm_names", multiple=True, metavar="NAME",
-              help="Only this running VM, by its operator's name; repeatable.")
+@options(target_options())
 @options(filter_options(kernel=True))
-@options(LIVE_SESSION_OPTIONS)
-@click.option("-M", "--map-nr-entries", type=click.IntRange(min=1), default=MAP_ENTRIES,
-              show_default=True, help="Entries of the in-kernel aggregate map (the entries "
-              "of exited processes are deleted once counted).")
-@kernel_mem_option
+@click_options(SessionOptions)
+@click_options(ContentionOptions, only=("map_entries", "stack_budget"), helps={
+    "map_entries": "Entries of the in-kernel aggregate map (the entries of exited "
+                   "processes are deleted once counted)."})
 def exporter(listen, interval, top_locks, top_vms, pids, vm_names, lock_filter, type_filter,
-             callstack_filter, tids, cgroups, probe_names, stack_budget, prefer,
-             map_nr_entries, kernel_mem_mb):
+             callstack_filter, tids, cgroups, **opts):
     """Serve the in-kernel aggregates as Prometheus metrics, until SIGTERM or Ctrl-C.
 
     Per lock class (kvm->slots_lock: KVM-aware, without the pid), VM and lock type:
     waits, wait seconds and a wait-time histogram; per probe its counters, ratios,
     latencies and losses."""
     from kvmlockprof.kernel.bpfload import BpfUnavailable
-    from kvmlockprof.catalog import UnknownProbe, select
+    from kvmlockprof.catalog import UnknownProbe
     from kvmlockprof.kernel import host
     from kvmlockprof.views import exporter
-    names = [n.strip() for n in probe_names.split(",") if n.strip()] if probe_names else None
+    session = session_options(opts)
     try:
-        requested = None if names is None else select(names)
+        session.requested()
         exporter.parse_listen(listen)
     except (UnknownProbe, ValueError) as e:
         fail(str(e))
@@ -472,9 +417,8 @@ def exporter(listen, interval, top_locks, top_vms, pids, vm_names, lock_filter, 
     filters = _filters(lock_filter, type_filter, callstack_filter)
     kfilter, _ = _kernel_filters(filters, tids, cgroups)
     try:
-        exporter.run(requested, list(pids) or None, listen, interval, top_locks, top_vms,
-                     stack_budget=stack_budget, prefer=prefer, kernel_mem_mb=kernel_mem_mb,
-                     map_entries=map_nr_entries, filters=filters, kfilter=kfilter,
+        exporter.run(session, list(pids) or None, listen, interval, top_locks, top_vms,
+                     filters=filters, kfilter=kfilter,
                      warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                      echo=lambda m: click.echo(m, err=True))
     except BpfUnavailable as e:

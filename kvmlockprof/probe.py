@@ -75,6 +75,9 @@ class Probe:
     # (bcc module, its options from the command line) -> dict for its status: fills
     # its maps before its programs attach
     prepare: object = None
+    # its options class (kvmlockprof.options: knobs with their command-line flags), or
+    # None; record takes its flags, and its plan and prepare get an instance
+    options: object = None
     sections: tuple = ()           # its Sections of report and HTML, in order
     compare: object = None         # rec -> {(metric, better, unit): value}
     # (stream batches, map snapshots) -> {name: (hits, total, counted since the start)}

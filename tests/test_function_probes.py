@@ -587,6 +587,7 @@ def test_lockorder_srcu_at_is_each_plans_own(tmp_path):
     and one without the option the default: no module state carries one over."""
     from kvmlockprof.kernel.capabilities import Capabilities, Check, plan
     from kvmlockprof.probes import lockorder as lo
+    from kvmlockprof.probes.sources import SessionOptions
     from kvmlockprof.recording.recorder import Recorder
     p = catalog.BY_NAME["lockorder"]
     fns = ["kvm_gpc_check", "kvm_xen_set_evtchn_fast", "kvm_gpc_refresh"]
@@ -596,14 +597,15 @@ def test_lockorder_srcu_at_is_each_plans_own(tmp_path):
     def slots(opts):
         got = plan(p, caps, options=opts)
         return [got.targets[f"LOAT{i}"][0] for i in range(lo.SRCU_AT_SLOTS)]
-    assert slots({"srcu_at": fns[:2]}) == fns[:2] + [None, None]
-    assert slots({"srcu_at": fns[2:]}) == fns[2:] + [None, None, None]
+    assert slots(lo.LockorderOptions(srcu_at=tuple(fns[:2]))) == fns[:2] + [None, None]
+    assert slots(lo.LockorderOptions(srcu_at=tuple(fns[2:]))) == fns[2:] + [None, None, None]
     assert slots(None) == ["kvm_vcpu_update_apicv", None, None, None]
-    first = Recorder(tmp_path / "a.parquet", srcu_at=fns[:2])
+    first = Recorder(tmp_path / "a.parquet", SessionOptions(probe_options={
+        "lockorder": lo.LockorderOptions(srcu_at=tuple(fns[:2]))}))
     second = Recorder(tmp_path / "b.parquet")
-    assert first._manifest_head()["srcu_at"] == fns[:2]
-    assert second._manifest_head()["srcu_at"] == list(lo.SRCU_AT_DEFAULT)
-    assert second.probe_options["lockorder"] == {}
+    assert lo.prepare(None, first.session.probe_options["lockorder"]) == {"srcu_at": fns[:2]}
+    assert lo.prepare(None, second.session.probe_options.get("lockorder")) == \
+        {"srcu_at": list(lo.SRCU_AT_DEFAULT)}
 
 
 def test_lockorder_srcu_at(module, tmp_path):

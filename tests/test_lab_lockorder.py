@@ -117,7 +117,7 @@ def test_srcu_held_at_chosen_functions(lockorder_run):
     rec = kvmlockprof.load(lockorder_run / "info.parquet")
     at = lo.srcu_at(rec)
     print(at.to_string())
-    assert rec.manifest["srcu_at"] == list(SRCU_AT)
+    assert rec.manifest["probes"]["lockorder"]["srcu_at"] == list(SRCU_AT)
     fast = at[at["function"] == "kvm_xen_set_evtchn_fast"]
     none = int(fast[fast["srcu_held"] == "none"]["calls"].sum())
     assert none == rec.manifest["work"]["xen_sends"] > 0, (none, rec.manifest["work"])

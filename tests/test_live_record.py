@@ -17,7 +17,7 @@ import kvmlockprof
 from kvmlockprof import cdefs
 from kvmlockprof.analysis import locks as analysis
 from conftest import ROOT, assert_none_left, klp, kernel_objects, workload_argv
-from kvmlockprof.cli import STACK_BUDGET
+from kvmlockprof.probes.contention import STACK_BUDGET
 from kvmlockprof.probes.contention import stack_window
 
 pytestmark = pytest.mark.live
@@ -321,8 +321,8 @@ def test_waits_pair_with_either_pending_store(live, pending):
     recursion_misses: a lock contended inside the handler, as the hash's bucket
     lock can be, nests a wait whose end comes while the handler runs)."""
     from kvmlockprof.kernel import bpfstats
-    from kvmlockprof.probes.contention import ContentionProbe
-    probe = ContentionProbe(pending=pending, sample_every=0, stack_budget=1000)
+    from kvmlockprof.probes.contention import ContentionOptions, ContentionProbe
+    probe = ContentionProbe(ContentionOptions(pending=pending, sample_every=0, stack_budget=1000))
     try:
         assert probe.pending == pending
         subprocess.run(workload_argv("--duration", 2, "--vcpus", 2, "--churn"), check=True,
@@ -361,8 +361,8 @@ def test_waits_in_progress_are_named(live, tmp_path, pending):
     Forced here: contention_begin alone for a second under the storm, so that no
     end comes; the workload's threads then have waits in progress, read back from
     the kernel's per-thread store (task storage through pidfds, or the hash)."""
-    from kvmlockprof.probes.contention import ContentionProbe
-    probe = ContentionProbe(pending=pending, sample_every=0, stack_budget=0)
+    from kvmlockprof.probes.contention import ContentionOptions, ContentionProbe
+    probe = ContentionProbe(ContentionOptions(pending=pending, sample_every=0, stack_budget=0))
     probe.detach()
     wl = None
     try:
@@ -395,8 +395,13 @@ def test_a_missed_end_does_not_stretch_the_next_wait(live, pending):
     attach starts a new epoch, and a wait begun in an earlier one never pairs: its
     lock's next begin starts a new wait, its next end counts as end_without_begin.
     Paired, it would be measured from the old begin, over a second."""
-    from kvmlockprof.probes.contention import ContentionProbe
-    probe = ContentionProbe(pending=pending, sample_every=1, stack_budget=1000)
+    from kvmlockprof.probes.contention import ContentionOptions, ContentionProbe
+    from tests_support import EVENT
+    probe = ContentionProbe(ContentionOptions(pending=pending, sample_every=1, stack_budget=1000))
+    # the test recordings' layout, read from the C, is bcc's
+    ring = probe.ring.dtype
+    assert [(n, ring.fields[n][1]) for n in ring.names] == \
+        [(n, EVENT.fields[n][1]) for n in EVENT.names] and ring.itemsize == EVENT.itemsize
     probe.detach()
     wl = None
     try:

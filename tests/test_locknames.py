@@ -217,8 +217,8 @@ def test_session_learns_the_registry_without_contention(kbtf):
 class FakeSource:
     """What Recorder._flush reads of a BPF source, from canned snapshots."""
 
-    def __init__(self, snaps, counters=None):
-        self.snaps, self._counters = snaps, counters or {}
+    def __init__(self, snaps, counters=None, waits=False):
+        self.snaps, self._counters, self.waits = snaps, counters or {}, waits
 
     def poll(self):
         return {}
@@ -263,7 +263,7 @@ def test_record_keeps_every_owner_and_names_the_latest(kbtf, tmp_path):
     rec.seen_stacks = {"contention": set(), "functions": set()}
     rec.named_for, rec.pending = None, {}
     contention = FakeSource({"aggregates": pa.Table.from_pandas(aggs, preserve_index=False)},
-                            {"end": 5})
+                            {"end": 5}, waits=True)
     counters = {"vms": {"vms_created": 2, "vms_destroyed": 1, "vcpus_created": 2,
                         "vcpus_destroyed": 1}}
     for snaps in ({"vms": vm_rows((BASE, 100, 10))},

@@ -208,18 +208,11 @@ def test_a_short_flag_means_the_same_in_every_command():
 
 
 def test_the_python_api_defaults_are_the_clis():
-    import inspect
-    from kvmlockprof.recording.recorder import Recorder
-    from kvmlockprof.probes.sources import open_sources
-    cli_defaults = {o.name: o.default for o in _options(cli.main.commands["record"])}
-    cli_defaults["map_entries"] = cli_defaults.pop("map_nr_entries")
-    for fn in (Recorder.__init__, open_sources):
-        api = {k: p.default for k, p in inspect.signature(fn).parameters.items()}
-        for knob in ("sample_every", "ringbuf_mb", "map_entries", "stack_every",
-                     "stack_budget", "kernel_mem_mb"):
-            assert api[knob] == cli_defaults[knob], (fn.__qualname__, knob)
-    top_defaults = {o.name: o.default for o in _options(cli.main.commands["top"])}
-    assert top_defaults["stack_budget"] == cli_defaults["stack_budget"]
+    """A command run without options and the Python API open the same session."""
+    from kvmlockprof.probes.sources import SessionOptions
+    for name in ("record", "top", "exporter"):
+        defaults = cli.main.commands[name].make_context(name, []).params
+        assert SessionOptions.from_kwargs(defaults) == SessionOptions(), name
 
 
 def test_every_kprobe_program_has_a_name_of_its_own_in_the_kernel():

@@ -9,15 +9,11 @@ from kvmlockprof.recording.store import Writer
 
 COMM_LEN = cdefs.define("contention.h", "KVMLP_COMM_LEN")
 HIST_SLOTS = cdefs.define("kmaps.h", "KVMLP_HIST_SLOTS")
-# bpf/contention.h's struct kvmlp_contention_event and kvmlp_agg_key + kvmlp_agg_val (pad
-# left out, as to_arrow leaves it), their array sizes from the C; the fields restated:
-# cdefs reads enums and #defines, not structs (bcc lays those out, compiling as root).
-EVENT = np.dtype([("ts_ns", "<u8"), ("wait_ns", "<u8"), ("lock_addr", "<u8"), ("tid", "<u4"),
-                  ("tgid", "<u4"), ("flags", "<u4"), ("stack_id", "<i4"), ("cpu", "<u4"),
-                  ("ret", "<i4"), ("comm", f"S{COMM_LEN}")])
-AGG = np.dtype([("lock_addr", "<u8"), ("tgid", "<u4"), ("flags", "<u4"), ("stack_id", "<i4"),
-                ("count", "<u8"), ("total_ns", "<u8"), ("max_ns", "<u8"), ("min_ns", "<u8"),
-                ("hist", "<u8", (HIST_SLOTS,))])
+# bpf/contention.h's struct kvmlp_contention_event, and kvmlp_agg_key + kvmlp_agg_val
+# (pad left out, as to_arrow leaves it), read from the C
+EVENT = np.dtype(cdefs.struct_fields("contention.h", "kvmlp_contention_event"))
+AGG = np.dtype([f for f in cdefs.struct_fields("contention.h", "kvmlp_agg_key") if f[0] != "pad"]
+               + cdefs.struct_fields("contention.h", "kvmlp_agg_val"))
 
 
 def events(rows):

@@ -141,9 +141,10 @@ class Plan:
     targets: dict = field(default_factory=dict)     # key -> (symbol or None, method or None)
     reason: str = ""
     off: dict = field(default_factory=dict)         # what the probe turned off, and why
-    # the probe's options from the command line, as Probe.prepare gets them: its
-    # adjust_plan reads them here, so that no module state carries them between plans
-    options: dict = field(default_factory=dict)
+    # the probe's options object (Probe.options; None if it has none), as its
+    # prepare gets it: its adjust_plan reads it here, so that no module state carries
+    # it between plans
+    options: object = None
 
     @property
     def ok(self):
@@ -164,10 +165,12 @@ def _missing_symbol_reason(probe, target):
 
 def plan(probe, caps, prefer=None, options=None):
     """The attach plan of one catalog probe on this host; `prefer` (fentry or
-    kprobe) is tried first where a target allows it; options: the probe's own (its
-    adjust_plan reads them)."""
+    kprobe) is tried first where a target allows it; options: the probe's own
+    options object (its defaults when None)."""
     arch = platform.machine()
-    p = Plan(probe, options=dict(options or {}))
+    if options is None and probe.options:
+        options = probe.options()
+    p = Plan(probe, options=options)
     if arch not in probe.arch:
         p.reason = f"{arch} host: this probe is for {'/'.join(probe.arch)}"
         return p

@@ -1,5 +1,6 @@
 """The `contention` probe at run time: bpf/contention.bpf.c, loaded and read."""
 import ctypes
+import dataclasses
 import errno
 import json
 import os
@@ -8,7 +9,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from kvmlockprof import options
 from kvmlockprof.analysis import vcpus
+from kvmlockprof.options import knob
 from kvmlockprof.probe import TRACEPOINT, Probe, Section, Target
 from kvmlockprof.kernel import bpfload, bpfstats
 from kvmlockprof.kernel.maps import read_counters, read_hash
@@ -53,7 +56,7 @@ PROBE = Probe(
 )
 COUNTERS = PROBE.counters           # enum contention_counter, bpf/contention.h
 
-# Its knobs' defaults, the same for record/top's options and the Python API.
+# Its knobs' defaults (ContentionOptions)
 SAMPLE_EVERY = 1            # stream every wait as a sample
 RINGBUF_MB = 16
 MAP_ENTRIES = 16384         # aggregate, stack and pending maps (perf's -M)
@@ -62,6 +65,53 @@ STACK_EVERY = 1
 # to about half a percent of each CPU and still gives thousands of stacks a minute
 # to split the waits by caller (bench/README.md, "Overhead").
 STACK_BUDGET = 250
+STACK_BUDGET_HELP = ("Walk the kernel stack of at most N waits per second per CPU (0: every "
+                     "wait), drawn at random, plus one for each lock that has none; the "
+                     "others count exactly under their lock, and by caller are spread over "
+                     "the lock's walked callers.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContentionOptions:
+    """The contention source's settings (record's; top and exporter take some). bpf=:
+    a field of `armed`, read by the C at run time; define=: the C is built with it."""
+    sample_every: int = knob(SAMPLE_EVERY, "--sample-every", min=0, bpf="sample_every",
+                             help="Stream every Nth wait as a sample (0: in-kernel "
+                                  "aggregates only).")
+    ringbuf_mb: int = knob(RINGBUF_MB, "--ringbuf-mb", min=1,
+                           help="Ring buffer size for streamed samples.")
+    map_entries: int = knob(MAP_ENTRIES, "-M", "--map-nr-entries", min=1,
+                            dest="map_nr_entries",
+                            help="Entries of the in-kernel aggregate and stack maps (as "
+                                 "perf lock contention's); a full map counts its losses.")
+    stack_every: int = knob(STACK_EVERY, "--stack-every", min=1, bpf="stack_every",
+                            help="Walk the kernel stack of one wait in N (per CPU; with "
+                                 "the budget below, both apply).")
+    stack_budget: int = knob(STACK_BUDGET, "--stack-budget", min=0, help=STACK_BUDGET_HELP)
+    max_stack: int = knob(bpfload.STACK_DEPTH, "--max-stack", min=1, max=127,
+                          define="KVMLP_STACK_DEPTH",
+                          help="Frames kept of each contention stack, innermost first "
+                               "(perf lock contention's --max-stack; the walk stops there).")
+    vcpu_exits: bool = knob(False, "-x", "--vcpu-exits", is_flag=True,
+                            define="KVMLP_VCPU_EXITS",
+                            help="Per-vCPU impact: time each vCPU thread's waits inside "
+                                 "its exits' handling (kvm:kvm_exit to kvm_entry, where "
+                                 "the kernel fires them) and its KVM_RUN calls, by lock "
+                                 "and exit reason. Costs a probe on every exit.")
+    # children of the followed processes join them (record's COMMAND): a program of its own
+    follow_fork: bool = knob(False, define="KVMLP_FOLLOW_FORK")
+    # where waits in progress are kept: "task storage" (5.12+), "hash", or "auto"
+    pending: str = knob("auto", choices=("auto", "task storage", "hash"))
+
+    def __post_init__(self):
+        options.check(self)
+
+    @property
+    def ringbuf_pages(self):
+        pages = max(1, self.ringbuf_mb * (1 << 20) // 4096)
+        return 1 << (pages.bit_length() - 1)                  # a power of two
+
+
 # The kernel's own count of events our handlers never ran for (bpfstats.recursion_misses).
 RECURSION = "lost_recursion"
 LOSSES = ("lost_pending_full", "lost_agg_full", "lost_ringbuf_full", "stack_failures",
@@ -143,38 +193,37 @@ def _tgid(tid):
 
 class ContentionProbe:
     name = "contention"
+    waits = True            # the lock waits' source: a recording's counters, lock names
 
-    def __init__(self, tgids=None, follow_fork=False, sample_every=SAMPLE_EVERY,
-                 ringbuf_mb=RINGBUF_MB, agg_entries=MAP_ENTRIES, stack_entries=MAP_ENTRIES,
-                 pending_entries=MAP_ENTRIES, stack_every=STACK_EVERY,
-                 stack_budget=STACK_BUDGET, pending="auto", filter_entries=MAP_ENTRIES,
-                 max_stack=bpfload.STACK_DEPTH, kfilter=None, vcpu_exits=False,
+    def __init__(self, opts=ContentionOptions(), tgids=None, kfilter=None,
                  task_stack_off=-1):
-        """kfilter: the kernel-side filters (recording.filters.split's first part);
-        vcpu_exits: attribute vCPU threads' waits to KVM_RUN and exit windows
-        (vcpu_exit_tracepoints says which this kernel has); task_stack_off:
-        task_struct.stack's offset (BTF), which tells an interrupt's waits from its
-        task's (-1: every wait taken as its task's)."""
+        """opts: its ContentionOptions; tgids: the processes to follow (None: all);
+        kfilter: the kernel-side filters (recording.filters.split's first part);
+        task_stack_off: task_struct.stack's offset (BTF), which tells an interrupt's
+        waits from its task's (-1: every wait taken as its task's)."""
         kf = {k: v for k, v in (kfilter or {}).items() if v is not None}
-        pages = max(1, ringbuf_mb * (1 << 20) // 4096)
-        pages = 1 << (pages.bit_length() - 1)                  # a power of two
+        pages = opts.ringbuf_pages
+        # what sizes a map or decides whether a map or program exists; the rest is
+        # set in `armed` at load (options.bpf_values)
         self.defines = dict(
-            KVMLP_FILTER_TGID=tgids is not None, KVMLP_FOLLOW_FORK=follow_fork,
-            KVMLP_SAMPLE_EVERY=sample_every, KVMLP_PENDING_ENTRIES=pending_entries,
-            KVMLP_AGG_ENTRIES=agg_entries, KVMLP_STACK_ENTRIES=stack_entries,
-            KVMLP_RINGBUF_PAGES=pages, KVMLP_WAKEUP_EVERY=4096, KVMLP_STACK_EVERY=stack_every,
-            KVMLP_FILTER_ENTRIES=filter_entries, KVMLP_STACK_DEPTH=max_stack,
+            options.defines(opts), KVMLP_FILTER_TGID=tgids is not None,
+            KVMLP_PENDING_ENTRIES=MAP_ENTRIES, KVMLP_AGG_ENTRIES=opts.map_entries,
+            KVMLP_STACK_ENTRIES=opts.map_entries, KVMLP_RINGBUF_PAGES=pages,
+            KVMLP_WAKEUP_EVERY=4096, KVMLP_FILTER_ENTRIES=MAP_ENTRIES,
             KVMLP_FILTER_TID="tids" in kf, KVMLP_FILTER_ADDR="addrs" in kf,
             KVMLP_FILTER_TYPE="type_bits" in kf, KVMLP_FILTER_CGROUPS=len(kf.get("cgroups", ())),
-            KVMLP_VCPU_EXITS=bool(vcpu_exits), KVMLP_EXIT_TP=vcpu_exit_tracepoints()[0]
-            if vcpu_exits else 0, KVMLP_OFF_TASK_STACK=task_stack_off)
-        self.bpf, self.pending = self._load(pending)
-        self.options = {"sample_every": sample_every, "stack_every": stack_every,
-                        "stack_budget": stack_budget, "max_stack": max_stack,
+            KVMLP_EXIT_TP=vcpu_exit_tracepoints()[0] if opts.vcpu_exits else 0,
+            KVMLP_OFF_TASK_STACK=task_stack_off)
+        self.opts = opts
+        self.bpf, self.pending = self._load(opts.pending)
+        # its status in a recording's manifest
+        self.options = {"sample_every": opts.sample_every, "stack_every": opts.stack_every,
+                        "stack_budget": opts.stack_budget, "max_stack": opts.max_stack,
                         "ringbuf_bytes": pages * 4096,
-                        "agg_entries": agg_entries, "stack_entries": stack_entries,
-                        "follow_fork": follow_fork, "pending": self.pending,
-                        "vcpu_exits": vcpu_exit_names() if vcpu_exits else None}
+                        "agg_entries": opts.map_entries, "stack_entries": opts.map_entries,
+                        "follow_fork": opts.follow_fork,
+                        "pending": self.pending,
+                        "vcpu_exits": vcpu_exit_names() if opts.vcpu_exits else None}
         if tgids is not None:
             self.add_tgids(tgids)
         self._set_filters(kf)
@@ -184,7 +233,8 @@ class ContentionProbe:
         self._aggregates, self._read_at = None, (None, False)    # see snapshots()
         self._comms = {}
         self._attach_tracepoints()                  # (bcc attached them on load)
-        self.set_stack_budget(stack_budget)
+        self._arm(**options.bpf_values(opts))
+        self.set_stack_budget(opts.stack_budget)
         self._arm(True)
 
     def _arm(self, on=None, new_epoch=False, **fields):
@@ -196,6 +246,8 @@ class ContentionProbe:
             arm.on = int(on)
         arm.epoch += new_epoch
         for name, value in fields.items():
+            if not hasattr(type(arm), name):        # (a ctypes struct takes any attribute)
+                raise AttributeError(f"struct kvmlp_arm has no field {name}")
             setattr(arm, name, value)
         armed[armed.Key(0)] = arm
         if on:

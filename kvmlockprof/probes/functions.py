@@ -112,9 +112,10 @@ RINGBUF_MB = 2
 
 class FunctionProbes:
     """Compile, attach, read and detach a set of function probes."""
+    waits = False           # not the lock waits' source (ContentionProbe.waits)
 
-    def __init__(self, plans, kbtf, ringbuf_mb=RINGBUF_MB, attach=True, options=None):
-        """options: {probe name: its command-line options}, for its Probe.prepare."""
+    def __init__(self, plans, kbtf, ringbuf_mb=RINGBUF_MB, attach=True):
+        """plans: {probe: Plan}; each Probe.prepare gets its plan's options."""
         self.plans = dict(plans)
         pages = max(1, ringbuf_mb * (1 << 20) // 4096)
         self.ringbuf_bytes = (1 << (pages.bit_length() - 1)) * 4096
@@ -123,8 +124,7 @@ class FunctionProbes:
         self.bpf = bpfload.compile_bpf(text=module_source(self.plans), defines=self.defines)
         self.status = {}
         for probe, plan in self.plans.items():
-            prepared = probe.prepare(self.bpf, (options or {}).get(probe.name) or {}) \
-                if probe.prepare else {}
+            prepared = probe.prepare(self.bpf, plan.options) if probe.prepare else {}
             self.status[probe.name] = dict(self._attach(probe, plan) if attach else
                                            {"status": "loaded", "method": plan.method},
                                            **prepared)

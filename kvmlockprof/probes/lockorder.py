@@ -14,9 +14,12 @@ Documentation/virt/kvm/locking.rst states.
 It sees only watched locks and only the paths the workload ran; trylocks are not
 followed. A debugging probe: every lock operation of the host pays for its filter
 (bench/README.md "lockorder cost")."""
+import dataclasses
+
 import pandas as pd
 
-from kvmlockprof import cdefs
+from kvmlockprof import cdefs, options
+from kvmlockprof.options import knob
 from kvmlockprof.locktypes import lock_class
 from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import CONTEXTS, IRQS, call_chains, callers
@@ -65,11 +68,33 @@ SRCU_AT_SLOTS = 4
 SRCU_AT_DEFAULT = ("kvm_vcpu_update_apicv",)
 
 
-def srcu_at_functions(options):
-    """The --srcu-at functions of the probe's options (its plan's), the default's
-    without the option."""
-    at = (options or {}).get("srcu_at")
-    return tuple(SRCU_AT_DEFAULT if at is None else at)
+@dataclasses.dataclass(frozen=True)
+class LockorderOptions:
+    """The probe's own options (its plan's and prepare's)."""
+    srcu_at: tuple = knob(None, "--srcu-at", csv=True, metavar="FN,...",
+                          help="With the lockorder probe: at the entry of these kernel "
+                               "functions (at most 4), is a kvm->srcu read section held? "
+                               "[default: kvm_vcpu_update_apicv]")
+    watch: tuple = knob((), "--watch", multiple=True, metavar="MODULE|SYMBOL|ADDR:SIZE",
+                        help="With the lockorder probe: follow these locks too (a loaded "
+                             "module's data, a variable, or a range), beside KVM's "
+                             "objects; repeatable.")
+    # the --watch specs resolved (resolve_watch): done before anything is loaded
+    regions: tuple = knob(())
+
+    def __post_init__(self):
+        options.check(self)
+        if self.srcu_at is not None and len(self.srcu_at) > SRCU_AT_SLOTS:
+            raise options.OptionError(f"--srcu-at takes at most {SRCU_AT_SLOTS} functions")
+
+    @property
+    def srcu_at_functions(self):
+        """The --srcu-at functions, the default's without the option."""
+        return tuple(SRCU_AT_DEFAULT if self.srcu_at is None else self.srcu_at)
+
+    def resolved(self, kallsyms="/proc/kallsyms"):
+        """These options with --watch resolved (WatchError if it cannot be)."""
+        return dataclasses.replace(self, regions=tuple(resolve_watch(self.watch, kallsyms)))
 
 
 # Lockdep kernels (CONFIG_DEBUG_LOCK_ALLOC) route these through their _nested twins
@@ -120,9 +145,9 @@ def adjust_plan(plan, caps=None):
     """A kind of lock whose unlocks cannot all be probed here (an unlock the kernel
     inlined, as arm64's spin unlocks) would leave phantom held locks: its unlocks are
     left off and the C does not push it (lo_followed). The --srcu-at slots get their
-    functions (plan.options' srcu_at)."""
+    functions (plan.options: LockorderOptions)."""
     if caps is not None:
-        at = srcu_at_functions(plan.options)
+        at = (plan.options or LockorderOptions()).srcu_at_functions
         for i in range(SRCU_AT_SLOTS):
             sym = at[i] if i < len(at) else None
             if sym and sym not in caps.symbols and f"__{sym}" in caps.symbols:
@@ -245,12 +270,14 @@ def _region(spec, base, size, named):
             "symbols": {f"{a:x}": n for a, n in named.items()}}
 
 
-def prepare(bpf, options):
+def prepare(bpf, opts):
     """Before attaching: the --watch regions into lo_pages, as the C's lo_watch()
     puts a KVM object (slot 0: an object begun before the page, slot 1: in it)."""
-    watched = options.get("watch") or []
+    opts = opts or LockorderOptions()
+    watched = opts.regions
+    out = {"srcu_at": list(opts.srcu_at_functions)}
     if not watched:
-        return {}
+        return out
     pages = bpf["lo_pages"]
     for w in watched:
         base, size = w["base"], w["size"]
@@ -260,7 +287,7 @@ def prepare(bpf, options):
             slot = 0 if base // PAGE < page else 1
             v.base[slot], v.size[slot], v.kind[slot] = base, size, LO_OBJ_WATCH
             pages[k] = v
-    return {"watch": [dict(w, base=f"{w['base']:x}") for w in watched]}
+    return dict(out, watch=[dict(w, base=f"{w['base']:x}") for w in watched])
 
 
 # --- naming ---------------------------------------------------------------------------
@@ -372,7 +399,9 @@ def srcu_at(rec):
     df = rec.table("lockorder_srcu_at")
     if df.empty:
         return df
-    fns = rec.manifest.get("srcu_at") or []
+    # the probe's status says (older recordings: the manifest's top level)
+    fns = ((rec.manifest.get("probes") or {}).get("lockorder") or {}).get("srcu_at") \
+        or rec.manifest.get("srcu_at") or []
     cls = class_names(rec, df["ssp"][df["ssp"] != 0])
     df = df.assign(function=df["fn"].map(lambda i: fns[i] if i < len(fns) else f"slot {i}"),
                    srcu_held=df["ssp"].map(lambda a: cls.get(int(a), "") if a else "none"),
@@ -732,6 +761,7 @@ PROBE = Probe(
     defines=defines,
     adjust_plan=adjust_plan,
     prepare=prepare,
+    options=LockorderOptions,
     sections=(Section("lockorder_findings", "Lock order: what lockdep would report",
                       findings),
               Section("lockorder_edges", "Lock order edges (held -> acquired)", edges,

@@ -1,19 +1,20 @@
 """Open the BPF modules a session reads (`record`, `top` and `exporter` alike): the
 contention probe and one module holding every function probe this host can
 attach, with a status for every catalog probe (attached, or why not)."""
+import dataclasses
 import os
 
-from kvmlockprof import catalog
+from kvmlockprof import catalog, options
+from kvmlockprof.options import knob
 from kvmlockprof.kernel import bpfstats, btf, capabilities
 from kvmlockprof.kernel.bpfload import BpfUnavailable
-from kvmlockprof.probes import contention
-from kvmlockprof.probes.contention import ContentionProbe
+from kvmlockprof.probes.contention import ContentionOptions, ContentionProbe
 from kvmlockprof.probes.functions import FunctionProbes
 
 
-def _function_plans(requested, status, prefer, warn, options=None):
+def _function_plans(requested, status, prefer, warn, probe_options=None):
     """{probe: Plan} of the function probes to load; the others get a status.
-    options: {probe name: its options} (Plan.options)."""
+    probe_options: {probe name: its options object} (Plan.options)."""
     wanted = requested if requested is not None else catalog.CATALOG
     function_probes = [p for p in wanted if p.name != "contention"]
     if not function_probes:
@@ -23,7 +24,8 @@ def _function_plans(requested, status, prefer, warn, options=None):
     for p in catalog.CATALOG:
         if p.name == "contention":
             continue
-        plan = capabilities.plan(p, caps, prefer=prefer, options=(options or {}).get(p.name))
+        plan = capabilities.plan(p, caps, prefer=prefer,
+                                 options=(probe_options or {}).get(p.name))
         if p not in function_probes:
             status[p.name] = {"status": "not requested"}
         elif requested is None and p.opt_in and plan.ok:
@@ -51,6 +53,54 @@ def load_btf(warn):
 
 # The kernel memory the maps of a session may pin, by default (--kernel-mem-mb).
 KERNEL_MEM_MB = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionOptions:
+    """What a session (record, top, exporter) opens: which probes, how they attach,
+    the kernel memory they may pin, and each source's options: the contention probe's
+    and, per function probe that has some (Probe.options), its own."""
+    probes: tuple = knob(None, "--probes", csv=True, dest="probe_names", metavar="A,B,...",
+                         help="Probes to attach (default: every probe this host can "
+                              "attach; see `kvmlockprof probes`).")
+    prefer: str = knob(None, "--prefer", choices=("fentry", "kprobe"),
+                       help="Attach method to try first for function probes (default: "
+                            "fentry).")
+    kernel_mem_mb: int = knob(KERNEL_MEM_MB, "--kernel-mem-mb", min=1,
+                              help="Refuse to start if the probes' maps would pin more "
+                                   "kernel memory than this (the kernel's own figure; "
+                                   "none grows with the CPU count).")
+    contention: ContentionOptions = ContentionOptions()
+    # {probe name: its options}, for every catalog probe that has some
+    probe_options: dict = dataclasses.field(default_factory=lambda: {
+        p.name: p.options() for p in catalog.CATALOG if p.options})
+
+    def __post_init__(self):
+        options.check(self)
+
+    @classmethod
+    def from_kwargs(cls, kwargs, **contention):
+        """From a command's parameters: its own, the contention probe's, and those of
+        each function probe's options class (absent ones keep their defaults);
+        contention: the contention options a command fixes."""
+        probe_options = {p.name: options.from_kwargs(p.options, kwargs)
+                         for p in catalog.CATALOG if p.options}
+        return options.from_kwargs(
+            cls, kwargs, contention=options.from_kwargs(ContentionOptions, kwargs,
+                                                        **contention),
+            probe_options=probe_options)
+
+    def requested(self):
+        """The catalog probes asked for, or None for every probe this host can attach
+        (catalog.UnknownProbe for a name it does not have)."""
+        return None if self.probes is None else catalog.select(self.probes)
+
+    def not_requested_options(self):
+        """[(flag, probe)] of options set for a function probe that is not requested."""
+        names = set(self.probes or ())
+        return [(k["flags"][-1], name) for name, o in self.probe_options.items()
+                if name not in names for f, k in options.knobs(type(o))
+                if k["flags"] and getattr(o, f.name) != f.default]
 
 
 def possible_cpus():
@@ -82,7 +132,8 @@ MEMORY_FORMULA = ("contention ~ 1 KB x -M (aggregates, stacks, first walks) + 1.
 def default_memory(kbtf=None):
     """kernel_memory() of the probes `record` would attach with its defaults,
     loaded for no process and closed at once (doctor)."""
-    sources, _, mem = open_sources(tgids=[], kbtf=kbtf, kernel_mem_mb=None)
+    sources, _, mem = open_sources(
+        SessionOptions(kernel_mem_mb=None), tgids=[], kbtf=kbtf)
     close_sources(sources)
     return mem
 
@@ -100,42 +151,33 @@ def _within_limit(sources, limit_mb):
     return mem
 
 
-def open_sources(requested=None, tgids=None, follow_fork=False,
-                 sample_every=contention.SAMPLE_EVERY, ringbuf_mb=contention.RINGBUF_MB,
-                 map_entries=contention.MAP_ENTRIES, prefer=None, warn=None, status=None,
-                 kbtf=None, stack_every=contention.STACK_EVERY,
-                 stack_budget=contention.STACK_BUDGET, kernel_mem_mb=KERNEL_MEM_MB,
-                 max_stack=None, kfilter=None, vcpu_exits=False, probe_options=None):
+def open_sources(session=SessionOptions(), tgids=None, kfilter=None, warn=None, status=None,
+                 kbtf=None):
     """({name: source}, {probe name: status}, kernel memory (see kernel_memory)).
 
-    requested: catalog probes, or None for every probe this host can attach.
-    tgids: processes to keep (None: whole host); kfilter: the contention probe's
-    other kernel-side filters (recording.filters.split); vcpu_exits: its per-vCPU
-    windows (analysis.vcpus); probe_options: {function probe: its options}
-    (its plan's and Probe.prepare's). Raises BpfUnavailable when
-    nothing at all could attach, or when the maps take more than kernel_mem_mb
-    (None: no limit; they are freed at once). Sources opened before an error
-    are closed."""
+    session: its SessionOptions (session.probes None: every probe this host can
+    attach); tgids: processes to keep (None: whole host); kfilter: the contention
+    probe's other kernel-side filters (recording.filters.split). Raises
+    BpfUnavailable when nothing at all could attach, or when the maps take more than
+    session.kernel_mem_mb (None: no limit; they are freed at once). Sources opened
+    before an error are closed."""
     warn = warn or (lambda msg: None)
     status = {} if status is None else status
     sources = {}
+    requested = session.requested()
     try:
         if requested is None or any(p.name == "contention" for p in requested):
-            c = ContentionProbe(tgids=tgids, follow_fork=follow_fork,
-                                sample_every=sample_every, ringbuf_mb=ringbuf_mb,
-                                agg_entries=map_entries, stack_entries=map_entries,
-                                stack_every=stack_every, stack_budget=stack_budget,
-                                kfilter=kfilter, vcpu_exits=vcpu_exits,
+            c = ContentionProbe(session.contention, tgids=tgids, kfilter=kfilter,
                                 task_stack_off=kbtf.offset("task_struct", "stack")
-                                if kbtf else -1,
-                                **({"max_stack": max_stack} if max_stack else {}))
+                                if kbtf else -1)
             sources["contention"] = c
             status["contention"] = {"status": "attached", "method": catalog.TRACEPOINT,
                                     "targets": sorted(c.attached), **c.options}
-        plans = _function_plans(requested, status, prefer, warn, probe_options)
+        plans = _function_plans(requested, status, session.prefer, warn,
+                                session.probe_options)
         if plans:
             try:
-                f = FunctionProbes(plans, kbtf or btf.Btf(), options=probe_options)
+                f = FunctionProbes(plans, kbtf or btf.Btf())
             except (BpfUnavailable, btf.BtfError) as e:
                 for p in plans:
                     status[p.name] = {"status": "failed", "reason": str(e)}
@@ -148,7 +190,7 @@ def open_sources(requested=None, tgids=None, follow_fork=False,
                         warn(f"probe {name} not attached: {st.get('reason')}")
         if not any(st.get("status") == "attached" for st in status.values()):
             raise BpfUnavailable("no probe could attach: run `kvmlockprof doctor` to see why")
-        memory = _within_limit(sources, kernel_mem_mb)
+        memory = _within_limit(sources, session.kernel_mem_mb)
     except BaseException:
         close_sources(sources)
         raise

@@ -1,4 +1,5 @@
 """`kvmlockprof record`: attach, stream, flush in chunks, detach on every exit path."""
+import dataclasses
 import datetime
 import json
 import os
@@ -12,9 +13,8 @@ import numpy as np
 from kvmlockprof import __version__, catalog
 from kvmlockprof.kernel import bpfload, bpfstats, headers, host
 from kvmlockprof.kernel.ksyms import Kallsyms
-from kvmlockprof.probes import contention, lockorder
 from kvmlockprof.probes.contention import LOSSES
-from kvmlockprof.probes.sources import KERNEL_MEM_MB, load_btf, open_sources
+from kvmlockprof.probes.sources import SessionOptions, load_btf, open_sources
 from kvmlockprof.recording import filters as filters_mod  # Recorder's filters= hides it
 from kvmlockprof.recording import processes
 from kvmlockprof.recording import store
@@ -84,52 +84,38 @@ def _lock_addresses(tables):
 
 
 class Recorder:
-    def __init__(self, out, duration=None, pids=(), command=(), system_wide=False,
-                 sample_every=contention.SAMPLE_EVERY, flush_interval=1.0, force=False,
-                 progress=None, ringbuf_mb=contention.RINGBUF_MB,
-                 map_entries=contention.MAP_ENTRIES, probes=None, warn=None, prefer=None,
-                 stack_every=contention.STACK_EVERY, stack_budget=contention.STACK_BUDGET,
-                 kernel_mem_mb=KERNEL_MEM_MB, max_stack=None, srcu_at=None, filters=None,
-                 vcpu_exits=False, labels=None, watch=()):
-        """filters: perf's -L/-Y/-S/--tid/-G as {locks, types, callstacks, tids, cgroups}
-        (recording.filters: the kernel applies what it can, the reader the rest)."""
+    def __init__(self, out, session=SessionOptions(), duration=None, pids=(), command=(),
+                 system_wide=False, flush_interval=1.0, force=False, progress=None,
+                 warn=None, filters=None, labels=None):
+        """session: its SessionOptions (the probes and each source's options); filters:
+        perf's -L/-Y/-S/--tid/-G as {locks, types, callstacks, tids, cgroups}
+        (recording.filters: the kernel applies what it can, the reader the rest).
+        Checks what needs no privileges (the probe names, the options, the output
+        file) here, before anything is loaded."""
         self.out = out
         self.labels = {k: v for k, v in (labels or {}).items() if v}   # host, run: a fleet's
         self.filters = {k: tuple(v) for k, v in (filters or {}).items() if v}
         self.kfilter, self.read_filter = filters_mod.split(
             **self.filters, kallsyms=Kallsyms)
-        # the lockorder probe's options: its plan and its prepare() get them
-        self.probe_options = {"lockorder": {}}
-        if srcu_at is not None:         # --srcu-at: the functions its slots watch
-            if len(srcu_at) > lockorder.SRCU_AT_SLOTS:
-                raise catalog.UnknownProbe(f"--srcu-at takes at most "
-                                           f"{lockorder.SRCU_AT_SLOTS} functions")
-            self.probe_options["lockorder"]["srcu_at"] = list(srcu_at)
-        if watch:                       # --watch: resolved early
-            self.probe_options["lockorder"]["watch"] = lockorder.resolve_watch(watch)
-        self.max_stack = max_stack      # contention stacks' frames (None: STACK_DEPTH)
-        self.vcpu_exits = vcpu_exits    # per-vCPU windows (analysis.vcpus)
-        self.kernel_mem_mb = kernel_mem_mb
         self.duration = duration
         self.pids = list(pids)
         self.command = list(command)
         self.system_wide = system_wide
-        self.sample_every = sample_every
+        # a command's children join it, unless processes were named
+        self.session = dataclasses.replace(session, contention=dataclasses.replace(
+            session.contention, follow_fork=bool(self.command) and not self.pids),
+            # what needs resolving (--watch's symbols) is resolved now
+            probe_options={name: o.resolved() if hasattr(o, "resolved") else o
+                           for name, o in session.probe_options.items()})
         self.flush_interval = flush_interval
         self.force = force
         self.progress = progress
-        self.ringbuf_mb = ringbuf_mb
-        self.map_entries = map_entries
-        self.stack_every = stack_every
-        self.stack_budget = stack_budget
         self.warn = warn or (lambda msg: None)
-        self.prefer = prefer            # attach method to try first (fentry/kprobe)
         self.cost = None                # the handler-cost window while it is open
         self.cost_total, self.cost_seconds, self.next_cost = {}, 0.0, 0.0   # windows' sums
         self.in_progress = None         # waits begun long before the stop, never ended
         self.lock_addrs, self.more_named_for = set(), None   # other probes' lock addresses
-        # None: every probe this host can attach; else names (checked here, early)
-        self.requested = None if probes is None else catalog.select(probes)
+        self.session.requested()        # an unknown probe name fails here, early
         check_output(out, force)
 
     def _filter(self):
@@ -143,14 +129,9 @@ class Recorder:
     def _open_sources(self):
         tgids = self._filter()
         sources, _, memory = open_sources(
-            self.requested, tgids=tgids, follow_fork=bool(self.command) and not self.pids,
-            sample_every=self.sample_every, ringbuf_mb=self.ringbuf_mb,
-            map_entries=self.map_entries, prefer=self.prefer, stack_every=self.stack_every,
-            stack_budget=self.stack_budget, kernel_mem_mb=self.kernel_mem_mb,
-            max_stack=self.max_stack, kfilter=self.kfilter, vcpu_exits=self.vcpu_exits,
-            probe_options=self.probe_options, warn=self.warn, status=self.manifest["probes"],
-            kbtf=self.kbtf)
-        self.manifest["kernel_memory"] = dict(memory, limit_mb=self.kernel_mem_mb)
+            self.session, tgids=tgids, kfilter=self.kfilter, warn=self.warn,
+            status=self.manifest["probes"], kbtf=self.kbtf)
+        self.manifest["kernel_memory"] = dict(memory, limit_mb=self.session.kernel_mem_mb)
         return sources
 
     def _btf(self):
@@ -169,7 +150,7 @@ class Recorder:
             self.sources = self._open_sources()
             # counting starts at the attach, not after the set-up below (kallsyms,
             # lock names: a second or more), else the rates read high
-            c = self.sources.get("contention")
+            c = self._waits()
             self.manifest["start_monotonic_ns"] = c.armed_ns if c else time.monotonic_ns()
             self.manifest["start"] = datetime.datetime.now().astimezone().isoformat()
             self.ksyms = Kallsyms()
@@ -191,8 +172,8 @@ class Recorder:
             try:
                 for src in self.sources.values():
                     src.detach()
-                if "contention" in self.sources and not self._failed():
-                    self.in_progress = self.sources["contention"].waits_in_progress(
+                if self._waits() and not self._failed():
+                    self.in_progress = self._waits().waits_in_progress(
                         self._threads(), IN_PROGRESS_NS)
                     self.manifest["in_progress_min_ns"] = IN_PROGRESS_NS
                 if hasattr(self, "writer") and not self._failed():
@@ -234,8 +215,7 @@ class Recorder:
                                                       **{k: v for k, v in self.filters.items()
                                                          if k != "callstacks"}),
                 "system_wide": self._filter() is None, "duration_requested_s": self.duration,
-                "headers": headers.find_headers().describe(), "probes": {},
-                "srcu_at": list(lockorder.srcu_at_functions(self.probe_options["lockorder"]))}
+                "headers": headers.find_headers().describe(), "probes": {}}
 
     def _spawn(self, tgids):
         """Start the command held at a gate until its pid is in the filter.
@@ -253,8 +233,8 @@ class Recorder:
                                      pass_fds=(gate_r,))
         finally:
             os.close(gate_r)
-        if tgids is not None and "contention" in self.sources:
-            self.sources["contention"].add_tgids([child.pid])
+        if tgids is not None and self._waits():
+            self._waits().add_tgids([child.pid])
             self.manifest["pid_filter"] = [child.pid]
         os.write(gate_w, b"1")
         os.close(gate_w)
@@ -266,7 +246,8 @@ class Recorder:
         close each a second later, and keep the sums: the contention handlers' ns
         per run (handler_ns), and what each function probe costs (probe_cost: calls/s,
         ns a call, share of one CPU)."""
-        c, f = self.sources.get("contention"), self.sources.get("functions")
+        c = self._waits()
+        f = next((s for s in self.sources.values() if s is not c), None)
         now = time.monotonic()
         if self.cost:
             if final or now >= self.cost_until + COST_MAX_S - COST_WINDOW_S or (
@@ -331,7 +312,7 @@ class Recorder:
 
     def _step(self, timeout):
         """Wait up to `timeout` s for samples, then take in what the rings hold."""
-        waiter = self.sources.get("contention")
+        waiter = self._waits()
         if waiter:
             waiter.wait(timeout)        # woken early when its ring fills up
         else:
@@ -348,7 +329,7 @@ class Recorder:
             events = {t: np.concatenate(self.pending.pop(t)) if t in self.pending else
                       np.empty(0, dt) for t, dt in dtypes.items()}
             snaps = src.snapshots()
-            if final and name == "contention" and self.in_progress is not None:
+            if final and src.waits and self.in_progress is not None:
                 snaps["in_progress"] = self.in_progress
             for table, arr in events.items():
                 self.writer.append(table, to_arrow(arr))
@@ -356,14 +337,14 @@ class Recorder:
             if new:
                 stacks = stacks_table(src, name, new, self.ksyms)
                 self.writer.append("stacks", stacks)
-                if name == "contention":
+                if src.waits:
                     self.names.add_stacks(stacks)
             for table, snap in snaps.items():
                 if table not in REGISTRY_TABLES:        # those: as lifetimes, below
                     self.snapshots.put(table, snap, time.monotonic(), final)
             self._learn_processes(events, snaps)
             self.lock_addrs |= _lock_addresses({**events, **snaps})
-            if name == "contention":
+            if src.waits:
                 counters = src.counters()
                 contention_aggs = snaps["aggregates"]
             else:
@@ -397,13 +378,19 @@ class Recorder:
         self.manifest.update(
             counters=counters, losses={k: counters[k] for k in LOSSES if k in counters},
             probe_counters=probe_counters,
-            samples=self.writer.rows.get("contention", 0),
+            samples=sum(self.writer.rows.get(t, 0) for s in self.sources.values() if s.waits
+                        for t in s.event_dtypes()),
             end_monotonic_ns=now_ns,
             duration_s=(now_ns - self.manifest["start_monotonic_ns"]) / 1e9,
             end=datetime.datetime.now().astimezone().isoformat(), interrupted=not final)
         self.writer.manifest(self.manifest)
         if self.progress:
             self.progress(self.manifest)
+
+    def _waits(self):
+        """The source of the lock waits (the contention probe's: `waits`), or None: its
+        counters are the manifest's, its aggregates and stacks name the locks."""
+        return next((s for s in self.sources.values() if s.waits), None)
 
     def _threads(self):
         """Thread ids of the processes recorded (every thread of the host when

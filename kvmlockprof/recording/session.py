@@ -2,6 +2,7 @@
 that whatever ends it, everything detaches. `record` (recorder) stops on Stop; the
 live views (`top`, `exporter`) run in live_session(), which also attaches them."""
 import contextlib
+import dataclasses
 import signal
 
 from kvmlockprof.kernel import bpfload
@@ -17,19 +18,19 @@ def raise_stop(signum, frame):
 
 
 @contextlib.contextmanager
-def live_session(make_view, requested, pids, stack_budget, prefer, kernel_mem_mb, warn,
-                 **options):
-    """The probes of a live session (`top`, `exporter`): attached sample-free (aggregates
-    only), SIGTERM/SIGHUP raising Stop (to unwind like Ctrl-C), and everything
-    detached whatever happens. Yields make_view(sources, status, kbtf); options:
-    open_sources()'s (kfilter, map_entries, vcpu_exits)."""
+def live_session(make_view, session, pids, warn, kfilter=None):
+    """The probes of a live session (`top`, `exporter`; session: their SessionOptions):
+    attached sample-free (aggregates only), SIGTERM/SIGHUP raising Stop (to unwind
+    like Ctrl-C), and everything detached whatever happens. Yields
+    make_view(sources, status, kbtf)."""
     old = {s: signal.signal(s, raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     sources = {}
     try:
         kbtf, _ = load_btf(warn)
-        sources, status, _ = open_sources(
-            requested, tgids=pids, sample_every=0, ringbuf_mb=1, prefer=prefer, warn=warn,
-            kbtf=kbtf, stack_budget=stack_budget, kernel_mem_mb=kernel_mem_mb, **options)
+        session = dataclasses.replace(session, contention=dataclasses.replace(
+            session.contention, sample_every=0, ringbuf_mb=1))
+        sources, status, _ = open_sources(session, tgids=pids, kfilter=kfilter, warn=warn,
+                                          kbtf=kbtf)
         view = make_view(sources, status, kbtf)
         kbtf = None                     # the BTF dump (hundreds of MB): freed here
         bpfload.release_memory()

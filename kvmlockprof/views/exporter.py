@@ -471,11 +471,11 @@ def serve(collector, listen):
     return start_http_server(port, addr=host, registry=reg)
 
 
-def run(requested, pids, listen, interval, top_locks, top_vms, stack_budget, prefer,
-        kernel_mem_mb, map_entries, warn, echo, filters=None, kfilter=None):
-    """A whole exporter session: listen first (a taken port fails before any probe is
-    loaded), attach, read every `interval` until SIGTERM/SIGINT/SIGHUP, detach and
-    stop serving whatever happens."""
+def run(options, pids, listen, interval, top_locks, top_vms, warn, echo, filters=None,
+        kfilter=None):
+    """A whole exporter session (options: its SessionOptions): listen first (a taken
+    port fails before any probe is loaded), attach, read every `interval` until
+    SIGTERM/SIGINT/SIGHUP, detach and stop serving whatever happens."""
     collector = Collector()
     server, thread = serve(collector, listen)
 
@@ -483,8 +483,7 @@ def run(requested, pids, listen, interval, top_locks, top_vms, stack_budget, pre
         return ExporterSession(sources, status, top_locks=top_locks, top_vms=top_vms,
                                pids=pids, kbtf=kbtf, filters=filters)
     try:
-        with live_session(make_view, requested, pids, stack_budget, prefer, kernel_mem_mb,
-                          warn, map_entries=map_entries, kfilter=kfilter) as session:
+        with live_session(make_view, options, pids, warn, kfilter) as session:
             session.collector = collector
             session.read()
             echo(f"kvmlockprof exporter: serving http://{listen}/metrics "

@@ -248,16 +248,15 @@ class LiveView:
             self.by = BYS[(BYS.index(self.by) + 1) % len(BYS)]
 
 
-def run(requested, pids, by, sort, limit, interval, iterations, stack_budget, prefer,
-        kernel_mem_mb, batch, warn, echo, filters=None, kfilter=None, vcpu_exits=False):
+def run(session, pids, by, sort, limit, interval, iterations, batch, warn, echo,
+        filters=None, kfilter=None):
     """A whole `top` session: refresh until q, Ctrl-C, SIGTERM/SIGHUP or `iterations`."""
 
     def make_view(sources, status, kbtf):
         return LiveView(sources, status, by=by, sort=sort, limit=limit, pids=pids,
                         kbtf=kbtf, filters=filters)
     try:
-        with live_session(make_view, requested, pids, stack_budget, prefer, kernel_mem_mb,
-                          warn, kfilter=kfilter, vcpu_exits=vcpu_exits) as view:
+        with live_session(make_view, session, pids, warn, kfilter) as view:
             if batch:
                 run_batch(view, interval, iterations, echo)
             else:
