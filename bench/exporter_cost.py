@@ -32,6 +32,14 @@ class FakeContention:
     """What ExporterSession reads of the contention probe, with a map of `locks`
     addresses x the given tgids, each entry's count growing at every read."""
 
+    role = "waits"
+
+    def run_queues(self):
+        return {}
+
+    def lock_kinds(self):
+        return {}
+
     def __init__(self, locks, tgids, seed=0):
         import pyarrow as pa
         self.pa = pa

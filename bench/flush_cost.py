@@ -20,7 +20,7 @@ import numpy as np
 
 from kvmlockprof.kernel import bpfload, bpfstats, maps
 from kvmlockprof.probes.contention import ContentionOptions, ContentionProbe
-from kvmlockprof.probes.sources import possible_cpus
+from kvmlockprof.kernel.host import possible_cpus
 from kvmlockprof.recording.recorder import SNAPSHOT_S, Snapshots
 from kvmlockprof.recording.arrow import to_arrow
 from kvmlockprof.recording.store import Writer

@@ -12,6 +12,11 @@
  *                     (KVMLP_EXIT_TP 1: x86's kvm_exit fields, 2: arm64's) to exits
  *   KVMLP_OFF_TASK_STACK  task_struct.stack's offset (BTF; -1: unknown): tells an
  *                     interrupt's waits from its task's
+ *   KVMLP_OFF_TASK_MM, KVMLP_OFF_MM_MMAP_LOCK: task_struct.mm, mm_struct.mmap_lock (-1:
+ *                     mmap_lock waits stay unnamed)
+ *   KVMLP_OFF_TASK_CFS_RQ, KVMLP_OFF_CFS_RQ_RQ: task_struct.se.cfs_rq, cfs_rq.rq
+ *                     (CONFIG_FAIR_GROUP_SCHED; -1: run queues stay unnamed)
+ *   KVMLP_NR_CPUS     possible CPUs (run_queues)
  * Defines only size maps or decide whether a map or program exists; the values
  * (the sampling, the stack walks' rate and budget) are set at load and read at run
  * time from `armed`: one program serves every setting.
@@ -130,8 +135,17 @@ struct kvmlp_arm {
 	u64 walk_ns;
 	u64 sample_every;
 	u64 stack_every;
+	u32 finder_tid;         /* run_queue_of_cpu()'s thread while it runs */
+	u32 pad;
 };
 BPF_ARRAY(armed, struct kvmlp_arm, 1);
+/* Locks the waiter tells apart (enum kvmlp_lock_kind), by address: checked when an
+ * aggregate key is made, so at most once per lock, process, type and stack; not
+ * preallocated: only what is found takes memory. */
+BPF_F_TABLE("hash", u64, struct kvmlp_lock_kind_val, lock_kinds, KVMLP_AGG_ENTRIES,
+	    BPF_F_NO_PREALLOC);
+/* Each CPU's run queue (struct rq *), by CPU: filled by run_queue_of_cpu(). */
+BPF_ARRAY(run_queues, u64, KVMLP_NR_CPUS);
 /* A zeroed value to create aggregates from: too big for the 512-byte stack. */
 BPF_ARRAY(agg_zero, struct kvmlp_agg_val, 1);
 
@@ -597,6 +611,41 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
  * skews every per-caller number (callers come from walked waits). The rest of
  * the handlers falls inside every wait alike (the resolution floor, measured:
  * manifest handler_ns). An outside clock (perf, ftrace) sees the walk inside. */
+/* A lock the waiter can tell (lock_kinds): its own mm's mmap_lock. */
+static __always_inline void tell_kind(u64 lock, u32 tgid)
+{
+#if KVMLP_OFF_TASK_MM >= 0 && KVMLP_OFF_MM_MMAP_LOCK >= 0
+	u64 mm = 0;
+	bpf_probe_read_kernel(&mm, sizeof(mm),
+			      (void *)(bpf_get_current_task() + KVMLP_OFF_TASK_MM));
+	if (mm && lock == mm + KVMLP_OFF_MM_MMAP_LOCK) {
+		struct kvmlp_lock_kind_val v = {.kind = KVMLP_LOCK_MM, .id = tgid};
+		lock_kinds.update(&lock, &v);
+	}
+#endif
+}
+
+/* Attached to sys_enter only while user space finds the run queues (run_queues()):
+ * its own thread, pinned to each CPU in turn, makes a syscall there, and the run
+ * queue its task is on is that CPU's (its CFS entity's cfs_rq->rq). */
+int run_queue_of_cpu(struct bpf_raw_tracepoint_args *ctx)
+{
+#if KVMLP_OFF_TASK_CFS_RQ >= 0 && KVMLP_OFF_CFS_RQ_RQ >= 0
+	int zero = 0;
+	struct kvmlp_arm *arm = armed.lookup(&zero);
+	if (!arm || (u32)bpf_get_current_pid_tgid() != arm->finder_tid)
+		return 0;
+	u64 cfs_rq = 0, rq = 0;
+	bpf_probe_read_kernel(&cfs_rq, sizeof(cfs_rq),
+			      (void *)(bpf_get_current_task() + KVMLP_OFF_TASK_CFS_RQ));
+	if (cfs_rq)
+		bpf_probe_read_kernel(&rq, sizeof(rq), (void *)(cfs_rq + KVMLP_OFF_CFS_RQ_RQ));
+	int cpu = bpf_get_smp_processor_id();
+	run_queues.update(&cpu, &rq);
+#endif
+	return 0;
+}
+
 RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) */
 {
 	u64 now = bpf_ktime_get_ns();
@@ -665,6 +714,8 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	if (!a) {
 		struct kvmlp_agg_val *zero = agg_zero.lookup(&zero_idx);
 		a = zero ? agg.lookup_or_try_init(&ak, zero) : NULL;
+		if (!irq)
+			tell_kind(lock, tgid);
 	}
 	if (a) {
 		kvmlp_add(&a->count, 1);

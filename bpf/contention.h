@@ -94,6 +94,17 @@ struct kvmlp_nested_val {
 	u64 total_ns;
 };
 
+/* What a lock is, where the waiter itself tells (lock_kinds): looked at once per
+ * aggregate key, when it is made, never per wait. */
+enum kvmlp_lock_kind {
+	KVMLP_LOCK_MM = 1,          /* the waiter's own mm->mmap_lock; id: its tgid */
+};
+
+struct kvmlp_lock_kind_val {
+	u32 kind;
+	u32 id;
+};
+
 /* --vcpu-exits: where a vCPU thread's waits fall. A window is one exit's handling
  * (kvm:kvm_exit to kvm:kvm_entry) or one KVM_RUN (the ioctl's entry to
  * kvm:kvm_userspace_exit, guest time included): the first where the kernel fires

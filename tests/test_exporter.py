@@ -248,6 +248,8 @@ class FakeFunctions:
     """What the session reads of the function probes: the real gpc and xen_evtchn
     Probe objects (their streams, aggregates and top ratios), made-up events."""
 
+    role = "functions"
+
     def __init__(self):
         import errno
         import pyarrow as pa
@@ -355,6 +357,14 @@ class FakeKernel:
     end() ends waits as the BPF program does: the entry's count and total_ns, then its
     histogram slot, separate atomic adds; torn="slot" puts a read between the two (the
     slot lands after it), torn="count" the other way round."""
+
+    role = "waits"
+
+    def run_queues(self):
+        return {}
+
+    def lock_kinds(self):
+        return {}
 
     def __init__(self):
         self.map = {}           # (lock_addr, tgid, flags, stack_id) -> [count, ns, hist]

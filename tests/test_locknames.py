@@ -218,9 +218,13 @@ class FakeSource:
     """What Recorder._flush reads of a BPF source, from canned snapshots."""
 
     def __init__(self, snaps, counters=None, waits=False):
-        self.snaps, self._counters, self.waits = snaps, counters or {}, waits
+        self.snaps, self._counters = snaps, counters or {}
+        self.role = "waits" if waits else "functions"
 
     def poll(self):
+        return {}
+
+    def lock_kinds(self):
         return {}
 
     def prog_fds(self):

@@ -96,7 +96,7 @@ def test_the_options_reach_the_contention_probe(monkeypatch, tmp_path):
     class Stop(bpfload.BpfUnavailable):
         pass
 
-    def probe(opts, tgids=None, kfilter=None, task_stack_off=-1):
+    def probe(opts, tgids=None, kfilter=None, offsets=None):
         got.append((opts, tgids))
         raise Stop("stopped here")
     monkeypatch.setattr("kvmlockprof.probes.sources.ContentionProbe", probe)

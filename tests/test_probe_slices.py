@@ -111,6 +111,7 @@ def test_a_toy_probe_reaches_every_view(toy, tmp_path):
 
     class Source:               # what top reads of the loaded function probes
         plans = {toy: None}
+        role = "functions"
 
         def poll(self):
             return {"toy": np.array([(1, 5, 0, 0), (1, 6, 1, 0)],

@@ -58,3 +58,13 @@ def config_option(name):
             continue
     return None
 
+
+def possible_cpus():
+    """CPUs the kernel sizes per-CPU data for (/sys/devices/system/cpu/possible)."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            spans = f.read().strip().split(",")
+    except OSError:
+        return os.cpu_count()
+    return sum(int(b) - int(a) + 1 for a, _, b in
+               (sp.partition("-") if "-" in sp else (sp, "", sp) for sp in spans))

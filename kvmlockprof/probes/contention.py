@@ -4,16 +4,17 @@ import dataclasses
 import errno
 import json
 import os
+import threading
 import time
 
 import numpy as np
 import pyarrow as pa
 
-from kvmlockprof import options
+from kvmlockprof import cdefs, options
 from kvmlockprof.analysis import vcpus
 from kvmlockprof.options import knob
 from kvmlockprof.probe import TRACEPOINT, Probe, Section, Target
-from kvmlockprof.kernel import bpfload, bpfstats
+from kvmlockprof.kernel import bpfload, bpfstats, host
 from kvmlockprof.kernel.maps import read_counters, read_hash
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
 from kvmlockprof.recording.arrow import to_arrow
@@ -28,6 +29,10 @@ PROBE = Probe(
              Target("CONTENTION_END", ("lock:contention_end",), (TRACEPOINT,))),
     bpf="contention.bpf.c",
     header="contention.h",
+    # what its C reads of the kernel's structs (BTF; -1 where it lacks one)
+    fields={"TASK_STACK": ("task_struct", "stack"), "TASK_MM": ("task_struct", "mm"),
+            "MM_MMAP_LOCK": ("mm_struct", "mmap_lock"),
+            "TASK_CFS_RQ": ("task_struct", "se.cfs_rq"), "CFS_RQ_RQ": ("cfs_rq", "rq")},
     tables=("contention", "aggregates", "stacks", "vcpu_exits", "vcpu_exit_waits",
             "nested_waits"),
     columns={
@@ -55,6 +60,8 @@ PROBE = Probe(
                       vcpus.exit_reasons)),
 )
 COUNTERS = PROBE.counters           # enum contention_counter, bpf/contention.h
+# enum kvmlp_lock_kind, bpf/contention.h
+LOCK_KINDS = cdefs.labels("contention.h", "kvmlp_lock_kind", {"KVMLP_LOCK_MM": "mm"})
 
 # Its knobs' defaults (ContentionOptions)
 SAMPLE_EVERY = 1            # stream every wait as a sample
@@ -193,14 +200,13 @@ def _tgid(tid):
 
 class ContentionProbe:
     name = "contention"
-    waits = True            # the lock waits' source: a recording's counters, lock names
+    role = "waits"          # the lock waits' source: a recording's counters, lock names
 
-    def __init__(self, opts=ContentionOptions(), tgids=None, kfilter=None,
-                 task_stack_off=-1):
+    def __init__(self, opts=ContentionOptions(), tgids=None, kfilter=None, offsets=None):
         """opts: its ContentionOptions; tgids: the processes to follow (None: all);
         kfilter: the kernel-side filters (recording.filters.split's first part);
-        task_stack_off: task_struct.stack's offset (BTF), which tells an interrupt's
-        waits from its task's (-1: every wait taken as its task's)."""
+        offsets: {PROBE.fields' key: offset} (btf.defines; None: none known: every
+        wait taken as its task's, not an interrupt's, and no lock told by its waiter)."""
         kf = {k: v for k, v in (kfilter or {}).items() if v is not None}
         pages = opts.ringbuf_pages
         # what sizes a map or decides whether a map or program exists; the rest is
@@ -213,7 +219,8 @@ class ContentionProbe:
             KVMLP_FILTER_TID="tids" in kf, KVMLP_FILTER_ADDR="addrs" in kf,
             KVMLP_FILTER_TYPE="type_bits" in kf, KVMLP_FILTER_CGROUPS=len(kf.get("cgroups", ())),
             KVMLP_EXIT_TP=vcpu_exit_tracepoints()[0] if opts.vcpu_exits else 0,
-            KVMLP_OFF_TASK_STACK=task_stack_off)
+            KVMLP_NR_CPUS=host.possible_cpus())
+        self.defines.update({f"KVMLP_OFF_{k}": (offsets or {}).get(k, -1) for k in PROBE.fields})
         self.opts = opts
         self.bpf, self.pending = self._load(opts.pending)
         # its status in a recording's manifest
@@ -346,6 +353,33 @@ class ContentionProbe:
                          "stack_id": pa.array(cols[3], pa.int32()),
                          "began_ns": pa.array(began),
                          "age_ns": pa.array(now - began)})
+
+    def run_queues(self):
+        """{cpu: struct rq address} of the online CPUs this process may run on, found by
+        running on each (run_queue_of_cpu in the C); {} where the kernel's structs
+        do not lead there (no CONFIG_FAIR_GROUP_SCHED)."""
+        if min(self.defines["KVMLP_OFF_TASK_CFS_RQ"], self.defines["KVMLP_OFF_CFS_RQ_RQ"]) < 0:
+            return {}
+        cpus = os.sched_getaffinity(0)
+        self._arm(finder_tid=threading.get_native_id())
+        self.bpf.attach_raw_tracepoint(tp="sys_enter", fn_name="run_queue_of_cpu")
+        try:
+            for cpu in sorted(cpus):
+                os.sched_setaffinity(0, {cpu})
+                os.getppid()                        # a syscall on that CPU
+        finally:
+            os.sched_setaffinity(0, cpus)
+            self.bpf.detach_raw_tracepoint(tp="sys_enter")
+            self._arm(finder_tid=0)
+        rqs = self.bpf["run_queues"]
+        return {cpu: rqs[rqs.Key(cpu)].value for cpu in sorted(cpus)
+                if cpu < len(rqs) and rqs[rqs.Key(cpu)].value}
+
+    def lock_kinds(self):
+        """{lock address: (kind, id)} of the locks their waiters told (lock_kinds in
+        the C: "mm", tgid)."""
+        return {k.value: (LOCK_KINDS[v.kind], v.id) for k, v in self.bpf["lock_kinds"].items()
+                if v.kind in LOCK_KINDS}
 
     def counters(self):
         out = read_counters(self.bpf["counters"], COUNTERS)

@@ -112,7 +112,7 @@ RINGBUF_MB = 2
 
 class FunctionProbes:
     """Compile, attach, read and detach a set of function probes."""
-    waits = False           # not the lock waits' source (ContentionProbe.waits)
+    role = "functions"      # not the lock waits' source (ContentionProbe.role)
 
     def __init__(self, plans, kbtf, ringbuf_mb=RINGBUF_MB, attach=True):
         """plans: {probe: Plan}; each Probe.prepare gets its plan's options."""

@@ -2,13 +2,12 @@
 contention probe and one module holding every function probe this host can
 attach, with a status for every catalog probe (attached, or why not)."""
 import dataclasses
-import os
 
 from kvmlockprof import catalog, options
 from kvmlockprof.options import knob
-from kvmlockprof.kernel import bpfstats, btf, capabilities
+from kvmlockprof.kernel import bpfstats, btf, capabilities, host
 from kvmlockprof.kernel.bpfload import BpfUnavailable
-from kvmlockprof.probes.contention import ContentionOptions, ContentionProbe
+from kvmlockprof.probes.contention import PROBE, ContentionOptions, ContentionProbe
 from kvmlockprof.probes.functions import FunctionProbes
 
 
@@ -103,23 +102,12 @@ class SessionOptions:
                 if k["flags"] and getattr(o, f.name) != f.default]
 
 
-def possible_cpus():
-    """CPUs the kernel sizes per-CPU data for (/sys/devices/system/cpu/possible)."""
-    try:
-        with open("/sys/devices/system/cpu/possible") as f:
-            spans = f.read().strip().split(",")
-    except OSError:
-        return os.cpu_count()
-    return sum(int(b) - int(a) + 1 for a, _, b in
-               (sp.partition("-") if "-" in sp else (sp, "", sp) for sp in spans))
-
-
 def kernel_memory(sources):
     """What the maps of open sources pin, by the kernel's accounting (memlock):
     {"maps": {"source/map": bytes}, "total": bytes, "possible_cpus": n}."""
     maps = {f"{name}/{m}": b for name, src in sources.items()
             for m, b in bpfstats.map_memory(src.bpf).items()}
-    return {"maps": maps, "total": sum(maps.values()), "possible_cpus": possible_cpus()}
+    return {"maps": maps, "total": sum(maps.values()), "possible_cpus": host.possible_cpus()}
 
 
 # What the maps take, roughly (docs/scale.md); doctor prints it with the
@@ -168,8 +156,7 @@ def open_sources(session=SessionOptions(), tgids=None, kfilter=None, warn=None, 
     try:
         if requested is None or any(p.name == "contention" for p in requested):
             c = ContentionProbe(session.contention, tgids=tgids, kfilter=kfilter,
-                                task_stack_off=kbtf.offset("task_struct", "stack")
-                                if kbtf else -1)
+                                offsets=btf.defines(kbtf, PROBE.fields))
             sources["contention"] = c
             status["contention"] = {"status": "attached", "method": catalog.TRACEPOINT,
                                     "targets": sorted(c.attached), **c.options}

@@ -260,12 +260,53 @@ class LockNamer:
                 "layout": {k: {"container": c, "size": s} for k, (c, s) in self.layout.items()}}
 
 
+class KernelNamer:
+    """Locks inside the kernel's own objects, which the contention probe finds where
+    kallsyms cannot name them (per-CPU and allocated data):
+    - `rq(cpu N)->__lock`: each CPU's run queue, found once at the start by running
+      on that CPU (ContentionProbe.run_queues), its lock at its BTF offset;
+    - `mm(PID)->mmap_lock`: a waiter's own mm's lock, told by the waiter when its
+      aggregate is made (ContentionProbe.lock_kinds); an address a new process's mm
+      takes is named by its latest owner."""
+
+    def __init__(self, kbtf):
+        self.rq_field = next((f for f in ("__lock", "lock")
+                              if kbtf and kbtf.offset("rq", f) is not None), None)
+        self.rq_off = kbtf.offset("rq", self.rq_field) if self.rq_field else None
+        self.by_addr = {}       # lock address -> {"name", "how"}
+
+    def run_queues(self, rqs):
+        """{cpu: struct rq address}."""
+        if self.rq_off is None:
+            return
+        for cpu, rq in rqs.items():
+            self.by_addr[rq + self.rq_off] = {
+                "name": f"rq(cpu {cpu})->{self.rq_field}",
+                "how": f"CPU {cpu}'s run queue (struct rq, found from a task running there: "
+                       f"se.cfs_rq->rq); {self.rq_field} at +{self.rq_off} from BTF"}
+
+    def lock_kinds(self, kinds):
+        """{lock address: (kind, id)} the waiters told."""
+        for addr, (kind, ident) in kinds.items():
+            if kind == "mm":
+                self.by_addr[addr] = {"name": f"mm({ident})->mmap_lock",
+                                      "how": "the waiter's own mm_struct's mmap_lock "
+                                             "(task->mm, BTF offsets)"}
+
+    def names(self, addrs):
+        """{hex address: {"name", "how"}} of these addresses this can name."""
+        return {f"{int(a):#x}": self.by_addr[int(a)] for a in addrs if int(a) in self.by_addr}
+
+
 class SessionNames:
     """Names of a live session's lock addresses (`record` and `top`): kallsyms data
-    symbols for static locks, LockNamer's for locks inside KVM objects."""
+    symbols for static locks, LockNamer's for locks inside KVM objects, KernelNamer's
+    for run queues and mm locks."""
 
     def __init__(self, ksyms, kbtf):
         self.ksyms = ksyms
+        self.kernel_namer = KernelNamer(kbtf)
+        self.kernel = {}         # hex address -> {"name", "how"}: KernelNamer's
         self.namer = LockNamer(kbtf) if kbtf else None
         self.registry = self.namer.registry if self.namer else Registry()
         self.callers = {}        # contention stack id -> caller frame
@@ -297,6 +338,7 @@ class SessionNames:
         if aggs is None or aggs.empty:
             return
         addrs = np.unique(aggs["lock_addr"].to_numpy())
+        self.kernel = self.kernel_namer.names(addrs.tolist())
         fresh = [a for a in addrs.tolist() if f"{a:#x}" not in self.symbols]
         for a, n in zip(fresh, self.ksyms.data_symbols(fresh)):
             self.symbols[f"{a:#x}"] = n
@@ -312,10 +354,10 @@ class SessionNames:
     def display(self):
         """{hex address: name} for every address with a name."""
         out = {a: n for a, n in self.symbols.items() if n}
-        out.update({a: v["name"] for a, v in {**self.more, **self.kvm}.items()})
+        out.update({a: v["name"] for a, v in {**self.kernel, **self.more, **self.kvm}.items()})
         return out
 
     def manifest(self):
         return {"lock_symbols": {a: n for a, n in self.symbols.items() if n},
-                "lock_names": {**self.more, **self.kvm},
+                "lock_names": {**self.kernel, **self.more, **self.kvm},
                 "kvm_objects": self.namer.manifest() if self.namer else None}

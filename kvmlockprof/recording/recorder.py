@@ -155,6 +155,8 @@ class Recorder:
             self.manifest["start"] = datetime.datetime.now().astimezone().isoformat()
             self.ksyms = Kallsyms()
             self.names = SessionNames(self.ksyms, self.kbtf)
+            if c:
+                self.names.kernel_namer.run_queues(c.run_queues())
             self.kbtf = None            # the names keep their own small tables
             bpfload.release_memory()
             self.writer = Writer(self.out)
@@ -329,7 +331,7 @@ class Recorder:
             events = {t: np.concatenate(self.pending.pop(t)) if t in self.pending else
                       np.empty(0, dt) for t, dt in dtypes.items()}
             snaps = src.snapshots()
-            if final and src.waits and self.in_progress is not None:
+            if final and src.role == "waits" and self.in_progress is not None:
                 snaps["in_progress"] = self.in_progress
             for table, arr in events.items():
                 self.writer.append(table, to_arrow(arr))
@@ -337,14 +339,14 @@ class Recorder:
             if new:
                 stacks = stacks_table(src, name, new, self.ksyms)
                 self.writer.append("stacks", stacks)
-                if src.waits:
+                if src.role == "waits":
                     self.names.add_stacks(stacks)
             for table, snap in snaps.items():
                 if table not in REGISTRY_TABLES:        # those: as lifetimes, below
                     self.snapshots.put(table, snap, time.monotonic(), final)
             self._learn_processes(events, snaps)
             self.lock_addrs |= _lock_addresses({**events, **snaps})
-            if src.waits:
+            if src.role == "waits":
                 counters = src.counters()
                 contention_aggs = snaps["aggregates"]
             else:
@@ -368,6 +370,8 @@ class Recorder:
             # owners: nothing new to name (a third of a flush's CPU).
             seen = (contention_aggs.num_rows, self.names.registry.version)
             if seen != self.named_for:
+                # (a lock is told when its aggregate row is made: none without a new row)
+                self.names.kernel_namer.lock_kinds(self._waits().lock_kinds())
                 self.names.update(contention_aggs.select(NAMING_COLUMNS).to_pandas())
                 self.manifest.update(self.names.manifest())
                 self.named_for = seen
@@ -378,8 +382,8 @@ class Recorder:
         self.manifest.update(
             counters=counters, losses={k: counters[k] for k in LOSSES if k in counters},
             probe_counters=probe_counters,
-            samples=sum(self.writer.rows.get(t, 0) for s in self.sources.values() if s.waits
-                        for t in s.event_dtypes()),
+            samples=sum(self.writer.rows.get(t, 0) for t in
+                        (self._waits().event_dtypes() if self._waits() else ())),
             end_monotonic_ns=now_ns,
             duration_s=(now_ns - self.manifest["start_monotonic_ns"]) / 1e9,
             end=datetime.datetime.now().astimezone().isoformat(), interrupted=not final)
@@ -390,7 +394,7 @@ class Recorder:
     def _waits(self):
         """The source of the lock waits (the contention probe's: `waits`), or None: its
         counters are the manifest's, its aggregates and stacks name the locks."""
-        return next((s for s in self.sources.values() if s.waits), None)
+        return next((s for s in self.sources.values() if s.role == "waits"), None)
 
     def _threads(self):
         """Thread ids of the processes recorded (every thread of the host when

@@ -68,6 +68,9 @@ class LiveView:
         self.ksyms = Kallsyms()
         self.stacks, self.seen_stacks = [], set()
         self.names = SessionNames(self.ksyms, kbtf)
+        waits = next((s for s in sources.values() if s.role == "waits"), None)
+        if waits:
+            self.names.kernel_namer.run_queues(waits.run_queues())
         self.procs = {}
         self.prev_aggs, self.prev_counters = None, {}
         self.vcpu_now, self.vcpu_prev = {}, {}       # --vcpu-exits' tables
@@ -90,6 +93,7 @@ class LiveView:
             self.stacks.append(stacks_table(src, "contention", new, self.ksyms).to_pandas())
             self.names.add_stacks(self.stacks[-1])
         df = aggs.to_pandas()
+        self.names.kernel_namer.lock_kinds(src.lock_kinds())
         self.names.update(df, **{t: fsnaps.get(t) for t in REGISTRY_TABLES})
         processes.learn(self.procs, np.unique(aggs.column("tgid").to_numpy()).tolist())
         return df
