@@ -611,18 +611,31 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
  * skews every per-caller number (callers come from walked waits). The rest of
  * the handlers falls inside every wait alike (the resolution floor, measured:
  * manifest handler_ns). An outside clock (perf, ftrace) sees the walk inside. */
-/* A lock the waiter can tell (lock_kinds): its own mm's mmap_lock. */
-static __always_inline void tell_kind(u64 lock, u32 tgid)
+/* A lock the waiter can tell (lock_kinds): its own mm's mmap_lock, or a lock on its
+ * own kernel stack (a completion's, a wait queue's: the frame holding it is its
+ * caller's). */
+static __always_inline void tell_kind(u64 lock, u64 id)
 {
+	u64 task = bpf_get_current_task();
+	struct kvmlp_lock_kind_val v = {};
 #if KVMLP_OFF_TASK_MM >= 0 && KVMLP_OFF_MM_MMAP_LOCK >= 0
 	u64 mm = 0;
-	bpf_probe_read_kernel(&mm, sizeof(mm),
-			      (void *)(bpf_get_current_task() + KVMLP_OFF_TASK_MM));
+	bpf_probe_read_kernel(&mm, sizeof(mm), (void *)(task + KVMLP_OFF_TASK_MM));
 	if (mm && lock == mm + KVMLP_OFF_MM_MMAP_LOCK) {
-		struct kvmlp_lock_kind_val v = {.kind = KVMLP_LOCK_MM, .id = tgid};
-		lock_kinds.update(&lock, &v);
+		v.kind = KVMLP_LOCK_MM;
+		v.id = id >> 32;
 	}
 #endif
+#if KVMLP_OFF_TASK_STACK >= 0
+	u64 stack = 0;
+	bpf_probe_read_kernel(&stack, sizeof(stack), (void *)(task + KVMLP_OFF_TASK_STACK));
+	if (!v.kind && stack && lock - stack < KVMLP_THREAD_SIZE) {
+		v.kind = KVMLP_LOCK_STACK;
+		v.id = (u32)id;
+	}
+#endif
+	if (v.kind)
+		lock_kinds.update(&lock, &v);
 }
 
 /* Attached to sys_enter only while user space finds the run queues (run_queues()):
@@ -715,7 +728,7 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 		struct kvmlp_agg_val *zero = agg_zero.lookup(&zero_idx);
 		a = zero ? agg.lookup_or_try_init(&ak, zero) : NULL;
 		if (!irq)
-			tell_kind(lock, tgid);
+			tell_kind(lock, id);
 	}
 	if (a) {
 		kvmlp_add(&a->count, 1);

@@ -98,6 +98,7 @@ struct kvmlp_nested_val {
  * aggregate key, when it is made, never per wait. */
 enum kvmlp_lock_kind {
 	KVMLP_LOCK_MM = 1,          /* the waiter's own mm->mmap_lock; id: its tgid */
+	KVMLP_LOCK_STACK,           /* on the waiter's own kernel stack; id: its tid */
 };
 
 struct kvmlp_lock_kind_val {

@@ -37,10 +37,16 @@ def type_matches(patterns, typ):
 _PID = re.compile(r"^kvm\(\d+\)->(vcpu\d+->)?")
 
 
+# the other names with an instance in them (recording.locknames.KernelNamer)
+_INSTANCE = re.compile(r"^(rq|mm)\((cpu )?\d+\)->")
+
+
 def lock_class(name):
-    """A KVM lock's class, its place in any VM: `kvm(1234)->vcpu0->mutex` ->
-    `vcpu->mutex`; `kvm(1234)->slots_lock` -> `kvm->slots_lock`."""
-    return _PID.sub(lambda m: "vcpu->" if m.group(1) else "kvm->", name)
+    """A lock's class, its place in any VM, CPU or process: `kvm(1234)->vcpu0->mutex`
+    -> `vcpu->mutex`; `kvm(1234)->slots_lock` -> `kvm->slots_lock`; `rq(cpu 3)->__lock`
+    -> `rq->__lock`; `mm(1234)->mmap_lock` -> `mm->mmap_lock`."""
+    name = _PID.sub(lambda m: "vcpu->" if m.group(1) else "kvm->", name)
+    return _INSTANCE.sub(lambda m: f"{m.group(1)}->", name)
 
 
 def lock_matches(patterns, addr, name):

@@ -61,7 +61,8 @@ PROBE = Probe(
 )
 COUNTERS = PROBE.counters           # enum contention_counter, bpf/contention.h
 # enum kvmlp_lock_kind, bpf/contention.h
-LOCK_KINDS = cdefs.labels("contention.h", "kvmlp_lock_kind", {"KVMLP_LOCK_MM": "mm"})
+LOCK_KINDS = cdefs.labels("contention.h", "kvmlp_lock_kind", {"KVMLP_LOCK_MM": "mm",
+                                                              "KVMLP_LOCK_STACK": "stack"})
 
 # Its knobs' defaults (ContentionOptions)
 SAMPLE_EVERY = 1            # stream every wait as a sample
@@ -377,7 +378,7 @@ class ContentionProbe:
 
     def lock_kinds(self):
         """{lock address: (kind, id)} of the locks their waiters told (lock_kinds in
-        the C: "mm", tgid)."""
+        the C: ("mm", tgid), ("stack", tid))."""
         return {k.value: (LOCK_KINDS[v.kind], v.id) for k, v in self.bpf["lock_kinds"].items()
                 if v.kind in LOCK_KINDS}
 

@@ -260,25 +260,64 @@ class LockNamer:
                 "layout": {k: {"container": c, "size": s} for k, (c, s) in self.layout.items()}}
 
 
+# Locks a caller tells by itself: functions of the core kernel that, at every lock call
+# of theirs that is not a run queue's (named by address, first), take one kind of lock.
+# A class, not an instance: which bucket, zone or queue stays unsaid. (function regex,
+# name); checked in the lab against kallsyms' names of the static ones.
+CALLER_CLASSES = [(re.compile(r), n) for r, n in (
+    (r"futex_(wake|wake_op|q_lock|requeue|unqueue|wait_setup|wait_multiple_setup|"
+     r"do_wait|lock_pi|unlock_pi)$", "futex_hash_bucket->lock"),
+    (r"(free_pcppages_bulk|rmqueue_bulk|rmqueue_buddy|free_one_page)$", "zone->lock"),
+    (r"folio_lruvec_(re)?lock(_irq|_irqsave)?$", "lruvec->lru_lock"),
+    (r"(__)?pte_offset_map(_rw_nolock|_ro_nolock)?_lock$", "page table lock (ptl)"),
+    (r"try_to_wake_up$", "task->pi_lock"),
+    (r"(alloc_vmap_area|free_vmap_area_noflush|purge_vmap_node|__purge_vmap_area_lazy|"
+     r"find_unlink_vmap_area|find_vmap_area)$", "vmap_area lock"),
+    (r"(__wake_up_common_lock|__wake_up|prepare_to_wait(_event|_exclusive)?|finish_wait|"
+     r"(add|remove)_wait_queue(_exclusive)?)$", "wait_queue_head->lock"),
+    (r"(swake_up_(one|all|locked)|prepare_to_swait_(event|exclusive)|finish_swait)$",
+     "swait_queue_head->lock"),
+    (r"(__queue_work|worker_thread|process_one_work|try_to_grab_pending|"
+     r"__flush_work|pwq_dec_nr_in_flight)$", "worker_pool->lock"),
+    (r"(srcu_gp_start_if_needed|srcu_funnel_gp_start|srcu_gp_end|srcu_gp_start|"
+     r"process_srcu|srcu_invoke_callbacks|srcu_advance_state|srcu_reschedule)$",
+     "srcu_struct/srcu_data lock"),
+    (r"(rcu_report_qs_rnp|rcu_report_qs_rdp|note_gp_changes|rcu_gp_init|rcu_gp_cleanup|"
+     r"rcu_accelerate_cbs_unlocked|rcu_gp_fqs_loop|force_qs_rnp|rcu_start_this_gp)$",
+     "rcu_node->lock"))]
+
+
+def _function(frame):
+    """`name+0x1c/0x40 [module]` -> name."""
+    return frame.split("+")[0].split()[0] if frame else ""
+
+
 class KernelNamer:
-    """Locks inside the kernel's own objects, which the contention probe finds where
-    kallsyms cannot name them (per-CPU and allocated data):
+    """Locks inside the kernel's own objects, which kallsyms cannot name (per-CPU,
+    allocated and on-stack data), by the rule that tells each, in this order:
     - `rq(cpu N)->__lock`: each CPU's run queue, found once at the start by running
       on that CPU (ContentionProbe.run_queues), its lock at its BTF offset;
     - `mm(PID)->mmap_lock`: a waiter's own mm's lock, told by the waiter when its
       aggregate is made (ContentionProbe.lock_kinds); an address a new process's mm
-      takes is named by its latest owner."""
+      takes is named by its latest owner;
+    - `on-stack(FUNCTION)`: on the waiter's own kernel stack (told the same way),
+      named by its waits' caller;
+    - a class by the lock's callers (CALLER_CLASSES), when all its walked callers
+      agree: `futex_hash_bucket->lock`, `zone->lock`, ..."""
 
     def __init__(self, kbtf):
         self.rq_field = next((f for f in ("__lock", "lock")
                               if kbtf and kbtf.offset("rq", f) is not None), None)
         self.rq_off = kbtf.offset("rq", self.rq_field) if self.rq_field else None
-        self.by_addr = {}       # lock address -> {"name", "how"}
+        self.by_addr = {}       # lock address -> {"name", "how"}: rq and mm
+        self.told = {}          # lock address -> (kind, id): the waiters'
+        self.rqs = 0            # run queues found
 
     def run_queues(self, rqs):
         """{cpu: struct rq address}."""
         if self.rq_off is None:
             return
+        self.rqs += len(rqs)
         for cpu, rq in rqs.items():
             self.by_addr[rq + self.rq_off] = {
                 "name": f"rq(cpu {cpu})->{self.rq_field}",
@@ -292,10 +331,33 @@ class KernelNamer:
                 self.by_addr[addr] = {"name": f"mm({ident})->mmap_lock",
                                       "how": "the waiter's own mm_struct's mmap_lock "
                                              "(task->mm, BTF offsets)"}
+            else:
+                self.by_addr.pop(addr, None)        # (a freed mm's address, reused)
+                self.told[addr] = (kind, ident)
 
-    def names(self, addrs):
-        """{hex address: {"name", "how"}} of these addresses this can name."""
-        return {f"{int(a):#x}": self.by_addr[int(a)] for a in addrs if int(a) in self.by_addr}
+    def names(self, addrs, callers=None):
+        """{hex address: {"name", "how"}} of these addresses this can name; callers:
+        {address: [the functions its walked waits were called from]}."""
+        out = {}
+        for a in map(int, addrs):
+            if a in self.by_addr:
+                out[f"{a:#x}"] = self.by_addr[a]
+                continue
+            fns = sorted({_function(c) for c in (callers or {}).get(a, ())} - {""})
+            kind, ident = self.told.get(a, (None, None))
+            if kind == "stack" and fns:
+                out[f"{a:#x}"] = {"name": f"on-stack({fns[0]})",
+                                  "how": f"on the kernel stack of its waiter (tid {ident}), "
+                                         f"in the frame of {fns[0]} or a caller of it"}
+                continue
+            classes = {next((n for r, n in CALLER_CLASSES if r.match(f)), None) for f in fns}
+            if classes == {"task->pi_lock"} and not self.rqs:
+                continue            # (try_to_wake_up's other lock: a run queue's, unnamed)
+            if len(classes) == 1 and None not in classes:
+                out[f"{a:#x}"] = {"name": classes.pop(),
+                                  "how": f"by its callers ({', '.join(fns)}): the one kind "
+                                         "of lock they take"}
+        return out
 
 
 class SessionNames:
@@ -338,10 +400,16 @@ class SessionNames:
         if aggs is None or aggs.empty:
             return
         addrs = np.unique(aggs["lock_addr"].to_numpy())
-        self.kernel = self.kernel_namer.names(addrs.tolist())
         fresh = [a for a in addrs.tolist() if f"{a:#x}" not in self.symbols]
         for a, n in zip(fresh, self.ksyms.data_symbols(fresh)):
             self.symbols[f"{a:#x}"] = n
+        callers = {}
+        for a, sid in zip(aggs["lock_addr"].tolist(), aggs["stack_id"].tolist()):
+            if int(sid) in self.callers:
+                callers.setdefault(int(a), set()).add(self.callers[int(sid)])
+        # a data symbol (kallsyms) names a static lock better than any rule here
+        self.kernel = self.kernel_namer.names(
+            [a for a in addrs.tolist() if not self.symbols.get(f"{a:#x}")], callers)
         if self.namer:
             self.namer.infer(aggs, self.callers)
             self.kvm = self.namer.names(addrs)

@@ -1,0 +1,90 @@
+"""Kernel locks named beyond kallsyms (KernelNamer), checked against what the kernel
+says elsewhere: the run queues against BTF's per-CPU data section (bpftool's view of
+`runqueues`), the mmap locks against the kernel stacks of their waits."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+import kvmlockprof
+from conftest import ROOT, klp
+from kvmlockprof.locktypes import LCB_F_SPIN
+
+# The mm code's callers of down_read/down_write on mmap_lock (x86 and arm64 alike): the
+# syscalls that change a process's mappings, its page faults, exit and remote access
+MMAP_LOCK_PATHS = re.compile(r"^(__vm_munmap|vm_mmap_pgoff|lock_mm_and_find_vma|"
+                             r"do_user_addr_fault|do_page_fault|mmap_(read|write)_lock|"
+                             r"__do_sys_brk|do_vmi_munmap|do_mprotect_pkey|do_madvise|"
+                             r"madvise_lock|__do_sys_mremap|do_mlock|__do_sys_mlockall|"
+                             r"__do_sys_munlock|exit_mmap|__access_remote_vm|"
+                             r"get_user_pages|__get_user_pages)\w*\+")
+RWSEM_ENTRY = re.compile(r"^(down_read|down_write)(_killable)?\+")
+
+
+@pytest.fixture(scope="module")
+def storm(live, tmp_path_factory):
+    """Four threads of one process mapping and unmapping (tests/mmap_storm.py), every
+    wait's stack walked."""
+    out = tmp_path_factory.mktemp("names") / "storm.parquet"
+    klp("record", "-q", "--duration", 8, "--stack-budget", 0, "-o", out, "--",
+        sys.executable, f"{ROOT}/tests/mmap_storm.py", 6, 4, timeout=120)
+    return kvmlockprof.load(out)
+
+
+def _runqueues_offset():
+    """`runqueues`' offset in the per-CPU section, from BTF (bpftool)."""
+    dump = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"],
+                          capture_output=True, text=True, check=True).stdout
+    m = re.search(r"offset=(\d+) size=\d+ \(VAR 'runqueues'\)", dump)
+    assert m, "no runqueues in the kernel's per-CPU data section (BTF)"
+    return int(m.group(1))
+
+
+def test_run_queue_locks_are_each_cpus_runqueues(storm):
+    """Every rq(cpu N) address, less rq.__lock's offset, is a per-CPU copy of
+    `runqueues`: at BTF's offset of it from a page-aligned per-CPU base, one base per
+    CPU. Found by running on each CPU (se.cfs_rq->rq), this checks against the
+    kernel's own layout."""
+    from kvmlockprof.kernel import btf
+    kb = btf.Btf()
+    off = kb.offset("rq", "__lock")
+    if off is None:
+        off = kb.offset("rq", "lock")
+    rqs = {int(a, 16): v["name"] for a, v in storm.manifest["lock_names"].items()
+           if v["name"].startswith("rq(")}
+    assert rqs, "no run-queue lock contended while the storm ran"
+    runqueues = _runqueues_offset()
+    bases = {}
+    for addr, name in rqs.items():
+        cpu = int(re.match(r"rq\(cpu (\d+)\)", name).group(1))
+        base = addr - off - runqueues
+        assert base % 4096 == 0, (name, hex(addr), hex(runqueues))
+        bases[cpu] = base
+    assert len(set(bases.values())) == len(bases), bases
+
+
+def test_mmap_lock_named_with_its_process(storm):
+    """The storm's contended rwsem is its own mm's mmap_lock: named mm(PID) with the
+    storm's pid, and the kernel stacks of the waits on it all pass the mm code's
+    mmap_lock paths; every other rwsem wait of the storm on such a path is on it."""
+    pid = storm.manifest["pid_filter"][0]
+    names = {int(a, 16): v["name"] for a, v in storm.manifest["lock_names"].items()}
+    mm = [a for a, n in names.items() if n == f"mm({pid})->mmap_lock"]
+    assert len(mm) == 1, names
+    frames = {int(s): list(f) for s, f in zip(storm.table("stacks")["stack_id"],
+                                              storm.table("stacks")["frames"])}
+    c = storm.table("contention")
+    on_path = on_lock = 0
+    for addr, sid, tgid, flags in zip(c["lock_addr"], c["stack_id"], c["tgid"], c["flags"]):
+        f = frames.get(int(sid))
+        if f is None or int(flags) & LCB_F_SPIN:      # (a spinlock inside an rwsem's wait)
+            continue
+        rwsem = [i for i, x in enumerate(f) if RWSEM_ENTRY.match(x)]
+        path = bool(rwsem) and bool(MMAP_LOCK_PATHS.match(f[rwsem[0] + 1]))
+        if int(addr) == mm[0]:
+            on_lock += 1
+            assert path and int(tgid) == pid, f
+        elif path and int(tgid) == pid:
+            on_path += 1
+    assert on_lock > 50 and on_path == 0, (on_lock, on_path)
