@@ -17,6 +17,8 @@
  *   KVMLP_OFF_TASK_CFS_RQ, KVMLP_OFF_CFS_RQ_RQ: task_struct.se.cfs_rq, cfs_rq.rq
  *                     (CONFIG_FAIR_GROUP_SCHED; -1: run queues stay unnamed)
  *   KVMLP_NR_CPUS     possible CPUs (run_queues)
+ *   KVMLP_OWNERS      1: --lock-owner (lock_owners; KVMLP_OFF_MUTEX_OWNER, _RWSEM_OWNER,
+ *                     _TASK_PID from BTF)
  * Defines only size maps or decide whether a map or program exists; the values
  * (the sampling, the stack walks' rate and budget) are set at load and read at run
  * time from `armed`: one program serves every setting.
@@ -42,6 +44,7 @@ struct pending_slots {
 	s32 stack_id[KVMLP_NEST];
 	u32 epoch[KVMLP_NEST];    /* armed.epoch at its begin */
 	u32 nested[KVMLP_NEST];   /* begun inside another wait of the task */
+	u32 owner[KVMLP_NEST];    /* --lock-owner: the tid holding it at the begin (0: unknown) */
 };
 BPF_TASK_STORAGE(pending, struct pending_slots);
 /* An interrupt's waits, per CPU: in the task's slots, an interrupt waiting on the
@@ -60,7 +63,7 @@ struct pending_val {
 	u32 flags;
 	s32 stack_id;
 	u32 epoch;
-	u32 pad;
+	u32 owner;              /* as pending_slots' */
 };
 
 /* LRU: waits left from an earlier attach age out rather than fill it. */
@@ -144,6 +147,12 @@ BPF_ARRAY(armed, struct kvmlp_arm, 1);
  * preallocated: only what is found takes memory. */
 BPF_F_TABLE("hash", u64, struct kvmlp_lock_kind_val, lock_kinds, KVMLP_AGG_ENTRIES,
 	    BPF_F_NO_PREALLOC);
+#if KVMLP_OWNERS
+/* --lock-owner: per sleeping lock and the task that held it as a wait began, the
+ * waits it caused and their time. */
+BPF_F_TABLE("hash", struct kvmlp_owner_key, struct kvmlp_owner_val, lock_owners,
+	    KVMLP_AGG_ENTRIES, BPF_F_NO_PREALLOC);
+#endif
 /* Each CPU's run queue (struct rq *), by CPU: filled by run_queue_of_cpu(). */
 BPF_ARRAY(run_queues, u64, KVMLP_NR_CPUS);
 /* A zeroed value to create aggregates from: too big for the 512-byte stack. */
@@ -267,6 +276,34 @@ static __always_inline s32 first_stack(void *ctx, struct kvmlp_agg_key *ak)
 	return get_stack(ctx);
 }
 
+/* --lock-owner: the thread holding a mutex, or a write-held rwsem, as a wait on it
+ * begins (its owner word, less the flag bits; a reader-held rwsem has no owner to
+ * tell: 0). Spin and rw locks keep no owner. */
+static __always_inline u32 owner_of(u64 lock, u32 flags)
+{
+#if KVMLP_OWNERS
+	long off = -1;
+	if (flags & KVMLP_LCB_F_MUTEX)
+		off = KVMLP_OFF_MUTEX_OWNER;
+	else if (!(flags & (KVMLP_LCB_F_SPIN | KVMLP_LCB_F_RT | KVMLP_LCB_F_PERCPU)) &&
+		 (flags & (KVMLP_LCB_F_READ | KVMLP_LCB_F_WRITE)))
+		off = KVMLP_OFF_RWSEM_OWNER;
+	if (off < 0 || KVMLP_OFF_TASK_PID < 0)
+		return 0;
+	u64 word = 0;
+	bpf_probe_read_kernel(&word, sizeof(word), (void *)(lock + off));
+	if (!(flags & KVMLP_LCB_F_MUTEX) && (word & 1))
+		return 0;               /* RWSEM_READER_OWNED */
+	u64 task = word & ~7ULL;
+	u32 pid = 0;
+	if (task)
+		bpf_probe_read_kernel(&pid, sizeof(pid), (void *)(task + KVMLP_OFF_TASK_PID));
+	return pid;
+#else
+	return 0;
+#endif
+}
+
 /* Whether a begin on a lock this task has a wait on (of this epoch) continues
  * that wait. Only a mutex begins more than once a wait: spinning (MUTEX|SPIN),
  * going to sleep (MUTEX), and again both each time it wakes first in line and
@@ -350,13 +387,14 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 	p->flags[slot] = flags;
 	p->epoch[slot] = epoch;
 	p->nested[slot] = nested;
+	p->owner[slot] = owner_of(lock, flags);
 	p->lock[slot] = lock;
 }
 
 /* The wait on `lock` that ends now: 1 and its start, flags, stack and whether it
  * was nested, or 0. */
 static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
-				    s32 *stack_id, u32 *nested, int irq)
+				    s32 *stack_id, u32 *nested, u32 *owner, int irq)
 {
 	struct pending_slots *p = slots_of(irq, 0);
 	if (!p)
@@ -371,6 +409,7 @@ static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
 			*flags = p->flags[i];
 			*stack_id = p->stack_id[i];
 			*nested = p->nested[i];
+			*owner = p->owner[i];
 			return 1;
 		}
 	}
@@ -405,12 +444,13 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 	v.ts_ns = v.stack_id != KVMLP_NO_STACK ? bpf_ktime_get_ns() : now;   /* as above */
 	v.flags = flags;
 	v.epoch = epoch;
+	v.owner = owner_of(lock, flags);
 	if (pending.update(&k, &v))
 		count(KVMLP_C_LOST_PENDING_FULL);
 }
 
 static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
-				    s32 *stack_id, u32 *nested, int irq)
+				    s32 *stack_id, u32 *nested, u32 *owner, int irq)
 {
 	*nested = 0;
 	struct pending_key k = key_of(lock, irq);
@@ -424,6 +464,7 @@ static __always_inline int end_wait(u64 lock, u32 epoch, u64 *ts_ns, u32 *flags,
 	*ts_ns = p->ts_ns;
 	*flags = p->flags;
 	*stack_id = p->stack_id;
+	*owner = p->owner;
 	pending.delete(&k);
 	return 1;
 }
@@ -691,12 +732,13 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	count(KVMLP_C_END);
 #endif
 	u64 start = 0;
-	u32 flags = 0, nested = 0;
+	u32 flags = 0, nested = 0, owner = 0;
 	s32 stack_id = KVMLP_NO_STACK;
 	int zero_idx = 0;
 	int irq = kvmlp_on_irq_stack(KVMLP_OFF_TASK_STACK);
 	struct kvmlp_arm *arm = armed.lookup(&zero_idx);
-	if (!arm || !end_wait(lock, arm->epoch, &start, &flags, &stack_id, &nested, irq)) {
+	if (!arm || !end_wait(lock, arm->epoch, &start, &flags, &stack_id, &nested, &owner,
+				 irq)) {
 #if !KVMLP_FILTER_TYPE  /* (with -Y: most likely the end of a type it dropped) */
 		count(KVMLP_C_END_WITHOUT_BEGIN);
 #endif
@@ -755,6 +797,18 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 			count(KVMLP_C_LOST_AGG_FULL);
 		}
 	}
+#if KVMLP_OWNERS
+	if (owner) {
+		struct kvmlp_owner_key ok = {.lock_addr = lock, .owner = owner};
+		struct kvmlp_owner_val oz = {}, *ov = lock_owners.lookup_or_try_init(&ok, &oz);
+		if (ov) {
+			kvmlp_add(&ov->count, 1);
+			kvmlp_add(&ov->total_ns, wait);
+		} else {
+			count(KVMLP_C_LOST_AGG_FULL);
+		}
+	}
+#endif
 #if KVMLP_VCPU_EXITS
 	if (!nested && !irq)    /* a vCPU's own outermost waits: shares never double count */
 		vcpu_wait(id, lock, flags, start, wait);

@@ -94,6 +94,18 @@ struct kvmlp_nested_val {
 	u64 total_ns;
 };
 
+/* --lock-owner: a sleeping lock and the thread that held it as a wait began. */
+struct kvmlp_owner_key {
+	u64 lock_addr;
+	u32 owner;              /* its tid */
+	u32 pad;
+};
+
+struct kvmlp_owner_val {
+	u64 count;
+	u64 total_ns;
+};
+
 /* What a lock is, where the waiter itself tells (lock_kinds): looked at once per
  * aggregate key, when it is made, never per wait. */
 enum kvmlp_lock_kind {

@@ -88,3 +88,24 @@ def test_mmap_lock_named_with_its_process(storm):
         elif path and int(tgid) == pid:
             on_path += 1
     assert on_lock > 50 and on_path == 0, (on_lock, on_path)
+
+
+def test_lock_owners_are_the_threads_that_take_the_lock(live, tmp_path):
+    """--lock-owner on the churn workload: only its churn threads change memslots, so
+    only they ever hold kvm->slots_lock (the truth the workload sets); every owner the
+    recording names for it is one of them, and nearly every wait has one (a mutex
+    released just before the waiter's begin has none)."""
+    from conftest import workload_argv
+    out = tmp_path / "owners.parquet"
+    klp("record", "-q", "--lock-owner", "-o", out, "--",
+        *workload_argv("--duration", 4, "--vcpus", 2, "--churn", "--churn-threads", 2),
+        timeout=120)
+    rec = kvmlockprof.load(out)
+    pid = rec.manifest["pid_filter"][0]
+    from kvmlockprof.analysis import owners
+    df = owners.lock_owners(rec)
+    slots = df[df["lock"] == f"kvm({pid})->slots_lock"]
+    assert len(slots) >= 1, df
+    assert slots["owner"].str.match(r"kvmlp-churn\d \(\d+\)$").all(), slots
+    assert (slots["vm"] != "?").all(), slots          # the owners' process is known
+    assert slots["share"].sum() > 0.95, slots

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from kvmlockprof import cdefs, options
-from kvmlockprof.analysis import vcpus
+from kvmlockprof.analysis import owners, vcpus
 from kvmlockprof.options import knob
 from kvmlockprof.probe import TRACEPOINT, Probe, Section, Target
 from kvmlockprof.kernel import bpfload, bpfstats, host
@@ -32,9 +32,11 @@ PROBE = Probe(
     # what its C reads of the kernel's structs (BTF; -1 where it lacks one)
     fields={"TASK_STACK": ("task_struct", "stack"), "TASK_MM": ("task_struct", "mm"),
             "MM_MMAP_LOCK": ("mm_struct", "mmap_lock"),
-            "TASK_CFS_RQ": ("task_struct", "se.cfs_rq"), "CFS_RQ_RQ": ("cfs_rq", "rq")},
+            "TASK_CFS_RQ": ("task_struct", "se.cfs_rq"), "CFS_RQ_RQ": ("cfs_rq", "rq"),
+            "TASK_PID": ("task_struct", "pid"), "MUTEX_OWNER": ("mutex", "owner"),
+            "RWSEM_OWNER": ("rw_semaphore", "owner")},
     tables=("contention", "aggregates", "stacks", "vcpu_exits", "vcpu_exit_waits",
-            "nested_waits"),
+            "nested_waits", "lock_owners"),
     columns={
         "contention": {"ts_ns": "n", "wait_ns": "n", "lock_addr": "n", "tid": "n",
                        "tgid": "n", "flags": "n", "stack_id": "n", "comm": "s"},
@@ -49,10 +51,15 @@ PROBE = Probe(
         "vcpu_exits": {"tgid": "n", "tid": "n", "basis": "n", "isa": "n", "reason": "n",
                        "vcpu_id": "n", "count": "n", "time_ns": "n", "wait_ns": "n",
                        "waits": "n", "comm": "s"},
+        "lock_owners": {"lock_addr": "n", "owner": "n", "count": "n", "total_ns": "n",
+                        "owner_tgid": "n", "owner_comm": "s"},
         "vcpu_exit_waits": {"lock_addr": "n", "tgid": "n", "tid": "n", "basis": "n",
                             "isa": "n", "reason": "n", "flags": "n", "count": "n",
                             "wait_ns": "n"}},
-    sections=(Section("vcpu_impact", "Per-vCPU impact: each vCPU's time in the host and "
+    sections=(Section("lock_owners", "Who held the sleeping locks: per mutex or rwsem and "
+                      "the thread holding it as each wait began, the waits and their "
+                      "share of the lock's wait time (--lock-owner)", owners.lock_owners),
+              Section("vcpu_impact", "Per-vCPU impact: each vCPU's time in the host and "
                       "the share of it spent waiting (--vcpu-exits)", vcpus.vcpu_impact),
               Section("vcpu_locks", "Per-vCPU impact by lock: the share of each vCPU's "
                       "time in the host spent waiting on each lock", vcpus.vcpu_lock_share),
@@ -106,6 +113,11 @@ class ContentionOptions:
                                  "its exits' handling (kvm:kvm_exit to kvm_entry, where "
                                  "the kernel fires them) and its KVM_RUN calls, by lock "
                                  "and exit reason. Costs a probe on every exit.")
+    lock_owner: bool = knob(False, "--lock-owner", is_flag=True, define="KVMLP_OWNERS",
+                            help="Who held each contended mutex or write-held rwsem as "
+                                 "each wait began: waits and wait time per owner thread "
+                                 "(perf lock contention's -o). Three reads a sleeping "
+                                 "wait.")
     # children of the followed processes join them (record's COMMAND): a program of its own
     follow_fork: bool = knob(False, define="KVMLP_FOLLOW_FORK")
     # where waits in progress are kept: "task storage" (5.12+), "hash", or "auto"
@@ -231,7 +243,8 @@ class ContentionProbe:
                         "agg_entries": opts.map_entries, "stack_entries": opts.map_entries,
                         "follow_fork": opts.follow_fork,
                         "pending": self.pending,
-                        "vcpu_exits": vcpu_exit_names() if opts.vcpu_exits else None}
+                        "vcpu_exits": vcpu_exit_names() if opts.vcpu_exits else None,
+                        "lock_owner": opts.lock_owner}
         if tgids is not None:
             self.add_tgids(tgids)
         self._set_filters(kf)
@@ -240,6 +253,7 @@ class ContentionProbe:
         self.attached = {}
         self._aggregates, self._read_at = None, (None, False)    # see snapshots()
         self._comms = {}
+        self._tgids = {}            # owner tid -> its process (read once, 0 once gone)
         self._attach_tracepoints()                  # (bcc attached them on load)
         self._arm(**options.bpf_values(opts))
         self.set_stack_budget(opts.stack_budget)
@@ -403,6 +417,13 @@ class ContentionProbe:
             ex = out["vcpu_exits"]
             out["vcpu_exits"] = ex.append_column("comm", pa.array(self._thread_comms(
                 ex.column("tgid").to_pylist(), ex.column("tid").to_pylist())).dictionary_encode())
+        if self.defines["KVMLP_OWNERS"]:
+            ow = to_arrow(read_hash(self.bpf["lock_owners"]))
+            tids = ow.column("owner").to_pylist()
+            tgids = [self._tgids.setdefault(t, _tgid(t)) for t in tids]
+            out["lock_owners"] = ow.append_column("owner_tgid", pa.array(tgids, pa.uint32())) \
+                .append_column("owner_comm", pa.array(self._thread_comms(tgids, tids))
+                               .dictionary_encode())
         return out
 
     def _thread_comms(self, tgids, tids):
