@@ -297,3 +297,63 @@ def test_per_lock_address_agrees_with_perf_in_the_lab(tmp_path):
             assert pt - n * b - 0.05 * pt <= t <= pt + n * e + 0.05 * pt, (vm[a], t, pt, b, e)
     top = lambda d: {a for a, _ in sorted(d.items(), key=lambda kv: -kv[1][1])[:10]}  # noqa
     assert top(mine) == top(peer)
+
+
+def parse_perf_names(text, sep=","):
+    """perf lock contention -l -x SEP's rows: {address: perf's name for it ("" none)}."""
+    out = {}
+    for line in text.splitlines():
+        f = [x.strip() for x in line.split(sep)]
+        if len(f) >= 7 and not line.startswith("#") and f[0].isdigit():
+            out[int(f[4], 16)] = f[5]
+    return out
+
+
+def test_perfs_names_are_read():
+    assert parse_perf_names(PERF_L) == {0xffff8881023c4d10: "", 0xffffffff83a1b2c0: "jiffies_lock"}
+
+
+@pytest.mark.lab
+def test_lock_names_agree_with_perf_in_the_lab(tmp_path):
+    """The kernel locks' names against perf 6.12's (-l), where it has them, on the lab's
+    6.12 kernel: its rq_lock is each CPU's `runqueues` (bpf_per_cpu_ptr, kallsyms),
+    ours the run queue found from a task on each CPU; its mmap_lock the waiter's mm,
+    as ours; its kallsyms names our data symbols. Every address perf names one of
+    these ways, kvmlockprof names the same way, and the other way round."""
+    from test_lab import lab_problem, lab_run
+    problem = lab_problem()
+    if problem:
+        pytest.skip(f"no lab: {problem}")
+    newer = {v: p for v, p in built_perfs().items() if v >= (6, 4)}
+    if not newer:
+        pytest.skip(f"no perf 6.4+ built in {CACHE} (`make peer` builds 6.12 where "
+                    "linux-source-6.12 is installed)")
+    perf = tmp_path / "perf"
+    shutil.copy(newer[max(newer)], perf)
+    work = (f"kvmlockprof workload --vcpus 2 --duration 6 --churn & "
+            f"python3 {ROOT}/tests/mmap_storm.py 6 4; wait")
+    record = ("kvmlockprof record -q -a --stack-budget 0 -o names.parquet -- sh -c "
+              + shlex.quote(work))
+    lab_run(tmp_path, f"./perf lock contention -ab -l -x , -E 100000 -- sh -c "
+            f"{shlex.quote(record)} > perf.txt 2>&1")
+    theirs = parse_perf_names((tmp_path / "perf.txt").read_text())
+    rec = kvmlockprof.load(tmp_path / "names.parquet")
+    ours = {int(a, 16): n for a, n in locks.lock_names(rec).items()}
+    symbols = {int(a, 16) for a in rec.manifest.get("lock_symbols") or {}}
+    print(f"\nperf {newer[max(newer)]}; by address (perf | kvmlockprof):")
+    for a in sorted(set(theirs) | set(ours)):
+        if theirs.get(a) or ours.get(a, "").startswith(("rq(", "mm(")):
+            print(f"  {a:#x}  {theirs.get(a, '-'):<24} {ours.get(a, '-')}")
+    rule = {"rq_lock": r"rq\(cpu \d+\)->(__)?lock$", "mmap_lock": r"mm\(\d+\)->mmap_lock$"}
+    for a in theirs:
+        p, n = theirs[a], ours.get(a, "")
+        if p in rule:
+            assert re.match(rule[p], n), (hex(a), p, n)
+        elif p:
+            assert a in symbols and n == p, (hex(a), p, n)
+    for a in theirs:
+        for p, r in rule.items():
+            if re.match(r, ours.get(a, "")):
+                assert theirs[a] == p, (hex(a), theirs[a], ours[a])
+    assert any(theirs[a] == "rq_lock" for a in theirs) and \
+        any(theirs[a] == "mmap_lock" for a in theirs), theirs
