@@ -125,7 +125,8 @@ def start(config, tmp, peer=None):
         argv = cmd + ["record", "-a", "-q", "-f", "-o", out] + \
             (["--sample-every", "0"] if "-agg" in config else []) + \
             (["--stack-budget", "0"] if "-allstacks" in config else []) + \
-            (["--max-stack", "8"] if config.endswith("-allstacks8") else [])
+            (["--max-stack", "8"] if config.endswith("-allstacks8") else []) + \
+            (["--lock-owner"] if config.endswith("-owners") else [])
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              preexec_fn=_sigint_default)
         wait_for(lambda: os.path.exists(f"{out}.partial/manifest.json") or p.poll() is not None)
