@@ -37,7 +37,10 @@ def reports(log):
         if m:
             scenario = m.group(2) if m.group(1) == "begin" else None
             ended = m.group(2) if m.group(1) == "end" else None
-            cur = None
+            if m.group(1) == "begin":
+                cur = None
+            # (an end line may come inside a report: printk from another CPU lands
+            # between a report's lines, its held lock's line after it)
             continue
         w = _WARNING.match(line.strip())
         header = w and (_TASK.sub(r"\1", w.group(1)))

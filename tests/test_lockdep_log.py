@@ -56,3 +56,25 @@ def test_a_report_outside_the_zoo_has_no_scenario_and_others_have_no_kind():
     assert r[1]["classes"] == {"lock"}
     # a scenario whose report names none of its locks: the kind, and no classes
     assert by_scenario(log) == {"abba_spin": ("recursion", frozenset())}
+
+
+# The lockdep lab's log of held_at_exit on 2026-12-05 (two CPUs under the emulator): the
+# zoo's end line, printed on the other CPU, landed between the report's "#0:" and its lock
+INTERLEAVED = """\
+[   78.418107] kvmlp_zoo: begin held_at_exit
+[   78.421150] ====================================
+[   78.421228] WARNING: kvmlp_zoo/340 still has locks held!
+[   78.421911] 6.12.118-kvmlp-lockdep #2 Tainted: G           O
+[   78.422085] ------------------------------------
+[   78.422175] 1 lock held by kvmlp_zoo/340:
+[   78.422278]  #0:
+[   78.422878] kvmlp_zoo: end held_at_exit ok
+[   78.422356] ffffffffc0528910 (held_at_exit__sem){.+.+}-{3:3}, at: run_thread+0x12/0x30
+[   78.426393]
+               stack backtrace:
+"""
+
+
+def test_a_report_keeps_its_lines_across_an_end_line_printed_inside_it():
+    assert by_scenario(INTERLEAVED) == {"held_at_exit": ("held at exit",
+                                                         frozenset({"held_at_exit__sem"}))}
