@@ -195,11 +195,10 @@ def test_agreement_with_lockdep(zoo_runs):
             if not same:
                 disagree.setdefault(s, []).append(COLUMNS[f])
         rows.append((s, *cells))
-    w = max(len(s) for s in truth) + 2
-    print(f"\n{'scenario':{w}}{'lockdep':26}" +
-          "".join(f"{'kvmlockprof, ' + COLUMNS[f]:34}" for f in FLAVOURS))
-    for s, *cells in rows:
-        print(f"{s:{w}}{cells[0]:26}" + "".join(f"{c:34}" for c in cells[1:]))
+    heads = ["scenario", "lockdep"] + [f"kvmlockprof, {COLUMNS[f]}" for f in FLAVOURS]
+    widths = [max(len(str(r[i])) for r in rows + [heads]) + 2 for i in range(len(heads))]
+    for r in [heads] + rows:
+        print("".join(f"{c:{w}}" for c, w in zip(r, widths)))
     for s, fl in disagree.items():
         print(f"disagrees on {s} ({', '.join(fl)}): {KNOWN.get(s, 'NOT EXPLAINED')}")
     assert set(disagree) == set(KNOWN), {s: (truth[s], {f: ours[f][s] for f in FLAVOURS})
