@@ -327,7 +327,7 @@ Keys: q quit, s next sort key, b next grouping (lock, caller, process).
 @view_options(", taken over the last interval", pid_note="; filtered in the kernel",
               kernel=True)
 @click_options(SessionOptions)
-@click_options(ContentionOptions, only=("stack_budget", "vcpu_exits"))
+@click_options(ContentionOptions, only=("stack_budget", "vcpu_exits", "lock_owner"))
 @click.option("--batch", is_flag=True, help="Print plain text frames (default when stdout "
               "is not a terminal).")
 @click.option("--iterations", type=click.IntRange(min=1), help="Exit after this many "

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from kvmlockprof.analysis import locks
+from kvmlockprof.analysis import locks, owners
 from kvmlockprof.analysis import vcpus
 from kvmlockprof.probes.contention import VCPU_TABLES
 from kvmlockprof.kernel import host
@@ -74,6 +74,7 @@ class LiveView:
         self.procs = {}
         self.prev_aggs, self.prev_counters = None, {}
         self.vcpu_now, self.vcpu_prev = {}, {}       # --vcpu-exits' tables
+        self.owners_now = None
         self.hits = {}          # name -> [interval hits, interval total, cum hits, cum total]
         self.t0 = self.t_prev = time.monotonic()
         self.header = f"{host.hostname()}  kernel {host.kernel_release()}"
@@ -88,6 +89,7 @@ class LiveView:
         snaps = src.snapshots()
         aggs = snaps["aggregates"]
         self.vcpu_now = {t: snaps[t].to_pandas() for t in VCPU_TABLES if t in snaps}
+        self.owners_now = snaps.get("lock_owners")      # --lock-owner
         new = new_stack_ids(self.seen_stacks, aggs.column("stack_id").to_numpy())
         if new:
             self.stacks.append(stacks_table(src, "contention", new, self.ksyms).to_pandas())
@@ -165,9 +167,28 @@ class LiveView:
         lines.append("")
         lines += self._table(aggs, interval, dt)
         lines += self._vcpu_lines(aggs)
+        lines += self._owner_lines(aggs)
         fn = self._read_functions(dt, fsnaps)
         if fn:
             lines += ["", "function probes (rate over the last interval, total):"] + fn
+        return lines
+
+    def _owner_lines(self, aggs):
+        """--lock-owner: the heaviest owners since the start (analysis.owners, as report)."""
+        if self.owners_now is None:
+            return []
+        rec = Recording.from_frames(
+            "<live>", {**self.names.manifest(), "processes": self.procs},
+            {"aggregates": aggs, "lock_owners": self.owners_now.to_pandas()})
+        df = owners.lock_owners(rec)
+        if df.empty:
+            return ["", "lock owners: no owned wait yet"]
+        lines = ["", "who held the sleeping locks (since the start): lock, its owner, "
+                 "the share of the lock's wait time behind it"]
+        for r in df.head(min(self.limit, 5)).itertuples(index=False):
+            share = f"{r.share:.0%}" if r.share == r.share and r.share is not None else "-"
+            lines.append(f"  {r.lock:<32} {share:>5} behind {r.owner} ({r.vm}), "
+                         f"{r.waits:,} waits")
         return lines
 
     def _vcpu_lines(self, aggs):
