@@ -34,7 +34,7 @@ class FakeContention:
 
     role = "waits"
 
-    def run_queues(self):
+    def run_queues_or_none(self, warn=None):
         return {}
 
     def lock_kinds(self):

@@ -37,7 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from overhead import (KLP, WORK, Progress, cpu_seconds, geomean_ci,  # noqa: E402
                       log_ratios_aligned)
 from results_io import RESULTS, save                      # noqa: E402
-from kvmlockprof.probes.contention import STACK_BUDGET  # noqa: E402
+from kvmlockprof.probes.contention import STACK_BUDGET, ContentionOptions  # noqa: E402
+from kvmlockprof.probes.sources import SessionOptions  # noqa: E402
 from kvmlockprof.recording.recorder import Recorder                  # noqa: E402
 
 
@@ -57,9 +58,11 @@ def span_rates(history, spans):
 class ToggledRecord(Recorder):
     """`record` whose loop attaches and detaches its contention probe in turn."""
 
-    def __init__(self, out, windows, window, settle, flush, on_window, budgets, **kw):
-        super().__init__(out, system_wide=True, force=True, probes=["contention"],
-                         flush_interval=flush, stack_budget=budgets[0], **kw)
+    def __init__(self, out, windows, window, settle, flush, on_window, budgets,
+                 sample_every, stack_every):
+        session = SessionOptions(probes=("contention",), contention=ContentionOptions(
+            stack_budget=budgets[0], sample_every=sample_every, stack_every=stack_every))
+        super().__init__(out, session, system_wide=True, force=True, flush_interval=flush)
         self.windows, self.window, self.settle = windows, window, settle
         self.budgets = budgets              # the attached windows' stack budgets, in turn
         self.on_window = on_window          # (budget or None, t0, t1) after each window

@@ -13,7 +13,7 @@
  *   KVMLP_OFF_TASK_STACK  task_struct.stack's offset (BTF; -1: unknown): tells an
  *                     interrupt's waits from its task's
  *   KVMLP_OFF_TASK_MM, KVMLP_OFF_MM_MMAP_LOCK: task_struct.mm, mm_struct.mmap_lock (-1:
- *                     mmap_lock waits stay unnamed)
+ *                     mmap_lock waits stay unnamed); KVMLP_OFF_TASK_FLAGS, KVMLP_PF_KTHREAD
  *   KVMLP_OFF_TASK_CFS_RQ, KVMLP_OFF_CFS_RQ_RQ: task_struct.se.cfs_rq, cfs_rq.rq
  *                     (CONFIG_FAIR_GROUP_SCHED; -1: run queues stay unnamed)
  *   KVMLP_NR_CPUS     possible CPUs (run_queues)
@@ -144,7 +144,8 @@ struct kvmlp_arm {
 BPF_ARRAY(armed, struct kvmlp_arm, 1);
 /* Locks the waiter tells apart (enum kvmlp_lock_kind), by address: checked when an
  * aggregate key is made, so at most once per lock, process, type and stack; not
- * preallocated: only what is found takes memory. */
+ * preallocated, and emptied by each read (ContentionProbe.lock_kinds): only what is
+ * found and not read yet takes memory. */
 BPF_F_TABLE("hash", u64, struct kvmlp_lock_kind_val, lock_kinds, KVMLP_AGG_ENTRIES,
 	    BPF_F_NO_PREALLOC);
 #if KVMLP_OWNERS
@@ -654,11 +655,19 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
  * manifest handler_ns). An outside clock (perf, ftrace) sees the walk inside. */
 /* A lock the waiter can tell (lock_kinds): its own mm's mmap_lock, or a lock on its
  * own kernel stack (a completion's, a wait queue's: the frame holding it is its
- * caller's). */
-static __always_inline void tell_kind(u64 lock, u64 id)
+ * caller's). Not a kernel thread's: one working on a process's mm (kthread_use_mm)
+ * would tell that process's lock as its own. */
+static __always_inline void tell_kind(u64 lock, u64 id, s32 stack_id)
 {
 	u64 task = bpf_get_current_task();
 	struct kvmlp_lock_kind_val v = {};
+	v.stack_id = stack_id;
+#if KVMLP_OFF_TASK_FLAGS >= 0
+	u32 pflags = 0;
+	bpf_probe_read_kernel(&pflags, sizeof(pflags), (void *)(task + KVMLP_OFF_TASK_FLAGS));
+	if (pflags & KVMLP_PF_KTHREAD)
+		return;
+#endif
 #if KVMLP_OFF_TASK_MM >= 0 && KVMLP_OFF_MM_MMAP_LOCK >= 0
 	u64 mm = 0;
 	bpf_probe_read_kernel(&mm, sizeof(mm), (void *)(task + KVMLP_OFF_TASK_MM));
@@ -769,8 +778,8 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	if (!a) {
 		struct kvmlp_agg_val *zero = agg_zero.lookup(&zero_idx);
 		a = zero ? agg.lookup_or_try_init(&ak, zero) : NULL;
-		if (!irq)
-			tell_kind(lock, id);
+		if (a && !irq)          /* (not with the map full: that would be every wait) */
+			tell_kind(lock, id, stack_id);
 	}
 	if (a) {
 		kvmlp_add(&a->count, 1);

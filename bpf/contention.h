@@ -106,6 +106,8 @@ struct kvmlp_owner_val {
 	u64 total_ns;
 };
 
+#define KVMLP_PF_KTHREAD 0x00200000     /* task_struct.flags: include/linux/sched.h */
+
 /* What a lock is, where the waiter itself tells (lock_kinds): looked at once per
  * aggregate key, when it is made, never per wait. */
 enum kvmlp_lock_kind {
@@ -116,6 +118,8 @@ enum kvmlp_lock_kind {
 struct kvmlp_lock_kind_val {
 	u32 kind;
 	u32 id;
+	s32 stack_id;           /* the telling wait's stack: its caller names an on-stack lock */
+	u32 pad;
 };
 
 /* --vcpu-exits: where a vCPU thread's waits fall. A window is one exit's handling

@@ -360,7 +360,7 @@ class FakeKernel:
 
     role = "waits"
 
-    def run_queues(self):
+    def run_queues_or_none(self, warn=None):
         return {}
 
     def lock_kinds(self):

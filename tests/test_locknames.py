@@ -295,8 +295,8 @@ def test_kernel_namer_names_run_queues_and_mmap_locks():
             return {("rq", "__lock"): 0}.get((struct, field))
     k = locknames.KernelNamer(Layout())
     k.run_queues({0: 0xffff888627c2fb80, 1: 0xffff888627d2fb80})
-    k.lock_kinds({0xffff888161fa64b8: ("mm", 100)})
-    k.lock_kinds({0xffff888161fa64b8: ("mm", 200), 0x1234: ("unknown kind", 1)})
+    k.lock_kinds({0xffff888161fa64b8: ("mm", 100, -1)})
+    k.lock_kinds({0xffff888161fa64b8: ("mm", 200, -1), 0x1234: ("unknown kind", 1, -1)})
     names = k.names([0xffff888627d2fb80, 0xffff888161fa64b8, 0x1234, 0xffff888627c2fb80 + 8])
     assert {a: v["name"] for a, v in names.items()} == {
         "0xffff888627d2fb80": "rq(cpu 1)->__lock", "0xffff888161fa64b8": "mm(200)->mmap_lock"}
@@ -305,9 +305,10 @@ def test_kernel_namer_names_run_queues_and_mmap_locks():
 
 def test_kernel_namer_classes_by_caller_and_on_stack():
     """A lock whose walked callers all take one kind of lock gets that class; callers
-    that disagree, or unknown ones, leave it unnamed; a lock on its waiter's stack is
-    named by its caller; try_to_wake_up's pi_lock only once the run queues are known
-    (its other lock is a run queue's)."""
+    that disagree, or unknown ones, or a sleeping wait on it leave it unnamed; a lock on
+    its waiter's stack is named by the caller of the wait that told it;
+    try_to_wake_up's pi_lock only once the run queues are known (its other lock is a
+    run queue's)."""
 
     class Layout:
         def offset(self, struct, field):
@@ -315,9 +316,11 @@ def test_kernel_namer_classes_by_caller_and_on_stack():
     k = locknames.KernelNamer(Layout())
     callers = {1: {"futex_wake+0x102", "futex_q_lock+0x2a"}, 2: {"futex_wake+0x10", "foo+0x1"},
                3: {"free_pcppages_bulk+0x5d"}, 4: {"try_to_wake_up+0x4e"},
-               5: {"__synchronize_srcu+0xd7"}, 6: {"bar+0x3"}}
-    k.lock_kinds({5: ("stack", 77)})
-    got = {a: v["name"] for a, v in k.names(range(1, 8), callers).items()}
+               5: {"complete+0x1c", "__synchronize_srcu+0xd7"}, 6: {"bar+0x3"},
+               7: {"free_one_page+0x40"}}
+    k.lock_kinds({5: ("stack", 77, 12)})
+    got = {a: v["name"] for a, v in k.names(range(1, 9), callers,
+                                             {12: "__synchronize_srcu+0xd7"}, {7}).items()}
     assert got == {"0x1": "futex_hash_bucket->lock", "0x3": "zone->lock",
                    "0x5": "on-stack(__synchronize_srcu)"}
     k.run_queues({0: 0x1000})

@@ -21,19 +21,21 @@ def lock_owners(rec):
     if t.empty:
         return pd.DataFrame(columns=COLUMNS)
     names = locks.lock_names(rec)
+    name = lambda a: names.get(f"{int(a):#x}", f"{int(a):#x}")   # noqa: E731
     aggs = rec.aggregates
-    per_lock = aggs.groupby("lock_addr")["total_ns"].sum() if not aggs.empty else pd.Series()
+    # the lock's wait time: every wait on an address of that name (owned or not)
+    per_lock = aggs.assign(lock=aggs["lock_addr"].map(name)).groupby("lock")["total_ns"] \
+        .sum() if not aggs.empty else pd.Series(dtype="float64")
     comms = {int(o): (int(p), str(c)) for o, p, c in
              zip(t["owner"], t["owner_tgid"], t["owner_comm"])}
     vcpu = locks.vcpu_labels(rec, comms)
     vm = locks.vm_labels(rec)
     out = pd.DataFrame({
-        "lock": [names.get(f"{int(a):#x}", f"{int(a):#x}") for a in t["lock_addr"]],
+        "lock": [name(a) for a in t["lock_addr"]],
         "owner": [vcpu.get(int(o), f"{comms[int(o)][1]} ({int(o)})") for o in t["owner"]],
         "vm": [vm.get(int(p), str(int(p)) if int(p) else "?") for p in t["owner_tgid"]],
-        "waits": t["count"].astype("int64"), "wait_ns": t["total_ns"].astype("int64"),
-        "share": [int(n) / per_lock.get(int(a), 0) if per_lock.get(int(a), 0) else None
-                  for a, n in zip(t["lock_addr"], t["total_ns"])]})
-    out = out.groupby(["lock", "owner", "vm"], as_index=False).agg(
-        waits=("waits", "sum"), wait_ns=("wait_ns", "sum"), share=("share", "sum"))
+        "waits": t["count"].astype("int64"), "wait_ns": t["total_ns"].astype("int64")})
+    out = out.groupby(["lock", "owner", "vm"], as_index=False)[["waits", "wait_ns"]].sum()
+    total = out["lock"].map(per_lock)
+    out["share"] = out["wait_ns"] / total.where(total > 0)
     return out[COLUMNS].sort_values("wait_ns", ascending=False, ignore_index=True)

@@ -59,12 +59,20 @@ def config_option(name):
     return None
 
 
-def possible_cpus():
-    """CPUs the kernel sizes per-CPU data for (/sys/devices/system/cpu/possible)."""
+def cpu_ids(which="online"):
+    """The ids of the possible or online CPUs (/sys/devices/system/cpu/<which>)."""
     try:
-        with open("/sys/devices/system/cpu/possible") as f:
+        with open(f"/sys/devices/system/cpu/{which}") as f:
             spans = f.read().strip().split(",")
     except OSError:
-        return os.cpu_count()
-    return sum(int(b) - int(a) + 1 for a, _, b in
-               (sp.partition("-") if "-" in sp else (sp, "", sp) for sp in spans))
+        return list(range(os.cpu_count()))
+    out = []
+    for sp in spans:
+        a, _, b = sp.partition("-")
+        out += range(int(a), int(b or a) + 1)
+    return out
+
+
+def possible_cpus():
+    """CPUs the kernel sizes per-CPU data for (/sys/devices/system/cpu/possible)."""
+    return len(cpu_ids("possible"))

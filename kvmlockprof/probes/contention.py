@@ -31,6 +31,7 @@ PROBE = Probe(
     header="contention.h",
     # what its C reads of the kernel's structs (BTF; -1 where it lacks one)
     fields={"TASK_STACK": ("task_struct", "stack"), "TASK_MM": ("task_struct", "mm"),
+            "TASK_FLAGS": ("task_struct", "flags"),
             "MM_MMAP_LOCK": ("mm_struct", "mmap_lock"),
             "TASK_CFS_RQ": ("task_struct", "se.cfs_rq"), "CFS_RQ_RQ": ("cfs_rq", "rq"),
             "TASK_PID": ("task_struct", "pid"), "MUTEX_OWNER": ("mutex", "owner"),
@@ -232,7 +233,7 @@ class ContentionProbe:
             KVMLP_FILTER_TID="tids" in kf, KVMLP_FILTER_ADDR="addrs" in kf,
             KVMLP_FILTER_TYPE="type_bits" in kf, KVMLP_FILTER_CGROUPS=len(kf.get("cgroups", ())),
             KVMLP_EXIT_TP=vcpu_exit_tracepoints()[0] if opts.vcpu_exits else 0,
-            KVMLP_NR_CPUS=host.possible_cpus())
+            KVMLP_NR_CPUS=max(host.cpu_ids("possible")) + 1)
         self.defines.update({f"KVMLP_OFF_{k}": (offsets or {}).get(k, -1) for k in PROBE.fields})
         self.opts = opts
         self.bpf, self.pending = self._load(opts.pending)
@@ -372,29 +373,54 @@ class ContentionProbe:
     def run_queues(self):
         """{cpu: struct rq address} of the online CPUs this process may run on, found by
         running on each (run_queue_of_cpu in the C); {} where the kernel's structs
-        do not lead there (no CONFIG_FAIR_GROUP_SCHED)."""
+        do not lead there (no CONFIG_FAIR_GROUP_SCHED). A CPU this process may not
+        run on (a cpuset, isolcpus) is left out; naming only: never an error."""
         if min(self.defines["KVMLP_OFF_TASK_CFS_RQ"], self.defines["KVMLP_OFF_CFS_RQ_RQ"]) < 0:
             return {}
-        cpus = os.sched_getaffinity(0)
+        mine = os.sched_getaffinity(0)
+        found = []
         self._arm(finder_tid=threading.get_native_id())
         self.bpf.attach_raw_tracepoint(tp="sys_enter", fn_name="run_queue_of_cpu")
         try:
-            for cpu in sorted(cpus):
-                os.sched_setaffinity(0, {cpu})
-                os.getppid()                        # a syscall on that CPU
+            for cpu in host.cpu_ids("online"):
+                try:
+                    os.sched_setaffinity(0, {cpu})
+                except OSError:
+                    continue                    # not ours to run on
+                os.getppid()                    # a syscall on that CPU
+                found.append(cpu)
         finally:
-            os.sched_setaffinity(0, cpus)
+            os.sched_setaffinity(0, mine)
             self.bpf.detach_raw_tracepoint(tp="sys_enter")
             self._arm(finder_tid=0)
         rqs = self.bpf["run_queues"]
-        return {cpu: rqs[rqs.Key(cpu)].value for cpu in sorted(cpus)
+        return {cpu: rqs[rqs.Key(cpu)].value for cpu in found
                 if cpu < len(rqs) and rqs[rqs.Key(cpu)].value}
 
+    def run_queues_or_none(self, warn=None):
+        """run_queues(), or {} (with a warning) where finding them failed: they only
+        name locks."""
+        try:
+            return self.run_queues()
+        except Exception as e:          # (bcc raises plain Exceptions on attach)
+            if warn:
+                warn(f"run queues not found, their locks stay unnamed: {e}")
+            return {}
+
     def lock_kinds(self):
-        """{lock address: (kind, id)} of the locks their waiters told (lock_kinds in
-        the C: ("mm", tgid), ("stack", tid))."""
-        return {k.value: (LOCK_KINDS[v.kind], v.id) for k, v in self.bpf["lock_kinds"].items()
-                if v.kind in LOCK_KINDS}
+        """{lock address: (kind, id, stack id)} of the locks their waiters told since the
+        last read (lock_kinds in the C: ("mm", tgid), ("stack", tid)); read entries
+        are deleted, so the map holds only what is new."""
+        t = self.bpf["lock_kinds"]
+        out = {}
+        for k, v in list(t.items()):
+            if v.kind in LOCK_KINDS:
+                out[k.value] = (LOCK_KINDS[v.kind], v.id, v.stack_id)
+            try:
+                del t[k]
+            except KeyError:
+                pass
+        return out
 
     def counters(self):
         out = read_counters(self.bpf["counters"], COUNTERS)
@@ -420,7 +446,10 @@ class ContentionProbe:
         if self.defines["KVMLP_OWNERS"]:
             ow = to_arrow(read_hash(self.bpf["lock_owners"]))
             tids = ow.column("owner").to_pylist()
-            tgids = [self._tgids.setdefault(t, _tgid(t)) for t in tids]
+            for t in tids:
+                if t not in self._tgids:
+                    self._tgids[t] = _tgid(t)
+            tgids = [self._tgids[t] for t in tids]
             out["lock_owners"] = ow.append_column("owner_tgid", pa.array(tgids, pa.uint32())) \
                 .append_column("owner_comm", pa.array(self._thread_comms(tgids, tids))
                                .dictionary_encode())

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from kvmlockprof.locktypes import LCB_F_READ, LCB_F_SPIN, LCB_F_WRITE
+from kvmlockprof.locktypes import LCB_F_MUTEX, LCB_F_READ, LCB_F_SPIN, LCB_F_WRITE
 
 # The function probes' registry snapshots (FunctionProbes.snapshots): the live VMs
 # and vCPUs, and those whose end the vms probe saw.
@@ -260,13 +260,14 @@ class LockNamer:
                 "layout": {k: {"container": c, "size": s} for k, (c, s) in self.layout.items()}}
 
 
-# Locks a caller tells by itself: functions of the core kernel that, at every lock call
-# of theirs that is not a run queue's (named by address, first), take one kind of lock.
+# Locks a caller tells by itself: functions of the core kernel that, at every spin or rw
+# lock call of theirs that is not a run queue's (named by address, first), take one kind
+# of lock (a lock with a sleeping wait is never named so).
 # A class, not an instance: which bucket, zone or queue stays unsaid. (function regex,
 # name); checked in the lab against kallsyms' names of the static ones.
 CALLER_CLASSES = [(re.compile(r), n) for r, n in (
     (r"futex_(wake|wake_op|q_lock|requeue|unqueue|wait_setup|wait_multiple_setup|"
-     r"do_wait|lock_pi|unlock_pi)$", "futex_hash_bucket->lock"),
+     r"do_wait)$", "futex_hash_bucket->lock"),
     (r"(free_pcppages_bulk|rmqueue_bulk|rmqueue_buddy|free_one_page)$", "zone->lock"),
     (r"folio_lruvec_(re)?lock(_irq|_irqsave)?$", "lruvec->lru_lock"),
     (r"(__)?pte_offset_map(_rw_nolock|_ro_nolock)?_lock$", "page table lock (ptl)"),
@@ -279,9 +280,8 @@ CALLER_CLASSES = [(re.compile(r), n) for r, n in (
      "swait_queue_head->lock"),
     (r"(__queue_work|worker_thread|process_one_work|try_to_grab_pending|"
      r"__flush_work|pwq_dec_nr_in_flight)$", "worker_pool->lock"),
-    (r"(srcu_gp_start_if_needed|srcu_funnel_gp_start|srcu_gp_end|srcu_gp_start|"
-     r"process_srcu|srcu_invoke_callbacks|srcu_advance_state|srcu_reschedule)$",
-     "srcu_struct/srcu_data lock"),
+    (r"(srcu_gp_start_if_needed|srcu_funnel_gp_start|srcu_gp_start|srcu_invoke_callbacks|"
+     r"srcu_reschedule)$", "srcu_struct/srcu_data lock"),
     (r"(rcu_report_qs_rnp|rcu_report_qs_rdp|note_gp_changes|rcu_gp_init|rcu_gp_cleanup|"
      r"rcu_accelerate_cbs_unlocked|rcu_gp_fqs_loop|force_qs_rnp|rcu_start_this_gp)$",
      "rcu_node->lock"))]
@@ -325,30 +325,34 @@ class KernelNamer:
                        f"se.cfs_rq->rq); {self.rq_field} at +{self.rq_off} from BTF"}
 
     def lock_kinds(self, kinds):
-        """{lock address: (kind, id)} the waiters told."""
-        for addr, (kind, ident) in kinds.items():
+        """{lock address: (kind, id, the telling wait's stack id)} the waiters told."""
+        for addr, (kind, ident, stack_id) in kinds.items():
             if kind == "mm":
                 self.by_addr[addr] = {"name": f"mm({ident})->mmap_lock",
                                       "how": "the waiter's own mm_struct's mmap_lock "
                                              "(task->mm, BTF offsets)"}
             else:
                 self.by_addr.pop(addr, None)        # (a freed mm's address, reused)
-                self.told[addr] = (kind, ident)
+                self.told[addr] = (kind, ident, stack_id)
 
-    def names(self, addrs, callers=None):
+    def names(self, addrs, callers=None, stack_callers=None, sleeping=()):
         """{hex address: {"name", "how"}} of these addresses this can name; callers:
-        {address: [the functions its walked waits were called from]}."""
+        {address: [the functions its walked waits were called from]}; stack_callers:
+        {stack id: caller}; sleeping: addresses with a mutex or rwsem wait."""
         out = {}
         for a in map(int, addrs):
             if a in self.by_addr:
                 out[f"{a:#x}"] = self.by_addr[a]
                 continue
-            fns = sorted({_function(c) for c in (callers or {}).get(a, ())} - {""})
-            kind, ident = self.told.get(a, (None, None))
-            if kind == "stack" and fns:
-                out[f"{a:#x}"] = {"name": f"on-stack({fns[0]})",
+            kind, ident, sid = self.told.get(a, (None, None, None))
+            fn = _function((stack_callers or {}).get(sid, ""))
+            if kind == "stack" and fn:
+                out[f"{a:#x}"] = {"name": f"on-stack({fn})",
                                   "how": f"on the kernel stack of its waiter (tid {ident}), "
-                                         f"in the frame of {fns[0]} or a caller of it"}
+                                         f"in the frame of {fn} or a caller of it"}
+                continue
+            fns = sorted({_function(c) for c in (callers or {}).get(a, ())} - {""})
+            if a in sleeping or not fns:
                 continue
             classes = {next((n for r, n in CALLER_CLASSES if r.match(f)), None) for f in fns}
             if classes == {"task->pi_lock"} and not self.rqs:
@@ -403,13 +407,17 @@ class SessionNames:
         fresh = [a for a in addrs.tolist() if f"{a:#x}" not in self.symbols]
         for a, n in zip(fresh, self.ksyms.data_symbols(fresh)):
             self.symbols[f"{a:#x}"] = n
-        callers = {}
-        for a, sid in zip(aggs["lock_addr"].tolist(), aggs["stack_id"].tolist()):
+        callers, sleeping = {}, set()
+        for a, sid, fl in zip(aggs["lock_addr"].tolist(), aggs["stack_id"].tolist(),
+                              aggs["flags"].tolist()):
+            if not fl & LCB_F_SPIN or fl & LCB_F_MUTEX:
+                sleeping.add(int(a))
             if int(sid) in self.callers:
                 callers.setdefault(int(a), set()).add(self.callers[int(sid)])
         # a data symbol (kallsyms) names a static lock better than any rule here
         self.kernel = self.kernel_namer.names(
-            [a for a in addrs.tolist() if not self.symbols.get(f"{a:#x}")], callers)
+            [a for a in addrs.tolist() if not self.symbols.get(f"{a:#x}")], callers,
+            self.callers, sleeping)
         if self.namer:
             self.namer.infer(aggs, self.callers)
             self.kvm = self.namer.names(addrs)

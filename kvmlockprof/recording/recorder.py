@@ -156,7 +156,7 @@ class Recorder:
             self.ksyms = Kallsyms()
             self.names = SessionNames(self.ksyms, self.kbtf)
             if c:
-                self.names.kernel_namer.run_queues(c.run_queues())
+                self.names.kernel_namer.run_queues(c.run_queues_or_none(self.warn))
             self.kbtf = None            # the names keep their own small tables
             bpfload.release_memory()
             self.writer = Writer(self.out)

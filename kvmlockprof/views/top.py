@@ -70,7 +70,7 @@ class LiveView:
         self.names = SessionNames(self.ksyms, kbtf)
         waits = next((s for s in sources.values() if s.role == "waits"), None)
         if waits:
-            self.names.kernel_namer.run_queues(waits.run_queues())
+            self.names.kernel_namer.run_queues(waits.run_queues_or_none())
         self.procs = {}
         self.prev_aggs, self.prev_counters = None, {}
         self.vcpu_now, self.vcpu_prev = {}, {}       # --vcpu-exits' tables
