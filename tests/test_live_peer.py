@@ -243,22 +243,30 @@ def test_perfs_address_rows_are_read_in_ns():
                                              0xffffffff83a1b2c0: (17, 20431.0)}
 
 
+def lab_perf(tmp_path, version):
+    """The newest built perf of at least `version`, copied where the lab's guest sees it
+    (it mounts its own /var/cache); skips without a lab or such a perf."""
+    from test_lab import lab_problem
+    problem = lab_problem()
+    if problem:
+        pytest.skip(f"no lab: {problem}")
+    newer = {v: p for v, p in built_perfs().items() if v >= version}
+    if not newer:
+        pytest.skip(f"no perf {'.'.join(map(str, version))}+ built in {CACHE} (`make peer` "
+                    "builds 6.12 where linux-source-6.12 is installed)")
+    shutil.copy(newer[max(newer)], tmp_path / "perf")
+    print(f"\nperf {newer[max(newer)]}")
+    return tmp_path / "perf"
+
+
 @pytest.mark.lab
 def test_per_lock_address_agrees_with_perf_in_the_lab(tmp_path):
     """By lock address, with the perf that has -l (6.2+): on the lab's 6.12 kernel, whose
     CONFIG_KALLSYMS_ALL lets perf 6.12's skeleton load (this host's kernel does not).
     Compared on the locks of the workload's VM (named kvm(PID)->... by kvmlockprof):
     they exist only while the workload runs, inside both windows."""
-    from test_lab import lab_problem, lab_run
-    problem = lab_problem()
-    if problem:
-        pytest.skip(f"no lab: {problem}")
-    newer = {v: p for v, p in built_perfs().items() if v >= (6, 2)}
-    if not newer:
-        pytest.skip(f"no perf 6.2+ built in {CACHE} (`make peer` builds 6.12 where "
-                    "linux-source-6.12 is installed)")
-    perf = tmp_path / "perf"                 # the guest mounts its own /var/cache
-    shutil.copy(newer[max(newer)], perf)
+    from test_lab import lab_run
+    lab_perf(tmp_path, (6, 2))            # ./perf in the lab
     record = ("kvmlockprof record -q -o addr.parquet --probes contention,vms -- "
               "kvmlockprof workload --vcpus 2 "
               "--duration 6 --churn --kvmclock")
@@ -282,7 +290,7 @@ def test_per_lock_address_agrees_with_perf_in_the_lab(tmp_path):
     g = s[s["lock_addr"].isin(list(vm))].groupby("lock_addr")["wait_ns"].agg(["size", "sum"])
     mine = {int(a): (int(r["size"]), float(r["sum"])) for a, r in g.iterrows()}
     peer = {a: theirs[a] for a in vm if a in theirs}
-    print(f"\nperf {newer[max(newer)]}: handlers (bpf_stats) {cost}; the VM's locks:")
+    print(f"handlers (bpf_stats) {cost}; the VM's locks:")
     for a in sorted(set(mine) | set(peer), key=lambda a: -peer.get(a, (0, 0))[1]):
         (n, t), (pn, pt) = mine.get(a, (0, 0.0)), peer.get(a, (0, 0.0))
         print(f"  {vm[a]:<36} {n:>7} {pn:>7} waits  {t / 1e6:>9.2f} {pt / 1e6:>9.2f} ms "
@@ -320,16 +328,8 @@ def test_lock_names_agree_with_perf_in_the_lab(tmp_path):
     ours the run queue found from a task on each CPU; its mmap_lock the waiter's mm,
     as ours; its kallsyms names our data symbols. Every address perf names one of
     these ways, kvmlockprof names the same way, and the other way round."""
-    from test_lab import lab_problem, lab_run
-    problem = lab_problem()
-    if problem:
-        pytest.skip(f"no lab: {problem}")
-    newer = {v: p for v, p in built_perfs().items() if v >= (6, 4)}
-    if not newer:
-        pytest.skip(f"no perf 6.4+ built in {CACHE} (`make peer` builds 6.12 where "
-                    "linux-source-6.12 is installed)")
-    perf = tmp_path / "perf"
-    shutil.copy(newer[max(newer)], perf)
+    from test_lab import lab_run
+    lab_perf(tmp_path, (6, 4))            # ./perf in the lab
     work = (f"kvmlockprof workload --vcpus 2 --duration 6 --churn & "
             f"python3 {ROOT}/tests/mmap_storm.py 6 4; wait")
     record = ("kvmlockprof record -q -a --stack-budget 0 -o names.parquet -- sh -c "
@@ -340,7 +340,7 @@ def test_lock_names_agree_with_perf_in_the_lab(tmp_path):
     rec = kvmlockprof.load(tmp_path / "names.parquet")
     ours = {int(a, 16): n for a, n in locks.lock_names(rec).items()}
     symbols = {int(a, 16) for a in rec.manifest.get("lock_symbols") or {}}
-    print(f"\nperf {newer[max(newer)]}; by address (perf | kvmlockprof):")
+    print("by address (perf | kvmlockprof):")
     for a in sorted(set(theirs) | set(ours)):
         if theirs.get(a) or ours.get(a, "").startswith(("rq(", "mm(")):
             print(f"  {a:#x}  {theirs.get(a, '-'):<24} {ours.get(a, '-')}")
