@@ -647,7 +647,7 @@ def test_lockorder_watch_names_a_modules_locks_by_symbol(module, tmp_path):
     for bad in ("nosuch", "ffff:zz", f"{base:x}:{lo.WATCH_MAX + 1}"):
         with pytest.raises(lo.WatchError):
             lo.resolve_watch([bad], kallsyms=ks)
-    st = lo.prepare(module.bpf, {"watch": [w]})
+    st = lo.prepare(module.bpf, lo.LockorderOptions(regions=(w,)))
     pages = module.bpf["lo_pages"]
     first, second = pages[pages.Key(base >> 12)], pages[pages.Key((base >> 12) + 1)]
     assert (first.base[1], first.size[1], first.kind[1]) == (base, w["size"], lo.LO_OBJ_WATCH)
@@ -672,7 +672,7 @@ def test_lockorder_watch_a_module_whose_data_is_allocated_apart(module, tmp_path
     regions = lo.resolve_watch(["zoo"], kallsyms=ks)
     assert [(r["base"], r["size"]) for r in regions] == \
         [(base, 0x40 + lo.LAST_SYMBOL_BYTES), (far, lo.LAST_SYMBOL_BYTES)]
-    st = lo.prepare(module.bpf, {"watch": regions})
+    st = lo.prepare(module.bpf, lo.LockorderOptions(regions=tuple(regions)))
     pages = module.bpf["lo_pages"]
     assert pages[pages.Key(base >> 12)].kind[1] == lo.LO_OBJ_WATCH
     assert pages[pages.Key(far >> 12)].kind[1] == lo.LO_OBJ_WATCH
