@@ -21,7 +21,9 @@ PER_CLASS = ("SELECT host, lock_class, sum(count) AS waits, sum(total_ns) AS wai
 
 
 def _class(name):
-    """The lock class as docs/fleet.md states it: the VM's pid (and vCPU index) dropped."""
+    """The lock class as docs/fleet.md states it: the VM's pid (and vCPU index), the CPU
+    or the process dropped."""
+    name = re.sub(r"@[0-9a-f]+$", "", re.sub(r"^(rq|mm)\((cpu )?\d+\)->", r"\1->", name))
     return re.sub(r"^kvm\(\d+\)->vcpu\d+->", "vcpu->",
                   re.sub(r"^kvm\(\d+\)->(?!vcpu)", "kvm->", name))
 
@@ -97,9 +99,10 @@ def test_engines_without_our_views_give_the_same(fleet, tmp_path):
                    FROM read_parquet({fl}, filename = true) WHERE "table" = 'aggregates'),
              n AS (SELECT '0x' || lower(hex(lock_addr)) AS h, * FROM a)
         SELECT m.j->>'host' AS host,
-               regexp_replace(regexp_replace(
+               regexp_replace(regexp_replace(regexp_replace(regexp_replace(
                    coalesce(m.j->'lock_names'->n.h->>'name', m.j->'lock_symbols'->>n.h, n.h),
-                   '^kvm\\(\\d+\\)->vcpu\\d+->', 'vcpu->'), '^kvm\\(\\d+\\)->', 'kvm->')
+                   '^kvm\\(\\d+\\)->vcpu\\d+->', 'vcpu->'), '^kvm\\(\\d+\\)->', 'kvm->'),
+                   '^(rq|mm)\\((cpu )?\\d+\\)->', '\\1->'), '@[0-9a-f]+$', '')
                    AS lock_class, sum(count) AS waits, sum(total_ns) AS wait_ns
         FROM n JOIN m USING (file_name) GROUP BY ALL ORDER BY host, lock_class""").df()
     pd.testing.assert_frame_equal(got, want, check_dtype=False)

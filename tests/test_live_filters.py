@@ -239,6 +239,10 @@ def test_report_tid_counts_that_threads_waits(live, tmp_path):
     rec = kvmlockprof.load(outs[1])
     pid = rec.manifest["command_pid"]
     assert rec.manifest["losses"].get("lost_ringbuf_full", 0) == 0   # (else not exact)
+    # waits whose end our handler never ran for: the kernel counts them (a lock contended
+    # inside the handler nests an event the kernel does not give the running program)
+    skipped = rec.manifest["losses"].get("lost_recursion", 0) + \
+        rec.manifest["counters"].get("begin_without_end", 0)
     ends = {t: e for (g, t), (_, e) in counts[1].items() if g == pid and e}
     busiest = sorted(ends, key=ends.get, reverse=True)[:2]        # (vCPU threads, here)
     s = rec.table("contention", ["tid", "comm"])
@@ -248,8 +252,9 @@ def test_report_tid_counts_that_threads_waits(live, tmp_path):
         got = sum(int(r["contended"]) for r in rows)
         want = sum(ends.get(t, 0) for t in tids)
         print(f"report --tid {tids}: {got} waits; the kernel's contention_end of those "
-              f"threads {want}")
-        assert want > 0 and got == want and {r["estimated"] for r in rows} == {"False"}
+              f"threads {want} (our handlers skipped {skipped} on the whole host)")
+        assert want > 0 and want - skipped <= got <= want, (got, want, skipped)
+        assert {r["estimated"] for r in rows} == {"False"}
     p = subprocess.run([sys.executable, "-m", "kvmlockprof", "report", str(outs[1]), "--tid",
                         str(busiest[0])], capture_output=True, text=True, cwd=ROOT, check=True)
     assert f"threads {busiest[0]}: from the sampled waits (exact" in p.stdout

@@ -321,7 +321,9 @@ def test_kernel_namer_classes_by_caller_and_on_stack():
     k.lock_kinds({5: ("stack", 77, 12)})
     got = {a: v["name"] for a, v in k.names(range(1, 9), callers,
                                              {12: "__synchronize_srcu+0xd7"}, {7}).items()}
-    assert got == {"0x1": "futex_hash_bucket->lock", "0x3": "zone->lock",
-                   "0x5": "on-stack(__synchronize_srcu)"}
+    assert got == {"0x1": "futex_hash_bucket->lock@1", "0x3": "zone->lock@3",
+                   "0x5": "on-stack(__synchronize_srcu)@5"}
     k.run_queues({0: 0x1000})
-    assert k.names([4], callers)["0x4"]["name"] == "task->pi_lock"
+    assert k.names([4], callers)["0x4"]["name"] == "task->pi_lock@4"
+    from kvmlockprof.locktypes import lock_class
+    assert lock_class("zone->lock@ffff888100055800") == "zone->lock"

@@ -300,10 +300,12 @@ class KernelNamer:
     - `mm(PID)->mmap_lock`: a waiter's own mm's lock, told by the waiter when its
       aggregate is made (ContentionProbe.lock_kinds); an address a new process's mm
       takes is named by its latest owner;
-    - `on-stack(FUNCTION)`: on the waiter's own kernel stack (told the same way),
-      named by its waits' caller;
+    - `on-stack(FUNCTION)@ADDR`: on the waiter's own kernel stack (told the same way),
+      named by the caller of the wait that told it;
     - a class by the lock's callers (CALLER_CLASSES), when all its walked callers
-      agree: `futex_hash_bucket->lock`, `zone->lock`, ..."""
+      agree: `futex_hash_bucket->lock@ADDR`, `zone->lock@ADDR`, ...
+    A name is one address's (`@ADDR` where the rule names a class, not an instance);
+    its class (locktypes.lock_class) drops the instance."""
 
     def __init__(self, kbtf):
         self.rq_field = next((f for f in ("__lock", "lock")
@@ -347,7 +349,7 @@ class KernelNamer:
             kind, ident, sid = self.told.get(a, (None, None, None))
             fn = _function((stack_callers or {}).get(sid, ""))
             if kind == "stack" and fn:
-                out[f"{a:#x}"] = {"name": f"on-stack({fn})",
+                out[f"{a:#x}"] = {"name": f"on-stack({fn})@{a:x}",
                                   "how": f"on the kernel stack of its waiter (tid {ident}), "
                                          f"in the frame of {fn} or a caller of it"}
                 continue
@@ -358,7 +360,7 @@ class KernelNamer:
             if classes == {"task->pi_lock"} and not self.rqs:
                 continue            # (try_to_wake_up's other lock: a run queue's, unnamed)
             if len(classes) == 1 and None not in classes:
-                out[f"{a:#x}"] = {"name": classes.pop(),
+                out[f"{a:#x}"] = {"name": f"{classes.pop()}@{a:x}",
                                   "how": f"by its callers ({', '.join(fns)}): the one kind "
                                          "of lock they take"}
         return out
