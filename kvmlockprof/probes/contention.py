@@ -235,7 +235,6 @@ class ContentionProbe:
             KVMLP_EXIT_TP=vcpu_exit_tracepoints()[0] if opts.vcpu_exits else 0,
             KVMLP_NR_CPUS=max(host.cpu_ids("possible")) + 1)
         self.defines.update({f"KVMLP_OFF_{k}": (offsets or {}).get(k, -1) for k in PROBE.fields})
-        self.opts = opts
         self.bpf, self.pending = self._load(opts.pending)
         # its status in a recording's manifest
         self.options = {"sample_every": opts.sample_every, "stack_every": opts.stack_every,

@@ -184,6 +184,12 @@ def open_sources(session=SessionOptions(), tgids=None, kfilter=None, warn=None, 
     return sources, status, memory
 
 
+def waits_source(sources):
+    """The source of the lock waits (the contention probe's: role "waits"), or None: its
+    counters are a recording's own, its aggregates and stacks name the locks."""
+    return next((s for s in sources.values() if s.role == "waits"), None)
+
+
 def close_sources(sources):
     """Detach every probe first (stop the firing), then free the modules."""
     try:

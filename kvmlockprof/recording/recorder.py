@@ -14,7 +14,7 @@ from kvmlockprof import __version__, catalog
 from kvmlockprof.kernel import bpfload, bpfstats, headers, host
 from kvmlockprof.kernel.ksyms import Kallsyms
 from kvmlockprof.probes.contention import LOSSES
-from kvmlockprof.probes.sources import SessionOptions, load_btf, open_sources
+from kvmlockprof.probes.sources import SessionOptions, load_btf, open_sources, waits_source
 from kvmlockprof.recording import filters as filters_mod  # Recorder's filters= hides it
 from kvmlockprof.recording import processes
 from kvmlockprof.recording import store
@@ -392,9 +392,7 @@ class Recorder:
             self.progress(self.manifest)
 
     def _waits(self):
-        """The source of the lock waits (the contention probe's: `waits`), or None: its
-        counters are the manifest's, its aggregates and stacks name the locks."""
-        return next((s for s in self.sources.values() if s.role == "waits"), None)
+        return waits_source(self.sources)
 
     def _threads(self):
         """Thread ids of the processes recorded (every thread of the host when

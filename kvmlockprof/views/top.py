@@ -12,6 +12,7 @@ import pandas as pd
 from kvmlockprof.analysis import locks, owners
 from kvmlockprof.analysis import vcpus
 from kvmlockprof.probes.contention import VCPU_TABLES
+from kvmlockprof.probes.sources import waits_source
 from kvmlockprof.kernel import host
 from kvmlockprof.kernel.ksyms import Kallsyms
 from kvmlockprof.recording import processes
@@ -68,7 +69,7 @@ class LiveView:
         self.ksyms = Kallsyms()
         self.stacks, self.seen_stacks = [], set()
         self.names = SessionNames(self.ksyms, kbtf)
-        waits = next((s for s in sources.values() if s.role == "waits"), None)
+        waits = waits_source(sources)
         if waits:
             self.names.kernel_namer.run_queues(waits.run_queues_or_none())
         self.procs = {}
