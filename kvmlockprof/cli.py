@@ -32,6 +32,7 @@ Examples:
   kvmlockprof report vm.parquet --format trace-json -o vm.json # Perfetto, chrome://tracing
   kvmlockprof report vm.parquet --tid 4321,4322  # those threads' waits, from the samples
   kvmlockprof report debug.parquet --order    # recorded with --probes lockorder
+  kvmlockprof report owners.parquet --by owner   # recorded with --lock-owner
 """
 EPILOG_WORKLOAD = """\b
 Examples:
@@ -59,7 +60,7 @@ def main():
 PERF_SORT_KEYS = {"wait_total": "total", "wait_max": "max", "wait_min": "min",
                   "avg_wait": "avg"}
 SORTS = ["contended", "total", "max", "avg", "min", "p50", "p90", "p99"]
-GROUPS = ["lock", "address", "caller", "process", "thread"]
+GROUPS = ["lock", "address", "caller", "process", "thread", "owner"]
 
 
 def options(opts):
@@ -160,7 +161,9 @@ def view_options(what, pid_note="", kernel=False):
         for opt in reversed((
                 click.option("--by", type=click.Choice(GROUPS), default="lock",
                              show_default=True, help="Group rows by lock (its name), "
-                             "address, caller, process (VM) or thread.", is_eager=True),
+                             "address, caller, process (VM), thread or, of a recording "
+                             "made with --lock-owner, the owner the waits were behind.",
+                             is_eager=True),
                 click.option("-l", "--lock-addr", "lock_addr_view", is_flag=True,
                              callback=_by("address"), expose_value=False,
                              help="A row per lock address (perf's -l): --by address."),
@@ -351,6 +354,9 @@ def top(interval, by, sort, limit, pids, vm_names, lock_filter, type_filter, cal
     if by == "thread":
         fail("top reads the in-kernel aggregates, which are per process: for a row per "
              "thread, `kvmlockprof record` then `report -t`")
+    if by == "owner":
+        fail("top --by owner: use top --lock-owner (its heaviest owners under the table), "
+             "or record --lock-owner then report --by owner")
     filters = _filters(lock_filter, type_filter, callstack_filter)
     kfilter, _ = _kernel_filters(filters, tids, cgroups)
     click.echo("kvmlockprof top: compiling and attaching the probes ...", err=True)
@@ -370,6 +376,7 @@ Examples:
   kvmlockprof exporter --listen 0.0.0.0:9475 --top 20  # 20 lock classes, the rest as other
   kvmlockprof exporter --vm web1 -Y mutex,rwsem        # one VM's sleeping locks
   kvmlockprof exporter --probes contention             # no function probes
+  kvmlockprof exporter --lock-owner                    # + who held the sleeping locks
   curl -s 127.0.0.1:9475/metrics | grep slots_lock
 """
 
@@ -387,14 +394,17 @@ Examples:
 @click.option("--top-vms", type=click.IntRange(min=1), default=20, show_default=True,
               help="VMs (or processes) with a label of their own, as --top; the others "
               "as vm=\"other\".")
+@click.option("--top-owners", type=click.IntRange(min=1), default=20, show_default=True,
+              help="With --lock-owner: owner classes (vcpu, a thread's name without its "
+              "number) with a label of their own, as --top.")
 @options(target_options())
 @options(filter_options(kernel=True))
 @click_options(SessionOptions)
-@click_options(ContentionOptions, only=("map_entries", "stack_budget"), helps={
+@click_options(ContentionOptions, only=("map_entries", "stack_budget", "lock_owner"), helps={
     "map_entries": "Entries of the in-kernel aggregate map (the entries of exited "
                    "processes are deleted once counted)."})
-def exporter(listen, interval, top_locks, top_vms, pids, vm_names, lock_filter, type_filter,
-             callstack_filter, tids, cgroups, **opts):
+def exporter(listen, interval, top_locks, top_vms, top_owners, pids, vm_names, lock_filter,
+             type_filter, callstack_filter, tids, cgroups, **opts):
     """Serve the in-kernel aggregates as Prometheus metrics, until SIGTERM or Ctrl-C.
 
     Per lock class (kvm->slots_lock: KVM-aware, without the pid), VM and lock type:
@@ -418,7 +428,7 @@ def exporter(listen, interval, top_locks, top_vms, pids, vm_names, lock_filter, 
     kfilter, _ = _kernel_filters(filters, tids, cgroups)
     try:
         exporter.run(session, list(pids) or None, listen, interval, top_locks, top_vms,
-                     filters=filters, kfilter=kfilter,
+                     filters=filters, kfilter=kfilter, top_owners=top_owners,
                      warn=lambda m: click.echo(f"kvmlockprof: warning: {m}", err=True),
                      echo=lambda m: click.echo(m, err=True))
     except BpfUnavailable as e:
@@ -466,6 +476,9 @@ def report(recording, by, sort, limit, pids, vm_names, lock_filter, type_filter,
             fail("--order prints text: drop --format")
         if fmt in ("folded", "trace-json") and (stacks or by != "lock"):
             fail(f"--format {fmt} writes every stack or event: drop --stacks/--by")
+        if by == "owner" and (stacks or tids or order or any(filters.values())):
+            fail("--by owner sums each owner over every lock it held: drop "
+                 "--stacks/--tid/--order/-L/-Y/-S (-p keeps the owners of those processes)")
         if tids and (fmt in ("folded", "trace-json") or order or html_out):
             fail("--tid selects the rows of text, csv and json: drop --format "
                  f"{fmt}/--order/--html (or record --tid: filtered in the kernel)")
@@ -483,7 +496,7 @@ def report(recording, by, sort, limit, pids, vm_names, lock_filter, type_filter,
         if html_out:                # reads more of the recording than the text does
             from kvmlockprof.views import html
             page = html.render(rec, limit=limit)
-    except RecordingError as e:
+    except (RecordingError, report.NoOwners) as e:
         fail(str(e))
     if rec.interrupted:
         click.echo(f"kvmlockprof: warning: {recording} was not finished; reading the "

@@ -373,6 +373,8 @@ class FakeKernel:
         self.truth = [(0, 0, np.zeros(64))]    # after each read: the map's sums
         self.options = {"agg_entries": 1024}
         self.bpf = {}
+        self.owners = None      # --lock-owner: (lock, tid) -> [count, ns, tgid, comm]
+        self.owned = []         # every owned wait added: (tid, n, ns), the truth
 
     def end(self, lock, tgid, ns, n=1, stack=None, torn=None):
         stack = exp.locks.NO_STACK if stack is None else stack
@@ -393,7 +395,33 @@ class FakeKernel:
         else:
             then()
 
+    def own(self, lock, tid, tgid, comm, ns, n=1):
+        """n waits of ns that began while thread tid (of tgid, named comm) held lock
+        (--lock-owner's lock_owners map)."""
+        e = self.owners.setdefault((LOCKS[lock], tid), [0, 0, tgid, comm])
+        e[0] += n
+        e[1] += n * ns
+        self.owned.append((tid, n, n * ns))
+
+    def forget_owners(self, keys):
+        for a, o in keys:
+            self.owners.pop((a, o), None)
+
     def snapshots(self):
+        import pyarrow as pa
+        out = self._aggregates()
+        if self.owners is not None:
+            k, v = list(self.owners), list(self.owners.values())
+            out["lock_owners"] = pa.table({
+                "lock_addr": pa.array([x[0] for x in k], pa.uint64()),
+                "owner": pa.array([x[1] for x in k], pa.uint32()),
+                "count": pa.array([x[0] for x in v], pa.uint64()),
+                "total_ns": pa.array([x[1] for x in v], pa.uint64()),
+                "owner_tgid": pa.array([x[2] for x in v], pa.uint32()),
+                "owner_comm": pa.array([x[3] for x in v]).dictionary_encode()})
+        return out
+
+    def _aggregates(self):
         import pyarrow as pa
         keys, vals = list(self.map), list(self.map.values())
         col = lambda i, t: pa.array([k[i] for k in keys], t)      # noqa: E731
@@ -736,3 +764,47 @@ def check_prometheus(prom, jobs):
     waits = 'sum(kvmlockprof_lock_waits_total{job="promotion",lock="%s"})'
     assert prom.value(waits % "lock_b") == 11
     assert prom.value(waits % "other") == 50 + 5 + 1
+
+
+def test_owner_series_add_up_by_class_and_forget_gone_owners(make_session, monkeypatch):
+    """--lock-owner: per (lock class, owner class) waits and seconds; at every read the
+    served owner series add up to every owned wait the made-up map holds or held, none
+    falls or ends, their labels are classes (never a pid) and at most --top-owners of
+    them plus `other`; the entries of owner threads gone are deleted from the map,
+    their counts kept."""
+    gone = set()
+    monkeypatch.setattr(exp, "_threads_gone", lambda pairs: [t for _, t in pairs
+                                                            if t in gone])
+    k = FakeKernel()
+    k.owners = {}
+    s = make_session(k, top_owners=1)
+    plan = [[("lock_a", 201, 101, "worker-1", 1000, 5),
+             ("lock_a", 301, 101, "CPU 0/KVM", 10, 2)],
+            [("lock_a", 202, 101, "worker-2", 2000, 5),
+             ("lock_b", 401, 102, "kworker/u8:1", 10**6, 1)],
+            [("lock_a", 203, 101, "worker-3", 1000, 1)],
+            [("lock_b", 302, 102, "CPU 1/KVM", 10**7, 3)],
+            []]
+    before = {}
+    for step, waits in enumerate(plan):
+        for lock, tid, tgid, comm, ns, n in waits:
+            k.end(lock, tgid, ns, n=n)
+            k.own(lock, tid, tgid, comm, ns, n=n)
+        if step == 2:
+            gone.update({201, 202})
+        s.read()
+        got = served(s.collector)
+        owned = {lab: v for (m, lab), v in got.items()
+                 if m == "kvmlockprof_lock_owner_waits_total"}
+        for lab, v in before.items():
+            assert owned.get(lab, -1) >= v, f"{dict(lab)} fell or ended at read {step + 1}"
+        before = owned
+        assert sum(owned.values()) == sum(n for _, n, _ in k.owned)
+        assert sum(v for (m, _), v in got.items()
+                   if m == "kvmlockprof_lock_owner_wait_seconds_total") == \
+            pytest.approx(sum(ns for _, _, ns in k.owned) / 1e9)
+    classes = {dict(lab)["owner"] for lab in owned}
+    assert classes <= {"worker", "vcpu", "kworker", "other"} and len(classes - {"other"}) <= 2
+    assert value(got, "kvmlockprof_lock_owner_waits_total", lock="lock_a",
+                 owner="worker") == 11                 # worker-1, -2, -3: one class
+    assert {t for _, t in k.owners} == {203, 301, 302, 401}      # 201, 202 gone: deleted

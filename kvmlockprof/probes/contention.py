@@ -454,6 +454,18 @@ class ContentionProbe:
                                .dictionary_encode())
         return out
 
+    def forget_owners(self, keys):
+        """Delete lock_owners entries ((lock_addr, owner tid) pairs: owners gone) and
+        what was cached of their threads."""
+        t = self.bpf["lock_owners"]
+        for a, o in keys:
+            try:
+                del t[t.Key(lock_addr=a, owner=o)]
+            except KeyError:
+                pass
+            self._tgids.pop(o, None)
+            self._comms.pop(o, None)
+
     def _thread_comms(self, tgids, tids):
         """Each vCPU window thread's name (/proc, read once a thread; "?" once gone):
         vCPU labels without samples."""

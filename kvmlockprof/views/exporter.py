@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from kvmlockprof.analysis import locks
+from kvmlockprof.analysis import locks, owners
 from kvmlockprof.recording.session import Stop, live_session
 from kvmlockprof.recording.store import Recording
 from kvmlockprof.views.top import AGG_KEYS, LiveView
@@ -27,6 +27,7 @@ PREFIX = "kvmlockprof"
 OTHER = "other"
 TOP_LOCKS = 50
 TOP_VMS = 20
+TOP_OWNERS = 20
 DEFAULT_LISTEN = "127.0.0.1:9475"
 # The histograms' `le` bounds: log2 slots s of the in-kernel histograms (slot s holds
 # waits in [2^(s-1), 2^s) ns, quantiles.hist_bounds), every other one from 256 ns to
@@ -166,6 +167,54 @@ class LockSeries:
                 for k, v in sorted(self.acc.items())]
 
 
+class OwnerSeries:
+    """--lock-owner: waits and wait time per (lock class, owner class), the waits that
+    began while an owner of that class held the lock (mutexes, write-held rwsems). The
+    lock labels are the lock series' (a class without a label of its own is `other`
+    in both); owner classes (owners.owner_class: never a pid) are bounded by
+    Labels(top_owners) the same way."""
+
+    def __init__(self, lock_labels, top_owners=TOP_OWNERS):
+        self.locks, self.owners = lock_labels, Labels(top_owners)
+        self.acc = {}           # (lock, owner) -> [count, total_ns]
+
+    def add(self, df):
+        """df: lock, owner (classes), count, total_ns: one read's increases."""
+        if df is None or df.empty:
+            return
+        w = df["total_ns"].to_numpy(np.float64)
+        g = pd.Series(w).groupby(df["owner"].astype(str).to_numpy()).sum()
+        self.owners.add(g.index, g.to_numpy())
+        keys = pd.MultiIndex.from_arrays([self.locks.of(df["lock"]),
+                                          self.owners.of(df["owner"])])
+        codes, uniq = pd.factorize(keys)
+        sums = np.zeros((len(uniq), 2))
+        np.add.at(sums, codes, np.column_stack([df["count"].to_numpy(np.float64), w]))
+        for key, row in zip(uniq, sums):
+            self.acc[key] = self.acc.get(key, 0) + row
+
+    def rows(self):
+        return [(k, v[0], v[1]) for k, v in sorted(self.acc.items())]
+
+
+def owner_increases(cur, prev):
+    """Each lock_owners entry's (lock_addr, owner) increase of count and total_ns since
+    `prev`; an entry deleted and made again counts whole."""
+    if cur is None or cur.empty:
+        return pd.DataFrame(columns=["lock_addr", "owner", "count", "total_ns"])
+    if prev is None or prev.empty:
+        return cur.copy()
+    key = ["lock_addr", "owner"]
+    m = cur.merge(prev[key + ["count", "total_ns"]], on=key, how="left",
+                  suffixes=("", "_prev"))
+    out = cur.copy()
+    for c in ("count", "total_ns"):
+        now, before = m[c].to_numpy(np.float64), m[f"{c}_prev"].to_numpy(np.float64)
+        grew = np.isfinite(before) & (now >= before)
+        out[c] = np.where(grew, now - before, now)
+    return out[(out["count"] > 0) | (out["total_ns"] > 0)].reset_index(drop=True)
+
+
 class Latencies:
     """Per (probe, what) latency histograms: streamed events' lat_ns/dur_ns added as
     they come, in-kernel kvmlp_lat aggregates (count, total_ns, hist) taken whole."""
@@ -202,6 +251,7 @@ class Snapshot:
 
     def __init__(self):
         self.locks, self.latencies, self.counters, self.ratios = [], [], {}, {}
+        self.owners = None      # --lock-owner: OwnerSeries.rows()
         self.status, self.map_entries, self.map_capacity = {}, 0, 0
         self.reads, self.read_seconds, self.gone = 0, 0.0, 0
         self.info = {}
@@ -231,6 +281,19 @@ def _families(s):
     yield waits
     yield secs
     yield hist
+    if s.owners is not None:
+        olab = ["lock", "owner"]
+        ow = CounterMetricFamily(f"{PREFIX}_lock_owner_waits", "Waits that began while "
+                                 "a task of that owner class held the lock (mutexes, "
+                                 "write-held rwsems; --lock-owner), per lock class and owner "
+                                 "class.", labels=olab)
+        os_ = CounterMetricFamily(f"{PREFIX}_lock_owner_wait_seconds", "Their wait time, "
+                                  "per lock class and owner class.", labels=olab)
+        for (lock, owner), n, ns in s.owners:
+            ow.add_metric([lock, owner], n)
+            os_.add_metric([lock, owner], ns / 1e9)
+        yield ow
+        yield os_
     lat = HistogramMetricFamily(f"{PREFIX}_probe_latency_seconds", "Function-probe "
                                 "latencies (what: the probe's table).", labels=["probe", "what"])
     for (probe, what), n, ns, b in s.latencies:
@@ -312,12 +375,20 @@ def _gone(tgids):
     return [t for t in tgids if t and not os.path.exists(f"/proc/{t}")]
 
 
+def _threads_gone(pairs):
+    """The tids of (tgid, tid) pairs whose thread has exited."""
+    return [t for p, t in pairs if not p or not os.path.exists(f"/proc/{p}/task/{t}")]
+
+
 class ExporterSession(LiveView):
     """top's live session, read into counters."""
 
-    def __init__(self, sources, status, top_locks=TOP_LOCKS, top_vms=TOP_VMS, **kw):
+    def __init__(self, sources, status, top_locks=TOP_LOCKS, top_vms=TOP_VMS,
+                 top_owners=TOP_OWNERS, **kw):
         super().__init__(sources, status, **kw)
         self.series = LockSeries(top_locks, top_vms)
+        self.owner_series = OwnerSeries(self.series.locks, top_owners)
+        self.prev_owners = None
         self.latencies = Latencies()
         self.ratios = {}            # (probe, name) -> [hits, calls] since the start
         self.collector = Collector()
@@ -380,11 +451,18 @@ class ExporterSession(LiveView):
         interval = increases(aggs, self.prev_aggs)
         self.series.add(self._labelled(interval))
         self.prev_aggs = self._forget(aggs, gone)
+        if self.owners_now is not None:
+            cur = self.owners_now.to_pandas()
+            self.owner_series.add(self._owner_labelled(
+                owner_increases(cur, self.prev_owners), aggs))
+            self.prev_owners = self._forget_owners(cur)
         counters = {name: src.counters() for name, src in self.sources.items()}
         counters = {**counters.pop("functions", {}), **counters}
         self.reads += 1
         snap = Snapshot()
         snap.locks, snap.latencies = self.series.rows(), self.latencies.rows()
+        if self.owners_now is not None:
+            snap.owners = self.owner_series.rows()
         snap.counters = counters
         snap.ratios = {k: tuple(v) for k, v in self.ratios.items()}
         snap.status, snap.info = self.status, self.info
@@ -429,6 +507,38 @@ class ExporterSession(LiveView):
                              "total_ns": df["total_ns"].to_numpy(np.float64),
                              "hist": df["hist"].to_numpy(), "hist_ns": hist_ns})
 
+    def _owner_labelled(self, inc, aggs):
+        """Owner increases with their labels: lock class (as the lock series), owner
+        class (a vCPU thread: vcpu, else its name without the instance part)."""
+        if inc.empty:
+            return None
+        # the locks' names as the lock series has them (annotated_aggregates)
+        rec = self._recording(aggs[aggs["lock_addr"].isin(inc["lock_addr"])]
+                              if not aggs.empty else aggs)
+        ann = locks.annotated_aggregates(rec) if not aggs.empty else pd.DataFrame()
+        names = dict(zip(ann["lock_addr"], ann["lock"].astype(str))) if not ann.empty else {}
+        comms = {int(o): (int(p), str(c)) for o, p, c in
+                 zip(inc["owner"], inc["owner_tgid"], inc["owner_comm"])}
+        vcpu = locks.vcpu_labels(rec, comms)
+        lock = [locks.lock_class(names.get(a, f"{int(a):#x}")) for a in inc["lock_addr"]]
+        owner = [owners.owner_class(comms[int(o)][1], int(o) in vcpu) for o in inc["owner"]]
+        return pd.DataFrame({"lock": lock, "owner": owner,
+                             "count": inc["count"].to_numpy(np.float64),
+                             "total_ns": inc["total_ns"].to_numpy(np.float64)})
+
+    def _forget_owners(self, cur):
+        """Delete the lock_owners entries of owner threads gone (counted already):
+        the map holds the live owners' only, whatever the host's thread churn."""
+        if cur.empty:
+            return cur
+        gone = _threads_gone(set(zip(cur["owner_tgid"].tolist(), cur["owner"].tolist())))
+        if not gone:
+            return cur
+        rows = cur[cur["owner"].isin(gone)]
+        self.sources["contention"].forget_owners(
+            zip(rows["lock_addr"].tolist(), rows["owner"].tolist()))
+        return cur[~cur["owner"].isin(gone)].reset_index(drop=True)
+
     def _forget(self, aggs, gone):
         """Delete the kernel entries of processes that had exited before this read
         (their last increase is counted now), so that the map holds the live ones
@@ -472,7 +582,7 @@ def serve(collector, listen):
 
 
 def run(options, pids, listen, interval, top_locks, top_vms, warn, echo, filters=None,
-        kfilter=None):
+        kfilter=None, top_owners=TOP_OWNERS):
     """A whole exporter session (options: its SessionOptions): listen first (a taken
     port fails before any probe is loaded), attach, read every `interval` until
     SIGTERM/SIGINT/SIGHUP, detach and stop serving whatever happens."""
@@ -481,7 +591,7 @@ def run(options, pids, listen, interval, top_locks, top_vms, warn, echo, filters
 
     def make_view(sources, status, kbtf):
         return ExporterSession(sources, status, top_locks=top_locks, top_vms=top_vms,
-                               pids=pids, kbtf=kbtf, filters=filters)
+                               top_owners=top_owners, pids=pids, kbtf=kbtf, filters=filters)
     try:
         with live_session(make_view, options, pids, warn, kfilter) as session:
             session.collector = collector

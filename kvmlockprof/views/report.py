@@ -3,7 +3,7 @@ import json
 
 import pandas as pd
 
-from kvmlockprof.analysis import locks
+from kvmlockprof.analysis import locks, owners
 from kvmlockprof.analysis import vcpus
 from kvmlockprof.recording import processes
 
@@ -131,6 +131,8 @@ def table_text(df, by):
                      f"{fmt_ns(r.avg_ns):>10} {fmt_ns(r.p50_ns, bound):>11} "
                      f"{fmt_ns(r.p99_ns, bound):>11} {r.type:>11}  {r.lock:<24} "
                      f"{'K' if r.kvm else '':>3}  {who}")
+        if getattr(r, "owner", ""):
+            lines[-1] += f"  [{r.owner_share:.0%} behind {r.owner}]"
     return lines
 
 
@@ -179,10 +181,56 @@ def sampled_line(rec, by, tids):
     return f"{who}: from the sampled waits ({how})"
 
 
+class NoOwners(ValueError):
+    """--by owner of a recording made without --lock-owner."""
+
+
+def owner_text(rec, df):
+    lines = summary_lines(rec) + ["", f"{'waits':>10} {'wait caused':>12} {'locks':>5}  "
+                                  f"{'owner':<28} {'vm':<16} behind most"]
+    for r in df.itertuples(index=False):
+        share = f"{r.lock_share:.0%}" if r.lock_share == r.lock_share else "-"
+        lines.append(f"{r.waits:>10} {fmt_ns(r.wait_ns):>12} {r.locks:>5}  {r.owner:<28} "
+                     f"{r.vm:<16} {r.lock} ({share} of its wait time)")
+    if df.empty:
+        lines.append("(no wait began while a mutex or write-held rwsem had an owner)")
+    lines.append("owner: the task holding the mutex or write-held rwsem as each wait began "
+                 "(its owner word); a reader-held rwsem and spinlocks name none")
+    return "\n".join(lines) + "\n"
+
+
+def render_owners(rec, sort="total", limit=20, fmt="text", pids=None):
+    """`report --by owner`: a row per owner thread (analysis.owners.by_owner); pids:
+    only owners of these processes."""
+    if not owners.recorded(rec):
+        raise NoOwners(f"{rec.path} was recorded without --lock-owner: record with "
+                       "--lock-owner for --by owner")
+    df = owners.by_owner(rec, sort=sort, owner_pids=pids)
+    df = df.head(limit) if limit else df
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        return json.dumps({"manifest": rec.manifest, "rows": json.loads(
+            df.to_json(orient="records", double_precision=15))}, indent=1)
+    return owner_text(rec, df)
+
+
+def with_owner(rec, df, by):
+    """A lock table with its heaviest owner and that owner's share of the lock's wait
+    time (owner, owner_share), when the recording has owners (--lock-owner)."""
+    if by != "lock" or not owners.recorded(rec) or df.empty:
+        return df
+    top = owners.heaviest(rec)
+    return df.assign(owner=[top.get(n, ("", float("nan")))[0] for n in df["lock"]],
+                     owner_share=[top.get(n, ("", float("nan")))[1] for n in df["lock"]])
+
+
 def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pids=None,
            filters=None, tids=None):
-    df = locks.top(rec, by=by, sort=sort, limit=limit, pids=pids, filters=filters,
-                   tids=tids)
+    if by == "owner":
+        return render_owners(rec, sort=sort, limit=limit, fmt=fmt, pids=pids)
+    df = with_owner(rec, locks.top(rec, by=by, sort=sort, limit=limit, pids=pids,
+                                   filters=filters, tids=tids), by)
     if fmt == "csv":
         return df.to_csv(index=False)
     if fmt == "json":
