@@ -21,7 +21,7 @@ import pytest
 import kvmlockprof
 from kvmlockprof import catalog, lab
 from kvmlockprof.probes import gpc, srcu, xarray, xen_evtchn
-from kvmlockprof.analysis import vcpus
+from kvmlockprof.analysis import locks, vcpus
 from kvmlockprof.views import report
 
 WORKLOAD = "kvmlockprof workload --vcpus 2 --duration 6"
@@ -633,3 +633,75 @@ def test_kernel_memory_at_256_possible_cpus(in_lab):
     print(f"flush_cost at 256 CPUs: {flush}")
     assert flush["possible_cpus"] == 256
     assert flush["per_cpu"]["agg_bytes"] > 50 * flush["shared"]["agg_bytes"]
+
+
+# the mutex lockers traced by owner_oracle.py, and when each one's return means "taken"
+TAKEN = {"mutex_lock_ret": lambda r: True, "mutex_lock_killable_ret": lambda r: r == 0,
+         "mutex_lock_interruptible_ret": lambda r: r == 0,
+         "mutex_trylock_ret": lambda r: r == 1}
+LCB_F_MUTEX = 1 << 5        # include/trace/events/lock.h
+
+
+def holders_at_waits(events, tgid):
+    """From the kernel's tracer alone: each mutex wait of process tgid's threads (its
+    contention_end, from the last contention_begin before it, as the kernel's
+    owner word is read at a begin) counted by the thread that had returned from taking
+    the lock and not unlocked it yet at that begin (0: none). {(lock, tid): waits}."""
+    calls, holder, begun, out = {}, {}, {}, {}
+    for tid, tg, _, ev, f in events:
+        if ev in ("mutex_lock", "mutex_lock_killable", "mutex_lock_interruptible",
+                  "mutex_trylock"):
+            calls.setdefault(tid, []).append((ev, f["lock"]))
+        elif ev in TAKEN:
+            if not calls.get(tid):
+                continue                    # (entered before the tracer was on)
+            fn, lock = calls[tid].pop()
+            assert fn + "_ret" == ev, (tid, fn, ev)
+            if TAKEN[ev](f["ret"]):
+                holder[lock] = tid
+        elif ev == "mutex_unlock":
+            if holder.get(f["lock"]) == tid:
+                del holder[f["lock"]]
+        elif ev == "contention_begin" and tg == tgid and f["flags"] & LCB_F_MUTEX:
+            begun[(tid, f["lock_addr"])] = holder.get(f["lock_addr"], 0)
+        elif ev == "contention_end" and tg == tgid:
+            o = begun.pop((tid, f["lock_addr"]), None)
+            if o is not None:
+                out[(f["lock_addr"], o)] = out.get((f["lock_addr"], o), 0) + 1
+    return out
+
+
+@pytest.mark.lab
+def test_lock_owners_equal_the_kernels_holders(in_lab):
+    """record --lock-owner on the churn workload, inside the kernel's own record of who
+    took and released every mutex (kprobes on the lockers' entries and returns and on
+    mutex_unlock, the contention tracepoints; tests/owner_oracle.py): of the workload's
+    mutex waits that began while a thread held the lock, kvmlockprof names that thread
+    for at least 99%, per lock and owner."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("owner_oracle.py reads the lock argument in %di (x86-64)")
+    oracle = os.path.join(os.path.dirname(os.path.abspath(__file__)), "owner_oracle.py")
+    d = in_lab(f"python3 {shlex.quote(oracle)} owners.jsonl -- kvmlockprof record -q "
+               f"--lock-owner --probes contention -o owners.parquet -- {WORKLOAD} --churn "
+               f"--churn-threads 2")
+    rec = kvmlockprof.load(d / "owners.parquet")
+    pid = rec.manifest["pid_filter"][0]
+    with open(d / "owners.jsonl") as f:
+        truth = holders_at_waits((json.loads(ln) for ln in f), pid)
+    t = rec.table("lock_owners")
+    ours = {}
+    for a, o, n in zip(t["lock_addr"], t["owner"], t["count"]):
+        ours[(int(a), int(o))] = ours.get((int(a), int(o)), 0) + int(n)
+    mutexes = {a for a, _ in truth}
+    held = {k: n for k, n in truth.items() if k[1]}
+    names = locks.lock_names(rec)
+    print("lock, owner: kvmlockprof | the kernel's tracer")
+    for k in sorted(set(held) | {k for k in ours if k[0] in mutexes}):
+        print(f"  {names.get(f'{k[0]:#x}', f'{k[0]:#x}'):<28} {k[1]:>7}: "
+              f"{ours.get(k, 0):>6} | {truth.get(k, 0):>6}")
+    print(f"  waits that began with no holder traced: {sum(truth.values()) - sum(held.values())}")
+    agree = sum(min(n, ours.get(k, 0)) for k, n in held.items())
+    assert sum(held.values()) >= 50, truth
+    assert agree >= 0.99 * sum(held.values()), (agree, sum(held.values()))
+    # and nothing named beyond the waits the kernel saw
+    assert sum(n for k, n in ours.items() if k[0] in mutexes) <= sum(truth.values())

@@ -1,0 +1,61 @@
+"""Who held each mutex, by the kernel's own tracer (no project code): kprobe events on
+the mutex lock functions' entries and returns and on mutex_unlock, and the lock
+contention tracepoints, in an ftrace instance of their own around a command; written
+as JSON lines (tid, tgid, ts_ns, event, fields) for test_lab's owner check. x86-64
+(the lock argument in %di). Run as root: owner_oracle.py OUT -- COMMAND..."""
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ftrace import Ftrace  # noqa: E402
+
+from kvmlockprof.kernel import tracefs  # noqa: E402
+
+GROUP = "kvmlp_owner"
+LOCKERS = ("mutex_lock", "mutex_lock_killable", "mutex_lock_interruptible", "mutex_trylock")
+PROBES = [f"p:{GROUP}/{f} {f} lock=%di:x64" for f in LOCKERS] + \
+    [f"r64:{GROUP}/{f}_ret {f} ret=$retval:s32" for f in LOCKERS] + \
+    [f"p:{GROUP}/mutex_unlock mutex_unlock lock=%di:x64"]
+
+
+def kprobe_events(lines):
+    with open(os.path.join(tracefs.tracefs_path(), "kprobe_events"), "a") as f:
+        for ln in lines:
+            f.write(ln + "\n")
+            f.flush()
+
+
+def missed():
+    """Hits the kprobes missed (kprobe_profile's third column), of ours."""
+    ours = {p.split()[0].split("/")[1] for p in PROBES}
+    with open(os.path.join(tracefs.tracefs_path(), "kprobe_profile")) as f:
+        return sum(int(ln.split()[2]) for ln in f if ln.split()[0] in ours)
+
+
+def main():
+    out, cmd = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
+    kprobe_events(PROBES)
+    events = {f"{GROUP}/{p.split()[0].split('/')[1]}": None for p in PROBES}
+    events.update({"lock/contention_begin": None, "lock/contention_end": None})
+    tr = None
+    try:
+        tr = Ftrace("kvmlp-owners", events, buffer_kb=32768)
+        rc = subprocess.call(cmd)
+        tr.stop()
+        if tr.overruns() or missed():
+            sys.exit(f"ftrace lost events ({tr.overruns()} overruns, {missed()} kprobe "
+                     "hits missed)")
+        with open(out, "w") as f:
+            for ev in tr.events():
+                f.write(json.dumps(ev) + "\n")
+    finally:
+        if tr is not None:
+            tr.remove()
+        kprobe_events([f"-:{GROUP}/{p.split()[0].split('/')[1]}" for p in PROBES])
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()
