@@ -653,15 +653,38 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
  * skews every per-caller number (callers come from walked waits). The rest of
  * the handlers falls inside every wait alike (the resolution floor, measured:
  * manifest handler_ns). An outside clock (perf, ftrace) sees the walk inside. */
-/* A lock the waiter can tell (lock_kinds): its own mm's mmap_lock, or a lock on its
+/* A lock the waiter can tell (lock_kinds): its own mm's mmap_lock (or the spinlock
+ * inside it that its waiters queue under), or a lock on its
  * own kernel stack (a completion's, a wait queue's: the frame holding it is its
- * caller's). Not a kernel thread's: one working on a process's mm (kthread_use_mm)
- * would tell that process's lock as its own. */
-static __always_inline void tell_kind(u64 lock, u64 id, s32 stack_id)
+ * caller's); not a kernel thread's nor an interrupt's (a kernel thread working on a
+ * process's mm, kthread_use_mm, would tell that process's lock as its own). And, by
+ * any waiter, a page allocator zone's lock: the spinlock whose zone's zone_pgdat
+ * holds that zone in its node_zones. */
+static __always_inline void tell_kind(u64 lock, u64 id, s32 stack_id, u32 flags, int irq)
 {
-	u64 task = bpf_get_current_task();
 	struct kvmlp_lock_kind_val v = {};
 	v.stack_id = stack_id;
+#if KVMLP_OFF_ZONE_LOCK >= 0 && KVMLP_OFF_ZONE_PGDAT >= 0 && \
+	KVMLP_OFF_PGDAT_NODE_ZONES >= 0 && KVMLP_OFF_PGDAT_NODE_ZONELISTS >= 0 && \
+	KVMLP_OFF_PGDAT_NODE_ID >= 0
+	if ((flags & KVMLP_LCB_F_SPIN) && !(flags & (KVMLP_LCB_F_READ | KVMLP_LCB_F_WRITE))) {
+		u64 zone = lock - KVMLP_OFF_ZONE_LOCK, pgdat = 0;
+		bpf_probe_read_kernel(&pgdat, sizeof(pgdat), (void *)(zone + KVMLP_OFF_ZONE_PGDAT));
+		u64 first = pgdat + KVMLP_OFF_PGDAT_NODE_ZONES;
+		if (pgdat && zone >= first && zone < pgdat + KVMLP_OFF_PGDAT_NODE_ZONELISTS) {
+			int node = 0;
+			bpf_probe_read_kernel(&node, sizeof(node),
+					      (void *)(pgdat + KVMLP_OFF_PGDAT_NODE_ID));
+			v.kind = KVMLP_LOCK_ZONE;
+			v.id = ((u32)node << 16) | (u32)((zone - first) & 0xffff);
+			lock_kinds.update(&lock, &v);
+			return;
+		}
+	}
+#endif
+	if (irq)
+		return;
+	u64 task = bpf_get_current_task();
 #if KVMLP_OFF_TASK_FLAGS >= 0
 	u32 pflags = 0;
 	bpf_probe_read_kernel(&pflags, sizeof(pflags), (void *)(task + KVMLP_OFF_TASK_FLAGS));
@@ -675,6 +698,12 @@ static __always_inline void tell_kind(u64 lock, u64 id, s32 stack_id)
 		v.kind = KVMLP_LOCK_MM;
 		v.id = id >> 32;
 	}
+#if KVMLP_OFF_RWSEM_WAIT_LOCK >= 0
+	else if (mm && lock == mm + KVMLP_OFF_MM_MMAP_LOCK + KVMLP_OFF_RWSEM_WAIT_LOCK) {
+		v.kind = KVMLP_LOCK_MM_WAIT_LOCK;
+		v.id = id >> 32;
+	}
+#endif
 #endif
 #if KVMLP_OFF_TASK_STACK >= 0
 	u64 stack = 0;
@@ -778,8 +807,8 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	if (!a) {
 		struct kvmlp_agg_val *zero = agg_zero.lookup(&zero_idx);
 		a = zero ? agg.lookup_or_try_init(&ak, zero) : NULL;
-		if (a && !irq)          /* (not with the map full: that would be every wait) */
-			tell_kind(lock, id, stack_id);
+		if (a)          /* (not with the map full: that would be every wait) */
+			tell_kind(lock, id, stack_id, flags, irq);
 	}
 	if (a) {
 		kvmlp_add(&a->count, 1);

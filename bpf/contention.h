@@ -113,6 +113,9 @@ struct kvmlp_owner_val {
 enum kvmlp_lock_kind {
 	KVMLP_LOCK_MM = 1,          /* the waiter's own mm->mmap_lock; id: its tgid */
 	KVMLP_LOCK_STACK,           /* on the waiter's own kernel stack; id: its tid */
+	KVMLP_LOCK_ZONE,            /* a struct zone's lock; id: node << 16 | the zone's
+				     * byte offset in its node's node_zones */
+	KVMLP_LOCK_MM_WAIT_LOCK,    /* the waiter's own mm->mmap_lock.wait_lock; id: its tgid */
 };
 
 struct kvmlp_lock_kind_val {

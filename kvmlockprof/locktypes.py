@@ -38,16 +38,19 @@ _PID = re.compile(r"^kvm\(\d+\)->(vcpu\d+->)?")
 
 
 # the other names with an instance in them (recording.locknames.KernelNamer)
-_INSTANCE = re.compile(r"^(rq|mm)\((cpu )?\d+\)->")
+_INSTANCE = re.compile(r"^(rq|mm|zone)\([^)]*\)->")
 _AT = re.compile(r"@[0-9a-f]+$")
+_PERCPU = re.compile(r"^(\w+)\(cpu \d+\)(?!->)")
 
 
 def lock_class(name):
     """A lock's class, its place in any VM, CPU or process: `kvm(1234)->vcpu0->mutex`
     -> `vcpu->mutex`; `kvm(1234)->slots_lock` -> `kvm->slots_lock`; `rq(cpu 3)->__lock`
     -> `rq->__lock`; `mm(1234)->mmap_lock` -> `mm->mmap_lock`;
-    `zone->lock@ffff888...` -> `zone->lock`."""
+    `zone(Node 0, Normal)->lock`, `zone->lock@ffff888...` -> `zone->lock`;
+    `timer_bases(cpu 1)[0].lock` -> `timer_bases[0].lock`."""
     name = _PID.sub(lambda m: "vcpu->" if m.group(1) else "kvm->", name)
+    name = _PERCPU.sub(r"\1", name)
     return _AT.sub("", _INSTANCE.sub(lambda m: f"{m.group(1)}->", name))
 
 

@@ -32,10 +32,14 @@ def storm(live, tmp_path_factory):
     return kvmlockprof.load(out)
 
 
+def _bpftool_btf():
+    return subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"],
+                          capture_output=True, text=True, check=True).stdout
+
+
 def _runqueues_offset():
     """`runqueues`' offset in the per-CPU section, from BTF (bpftool)."""
-    dump = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"],
-                          capture_output=True, text=True, check=True).stdout
+    dump = _bpftool_btf()
     m = re.search(r"offset=(\d+) size=\d+ \(VAR 'runqueues'\)", dump)
     assert m, "no runqueues in the kernel's per-CPU data section (BTF)"
     return int(m.group(1))
@@ -62,6 +66,16 @@ def test_run_queue_locks_are_each_cpus_runqueues(storm):
         assert base % 4096 == 0, (name, hex(addr), hex(runqueues))
         bases[cpu] = base
     assert len(set(bases.values())) == len(bases), bases
+    # and a lock named inside another per-CPU variable lies inside that CPU's copy of
+    # it (bpftool's offset and size of the variable)
+    dump = _bpftool_btf()
+    var = {v: (int(o), int(n)) for o, n, v in
+           re.findall(r"offset=(\d+) size=(\d+) \(VAR '(\w+)'\)", dump)}
+    for a, v in storm.manifest["lock_names"].items():
+        m = re.match(r"(\w+)\(cpu (\d+)\)[\[.]", v["name"])
+        if m and int(m.group(2)) in bases:
+            o, n = var[m.group(1)]
+            assert 0 <= int(a, 16) - bases[int(m.group(2))] - o < n, (a, v["name"])
 
 
 def test_mmap_lock_named_with_its_process(storm):
@@ -109,3 +123,50 @@ def test_lock_owners_are_the_threads_that_take_the_lock(live, tmp_path):
     assert slots["owner"].str.match(r"kvmlp-churn\d \(\d+\)$").all(), slots
     assert (slots["vm"] != "?").all(), slots          # the owners' process is known
     assert slots["share"].sum() > 0.95, slots
+
+
+# The page allocator's functions that take a zone's lock (mm/page_alloc.c; inlined
+# ones show as their callers)
+ZONE_LOCK_PATHS = re.compile(r"^(free_pcppages_bulk|free_one_page|rmqueue_bulk|"
+                             r"__rmqueue_pcplist|rmqueue_buddy|rmqueue|__free_pages_ok|"
+                             r"split_free_page|drain_pages_zone|zone_pcp_\w+)\+")
+
+
+def test_zone_locks_are_the_kernels_zones(live, tmp_path):
+    """Pages allocated and freed in bulk on both CPUs (tests/page_storm.py), per-CPU
+    page lists made small (vm.percpu_pagelist_high_fraction) so that most of them take
+    their zone's lock: every lock named zone(Node N, TYPE)->lock has its walked waits
+    in the page allocator's zone functions only (the kernel's stacks) and is a zone
+    /proc/zoneinfo lists; every lock waited on from those functions is named so."""
+    knob = "/proc/sys/vm/percpu_pagelist_high_fraction"
+    with open(knob) as f:
+        before = f.read().strip()
+    out = tmp_path / "zones.parquet"
+    try:
+        with open(knob, "w") as f:
+            f.write("100000000")
+        klp("record", "-q", "-a", "--stack-budget", 0, "-o", out, "--",
+            sys.executable, f"{ROOT}/tests/page_storm.py", 4, 2, timeout=120)
+    finally:
+        with open(knob, "w") as f:
+            f.write(before)
+    rec = kvmlockprof.load(out)
+    names = {int(a, 16): v["name"] for a, v in rec.manifest["lock_names"].items()}
+    frames = dict(zip(rec.table("stacks")["stack_id"], rec.table("stacks")["frames"]))
+    callers = {}
+    for a, sid in zip(rec.aggregates["lock_addr"], rec.aggregates["stack_id"]):
+        f = frames.get(int(sid))
+        if f is not None:
+            callers.setdefault(int(a), set()).update(
+                x.split("+")[0] for x in f[:8] if ZONE_LOCK_PATHS.match(x))
+    with open("/proc/zoneinfo") as f:
+        zones = set(re.findall(r"^Node (\d+), zone\s+(\S+)$", f.read(), re.M))
+    named = {a: n for a, n in names.items() if n.startswith("zone(")}
+    print({f"{a:#x}": (n, sorted(callers.get(a, ()))) for a, n in named.items()})
+    assert named, "no zone lock contended while the storm ran"
+    for a, n in named.items():
+        node, typ = re.match(r"zone\(Node (\d+), (\w+)\)->lock$", n).groups()
+        assert (node, typ) in zones, (n, zones)
+        assert callers.get(a), (hex(a), n, "no wait of it from the zone functions")
+    waited = {a for a, c in callers.items() if c}
+    assert waited <= set(named), {hex(a): names.get(a) for a in waited - set(named)}

@@ -291,8 +291,13 @@ def test_kernel_namer_names_run_queues_and_mmap_locks():
     about; an mm address a newer process took named by the newer one."""
 
     class Layout:
+        enums = {}
+
         def offset(self, struct, field):
             return {("rq", "__lock"): 0}.get((struct, field))
+
+        def size(self, struct):
+            return None
     k = locknames.KernelNamer(Layout())
     k.run_queues({0: 0xffff888627c2fb80, 1: 0xffff888627d2fb80})
     k.lock_kinds({0xffff888161fa64b8: ("mm", 100, -1)})
@@ -311,8 +316,13 @@ def test_kernel_namer_classes_by_caller_and_on_stack():
     run queue's)."""
 
     class Layout:
+        enums = {}
+
         def offset(self, struct, field):
             return {("rq", "__lock"): 0}.get((struct, field))
+
+        def size(self, struct):
+            return None
     k = locknames.KernelNamer(Layout())
     callers = {1: {"futex_wake+0x102", "futex_q_lock+0x2a"}, 2: {"futex_wake+0x10", "foo+0x1"},
                3: {"free_pcppages_bulk+0x5d"}, 4: {"try_to_wake_up+0x4e"},
@@ -327,3 +337,44 @@ def test_kernel_namer_classes_by_caller_and_on_stack():
     assert k.names([4], callers)["0x4"]["name"] == "task->pi_lock@4"
     from kvmlockprof.locktypes import lock_class
     assert lock_class("zone->lock@ffff888100055800") == "zone->lock"
+    assert lock_class("zone(Node 1, DMA32)->lock") == "zone->lock"
+
+
+def test_kernel_namer_names_zones_as_zoneinfo_does(kbtf):
+    """A zone lock told by its waiter (node, the zone's offset in node_zones) is named
+    with the zone's type as /proc/zoneinfo prints it; an offset that is not a whole
+    zone names nothing."""
+    import re
+    size = kbtf.size("zone")
+    normal = next(v for v, n in kbtf.enums["zone_type"].items() if n == "ZONE_NORMAL")
+    k = locknames.KernelNamer(kbtf)
+    k.lock_kinds({0x10: ("zone", normal * size, -1), 0x20: ("zone", (1 << 16) | 8, -1)})
+    got = {a: v["name"] for a, v in k.names([0x10, 0x20]).items()}
+    assert got == {"0x10": "zone(Node 0, Normal)->lock"}
+    with open("/proc/zoneinfo") as f:
+        zones = re.findall(r"^Node (\d+), zone\s+(\S+)$", f.read(), re.M)
+    assert ("0", "Normal") in zones         # the name is one of the kernel's own
+
+
+def test_kernel_namer_names_locks_in_per_cpu_variables(kbtf):
+    """Each CPU's copy of the per-CPU section starts at its run queue less runqueues'
+    offset: a lock inside a per-CPU variable is named by the variable, the CPU and
+    its place in it. The layout expected is bpftool's text (not this project's BTF
+    reader): timer_bases, an array of struct timer_base whose first member is lock."""
+    import re
+    import subprocess
+    dump = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"],
+                          capture_output=True, text=True, check=True).stdout
+    off = {v: int(o) for o, v in re.findall(r"offset=(\d+) size=\d+ \(VAR '(\w+)'\)", dump)}
+    m = re.search(r"STRUCT 'timer_base' size=(\d+) vlen=\d+\n\t'lock' type_id=\d+ "
+                  r"bits_offset=0\n", dump)
+    if "timer_bases" not in off or not m:
+        pytest.skip("no per-CPU timer_bases with lock first in this kernel")
+    base = {0: 0xffff888627c00000, 1: 0xffff888627d00000}
+    k = locknames.KernelNamer(kbtf)
+    k.run_queues({cpu: b + off["runqueues"] for cpu, b in base.items()})
+    a = base[1] + off["timer_bases"] + int(m.group(1))          # timer_bases[1].lock
+    got = k.names([a, a + 8, base[0] + off["timer_bases"]])
+    assert {x: v["name"] for x, v in got.items()} == {
+        f"{a:#x}": "timer_bases(cpu 1)[1].lock",
+        f"{base[0] + off['timer_bases']:#x}": "timer_bases(cpu 0)[0].lock"}

@@ -51,12 +51,16 @@ class Btf:
                     units.append({**base, **own})
         self.structs = {}                  # name -> (id space, type)
         self.funcs = {}                    # name -> (id space, FUNC_PROTO)
+        self.enums = {}                    # name -> {value: enumerator}
         for unit in units:
             for t in unit.values():
                 if t["kind"] in ("STRUCT", "UNION") and t.get("name") and t.get("size"):
                     self.structs.setdefault(t["name"], (unit, t))
                 elif t["kind"] == "FUNC":
                     self.funcs.setdefault(t["name"], (unit, unit.get(t["type_id"])))
+                elif t["kind"] in ("ENUM", "ENUM64") and t.get("name"):
+                    self.enums.setdefault(t["name"], {v["val"]: v["name"]
+                                                      for v in t.get("values", [])})
         self.by_id = base
 
     @staticmethod
@@ -171,6 +175,54 @@ class Btf:
         if t:
             walk(t, 0, [])
         return out
+
+    def percpu_vars(self):
+        """The per-CPU variables BTF describes ((offset in the per-CPU section, size,
+        name, type id), by offset) and the section's size: ([], 0) without one."""
+        if not hasattr(self, "_percpu"):
+            sec = next((t for t in self.by_id.values() if t["kind"] == "DATASEC"
+                        and t.get("name") == ".data..percpu"), None)
+            out = []
+            for v in (sec or {}).get("vars", []):
+                var = self.by_id.get(v["type_id"])
+                if var and var["kind"] == "VAR":
+                    out.append((v["offset"], v["size"], var["name"], var["type_id"]))
+            self._percpu = (sorted(out), (sec or {}).get("size", 0))
+        return self._percpu
+
+    def lock_at(self, type_id, offset, unit=None):
+        """The path (".lock", "[1].lock") of the lock that starts `offset` bytes into a
+        value of type `type_id`, through structs, unions and arrays, or None."""
+        unit = unit or self.by_id
+        t, path = self.resolve(type_id, unit), ""
+        while t:
+            if t["kind"] == "ARRAY":
+                el = self.resolve(t["type_id"], unit)
+                size = self._sizeof(el, unit)
+                if not size or offset // size >= t["nr_elems"]:
+                    return None
+                path += f"[{offset // size}]"
+                offset %= size
+                names, t = self._type_names(t["type_id"], unit)
+                if LOCK_TYPES.intersection(names):
+                    return path if offset == 0 else None
+                continue
+            if t["kind"] not in ("STRUCT", "UNION"):
+                return None
+            for m in t.get("members", []):
+                names, mt = self._type_names(m["type_id"], unit)
+                start = m["bits_offset"] // 8
+                if start <= offset < start + self._sizeof(mt, unit):
+                    break
+            else:
+                return None
+            if m["name"] not in ("(anon)", ""):
+                path += f".{m['name']}"
+            offset -= start
+            if LOCK_TYPES.intersection(names):
+                return path if offset == 0 else None
+            t = mt
+        return None
 
     def _sizeof(self, t, unit):
         if t is None:

@@ -35,7 +35,12 @@ PROBE = Probe(
             "MM_MMAP_LOCK": ("mm_struct", "mmap_lock"),
             "TASK_CFS_RQ": ("task_struct", "se.cfs_rq"), "CFS_RQ_RQ": ("cfs_rq", "rq"),
             "TASK_PID": ("task_struct", "pid"), "MUTEX_OWNER": ("mutex", "owner"),
-            "RWSEM_OWNER": ("rw_semaphore", "owner")},
+            "RWSEM_OWNER": ("rw_semaphore", "owner"),
+            "RWSEM_WAIT_LOCK": ("rw_semaphore", "wait_lock"),
+            "ZONE_LOCK": ("zone", "lock"), "ZONE_PGDAT": ("zone", "zone_pgdat"),
+            "PGDAT_NODE_ZONES": ("pglist_data", "node_zones"),
+            "PGDAT_NODE_ZONELISTS": ("pglist_data", "node_zonelists"),
+            "PGDAT_NODE_ID": ("pglist_data", "node_id")},
     tables=("contention", "aggregates", "stacks", "vcpu_exits", "vcpu_exit_waits",
             "nested_waits", "lock_owners"),
     columns={
@@ -70,7 +75,10 @@ PROBE = Probe(
 COUNTERS = PROBE.counters           # enum contention_counter, bpf/contention.h
 # enum kvmlp_lock_kind, bpf/contention.h
 LOCK_KINDS = cdefs.labels("contention.h", "kvmlp_lock_kind", {"KVMLP_LOCK_MM": "mm",
-                                                              "KVMLP_LOCK_STACK": "stack"})
+                                                              "KVMLP_LOCK_STACK": "stack",
+                                                              "KVMLP_LOCK_ZONE": "zone",
+                                                              "KVMLP_LOCK_MM_WAIT_LOCK":
+                                                                  "mm_wait_lock"})
 
 # Its knobs' defaults (ContentionOptions)
 SAMPLE_EVERY = 1            # stream every wait as a sample
@@ -408,7 +416,8 @@ class ContentionProbe:
 
     def lock_kinds(self):
         """{lock address: (kind, id, stack id)} of the locks their waiters told since the
-        last read (lock_kinds in the C: ("mm", tgid), ("stack", tid)); read entries
+        last read (lock_kinds in the C: ("mm", tgid), ("stack", tid), ("zone", node << 16
+        | its offset in node_zones)); read entries
         are deleted, so the map holds only what is new."""
         t = self.bpf["lock_kinds"]
         out = {}

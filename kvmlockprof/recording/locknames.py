@@ -14,6 +14,7 @@ it by field path. Bases come from two places, and the recording says which:
   arm64) the only rwlock the MMU code takes is kvm->mmu_lock, so an rwlock
   contended with a kvm_mmu_* / kvm_tdp_mmu_* caller sits at kvm + offsetof(mmu_lock).
 """
+import bisect
 import re
 import time
 
@@ -297,11 +298,13 @@ class KernelNamer:
     allocated and on-stack data), by the rule that tells each, in this order:
     - `rq(cpu N)->__lock`: each CPU's run queue, found once at the start by running
       on that CPU (ContentionProbe.run_queues), its lock at its BTF offset;
-    - `mm(PID)->mmap_lock`: a waiter's own mm's lock, told by the waiter when its
+    - `mm(PID)->mmap_lock[.wait_lock]`: a waiter's own mm's lock (or the spinlock its
+      waiters queue under), told by the waiter when its
       aggregate is made (ContentionProbe.lock_kinds); an address a new process's mm
       takes is named by its latest owner;
     - `on-stack(FUNCTION)@ADDR`: on the waiter's own kernel stack (told the same way),
       named by the caller of the wait that told it;
+    - `zone(Node N, TYPE)->lock`: a page allocator zone's, told by any waiter;
     - a class by the lock's callers (CALLER_CLASSES), when all its walked callers
       agree: `futex_hash_bucket->lock@ADDR`, `zone->lock@ADDR`, ...
     A name is one address's (`@ADDR` where the rule names a class, not an instance);
@@ -311,6 +314,10 @@ class KernelNamer:
         self.rq_field = next((f for f in ("__lock", "lock")
                               if kbtf and kbtf.offset("rq", f) is not None), None)
         self.rq_off = kbtf.offset("rq", self.rq_field) if self.rq_field else None
+        self.kbtf = kbtf
+        self.percpu = {}        # cpu -> the address of its copy of the per-CPU section
+        self.zone_size = kbtf.size("zone") if kbtf else None
+        self.zone_types = kbtf.enums.get("zone_type", {}) if kbtf else {}
         self.by_addr = {}       # lock address -> {"name", "how"}: rq and mm
         self.told = {}          # lock address -> (kind, id): the waiters'
         self.rqs = 0            # run queues found
@@ -320,7 +327,11 @@ class KernelNamer:
         if self.rq_off is None:
             return
         self.rqs += len(rqs)
+        pv, _ = self.kbtf.percpu_vars() if hasattr(self.kbtf, "percpu_vars") else ([], 0)
+        runqueues = next((o for o, _, n, _ in pv if n == "runqueues"), None)
         for cpu, rq in rqs.items():
+            if runqueues is not None:
+                self.percpu[cpu] = rq - runqueues
             self.by_addr[rq + self.rq_off] = {
                 "name": f"rq(cpu {cpu})->{self.rq_field}",
                 "how": f"CPU {cpu}'s run queue (struct rq, found from a task running there: "
@@ -333,9 +344,56 @@ class KernelNamer:
                 self.by_addr[addr] = {"name": f"mm({ident})->mmap_lock",
                                       "how": "the waiter's own mm_struct's mmap_lock "
                                              "(task->mm, BTF offsets)"}
+            elif kind == "mm_wait_lock":
+                self.by_addr[addr] = {"name": f"mm({ident})->mmap_lock.wait_lock",
+                                      "how": "the spinlock inside the waiter's own mm's "
+                                             "mmap_lock (rw_semaphore.wait_lock, BTF "
+                                             "offsets)"}
+            elif kind == "zone" and self.zone(ident):
+                self.by_addr[addr] = self.zone(ident)
             else:
                 self.by_addr.pop(addr, None)        # (a freed mm's address, reused)
                 self.told[addr] = (kind, ident, stack_id)
+
+    def percpu_lock(self, a):
+        """{"name", "how"} of a lock inside a static per-CPU variable (`timer_bases(cpu
+        1)[0].lock`), or None: each CPU's copy of the per-CPU section starts where its
+        run queue, less runqueues' offset in it (BTF), does."""
+        if not self.percpu:
+            return None
+        pv, size = self.kbtf.percpu_vars()
+        offs = [o for o, _, _, _ in pv]
+        for cpu, base in self.percpu.items():
+            if 0 <= a - base < size:
+                i = bisect.bisect_right(offs, a - base) - 1
+                if i < 0 or a - base >= offs[i] + pv[i][1]:
+                    return None
+                off, _, var, tid = pv[i]
+                path = self.kbtf.lock_at(tid, a - base - off)
+                if path is None:
+                    return None
+                return {"name": f"{var}(cpu {cpu}){path}",
+                        "how": f"in CPU {cpu}'s copy of the per-CPU variable {var} (BTF's "
+                               f"per-CPU section, that CPU's copy placed by its run queue)"}
+        return None
+
+    def zone(self, ident):
+        """A zone lock's {"name", "how"} from its waiter's (node << 16 | byte offset of
+        the zone in its node's node_zones), or None: its type is the offset over
+        sizeof(struct zone), named as /proc/zoneinfo names it (zone_type ZONE_NORMAL
+        -> Normal, ZONE_DMA32 -> DMA32)."""
+        node, off = ident >> 16, ident & 0xffff
+        if not self.zone_size or off % self.zone_size:
+            return None
+        t = self.zone_types.get(off // self.zone_size, "")
+        if not t.startswith("ZONE_"):
+            return None
+        t = t.removeprefix("ZONE_")
+        t = t if t.startswith("DMA") else t.capitalize()
+        return {"name": f"zone(Node {node}, {t})->lock",
+                "how": f"a page allocator zone's lock: its zone's zone_pgdat (node {node}) "
+                       f"holds it as node_zones[{off // self.zone_size}] (BTF offsets, "
+                       "enum zone_type), read by its waiter"}
 
     def names(self, addrs, callers=None, stack_callers=None, sleeping=()):
         """{hex address: {"name", "how"}} of these addresses this can name; callers:
@@ -345,6 +403,10 @@ class KernelNamer:
         for a in map(int, addrs):
             if a in self.by_addr:
                 out[f"{a:#x}"] = self.by_addr[a]
+                continue
+            pc = self.percpu_lock(a)
+            if pc:
+                out[f"{a:#x}"] = pc
                 continue
             kind, ident, sid = self.told.get(a, (None, None, None))
             fn = _function((stack_callers or {}).get(sid, ""))
