@@ -284,8 +284,12 @@ CALLER_CLASSES = [(re.compile(r), n) for r, n in (
     (r"(srcu_gp_start_if_needed|srcu_funnel_gp_start|srcu_gp_start|srcu_invoke_callbacks|"
      r"srcu_reschedule)$", "srcu_struct/srcu_data lock"),
     (r"(rcu_report_qs_rnp|rcu_report_qs_rdp|note_gp_changes|rcu_gp_init|rcu_gp_cleanup|"
-     r"rcu_accelerate_cbs_unlocked|rcu_gp_fqs_loop|force_qs_rnp|rcu_start_this_gp)$",
-     "rcu_node->lock"))]
+     r"rcu_accelerate_cbs_unlocked|rcu_gp_fqs_loop|force_qs_rnp|rcu_start_this_gp|"
+     r"rcu_core)$", "rcu_node->lock"),
+    (r"(lock_timer_base|run_timer_softirq|__run_timers|__mod_timer|add_timer_on)$",
+     "timer_base->lock"),
+    (r"(eventfd_write|eventfd_read|eventfd_signal_mask)$", "eventfd_ctx->wqh.lock"),
+    (r"(alloc_fd|close_fd|file_close_fd|do_dup2|replace_fd)$", "files_struct->file_lock"))]
 
 
 def _function(frame):
