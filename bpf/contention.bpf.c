@@ -654,7 +654,8 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
  * the handlers falls inside every wait alike (the resolution floor, measured:
  * manifest handler_ns). An outside clock (perf, ftrace) sees the walk inside. */
 /* A lock the waiter can tell (lock_kinds): its own mm's mmap_lock (or the spinlock
- * inside it that its waiters queue under), or a lock on its
+ * inside it that its waiters queue under), a bucket of its process's private futex
+ * hash, or a lock on its
  * own kernel stack (a completion's, a wait queue's: the frame holding it is its
  * caller's); not a kernel thread's nor an interrupt's (a kernel thread working on a
  * process's mm, kthread_use_mm, would tell that process's lock as its own). And, by
@@ -704,6 +705,22 @@ static __always_inline void tell_kind(u64 lock, u64 id, s32 stack_id, u32 flags,
 		v.id = id >> 32;
 	}
 #endif
+#endif
+#if KVMLP_OFF_TASK_MM >= 0 && KVMLP_OFF_MM_MMAP_LOCK >= 0 && KVMLP_OFF_MM_FUTEX_PHASH >= 0 && \
+	KVMLP_OFF_FPH_HASH_MASK >= 0 && \
+	KVMLP_OFF_FPH_QUEUES >= 0 && KVMLP_OFF_FHB_LOCK >= 0 && KVMLP_OFF_FHB_SIZE > 0
+	u64 ph = 0;
+	if (!v.kind && mm)
+		bpf_probe_read_kernel(&ph, sizeof(ph), (void *)(mm + KVMLP_OFF_MM_FUTEX_PHASH));
+	if (ph) {
+		u32 mask = 0;
+		bpf_probe_read_kernel(&mask, sizeof(mask), (void *)(ph + KVMLP_OFF_FPH_HASH_MASK));
+		u64 at = lock - (ph + KVMLP_OFF_FPH_QUEUES) - KVMLP_OFF_FHB_LOCK;
+		if (at < ((u64)mask + 1) * KVMLP_OFF_FHB_SIZE && at % KVMLP_OFF_FHB_SIZE == 0) {
+			v.kind = KVMLP_LOCK_FUTEX;
+			v.id = id >> 32;
+		}
+	}
 #endif
 #if KVMLP_OFF_TASK_STACK >= 0
 	u64 stack = 0;

@@ -116,6 +116,8 @@ enum kvmlp_lock_kind {
 	KVMLP_LOCK_ZONE,            /* a struct zone's lock; id: node << 16 | the zone's
 				     * byte offset in its node's node_zones */
 	KVMLP_LOCK_MM_WAIT_LOCK,    /* the waiter's own mm->mmap_lock.wait_lock; id: its tgid */
+	KVMLP_LOCK_FUTEX,           /* a bucket's lock in the waiter's own process's private
+				     * futex hash (mm->futex_phash, 6.16+); id: its tgid */
 };
 
 struct kvmlp_lock_kind_val {

@@ -38,7 +38,7 @@ _PID = re.compile(r"^kvm\(\d+\)->(vcpu\d+->)?")
 
 
 # the other names with an instance in them (recording.locknames.KernelNamer)
-_INSTANCE = re.compile(r"^(rq|mm|zone)\([^)]*\)->")
+_INSTANCE = re.compile(r"^(rq|mm|zone|futex_hash_bucket)\([^)]*\)->")
 _AT = re.compile(r"@[0-9a-f]+$")
 _PERCPU = re.compile(r"^(\w+)\(cpu \d+\)(?!->)")
 

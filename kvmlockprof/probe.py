@@ -62,7 +62,8 @@ class Probe:
     columns: dict = field(default_factory=dict)     # table -> {column: kind}, checked on read
     streams: tuple = ()            # (ring buffer map, recording table)
     aggregates: tuple = ()         # (in-kernel map, recording table), snapshotted
-    fields: dict = field(default_factory=dict)      # KVMLP_OFF_X -> (struct, field path)
+    # KVMLP_OFF_X -> (struct, field path, or "sizeof": the struct's size)
+    fields: dict = field(default_factory=dict)
     # its own build-time knobs, for its C: a dict, or kbtf -> dict (sizes from BTF)
     defines: object = field(default_factory=dict)
     # table -> columns holding lock addresses that `record` names (as it names the

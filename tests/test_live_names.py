@@ -170,3 +170,29 @@ def test_zone_locks_are_the_kernels_zones(live, tmp_path):
         assert callers.get(a), (hex(a), n, "no wait of it from the zone functions")
     waited = {a for a, c in callers.items() if c}
     assert waited <= set(named), {hex(a): names.get(a) for a in waited - set(named)}
+
+
+def test_private_futex_buckets_named_with_their_process(live, tmp_path):
+    """Threads of one process waking each other (tests/futex_storm.py): on a kernel with
+    private futex hashes (mm_struct.futex_phash), the bucket locks they wait on are
+    named futex_hash_bucket(PID)->lock@ADDR with their own pid; every wait on such an
+    address is of that process (the kernel's tgid of each wait) from the futex code
+    (its stacks)."""
+    from kvmlockprof.kernel import btf
+    if btf.Btf(modules=[]).offset("mm_struct", "futex_phash") is None:
+        pytest.skip("no private futex hash in this kernel (6.16+)")
+    out = tmp_path / "futex.parquet"
+    klp("record", "-q", "--stack-budget", 0, "-o", out, "--",
+        sys.executable, f"{ROOT}/tests/futex_storm.py", 4, 8, timeout=120)
+    rec = kvmlockprof.load(out)
+    pid = rec.manifest["pid_filter"][0]
+    names = {int(a, 16): v["name"] for a, v in rec.manifest["lock_names"].items()}
+    futex = {a: n for a, n in names.items() if n.startswith("futex_hash_bucket(")}
+    assert any(n.startswith(f"futex_hash_bucket({pid})->lock@") for n in futex.values()), names
+    frames = dict(zip(rec.table("stacks")["stack_id"], rec.table("stacks")["frames"]))
+    aggs = rec.aggregates[rec.aggregates["lock_addr"].isin(list(futex))]
+    for a, tgid, sid in zip(aggs["lock_addr"], aggs["tgid"], aggs["stack_id"]):
+        assert futex[int(a)] == f"futex_hash_bucket({int(tgid)})->lock@{int(a):x}"
+        f = frames.get(int(sid))
+        if f is not None:
+            assert any(x.startswith("futex_") for x in f[:8]), list(f[:8])

@@ -237,11 +237,11 @@ class Btf:
 
 
 def defines(btf, fields):
-    """{DEFINE: offset} for {DEFINE: (struct, path or (paths, first found))}; -1 where
-    this kernel lacks it."""
+    """{DEFINE: offset} for {DEFINE: (struct, path or (paths, first found))}, the path
+    "sizeof" giving the struct's size; -1 where this kernel lacks it."""
     out = {}
     for name, (struct, paths) in fields.items():
-        offs = [btf.offset(struct, p) if btf else None
-                for p in ((paths,) if isinstance(paths, str) else paths)]
+        offs = [(btf.size(struct) if p == "sizeof" else btf.offset(struct, p)) if btf
+                else None for p in ((paths,) if isinstance(paths, str) else paths)]
         out[name] = next((o for o in offs if o is not None), -1)
     return out

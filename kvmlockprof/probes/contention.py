@@ -40,7 +40,12 @@ PROBE = Probe(
             "ZONE_LOCK": ("zone", "lock"), "ZONE_PGDAT": ("zone", "zone_pgdat"),
             "PGDAT_NODE_ZONES": ("pglist_data", "node_zones"),
             "PGDAT_NODE_ZONELISTS": ("pglist_data", "node_zonelists"),
-            "PGDAT_NODE_ID": ("pglist_data", "node_id")},
+            "PGDAT_NODE_ID": ("pglist_data", "node_id"),
+            "MM_FUTEX_PHASH": ("mm_struct", "futex_phash"),
+            "FPH_HASH_MASK": ("futex_private_hash", "hash_mask"),
+            "FPH_QUEUES": ("futex_private_hash", "queues"),
+            "FHB_LOCK": ("futex_hash_bucket", "lock"),
+            "FHB_SIZE": ("futex_hash_bucket", "sizeof")},
     tables=("contention", "aggregates", "stacks", "vcpu_exits", "vcpu_exit_waits",
             "nested_waits", "lock_owners"),
     columns={
@@ -78,7 +83,8 @@ LOCK_KINDS = cdefs.labels("contention.h", "kvmlp_lock_kind", {"KVMLP_LOCK_MM": "
                                                               "KVMLP_LOCK_STACK": "stack",
                                                               "KVMLP_LOCK_ZONE": "zone",
                                                               "KVMLP_LOCK_MM_WAIT_LOCK":
-                                                                  "mm_wait_lock"})
+                                                                  "mm_wait_lock",
+                                                              "KVMLP_LOCK_FUTEX": "futex"})
 
 # Its knobs' defaults (ContentionOptions)
 SAMPLE_EVERY = 1            # stream every wait as a sample

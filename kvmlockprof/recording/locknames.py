@@ -308,6 +308,8 @@ class KernelNamer:
       takes is named by its latest owner;
     - `on-stack(FUNCTION)@ADDR`: on the waiter's own kernel stack (told the same way),
       named by the caller of the wait that told it;
+    - `futex_hash_bucket(PID)->lock@ADDR`: a bucket of the waiter's process's private
+      futex hash (6.16+), told the same way;
     - `zone(Node N, TYPE)->lock`: a page allocator zone's, told by any waiter;
     - a class by the lock's callers (CALLER_CLASSES), when all its walked callers
       agree: `futex_hash_bucket->lock@ADDR`, `zone->lock@ADDR`, ...
@@ -352,6 +354,11 @@ class KernelNamer:
                 self.by_addr[addr] = {"name": f"mm({ident})->mmap_lock.wait_lock",
                                       "how": "the spinlock inside the waiter's own mm's "
                                              "mmap_lock (rw_semaphore.wait_lock, BTF "
+                                             "offsets)"}
+            elif kind == "futex":
+                self.by_addr[addr] = {"name": f"futex_hash_bucket({ident})->lock@{addr:x}",
+                                      "how": "a bucket of the waiter's own process's private "
+                                             "futex hash (mm->futex_phash's queues, BTF "
                                              "offsets)"}
             elif kind == "zone" and self.zone(ident):
                 self.by_addr[addr] = self.zone(ident)
