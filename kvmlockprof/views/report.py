@@ -118,8 +118,10 @@ def _walked_share(rec):
 
 
 def table_text(df, by):
+    # the lock column as wide as its longest name (within reason)
+    w = min(max([24] + [len(str(n)) for n in df.get("lock", [])]), 64)
     head = (f"{'contended':>10} {'total wait':>11} {'max wait':>10} {'avg wait':>10} "
-            f"{'p50':>11} {'p99':>11} {'type':>11}  {'lock':<24} {'kvm':>3}  "
+            f"{'p50':>11} {'p99':>11} {'type':>11}  {'lock':<{w}} {'kvm':>3}  "
             f"{ {'process': 'process', 'thread': 'thread'}.get(by, 'caller')}")
     lines = [head]
     for r in df.itertuples(index=False):
@@ -129,7 +131,7 @@ def table_text(df, by):
         n = ("~" if getattr(r, "estimated", False) else "") + str(r.contended)
         lines.append(f"{n:>10} {fmt_ns(r.total_ns):>11} {fmt_ns(r.max_ns):>10} "
                      f"{fmt_ns(r.avg_ns):>10} {fmt_ns(r.p50_ns, bound):>11} "
-                     f"{fmt_ns(r.p99_ns, bound):>11} {r.type:>11}  {r.lock:<24} "
+                     f"{fmt_ns(r.p99_ns, bound):>11} {r.type:>11}  {r.lock:<{w}} "
                      f"{'K' if r.kvm else '':>3}  {who}")
         if getattr(r, "owner", ""):
             lines[-1] += f"  [{r.owner_share:.0%} behind {r.owner}]"
