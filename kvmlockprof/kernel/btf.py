@@ -1,13 +1,19 @@
-"""Struct layouts of the running kernel, from its BTF (via bpftool's JSON dump).
+"""Struct layouts of the running kernel, from its BTF (/sys/kernel/btf/).
 
 BPF programs here never take an offset from headers (the fallback headers can be
 years older than the kernel): every field they read reaches the C as a define
 computed here. KVM may be a module, so module BTF under /sys/kernel/btf/ counts.
+
+The BTF is read as the kernel writes it (include/uapi/linux/btf.h, a stable format):
+the raw bytes are kept (~5 MB) and a type is decoded when asked for, in the shape
+bpftool's JSON gives it. bpftool's JSON dump, parsed whole, held ~120 MB of Python
+objects for the life of a `record` or an exporter; tests/test_btf.py checks every
+type decoded here against bpftool's.
 """
-import json
+import functools
 import os
-import shutil
-import subprocess
+import struct
+from array import array
 
 BTF_DIR = "/sys/kernel/btf"
 _QUALIFIERS = {"TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG"}
@@ -18,21 +24,195 @@ LOCK_TYPES = {"spinlock_t", "raw_spinlock_t", "rwlock_t", "spinlock", "raw_spinl
               "mutex", "rw_semaphore", "rt_mutex", "rt_mutex_base", "percpu_rw_semaphore",
               "qspinlock", "qrwlock", "arch_spinlock_t", "arch_rwlock_t", "seqlock_t"}
 
+KINDS = ("UNKN", "INT", "PTR", "ARRAY", "STRUCT", "UNION", "ENUM", "FWD", "TYPEDEF",
+         "VOLATILE", "CONST", "RESTRICT", "FUNC", "FUNC_PROTO", "VAR", "DATASEC", "FLOAT",
+         "DECL_TAG", "TYPE_TAG", "ENUM64")
+# bytes that follow a type's 12-byte header: fixed, and per vlen item
+_EXTRA = {"INT": (4, 0), "ARRAY": (12, 0), "STRUCT": (0, 12), "UNION": (0, 12),
+          "ENUM": (0, 8), "FUNC_PROTO": (0, 8), "VAR": (4, 0), "DATASEC": (0, 12),
+          "DECL_TAG": (4, 0), "ENUM64": (0, 12)}
+_MAGIC = 0xEB9F
+
 
 class BtfError(RuntimeError):
     pass
 
 
-def _dump(path, base=None):
-    bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
-    cmd = [bpftool, "-j"] + (["-B", base] if base else []) + ["btf", "dump", "file", path]
+class RawBtf:
+    """One BTF blob (vmlinux's, or a module's split BTF on top of it): its types by id,
+    decoded on demand (get(id) -> dict or None)."""
+
+    def __init__(self, data, base=None, path="?"):
+        if len(data) < 24:
+            raise BtfError(f"{path}: not BTF (too short)")
+        magic, _, _, hdr_len, type_off, type_len, str_off, str_len = \
+            struct.unpack_from("<HBBIIIII", data)
+        if magic != _MAGIC:
+            raise BtfError(f"{path}: not BTF in this machine's byte order (magic {magic:#x})")
+        self.base, self.path = base, path
+        self.data = data
+        self.types = memoryview(data)[hdr_len + type_off:hdr_len + type_off + type_len]
+        self.strs = bytes(memoryview(data)[hdr_len + str_off:hdr_len + str_off + str_len])
+        self.first = (base.first + len(base.offsets)) if base else 1
+        self.str_base = (base.str_base + len(base.strs)) if base else 0
+        self.offsets = array("I")
+        self.kind_of = bytearray()
+        pos, n = 0, len(self.types)
+        while pos < n:
+            info = struct.unpack_from("<I", self.types, pos + 4)[0]
+            kind = (info >> 24) & 0x1F
+            if kind >= len(KINDS):
+                raise BtfError(f"{path}: unknown BTF kind {kind}")
+            fixed, per = _EXTRA.get(KINDS[kind], (0, 0))
+            self.offsets.append(pos)
+            self.kind_of.append(kind)
+            pos += 12 + fixed + per * (info & 0xFFFF)
+
+    def name(self, off):
+        if off >= self.str_base or not self.base:
+            s = self.strs
+            off -= self.str_base
+        else:
+            return self.base.name(off)
+        end = s.index(b"\0", off)
+        return s[off:end].decode() or "(anon)"
+
+    def ids(self, kind):
+        """The ids of this blob's own types of one kind."""
+        k = KINDS.index(kind)
+        return [self.first + i for i, x in enumerate(self.kind_of) if x == k]
+
+    def size_of(self, type_id):
+        """The size field of a type (or what it points at: its kind tells)."""
+        return struct.unpack_from("<I", self.types, self.offsets[type_id - self.first] + 8)[0]
+
+    def name_of(self, type_id):
+        """A type's name without decoding the rest of it."""
+        pos = self.offsets[type_id - self.first]
+        return self.name(struct.unpack_from("<I", self.types, pos)[0])
+
+    def get(self, type_id):
+        if type_id < self.first:
+            return self.base.get(type_id) if self.base else None
+        if type_id - self.first >= len(self.offsets):
+            return None
+        return self._decode(type_id)
+
+    @functools.lru_cache(maxsize=8192)
+    def _decode(self, type_id):
+        pos = self.offsets[type_id - self.first]
+        name_off, info, size_or_type = struct.unpack_from("<III", self.types, pos)
+        kind, vlen, kflag = KINDS[(info >> 24) & 0x1F], info & 0xFFFF, info >> 31
+        t = {"id": type_id, "kind": kind, "name": self.name(name_off)}
+        p = pos + 12
+        u = functools.partial(struct.unpack_from, buffer=self.types)
+        if kind in ("INT", "ENUM", "ENUM64", "STRUCT", "UNION", "DATASEC", "FLOAT"):
+            t["size"] = size_or_type
+        elif kind not in ("FWD", "UNKN"):
+            t["type_id"] = size_or_type
+        if kind == "ARRAY":
+            t["type_id"], t["index_type_id"], t["nr_elems"] = u("<III", offset=p)
+        elif kind in ("STRUCT", "UNION"):
+            t["vlen"], t["members"] = vlen, []
+            for i in range(vlen):
+                n, ty, off = u("<III", offset=p + 12 * i)
+                m = {"name": self.name(n), "type_id": ty,
+                     "bits_offset": off & 0xFFFFFF if kflag else off}
+                if kflag and off >> 24:
+                    m["bitfield_size"] = off >> 24
+                t["members"].append(m)
+        elif kind == "ENUM":
+            fmt = "<Ii" if kflag else "<II"
+            t["vlen"], t["values"] = vlen, [
+                {"name": self.name(n), "val": v}
+                for n, v in (u(fmt, offset=p + 8 * i) for i in range(vlen))]
+        elif kind == "ENUM64":
+            t["vlen"], t["values"] = vlen, []
+            for i in range(vlen):
+                n, lo, hi = u("<III", offset=p + 12 * i)
+                v = (hi << 32) | lo
+                t["values"].append({"name": self.name(n),
+                                    "val": v - (1 << 64) if kflag and v >> 63 else v})
+        elif kind == "FUNC_PROTO":
+            t["ret_type_id"] = t.pop("type_id")
+            t["vlen"], t["params"] = vlen, [
+                {"name": self.name(n), "type_id": ty}
+                for n, ty in (u("<II", offset=p + 8 * i) for i in range(vlen))]
+        elif kind == "DATASEC":
+            t["vlen"], t["vars"] = vlen, [
+                {"type_id": ty, "offset": o, "size": sz}
+                for ty, o, sz in (u("<III", offset=p + 12 * i) for i in range(vlen))]
+        elif kind == "VAR":
+            t["linkage"] = u("<I", offset=p)[0]
+        elif kind == "FUNC":
+            t["linkage"] = vlen
+        return t
+
+
+def read(path, base=None):
+    """A RawBtf of the file (vmlinux's, or a module's on top of `base`)."""
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    except FileNotFoundError:
-        raise BtfError("bpftool is missing: apt-get install bpftool") from None
-    except subprocess.CalledProcessError as e:
-        raise BtfError(f"bpftool cannot read {path}: {e.stderr.strip()}") from None
-    return json.loads(out)["types"]
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BtfError(f"cannot read {path}: {e.strerror} (a kernel with "
+                       "CONFIG_DEBUG_INFO_BTF is needed)") from None
+    return RawBtf(data, base, path)
+
+
+class _Index:
+    """name -> what Btf keeps of the named types of some kinds (the first unit's first
+    one wins): structs (unit, type) with a size, funcs (unit, their FUNC_PROTO), enums
+    {value: enumerator}. Names are indexed at once, types decoded when asked for."""
+
+    def __init__(self, units, kinds, sized=False):
+        self.kinds = kinds
+        self.ids = {}                                   # name -> (unit, id)
+        for unit in units:
+            if isinstance(unit, dict):
+                found = [(t["id"], t.get("name")) for t in unit.values() if t["kind"] in kinds
+                         and (not sized or t.get("size"))]
+            else:
+                raw = unit.raw
+                found = [(i, raw.name_of(i)) for k in kinds for i in raw.ids(k)
+                         if not sized or raw.size_of(i)]
+            for i, name in found:
+                if name and name != "(anon)":
+                    self.ids.setdefault(name, (unit, i))
+
+    def _value(self, unit, type_id):
+        t = unit.get(type_id)
+        if self.kinds == ("FUNC",):
+            return unit, unit.get(t["type_id"])
+        if self.kinds == ("ENUM", "ENUM64"):
+            return {v["val"]: v["name"] for v in t.get("values", [])}
+        return unit, t
+
+    def __getitem__(self, name):
+        return self._value(*self.ids[name])
+
+    def get(self, name, default=None):
+        return self[name] if name in self.ids else default
+
+    def __contains__(self, name):
+        return name in self.ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def items(self):
+        return ((n, self._value(*v)) for n, v in self.ids.items())
+
+
+class _Unit:
+    """A dict-like view of the types by id of a RawBtf (unit.get(id))."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def get(self, type_id, default=None):
+        t = self.raw.get(type_id)
+        return default if t is None else t
 
 
 class Btf:
@@ -41,27 +221,22 @@ class Btf:
     def __init__(self, vmlinux=os.path.join(BTF_DIR, "vmlinux"), modules=None, types=None):
         # Each module's split BTF numbers its types after vmlinux's, independently of
         # the other modules: one id space per module, each on top of vmlinux.
-        base = {t["id"]: t for t in (types if types is not None else _dump(vmlinux))}
-        units = [base]
-        if types is None:
+        if types is not None:           # (tests: made-up types, bpftool's JSON shape)
+            base = {t["id"]: t for t in types}
+            units = [base]
+            self.by_id = base
+        else:
+            raw = read(vmlinux)
+            units = [_Unit(raw)]
             for m in modules if modules is not None else self.kvm_modules():
                 p = os.path.join(BTF_DIR, m)
                 if os.path.exists(p):
-                    own = {t["id"]: t for t in _dump(p, base=vmlinux) if t["id"] not in base}
-                    units.append({**base, **own})
-        self.structs = {}                  # name -> (id space, type)
-        self.funcs = {}                    # name -> (id space, FUNC_PROTO)
-        self.enums = {}                    # name -> {value: enumerator}
-        for unit in units:
-            for t in unit.values():
-                if t["kind"] in ("STRUCT", "UNION") and t.get("name") and t.get("size"):
-                    self.structs.setdefault(t["name"], (unit, t))
-                elif t["kind"] == "FUNC":
-                    self.funcs.setdefault(t["name"], (unit, unit.get(t["type_id"])))
-                elif t["kind"] in ("ENUM", "ENUM64") and t.get("name"):
-                    self.enums.setdefault(t["name"], {v["val"]: v["name"]
-                                                      for v in t.get("values", [])})
-        self.by_id = base
+                    units.append(_Unit(read(p, base=raw)))
+            self.by_id = units[0]
+        self.structs = _Index(units, ("STRUCT", "UNION"), sized=True)   # name -> (unit, type)
+        self.funcs = _Index(units, ("FUNC",))          # name -> (unit, FUNC_PROTO)
+        self.enums = _Index(units, ("ENUM", "ENUM64"))  # name -> {value: enumerator}
+        self.units = units
 
     @staticmethod
     def kvm_modules():
@@ -180,8 +355,10 @@ class Btf:
         """The per-CPU variables BTF describes ((offset in the per-CPU section, size,
         name, type id), by offset) and the section's size: ([], 0) without one."""
         if not hasattr(self, "_percpu"):
-            sec = next((t for t in self.by_id.values() if t["kind"] == "DATASEC"
-                        and t.get("name") == ".data..percpu"), None)
+            unit = self.units[0]
+            secs = [t for t in unit.values() if t["kind"] == "DATASEC"] \
+                if isinstance(unit, dict) else [unit.get(i) for i in unit.raw.ids("DATASEC")]
+            sec = next((t for t in secs if t.get("name") == ".data..percpu"), None)
             out = []
             for v in (sec or {}).get("vars", []):
                 var = self.by_id.get(v["type_id"])
@@ -240,8 +417,8 @@ def defines(btf, fields):
     """{DEFINE: offset} for {DEFINE: (struct, path or (paths, first found))}, the path
     "sizeof" giving the struct's size; -1 where this kernel lacks it."""
     out = {}
-    for name, (struct, paths) in fields.items():
-        offs = [(btf.size(struct) if p == "sizeof" else btf.offset(struct, p)) if btf
+    for name, (st, paths) in fields.items():
+        offs = [(btf.size(st) if p == "sizeof" else btf.offset(st, p)) if btf
                 else None for p in ((paths,) if isinstance(paths, str) else paths)]
         out[name] = next((o for o in offs if o is not None), -1)
     return out

@@ -1,0 +1,71 @@
+"""The BTF reader against bpftool's (libbpf's) reading of the same kernel: every type,
+the parts kvmlockprof reads of it."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from kvmlockprof.kernel import btf
+
+VMLINUX = os.path.join(btf.BTF_DIR, "vmlinux")
+pytestmark = pytest.mark.skipif(not os.path.exists(VMLINUX) or not shutil.which("bpftool"),
+                                reason="no kernel BTF or no bpftool")
+
+# per kind, the keys of bpftool's JSON this project reads
+KEYS = {"STRUCT": ("name", "size", "vlen"), "UNION": ("name", "size", "vlen"),
+        "ARRAY": ("type_id", "index_type_id", "nr_elems"), "ENUM": ("name", "size"),
+        "ENUM64": ("name", "size"), "FUNC": ("name", "type_id"),
+        "FUNC_PROTO": ("ret_type_id", "vlen"), "VAR": ("name", "type_id"),
+        "DATASEC": ("name", "size"), "PTR": ("type_id",), "INT": ("name", "size")}
+KEYS.update({q: ("name", "type_id") for q in ("TYPEDEF", "CONST", "VOLATILE", "RESTRICT",
+                                              "TYPE_TAG")})
+LISTS = {"members": ("name", "type_id", "bits_offset", "bitfield_size"),
+         "values": ("name", "val"), "params": ("name", "type_id"),
+         "vars": ("type_id", "offset", "size")}
+
+
+def bpftool(path, base=None):
+    cmd = ["bpftool", "-j"] + (["-B", base] if base else []) + ["btf", "dump", "file", path]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True,
+                                     check=True).stdout)["types"]
+
+
+def project(t):
+    out = {"kind": t["kind"], **{k: t.get(k) for k in KEYS.get(t["kind"], ())}}
+    for k, fields in LISTS.items():
+        if k in t:
+            out[k] = [{f: x.get(f) for f in fields} for x in t[k]]
+    if t["kind"] == "ENUM":     # (bpftool prints a 32-bit value sign-extended to 64 bits)
+        out["values"] = [{**v, "val": v["val"] % 2**32} for v in out["values"]]
+    return out
+
+
+@pytest.mark.parametrize("module", [None] + btf.Btf.kvm_modules()[:1])
+def test_every_type_as_bpftool_reads_it(module):
+    base = btf.read(VMLINUX)
+    raw = btf.read(os.path.join(btf.BTF_DIR, module), base=base) if module else base
+    theirs = bpftool(os.path.join(btf.BTF_DIR, module), VMLINUX) if module else \
+        bpftool(VMLINUX)
+    theirs = [t for t in theirs if t["id"] >= raw.first]
+    assert len(theirs) == len(raw.offsets)
+    for t in theirs:
+        assert project(raw.get(t["id"])) == project(t), t["id"]
+
+
+def test_btf_indexes_and_layouts():
+    kb = btf.Btf(modules=[])
+    theirs = {t["name"]: t for t in bpftool(VMLINUX) if t["kind"] == "STRUCT"}
+    assert kb.size("task_struct") == theirs["task_struct"]["size"]
+    pid = next(m for m in theirs["task_struct"]["members"] if m["name"] == "pid")
+    assert kb.offset("task_struct", "pid") == pid["bits_offset"] // 8
+    assert "schedule" in kb.funcs and kb.func_params("schedule") == []
+    assert kb.enums["zone_type"] and "ZONE_NORMAL" in kb.enums["zone_type"].values()
+
+
+def test_not_btf_says_so(tmp_path):
+    p = tmp_path / "x"
+    p.write_bytes(b"\x7fELF" + bytes(40))
+    with pytest.raises(btf.BtfError, match="not BTF"):
+        btf.read(str(p))
