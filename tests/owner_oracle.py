@@ -16,7 +16,7 @@ from kvmlockprof.kernel import tracefs  # noqa: E402
 GROUP = "kvmlp_owner"
 LOCKERS = ("mutex_lock", "mutex_lock_killable", "mutex_lock_interruptible", "mutex_trylock")
 PROBES = [f"p:{GROUP}/{f} {f} lock=%di:x64" for f in LOCKERS] + \
-    [f"r64:{GROUP}/{f}_ret {f} ret=$retval:s32" for f in LOCKERS] + \
+    [f"r512:{GROUP}/{f}_ret {f} ret=$retval:s32" for f in LOCKERS] + \
     [f"p:{GROUP}/mutex_unlock mutex_unlock lock=%di:x64"]
 
 
@@ -36,11 +36,11 @@ def missed():
 
 def main():
     out, cmd = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
-    kprobe_events(PROBES)
     events = {f"{GROUP}/{p.split()[0].split('/')[1]}": None for p in PROBES}
     events.update({"lock/contention_begin": None, "lock/contention_end": None})
     tr = None
     try:
+        kprobe_events(PROBES)
         tr = Ftrace("kvmlp-owners", events, buffer_kb=32768)
         rc = subprocess.call(cmd)
         tr.stop()
@@ -53,7 +53,11 @@ def main():
     finally:
         if tr is not None:
             tr.remove()
-        kprobe_events([f"-:{GROUP}/{p.split()[0].split('/')[1]}" for p in PROBES])
+        for p in PROBES:            # (each on its own: one never made must not stop the rest)
+            try:
+                kprobe_events([f"-:{GROUP}/{p.split()[0].split('/')[1]}"])
+            except OSError:
+                pass
     sys.exit(rc)
 
 

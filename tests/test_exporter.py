@@ -375,6 +375,7 @@ class FakeKernel:
         self.bpf = {}
         self.owners = None      # --lock-owner: (lock, tid) -> [count, ns, tgid, comm]
         self.owned = []         # every owned wait added: (tid, n, ns), the truth
+        self.after_owner_read = []      # what lands between the read and a delete
 
     def end(self, lock, tgid, ns, n=1, stack=None, torn=None):
         stack = exp.locks.NO_STACK if stack is None else stack
@@ -404,8 +405,12 @@ class FakeKernel:
         self.owned.append((tid, n, n * ns))
 
     def forget_owners(self, keys):
+        out = []
         for a, o in keys:
-            self.owners.pop((a, o), None)
+            e = self.owners.pop((a, o), None)
+            if e:
+                out.append((a, o, e[0], e[1]))
+        return out
 
     def snapshots(self):
         import pyarrow as pa
@@ -419,6 +424,9 @@ class FakeKernel:
                 "total_ns": pa.array([x[1] for x in v], pa.uint64()),
                 "owner_tgid": pa.array([x[2] for x in v], pa.uint32()),
                 "owner_comm": pa.array([x[3] for x in v]).dictionary_encode()})
+        for f in self.after_owner_read:
+            f()
+        self.after_owner_read = []
         return out
 
     def _aggregates(self):
@@ -771,7 +779,7 @@ def test_owner_series_add_up_by_class_and_forget_gone_owners(make_session, monke
     served owner series add up to every owned wait the made-up map holds or held, none
     falls or ends, their labels are classes (never a pid) and at most --top-owners of
     them plus `other`; the entries of owner threads gone are deleted from the map,
-    their counts kept."""
+    their counts kept, a wait that ended between the read and the delete too."""
     gone = set()
     monkeypatch.setattr(exp, "_threads_gone", lambda pairs: [t for _, t in pairs
                                                             if t in gone])
@@ -792,6 +800,8 @@ def test_owner_series_add_up_by_class_and_forget_gone_owners(make_session, monke
             k.own(lock, tid, tgid, comm, ns, n=n)
         if step == 2:
             gone.update({201, 202})
+            # a wait that began behind 201 ends after the read, before its entry's delete
+            k.after_owner_read.append(lambda: k.own("lock_a", 201, 101, "worker-1", 7000))
         s.read()
         got = served(s.collector)
         owned = {lab: v for (m, lab), v in got.items()
@@ -806,5 +816,5 @@ def test_owner_series_add_up_by_class_and_forget_gone_owners(make_session, monke
     classes = {dict(lab)["owner"] for lab in owned}
     assert classes <= {"worker", "vcpu", "kworker", "other"} and len(classes - {"other"}) <= 2
     assert value(got, "kvmlockprof_lock_owner_waits_total", lock="lock_a",
-                 owner="worker") == 11                 # worker-1, -2, -3: one class
+                 owner="worker") == 12                 # worker-1, -2, -3: one class
     assert {t for _, t in k.owners} == {203, 301, 302, 401}      # 201, 202 gone: deleted

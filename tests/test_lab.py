@@ -643,10 +643,11 @@ LCB_F_MUTEX = 1 << 5        # include/trace/events/lock.h
 
 
 def holders_at_waits(events, tgid):
-    """From the kernel's tracer alone: each mutex wait of process tgid's threads (its
-    contention_end, from the last contention_begin before it, as the kernel's
-    owner word is read at a begin) counted by the thread that had returned from taking
-    the lock and not unlocked it yet at that begin (0: none). {(lock, tid): waits}."""
+    """From the kernel's tracer alone: each mutex wait of process tgid's threads (from
+    its first contention_begin to its contention_end: a mutex begins again each time it
+    spins or sleeps, and a wait is its first begin's) counted by the thread that had
+    returned from taking the lock and not unlocked it yet at that begin (0: none).
+    {(lock, tid): waits}."""
     calls, holder, begun, out = {}, {}, {}, {}
     for tid, tg, _, ev, f in events:
         if ev in ("mutex_lock", "mutex_lock_killable", "mutex_lock_interruptible",
@@ -663,7 +664,7 @@ def holders_at_waits(events, tgid):
             if holder.get(f["lock"]) == tid:
                 del holder[f["lock"]]
         elif ev == "contention_begin" and tg == tgid and f["flags"] & LCB_F_MUTEX:
-            begun[(tid, f["lock_addr"])] = holder.get(f["lock_addr"], 0)
+            begun.setdefault((tid, f["lock_addr"]), holder.get(f["lock_addr"], 0))
         elif ev == "contention_end" and tg == tgid:
             o = begun.pop((tid, f["lock_addr"]), None)
             if o is not None:

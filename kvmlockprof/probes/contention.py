@@ -471,15 +471,25 @@ class ContentionProbe:
 
     def forget_owners(self, keys):
         """Delete lock_owners entries ((lock_addr, owner tid) pairs: owners gone) and
-        what was cached of their threads."""
-        t = self.bpf["lock_owners"]
+        what was cached of their threads; each entry is looked up and deleted at once,
+        so a wait that ends (on a gone owner's entry) between a read and the delete is
+        not lost: [(lock_addr, owner, count, total_ns)] of the entries deleted."""
+        import ctypes
+        from bcc import libbcc
+        t, out = self.bpf["lock_owners"], []
         for a, o in keys:
-            try:
-                del t[t.Key(lock_addr=a, owner=o)]
-            except KeyError:
-                pass
+            k, v = t.Key(lock_addr=a, owner=o), t.Leaf()
+            if libbcc.lib.bpf_map_lookup_and_delete_elem(
+                    t.map_fd, ctypes.byref(k), ctypes.byref(v)) == 0:
+                out.append((a, o, v.count, v.total_ns))
+            else:           # (before 5.14 a hash entry cannot be: deleted after its read)
+                try:
+                    del t[k]
+                except KeyError:
+                    pass
             self._tgids.pop(o, None)
             self._comms.pop(o, None)
+        return out
 
     def _thread_comms(self, tgids, tids):
         """Each vCPU window thread's name (/proc, read once a thread; "?" once gone):

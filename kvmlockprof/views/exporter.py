@@ -208,10 +208,12 @@ def owner_increases(cur, prev):
     m = cur.merge(prev[key + ["count", "total_ns"]], on=key, how="left",
                   suffixes=("", "_prev"))
     out = cur.copy()
+    # an entry whose count fell was deleted and made again: it counts whole
+    n, n0 = m["count"].to_numpy(np.float64), m["count_prev"].to_numpy(np.float64)
+    kept = np.isfinite(n0) & (n >= n0)
     for c in ("count", "total_ns"):
         now, before = m[c].to_numpy(np.float64), m[f"{c}_prev"].to_numpy(np.float64)
-        grew = np.isfinite(before) & (now >= before)
-        out[c] = np.where(grew, now - before, now)
+        out[c] = np.where(kept, now - before, now)
     return out[(out["count"] > 0) | (out["total_ns"] > 0)].reset_index(drop=True)
 
 
@@ -453,9 +455,10 @@ class ExporterSession(LiveView):
         self.prev_aggs = self._forget(aggs, gone)
         if self.owners_now is not None:
             cur = self.owners_now.to_pandas()
+            inc = owner_increases(cur, self.prev_owners)
+            self.prev_owners, late = self._forget_owners(cur)
             self.owner_series.add(self._owner_labelled(
-                owner_increases(cur, self.prev_owners), aggs))
-            self.prev_owners = self._forget_owners(cur)
+                pd.concat([inc, late], ignore_index=True) if not late.empty else inc))
         counters = {name: src.counters() for name, src in self.sources.items()}
         counters = {**counters.pop("functions", {}), **counters}
         self.reads += 1
@@ -507,37 +510,45 @@ class ExporterSession(LiveView):
                              "total_ns": df["total_ns"].to_numpy(np.float64),
                              "hist": df["hist"].to_numpy(), "hist_ns": hist_ns})
 
-    def _owner_labelled(self, inc, aggs):
-        """Owner increases with their labels: lock class (as the lock series), owner
-        class (a vCPU thread: vcpu, else its name without the instance part)."""
+    def _owner_labelled(self, inc):
+        """Owner increases with their labels: lock class (by address, as the report
+        names it), owner class (a vCPU thread: vcpu, else its name without the
+        instance part). The user-side -L/-Y/-S are not applied: the owner map keeps
+        no stack or type (the kernel-side filters are)."""
         if inc.empty:
             return None
-        # the locks' names as the lock series has them (annotated_aggregates)
-        rec = self._recording(aggs[aggs["lock_addr"].isin(inc["lock_addr"])]
-                              if not aggs.empty else aggs)
-        ann = locks.annotated_aggregates(rec) if not aggs.empty else pd.DataFrame()
-        names = dict(zip(ann["lock_addr"], ann["lock"].astype(str))) if not ann.empty else {}
+        rec = Recording.from_frames(
+            "<live>", {**self.names.manifest(), "processes": self.procs},
+            {"aggregates": pd.DataFrame(), "contention": pd.DataFrame()})
+        names = locks.lock_names(rec)
         comms = {int(o): (int(p), str(c)) for o, p, c in
                  zip(inc["owner"], inc["owner_tgid"], inc["owner_comm"])}
         vcpu = locks.vcpu_labels(rec, comms)
-        lock = [locks.lock_class(names.get(a, f"{int(a):#x}")) for a in inc["lock_addr"]]
+        lock = [locks.lock_class(names.get(f"{int(a):#x}", f"{int(a):#x}"))
+                for a in inc["lock_addr"]]
         owner = [owners.owner_class(comms[int(o)][1], int(o) in vcpu) for o in inc["owner"]]
         return pd.DataFrame({"lock": lock, "owner": owner,
                              "count": inc["count"].to_numpy(np.float64),
                              "total_ns": inc["total_ns"].to_numpy(np.float64)})
 
     def _forget_owners(self, cur):
-        """Delete the lock_owners entries of owner threads gone (counted already):
-        the map holds the live owners' only, whatever the host's thread churn."""
+        """Delete the lock_owners entries of owner threads gone: the map holds the live
+        owners' only, whatever the host's thread churn. Each entry is looked up as it
+        is deleted: (the entries kept, the deleted ones' increases since `cur`)."""
+        none = cur.iloc[:0]
         if cur.empty:
-            return cur
+            return cur, none
         gone = _threads_gone(set(zip(cur["owner_tgid"].tolist(), cur["owner"].tolist())))
         if not gone:
-            return cur
+            return cur, none
         rows = cur[cur["owner"].isin(gone)]
-        self.sources["contention"].forget_owners(
+        last = self.sources["contention"].forget_owners(
             zip(rows["lock_addr"].tolist(), rows["owner"].tolist()))
-        return cur[~cur["owner"].isin(gone)].reset_index(drop=True)
+        final = pd.DataFrame(last, columns=["lock_addr", "owner", "count", "total_ns"])
+        final = final.merge(rows[["lock_addr", "owner", "owner_tgid", "owner_comm"]],
+                            on=["lock_addr", "owner"])
+        late = owner_increases(final, rows[["lock_addr", "owner", "count", "total_ns"]])
+        return cur[~cur["owner"].isin(gone)].reset_index(drop=True), late
 
     def _forget(self, aggs, gone):
         """Delete the kernel entries of processes that had exited before this read
