@@ -380,6 +380,7 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 		struct pending_slots *t = slots_of(0, 0);
 		nested = t && any_live(t, epoch, KVMLP_NEST);
 	}
+	u32 owner = owner_of(lock, flags);      /* (before our walk: the owner at the begin) */
 	s32 stack_id = walk_stack(ctx, now, arm);
 	if (stack_id != KVMLP_NO_STACK)
 		now = bpf_ktime_get_ns();       /* the wait starts after our walk */
@@ -388,7 +389,7 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 	p->flags[slot] = flags;
 	p->epoch[slot] = epoch;
 	p->nested[slot] = nested;
-	p->owner[slot] = owner_of(lock, flags);
+	p->owner[slot] = owner;
 	p->lock[slot] = lock;
 }
 
@@ -441,11 +442,11 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 	if (p && p->epoch == epoch)
 		count(KVMLP_C_BEGIN_WITHOUT_END);
 	struct pending_val v = {};
+	v.owner = owner_of(lock, flags);        /* as above */
 	v.stack_id = walk_stack(ctx, now, arm);
 	v.ts_ns = v.stack_id != KVMLP_NO_STACK ? bpf_ktime_get_ns() : now;   /* as above */
 	v.flags = flags;
 	v.epoch = epoch;
-	v.owner = owner_of(lock, flags);
 	if (pending.update(&k, &v))
 		count(KVMLP_C_LOST_PENDING_FULL);
 }
@@ -668,7 +669,7 @@ static __always_inline void tell_kind(u64 lock, u64 id, s32 stack_id, u32 flags,
 #if KVMLP_OFF_ZONE_LOCK >= 0 && KVMLP_OFF_ZONE_PGDAT >= 0 && \
 	KVMLP_OFF_PGDAT_NODE_ZONES >= 0 && KVMLP_OFF_PGDAT_NODE_ZONELISTS >= 0 && \
 	KVMLP_OFF_PGDAT_NODE_ID >= 0
-	if ((flags & KVMLP_LCB_F_SPIN) && !(flags & (KVMLP_LCB_F_READ | KVMLP_LCB_F_WRITE))) {
+	if (flags == KVMLP_LCB_F_SPIN) {        /* a spinlock's wait, nothing else */
 		u64 zone = lock - KVMLP_OFF_ZONE_LOCK, pgdat = 0;
 		bpf_probe_read_kernel(&pgdat, sizeof(pgdat), (void *)(zone + KVMLP_OFF_ZONE_PGDAT));
 		u64 first = pgdat + KVMLP_OFF_PGDAT_NODE_ZONES;

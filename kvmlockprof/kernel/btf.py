@@ -368,10 +368,14 @@ class Btf:
         return self._percpu
 
     def lock_at(self, type_id, offset, unit=None):
-        """The path (".lock", "[1].lock") of the lock that starts `offset` bytes into a
-        value of type `type_id`, through structs, unions and arrays, or None."""
+        """The path (".lock", "[1].lock", ".mutex.wait_lock"; "" for the value itself)
+        of the lock that starts `offset` bytes into a value of type `type_id`, through
+        structs, unions, arrays and locks, or None."""
         unit = unit or self.by_id
-        t, path = self.resolve(type_id, unit), ""
+        names, t = self._type_names(type_id, unit)
+        path = ""
+        if LOCK_TYPES.intersection(names) and offset == 0:
+            return path                 # the value is a lock itself
         while t:
             if t["kind"] == "ARRAY":
                 el = self.resolve(t["type_id"], unit)
@@ -381,8 +385,8 @@ class Btf:
                 path += f"[{offset // size}]"
                 offset %= size
                 names, t = self._type_names(t["type_id"], unit)
-                if LOCK_TYPES.intersection(names):
-                    return path if offset == 0 else None
+                if LOCK_TYPES.intersection(names) and offset == 0:
+                    return path
                 continue
             if t["kind"] not in ("STRUCT", "UNION"):
                 return None
@@ -396,9 +400,9 @@ class Btf:
             if m["name"] not in ("(anon)", ""):
                 path += f".{m['name']}"
             offset -= start
-            if LOCK_TYPES.intersection(names):
-                return path if offset == 0 else None
-            t = mt
+            if LOCK_TYPES.intersection(names) and offset == 0:
+                return path
+            t = mt                      # (inside a lock too: its wait_lock is one)
         return None
 
     def _sizeof(self, t, unit):

@@ -322,6 +322,8 @@ class KernelNamer:
         self.rq_off = kbtf.offset("rq", self.rq_field) if self.rq_field else None
         self.kbtf = kbtf
         self.percpu = {}        # cpu -> the address of its copy of the per-CPU section
+        self._bases = []        # (base, cpu), sorted
+        self.rq_addrs = set()
         self.zone_size = kbtf.size("zone") if kbtf else None
         self.zone_types = kbtf.enums.get("zone_type", {}) if kbtf else {}
         self.by_addr = {}       # lock address -> {"name", "how"}: rq and mm
@@ -338,6 +340,7 @@ class KernelNamer:
         for cpu, rq in rqs.items():
             if runqueues is not None:
                 self.percpu[cpu] = rq - runqueues
+            self.rq_addrs.add(rq + self.rq_off)
             self.by_addr[rq + self.rq_off] = {
                 "name": f"rq(cpu {cpu})->{self.rq_field}",
                 "how": f"CPU {cpu}'s run queue (struct rq, found from a task running there: "
@@ -372,21 +375,32 @@ class KernelNamer:
         run queue, less runqueues' offset in it (BTF), does."""
         if not self.percpu:
             return None
+        if len(self._bases) != len(self.percpu):
+            self._bases = sorted((b, c) for c, b in self.percpu.items())
         pv, size = self.kbtf.percpu_vars()
+        j = bisect.bisect_right(self._bases, (a, float("inf"))) - 1
+        if j < 0 or a - self._bases[j][0] >= size:
+            return None
+        base, cpu = self._bases[j]
         offs = [o for o, _, _, _ in pv]
-        for cpu, base in self.percpu.items():
-            if 0 <= a - base < size:
-                i = bisect.bisect_right(offs, a - base) - 1
-                if i < 0 or a - base >= offs[i] + pv[i][1]:
-                    return None
-                off, _, var, tid = pv[i]
-                path = self.kbtf.lock_at(tid, a - base - off)
-                if path is None:
-                    return None
-                return {"name": f"{var}(cpu {cpu}){path}",
-                        "how": f"in CPU {cpu}'s copy of the per-CPU variable {var} (BTF's "
-                               f"per-CPU section, that CPU's copy placed by its run queue)"}
-        return None
+        i = bisect.bisect_right(offs, a - base) - 1
+        if i < 0 or a - base >= offs[i] + pv[i][1]:
+            return None
+        off, _, var, tid = pv[i]
+        path = self.kbtf.lock_at(tid, a - base - off)
+        if path is None:
+            return None
+        return {"name": f"{var}(cpu {cpu}){path}",
+                "how": f"in CPU {cpu}'s copy of the per-CPU variable {var} (BTF's per-CPU "
+                       f"section, that CPU's copy placed by its run queue)"}
+
+    def retain(self, addrs):
+        """Forget what was told of addresses not in `addrs` (the exporter: those of
+        processes gone, whose aggregates it deleted): a reused address is told again by
+        its new waiters; the run queues stay."""
+        keep = set(addrs) | self.rq_addrs
+        self.by_addr = {a: v for a, v in self.by_addr.items() if a in keep}
+        self.told = {a: v for a, v in self.told.items() if a in keep}
 
     def zone(self, ident):
         """A zone lock's {"name", "how"} from its waiter's (node << 16 | byte offset of
@@ -400,7 +414,7 @@ class KernelNamer:
         if not t.startswith("ZONE_"):
             return None
         t = t.removeprefix("ZONE_")
-        t = t if t.startswith("DMA") else t.capitalize()
+        t = {"HIGHMEM": "HighMem"}.get(t, t if t.startswith("DMA") else t.capitalize())
         return {"name": f"zone(Node {node}, {t})->lock",
                 "how": f"a page allocator zone's lock: its zone's zone_pgdat (node {node}) "
                        f"holds it as node_zones[{off // self.zone_size}] (BTF offsets, "
@@ -496,6 +510,13 @@ class SessionNames:
         if self.namer:
             self.namer.infer(aggs, self.callers)
             self.kvm = self.namer.names(addrs)
+
+    def retain(self, addrs):
+        """Keep only what concerns these addresses (the live aggregates'): a session of
+        months does not grow with every lock address it ever saw."""
+        keep = {f"{int(a):#x}" for a in addrs}
+        self.symbols = {a: n for a, n in self.symbols.items() if a in keep}
+        self.kernel_namer.retain({int(a) for a in addrs})
 
     def name_more(self, addrs):
         """Name lock addresses other probes saw (not contended ones), as update does."""

@@ -453,6 +453,8 @@ class ExporterSession(LiveView):
         interval = increases(aggs, self.prev_aggs)
         self.series.add(self._labelled(interval))
         self.prev_aggs = self._forget(aggs, gone)
+        if gone:
+            self.names.retain(self.prev_aggs["lock_addr"].tolist())
         if self.owners_now is not None:
             cur = self.owners_now.to_pandas()
             inc = owner_increases(cur, self.prev_owners)

@@ -134,7 +134,8 @@ def table_text(df, by):
                      f"{fmt_ns(r.p99_ns, bound):>11} {r.type:>11}  {r.lock:<{w}} "
                      f"{'K' if r.kvm else '':>3}  {who}")
         if getattr(r, "owner", ""):
-            lines[-1] += f"  [{r.owner_share:.0%} behind {r.owner}]"
+            share = f"{r.owner_share:.0%}" if r.owner_share == r.owner_share else "?"
+            lines[-1] += f"  [{share} behind {r.owner}]"
     return lines
 
 
