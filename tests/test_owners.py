@@ -91,3 +91,10 @@ def test_by_owner_of_a_recording_without_owners_says_what_to_do():
     ("1234", False, "1234"), ("", False, "?")])
 def test_owner_classes(comm, vcpu, cls):
     assert owners.owner_class(comm, vcpu) == cls
+
+
+def test_html_has_the_owner_column_and_section():
+    from kvmlockprof.views import html
+    page = html.render(recording())
+    assert "owner_share" in page and "kvmlp-churn1 (201)" in page and "60.0%" in page
+    assert "Who held the sleeping locks" in page

@@ -71,7 +71,8 @@ def render(rec, limit=20):
     page.h2("Summary")
     page.raw(_summary(rec))
     page.h2("Top locks")
-    page.raw(_table(locks.top(rec, by="lock", limit=limit).drop(columns=["pct_exact"])))
+    page.raw(_table(report.with_owner(rec, locks.top(rec, by="lock", limit=limit), "lock")
+                    .drop(columns=["pct_exact"])))
     page.raw("<p>p50/p90/p99 are nearest-rank quantiles: exact where every wait of a row "
              "was sampled, else the upper bound of the log2 bucket holding them.</p>")
     page.h2("Wait-time histogram (in-kernel log2 buckets, heaviest locks)")
