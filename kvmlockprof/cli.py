@@ -459,8 +459,11 @@ def exporter(listen, interval, top_locks, top_vms, top_owners, pids, vm_names, l
 @click.option("--tid", "tids", metavar="TID,...", callback=_ints,
               help="Only these threads' waits (perf's --tid), from the sampled waits: "
               "scaled and marked ~ unless every wait was sampled and none lost.")
+@click.option("-v", "--verbose", is_flag=True, help="A line per probe, with why it did not "
+              "attach.")
 def report(recording, by, sort, limit, pids, vm_names, lock_filter, type_filter,
-           callstack_filter, stacks, fmt, value, output, html_out, force, order, tids):
+           callstack_filter, stacks, fmt, value, output, html_out, force, order, tids,
+           verbose):
     """Contention report of a recording, like `perf lock contention`."""
     from kvmlockprof.views import report
     from kvmlockprof.recording.store import RecordingError, load
@@ -489,10 +492,11 @@ def report(recording, by, sort, limit, pids, vm_names, lock_filter, type_filter,
             from kvmlockprof.views import trace
             text = trace.trace_json(rec, pids=list(pids) or None)
         elif order:
-            text = report.probe_text(rec, "lockorder", limit=limit)
+            text = report.probe_text(rec, "lockorder", limit=limit, verbose=verbose)
         else:
             text = report.render(rec, by=by, sort=sort, limit=limit, stacks=stacks, fmt=fmt,
-                                 pids=list(pids) or None, filters=filters, tids=list(tids) or None)
+                                 pids=list(pids) or None, filters=filters,
+                                 tids=list(tids) or None, verbose=verbose)
         if html_out:                # reads more of the recording than the text does
             from kvmlockprof.views import html
             page = html.render(rec, limit=limit)

@@ -34,7 +34,7 @@ def _table(df):
 def _summary(rec):
     """The text summary, with each probe that did not attach one collapsed line (its
     reason inside)."""
-    out, lines = [], report.summary_lines(rec)
+    out, lines = [], report.summary_lines(rec, verbose=True)
     plain = [x for x in lines if not (x.startswith("probe ") and "NOT attached" in x)]
     out.append(f"<pre>{html.escape(chr(10).join(plain))}</pre>")
     for x in lines:

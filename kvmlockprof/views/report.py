@@ -1,5 +1,6 @@
 """Text, CSV and JSON renderings of a recording's contention tables."""
 import json
+import re
 
 import pandas as pd
 
@@ -27,7 +28,48 @@ def fmt_ns(ns, bound=False):
     return ("<=" + s) if bound else s
 
 
-def summary_lines(rec):
+# The reasons a probe did not attach, said short (the whole reason: report -v, doctor)
+_SHORT = [(re.compile(p), r) for p, r in (
+    (r"kernel has no kprobes", "no kprobes"),
+    (r"kernel refused the tracing program", "fentry refused"),
+    (r"built without ftrace hooks", "no fentry in lib/"),
+    (r"no symbol (\S+) in this kernel \((\S+)\)", r"no \1: \2"),
+    (r"this probe is for (\w+)", r"\1 only"))]
+
+
+def short_reason(reason):
+    """A probe's reason for not attaching, in a few words."""
+    found = []
+    for rx, r in _SHORT:
+        m = rx.search(reason or "")
+        if m and m.expand(r) not in found:
+            found.append(m.expand(r))
+    return ", ".join(found) if found else (reason or "?")[:80]
+
+
+def probe_lines(probes, cost=None, verbose=False):
+    """The probes' status: one line for those attached, one for the others grouped by
+    why (verbose: a line per probe with its whole reason)."""
+    cost = cost or {}
+    if verbose:
+        return [f"probe {n}: {p.get('status')} (" + (str(p.get("method")) if p.get("status")
+                == "attached" else f"NOT attached: {p.get('reason', '')}") + ")" +
+                _cost_text(cost.get(n)) for n, p in probes.items()]
+    on = [f"{n} ({p.get('method')}){_cost_text(cost.get(n))}" for n, p in probes.items()
+          if p.get("status") == "attached"]
+    why = {}
+    for n, p in probes.items():
+        if p.get("status") not in ("attached", "not requested"):
+            why.setdefault(short_reason(p.get("reason")), []).append(n)
+    lines = [f"probes attached: {', '.join(on) or 'none'}"]
+    if why:
+        lines.append("not attached: " + "; ".join(f"{', '.join(ns)} ({r})"
+                                                  for r, ns in why.items()) +
+                     " (-v or `kvmlockprof doctor`: why)")
+    return lines
+
+
+def summary_lines(rec, verbose=False):
     m = rec.manifest
     t = locks.totals(rec)
     lines = [f"host {m.get('host')}  kernel {m.get('kernel_release')}  "
@@ -36,11 +78,7 @@ def summary_lines(rec):
         lines.append(f"INTERRUPTED recording: read from {rec.path}, data up to the last flush")
     if m.get("command_stuck"):
         lines.append("COMMAND STUCK: " + processes.describe_stuck(m["command_stuck"]))
-    cost = m.get("probe_cost") or {}
-    for name, p in m.get("probes", {}).items():
-        how = p.get("method") if p.get("status") == "attached" else \
-            f"NOT attached: {p.get('reason', '')}"
-        lines.append(f"probe {name}: {p.get('status')} ({how})" + _cost_text(cost.get(name)))
+    lines += probe_lines(m.get("probes", {}), m.get("probe_cost") or {}, verbose)
     c = m.get("probes", {}).get("contention", {})
     every, budget = c.get("stack_every", 1) or 1, c.get("stack_budget", 0) or 0
     c_first = m.get("counters", {}).get("first_walks", 0)
@@ -157,9 +195,9 @@ def _frame_text(df, hex_columns=()):
     return df.to_string(index=False)
 
 
-def probe_text(rec, probe, limit=20):
+def probe_text(rec, probe, limit=20, verbose=False):
     """Just one probe's sections (`report --order`: lockorder's), text."""
-    lines = summary_lines(rec)
+    lines = summary_lines(rec, verbose)
     parts = [(sec, sec.frame(rec)) for sec in probe_sections(probe)]
     for sec, part in parts:
         lines += ["", sec.title, _frame_text(part.head(limit), sec.hex) if part is not None
@@ -188,8 +226,8 @@ class NoOwners(ValueError):
     """--by owner of a recording made without --lock-owner."""
 
 
-def owner_text(rec, df):
-    lines = summary_lines(rec) + ["", f"{'waits':>10} {'wait caused':>12} {'locks':>5}  "
+def owner_text(rec, df, verbose=False):
+    lines = summary_lines(rec, verbose) + ["", f"{'waits':>10} {'wait caused':>12} {'locks':>5}  "
                                   f"{'owner':<28} {'vm':<16} behind most"]
     for r in df.itertuples(index=False):
         share = f"{r.lock_share:.0%}" if r.lock_share == r.lock_share else "-"
@@ -202,7 +240,7 @@ def owner_text(rec, df):
     return "\n".join(lines) + "\n"
 
 
-def render_owners(rec, sort="total", limit=20, fmt="text", pids=None):
+def render_owners(rec, sort="total", limit=20, fmt="text", pids=None, verbose=False):
     """`report --by owner`: a row per owner thread (analysis.owners.by_owner); pids:
     only owners of these processes."""
     if not owners.recorded(rec):
@@ -215,7 +253,7 @@ def render_owners(rec, sort="total", limit=20, fmt="text", pids=None):
     if fmt == "json":
         return json.dumps({"manifest": rec.manifest, "rows": json.loads(
             df.to_json(orient="records", double_precision=15))}, indent=1)
-    return owner_text(rec, df)
+    return owner_text(rec, df, verbose)
 
 
 def with_owner(rec, df, by):
@@ -229,9 +267,9 @@ def with_owner(rec, df, by):
 
 
 def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pids=None,
-           filters=None, tids=None):
+           filters=None, tids=None, verbose=False):
     if by == "owner":
-        return render_owners(rec, sort=sort, limit=limit, fmt=fmt, pids=pids)
+        return render_owners(rec, sort=sort, limit=limit, fmt=fmt, pids=pids, verbose=verbose)
     df = with_owner(rec, locks.top(rec, by=by, sort=sort, limit=limit, pids=pids,
                                    filters=filters, tids=tids), by)
     if fmt == "csv":
@@ -242,7 +280,8 @@ def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pid
                                                       double_precision=15))},
                       indent=1)
     sampled = sampled_line(rec, by, tids)
-    lines = summary_lines(rec) + ([sampled] if sampled else []) + [""] + table_text(df, by)
+    lines = summary_lines(rec, verbose) + ([sampled] if sampled else []) + [""] + \
+        table_text(df, by)
     if df.empty:
         lines.append("(nothing matches the filters)" if filters and any(filters.values())
                      else f"(no sampled wait of thread {', '.join(map(str, tids))})" if tids

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from kvmlockprof.analysis import locks, owners
+from kvmlockprof.views import report
 from kvmlockprof.analysis import vcpus
 from kvmlockprof.probes.contention import VCPU_TABLES
 from kvmlockprof.probes.sources import waits_source
@@ -225,15 +226,7 @@ class LiveView:
         return lines
 
     def _probe_status(self):
-        out, missing = [], []
-        for name, st in self.status.items():
-            if st.get("status") == "attached":
-                out.append(f"{name} ({st.get('method')})")
-            elif st.get("status") != "not requested":
-                missing.append(f"{name}: {st.get('reason', st.get('status'))}")
-        lines = ["attached: " + ", ".join(out)]
-        lines += [f"not attached: {m}" for m in missing]
-        return lines
+        return report.probe_lines(self.status)
 
     def _table(self, aggs, interval, dt):
         key = locks.group_keys(self.by)
