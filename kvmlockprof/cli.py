@@ -794,22 +794,31 @@ def ab(runs, duration, workload_args, base_args, new_args, base_kernel, new_kern
 @main.command()
 @click.option("--fix", is_flag=True, help="Link fallback headers under /lib/modules so that "
               "other bcc tools find them too.")
-def doctor(fix):
+@click.option("-v", "--verbose", is_flag=True, help="Every kernel symbol the probes need, "
+              "and each probe's whole reason and cost.")
+def doctor(fix, verbose):
     """What this host can profile, and why not."""
     from kvmlockprof.kernel import capabilities, headers
     from kvmlockprof import catalog
+    from kvmlockprof.views.report import short_reason
     caps = capabilities.probe_host()
     rows = [(c.name, c.status, c.detail) for c in caps.checks.values()]
-    for probe, target, found in capabilities.symbol_rows(caps):
-        rows.append((f"symbol {target}", "ok" if found else "no",
-                     f"{found} ({probe})" if found else f"absent ({probe})"))
+    for probe, target, found in capabilities.symbol_rows(caps) if verbose else ():
+        if not target.startswith("kvmlp_"):     # (an option slot's placeholder)
+            rows.append((f"symbol {target}", "ok" if found else "no",
+                         f"{found} ({probe})" if found else f"absent ({probe})"))
     for p in catalog.CATALOG:
         plan = capabilities.plan(p, caps)
+        default = f"off by default ({p.opt_in})" if p.opt_in else "on by default"
+        if verbose:
+            rows.append((f"probe {p.name}", "ok" if plan.ok else "no",
+                         plan.method if plan.ok else plan.reason))
+            rows.append((f"probe {p.name} cost", "off" if p.opt_in else "on",
+                         f"runs {p.fires}; {default}"))
+            continue
         rows.append((f"probe {p.name}", "ok" if plan.ok else "no",
-                     plan.method if plan.ok else plan.reason))
-        rows.append((f"probe {p.name} cost", "off" if p.opt_in else "on",
-                     f"runs {p.fires}; " + (f"off by default ({p.opt_in})" if p.opt_in
-                                            else "on by default")))
+                     (plan.method if plan.ok else short_reason(plan.reason)) +
+                     f"; {default.split(' (')[0]}"))
     h = headers.find_headers()
     if fix and h.status == "fallback":
         try:
@@ -820,6 +829,8 @@ def doctor(fix):
     w = max(len(r[0]) for r in rows)
     for name, status, detail in rows:
         click.echo(f"{name:<{w}}  {status:<4}  {detail}")
+    if not verbose:
+        click.echo("(-v: every kernel symbol, each probe's whole reason and cost)")
     plan = capabilities.plan(catalog.BY_NAME["contention"], caps)
     if not plan.ok:
         fail(f"the contention probe cannot run: {plan.reason}")

@@ -24,8 +24,15 @@ def rows(text):
 
 
 def test_doctor_matches_kernel_facts(live):
-    p = klp("doctor")
+    short = klp("doctor")
+    assert short.returncode == 0, short.stderr
+    # a screen: a line per check and per probe, no symbol and no internal name
+    assert len(short.stdout.splitlines()) <= 40, short.stdout
+    assert "kvmlp_" not in short.stdout and "symbol " not in short.stdout
+    assert rows(short.stdout)["probe contention"] == ("ok", "raw_tracepoint; on by default")
+    p = klp("doctor", "-v")
     assert p.returncode == 0, p.stderr
+    assert "kvmlp_" not in p.stdout
     r = rows(p.stdout)
     assert r["tracepoint lock:contention_begin/end"][0] == "ok"
     assert r["probe contention"] == ("ok", "raw_tracepoint")
@@ -75,7 +82,7 @@ def test_probes_say_why_not(live):
         for name in ("gpc", "srcu", "vms", "xarray"):
             assert blocks[name].startswith("cannot attach"), blocks[name]
             assert "kernel has no kprobes" in blocks[name]
-        r = rows(klp("doctor").stdout)
+        r = rows(klp("doctor", "-v").stdout)
         if r["fentry load (trial)"][0] == "no":
             for name in ("gpc", "srcu", "vms"):
                 assert "fentry: " in blocks[name]
