@@ -79,6 +79,8 @@ def test_top_shows_kvm_contention_and_exits_clean(churn, tmp_path, how):
         assert kernel_objects() - before, "top should have its probes loaded"
         assert "waits/s" in screen and "mutex" in screen     # memslot churn: slots_lock
         assert "not attached:" in screen or "attached: contention" in screen
+        head = screen.split("waits/s")[0].strip("\n").splitlines()
+        assert len(head) <= 6, head          # title, probes, blank, then the table
         # the grouping key cycles: b -> process, the VM named by its -name
         t.tmux("send-keys", "b")
         t.wait_for(lambda s: f"topvm ({churn.pid})" in s)
