@@ -43,3 +43,33 @@ def test_verbose_has_every_reason_whole():
 def test_an_unknown_reason_is_cut_not_lost():
     assert report.short_reason("x" * 300) == "x" * 80
     assert report.short_reason(None) == "?"
+
+
+def test_histogram_labels_read_as_powers_of_two():
+    from kvmlockprof.views.plots import bucket_label
+    assert bucket_label(1024, 2048) == "1-2 us"
+    assert bucket_label(256, 512) == "256-512 ns"
+    assert bucket_label(512, 1024) == "512 ns-1 us"
+    assert bucket_label(2 ** 30, 2 ** 31) == "1-2 s"
+
+
+def test_histogram_has_every_heavy_lock_and_its_waits(tmp_path):
+    """Made-up waits (tests_support's rows), the figure's cells: a row per lock, each
+    wait counted in the bucket [2^k, 2^(k+1)) ns its duration falls in."""
+    import numpy as np
+
+    import kvmlockprof
+    from kvmlockprof.views import plots
+    from tests_support import ROWS, small_recording
+    rec = kvmlockprof.load(small_recording(tmp_path / "r.parquet"))
+    heat = plots.wait_histogram(rec).data[0]
+    counts = np.asarray(heat.customdata)[:, :, 0].astype(float)
+    by_lock = {}
+    for w, lock, *_ in ROWS:
+        k = int(np.floor(np.log2(w)))
+        label = plots.bucket_label(2 ** k, 2 ** (k + 1))
+        by_lock.setdefault(f"{lock:#x}", {}).setdefault(label, 0)
+        by_lock[f"{lock:#x}"][label] += 1
+    assert sorted(heat.y) == sorted(by_lock)
+    for i, lock in enumerate(heat.y):
+        assert {x: c for x, c in zip(heat.x, counts[i]) if c} == by_lock[lock], lock

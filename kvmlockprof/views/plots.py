@@ -10,16 +10,62 @@ from kvmlockprof.analysis import locks
 from kvmlockprof.views.report import fmt_ns
 
 
+def _pow2(ns):
+    """2^k ns said as 2^(k mod 10) of ns, us, ms, s (2^10 ns ~ 1 us: a label, ~2% to 7%
+    off; the hover has the exact bounds)."""
+    k = max(int(round(np.log2(ns))), 0) if ns > 0 else 0
+    return f"{2 ** (k % 10)} {('ns', 'us', 'ms', 's', 'ks')[min(k // 10, 4)]}"
+
+
+def bucket_label(lo, hi):
+    """A log2 bucket as a reader says it: `1-2 us`, `256-512 ns`, `512 ns-1 us`."""
+    a, b = _pow2(lo).split(), _pow2(hi).split()
+    return f"{a[0]}-{b[0]} {a[1]}" if a[1] == b[1] else f"{a[0]} {a[1]}-{b[0]} {b[1]}"
+
+
 def wait_histogram(rec, top_n=8):
-    """Wait-time distribution of the heaviest locks (in-kernel log2 buckets)."""
+    """Wait-time distribution of the heaviest locks (in-kernel log2 buckets): a lock a
+    row, a bucket a column, each cell the share of that lock's waits (its own scale,
+    so a light lock reads as well as the heaviest), its count written in and on hover;
+    the lock's p50 and p99 marked where they fall."""
     hist = locks.wait_histogram(rec, top_n=top_n)
     if hist.empty:
         return None
-    hist = hist.sort_values("lo_ns")
-    # bars at the bucket's lower bound on a log axis: the buckets are powers of two
-    return px.bar(hist, x="lo_ns", y="count", color="lock", barmode="group", log_x=True,
-                  hover_data=["hi_ns"],
-                  labels={"lo_ns": "wait (ns, log2 bucket lower bound)", "count": "waits"})
+    cols = hist[["lo_ns", "hi_ns"]].drop_duplicates().sort_values("lo_ns")
+    labels = [bucket_label(lo, hi) for lo, hi in zip(cols["lo_ns"], cols["hi_ns"])]
+    col_of = {lo: i for i, lo in enumerate(cols["lo_ns"])}
+    order = hist.groupby("lock")["count"].sum().sort_values().index.tolist()  # (top last)
+    count = np.zeros((len(order), len(labels)))
+    for r in hist.itertuples(index=False):
+        count[order.index(r.lock), col_of[r.lo_ns]] += r.count
+    share = count / count.sum(axis=1, keepdims=True)
+    bounds = [f"[{lo:.0f}, {hi:.0f}) ns" for lo, hi in zip(cols["lo_ns"], cols["hi_ns"])]
+    fig = go.Figure(go.Heatmap(
+        z=share, x=labels, y=order, colorscale="Blues", zmin=0, zmax=1,
+        customdata=np.dstack([count, np.broadcast_to(np.array(bounds, dtype=object),
+                                                     count.shape)]),
+        text=[[f"{int(c)}" if c else "" for c in row] for row in count],
+        texttemplate="%{text}", colorbar={"title": "share of<br>its waits"},
+        hovertemplate="%{y}<br>%{customdata[1]}: %{customdata[0]} waits (%{z:.1%})"
+                      "<extra></extra>"))
+    top = locks.top(rec, by="lock", limit=None)
+    for q, sym in (("p50_ns", "square-open"), ("p99_ns", "diamond-open")):  # (frames: the
+        # counts stay legible inside)
+        xs, ys = [], []
+        for lock in order:
+            row = top[top["lock"] == lock]
+            if row.empty or row[q].iloc[0] != row[q].iloc[0]:
+                continue
+            v = row[q].iloc[0]
+            i = int(np.searchsorted(cols["hi_ns"].to_numpy(), v, side="right"))
+            xs.append(labels[min(i, len(labels) - 1)])
+            ys.append(lock)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name=q.removesuffix("_ns"),
+                                 marker={"symbol": sym, "size": 28, "color": "crimson",
+                                         "line": {"width": 2}}))
+    fig.update_layout(xaxis_title="wait (log2 bucket)", yaxis_title=None,
+                      height=120 + 40 * len(order), legend={"orientation": "h", "y": -0.2})
+    return fig
 
 
 def timeline(rec, bin_ms=100, top_n=8):
