@@ -288,3 +288,11 @@ def test_check_warns_when_runs_carried_different_loads():
     _, warn = compare.check(side([20000, 21000, 19500, 20500]),
                             side([20800, 19700, 20300, 21100]))
     assert warn == []
+
+
+def test_classes_by_rule_match_across_runs_without_their_address():
+    assert compare.lock_across_runs("zone->lock@ffff888100055800") == "zone->lock"
+    assert compare.lock_across_runs("futex_hash_bucket(77)->lock@ffff8881133cd0c4") == \
+        "futex_hash_bucket->lock"
+    assert compare.lock_across_runs("rq(cpu 3)->__lock") == "rq(cpu 3)->__lock"
+    assert compare.lock_across_runs("0xffff888100055800") == "?"

@@ -81,3 +81,26 @@ def test_page_reads_like_a_report(tmp_path):
     assert "<td>K</td>" in page and "<td>True</td>" not in page
     assert "<details><summary>probe gpc: unavailable</summary>kvm_gpc_refresh: kprobe: " \
            "no kprobes here</details>" in page
+
+
+def test_compare_page_shows_flagged_distributions_side_by_side(chromium, tmp_path):
+    """Every wait twice as long on NEW: the flagged lock's two distributions are drawn,
+    NEW's mass a bucket to the right of BASE's (the made-up waits set it)."""
+    import numpy as np
+    from kvmlockprof.analysis import compare
+    from kvmlockprof.views import compare_report, plots
+    rows = [(w, 0x1000, 7, 32, 1) for w in range(1100, 1900, 4)]       # all in [1024, 2048)
+    slower = [(w * 2, lock, t, f, s) for w, lock, t, f, s in rows]     # all in [2048, 4096)
+    base = [kvmlockprof.load(small_recording(tmp_path / "b.parquet", rows))]
+    new = [kvmlockprof.load(small_recording(tmp_path / "n.parquet", slower))]
+    df = compare.compare(base, new)
+    fig = plots.compare_distributions(df, base, new)
+    assert fig is not None
+    bars = {t.name: dict(zip(t.x, np.asarray(t.customdata))) for t in fig.data}
+    assert bars == {"BASE": {"1-2 us": len(rows)}, "NEW": {"2-4 us": len(rows)}}
+    page = tmp_path / "cmp.html"
+    page.write_text(compare_report.page(df, base, new, [], 0.05))
+    assert "side by side" in page.read_text()
+    console, shot = render(chromium, page, tmp_path)
+    assert not console, console
+    assert shot.stat().st_size > 30_000

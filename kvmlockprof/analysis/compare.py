@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import special   # (scipy.stats takes 0.4 s more to import: only for percentiles)
 
 from kvmlockprof.analysis import locks
-from kvmlockprof.quantiles import quantile_index
+from kvmlockprof.quantiles import hist_buckets, quantile_index
 
 LOCK_METRICS = {          # metric -> (better, unit)
     "waits/s": ("lower", "/s"), "wait/s": ("lower", "ns"), "waits/exit": ("lower", ""),
@@ -51,8 +51,30 @@ def _func(frame):
 
 def lock_across_runs(lock):
     """A lock's name as another run knows it: without the pid (`kvm(1234)->slots_lock`
-    -> `kvm->slots_lock`), `?` for a bare address (addresses are not stable)."""
-    return "?" if str(lock).startswith("0x") else re.sub(r"\(\d+\)", "", str(lock)) or "?"
+    -> `kvm->slots_lock`) or the address a class by rule carries
+    (`zone->lock@ffff888100055800` -> `zone->lock`), `?` for a bare address (addresses
+    are not stable)."""
+    if str(lock).startswith("0x"):
+        return "?"
+    return re.sub(r"@[0-9a-f]+$", "", re.sub(r"\(\d+\)", "", str(lock))) or "?"
+
+
+def lock_distribution(recs, identity):
+    """(lo_ns, hi_ns, waits) of the lock and type of a compare row's identity
+    (`NAME TYPE @ CALLER`), all its callers, summed over one side's recordings: the
+    in-kernel log2 histograms."""
+    left, _, _ = str(identity).rpartition(" @ ")
+    name, _, typ = left.rpartition(" ")
+    total = np.zeros(64)
+    for rec in recs:
+        aggs = locks.annotated_aggregates(rec)
+        if aggs.empty:
+            continue
+        mine = aggs[(aggs["type"] == typ) & (aggs["lock"].astype(str).map(lock_across_runs)
+                                             == name)]
+        if not mine.empty:
+            total += np.sum(np.stack(mine["hist"].to_numpy()).astype(float), axis=0)
+    return hist_buckets(total)
 
 
 def lock_identity(lock, typ, caller):

@@ -144,6 +144,10 @@ def page(df, base, new, warnings, threshold):
     if fig is not None:
         parts.append("<h2>Change per metric (NEW / BASE, its interval)</h2>" +
                      pio.to_html(fig, full_html=False, include_plotlyjs=True))
+    dist = plots.compare_distributions(df, base, new)
+    if dist is not None:
+        parts.append("<h2>Flagged locks: the wait distributions, BASE and NEW side by side"
+                     "</h2>" + pio.to_html(dist, full_html=False, include_plotlyjs=fig is None))
     parts.append("<h2>All metrics</h2>" + df.to_html(index=False, border=0, classes="t"))
     style = ("body{font-family:sans-serif;margin:2em} table.t{border-collapse:collapse;"
              "font-size:12px} table.t td,table.t th{padding:2px 8px;"

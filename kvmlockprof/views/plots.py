@@ -146,6 +146,35 @@ def probe_figures(rec):
     return figs
 
 
+def compare_distributions(df, base, new, limit=6):
+    """Each flagged lock row (improved, regressed) of a compare: its lock's wait
+    distribution on both sides, side by side (the log2 buckets, each side's share of
+    its waits, counts on hover)."""
+    from plotly.subplots import make_subplots
+    from kvmlockprof.analysis import compare
+    rows = df[(df["kind"] == "lock") & df["verdict"].isin(["improved", "regressed"])]
+    rows = rows.drop_duplicates("name").head(limit)
+    if rows.empty:
+        return None
+    fig = make_subplots(rows=len(rows), cols=1, vertical_spacing=0.08 / max(len(rows), 1),
+                        subplot_titles=[f"{r.name}: {r.metric} {r.verdict}"
+                                        for r in rows.itertuples(index=False)])
+    for i, r in enumerate(rows.itertuples(index=False), 1):
+        for side, recs, colour in (("BASE", base, "#1f77b4"), ("NEW", new, "#d62728")):
+            lo, hi, n = compare.lock_distribution(recs, r.name)
+            if not len(n):
+                continue
+            share = n / n.sum()
+            fig.add_trace(go.Bar(x=[bucket_label(a, b) for a, b in zip(lo, hi)], y=share,
+                                 name=side, marker_color=colour, showlegend=i == 1,
+                                 customdata=n, hovertemplate=f"{side} %{{x}}: "
+                                 "%{customdata:.0f} waits (%{y:.1%})<extra></extra>"),
+                          row=i, col=1)
+        fig.update_yaxes(tickformat=".0%", row=i, col=1)
+    fig.update_layout(barmode="group", height=260 * len(rows), bargap=0.15)
+    return fig
+
+
 def compare_forest(df, limit=40):
     """The compare table as a forest plot: NEW/BASE ratio with its interval per metric
     (at the report's level, ci_level; log x; metrics whose BASE is 0 have no finite
