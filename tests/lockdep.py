@@ -17,8 +17,9 @@ KINDS = {
 }
 _HELD_LIST = re.compile(r"^(?:\d+|no) locks? held by ")
 _TASK = re.compile(r"^\S+/\d+ (still has locks held)$")
-# checked as the write that ran the scenario returns: after its end line
-AFTER_END = {"lock held when returning to user space"}
+# checked after the scenario's end line: as the write that ran it returns, as the
+# thread it started exits (kthread_exit's debug_check_no_locks_held)
+AFTER_END = {"lock held when returning to user space", "still has locks held"}
 _PREFIX = re.compile(r"^\[\s*\d+\.\d+\]\s?")
 _WARNING = re.compile(r"^(?:WARNING|BUG): (.+?)!?\s*$")
 _MARK = re.compile(r"kvmlp_zoo: (begin|end) (\S+)(?: (\S+))?")

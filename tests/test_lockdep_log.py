@@ -78,3 +78,28 @@ INTERLEAVED = """\
 def test_a_report_keeps_its_lines_across_an_end_line_printed_inside_it():
     assert by_scenario(INTERLEAVED) == {"held_at_exit": ("held at exit",
                                                          frozenset({"held_at_exit__sem"}))}
+
+
+# a lab run's log (lockdep kernel, 2026-12-05): the zoo's thread exits after the end line
+AFTER_ITS_END = """\
+[   62.442243] kvmlp_zoo: begin killable_fail
+[   62.469623] kvmlp_zoo: end killable_fail ok
+[   62.584702] kvmlp_zoo: begin held_at_exit
+[   62.587575] kvmlp_zoo: end held_at_exit ok
+[   62.588600] ====================================
+[   62.588678] WARNING: kvmlp_zoo/292 still has locks held!
+[   62.588986] 6.12.118-kvmlp-lockdep #2 Tainted: G           O
+[   62.589136] ------------------------------------
+[   62.589219] 1 lock held by kvmlp_zoo/292:
+[   62.590431]  #0: ffffffffc03e1910 (held_at_exit__sem){.+.+}-{3:3}, at: run_thread+0x12/0x30 [kvmlp_zoo]
+[   62.593526]
+               stack backtrace:
+[   62.596489]  debug_check_no_locks_held+0xc7/0xd0
+[   62.596520]  do_exit+0x7b9/0xc00
+"""
+
+
+def test_a_thread_exiting_after_its_end_line_is_still_its_scenarios():
+    assert by_scenario(AFTER_ITS_END) == {
+        "killable_fail": ("silent", frozenset()),
+        "held_at_exit": ("held at exit", frozenset({"held_at_exit__sem"}))}
