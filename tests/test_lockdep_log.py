@@ -91,7 +91,7 @@ AFTER_ITS_END = """\
 [   62.588986] 6.12.118-kvmlp-lockdep #2 Tainted: G           O
 [   62.589136] ------------------------------------
 [   62.589219] 1 lock held by kvmlp_zoo/292:
-[   62.590431]  #0: ffffffffc03e1910 (held_at_exit__sem){.+.+}-{3:3}, at: run_thread+0x12/0x30 [kvmlp_zoo]
+[   62.590431]  #0: ffffffffc03e1910 (held_at_exit__sem){.+.+}-{3:3}, at: run_thread+0x12
 [   62.593526]
                stack backtrace:
 [   62.596489]  debug_check_no_locks_held+0xc7/0xd0
