@@ -111,7 +111,7 @@ $(SPEEDSCOPE)/package/dist/release/index.html:
 # Lint, then the tests that need no root (-x: a broken import stops it in seconds), then
 # those that do (marked live: real BPF, /dev/kvm; tests/conftest.py).
 TEST_PKGS := prometheus
-test: setup viewers
+test: setup viewers peer
 	$(call apt-install,$(TEST_PKGS),--no-install-recommends)
 	$(RUFF) check .
 	$(PY) -m pytest -ra -x -m "not lab and not live"
