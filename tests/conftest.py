@@ -41,6 +41,17 @@ def require(problem):
         pytest.skip(f"live environment missing: {problem}")
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Lab runs retried after an emulator fault (test_lab.RETRIES): counted, never
+    silent."""
+    lab = sys.modules.get("test_lab")
+    retries = getattr(lab, "RETRIES", [])
+    if retries:
+        terminalreporter.section(f"lab runs retried after an emulator fault: {len(retries)}")
+        for test, kernel, fault in retries:
+            terminalreporter.write_line(f"{test} ({kernel}): {fault}")
+
+
 def pytest_collection_modifyitems(config, items):
     """A test that needs root (the bpf_host or live fixture, its own or a fixture's it
     uses) is marked live: `-m "not live"` is what runs unprivileged (make test's first
