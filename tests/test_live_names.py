@@ -227,3 +227,17 @@ def test_private_futex_buckets_named_with_their_process(live, tmp_path):
         f = frames.get(int(sid))
         if f is not None:
             assert any(x.startswith("futex_") for x in f[:8]), list(f[:8])
+
+
+def test_the_demos_top_locks_are_named(live, tmp_path):
+    """`make demo`'s recording (the built-in workload churning memslots): of the top 25
+    rows of `report --format json`, at most 2 are bare addresses."""
+    import json
+    from conftest import workload_argv
+    out = tmp_path / "demo.parquet"
+    klp("record", "-q", "--duration", 6, "-o", out, "--",
+        *workload_argv("--duration", 6, "--vcpus", 2, "--churn"), timeout=120)
+    rows = json.loads(klp("report", out, "--format", "json", "--limit", 25).stdout)["rows"]
+    bare = [(r["lock"], r["caller"]) for r in rows if str(r["lock"]).startswith("0x")]
+    print(f"{len(rows)} rows, {len(bare)} bare: {bare}")
+    assert len(bare) <= 2, bare

@@ -289,6 +289,7 @@ CALLER_CLASSES = [(re.compile(r), n) for r, n in (
     (r"(lock_timer_base|run_timer_softirq|__run_timers|__mod_timer|add_timer_on)$",
      "timer_base->lock"),
     (r"(eventfd_write|eventfd_read|eventfd_signal_mask)$", "eventfd_ctx->wqh.lock"),
+    (r"tick_do_update_jiffies64$", "jiffies_lock"),
     (r"(alloc_fd|close_fd|file_close_fd|do_dup2|replace_fd)$", "files_struct->file_lock"))]
 
 
