@@ -16,7 +16,7 @@ LAB_ARM64_PKGS := qemu-system-arm qemu-user-static mmdebstrap arch-test
 LAB_ARM64_STAMP := $(VENV)/.lab-arm64
 
 .PHONY: setup apt demo test bench peer viewers lab lab-apt lab-test lab-arm64 lab-arm64-test \
-	lab-lockdep lab-lockdep-test clean
+	lab-lockdep lab-lockdep-test deb clean
 
 setup: $(STAMP)
 
@@ -94,6 +94,10 @@ demo: setup
 	  --html demo-report.html --force
 	@echo "reports written to demo-report.txt and demo-report.html (recording: demo.parquet)"
 
+# A Debian package for hosts (contrib/deb/build.py): dist/kvmlockprof_VERSION-1_amd64.deb
+deb: setup
+	$(PY) contrib/deb/build.py dist
+
 # A real viewer the export formats are tested in (tests/test_viewers.py): speedscope,
 # from npm (its release is a static page that headless Chromium opens).
 SPEEDSCOPE_VERSION := 1.25.0
@@ -110,7 +114,7 @@ $(SPEEDSCOPE)/package/dist/release/index.html:
 # runs its own on 127.0.0.1; the package's service is not used).
 # Lint, then the tests that need no root (-x: a broken import stops it in seconds), then
 # those that do (marked live: real BPF, /dev/kvm; tests/conftest.py).
-TEST_PKGS := prometheus
+TEST_PKGS := prometheus lintian systemd
 test: setup viewers peer
 	$(call apt-install,$(TEST_PKGS),--no-install-recommends)
 	$(RUFF) check .

@@ -1,0 +1,129 @@
+"""`make deb`: a Debian package of kvmlockprof for hosts (Debian 12, amd64).
+
+kvmlockprof and its Python dependencies (pandas, pyarrow, ...: not Debian's, their
+versions are the ones tested) go to a private directory, /usr/lib/kvmlockprof, never
+to the system's site-packages; bcc comes from Debian's python3-bpfcc. /usr/bin/kvmlockprof
+runs Debian's python3 with that directory first on its path. The exporter's systemd
+unit is installed, not enabled. Usage: python contrib/deb/build.py [OUTDIR]"""
+import gzip
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PRIVATE = "/usr/lib/kvmlockprof"
+UNIT = "kvmlockprof-exporter.service"
+SHIM = f"""#!/usr/bin/python3 -I
+# kvmlockprof, from its private directory (the Debian package's)
+import sys
+sys.dont_write_bytecode = True     # (the bytecode is postinst's; nothing else written)
+sys.path[:0] = ["{PRIVATE}"]
+from kvmlockprof.cli import main
+sys.exit(main())
+"""
+
+
+POSTINST = f"""#!/bin/sh
+set -e
+if [ "$1" = configure ]; then
+    /usr/bin/python3 -m compileall -q -j 0 {PRIVATE} >/dev/null || true
+fi
+"""
+PRERM = f"""#!/bin/sh
+set -e
+find {PRIVATE} -depth -name __pycache__ -type d -exec rm -rf {{}} + 2>/dev/null || true
+"""
+
+
+def version():
+    return re.search(r"^version = (\S+)", (ROOT / "setup.cfg").read_text(), re.M).group(1)
+
+
+def control(ver, size_kb):
+    return f"""Package: kvmlockprof
+Version: {ver}-1
+Architecture: amd64
+Maintainer: kvmlockprof developers <devel@kvmlockprof.org>
+Installed-Size: {size_kb}
+Depends: libc6, python3 (>= 3.11), python3 (<< 3.12), python3-bpfcc, libbpfcc, bpftool
+Recommends: linux-headers-amd64
+Section: admin
+Priority: optional
+Homepage: https://github.com/kvmlockprof/kvmlockprof
+Description: eBPF live lock-contention profiler for Linux KVM hosts
+ kvmlockprof times every contended kernel lock wait at the lock:contention
+ tracepoints, names KVM's locks by their place (kvm(PID)->mmu_lock), records
+ to Parquet, reports as perf lock contention does, compares kernels with
+ statistics, serves Prometheus metrics (kvmlockprof-exporter.service, not
+ enabled) and, opt-in, checks the lock order of KVM's locks as lockdep would.
+"""
+
+
+def main():
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "dist")
+    ver = version()
+    stage = out / f"kvmlockprof_{ver}-1_amd64"
+    shutil.rmtree(stage, ignore_errors=True)
+    lib = stage / PRIVATE.lstrip("/")
+    # the project and its dependencies, for Debian 12's python3 (3.11, the venv's)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-compile",
+                    "--disable-pip-version-check", "--target", str(lib), str(ROOT)],
+                   check=True)
+    shutil.rmtree(lib / "bin", ignore_errors=True)          # (console scripts: the shim)
+    # the BPF C sources, as files (the tree's kvmlockprof/bpf is a link to ../bpf)
+    bpf = lib / "kvmlockprof" / "bpf"
+    if bpf.is_symlink():
+        bpf.unlink()
+    shutil.copytree(ROOT / "bpf", bpf, dirs_exist_ok=True)
+    (stage / "usr/bin").mkdir(parents=True)
+    (stage / "usr/bin/kvmlockprof").write_text(SHIM)
+    os.chmod(stage / "usr/bin/kvmlockprof", 0o755)
+    unit = (ROOT / "contrib" / UNIT).read_text().replace("/usr/local/bin/kvmlockprof",
+                                                         "/usr/bin/kvmlockprof")
+    (stage / "lib/systemd/system").mkdir(parents=True)
+    (stage / "lib/systemd/system" / UNIT).write_text(unit)
+    doc = stage / "usr/share/doc/kvmlockprof"
+    doc.mkdir(parents=True)
+    (doc / "copyright").write_text(
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
+        "Upstream-Name: kvmlockprof\n\nFiles: *\nCopyright: kvmlockprof developers\n"
+        "License: Apache-2.0\n On Debian systems, the full text of the Apache License "
+        "2.0 is in\n /usr/share/common-licenses/Apache-2.0.\n")
+    stamp = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
+    with gzip.GzipFile(doc / "changelog.Debian.gz", "wb", mtime=0) as f:
+        f.write(f"kvmlockprof ({ver}-1) unstable; urgency=medium\n\n  * Package of "
+                f"kvmlockprof {ver}.\n\n -- kvmlockprof developers "
+                f"<devel@kvmlockprof.org>  {stamp}\n".encode())
+    for p in stage.rglob("*"):                # (dpkg: no group/world-writable files)
+        if not p.is_symlink():
+            x = p.is_dir() or (os.access(p, os.X_OK) and not re.search(r"\.so(\.|$)", p.name))
+            os.chmod(p, 0o755 if x else 0o644)
+    # lintian: what a private copy of upstream wheels is, said once: their libraries as
+    # published (bundled copies, their own search paths; stripping breaks the ones
+    # auditwheel patched), where Debian's would be other versions than tested
+    ov = stage / "usr/share/lintian/overrides"
+    ov.mkdir(parents=True)
+    (ov / "kvmlockprof").write_text("".join(
+        f"kvmlockprof: {tag} {ctx}[{PRIVATE.lstrip('/')}/*]\n" for tag, ctx in (
+            ("embedded-library", "* "), ("custom-library-search-path", "* "),
+            ("library-not-linked-against-libc", ""), ("unstripped-binary-or-object", ""))))
+    size_kb = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file()) // 1024
+    (stage / "DEBIAN").mkdir()
+    (stage / "DEBIAN/control").write_text(control(ver, size_kb))
+    # bytecode made at install and removed before removal (as Debian's py3compile does)
+    for name, body in (("postinst", POSTINST), ("prerm", PRERM)):
+        (stage / "DEBIAN" / name).write_text(body)
+        os.chmod(stage / "DEBIAN" / name, 0o755)
+    deb = out / f"kvmlockprof_{ver}-1_amd64.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(stage),
+                    str(deb)], check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(stage)
+    print(deb)
+
+
+if __name__ == "__main__":
+    main()
