@@ -37,7 +37,8 @@ def project(t):
     for k, fields in LISTS.items():
         if k in t:
             out[k] = [{f: x.get(f) for f in fields} for x in t[k]]
-    if t["kind"] == "ENUM":     # (bpftool prints a 32-bit value sign-extended to 64 bits)
+    if t["kind"] == "ENUM" and t.get("encoding") != "SIGNED":  # (bpftool sign-extends
+        # an unsigned 32-bit value to 64 bits)
         out["values"] = [{**v, "val": v["val"] % 2**32} for v in out["values"]]
     return out
 

@@ -13,7 +13,9 @@ from conftest import ROOT
 pytestmark = pytest.mark.live
 APT = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
 LEFT = ("/usr/lib/kvmlockprof", "/usr/bin/kvmlockprof",
-        "/lib/systemd/system/kvmlockprof-exporter.service", "/usr/share/doc/kvmlockprof")
+        "/lib/systemd/system/kvmlockprof-exporter.service", "/usr/share/doc/kvmlockprof",
+        "/etc/systemd/system/multi-user.target.wants/kvmlockprof-exporter.service",
+        "/var/lib/systemd/deb-systemd-helper-enabled/kvmlockprof-exporter.service.dsh-also")
 
 
 def run(*cmd, **kw):
@@ -41,7 +43,8 @@ def test_lintian_finds_no_error(deb):
 
 def test_installed_runs_verifies_and_purges_clean(deb, tmp_path):
     from kvmlockprof import __version__
-    run("apt-get", "install", "-y", "-qq", deb, env=APT, timeout=600)
+    run("apt-get", "install", "-y", "-qq", "--no-install-recommends", deb, env=APT,
+        timeout=600)
     try:
         assert run("/usr/bin/kvmlockprof", "--version").split()[-1] == __version__
         doctor = run("/usr/bin/kvmlockprof", "doctor", cwd="/", timeout=120)
@@ -54,6 +57,11 @@ def test_installed_runs_verifies_and_purges_clean(deb, tmp_path):
         enabled = subprocess.run(["systemctl", "is-enabled", "kvmlockprof-exporter"],
                                  capture_output=True, text=True).stdout.strip()
         assert enabled in ("disabled", ""), enabled          # installed, not enabled
+        # its children find it too (`python3 -m kvmlockprof`: the workload's VM processes)
+        run("/usr/bin/kvmlockprof", "workload", "--vms", 2, "--vcpus", 1, "--duration", 1,
+            cwd="/", timeout=120)
+        # enabled by an operator: purge takes the enablement away too
+        run("systemctl", "enable", "kvmlockprof-exporter")
         # nothing written under the package's files at run time (the bytecode is the
         # postinst's, removed by its prerm)
         owned = set(run("dpkg", "-L", "kvmlockprof").splitlines())

@@ -145,9 +145,14 @@ def test_manifest_says_how_or_why_not_for_every_probe(churn_recording):
             st["status"] == "not requested" and catalog.BY_NAME[name].opt_in, (name, st)
         if st["status"] != "attached":
             assert st["reason"], name
-    text = klp("report", rec.path).stdout
+    text = klp("report", "-v", rec.path).stdout
     for name, st in probes.items():
         assert f"probe {name}: {st['status']}" in text
+    short = klp("report", rec.path).stdout.split("\n\n")[0]       # the summary
+    for name, st in probes.items():     # each named once, in the attached or the not line
+        if st["status"] != "not requested":
+            line = "probes attached:" if st["status"] == "attached" else "not attached:"
+            assert any(x.startswith(line) and name in x for x in short.splitlines()), name
 
 
 def test_live_breakdowns(churn_recording):

@@ -40,6 +40,12 @@ def test_verbose_has_every_reason_whole():
             assert any(name in x and st["reason"] in x for x in lines), name
 
 
+def test_reasons_said_short():
+    assert report.short_reason("no symbol a / b in this kernel") == "no a / b"
+    assert report.short_reason("no symbol x in this kernel (CONFIG_X=n)") == \
+        "no x: CONFIG_X=n"
+
+
 def test_an_unknown_reason_is_cut_not_lost():
     assert report.short_reason("x" * 300) == "x" * 80
     assert report.short_reason(None) == "?"
@@ -73,3 +79,21 @@ def test_histogram_has_every_heavy_lock_and_its_waits(tmp_path):
     assert sorted(heat.y) == sorted(by_lock)
     for i, lock in enumerate(heat.y):
         assert {x: c for x, c in zip(heat.x, counts[i]) if c} == by_lock[lock], lock
+
+
+def test_flagged_distributions_read_from_fast_to_slow(tmp_path):
+    """A lock that got faster: NEW's new fast bucket is drawn left of BASE's, with the
+    empty bucket between them on the axis (its buckets in order, not as met)."""
+    import kvmlockprof
+    from kvmlockprof.analysis import compare
+    from kvmlockprof.views import plots
+    from tests_support import small_recording
+    base = [(w, 0x1000, 7, 32, 1) for w in range(2100, 4000, 10)]
+    new = [(w, 0x1000, 7, 32, 1) for w in range(600, 1000, 2)] + base[:5]
+    b = [kvmlockprof.load(small_recording(tmp_path / "b.parquet", base))]
+    n = [kvmlockprof.load(small_recording(tmp_path / "n.parquet", new))]
+    df = compare.compare(b, n).assign(name="kvm->slots_lock mutex @ x")   # (a named lock)
+    for r in (b[0], n[0]):
+        r.manifest["lock_names"] = {"0x1000": {"name": "kvm(7)->slots_lock"}}
+    fig = plots.compare_distributions(df, b, n)
+    assert list(fig.layout.xaxis.categoryarray) == ["512 ns-1 us", "1-2 us", "2-4 us"]

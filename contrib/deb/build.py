@@ -19,23 +19,48 @@ PRIVATE = "/usr/lib/kvmlockprof"
 UNIT = "kvmlockprof-exporter.service"
 SHIM = f"""#!/usr/bin/python3 -I
 # kvmlockprof, from its private directory (the Debian package's)
+import os
 import sys
 sys.dont_write_bytecode = True     # (the bytecode is postinst's; nothing else written)
 sys.path[:0] = ["{PRIVATE}"]
+# its own children (`python3 -m kvmlockprof ...`: ab's runs, the workload's VMs) too
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    ["{PRIVATE}"] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
 from kvmlockprof.cli import main
 sys.exit(main())
 """
 
 
+# As dh_installsystemd --no-enable writes them: the unit known, never enabled or started
+# by the package; stopped at removal, restarted at upgrade if it runs, forgotten at purge.
+# The bytecode is made at install, removed before removal (as Debian's py3compile).
 POSTINST = f"""#!/bin/sh
 set -e
-if [ "$1" = configure ]; then
+case "$1" in configure|abort-upgrade|abort-deconfigure|abort-remove)
     /usr/bin/python3 -m compileall -q -j 0 {PRIVATE} >/dev/null || true
-fi
+    deb-systemd-helper update-state {UNIT} >/dev/null || true
+    if [ -d /run/systemd/system ]; then
+        systemctl --system daemon-reload >/dev/null || true
+        deb-systemd-invoke try-restart {UNIT} >/dev/null || true
+    fi;;
+esac
 """
 PRERM = f"""#!/bin/sh
 set -e
+if [ -d /run/systemd/system ] && [ "$1" = remove ]; then
+    deb-systemd-invoke stop {UNIT} >/dev/null || true
+fi
 find {PRIVATE} -depth -name __pycache__ -type d -exec rm -rf {{}} + 2>/dev/null || true
+"""
+POSTRM = f"""#!/bin/sh
+set -e
+if [ -d /run/systemd/system ] && [ "$1" = remove ]; then
+    systemctl --system daemon-reload >/dev/null || true
+fi
+if [ "$1" = purge ] && [ -x /usr/bin/deb-systemd-helper ]; then
+    deb-systemd-helper purge {UNIT} >/dev/null || true
+fi
 """
 
 
@@ -44,12 +69,15 @@ def version():
 
 
 def control(ver, size_kb):
+    major, minor = sys.version_info[:2]       # (the wheels are this python's)
+    PY, PY_NEXT = f"{major}.{minor}", f"{major}.{minor + 1}"  # noqa: N806
     return f"""Package: kvmlockprof
 Version: {ver}-1
 Architecture: amd64
 Maintainer: kvmlockprof developers <devel@kvmlockprof.org>
 Installed-Size: {size_kb}
-Depends: libc6, python3 (>= 3.11), python3 (<< 3.12), python3-bpfcc, libbpfcc, bpftool
+Depends: libc6, python3 (>= {PY}), python3 (<< {PY_NEXT}), python3-bpfcc, libbpfcc,
+ init-system-helpers (>= 1.54)
 Recommends: linux-headers-amd64
 Section: admin
 Priority: optional
@@ -65,6 +93,14 @@ Description: eBPF live lock-contention profiler for Linux KVM hosts
 
 def main():
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "dist")
+    deb_py = subprocess.run(["/usr/bin/python3", "-c", "import sys; print(sys.version_info[:2])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    if deb_py != str(tuple(sys.version_info[:2])):
+        sys.exit(f"build with Debian's python3 ({deb_py}; this is {sys.version_info[:2]}): "
+                 "the venv make setup makes")
+    if os.uname().machine != "x86_64":
+        sys.exit("the package is amd64: build it on an x86-64 Debian host")
+    shutil.rmtree(ROOT / "build", ignore_errors=True)     # (setuptools' leftovers would ship)
     ver = version()
     stage = out / f"kvmlockprof_{ver}-1_amd64"
     shutil.rmtree(stage, ignore_errors=True)
@@ -115,7 +151,7 @@ def main():
     (stage / "DEBIAN").mkdir()
     (stage / "DEBIAN/control").write_text(control(ver, size_kb))
     # bytecode made at install and removed before removal (as Debian's py3compile does)
-    for name, body in (("postinst", POSTINST), ("prerm", PRERM)):
+    for name, body in (("postinst", POSTINST), ("prerm", PRERM), ("postrm", POSTRM)):
         (stage / "DEBIAN" / name).write_text(body)
         os.chmod(stage / "DEBIAN" / name, 0o755)
     deb = out / f"kvmlockprof_{ver}-1_amd64.deb"

@@ -48,7 +48,7 @@ class RawBtf:
         magic, _, _, hdr_len, type_off, type_len, str_off, str_len = \
             struct.unpack_from("<HBBIIIII", data)
         if magic != _MAGIC:
-            raise BtfError(f"{path}: not BTF in this machine's byte order (magic {magic:#x})")
+            raise BtfError(f"{path}: not BTF, or not little-endian (magic {magic:#x})")
         self.base, self.path = base, path
         self.data = data
         self.types = memoryview(data)[hdr_len + type_off:hdr_len + type_off + type_len]
@@ -123,6 +123,7 @@ class RawBtf:
                 t["members"].append(m)
         elif kind == "ENUM":
             fmt = "<Ii" if kflag else "<II"
+            t["encoding"] = "SIGNED" if kflag else "UNSIGNED"
             t["vlen"], t["values"] = vlen, [
                 {"name": self.name(n), "val": v}
                 for n, v in (u(fmt, offset=p + 8 * i) for i in range(vlen))]
@@ -157,7 +158,10 @@ def read(path, base=None):
     except OSError as e:
         raise BtfError(f"cannot read {path}: {e.strerror} (a kernel with "
                        "CONFIG_DEBUG_INFO_BTF is needed)") from None
-    return RawBtf(data, base, path)
+    try:
+        return RawBtf(data, base, path)
+    except (struct.error, IndexError, ValueError) as e:
+        raise BtfError(f"{path}: damaged BTF ({e})") from None
 
 
 class _Index:

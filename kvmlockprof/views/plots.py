@@ -27,7 +27,7 @@ def wait_histogram(rec, top_n=8):
     """Wait-time distribution of the heaviest locks (in-kernel log2 buckets): a lock a
     row, a bucket a column, each cell the share of that lock's waits (its own scale,
     so a light lock reads as well as the heaviest), its count written in and on hover;
-    the lock's p50 and p99 marked where they fall."""
+    the buckets holding the lock's p50 and p99 framed."""
     hist = locks.wait_histogram(rec, top_n=top_n)
     if hist.empty:
         return None
@@ -48,19 +48,12 @@ def wait_histogram(rec, top_n=8):
         texttemplate="%{text}", colorbar={"title": "share of<br>its waits"},
         hovertemplate="%{y}<br>%{customdata[1]}: %{customdata[0]} waits (%{z:.1%})"
                       "<extra></extra>"))
-    top = locks.top(rec, by="lock", limit=None)
-    for q, sym in (("p50_ns", "square-open"), ("p99_ns", "diamond-open")):  # (frames: the
-        # counts stay legible inside)
-        xs, ys = [], []
-        for lock in order:
-            row = top[top["lock"] == lock]
-            if row.empty or row[q].iloc[0] != row[q].iloc[0]:
-                continue
-            v = row[q].iloc[0]
-            i = int(np.searchsorted(cols["hi_ns"].to_numpy(), v, side="right"))
-            xs.append(labels[min(i, len(labels) - 1)])
-            ys.append(lock)
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name=q.removesuffix("_ns"),
+    # each lock's p50 and p99: the bucket its histogram reaches that share of its waits
+    cum = np.cumsum(count, axis=1) / count.sum(axis=1, keepdims=True)
+    for q, sym in ((0.5, "square-open"), (0.99, "diamond-open")):  # (frames: the counts
+        # stay legible inside)
+        at = [labels[int(np.argmax(row >= q - 1e-12))] for row in cum]
+        fig.add_trace(go.Scatter(x=at, y=order, mode="markers", name=f"p{round(q * 100)}",
                                  marker={"symbol": sym, "size": 28, "color": "crimson",
                                          "line": {"width": 2}}))
     fig.update_layout(xaxis_title="wait (log2 bucket)", yaxis_title=None,
@@ -152,7 +145,8 @@ def compare_distributions(df, base, new, limit=6):
     its waits, counts on hover)."""
     from plotly.subplots import make_subplots
     from kvmlockprof.analysis import compare
-    rows = df[(df["kind"] == "lock") & df["verdict"].isin(["improved", "regressed"])]
+    rows = df[(df["kind"] == "lock") & df["verdict"].isin(["improved", "regressed"]) &
+              ~df["name"].astype(str).str.startswith("? ")]    # (bare addresses: no lock)
     rows = rows.drop_duplicates("name").head(limit)
     if rows.empty:
         return None
@@ -160,9 +154,17 @@ def compare_distributions(df, base, new, limit=6):
                         subplot_titles=[f"{r.name}: {r.metric} {r.verdict}"
                                         for r in rows.itertuples(index=False)])
     for i, r in enumerate(rows.itertuples(index=False), 1):
-        for side, recs, colour in (("BASE", base, "#1f77b4"), ("NEW", new, "#d62728")):
-            lo, hi, n = compare.lock_distribution(recs, r.name)
-            if not len(n):
+        sides = [(side, compare.lock_distribution(recs, r.name), colour) for side, recs, colour
+                 in (("BASE", base, "#1f77b4"), ("NEW", new, "#d62728"))]
+        los = [lo for _, (lo, _, n), _ in sides for lo in lo[n > 0]]
+        if not los:
+            continue
+        # every bucket from the fastest to the slowest, in order (empty ones too)
+        k = np.arange(int(np.log2(max(min(los), 1))), int(np.log2(max(max(los), 1))) + 1)
+        axis = [bucket_label(2.0 ** j, 2.0 ** (j + 1)) for j in k]
+        fig.update_xaxes(categoryorder="array", categoryarray=axis, row=i, col=1)
+        for side, (lo, hi, n), colour in sides:
+            if not len(n) or not n.sum():
                 continue
             share = n / n.sum()
             fig.add_trace(go.Bar(x=[bucket_label(a, b) for a, b in zip(lo, hi)], y=share,

@@ -33,7 +33,8 @@ _SHORT = [(re.compile(p), r) for p, r in (
     (r"kernel has no kprobes", "no kprobes"),
     (r"kernel refused the tracing program", "fentry refused"),
     (r"built without ftrace hooks", "no fentry in lib/"),
-    (r"no symbol (\S+) in this kernel \((\S+)\)", r"no \1: \2"),
+    (r"no symbol (.+?) in this kernel(?: \(([^)]*)\))?", lambda m: f"no {m.group(1)}" +
+     (f": {m.group(2)}" if m.group(2) else "")),
     (r"this probe is for (\w+)", r"\1 only"))]
 
 
@@ -42,12 +43,13 @@ def short_reason(reason):
     found = []
     for rx, r in _SHORT:
         m = rx.search(reason or "")
-        if m and m.expand(r) not in found:
-            found.append(m.expand(r))
+        said = m and (r(m) if callable(r) else m.expand(r))
+        if said and said not in found:
+            found.append(said)
     return ", ".join(found) if found else (reason or "?")[:80]
 
 
-def probe_lines(probes, cost=None, verbose=False):
+def probe_lines(probes, cost=None, verbose=False, more="-v or `kvmlockprof doctor`"):
     """The probes' status: one line for those attached, one for the others grouped by
     why (verbose: a line per probe with its whole reason)."""
     cost = cost or {}
@@ -65,7 +67,7 @@ def probe_lines(probes, cost=None, verbose=False):
     if why:
         lines.append("not attached: " + "; ".join(f"{', '.join(ns)} ({r})"
                                                   for r, ns in why.items()) +
-                     " (-v or `kvmlockprof doctor`: why)")
+                     f" ({more}: why)")
     return lines
 
 

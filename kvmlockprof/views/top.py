@@ -226,7 +226,7 @@ class LiveView:
         return lines
 
     def _probe_status(self):
-        return report.probe_lines(self.status)
+        return report.probe_lines(self.status, more="`kvmlockprof doctor`")
 
     def _table(self, aggs, interval, dt):
         key = locks.group_keys(self.by)
