@@ -38,7 +38,7 @@ sys.exit(main())
 POSTINST = f"""#!/bin/sh
 set -e
 case "$1" in configure|abort-upgrade|abort-deconfigure|abort-remove)
-    /usr/bin/python3 -m compileall -q -j 0 {PRIVATE} >/dev/null || true
+    python3 -m compileall -q -j 0 {PRIVATE} >/dev/null || true
     deb-systemd-helper update-state {UNIT} >/dev/null || true
     if [ -d /run/systemd/system ]; then
         systemctl --system daemon-reload >/dev/null || true
@@ -58,7 +58,7 @@ set -e
 if [ -d /run/systemd/system ] && [ "$1" = remove ]; then
     systemctl --system daemon-reload >/dev/null || true
 fi
-if [ "$1" = purge ] && [ -x /usr/bin/deb-systemd-helper ]; then
+if [ "$1" = purge ] && command -v deb-systemd-helper >/dev/null; then
     deb-systemd-helper purge {UNIT} >/dev/null || true
 fi
 """
@@ -70,14 +70,15 @@ def version():
 
 def control(ver, size_kb):
     major, minor = sys.version_info[:2]       # (the wheels are this python's)
-    PY, PY_NEXT = f"{major}.{minor}", f"{major}.{minor + 1}"  # noqa: N806
+    DEPENDS = ", ".join([  # noqa: N806  (one line: a control field has no continuation)
+        "libc6", f"python3 (>= {major}.{minor})", f"python3 (<< {major}.{minor + 1})",
+        "python3-bpfcc", "libbpfcc", "init-system-helpers (>= 1.54)"])
     return f"""Package: kvmlockprof
 Version: {ver}-1
 Architecture: amd64
 Maintainer: kvmlockprof developers <devel@kvmlockprof.org>
 Installed-Size: {size_kb}
-Depends: libc6, python3 (>= {PY}), python3 (<< {PY_NEXT}), python3-bpfcc, libbpfcc,
- init-system-helpers (>= 1.54)
+Depends: {DEPENDS}
 Recommends: linux-headers-amd64
 Section: admin
 Priority: optional
