@@ -178,13 +178,30 @@ def default_side_by_side(live, tmp_path_factory):
     inside perf lock contention -ab -v (every wait's stack) on the churn workload."""
     perf = need_perf()
     d = tmp_path_factory.mktemp("peer-default")
-    out = d / "rec.parquet"
+    out, progs = d / "rec.parquet", d / "progs.json"
     record = [sys.executable, "-m", "kvmlockprof", "record", "-q", "-o", str(out), "--",
               *workload_argv("--duration", 6, "--vcpus", 2, "--churn")]
-    p = subprocess.run([perf, "lock", "contention", "-ab", "-v", "-E", "1000000", "--",
-                        *record], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    stats = "/proc/sys/kernel/bpf_stats_enabled"
+    was = open(stats).read().strip()
+    open(stats, "w").write("1")
+    try:
+        p = subprocess.run([perf, "lock", "contention", "-ab", "-v", "-E", "1000000", "--",
+                            "sh", "-c", f"{shlex.join(record)} && bpftool -j prog show > "
+                            f"{progs}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    finally:
+        open(stats, "w").write(was)
     assert p.returncode == 0, p.stderr[-3000:]
-    return parse_perf_callers(p.stdout + p.stderr), kvmlockprof.load(out), out
+    return parse_perf_callers(p.stdout + p.stderr), kvmlockprof.load(out), handler_ns(progs)
+
+
+def skew_ns(rec, perf_cost):
+    """How much shorter kvmlockprof times a wait than perf, both on it at once: its begin
+    handler takes its clock after perf's begin handler and its own (stack walk
+    included), its end handler after perf's end handler (bpf_stats: the handlers' mean
+    run times)."""
+    ours = ((rec.manifest.get("handler_ns") or {}).get("contention_begin") or {})
+    return perf_cost.get("contention_beg", 0) + (ours.get("ns_per_run") or 0) - \
+        perf_cost.get("contention_end", 0)
 
 
 def test_default_per_caller_shares_agree_with_perf(default_side_by_side):
@@ -194,12 +211,17 @@ def test_default_per_caller_shares_agree_with_perf(default_side_by_side):
     points, the callers above 5% in the same order, and `~` on the rows the report
     estimates."""
     from kvmlockprof.views import report
-    theirs, rec, path = default_side_by_side
+    theirs, rec, cost = default_side_by_side
     df = locks.top(rec, by="caller")
-    # perf's caller has no [module] (kvm.ko's functions are ours with one)
+    # perf's caller has no [module] (kvm.ko's functions are ours with one); each wait as
+    # perf times it (skew_ns)
+    skew = skew_ns(rec, cost)
     ours = df.assign(caller=df["caller"].astype(str).str.replace(r" \[\w+\]$", "",
-                                                                  regex=True)) \
-        .groupby("caller")["total_ns"].sum().to_dict()
+                                                                  regex=True),
+                     t=df["total_ns"] + df["contended"] * skew) \
+        .groupby("caller")["t"].sum().to_dict()
+    print(f"\nper wait, kvmlockprof's time + {skew:.0f} ns (handlers: perf's {cost}, ours "
+          f"{(rec.manifest.get('handler_ns') or {}).get('contention_begin')})")
     # the ten callers perf makes heaviest on KVM's stacks, each one's share of the ten's
     # wait time on each side (the two count the same waits there: the workload's, the
     # only process in KVM; elsewhere perf sees the whole host, kvmlockprof one process)
@@ -237,8 +259,9 @@ def test_per_stack_counts_and_totals_agree_with_perf(side_by_side):
     t_mine, t_peer = sum(mine[k][1] for k in both), sum(peer[k][1] for k in both)
     only_ours = sum(v[0] for k, v in mine.items() if k not in peer)
     only_perf = sum(v[0] for k, v in peer.items() if k not in mine)
-    # each of our waits starts after perf's begin handler and ends after its end handler
-    shift = cost.get("contention_beg", 0) - cost.get("contention_end", 0)
+    # each of our waits starts after perf's begin handler and ours, ends after perf's end
+    # handler (skew_ns)
+    shift = skew_ns(rec, cost)
     bad = re.search(r"bad: (\d+), total: (\d+)", text)
     print(f"\nKVM stacks in both: {len(both)}, kvmlockprof {n_mine} waits {t_mine / 1e6:.2f} ms, "
           f"perf {n_peer} waits {t_peer / 1e6:.2f} ms; only ours: {only_ours} waits "
