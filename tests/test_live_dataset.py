@@ -21,9 +21,11 @@ PER_CLASS = ("SELECT host, lock_class, sum(count) AS waits, sum(total_ns) AS wai
 
 
 def _class(name):
-    """The lock class as docs/fleet.md states it: the VM's pid (and vCPU index), the CPU
-    or the process dropped."""
-    name = re.sub(r"@[0-9a-f]+$", "", re.sub(r"^(rq|mm)\((cpu )?\d+\)->", r"\1->", name))
+    """The lock class as docs/fleet.md states it: the VM's pid (and vCPU index), the CPU,
+    the process or the zone dropped, and a class name's address."""
+    name = re.sub(r"^(\w+)\(cpu \d+\)(?!->)", r"\1", name)           # a per-CPU variable
+    name = re.sub(r"@[0-9a-f]+$", "", re.sub(r"^(rq|mm|zone|futex_hash_bucket)\([^)]*\)->",
+                                             r"\1->", name))
     return re.sub(r"^kvm\(\d+\)->vcpu\d+->", "vcpu->",
                   re.sub(r"^kvm\(\d+\)->(?!vcpu)", "kvm->", name))
 

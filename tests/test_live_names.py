@@ -202,7 +202,7 @@ def test_private_futex_buckets_named_with_their_process(live, tmp_path):
     if btf.Btf(modules=[]).offset("mm_struct", "futex_phash") is None:
         pytest.skip("no private futex hash in this kernel (6.16+)")
     out = tmp_path / "futex.parquet"
-    storm = f"{sys.executable} {ROOT}/tests/futex_storm.py 4 8"
+    storm = f"{sys.executable} {ROOT}/tests/futex_storm.py 5 16"
     klp("record", "-q", "-a", "--stack-budget", 0, "-o", out, "--", "sh", "-c",
         f"{storm} & {storm} & wait", timeout=120)
     rec = kvmlockprof.load(out)

@@ -38,7 +38,7 @@ def test_analysis_notebook(churn_recording, tmp_path):
     text, mimes = outputs(nb)
     assert "application/vnd.plotly.v1+json" in mimes           # the figures were drawn
     assert "churnvm" in text and "kvm_" in text                 # per-VM table, KVM callers
-    assert "contention: attached (raw_tracepoint)" in text
+    assert "probes attached: contention (raw_tracepoint)" in text
 
 
 @pytest.fixture(scope="module")
