@@ -101,10 +101,11 @@ def test_engines_without_our_views_give_the_same(fleet, tmp_path):
                    FROM read_parquet({fl}, filename = true) WHERE "table" = 'aggregates'),
              n AS (SELECT '0x' || lower(hex(lock_addr)) AS h, * FROM a)
         SELECT m.j->>'host' AS host,
-               regexp_replace(regexp_replace(regexp_replace(regexp_replace(
+               regexp_replace(regexp_replace(regexp_replace(regexp_replace(regexp_replace(
                    coalesce(m.j->'lock_names'->n.h->>'name', m.j->'lock_symbols'->>n.h, n.h),
                    '^kvm\\(\\d+\\)->vcpu\\d+->', 'vcpu->'), '^kvm\\(\\d+\\)->', 'kvm->'),
-                   '^(rq|mm)\\((cpu )?\\d+\\)->', '\\1->'), '@[0-9a-f]+$', '')
+                   '^(rq|mm|zone|futex_hash_bucket)\\([^)]*\\)->', '\\1->'),
+                   '^(\\w+)\\(cpu \\d+\\)([.\\[])', '\\1\\2'), '@[0-9a-f]+$', '')
                    AS lock_class, sum(count) AS waits, sum(total_ns) AS wait_ns
         FROM n JOIN m USING (file_name) GROUP BY ALL ORDER BY host, lock_class""").df()
     pd.testing.assert_frame_equal(got, want, check_dtype=False)
