@@ -21,26 +21,37 @@ PROBES = [f"p:{GROUP}/{f} {f} lock=%di:x64" for f in LOCKERS] + \
 
 
 def kprobe_events(lines):
-    with open(os.path.join(tracefs.tracefs_path(), "kprobe_events"), "a") as f:
-        for ln in lines:
-            f.write(ln + "\n")
-            f.flush()
+    """Each definition written on its own; those the kernel refuses are said (with
+    tracefs' error_log) and left out: [the ones made]."""
+    made = []
+    for ln in lines:
+        try:
+            with open(os.path.join(tracefs.tracefs_path(), "kprobe_events"), "a") as f:
+                f.write(ln + "\n")
+            made.append(ln)
+        except OSError as e:
+            with open(os.path.join(tracefs.tracefs_path(), "error_log")) as f:
+                log = f.read().strip().splitlines()[-3:]
+            print(f"owner_oracle: the kernel refused {ln!r}: {e}; {log}", file=sys.stderr)
+    return made
 
 
 def missed():
     """Hits the kprobes missed (kprobe_profile's third column), of ours."""
-    ours = {p.split()[0].split("/")[1] for p in PROBES}
+    ours = {p.split()[0].split("/")[1] for p in PROBES}     # (those not made: absent)
     with open(os.path.join(tracefs.tracefs_path(), "kprobe_profile")) as f:
         return sum(int(ln.split()[2]) for ln in f if ln.split()[0] in ours)
 
 
 def main():
     out, cmd = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
-    events = {f"{GROUP}/{p.split()[0].split('/')[1]}": None for p in PROBES}
-    events.update({"lock/contention_begin": None, "lock/contention_end": None})
-    tr = None
+    tr, made = None, []
     try:
-        kprobe_events(PROBES)
+        made = kprobe_events(PROBES)
+        if not any(p.startswith(("p:", "r")) and "mutex_unlock" in p for p in made):
+            sys.exit("owner_oracle: no kprobe on mutex_unlock: no holder can be told")
+        events = {f"{GROUP}/{p.split()[0].split('/')[1]}": None for p in made}
+        events.update({"lock/contention_begin": None, "lock/contention_end": None})
         tr = Ftrace("kvmlp-owners", events, buffer_kb=32768)
         rc = subprocess.call(cmd)
         tr.stop()
@@ -53,11 +64,8 @@ def main():
     finally:
         if tr is not None:
             tr.remove()
-        for p in PROBES:            # (each on its own: one never made must not stop the rest)
-            try:
-                kprobe_events([f"-:{GROUP}/{p.split()[0].split('/')[1]}"])
-            except OSError:
-                pass
+        for p in made:
+            kprobe_events([f"-:{GROUP}/{p.split()[0].split('/')[1]}"])
     sys.exit(rc)
 
 

@@ -715,12 +715,11 @@ def holders_at_waits(events, tgid):
     for tid, tg, _, ev, f in events:
         if ev in ("mutex_lock", "mutex_lock_killable", "mutex_lock_interruptible",
                   "mutex_trylock"):
-            calls.setdefault(tid, []).append((ev, f["lock"]))
+            calls.setdefault((tid, ev), []).append(f["lock"])
         elif ev in TAKEN:
-            if not calls.get(tid):
+            if not calls.get((tid, ev[:-4])):
                 continue                    # (entered before the tracer was on)
-            fn, lock = calls[tid].pop()
-            assert fn + "_ret" == ev, (tid, fn, ev)
+            lock = calls[(tid, ev[:-4])].pop()
             if TAKEN[ev](f["ret"]):
                 holder[lock] = tid
         elif ev == "mutex_unlock":
