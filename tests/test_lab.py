@@ -79,7 +79,7 @@ def lab_run(d, script, kernel=None, timeout=LAB_TIMEOUT, **options):
             p = lab.run(["sh", "-c", script], kernel=kernel, cwd=d, timeout=timeout,
                         capture_output=True, text=True, console=console, **options)
         except lab.LabError as e:
-            fault = emulator_fault(str(e) + _tail(console))
+            fault = emulator_fault(str(e) + _whole(console))
             if fault and attempt == 1:
                 _retry(kernel, fault)
                 continue
@@ -88,7 +88,7 @@ def lab_run(d, script, kernel=None, timeout=LAB_TIMEOUT, **options):
         print(f"lab run ({kernel or lab.default_kernel()}) took {time.monotonic() - t0:.0f} s:"
               f"\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
         if p.returncode != 0:
-            fault = emulator_fault(p.stdout[-3000:] + p.stderr[-3000:] + _tail(console))
+            fault = emulator_fault(p.stdout[-3000:] + p.stderr[-3000:] + _whole(console))
             if fault and attempt == 1:
                 _retry(kernel, fault)
                 continue
@@ -97,6 +97,14 @@ def lab_run(d, script, kernel=None, timeout=LAB_TIMEOUT, **options):
                         f"{p.stderr[-3000:]}\nthe guest kernel's console:\n{_tail(console)}",
                         pytrace=False)
         return d
+
+
+def _whole(console):
+    """The guest's console (a panic's first line is above its stack dump)."""
+    try:
+        return console.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _tail(console):
@@ -814,3 +822,20 @@ def test_a_broken_command_in_the_lab_says_its_own_cause(in_lab):
     with pytest.raises(pytest.fail.Exception, match="exited 1: kvmlockprof: unknown probe"):
         in_lab("kvmlockprof record -q --probes nope -o never.parquet -- true && "
                "cat never.parquet")
+
+
+def test_a_panic_above_its_stack_dump_is_told(tmp_path, monkeypatch):
+    """The emulator's scheduler-stack panic, its line far above the console's last
+    lines (the lab run of 2026-12-05): still told, and the run made again."""
+    runs = [_Done(255), _Done(0)]
+
+    def run(*a, console=None, **kw):
+        if len(runs) == 2:
+            console.write_text("[  189.2] Kernel panic - not syncing: corrupted stack end "
+                               "detected inside scheduler\n" + "[  189.3]  frame\n" * 100)
+        return runs.pop(0)
+    monkeypatch.setattr(lab, "run", run)
+    monkeypatch.setattr(lab, "default_kernel", lambda: "vmlinuz-test")
+    monkeypatch.setattr(sys.modules[__name__], "RETRIES", [])
+    assert lab_run(tmp_path, "true") == tmp_path
+    assert len(RETRIES) == 1 and "corrupted stack" in RETRIES[0][2]
