@@ -15,8 +15,10 @@ from kvmlockprof.kernel import tracefs  # noqa: E402
 
 GROUP = "kvmlp_owner"
 LOCKERS = ("mutex_lock", "mutex_lock_killable", "mutex_lock_interruptible", "mutex_trylock")
+# (mutex_lock returns void: the kernel refuses a $retval of it)
 PROBES = [f"p:{GROUP}/{f} {f} lock=%di:x64" for f in LOCKERS] + \
-    [f"r512:{GROUP}/{f}_ret {f} ret=$retval:s32" for f in LOCKERS] + \
+    [f"r512:{GROUP}/{f}_ret {f}" + (" ret=$retval:s32" if f != "mutex_lock" else "")
+     for f in LOCKERS] + \
     [f"p:{GROUP}/mutex_unlock mutex_unlock lock=%di:x64"]
 
 
@@ -25,14 +27,18 @@ def kprobe_events(lines):
     tracefs' error_log) and left out: [the ones made]."""
     made = []
     for ln in lines:
+        # (os.open: Python's "a" mode seeks to the end, which tracefs refuses: EINVAL)
+        fd = os.open(os.path.join(tracefs.tracefs_path(), "kprobe_events"),
+                     os.O_WRONLY | os.O_APPEND)
         try:
-            with open(os.path.join(tracefs.tracefs_path(), "kprobe_events"), "a") as f:
-                f.write(ln + "\n")
+            os.write(fd, (ln + "\n").encode())
             made.append(ln)
         except OSError as e:
             with open(os.path.join(tracefs.tracefs_path(), "error_log")) as f:
                 log = f.read().strip().splitlines()[-3:]
             print(f"owner_oracle: the kernel refused {ln!r}: {e}; {log}", file=sys.stderr)
+        finally:
+            os.close(fd)
     return made
 
 

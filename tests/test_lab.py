@@ -728,7 +728,7 @@ def holders_at_waits(events, tgid):
             if not calls.get((tid, ev[:-4])):
                 continue                    # (entered before the tracer was on)
             lock = calls[(tid, ev[:-4])].pop()
-            if TAKEN[ev](f["ret"]):
+            if TAKEN[ev](f.get("ret")):
                 holder[lock] = tid
         elif ev == "mutex_unlock":
             if holder.get(f["lock"]) == tid:
