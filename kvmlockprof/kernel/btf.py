@@ -91,11 +91,12 @@ class RawBtf:
         pos = self.offsets[type_id - self.first]
         return self.name(struct.unpack_from("<I", self.types, pos)[0])
 
-    def get(self, type_id):
+    def get(self, type_id, default=None):
+        """The type `type_id` as bpftool's JSON has it (a unit's `get`, as a dict's)."""
         if type_id < self.first:
-            return self.base.get(type_id) if self.base else None
+            return self.base.get(type_id, default) if self.base else default
         if type_id - self.first >= len(self.offsets):
-            return None
+            return default
         return self._decode(type_id)
 
     @functools.lru_cache(maxsize=8192)
@@ -177,7 +178,7 @@ class _Index:
                 found = [(t["id"], t.get("name")) for t in unit.values() if t["kind"] in kinds
                          and (not sized or t.get("size"))]
             else:
-                raw = unit.raw
+                raw = unit
                 found = [(i, raw.name_of(i)) for k in kinds for i in raw.ids(k)
                          if not sized or raw.size_of(i)]
             for i, name in found:
@@ -208,17 +209,6 @@ class _Index:
         return ((n, self._value(*v)) for n, v in self.ids.items())
 
 
-class _Unit:
-    """A dict-like view of the types by id of a RawBtf (unit.get(id))."""
-
-    def __init__(self, raw):
-        self.raw = raw
-
-    def get(self, type_id, default=None):
-        t = self.raw.get(type_id)
-        return default if t is None else t
-
-
 class Btf:
     """Types of vmlinux plus the named modules' BTF (split BTF on top of vmlinux)."""
 
@@ -231,11 +221,11 @@ class Btf:
             self.by_id = base
         else:
             raw = read(vmlinux)
-            units = [_Unit(raw)]
+            units = [raw]
             for m in modules if modules is not None else self.kvm_modules():
                 p = os.path.join(BTF_DIR, m)
                 if os.path.exists(p):
-                    units.append(_Unit(read(p, base=raw)))
+                    units.append(read(p, base=raw))
             self.by_id = units[0]
         self.structs = _Index(units, ("STRUCT", "UNION"), sized=True)   # name -> (unit, type)
         self.funcs = _Index(units, ("FUNC",))          # name -> (unit, FUNC_PROTO)
@@ -361,7 +351,7 @@ class Btf:
         if not hasattr(self, "_percpu"):
             unit = self.units[0]
             secs = [t for t in unit.values() if t["kind"] == "DATASEC"] \
-                if isinstance(unit, dict) else [unit.get(i) for i in unit.raw.ids("DATASEC")]
+                if isinstance(unit, dict) else [unit.get(i) for i in unit.ids("DATASEC")]
             sec = next((t for t in secs if t.get("name") == ".data..percpu"), None)
             out = []
             for v in (sec or {}).get("vars", []):

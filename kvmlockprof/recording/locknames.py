@@ -323,7 +323,7 @@ class KernelNamer:
         self.rq_off = kbtf.offset("rq", self.rq_field) if self.rq_field else None
         self.kbtf = kbtf
         self.percpu = {}        # cpu -> the address of its copy of the per-CPU section
-        self._bases = []        # (base, cpu), sorted
+        self._bases, self._offs = [], []    # (base, cpu) sorted; the variables' offsets
         self.rq_addrs = set()
         self.zone_size = kbtf.size("zone") if kbtf else None
         self.zone_types = kbtf.enums.get("zone_type", {}) if kbtf else {}
@@ -346,6 +346,8 @@ class KernelNamer:
                 "name": f"rq(cpu {cpu})->{self.rq_field}",
                 "how": f"CPU {cpu}'s run queue (struct rq, found from a task running there: "
                        f"se.cfs_rq->rq); {self.rq_field} at +{self.rq_off} from BTF"}
+        self._bases = sorted((b, c) for c, b in self.percpu.items())   # (percpu_lock's)
+        self._offs = [o for o, _, _, _ in pv]
 
     def lock_kinds(self, kinds):
         """{lock address: (kind, id, the telling wait's stack id)} the waiters told."""
@@ -376,16 +378,13 @@ class KernelNamer:
         run queue, less runqueues' offset in it (BTF), does."""
         if not self.percpu:
             return None
-        if len(self._bases) != len(self.percpu):
-            self._bases = sorted((b, c) for c, b in self.percpu.items())
         pv, size = self.kbtf.percpu_vars()
         j = bisect.bisect_right(self._bases, (a, float("inf"))) - 1
         if j < 0 or a - self._bases[j][0] >= size:
             return None
         base, cpu = self._bases[j]
-        offs = [o for o, _, _, _ in pv]
-        i = bisect.bisect_right(offs, a - base) - 1
-        if i < 0 or a - base >= offs[i] + pv[i][1]:
+        i = bisect.bisect_right(self._offs, a - base) - 1
+        if i < 0 or a - base >= self._offs[i] + pv[i][1]:
             return None
         off, _, var, tid = pv[i]
         path = self.kbtf.lock_at(tid, a - base - off)
