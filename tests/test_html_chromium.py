@@ -93,6 +93,8 @@ def test_compare_page_shows_flagged_distributions_side_by_side(chromium, tmp_pat
     slower = [(w * 2, lock, t, f, s) for w, lock, t, f, s in rows]     # all in [2048, 4096)
     base = [kvmlockprof.load(small_recording(tmp_path / "b.parquet", rows))]
     new = [kvmlockprof.load(small_recording(tmp_path / "n.parquet", slower))]
+    for r in base + new:                # (a named lock: a bare address has no row drawn)
+        r.manifest["lock_names"] = {"0x1000": {"name": "kvm(7)->slots_lock"}}
     df = compare.compare(base, new)
     fig = plots.compare_distributions(df, base, new)
     assert fig is not None
