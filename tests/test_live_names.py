@@ -4,6 +4,7 @@ says elsewhere: the run queues against BTF's per-CPU data section (bpftool's vie
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -16,7 +17,7 @@ from kvmlockprof.locktypes import LCB_F_SPIN
 MMAP_LOCK_PATHS = re.compile(r"^(__vm_munmap|vm_mmap_pgoff|lock_mm_and_find_vma|"
                              r"do_user_addr_fault|do_page_fault|mmap_(read|write)_lock|"
                              r"__do_sys_brk|do_vmi_munmap|do_mprotect_pkey|do_madvise|"
-                             r"madvise_lock|__do_sys_mremap|do_mlock|__do_sys_mlockall|"
+                             r"madvise_lock|madvise_do_behavior|__do_sys_mremap|do_mlock|__do_sys_mlockall|"
                              r"__do_sys_munlock|exit_mmap|__access_remote_vm|"
                              r"get_user_pages|__get_user_pages)\w*\+")
 RWSEM_ENTRY = re.compile(r"^(down_read|down_write)(_killable)?\+")
@@ -219,7 +220,11 @@ def test_private_futex_buckets_named_with_their_process(live, tmp_path):
               if int(t) in storms and fl == LCB_F_SPIN and
               _spin_caller(frames.get(int(sid), [])).startswith(
                   ("futex_wake+", "futex_wait_setup+", "futex_q_lock+"))}
-    assert hashed, "no futex bucket contended by the storms (a busy host?)"
+    callers = Counter(_spin_caller(frames.get(int(sid), [])).split("+")[0] or "(no stack)"
+                      for t, sid, fl in zip(a["tgid"], a["stack_id"], a["flags"])
+                      if int(t) in storms and fl == LCB_F_SPIN)
+    assert hashed, f"no futex bucket contended by the storms; their spin waits' callers: " \
+                   f"{callers.most_common(8)}"
     assert hashed <= named, (hashed, futex)
     aggs = a[a["lock_addr"].isin(list(futex))]
     for addr, tgid, sid in zip(aggs["lock_addr"], aggs["tgid"], aggs["stack_id"]):
