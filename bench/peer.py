@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -106,6 +107,135 @@ def find(verbose=True):
         return perf, text
     json.dump(state, open(state_path, "w"), indent=1)
     return None, None
+
+
+# Reading perf lock contention -v's output, and running it under kvmlockprof record: the
+# peer comparisons of tests/test_live_peer.py and bench/peer_accuracy.py.
+UNIT_NS = {"ns": 1, "us": 1e3, "ms": 1e6, "s": 1e9}
+
+
+def parse_perf(text):
+    """perf lock contention -v's entries: {stack frames (tuple): (count, total ns)}."""
+    out, key, head = {}, None, None
+    row = re.compile(r"^\s*(\d+)\s+([\d.]+) (ns|us|ms|s)\s+([\d.]+) (ns|us|ms|s)\s+"
+                     r"([\d.]+) (ns|us|ms|s)\s+(\S+)\s+(\S+)\s*$")
+    frame = re.compile(r"^\s+0x[0-9a-f]+\s+(\S+)")
+
+    def close():
+        if head is not None:
+            k = tuple(key)
+            n, total = out.get(k, (0, 0.0))
+            out[k] = (n + head[0], total + head[1])
+    for line in text.splitlines():
+        m = row.match(line)
+        if m:
+            close()
+            head = (int(m.group(1)), float(m.group(2)) * UNIT_NS[m.group(3)])
+            key = []
+            continue
+        f = frame.match(line)
+        if f and head is not None:
+            key.append(f.group(1))
+        elif head is not None and not line.strip():
+            continue
+    close()
+    return out
+
+
+def parse_perf_callers(text):
+    """perf lock contention -v's rows by perf's own caller column, over the rows whose
+    stack passes KVM, of the callers perf saw nowhere else: {caller: total ns}. (perf
+    sees the whole host, kvmlockprof one process: a caller both see outside KVM too, a
+    run-queue lock's, weighs the host's waits on one side and the process's on the
+    other; one only KVM's stacks reach counts the same waits on both.)"""
+    out, cur = {}, None
+    row = re.compile(r"^\s*(\d+)\s+([\d.]+) (ns|us|ms|s)\s+[\d.]+ (?:ns|us|ms|s)\s+"
+                     r"[\d.]+ (?:ns|us|ms|s)\s+\S+\s+(\S+)\s*$")
+    frame = re.compile(r"^\s+0x[0-9a-f]+\s+(\S+)")
+    rows = []
+    for line in text.splitlines():
+        m = row.match(line)
+        if m:
+            cur = [m.group(4), float(m.group(2)) * UNIT_NS[m.group(3)], False]
+            rows.append(cur)
+        elif cur is not None and (f := frame.match(line)):
+            cur[2] = cur[2] or f.group(1).startswith("kvm_")
+    mixed = {caller for caller, _, kvm in rows if not kvm}
+    for caller, ns, kvm in rows:
+        if kvm and caller not in mixed:
+            out[caller] = out.get(caller, 0.0) + ns
+    return out
+
+
+def handler_ns(progs):
+    """ns a run of perf's two tp_btf handlers, from `bpftool -j prog show` (bpf_stats on),
+    by their names as the kernel cuts them: contention_beg(in), contention_end."""
+    cost = {}
+    for prog in json.load(open(progs)):
+        name = prog.get("name", "")
+        if prog.get("type") == "tracing" and name.startswith("contention_") and \
+                prog.get("run_cnt"):
+            cost[name[:14]] = prog["run_time_ns"] / prog["run_cnt"]
+    return cost
+
+
+def stacked(perf, d, record_args, workload=("--vcpus", "2", "--churn"), seconds=6):
+    """kvmlockprof record (its programs attached first: see tests/test_live_peer.py)
+    running perf lock contention -ab -v (every wait's stack) running the built-in
+    workload; bpftool after the workload, while perf's programs are loaded: their run
+    times. (perf's text, the recording's path, perf's handler costs.)"""
+    out, progs, text = d / "rec.parquet", d / "progs.json", d / "perf.txt"
+    work = shlex.join([sys.executable, "-m", "kvmlockprof", "workload", "--duration",
+                       str(seconds), *workload])
+    inner = f"{work} && bpftool -j prog show > {progs}"
+    argv = [perf, "lock", "contention", "-ab", "-v", "-E", "1000000", "--", "sh", "-c", inner]
+    peer = f"{shlex.join(argv)} > {text} 2>&1"
+    stats = "/proc/sys/kernel/bpf_stats_enabled"
+    was = open(stats).read().strip()
+    open(stats, "w").write("1")
+    try:
+        p = subprocess.run([sys.executable, "-m", "kvmlockprof", "record", "-q", *record_args,
+                            "-o", str(out), "--", "sh", "-c", peer],
+                           capture_output=True, text=True, timeout=300 + seconds,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    finally:
+        open(stats, "w").write(was)
+    said = text.read_text() if text.exists() else ""
+    if p.returncode:
+        raise RuntimeError(f"record around perf failed ({p.returncode}): "
+                           f"{p.stderr[-2000:]}{said[-2000:]}")
+    return said, out, handler_ns(progs)
+
+
+
+def skew_ns(rec):
+    """How much shorter kvmlockprof times a wait than perf, its programs attached
+    first: our end handler, which runs before perf's clock (record's bpf_stats)."""
+    h = (rec.manifest.get("handler_ns") or {}).get("contention_end") or {}
+    if not h.get("ns_per_run"):
+        raise RuntimeError(f"no cost of the end handler measured: {rec.manifest.get('handler_ns')}")
+    return h["ns_per_run"]
+
+
+def caller_shares(rec, theirs, n=10):
+    """The n callers perf makes heaviest on KVM's stacks (and on no other:
+    parse_perf_callers), each one's share of the n's wait time in kvmlockprof's
+    by-caller answer and in perf's: (callers, ours, perf's). The two count the same
+    waits there: the workload's, the only process in KVM. Each of our waits as perf
+    times it (skew_ns); perf's caller has no [module] (kvm.ko's functions have one in
+    ours)."""
+    from kvmlockprof.analysis import locks
+    df = locks.top(rec, by="caller")
+    skew = skew_ns(rec)
+    ours = df.assign(caller=df["caller"].astype(str).str.replace(r" \[\w+\]$", "", regex=True),
+                     t=df["total_ns"] + df["contended"] * skew) \
+        .groupby("caller")["t"].sum().to_dict()
+    top = sorted(theirs, key=theirs.get, reverse=True)[:n]
+
+    def share(d):
+        whole = sum(d.get(c, 0) for c in top)
+        return {k: d.get(k, 0) / whole if whole else 0.0 for k in top}
+    return top, share(ours), share(theirs)
 
 
 def main():

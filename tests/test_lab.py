@@ -50,7 +50,12 @@ EMULATOR_FAULTS = [(re.compile(p), what) for p, what in (
      "the nested guest's KVM exit the emulator causes"),
     (r"corrupted stack end detected inside scheduler",
      "the lab kernel's stack corrupted under nested SVM"),
-    (r"KVM: (?:.*)emulation failure", "a nested emulation failure"))]
+    (r"KVM: (?:.*)emulation failure", "a nested emulation failure"),
+    # a CPU trapping on an int3 its code no longer holds (the Code: line's byte before
+    # <RIP> is not cc): the emulator ran a stale copy of text the kernel live-patched
+    # (a static key flipped as a tracepoint was enabled), after the patch had ended
+    (r"Oops: int3(?:.*\n){1,8}?.*Code:(?: [0-9a-f]{2})* (?!cc)[0-9a-f]{2} <",
+     "a stale int3 of live-patched kernel text"))]
 RETRIES = []            # (test, kernel, the fault): listed in pytest's summary
 
 
@@ -798,6 +803,18 @@ def test_an_emulator_fault_is_retried_once_and_counted(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "RETRIES", [])
     assert lab_run(tmp_path, "true") == tmp_path
     assert not runs and len(RETRIES) == 1 and "internal_error" in RETRIES[0][2]
+
+
+def test_a_stale_int3_is_an_emulator_fault_and_a_real_one_is_not():
+    """The lab run of 2026-12-05 19:18: an int3 Oops in __schedule whose Code: line
+    shows the patched jump, not the int3, where the trap was: the emulator's. The same
+    Oops with the int3 still there is the kernel's (a breakpoint nobody handled)."""
+    oops = ("[   33.728249] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n"
+            "[   33.728600] CPU: 0 UID: 0 PID: 289 Comm: python Not tainted 6.12.95\n"
+            "[   33.728810] RIP: 0010:__schedule+0x444/0xc00\n"
+            "[   33.729353] Code: 49 83 bd 30 0f 00 00 00 74 06 f0 41 80 4d 00 02 {} <8a> 02 00\n")
+    assert "stale int3" in emulator_fault(oops.format("e9"))
+    assert emulator_fault(oops.format("cc")) is None
 
 
 def test_a_failure_of_ours_is_never_retried_and_says_its_cause(tmp_path, monkeypatch):
