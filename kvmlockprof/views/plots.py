@@ -56,8 +56,10 @@ def wait_histogram(rec, top_n=8):
         fig.add_trace(go.Scatter(x=at, y=order, mode="markers", name=f"p{round(q * 100)}",
                                  marker={"symbol": sym, "size": 28, "color": "crimson",
                                          "line": {"width": 2}}))
+    # (plotly's default margins take 180 px of the height: rows of 45 px besides)
     fig.update_layout(xaxis_title="wait (log2 bucket)", yaxis_title=None,
-                      height=120 + 40 * len(order), legend={"orientation": "h", "y": -0.2})
+                      height=220 + 45 * len(order), margin={"t": 40, "b": 110},
+                      legend={"orientation": "h", "y": -0.35, "yanchor": "top"})
     return fig
 
 
