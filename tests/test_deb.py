@@ -15,7 +15,8 @@ APT = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
 LEFT = ("/usr/lib/kvmlockprof", "/usr/bin/kvmlockprof",
         "/lib/systemd/system/kvmlockprof-exporter.service", "/usr/share/doc/kvmlockprof",
         "/etc/systemd/system/multi-user.target.wants/kvmlockprof-exporter.service",
-        "/var/lib/systemd/deb-systemd-helper-enabled/kvmlockprof-exporter.service.dsh-also")
+        "/var/lib/systemd/deb-systemd-helper-enabled/kvmlockprof-exporter.service.dsh-also",
+        "/run/kvmlockprof")
 
 
 def run(*cmd, **kw):

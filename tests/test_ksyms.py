@@ -1,4 +1,5 @@
-"""Symbol resolution on a kallsyms file written here."""
+"""Symbol resolution on a kallsyms file written here, and the running kernel's."""
+from kvmlockprof.kernel import ksyms
 from kvmlockprof.kernel.ksyms import Kallsyms
 
 KALLSYMS = """\
@@ -28,3 +29,40 @@ def test_frames_locks_and_data(tmp_path):
     # a lock in .data is named only by a data symbol that holds it, never by a marker
     assert k.data_symbols([0xffffffff82010004, 0xffffffff82000040, 0xffff888100000000]) == [
         "jiffies_lock+0x4", None, None]
+
+
+def test_text_symbols_are_awks(tmp_path):
+    """The running kernel's text symbols, first of each name: as awk reads the same
+    snapshot of /proc/kallsyms (type t/T/w/W, the module in brackets)."""
+    import shutil
+    import subprocess
+    snap = tmp_path / "kallsyms"
+    shutil.copyfile("/proc/kallsyms", snap)
+    awk = subprocess.run(
+        ["awk", '$2 ~ /^[tTwW]$/ && !($3 in seen) {seen[$3] = 1; m = $4; '
+         'gsub(/[][]/, "", m); print $3 "\\t" m}', str(snap)],
+        capture_output=True, text=True, check=True).stdout
+    theirs = dict(line.split("\t") for line in awk.splitlines())
+    assert len(theirs) > 1000
+    assert ksyms.text_symbols(snap) == theirs
+
+
+def test_record_takes_this_boots_trial_verdicts(tmp_path, monkeypatch):
+    """An attach trial is made once a boot: record (fresh=False) takes the kept
+    verdict, doctor (fresh=True) tries again; another symbol, kernel or boot is
+    another trial."""
+    from kvmlockprof.kernel import capabilities
+    monkeypatch.setattr(capabilities, "TRIALS", str(tmp_path / "run" / "trials.json"))
+    tried = []
+    monkeypatch.setattr(capabilities, "_trial", lambda text, attach=None: tried.append(text)
+                        or "refused")
+    first = capabilities._fentry_check("vfs_read", fresh=False)
+    again = capabilities._fentry_check("vfs_read", fresh=False)
+    assert len(tried) == 1 and (first.ok, first.detail) == (again.ok, again.detail) == \
+        (False, "refused")
+    capabilities._fentry_check("vfs_read", fresh=True)
+    capabilities._fentry_check("ksys_read", fresh=False)
+    assert len(tried) == 3
+    monkeypatch.setattr(capabilities.platform, "release", lambda: "9.9.9-other")
+    capabilities._fentry_check("vfs_read", fresh=False)
+    assert len(tried) == 4

@@ -61,6 +61,10 @@ fi
 if [ "$1" = purge ] && command -v deb-systemd-helper >/dev/null; then
     deb-systemd-helper purge {UNIT} >/dev/null || true
 fi
+# record's attach-trial verdicts for this boot (kernel/capabilities.py TRIALS)
+if [ "$1" = purge ]; then
+    rm -rf /run/kvmlockprof
+fi
 """
 
 

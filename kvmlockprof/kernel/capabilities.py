@@ -1,5 +1,7 @@
 """What this host's kernel lets us do, found by trying it, and the attach plan
 that follows for each catalog probe."""
+import hashlib
+import json
 import os
 import platform
 from dataclasses import dataclass, field
@@ -8,6 +10,10 @@ from kvmlockprof import catalog
 from kvmlockprof.kernel import bpfload, headers, host, ksyms, tracefs
 
 KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
+# The attach trials' verdicts, kept for this boot: /run is emptied at every boot,
+# and the key holds the kernel, the boot and the trial itself. record reads them
+# (each trial compiles a program: a quarter of a second); doctor always tries anew.
+TRIALS = "/run/kvmlockprof/trials.json"
 
 
 @dataclass
@@ -52,7 +58,40 @@ def _trial(text, attach=None):
         b.cleanup()
 
 
-def _kprobe_check(symbol):
+def _boot_key(kind, symbol, text):
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+    except OSError:
+        return None
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"{platform.release()}|{boot}|{kind}|{symbol}|{digest}"
+
+
+def _remembered(kind, symbol, text, fresh, check):
+    """check() (a Check), or this boot's verdict of the same trial where `fresh` is
+    False; a fresh verdict is kept for the next run."""
+    key = _boot_key(kind, symbol, text)
+    try:
+        kept = json.load(open(TRIALS))
+    except (OSError, ValueError):
+        kept = {}
+    if not fresh and key in kept:
+        ok, detail = kept[key]
+        return Check(kind, ok, detail)
+    c = check()
+    if key:
+        try:
+            os.makedirs(os.path.dirname(TRIALS), mode=0o700, exist_ok=True)
+            tmp = f"{TRIALS}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(dict(kept, **{key: [c.ok, c.detail]}), f)
+            os.replace(tmp, TRIALS)
+        except OSError:
+            pass                # (not root, or a read-only /run: tried again next time)
+    return c
+
+
+def _kprobe_check(symbol, fresh=True):
     if not (os.path.exists(KPROBE_PMU) or
             os.path.exists(os.path.join(tracefs.tracefs_path() or "/nonexistent",
                                         "kprobe_events"))):
@@ -64,24 +103,33 @@ def _kprobe_check(symbol):
 
     def attach(b):
         b.attach_kprobe(event=symbol, fn_name="f")
-    err = _trial("int f(void *ctx) { return 0; }", attach)
-    return Check("kprobe attach", not err, f"attached to {symbol}" if not err else err)
+    text = "int f(void *ctx) { return 0; }"
+
+    def check():
+        err = _trial(text, attach)
+        return Check("kprobe attach", not err, f"attached to {symbol}" if not err else err)
+    return _remembered("kprobe attach", symbol, text, fresh, check)
 
 
-def _fentry_check(symbol):
-    err = _trial(f"KFUNC_PROBE({symbol}) {{ return 0; }}")
-    if not err:
-        return Check("fentry load (trial)", True, f"loaded and attached on {symbol}")
-    if "super-user" in err or "EPERM" in err or "not permitted" in err.lower():
-        err = ("the kernel refused the tracing program with EPERM although we are "
-               "privileged (lockdown, or no ftrace direct calls in this kernel)")
-    return Check("fentry load (trial)", False, err)
+def _fentry_check(symbol, fresh=True):
+    text = f"KFUNC_PROBE({symbol}) {{ return 0; }}"
+
+    def check():
+        err = _trial(text)
+        if not err:
+            return Check("fentry load (trial)", True, f"loaded and attached on {symbol}")
+        if "super-user" in err or "EPERM" in err or "not permitted" in err.lower():
+            err = ("the kernel refused the tracing program with EPERM although we are "
+                   "privileged (lockdown, or no ftrace direct calls in this kernel)")
+        return Check("fentry load (trial)", False, err)
+    return _remembered("fentry load (trial)", symbol, text, fresh, check)
 
 
 def probe_host(full=True):
     """Try what this host allows. `full=False` (record) skips the trials the
     contention probe's own load repeats anyway: it only needs the attach methods
-    and symbols for the function probes' plans."""
+    and symbols for the function probes' plans, and takes this boot's verdicts of
+    the attach trials where a run before made them (TRIALS)."""
     caps = Capabilities()
     add = lambda c: caps.checks.__setitem__(c.name, c)  # noqa: E731
 
@@ -110,10 +158,10 @@ def probe_host(full=True):
     if full:
         _probe_tracing(add)
     target = next((s for s in ("kvm_vm_ioctl", "vfs_read") if s in caps.symbols), "vfs_read")
-    add(_kprobe_check(target))
+    add(_kprobe_check(target, fresh=full))
     # fentry through bcc reaches vmlinux functions only: try one of those
     add(_fentry_check(next((s for s in ("vfs_read", "ksys_read") if caps.symbols.get(s) == ""),
-                           "vfs_read")))
+                           "vfs_read"), fresh=full))
     return caps
 
 
