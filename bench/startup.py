@@ -1,14 +1,17 @@
-"""Start-up: launch to attached, kvmlockprof record against perf lock contention -b,
-side by side in one run.
+"""Start-up: launch to attached and launch to the command's start, kvmlockprof record
+against perf lock contention -b, side by side in one run.
 
 "Attached" is the kernel's view: the moment the process holds its two BPF links
 (contention_begin and contention_end; both tools attach through links), polled in
-/proc/PID/fd every millisecond from just before the exec. In turn, --rounds times:
-  kvmlockprof        `kvmlockprof record -q -a -d 1`, run before on this boot: its
-                     attach trials' verdicts kept (/run/kvmlockprof)
+/proc/PID/fd every millisecond from just before the exec. "Command" is when the
+command given to record or perf (`date +%s%N`) ran: every probe attached, the set-up
+done (for kvmlockprof: the function probes planned and loaded, kallsyms and the lock
+names read). In turn, --rounds times, the order shuffled each round:
+  kvmlockprof        `kvmlockprof record -q -a -- sh -c 'date +%s%N > F'`, run before
+                     on this boot: its attach trials' verdicts kept (/run/kvmlockprof)
   kvmlockprof-first  the same with the kept verdicts removed first: a first run on a
                      boot (the page cache warm all the same)
-  perf               `perf lock contention -ab -- sleep 1` (`make peer`'s build)
+  perf               `perf lock contention -ab -- sh -c ...` (`make peer`'s build)
 Prints each one's median and range, and the paired difference to perf's (median,
 bootstrap 95% interval); its peak RSS (VmHWM) at the attach. Writes JSON
 (bench/results/startup.json).
@@ -28,7 +31,8 @@ import peer
 from results_io import RESULTS, save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRIALS = "/run/kvmlockprof/trials.json"
+sys.path.insert(0, ROOT)
+from kvmlockprof.kernel.capabilities import TRIALS  # noqa: E402
 
 
 def links(pid):
@@ -54,21 +58,27 @@ def hwm_kb(pid):
     return None
 
 
-def attach_time(argv):
-    """(seconds from the exec to two BPF links held, peak RSS KB then)."""
-    t0 = time.monotonic()
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    try:
-        while True:
-            n = links(p.pid)
-            if n >= 2:
-                return time.monotonic() - t0, hwm_kb(p.pid)
-            if n < 0 or p.poll() is not None:
-                raise RuntimeError(f"{argv[0]} exited before attaching: "
-                                   f"{p.stderr.read().decode()[-500:]}")
+def start_up(argv, stamp):
+    """{seconds from the exec to two BPF links held, to the command's start; peak RSS
+    KB at the attach}. argv ends with a command that writes its start (ns since the
+    epoch) to `stamp`."""
+    if os.path.exists(stamp):
+        os.unlink(stamp)
+    with tempfile.TemporaryFile() as err:
+        t0, w0 = time.monotonic(), time.time_ns()
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+        out = {}
+        while p.poll() is None and "attached_s" not in out:
+            if links(p.pid) >= 2:
+                out = {"attached_s": time.monotonic() - t0, "hwm_kb": hwm_kb(p.pid)}
             time.sleep(0.001)
-    finally:
-        p.wait(timeout=60)
+        if p.wait(timeout=120) or "attached_s" not in out or not os.path.exists(stamp):
+            err.seek(0)
+            raise RuntimeError(f"{argv[0]} failed (exit {p.returncode}) or never attached: "
+                               f"{err.read().decode()[-500:]}")
+    with open(stamp) as f:
+        out["command_s"] = (int(f.read()) - w0) / 1e9
+    return out
 
 
 def interval(diffs, rng):
@@ -85,33 +95,36 @@ def main():
     if not perf:
         sys.exit("no built perf with lock contention -b here: run `make peer`")
     klp = shutil.which("kvmlockprof", path=os.path.dirname(sys.executable)) or "kvmlockprof"
+    rng = random.Random(1)
     with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "r.parquet")
-        ours = [klp, "record", "-q", "-a", "-d", "1", "--force", "-o", out]
+        out, stamp = os.path.join(d, "r.parquet"), os.path.join(d, "stamp")
+        cmd = ["--", "sh", "-c", f"date +%s%N > {stamp}"]
+        ours = [klp, "record", "-q", "-a", "--force", "-o", out, *cmd]
         configs = {"kvmlockprof": ours, "kvmlockprof-first": ours,
-                   "perf": [perf, "lock", "contention", "-ab", "--", "sleep", "1"]}
-        attach_time(ours)                   # (a run before: the verdicts kept)
+                   "perf": [perf, "lock", "contention", "-ab", *cmd]}
+        start_up(ours, stamp)               # (a run before: the verdicts kept)
         result = {"rounds": a.rounds, "configs": {c: [] for c in configs}}
         for _ in range(a.rounds):
-            for name, argv in configs.items():
+            for name in rng.sample(list(configs), len(configs)):
                 if name == "kvmlockprof-first" and os.path.exists(TRIALS):
                     os.unlink(TRIALS)
-                s, kb = attach_time(argv)
-                result["configs"][name].append({"seconds": s, "hwm_kb": kb})
-    rng = random.Random(1)
-    theirs = [r["seconds"] for r in result["configs"]["perf"]]
-    for name, runs in result["configs"].items():
-        s = [r["seconds"] for r in runs]
-        line = (f"{name:<18} launch to attached: median {statistics.median(s):.3f} s "
-                f"[{min(s):.3f}, {max(s):.3f}]; peak RSS then "
-                f"{statistics.median(r['hwm_kb'] for r in runs) / 1024:.0f} MiB")
-        if name != "perf":
-            diffs = [x - y for x, y in zip(s, theirs)]
-            lo, hi = interval(diffs, rng)
-            result.setdefault("minus_perf", {})[name] = {
-                "median": statistics.median(diffs), "ci95": [lo, hi]}
-            line += f"; minus perf's: {statistics.median(diffs):+.3f} s [{lo:+.3f}, {hi:+.3f}]"
-        print(line)
+                result["configs"][name].append(start_up(configs[name], stamp))
+    for what in ("attached_s", "command_s"):
+        theirs = [r[what] for r in result["configs"]["perf"]]
+        print(f"launch to {what[:-2]}:")
+        for name, runs in result["configs"].items():
+            s = [r[what] for r in runs]
+            line = f"  {name:<18} median {statistics.median(s):.3f} s [{min(s):.3f}, {max(s):.3f}]"
+            if what == "attached_s":
+                rss = statistics.median(r["hwm_kb"] for r in runs) / 1024
+                line += f", peak RSS then {rss:.0f} MiB"
+            if name != "perf":
+                diffs = [x - y for x, y in zip(s, theirs)]
+                lo, hi = interval(diffs, rng)
+                result.setdefault("minus_perf", {})[f"{name} {what}"] = {
+                    "median": statistics.median(diffs), "ci95": [lo, hi]}
+                line += f"; minus perf's {statistics.median(diffs):+.3f} s [{lo:+.3f}, {hi:+.3f}]"
+            print(line)
     save(result, a.output)
 
 

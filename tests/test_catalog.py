@@ -91,3 +91,37 @@ def test_opt_in_probes_attach_only_when_asked(monkeypatch):
                                     lambda m: None)
     # with what they use (lockorder: vms, which names its lock classes)
     assert set(opt_in) | {catalog.BY_NAME[u] for p in opt_in for u in p.uses} == set(plans)
+
+
+def test_record_takes_this_boots_trial_verdicts(tmp_path, monkeypatch):
+    """An attach trial is made once a boot: record (fresh=False) takes the kept
+    verdict, doctor (fresh=True) tries again; another symbol, kernel or boot is
+    another trial."""
+    from kvmlockprof.kernel import capabilities
+    monkeypatch.setattr(capabilities, "TRIALS", str(tmp_path / "run" / "trials.json"))
+    tried = []
+    monkeypatch.setattr(capabilities, "_trial", lambda text, attach=None: tried.append(text)
+                        or "refused")
+    first = capabilities._fentry_check("vfs_read", fresh=False)
+    again = capabilities._fentry_check("vfs_read", fresh=False)
+    assert len(tried) == 1 and (first.ok, first.detail) == (False, "refused")
+    assert not again.ok and again.detail.startswith("refused (this boot's trial")
+    capabilities._fentry_check("vfs_read", fresh=True)
+    capabilities._fentry_check("ksys_read", fresh=False)
+    assert len(tried) == 3
+    monkeypatch.setattr(capabilities.platform, "release", lambda: "9.9.9-other")
+    capabilities._fentry_check("vfs_read", fresh=False)
+    assert len(tried) == 4
+
+
+def test_a_missing_environment_is_no_verdict(tmp_path, monkeypatch):
+    """A trial that failed for want of headers or bcc is tried again next run (the user
+    may install them), unlike the kernel's refusal."""
+    from kvmlockprof.kernel import capabilities
+    monkeypatch.setattr(capabilities, "TRIALS", str(tmp_path / "trials.json"))
+    tried = []
+    monkeypatch.setattr(capabilities, "_trial", lambda text, attach=None: tried.append(text)
+                        or "no kernel headers: apt-get install linux-headers-amd64")
+    capabilities._fentry_check("vfs_read", fresh=False)
+    capabilities._fentry_check("vfs_read", fresh=False)
+    assert len(tried) == 2

@@ -46,23 +46,3 @@ def test_text_symbols_are_awks(tmp_path):
     assert len(theirs) > 1000
     assert ksyms.text_symbols(snap) == theirs
 
-
-def test_record_takes_this_boots_trial_verdicts(tmp_path, monkeypatch):
-    """An attach trial is made once a boot: record (fresh=False) takes the kept
-    verdict, doctor (fresh=True) tries again; another symbol, kernel or boot is
-    another trial."""
-    from kvmlockprof.kernel import capabilities
-    monkeypatch.setattr(capabilities, "TRIALS", str(tmp_path / "run" / "trials.json"))
-    tried = []
-    monkeypatch.setattr(capabilities, "_trial", lambda text, attach=None: tried.append(text)
-                        or "refused")
-    first = capabilities._fentry_check("vfs_read", fresh=False)
-    again = capabilities._fentry_check("vfs_read", fresh=False)
-    assert len(tried) == 1 and (first.ok, first.detail) == (again.ok, again.detail) == \
-        (False, "refused")
-    capabilities._fentry_check("vfs_read", fresh=True)
-    capabilities._fentry_check("ksys_read", fresh=False)
-    assert len(tried) == 3
-    monkeypatch.setattr(capabilities.platform, "release", lambda: "9.9.9-other")
-    capabilities._fentry_check("vfs_read", fresh=False)
-    assert len(tried) == 4

@@ -58,36 +58,62 @@ def _trial(text, attach=None):
         b.cleanup()
 
 
-def _boot_key(kind, symbol, text):
+def _read(path):
     try:
-        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        with open(path) as f:
+            return f.read().strip()
     except OSError:
+        return ""
+
+
+def _boot_key(kind, symbol, text):
+    """What a trial's verdict depends on: the kernel and this boot, the privileges
+    (CapEff) and lockdown state it ran under, the bcc that loaded it, the trial."""
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    if not boot:
         return None
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    caps = next((ln.split()[1] for ln in _read("/proc/self/status").splitlines()
+                 if ln.startswith("CapEff:")), "?")
+    lockdown = _read("/sys/kernel/security/lockdown")
+    try:
+        bcc = getattr(bpfload.import_bcc(), "__version__", "?")
+    except bpfload.BpfUnavailable:
+        bcc = "none"
+    digest = hashlib.sha256(f"{caps}|{lockdown}|{bcc}|{text}".encode()).hexdigest()[:16]
     return f"{platform.release()}|{boot}|{kind}|{symbol}|{digest}"
+
+
+# Failures of this environment, not verdicts of the kernel: never kept (the user may
+# install what is missing before the next run).
+_NOT_VERDICTS = ("bcc's Python bindings are missing", "no kernel headers")
 
 
 def _remembered(kind, symbol, text, fresh, check):
     """check() (a Check), or this boot's verdict of the same trial where `fresh` is
-    False; a fresh verdict is kept for the next run."""
+    False; a fresh verdict of the kernel is kept for the next run (concurrent runs
+    may each write theirs: the last one's file wins, the others try again)."""
     key = _boot_key(kind, symbol, text)
     try:
-        kept = json.load(open(TRIALS))
+        with open(TRIALS) as f:
+            kept = json.load(f)
     except (OSError, ValueError):
         kept = {}
-    if not fresh and key in kept:
-        ok, detail = kept[key]
-        return Check(kind, ok, detail)
+    if not isinstance(kept, dict):
+        kept = {}
+    got = kept.get(key)
+    if not fresh and isinstance(got, list) and len(got) == 2 and isinstance(got[0], bool):
+        return Check(kind, got[0], f"{got[1]} (this boot's trial, kept in {TRIALS})")
     c = check()
-    if key:
+    if key and not c.detail.startswith(_NOT_VERDICTS):
+        tmp = f"{TRIALS}.{os.getpid()}"
         try:
             os.makedirs(os.path.dirname(TRIALS), mode=0o700, exist_ok=True)
-            tmp = f"{TRIALS}.{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(dict(kept, **{key: [c.ok, c.detail]}), f)
             os.replace(tmp, TRIALS)
-        except OSError:
-            pass                # (not root, or a read-only /run: tried again next time)
+        except OSError:         # (not root, or a read-only /run: tried again next time)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return c
 
 
