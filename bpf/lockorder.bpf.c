@@ -7,7 +7,8 @@
  * acquired, first stack kept), each acquisition's context (task/irq, IRQs and
  * softirqs held off or on, the lock it was taken under) and recursion (a lock
  * taken again by the task holding it: streamed with both stacks; a lock still held
- * when its task returns to user space or exits, once per acquisition). Trylocks are
+ * when its task returns to user space or exits, once per acquisition), and how long
+ * each followed lock was held, by where it was taken. Trylocks are
  * not hooked: a lock taken by trylock is not seen as held; nor is a lock of a kind
  * whose unlocks are not all probeable (lo_followed). */
 
@@ -47,6 +48,7 @@ enum lo_event {
 
 struct lo_held_lock {
 	u64 addr;
+	u64 ts_ns;      /* taken (its entry point called; its wait's end where it waited) */
 	u32 kind;
 	s32 stack_id;
 	u32 bh;         /* taken by a _bh entry point: BH off until its unlock */
@@ -102,6 +104,14 @@ struct lockorder_acq_val {
 	u32 tgid;
 };
 
+/* How long a followed lock was held, per lock, kind and where it was taken (the
+ * acquisition's stack): from its taking to its unlock's entry. Value: kvmlp_lat. */
+struct lockorder_hold_key {
+	u64 addr;
+	u32 kind;
+	s32 stack_id;
+};
+
 /* At the entry of a function chosen by --srcu-at: which watched SRCU read section
  * is held (0: none). */
 struct lockorder_at_key {
@@ -130,6 +140,7 @@ BPF_HASH(lo_held_locks, struct lo_held_key, struct lo_held, 16384);
 BPF_HASH(lockorder_edges, struct lockorder_edge_key, struct lockorder_edge_val, 8192);
 BPF_HASH(lockorder_acqs, struct lockorder_acq_key, struct lockorder_acq_val, 8192);
 BPF_HASH(lockorder_srcu_at, struct lockorder_at_key, struct lockorder_acq_val, 1024);
+BPF_HASH(lockorder_holds, struct lockorder_hold_key, struct kvmlp_lat, 8192);
 BPF_ARRAY(lo_zero_held, struct lo_held, 1);
 BPF_RINGBUF_OUTPUT(lockorder_events, KVMLP_RINGBUF_PAGES);
 #define lo_count(i) kvmlp_count(KVMLP_CBASE_LOCKORDER + (i))
@@ -449,6 +460,7 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	KVMLP_OPAQUE(top);
 	struct lo_held_lock *h = &held->l[top & (LO_DEPTH - 1)];
 	h->addr = addr;
+	h->ts_ns = bpf_ktime_get_ns();
 	h->kind = kind;
 	/* no walk of its own: this acquisition's first stack (the lock, under the same
 	 * lock, in the same context) when it was not walked here */
@@ -458,6 +470,19 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	held->bh_held += variant == LO_BH;
 	held->n = n + 1;
 	return 0;
+}
+
+/* The index of the innermost held entry of addr, or -1. */
+static __always_inline int lo_innermost(struct lo_held *held, u64 addr)
+{
+	u32 n = held->n;
+	int at = -1;
+#pragma unroll
+	for (int i = 0; i < LO_DEPTH; i++) {
+		if (i < n && held->l[i & (LO_DEPTH - 1)].addr == addr)
+			at = i;
+	}
+	return at;
 }
 
 /* Drops the innermost entry for addr (locks need not be released in order). */
@@ -474,18 +499,21 @@ static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
 		return 0;
 	}
 	u32 n = held->n;
-	int at = -1;
-#pragma unroll
-	for (int i = 0; i < LO_DEPTH; i++) {
-		if (i < n && held->l[i & (LO_DEPTH - 1)].addr == addr)
-			at = i;
-	}
+	int at = lo_innermost(held, addr);
 	if (at < 0) {
 		lo_count(LO_C_UNMATCHED_RELEASES);
 		return 0;
 	}
 	KVMLP_OPAQUE(at);
-	if (held->l[at & (LO_DEPTH - 1)].bh && held->bh_held)
+	struct lo_held_lock *rel = &held->l[at & (LO_DEPTH - 1)];
+	struct lockorder_hold_key k = {.addr = addr, .kind = rel->kind, .stack_id = rel->stack_id};
+	struct kvmlp_lat *zero = kvmlp_lat_zero();
+	struct kvmlp_lat *v = zero ? lockorder_holds.lookup_or_try_init(&k, zero) : NULL;
+	if (v)
+		kvmlp_lat_add(v, bpf_ktime_get_ns() - rel->ts_ns);
+	else
+		lo_count(LO_C_LOST_AGG_FULL);
+	if (rel->bh && held->bh_held)
 		held->bh_held--;
 #pragma unroll
 	for (int i = 0; i < LO_DEPTH - 1; i++) {
@@ -496,6 +524,27 @@ static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
 		lo_held_locks.delete(&hk);
 	else
 		held->n = n - 1;
+	return 0;
+}
+
+/* A followed lock this task (or CPU, in IRQ context) waited for: held from the end
+ * of its wait, not from its entry point's call. The innermost entry of that lock. */
+RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
+{
+	u64 now = bpf_ktime_get_ns();
+	u64 addr = ctx->args[0];
+	if (!lo_watched(addr))
+		return 0;
+	struct lo_held_key hk = {};
+	lo_held_key_of(&hk, lo_context(ctx, 0));
+	struct lo_held *held = lo_held_locks.lookup(&hk);
+	if (!held)
+		return 0;
+	int at = lo_innermost(held, addr);
+	if (at >= 0) {
+		KVMLP_OPAQUE(at);
+		held->l[at & (LO_DEPTH - 1)].ts_ns = now;
+	}
 	return 0;
 }
 

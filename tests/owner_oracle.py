@@ -42,27 +42,29 @@ def kprobe_events(lines):
     return made
 
 
-def missed():
-    """Hits the kprobes missed (kprobe_profile's third column), of ours."""
-    ours = {p.split()[0].split("/")[1] for p in PROBES}     # (those not made: absent)
+def missed(probes):
+    """Hits the kprobes missed (kprobe_profile's third column), of these."""
+    ours = {p.split()[0].split("/")[1] for p in probes}     # (those not made: absent)
     with open(os.path.join(tracefs.tracefs_path(), "kprobe_profile")) as f:
         return sum(int(ln.split()[2]) for ln in f if ln.split()[0] in ours)
 
 
-def main():
-    out, cmd = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
+def trace(out, cmd, group, probes, needed):
+    """The kprobes and the contention tracepoints around cmd, in an instance named
+    after the group, written to out; exits with cmd's code. `needed`: a symbol
+    without whose kprobe nothing can be told."""
     tr, made = None, []
     try:
-        made = kprobe_events(PROBES)
-        if not any(p.startswith(("p:", "r")) and "mutex_unlock" in p for p in made):
-            sys.exit("owner_oracle: no kprobe on mutex_unlock: no holder can be told")
-        events = {f"{GROUP}/{p.split()[0].split('/')[1]}": None for p in made}
+        made = kprobe_events(probes)
+        if not any(p.split()[1] == needed for p in made):
+            sys.exit(f"{group}: no kprobe on {needed}: nothing can be told")
+        events = {f"{group}/{p.split()[0].split('/')[1]}": None for p in made}
         events.update({"lock/contention_begin": None, "lock/contention_end": None})
-        tr = Ftrace("kvmlp-owners", events, buffer_kb=32768)
+        tr = Ftrace(group.replace("_", "-"), events, buffer_kb=32768)
         rc = subprocess.call(cmd)
         tr.stop()
-        if tr.overruns() or missed():
-            sys.exit(f"ftrace lost events ({tr.overruns()} overruns, {missed()} kprobe "
+        if tr.overruns() or missed(made):
+            sys.exit(f"ftrace lost events ({tr.overruns()} overruns, {missed(made)} kprobe "
                      "hits missed)")
         with open(out, "w") as f:
             for ev in tr.events():
@@ -71,9 +73,9 @@ def main():
         if tr is not None:
             tr.remove()
         for p in made:
-            kprobe_events([f"-:{GROUP}/{p.split()[0].split('/')[1]}"])
+            kprobe_events([f"-:{group}/{p.split()[0].split('/')[1]}"])
     sys.exit(rc)
 
 
 if __name__ == "__main__":
-    main()
+    trace(sys.argv[1], sys.argv[sys.argv.index("--") + 1:], GROUP, PROBES, "mutex_unlock")

@@ -764,3 +764,31 @@ def test_verifier_reason_is_the_line_before_its_statistics():
     assert bpfload._reason(lines) == "R6 min value is outside of the allowed memory range"
     assert bpfload._reason(["error: use of undeclared identifier 'x'", "1 error generated."]) \
         == "error: use of undeclared identifier 'x'"
+
+
+def test_lockorder_hold_times(module, tmp_path):
+    """The holds table by lock class, kind and caller: counts and totals summed over
+    addresses of one class, p50/p99 the upper bounds of the log2 buckets the holds
+    fall in (2**ceil(log2)), and the contention probe's waits on the class beside."""
+    from kvmlockprof.probes import lockorder as lo
+    h = empty_like(module, "lockorder_holds")(2)
+    h["addr"] = [LO_ADDR["kvm->mmu_lock"], LO_ADDR["kvm->mmu_lock"]]
+    h["kind"] = {v: k for k, v in lo.KINDS.items()}["write"]
+    h["stack_id"] = -1
+    h["count"], h["total_ns"], h["max_ns"] = [3, 1], [3000, 70000], [1000, 70000]
+    h["hist"][0, int(np.log2(1000)) + 1] = 3        # bpf/kmaps.h: slot floor(log2)+1
+    h["hist"][1, int(np.log2(70000)) + 1] = 1
+    agg = np.zeros(2, [("lock_addr", "u8"), ("count", "u8"), ("total_ns", "u8")])
+    agg["lock_addr"], agg["count"], agg["total_ns"] = [LO_ADDR["kvm->mmu_lock"], 0x1], \
+        [4, 9], [500, 900]
+    w = Writer(tmp_path / "h.parquet")
+    w.append("lockorder_holds", to_arrow(h))
+    w.snapshot("aggregates", to_arrow(agg))
+    w.finalize({"format": "kvmlockprof-recording", "version": 1, "probes": {},
+                "lock_names": {f"{LO_ADDR['kvm->mmu_lock']:#x}": {"name": "kvm(7)->mmu_lock"}}})
+    (r,) = lo.holds(kvmlockprof.load(tmp_path / "h.parquet")).itertuples()
+    assert (r.lock_class, r.kind, r.count, r.total_ns, r.max_ns) == \
+        ("kvm->mmu_lock", "write", 4, 73000, 70000)
+    assert r.p50_ns_bound == 2 ** np.ceil(np.log2(1000))
+    assert r.p99_ns_bound == 2 ** np.ceil(np.log2(70000))
+    assert (r.waits, r.wait_ns) == (4, 500)

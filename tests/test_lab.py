@@ -783,6 +783,58 @@ def test_lock_owners_equal_the_kernels_holders(in_lab):
     assert sum(n for k, n in ours.items() if k[0] in mutexes) <= sum(truth.values())
 
 
+def write_holds(events):
+    """From the kernel's tracer alone: each rwlock taken for write and released by the
+    same thread, from its taking (the _raw_write_lock call, or the end of the wait
+    that followed it) to the _raw_write_unlock call: {lock: [hold ns, ...]}."""
+    start, out = {}, {}
+    for tid, _, ts, ev, f in events:
+        if ev == "write_lock":
+            start[(tid, f["lock"])] = ts
+        elif ev == "contention_end" and (tid, f["lock_addr"]) in start:
+            start[(tid, f["lock_addr"])] = ts
+        elif ev == "write_unlock" and (tid, f["lock"]) in start:
+            out.setdefault(f["lock"], []).append(ts - start.pop((tid, f["lock"])))
+    return out
+
+
+def test_write_holds_are_read_from_the_tracer():
+    ev = [(5, 5, 100, "write_lock", {"lock": 0xa}), (6, 6, 120, "write_lock", {"lock": 0xa}),
+          (5, 5, 150, "write_unlock", {"lock": 0xa}),
+          (6, 6, 160, "contention_end", {"lock_addr": 0xa, "ret": 0}),
+          (6, 6, 400, "write_unlock", {"lock": 0xa}), (7, 7, 500, "write_unlock", {"lock": 0xa})]
+    assert write_holds(ev) == {0xa: [50, 240]}
+
+
+@pytest.mark.lab
+def test_mmu_lock_write_holds_equal_the_kernels(in_lab):
+    """record --probes lockorder on the churn workload, inside the kernel's own record
+    of every _raw_write_lock/_raw_write_unlock call and contention end
+    (tests/hold_oracle.py): kvm->mmu_lock's write holds, as many as the tracer's, their
+    total within 5% of its."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("hold_oracle.py reads the lock argument in %di (x86-64)")
+    from kvmlockprof.probes import lockorder as lo
+    oracle = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hold_oracle.py")
+    d = in_lab(f"python3 {shlex.quote(oracle)} holds.jsonl -- kvmlockprof record -q "
+               f"--probes contention,vms,lockorder -o holds.parquet -- {WORKLOAD} --churn")
+    rec = kvmlockprof.load(d / "holds.parquet")
+    names = locks.lock_names(rec)
+    (mmu,) = [int(a, 16) for a, n in names.items() if n.endswith("->mmu_lock")]
+    with open(d / "holds.jsonl") as f:
+        truth = write_holds(json.loads(ln) for ln in f).get(mmu, [])
+    h = lo.holds(rec)
+    ours = h[(h["lock_class"] == "kvm->mmu_lock") & (h["kind"] == "write")]
+    print(ours[["caller", "count", "total_ns", "mean_ns", "p99_ns_bound", "max_ns",
+                "waits", "wait_ns"]].to_string())
+    n, total = int(ours["count"].sum()), int(ours["total_ns"].sum())
+    print(f"kvm->mmu_lock write holds: kvmlockprof {n}, {total / 1e6:.2f} ms | the kernel's "
+          f"tracer {len(truth)}, {sum(truth) / 1e6:.2f} ms")
+    assert len(truth) >= 20, len(truth)
+    assert n == len(truth)
+    assert abs(total - sum(truth)) <= 0.05 * sum(truth), (total, sum(truth))
+
+
 class _Done:
     def __init__(self, rc, out="", err=""):
         self.returncode, self.stdout, self.stderr = rc, out, err

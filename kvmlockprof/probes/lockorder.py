@@ -10,12 +10,15 @@ would flag: inversions (A -> B and B -> A, where each can wait for the other),
 IRQ-safety conflicts (a lock taken in hardirq or softirq context and elsewhere held
 with that enabled), recursion (a task taking a lock it holds), a lock still held as
 its task returns to user space or exits, and edges against the orders
-Documentation/virt/kvm/locking.rst states.
+Documentation/virt/kvm/locking.rst states; and how long each lock was held, by
+where it was taken (`kvm->mmu_lock` taken for write by kvm_mmu_zap_all_fast: its
+hold times), beside the waits on it.
 It sees only watched locks and only the paths the workload ran; trylocks are not
 followed. A debugging probe: every lock operation of the host pays for its filter
 (bench/README.md "lockorder cost")."""
 import dataclasses
 
+import numpy as np
 import pandas as pd
 
 from kvmlockprof import cdefs, options
@@ -23,6 +26,7 @@ from kvmlockprof.options import knob
 from kvmlockprof.locktypes import lock_class
 from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import CONTEXTS, IRQS, call_chains, callers
+from kvmlockprof.quantiles import hist_quantile
 
 KINDS = cdefs.labels("lockorder.bpf.c", "lo_kind", {
     "LO_SPIN": "spin", "LO_READ": "read", "LO_WRITE": "write", "LO_MUTEX": "mutex",
@@ -392,6 +396,48 @@ def contexts(rec):
                                          ignore_index=True)
 
 
+def holds(rec):
+    """Per lock class, kind and where it was taken (the caller): how long it was held,
+    from its taking (the end of its wait where it waited) to its unlock's entry
+    (in-kernel log2 histograms: p50/p99 are bucket upper bounds); beside it, the
+    waits on that class the contention probe timed in the same recording (where it
+    ran): what the holds cost the waiters."""
+    df = rec.table("lockorder_holds")
+    if df.empty:
+        return df
+    cls = class_names(rec, df["addr"])
+    df = df.assign(lock_class=df["addr"].map(cls), kind=df["kind"].map(_kind),
+                   caller=callers(rec, df["stack_id"], skip=_skip()))
+    rows = []
+    for (c, kind, caller), g in df.groupby(["lock_class", "kind", "caller"]):
+        hist = np.sum(np.stack(g["hist"].to_numpy()), axis=0)
+        n, total = int(g["count"].sum()), int(g["total_ns"].sum())
+        rows.append({"lock_class": c, "kind": kind, "caller": caller, "count": n,
+                     "total_ns": total, "mean_ns": total / n if n else np.nan,
+                     "p50_ns_bound": hist_quantile(hist, 0.5),
+                     "p99_ns_bound": hist_quantile(hist, 0.99), "max_ns": int(g["max_ns"].max())})
+    out = pd.DataFrame(rows)
+    waits = _waits_by_class(rec, cls)
+    out = out.assign(waits=out["lock_class"].map(lambda c: waits.get(c, (0, 0))[0]),
+                     wait_ns=out["lock_class"].map(lambda c: waits.get(c, (0, 0))[1]))
+    return out.sort_values(["lock_class", "total_ns"], ascending=[True, False],
+                           ignore_index=True)
+
+
+def _waits_by_class(rec, cls):
+    """{lock class: (waits, total wait ns)} of the contention probe's waits on the
+    held locks' addresses."""
+    a = rec.table("aggregates", columns=("lock_addr", "count", "total_ns"))
+    if a.empty:
+        return {}
+    a = a[a["lock_addr"].isin(list(cls))]
+    out = {}
+    for addr, n, t in zip(a["lock_addr"], a["count"], a["total_ns"]):
+        w = out.get(cls[int(addr)], (0, 0))
+        out[cls[int(addr)]] = (w[0] + int(n), w[1] + int(t))
+    return out
+
+
 def srcu_at(rec):
     """Per function named by --srcu-at: its calls with a kvm->srcu read section held
     (which) and without, by context, and the path of the first call of each (the
@@ -739,21 +785,26 @@ PROBE = Probe(
     name="lockorder",
     fires="per lock and unlock of every lock on the host (the filter), and per "
           "VM/vCPU ioctl",
-    summary="lock order, IRQ context and recursion of KVM's locks (a lockdep for "
-            "watched KVM objects)",
+    summary="lock order, IRQ context, recursion and hold times of KVM's locks (a "
+            "lockdep for watched KVM objects)",
     targets=_targets(),
     bpf="lockorder.bpf.c",
-    tables=("lockorder_edges", "lockorder_acqs", "lockorder_recursion", "lockorder_srcu_at"),
+    tables=("lockorder_edges", "lockorder_acqs", "lockorder_recursion", "lockorder_srcu_at",
+            "lockorder_holds"),
     columns={"lockorder_edges": {"held": "n", "acquired": "n", "held_kind": "n",
                                  "acquired_kind": "n", "count": "n", "stack_id": "n"},
              "lockorder_acqs": {"addr": "n", "outer": "n", "kind": "n", "context": "n",
                                 "irqs": "n", "irqs_at_call": "n", "count": "n",
-                                "stack_id": "n"}},
+                                "stack_id": "n"},
+             "lockorder_holds": {"addr": "n", "kind": "n", "stack_id": "n", "count": "n",
+                                 "total_ns": "n", "max_ns": "n", "hist": "l"}},
     streams=(("lockorder_events", "lockorder_recursion"),),
     aggregates=(("lockorder_edges", "lockorder_edges"), ("lockorder_acqs", "lockorder_acqs"),
-                ("lockorder_srcu_at", "lockorder_srcu_at")),
+                ("lockorder_srcu_at", "lockorder_srcu_at"),
+                ("lockorder_holds", "lockorder_holds")),
     lock_columns={"lockorder_edges": ("held", "acquired"), "lockorder_acqs": ("addr", "outer"),
-                  "lockorder_recursion": ("addr",), "lockorder_srcu_at": ("ssp",)},
+                  "lockorder_recursion": ("addr",), "lockorder_srcu_at": ("ssp",),
+                  "lockorder_holds": ("addr",)},
     fields={"LO_TASK_PREEMPT": ("task_struct", "thread_info.preempt_count"),
             "LO_TASK_STACK": ("task_struct", "stack"),
             "LO_FILE_PRIVATE_DATA": ("file", "private_data"),
@@ -774,7 +825,9 @@ PROBE = Probe(
               Section("lockorder_held", "Locks held on return to user space or at exit",
                       held_on_leaving),
               Section("lockorder_srcu_at", "SRCU held at the entry of --srcu-at functions",
-                      srcu_at)),
+                      srcu_at),
+              Section("lockorder_holds", "Hold times of KVM's locks, by where they were "
+                      "taken", holds)),
     compare=compare_values,
     uses=("vms",),              # its lock classes are named after the VMs' and vCPUs' fields
     notes="sees only locks inside watched KVM objects (from their first ioctl) and only "
