@@ -140,7 +140,7 @@ BPF_HASH(lo_held_locks, struct lo_held_key, struct lo_held, 16384);
 BPF_HASH(lockorder_edges, struct lockorder_edge_key, struct lockorder_edge_val, 8192);
 BPF_HASH(lockorder_acqs, struct lockorder_acq_key, struct lockorder_acq_val, 8192);
 BPF_HASH(lockorder_srcu_at, struct lockorder_at_key, struct lockorder_acq_val, 1024);
-BPF_HASH(lockorder_holds, struct lockorder_hold_key, struct kvmlp_lat, 8192);
+BPF_HASH(lockorder_holds, struct lockorder_hold_key, struct kvmlp_lat, 4096);
 BPF_ARRAY(lo_zero_held, struct lo_held, 1);
 BPF_RINGBUF_OUTPUT(lockorder_events, KVMLP_RINGBUF_PAGES);
 #define lo_count(i) kvmlp_count(KVMLP_CBASE_LOCKORDER + (i))
@@ -462,9 +462,9 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	h->addr = addr;
 	h->ts_ns = bpf_ktime_get_ns();
 	h->kind = kind;
-	/* no walk of its own: this acquisition's first stack (the lock, under the same
-	 * lock, in the same context) when it was not walked here */
-	h->stack_id = sid >= 0 || !av ? sid : av->stack_id;
+	/* where this one was taken: its hold is kept by it (a held lock's walk, not
+	 * only a new edge's or key's: klockstat's cost, for watched locks alone) */
+	h->stack_id = sid >= 0 ? sid : kvmlp_stacks.get_stackid(ctx, 0);
 	h->bh = variant == LO_BH;
 	h->told = 0;
 	held->bh_held += variant == LO_BH;
@@ -506,13 +506,18 @@ static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
 	}
 	KVMLP_OPAQUE(at);
 	struct lo_held_lock *rel = &held->l[at & (LO_DEPTH - 1)];
-	struct lockorder_hold_key k = {.addr = addr, .kind = rel->kind, .stack_id = rel->stack_id};
-	struct kvmlp_lat *zero = kvmlp_lat_zero();
-	struct kvmlp_lat *v = zero ? lockorder_holds.lookup_or_try_init(&k, zero) : NULL;
-	if (v)
-		kvmlp_lat_add(v, bpf_ktime_get_ns() - rel->ts_ns);
-	else
-		lo_count(LO_C_LOST_AGG_FULL);
+	if (rel->kind != LO_SRCU_READ) {        /* (read sections: the srcu probe's) */
+		struct lockorder_hold_key k = {};
+		k.addr = addr;
+		k.kind = rel->kind;
+		k.stack_id = rel->stack_id;
+		struct kvmlp_lat *zero = kvmlp_lat_zero();
+		struct kvmlp_lat *v = zero ? lockorder_holds.lookup_or_try_init(&k, zero) : NULL;
+		if (v)
+			kvmlp_lat_add(v, bpf_ktime_get_ns() - rel->ts_ns);
+		else
+			lo_count(LO_C_LOST_AGG_FULL);
+	}
 	if (rel->bh && held->bh_held)
 		held->bh_held--;
 #pragma unroll
@@ -527,24 +532,39 @@ static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
 	return 0;
 }
 
-/* A followed lock this task (or CPU, in IRQ context) waited for: held from the end
- * of its wait, not from its entry point's call. The innermost entry of that lock. */
+/* The top of a held stack when it is addr: the acquisition whose wait just ended
+ * (its entry point pushed it before waiting), or NULL. */
+static __always_inline struct lo_held_lock *lo_top(struct lo_held_key *k, u64 addr)
+{
+	struct lo_held *held = lo_held_locks.lookup(k);
+	if (!held || held->n == 0 || held->n > LO_DEPTH)
+		return NULL;
+	u32 top = held->n - 1;
+	KVMLP_OPAQUE(top);
+	struct lo_held_lock *h = &held->l[top & (LO_DEPTH - 1)];
+	return h->addr == addr ? h : NULL;
+}
+
+/* A followed lock whose wait ended: held from now, not from its entry point's call.
+ * The CPU's interrupt stack first (non-empty only while an interrupt that took a lock
+ * runs on it: a raw tracepoint cannot tell the context on x86), else the task's. */
 RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 {
 	u64 now = bpf_ktime_get_ns();
 	u64 addr = ctx->args[0];
 	if (!lo_watched(addr))
 		return 0;
-	struct lo_held_key hk = {};
-	lo_held_key_of(&hk, lo_context(ctx, 0));
-	struct lo_held *held = lo_held_locks.lookup(&hk);
-	if (!held)
-		return 0;
-	int at = lo_innermost(held, addr);
-	if (at >= 0) {
-		KVMLP_OPAQUE(at);
-		held->l[at & (LO_DEPTH - 1)].ts_ns = now;
+	struct lo_held_key k = {};
+	k.id = bpf_get_smp_processor_id();
+	k.irq = 1;
+	struct lo_held_lock *h = lo_top(&k, addr);
+	if (!h) {
+		k.id = (u32)bpf_get_current_pid_tgid();
+		k.irq = 0;
+		h = lo_top(&k, addr);
 	}
+	if (h)
+		h->ts_ns = now;
 	return 0;
 }
 

@@ -791,4 +791,4 @@ def test_lockorder_hold_times(module, tmp_path):
         ("kvm->mmu_lock", "write", 4, 73000, 70000)
     assert r.p50_ns_bound == 2 ** np.ceil(np.log2(1000))
     assert r.p99_ns_bound == 2 ** np.ceil(np.log2(70000))
-    assert (r.waits, r.wait_ns) == (4, 500)
+    assert (r.class_waits, r.class_wait_ns) == (4, 500)

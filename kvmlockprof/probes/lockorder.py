@@ -399,9 +399,11 @@ def contexts(rec):
 def holds(rec):
     """Per lock class, kind and where it was taken (the caller): how long it was held,
     from its taking (the end of its wait where it waited) to its unlock's entry
-    (in-kernel log2 histograms: p50/p99 are bucket upper bounds); beside it, the
-    waits on that class the contention probe timed in the same recording (where it
-    ran): what the holds cost the waiters."""
+    (in-kernel log2 histograms: p50/p99 are bucket upper bounds); SRCU read sections
+    are the srcu probe's. Beside each row, the waits on its whole class that the
+    contention probe timed in the same recording (where it ran; of the recorded
+    processes, while the holds are every task's): what the class's holds cost its
+    waiters, the same on each row of a class."""
     df = rec.table("lockorder_holds")
     if df.empty:
         return df
@@ -418,8 +420,8 @@ def holds(rec):
                      "p99_ns_bound": hist_quantile(hist, 0.99), "max_ns": int(g["max_ns"].max())})
     out = pd.DataFrame(rows)
     waits = _waits_by_class(rec, cls)
-    out = out.assign(waits=out["lock_class"].map(lambda c: waits.get(c, (0, 0))[0]),
-                     wait_ns=out["lock_class"].map(lambda c: waits.get(c, (0, 0))[1]))
+    out = out.assign(class_waits=out["lock_class"].map(lambda c: waits.get(c, (0, 0))[0]),
+                     class_wait_ns=out["lock_class"].map(lambda c: waits.get(c, (0, 0))[1]))
     return out.sort_values(["lock_class", "total_ns"], ascending=[True, False],
                            ignore_index=True)
 
@@ -767,8 +769,9 @@ def order_figure(rec):
 
 
 def compare_values(rec):
-    """Each edge's count and each (class, context, IRQs) acquisition count: an edge
-    or context only NEW has is a line BASE reads 0 in."""
+    """Each edge's count, each (class, context, IRQs) acquisition count and each
+    (class, kind)'s mean hold: an edge or context only NEW has is a line BASE reads 0
+    in."""
     out = {}
     e = edges(rec)
     for r in _pairs(e).itertuples() if not e.empty else ():
@@ -778,13 +781,19 @@ def compare_values(rec):
         g = cx.groupby(["lock_class", "context", "irqs"])["count"].sum()
         for (c, ctx, irqs), n in g.items():
             out[(f"taken {c} in {ctx}, IRQs {irqs}", "lower", "count")] = float(n)
+    h = holds(rec)
+    if not h.empty:
+        g = h.groupby(["lock_class", "kind"])[["count", "total_ns"]].sum()
+        for (c, kind), r in g.iterrows():
+            if r["count"]:
+                out[(f"held {c} ({kind}), mean", "lower", "ns")] = r["total_ns"] / r["count"]
     return out
 
 
 PROBE = Probe(
     name="lockorder",
-    fires="per lock and unlock of every lock on the host (the filter), and per "
-          "VM/vCPU ioctl",
+    fires="per lock and unlock of every lock on the host and every contention end (the "
+          "filter), and per VM/vCPU ioctl",
     summary="lock order, IRQ context, recursion and hold times of KVM's locks (a "
             "lockdep for watched KVM objects)",
     targets=_targets(),

@@ -114,7 +114,8 @@ def kernel_memory(sources):
 # kernel's own figure for the default settings.
 MEMORY_FORMULA = ("contention ~ 1 KB x -M (aggregates, stacks, first walks) + 1.3 MB + "
                   "--ringbuf-mb; function probes ~ 16 MB (24.5 MB with all five of x86, "
-                  "2 MB of it a ring each); per-CPU parts < 1 KB a CPU")
+                  "2 MB of it a ring each; lockorder's hold times 2.3 MB more); "
+                  "per-CPU parts < 1 KB a CPU")
 
 
 def default_memory(kbtf=None):
