@@ -460,11 +460,11 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	KVMLP_OPAQUE(top);
 	struct lo_held_lock *h = &held->l[top & (LO_DEPTH - 1)];
 	h->addr = addr;
-	h->ts_ns = bpf_ktime_get_ns();
 	h->kind = kind;
 	/* where this one was taken: its hold is kept by it (a held lock's walk, not
 	 * only a new edge's or key's: klockstat's cost, for watched locks alone) */
 	h->stack_id = sid >= 0 ? sid : kvmlp_stacks.get_stackid(ctx, 0);
+	h->ts_ns = bpf_ktime_get_ns();          /* (after our walk: not in its hold) */
 	h->bh = variant == LO_BH;
 	h->told = 0;
 	held->bh_held += variant == LO_BH;
@@ -488,6 +488,7 @@ static __always_inline int lo_innermost(struct lo_held *held, u64 addr)
 /* Drops the innermost entry for addr (locks need not be released in order). */
 static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
 {
+	u64 now = bpf_ktime_get_ns();   /* (before our lookups: not in the hold) */
 	if (!lo_watched(addr))
 		return 0;
 	lo_count(LO_C_RELEASES);
@@ -514,7 +515,7 @@ static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
 		struct kvmlp_lat *zero = kvmlp_lat_zero();
 		struct kvmlp_lat *v = zero ? lockorder_holds.lookup_or_try_init(&k, zero) : NULL;
 		if (v)
-			kvmlp_lat_add(v, bpf_ktime_get_ns() - rel->ts_ns);
+			kvmlp_lat_add(v, now - rel->ts_ns);
 		else
 			lo_count(LO_C_LOST_AGG_FULL);
 	}
