@@ -55,7 +55,11 @@ EMULATOR_FAULTS = [(re.compile(p), what) for p, what in (
     # <RIP> is not cc): the emulator ran a stale copy of text the kernel live-patched
     # (a static key flipped as a tracepoint was enabled), after the patch had ended
     (r"Oops: int3(?:.*\n){1,8}?.*Code:(?: [0-9a-f]{2})* (?!cc)[0-9a-f]{2} <",
-     "a stale int3 of live-patched kernel text"))]
+     "a stale int3 of live-patched kernel text"),
+    # a guest CPU asked for its backtrace by NMI that never answers: nothing it runs can
+    # mask an NMI, so it is not running at all (the emulator stopped it)
+    (r"Sending NMI from CPU \d+ to CPUs (\d+):\n(?!\[[ \d.]+\] NMI backtrace for cpu \1\b)",
+     "a guest CPU the emulator stopped (it answers no NMI)"))]
 RETRIES = []            # (test, kernel, the fault): listed in pytest's summary
 
 
@@ -872,6 +876,19 @@ def test_a_stale_int3_is_an_emulator_fault_and_a_real_one_is_not():
             "[   33.729353] Code: 49 83 bd 30 0f 00 00 00 74 06 f0 41 80 4d 00 02 {} <8a> 02 00\n")
     assert "stale int3" in emulator_fault(oops.format("e9"))
     assert emulator_fault(oops.format("cc")) is None
+
+
+def test_a_cpu_that_answers_no_nmi_is_an_emulator_fault():
+    """The lab run of 2026-12-05 20:33: RCU's stall detector asks CPU 0 for a backtrace
+    by NMI and gets none, again and again (the workload's threads hung behind it). A
+    CPU that answers is a stall of the kernel's, not the emulator's."""
+    stall = ("[  164.769367] rcu: Stack dump where RCU GP kthread last ran:\n"
+             "[  164.769792] Sending NMI from CPU 1 to CPUs 0:\n"
+             "[  227.796100] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n")
+    assert "answers no NMI" in emulator_fault(stall)
+    answered = stall.replace("[  227.796100] rcu: INFO", "[  164.769900] NMI backtrace for "
+                             "cpu 0\n[  227.796100] rcu: INFO")
+    assert emulator_fault(answered) is None
 
 
 def test_a_failure_of_ours_is_never_retried_and_says_its_cause(tmp_path, monkeypatch):
