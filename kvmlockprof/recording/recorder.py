@@ -153,22 +153,20 @@ class Recorder:
             c = self._waits()
             self.manifest["start_monotonic_ns"] = c.armed_ns if c else time.monotonic_ns()
             self.manifest["start"] = datetime.datetime.now().astimezone().isoformat()
-            self.writer = Writer(self.out)
-            self.snapshots = Snapshots(self.writer)
-            self.writer.manifest(self.manifest)
-            self.seen_stacks = {name: set() for name in self.sources}
-            self.named_for = None           # what the lock names were last worked out from
-            self.pending = {}
-            # the command starts once the probes are on; the names (kallsyms, BTF's
-            # tables: most of a second) are read while it runs, before the first flush
-            if self.command:
-                child, self.work_file = self._spawn(self._filter())
             self.ksyms = Kallsyms()
             self.names = SessionNames(self.ksyms, self.kbtf)
             if c:
                 self.names.kernel_namer.run_queues(c.run_queues_or_none(self.warn))
             self.kbtf = None            # the names keep their own small tables
             bpfload.release_memory()
+            self.writer = Writer(self.out)
+            self.snapshots = Snapshots(self.writer)
+            self.writer.manifest(self.manifest)
+            self.seen_stacks = {name: set() for name in self.sources}
+            self.named_for = None           # what the lock names were last worked out from
+            self.pending = {}
+            if self.command:
+                child, self.work_file = self._spawn(self._filter())
             self._loop(child)
         except (KeyboardInterrupt, Stop) as e:
             self.manifest["stopped_by"] = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
@@ -180,7 +178,7 @@ class Recorder:
                     self.in_progress = self._waits().waits_in_progress(
                         self._threads(), IN_PROGRESS_NS)
                     self.manifest["in_progress_min_ns"] = IN_PROGRESS_NS
-                if hasattr(self, "names") and not self._failed():
+                if hasattr(self, "writer") and not self._failed():
                     self._flush(final=True)
             finally:
                 if self.cost:
