@@ -58,23 +58,14 @@ def _trial(text, attach=None):
         b.cleanup()
 
 
-def _read(path):
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def _boot_key(kind, symbol, text):
     """What a trial's verdict depends on: the kernel and this boot, the privileges
     (CapEff) and lockdown state it ran under, the bcc that loaded it, the trial."""
-    boot = _read("/proc/sys/kernel/random/boot_id")
+    boot = host.read_text("/proc/sys/kernel/random/boot_id")
     if not boot:
         return None
-    caps = next((ln.split()[1] for ln in _read("/proc/self/status").splitlines()
-                 if ln.startswith("CapEff:")), "?")
-    lockdown = _read("/sys/kernel/security/lockdown")
+    caps = f"{host.effective_caps():x}"
+    lockdown = host.read_text("/sys/kernel/security/lockdown")
     try:
         bcc = getattr(bpfload.import_bcc(), "__version__", "?")
     except bpfload.BpfUnavailable:

@@ -21,6 +21,15 @@ CAP_PERFMON = 38
 CAP_BPF = 39
 
 
+def read_text(path):
+    """A /proc or /sys file's text, stripped; "" where it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def effective_caps():
     with open("/proc/self/status") as f:
         for line in f:

@@ -5,6 +5,8 @@ the recording's manifest so that reports name VMs after the process is gone."""
 import os
 import re
 
+from kvmlockprof.kernel.host import read_text
+
 NAME_FLAGS = ("-name", "--name")
 # libvirt's systemd scope of a QEMU domain: machine-qemu\x2d<id>\x2d<name>.scope, with
 # systemd's escapes (\x2d is "-")
@@ -62,7 +64,7 @@ def process_info(tgid, proc="/proc"):
             argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except OSError:
         return None
-    cgroup = _read(os.path.join(proc, str(tgid), "cgroup"))
+    cgroup = read_text(os.path.join(proc, str(tgid), "cgroup"))
     info = {"comm": comm, "vm_name": vm_name(argv) or cgroup_vm_name(cgroup),
             "cmdline": " ".join(argv)[:512]}
     owner = helper_owner(comm)
@@ -112,16 +114,16 @@ def stuck_threads(tgid, proc="/proc"):
         return out
     for tid in tids:
         base = f"{proc}/{tgid}/task/{tid}"
-        stat = _read(f"{base}/stat")          # "" once the thread is gone
+        stat = read_text(f"{base}/stat")          # "" once the thread is gone
         try:
             if stat[stat.rindex(")") + 2:].split()[0] != "D":
                 continue
         except (ValueError, IndexError):
             continue
         comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        out.append({"tid": tid, "comm": comm, "wchan": _read(f"{base}/wchan"),
+        out.append({"tid": tid, "comm": comm, "wchan": read_text(f"{base}/wchan"),
                     "stack": [line.split("] ", 1)[-1].split("+")[0]
-                              for line in _read(f"{base}/stack").splitlines()]})
+                              for line in read_text(f"{base}/stack").splitlines()]})
     return out
 
 
@@ -131,11 +133,3 @@ def describe_stuck(stuck):
                         (" <- ".join(t["stack"][:4]) or t["wchan"] or "?")
                         for t in stuck["threads"]) or "no thread in D state any more"
     return f"the command (pid {stuck['pid']}) did not end on SIGKILL: {threads}"
-
-
-def _read(path):
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
