@@ -433,11 +433,8 @@ def _waits_by_class(rec, cls):
     if a.empty:
         return {}
     a = a[a["lock_addr"].isin(list(cls))]
-    out = {}
-    for addr, n, t in zip(a["lock_addr"], a["count"], a["total_ns"]):
-        w = out.get(cls[int(addr)], (0, 0))
-        out[cls[int(addr)]] = (w[0] + int(n), w[1] + int(t))
-    return out
+    g = a.assign(c=a["lock_addr"].map(cls)).groupby("c")[["count", "total_ns"]].sum()
+    return {c: (int(r["count"]), int(r["total_ns"])) for c, r in g.iterrows()}
 
 
 def srcu_at(rec):
