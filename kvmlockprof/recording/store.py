@@ -199,6 +199,8 @@ def _check_integrity(path, manifest):
     """The manifest's integrity record ({table: {"rows", "columns", ...}}), checked
     against the manifest; None for a version 1 recording, which has none."""
     if manifest.get("version") == 1:
+        if "integrity" in manifest:         # (version 1 had none: a damaged version digit)
+            raise _damaged(path, "a version 1 manifest with version 2's integrity record")
         return None
     integ = manifest.get("integrity")
     if not isinstance(integ, dict):
