@@ -46,3 +46,21 @@ def test_text_symbols_are_awks(tmp_path):
     assert len(theirs) > 1000
     assert ksyms.text_symbols(snap) == theirs
 
+
+
+def test_kallsyms_table_is_awks(tmp_path):
+    """Every symbol with an address, in address order (ties as the file has them): as
+    awk and a stable sort read the same snapshot."""
+    import shutil
+    import subprocess
+    snap = tmp_path / "kallsyms"
+    shutil.copyfile("/proc/kallsyms", snap)
+    theirs = subprocess.run(
+        ["env", "LC_ALL=C", "sh", "-c", 'awk \'$1 !~ /^0+$/ {m = $4; gsub(/[][]/, "", m); '
+         'print $1 " " $2 " " $3 " " m}\' "$0" | sort -s -k1,1', str(snap)],
+        capture_output=True, text=True, check=True).stdout.splitlines()
+    k = Kallsyms(str(snap))
+    ours = [f"{a:016x} {t} {n} {m}" for a, t, n, m in
+            zip(k.addr.tolist(), k.type, k.name, k.module)]
+    assert len(theirs) > 1000
+    assert ours == theirs

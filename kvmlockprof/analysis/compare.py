@@ -15,10 +15,10 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pandas as pd
 from scipy import special   # (scipy.stats takes 0.4 s more to import: only for percentiles)
 
 from kvmlockprof.analysis import locks
+from kvmlockprof.lazy import pd
 from kvmlockprof.quantiles import hist_buckets, quantile_index
 
 LOCK_METRICS = {          # metric -> (better, unit)

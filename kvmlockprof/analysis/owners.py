@@ -4,9 +4,9 @@ lock's wait time. A mutex's owner, or a write-held rwsem's, as each wait began (
 lock's owner word: bpf/contention.bpf.c owner_of); a reader-held rwsem names none."""
 import re
 
-import pandas as pd
 
 from kvmlockprof.analysis import locks
+from kvmlockprof.lazy import pd
 
 COLUMNS = ["lock", "owner", "vm", "waits", "wait_ns", "share"]
 BY_OWNER = ["owner", "vm", "waits", "wait_ns", "locks", "lock", "lock_share"]

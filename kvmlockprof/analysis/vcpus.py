@@ -9,10 +9,10 @@ nothing here is sampled. Views use exit windows where the recording has any, els
 KVM_RUN windows, and say which in their `window` column."""
 import errno
 
-import pandas as pd
 
 from kvmlockprof import cdefs
 from kvmlockprof.analysis import locks
+from kvmlockprof.lazy import pd
 
 BASIS = cdefs.labels("contention.h", "kvmlp_basis", {
     "KVMLP_BASIS_EXIT": "exit handling", "KVMLP_BASIS_RUN": "KVM_RUN"})

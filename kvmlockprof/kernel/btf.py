@@ -228,9 +228,19 @@ class Btf:
                     units.append(read(p, base=raw))
             self.by_id = units[0]
         self.structs = _Index(units, ("STRUCT", "UNION"), sized=True)   # name -> (unit, type)
-        self.funcs = _Index(units, ("FUNC",))          # name -> (unit, FUNC_PROTO)
-        self.enums = _Index(units, ("ENUM", "ENUM64"))  # name -> {value: enumerator}
         self.units = units
+
+    # (indexed at first use: the contention probe's offsets, read before it attaches,
+    # need the structs only)
+    @functools.cached_property
+    def funcs(self):
+        """name -> (unit, FUNC_PROTO)"""
+        return _Index(self.units, ("FUNC",))
+
+    @functools.cached_property
+    def enums(self):
+        """name -> {value: enumerator}"""
+        return _Index(self.units, ("ENUM", "ENUM64"))
 
     @staticmethod
     def kvm_modules():

@@ -2,7 +2,6 @@
 import re
 
 import numpy as np
-import pandas as pd
 
 DATA_TYPES = set("dDbBrR")
 # Linker markers, not objects: an address past one is in some unnamed object.
@@ -19,14 +18,18 @@ _TRACE_FN = re.compile(r"^(bpf_prog_|bpf_trace_run|__bpf_trace_|__traceiter_|per
                        r"|__SCT__|bpf_get_stack)")
 
 
+_LINE = re.compile(rb"^([0-9a-f]+) (\S) (\S+)(?:\t\[(\S+)\])?$", re.M)
+
+
 def read(path="/proc/kallsyms"):
-    """/proc/kallsyms as a DataFrame: addr (0 without privileges), type, name, module."""
-    df = pd.read_csv(path, sep=r"\s+", header=None, names=["addr", "type", "name", "module"],
-                     dtype={"addr": str, "type": str, "name": str, "module": str},
-                     engine="c", keep_default_na=False)
-    df["addr"] = df["addr"].map(lambda a: int(a, 16)).astype(np.uint64)
-    df["module"] = df["module"].str.strip("[]")
-    return df
+    """/proc/kallsyms as arrays: addr (0 without privileges), type, name, module ("" for
+    vmlinux's). One regular expression, no table library: `record` reads it after the
+    probes attach, in a process that keeps it for its life."""
+    with open(path, "rb") as f:
+        rows = _LINE.findall(f.read())
+    addr = np.array([int(r[0], 16) for r in rows], dtype=np.uint64)
+    strs = [np.array([r[i].decode() for r in rows], dtype=object) for i in (1, 2, 3)]
+    return (addr, *strs)
 
 
 _TEXT = re.compile(rb"^\S+ [tTwW] (\S+)(?:\t\[(\S+)\])?$", re.M)
@@ -46,13 +49,12 @@ def text_symbols(path="/proc/kallsyms"):
 
 class Kallsyms:
     def __init__(self, path="/proc/kallsyms"):
-        df = read(path)
-        df = df[df["addr"] != 0].sort_values("addr", kind="stable").reset_index(drop=True)
-        self.addr = df["addr"].to_numpy()
-        self.type = df["type"].to_numpy()
-        self.name = df["name"].to_numpy()
-        self.module = df["module"].to_numpy()
-        by_name = dict(zip(df["name"], df["addr"]))
+        addr, type_, name, module = read(path)
+        keep = np.flatnonzero(addr != 0)
+        keep = keep[np.argsort(addr[keep], kind="stable")]
+        self.addr, self.type, self.name, self.module = (
+            a[keep] for a in (addr, type_, name, module))
+        by_name = dict(zip(self.name.tolist(), self.addr.tolist()))
         self.lock_text = self._range(by_name, "__lock_text_start", "__lock_text_end")
         self.sched_text = self._range(by_name, "__sched_text_start", "__sched_text_end")
 

@@ -1,7 +1,7 @@
 """What the function probes' analyses share: DataFrames in, DataFrames out."""
-import pandas as pd
 
 from kvmlockprof import cdefs
+from kvmlockprof.lazy import pd
 from kvmlockprof.quantiles import quantiles
 
 # A probe hit's context and IRQs at the call, as bpf/common.h records them

@@ -19,9 +19,9 @@ followed. A debugging probe: every lock operation of the host pays for its filte
 import dataclasses
 
 import numpy as np
-import pandas as pd
 
 from kvmlockprof import cdefs, options
+from kvmlockprof.lazy import pd
 from kvmlockprof.options import knob
 from kvmlockprof.locktypes import lock_class
 from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target

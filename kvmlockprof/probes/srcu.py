@@ -1,9 +1,9 @@
 """srcu: SRCU read-section lengths per srcu_struct (kvm->srcu, kvm->irq_srcu told
 apart) and the synchronize_srcu* grace-period waits (bpf/srcu.bpf.c)."""
 import numpy as np
-import pandas as pd
 
 from kvmlockprof import cdefs
+from kvmlockprof.lazy import pd
 from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import callers, stats
 from kvmlockprof.quantiles import hist_quantile, quantiles

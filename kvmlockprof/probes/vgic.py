@@ -5,9 +5,9 @@ and its context: hardirq/softirq/task, IRQs off or on (bpf/vgic.bpf.c).
 a caller that releases with IRQs on beside one with IRQs off means the lock must
 be taken with IRQs saved and disabled (xa_lock_irqsave), everywhere."""
 import numpy as np
-import pandas as pd
 
 from kvmlockprof import cdefs
+from kvmlockprof.lazy import pd
 from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import CONTEXTS, IRQS, IRQS_OFF, callers, stats
 

@@ -1,9 +1,9 @@
 """xarray: xa_erase latency and caller, the KVM-owned xarrays (the vCPU array, the
 vgic LPI xarray) told apart, and vCPU-array erases counted at their KVM caller
 where xa_erase cannot be probed (bpf/xarray.bpf.c)."""
-import pandas as pd
 
 from kvmlockprof import cdefs
+from kvmlockprof.lazy import pd
 from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import callers
 

@@ -3,8 +3,8 @@ send's outcome, and the slow path it falls back to (bpf/xen_evtchn.bpf.c)."""
 import errno
 
 import numpy as np
-import pandas as pd
 
+from kvmlockprof.lazy import pd
 from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import duration_s, vm_label
 

@@ -23,10 +23,9 @@ import shutil
 import tempfile
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from kvmlockprof.lazy import pd, pq
 from kvmlockprof.recording.store import RecordingError, load, partial_dir
 
 _S, _U64, _U32, _I32, _I64, _F64, _B = (pa.string(), pa.uint64(), pa.uint32(), pa.int32(),

@@ -1,7 +1,8 @@
 """Kernel stacks from a BPF stack map, symbolised once, stored as a table."""
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+
+from kvmlockprof.lazy import pd
 
 
 def stacks_table(source, name, stack_ids, ksyms):

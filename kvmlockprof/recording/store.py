@@ -25,10 +25,9 @@ import shutil
 import tempfile
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from kvmlockprof.lazy import pc, pd, pq
 
 FORMAT = "kvmlockprof-recording"
 VERSION = 2                 # 2: the manifest has `integrity` (a version 2 file lacking it

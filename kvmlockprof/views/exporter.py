@@ -16,9 +16,9 @@ import threading
 import time
 
 import numpy as np
-import pandas as pd
 
 from kvmlockprof.analysis import locks, owners
+from kvmlockprof.lazy import pd
 from kvmlockprof.recording.session import Stop, live_session
 from kvmlockprof.recording.store import Recording
 from kvmlockprof.views.top import AGG_KEYS, LiveView

@@ -1,10 +1,10 @@
 """`report --html`: one self-contained page (plotly.js embedded, opens offline)."""
 import html
 
-import pandas as pd
 import plotly.io as pio
 
 from kvmlockprof.analysis import locks
+from kvmlockprof.lazy import pd
 from kvmlockprof.views import plots, report
 
 STYLE = ("body{font-family:sans-serif;margin:2em} table.t{border-collapse:collapse;"

@@ -2,10 +2,10 @@
 import json
 import re
 
-import pandas as pd
 
 from kvmlockprof.analysis import locks, owners
 from kvmlockprof.analysis import vcpus
+from kvmlockprof.lazy import pd
 from kvmlockprof.recording import processes
 
 

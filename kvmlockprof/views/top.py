@@ -7,9 +7,9 @@ rates and the fast-path / cache hit ratios, over the interval and cumulative."""
 import time
 
 import numpy as np
-import pandas as pd
 
 from kvmlockprof.analysis import locks, owners
+from kvmlockprof.lazy import pd
 from kvmlockprof.views import report
 from kvmlockprof.analysis import vcpus
 from kvmlockprof.probes.contention import VCPU_TABLES

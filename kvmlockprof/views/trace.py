@@ -11,9 +11,9 @@ events otherwise. Times are microseconds from the recording's start."""
 import json
 
 import numpy as np
-import pandas as pd
 
 from kvmlockprof.analysis import locks
+from kvmlockprof.lazy import pd
 
 PROBE_SKIP = {"contention", "stacks"}
 
