@@ -117,3 +117,16 @@ def test_no_import_cycle():
     if cycle:
         steps = [f"{a} (line {g[a][b]}) -> {b}" for a, b in zip(cycle, cycle[1:])]
         pytest.fail("import cycle: " + " -> ".join(cycle) + "\n  " + "\n  ".join(steps))
+
+
+def test_the_live_commands_attach_before_pandas_is_imported():
+    """record, top and the exporter compile and attach with what these modules import:
+    pandas (0.2 s) comes at its first use, after the attach (kvmlockprof.lazy)."""
+    import subprocess
+    import sys
+    code = ("import sys, kvmlockprof.cli, kvmlockprof.recording.recorder, "
+            "kvmlockprof.views.top, kvmlockprof.views.exporter, kvmlockprof.probes.sources; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pandas')[:5])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]", out
