@@ -5,6 +5,7 @@ import io
 import os
 import sys
 import tempfile
+import threading
 
 import numpy as np
 
@@ -31,6 +32,14 @@ def import_bcc():
     return bcc
 
 
+def prefetch_bcc():
+    """Import bcc in a thread, beside the start-up's other work: loading libbcc and LLVM
+    (~0.1 s) runs outside the GIL. A failure is import_bcc's to report (it imports
+    again)."""
+    def run():
+        with contextlib.suppress(Exception):
+            import bcc  # noqa: F401
+    threading.Thread(target=run, name="kvmlockprof-import-bcc", daemon=True).start()
 
 
 @contextlib.contextmanager

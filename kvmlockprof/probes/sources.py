@@ -5,7 +5,7 @@ import dataclasses
 
 from kvmlockprof import catalog, options
 from kvmlockprof.options import knob
-from kvmlockprof.kernel import bpfstats, btf, capabilities, host
+from kvmlockprof.kernel import bpfload, bpfstats, btf, capabilities, host
 from kvmlockprof.kernel.bpfload import BpfUnavailable
 from kvmlockprof.probes.contention import PROBE, ContentionOptions, ContentionProbe
 from kvmlockprof.probes.functions import FunctionProbes
@@ -42,7 +42,9 @@ def _function_plans(requested, status, prefer, warn, probe_options=None):
 
 def load_btf(warn):
     """(the running kernel's BTF or None, the reason it is missing or None): KVM lock
-    names and function-probe offsets need it; contention alone does not."""
+    names and function-probe offsets need it; contention alone does not. A session's
+    first step: bcc is imported beside it (bpfload.prefetch_bcc)."""
+    bpfload.prefetch_bcc()
     try:
         return btf.Btf(), None
     except btf.BtfError as e:
