@@ -31,10 +31,11 @@ beside it (which cancels the drift); a configuration's ratio is the geometric me
 --rounds, with a bootstrap 95% interval. Not the median of the ratios: the rates are
 right-skewed here, and the median of rate / mean(two rates) is then biased low (about
 -2% on this host's unprofiled windows alone); the mean of log ratios is not biased.
-Beside it, two direct measures: the in-kernel run time of the profiler's BPF programs
-(kernel.bpf_stats_enabled: per invocation and as a share of one CPU) and the
-profiler process's own CPU. bpf_stats reads the clock twice per program run (~90 ns
-each here, as much as a third of our programs' own time), so it is on only in a
+Beside it, direct measures: the in-kernel run time of the profiler's BPF programs
+(kernel.bpf_stats_enabled: per invocation and as a share of one CPU), the
+profiler process's own CPU and its resident memory (VmRSS, VmHWM). bpf_stats reads
+the clock twice per program run (~90 ns each here, as much as a third of our
+programs' own time), so it is on only in a
 --cost-window after the rate window, never while the rate is measured. Prints all,
 writes JSON. --reanalyse FILE summarises a result again (e.g. one written with an
 older estimator) without running anything.
@@ -182,15 +183,27 @@ class Progress:
         return self.last
 
 
+def memory_kb(pid):
+    """{VmRSS, VmHWM} of a process now, in kB (the kernel's count: /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)
+                if k in ("VmRSS", "VmHWM")}
+
+
 def window(progress, seconds, pid=None):
-    """Rates over `seconds` of the running workload (and a profiler's own CPU in it)."""
+    """Rates over `seconds` of the running workload (and a profiler's own CPU in it,
+    and its resident memory at the window's end: steady, and the peak so far)."""
     c0 = cpu_seconds(pid) if pid else 0.0
     a = progress.now()
     time.sleep(seconds)
     b = progress.now()
     c1 = cpu_seconds(pid) if pid else 0.0
     dt = b["t"] - a["t"]
-    return {**{k: (b[k] - a[k]) / dt for k in WORK}, "own_cpu": (c1 - c0) / dt}
+    out = {**{k: (b[k] - a[k]) / dt for k in WORK}, "own_cpu": (c1 - c0) / dt}
+    if pid:
+        mem = memory_kb(pid)
+        out.update(rss_kb=mem["VmRSS"], hwm_kb=mem["VmHWM"])
+    return out
 
 
 def bpf_cost(seconds):
@@ -245,7 +258,7 @@ def summarize(result):
     configs, offs = list(result["configs"]), result["unprofiled"]
     rng = np.random.default_rng(0)
     print(f"\n{'config':<26} {'exits/s ratio [95% CI]':>26} {'memslot ops/s ratio [95% CI]':>30}"
-          f" {'BPF ns/run':>10} {'BPF CPU':>8} {'own CPU':>8}")
+          f" {'BPF ns/run':>10} {'BPF CPU':>8} {'own CPU':>8} {'RSS MiB':>8} {'peak MiB':>8}")
     for ci, c in enumerate(configs):
         cfg = result["configs"][c]
         wins = cfg["windows"]
@@ -258,6 +271,13 @@ def summarize(result):
         per_run = sum(w["bpf_ns_per_s"] for w in wins) / runs if runs else float("nan")
         bpf_cpu = statistics.median(w["bpf_ns_per_s"] / 1e9 for w in wins)
         own = statistics.median(w["own_cpu"] for w in wins)
+        rss = [w["rss_kb"] / 1024 for w in wins if "rss_kb" in w]   # (older results: none)
+        hwm = [w["hwm_kb"] / 1024 for w in wins if "hwm_kb" in w]
+        if rss:
+            cfg.update({"rss_mib_median": statistics.median(rss),
+                        "rss_mib_range": [min(rss), max(rss)],
+                        "hwm_mib_median": statistics.median(hwm),
+                        "hwm_mib_range": [min(hwm), max(hwm)]})
         cfg.update({"estimator": "geometric mean of paired ratios",
                     "ratio_to_unprofiled": {k: v[0] for k, v in summary.items()},
                     "ratio_ci95": {k: v[1:] for k, v in summary.items()},
@@ -266,9 +286,13 @@ def summarize(result):
                     "own_cpu_share": own})
         cell = {k: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in summary.items()}
         print(f"{c:<26} {cell.get('exits', '-'):>26} {cell.get('churn_ops', '-'):>30} "
-              f"{per_run:>10,.0f} {bpf_cpu:>8.2%} {own:>8.2%}")
+              f"{per_run:>10,.0f} {bpf_cpu:>8.2%} {own:>8.2%} "
+              f"{cfg.get('rss_mib_median', float('nan')):>8.0f} "
+              f"{cfg.get('hwm_mib_median', float('nan')):>8.0f}")
     print("ratio: geometric mean over rounds of (profiled window's rate / geometric mean of "
-          "the unprofiled windows beside it); BPF CPU and own CPU: share of one CPU")
+          "the unprofiled windows beside it); BPF CPU and own CPU: share of one CPU; RSS: "
+          "the profiler's resident memory at its window's end, peak: its VmHWM then "
+          "(medians over rounds)")
     if result.get("skipped"):
         print(f"(not installed, skipped: {', '.join(result['skipped'])})")
 
