@@ -6,32 +6,44 @@ import numpy as np
 
 from kvmlockprof.kernel.bpfload import table_dtypes
 
-BATCH = 1024            # entries per BPF_MAP_LOOKUP_BATCH call (more than any hash bucket)
+BATCH = 4096            # entries per BPF_MAP_LOOKUP_BATCH call (more than any hash bucket)
 ENOTSUPP = 524          # the kernel's own "not supported" (not in Python's errno module)
 
 
 def lookup_batch(table, key_dt, leaf_dt):
     """(keys, values) of every entry, BATCH entries per syscall (the kernel's
-    BPF_MAP_LOOKUP_BATCH, through libbcc), or None where the kernel lacks it."""
+    BPF_MAP_LOOKUP_BATCH, through libbcc), or None where the kernel lacks it. The
+    kernel writes into the arrays returned (sized for the whole map and one batch
+    more, so that a call always has room for BATCH: a hash bucket that does not fit is
+    ENOSPC; pages never written are never touched): no copy of a batch."""
     from bcc.libbcc import lib
-    keys, vals = np.empty(BATCH, key_dt), np.empty(BATCH, leaf_dt)
+    cap = int(getattr(table, "max_entries", 0) or 0) + BATCH
+    keys, vals = np.empty(cap, key_dt), np.empty(cap, leaf_dt)
     token, count = ct.c_uint32(0), ct.c_uint32(0)
-    out_k, out_v = [], []
+    n, first = 0, True
     while True:
+        if cap - n < BATCH:                 # (a map larger than it said)
+            keys, vals = _grow(keys), _grow(vals)
+            cap = len(keys)
         count.value = BATCH
-        res = lib.bpf_lookup_batch(table.map_fd, ct.byref(token) if out_k else None,
-                                   ct.byref(token), keys.ctypes.data, vals.ctypes.data,
-                                   ct.byref(count))
+        res = lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(token),
+                                   ct.byref(token), keys.ctypes.data + n * key_dt.itemsize,
+                                   vals.ctypes.data + n * leaf_dt.itemsize, ct.byref(count))
         err = ct.get_errno()
-        out_k.append(keys[:count.value].copy())
-        out_v.append(vals[:count.value].copy())
+        n, first = n + count.value, False
         if res == 0:
             continue
         if err == errno.ENOENT:              # the end of the map
-            return np.concatenate(out_k), np.concatenate(out_v)
-        if len(out_k) == 1 and err in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
+            return keys[:n], vals[:n]
+        if n == 0 and err in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
             return None                     # kernels before 5.6
         raise OSError(err, f"reading a BPF map: {errno.errorcode.get(err, err)}")
+
+
+def _grow(arr):
+    out = np.empty(2 * len(arr), arr.dtype)
+    out[:len(arr)] = arr
+    return out
 
 
 def _lookup_items(table, key_dt, leaf_dt):
@@ -48,19 +60,25 @@ def _struct(dt, name):
     return dt if dt.names else np.dtype([(name, dt)])
 
 
-def read_hash(table, key_name="key"):
-    """A hash map as one structured array: key fields, then value fields. Padding
-    fields are dropped; a scalar key is `key_name`. (No per-CPU hashes: see
-    bpf/kmaps.h.)"""
+def read_hash_parts(table, key_name="key"):
+    """A hash map as two structured arrays of one length: its keys, its values (a
+    scalar key is the field `key_name`, a scalar value `value`). (No per-CPU hashes:
+    see bpf/kmaps.h.)"""
     key_dt, val_dt = table_dtypes(table)
-    key_dt, val_dt = _struct(key_dt, key_name), _struct(val_dt, "value")
     assert not np.dtype(table.Leaf).subdtype, "per-CPU hash"
     karr, varr = lookup_batch(table, key_dt, val_dt) or _lookup_items(table, key_dt, val_dt)
-    fields = [(n, key_dt.fields[n][0]) for n in key_dt.names if not n.startswith("pad")] + \
-             [(n, val_dt.fields[n][0]) for n in val_dt.names if not n.startswith("pad")]
+    return karr.view(_struct(key_dt, key_name)), varr.view(_struct(val_dt, "value"))
+
+
+def read_hash(table, key_name="key"):
+    """A hash map as one structured array: key fields, then value fields. Padding
+    fields are dropped (read_hash_parts without the merge's copy, for Arrow)."""
+    karr, varr = read_hash_parts(table, key_name)
+    fields = [(n, karr.dtype.fields[n][0]) for n in karr.dtype.names if not n.startswith("pad")] + \
+             [(n, varr.dtype.fields[n][0]) for n in varr.dtype.names if not n.startswith("pad")]
     out = np.zeros(len(karr), dtype=fields)
     for n, _ in fields:
-        out[n] = karr[n] if n in key_dt.names else varr[n]
+        out[n] = karr[n] if n in karr.dtype.names else varr[n]
     return out
 
 

@@ -15,7 +15,7 @@ from kvmlockprof.analysis import owners, vcpus
 from kvmlockprof.options import knob
 from kvmlockprof.probe import TRACEPOINT, Probe, Section, Target
 from kvmlockprof.kernel import bpfload, bpfstats, host
-from kvmlockprof.kernel.maps import read_counters, read_hash
+from kvmlockprof.kernel.maps import read_counters, read_hash_parts
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
 from kvmlockprof.recording.arrow import to_arrow
 
@@ -448,17 +448,17 @@ class ContentionProbe:
         ends = read_counters(self.bpf["counters"], COUNTERS)["end"]  # not counters(): no fdinfo
         changed = ends != self._read_at[0]
         if changed or self._read_at[1] or self._aggregates is None:
-            self._aggregates = to_arrow(read_hash(self.bpf["agg"]))
+            self._aggregates = to_arrow(*read_hash_parts(self.bpf["agg"]))
         self._read_at = (ends, changed)
         out = {"aggregates": self._aggregates,
-               "nested_waits": to_arrow(read_hash(self.bpf["nested_waits"]))}
+               "nested_waits": to_arrow(*read_hash_parts(self.bpf["nested_waits"]))}
         if self.defines["KVMLP_VCPU_EXITS"]:        # (windows end without waits: always read)
-            out.update({t: to_arrow(read_hash(self.bpf[t])) for t in VCPU_TABLES})
+            out.update({t: to_arrow(*read_hash_parts(self.bpf[t])) for t in VCPU_TABLES})
             ex = out["vcpu_exits"]
             out["vcpu_exits"] = ex.append_column("comm", pa.array(self._thread_comms(
                 ex.column("tgid").to_pylist(), ex.column("tid").to_pylist())).dictionary_encode())
         if self.defines["KVMLP_OWNERS"]:
-            ow = to_arrow(read_hash(self.bpf["lock_owners"]))
+            ow = to_arrow(*read_hash_parts(self.bpf["lock_owners"]))
             tids = ow.column("owner").to_pylist()
             for t in tids:
                 if t not in self._tgids:

@@ -4,7 +4,7 @@ target with the method its plan chose, read generically from the catalog's
 stream/aggregate/counter declarations."""
 from kvmlockprof import catalog, cdefs
 from kvmlockprof.kernel import bpfload, btf
-from kvmlockprof.kernel.maps import read_counters, read_hash
+from kvmlockprof.kernel.maps import read_counters, read_hash_parts
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
 from kvmlockprof.recording.arrow import to_arrow
 
@@ -221,9 +221,9 @@ class FunctionProbes:
         out = {}
         for probe in self.plans:
             for m, table in probe.aggregates:
-                out[table] = to_arrow(read_hash(self.bpf[m]))
+                out[table] = to_arrow(*read_hash_parts(self.bpf[m]))
         for m, table, key in SHARED_TABLES:
-            out[table] = to_arrow(read_hash(self.bpf[m], key_name=key))
+            out[table] = to_arrow(*read_hash_parts(self.bpf[m], key_name=key))
         return out
 
     def counters(self):

@@ -5,13 +5,14 @@ import numpy as np
 import pyarrow as pa
 
 
-def to_arrow(arr):
-    """A numpy structured array as an Arrow table, without a Python object per row.
+def to_arrow(*arrs):
+    """Numpy structured arrays of one length (a map's keys and values: their fields
+    side by side) as one Arrow table, without a Python object per row.
 
     char[] fields become dictionary strings (few distinct values: comm),
     fixed-size numeric arrays become fixed-size lists (histograms)."""
     cols, names = [], []
-    for name in arr.dtype.names:
+    for arr, name in ((a, n) for a in arrs for n in a.dtype.names):
         if name.startswith("pad"):
             continue
         col = np.ascontiguousarray(arr[name])
