@@ -815,7 +815,12 @@ def test_mmu_lock_write_holds_equal_the_kernels(in_lab):
     """record --probes lockorder on the churn workload, inside the kernel's own record
     of every _raw_write_lock/_raw_write_unlock call and contention end
     (tests/hold_oracle.py): kvm->mmu_lock's write holds, as many as the tracer's, their
-    total within 5% of its."""
+    total within 5% of its, beyond what our own handlers take: the tracer's handlers
+    and ours run one after the other at the same entry points, so one of them stamps
+    after the other's work. Ours (stamped after the acquisition's stack walk, first
+    thing at the release) can read short of the tracer's by up to our release
+    handler's time, or long by up to our acquisition handler's, per hold: those times
+    are the kernel's (bpf_stats, the recording's program_ns)."""
     if os.uname().machine != "x86_64":
         pytest.skip("hold_oracle.py reads the lock argument in %di (x86-64)")
     from kvmlockprof.probes import lockorder as lo
@@ -836,12 +841,27 @@ def test_mmu_lock_write_holds_equal_the_kernels(in_lab):
     print(ours[["caller", "count", "total_ns", "mean_ns", "p99_ns_bound", "max_ns",
                 "class_waits", "class_wait_ns"]].to_string())
     n, total = int(ours["count"].sum()), int(ours["total_ns"].sum())
+    h_lock, h_unlock = (program_ns(rec, lo.PROBE, s) for s in ("_raw_write_lock",
+                                                                  "_raw_write_unlock"))
     print(f"kvm->mmu_lock write holds: kvmlockprof {n}, {total / 1e6:.2f} ms | the kernel's "
           f"tracer {len(truth)}, {sum(truth) / 1e6:.2f} ms; a hold, ours less the tracer's: "
-          f"{(total - sum(truth)) / max(n, 1):+.0f} ns")
+          f"{(total - sum(truth)) / max(n, 1):+.0f} ns; our handlers (bpf_stats): "
+          f"{h_lock:.0f} ns at _raw_write_lock, {h_unlock:.0f} ns at _raw_write_unlock")
     assert len(truth) >= 20, len(truth)
     assert n == len(truth)
-    assert abs(total - sum(truth)) <= 0.05 * sum(truth), (total, sum(truth))
+    t = sum(truth)
+    assert t - n * h_unlock - 0.05 * t <= total <= t + n * h_lock + 0.05 * t, \
+        (total, t, h_lock, h_unlock)
+
+
+def program_ns(rec, probe, symbol):
+    """A function program's ns a run, by the kernel's bpf_stats (record's cost windows):
+    the probe's program attached to `symbol` (kprobe kvmlp_kp_KEY, or fentry ..__SYMBOL)."""
+    key = next(t.key for t in probe.targets if t.symbols[0] == symbol)
+    runs = rec.manifest.get("program_ns") or {}
+    hit = [v for n, v in runs.items() if n == f"kvmlp_kp_{key}" or n.endswith("__" + symbol)]
+    assert hit and hit[0].get("ns_per_run"), f"no cost measured for {symbol}: {runs}"
+    return hit[0]["ns_per_run"]
 
 
 class _Done:

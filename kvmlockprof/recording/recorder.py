@@ -246,8 +246,8 @@ class Recorder:
     def _cost_window(self, final):
         """Open a handler-cost window at the first flush and every COST_EVERY_S after,
         close each a second later, and keep the sums: the contention handlers' ns
-        per run (handler_ns), and what each function probe costs (probe_cost: calls/s,
-        ns a call, share of one CPU)."""
+        per run (handler_ns), what each function probe costs (probe_cost: calls/s,
+        ns a call, share of one CPU) and each of their programs (program_ns)."""
         c = self._waits()
         f = next((s for s in self.sources.values() if s is not c), None)
         now = time.monotonic()
@@ -263,6 +263,8 @@ class Recorder:
                          for n, t in self.cost_total.items()}
                 self.manifest["handler_ns"] = {n: total[n] for n in c.prog_fds()} if c else {}
                 self.manifest["probe_cost"] = self._probe_cost(total, self.cost_seconds)
+                # per function program (one per symbol and method): which entry point costs
+                self.manifest["program_ns"] = {n: total[n] for n in self.fn_progs}
                 self.cost = None
                 self.next_cost = now + COST_EVERY_S
         elif (c or f) and not final and now >= self.next_cost and \
