@@ -7,6 +7,12 @@
 """
 __version__ = "0.1.0"
 
-from kvmlockprof.recording.store import Recording, RecordingError, load  # noqa: E402,F401
-
 __all__ = ["Recording", "RecordingError", "load", "__version__"]
+
+
+def __getattr__(name):
+    # (at first use: the command line's live commands attach before pandas/pyarrow load)
+    if name in ("Recording", "RecordingError", "load"):
+        from kvmlockprof.recording import store
+        return getattr(store, name)
+    raise AttributeError(f"module 'kvmlockprof' has no attribute {name!r}")

@@ -70,3 +70,27 @@ def test_not_btf_says_so(tmp_path):
     p.write_bytes(b"\x7fELF" + bytes(40))
     with pytest.raises(btf.BtfError, match="not BTF"):
         btf.read(str(p))
+
+
+def test_the_kernels_offsets_are_kept_per_boot(tmp_path, monkeypatch):
+    """kernel_defines reads the BTF once a boot: the next run takes the kept offsets
+    (equal to the BTF's), another field list or another boot reads it again, and a
+    kernel without BTF keeps nothing."""
+    from kvmlockprof.kernel import host
+    monkeypatch.setattr(btf, "OFFSETS", str(tmp_path / "run" / "offsets.json"))
+    reads = []
+
+    def load():
+        reads.append(1)
+        return btf.Btf(modules=[])
+    fields = {"TASK_PID": ("task_struct", "pid"), "NOPE": ("task_struct", "no_such")}
+    first = btf.kernel_defines(fields, load)
+    assert first == btf.defines(btf.Btf(modules=[]), fields) and first["NOPE"] == -1
+    assert btf.kernel_defines(fields, load) == first and len(reads) == 1
+    btf.kernel_defines({"TASK_MM": ("task_struct", "mm")}, load)
+    assert len(reads) == 2
+    monkeypatch.setattr(host, "boot_id", lambda: "another boot")
+    assert btf.kernel_defines(fields, load) == first and len(reads) == 3
+    monkeypatch.setattr(host, "boot_id", lambda: "a kernel without BTF")
+    assert btf.kernel_defines(fields, lambda: None) == {"TASK_PID": -1, "NOPE": -1}
+    assert "a kernel without BTF" not in " ".join(host.kept(btf.OFFSETS))

@@ -7,7 +7,6 @@ import sys
 import tempfile
 import threading
 
-import numpy as np
 
 from kvmlockprof.cdefs import BPF_DIR
 from kvmlockprof.kernel import tracefs
@@ -36,6 +35,9 @@ def prefetch_bcc():
     """Import bcc in a thread, beside the start-up's other work: loading libbcc and LLVM
     (~0.1 s) runs outside the GIL. A failure is import_bcc's to report (it imports
     again)."""
+    if "bcc" in sys.modules:
+        return
+
     def run():
         with contextlib.suppress(Exception):
             import bcc  # noqa: F401
@@ -141,6 +143,7 @@ def _keep_log(text):
 
 def event_dtype(table):
     """numpy dtype of the struct a ring buffer carries, as bcc parsed it from the C."""
+    import numpy as np
     scratch = ctypes.create_string_buffer(4096)
     return np.dtype(type(table.event(scratch)))
 
@@ -155,6 +158,7 @@ def table_dtypes(table):
     """numpy dtypes of a map's key and value, as bcc parsed them from the C.
 
     (A per-CPU map's Leaf is an array over CPUs: the value is its element.)"""
+    import numpy as np
     leaf = np.dtype(table.Leaf)
     return np.dtype(table.Key), leaf.base if leaf.subdtype else leaf
 

@@ -1,7 +1,6 @@
 """What this host's kernel lets us do, found by trying it, and the attach plan
 that follows for each catalog probe."""
 import hashlib
-import json
 import os
 import platform
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
 # The attach trials' verdicts, kept for this boot: /run is emptied at every boot,
 # and the key holds the kernel, the boot and the trial itself. record reads them
 # (each trial compiles a program: a quarter of a second); doctor always tries anew.
-TRIALS = "/run/kvmlockprof/trials.json"
+TRIALS = f"{host.RUN_DIR}/trials.json"
 
 
 @dataclass
@@ -61,7 +60,7 @@ def _trial(text, attach=None):
 def _boot_key(kind, symbol, text):
     """What a trial's verdict depends on: the kernel and this boot, the privileges
     (CapEff) and lockdown state it ran under, the bcc that loaded it, the trial."""
-    boot = host.read_text("/proc/sys/kernel/random/boot_id")
+    boot = host.boot_id()
     if not boot:
         return None
     caps = f"{host.effective_caps():x}"
@@ -84,27 +83,12 @@ def _remembered(kind, symbol, text, fresh, check):
     False; a fresh verdict of the kernel is kept for the next run (concurrent runs
     may each write theirs: the last one's file wins, the others try again)."""
     key = _boot_key(kind, symbol, text)
-    try:
-        with open(TRIALS) as f:
-            kept = json.load(f)
-    except (OSError, ValueError):
-        kept = {}
-    if not isinstance(kept, dict):
-        kept = {}
-    got = kept.get(key)
+    got = host.kept(TRIALS).get(key)
     if not fresh and isinstance(got, list) and len(got) == 2 and isinstance(got[0], bool):
         return Check(kind, got[0], f"{got[1]} (this boot's trial, kept in {TRIALS})")
     c = check()
     if key and not c.detail.startswith(_NOT_VERDICTS):
-        tmp = f"{TRIALS}.{os.getpid()}"
-        try:
-            os.makedirs(os.path.dirname(TRIALS), mode=0o700, exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump(dict(kept, **{key: [c.ok, c.detail]}), f)
-            os.replace(tmp, TRIALS)
-        except OSError:         # (not root, or a read-only /run: tried again next time)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        host.keep(TRIALS, key, [c.ok, c.detail])
     return c
 
 

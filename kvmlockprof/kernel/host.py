@@ -1,4 +1,5 @@
 """Facts about the running kernel that decide how (and whether) we can probe it."""
+import json
 import os
 import platform
 import socket
@@ -28,6 +29,41 @@ def read_text(path):
             return f.read().strip()
     except OSError:
         return ""
+
+
+# What a run learns about this boot and keeps for the next (the attach trials'
+# verdicts, the kernel's struct offsets): gone at reboot, removed by the package's purge.
+RUN_DIR = "/run/kvmlockprof"
+
+
+def boot_id():
+    return read_text("/proc/sys/kernel/random/boot_id")
+
+
+def kept(path):
+    """The dict a run kept in the JSON file `path` ({} when there is none, or it is
+    damaged)."""
+    try:
+        with open(path) as f:
+            got = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
+def keep(path, key, value):
+    """Keep key: value in `path` beside what is there, atomically (concurrent runs may
+    each write theirs: the last one's file wins, the others are redone next time).
+    Without root or on a read-only /run nothing is kept."""
+    tmp = f"{path}.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(dict(kept(path), **{key: value}), f)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def effective_caps():

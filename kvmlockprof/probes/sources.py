@@ -42,9 +42,7 @@ def _function_plans(requested, status, prefer, warn, probe_options=None):
 
 def load_btf(warn):
     """(the running kernel's BTF or None, the reason it is missing or None): KVM lock
-    names and function-probe offsets need it; contention alone does not. A session's
-    first step: bcc is imported beside it (bpfload.prefetch_bcc)."""
-    bpfload.prefetch_bcc()
+    names and function-probe offsets need it; contention alone does not."""
     try:
         return btf.Btf(), None
     except btf.BtfError as e:
@@ -151,15 +149,21 @@ def open_sources(session=SessionOptions(), tgids=None, kfilter=None, warn=None, 
     probe's other kernel-side filters (recording.filters.split). Raises
     BpfUnavailable when nothing at all could attach, or when the maps take more than
     session.kernel_mem_mb (None: no limit; they are freed at once). Sources opened
-    before an error are closed."""
+    before an error are closed. kbtf: the running kernel's Btf, or a function that
+    reads it (then called only if needed: the contention probe's offsets are kept per
+    boot, so the read comes after it attached). bcc is imported in a thread meanwhile
+    (bpfload.prefetch_bcc)."""
+    bpfload.prefetch_bcc()
     warn = warn or (lambda msg: None)
     status = {} if status is None else status
     sources = {}
     requested = session.requested()
     try:
         if requested is None or any(p.name == "contention" for p in requested):
+            offsets = btf.kernel_defines(PROBE.fields, kbtf) if callable(kbtf) else \
+                btf.defines(kbtf, PROBE.fields)
             c = ContentionProbe(session.contention, tgids=tgids, kfilter=kfilter,
-                                offsets=btf.defines(kbtf, PROBE.fields))
+                                offsets=offsets)
             sources["contention"] = c
             status["contention"] = {"status": "attached", "method": catalog.TRACEPOINT,
                                     "targets": sorted(c.attached), **c.options}
@@ -167,7 +171,7 @@ def open_sources(session=SessionOptions(), tgids=None, kfilter=None, warn=None, 
                                 session.probe_options)
         if plans:
             try:
-                f = FunctionProbes(plans, kbtf or btf.Btf())
+                f = FunctionProbes(plans, (kbtf() if callable(kbtf) else kbtf) or btf.Btf())
             except (BpfUnavailable, btf.BtfError) as e:
                 for p in plans:
                     status[p.name] = {"status": "failed", "reason": str(e)}

@@ -1,6 +1,7 @@
 """`kvmlockprof record`: attach, stream, flush in chunks, detach on every exit path."""
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import signal
@@ -130,7 +131,7 @@ class Recorder:
         tgids = self._filter()
         sources, _, memory = open_sources(
             self.session, tgids=tgids, kfilter=self.kfilter, warn=self.warn,
-            status=self.manifest["probes"], kbtf=self.kbtf)
+            status=self.manifest["probes"], kbtf=self.kbtf)     # (read when needed)
         self.manifest["kernel_memory"] = dict(memory, limit_mb=self.session.kernel_mem_mb)
         return sources
 
@@ -146,7 +147,7 @@ class Recorder:
         old = {s: signal.signal(s, raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
         self.sources, child = {}, None
         try:
-            self.kbtf = self._btf()
+            self.kbtf = functools.cache(self._btf)
             self.sources = self._open_sources()
             # counting starts at the attach, not after the set-up below (kallsyms,
             # lock names: a second or more), else the rates read high
@@ -154,7 +155,7 @@ class Recorder:
             self.manifest["start_monotonic_ns"] = c.armed_ns if c else time.monotonic_ns()
             self.manifest["start"] = datetime.datetime.now().astimezone().isoformat()
             self.ksyms = Kallsyms()
-            self.names = SessionNames(self.ksyms, self.kbtf)
+            self.names = SessionNames(self.ksyms, self.kbtf())
             if c:
                 self.names.kernel_namer.run_queues(c.run_queues_or_none(self.warn))
             self.kbtf = None            # the names keep their own small tables

@@ -3,6 +3,7 @@ that whatever ends it, everything detaches. `record` (recorder) stops on Stop; t
 live views (`top`, `exporter`) run in live_session(), which also attaches them."""
 import contextlib
 import dataclasses
+import functools
 import signal
 
 from kvmlockprof.kernel import bpfload
@@ -26,12 +27,12 @@ def live_session(make_view, session, pids, warn, kfilter=None):
     old = {s: signal.signal(s, raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     sources = {}
     try:
-        kbtf, _ = load_btf(warn)
+        kbtf = functools.cache(lambda: load_btf(warn)[0])      # (read when needed)
         session = dataclasses.replace(session, contention=dataclasses.replace(
             session.contention, sample_every=0, ringbuf_mb=1))
         sources, status, _ = open_sources(session, tgids=pids, kfilter=kfilter, warn=warn,
                                           kbtf=kbtf)
-        view = make_view(sources, status, kbtf)
+        view = make_view(sources, status, kbtf())
         kbtf = None                     # the BTF dump (hundreds of MB): freed here
         bpfload.release_memory()
         yield view
