@@ -97,7 +97,7 @@ def main():
             new_mem = bpfstats.map_memory(probe.bpf)
             # as ContentionProbe.snapshots() reads it once a wait has ended (the
             # fill here counts no wait: called directly)
-            shared = lambda: to_arrow(maps.read_hash(probe.bpf["agg"]))      # noqa: E731
+            shared = lambda: to_arrow(*maps.read_hash_parts(probe.bpf["agg"]))  # noqa: E731
             res["shared"] = {
                 "flush_cpu_s": measure(shared, probe.bpf["agg"], keys, a.cycles, None,
                                        os.path.join(d, "new"), SNAPSHOT_S),

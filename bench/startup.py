@@ -8,9 +8,10 @@ command given to record or perf (`date +%s%N`) ran: every probe attached, the se
 done (for kvmlockprof: the function probes planned and loaded, kallsyms and the lock
 names read). In turn, --rounds times, the order shuffled each round:
   kvmlockprof        `kvmlockprof record -q -a -- sh -c 'date +%s%N > F'`, run before
-                     on this boot: its attach trials' verdicts kept (/run/kvmlockprof)
-  kvmlockprof-first  the same with the kept verdicts removed first: a first run on a
-                     boot (the page cache warm all the same)
+                     on this boot: its attach trials' verdicts and the kernel's struct
+                     offsets kept (/run/kvmlockprof)
+  kvmlockprof-first  the same with what was kept removed first: a first run on a boot
+                     (the page cache warm all the same)
   perf               `perf lock contention -ab -- sh -c ...` (`make peer`'s build)
 Prints each one's median and range, and the paired difference to perf's (median,
 bootstrap 95% interval); its peak RSS (VmHWM) at the attach. Writes JSON
@@ -32,6 +33,7 @@ from results_io import RESULTS, save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from kvmlockprof.kernel.btf import OFFSETS  # noqa: E402
 from kvmlockprof.kernel.capabilities import TRIALS  # noqa: E402
 
 
@@ -106,8 +108,10 @@ def main():
         result = {"rounds": a.rounds, "configs": {c: [] for c in configs}}
         for _ in range(a.rounds):
             for name in rng.sample(list(configs), len(configs)):
-                if name == "kvmlockprof-first" and os.path.exists(TRIALS):
-                    os.unlink(TRIALS)
+                if name == "kvmlockprof-first":
+                    for kept in (TRIALS, OFFSETS):
+                        if os.path.exists(kept):
+                            os.unlink(kept)
                 result["configs"][name].append(start_up(configs[name], stamp))
     for what in ("attached_s", "command_s"):
         theirs = [r[what] for r in result["configs"]["perf"]]
