@@ -1,7 +1,7 @@
 """The one quantile definition of every view (exact, streamed, log2 bound, compare,
 top, HTML) and the in-kernel log2 histograms' buckets: below every layer, as the
 probes' analyses need them too."""
-import numpy as np
+from kvmlockprof.lazy import np
 
 
 def hist_bounds(slots):

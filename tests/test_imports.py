@@ -119,14 +119,27 @@ def test_no_import_cycle():
         pytest.fail("import cycle: " + " -> ".join(cycle) + "\n  " + "\n  ".join(steps))
 
 
-def test_the_live_commands_attach_before_pandas_is_imported():
+def test_the_live_commands_attach_before_numpy_pyarrow_or_pandas_is_imported():
     """record, top and the exporter compile and attach with what these modules import:
-    pandas (0.2 s) comes at its first use, after the attach (kvmlockprof.lazy)."""
+    numpy, pyarrow and pandas (0.35 s together) come at their first use, after the
+    attach (kvmlockprof.lazy)."""
     import subprocess
     import sys
     code = ("import sys, kvmlockprof.cli, kvmlockprof.recording.recorder, "
             "kvmlockprof.views.top, kvmlockprof.views.exporter, kvmlockprof.probes.sources; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pandas')[:5])")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('numpy', 'pyarrow', 'pandas'))[:5])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_a_lazy_module_hands_over_the_module_itself():
+    """After its first use, the modules that held the stand-in hold numpy itself."""
+    import subprocess
+    import sys
+    code = ("import kvmlockprof.quantiles as q, kvmlockprof.lazy as lazy, numpy; "
+            "q.np.float64; print(q.np is numpy, lazy.np is numpy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["True", "True"], out

@@ -14,11 +14,10 @@ least `threshold` (relative)."""
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 from scipy import special   # (scipy.stats takes 0.4 s more to import: only for percentiles)
 
 from kvmlockprof.analysis import locks
-from kvmlockprof.lazy import pd
+from kvmlockprof.lazy import np, pd
 from kvmlockprof.quantiles import hist_buckets, quantile_index
 
 LOCK_METRICS = {          # metric -> (better, unit)

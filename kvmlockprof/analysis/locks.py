@@ -2,10 +2,8 @@
 DataFrames (one row per event in, one row per group out), as in LISA."""
 import re
 
-import numpy as np
-
 from kvmlockprof import cdefs
-from kvmlockprof.lazy import pd
+from kvmlockprof.lazy import np, pd
 from kvmlockprof.locktypes import (  # noqa: F401 (the analyses' API)
     LCB_F_MUTEX, LCB_F_PERCPU, LCB_F_READ, LCB_F_RT, LCB_F_SPIN, LCB_F_WRITE, LOCK_TYPES,
     lock_class, lock_matches, type_matches, type_name)

@@ -1,7 +1,8 @@
 """Kernel symbol resolution from /proc/kallsyms, vectorised over address arrays."""
 import re
 
-import numpy as np
+from kvmlockprof.lazy import np
+
 
 DATA_TYPES = set("dDbBrR")
 # Linker markers, not objects: an address past one is in some unnamed object.

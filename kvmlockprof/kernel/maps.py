@@ -2,9 +2,8 @@
 import ctypes as ct
 import errno
 
-import numpy as np
-
 from kvmlockprof.kernel.bpfload import table_dtypes
+from kvmlockprof.lazy import np
 
 BATCH = 4096            # entries per BPF_MAP_LOOKUP_BATCH call (more than any hash bucket)
 ENOTSUPP = 524          # the kernel's own "not supported" (not in Python's errno module)

@@ -10,7 +10,8 @@ one numpy view covers a whole batch.
 import mmap
 import select
 
-import numpy as np
+from kvmlockprof.lazy import np
+
 
 BUSY_BIT = 1 << 31        # reserved, not yet submitted
 DISCARD_BIT = 1 << 30     # submitted as discarded

@@ -7,11 +7,9 @@ import os
 import threading
 import time
 
-import numpy as np
-import pyarrow as pa
-
 from kvmlockprof import cdefs, options
 from kvmlockprof.analysis import owners, vcpus
+from kvmlockprof.lazy import np, pa
 from kvmlockprof.options import knob
 from kvmlockprof.probe import TRACEPOINT, Probe, Section, Target
 from kvmlockprof.kernel import bpfload, bpfstats, host

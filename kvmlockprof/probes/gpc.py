@@ -1,9 +1,8 @@
 """gpc: gfn_to_pfn_cache refresh latency and result, check hits and misses,
 activations, per cache, named by where it lives (bpf/gpc.bpf.c)."""
-import numpy as np
 
 from kvmlockprof import cdefs
-from kvmlockprof.lazy import pd
+from kvmlockprof.lazy import np, pd
 from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import duration_s, stats
 

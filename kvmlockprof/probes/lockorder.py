@@ -18,10 +18,8 @@ followed. A debugging probe: every lock operation of the host pays for its filte
 (bench/README.md "lockorder cost")."""
 import dataclasses
 
-import numpy as np
-
 from kvmlockprof import cdefs, options
-from kvmlockprof.lazy import pd
+from kvmlockprof.lazy import np, pd
 from kvmlockprof.options import knob
 from kvmlockprof.locktypes import lock_class
 from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target

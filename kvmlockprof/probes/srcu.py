@@ -1,9 +1,8 @@
 """srcu: SRCU read-section lengths per srcu_struct (kvm->srcu, kvm->irq_srcu told
 apart) and the synchronize_srcu* grace-period waits (bpf/srcu.bpf.c)."""
-import numpy as np
 
 from kvmlockprof import cdefs
-from kvmlockprof.lazy import pd
+from kvmlockprof.lazy import np, pd
 from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import callers, stats
 from kvmlockprof.quantiles import hist_quantile, quantiles

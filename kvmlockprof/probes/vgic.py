@@ -4,10 +4,9 @@ and its context: hardirq/softirq/task, IRQs off or on (bpf/vgic.bpf.c).
 "From which contexts is lpi_xa's lock taken?" is `releases`:
 a caller that releases with IRQs on beside one with IRQs off means the lock must
 be taken with IRQs saved and disabled (xa_lock_irqsave), everywhere."""
-import numpy as np
 
 from kvmlockprof import cdefs
-from kvmlockprof.lazy import pd
+from kvmlockprof.lazy import np, pd
 from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import CONTEXTS, IRQS, IRQS_OFF, callers, stats
 

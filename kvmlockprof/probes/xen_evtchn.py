@@ -2,9 +2,7 @@
 send's outcome, and the slow path it falls back to (bpf/xen_evtchn.bpf.c)."""
 import errno
 
-import numpy as np
-
-from kvmlockprof.lazy import pd
+from kvmlockprof.lazy import np, pd
 from kvmlockprof.probe import FENTRY, KPROBE, Probe, Section, Target
 from kvmlockprof.probes.common import duration_s, vm_label
 

@@ -1,8 +1,7 @@
 """What BPF maps and ring buffers give (numpy structured arrays) as Arrow tables, the
 recording's form: apart from the store, for the probes' loaders to convert their
 reads without importing the file they are written to."""
-import numpy as np
-import pyarrow as pa
+from kvmlockprof.lazy import np, pa
 
 
 def to_arrow(*arrs):

@@ -22,10 +22,7 @@ import re
 import shutil
 import tempfile
 
-import numpy as np
-import pyarrow as pa
-
-from kvmlockprof.lazy import pd, pq
+from kvmlockprof.lazy import np, pa, pd, pq
 from kvmlockprof.recording.store import RecordingError, load, partial_dir
 
 _S, _U64, _U32, _I32, _I64, _F64, _B = (pa.string(), pa.uint64(), pa.uint32(), pa.int32(),

@@ -18,9 +18,7 @@ import bisect
 import re
 import time
 
-import numpy as np
-import pyarrow as pa
-
+from kvmlockprof.lazy import np, pa
 from kvmlockprof.locktypes import LCB_F_MUTEX, LCB_F_READ, LCB_F_SPIN, LCB_F_WRITE
 
 # The function probes' registry snapshots (FunctionProbes.snapshots): the live VMs
@@ -71,12 +69,12 @@ class Registry:
     CLOCK_MONOTONIC ns, as the samples' ts_ns."""
 
     KEY = {"vms": "kvm", "vcpus": "vcpu"}
-    COLUMNS = {"vms": {"kvm": pa.uint64(), "tgid": pa.uint32(), "first_ns": pa.uint64(),
-                       "last_ns": pa.uint64(), "end_ns": pa.uint64()},
-               "vcpus": {"vcpu": pa.uint64(), "kvm": pa.uint64(), "tid": pa.uint32(),
-                         "tgid": pa.uint32(), "vcpu_idx": pa.int32(), "vcpu_id": pa.int32(),
-                         "first_ns": pa.uint64(), "last_ns": pa.uint64(),
-                         "end_ns": pa.uint64()}}
+    COLUMNS = {"vms": {"kvm": "uint64", "tgid": "uint32", "first_ns": "uint64",
+                       "last_ns": "uint64", "end_ns": "uint64"},
+               "vcpus": {"vcpu": "uint64", "kvm": "uint64", "tid": "uint32",
+                         "tgid": "uint32", "vcpu_idx": "int32", "vcpu_id": "int32",
+                         "first_ns": "uint64", "last_ns": "uint64",
+                         "end_ns": "uint64"}}          # (Arrow types by name)
     OWNER = {"vms": ("tgid",), "vcpus": ("tgid", "kvm", "vcpu_idx")}   # what names use
 
     def __init__(self):
@@ -96,7 +94,7 @@ class Registry:
     def _merge(self, kind, r, seen_ns, end_ns):
         cols = self.COLUMNS[kind]
         # addresses as unsigned whatever the input's dtype (an int64 column wraps them)
-        new = {c: int(r[c]) & ((1 << 64) - 1) if cols[c] == pa.uint64() else int(r[c])
+        new = {c: int(r[c]) & ((1 << 64) - 1) if cols[c] == "uint64" else int(r[c])
                for c in cols if c in r and c not in ("last_ns", "end_ns")}
         key = (new[self.KEY[kind]], new.get("first_ns", 0))
         row = self.rows[kind].get(key)
@@ -125,7 +123,8 @@ class Registry:
         out = {}
         for kind, cols in self.COLUMNS.items():
             rows = [row for _, row in sorted(self.rows[kind].items())]
-            out[kind] = pa.table({c: pa.array([r[c] for r in rows], t) for c, t in cols.items()})
+            out[kind] = pa.table({c: pa.array([r[c] for r in rows], pa.type_for_alias(t))
+                                  for c, t in cols.items()})
         return out
 
 

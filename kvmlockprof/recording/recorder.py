@@ -9,11 +9,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 from kvmlockprof import __version__, catalog
 from kvmlockprof.kernel import bpfload, bpfstats, headers, host
 from kvmlockprof.kernel.ksyms import Kallsyms
+from kvmlockprof.lazy import np
 from kvmlockprof.probes.contention import LOSSES
 from kvmlockprof.probes.sources import SessionOptions, load_btf, open_sources, waits_source
 from kvmlockprof.recording import filters as filters_mod  # Recorder's filters= hides it

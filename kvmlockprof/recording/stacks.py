@@ -1,8 +1,6 @@
 """Kernel stacks from a BPF stack map, symbolised once, stored as a table."""
-import numpy as np
-import pyarrow as pa
 
-from kvmlockprof.lazy import pd
+from kvmlockprof.lazy import np, pa, pd
 
 
 def stacks_table(source, name, stack_ids, ksyms):

@@ -24,10 +24,7 @@ import os
 import shutil
 import tempfile
 
-import numpy as np
-import pyarrow as pa
-
-from kvmlockprof.lazy import pc, pd, pq
+from kvmlockprof.lazy import np, pa, pc, pd, pq
 
 FORMAT = "kvmlockprof-recording"
 VERSION = 2                 # 2: the manifest has `integrity` (a version 2 file lacking it
@@ -515,7 +512,7 @@ def _first_line(e):
 # Each table's columns the analyses need (kinds: "n" numeric, "s" strings, "l" lists, "ls"
 # lists of strings) are its probe's (catalog.table_columns()): a damaged file that lacks
 # them is refused.
-_KIND = {"n": pa.types.is_integer, "s": lambda t: pa.types.is_string(t) or (
+_KIND = {"n": lambda t: pa.types.is_integer(t), "s": lambda t: pa.types.is_string(t) or (
     pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)),
     "l": lambda t: pa.types.is_list(t) or pa.types.is_fixed_size_list(t),
     "ls": lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and

@@ -4,9 +4,8 @@ import html
 import json
 import os
 
-import numpy as np
-
 from kvmlockprof.analysis import compare
+from kvmlockprof.lazy import np
 from kvmlockprof.recording.store import RecordingError, load
 from kvmlockprof.views import plots
 from kvmlockprof.views.report import fmt_ns

@@ -15,10 +15,8 @@ import os
 import threading
 import time
 
-import numpy as np
-
 from kvmlockprof.analysis import locks, owners
-from kvmlockprof.lazy import pd
+from kvmlockprof.lazy import np, pd
 from kvmlockprof.recording.session import Stop, live_session
 from kvmlockprof.recording.store import Recording
 from kvmlockprof.views.top import AGG_KEYS, LiveView
@@ -33,7 +31,7 @@ DEFAULT_LISTEN = "127.0.0.1:9475"
 # waits in [2^(s-1), 2^s) ns, quantiles.hist_bounds), every other one from 256 ns to
 # 17 s. The bucket `le=2^s ns` is the sum of slots 0..s, exact: it counts the waits
 # shorter than 2^s ns (a wait of exactly 2^s ns is in the next bucket).
-LE_SLOTS = np.arange(8, 35, 2)
+LE_SLOTS = list(range(8, 35, 2))
 LE_SECONDS = [float(2.0 ** s / 1e9) for s in LE_SLOTS]
 # Classes and VMs ranked (lifetime wait), beyond the labelled ones: the rest's
 # totals are dropped (they only decide who is promoted later).
@@ -51,7 +49,7 @@ def cumulative_buckets(hist):
 
 def values_buckets(ns):
     """Counts of values (ns) <= each `le` bound (exact: Prometheus's own rule)."""
-    le_ns = 2.0 ** LE_SLOTS
+    le_ns = 2.0 ** np.asarray(LE_SLOTS)
     idx = np.searchsorted(le_ns, np.asarray(ns, dtype=np.float64), side="left")
     return np.cumsum(np.bincount(idx, minlength=len(le_ns) + 1)[:len(le_ns)])
 

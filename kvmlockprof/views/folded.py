@@ -10,10 +10,10 @@ stacks, as `report --by caller` does, so each lock's total stays exact.
 `compare --format folded` writes the two-column differential form
 (`stack base new`, as difffolded.pl makes for flamegraph.pl), its locks named as
 compare matches them across runs (no pid, no address)."""
-import numpy as np
 
 from kvmlockprof.analysis import locks
 from kvmlockprof.analysis.compare import lock_across_runs
+from kvmlockprof.lazy import np
 
 VALUES = {"wait": "total_ns", "count": "count"}
 

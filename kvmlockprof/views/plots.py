@@ -2,11 +2,11 @@
 
 Each function takes a Recording and returns a figure, or None when the
 recording has nothing for it."""
-import numpy as np
 import plotly.express as px
 import plotly.graph_objects as go
 
 from kvmlockprof.analysis import locks
+from kvmlockprof.lazy import np
 from kvmlockprof.views.report import fmt_ns
 
 

@@ -6,10 +6,8 @@ same locks.top() as `report` on both. Function probes show their counters'
 rates and the fast-path / cache hit ratios, over the interval and cumulative."""
 import time
 
-import numpy as np
-
 from kvmlockprof.analysis import locks, owners
-from kvmlockprof.lazy import pd
+from kvmlockprof.lazy import np, pd
 from kvmlockprof.views import report
 from kvmlockprof.analysis import vcpus
 from kvmlockprof.probes.contention import VCPU_TABLES

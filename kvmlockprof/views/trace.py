@@ -10,10 +10,8 @@ timestamp and a thread) are slices where they carry a latency (`lat_ns`), instan
 events otherwise. Times are microseconds from the recording's start."""
 import json
 
-import numpy as np
-
 from kvmlockprof.analysis import locks
-from kvmlockprof.lazy import pd
+from kvmlockprof.lazy import np, pd
 
 PROBE_SKIP = {"contention", "stacks"}
 
