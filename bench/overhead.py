@@ -186,8 +186,9 @@ class Progress:
 def memory_kb(pid):
     """{VmRSS, VmHWM} of a process now, in kB (the kernel's count: /proc/PID/status)."""
     with open(f"/proc/{pid}/status") as f:
-        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)
-                if k in ("VmRSS", "VmHWM")}
+        got = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)
+               if k in ("VmRSS", "VmHWM")}
+    return {"VmRSS": got.get("VmRSS", 0), "VmHWM": got.get("VmHWM", 0)}  # (0: a zombie)
 
 
 def window(progress, seconds, pid=None):

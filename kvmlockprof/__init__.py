@@ -16,3 +16,7 @@ def __getattr__(name):
         from kvmlockprof.recording import store
         return getattr(store, name)
     raise AttributeError(f"module 'kvmlockprof' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -7,6 +7,9 @@ Not importlib's LazyLoader (nor lazy_loader, built on it): that puts a half-made
 module in sys.modules for everyone, without a lock before Python 3.12."""
 import importlib
 import sys
+import threading
+
+_HANDING_OVER = threading.Lock()
 
 
 class LazyModule:
@@ -19,11 +22,13 @@ class LazyModule:
 
     def __getattr__(self, attr):
         module = importlib.import_module(self._name)
-        for name, m in list(sys.modules.items()):
-            if name == __name__ or name.startswith("kvmlockprof."):
-                d = getattr(m, "__dict__", {})
-                for k in [k for k, v in d.items() if v is self]:
-                    d[k] = module
+        with _HANDING_OVER:         # (another thread may be importing a module meanwhile)
+            for name, m in list(sys.modules.items()):
+                if name.startswith("kvmlockprof."):
+                    d = getattr(m, "__dict__", {})
+                    for k, v in list(d.items()):
+                        if v is self:
+                            d[k] = module
         return getattr(module, attr)
 
     def __repr__(self):

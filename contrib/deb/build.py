@@ -27,7 +27,7 @@ sys.path[:0] = ["{PRIVATE}"]
 os.environ["PYTHONPATH"] = os.pathsep.join(
     ["{PRIVATE}"] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
 os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
-from kvmlockprof.cli import main
+from kvmlockprof.__main__ import main
 sys.exit(main())
 """
 
@@ -61,7 +61,7 @@ fi
 if [ "$1" = purge ] && command -v deb-systemd-helper >/dev/null; then
     deb-systemd-helper purge {UNIT} >/dev/null || true
 fi
-# record's attach-trial verdicts for this boot (kernel/capabilities.py TRIALS)
+# what runs kept for this boot: attach trials' verdicts, struct offsets (kernel/host.py RUN_DIR)
 if [ "$1" = purge ]; then
     rm -rf /run/kvmlockprof
 fi

@@ -446,8 +446,12 @@ def kernel_defines(fields, load):
     are not kept, so that a probe compiles without the BTF's read (0.09 s) and the
     read comes after the attach."""
     boot = host.boot_id()
+    # the kernel and this boot, the fields asked for, and the code that reads them
+    # (this module's source: a fix installed during the boot counts)
+    with open(__file__, "rb") as f:
+        code = f.read()
     key = boot and "|".join((platform.release(), boot, hashlib.sha256(
-        json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]))
+        json.dumps(fields, sort_keys=True).encode() + code).hexdigest()[:16]))
     got = host.kept(OFFSETS).get(key) if key else None
     if isinstance(got, dict) and set(got) == set(fields) and \
             all(isinstance(v, int) for v in got.values()):

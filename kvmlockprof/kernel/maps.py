@@ -16,6 +16,8 @@ def lookup_batch(table, key_dt, leaf_dt):
     more, so that a call always has room for BATCH: a hash bucket that does not fit is
     ENOSPC; pages never written are never touched): no copy of a batch."""
     from bcc.libbcc import lib
+    if (key_dt.itemsize, leaf_dt.itemsize) != (ct.sizeof(table.Key), ct.sizeof(table.Leaf)):
+        raise ValueError(f"lookup_batch: {key_dt}/{leaf_dt} are not the map's key and value")
     cap = int(getattr(table, "max_entries", 0) or 0) + BATCH
     keys, vals = np.empty(cap, key_dt), np.empty(cap, leaf_dt)
     token, count = ct.c_uint32(0), ct.c_uint32(0)
@@ -40,7 +42,7 @@ def lookup_batch(table, key_dt, leaf_dt):
 
 
 def _grow(arr):
-    out = np.empty(2 * len(arr), arr.dtype)
+    out = np.empty((2 * len(arr),) + arr.shape[1:], arr.dtype)
     out[:len(arr)] = arr
     return out
 
@@ -64,14 +66,15 @@ def read_hash_parts(table, key_name="key"):
     scalar key is the field `key_name`, a scalar value `value`). (No per-CPU hashes:
     see bpf/kmaps.h.)"""
     key_dt, val_dt = table_dtypes(table)
-    assert not np.dtype(table.Leaf).subdtype, "per-CPU hash"
-    karr, varr = lookup_batch(table, key_dt, val_dt) or _lookup_items(table, key_dt, val_dt)
-    return karr.view(_struct(key_dt, key_name)), varr.view(_struct(val_dt, "value"))
+    if np.dtype(table.Leaf).subdtype:       # (the kernel would write ncpus values a key)
+        raise ValueError("read_hash_parts: a per-CPU hash")
+    key_dt, val_dt = _struct(key_dt, key_name), _struct(val_dt, "value")
+    return lookup_batch(table, key_dt, val_dt) or _lookup_items(table, key_dt, val_dt)
 
 
 def read_hash(table, key_name="key"):
-    """A hash map as one structured array: key fields, then value fields. Padding
-    fields are dropped (read_hash_parts without the merge's copy, for Arrow)."""
+    """A hash map as one structured array: key fields, then value fields, padding
+    dropped (for Arrow, to_arrow(*read_hash_parts(...)) saves this merge's copy)."""
     karr, varr = read_hash_parts(table, key_name)
     fields = [(n, karr.dtype.fields[n][0]) for n in karr.dtype.names if not n.startswith("pad")] + \
              [(n, varr.dtype.fields[n][0]) for n in varr.dtype.names if not n.startswith("pad")]

@@ -10,6 +10,8 @@ def to_arrow(*arrs):
 
     char[] fields become dictionary strings (few distinct values: comm),
     fixed-size numeric arrays become fixed-size lists (histograms)."""
+    if len({len(a) for a in arrs}) > 1:
+        raise ValueError(f"to_arrow: arrays of lengths {[len(a) for a in arrs]}")
     cols, names = [], []
     for arr, name in ((a, n) for a in arrs for n in a.dtype.names):
         if name.startswith("pad"):
@@ -28,4 +30,6 @@ def to_arrow(*arrs):
         else:
             cols.append(pa.array(col))
         names.append(name)
+    if len(set(names)) < len(names):
+        raise ValueError(f"to_arrow: a field name twice in {names}")
     return pa.Table.from_arrays(cols, names=names)

@@ -524,7 +524,8 @@ MANIFEST_TYPES = {"duration_s": _NUMBER, "start_monotonic_ns": int, "samples": i
                   "counters": dict, "losses": dict, "probes": dict, "lock_symbols": dict,
                   "lock_names": dict, "processes": dict, "work": dict, "tables": dict,
                   "probe_counters": dict, "handler_ns": dict, "in_progress_min_ns": int,
-                  "probe_cost": dict, "kernel_memory": dict, "filters": dict}
+                  "probe_cost": dict, "kernel_memory": dict, "filters": dict,
+                  "program_ns": dict}
 
 
 def _check_table(path, name, table, columns=None):
