@@ -815,11 +815,14 @@ def test_mmu_lock_write_holds_equal_the_kernels(in_lab):
     """record --probes lockorder on the churn workload, inside the kernel's own record
     of every _raw_write_lock/_raw_write_unlock call and contention end
     (tests/hold_oracle.py): kvm->mmu_lock's write holds, as many as the tracer's, their
-    total within 5% of its, beyond what our own handlers take: the tracer's handlers
+    total within 5% of its, beyond what our own handler takes: the tracer's handlers
     and ours run one after the other at the same entry points, so one of them stamps
-    after the other's work (kprobes: the newest first; fentry after every ftrace
-    handler), by up to our two handlers' time a hold, either way: those times are the
-    kernel's (bpf_stats, the recording's program_ns)."""
+    after the other's work. With kprobes (the newest registered runs first: ours)
+    the tracer's release stamp waits for our release handler: ours reads short by up
+    to its time a hold. With fentry (after every ftrace handler) the tracer's taking
+    stamp comes before our taking handler: ours reads short by up to that one's time.
+    Those times are the kernel's (bpf_stats, the recording's program_ns); ours never
+    reads long beyond the 5%."""
     if os.uname().machine != "x86_64":
         pytest.skip("hold_oracle.py reads the lock argument in %di (x86-64)")
     from kvmlockprof.probes import lockorder as lo
@@ -849,7 +852,11 @@ def test_mmu_lock_write_holds_equal_the_kernels(in_lab):
     assert len(truth) >= 20, len(truth)
     assert n == len(truth)
     t = sum(truth)
-    assert abs(total - t) <= 0.05 * t + n * (h_lock + h_unlock), (total, t, h_lock, h_unlock)
+    key = next(x.key for x in lo.PROBE.targets if x.symbols[0] == "_raw_write_lock")
+    method = rec.manifest["probes"]["lockorder"]["targets"][key]["method"]
+    h = h_unlock if method == "kprobe" else h_lock
+    print(f"attached by {method}: ours may read short by {n * h / 1e6:.2f} ms")
+    assert t - n * h - 0.05 * t <= total <= t + 0.05 * t, (total, t, method, h)
 
 
 def program_ns(rec, probe, symbol):
