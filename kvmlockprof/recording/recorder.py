@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from kvmlockprof import __version__, catalog
+from kvmlockprof import __version__, catalog, lazy
 from kvmlockprof.kernel import bpfload, bpfstats, headers, host
 from kvmlockprof.kernel.ksyms import Kallsyms
 from kvmlockprof.lazy import np
@@ -148,6 +148,7 @@ class Recorder:
         try:
             self.kbtf = functools.cache(self._btf)
             self.sources = self._open_sources()
+            lazy.import_all()
             # counting starts at the attach, not after the set-up below (kallsyms,
             # lock names: a second or more), else the rates read high
             c = self._waits()

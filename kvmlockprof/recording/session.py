@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import signal
 
+from kvmlockprof import lazy
 from kvmlockprof.kernel import bpfload
 from kvmlockprof.probes.sources import close_sources, load_btf, open_sources
 
@@ -32,6 +33,7 @@ def live_session(make_view, session, pids, warn, kfilter=None):
             session.contention, sample_every=0, ringbuf_mb=1))
         sources, status, _ = open_sources(session, tgids=pids, kfilter=kfilter, warn=warn,
                                           kbtf=kbtf)
+        lazy.import_all()
         view = make_view(sources, status, kbtf())
         kbtf = None                     # the BTF dump (hundreds of MB): freed here
         bpfload.release_memory()
