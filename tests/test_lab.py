@@ -861,12 +861,22 @@ def test_mmu_lock_write_holds_equal_the_kernels(in_lab):
 
 def program_ns(rec, probe, symbol):
     """A function program's ns a run, by the kernel's bpf_stats (record's cost windows):
-    the probe's program attached to `symbol` (kprobe kvmlp_kp_KEY, or fentry ..__SYMBOL)."""
+    the probe's program attached to `symbol` (kprobe kvmlp_kp_KEY, or fentry ..__SYMBOL).
+    Where no window saw it run (the windows are short, its lock may be idle then): the
+    dearest of the probe's programs that ran in them (the bound it makes is looser)."""
     key = next(t.key for t in probe.targets if t.symbols[0] == symbol)
     runs = rec.manifest.get("program_ns") or {}
     hit = [v for n, v in runs.items() if n == f"kvmlp_kp_{key}" or n.endswith("__" + symbol)]
-    assert hit and hit[0].get("ns_per_run"), f"no cost measured for {symbol}: {runs}"
-    return hit[0]["ns_per_run"]
+    if hit and hit[0].get("ns_per_run"):
+        return hit[0]["ns_per_run"]
+    mine = {f"kvmlp_k{x}_{t.key}" for t in probe.targets for x in "pr"}
+    ends = tuple("__" + t.symbols[0] for t in probe.targets)
+    ran = [v["ns_per_run"] for n, v in runs.items()
+           if (n in mine or n.endswith(ends)) and v.get("ns_per_run")]
+    assert ran, f"no cost measured for {symbol} nor any of {probe.name}'s programs: {runs}"
+    print(f"{symbol}: no cost window saw it run; the dearest of {len(ran)} that ran: "
+          f"{max(ran):.0f} ns")
+    return max(ran)
 
 
 class _Done:
