@@ -11,6 +11,7 @@ import threading
 from kvmlockprof.cdefs import BPF_DIR
 from kvmlockprof.kernel import tracefs
 from kvmlockprof.kernel.headers import find_headers
+from kvmlockprof.lazy import np
 
 # Frames kept of each kernel stack (KVMLP_STACK_DEPTH, bpf/kmaps.h): 8 bytes each
 # per stack-map entry. The deepest contention stack seen on the lab and host
@@ -143,7 +144,6 @@ def _keep_log(text):
 
 def event_dtype(table):
     """numpy dtype of the struct a ring buffer carries, as bcc parsed it from the C."""
-    import numpy as np
     scratch = ctypes.create_string_buffer(4096)
     return np.dtype(type(table.event(scratch)))
 
@@ -158,7 +158,6 @@ def table_dtypes(table):
     """numpy dtypes of a map's key and value, as bcc parsed them from the C.
 
     (A per-CPU map's Leaf is an array over CPUs: the value is its element.)"""
-    import numpy as np
     leaf = np.dtype(table.Leaf)
     return np.dtype(table.Key), leaf.base if leaf.subdtype else leaf
 

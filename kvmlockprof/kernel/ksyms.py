@@ -3,7 +3,6 @@ import re
 
 from kvmlockprof.lazy import np
 
-
 DATA_TYPES = set("dDbBrR")
 # Linker markers, not objects: an address past one is in some unnamed object.
 _MARKER = re.compile(r"^(__start|__stop|__end|_s|_e)[a-z_]|_(start|end)$")

@@ -12,7 +12,6 @@ import select
 
 from kvmlockprof.lazy import np
 
-
 BUSY_BIT = 1 << 31        # reserved, not yet submitted
 DISCARD_BIT = 1 << 30     # submitted as discarded
 HDR_SIZE = 8              # u32 len | flags, u32 page offset

@@ -1,5 +1,4 @@
 """Kernel stacks from a BPF stack map, symbolised once, stored as a table."""
-
 from kvmlockprof.lazy import np, pa, pd
 
 
