@@ -45,6 +45,7 @@ struct pending_slots {
 	u32 epoch[KVMLP_NEST];    /* armed.epoch at its begin */
 	u32 nested[KVMLP_NEST];   /* begun inside another wait of the task */
 	u32 owner[KVMLP_NEST];    /* --lock-owner: the tid holding it at the begin (0: unknown) */
+	u32 level[KVMLP_NEST];    /* an interrupt's: interrupted()'s level at the begin */
 };
 BPF_TASK_STORAGE(pending, struct pending_slots);
 /* An interrupt's waits, per CPU: in the task's slots, an interrupt waiting on the
@@ -316,6 +317,66 @@ static __always_inline int continues(u32 had, u32 flags)
 }
 
 
+/* x86 keeps preempt_count per CPU (__preempt_count): its address on this CPU, found
+ * once from the CPU's run queue (another per-CPU variable, reached from the running
+ * task and checked by its cpu field) and the two variables' distance in the per-CPU
+ * section (BTF). One entry: 8 bytes a CPU. */
+BPF_PERCPU_ARRAY(preempt_at, u64, 1);
+#define KVMLP_IRQ_LEVEL_UNKNOWN 1       /* (below every preempt_count level bit) */
+
+/* Whether this program runs in an interrupt (hardirq, softirq being served, NMI) as
+ * the kernel's tracer tells it, and at what level (0: not; deeper, larger;
+ * KVMLP_IRQ_LEVEL_UNKNOWN: one of unknown level): from preempt_count, the task's
+ * (task_preempt >= 0: arm64) or this CPU's (x86); where neither is in reach, from our
+ * own frame: off the task's stack is an interrupt, which misses those that came from
+ * user space (x86 runs them on the task's stack). Offsets < 0: BTF lacks them. */
+static __always_inline int in_interrupt_by(int task_preempt, int task_cfs_rq, int cfs_rq_rq,
+					   int rq_cpu, int pcpu_preempt, int pcpu_rq,
+					   int task_stack)
+{
+	u64 task = bpf_get_current_task(), at = 0;
+	u32 pc = 0;
+	if (task_preempt >= 0) {
+		at = task + task_preempt;
+	} else if (task_cfs_rq >= 0 && cfs_rq_rq >= 0 && rq_cpu >= 0 && pcpu_preempt >= 0 &&
+		   pcpu_rq >= 0) {
+		int zero = 0;
+		u64 *cached = preempt_at.lookup(&zero);
+		if (cached && *cached) {
+			at = *cached;
+		} else if (cached) {
+			u64 cfs_rq = 0, rq = 0;
+			u32 cpu = ~0U;
+			bpf_probe_read_kernel(&cfs_rq, sizeof(cfs_rq), (void *)(task + task_cfs_rq));
+			if (cfs_rq)
+				bpf_probe_read_kernel(&rq, sizeof(rq), (void *)(cfs_rq + cfs_rq_rq));
+			if (rq)
+				bpf_probe_read_kernel(&cpu, sizeof(cpu), (void *)(rq + rq_cpu));
+			if (cpu == bpf_get_smp_processor_id())
+				at = *cached = rq - pcpu_rq + pcpu_preempt;
+		}
+	}
+	if (at && !bpf_probe_read_kernel(&pc, sizeof(pc), (void *)at))
+		return pc & 0x00ff0100;         /* NMI_MASK | HARDIRQ_MASK | SOFTIRQ_OFFSET */
+	if (task_stack < 0)
+		return 0;
+	u64 marker = 0, sp = 0, stack = 0;
+	void *frame = &marker;
+	volatile u64 spill = 0;
+	/* the frame's address as a number: spilled, then read back as data */
+	__builtin_memcpy((void *)&spill, &frame, sizeof(frame));
+	bpf_probe_read_kernel(&sp, sizeof(sp), (void *)&spill);
+	bpf_probe_read_kernel(&stack, sizeof(stack), (void *)(task + task_stack));
+	return sp - stack >= KVMLP_THREAD_SIZE ? KVMLP_IRQ_LEVEL_UNKNOWN : 0;
+}
+
+static __always_inline int interrupted(void)
+{
+	return in_interrupt_by(KVMLP_OFF_TASK_PREEMPT, KVMLP_OFF_TASK_CFS_RQ, KVMLP_OFF_CFS_RQ_RQ,
+			       KVMLP_OFF_RQ_CPU, KVMLP_OFF_PCPU_PREEMPT, KVMLP_OFF_PCPU_RUNQUEUES,
+			       KVMLP_OFF_TASK_STACK);
+}
+
 #if KVMLP_PENDING_TASK
 static __always_inline int any_live(struct pending_slots *p, u32 epoch, int except)
 {
@@ -348,6 +409,15 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 #pragma unroll
 	for (int i = 0; i < KVMLP_NEST; i++) {
 		int live = p->lock[i] && p->epoch[i] == epoch;
+		/* An interrupt's wait open at this level or deeper belongs to an earlier
+		 * interrupt (one context a level on a CPU, and a spinning waiter takes no
+		 * other lock): its end was missed (our program was running on the CPU). */
+		if (live && irq > KVMLP_IRQ_LEVEL_UNKNOWN && p->level[i] >= irq &&
+		    p->lock[i] != lock) {
+			count(KVMLP_C_BEGIN_WITHOUT_END);
+			p->lock[i] = 0;
+			live = 0;
+		}
 		if (live && p->lock[i] == lock)
 			slot = i;
 		if (free == KVMLP_NEST && !live)
@@ -390,6 +460,7 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 	p->epoch[slot] = epoch;
 	p->nested[slot] = nested;
 	p->owner[slot] = owner;
+	p->level[slot] = irq;
 	p->lock[slot] = lock;
 }
 
@@ -772,7 +843,7 @@ RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) *
 	}
 	count(KVMLP_C_BEGIN);
 	begin_wait(ctx, now, ctx->args[0], (u32)ctx->args[1], arm,
-		   kvmlp_on_irq_stack(KVMLP_OFF_TASK_STACK));
+		   interrupted());
 	return 0;
 }
 
@@ -791,7 +862,7 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	u32 flags = 0, nested = 0, owner = 0;
 	s32 stack_id = KVMLP_NO_STACK;
 	int zero_idx = 0;
-	int irq = kvmlp_on_irq_stack(KVMLP_OFF_TASK_STACK);
+	int irq = interrupted() != 0;
 	struct kvmlp_arm *arm = armed.lookup(&zero_idx);
 	if (!arm || !end_wait(lock, arm->epoch, &start, &flags, &stack_id, &nested, &owner,
 				 irq)) {

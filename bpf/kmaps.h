@@ -23,25 +23,6 @@ static __always_inline u32 kvmlp_slot(u64 ns)
 
 #define KVMLP_THREAD_SIZE 16384         /* x86-64 and arm64 without KASAN */
 
-/* Whether this program runs in an interrupt (hardirq, softirq, NMI): on x86-64 and
- * arm64 those run on per-CPU stacks, never on the task's, so our own frame says
- * which (a raw tracepoint has no saved registers; preempt_count is per CPU on x86).
- * task_stack_off: task_struct.stack's offset, < 0 where unknown (then: a task). */
-static __always_inline int kvmlp_on_irq_stack(int task_stack_off)
-{
-	if (task_stack_off < 0)
-		return 0;
-	u64 marker = 0, sp = 0, stack = 0;
-	void *frame = &marker;
-	volatile u64 spill = 0;
-	/* the frame's address as a number: spilled, then read back as data */
-	__builtin_memcpy((void *)&spill, &frame, sizeof(frame));
-	bpf_probe_read_kernel(&sp, sizeof(sp), (void *)&spill);
-	bpf_probe_read_kernel(&stack, sizeof(stack),
-			      (void *)(bpf_get_current_task() + task_stack_off));
-	return sp - stack >= KVMLP_THREAD_SIZE;
-}
-
 static __always_inline void kvmlp_add(u64 *p, u64 v)
 {
 	__sync_fetch_and_add(p, v);

@@ -45,17 +45,23 @@ def compare_json(base, new, *extra):
 
 
 def test_a_a_finds_no_change(runs):
-    """Calibration: the same fixed load on both sides, 5 runs each. compare's rule
-    (Benjamini-Hochberg at 5% over every row with a test) lets a report with no real
-    change flag anything 5% of the time at most (bench/compare_calibration.py: 2.8% of
-    4000 simulated reports): this one flags nothing, and the work done reads the same."""
+    """Calibration on the host: the same fixed load on both sides, 5 runs each.
+    compare's rule (Benjamini-Hochberg at 5% over every row with a test) lets a report
+    with no real change flag something 5% of the time at most, by design: that rate is
+    held on simulations whose truth is set (tests/test_compare.py, 300 reports;
+    bench/compare_calibration.py: 2.8% of 4000). One report here can only be held at a
+    level whose false alarm is rare: nothing adjusted below 0.001 (0.1% of reports with
+    no change), which a rule taking each wait as a sample, or ignoring the run-to-run
+    spread, fails on every run. (At 5% CI flagged the scheduler's rq(cpu 0) lock, 5.4x
+    waits/s, adjusted p 0.034, in one run.) The work done reads the same."""
     a, b = runs
     out = compare_json(a, b)
     tested = [r for r in out["rows"] if r["p_value"] is not None]
     assert len(tested) >= 20, out["rows"][:5]
-    flagged = [(r["name"], r["metric"], r["ratio"], r["p_adjusted"]) for r in out["rows"]
-               if r["verdict"] in ("improved", "regressed")]
-    assert not flagged, (flagged, out["warnings"])
+    assert out["fdr"] == 0.05
+    strong = [(r["name"], r["metric"], r["ratio"], r["p_adjusted"]) for r in tested
+              if r["p_adjusted"] <= 0.001]
+    assert not strong, (strong, out["warnings"])
     assert not [w for w in out["warnings"] if w.startswith("the work done differs")], \
         out["warnings"]
 

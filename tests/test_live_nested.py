@@ -19,7 +19,8 @@ pytestmark = pytest.mark.live
 
 
 def replay(events, pid):
-    """({lock: nested waits}, {lock: interrupt waits}) of the process, from ftrace."""
+    """({(lock, in an interrupt): nested waits}, {lock: interrupt waits}) of the
+    process, from ftrace."""
     task, irq = {}, {}                  # open waits: tid -> {lock}, cpu -> {lock}
     nested, in_irq = Counter(), Counter()
     for tid, tgid, _ts, ev, f in events:
@@ -34,7 +35,7 @@ def replay(events, pid):
         elif ev == "contention_end" and lock in mine:
             was_nested, who = mine.pop(lock)
             if who == pid:
-                nested[lock] += was_nested
+                nested[lock, is_irq] += was_nested
                 in_irq[lock] += is_irq
     return +nested, +in_irq
 
@@ -58,16 +59,22 @@ def test_nested_and_interrupt_waits_match_ftrace(live, tmp_path):
     nested, in_irq = replay(events, pid)
     n = rec.table("nested_waits")
     n = n[n["tgid"] == pid]
-    ours = Counter({int(a): int(k) for a, k in
-                    n.groupby("lock_addr")["count"].sum().items() if k})
+    ours = Counter({(int(a), int(i)): int(k) for (a, i), k in
+                    n.groupby(["lock_addr", "irq"])["count"].sum().items() if k})
     print(f"\nnested waits of the workload: ours {sum(ours.values())} on {len(ours)} locks, "
           f"ftrace's {sum(nested.values())} on {len(nested)}; interrupt waits "
           f"(whole host) ours {c['irq_waits']}, the workload's in ftrace "
           f"{sum(in_irq.values())}; lost_recursion {c['lost_recursion']}")
     assert sum(nested.values()) > 0, "no nested wait to compare: a heavier workload"
-    slack = c["lost_recursion"]
+    # An event our program missed (it was running on the CPU: lost_recursion) changes
+    # at most two: its own wait's, and an interrupt's over it before the next at its
+    # level tells the missed end (a wait open at the same level is dropped then).
+    slack = 2 * c["lost_recursion"]
     assert sum(abs(ours[k] - nested[k]) for k in set(ours) | set(nested)) <= slack, \
         (ours, nested)
+    # the host's interrupt waits hold the workload's: those that came from user space
+    # included (on x86 they run on the task's stack; the tracer's flags tell them)
+    assert c["irq_waits"] >= sum(in_irq.values()) - slack
     # per VM, the time waited counts each instant once: its nested waits are left out
     vm = analysis.per_vm(rec).set_index("tgid").loc[pid]
     aggs = rec.aggregates

@@ -367,7 +367,7 @@ class Btf:
             unit = self.units[0]
             secs = [t for t in unit.values() if t["kind"] == "DATASEC"] \
                 if isinstance(unit, dict) else [unit.get(i) for i in unit.ids("DATASEC")]
-            sec = next((t for t in secs if t.get("name") == ".data..percpu"), None)
+            sec = next((t for t in secs if t.get("name") == PERCPU), None)
             out = []
             for v in (sec or {}).get("vars", []):
                 var = self.by_id.get(v["type_id"])
@@ -426,12 +426,19 @@ class Btf:
         return 0
 
 
+PERCPU = ".data..percpu"
+
+
 def defines(btf, fields):
     """{DEFINE: offset} for {DEFINE: (struct, path or (paths, first found))}, the path
-    "sizeof" giving the struct's size; -1 where this kernel lacks it."""
+    "sizeof" giving the struct's size, the struct PERCPU a per-CPU variable's offset in
+    that section; -1 where this kernel lacks it."""
     out = {}
+    percpu = {v[2]: v[0] for v in btf.percpu_vars()[0]} if btf and any(
+        st == PERCPU for st, _ in fields.values()) else {}
     for name, (st, paths) in fields.items():
-        offs = [(btf.size(st) if p == "sizeof" else btf.offset(st, p)) if btf
+        offs = [(percpu.get(p) if st == PERCPU else btf.size(st) if p == "sizeof"
+                 else btf.offset(st, p)) if btf
                 else None for p in ((paths,) if isinstance(paths, str) else paths)]
         out[name] = next((o for o in offs if o is not None), -1)
     return out

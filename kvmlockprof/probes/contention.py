@@ -12,7 +12,7 @@ from kvmlockprof.analysis import owners, vcpus
 from kvmlockprof.lazy import np, pa
 from kvmlockprof.options import knob
 from kvmlockprof.probe import TRACEPOINT, Probe, Section, Target
-from kvmlockprof.kernel import bpfload, bpfstats, host
+from kvmlockprof.kernel import bpfload, bpfstats, btf, host
 from kvmlockprof.kernel.maps import read_counters, read_hash_parts
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
 from kvmlockprof.recording.arrow import to_arrow
@@ -32,6 +32,11 @@ PROBE = Probe(
             "TASK_FLAGS": ("task_struct", "flags"),
             "MM_MMAP_LOCK": ("mm_struct", "mmap_lock"),
             "TASK_CFS_RQ": ("task_struct", "se.cfs_rq"), "CFS_RQ_RQ": ("cfs_rq", "rq"),
+            # preempt_count: the task's (arm64), else x86's per-CPU one, reached
+            # from the CPU's run queue (kmaps.h: kvmlp_in_interrupt)
+            "TASK_PREEMPT": ("task_struct", "thread_info.preempt_count"),
+            "RQ_CPU": ("rq", "cpu"), "PCPU_PREEMPT": (btf.PERCPU, "__preempt_count"),
+            "PCPU_RUNQUEUES": (btf.PERCPU, "runqueues"),
             "TASK_PID": ("task_struct", "pid"), "MUTEX_OWNER": ("mutex", "owner"),
             "RWSEM_OWNER": ("rw_semaphore", "owner"),
             "RWSEM_WAIT_LOCK": ("rw_semaphore", "wait_lock"),
