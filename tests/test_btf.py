@@ -65,6 +65,21 @@ def test_btf_indexes_and_layouts():
     assert kb.enums["zone_type"] and "ZONE_NORMAL" in kb.enums["zone_type"].values()
 
 
+def test_per_cpu_offsets_as_bpftool_reads_them():
+    """The per-CPU section's variables (x86's __preempt_count is found from the run
+    queue's address by their distance: bpf/contention.bpf.c) at bpftool's offsets; a
+    variable the kernel lacks is -1."""
+    theirs = bpftool(VMLINUX)
+    by_id = {t["id"]: t for t in theirs}
+    sec = next(t for t in theirs if t["kind"] == "DATASEC" and t["name"] == btf.PERCPU)
+    offs = {by_id[v["type_id"]]["name"]: v["offset"] for v in sec["vars"]}
+    names = ["runqueues", "__preempt_count" if "__preempt_count" in offs else
+             next(iter(offs))]
+    got = btf.defines(btf.Btf(modules=[]), {**{n: (btf.PERCPU, n) for n in names},
+                                           "NOPE": (btf.PERCPU, "no_such_variable")})
+    assert got == {**{n: offs[n] for n in names}, "NOPE": -1}
+
+
 def test_not_btf_says_so(tmp_path):
     p = tmp_path / "x"
     p.write_bytes(b"\x7fELF" + bytes(40))
