@@ -317,11 +317,18 @@ static __always_inline int continues(u32 had, u32 flags)
 }
 
 
-/* x86 keeps preempt_count per CPU (__preempt_count): its address on this CPU, found
- * once from the CPU's run queue (another per-CPU variable, reached from the running
- * task and checked by its cpu field) and the two variables' distance in the per-CPU
- * section (BTF). One entry: 8 bytes a CPU. */
+/* x86 keeps preempt_count per CPU (__preempt_count; pcpu_hot's in 6.2-6.14): its
+ * address on this CPU, found once from the CPU's run queue (another per-CPU variable,
+ * reached from the running task and checked by its cpu field) and the two variables'
+ * distance in the per-CPU section (BTF). One entry: 8 bytes a CPU. */
 BPF_PERCPU_ARRAY(preempt_at, u64, 1);
+#if KVMLP_OFF_PCPU_PREEMPT >= 0
+#define KVMLP_PCPU_PREEMPT KVMLP_OFF_PCPU_PREEMPT
+#elif KVMLP_OFF_PCPU_HOT >= 0 && KVMLP_OFF_PCPU_HOT_PREEMPT >= 0
+#define KVMLP_PCPU_PREEMPT (KVMLP_OFF_PCPU_HOT + KVMLP_OFF_PCPU_HOT_PREEMPT)
+#else
+#define KVMLP_PCPU_PREEMPT -1
+#endif
 #define KVMLP_IRQ_LEVEL_UNKNOWN 1       /* (below every preempt_count level bit) */
 
 /* Whether this program runs in an interrupt (hardirq, softirq being served, NMI) as
@@ -373,7 +380,7 @@ static __always_inline int in_interrupt_by(int task_preempt, int task_cfs_rq, in
 static __always_inline int interrupted(void)
 {
 	return in_interrupt_by(KVMLP_OFF_TASK_PREEMPT, KVMLP_OFF_TASK_CFS_RQ, KVMLP_OFF_CFS_RQ_RQ,
-			       KVMLP_OFF_RQ_CPU, KVMLP_OFF_PCPU_PREEMPT, KVMLP_OFF_PCPU_RUNQUEUES,
+			       KVMLP_OFF_RQ_CPU, KVMLP_PCPU_PREEMPT, KVMLP_OFF_PCPU_RUNQUEUES,
 			       KVMLP_OFF_TASK_STACK);
 }
 

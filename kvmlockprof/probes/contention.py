@@ -32,10 +32,12 @@ PROBE = Probe(
             "TASK_FLAGS": ("task_struct", "flags"),
             "MM_MMAP_LOCK": ("mm_struct", "mmap_lock"),
             "TASK_CFS_RQ": ("task_struct", "se.cfs_rq"), "CFS_RQ_RQ": ("cfs_rq", "rq"),
-            # preempt_count: the task's (arm64), else x86's per-CPU one, reached
-            # from the CPU's run queue (kmaps.h: kvmlp_in_interrupt)
+            # preempt_count: the task's (arm64), else x86's per-CPU one (6.15+; in
+            # pcpu_hot 6.2-6.14), reached from the CPU's run queue (in_interrupt_by)
             "TASK_PREEMPT": ("task_struct", "thread_info.preempt_count"),
             "RQ_CPU": ("rq", "cpu"), "PCPU_PREEMPT": (btf.PERCPU, "__preempt_count"),
+            "PCPU_HOT": (btf.PERCPU, "pcpu_hot"),
+            "PCPU_HOT_PREEMPT": ("pcpu_hot", "preempt_count"),
             "PCPU_RUNQUEUES": (btf.PERCPU, "runqueues"),
             "TASK_PID": ("task_struct", "pid"), "MUTEX_OWNER": ("mutex", "owner"),
             "RWSEM_OWNER": ("rw_semaphore", "owner"),
