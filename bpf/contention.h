@@ -18,7 +18,8 @@ enum contention_counter {
 	KVMLP_C_LOST_RINGBUF_FULL,  /* lost: a sample not streamed, the ring buffer was full */
 	KVMLP_C_STACK_FAILURES,     /* a wait whose kernel stack could not be stored */
 	KVMLP_C_SAMPLED,            /* samples handed to the ring buffer */
-	KVMLP_C_BEGIN_WITHOUT_END,  /* a begin on a lock whose previous wait's end was missed */
+	KVMLP_C_BEGIN_WITHOUT_END,  /* a begin that found an earlier wait's end missed (its lock's, or
+				     * an interrupt's open at its level) */
 	KVMLP_C_FIRST_WALKS,        /* stacks walked at the end of a lock's first unwalked wait */
 	KVMLP_C_LOST_FILTER_FULL,   /* lost: a forked task not followed, tgid_filter was full */
 	KVMLP_C_FILTER_EXITS,       /* threads that left tgid_filter when they exited */

@@ -653,6 +653,9 @@ def test_normal_exit_returns_output_and_kills_leftovers(tmp_path):
 
 def test_interrupt_kills_the_group(tmp_path):
     """Ctrl-C reaches only our process group now: the lab's must be killed by us."""
+    # (a shell's background job starts with SIGINT ignored: Python's handler, as at a
+    # terminal, or the signal below is lost and the test waits on the fake lab forever)
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
     main = threading.get_ident()
     timer = threading.Timer(1.0, signal.pthread_kill, (main, signal.SIGINT))
     timer.start()
@@ -662,6 +665,7 @@ def test_interrupt_kills_the_group(tmp_path):
                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, saved)
     if sys.version_info >= (3, 11):
         assert "workload hangs here" in "".join(info.value.__notes__)
     assert_group_gone(pid_in(tmp_path, "leader.pid"), pid_in(tmp_path, "sleeper.pid"))
