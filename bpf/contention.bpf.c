@@ -10,8 +10,10 @@
  *   KVMLP_FILTER_CGROUPS  N > 0: only tasks under one of N cgroups (-G)
  *   KVMLP_VCPU_EXITS    1: attribute vCPU threads' waits to KVM_RUN windows and
  *                     (KVMLP_EXIT_TP 1: x86's kvm_exit fields, 2: arm64's) to exits
- *   KVMLP_OFF_TASK_STACK  task_struct.stack's offset (BTF; -1: unknown): tells an
- *                     interrupt's waits from its task's
+ *   KVMLP_OFF_TASK_PREEMPT, KVMLP_OFF_RQ_CPU, KVMLP_OFF_PCPU_PREEMPT, _PCPU_HOT,
+ *   _PCPU_HOT_PREEMPT, _PCPU_RUNQUEUES: where preempt_count is (the task's, or this
+ *                     CPU's: see interrupted()), which tells an interrupt's waits from
+ *                     its task's; KVMLP_OFF_TASK_STACK: task_struct.stack, its fallback
  *   KVMLP_OFF_TASK_MM, KVMLP_OFF_MM_MMAP_LOCK: task_struct.mm, mm_struct.mmap_lock (-1:
  *                     mmap_lock waits stay unnamed); KVMLP_OFF_TASK_FLAGS, KVMLP_PF_KTHREAD
  *   KVMLP_OFF_TASK_CFS_RQ, KVMLP_OFF_CFS_RQ_RQ: task_struct.se.cfs_rq, cfs_rq.rq
@@ -337,6 +339,17 @@ BPF_PERCPU_ARRAY(preempt_at, u64, 1);
  * (task_preempt >= 0: arm64) or this CPU's (x86); where neither is in reach, from our
  * own frame: off the task's stack is an interrupt, which misses those that came from
  * user space (x86 runs them on the task's stack). Offsets < 0: BTF lacks them. */
+/* The running task's run queue (its CFS entity's cfs_rq->rq), 0 where unknown. */
+static __always_inline u64 current_rq(int task_cfs_rq, int cfs_rq_rq)
+{
+	u64 cfs_rq = 0, rq = 0;
+	bpf_probe_read_kernel(&cfs_rq, sizeof(cfs_rq),
+			      (void *)(bpf_get_current_task() + task_cfs_rq));
+	if (cfs_rq)
+		bpf_probe_read_kernel(&rq, sizeof(rq), (void *)(cfs_rq + cfs_rq_rq));
+	return rq;
+}
+
 static __always_inline int in_interrupt_by(int task_preempt, int task_cfs_rq, int cfs_rq_rq,
 					   int rq_cpu, int pcpu_preempt, int pcpu_rq,
 					   int task_stack)
@@ -352,11 +365,8 @@ static __always_inline int in_interrupt_by(int task_preempt, int task_cfs_rq, in
 		if (cached && *cached) {
 			at = *cached;
 		} else if (cached) {
-			u64 cfs_rq = 0, rq = 0;
+			u64 rq = current_rq(task_cfs_rq, cfs_rq_rq);
 			u32 cpu = ~0U;
-			bpf_probe_read_kernel(&cfs_rq, sizeof(cfs_rq), (void *)(task + task_cfs_rq));
-			if (cfs_rq)
-				bpf_probe_read_kernel(&rq, sizeof(rq), (void *)(cfs_rq + cfs_rq_rq));
 			if (rq)
 				bpf_probe_read_kernel(&cpu, sizeof(cpu), (void *)(rq + rq_cpu));
 			if (cpu == bpf_get_smp_processor_id())
@@ -823,11 +833,7 @@ int run_queue_of_cpu(struct bpf_raw_tracepoint_args *ctx)
 	struct kvmlp_arm *arm = armed.lookup(&zero);
 	if (!arm || (u32)bpf_get_current_pid_tgid() != arm->finder_tid)
 		return 0;
-	u64 cfs_rq = 0, rq = 0;
-	bpf_probe_read_kernel(&cfs_rq, sizeof(cfs_rq),
-			      (void *)(bpf_get_current_task() + KVMLP_OFF_TASK_CFS_RQ));
-	if (cfs_rq)
-		bpf_probe_read_kernel(&rq, sizeof(rq), (void *)(cfs_rq + KVMLP_OFF_CFS_RQ_RQ));
+	u64 rq = current_rq(KVMLP_OFF_TASK_CFS_RQ, KVMLP_OFF_CFS_RQ_RQ);
 	int cpu = bpf_get_smp_processor_id();
 	run_queues.update(&cpu, &rq);
 #endif
