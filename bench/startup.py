@@ -1,7 +1,7 @@
 """Start-up: launch to attached and launch to the command's start, kvmlockprof record
 against perf lock contention -b, side by side in one run.
 
-"Attached" is the kernel's view: the moment the process holds its two BPF links
+"Attached" is the kernel's view: the moment a process of the tree holds two BPF links
 (contention_begin and contention_end; both tools attach through links), polled in
 /proc/PID/fd every millisecond from just before the exec. "Command" is when the
 command given to record or perf (`date +%s%N`) ran: every probe attached, the set-up
@@ -37,7 +37,22 @@ from kvmlockprof.kernel.btf import OFFSETS  # noqa: E402
 from kvmlockprof.kernel.capabilities import TRIALS  # noqa: E402
 
 
+def tree(pid):
+    """The process and its children: kvmlockprof attaches in a loader child that hands
+    the links over to the process and exits (kvmlockprof/kernel/handover.py)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid] + [int(c) for c in f.read().split()]
+    except OSError:
+        return [pid]
+
+
 def links(pid):
+    """The most BPF links any process of the tree holds (-1 once it is gone)."""
+    return max(_links(p) for p in tree(pid))
+
+
+def _links(pid):
     n = 0
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -72,7 +87,8 @@ def start_up(argv, stamp):
         out = {}
         while p.poll() is None and "attached_s" not in out:
             if links(p.pid) >= 2:
-                out = {"attached_s": time.monotonic() - t0, "hwm_kb": hwm_kb(p.pid)}
+                out = {"attached_s": time.monotonic() - t0,
+                       "hwm_kb": max(hwm_kb(q) or 0 for q in tree(p.pid))}
             time.sleep(0.001)
         if p.wait(timeout=120) or "attached_s" not in out or not os.path.exists(stamp):
             err.seek(0)

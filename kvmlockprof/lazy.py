@@ -42,9 +42,30 @@ pc = LazyModule("pyarrow.compute")
 pq = LazyModule("pyarrow.parquet")
 
 
-def import_all():
+def import_all(pandas=True):
     """Import them now: a live command once it has attached (its set-up and its first
     flush use them; the first flush must not be late by their import, 10 s under the
-    lab's emulator, while the threads it names exit)."""
-    for stand_in in (np, pa, pd, pc, pq):
+    lab's emulator, while the threads it names exit). pandas=False: not pandas
+    (`record` writes with pyarrow alone; pandas is ~45 MB resident)."""
+    for stand_in in (np, pa, pc, pq) + ((pd,) if pandas else ()):
         getattr(stand_in, "__name__")
+    if not pandas and "pandas" not in sys.modules:
+        _pyarrow_without_pandas()
+
+
+class _NoPandas:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas":
+            raise ModuleNotFoundError("not imported by this command", name=name)
+
+
+def _pyarrow_without_pandas():
+    """pyarrow imports pandas at its first array (its shim asks whether pandas is
+    there). Asked now, with pandas unimportable, it answers no and keeps to numpy;
+    a later to_pandas() still works (the shim tries the import again when it must)."""
+    finder = _NoPandas()
+    sys.meta_path.insert(0, finder)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(finder)

@@ -109,3 +109,17 @@ def test_the_kernels_offsets_are_kept_per_boot(tmp_path, monkeypatch):
     monkeypatch.setattr(host, "boot_id", lambda: "a kernel without BTF")
     assert btf.kernel_defines(fields, lambda: None) == {"TASK_PID": -1, "NOPE": -1}
     assert "a kernel without BTF" not in " ".join(host.kept(btf.OFFSETS))
+
+
+def test_lock_paths_are_lock_at_at_every_offset():
+    """The lock paths made once per per-CPU variable (KernelNamer keeps them, not the
+    BTF) are lock_at's at every byte of every variable: none missed, none added."""
+    kb = btf.Btf(modules=[])
+    pv, _ = kb.percpu_vars()
+    assert pv
+    found = 0
+    for _, size, name, tid in pv:
+        theirs = {o: p for o in range(size) if (p := kb.lock_at(tid, o)) is not None}
+        assert kb.lock_paths(tid) == theirs, name
+        found += len(theirs)
+    assert found > 10               # (timer_bases, the run queues' locks, ...)

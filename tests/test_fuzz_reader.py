@@ -409,11 +409,11 @@ def ring_oracle(cons, prod, ring, dtype):
 
 
 def decode(cons, prod, ring, dtype):
-    """BatchRingBuffer.consume() over `ring` (mapped twice, as the kernel maps it)."""
+    """BatchRingBuffer.consume() over `ring` (mapped once, as record maps it)."""
     rb = BatchRingBuffer.__new__(BatchRingBuffer)
     cons_pos = np.array([cons], np.uint64)
     rb._views(cons_pos, np.array([prod], np.uint64),
-              np.frombuffer(bytes(ring) * 2, np.uint8), len(ring), dtype)
+              np.frombuffer(bytes(ring), np.uint8), len(ring), dtype)
     with no_hang(5):
         try:
             out = rb.consume()

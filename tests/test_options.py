@@ -100,6 +100,8 @@ def test_the_options_reach_the_contention_probe(monkeypatch, tmp_path):
         got.append((opts, tgids))
         raise Stop("stopped here")
     monkeypatch.setattr("kvmlockprof.probes.sources.ContentionProbe", probe)
+    # (loaded here, not in the loader child: `got` is this process's)
+    monkeypatch.setattr("kvmlockprof.kernel.handover.run", lambda load, fds: load())
     monkeypatch.setattr(recorder, "load_btf", lambda warn: (None, "no BTF in this test"))
     monkeypatch.setattr(session, "load_btf", lambda warn: (None, "no BTF in this test"))
     monkeypatch.setattr(host, "can_bpf", lambda: True)

@@ -50,7 +50,10 @@ def recursion_misses(prog_fd):
 
 
 def map_memory(bpf):
-    """{map name: bytes the kernel charges for it} of every map of a bcc module."""
+    """{map name: bytes the kernel charges for it} of every map of a module (bcc's BPF
+    object or a handed-over handles.Module)."""
+    if not hasattr(bpf, "module"):
+        return {n: int(_fdinfo(t.map_fd).get("memlock", 0)) for n, t in bpf.tables.items()}
     from bcc.libbcc import lib
     lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
     lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]

@@ -414,6 +414,39 @@ class Btf:
             t = mt                      # (inside a lock too: its wait_lock is one)
         return None
 
+    def lock_paths(self, type_id, limit=1 << 16):
+        """{offset: lock_at(type_id, offset)} of every offset where a lock starts in a
+        value of type `type_id` (through structs, unions and arrays; at most `limit`
+        offsets): lock_at's answers made once, so that their user need not keep the BTF."""
+        unit, starts, memo = self.by_id, set(), {}
+
+        def has_lock(tid):
+            if tid not in memo:
+                memo[tid] = False                       # (a cycle: through a pointer, none)
+                names, t = self._type_names(tid, unit)
+                kind = t and t["kind"]
+                memo[tid] = bool(LOCK_TYPES.intersection(names)) or \
+                    (kind == "ARRAY" and has_lock(t["type_id"])) or \
+                    (kind in ("STRUCT", "UNION") and
+                     any(has_lock(m["type_id"]) for m in t.get("members", [])))
+            return memo[tid]
+
+        def walk(tid, base):
+            if len(starts) >= limit or not has_lock(tid):
+                return
+            names, t = self._type_names(tid, unit)
+            if LOCK_TYPES.intersection(names):
+                starts.add(base)
+            if t and t["kind"] == "ARRAY":
+                size = self._sizeof(self.resolve(t["type_id"], unit), unit)
+                for i in range(t["nr_elems"] if size else 0):
+                    walk(t["type_id"], base + i * size)
+            elif t and t["kind"] in ("STRUCT", "UNION"):
+                for m in t.get("members", []):
+                    walk(m["type_id"], base + m["bits_offset"] // 8)
+        walk(type_id, 0)
+        return {o: p for o in sorted(starts) if (p := self.lock_at(type_id, o)) is not None}
+
     def _sizeof(self, t, unit):
         if t is None:
             return 0

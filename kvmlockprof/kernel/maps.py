@@ -2,6 +2,7 @@
 import ctypes as ct
 import errno
 
+from kvmlockprof.kernel import handles
 from kvmlockprof.kernel.bpfload import table_dtypes
 from kvmlockprof.lazy import np
 
@@ -11,11 +12,10 @@ ENOTSUPP = 524          # the kernel's own "not supported" (not in Python's errn
 
 def lookup_batch(table, key_dt, leaf_dt):
     """(keys, values) of every entry, BATCH entries per syscall (the kernel's
-    BPF_MAP_LOOKUP_BATCH, through libbcc), or None where the kernel lacks it. The
+    BPF_MAP_LOOKUP_BATCH, through libbpf), or None where the kernel lacks it. The
     kernel writes into the arrays returned (sized for the whole map and one batch
     more, so that a call always has room for BATCH: a hash bucket that does not fit is
     ENOSPC; pages never written are never touched): no copy of a batch."""
-    from bcc.libbcc import lib
     if (key_dt.itemsize, leaf_dt.itemsize) != (ct.sizeof(table.Key), ct.sizeof(table.Leaf)):
         raise ValueError(f"lookup_batch: {key_dt}/{leaf_dt} are not the map's key and value")
     cap = int(getattr(table, "max_entries", 0) or 0) + BATCH
@@ -27,9 +27,10 @@ def lookup_batch(table, key_dt, leaf_dt):
             keys, vals = _grow(keys), _grow(vals)
             cap = len(keys)
         count.value = BATCH
-        res = lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(token),
-                                   ct.byref(token), keys.ctypes.data + n * key_dt.itemsize,
-                                   vals.ctypes.data + n * leaf_dt.itemsize, ct.byref(count))
+        res = handles.lib().bpf_map_lookup_batch(
+            table.map_fd, None if first else ct.byref(token), ct.byref(token),
+            keys.ctypes.data + n * key_dt.itemsize, vals.ctypes.data + n * leaf_dt.itemsize,
+            ct.byref(count), None)
         err = ct.get_errno()
         n, first = n + count.value, False
         if res == 0:

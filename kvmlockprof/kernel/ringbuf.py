@@ -4,8 +4,10 @@ bcc's RingBuf.open_ring_buffer() calls back into Python once per record; at a
 million records a second that is the whole budget. The ring buffer's memory
 layout is kernel ABI (kernel/bpf/ringbuf.c): a consumer-position page (rw),
 then a producer-position page and the data area mapped twice in a row (ro), so
-that a span that wraps around is contiguous. With every record the same size,
-one numpy view covers a whole batch.
+that a span that wraps around is contiguous. We map the data area once: each
+mapped page counts in the process's resident memory (the default 16 MiB ring
+would count 32), and a batch that wraps is joined in the copy consume() makes
+anyway. With every record the same size, one numpy view covers a whole batch.
 """
 import mmap
 import select
@@ -19,10 +21,11 @@ HDR_SIZE = 8              # u32 len | flags, u32 page offset
 
 class BatchRingBuffer:
     def __init__(self, map_fd, data_size, dtype):
+        self.map_fd = map_fd
         page = mmap.PAGESIZE
         self._cons_map = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._prod_map = mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED,
+        self._prod_map = mmap.mmap(map_fd, page + data_size, mmap.MAP_SHARED,
                                    mmap.PROT_READ, offset=page)
         self._views(np.frombuffer(self._cons_map, dtype=np.uint64, count=1),
                     np.frombuffer(self._prod_map, dtype=np.uint64, count=1),
@@ -32,8 +35,8 @@ class BatchRingBuffer:
         self._epoll.register(map_fd, select.EPOLLIN)
 
     def _views(self, cons, prod, data, data_size, dtype):
-        """The positions (one uint64 each) and the data area (2 * data_size bytes,
-        the second half the first again) as the decoder reads them."""
+        """The positions (one uint64 each) and the data area (data_size bytes) as the
+        decoder reads them."""
         self.dtype = np.dtype(dtype)
         self.data_size = data_size
         self.mask = data_size - 1
@@ -41,6 +44,9 @@ class BatchRingBuffer:
         self._cons, self._prod, self._data = cons, prod, data
         self._rec = np.dtype({"names": ["len", "ev"], "formats": [np.uint32, self.dtype],
                               "offsets": [0, HDR_SIZE], "itemsize": self.stride})
+
+    def __reduce__(self):             # (a handover: mapped again from the fd it brings)
+        return _reopen, (self.map_fd, self.data_size, self.dtype)
 
     def wait(self, timeout):
         """Sleep until the kernel wakes us (the ring is filling) or timeout."""
@@ -61,7 +67,11 @@ class BatchRingBuffer:
             raise RuntimeError(f"ring buffer positions are inconsistent ({avail} bytes "
                                f"pending in a {self.data_size}-byte ring)")
         start = cons & self.mask
-        recs = self._data[start:start + avail].view(self._rec)
+        if start + avail <= self.data_size:
+            raw = self._data[start:start + avail]
+        else:                                           # (wraps: joined, a copy)
+            raw = np.concatenate((self._data[start:], self._data[:start + avail - self.data_size]))
+        recs = raw.view(self._rec)
         lens = recs["len"]
         busy = np.flatnonzero(lens & BUSY_BIT)
         n = int(busy[0]) if busy.size else len(recs)    # stop at the first in flight
@@ -81,3 +91,8 @@ class BatchRingBuffer:
         self._cons = self._prod = self._data = None
         self._cons_map.close()
         self._prod_map.close()
+
+
+def _reopen(map_fd, data_size, dtype):
+    from kvmlockprof.kernel.handles import remap
+    return BatchRingBuffer(remap(map_fd), data_size, dtype)

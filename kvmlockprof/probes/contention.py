@@ -2,7 +2,6 @@
 import ctypes
 import dataclasses
 import errno
-import json
 import os
 import threading
 import time
@@ -12,7 +11,7 @@ from kvmlockprof.analysis import owners, vcpus
 from kvmlockprof.lazy import np, pa
 from kvmlockprof.options import knob
 from kvmlockprof.probe import TRACEPOINT, Probe, Section, Target
-from kvmlockprof.kernel import bpfload, bpfstats, btf, host
+from kvmlockprof.kernel import bpfload, bpfstats, btf, handles, host
 from kvmlockprof.kernel.maps import read_counters, read_hash_parts
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
 from kvmlockprof.recording.arrow import to_arrow
@@ -351,11 +350,7 @@ class ContentionProbe:
         epoch = armed[armed.Key(0)].epoch
         rows = []
         if self.pending == "task storage":
-            bcc = bpfload.import_bcc()
-            lib, module = bcc.libbcc.lib, self.bpf.module
-            leaf_t = bcc.BPF._decode_table_type(
-                json.loads(lib.bpf_table_leaf_desc(module, b"pending").decode()))
-            fd = lib.bpf_table_fd(module, b"pending")
+            pending = handles.table(self.bpf, "pending")
             for tid in tids:
                 try:
                     pidfd = os.pidfd_open(tid, getattr(os, "PIDFD_THREAD", os.O_EXCL))
@@ -364,11 +359,11 @@ class ContentionProbe:
                         raise
                     continue                # gone, or not a leader before 6.9
                 try:
-                    key, leaf = ctypes.c_int(pidfd), leaf_t()
-                    if lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(leaf)) != 0:
-                        continue
+                    leaf = pending.get(ctypes.c_int(pidfd))
                 finally:
                     os.close(pidfd)
+                if leaf is None:
+                    continue
                 for i in range(len(leaf.lock)):
                     if leaf.lock[i] and leaf.epoch[i] == epoch:
                         rows.append((tid, leaf.lock[i], leaf.flags[i], leaf.stack_id[i],
@@ -395,6 +390,9 @@ class ContentionProbe:
         run on (a cpuset, isolcpus) is left out; naming only: never an error."""
         if min(self.defines["KVMLP_OFF_TASK_CFS_RQ"], self.defines["KVMLP_OFF_CFS_RQ_RQ"]) < 0:
             return {}
+        if getattr(self, "finder_refused", None):
+            raise bpfload.BpfUnavailable(f"the run-queue finder was refused: "
+                                         f"{self.finder_refused}")
         mine = os.sched_getaffinity(0)
         found = []
         self._arm(finder_tid=threading.get_native_id())
@@ -479,13 +477,11 @@ class ContentionProbe:
         what was cached of their threads; each entry is looked up and deleted at once,
         so a wait that ends (on a gone owner's entry) between a read and the delete is
         not lost: [(lock_addr, owner, count, total_ns)] of the entries deleted."""
-        import ctypes
-        from bcc import libbcc
-        t, out = self.bpf["lock_owners"], []
+        t, out = handles.table(self.bpf, "lock_owners"), []
         for a, o in keys:
-            k, v = t.Key(lock_addr=a, owner=o), t.Leaf()
-            if libbcc.lib.bpf_map_lookup_and_delete_elem(
-                    t.map_fd, ctypes.byref(k), ctypes.byref(v)) == 0:
+            k = t.Key(lock_addr=a, owner=o)
+            v = t.lookup_and_delete(k)
+            if v is not None:
                 out.append((a, o, v.count, v.total_ns))
             else:           # (before 5.14 a hash entry cannot be: deleted after its read)
                 try:
@@ -556,6 +552,17 @@ class ContentionProbe:
             if tp.encode() in self.bpf.tracepoint_fds:
                 self.bpf.detach_tracepoint(tp.encode())
         self.attached = {}
+
+    def hand_over(self):
+        """In the loading child, before the handover (kernel/handover.py): load what
+        runs later (the run-queue finder), then keep bcc's object as its fds."""
+        if min(self.defines["KVMLP_OFF_TASK_CFS_RQ"], self.defines["KVMLP_OFF_CFS_RQ_RQ"]) >= 0:
+            try:        # (naming only: refused, run_queues() says why and names none)
+                bpfload.load_func(self.bpf, b"run_queue_of_cpu",
+                                  bpfload.import_bcc().BPF.RAW_TRACEPOINT)
+            except bpfload.BpfUnavailable as e:
+                self.finder_refused = str(e)
+        self.bpf = handles.Module.from_bcc(self.bpf)
 
     def close(self):
         self.ring.close()

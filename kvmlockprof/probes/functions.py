@@ -3,7 +3,7 @@ one BPF module (they share the VM registry and the stack map), attached per
 target with the method its plan chose, read generically from the catalog's
 stream/aggregate/counter declarations."""
 from kvmlockprof import catalog, cdefs
-from kvmlockprof.kernel import bpfload, btf
+from kvmlockprof.kernel import bpfload, btf, handles
 from kvmlockprof.kernel.maps import read_counters, read_hash_parts
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
 from kvmlockprof.recording.arrow import to_arrow
@@ -265,6 +265,10 @@ class FunctionProbes:
             self.bpf.detach_kfunc(fn)
         for fn in list(self.bpf.kfunc_exit_fds):
             self.bpf.detach_kretfunc(fn)
+
+    def hand_over(self):
+        """In the loading child: keep bcc's object as its fds (kernel/handover.py)."""
+        self.bpf = handles.Module.from_bcc(self.bpf)
 
     def close(self):
         for r in self.rings.values():

@@ -5,7 +5,7 @@ import dataclasses
 
 from kvmlockprof import catalog, options
 from kvmlockprof.options import knob
-from kvmlockprof.kernel import bpfload, bpfstats, btf, capabilities, host
+from kvmlockprof.kernel import bpfload, bpfstats, btf, capabilities, handover, host
 from kvmlockprof.kernel.bpfload import BpfUnavailable
 from kvmlockprof.probes.contention import PROBE, ContentionOptions, ContentionProbe
 from kvmlockprof.probes.functions import FunctionProbes
@@ -141,8 +141,15 @@ def _within_limit(sources, limit_mb):
 
 
 def open_sources(session=SessionOptions(), tgids=None, kfilter=None, warn=None, status=None,
-                 kbtf=None):
+                 kbtf=None, here=False, also=None):
     """({name: source}, {probe name: status}, kernel memory (see kernel_memory)).
+
+    bcc compiles and loads in a child process, which hands the modules over as fds
+    (kernel/handover.py): LLVM never maps into a session's process. here: load in
+    this process instead (bcc's own objects: a test or bench that reaches into them).
+    also: a function of `warn` run there too once the probes are loaded, for what
+    should not be made here either (the lock namers, from the BTF); its result comes
+    fourth.
 
     session: its SessionOptions (session.probes None: every probe this host can
     attach); tgids: processes to keep (None: whole host); kfilter: the contention
@@ -151,11 +158,44 @@ def open_sources(session=SessionOptions(), tgids=None, kfilter=None, warn=None, 
     session.kernel_mem_mb (None: no limit; they are freed at once). Sources opened
     before an error are closed. kbtf: the running kernel's Btf, or a function that
     reads it (then called only if needed: the contention probe's offsets are kept per
-    boot, so the read comes after it attached). bcc is imported in a thread meanwhile
-    (bpfload.prefetch_bcc)."""
-    bpfload.prefetch_bcc()
+    boot, so the read comes after it attached)."""
     warn = warn or (lambda msg: None)
     status = {} if status is None else status
+    if here:
+        out = _open_here(session, tgids, kfilter, warn, status, kbtf)
+        return out + (also(warn),) if also else out
+    told = []
+
+    def load():         # (in the child: its warnings travel back with its result or error)
+        try:
+            out = _open_here(session, tgids, kfilter, told.append, {}, kbtf)
+            if also:
+                out += (also(told.append),)
+            for src in out[0].values():
+                src.hand_over()
+        except Exception as e:
+            e.kvmlockprof_warnings = told
+            raise
+        return out, told
+
+    def fds(result):
+        return [fd for src in result[0][0].values() for fd in src.bpf.fds()]
+
+    try:
+        (sources, st, memory, *more), told = handover.run(load, fds)
+    except Exception as e:
+        for msg in getattr(e, "kvmlockprof_warnings", ()):
+            warn(msg)
+        raise
+    for msg in told:
+        warn(msg)
+    status.update(st)
+    return (sources, status, memory, *more)
+
+
+def _open_here(session, tgids, kfilter, warn, status, kbtf):
+    """open_sources() in this process (bcc is imported in a thread meanwhile)."""
+    bpfload.prefetch_bcc()
     sources = {}
     requested = session.requested()
     try:

@@ -15,6 +15,7 @@ it by field path. Bases come from two places, and the recording says which:
   contended with a kvm_mmu_* / kvm_tdp_mmu_* caller sits at kvm + offsetof(mmu_lock).
 """
 import bisect
+import dataclasses
 import re
 import time
 
@@ -150,6 +151,15 @@ def _observed(kind, lives):
     return v
 
 
+def _columns(aggs):
+    """Contention aggregates (a DataFrame or {column: array}) as {column: numpy
+    array}, or {} when there are none."""
+    if aggs is None or "lock_addr" not in aggs or not len(aggs["lock_addr"]):
+        return {}
+    return {c: np.asarray(aggs[c]) for c in ("lock_addr", "flags", "stack_id", "tgid", "count")
+            if c in aggs}
+
+
 class LockNamer:
     """Learns VM and vCPU bases, names lock addresses inside them."""
 
@@ -189,12 +199,14 @@ class LockNamer:
                 known[base] = _observed(kind, lives)
 
     def infer(self, aggs, callers):
-        """Infer VM bases from the contention aggregates (DataFrame: lock_addr, flags,
-        stack_id, tgid, count) and {stack_id: caller frame}."""
-        if self.mmu_lock is None or aggs is None or len(aggs) == 0:
+        """Infer VM bases from the contention aggregates ({column: array}: lock_addr,
+        flags, stack_id, tgid, count) and {stack_id: caller frame}."""
+        aggs = _columns(aggs)
+        if self.mmu_lock is None or not aggs:
             return
-        rw = aggs[(aggs["flags"] & LCB_F_SPIN).astype(bool) &
-                  (aggs["flags"] & (LCB_F_READ | LCB_F_WRITE)).astype(bool)]
+        fl = aggs["flags"]
+        rw_rows = (fl & LCB_F_SPIN).astype(bool) & (fl & (LCB_F_READ | LCB_F_WRITE)).astype(bool)
+        rw = {c: a[rw_rows] for c, a in aggs.items()}
         votes = {}
         for addr, sid, tgid, n in zip(rw["lock_addr"].tolist(), rw["stack_id"].tolist(),
                                       rw["tgid"].tolist(), rw["count"].tolist()):
@@ -320,9 +332,15 @@ class KernelNamer:
         self.rq_field = next((f for f in ("__lock", "lock")
                               if kbtf and kbtf.offset("rq", f) is not None), None)
         self.rq_off = kbtf.offset("rq", self.rq_field) if self.rq_field else None
-        self.kbtf = kbtf
+        # the per-CPU variables ((offset, size, name, type id) by offset), the section's
+        # size, and where locks start inside each (made now: the BTF is not kept)
+        self._pv, self._pv_size = kbtf.percpu_vars() if hasattr(kbtf, "percpu_vars") \
+            else ([], 0)
+        self._pv_locks = {i: paths for i, (_, _, _, tid) in enumerate(self._pv)
+                          if (paths := kbtf.lock_paths(tid))}
+        self._offs = [o for o, _, _, _ in self._pv]
         self.percpu = {}        # cpu -> the address of its copy of the per-CPU section
-        self._bases, self._offs = [], []    # (base, cpu) sorted; the variables' offsets
+        self._bases = []        # (base, cpu) sorted
         self.rq_addrs = set()
         self.zone_size = kbtf.size("zone") if kbtf else None
         self.zone_types = kbtf.enums.get("zone_type", {}) if kbtf else {}
@@ -335,8 +353,7 @@ class KernelNamer:
         if self.rq_off is None:
             return
         self.rqs += len(rqs)
-        pv, _ = self.kbtf.percpu_vars() if hasattr(self.kbtf, "percpu_vars") else ([], 0)
-        runqueues = next((o for o, _, n, _ in pv if n == "runqueues"), None)
+        runqueues = next((o for o, _, n, _ in self._pv if n == "runqueues"), None)
         for cpu, rq in rqs.items():
             if runqueues is not None:
                 self.percpu[cpu] = rq - runqueues
@@ -346,7 +363,6 @@ class KernelNamer:
                 "how": f"CPU {cpu}'s run queue (struct rq, found from a task running there: "
                        f"se.cfs_rq->rq); {self.rq_field} at +{self.rq_off} from BTF"}
         self._bases = sorted((b, c) for c, b in self.percpu.items())   # (percpu_lock's)
-        self._offs = [o for o, _, _, _ in pv]
 
     def lock_kinds(self, kinds):
         """{lock address: (kind, id, the telling wait's stack id)} the waiters told."""
@@ -377,7 +393,7 @@ class KernelNamer:
         run queue, less runqueues' offset in it (BTF), does."""
         if not self.percpu:
             return None
-        pv, size = self.kbtf.percpu_vars()
+        pv, size = self._pv, self._pv_size
         j = bisect.bisect_right(self._bases, (a, float("inf"))) - 1
         if j < 0 or a - self._bases[j][0] >= size:
             return None
@@ -385,8 +401,8 @@ class KernelNamer:
         i = bisect.bisect_right(self._offs, a - base) - 1
         if i < 0 or a - base >= self._offs[i] + pv[i][1]:
             return None
-        off, _, var, tid = pv[i]
-        path = self.kbtf.lock_at(tid, a - base - off)
+        off, _, var, _ = pv[i]
+        path = self._pv_locks.get(i, {}).get(a - base - off)
         if path is None:
             return None
         return {"name": f"{var}(cpu {cpu}){path}",
@@ -452,16 +468,33 @@ class KernelNamer:
         return out
 
 
+@dataclasses.dataclass
+class Namers:
+    """What lock names take from the kernel's BTF, made once: the kernel's namer and
+    KVM's (None without BTF), and why the BTF is missing (None when it is not)."""
+    kernel: KernelNamer
+    kvm: object = None
+    btf_error: str = None
+
+    @classmethod
+    def of(cls, kbtf, btf_error=None):
+        return cls(KernelNamer(kbtf), LockNamer(kbtf) if kbtf else None, btf_error)
+
+
 class SessionNames:
     """Names of a live session's lock addresses (`record` and `top`): kallsyms data
     symbols for static locks, LockNamer's for locks inside KVM objects, KernelNamer's
     for run queues and mm locks."""
 
-    def __init__(self, ksyms, kbtf):
+    def __init__(self, ksyms, kbtf=None, namers=None):
+        """kbtf: the running kernel's Btf (None: none); namers: what it gives the
+        names, made before (Namers: in the loader child, so that this process never
+        reads the BTF) in its place."""
         self.ksyms = ksyms
-        self.kernel_namer = KernelNamer(kbtf)
+        namers = namers or Namers.of(kbtf)
+        self.kernel_namer = namers.kernel
         self.kernel = {}         # hex address -> {"name", "how"}: KernelNamer's
-        self.namer = LockNamer(kbtf) if kbtf else None
+        self.namer = namers.kvm
         self.registry = self.namer.registry if self.namer else Registry()
         self.callers = {}        # contention stack id -> caller frame
         self.symbols = {}        # hex address -> kallsyms data symbol
@@ -486,12 +519,14 @@ class SessionNames:
 
     def update(self, aggs, vms=None, vcpus=None, vm_ends=None, vcpu_ends=None):
         """Learn from the registry snapshots given, then name the addresses in the
-        aggregates (DataFrame) not named yet."""
+        aggregates not named yet (a DataFrame, or {column: array}: `record` has no
+        pandas; the columns are recorder.NAMING_COLUMNS)."""
         if any(t is not None for t in (vms, vcpus, vm_ends, vcpu_ends)):
             self.observe(vms, vcpus, vm_ends, vcpu_ends)
-        if aggs is None or aggs.empty:
+        aggs = _columns(aggs)
+        if not aggs:
             return
-        addrs = np.unique(aggs["lock_addr"].to_numpy())
+        addrs = np.unique(aggs["lock_addr"])
         fresh = [a for a in addrs.tolist() if f"{a:#x}" not in self.symbols]
         for a, n in zip(fresh, self.ksyms.data_symbols(fresh)):
             self.symbols[f"{a:#x}"] = n

@@ -10,7 +10,7 @@ import sys
 import time
 
 from kvmlockprof import __version__, catalog, lazy
-from kvmlockprof.kernel import bpfload, bpfstats, headers, host
+from kvmlockprof.kernel import bpfload, bpfstats, handover, headers, host
 from kvmlockprof.kernel.ksyms import Kallsyms
 from kvmlockprof.lazy import np
 from kvmlockprof.probes.contention import LOSSES
@@ -20,7 +20,7 @@ from kvmlockprof.recording import processes
 from kvmlockprof.recording import store
 from kvmlockprof.recording.session import Stop, raise_stop
 from kvmlockprof.recording.arrow import to_arrow
-from kvmlockprof.recording.locknames import REGISTRY_TABLES, SessionNames
+from kvmlockprof.recording.locknames import REGISTRY_TABLES, Namers, SessionNames
 from kvmlockprof.recording.stacks import new_stack_ids, stack_ids_in, stacks_table
 from kvmlockprof.recording.store import Writer, check_output
 from kvmlockprof.workload import WORK_ENV
@@ -127,11 +127,18 @@ class Recorder:
         return None
 
     def _open_sources(self):
+        """The sources, and the lock namers made from the BTF where the probes were
+        loaded (the BTF is never read in this process)."""
         tgids = self._filter()
-        sources, _, memory = open_sources(
+        sources, _, memory, self.namers = open_sources(
             self.session, tgids=tgids, kfilter=self.kfilter, warn=self.warn,
-            status=self.manifest["probes"], kbtf=self.kbtf)     # (read when needed)
+            status=self.manifest["probes"], kbtf=self.kbtf,     # (read when needed)
+            also=lambda warn: Namers.of(self.kbtf(), self.manifest.get("kvm_objects")))
+        if self.namers.btf_error:
+            self.manifest["kvm_objects"] = self.namers.btf_error
         self.manifest["kernel_memory"] = dict(memory, limit_mb=self.session.kernel_mem_mb)
+        # what the compile cost, in the loader child that did it (kernel/handover.py)
+        self.manifest["loader_peak_rss_kb"] = handover.last_peak_rss_kb
         return sources
 
     def _btf(self):
@@ -148,14 +155,14 @@ class Recorder:
         try:
             self.kbtf = functools.cache(self._btf)
             self.sources = self._open_sources()
-            lazy.import_all()
+            lazy.import_all(pandas=False)
             # counting starts at the attach, not after the set-up below (kallsyms,
             # lock names: a second or more), else the rates read high
             c = self._waits()
             self.manifest["start_monotonic_ns"] = c.armed_ns if c else time.monotonic_ns()
             self.manifest["start"] = datetime.datetime.now().astimezone().isoformat()
             self.ksyms = Kallsyms()
-            self.names = SessionNames(self.ksyms, self.kbtf())
+            self.names = SessionNames(self.ksyms, namers=self.namers)
             if c:
                 self.names.kernel_namer.run_queues(c.run_queues_or_none(self.warn))
             self.kbtf = None            # the names keep their own small tables
@@ -375,7 +382,8 @@ class Recorder:
             if seen != self.named_for:
                 # (a lock is told when its aggregate row is made: none without a new row)
                 self.names.kernel_namer.lock_kinds(self._waits().lock_kinds())
-                self.names.update(contention_aggs.select(NAMING_COLUMNS).to_pandas())
+                self.names.update({c: contention_aggs.column(c).to_numpy()
+                                   for c in NAMING_COLUMNS})
                 self.manifest.update(self.names.manifest())
                 self.named_for = seen
             self.manifest["top_lock"] = self._top_lock(contention_aggs)

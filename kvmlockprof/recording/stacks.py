@@ -1,5 +1,5 @@
 """Kernel stacks from a BPF stack map, symbolised once, stored as a table."""
-from kvmlockprof.lazy import np, pa, pd
+from kvmlockprof.lazy import np, pa, pc
 
 
 def stacks_table(source, name, stack_ids, ksyms):
@@ -23,7 +23,8 @@ def stacks_table(source, name, stack_ids, ksyms):
 
 def new_stack_ids(seen, ids):
     """Stack ids not written yet (seen is updated)."""
-    ids = [int(i) for i in pd.unique(np.asarray(ids, dtype=np.int64)) if i >= 0 and i not in seen]
+    ids = [int(i) for i in pc.unique(pa.array(np.asarray(ids, dtype=np.int64))).to_numpy()
+           if i >= 0 and i not in seen]
     seen.update(ids)
     return ids
 

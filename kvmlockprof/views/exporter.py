@@ -600,9 +600,10 @@ def run(options, pids, listen, interval, top_locks, top_vms, warn, echo, filters
     collector = Collector()
     server, thread = serve(collector, listen)
 
-    def make_view(sources, status, kbtf):
+    def make_view(sources, status, namers):
         return ExporterSession(sources, status, top_locks=top_locks, top_vms=top_vms,
-                               top_owners=top_owners, pids=pids, kbtf=kbtf, filters=filters)
+                               top_owners=top_owners, pids=pids, namers=namers,
+                               filters=filters)
     try:
         with live_session(make_view, options, pids, warn, kfilter) as session:
             session.collector = collector

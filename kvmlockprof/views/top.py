@@ -61,13 +61,13 @@ class LiveView:
     """State of a live session: previous reads, names learnt so far."""
 
     def __init__(self, sources, status, by="lock", sort="total", limit=20, pids=None,
-                 kbtf=None, filters=None):
+                 kbtf=None, filters=None, namers=None):
         self.sources, self.status = sources, status
         self.filters = filters or {}            # -L/-Y/-S, as report's
         self.by, self.sort, self.limit, self.pids = by, sort, limit, pids
         self.ksyms = Kallsyms()
         self.stacks, self.seen_stacks = [], set()
-        self.names = SessionNames(self.ksyms, kbtf)
+        self.names = SessionNames(self.ksyms, kbtf, namers)
         waits = waits_source(sources)
         if waits:
             self.names.kernel_namer.run_queues(waits.run_queues_or_none())
@@ -269,9 +269,9 @@ def run(session, pids, by, sort, limit, interval, iterations, batch, warn, echo,
         filters=None, kfilter=None):
     """A whole `top` session: refresh until q, Ctrl-C, SIGTERM/SIGHUP or `iterations`."""
 
-    def make_view(sources, status, kbtf):
+    def make_view(sources, status, namers):
         return LiveView(sources, status, by=by, sort=sort, limit=limit, pids=pids,
-                        kbtf=kbtf, filters=filters)
+                        namers=namers, filters=filters)
     try:
         with live_session(make_view, session, pids, warn, kfilter) as view:
             if batch:

@@ -1,0 +1,384 @@
+"""A loaded BPF module held by its fds alone, read and detached through libbpf.
+
+bcc compiles and loads in a child process (kernel/handover.py); the process that
+records gets the module's fds and this stand-in for bcc's BPF object, with the part
+of its interface a session uses after loading (tables, program fds, detaching, a
+raw tracepoint attached again). libbpf.so.1 is bcc's own dependency and maps in
+under a MB; libbcc maps in LLVM, ~60 MB resident before it compiles anything. The
+kernel frees everything when the last fd closes: a killed process leaves nothing.
+"""
+import contextlib
+import ctypes as ct
+import errno
+import fcntl
+import os
+import platform
+import struct
+
+from kvmlockprof.kernel import host, tracefs
+
+# union bpf_attr's map types (include/uapi/linux/bpf.h) that hold a value per CPU
+PERCPU_TYPES = {5, 6, 10, 21}          # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, ..._STORAGE
+ARRAY_TYPES = {2, 6}                   # ARRAY, PERCPU_ARRAY: every key exists
+
+_LIB = None
+
+
+def lib():
+    """libbpf, its calls typed (returns 0 or -errno, errno set)."""
+    global _LIB
+    if _LIB is None:
+        b = ct.CDLL("libbpf.so.1", use_errno=True)
+        vp, i = ct.c_void_p, ct.c_int
+        for name, args in {"bpf_map_lookup_elem": [i, vp, vp],
+                           "bpf_map_update_elem": [i, vp, vp, ct.c_uint64],
+                           "bpf_map_delete_elem": [i, vp],
+                           "bpf_map_get_next_key": [i, vp, vp],
+                           "bpf_map_lookup_and_delete_elem": [i, vp, vp],
+                           "bpf_map_lookup_batch": [i, vp, vp, vp, vp, vp, vp],
+                           "bpf_raw_tracepoint_open": [ct.c_char_p, i]}.items():
+            f = getattr(b, name)
+            f.argtypes, f.restype = args, i
+        _LIB = b
+    return _LIB
+
+
+def _oserror(what):
+    err = ct.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+# ---- ctypes types across the process boundary --------------------------------------
+
+_SIMPLE = {t._type_: t for t in (
+    ct.c_char, ct.c_byte, ct.c_ubyte, ct.c_short, ct.c_ushort, ct.c_int, ct.c_uint,
+    ct.c_long, ct.c_ulong, ct.c_longlong, ct.c_ulonglong, ct.c_float, ct.c_double,
+    ct.c_bool, ct.c_void_p, ct.c_char_p)}
+
+
+def type_spec(t):
+    """A picklable description of a ctypes type bcc built from the C (build_type's)."""
+    if isinstance(t, type) and issubclass(t, ct.Array):
+        return ("array", type_spec(t._type_), t._length_)
+    if isinstance(t, type) and issubclass(t, (ct.Structure, ct.Union)):
+        return ("union" if issubclass(t, ct.Union) else "struct", t.__name__,
+                getattr(t, "_pack_", 0), list(getattr(t, "_anonymous_", ())),
+                [(f[0], type_spec(f[1]), *f[2:]) for f in t._fields_])
+    return ("simple", t._type_)
+
+
+def build_type(spec):
+    if spec[0] == "array":
+        return build_type(spec[1]) * spec[2]
+    if spec[0] == "simple":
+        return _SIMPLE[spec[1]]
+    kind, name, pack, anon, fields = spec
+    ns = {"_anonymous_": anon, "_fields_": [(f[0], build_type(f[1]), *f[2:]) for f in fields]}
+    if pack:
+        ns["_pack_"] = pack
+    return type(name, (ct.Union if kind == "union" else ct.Structure,), ns)
+
+
+# ---- fds renumbered on their way over (handover) -----------------------------------
+
+REMAP = {}          # child's fd -> ours, while a handed-over module is unpickled
+
+
+def remap(fd):
+    """Ours for a child's fd, while a handover unpickles (an fd it did not send is an
+    error: never some other file of ours); outside one, the fd itself."""
+    return REMAP[fd] if REMAP else fd
+
+
+class Function:
+    def __init__(self, name, fd):
+        self.name, self.fd = name, fd
+
+    def __reduce__(self):
+        return Function, (self.name, self.fd)
+
+    def __setstate__(self, _):
+        pass
+
+
+class Table:
+    """A map by its fd, with bcc's table interface as a session uses it: Key and Leaf
+    (ctypes, as bcc parsed them; a per-CPU map's Leaf is sLeaf per possible CPU),
+    t[key], t[key] = leaf, del t[key], get, items, getvalue, len."""
+
+    def __init__(self, name, fd, map_type, max_entries, key_spec, leaf_spec):
+        self.name, self.map_fd, self.map_type = name, fd, map_type
+        self.max_entries = max_entries
+        self._specs = (key_spec, leaf_spec)
+        self.Key = build_type(key_spec)
+        self.sLeaf = self.Leaf = build_type(leaf_spec)
+        if map_type in PERCPU_TYPES:        # (each CPU's value padded to 8 bytes)
+            n, pad = len(host.cpu_ids("possible")), -ct.sizeof(self.sLeaf) % 8
+            self.Leaf = (type("percpu", (ct.Structure,), {"_fields_": [
+                ("v", self.sLeaf), ("pad", ct.c_ubyte * pad)]}) if pad else self.sLeaf) * n
+            self._padded = bool(pad)
+
+    def __getstate__(self):
+        return (self.name, self.map_fd, self.map_type, self.max_entries, *self._specs)
+
+    def __setstate__(self, state):
+        name, fd, *rest = state
+        self.__init__(name, remap(fd), *rest)
+
+    def _key(self, key):
+        return self.Key(key) if isinstance(key, int) else key
+
+    def __getitem__(self, key):
+        leaf = self.get(key)
+        if leaf is None:
+            raise KeyError(key)
+        return leaf
+
+    def get(self, key, default=None):
+        leaf = self.Leaf()
+        if lib().bpf_map_lookup_elem(self.map_fd, ct.byref(self._key(key)), ct.byref(leaf)):
+            return default
+        return leaf
+
+    def getvalue(self, key):
+        """A per-CPU map's values, one a CPU."""
+        leaf = self[key]
+        return [x.v for x in leaf] if getattr(self, "_padded", False) else leaf
+
+    def __setitem__(self, key, leaf):
+        if lib().bpf_map_update_elem(self.map_fd, ct.byref(self._key(key)),
+                                     ct.byref(leaf), 0):
+            raise _oserror(f"updating BPF map {self.name}")
+
+    def __delitem__(self, key):
+        if self.map_type in ARRAY_TYPES:        # (an array's entry is zeroed, as bcc does)
+            self[key] = self.Leaf()
+        elif lib().bpf_map_delete_elem(self.map_fd, ct.byref(self._key(key))):
+            raise KeyError(key)
+
+    def lookup_and_delete(self, key):
+        """Its value, deleted in the same call, or None (absent, or a hash before 5.14)."""
+        leaf = self.Leaf()
+        if lib().bpf_map_lookup_and_delete_elem(self.map_fd, ct.byref(self._key(key)),
+                                                ct.byref(leaf)):
+            return None
+        return leaf
+
+    def keys(self):
+        if self.map_type in ARRAY_TYPES:
+            return [self.Key(i) for i in range(self.max_entries)]
+        out, key, nxt = [], None, self.Key()
+        while lib().bpf_map_get_next_key(self.map_fd, None if key is None else ct.byref(key),
+                                         ct.byref(nxt)) == 0:
+            out.append(nxt)
+            key, nxt = nxt, self.Key()
+        return out
+
+    def items(self):
+        return [(k, v) for k in self.keys() if (v := self.get(k)) is not None]
+
+    def __len__(self):
+        return self.max_entries if self.map_type in ARRAY_TYPES else len(self.keys())
+
+
+# perf_event_open for a tracepoint, as bcc attaches one (bpf_attach_tracepoint)
+_PERF_OPEN = {"x86_64": 298, "aarch64": 241}
+_IOC_SET_BPF, _IOC_ENABLE, _IOC_DISABLE = 0x40042408, 0x2400, 0x2401
+
+
+def _close_perf_event(fd):
+    """As bcc closes one (bpf_close_perf_event_fd): disabled first."""
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(fd, _IOC_DISABLE, 0)
+    os.close(fd)
+
+
+def _perf_tracepoint(prog_fd, category, event):
+    with open(f"{tracefs.tracefs_path()}/events/{category}/{event}/id") as f:
+        tp_id = int(f.read())
+    attr = ct.create_string_buffer(struct.pack("IIQQ", 2, 64, tp_id, 1).ljust(64, b"\0"))
+    struct.pack_into("I", attr, 48, 1)                  # wakeup_events
+    fd = ct.CDLL(None, use_errno=True).syscall(
+        _PERF_OPEN[platform.machine()], attr, -1, 0, -1, 8)     # PERF_FLAG_FD_CLOEXEC
+    if fd < 0:
+        raise _oserror(f"perf_event_open {category}:{event}")
+    try:
+        fcntl.ioctl(fd, _IOC_SET_BPF, prog_fd)
+        fcntl.ioctl(fd, _IOC_ENABLE, 0)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Module:
+    """A bcc BPF object after loading, as fds: tables, funcs, and the attachments in
+    bcc's own dicts (their names as bcc keys them), so the probes' code reads it as
+    it reads bcc's."""
+
+    def __init__(self, tables, funcs, attached, loader_pid):
+        self.tables = tables                # {name: Table}
+        self.funcs = funcs                  # {bytes name: Function}
+        self.raw_tracepoint_fds, self.tracepoint_fds, self.kprobe_fds, \
+            self.kfunc_entry_fds, self.kfunc_exit_fds = attached
+        self.loader_pid = loader_pid        # named bcc's tracefs kprobe events, if any
+
+    @classmethod
+    def from_bcc(cls, bpf):
+        """In the loading process: bcc's BPF object described by its fds."""
+        from bcc import libbcc
+        lib_ = _typed_libbcc(libbcc.lib)
+        names = [lib_.bpf_table_name(bpf.module, i).decode()
+                 for i in range(lib_.bpf_num_tables(bpf.module))]
+        tables = {n: t for n in names if (t := table(bpf, n)) is not None}
+        funcs = {n: Function(n, f.fd) for n, f in bpf.funcs.items()}
+        attached = (dict(bpf.raw_tracepoint_fds), dict(bpf.tracepoint_fds),
+                    {e: dict(v) for e, v in bpf.kprobe_fds.items()},
+                    dict(bpf.kfunc_entry_fds), dict(bpf.kfunc_exit_fds))
+        return cls(tables, funcs, attached, os.getpid())
+
+    def fds(self):
+        """Every fd it holds (what a handover passes)."""
+        out = [t.map_fd for t in self.tables.values()] + [f.fd for f in self.funcs.values()]
+        out += [*self.raw_tracepoint_fds.values(), *self.tracepoint_fds.values(),
+                *self.kfunc_entry_fds.values(), *self.kfunc_exit_fds.values()]
+        out += [fd for v in self.kprobe_fds.values() for fd in v.values()]
+        return out
+
+    def __getstate__(self):
+        return vars(self)
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        for name in ("raw_tracepoint_fds", "tracepoint_fds", "kfunc_entry_fds",
+                     "kfunc_exit_fds"):
+            setattr(self, name, {k: remap(fd) for k, fd in getattr(self, name).items()})
+        self.kprobe_fds = {e: {f: remap(fd) for f, fd in v.items()}
+                           for e, v in self.kprobe_fds.items()}
+        self.funcs = {n: Function(n, remap(f.fd)) for n, f in self.funcs.items()}
+
+    def __getitem__(self, name):
+        return self.tables[name.decode() if isinstance(name, bytes) else name]
+
+    def _fn(self, fn_name):
+        name = fn_name.encode() if isinstance(fn_name, str) else fn_name
+        if name not in self.funcs:
+            raise KeyError(f"{name.decode()}: not loaded before the handover")
+        return self.funcs[name].fd
+
+    def attach_raw_tracepoint(self, tp, fn_name):
+        tp = tp.encode() if isinstance(tp, str) else tp
+        if tp in self.raw_tracepoint_fds:
+            raise ValueError(f"raw tracepoint {tp.decode()} is attached already")
+        fd = lib().bpf_raw_tracepoint_open(tp, self._fn(fn_name))
+        if fd < 0:
+            raise _oserror(f"attaching to raw tracepoint {tp.decode()}")
+        self.raw_tracepoint_fds[tp] = fd
+
+    def detach_raw_tracepoint(self, tp):
+        os.close(self.raw_tracepoint_fds.pop(tp.encode() if isinstance(tp, str) else tp))
+
+    def attach_tracepoint(self, tp, fn_name):
+        tp = tp.encode() if isinstance(tp, str) else tp
+        if tp in self.tracepoint_fds:
+            raise ValueError(f"tracepoint {tp.decode()} is attached already")
+        cat, _, ev = tp.decode().partition(":")
+        self.tracepoint_fds[tp] = _perf_tracepoint(self._fn(fn_name), cat, ev)
+
+    def detach_tracepoint(self, tp):
+        _close_perf_event(self.tracepoint_fds.pop(tp.encode() if isinstance(tp, str) else tp))
+
+    def _detach_probe(self, prefix, event, fn_name):
+        event, fn = (x.encode() if isinstance(x, str) else x for x in (event, fn_name))
+        ev = prefix + event.replace(b"+", b"_").replace(b".", b"_")
+        fds = self.kprobe_fds.get(ev)
+        if not fds or fn not in fds:
+            raise KeyError(f"{ev.decode()} is not attached")
+        _close_perf_event(fds.pop(fn))
+        if not fds:
+            del self.kprobe_fds[ev]
+            _remove_kprobe_event(f"{ev.decode()}_bcc_{self.loader_pid}")
+
+    def detach_kprobe(self, event, fn_name):
+        self._detach_probe(b"p_", event, fn_name)
+
+    def detach_kretprobe(self, event, fn_name):
+        self._detach_probe(b"r_", event, fn_name)
+
+    def detach_kfunc(self, fn_name):
+        os.close(self.kfunc_entry_fds.pop(fn_name))
+
+    def detach_kretfunc(self, fn_name):
+        os.close(self.kfunc_exit_fds.pop(fn_name))
+
+    def cleanup(self):
+        """Close everything, each fd once whatever fails: the attachments first (the
+        firing stops), then the programs and maps."""
+        closes = [(os.close, fd) for fd in self.raw_tracepoint_fds.values()]
+        closes += [(_close_perf_event, fd) for fd in self.tracepoint_fds.values()]
+        closes += [(_close_perf_event, fd) for v in self.kprobe_fds.values()
+                   for fd in v.values()]
+        closes += [(os.close, fd) for d in (self.kfunc_entry_fds, self.kfunc_exit_fds)
+                   for fd in d.values()]
+        closes += [(os.close, fd) for fd in {*(f.fd for f in self.funcs.values()),
+                                             *(t.map_fd for t in self.tables.values())}]
+        events = [f"{ev.decode()}_bcc_{self.loader_pid}" for ev in self.kprobe_fds]
+        for d in (self.raw_tracepoint_fds, self.tracepoint_fds, self.kprobe_fds,
+                  self.kfunc_entry_fds, self.kfunc_exit_fds):
+            d.clear()
+        self.funcs, self.tables = {}, {}
+        errors = []
+        for close, fd in closes:
+            try:
+                close(fd)
+            except OSError as e:
+                errors.append(e)
+        for name in events:
+            try:
+                _remove_kprobe_event(name)
+            except OSError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+def _typed_libbcc(lib_):
+    lib_.bpf_table_name.restype = ct.c_char_p        # (bcc leaves it int)
+    lib_.bpf_num_tables.argtypes = [ct.c_void_p]
+    lib_.bpf_table_name.argtypes = [ct.c_void_p, ct.c_ulonglong]
+    return lib_
+
+
+def table(bpf, name):
+    """A map of a module as a Table: a handed-over Module's own, or one built from a
+    bcc BPF object's descriptions (a map bcc's table classes do not take, such as
+    task storage), or None for a map without a key or value description."""
+    if isinstance(bpf, Module):
+        return bpf[name]
+    import json
+    from bcc import libbcc
+    lib_, bname = _typed_libbcc(libbcc.lib), name.encode()
+    desc = [json.loads(d(bpf.module, bname).decode() or "null")
+            for d in (lib_.bpf_table_key_desc, lib_.bpf_table_leaf_desc)]
+    if None in desc:
+        return None                     # (queues and stacks: none of ours)
+    map_id = lib_.bpf_table_id(bpf.module, bname)
+    return Table(name, lib_.bpf_table_fd(bpf.module, bname),
+                 lib_.bpf_table_type_id(bpf.module, map_id),
+                 lib_.bpf_table_max_entries_id(bpf.module, map_id),
+                 *(type_spec(bpf._decode_table_type(d)) for d in desc))
+
+
+def _remove_kprobe_event(name):
+    """bcc's tracefs kprobe event of this name, if it made one (kernels without the
+    kprobe PMU): the PMU's kprobes go with their fd."""
+    path = f"{tracefs.tracefs_path()}/kprobe_events"
+    try:
+        with open(path) as f:
+            if not any(line.split()[0].endswith("/" + name) for line in f if line.strip()):
+                return
+        with open(path, "a") as f:
+            f.write(f"-:kprobes/{name}\n")
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.EBUSY):
+            raise
