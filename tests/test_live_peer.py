@@ -350,7 +350,11 @@ def test_lock_names_agree_with_perf_in_the_lab(tmp_path):
     for a in theirs:
         for p, r in rule.items():
             if re.match(r, ours.get(a, "")):
-                assert theirs[a] == p, (hex(a), theirs[a], ours[a])
+                # perf names an address by its first waiter alone (check_lock_type when
+                # the entry is made): an mmap_lock first waited on from another mm (a
+                # /proc/PID/cmdline read takes it) stays unnamed there
+                assert theirs[a] in ((p, "") if p == "mmap_lock" else (p,)), \
+                    (hex(a), theirs[a], ours[a])
     assert any(theirs[a] == "mmap_lock" for a in theirs), theirs
     # perf names a run queue's lock only when its own CPU's waits on it; under the
     # emulator no spinlock is contended in most runs (no spinlock wait in the two runs
