@@ -176,10 +176,15 @@ def test_per_stack_counts_and_totals_agree_with_perf(side_by_side):
         (a, ta), (b, tb) = mine[k], peer[k]
         if max(a, b) >= 100:
             assert abs(a - b) <= 0.01 * max(a, b) + 2, (k, a, b)
-    # the stacks that weigh (1% of the wait time on either side), in the same order
+    # the stacks that weigh (1% of the wait time on either side) in the same order,
+    # wherever perf's totals tell them apart by more than the 5% the totals may differ
+    # by (two within it may swap: a storm's rq-lock and mmu-lock stacks often are)
     heavy = [k for k in both if max(mine[k][1] / t_mine, peer[k][1] / t_peer) >= 0.01]
-    order = lambda d: sorted(heavy, key=lambda k: -d[k][1])       # noqa: E731
-    assert order(mine) == order(peer), (order(mine), order(peer))
+    ours_t = {k: mine[k][1] + mine[k][0] * shift for k in heavy}
+    swapped = [(k1, k2) for k1 in heavy for k2 in heavy
+               if peer[k1][1] > 1.1 * peer[k2][1] and ours_t[k1] <= ours_t[k2]]
+    assert not swapped, [(k1[:3], k2[:3], peer[k1][1], peer[k2][1], ours_t[k1], ours_t[k2])
+                         for k1, k2 in swapped]
 
 
 PERF_V = """\
