@@ -346,7 +346,12 @@ def test_lock_names_agree_with_perf_in_the_lab(tmp_path):
         if theirs.get(a) or ours.get(a, "").startswith(("rq(", "mm(")):
             print(f"  {a:#x}  {theirs.get(a, '-'):<24} {ours.get(a, '-')}")
     rule = {"rq_lock": r"rq\(cpu \d+\)->(__)?lock$", "mmap_lock": r"mm\(\d+\)->mmap_lock$"}
+    # perf runs around record: a lock waited on only before our probes attached (our
+    # loader's own start-up) or after they detached is perf's alone: not a name to judge
+    seen = set(rec.aggregates["lock_addr"].astype("uint64").tolist())
     for a in theirs:
+        if a not in seen:
+            continue
         p, n = theirs[a], ours.get(a, "")
         if p in rule:
             assert re.match(rule[p], n), (hex(a), p, n)
@@ -360,7 +365,7 @@ def test_lock_names_agree_with_perf_in_the_lab(tmp_path):
                 # /proc/PID/cmdline read takes it) stays unnamed there
                 assert theirs[a] in ((p, "") if p == "mmap_lock" else (p,)), \
                     (hex(a), theirs[a], ours[a])
-    assert any(theirs[a] == "mmap_lock" for a in theirs), theirs
+    assert any(theirs[a] == "mmap_lock" for a in theirs if a in seen), theirs
     # perf names a run queue's lock only when its own CPU's waits on it; under the
     # emulator no spinlock is contended in most runs (no spinlock wait in the two runs
     # of 2026-12-05): the run queues' names are checked against BTF on the host
