@@ -87,7 +87,7 @@ $(STAMP): setup.cfg pyproject.toml | apt
 
 demo: setup
 	$(KLP) doctor || true
-	$(KLP) record --duration $(DEMO_S) -o demo.parquet --force -- \
+	$(KLP) record -o demo.parquet --force -- \
 	  $(KLP) workload --duration $(DEMO_S) --vcpus 2 --churn
 	$(KLP) report demo.parquet --limit 15
 	$(KLP) report demo.parquet --limit 50 --stacks -o demo-report.txt \

@@ -240,7 +240,7 @@ def test_the_demos_top_locks_are_named(live, tmp_path):
     import json
     from conftest import workload_argv
     out = tmp_path / "demo.parquet"
-    klp("record", "-q", "--duration", 6, "-o", out, "--",
+    klp("record", "-q", "-o", out, "--",       # (record ends with its command, as the demo)
         *workload_argv("--duration", 6, "--vcpus", 2, "--churn"), timeout=120)
     rows = json.loads(klp("report", out, "--format", "json", "--limit", 25).stdout)["rows"]
     bare = [(r["lock"], r["caller"]) for r in rows if str(r["lock"]).startswith("0x")]
