@@ -52,17 +52,11 @@ def recursion_misses(prog_fd):
 def map_memory(bpf):
     """{map name: bytes the kernel charges for it} of every map of a module (bcc's BPF
     object or a handed-over handles.Module)."""
-    if not hasattr(bpf, "module"):
-        return {n: int(_fdinfo(t.map_fd).get("memlock", 0)) for n, t in bpf.tables.items()}
-    from bcc.libbcc import lib
-    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
-    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
-    lib.bpf_table_name.restype = ctypes.c_char_p        # bcc leaves it int
-    out = {}
-    for i in range(lib.bpf_num_tables(bpf.module)):
-        name = lib.bpf_table_name(bpf.module, i)
-        out[name.decode()] = int(_fdinfo(lib.bpf_table_fd(bpf.module, name)).get("memlock", 0))
-    return out
+    from kvmlockprof.kernel import handles
+    tables = bpf.tables if isinstance(bpf, handles.Module) else \
+        {n: handles.table(bpf, n) for n in handles.table_names(bpf)}
+    return {n: int(_fdinfo(t.map_fd).get("memlock", 0)) for n, t in tables.items()
+            if t is not None}
 
 
 class CostWindow:

@@ -226,11 +226,7 @@ class Module:
     @classmethod
     def from_bcc(cls, bpf):
         """In the loading process: bcc's BPF object described by its fds."""
-        from bcc import libbcc
-        lib_ = _typed_libbcc(libbcc.lib)
-        names = [lib_.bpf_table_name(bpf.module, i).decode()
-                 for i in range(lib_.bpf_num_tables(bpf.module))]
-        tables = {n: t for n in names if (t := table(bpf, n)) is not None}
+        tables = {n: t for n in table_names(bpf) if (t := table(bpf, n)) is not None}
         funcs = {n: Function(n, f.fd) for n, f in bpf.funcs.items()}
         attached = (dict(bpf.raw_tracepoint_fds), dict(bpf.tracepoint_fds),
                     {e: dict(v) for e, v in bpf.kprobe_fds.items()},
@@ -347,6 +343,14 @@ def _typed_libbcc(lib_):
     lib_.bpf_num_tables.argtypes = [ct.c_void_p]
     lib_.bpf_table_name.argtypes = [ct.c_void_p, ct.c_ulonglong]
     return lib_
+
+
+def table_names(bpf):
+    """The names of a bcc BPF object's maps, in its order."""
+    from bcc import libbcc
+    lib_ = _typed_libbcc(libbcc.lib)
+    return [lib_.bpf_table_name(bpf.module, i).decode()
+            for i in range(lib_.bpf_num_tables(bpf.module))]
 
 
 def table(bpf, name):

@@ -383,12 +383,16 @@ class ContentionProbe:
                          "began_ns": pa.array(began),
                          "age_ns": pa.array(now - began)})
 
+    def _finds_run_queues(self):
+        """The kernel's structs lead from a task to its run queue (the finder's offsets)."""
+        return min(self.defines["KVMLP_OFF_TASK_CFS_RQ"], self.defines["KVMLP_OFF_CFS_RQ_RQ"]) >= 0
+
     def run_queues(self):
         """{cpu: struct rq address} of the online CPUs this process may run on, found by
         running on each (run_queue_of_cpu in the C); {} where the kernel's structs
         do not lead there (no CONFIG_FAIR_GROUP_SCHED). A CPU this process may not
         run on (a cpuset, isolcpus) is left out; naming only: never an error."""
-        if min(self.defines["KVMLP_OFF_TASK_CFS_RQ"], self.defines["KVMLP_OFF_CFS_RQ_RQ"]) < 0:
+        if not self._finds_run_queues():
             return {}
         if getattr(self, "finder_refused", None):
             raise bpfload.BpfUnavailable(f"the run-queue finder was refused: "
@@ -556,7 +560,7 @@ class ContentionProbe:
     def hand_over(self):
         """In the loading child, before the handover (kernel/handover.py): load what
         runs later (the run-queue finder), then keep bcc's object as its fds."""
-        if min(self.defines["KVMLP_OFF_TASK_CFS_RQ"], self.defines["KVMLP_OFF_CFS_RQ_RQ"]) >= 0:
+        if self._finds_run_queues():
             try:        # (naming only: refused, run_queues() says why and names none)
                 bpfload.load_func(self.bpf, b"run_queue_of_cpu",
                                   bpfload.import_bcc().BPF.RAW_TRACEPOINT)
