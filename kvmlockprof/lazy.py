@@ -6,6 +6,7 @@ the 0.86 s before the attach, where perf attaches in 0.07 s), and the package's
 Not importlib's LazyLoader (nor lazy_loader, built on it): that puts a half-made
 module in sys.modules for everyone, without a lock before Python 3.12."""
 import importlib
+import os
 import sys
 import threading
 
@@ -47,10 +48,27 @@ def import_all(pandas=True):
     flush use them; the first flush must not be late by their import, 10 s under the
     lab's emulator, while the threads it names exit). pandas=False: not pandas
     (`record` writes with pyarrow alone; pandas is ~45 MB resident)."""
+    _steady_pool()
     for stand_in in (np, pa, pc, pq) + ((pd,) if pandas else ()):
         getattr(stand_in, "__name__")
     if not pandas and "pandas" not in sys.modules:
         _pyarrow_without_pandas()
+
+
+def _steady_pool():
+    """pyarrow's buffers from jemalloc (a user's ARROW_DEFAULT_MEMORY_POOL is kept): in
+    a 60 s storm record's anonymous memory held 48-54 MiB with it, 57-68 with mimalloc,
+    pyarrow's default, which kept ~8 MiB more after the first compaction
+    (bench/README.md). Arrow reads the variable once, as pyarrow is imported; it is
+    set only for that import, so the recorded command never inherits it (a build
+    without jemalloc logs one warning and keeps its default)."""
+    if "pyarrow" in sys.modules or "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
+        return
+    os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"
+    try:
+        importlib.import_module("pyarrow")
+    finally:
+        del os.environ["ARROW_DEFAULT_MEMORY_POOL"]
 
 
 class _NoPandas:

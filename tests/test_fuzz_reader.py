@@ -22,9 +22,10 @@ import kvmlockprof
 from kvmlockprof.analysis import locks as analysis
 from kvmlockprof.kernel.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SIZE, BatchRingBuffer
 from kvmlockprof.recording.arrow import to_arrow
+from kvmlockprof.recording import store
 from kvmlockprof.recording.store import MANIFEST_KEY, ColumnDigest, RecordingError
 from kvmlockprof.views import report
-from tests_support import (EVENT, aggregates_of, flush, partial_recording, rewrite,
+from tests_support import (EVENT, ROWS, aggregates_of, events, flush, partial_recording, rewrite,
                            small_recording)
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=bool(os.environ.get("CI")),
@@ -250,9 +251,38 @@ def test_partial_listed_file_missing(partial, tmp_path):
 
 # --- the integrity record ---------------------------------------------------------------
 
+def test_fixed_size_lists_stored_as_lists(good_path, tmp_path):
+    """The aggregates' histogram (a fixed-size list of 64) is stored as a list, so the
+    other tables' row groups hold it null for their offsets alone (a null fixed-size
+    list holds its 64 values: 39 MiB of zeros beside a 75k-row group of samples), and
+    is read back as the fixed-size list it was, equal row by row; a row of another
+    length is refused as damage."""
+    rec = kvmlockprof.load(good_path)
+    assert rec.manifest["fixed_size_lists"] == {"aggregates": {"hist": 64}}
+    stored = pq.ParquetFile(good_path).schema_arrow.field("aggregates").type
+    assert pa.types.is_list(stored.field("hist").type)
+    ev = events(ROWS)
+    want = to_arrow(aggregates_of(ev)).column("hist")
+    got = pq.read_table(good_path).column("aggregates")  # (read raw, as stored)
+    assert pa.types.is_list(got.type.field("hist").type)
+    t = pa.concat_tables(rec._tables["aggregates"]())
+    assert t.column("hist").type == want.type
+    assert t.column("hist").to_pylist() == want.to_pylist()
+    # a manifest that says another length (sealed again): the cast fails, one line
+    def k63(m):
+        m["fixed_size_lists"]["aggregates"]["hist"] = 63
+        m["integrity"]["manifest"] = store._manifest_digest(m)
+        return m
+    bad = rewrite(good_path, tmp_path / "k.parquet", manifest=k63)
+    assert len(kvmlockprof.load(bad).samples) == len(ev)     # (sealed: read otherwise)
+    with pytest.raises(RecordingError, match="table 'aggregates' is corrupt") as e:
+        kvmlockprof.load(bad).aggregates
+    assert "\n" not in str(e.value)
+
+
 def test_integrity_recorded(good_path):
     m = kvmlockprof.load(good_path).manifest
-    assert m["version"] == 2
+    assert m["version"] == 3
     t = m["integrity"]["tables"]
     assert {n: e["rows"] for n, e in t.items()} == {"aggregates": 2, "contention": 6,
                                                     "stacks": 2}
@@ -361,7 +391,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                             min_size=1, max_size=4),
        manifest=st.one_of(st.none(), json_values,
                           st.fixed_dictionaries({"format": st.just("kvmlockprof-recording"),
-                                                 "version": st.sampled_from([1, 2])},
+                                                 "version": st.sampled_from([1, 2, 3])},
                                                 optional={"tables": json_values,
                                                           "duration_s": json_values,
                                                           "counters": json_values,
@@ -370,7 +400,8 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                                                           "lock_names": json_values,
                                                           "processes": json_values,
                                                           "work": json_values,
-                                                          "integrity": json_values})))
+                                                          "integrity": json_values,
+                                                          "fixed_size_lists": json_values})))
 def test_foreign_parquet(tmp_path, cols, manifest):
     n = min(len(v) for v in cols.values())
     t = pa.table({k: v[:n] for k, v in cols.items()})

@@ -2,6 +2,7 @@
 60 s contention storm (bounded memory, counted losses, the workload goes on)."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -68,12 +69,12 @@ def _has_children(pid):
 STORM_S = 60
 # bench/README.md "Where record's memory goes": bcc compiles in a child that hands the
 # loaded probes over as fds and exits (its peak is the manifest's loader_peak_rss_kb);
-# the recorder keeps numpy and pyarrow, the ring buffer's pages (mapped twice: 32 MiB
-# for the default 16 MiB), one second of samples and small tables (118-170 MiB in the
-# storm, 2026-12-06). "While recording" is while the command runs: the final flush and
-# merge after it (243 MiB then: the peak) took over 3 s on a loaded host and was once
-# read as steady.
-STARTUP_BOUND_MB, STEADY_BOUND_MB = 320, 224
+# the recorder keeps numpy and pyarrow (its buffers from jemalloc: kvmlockprof.lazy),
+# the ring buffer's pages, one second of samples and small tables (116-127 MiB in the
+# storm, 2026-12-06; 118-170 with mimalloc). "While recording" is while the command
+# runs: the final flush and merge after it (the peak: 243 MiB with mimalloc, 145-159
+# with jemalloc) took over 3 s on a loaded host and was once read as steady.
+STARTUP_BOUND_MB, STEADY_BOUND_MB = 256, 192
 # Never mapped into the long-lived process (each is tens of MiB resident)
 NOT_MAPPED = ("libLLVM", "libclang-cpp", "libbcc", "/pandas/")
 
@@ -108,9 +109,12 @@ def test_contention_storm_bounded_memory(live, tmp_path):
     assert max(rss) / 1024 < STARTUP_BOUND_MB and max(steady) / 1024 < STEADY_BOUND_MB
     assert not mapped, mapped
     assert m["loader_peak_rss_kb"] > 0
-    # flat, not growing with the run: the last third within 10% of the first
+    # flat, not growing with the run: the last third's median within 10% of the first's
+    # (a median: a second sampled while a compaction or a big flush is in flight is
+    # within the bounds above, and is not growth)
     third = len(steady) // 3
-    assert max(steady[2 * third:]) <= 1.1 * max(steady[:third])
+    assert statistics.median(steady[2 * third:]) <= 1.1 * statistics.median(steady[:third]), \
+        steady
     # the host kept running the workload, and every wait is a sample or a counted loss
     assert m["work"]["exits_total"] > 10_000 and m["work"]["churn_ops"] > 1000
     c = m["counters"]

@@ -27,8 +27,9 @@ import tempfile
 from kvmlockprof.lazy import np, pa, pc, pd, pq
 
 FORMAT = "kvmlockprof-recording"
-VERSION = 2                 # 2: the manifest has `integrity` (a version 2 file lacking it
-READABLE = (1, 2)           # is damaged); version 1 files are read unchecked
+VERSION = 3                 # 2: the manifest has `integrity` (a version 2 file lacking it
+READABLE = (1, 2, 3)        # is damaged); version 1 files are read unchecked; 3: the
+                            # manifest's fixed_size_lists (see Writer.finalize)
 MANIFEST_KEY = b"kvmlockprof.manifest"
 # An appended table's chunks (one a flush, a second) are merged into one file once
 # there are this many, and so on up, a level at a time (see Writer._compact).
@@ -334,8 +335,17 @@ class Writer:
         parts = {name: [os.path.join(self.dir, f) for f in files]
                  for name, files in sorted(self.files.items())}
         schemas = {name: pq.read_schema(files[0]) for name, files in parts.items()}
+        # A fixed-size list is stored as a list, which the reader casts back: each
+        # table's row groups hold the others' columns null, and a null fixed-size list
+        # still holds its k values (the aggregates' 64-slot histogram: 39 MiB of zeros
+        # beside a 75k-row group of samples, the peak of record's whole run).
+        fixed = {name: {f.name: f.type.list_size for f in s
+                        if pa.types.is_fixed_size_list(f.type)}
+                 for name, s in schemas.items()}
+        fixed = {name: cols for name, cols in fixed.items() if cols}
         union = pa.schema([("table", pa.string())] +
-                          [(name, pa.struct(list(s))) for name, s in schemas.items()])
+                          [(name, pa.struct([_stored(f) for f in s]))
+                           for name, s in schemas.items()])
         layout, rg = {}, 0
         for name, files in parts.items():
             for f in files:
@@ -343,7 +353,8 @@ class Writer:
                     range(rg, rg + pq.ParquetFile(f).metadata.num_row_groups))
                 rg += pq.ParquetFile(f).metadata.num_row_groups
         integrity = self._integrity(files=False)
-        manifest = _sealed(dict(manifest, tables=layout), integrity)
+        manifest = _sealed(dict(manifest, tables=layout,
+                                **({"fixed_size_lists": fixed} if fixed else {})), integrity)
         union = union.with_metadata({MANIFEST_KEY: json.dumps(manifest)})
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(self.out) + ".",
                                    dir=os.path.dirname(os.path.abspath(self.out)))
@@ -372,6 +383,14 @@ class Writer:
         return manifest
 
 
+def _stored(field):
+    """The field as the final file stores it: a fixed-size list as a list."""
+    if pa.types.is_fixed_size_list(field.type):
+        return pa.field(field.name, pa.list_(field.type.value_field), field.nullable,
+                        field.metadata)
+    return field
+
+
 def as_union_rows(name, table, union):
     n = table.num_rows
     cols = [pa.array([name] * n, pa.string())]
@@ -379,8 +398,9 @@ def as_union_rows(name, table, union):
         if field.name == "table":
             continue
         if field.name == name:
-            cols.append(pa.StructArray.from_arrays([c.combine_chunks() for c in table.columns],
-                                                   fields=list(field.type)))
+            cols.append(pa.StructArray.from_arrays(
+                [c.combine_chunks().cast(f.type) for c, f in zip(table.columns, field.type)],
+                fields=list(field.type)))
         else:
             cols.append(pa.nulls(n, field.type))
     return pa.Table.from_arrays(cols, schema=union.remove_metadata())
@@ -525,7 +545,7 @@ MANIFEST_TYPES = {"duration_s": _NUMBER, "start_monotonic_ns": int, "samples": i
                   "lock_names": dict, "processes": dict, "work": dict, "tables": dict,
                   "probe_counters": dict, "handler_ns": dict, "in_progress_min_ns": int,
                   "probe_cost": dict, "kernel_memory": dict, "filters": dict,
-                  "program_ns": dict}
+                  "program_ns": dict, "fixed_size_lists": dict}
 
 
 def _check_table(path, name, table, columns=None):
@@ -617,12 +637,19 @@ def load(path):
         raise RecordingError(f"{path}: the manifest's table layout does not match the file: "
                              "the file is damaged")
 
+    fixed = manifest.get("fixed_size_lists") or {}
+    if any(not isinstance(cols, dict) or any(not isinstance(k, int) or isinstance(k, bool) or
+                                             k < 1 for k in cols.values())
+           for cols in fixed.values()):
+        raise _damaged(path, "the manifest's fixed_size_lists is malformed")
+
     def reader(name, groups):
         # Row group by row group: Arrow cannot read a struct with a dictionary
         # child (comm) into one chunked column.
         return lambda columns=None: (
             _flatten(pf.read_row_group(i, columns=[f"{name}.{c}" for c in columns]
-                                       if columns else [name]), name) for i in groups)
+                                       if columns else [name]), name, fixed.get(name, {}))
+            for i in groups)
     tables = {n: reader(n, g) for n, g in layout.items() if n in names}
     if integrity is not None:
         for n in set(integrity) | set(layout):
@@ -635,15 +662,19 @@ def load(path):
     return Recording(path, manifest, tables, integrity=integrity)
 
 
-def _flatten(table, name):
+def _flatten(table, name, fixed):
     """The struct column's fields as columns, without copying: rows of a table's own
     row groups are never null, so field(i) is the data (flatten() would copy to
-    merge the struct's nulls in)."""
+    merge the struct's nulls in). fixed: {column: k} stored as lists, cast back to
+    fixed-size lists of k (a row of another length fails the cast: damaged)."""
     col = table.column(name)
-    names = [f.name for f in col.type]
-    return pa.Table.from_arrays([pa.chunked_array([ch.field(i) for ch in col.chunks],
-                                                  type=col.type.field(i).type)
-                                 for i in range(len(names))], names=names)
+    out = []
+    for i, f in enumerate(col.type):
+        c = pa.chunked_array([ch.field(i) for ch in col.chunks], type=f.type)
+        if f.name in fixed and pa.types.is_list(f.type):
+            c = c.cast(pa.list_(f.type.value_field, fixed[f.name]))
+        out.append(c)
+    return pa.Table.from_arrays(out, names=[f.name for f in col.type])
 
 
 def _load_partial(d):
