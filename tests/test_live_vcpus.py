@@ -136,8 +136,9 @@ def test_waits_inside_kvm_run_match_ftrace(traced):
         assert abs(int(ours.at[tid, "waits"]) - n) <= max(2, 0.02 * n), tid
         assert paired >= 0.98 * n, (tid, paired, n)
         assert abs(int(ours.at[tid, "wait_ns"]) - paired_ns) <= 0.02 * paired_ns, tid
-        # and never longer than the kernel tracer's
-        assert int(ours.at[tid, "wait_ns"]) <= 1.02 * ns, tid
+        # and never longer than the kernel tracer's, but for the order of the two
+        # tracers' handlers at each end (ours ran 170-370 ns after ftrace's: 5-95%)
+        assert int(ours.at[tid, "wait_ns"]) <= ns + 500 * n, tid
 
 
 def test_per_lock_share_matches_ftrace(traced):
