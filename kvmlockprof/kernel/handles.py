@@ -84,6 +84,11 @@ def build_type(spec):
 REMAP = {}          # child's fd -> ours, while a handed-over module is unpickled
 
 
+def _bytes(name):
+    """bcc's keys are bytes; the probes' code passes str or bytes."""
+    return name.encode() if isinstance(name, str) else name
+
+
 def remap(fd):
     """Ours for a child's fd, while a handover unpickles (an fd it did not send is an
     error: never some other file of ours); outside one, the fd itself."""
@@ -96,9 +101,6 @@ class Function:
 
     def __reduce__(self):
         return Function, (self.name, self.fd)
-
-    def __setstate__(self, _):
-        pass
 
 
 class Table:
@@ -257,13 +259,13 @@ class Module:
         return self.tables[name.decode() if isinstance(name, bytes) else name]
 
     def _fn(self, fn_name):
-        name = fn_name.encode() if isinstance(fn_name, str) else fn_name
+        name = _bytes(fn_name)
         if name not in self.funcs:
             raise KeyError(f"{name.decode()}: not loaded before the handover")
         return self.funcs[name].fd
 
     def attach_raw_tracepoint(self, tp, fn_name):
-        tp = tp.encode() if isinstance(tp, str) else tp
+        tp = _bytes(tp)
         if tp in self.raw_tracepoint_fds:
             raise ValueError(f"raw tracepoint {tp.decode()} is attached already")
         fd = lib().bpf_raw_tracepoint_open(tp, self._fn(fn_name))
@@ -272,20 +274,20 @@ class Module:
         self.raw_tracepoint_fds[tp] = fd
 
     def detach_raw_tracepoint(self, tp):
-        os.close(self.raw_tracepoint_fds.pop(tp.encode() if isinstance(tp, str) else tp))
+        os.close(self.raw_tracepoint_fds.pop(_bytes(tp)))
 
     def attach_tracepoint(self, tp, fn_name):
-        tp = tp.encode() if isinstance(tp, str) else tp
+        tp = _bytes(tp)
         if tp in self.tracepoint_fds:
             raise ValueError(f"tracepoint {tp.decode()} is attached already")
         cat, _, ev = tp.decode().partition(":")
         self.tracepoint_fds[tp] = _perf_tracepoint(self._fn(fn_name), cat, ev)
 
     def detach_tracepoint(self, tp):
-        _close_perf_event(self.tracepoint_fds.pop(tp.encode() if isinstance(tp, str) else tp))
+        _close_perf_event(self.tracepoint_fds.pop(_bytes(tp)))
 
     def _detach_probe(self, prefix, event, fn_name):
-        event, fn = (x.encode() if isinstance(x, str) else x for x in (event, fn_name))
+        event, fn = _bytes(event), _bytes(fn_name)
         ev = prefix + event.replace(b"+", b"_").replace(b".", b"_")
         fds = self.kprobe_fds.get(ev)
         if not fds or fn not in fds:

@@ -130,10 +130,11 @@ class Recorder:
         """The sources, and the lock namers made from the BTF where the probes were
         loaded (the BTF is never read in this process)."""
         tgids = self._filter()
+        kbtf = functools.cache(self._btf)           # (read in the child, when needed)
         sources, _, memory, self.namers = open_sources(
             self.session, tgids=tgids, kfilter=self.kfilter, warn=self.warn,
-            status=self.manifest["probes"], kbtf=self.kbtf,     # (read when needed)
-            also=lambda warn: Namers.of(self.kbtf(), self.manifest.get("kvm_objects")))
+            status=self.manifest["probes"], kbtf=kbtf,
+            also=lambda warn: Namers.of(kbtf(), self.manifest.get("kvm_objects")))
         if self.namers.btf_error:
             self.manifest["kvm_objects"] = self.namers.btf_error
         self.manifest["kernel_memory"] = dict(memory, limit_mb=self.session.kernel_mem_mb)
@@ -153,7 +154,6 @@ class Recorder:
         old = {s: signal.signal(s, raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
         self.sources, child = {}, None
         try:
-            self.kbtf = functools.cache(self._btf)
             self.sources = self._open_sources()
             lazy.import_all(pandas=False)
             # counting starts at the attach, not after the set-up below (kallsyms,
@@ -165,7 +165,6 @@ class Recorder:
             self.names = SessionNames(self.ksyms, namers=self.namers)
             if c:
                 self.names.kernel_namer.run_queues(c.run_queues_or_none(self.warn))
-            self.kbtf = None            # the names keep their own small tables
             bpfload.release_memory()
             self.writer = Writer(self.out)
             self.snapshots = Snapshots(self.writer)
