@@ -19,7 +19,10 @@ MMAP_LOCK_PATHS = re.compile(r"^(__vm_munmap|vm_mmap_pgoff|lock_mm_and_find_vma|
                              r"__do_sys_brk|do_vmi_munmap|do_mprotect_pkey|do_madvise|"
                              r"madvise_lock|madvise_do_behavior|__do_sys_mremap|do_mlock|__do_sys_mlockall|"
                              r"__do_sys_munlock|exit_mmap|__access_remote_vm|"
-                             r"get_user_pages|__get_user_pages)\w*\+")
+                             r"get_user_pages|__get_user_pages|"
+                             # exit_mm's mmap_read_lock, inlined into do_exit on 6.18: a
+                             # storm thread exiting while the others still map
+                             r"exit_mm|do_exit)\w*\+")
 RWSEM_ENTRY = re.compile(r"^(down_read|down_write)(_killable)?\+")
 
 
