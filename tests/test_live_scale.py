@@ -47,8 +47,16 @@ def test_map_memory_is_the_kernels_and_does_not_grow_with_cpus(live, tmp_path):
     # bpftool's names are cut at 15 characters (BPF_OBJ_NAME_LEN)
     kernel = sorted((m["name"], m["bytes_memlock"]) for m in ours.values())
     manifest_maps = sorted((name.split("/")[1][:15], b) for name, b in mem["maps"].items())
-    assert kernel == manifest_maps
-    assert mem["total"] == sum(b for _, b in kernel) <= KERNEL_MEM_MB << 20
+    # a hash made without preallocation (BPF_F_NO_PREALLOC: bpftool's flags bit 0) is
+    # charged for its entries as they come and go (lock_kinds: filled by waits, emptied
+    # by each read): the manifest has its charge at load, bpftool a later instant's
+    grows = {m["name"] for m in ours.values() if m.get("flags", 0) & 1}
+    assert [k for k in kernel if k[0] not in grows] == \
+        [k for k in manifest_maps if k[0] not in grows]
+    at_load = dict(manifest_maps)
+    assert all(b >= at_load[n] for n, b in kernel if n in grows), (kernel, manifest_maps)
+    assert mem["total"] == sum(at_load.values()) <= sum(b for _, b in kernel) and \
+        mem["total"] <= KERNEL_MEM_MB << 20
     assert mem["possible_cpus"] >= os.cpu_count()
     per_cpu = [m for m in ours.values() if "percpu" in m["type"]]
     assert all(m["type"] == "percpu_array" for m in per_cpu), per_cpu
