@@ -19,6 +19,8 @@
  *   KVMLP_OFF_TASK_CFS_RQ, KVMLP_OFF_CFS_RQ_RQ: task_struct.se.cfs_rq, cfs_rq.rq
  *                     (CONFIG_FAIR_GROUP_SCHED; -1: run queues stay unnamed)
  *   KVMLP_NR_CPUS     possible CPUs (run_queues)
+ *   KVMLP_OFF_KFUNC_GET_KMEM_CACHE: bpf_get_kmem_cache's BTF id (6.13+; -1: slab
+ *                     objects stay unnamed), with KVMLP_OFF_KMEM_CACHE_NAME
  *   KVMLP_OWNERS      1: --lock-owner (lock_owners; KVMLP_OFF_MUTEX_OWNER, _RWSEM_OWNER,
  *                     _TASK_PID from BTF)
  * Defines only size maps or decide whether a map or program exists; the values
@@ -31,6 +33,7 @@
  * record build; a raw tracepoint's program is one more probe beside theirs.
  */
 #include "contention.h"
+#include "kfunc.h"
 
 #if KVMLP_PENDING_TASK
 /* The waits in progress of a task, by lock: a mutex begins several times
@@ -839,6 +842,31 @@ int run_queue_of_cpu(struct bpf_raw_tracepoint_args *ctx)
 #endif
 	return 0;
 }
+
+#if KVMLP_OFF_KFUNC_GET_KMEM_CACHE > 0 && KVMLP_OFF_KMEM_CACHE_NAME >= 0
+/* 6.13+: the slab cache of an object's address (NULL: in no slab object). */
+static u64 (*kvmlp_get_kmem_cache)(u64 addr) = KVMLP_KFUNC(KVMLP_OFF_KFUNC_GET_KMEM_CACHE);
+BPF_ARRAY(slab_queries, struct kvmlp_slab_query, KVMLP_SLAB_BATCH);
+
+/* Never attached: run by user space (BPF_PROG_TEST_RUN, args[0] the number of
+ * queries) on lock addresses it has no name for, once each, in slab_queries. */
+int slab_caches(struct bpf_raw_tracepoint_args *ctx)
+{
+	u32 n = ctx->args[0];
+	for (int i = 0; i < KVMLP_SLAB_BATCH && i < n; i++) {
+		int k = i;
+		struct kvmlp_slab_query *q = slab_queries.lookup(&k);
+		if (!q)
+			break;
+		u64 cache = kvmlp_get_kmem_cache(q->addr), name = 0;
+		q->cache[0] = 0;
+		if (cache && !bpf_probe_read_kernel(&name, sizeof(name),
+						    (void *)(cache + KVMLP_OFF_KMEM_CACHE_NAME)))
+			bpf_probe_read_kernel_str(q->cache, sizeof(q->cache), (void *)name);
+	}
+	return 0;
+}
+#endif
 
 RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) */
 {

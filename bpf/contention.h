@@ -128,6 +128,16 @@ struct kvmlp_lock_kind_val {
 	u32 pad;
 };
 
+/* Slab names (slab_caches): user space asks for up to KVMLP_SLAB_BATCH lock
+ * addresses at a time, each answered in place by its slab cache's name ("" where the
+ * address is in no slab object). The longest cache name here is 23 characters. */
+#define KVMLP_SLAB_BATCH 64
+#define KVMLP_SLAB_NAME 40
+struct kvmlp_slab_query {
+	u64 addr;
+	char cache[KVMLP_SLAB_NAME];
+};
+
 /* --vcpu-exits: where a vCPU thread's waits fall. A window is one exit's handling
  * (kvm:kvm_exit to kvm:kvm_entry) or one KVM_RUN (the ioctl's entry to
  * kvm:kvm_userspace_exit, guest time included): the first where the kernel fires

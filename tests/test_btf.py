@@ -2,6 +2,7 @@
 the parts kvmlockprof reads of it."""
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -123,3 +124,30 @@ def test_lock_paths_are_lock_at_at_every_offset():
         assert kb.lock_paths(tid) == theirs, name
         found += len(theirs)
     assert found > 10               # (timer_bases, the run queues' locks, ...)
+
+
+def test_kfunc_ids_as_bpftool_reads_them():
+    """A kfunc's id is its FUNC's in vmlinux's BTF (bpftool's); an absent one has none
+    and its define is -1."""
+    dump = subprocess.run(["bpftool", "btf", "dump", "file", VMLINUX], capture_output=True,
+                          text=True, check=True).stdout
+    kb = btf.Btf(modules=[])
+    for name in ("bpf_get_kmem_cache", "bpf_task_from_pid", "vfs_read"):
+        ids = [int(i) for i in re.findall(rf"^\[(\d+)\] FUNC '{name}' ", dump, re.M)]
+        assert btf.kfunc_id(kb, name) == (ids[0] if ids else None)
+    assert btf.kfunc_id(kb, "no_such_kfunc") is None
+    assert btf.defines(kb, {"K": (btf.KFUNC, "no_such_kfunc")}) == {"K": -1}
+
+
+def test_kfunc_calls_rewritten_as_the_kernel_takes_them():
+    """The C's kfunc call (bpf/kfunc.h: a helper numbered the mark plus the BTF id)
+    becomes a BPF_PSEUDO_KFUNC_CALL of that id (include/uapi/linux/bpf.h: src_reg 2);
+    helper calls and other instructions stay as they were; none: None."""
+    import struct
+    from kvmlockprof.kernel import bpfload
+    ins = lambda code, regs, off, imm: struct.pack("<BBhi", code, regs, off, imm)  # noqa
+    helper, ld = ins(0x85, 0, 0, 14), ins(0xb7, 1, 0, 0x40000000 + 7)
+    code = helper + ins(0x85, 0, 0, 0x40000000 + 63456) + ld + ins(0x95, 0, 0, 0)
+    got = bpfload.kfunc_calls(code)
+    assert got == helper + ins(0x85, 0x20, 0, 63456) + ld + ins(0x95, 0, 0, 0)
+    assert bpfload.kfunc_calls(helper + ld) is None

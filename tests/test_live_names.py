@@ -249,3 +249,67 @@ def test_the_demos_top_locks_are_named(live, tmp_path):
     bare = [(r["lock"], r["caller"]) for r in rows if str(r["lock"]).startswith("0x")]
     print(f"{len(rows)} rows, {len(bare)} bare: {bare}")
     assert len(bare) <= 2, bare
+
+
+_ALLOC = re.compile(r" (kmem_cache_alloc|kmalloc): call_site=\S+ ptr=([0-9a-f]+) "
+                    r"(?:name=(\S+) )?bytes_req=\d+ bytes_alloc=(\d+) .* accounted=(\w+)$")
+
+
+def test_slab_objects_named_by_their_cache(live, tmp_path):
+    """Threads contending a pipe's mutex and a shared file offset's (tests/slab_storm.py:
+    both objects allocated as it starts), the kernel's allocation events traced
+    meanwhile (an ftrace instance: kmem:kmem_cache_alloc names the cache, kmem:kmalloc
+    gives the size and whether it is accounted). Every lock named `&CACHE@ADDR` whose
+    object's allocation the tracer saw is in that object (the latest allocation
+    covering the address) and that cache: kmem_cache_alloc's name, or for kmalloc
+    the size class /proc/slabinfo lists with that object size, `cg-` where accounted.
+    The pipe's and the file's locks are among them."""
+    from ftrace import Ftrace
+    from kvmlockprof.kernel import btf
+    if btf.kfunc_id(btf.Btf(modules=[]), "bpf_get_kmem_cache") is None:
+        pytest.skip("this kernel has no bpf_get_kmem_cache (6.13+): slab objects stay "
+                    "unnamed, as doctor says")
+    out = tmp_path / "slab.parquet"
+    tr = Ftrace("kvmlp_test_slab", {"kmem/kmem_cache_alloc": None, "kmem/kmalloc": None})
+    try:
+        klp("record", "-q", "--duration", 6, "-o", out, "--",
+            sys.executable, f"{ROOT}/tests/slab_storm.py", 4, timeout=120)
+        tr.stop()
+        assert tr.overruns() == 0
+        allocs = [m.groups() for m in map(_ALLOC.search, tr._read("trace").splitlines()) if m]
+    finally:
+        tr.remove()
+    with open("/proc/slabinfo") as f:
+        objsize = {ln.split()[0]: int(ln.split()[3]) for ln in f.readlines()[2:]}
+    rec = kvmlockprof.load(out)
+    named = {int(a, 16): v["name"].split("@")[0][1:]
+             for a, v in rec.manifest["lock_names"].items() if v["name"].startswith("&")}
+    covering = {}                   # lock address -> the latest allocation around it
+    for ev, ptr, cache, size, accounted in allocs:
+        p = int(ptr, 16)
+        for a in named:
+            if p <= a < p + int(size):
+                covering[a] = (ev, cache, int(size), accounted == "true")
+    checked = {}
+    for a, cache in named.items():
+        if a not in covering:
+            continue                # allocated before the tracer started
+        ev, traced, size, accounted = covering[a]
+        if ev == "kmem_cache_alloc":
+            assert cache == traced, (hex(a), cache, covering[a])
+        else:
+            assert cache.split("kmalloc-")[0] in ("", "dma-"), (hex(a), cache, covering[a])
+            assert objsize.get(cache) == size, (hex(a), cache, covering[a])
+            assert ("-cg-" in cache) == accounted, (hex(a), cache, covering[a])
+        checked[hex(a)] = cache
+    print(f"{len(named)} slab names, {len(checked)} checked against the allocations: "
+          f"{checked}")
+    callers = {}
+    frames = dict(zip(rec.table("stacks")["stack_id"], rec.table("stacks")["frames"]))
+    for a, sid in zip(rec.aggregates["lock_addr"], rec.aggregates["stack_id"]):
+        callers.setdefault(hex(int(a)), set()).update(
+            x.split("+")[0] for x in frames.get(int(sid), [])[:10])
+    pipe = [a for a in checked if callers.get(a, set()) & {"anon_pipe_write", "pipe_write"}]
+    file = [a for a in checked if "fdget_pos" in callers.get(a, set())]
+    assert pipe and file, (checked, {a: sorted(callers.get(a, ())) for a in checked})
+    assert checked[file[0]] == "filp"

@@ -340,6 +340,67 @@ def test_kernel_namer_classes_by_caller_and_on_stack():
     assert lock_class("zone(Node 1, DMA32)->lock") == "zone->lock"
 
 
+def test_kernel_namer_names_slab_objects_by_their_cache():
+    """A lock the kernel placed in a slab object (bpf_get_kmem_cache) is named by its
+    cache and address where no other rule names it, sleeping locks too; a caller class
+    keeps its name and says the cache; try_to_wake_up's lock found in a task_struct is
+    its pi_lock before the run queues are known; "" (no slab object) names nothing."""
+
+    class Layout:
+        enums = {}
+
+        def offset(self, struct, field):
+            return None
+
+        def size(self, struct):
+            return None
+    k = locknames.KernelNamer(Layout())
+    k.slab_caches({1: "filp", 2: "kmalloc-cg-192", 3: "", 4: "task_struct",
+                   5: "task_struct"})
+    got = k.names(range(1, 7), {2: {"anon_pipe_write+0x53"}, 4: {"try_to_wake_up+0x4e"},
+                                5: {"futex_wake+0x10"}}, {}, {1})
+    assert {a: v["name"] for a, v in got.items()} == {
+        "0x1": "&filp@1", "0x2": "&kmalloc-cg-192@2", "0x4": "task->pi_lock@4",
+        "0x5": "futex_hash_bucket->lock@5"}
+    assert "task_struct" in got["0x4"]["how"]
+    from kvmlockprof.locktypes import lock_class
+    assert lock_class("&kmalloc-cg-192@ffff8881053c1900") == "&kmalloc-cg-192"
+    k.retain({1})
+    assert k.slabs == {1: "filp"}
+
+
+def test_session_names_ask_the_kernel_once_per_address():
+    """SessionNames asks its slab lookup about each unnamed address once (kallsyms'
+    data symbols are not asked about); a lookup that fails stops the asking and the
+    manifest says why."""
+    import numpy as np
+
+    class Syms:
+        def data_symbols(self, addrs):
+            return ["jiffies_lock" if a == 9 else "" for a in addrs]
+    asked = []
+
+    def lookup(addrs):
+        asked.append(sorted(addrs))
+        return {a: "filp" for a in addrs if a == 1}
+    s = locknames.SessionNames(Syms(), namers=locknames.Namers(locknames.KernelNamer(None)))
+    s.slab_lookup = lookup
+    aggs = {"lock_addr": np.array([1, 2, 9], dtype=np.uint64),
+            "stack_id": np.array([-1, -1, -1]), "flags": np.array([2, 2, 2])}
+    s.update(aggs)
+    s.update(aggs)
+    assert asked == [[1, 2]]
+    assert s.display() == {"0x9": "jiffies_lock", "0x1": "&filp@1"}
+
+    def broken(addrs):
+        raise OSError(1, "running a BPF program (BPF_PROG_TEST_RUN): Operation not permitted")
+    s.slab_lookup = broken
+    s.update({k: np.append(v, v[:1]) if k != "lock_addr" else np.array([1, 2, 9, 5],
+                                                                         dtype=np.uint64)
+              for k, v in aggs.items()})
+    assert s.slab_lookup is None and "not permitted" in s.manifest()["slab_names_error"]
+
+
 def test_kernel_namer_names_zones_as_zoneinfo_does(kbtf):
     """A zone lock told by its waiter (node, the zone's offset in node_zones) is named
     with the zone's type as /proc/zoneinfo prints it; an offset that is not a whole

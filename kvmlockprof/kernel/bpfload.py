@@ -8,6 +8,7 @@ import tempfile
 import threading
 
 
+from kvmlockprof import cdefs
 from kvmlockprof.cdefs import BPF_DIR
 from kvmlockprof.kernel import tracefs
 from kvmlockprof.kernel.headers import find_headers
@@ -17,6 +18,9 @@ from kvmlockprof.lazy import np
 # per stack-map entry. The deepest contention stack seen on the lab and host
 # workloads had 26 frames; a deeper one loses its outermost frames.
 STACK_DEPTH = 32
+# A kfunc call as the C writes it (bpf/kfunc.h), and as the kernel takes it
+KFUNC_MARK = cdefs.define("kfunc.h", "KVMLP_KFUNC_MARK")
+BPF_CALL, BPF_PSEUDO_KFUNC_CALL = 0x85, 2         # include/uapi/linux/bpf.h
 
 
 class BpfUnavailable(RuntimeError):
@@ -94,12 +98,50 @@ def compile_bpf(source=None, text=None, defines=None, headers=None):
     raise _unavailable(failure, err) from None
 
 
+def kfunc_calls(code):
+    """The instructions with each kfunc call the C wrote (bpf/kfunc.h: a helper call
+    numbered KFUNC_MARK + the kfunc's BTF id) made the kernel's (src_reg
+    BPF_PSEUDO_KFUNC_CALL, imm the id, in vmlinux), or None where there is none."""
+    insns = np.frombuffer(bytes(code), dtype=[("code", "u1"), ("regs", "u1"),
+                                              ("off", "<i2"), ("imm", "<i4")]).copy()
+    calls = (insns["code"] == BPF_CALL) & (insns["regs"] == 0) & \
+        (insns["imm"] >= KFUNC_MARK)
+    if not calls.any():
+        return None
+    insns["regs"][calls] = BPF_PSEUDO_KFUNC_CALL << 4
+    insns["imm"][calls] -= KFUNC_MARK
+    return insns.tobytes()
+
+
+def _load_patched(bpf, fn, prog_type, code):
+    """bcc's load_func with the instructions given (the same length as the compiled
+    ones: the module's BTF line and function info still apply)."""
+    bcc = import_bcc()
+    lib = bcc.libbcc.lib
+    buf = ctypes.create_string_buffer(code, len(code))
+    fd = lib.bcc_func_load(bpf.module, prog_type, fn, ctypes.cast(buf, ctypes.c_void_p),
+                           len(code), lib.bpf_module_license(bpf.module),
+                           lib.bpf_module_kern_version(bpf.module), 0, None, 0, None, -1)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), f"Failed to load BPF program {fn.decode()}: "
+                      f"{os.strerror(ctypes.get_errno())}")
+    bpf.funcs[fn] = bcc.BPF.Function(bpf, fn, fd)
+    return bpf.funcs[fn]
+
+
 def load_func(bpf, fn, prog_type):
-    """bpf.load_func(), a verifier's refusal as BpfUnavailable with its reason."""
+    """bpf.load_func(), its kfunc calls made the kernel's (kfunc_calls), a verifier's
+    refusal as BpfUnavailable with its reason."""
     failure = None
+    lib = import_bcc().libbcc.lib
     with _captured_stderr() as err:
         try:
-            return bpf.load_func(fn, prog_type)
+            start = lib.bpf_function_start(bpf.module, fn)
+            code = kfunc_calls(ctypes.string_at(start, lib.bpf_function_size(
+                bpf.module, fn))) if start and fn not in bpf.funcs else None
+            if code is None:
+                return bpf.load_func(fn, prog_type)
+            return _load_patched(bpf, fn, prog_type, code)
         except Exception as e:
             failure = e
     raise _unavailable(failure, err) from None

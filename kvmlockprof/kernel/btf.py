@@ -460,18 +460,25 @@ class Btf:
 
 
 PERCPU = ".data..percpu"
+KFUNC = "(kfunc)"
+
+
+def kfunc_id(btf, name):
+    """A kernel function's BTF id in vmlinux (what a kfunc call names), or None."""
+    unit, tid = btf.funcs.ids.get(name, (None, None))
+    return tid if unit is btf.units[0] else None
 
 
 def defines(btf, fields):
     """{DEFINE: offset} for {DEFINE: (struct, path or (paths, first found))}, the path
     "sizeof" giving the struct's size, the struct PERCPU a per-CPU variable's offset in
-    that section; -1 where this kernel lacks it."""
+    that section, the struct KFUNC a kfunc's BTF id; -1 where this kernel lacks it."""
     out = {}
     percpu = {v[2]: v[0] for v in btf.percpu_vars()[0]} if btf and any(
         st == PERCPU for st, _ in fields.values()) else {}
     for name, (st, paths) in fields.items():
-        offs = [(percpu.get(p) if st == PERCPU else btf.size(st) if p == "sizeof"
-                 else btf.offset(st, p)) if btf
+        offs = [(percpu.get(p) if st == PERCPU else kfunc_id(btf, p) if st == KFUNC
+                 else btf.size(st) if p == "sizeof" else btf.offset(st, p)) if btf
                 else None for p in ((paths,) if isinstance(paths, str) else paths)]
         out[name] = next((o for o in offs if o is not None), -1)
     return out

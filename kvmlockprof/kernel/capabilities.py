@@ -178,9 +178,33 @@ def _probe_tracing(add):
                      "RAW_TRACEPOINT_PROBE(contention_end) { return 0; }")
     add(Check("tracepoint lock:contention_begin/end", not err,
               "attached (trial)" if not err else err))
+    add(_slab_names_check())
     kvm_events = tracefs.tracepoint_events("kvm")
     add(Check("tracepoints kvm:*", bool(kvm_events),
               f"{len(kvm_events)} events" if kvm_events else "kvm module not loaded"))
+
+
+def _slab_names_check():
+    """Whether a lock in a slab object can be named by its cache: the kernel's
+    bpf_get_kmem_cache kfunc (6.13+), called through bpf/kfunc.h in a trial load."""
+    from kvmlockprof.kernel import btf
+    name = "slab names"
+    try:
+        kid = btf.kfunc_id(btf.Btf(modules=[]), "bpf_get_kmem_cache") \
+            if host.has_btf() else None
+    except btf.BtfError as e:
+        return Check(name, False, str(e))
+    if kid is None:
+        return Check(name, False, "this kernel has no bpf_get_kmem_cache kfunc (6.13+, "
+                     "BTF): a lock in a slab object is named only where another rule "
+                     "names it (docs/lock-names.md)")
+    err = _trial('#include "kfunc.h"\n'
+                 f"static u64 (*cache_of)(u64) = KVMLP_KFUNC({kid});\n"
+                 "int t(void *ctx) { return cache_of(0) != 0; }",
+                 lambda b: bpfload.load_func(b, b"t", bpfload.import_bcc().BPF.RAW_TRACEPOINT))
+    return Check(name, not err, "bpf_get_kmem_cache: a lock in a slab object is named "
+                 "by its cache (`&task_struct@ADDR`)" if not err else
+                 f"bpf_get_kmem_cache refused: {err}")
 
 
 @dataclass

@@ -36,11 +36,33 @@ def lib():
                            "bpf_map_get_next_key": [i, vp, vp],
                            "bpf_map_lookup_and_delete_elem": [i, vp, vp],
                            "bpf_map_lookup_batch": [i, vp, vp, vp, vp, vp, vp],
-                           "bpf_raw_tracepoint_open": [ct.c_char_p, i]}.items():
+                           "bpf_raw_tracepoint_open": [ct.c_char_p, i],
+                           "bpf_prog_test_run_opts": [i, vp]}.items():
             f = getattr(b, name)
             f.argtypes, f.restype = args, i
         _LIB = b
     return _LIB
+
+
+class _TestRunOpts(ct.Structure):
+    """libbpf's struct bpf_test_run_opts (bpf.h, libbpf 1.x)."""
+    _fields_ = [("sz", ct.c_size_t), ("data_in", ct.c_void_p), ("data_out", ct.c_void_p),
+                ("data_size_in", ct.c_uint32), ("data_size_out", ct.c_uint32),
+                ("ctx_in", ct.c_void_p), ("ctx_out", ct.c_void_p),
+                ("ctx_size_in", ct.c_uint32), ("ctx_size_out", ct.c_uint32),
+                ("retval", ct.c_uint32), ("repeat", ct.c_int), ("duration", ct.c_uint32),
+                ("flags", ct.c_uint32), ("cpu", ct.c_uint32), ("batch_size", ct.c_uint32)]
+
+
+def run_raw_tracepoint(prog_fd, args):
+    """Run a raw tracepoint program once, here, with these u64 arguments
+    (BPF_PROG_TEST_RUN, 5.10+); its return value."""
+    ctx = (ct.c_uint64 * len(args))(*args)
+    opts = _TestRunOpts(sz=ct.sizeof(_TestRunOpts), ctx_in=ct.addressof(ctx),
+                        ctx_size_in=ct.sizeof(ctx))
+    if lib().bpf_prog_test_run_opts(prog_fd, ct.byref(opts)) < 0:
+        raise _oserror("running a BPF program (BPF_PROG_TEST_RUN)")
+    return opts.retval
 
 
 def _oserror(what):

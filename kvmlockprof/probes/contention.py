@@ -49,7 +49,10 @@ PROBE = Probe(
             "FPH_HASH_MASK": ("futex_private_hash", "hash_mask"),
             "FPH_QUEUES": ("futex_private_hash", "queues"),
             "FHB_LOCK": ("futex_hash_bucket", "lock"),
-            "FHB_SIZE": ("futex_hash_bucket", "sizeof")},
+            "FHB_SIZE": ("futex_hash_bucket", "sizeof"),
+            # slab objects named by their cache (slab_caches): a kfunc's BTF id
+            "KFUNC_GET_KMEM_CACHE": (btf.KFUNC, "bpf_get_kmem_cache"),
+            "KMEM_CACHE_NAME": ("kmem_cache", "name")},
     tables=("contention", "aggregates", "stacks", "vcpu_exits", "vcpu_exit_waits",
             "nested_waits", "lock_owners"),
     columns={
@@ -82,6 +85,7 @@ PROBE = Probe(
                       vcpus.exit_reasons)),
 )
 COUNTERS = PROBE.counters           # enum contention_counter, bpf/contention.h
+SLAB_BATCH = cdefs.define("contention.h", "KVMLP_SLAB_BATCH")   # addresses a run names
 # enum kvmlp_lock_kind, bpf/contention.h
 LOCK_KINDS = cdefs.labels("contention.h", "kvmlp_lock_kind", {"KVMLP_LOCK_MM": "mm",
                                                               "KVMLP_LOCK_STACK": "stack",
@@ -557,16 +561,52 @@ class ContentionProbe:
                 self.bpf.detach_tracepoint(tp.encode())
         self.attached = {}
 
+    def _names_slabs(self):
+        """The kernel has bpf_get_kmem_cache (6.13+) and the C the program calling it."""
+        return self.defines["KVMLP_OFF_KFUNC_GET_KMEM_CACHE"] > 0 and \
+            self.defines["KVMLP_OFF_KMEM_CACHE_NAME"] >= 0
+
+    def _load_namers(self):
+        """Load the programs that only name locks (the run-queue finder, the slab
+        names): refused, each says why when used and names nothing."""
+        raw_tp = bpfload.import_bcc().BPF.RAW_TRACEPOINT
+        for fn, wanted, refused in ((b"run_queue_of_cpu", self._finds_run_queues(),
+                                     "finder_refused"),
+                                    (b"slab_caches", self._names_slabs(), "slabs_refused")):
+            if wanted and fn not in self.bpf.funcs:
+                try:
+                    bpfload.load_func(self.bpf, fn, raw_tp)
+                except bpfload.BpfUnavailable as e:
+                    setattr(self, refused, str(e))
+
     def hand_over(self):
         """In the loading child, before the handover (kernel/handover.py): load what
-        runs later (the run-queue finder), then keep bcc's object as its fds."""
-        if self._finds_run_queues():
-            try:        # (naming only: refused, run_queues() says why and names none)
-                bpfload.load_func(self.bpf, b"run_queue_of_cpu",
-                                  bpfload.import_bcc().BPF.RAW_TRACEPOINT)
-            except bpfload.BpfUnavailable as e:
-                self.finder_refused = str(e)
+        runs later (the namers), then keep bcc's object as its fds."""
+        self._load_namers()
         self.bpf = handles.Module.from_bcc(self.bpf)
+
+    def slab_caches(self, addrs):
+        """{address: the name of the slab cache its object is in, "" where it is in
+        none}, asked of the kernel now (bpf_get_kmem_cache, 6.13+: slab_caches in the
+        C, run here, never attached); {} where this kernel cannot tell."""
+        if not self._names_slabs() or getattr(self, "slabs_refused", None):
+            return {}
+        if b"slab_caches" not in self.bpf.funcs and hasattr(self.bpf, "module"):
+            self._load_namers()             # (bcc's object: a probe never handed over)
+        if b"slab_caches" not in self.bpf.funcs:
+            return {}
+        fd, q, out = self.bpf.funcs[b"slab_caches"].fd, self.bpf["slab_queries"], {}
+        addrs = [int(a) for a in addrs]
+        for i in range(0, len(addrs), SLAB_BATCH):
+            batch = addrs[i:i + SLAB_BATCH]
+            for j, a in enumerate(batch):
+                leaf = q.Leaf()
+                leaf.addr = a
+                q[q.Key(j)] = leaf
+            handles.run_raw_tracepoint(fd, [len(batch)])
+            out.update({a: q[q.Key(j)].cache.decode(errors="replace")
+                        for j, a in enumerate(batch)})
+        return out
 
     def close(self):
         self.ring.close()

@@ -324,7 +324,9 @@ class KernelNamer:
       futex hash (6.16+), told the same way;
     - `zone(Node N, TYPE)->lock`: a page allocator zone's, told by any waiter;
     - a class by the lock's callers (CALLER_CLASSES), when all its walked callers
-      agree: `futex_hash_bucket->lock@ADDR`, `zone->lock@ADDR`, ...
+      agree: `futex_hash_bucket->lock@ADDR`, `zone->lock@ADDR`, ...;
+    - `&CACHE@ADDR`: in an object of that slab cache (ContentionProbe.slab_caches,
+      asked once per address: `&task_struct@ADDR`, `&kmalloc-cg-2k@ADDR`).
     A name is one address's (`@ADDR` where the rule names a class, not an instance);
     its class (locktypes.lock_class) drops the instance."""
 
@@ -346,6 +348,7 @@ class KernelNamer:
         self.zone_types = kbtf.enums.get("zone_type", {}) if kbtf else {}
         self.by_addr = {}       # lock address -> {"name", "how"}: rq and mm
         self.told = {}          # lock address -> (kind, id): the waiters'
+        self.slabs = {}         # lock address -> its slab cache's name ("": none)
         self.rqs = 0            # run queues found
 
     def run_queues(self, rqs):
@@ -416,6 +419,7 @@ class KernelNamer:
         keep = set(addrs) | self.rq_addrs
         self.by_addr = {a: v for a, v in self.by_addr.items() if a in keep}
         self.told = {a: v for a, v in self.told.items() if a in keep}
+        self.slabs = {a: v for a, v in self.slabs.items() if a in keep}
 
     def zone(self, ident):
         """A zone lock's {"name", "how"} from its waiter's (node << 16 | byte offset of
@@ -456,16 +460,24 @@ class KernelNamer:
                                          f"in the frame of {fn} or a caller of it"}
                 continue
             fns = sorted({_function(c) for c in (callers or {}).get(a, ())} - {""})
-            if a in sleeping or not fns:
-                continue
-            classes = {next((n for r, n in CALLER_CLASSES if r.match(f)), None) for f in fns}
-            if classes == {"task->pi_lock"} and not self.rqs:
-                continue            # (try_to_wake_up's other lock: a run queue's, unnamed)
+            slab = self.slabs.get(a)
+            classes = {next((n for r, n in CALLER_CLASSES if r.match(f)), None)
+                       for f in fns} if fns and a not in sleeping else set()
+            if classes == {"task->pi_lock"} and not self.rqs and slab != "task_struct":
+                classes = set()     # (try_to_wake_up's other lock: a run queue's, unnamed)
+            in_slab = f"in an object of the slab cache {slab} (bpf_get_kmem_cache, " \
+                      "asked when the session first saw the lock)"
             if len(classes) == 1 and None not in classes:
                 out[f"{a:#x}"] = {"name": f"{classes.pop()}@{a:x}",
                                   "how": f"by its callers ({', '.join(fns)}): the one kind "
-                                         "of lock they take"}
+                                         "of lock they take" + (f"; {in_slab}" if slab else "")}
+            elif slab:
+                out[f"{a:#x}"] = {"name": f"&{slab}@{a:x}", "how": in_slab}
         return out
+
+    def slab_caches(self, caches):
+        """{lock address: its slab cache's name, "" where it is in no slab object}."""
+        self.slabs.update(caches)
 
 
 @dataclasses.dataclass
@@ -500,6 +512,10 @@ class SessionNames:
         self.symbols = {}        # hex address -> kallsyms data symbol
         self.kvm = {}            # hex address -> {"name", "how"}
         self.more = {}           # the same, of other probes' lock addresses (name_more)
+        # {address: slab cache name} asked of the kernel (ContentionProbe.slab_caches),
+        # once per address; None: not asked
+        self.slab_lookup = None
+        self.slab_error = None          # why the kernel stopped answering, if it did
 
     def add_stacks(self, stacks):
         """New contention stacks (an Arrow table or DataFrame with stack_id, frames,
@@ -538,9 +554,15 @@ class SessionNames:
             if int(sid) in self.callers:
                 callers.setdefault(int(a), set()).add(self.callers[int(sid)])
         # a data symbol (kallsyms) names a static lock better than any rule here
-        self.kernel = self.kernel_namer.names(
-            [a for a in addrs.tolist() if not self.symbols.get(f"{a:#x}")], callers,
-            self.callers, sleeping)
+        unnamed = [a for a in addrs.tolist() if not self.symbols.get(f"{a:#x}")]
+        ask = [a for a in unnamed if a not in self.kernel_namer.slabs]
+        if ask and self.slab_lookup:
+            try:
+                found = self.slab_lookup(ask)
+            except OSError as e:            # (naming only: say why, ask no more)
+                found, self.slab_lookup, self.slab_error = {}, None, str(e)
+            self.kernel_namer.slab_caches({a: found.get(a, "") for a in ask})
+        self.kernel = self.kernel_namer.names(unnamed, callers, self.callers, sleeping)
         if self.namer:
             self.namer.infer(aggs, self.callers)
             self.kvm = self.namer.names(addrs)
@@ -564,6 +586,9 @@ class SessionNames:
         return out
 
     def manifest(self):
-        return {"lock_symbols": {a: n for a, n in self.symbols.items() if n},
+        out = {"lock_symbols": {a: n for a, n in self.symbols.items() if n},
                 "lock_names": {**self.kernel, **self.more, **self.kvm},
                 "kvm_objects": self.namer.manifest() if self.namer else None}
+        if self.slab_error:
+            out["slab_names_error"] = self.slab_error
+        return out

@@ -165,6 +165,7 @@ class Recorder:
             self.names = SessionNames(self.ksyms, namers=self.namers)
             if c:
                 self.names.kernel_namer.run_queues(c.run_queues_or_none(self.warn))
+                self.names.slab_lookup = getattr(c, "slab_caches", None)
             bpfload.release_memory()
             self.writer = Writer(self.out)
             self.snapshots = Snapshots(self.writer)

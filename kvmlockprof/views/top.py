@@ -71,6 +71,7 @@ class LiveView:
         waits = waits_source(sources)
         if waits:
             self.names.kernel_namer.run_queues(waits.run_queues_or_none())
+            self.names.slab_lookup = getattr(waits, "slab_caches", None)
         self.procs = {}
         self.prev_aggs, self.prev_counters = None, {}
         self.vcpu_now, self.vcpu_prev = {}, {}       # --vcpu-exits' tables
