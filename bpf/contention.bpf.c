@@ -398,13 +398,17 @@ static __always_inline int interrupted(void)
 }
 
 #if KVMLP_PENDING_TASK
+/* (the first found returns: or-ing every slot's answer made the verifier take each
+ * slot's branches apart, 256k instructions processed for the begin handler at each
+ * start against 34k: bench/README.md, start-up) */
 static __always_inline int any_live(struct pending_slots *p, u32 epoch, int except)
 {
-	int live = 0;
 #pragma unroll
-	for (int i = 0; i < KVMLP_NEST; i++)
-		live |= i != except && p->lock[i] && p->epoch[i] == epoch;
-	return live;
+	for (int i = 0; i < KVMLP_NEST; i++) {
+		if (i != except && p->lock[i] && p->epoch[i] == epoch)
+			return 1;
+	}
+	return 0;
 }
 
 static __always_inline struct pending_slots *slots_of(int irq, u64 flags)
@@ -425,19 +429,25 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 	}
 	/* The slot: this lock's, else a free one (or an earlier epoch's), else
 	 * the oldest (most likely a wait whose end was missed). */
+	/* An interrupt's wait open at this level or deeper belongs to an earlier
+	 * interrupt (one context a level on a CPU, and a spinning waiter takes no
+	 * other lock): its end was missed (our program was running on the CPU). A
+	 * pass of its own: inside the slot search, its branches multiplied the
+	 * search's for the verifier (34k instructions processed against 24k). */
+	if (irq > KVMLP_IRQ_LEVEL_UNKNOWN) {
+#pragma unroll
+		for (int i = 0; i < KVMLP_NEST; i++) {
+			if (p->lock[i] && p->epoch[i] == epoch && p->level[i] >= irq &&
+			    p->lock[i] != lock) {
+				count(KVMLP_C_BEGIN_WITHOUT_END);
+				p->lock[i] = 0;
+			}
+		}
+	}
 	int slot = KVMLP_NEST, free = KVMLP_NEST;
 #pragma unroll
 	for (int i = 0; i < KVMLP_NEST; i++) {
 		int live = p->lock[i] && p->epoch[i] == epoch;
-		/* An interrupt's wait open at this level or deeper belongs to an earlier
-		 * interrupt (one context a level on a CPU, and a spinning waiter takes no
-		 * other lock): its end was missed (our program was running on the CPU). */
-		if (live && irq > KVMLP_IRQ_LEVEL_UNKNOWN && p->level[i] >= irq &&
-		    p->lock[i] != lock) {
-			count(KVMLP_C_BEGIN_WITHOUT_END);
-			p->lock[i] = 0;
-			live = 0;
-		}
 		if (live && p->lock[i] == lock)
 			slot = i;
 		if (free == KVMLP_NEST && !live)
@@ -842,6 +852,85 @@ int run_queue_of_cpu(struct bpf_raw_tracepoint_args *ctx)
 #endif
 	return 0;
 }
+
+#if KVMLP_OWNERS && KVMLP_OFF_KFUNC_TASK_FROM_PID > 0 && KVMLP_OFF_KFUNC_TASK_RELEASE > 0 && \
+	KVMLP_OFF_TASK_ON_CPU >= 0 && KVMLP_OFF_TASK_NVCSW >= 0 && KVMLP_OFF_TASK_NIVCSW >= 0 && \
+	KVMLP_OFF_TP_CONTENTION_BEGIN > 0
+/* --lock-owner: the owner's kernel stack as a wait on its lock begins, where the owner
+ * sleeps (a running owner's saved stack is stale: none taken). bpf_get_task_stack
+ * takes a task pointer only a kfunc gives, and only a tracing program may call
+ * bpf_task_from_pid: this is a tp_btf program of its own on lock:contention_begin,
+ * which ContentionProbe loads and attaches (bcc 0.26 loads no tp_btf), at most one
+ * walk per walk_ns per CPU (the stack budget's pace). */
+static u64 (*kvmlp_task_from_pid)(s32 pid) = KVMLP_KFUNC(KVMLP_OFF_KFUNC_TASK_FROM_PID);
+static void (*kvmlp_task_release)(u64 task) = KVMLP_KFUNC(KVMLP_OFF_KFUNC_TASK_RELEASE);
+BPF_F_TABLE("hash", struct kvmlp_owner_stack_key, struct kvmlp_owner_stack_val, owner_stacks,
+	    KVMLP_AGG_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(owner_stack_buf, struct kvmlp_owner_stack_val, 1);
+BPF_PERCPU_ARRAY(owner_walked_ns, u64, 1);
+
+/* A task's voluntary plus involuntary context switches, ~0 while it is on a CPU. */
+static __always_inline u64 switches(u64 task)
+{
+	u32 on_cpu = 1;
+	u64 nvcsw = 0, nivcsw = 0;
+	bpf_probe_read_kernel(&on_cpu, sizeof(on_cpu), (void *)(task + KVMLP_OFF_TASK_ON_CPU));
+	bpf_probe_read_kernel(&nvcsw, sizeof(nvcsw), (void *)(task + KVMLP_OFF_TASK_NVCSW));
+	bpf_probe_read_kernel(&nivcsw, sizeof(nivcsw), (void *)(task + KVMLP_OFF_TASK_NIVCSW));
+	return on_cpu ? ~0ULL : nvcsw + nivcsw;
+}
+
+int owner_stack(u64 *ctx)               /* (void *lock, unsigned int flags) */
+{
+	u64 lock = ctx[0];
+	u32 flags = (u32)ctx[1];
+	int zero = 0;
+	struct kvmlp_arm *arm = armed.lookup(&zero);
+	u64 id = bpf_get_current_pid_tgid();
+	/* a mutex spins only while its owner runs */
+	if (!arm || !arm->on || (flags & KVMLP_LCB_F_SPIN) || !wanted_process(id >> 32) ||
+	    !wanted(id, lock) || !wanted_type(flags, KVMLP_TYPE_BEGIN))
+		return 0;
+	u32 pid = owner_of(lock, flags);
+	u64 now = bpf_ktime_get_ns(), *last = owner_walked_ns.lookup(&zero);
+	if (!pid || !last || now - *last < arm->walk_ns)
+		return 0;
+	*last = now;
+	struct kvmlp_owner_stack_val *v = owner_stack_buf.lookup(&zero);
+	u64 task = kvmlp_task_from_pid(pid);
+	if (!task)
+		return 0;
+	/* It may run again meanwhile, and a running task's stack read from another CPU is
+	 * garbage: kept only if it was off CPU, and switched neither in nor out, from
+	 * before the walk to after it (its context-switch counts, on_cpu). */
+	u64 before = switches(task), after = 0;
+	long n = 0;
+	if (v && before != ~0ULL)
+		n = bpf_get_task_stack((void *)task, v->ips, sizeof(v->ips), 0);
+	if (n > 0)
+		after = switches(task);
+	kvmlp_task_release(task);
+	if (after != before)
+		return 0;
+	if (!v || n <= 0)
+		return 0;
+	struct kvmlp_owner_stack_key k = {.lock_addr = lock, .owner = pid};
+	u64 h = 14695981039346656037ULL;        /* FNV-1a over the frames */
+#pragma unroll
+	for (int i = 0; i < KVMLP_OWNER_DEPTH; i++)
+		h = (h ^ v->ips[i]) * 1099511628211ULL;
+	k.hash = (u32)(h ^ (h >> 32));
+	struct kvmlp_owner_stack_val *had = owner_stacks.lookup(&k);
+	if (had) {
+		kvmlp_add(&had->count, 1);
+	} else {
+		v->count = 1;
+		if (owner_stacks.update(&k, v))
+			count(KVMLP_C_LOST_AGG_FULL);
+	}
+	return 0;
+}
+#endif
 
 #if KVMLP_OFF_KFUNC_GET_KMEM_CACHE > 0 && KVMLP_OFF_KMEM_CACHE_NAME >= 0
 /* 6.13+: the slab cache of an object's address (NULL: in no slab object). */

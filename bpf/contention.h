@@ -128,6 +128,20 @@ struct kvmlp_lock_kind_val {
 	u32 pad;
 };
 
+/* --lock-owner's owner stacks (owner_stack): per lock, owner thread and stack (a hash
+ * of its frames), the wait begins that found the owner asleep there. */
+#define KVMLP_OWNER_DEPTH 16
+struct kvmlp_owner_stack_key {
+	u64 lock_addr;
+	u32 owner;              /* its tid */
+	u32 hash;               /* of ips */
+};
+
+struct kvmlp_owner_stack_val {
+	u64 count;
+	u64 ips[KVMLP_OWNER_DEPTH];
+};
+
 /* Slab names (slab_caches): user space asks for up to KVMLP_SLAB_BATCH lock
  * addresses at a time, each answered in place by its slab cache's name ("" where the
  * address is in no slab object). The longest cache name here is 23 characters. */

@@ -313,3 +313,75 @@ def test_slab_objects_named_by_their_cache(live, tmp_path):
     file = [a for a in checked if "fdget_pos" in callers.get(a, set())]
     assert pipe and file, (checked, {a: sorted(callers.get(a, ())) for a in checked})
     assert checked[file[0]] == "filp"
+
+
+def _inside(frames, stacks, n=6):
+    """Whether a stack's first n frames (innermost first) are a run of one of these
+    stacks: the kernel leaves the scheduler's own functions (.sched.text) out of another
+    task's stack, which its tracer's shows."""
+    want = tuple(frames[:n])
+    return bool(want) and any(want == s[j:j + len(want)] for s in stacks
+                              for j in range(len(s)))
+
+
+def test_owner_stacks_are_where_the_kernel_switched_them_out(live, tmp_path):
+    """--lock-owner on the churn workload, the kernel's tracer recording the kernel
+    stack of each churn thread as it is switched out (an ftrace instance: sched_switch
+    with a stacktrace trigger on prev_comm): every owner stack the recording keeps for
+    kvm->slots_lock (taken while its owner slept) is a run of one of the stacks the
+    tracer saw that very thread switched out with (the kernel leaves the scheduler's
+    own frames out of another task's stack; a stack read while its task ran again
+    would not be); and each is inside the VM ioctl."""
+    from conftest import workload_argv
+    from ftrace import Ftrace
+    from kvmlockprof.kernel import btf
+    kb = btf.Btf(modules=[])
+    if btf.kfunc_id(kb, "bpf_task_from_pid") is None:
+        pytest.skip("this kernel has no bpf_task_from_pid: owner stacks are not taken, "
+                    "as the manifest says")
+    out = tmp_path / "owners.parquet"
+    tr = Ftrace("kvmlp_test_owner_stacks", {"sched/sched_switch": 'prev_comm ~ "kvmlp-churn*"'})
+    trig = f"{tr.dir}/events/sched/sched_switch/trigger"
+    with open(trig, "w") as f:
+        f.write('stacktrace if prev_comm ~ "kvmlp-churn*"')
+    try:
+        klp("record", "-q", "--lock-owner", "-o", out, "--",
+            *workload_argv("--duration", 4, "--vcpus", 2, "--churn", "--churn-threads", 2),
+            timeout=120)
+        tr.stop()
+        text = tr._read("trace")
+    finally:
+        with open(trig, "w") as f:
+            f.write('!stacktrace if prev_comm ~ "kvmlp-churn*"')
+        tr.remove()
+    seen, tid, frames = {}, None, []        # tid -> the stacks it was switched out with
+    for line in text.splitlines() + [""]:
+        if line.startswith(" => "):
+            frames.append(line[4:].split("+")[0].strip())
+            continue
+        if "<stack trace>" in line:         # (the trigger's entry, after its event's)
+            continue
+        if tid is not None and frames:
+            seen.setdefault(tid, set()).add(tuple(frames))
+        tid, frames = None, []
+        m = re.search(r"sched_switch: prev_comm=\S+ prev_pid=(\d+)", line)
+        if m:
+            tid = int(m.group(1))
+    assert seen, "the tracer saw no churn thread switched out"
+    rec = kvmlockprof.load(out)
+    status = rec.manifest["probes"]["contention"]
+    assert status.get("owner_stacks") is True, status.get("owner_stacks")
+    pid = rec.manifest["pid_filter"][0]
+    names = {int(a, 16): v["name"] for a, v in rec.manifest["lock_names"].items()}
+    t = rec.table("owner_stacks")
+    slots = t[[names.get(int(a)) == f"kvm({pid})->slots_lock" for a in t["lock_addr"]]]
+    assert len(slots), t
+    for o, fr in zip(slots["owner"], slots["frames"]):
+        ours = [str(f).split("+")[0] for f in fr]
+        assert _inside(ours, seen.get(int(o), ())), (int(o), ours[:10],
+                                                     sorted(seen.get(int(o), ()))[:5])
+    # the lock is only ever held inside the VM ioctl (kvm_set_memory_region's)
+    assert all(any(str(f).startswith("kvm_vm_ioctl") for f in fr)
+               for fr in slots["frames"]), list(slots["frames"])
+    print(f"{len(slots)} owner stacks of slots_lock, all among the tracer's "
+          f"{sum(map(len, seen.values()))} switch-out stacks of those threads")

@@ -15,7 +15,7 @@ SLOTS, MMAP, OTHER = 0xffff888100001000, 0xffff888100002000, 0xffff888100003000
 MUTEX, RWSEM_W = 32, 16 | 4
 
 
-def recording(lock_owner=True):
+def recording(lock_owner=True, owner_stacks=None):
     aggs = pd.DataFrame({
         "lock_addr": [SLOTS, SLOTS, MMAP, OTHER], "tgid": [100, 100, 100, 300],
         "flags": [MUTEX, MUTEX, RWSEM_W, MUTEX], "stack_id": [-1000] * 4,
@@ -39,6 +39,7 @@ def recording(lock_owner=True):
                               "300": {"comm": "other"}}}
     return Recording.from_frames("<test>", manifest, {
         "aggregates": aggs, "lock_owners": own if lock_owner else own.iloc[:0],
+        **({"owner_stacks": owner_stacks} if owner_stacks is not None else {}),
         "stacks": pd.DataFrame({"source": [], "stack_id": [], "frames": [],
                                 "lock_frame": []}),
         "contention": pd.DataFrame()})
@@ -98,3 +99,39 @@ def test_html_has_the_owner_column_and_section():
     page = html.render(recording())
     assert "owner_share" in page and "kvmlp-churn1 (201)" in page and "60.0%" in page
     assert "Who held the sleeping locks" in page
+
+
+CHURN_SLEEP = ["__schedule+0x2e1/0x7a0", "schedule+0x27/0xa0", "schedule_timeout+0x9c/0x110",
+               "__wait_for_common+0x96/0x1b0", "__synchronize_srcu+0xc4/0x100",
+               "kvm_swap_active_memslots+0x111/0x190", "kvm_set_memslot+0x1b2/0x4a0",
+               "kvm_set_memory_region+0x2a3/0x3e0", "kvm_vm_ioctl+0x3c8/0x1450"]
+
+
+def test_where_an_owner_slept_is_below_the_sleeping_primitives():
+    """The scheduler's and the sleeping primitives' frames are dropped; the next four,
+    outermost first."""
+    assert owners.where(CHURN_SLEEP) == ("kvm_set_memory_region -> kvm_set_memslot -> "
+                                         "kvm_swap_active_memslots -> __synchronize_srcu")
+    assert owners.where(["schedule+0x1", "do_nanosleep+0x2"]) == "do_nanosleep -> schedule"
+    assert owners.where([]) == ""
+
+
+def test_owner_stacks_per_lock_and_owner_share_their_samples():
+    """Each owner's samples on a lock split by where it slept, shares of that owner's
+    samples on that lock; owners labelled as the lock_owners table labels them."""
+    other = CHURN_SLEEP[:4] + ["msleep+0x1", "worker_fn+0x10"]
+    rec = recording(owner_stacks=pd.DataFrame({
+        "lock_addr": np.array([SLOTS, SLOTS, SLOTS], np.uint64),
+        "owner": np.array([201, 201, 202], np.uint32),
+        "count": np.array([3, 1, 5], np.uint64),
+        "frames": [CHURN_SLEEP, other, CHURN_SLEEP]}))
+    df = owners.owner_stacks(rec)
+    assert df["owner"].tolist() == ["kvmlp-churn2 (202)", "kvmlp-churn1 (201)",
+                                    "kvmlp-churn1 (201)"]
+    assert df["samples"].tolist() == [5, 3, 1]
+    assert df["share"].tolist() == pytest.approx([1.0, 0.75, 0.25])
+    assert df["where"].iloc[2] == "worker_fn"
+    assert set(df["lock"]) == {"kvm(100)->slots_lock"}
+    assert owners.slept_at(rec)[("kvm(100)->slots_lock", "kvmlp-churn1 (201)")] == \
+        owners.where(CHURN_SLEEP)
+    assert owners.owner_stacks(recording(lock_owner=False)).empty

@@ -9,6 +9,16 @@ from kvmlockprof.analysis import locks
 from kvmlockprof.lazy import pd
 
 COLUMNS = ["lock", "owner", "vm", "waits", "wait_ns", "share"]
+STACK_COLUMNS = ["lock", "owner", "where", "samples", "share"]
+# The scheduler's and the sleeping primitives' frames, above where an owner slept
+_SLEEP = re.compile(r"^(__schedule|schedule\w*|__switch_to\w*|preempt_schedule\w*|"
+                    r"io_schedule\w*|__wait_for_common|wait_for_completion\w*|"
+                    r"do_wait_for_common|"
+                    r"__mutex_lock\w*|mutex_lock\w*|rwsem_down_\w+|down_(read|write)\w*|"
+                    r"__down\w*|msleep\w*|usleep\w*|do_nanosleep|hrtimer_nanosleep\w*|"
+                    r"futex_\w*wait\w*|__futex_wait|do_futex|__x64_sys_\w*|x64_sys_call|"
+                    r"do_syscall_64|entry_SYSCALL\w*)$")
+WHERE_FRAMES = 4
 BY_OWNER = ["owner", "vm", "waits", "wait_ns", "locks", "lock", "lock_share"]
 # A thread name's instance part: kworker/u8:3's "/u8:3", worker-12's "-12" (a bare
 # trailing number stays: qemu-system-x86)
@@ -94,3 +104,46 @@ def _owner_pids(rec):
              zip(t["owner"], t["owner_tgid"], t["owner_comm"])}
     vcpu = locks.vcpu_labels(rec, comms)
     return {vcpu.get(o, f"{c} ({o})"): p for o, (p, c) in comms.items()}
+
+
+def slept_at(rec):
+    """{(lock name, owner label): where it slept most} (owner_stacks)."""
+    df = owner_stacks(rec)
+    top = df.drop_duplicates(["lock", "owner"])     # (sorted by samples)
+    return {(r.lock, r.owner): r.where for r in top.itertuples(index=False)}
+
+
+def where(frames, n=WHERE_FRAMES):
+    """Where an owner slept, from its stack (innermost first): the first n frames below
+    the scheduler's and the sleeping primitives', outermost first (`kvm_set_memslot ->
+    kvm_swap_active_memslots -> synchronize_srcu_expedited`)."""
+    fns = [str(f).split("+")[0].split()[0] for f in frames if f]
+    i = 0
+    while i < len(fns) and _SLEEP.match(fns[i]):
+        i += 1
+    return " -> ".join(reversed((fns[i:] if i < len(fns) else fns)[:n]))
+
+
+def owner_stacks(rec):
+    """Where the owners slept (`record --lock-owner`, where the kernel lets a tracing
+    program read another task's stack): per lock and owner thread, each place its
+    kernel stack was found as a wait on the lock began (an owner running on a CPU has
+    none: only sleeping owners are sampled), the samples and their share of that
+    owner's on that lock."""
+    t = rec.table("owner_stacks")
+    if t.empty:
+        return pd.DataFrame(columns=STACK_COLUMNS)
+    names = locks.lock_names(rec)
+    o = rec.table("lock_owners")
+    comms = {int(x): (int(p), str(c)) for x, p, c in
+             zip(o["owner"], o["owner_tgid"], o["owner_comm"])} if not o.empty else {}
+    vcpu = locks.vcpu_labels(rec, comms)
+    label = lambda x: vcpu.get(x, f"{comms.get(x, (0, '?'))[1]} ({x})")  # noqa: E731
+    out = pd.DataFrame({
+        "lock": [names.get(f"{int(a):#x}", f"{int(a):#x}") for a in t["lock_addr"]],
+        "owner": [label(int(x)) for x in t["owner"]],
+        "where": [where(f) for f in t["frames"]],
+        "samples": t["count"].astype("int64")})
+    out = out.groupby(["lock", "owner", "where"], as_index=False)["samples"].sum()
+    out["share"] = out["samples"] / out.groupby(["lock", "owner"])["samples"].transform("sum")
+    return out.sort_values(["samples"], ascending=False, ignore_index=True)[STACK_COLUMNS]

@@ -469,15 +469,30 @@ def kfunc_id(btf, name):
     return tid if unit is btf.units[0] else None
 
 
+TP_BTF = "(tp_btf)"
+
+
+def tracepoint_btf_id(btf, tp):
+    """The BTF id a tp_btf program on raw tracepoint `tp` attaches by (vmlinux's
+    typedef btf_trace_TP), or None."""
+    raw, want = btf.units[0], f"btf_trace_{tp}"
+    if isinstance(raw, dict):
+        return next((i for i, t in raw.items() if t["kind"] == "TYPEDEF" and
+                     t.get("name") == want), None)
+    return next((i for i in raw.ids("TYPEDEF") if raw.name_of(i) == want), None)
+
+
 def defines(btf, fields):
     """{DEFINE: offset} for {DEFINE: (struct, path or (paths, first found))}, the path
     "sizeof" giving the struct's size, the struct PERCPU a per-CPU variable's offset in
-    that section, the struct KFUNC a kfunc's BTF id; -1 where this kernel lacks it."""
+    that section, the struct KFUNC a kfunc's BTF id, TP_BTF a raw tracepoint's (what a
+    tp_btf program names); -1 where this kernel lacks it."""
     out = {}
     percpu = {v[2]: v[0] for v in btf.percpu_vars()[0]} if btf and any(
         st == PERCPU for st, _ in fields.values()) else {}
     for name, (st, paths) in fields.items():
         offs = [(percpu.get(p) if st == PERCPU else kfunc_id(btf, p) if st == KFUNC
+                 else tracepoint_btf_id(btf, p) if st == TP_BTF
                  else btf.size(st) if p == "sizeof" else btf.offset(st, p)) if btf
                 else None for p in ((paths,) if isinstance(paths, str) else paths)]
         out[name] = next((o for o in offs if o is not None), -1)

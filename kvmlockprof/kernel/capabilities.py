@@ -1,5 +1,6 @@
 """What this host's kernel lets us do, found by trying it, and the attach plan
 that follows for each catalog probe."""
+import ctypes
 import hashlib
 import os
 import platform
@@ -179,6 +180,7 @@ def _probe_tracing(add):
     add(Check("tracepoint lock:contention_begin/end", not err,
               "attached (trial)" if not err else err))
     add(_slab_names_check())
+    add(_owner_stacks_check())
     kvm_events = tracefs.tracepoint_events("kvm")
     add(Check("tracepoints kvm:*", bool(kvm_events),
               f"{len(kvm_events)} events" if kvm_events else "kvm module not loaded"))
@@ -205,6 +207,37 @@ def _slab_names_check():
     return Check(name, not err, "bpf_get_kmem_cache: a lock in a slab object is named "
                  "by its cache (`&task_struct@ADDR`)" if not err else
                  f"bpf_get_kmem_cache refused: {err}")
+
+
+def _owner_stacks_check():
+    """Whether --lock-owner can take a sleeping owner's stack: a tp_btf program on
+    lock:contention_begin calling bpf_task_from_pid and bpf_task_release (kfuncs), tried."""
+    from kvmlockprof.kernel import btf, handles
+    name = "owner stacks"
+    try:
+        kb = btf.Btf(modules=[]) if host.has_btf() else None
+    except btf.BtfError as e:
+        return Check(name, False, str(e))
+    ids = {f: btf.kfunc_id(kb, f) if kb else None for f in ("bpf_task_from_pid",
+                                                            "bpf_task_release")}
+    tp = btf.tracepoint_btf_id(kb, "contention_begin") if kb else None
+    if None in ids.values() or tp is None:
+        lacks = [f for f, i in ids.items() if i is None] + ([] if tp else ["tp_btf"])
+        return Check(name, False, f"the kernel has no {', '.join(lacks)}: --lock-owner "
+                     "names owners without their stacks")
+    text = ('#include "kfunc.h"\n'
+            f"static u64 (*from_pid)(s32) = KVMLP_KFUNC({ids['bpf_task_from_pid']});\n"
+            f"static void (*release)(u64) = KVMLP_KFUNC({ids['bpf_task_release']});\n"
+            "int t(u64 *ctx) { u64 task = from_pid(1); if (task) release(task); return 0; }")
+
+    def load(b):
+        lib = bpfload.import_bcc().libbcc.lib
+        code = ctypes.string_at(lib.bpf_function_start(b.module, b"t"),
+                                lib.bpf_function_size(b.module, b"t"))
+        os.close(handles.load_tp_btf(b"t", bpfload.kfunc_calls(code), tp))
+    err = _trial(text, load)
+    return Check(name, not err, "--lock-owner takes a sleeping owner's kernel stack "
+                 "(tp_btf, bpf_task_from_pid)" if not err else f"refused: {err}")
 
 
 @dataclass

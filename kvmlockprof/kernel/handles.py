@@ -37,7 +37,9 @@ def lib():
                            "bpf_map_lookup_and_delete_elem": [i, vp, vp],
                            "bpf_map_lookup_batch": [i, vp, vp, vp, vp, vp, vp],
                            "bpf_raw_tracepoint_open": [ct.c_char_p, i],
-                           "bpf_prog_test_run_opts": [i, vp]}.items():
+                           "bpf_prog_test_run_opts": [i, vp],
+                           "bpf_prog_load": [i, ct.c_char_p, ct.c_char_p, vp, ct.c_size_t,
+                                             vp]}.items():
             f = getattr(b, name)
             f.argtypes, f.restype = args, i
         _LIB = b
@@ -52,6 +54,50 @@ class _TestRunOpts(ct.Structure):
                 ("ctx_size_in", ct.c_uint32), ("ctx_size_out", ct.c_uint32),
                 ("retval", ct.c_uint32), ("repeat", ct.c_int), ("duration", ct.c_uint32),
                 ("flags", ct.c_uint32), ("cpu", ct.c_uint32), ("batch_size", ct.c_uint32)]
+
+
+class _ProgLoadOpts(ct.Structure):
+    """libbpf's struct bpf_prog_load_opts (bpf.h, libbpf 1.0-1.1: up to log_buf)."""
+    _fields_ = [("sz", ct.c_size_t), ("attempts", ct.c_int),
+                ("expected_attach_type", ct.c_int), ("prog_btf_fd", ct.c_uint32),
+                ("prog_flags", ct.c_uint32), ("prog_ifindex", ct.c_uint32),
+                ("kern_version", ct.c_uint32), ("attach_btf_id", ct.c_uint32),
+                ("attach_prog_fd", ct.c_uint32), ("attach_btf_obj_fd", ct.c_uint32),
+                ("fd_array", ct.c_void_p), ("func_info", ct.c_void_p),
+                ("func_info_cnt", ct.c_uint32), ("func_info_rec_size", ct.c_uint32),
+                ("line_info", ct.c_void_p), ("line_info_cnt", ct.c_uint32),
+                ("line_info_rec_size", ct.c_uint32), ("log_level", ct.c_uint32),
+                ("log_size", ct.c_uint32), ("log_buf", ct.c_void_p)]
+
+
+BPF_PROG_TYPE_TRACING, BPF_TRACE_RAW_TP = 26, 23     # include/uapi/linux/bpf.h
+
+
+def load_tp_btf(name, code, btf_id, license=b"GPL"):
+    """Load instructions as a tp_btf program (BPF_PROG_TYPE_TRACING on the raw
+    tracepoint whose btf_trace_ typedef is `btf_id`), which bcc 0.26 cannot: its fd,
+    or OSError with the verifier's last lines."""
+    log = ct.create_string_buffer(1 << 16)
+    opts = _ProgLoadOpts(sz=ct.sizeof(_ProgLoadOpts), expected_attach_type=BPF_TRACE_RAW_TP,
+                         attach_btf_id=btf_id, log_level=1, log_size=len(log),
+                         log_buf=ct.addressof(log))
+    buf = ct.create_string_buffer(bytes(code), len(code))
+    fd = lib().bpf_prog_load(BPF_PROG_TYPE_TRACING, _bytes(name)[:15], license, buf,
+                             len(code) // 8, ct.byref(opts))
+    if fd < 0:
+        why = " ".join(log.value.decode(errors="replace").strip().splitlines()[-2:])
+        err = ct.get_errno()
+        raise OSError(err, f"loading tp_btf {_bytes(name).decode()}: {os.strerror(err)}"
+                      + (f": {why}" if why else ""))
+    return fd
+
+
+def attach_tp_btf(prog_fd):
+    """Attach a tp_btf program to its tracepoint: the link's fd."""
+    fd = lib().bpf_raw_tracepoint_open(None, prog_fd)
+    if fd < 0:
+        raise _oserror("attaching a tp_btf program")
+    return fd
 
 
 def run_raw_tracepoint(prog_fd, args):

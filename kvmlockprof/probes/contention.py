@@ -52,9 +52,15 @@ PROBE = Probe(
             "FHB_SIZE": ("futex_hash_bucket", "sizeof"),
             # slab objects named by their cache (slab_caches): a kfunc's BTF id
             "KFUNC_GET_KMEM_CACHE": (btf.KFUNC, "bpf_get_kmem_cache"),
-            "KMEM_CACHE_NAME": ("kmem_cache", "name")},
+            "KMEM_CACHE_NAME": ("kmem_cache", "name"),
+            # --lock-owner's owner stacks (owner_stack: a tp_btf program)
+            "KFUNC_TASK_FROM_PID": (btf.KFUNC, "bpf_task_from_pid"),
+            "KFUNC_TASK_RELEASE": (btf.KFUNC, "bpf_task_release"),
+            "TASK_ON_CPU": ("task_struct", "on_cpu"), "TASK_NVCSW": ("task_struct", "nvcsw"),
+            "TASK_NIVCSW": ("task_struct", "nivcsw"),
+            "TP_CONTENTION_BEGIN": (btf.TP_BTF, "contention_begin")},
     tables=("contention", "aggregates", "stacks", "vcpu_exits", "vcpu_exit_waits",
-            "nested_waits", "lock_owners"),
+            "nested_waits", "lock_owners", "owner_stacks"),
     columns={
         "contention": {"ts_ns": "n", "wait_ns": "n", "lock_addr": "n", "tid": "n",
                        "tgid": "n", "flags": "n", "stack_id": "n", "comm": "s"},
@@ -69,6 +75,7 @@ PROBE = Probe(
         "vcpu_exits": {"tgid": "n", "tid": "n", "basis": "n", "isa": "n", "reason": "n",
                        "vcpu_id": "n", "count": "n", "time_ns": "n", "wait_ns": "n",
                        "waits": "n", "comm": "s"},
+        "owner_stacks": {"lock_addr": "n", "owner": "n", "count": "n", "frames": "ls"},
         "lock_owners": {"lock_addr": "n", "owner": "n", "count": "n", "total_ns": "n",
                         "owner_tgid": "n", "owner_comm": "s"},
         "vcpu_exit_waits": {"lock_addr": "n", "tgid": "n", "tid": "n", "basis": "n",
@@ -77,6 +84,9 @@ PROBE = Probe(
     sections=(Section("lock_owners", "Who held the sleeping locks: per mutex or rwsem and "
                       "the thread holding it as each wait began, the waits and their "
                       "share of the lock's wait time (--lock-owner)", owners.lock_owners),
+              Section("owner_stacks", "Where the owners slept: per sleeping lock and "
+                      "owner, its kernel stack as waits on the lock began (sleeping "
+                      "owners only; --lock-owner)", owners.owner_stacks),
               Section("vcpu_impact", "Per-vCPU impact: each vCPU's time in the host and "
                       "the share of it spent waiting (--vcpu-exits)", vcpus.vcpu_impact),
               Section("vcpu_locks", "Per-vCPU impact by lock: the share of each vCPU's "
@@ -86,6 +96,7 @@ PROBE = Probe(
 )
 COUNTERS = PROBE.counters           # enum contention_counter, bpf/contention.h
 SLAB_BATCH = cdefs.define("contention.h", "KVMLP_SLAB_BATCH")   # addresses a run names
+OWNER_TP = b"contention_begin (owner_stack)"       # its link among the raw tracepoints
 # enum kvmlp_lock_kind, bpf/contention.h
 LOCK_KINDS = cdefs.labels("contention.h", "kvmlp_lock_kind", {"KVMLP_LOCK_MM": "mm",
                                                               "KVMLP_LOCK_STACK": "stack",
@@ -139,8 +150,9 @@ class ContentionOptions:
     lock_owner: bool = knob(False, "--lock-owner", is_flag=True, define="KVMLP_OWNERS",
                             help="Who held each contended mutex or write-held rwsem as "
                                  "each wait began: waits and wait time per owner thread "
-                                 "(perf lock contention's -o). Three reads a sleeping "
-                                 "wait.")
+                                 "(perf lock contention's -o), and where a sleeping owner "
+                                 "slept (its kernel stack, at the stack budget's pace). "
+                                 "Three reads a sleeping wait.")
     # children of the followed processes join them (record's COMMAND): a program of its own
     follow_fork: bool = knob(False, define="KVMLP_FOLLOW_FORK")
     # where waits in progress are kept: "task storage" (5.12+), "hash", or "auto"
@@ -277,6 +289,9 @@ class ContentionProbe:
         self._comms = {}
         self._tgids = {}            # owner tid -> its process (read once, 0 once gone)
         self._attach_tracepoints()                  # (bcc attached them on load)
+        self.symbolize = None       # kernel addresses -> frames (the session's Kallsyms)
+        self._owner_frames = {}     # owner stack hash -> its frames, made once
+        self.options["owner_stacks"] = self._load_owner_stacks() if opts.lock_owner else None
         self._arm(**options.bpf_values(opts))
         self.set_stack_budget(opts.stack_budget)
         self._arm(True)
@@ -478,7 +493,25 @@ class ContentionProbe:
             out["lock_owners"] = ow.append_column("owner_tgid", pa.array(tgids, pa.uint32())) \
                 .append_column("owner_comm", pa.array(self._thread_comms(tgids, tids))
                                .dictionary_encode())
+        if self.options.get("owner_stacks") is True:
+            out["owner_stacks"] = self._owner_stacks()
         return out
+
+    def _owner_stacks(self):
+        """owner_stacks as a table: lock_addr, owner, count, frames (symbolised once a
+        stack; kernel addresses where the session gave no symboliser)."""
+        rows = {"lock_addr": [], "owner": [], "count": [], "frames": []}
+        for k, v in handles.table(self.bpf, "owner_stacks").items():
+            if k.hash not in self._owner_frames:
+                ips = [ip for ip in v.ips if ip]
+                self._owner_frames[k.hash] = self.symbolize(ips) if self.symbolize else \
+                    [f"{ip:#x}" for ip in ips]
+            for c, x in zip(rows, (k.lock_addr, k.owner, v.count, self._owner_frames[k.hash])):
+                rows[c].append(x)
+        return pa.table({"lock_addr": pa.array(rows["lock_addr"], pa.uint64()),
+                         "owner": pa.array(rows["owner"], pa.uint32()),
+                         "count": pa.array(rows["count"], pa.uint64()),
+                         "frames": pa.array(rows["frames"], pa.list_(pa.string()))})
 
     def forget_owners(self, keys):
         """Delete lock_owners entries ((lock_addr, owner tid) pairs: owners gone) and
@@ -528,6 +561,7 @@ class ContentionProbe:
         the detach may have ended unseen, and must not pair with the ends to come."""
         self._arm(False, new_epoch=True)
         self._attach_tracepoints()
+        self._attach_owner_stacks()
         self._arm(True)
 
     def _attach_tracepoints(self):
@@ -553,6 +587,8 @@ class ContentionProbe:
         contention_begin, else each detach's RCU grace period (tens of ms) lets
         ends in with no begin."""
         self._arm(False)
+        if OWNER_TP in self.bpf.raw_tracepoint_fds:
+            self.bpf.detach_raw_tracepoint(OWNER_TP)
         for tp in reversed(TRACEPOINTS):
             if tp.encode() in self.bpf.raw_tracepoint_fds:
                 self.bpf.detach_raw_tracepoint(tp)
@@ -560,6 +596,43 @@ class ContentionProbe:
             if tp.encode() in self.bpf.tracepoint_fds:
                 self.bpf.detach_tracepoint(tp.encode())
         self.attached = {}
+
+    def _load_owner_stacks(self):
+        """Load and attach owner_stack (a tp_btf program: bcc 0.26 loads none), where
+        the kernel has what it needs: True, or why not (owners are still named)."""
+        d = self.defines
+        missing = [k for k in ("KFUNC_TASK_FROM_PID", "KFUNC_TASK_RELEASE",
+                               "TP_CONTENTION_BEGIN") if d[f"KVMLP_OFF_{k}"] <= 0]
+        fields = [f for f in ("TASK_ON_CPU", "TASK_NVCSW", "TASK_NIVCSW")
+                  if d[f"KVMLP_OFF_{f}"] < 0]
+        if missing or fields:
+            return ("the kernel has no " + ", ".join(PROBE.fields[k][1] for k in missing)
+                    if missing else "BTF has no task_struct." + PROBE.fields[fields[0]][1])
+        lib = bpfload.import_bcc().libbcc.lib
+        fn = b"owner_stack"
+        code = ctypes.string_at(lib.bpf_function_start(self.bpf.module, fn),
+                                lib.bpf_function_size(self.bpf.module, fn))
+        try:
+            fd = handles.load_tp_btf(fn, bpfload.kfunc_calls(code) or code,
+                                     d["KVMLP_OFF_TP_CONTENTION_BEGIN"])
+        except OSError as e:
+            return f"the kernel refused the owner stacks' program: {e}"
+        self.bpf.funcs[fn] = bpfload.import_bcc().BPF.Function(self.bpf, fn, fd)
+        return True
+
+    def take_owner_stacks(self, symbolize):
+        """record and top (not the exporter, which counts owner classes): take sleeping
+        owners' stacks from now on, where they are loaded, symbolised by `symbolize`
+        (kernel addresses -> frames)."""
+        self.symbolize = symbolize
+        self._attach_owner_stacks()
+
+    def _attach_owner_stacks(self):
+        if self.symbolize and b"owner_stack" in self.bpf.funcs and \
+                OWNER_TP not in self.bpf.raw_tracepoint_fds:
+            self.bpf.raw_tracepoint_fds[OWNER_TP] = handles.attach_tp_btf(
+                self.bpf.funcs[b"owner_stack"].fd)
+            self.attached["lock:contention_begin (tp_btf, owner stacks)"] = "tp_btf"
 
     def _names_slabs(self):
         """The kernel has bpf_get_kmem_cache (6.13+) and the C the program calling it."""

@@ -166,6 +166,8 @@ class Recorder:
             if c:
                 self.names.kernel_namer.run_queues(c.run_queues_or_none(self.warn))
                 self.names.slab_lookup = getattr(c, "slab_caches", None)
+                if hasattr(c, "take_owner_stacks"):
+                    c.take_owner_stacks(self.ksyms.frames)
             bpfload.release_memory()
             self.writer = Writer(self.out)
             self.snapshots = Snapshots(self.writer)

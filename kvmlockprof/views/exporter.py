@@ -382,6 +382,7 @@ def _threads_gone(pairs):
 
 class ExporterSession(LiveView):
     """top's live session, read into counters."""
+    OWNER_STACKS = False        # its labels are owner classes: no stacks taken
 
     def __init__(self, sources, status, top_locks=TOP_LOCKS, top_vms=TOP_VMS,
                  top_owners=TOP_OWNERS, **kw):

@@ -175,7 +175,9 @@ def table_text(df, by):
                      f"{'K' if r.kvm else '':>3}  {who}")
         if getattr(r, "owner", ""):
             share = f"{r.owner_share:.0%}" if r.owner_share == r.owner_share else "?"
-            lines[-1] += f"  [{share} behind {r.owner}]"
+            at = getattr(r, "owner_where", "")
+            at = f" at {' -> '.join(at.split(' -> ')[-2:])}" if at else ""
+            lines[-1] += f"  [{share} behind {r.owner}{at}]"
     return lines
 
 
@@ -263,9 +265,11 @@ def with_owner(rec, df, by):
     time (owner, owner_share), when the recording has owners (--lock-owner)."""
     if by != "lock" or not owners.recorded(rec) or df.empty:
         return df
-    top = owners.heaviest(rec)
-    return df.assign(owner=[top.get(n, ("", float("nan")))[0] for n in df["lock"]],
-                     owner_share=[top.get(n, ("", float("nan")))[1] for n in df["lock"]])
+    top, at = owners.heaviest(rec), owners.slept_at(rec)
+    who = [top.get(n, ("", float("nan")))[0] for n in df["lock"]]
+    return df.assign(owner=who,
+                     owner_share=[top.get(n, ("", float("nan")))[1] for n in df["lock"]],
+                     owner_where=[at.get((n, o), "") for n, o in zip(df["lock"], who)])
 
 
 def render(rec, by="lock", sort="total", limit=20, stacks=False, fmt="text", pids=None,

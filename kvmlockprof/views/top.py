@@ -59,6 +59,7 @@ def _delta(cur, prev):
 
 class LiveView:
     """State of a live session: previous reads, names learnt so far."""
+    OWNER_STACKS = True         # --lock-owner: where sleeping owners are (the exporter: no)
 
     def __init__(self, sources, status, by="lock", sort="total", limit=20, pids=None,
                  kbtf=None, filters=None, namers=None):
@@ -72,6 +73,8 @@ class LiveView:
         if waits:
             self.names.kernel_namer.run_queues(waits.run_queues_or_none())
             self.names.slab_lookup = getattr(waits, "slab_caches", None)
+            if self.OWNER_STACKS and hasattr(waits, "take_owner_stacks"):
+                waits.take_owner_stacks(self.ksyms.frames)
         self.procs = {}
         self.prev_aggs, self.prev_counters = None, {}
         self.vcpu_now, self.vcpu_prev = {}, {}       # --vcpu-exits' tables
