@@ -493,7 +493,7 @@ class ContentionProbe:
             out["lock_owners"] = ow.append_column("owner_tgid", pa.array(tgids, pa.uint32())) \
                 .append_column("owner_comm", pa.array(self._thread_comms(tgids, tids))
                                .dictionary_encode())
-        if self.options.get("owner_stacks") is True:
+        if self.options.get("owner_stacks") is True and self.symbolize:   # (taken)
             out["owner_stacks"] = self._owner_stacks()
         return out
 

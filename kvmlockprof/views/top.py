@@ -78,7 +78,7 @@ class LiveView:
         self.procs = {}
         self.prev_aggs, self.prev_counters = None, {}
         self.vcpu_now, self.vcpu_prev = {}, {}       # --vcpu-exits' tables
-        self.owners_now = None
+        self.owners_now = self.owner_stacks_now = None
         self.hits = {}          # name -> [interval hits, interval total, cum hits, cum total]
         self.t0 = self.t_prev = time.monotonic()
         self.header = f"{host.hostname()}  kernel {host.kernel_release()}"
@@ -94,6 +94,7 @@ class LiveView:
         aggs = snaps["aggregates"]
         self.vcpu_now = {t: snaps[t].to_pandas() for t in VCPU_TABLES if t in snaps}
         self.owners_now = snaps.get("lock_owners")      # --lock-owner
+        self.owner_stacks_now = snaps.get("owner_stacks")
         new = new_stack_ids(self.seen_stacks, aggs.column("stack_id").to_numpy())
         if new:
             self.stacks.append(stacks_table(src, "contention", new, self.ksyms).to_pandas())
@@ -183,16 +184,20 @@ class LiveView:
             return []
         rec = Recording.from_frames(
             "<live>", {**self.names.manifest(), "processes": self.procs},
-            {"aggregates": aggs, "lock_owners": self.owners_now.to_pandas()})
+            {"aggregates": aggs, "lock_owners": self.owners_now.to_pandas(),
+             **({"owner_stacks": self.owner_stacks_now.to_pandas()}
+                if self.owner_stacks_now is not None else {})})
         df = owners.lock_owners(rec)
+        at = owners.slept_at(rec)
         if df.empty:
             return ["", "lock owners: no owned wait yet"]
         lines = ["", "who held the sleeping locks (since the start): lock, its owner, "
                  "the share of the lock's wait time behind it"]
         for r in df.head(min(self.limit, 5)).itertuples(index=False):
             share = f"{r.share:.0%}" if r.share == r.share and r.share is not None else "-"
+            where = at.get((r.lock, r.owner), "")
             lines.append(f"  {r.lock:<32} {share:>5} behind {r.owner} ({r.vm}), "
-                         f"{r.waits:,} waits")
+                         f"{r.waits:,} waits" + (f", asleep at {where}" if where else ""))
         return lines
 
     def _vcpu_lines(self, aggs):
