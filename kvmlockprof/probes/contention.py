@@ -598,8 +598,9 @@ class ContentionProbe:
         self.attached = {}
 
     def _load_owner_stacks(self):
-        """Load and attach owner_stack (a tp_btf program: bcc 0.26 loads none), where
-        the kernel has what it needs: True, or why not (owners are still named)."""
+        """Load owner_stack (a tp_btf program: bcc 0.26 loads none; take_owner_stacks
+        attaches it), where the kernel has what it needs: True, or why not (owners are
+        still named)."""
         d = self.defines
         missing = [k for k in ("KFUNC_TASK_FROM_PID", "KFUNC_TASK_RELEASE",
                                "TP_CONTENTION_BEGIN") if d[f"KVMLP_OFF_{k}"] <= 0]
