@@ -631,8 +631,12 @@ class ContentionProbe:
     def _attach_owner_stacks(self):
         if self.symbolize and b"owner_stack" in self.bpf.funcs and \
                 OWNER_TP not in self.bpf.raw_tracepoint_fds:
-            self.bpf.raw_tracepoint_fds[OWNER_TP] = handles.attach_tp_btf(
-                self.bpf.funcs[b"owner_stack"].fd)
+            try:
+                self.bpf.raw_tracepoint_fds[OWNER_TP] = handles.attach_tp_btf(
+                    self.bpf.funcs[b"owner_stack"].fd)
+            except OSError as e:        # (owners are still named: say why, go on)
+                self.options["owner_stacks"] = f"the owner stacks' program: {e}"
+                return
             self.attached["lock:contention_begin (tp_btf, owner stacks)"] = "tp_btf"
 
     def _names_slabs(self):
