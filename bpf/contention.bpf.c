@@ -427,8 +427,6 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 		count(KVMLP_C_LOST_PENDING_FULL);
 		return;
 	}
-	/* The slot: this lock's, else a free one (or an earlier epoch's), else
-	 * the oldest (most likely a wait whose end was missed). */
 	/* An interrupt's wait open at this level or deeper belongs to an earlier
 	 * interrupt (one context a level on a CPU, and a spinning waiter takes no
 	 * other lock): its end was missed (our program was running on the CPU). A
@@ -444,6 +442,8 @@ static __always_inline void begin_wait(void *ctx, u64 now, u64 lock, u32 flags,
 			}
 		}
 	}
+	/* The slot: this lock's, else a free one (or an earlier epoch's), else
+	 * the oldest (most likely a wait whose end was missed). */
 	int slot = KVMLP_NEST, free = KVMLP_NEST;
 #pragma unroll
 	for (int i = 0; i < KVMLP_NEST; i++) {

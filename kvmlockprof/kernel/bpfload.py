@@ -10,7 +10,7 @@ import threading
 
 from kvmlockprof import cdefs
 from kvmlockprof.cdefs import BPF_DIR
-from kvmlockprof.kernel import tracefs
+from kvmlockprof.kernel import handles, tracefs
 from kvmlockprof.kernel.headers import find_headers
 from kvmlockprof.lazy import np
 
@@ -113,6 +113,20 @@ def kfunc_calls(code):
     return insns.tobytes()
 
 
+def function_code(bpf, fn):
+    """A function's compiled instructions in a bcc module (bytes), None if it has none."""
+    lib = import_bcc().libbcc.lib
+    start = lib.bpf_function_start(bpf.module, fn)
+    return ctypes.string_at(start, lib.bpf_function_size(bpf.module, fn)) if start else None
+
+
+def load_tp_btf(bpf, fn, btf_id):
+    """A function of a bcc module loaded as a tp_btf program (handles.load_tp_btf: bcc
+    0.26 loads none), its kfunc calls made the kernel's: its fd, or OSError."""
+    code = function_code(bpf, fn)
+    return handles.load_tp_btf(fn, kfunc_calls(code) or code, btf_id)
+
+
 def _load_patched(bpf, fn, prog_type, code):
     """bcc's load_func with the instructions given (the same length as the compiled
     ones: the module's BTF line and function info still apply)."""
@@ -133,12 +147,10 @@ def load_func(bpf, fn, prog_type):
     """bpf.load_func(), its kfunc calls made the kernel's (kfunc_calls), a verifier's
     refusal as BpfUnavailable with its reason."""
     failure = None
-    lib = import_bcc().libbcc.lib
     with _captured_stderr() as err:
         try:
-            start = lib.bpf_function_start(bpf.module, fn)
-            code = kfunc_calls(ctypes.string_at(start, lib.bpf_function_size(
-                bpf.module, fn))) if start and fn not in bpf.funcs else None
+            code = None if fn in bpf.funcs else function_code(bpf, fn)
+            code = code and kfunc_calls(code)
             if code is None:
                 return bpf.load_func(fn, prog_type)
             return _load_patched(bpf, fn, prog_type, code)

@@ -1,6 +1,5 @@
 """What this host's kernel lets us do, found by trying it, and the attach plan
 that follows for each catalog probe."""
-import ctypes
 import hashlib
 import os
 import platform
@@ -179,23 +178,27 @@ def _probe_tracing(add):
                      "RAW_TRACEPOINT_PROBE(contention_end) { return 0; }")
     add(Check("tracepoint lock:contention_begin/end", not err,
               "attached (trial)" if not err else err))
-    add(_slab_names_check())
-    add(_owner_stacks_check())
+    from kvmlockprof.kernel import btf
+    try:            # (read once for both)
+        kb = btf.Btf(modules=[]) if host.has_btf() else None
+    except btf.BtfError as e:
+        kb = e
+    add(_slab_names_check(kb))
+    add(_owner_stacks_check(kb))
     kvm_events = tracefs.tracepoint_events("kvm")
     add(Check("tracepoints kvm:*", bool(kvm_events),
               f"{len(kvm_events)} events" if kvm_events else "kvm module not loaded"))
 
 
-def _slab_names_check():
+def _slab_names_check(kb):
     """Whether a lock in a slab object can be named by its cache: the kernel's
-    bpf_get_kmem_cache kfunc (6.13+), called through bpf/kfunc.h in a trial load."""
+    bpf_get_kmem_cache kfunc (6.13+), called through bpf/kfunc.h in a trial load. kb:
+    the kernel's Btf, None without one, or the BtfError reading it raised."""
     from kvmlockprof.kernel import btf
     name = "slab names"
-    try:
-        kid = btf.kfunc_id(btf.Btf(modules=[]), "bpf_get_kmem_cache") \
-            if host.has_btf() else None
-    except btf.BtfError as e:
-        return Check(name, False, str(e))
+    if isinstance(kb, btf.BtfError):
+        return Check(name, False, str(kb))
+    kid = btf.kfunc_id(kb, "bpf_get_kmem_cache") if kb else None
     if kid is None:
         return Check(name, False, "this kernel has no bpf_get_kmem_cache kfunc (6.13+, "
                      "BTF): a lock in a slab object is named only where another rule "
@@ -209,15 +212,14 @@ def _slab_names_check():
                  f"bpf_get_kmem_cache refused: {err}")
 
 
-def _owner_stacks_check():
+def _owner_stacks_check(kb):
     """Whether --lock-owner can take a sleeping owner's stack: a tp_btf program on
-    lock:contention_begin calling bpf_task_from_pid and bpf_task_release (kfuncs), tried."""
-    from kvmlockprof.kernel import btf, handles
+    lock:contention_begin calling bpf_task_from_pid and bpf_task_release (kfuncs), tried.
+    kb: as _slab_names_check's."""
+    from kvmlockprof.kernel import btf
     name = "owner stacks"
-    try:
-        kb = btf.Btf(modules=[]) if host.has_btf() else None
-    except btf.BtfError as e:
-        return Check(name, False, str(e))
+    if isinstance(kb, btf.BtfError):
+        return Check(name, False, str(kb))
     ids = {f: btf.kfunc_id(kb, f) if kb else None for f in ("bpf_task_from_pid",
                                                             "bpf_task_release")}
     tp = btf.tracepoint_btf_id(kb, "contention_begin") if kb else None
@@ -230,12 +232,7 @@ def _owner_stacks_check():
             f"static void (*release)(u64) = KVMLP_KFUNC({ids['bpf_task_release']});\n"
             "int t(u64 *ctx) { u64 task = from_pid(1); if (task) release(task); return 0; }")
 
-    def load(b):
-        lib = bpfload.import_bcc().libbcc.lib
-        code = ctypes.string_at(lib.bpf_function_start(b.module, b"t"),
-                                lib.bpf_function_size(b.module, b"t"))
-        os.close(handles.load_tp_btf(b"t", bpfload.kfunc_calls(code), tp))
-    err = _trial(text, load)
+    err = _trial(text, lambda b: os.close(bpfload.load_tp_btf(b, b"t", tp)))
     return Check(name, not err, "--lock-owner takes a sleeping owner's kernel stack "
                  "(tp_btf, bpf_task_from_pid)" if not err else f"refused: {err}")
 

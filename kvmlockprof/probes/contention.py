@@ -609,13 +609,9 @@ class ContentionProbe:
         if missing or fields:
             return ("the kernel has no " + ", ".join(PROBE.fields[k][1] for k in missing)
                     if missing else "BTF has no task_struct." + PROBE.fields[fields[0]][1])
-        lib = bpfload.import_bcc().libbcc.lib
         fn = b"owner_stack"
-        code = ctypes.string_at(lib.bpf_function_start(self.bpf.module, fn),
-                                lib.bpf_function_size(self.bpf.module, fn))
         try:
-            fd = handles.load_tp_btf(fn, bpfload.kfunc_calls(code) or code,
-                                     d["KVMLP_OFF_TP_CONTENTION_BEGIN"])
+            fd = bpfload.load_tp_btf(self.bpf, fn, d["KVMLP_OFF_TP_CONTENTION_BEGIN"])
         except OSError as e:
             return f"the kernel refused the owner stacks' program: {e}"
         self.bpf.funcs[fn] = bpfload.import_bcc().BPF.Function(self.bpf, fn, fd)
