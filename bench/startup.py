@@ -10,8 +10,11 @@ names read). In turn, --rounds times, the order shuffled each round:
   kvmlockprof        `kvmlockprof record -q -a -- sh -c 'date +%s%N > F'`, run before
                      on this boot: its attach trials' verdicts and the kernel's struct
                      offsets kept (/run/kvmlockprof)
-  kvmlockprof-first  the same with what was kept removed first: a first run on a boot
-                     (the page cache warm all the same)
+  kvmlockprof-first  the same with what is kept per boot removed first: a first run
+                     on a boot (the compiled BPF kept: kernel/bpfcache.py; the page
+                     cache warm all the same)
+  kvmlockprof-cold   nothing kept at all: bcc compiles the C (a first run ever, or
+                     after the kernel, bcc or the settings changed)
   perf               `perf lock contention -ab -- sh -c ...` (`make peer`'s build)
 Prints each one's median and range, and the paired difference to perf's (median,
 bootstrap 95% interval); its peak RSS (VmHWM) at the attach. Writes JSON
@@ -118,16 +121,20 @@ def main():
         out, stamp = os.path.join(d, "r.parquet"), os.path.join(d, "stamp")
         cmd = ["--", "sh", "-c", f"date +%s%N > {stamp}"]
         ours = [klp, "record", "-q", "-a", "--force", "-o", out, *cmd]
-        configs = {"kvmlockprof": ours, "kvmlockprof-first": ours,
+        configs = {"kvmlockprof": ours, "kvmlockprof-first": ours, "kvmlockprof-cold": ours,
                    "perf": [perf, "lock", "contention", "-ab", *cmd]}
+        # (the bench's own compile cache: the host's is left as it was)
+        os.environ["KVMLOCKPROF_BPF_CACHE"] = cache = os.path.join(d, "bpf")
         start_up(ours, stamp)               # (a run before: the verdicts kept)
         result = {"rounds": a.rounds, "configs": {c: [] for c in configs}}
         for _ in range(a.rounds):
             for name in rng.sample(list(configs), len(configs)):
-                if name == "kvmlockprof-first":
+                if name in ("kvmlockprof-first", "kvmlockprof-cold"):
                     for kept in (TRIALS, OFFSETS):
                         if os.path.exists(kept):
                             os.unlink(kept)
+                if name == "kvmlockprof-cold":
+                    shutil.rmtree(cache, ignore_errors=True)
                 result["configs"][name].append(start_up(configs[name], stamp))
     for what in ("attached_s", "command_s"):
         theirs = [r[what] for r in result["configs"]["perf"]]

@@ -22,7 +22,7 @@ class Loaded(Exception):
 def _capture_defines(monkeypatch):
     got = {}
 
-    def compile_bpf(source=None, text=None, defines=None, headers=None):
+    def compile_bpf(source=None, text=None, defines=None, headers=None, cache=False):
         got.update(defines or {})
         raise Loaded()
     monkeypatch.setattr(bpfload, "compile_bpf", compile_bpf)
@@ -96,7 +96,7 @@ def test_the_options_reach_the_contention_probe(monkeypatch, tmp_path):
     class Stop(bpfload.BpfUnavailable):
         pass
 
-    def probe(opts, tgids=None, kfilter=None, offsets=None):
+    def probe(opts, tgids=None, kfilter=None, offsets=None, cache=False):
         got.append((opts, tgids))
         raise Stop("stopped here")
     monkeypatch.setattr("kvmlockprof.probes.sources.ContentionProbe", probe)

@@ -10,7 +10,7 @@ import threading
 
 from kvmlockprof import cdefs
 from kvmlockprof.cdefs import BPF_DIR
-from kvmlockprof.kernel import handles, tracefs
+from kvmlockprof.kernel import bpfcache, handles, tracefs
 from kvmlockprof.kernel.headers import find_headers
 from kvmlockprof.lazy import np
 
@@ -71,11 +71,16 @@ def _captured_stderr():
     os.unlink(log)
 
 
-def compile_bpf(source=None, text=None, defines=None, headers=None):
+RAW_TRACEPOINT = 17            # BPF_PROG_TYPE_RAW_TRACEPOINT (bcc's BPF.RAW_TRACEPOINT)
+
+
+def compile_bpf(source=None, text=None, defines=None, headers=None, cache=False):
     """A bcc BPF object for bpf/<source> (or inline text), tracepoints attached.
 
+    cache: a kept compile of the same C, settings, kernel and bcc is loaded instead
+    where there is one (a bpfcache.CachedModule: handles.Module's interface, and
+    load_func), and this one kept for the next run (kernel/bpfcache.py).
     Errors become BpfUnavailable with the compiler's or verifier's first lines."""
-    bcc = import_bcc()
     headers = headers or find_headers()
     if headers.status == "missing" and not os.path.exists("/sys/kernel/kheaders.tar.xz"):
         raise BpfUnavailable("no kernel headers: apt-get install linux-headers-amd64 "
@@ -88,12 +93,20 @@ def compile_bpf(source=None, text=None, defines=None, headers=None):
         text = (BPF_DIR / source).read_text()
     # bcc writes tracefs paths at import; make sure it is mounted first.
     tracefs.mount_tracefs()
+    kept = cache and bpfcache.enabled() and bpfcache.key(text, cflags, headers, BPF_DIR)
+    if kept and (module := bpfcache.load(kept)) is not None:
+        return module
+    bcc = import_bcc()
     failure = None
     with _captured_stderr() as err:
         try:
-            return bcc.BPF(text=text, cflags=cflags)
+            bpf = bcc.BPF(text=text, cflags=cflags)
         except Exception as e:
             failure = e
+        else:
+            if kept:
+                bpfcache.save(kept, bpf, function_code)
+            return bpf
     # (outside the `with`: the captured text is complete only once it has closed)
     raise _unavailable(failure, err) from None
 
@@ -114,7 +127,10 @@ def kfunc_calls(code):
 
 
 def function_code(bpf, fn):
-    """A function's compiled instructions in a bcc module (bytes), None if it has none."""
+    """A function's compiled instructions in a bcc module or a kept compile (bytes),
+    None if it has none."""
+    if isinstance(bpf, bpfcache.CachedModule):
+        return bpf.code.get(fn)
     lib = import_bcc().libbcc.lib
     start = lib.bpf_function_start(bpf.module, fn)
     return ctypes.string_at(start, lib.bpf_function_size(bpf.module, fn)) if start else None
@@ -143,9 +159,22 @@ def _load_patched(bpf, fn, prog_type, code):
     return bpf.funcs[fn]
 
 
+def keep_function(bpf, fn, fd):
+    """A program loaded apart (its fd) kept among the module's functions."""
+    bpf.funcs[fn] = handles.Function(fn, fd) if isinstance(bpf, handles.Module) else \
+        import_bcc().BPF.Function(bpf, fn, fd)
+    return bpf.funcs[fn]
+
+
 def load_func(bpf, fn, prog_type):
     """bpf.load_func(), its kfunc calls made the kernel's (kfunc_calls), a verifier's
     refusal as BpfUnavailable with its reason."""
+    if isinstance(bpf, bpfcache.CachedModule):
+        try:
+            code = bpf.code.get(fn)
+            return bpf.load_func(fn, prog_type, code=code and kfunc_calls(code))
+        except OSError as e:
+            raise BpfUnavailable(str(e)) from None
     failure = None
     with _captured_stderr() as err:
         try:
@@ -198,6 +227,8 @@ def _keep_log(text):
 
 def event_dtype(table):
     """numpy dtype of the struct a ring buffer carries, as bcc parsed it from the C."""
+    if getattr(table, "event_type", None) is not None:         # (a kept compile's)
+        return np.dtype(table.event_type)
     scratch = ctypes.create_string_buffer(4096)
     return np.dtype(type(table.event(scratch)))
 

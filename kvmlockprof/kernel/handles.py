@@ -39,7 +39,12 @@ def lib():
                            "bpf_raw_tracepoint_open": [ct.c_char_p, i],
                            "bpf_prog_test_run_opts": [i, vp],
                            "bpf_prog_load": [i, ct.c_char_p, ct.c_char_p, vp, ct.c_size_t,
-                                             vp]}.items():
+                                             vp],
+                           "bpf_map_create": [i, ct.c_char_p, ct.c_uint32, ct.c_uint32,
+                                              ct.c_uint32, vp],
+                           "bpf_btf_load": [vp, ct.c_size_t, vp],
+                           "bpf_btf_get_fd_by_id": [ct.c_uint32],
+                           "bpf_obj_get_info_by_fd": [i, vp, vp]}.items():
             f = getattr(b, name)
             f.argtypes, f.restype = args, i
         _LIB = b
@@ -73,22 +78,120 @@ class _ProgLoadOpts(ct.Structure):
 BPF_PROG_TYPE_TRACING, BPF_TRACE_RAW_TP = 26, 23     # include/uapi/linux/bpf.h
 
 
+def load_prog(prog_type, name, code, license=b"GPL", expected_attach_type=0,
+              attach_btf_id=0):
+    """Load instructions as a program of this type (libbpf's bpf_prog_load): its fd,
+    or OSError with the verifier's last lines (asked for again with its log only
+    where it refused: a whole log costs the verifier time)."""
+    buf, err = ct.create_string_buffer(bytes(code), len(code)), 0
+    for log in (None, ct.create_string_buffer(1 << 20)):
+        opts = _ProgLoadOpts(sz=ct.sizeof(_ProgLoadOpts),
+                             expected_attach_type=expected_attach_type,
+                             attach_btf_id=attach_btf_id)
+        if log is not None:
+            opts.log_level, opts.log_size, opts.log_buf = 1, len(log), ct.addressof(log)
+        fd = lib().bpf_prog_load(prog_type, _bytes(name)[:15], license, buf,
+                                 len(code) // 8, ct.byref(opts))
+        if fd >= 0:
+            return fd
+        err = err or ct.get_errno()
+    why = " ".join(log.value.decode(errors="replace").strip().splitlines()[-2:])
+    raise OSError(err, f"loading {_bytes(name).decode()}: {os.strerror(err)}"
+                  + (f": {why}" if why else ""))
+
+
 def load_tp_btf(name, code, btf_id, license=b"GPL"):
     """Load instructions as a tp_btf program (BPF_PROG_TYPE_TRACING on the raw
     tracepoint whose btf_trace_ typedef is `btf_id`), which bcc 0.26 cannot: its fd,
     or OSError with the verifier's last lines."""
-    log = ct.create_string_buffer(1 << 16)
-    opts = _ProgLoadOpts(sz=ct.sizeof(_ProgLoadOpts), expected_attach_type=BPF_TRACE_RAW_TP,
-                         attach_btf_id=btf_id, log_level=1, log_size=len(log),
-                         log_buf=ct.addressof(log))
-    buf = ct.create_string_buffer(bytes(code), len(code))
-    fd = lib().bpf_prog_load(BPF_PROG_TYPE_TRACING, _bytes(name)[:15], license, buf,
-                             len(code) // 8, ct.byref(opts))
+    return load_prog(BPF_PROG_TYPE_TRACING, name, code, license,
+                     expected_attach_type=BPF_TRACE_RAW_TP, attach_btf_id=btf_id)
+
+
+class MapInfo(ct.Structure):
+    """struct bpf_map_info (include/uapi/linux/bpf.h), as far as map_extra."""
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("name", ct.c_char * 16),
+                ("ifindex", ct.c_uint32), ("btf_vmlinux_value_type_id", ct.c_uint32),
+                ("netns_dev", ct.c_uint64), ("netns_ino", ct.c_uint64),
+                ("btf_id", ct.c_uint32), ("btf_key_type_id", ct.c_uint32),
+                ("btf_value_type_id", ct.c_uint32), ("pad", ct.c_uint32),
+                ("map_extra", ct.c_uint64)]
+
+
+class ProgInfo(ct.Structure):
+    """struct bpf_prog_info, as far as its name."""
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_ubyte * 8),
+                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
+                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
+                ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
+                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
+                ("name", ct.c_char * 16)]
+
+
+class _BtfInfo(ct.Structure):
+    _fields_ = [("btf", ct.c_uint64), ("btf_size", ct.c_uint32), ("id", ct.c_uint32),
+                ("name", ct.c_uint64), ("name_len", ct.c_uint32), ("kernel_btf", ct.c_uint32)]
+
+
+class _MapCreateOpts(ct.Structure):
+    """libbpf's struct bpf_map_create_opts (bpf.h, libbpf 1.0-1.1)."""
+    _fields_ = [("sz", ct.c_size_t), ("btf_fd", ct.c_uint32),
+                ("btf_key_type_id", ct.c_uint32), ("btf_value_type_id", ct.c_uint32),
+                ("btf_vmlinux_value_type_id", ct.c_uint32), ("inner_map_fd", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("map_extra", ct.c_uint64),
+                ("numa_node", ct.c_uint32), ("map_ifindex", ct.c_uint32)]
+
+
+def info(fd, kind):
+    """The kernel's bpf_*_info of a map (MapInfo) or program (ProgInfo) fd."""
+    out = kind()
+    n = ct.c_uint32(ct.sizeof(out))
+    if lib().bpf_obj_get_info_by_fd(fd, ct.byref(out), ct.byref(n)) < 0:
+        raise _oserror("reading a BPF object's info")
+    return out
+
+
+def btf_data(btf_id):
+    """The raw BTF of a loaded BTF object (a module's: what its maps' type ids mean)."""
+    fd = lib().bpf_btf_get_fd_by_id(btf_id)
     if fd < 0:
-        why = " ".join(log.value.decode(errors="replace").strip().splitlines()[-2:])
-        err = ct.get_errno()
-        raise OSError(err, f"loading tp_btf {_bytes(name).decode()}: {os.strerror(err)}"
-                      + (f": {why}" if why else ""))
+        raise _oserror(f"opening BTF object {btf_id}")
+    try:
+        meta = _BtfInfo()
+        n = ct.c_uint32(ct.sizeof(meta))
+        if lib().bpf_obj_get_info_by_fd(fd, ct.byref(meta), ct.byref(n)) < 0:
+            raise _oserror("reading a BTF object's size")
+        buf = ct.create_string_buffer(meta.btf_size)
+        meta = _BtfInfo(btf=ct.addressof(buf), btf_size=len(buf))
+        if lib().bpf_obj_get_info_by_fd(fd, ct.byref(meta), ct.byref(n)) < 0:
+            raise _oserror("reading a BTF object")
+        return buf.raw[:meta.btf_size]
+    finally:
+        os.close(fd)
+
+
+def load_btf(data):
+    """Load raw BTF: its fd."""
+    buf = ct.create_string_buffer(data, len(data))
+    fd = lib().bpf_btf_load(buf, len(data), None)
+    if fd < 0:
+        raise _oserror("loading BTF")
+    return fd
+
+
+def create_map(map_type, name, key_size, value_size, max_entries, flags=0, map_extra=0,
+               btf_fd=0, btf_key=0, btf_value=0):
+    """A new map (libbpf's bpf_map_create): its fd."""
+    opts = _MapCreateOpts(sz=ct.sizeof(_MapCreateOpts), map_flags=flags,
+                          map_extra=map_extra)
+    if btf_fd and btf_value:
+        opts.btf_fd, opts.btf_key_type_id, opts.btf_value_type_id = btf_fd, btf_key, btf_value
+    fd = lib().bpf_map_create(map_type, _bytes(name)[:15], key_size, value_size,
+                              max_entries, ct.byref(opts))
+    if fd < 0:
+        raise _oserror(f"creating map {name}")
     return fd
 
 
@@ -302,6 +405,14 @@ class Module:
                     {e: dict(v) for e, v in bpf.kprobe_fds.items()},
                     dict(bpf.kfunc_entry_fds), dict(bpf.kfunc_exit_fds))
         return cls(tables, funcs, attached, os.getpid())
+
+    def handed(self):
+        """This module as a plain Module (what a handover passes)."""
+        if type(self) is Module:
+            return self
+        return Module(self.tables, self.funcs, (
+            self.raw_tracepoint_fds, self.tracepoint_fds, self.kprobe_fds,
+            self.kfunc_entry_fds, self.kfunc_exit_fds), self.loader_pid)
 
     def fds(self):
         """Every fd it holds (what a handover passes)."""

@@ -11,7 +11,7 @@ from kvmlockprof.analysis import owners, vcpus
 from kvmlockprof.lazy import np, pa
 from kvmlockprof.options import knob
 from kvmlockprof.probe import TRACEPOINT, Probe, Section, Target
-from kvmlockprof.kernel import bpfload, bpfstats, btf, handles, host
+from kvmlockprof.kernel import bpfcache, bpfload, bpfstats, btf, handles, host
 from kvmlockprof.kernel.maps import read_counters, read_hash_parts
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
 from kvmlockprof.recording.arrow import to_arrow
@@ -250,11 +250,14 @@ class ContentionProbe:
     name = "contention"
     role = "waits"          # the lock waits' source: a recording's counters, lock names
 
-    def __init__(self, opts=ContentionOptions(), tgids=None, kfilter=None, offsets=None):
+    def __init__(self, opts=ContentionOptions(), tgids=None, kfilter=None, offsets=None,
+                 cache=False):
         """opts: its ContentionOptions; tgids: the processes to follow (None: all);
         kfilter: the kernel-side filters (recording.filters.split's first part);
         offsets: {PROBE.fields' key: offset} (btf.defines; None: none known: every
-        wait taken as its task's, not an interrupt's, and no lock told by its waiter)."""
+        wait taken as its task's, not an interrupt's, and no lock told by its waiter);
+        cache: load a kept compile of the same C and settings where there is one, and
+        keep this one (kernel/bpfcache.py)."""
         kf = {k: v for k, v in (kfilter or {}).items() if v is not None}
         pages = opts.ringbuf_pages
         # what sizes a map or decides whether a map or program exists; the rest is
@@ -269,7 +272,7 @@ class ContentionProbe:
             KVMLP_EXIT_TP=vcpu_exit_tracepoints()[0] if opts.vcpu_exits else 0,
             KVMLP_NR_CPUS=max(host.cpu_ids("possible")) + 1)
         self.defines.update({f"KVMLP_OFF_{k}": (offsets or {}).get(k, -1) for k in PROBE.fields})
-        self.bpf, self.pending = self._load(opts.pending)
+        self.bpf, self.pending = self._load(opts.pending, cache)
         # its status in a recording's manifest
         self.options = {"sample_every": opts.sample_every, "stack_every": opts.stack_every,
                         "stack_budget": opts.stack_budget, "max_stack": opts.max_stack,
@@ -278,7 +281,9 @@ class ContentionProbe:
                         "follow_fork": opts.follow_fork,
                         "pending": self.pending,
                         "vcpu_exits": vcpu_exit_names() if opts.vcpu_exits else None,
-                        "lock_owner": opts.lock_owner}
+                        "lock_owner": opts.lock_owner,
+                        "compiled": "kept" if isinstance(self.bpf, bpfcache.CachedModule)
+                        else "now"}
         if tgids is not None:
             self.add_tgids(tgids)
         self._set_filters(kf)
@@ -318,19 +323,21 @@ class ContentionProbe:
         self._arm(walks=walks, window_ns=window_ns, walk_ns=window_ns // max(walks, 1))
         self.options["stack_budget"] = budget
 
-    def _load(self, pending):
+    def _load(self, pending, cache=False):
         """(bcc BPF, where waits in progress are kept): task-local storage, which
         costs less per event, else (kernels before 5.12) a hash by thread and lock."""
         if pending in ("auto", "task storage"):
             try:
                 return (bpfload.compile_bpf("contention.bpf.c",
-                                            defines={**self.defines, "KVMLP_PENDING_TASK": 1}),
+                                            defines={**self.defines, "KVMLP_PENDING_TASK": 1},
+                                            cache=cache),
                         "task storage")
             except bpfload.BpfUnavailable:
                 if pending != "auto":
                     raise
         return (bpfload.compile_bpf("contention.bpf.c",
-                                    defines={**self.defines, "KVMLP_PENDING_TASK": 0}), "hash")
+                                    defines={**self.defines, "KVMLP_PENDING_TASK": 0},
+                                    cache=cache), "hash")
 
     def _add_keys(self, table, keys):
         t = self.bpf[table]
@@ -349,7 +356,15 @@ class ContentionProbe:
             for flags, bits in enumerate(kf["type_bits"]):
                 t[t.Key(flags)] = t.Leaf(bits)
         for i, path in enumerate(kf.get("cgroups", ())):
-            self.bpf["cgroup_filter"][i] = path
+            t = self.bpf["cgroup_filter"]
+            if not isinstance(t, handles.Table):
+                t[i] = path                     # (bcc's table opens the path)
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                t[t.Key(i)] = t.Leaf(fd)
+            finally:
+                os.close(fd)
 
     def prog_fds(self):
         """{tracepoint: program fd} of the two handlers that time a wait."""
@@ -614,7 +629,7 @@ class ContentionProbe:
             fd = bpfload.load_tp_btf(self.bpf, fn, d["KVMLP_OFF_TP_CONTENTION_BEGIN"])
         except OSError as e:
             return f"the kernel refused the owner stacks' program: {e}"
-        self.bpf.funcs[fn] = bpfload.import_bcc().BPF.Function(self.bpf, fn, fd)
+        bpfload.keep_function(self.bpf, fn, fd)
         return True
 
     def take_owner_stacks(self, symbolize):
@@ -643,7 +658,7 @@ class ContentionProbe:
     def _load_namers(self):
         """Load the programs that only name locks (the run-queue finder, the slab
         names): refused, each says why when used and names nothing."""
-        raw_tp = bpfload.import_bcc().BPF.RAW_TRACEPOINT
+        raw_tp = bpfload.RAW_TRACEPOINT
         for fn, wanted, refused in ((b"run_queue_of_cpu", self._finds_run_queues(),
                                      "finder_refused"),
                                     (b"slab_caches", self._names_slabs(), "slabs_refused")):
@@ -657,7 +672,8 @@ class ContentionProbe:
         """In the loading child, before the handover (kernel/handover.py): load what
         runs later (the namers), then keep bcc's object as its fds."""
         self._load_namers()
-        self.bpf = handles.Module.from_bcc(self.bpf)
+        self.bpf = self.bpf.handed() if isinstance(self.bpf, handles.Module) else \
+            handles.Module.from_bcc(self.bpf)
 
     def slab_caches(self, addrs):
         """{address: the name of the slab cache its object is in, "" where it is in
@@ -665,7 +681,8 @@ class ContentionProbe:
         C, run here, never attached); {} where this kernel cannot tell."""
         if not self._names_slabs() or getattr(self, "slabs_refused", None):
             return {}
-        if b"slab_caches" not in self.bpf.funcs and hasattr(self.bpf, "module"):
+        if b"slab_caches" not in self.bpf.funcs and (
+                hasattr(self.bpf, "module") or isinstance(self.bpf, bpfcache.CachedModule)):
             self._load_namers()             # (bcc's object: a probe never handed over)
         if b"slab_caches" not in self.bpf.funcs:
             return {}

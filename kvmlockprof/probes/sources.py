@@ -168,7 +168,7 @@ def open_sources(session=SessionOptions(), tgids=None, kfilter=None, warn=None, 
 
     def load():         # (in the child: its warnings travel back with its result or error)
         try:
-            out = _open_here(session, tgids, kfilter, told.append, {}, kbtf)
+            out = _open_here(session, tgids, kfilter, told.append, {}, kbtf, cache=True)
             if also:
                 out += (also(told.append),)
             for src in out[0].values():
@@ -193,8 +193,9 @@ def open_sources(session=SessionOptions(), tgids=None, kfilter=None, warn=None, 
     return (sources, status, memory, *more)
 
 
-def _open_here(session, tgids, kfilter, warn, status, kbtf):
-    """open_sources() in this process (bcc is imported in a thread meanwhile)."""
+def _open_here(session, tgids, kfilter, warn, status, kbtf, cache=False):
+    """open_sources() in this process (bcc is imported in a thread meanwhile); cache:
+    the contention probe from a kept compile where there is one (kernel/bpfcache.py)."""
     bpfload.prefetch_bcc()
     sources = {}
     requested = session.requested()
@@ -203,7 +204,7 @@ def _open_here(session, tgids, kfilter, warn, status, kbtf):
             offsets = btf.kernel_defines(PROBE.fields, kbtf) if callable(kbtf) else \
                 btf.defines(kbtf, PROBE.fields)
             c = ContentionProbe(session.contention, tgids=tgids, kfilter=kfilter,
-                                offsets=offsets)
+                                offsets=offsets, cache=cache)
             sources["contention"] = c
             status["contention"] = {"status": "attached", "method": catalog.TRACEPOINT,
                                     "targets": sorted(c.attached), **c.options}
