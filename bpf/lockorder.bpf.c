@@ -141,6 +141,34 @@ BPF_HASH(lockorder_edges, struct lockorder_edge_key, struct lockorder_edge_val, 
 BPF_HASH(lockorder_acqs, struct lockorder_acq_key, struct lockorder_acq_val, 8192);
 BPF_HASH(lockorder_srcu_at, struct lockorder_at_key, struct lockorder_acq_val, 1024);
 BPF_HASH(lockorder_holds, struct lockorder_hold_key, struct kvmlp_lat, 4096);
+
+/* The holds joined to the waits they caused. Who holds a watched lock exclusively
+ * (the kinds that make others wait: spin, write, mutex, rwsem write) as its hold key:
+ * set where its taking is seen (the entry point when no one holds it, else the end
+ * of its wait); `next` is the latest entrant while it was held, its holder once the
+ * owner releases it, whether or not it waited. A wait on the lock is put down to the
+ * holder when it begins. */
+#define LO_NO_HOLDER 255        /* a wait no exclusive holder was seen for (readers) */
+struct lo_owner_side {
+	u32 id;                 /* struct lo_held_key's */
+	u32 irq;
+	struct lockorder_hold_key k;    /* k.addr 0: none */
+};
+struct lo_owner {
+	struct lo_owner_side now;
+	struct lo_owner_side next;
+};
+BPF_HASH(lo_owners, u64, struct lo_owner, 4096);
+struct lo_wait {
+	u64 ts_ns;
+	struct lockorder_hold_key k;    /* the holder it is put down to */
+};
+BPF_HASH(lo_waits, u32, struct lo_wait, 16384);
+struct lockorder_caused_val {
+	u64 count;
+	u64 total_ns;
+};
+BPF_HASH(lockorder_caused, struct lockorder_hold_key, struct lockorder_caused_val, 4096);
 BPF_ARRAY(lo_zero_held, struct lo_held, 1);
 BPF_RINGBUF_OUTPUT(lockorder_events, KVMLP_RINGBUF_PAGES);
 #define lo_count(i) kvmlp_count(KVMLP_CBASE_LOCKORDER + (i))
@@ -386,6 +414,59 @@ static __always_inline int lo_followed(u32 kind)
 	}
 }
 
+static __always_inline int lo_exclusive(u32 kind)
+{
+	return kind == LO_SPIN || kind == LO_WRITE || kind == LO_MUTEX || kind == LO_RWSEM_WRITE;
+}
+
+static __always_inline int lo_side_is(struct lo_owner_side *s, struct lo_held_key *hk)
+{
+	return s->k.addr && s->id == hk->id && s->irq == hk->irq;
+}
+
+/* An exclusive acquisition seen taking its lock (taken: 1) or entering (0): the
+ * owner where it took it or no one holds it, else the next. */
+static __always_inline void lo_own(u64 addr, struct lo_held_key *hk, struct lo_held_lock *h,
+				   int taken)
+{
+	struct lo_owner_side me = {};
+	me.id = hk->id;
+	me.irq = hk->irq;
+	me.k.addr = addr;
+	me.k.kind = h->kind;
+	me.k.stack_id = h->stack_id;
+	struct lo_owner *o = lo_owners.lookup(&addr);
+	if (!o) {
+		struct lo_owner n = {};
+		n.now = me;
+		lo_owners.update(&addr, &n);
+		return;
+	}
+	if (lo_side_is(&o->now, hk))
+		return;                 /* (taken again by its holder: a recursion) */
+	if (!taken) {
+		o->next = me;
+		return;
+	}
+	o->now = me;
+	if (lo_side_is(&o->next, hk))
+		__builtin_memset(&o->next, 0, sizeof(o->next));
+}
+
+/* An exclusive hold ending (released, or its taking failed): the next holds it. */
+static __always_inline void lo_disown(u64 addr, struct lo_held_key *hk)
+{
+	struct lo_owner *o = lo_owners.lookup(&addr);
+	if (!o)
+		return;
+	if (lo_side_is(&o->now, hk) && o->next.k.addr) {
+		o->now = o->next;
+		__builtin_memset(&o->next, 0, sizeof(o->next));
+	} else if (lo_side_is(&o->now, hk) || lo_side_is(&o->next, hk)) {
+		lo_owners.delete(&addr);        /* (its holder's release was never seen) */
+	}
+}
+
 static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant, int kprobe)
 {
 	int push = lo_followed(kind);
@@ -469,6 +550,8 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	h->told = 0;
 	held->bh_held += variant == LO_BH;
 	held->n = n + 1;
+	if (lo_exclusive(kind))
+		lo_own(addr, &hk, h, 0);
 	return 0;
 }
 
@@ -519,6 +602,8 @@ static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
 		else
 			lo_count(LO_C_LOST_AGG_FULL);
 	}
+	if (lo_exclusive(rel->kind))
+		lo_disown(addr, &hk);
 	if (rel->bh && held->bh_held)
 		held->bh_held--;
 #pragma unroll
@@ -555,17 +640,63 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	u64 addr = ctx->args[0];
 	if (!lo_watched(addr))
 		return 0;
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct lo_wait *w = lo_waits.lookup(&tid);
+	if (w && w->k.addr == addr) {
+		struct lockorder_hold_key ck = w->k;
+		u64 ns = now - w->ts_ns;
+		lo_waits.delete(&tid);
+		struct lockorder_caused_val *v = lockorder_caused.lookup(&ck);
+		if (!v) {
+			struct lockorder_caused_val z = {};
+			lockorder_caused.insert(&ck, &z);
+			v = lockorder_caused.lookup(&ck);
+		}
+		if (v) {
+			kvmlp_add(&v->count, 1);
+			kvmlp_add(&v->total_ns, ns);
+		} else {
+			lo_count(LO_C_LOST_AGG_FULL);
+		}
+	}
 	struct lo_held_key k = {};
 	k.id = bpf_get_smp_processor_id();
 	k.irq = 1;
 	struct lo_held_lock *h = lo_top(&k, addr);
 	if (!h) {
-		k.id = (u32)bpf_get_current_pid_tgid();
+		k.id = tid;
 		k.irq = 0;
 		h = lo_top(&k, addr);
 	}
-	if (h)
-		h->ts_ns = now;
+	if (!h)
+		return 0;
+	h->ts_ns = now;
+	if (!ctx->args[1] && lo_exclusive(h->kind))     /* (ret: a signal ended the wait) */
+		lo_own(addr, &k, h, 1);
+	return 0;
+}
+
+/* A wait on a followed lock begins: put down to its exclusive holder, or else to the
+ * next one where the waiter is the owner it saw (an owner no one saw taking it). */
+RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) */
+{
+	u64 now = bpf_ktime_get_ns();
+	u64 addr = ctx->args[0];
+	if (!lo_watched(addr))
+		return 0;
+	struct lo_held_key me = {};
+	me.id = (u32)bpf_get_current_pid_tgid();
+	struct lo_wait w = {};
+	w.ts_ns = now;
+	w.k.addr = addr;
+	w.k.kind = LO_NO_HOLDER;
+	w.k.stack_id = -1;
+	struct lo_owner *o = lo_owners.lookup(&addr);
+	if (o && o->now.k.addr && !lo_side_is(&o->now, &me))
+		w.k = o->now.k;
+	else if (o && o->next.k.addr && !lo_side_is(&o->next, &me))
+		w.k = o->next.k;
+	lo_waits.update(&me.id, &w);
 	return 0;
 }
 
@@ -608,6 +739,8 @@ static __always_inline int lo_failed(s64 ret, u32 kind)
 	if (h->addr != a || h->kind != kind)
 		return 0;
 	lo_count(LO_C_FAILED_ACQUISITIONS);
+	if (lo_exclusive(kind))
+		lo_disown(a, &hk);
 	if (n <= 1)
 		lo_held_locks.delete(&hk);
 	else

@@ -792,3 +792,27 @@ def test_lockorder_hold_times(module, tmp_path):
     assert r.p50_ns_bound == 2 ** np.ceil(np.log2(1000))
     assert r.p99_ns_bound == 2 ** np.ceil(np.log2(70000))
     assert (r.class_waits, r.class_wait_ns) == (4, 500)
+
+
+def test_lockorder_holds_joined_to_the_waits_they_caused(module, tmp_path):
+    """The BPF's join (lockorder_caused, keyed as the holds are) on the hold rows, and
+    the waits no exclusive holder was seen for as a row of their own."""
+    from kvmlockprof.probes import lockorder as lo
+    write = {v: k for k, v in lo.KINDS.items()}["write"]
+    h = empty_like(module, "lockorder_holds")(1)
+    h["addr"], h["kind"], h["stack_id"] = LO_ADDR["kvm->mmu_lock"], write, -1
+    h["count"], h["total_ns"], h["max_ns"] = 2, 5000, 3000
+    c = empty_like(module, "lockorder_caused")(2)
+    c["addr"] = LO_ADDR["kvm->mmu_lock"]
+    c["kind"], c["stack_id"] = [write, lo.NO_HOLDER], -1
+    c["count"], c["total_ns"] = [3, 2], [900, 100]
+    w = Writer(tmp_path / "c.parquet")
+    w.append("lockorder_holds", to_arrow(h))
+    w.append("lockorder_caused", to_arrow(c))
+    w.finalize({"format": "kvmlockprof-recording", "version": 1, "probes": {},
+                "lock_names": {f"{LO_ADDR['kvm->mmu_lock']:#x}": {"name": "kvm(7)->mmu_lock"}}})
+    out = lo.holds(kvmlockprof.load(tmp_path / "c.parquet")).set_index("kind")
+    assert out.loc["write", ["count", "total_ns", "waits_caused", "wait_ns_caused"]].tolist() \
+        == [2, 5000, 3, 900]
+    assert out.loc["no exclusive holder", ["count", "waits_caused", "wait_ns_caused"]] \
+        .tolist() == [0, 2, 100]

@@ -6,6 +6,7 @@ recording it leaves on this host against the workload's own counts.
 The tests marked `lab` need the lab (make lab-test); the others check, without
 it, that a lab run which hangs is killed whole and says what the guest printed.
 """
+import bisect
 import json
 import os
 import re
@@ -808,6 +809,55 @@ def write_holds(events):
     return out
 
 
+def waits_under_writers(events, lock):
+    """From the kernel's tracer alone: the waits on `lock` (contention_begin to _end of
+    one thread) split by whether another thread held it for write as the wait
+    began (its hold as write_holds() times it: from its _raw_write_lock call, or
+    the end of its own wait, to its _raw_write_unlock): ((count, total ns) under a
+    writer, (count, total ns) not)."""
+    events = list(events)
+    start, holds, begun, waits = {}, [], {}, []
+    for tid, _, ts, ev, f in events:
+        a = f.get("lock", f.get("lock_addr"))
+        if a != lock:
+            continue
+        if ev == "write_lock":
+            start[tid] = ts
+        elif ev == "contention_begin":
+            begun[tid] = ts
+        elif ev == "contention_end":
+            if tid in start:
+                start[tid] = ts
+            if tid in begun:
+                waits.append((tid, begun.pop(tid), ts))
+        elif ev == "write_unlock" and tid in start:
+            holds.append((start.pop(tid), ts, tid))
+    holds.sort()
+    starts = [h[0] for h in holds]
+    under, other = [0, 0], [0, 0]
+    for tid, b, e in waits:
+        # (write holds barely overlap: the few begun last before b are enough)
+        i = bisect.bisect_right(starts, b)
+        held = any(u > b and w != tid for _, u, w in holds[max(i - 8, 0):i])
+        side = under if held else other
+        side[0] += 1
+        side[1] += e - b
+    return tuple(under), tuple(other)
+
+
+def test_waits_under_writers_are_read_from_the_tracer():
+    ev = [(5, 5, 100, "write_lock", {"lock": 0xa}), (6, 6, 105, "write_lock", {"lock": 0xa}),
+          (6, 6, 110, "contention_begin", {"lock_addr": 0xa}),
+          (5, 5, 150, "write_unlock", {"lock": 0xa}),
+          (6, 6, 160, "contention_end", {"lock_addr": 0xa}),
+          (7, 7, 170, "contention_begin", {"lock_addr": 0xa}),      # a reader, under 6
+          (7, 7, 180, "contention_end", {"lock_addr": 0xa}),
+          (6, 6, 200, "write_unlock", {"lock": 0xa}),
+          (8, 8, 300, "contention_begin", {"lock_addr": 0xa}),      # no writer
+          (8, 8, 340, "contention_end", {"lock_addr": 0xa})]
+    assert waits_under_writers(ev, 0xa) == ((2, 60), (1, 40))
+
+
 def test_write_holds_are_read_from_the_tracer():
     ev = [(5, 5, 100, "write_lock", {"lock": 0xa}), (6, 6, 120, "write_lock", {"lock": 0xa}),
           (5, 5, 150, "write_unlock", {"lock": 0xa}),
@@ -863,6 +913,17 @@ def test_mmu_lock_write_holds_equal_the_kernels(in_lab):
     h = h_unlock if method == "kprobe" else h_lock
     print(f"attached by {method}: ours may read short by {n * h / 1e6:.2f} ms")
     assert t - n * h - 0.05 * t <= total <= t + 0.05 * t, (total, t, method, h)
+    # the holds joined to the waits they caused, against the tracer's waits that began
+    # under another thread's write hold
+    with open(d / "holds.jsonl") as f:
+        (under, ns_under), (other, _) = waits_under_writers((json.loads(ln) for ln in f), mmu)
+    caused = int(ours["waits_caused"].sum()), int(ours["wait_ns_caused"].sum())
+    print(f"waits on kvm->mmu_lock begun under a write hold: kvmlockprof {caused[0]}, "
+          f"{caused[1] / 1e6:.2f} ms | the tracer {under}, {ns_under / 1e6:.2f} ms "
+          f"({other} waits under no writer)")
+    assert under >= 20, (under, other)
+    assert abs(caused[0] - under) <= 0.02 * under, (caused, under)
+    assert abs(caused[1] - ns_under) <= 0.05 * ns_under, (caused, ns_under)
 
 
 def program_ns(rec, probe, symbol):

@@ -398,7 +398,9 @@ def holds(rec):
     """Per lock class, kind and where it was taken (the caller): how long it was held,
     from its taking (the end of its wait where it waited) to its unlock's entry
     (in-kernel log2 histograms: p50/p99 are bucket upper bounds); SRCU read sections
-    are the srcu probe's. Beside each row, the waits on its whole class that the
+    are the srcu probe's. waits_caused, wait_ns_caused: the waits on its lock that
+    began while it held it exclusively (a row of kind "no exclusive holder" for the
+    others). Beside each row, the waits on its whole class that the
     contention probe timed in the same recording (where it ran; of the recorded
     processes, while the holds are every task's): what the class's holds cost its
     waiters, the same on each row of a class."""
@@ -417,11 +419,37 @@ def holds(rec):
                      "p50_ns_bound": hist_quantile(hist, 0.5),
                      "p99_ns_bound": hist_quantile(hist, 0.99), "max_ns": int(g["max_ns"].max())})
     out = pd.DataFrame(rows)
+    out = _with_waits_caused(rec, out)
     waits = _waits_by_class(rec, cls)
     out = out.assign(class_waits=out["lock_class"].map(lambda c: waits.get(c, (0, 0))[0]),
                      class_wait_ns=out["lock_class"].map(lambda c: waits.get(c, (0, 0))[1]))
     return out.sort_values(["lock_class", "total_ns"], ascending=[True, False],
                            ignore_index=True)
+
+
+NO_HOLDER = cdefs.define("lockorder.bpf.c", "LO_NO_HOLDER")
+
+
+def _with_waits_caused(rec, out):
+    """The hold rows with the waits on their lock that began while they held it
+    exclusively (waits_caused, wait_ns_caused: lockorder_caused, the BPF's join), and
+    a row per class for the waits no exclusive holder was seen for (kind "no
+    exclusive holder": readers held it, or it was taken where the probe cannot see)."""
+    c = rec.table("lockorder_caused")
+    if c.empty:
+        return out.assign(waits_caused=0, wait_ns_caused=0)
+    cls = class_names(rec, c["addr"])
+    none = c["kind"] == NO_HOLDER
+    c = c.assign(lock_class=c["addr"].map(cls),
+                 kind=c["kind"].map(lambda k: "no exclusive holder" if k == NO_HOLDER
+                                    else _kind(k)),
+                 caller=callers(rec, c["stack_id"].where(~none, -1), skip=_skip()))
+    g = c.groupby(["lock_class", "kind", "caller"])[["count", "total_ns"]].sum() \
+        .rename(columns={"count": "waits_caused", "total_ns": "wait_ns_caused"}).reset_index()
+    out = out.merge(g, on=["lock_class", "kind", "caller"], how="outer") \
+        .fillna({"count": 0, "total_ns": 0, "waits_caused": 0, "wait_ns_caused": 0})
+    return out.astype({k: "int64" for k in ("count", "total_ns", "waits_caused",
+                                             "wait_ns_caused")})
 
 
 def _waits_by_class(rec, cls):
@@ -787,28 +815,30 @@ def compare_values(rec):
 
 PROBE = Probe(
     name="lockorder",
-    fires="per lock and unlock of every lock on the host and every contention end (the "
-          "filter), and per VM/vCPU ioctl",
+    fires="per lock and unlock of every lock on the host and every contention begin and "
+          "end (the filter), and per VM/vCPU ioctl",
     summary="lock order, IRQ context, recursion and hold times of KVM's locks (a "
             "lockdep for watched KVM objects)",
     targets=_targets(),
     bpf="lockorder.bpf.c",
     tables=("lockorder_edges", "lockorder_acqs", "lockorder_recursion", "lockorder_srcu_at",
-            "lockorder_holds"),
+            "lockorder_holds", "lockorder_caused"),
     columns={"lockorder_edges": {"held": "n", "acquired": "n", "held_kind": "n",
                                  "acquired_kind": "n", "count": "n", "stack_id": "n"},
              "lockorder_acqs": {"addr": "n", "outer": "n", "kind": "n", "context": "n",
                                 "irqs": "n", "irqs_at_call": "n", "count": "n",
                                 "stack_id": "n"},
              "lockorder_holds": {"addr": "n", "kind": "n", "stack_id": "n", "count": "n",
-                                 "total_ns": "n", "max_ns": "n", "hist": "l"}},
+                                 "total_ns": "n", "max_ns": "n", "hist": "l"},
+             "lockorder_caused": {"addr": "n", "kind": "n", "stack_id": "n", "count": "n",
+                                  "total_ns": "n"}},
     streams=(("lockorder_events", "lockorder_recursion"),),
     aggregates=(("lockorder_edges", "lockorder_edges"), ("lockorder_acqs", "lockorder_acqs"),
                 ("lockorder_srcu_at", "lockorder_srcu_at"),
-                ("lockorder_holds", "lockorder_holds")),
+                ("lockorder_holds", "lockorder_holds"), ("lockorder_caused", "lockorder_caused")),
     lock_columns={"lockorder_edges": ("held", "acquired"), "lockorder_acqs": ("addr", "outer"),
                   "lockorder_recursion": ("addr",), "lockorder_srcu_at": ("ssp",),
-                  "lockorder_holds": ("addr",)},
+                  "lockorder_holds": ("addr",), "lockorder_caused": ("addr",)},
     fields={"LO_TASK_PREEMPT": ("task_struct", "thread_info.preempt_count"),
             "LO_TASK_STACK": ("task_struct", "stack"),
             "LO_FILE_PRIVATE_DATA": ("file", "private_data"),
