@@ -16,6 +16,10 @@ enum lockorder_counter {
 	LO_C_WATCHED, LO_C_RELEASES, LO_C_UNMATCHED_RELEASES, LO_C_DEPTH_OVERFLOW,
 	LO_C_RECURSIONS, LO_C_LOST_RINGBUF_FULL, LO_C_LOST_AGG_FULL, LO_C_LOST_HELD_FULL,
 	LO_C_OBJECTS_WATCHED, LO_C_LOST_PAGES_FULL, LO_C_FAILED_ACQUISITIONS,
+	/* the holds' join to the waits: how each wait and owner was decided */
+	LO_C_WAITS_UNDER_OWNER, LO_C_WAITS_UNDER_NEXT, LO_C_WAITS_NO_HOLDER,
+	LO_C_OWNERS_AT_ENTRY, LO_C_OWNERS_AT_WAIT_END, LO_C_NEXT_AT_ENTRY,
+	LO_C_OWNERS_PROMOTED, LO_C_OWNERS_RELEASED, LO_C_OWNERS_DROPPED, LO_C_WAITS_SELF_OWNER, LO_C_WAITS_UNDER_LAST,
 };
 /* What was taken: the class of entry point. Values are recorded: append only. */
 enum lo_kind {
@@ -157,7 +161,15 @@ struct lo_owner_side {
 struct lo_owner {
 	struct lo_owner_side now;
 	struct lo_owner_side next;
+	struct lo_owner_side last;      /* released last: its unlock's entry seen */
 };
+/* lock:contention_begin's flags (include/trace/events/lock.h) and a queued rwlock's
+ * writer byte (include/asm-generic/qrwlock.h: _QW_LOCKED, the low byte of cnts): a
+ * rwlock wait is put down to a writer only if one holds it as the wait begins */
+#define LO_LCB_F_SPIN 1
+#define LO_LCB_F_RW 6           /* LCB_F_READ | LCB_F_WRITE */
+#define LO_LCB_F_RT 8
+#define LO_QW_LOCKED 0xff
 BPF_HASH(lo_owners, u64, struct lo_owner, 4096);
 struct lo_wait {
 	u64 ts_ns;
@@ -440,14 +452,22 @@ static __always_inline void lo_own(u64 addr, struct lo_held_key *hk, struct lo_h
 		struct lo_owner n = {};
 		n.now = me;
 		lo_owners.update(&addr, &n);
+		lo_count(taken ? LO_C_OWNERS_AT_WAIT_END : LO_C_OWNERS_AT_ENTRY);
+		return;
+	}
+	if (!o->now.k.addr) {
+		o->now = me;
+		lo_count(taken ? LO_C_OWNERS_AT_WAIT_END : LO_C_OWNERS_AT_ENTRY);
 		return;
 	}
 	if (lo_side_is(&o->now, hk))
 		return;                 /* (taken again by its holder: a recursion) */
 	if (!taken) {
 		o->next = me;
+		lo_count(LO_C_NEXT_AT_ENTRY);
 		return;
 	}
+	lo_count(LO_C_OWNERS_AT_WAIT_END);
 	o->now = me;
 	if (lo_side_is(&o->next, hk))
 		__builtin_memset(&o->next, 0, sizeof(o->next));
@@ -459,11 +479,16 @@ static __always_inline void lo_disown(u64 addr, struct lo_held_key *hk)
 	struct lo_owner *o = lo_owners.lookup(&addr);
 	if (!o)
 		return;
-	if (lo_side_is(&o->now, hk) && o->next.k.addr) {
-		o->now = o->next;
+	if (lo_side_is(&o->now, hk)) {
+		o->last = o->now;
+		o->now = o->next;       /* (none where no one entered meanwhile) */
 		__builtin_memset(&o->next, 0, sizeof(o->next));
-	} else if (lo_side_is(&o->now, hk) || lo_side_is(&o->next, hk)) {
-		lo_owners.delete(&addr);        /* (its holder's release was never seen) */
+		lo_count(o->now.k.addr ? LO_C_OWNERS_PROMOTED : LO_C_OWNERS_RELEASED);
+	} else if (lo_side_is(&o->next, hk)) {
+		o->last = o->next;      /* (its holder's release was never seen) */
+		__builtin_memset(&o->now, 0, sizeof(o->now));
+		__builtin_memset(&o->next, 0, sizeof(o->next));
+		lo_count(LO_C_OWNERS_DROPPED);
 	}
 }
 
@@ -676,8 +701,11 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	return 0;
 }
 
-/* A wait on a followed lock begins: put down to its exclusive holder, or else to the
- * next one where the waiter is the owner it saw (an owner no one saw taking it). */
+/* A wait on a followed lock begins: put down to its exclusive holder; a rwlock's only
+ * while a writer holds it (its lock word read now: a writer that waits holds nothing),
+ * to the last holder where its unlock has begun and not yet stored; else to the next
+ * one where the waiter is the owner it saw (an owner no one saw taking it). Runs
+ * before the contention probe's handler (sources.FIRST_ON_TRACEPOINTS). */
 RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) */
 {
 	u64 now = bpf_ktime_get_ns();
@@ -691,11 +719,24 @@ RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) *
 	w.k.addr = addr;
 	w.k.kind = LO_NO_HOLDER;
 	w.k.stack_id = -1;
-	struct lo_owner *o = lo_owners.lookup(&addr);
-	if (o && o->now.k.addr && !lo_side_is(&o->now, &me))
+	u32 flags = ctx->args[1];
+	int rw = (flags & LO_LCB_F_SPIN) && (flags & LO_LCB_F_RW) && !(flags & LO_LCB_F_RT);
+	u32 cnts = LO_QW_LOCKED;
+	if (rw)
+		bpf_probe_read_kernel(&cnts, sizeof(cnts), (void *)addr);
+	struct lo_owner *o = (cnts & 0xff) == LO_QW_LOCKED ? lo_owners.lookup(&addr) : NULL;
+	if (o && o->now.k.addr && !lo_side_is(&o->now, &me)) {
 		w.k = o->now.k;
-	else if (o && o->next.k.addr && !lo_side_is(&o->next, &me))
+		lo_count(LO_C_WAITS_UNDER_OWNER);
+	} else if (o && rw && o->last.k.addr && !lo_side_is(&o->last, &me)) {
+		w.k = o->last.k;        /* (write-held still: its unlock's store to come) */
+		lo_count(LO_C_WAITS_UNDER_LAST);
+	} else if (o && o->next.k.addr && !lo_side_is(&o->next, &me)) {
 		w.k = o->next.k;
+		lo_count(LO_C_WAITS_UNDER_NEXT);
+	} else {
+		lo_count(o ? LO_C_WAITS_SELF_OWNER : LO_C_WAITS_NO_HOLDER);
+	}
 	lo_waits.update(&me.id, &w);
 	return 0;
 }

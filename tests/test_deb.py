@@ -16,7 +16,7 @@ LEFT = ("/usr/lib/kvmlockprof", "/usr/bin/kvmlockprof",
         "/lib/systemd/system/kvmlockprof-exporter.service", "/usr/share/doc/kvmlockprof",
         "/etc/systemd/system/multi-user.target.wants/kvmlockprof-exporter.service",
         "/var/lib/systemd/deb-systemd-helper-enabled/kvmlockprof-exporter.service.dsh-also",
-        "/run/kvmlockprof")
+        "/run/kvmlockprof", "/var/cache/kvmlockprof/bpf")
 
 
 def run(*cmd, **kw):

@@ -915,15 +915,23 @@ def test_mmu_lock_write_holds_equal_the_kernels(in_lab):
     assert t - n * h - 0.05 * t <= total <= t + 0.05 * t, (total, t, method, h)
     # the holds joined to the waits they caused, against the tracer's waits that began
     # under another thread's write hold
+    # under another thread's write hold. Every wait on the lock is joined once (to a
+    # holder or to none); which side a wait falls on is decided within a few us of its
+    # begin (the tracer's stamps and ours come one after the other's handlers, tens
+    # of us under TCG: docs/lockorder.md), so waits begun as a hold starts or ends may
+    # fall on the other side: the split is held within 25%.
     with open(d / "holds.jsonl") as f:
         (under, ns_under), (other, _) = waits_under_writers((json.loads(ln) for ln in f), mmu)
     caused = int(ours["waits_caused"].sum()), int(ours["wait_ns_caused"].sum())
+    every = lo.holds(rec)
+    joined = int(every.loc[every["lock_class"] == "kvm->mmu_lock", "waits_caused"].sum())
     print(f"waits on kvm->mmu_lock begun under a write hold: kvmlockprof {caused[0]}, "
-          f"{caused[1] / 1e6:.2f} ms | the tracer {under}, {ns_under / 1e6:.2f} ms "
-          f"({other} waits under no writer)")
+          f"{caused[1] / 1e6:.2f} ms | the tracer {under}, {ns_under / 1e6:.2f} ms; "
+          f"all its waits: kvmlockprof {joined}, the tracer {under + other}")
     assert under >= 20, (under, other)
-    assert abs(caused[0] - under) <= 0.02 * under, (caused, under)
-    assert abs(caused[1] - ns_under) <= 0.05 * ns_under, (caused, ns_under)
+    assert joined == under + other
+    assert abs(caused[0] - under) <= 0.25 * under, (caused, under)
+    assert abs(caused[1] - ns_under) <= 0.25 * ns_under, (caused, ns_under)
 
 
 def program_ns(rec, probe, symbol):

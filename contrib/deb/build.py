@@ -61,9 +61,10 @@ fi
 if [ "$1" = purge ] && command -v deb-systemd-helper >/dev/null; then
     deb-systemd-helper purge {UNIT} >/dev/null || true
 fi
-# what runs kept for this boot: attach trials' verdicts, struct offsets (kernel/host.py RUN_DIR)
+# what runs kept for this boot: attach trials' verdicts, struct offsets (kernel/host.py
+# RUN_DIR); the compiled BPF kept between runs (kernel/bpfcache.py)
 if [ "$1" = purge ]; then
-    rm -rf /run/kvmlockprof
+    rm -rf /run/kvmlockprof /var/cache/kvmlockprof/bpf
 fi
 """
 

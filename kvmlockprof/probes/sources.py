@@ -193,36 +193,55 @@ def open_sources(session=SessionOptions(), tgids=None, kfilter=None, warn=None, 
     return (sources, status, memory, *more)
 
 
+FIRST_ON_TRACEPOINTS = {"lockorder"}     # probes attached before the contention probe
+
+
 def _open_here(session, tgids, kfilter, warn, status, kbtf, cache=False):
     """open_sources() in this process (bcc is imported in a thread meanwhile); cache:
     the contention probe from a kept compile where there is one (kernel/bpfcache.py)."""
     bpfload.prefetch_bcc()
     sources = {}
     requested = session.requested()
+
+    def contention():
+        offsets = btf.kernel_defines(PROBE.fields, kbtf) if callable(kbtf) else \
+            btf.defines(kbtf, PROBE.fields)
+        c = ContentionProbe(session.contention, tgids=tgids, kfilter=kfilter,
+                            offsets=offsets, cache=cache)
+        sources["contention"] = c
+        status["contention"] = {"status": "attached", "method": catalog.TRACEPOINT,
+                                "targets": sorted(c.attached), **c.options}
+
+    def functions(plans):
+        try:
+            f = FunctionProbes(plans, (kbtf() if callable(kbtf) else kbtf) or btf.Btf())
+        except (BpfUnavailable, btf.BtfError) as e:
+            for p in plans:
+                status[p.name] = {"status": "failed", "reason": str(e)}
+            warn(f"function probes failed to load: {e}")
+            return
+        sources["functions"] = f
+        status.update(f.status)
+        for name, st in f.status.items():
+            if st["status"] != "attached":
+                warn(f"probe {name} not attached: {st.get('reason')}")
     try:
-        if requested is None or any(p.name == "contention" for p in requested):
-            offsets = btf.kernel_defines(PROBE.fields, kbtf) if callable(kbtf) else \
-                btf.defines(kbtf, PROBE.fields)
-            c = ContentionProbe(session.contention, tgids=tgids, kfilter=kfilter,
-                                offsets=offsets, cache=cache)
-            sources["contention"] = c
-            status["contention"] = {"status": "attached", "method": catalog.TRACEPOINT,
-                                    "targets": sorted(c.attached), **c.options}
+        waits = requested is None or any(p.name == "contention" for p in requested)
+        if waits:
+            status["contention"] = {}           # (its place first among the statuses)
         plans = _function_plans(requested, status, session.prefer, warn,
                                 session.probe_options)
-        if plans:
-            try:
-                f = FunctionProbes(plans, (kbtf() if callable(kbtf) else kbtf) or btf.Btf())
-            except (BpfUnavailable, btf.BtfError) as e:
-                for p in plans:
-                    status[p.name] = {"status": "failed", "reason": str(e)}
-                warn(f"function probes failed to load: {e}")
-            else:
-                sources["functions"] = f
-                status.update(f.status)
-                for name, st in f.status.items():
-                    if st["status"] != "attached":
-                        warn(f"probe {name} not attached: {st.get('reason')}")
+        # A tracepoint runs its programs in the order they attached: lockorder's
+        # contention_begin puts a wait down to the lock's holder as it begins, so it
+        # goes before the contention probe's stack walk (under the emulator, tens
+        # of us in which a holder can release)
+        first = [p for p in plans if p.name in FIRST_ON_TRACEPOINTS]
+        if first:
+            functions(plans)
+        if waits:
+            contention()
+        if plans and not first:
+            functions(plans)
         if not any(st.get("status") == "attached" for st in status.values()):
             raise BpfUnavailable("no probe could attach: run `kvmlockprof doctor` to see why")
         memory = _within_limit(sources, session.kernel_mem_mb)
