@@ -826,6 +826,8 @@ def doctor(fix, verbose):
         except OSError as e:
             rows.append(("fix headers", "no", str(e)))
     rows.append(_doctor_memory())
+    from kvmlockprof.kernel import bpfcache
+    rows.append(("compiled BPF", *bpfcache.describe()))     # (after the memory row's load)
     w = max(len(r[0]) for r in rows)
     for name, status, detail in rows:
         click.echo(f"{name:<{w}}  {status:<4}  {detail}")

@@ -45,3 +45,17 @@ def test_only_the_newest_entries_are_kept(tmp_path, monkeypatch):
         os.utime(p, (1000 + i, 1000 + i))
     bpfcache._prune(str(tmp_path))
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["2.json", "3.json", "4.json"]
+
+
+def test_doctor_says_what_is_kept(tmp_path, monkeypatch):
+    d = tmp_path / "bpf"
+    monkeypatch.setattr(bpfcache, "CACHE_DIR", str(d))
+    assert bpfcache.describe() == ("ok", f"0 kept in {d}: a run with the same C, settings, "
+                                   "kernel and bcc loads its compile (no clang); a first run "
+                                   "compiles (~1 s)")
+    (d / "a.json").write_text("{}")
+    assert bpfcache.describe()[1].startswith(f"1 kept in {d}")
+    d.chmod(0o777)
+    assert bpfcache.describe()[0] == "no"
+    monkeypatch.setattr(bpfcache, "CACHE_DIR", "off")
+    assert bpfcache.describe()[0] == "off"
