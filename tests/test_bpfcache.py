@@ -59,3 +59,20 @@ def test_doctor_says_what_is_kept(tmp_path, monkeypatch):
     assert bpfcache.describe()[0] == "no"
     monkeypatch.setattr(bpfcache, "CACHE_DIR", "off")
     assert bpfcache.describe()[0] == "off"
+
+
+def test_a_compile_that_cannot_be_kept_is_not_an_error(tmp_path, monkeypatch):
+    """A full or read-only cache directory: save says no, the run goes on."""
+    monkeypatch.setattr(bpfcache, "CACHE_DIR", str(tmp_path / "bpf"))
+    monkeypatch.setattr(bpfcache, "_describe", lambda bpf, code_of: {"format": 1})
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(bpfcache.tempfile, "mkstemp", full)
+    assert bpfcache.save("0" * 64, None, None) is False
+    monkeypatch.undo()
+    monkeypatch.setattr(bpfcache, "CACHE_DIR", str(tmp_path / "bpf"))
+    monkeypatch.setattr(bpfcache, "_describe", lambda bpf, code_of: {"format": 1})
+    monkeypatch.setattr(bpfcache.json, "dump", full)
+    assert bpfcache.save("0" * 64, None, None) is False
+    assert list((tmp_path / "bpf").iterdir()) == []

@@ -113,11 +113,12 @@ def save(k, bpf, function_code):
         entry = _describe(bpf, function_code)
     except (_Unkept, OSError):
         return False
-    if entry is None:
-        return False
     entry["key"] = k
     try:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    except OSError:
+        return False
+    try:
         with os.fdopen(fd, "w") as f:
             json.dump(entry, f)
         os.replace(tmp, path)
@@ -159,8 +160,6 @@ def _describe(bpf, function_code):
     funcs = []
     for n in range(lib_.bpf_num_functions(bpf.module)):
         fn = lib_.bpf_function_name(bpf.module, n)
-        if isinstance(fn, int):
-            fn = ctypes.string_at(fn)
         code = function_code(bpf, fn)
         refs = []
         for at, (op, regs, _, imm) in enumerate(_INSN.iter_unpack(code)):
@@ -185,9 +184,7 @@ def _describe(bpf, function_code):
                 raise _Unkept(f"{fn}: not loaded by bcc")
             f["kname"] = handles.info(bpf.funcs[fn].fd, handles.ProgInfo).name.decode()
         funcs.append(f)
-    lic = libbcc.lib.bpf_module_license(bpf.module)
-    return {"format": FORMAT,
-            "license": (lic if isinstance(lic, bytes) else ctypes.string_at(lic)).decode(),
+    return {"format": FORMAT, "license": libbcc.lib.bpf_module_license(bpf.module).decode(),
             "btf": base64.b64encode(handles.btf_data(btf_ids.pop())).decode()
             if btf_ids else "", "maps": maps, "funcs": funcs}
 
