@@ -439,11 +439,10 @@ def _with_waits_caused(rec, out):
     if c.empty:
         return out.assign(waits_caused=0, wait_ns_caused=0)
     cls = class_names(rec, c["addr"])
-    none = c["kind"] == NO_HOLDER
     c = c.assign(lock_class=c["addr"].map(cls),
                  kind=c["kind"].map(lambda k: "no exclusive holder" if k == NO_HOLDER
                                     else _kind(k)),
-                 caller=callers(rec, c["stack_id"].where(~none, -1), skip=_skip()))
+                 caller=callers(rec, c["stack_id"], skip=_skip()))  # (none's: -1)
     g = c.groupby(["lock_class", "kind", "caller"])[["count", "total_ns"]].sum() \
         .rename(columns={"count": "waits_caused", "total_ns": "wait_ns_caused"}).reset_index()
     out = out.merge(g, on=["lock_class", "kind", "caller"], how="outer") \
