@@ -818,3 +818,34 @@ def test_owner_series_add_up_by_class_and_forget_gone_owners(make_session, monke
     assert value(got, "kvmlockprof_lock_owner_waits_total", lock="lock_a",
                  owner="worker") == 12                 # worker-1, -2, -3: one class
     assert {t for _, t in k.owners} == {203, 301, 302, 401}      # 201, 202 gone: deleted
+
+
+def test_top_deletes_exited_owners_from_the_kernel_and_keeps_the_heaviest(make_session,
+                                                                         monkeypatch):
+    """top --lock-owner, however long it runs: the entries of owner threads that exited
+    are deleted from the kernel's map (it holds the live owners only), and top's
+    owners since the start still show them: the heaviest GONE_OWNERS_KEPT, counted
+    once across reads."""
+    from kvmlockprof.views import top
+    gone = set()
+    monkeypatch.setattr(top, "threads_gone", lambda pairs: [t for _, t in pairs if t in gone])
+    monkeypatch.setattr(top, "GONE_OWNERS_KEPT", 2)
+    k = FakeKernel()
+    k.owners = {}
+    view = make_session(k)      # (top's LiveView under it: the method is top's)
+    for tid, comm, ns, n in ((201, "worker-1", 1000, 5), (202, "worker-2", 7000, 1),
+                             (203, "worker-3", 10, 1), (301, "CPU 0/KVM", 100, 1)):
+        k.end("lock_a", 101, ns, n=n)
+        k.own("lock_a", tid, 101, comm, ns, n=n)
+    for step in range(3):
+        view._read_contention({})
+        if step == 1:
+            gone.update({201, 202, 203})
+        t = top.LiveView._owners_since_start(view)
+        rows = {int(o): int(ns) for o, ns in zip(t["owner"], t["total_ns"])}
+        if step == 0:
+            assert rows == {201: 5000, 202: 7000, 203: 10, 301: 100}
+        else:
+            assert rows == {201: 5000, 202: 7000, 301: 100}, rows
+            assert set(k.owners) == {(LOCKS["lock_a"], 301)}
+            assert sorted(t["owner_comm"].astype(str)) == ["CPU 0/KVM", "worker-1", "worker-2"]

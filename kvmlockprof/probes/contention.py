@@ -529,10 +529,19 @@ class ContentionProbe:
                          "frames": pa.array(rows["frames"], pa.list_(pa.string()))})
 
     def forget_owners(self, keys):
-        """Delete lock_owners entries ((lock_addr, owner tid) pairs: owners gone) and
-        what was cached of their threads; each entry is looked up and deleted at once,
-        so a wait that ends (on a gone owner's entry) between a read and the delete is
-        not lost: [(lock_addr, owner, count, total_ns)] of the entries deleted."""
+        """Delete lock_owners entries ((lock_addr, owner tid) pairs: owners gone), the
+        stacks they slept at (owner_stacks) and what was cached of their threads; each
+        lock_owners entry is looked up and deleted at once, so a wait that ends (on a
+        gone owner's entry) between a read and the delete is not lost:
+        [(lock_addr, owner, count, total_ns)] of the entries deleted."""
+        keys = list(keys)
+        if self.options.get("owner_stacks") is True:
+            stacks, pairs = handles.table(self.bpf, "owner_stacks"), set(keys)
+            for k in [k for k in stacks.keys() if (k.lock_addr, k.owner) in pairs]:
+                try:
+                    del stacks[k]
+                except KeyError:
+                    pass
         t, out = handles.table(self.bpf, "lock_owners"), []
         for a, o in keys:
             k = t.Key(lock_addr=a, owner=o)

@@ -19,7 +19,7 @@ from kvmlockprof.analysis import locks, owners
 from kvmlockprof.lazy import np, pd
 from kvmlockprof.recording.session import Stop, live_session
 from kvmlockprof.recording.store import Recording
-from kvmlockprof.views.top import AGG_KEYS, LiveView
+from kvmlockprof.views.top import AGG_KEYS, LiveView, threads_gone as _threads_gone
 
 PREFIX = "kvmlockprof"
 OTHER = "other"
@@ -373,11 +373,6 @@ def _hist_counts(df):
 
 def _gone(tgids):
     return [t for t in tgids if t and not os.path.exists(f"/proc/{t}")]
-
-
-def _threads_gone(pairs):
-    """The tids of (tgid, tid) pairs whose thread has exited."""
-    return [t for p, t in pairs if not p or not os.path.exists(f"/proc/{p}/task/{t}")]
 
 
 class ExporterSession(LiveView):

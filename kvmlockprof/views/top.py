@@ -4,6 +4,7 @@ Nothing is streamed for contention (aggregates only): each refresh reads the
 aggregate map, subtracts the previous read for the last interval, and runs the
 same locks.top() as `report` on both. Function probes show their counters'
 rates and the fast-path / cache hit ratios, over the interval and cumulative."""
+import os
 import time
 
 from kvmlockprof.analysis import locks, owners
@@ -22,6 +23,12 @@ from kvmlockprof.recording.store import Recording
 from kvmlockprof.views.report import fmt_ns
 
 AGG_KEYS = ["lock_addr", "tgid", "flags", "stack_id"]
+GONE_OWNERS_KEPT = 100  # top's owners since the start: the heaviest exited ones kept
+
+
+def threads_gone(pairs):
+    """The tids of (tgid, tid) pairs whose thread has exited."""
+    return [t for p, t in pairs if not p or not os.path.exists(f"/proc/{p}/task/{t}")]
 SORTS = list(locks.SORT_KEYS)
 BYS = [g for g in locks.GROUPS if g != "thread"]       # (aggregates are per process)
 
@@ -79,6 +86,7 @@ class LiveView:
         self.prev_aggs, self.prev_counters = None, {}
         self.vcpu_now, self.vcpu_prev = {}, {}       # --vcpu-exits' tables
         self.owners_now = self.owner_stacks_now = None
+        self.gone_owners = None         # lock_owners rows of exited owners (top)
         self.hits = {}          # name -> [interval hits, interval total, cum hits, cum total]
         self.t0 = self.t_prev = time.monotonic()
         self.header = f"{host.hostname()}  kernel {host.kernel_release()}"
@@ -178,13 +186,34 @@ class LiveView:
             lines += ["", "function probes (rate over the last interval, total):"] + fn
         return lines
 
+    def _owners_since_start(self):
+        """lock_owners since the start: the kernel's entries of exited owner threads
+        (and the stacks they slept at) deleted, so its maps hold the live owners only
+        however long top runs; the heaviest GONE_OWNERS_KEPT of those kept here."""
+        cur = self.owners_now.to_pandas()
+        gone = threads_gone(set(zip(cur["owner_tgid"].tolist(), cur["owner"].tolist())))
+        if gone:
+            rows = cur[cur["owner"].isin(gone)]
+            last = pd.DataFrame(self.sources["contention"].forget_owners(
+                zip(rows["lock_addr"].tolist(), rows["owner"].tolist())),
+                columns=["lock_addr", "owner", "count", "total_ns"])
+            last = last.merge(rows.drop(columns=["count", "total_ns"]),
+                              on=["lock_addr", "owner"])
+            self.gone_owners = pd.concat([self.gone_owners, last], ignore_index=True) \
+                .nlargest(GONE_OWNERS_KEPT, "total_ns") if self.gone_owners is not None \
+                else last.nlargest(GONE_OWNERS_KEPT, "total_ns")
+            cur = cur[~cur["owner"].isin(gone)]
+        if self.gone_owners is None:
+            return cur
+        return pd.concat([cur, self.gone_owners[cur.columns]], ignore_index=True)
+
     def _owner_lines(self, aggs):
         """--lock-owner: the heaviest owners since the start (analysis.owners, as report)."""
         if self.owners_now is None:
             return []
         rec = Recording.from_frames(
             "<live>", {**self.names.manifest(), "processes": self.procs},
-            {"aggregates": aggs, "lock_owners": self.owners_now.to_pandas(),
+            {"aggregates": aggs, "lock_owners": self._owners_since_start(),
              **({"owner_stacks": self.owner_stacks_now.to_pandas()}
                 if self.owner_stacks_now is not None else {})})
         df = owners.lock_owners(rec)
