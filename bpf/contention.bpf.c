@@ -19,7 +19,7 @@
  *   KVMLP_OFF_TASK_CFS_RQ, KVMLP_OFF_CFS_RQ_RQ: task_struct.se.cfs_rq, cfs_rq.rq
  *                     (CONFIG_FAIR_GROUP_SCHED; -1: run queues stay unnamed)
  *   KVMLP_NR_CPUS     possible CPUs (run_queues)
- *   KVMLP_OFF_KFUNC_GET_KMEM_CACHE: bpf_get_kmem_cache's BTF id (6.13+; -1: slab
+ *   KVMLP_ID_KFUNC_GET_KMEM_CACHE: bpf_get_kmem_cache's BTF id (6.13+; -1: slab
  *                     objects stay unnamed), with KVMLP_OFF_KMEM_CACHE_NAME
  *   KVMLP_OWNERS      1: --lock-owner (lock_owners; KVMLP_OFF_MUTEX_OWNER, _RWSEM_OWNER,
  *                     _TASK_PID from BTF)
@@ -853,17 +853,17 @@ int run_queue_of_cpu(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
-#if KVMLP_OWNERS && KVMLP_OFF_KFUNC_TASK_FROM_PID > 0 && KVMLP_OFF_KFUNC_TASK_RELEASE > 0 && \
+#if KVMLP_OWNERS && KVMLP_ID_KFUNC_TASK_FROM_PID > 0 && KVMLP_ID_KFUNC_TASK_RELEASE > 0 && \
 	KVMLP_OFF_TASK_ON_CPU >= 0 && KVMLP_OFF_TASK_NVCSW >= 0 && KVMLP_OFF_TASK_NIVCSW >= 0 && \
-	KVMLP_OFF_TP_CONTENTION_BEGIN > 0
+	KVMLP_ID_TP_CONTENTION_BEGIN > 0
 /* --lock-owner: the owner's kernel stack as a wait on its lock begins, where the owner
  * sleeps (a running owner's saved stack is stale: none taken). bpf_get_task_stack
  * takes a task pointer only a kfunc gives, and only a tracing program may call
  * bpf_task_from_pid: this is a tp_btf program of its own on lock:contention_begin,
  * which ContentionProbe loads and attaches (bcc 0.26 loads no tp_btf), at most one
  * walk per walk_ns per CPU (the stack budget's pace). */
-static u64 (*kvmlp_task_from_pid)(s32 pid) = KVMLP_KFUNC(KVMLP_OFF_KFUNC_TASK_FROM_PID);
-static void (*kvmlp_task_release)(u64 task) = KVMLP_KFUNC(KVMLP_OFF_KFUNC_TASK_RELEASE);
+static u64 (*kvmlp_task_from_pid)(s32 pid) = KVMLP_KFUNC(KVMLP_ID_KFUNC_TASK_FROM_PID);
+static void (*kvmlp_task_release)(u64 task) = KVMLP_KFUNC(KVMLP_ID_KFUNC_TASK_RELEASE);
 BPF_F_TABLE("hash", struct kvmlp_owner_stack_key, struct kvmlp_owner_stack_val, owner_stacks,
 	    KVMLP_AGG_ENTRIES, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(owner_stack_buf, struct kvmlp_owner_stack_val, 1);
@@ -932,9 +932,9 @@ int owner_stack(u64 *ctx)               /* (void *lock, unsigned int flags) */
 }
 #endif
 
-#if KVMLP_OFF_KFUNC_GET_KMEM_CACHE > 0 && KVMLP_OFF_KMEM_CACHE_NAME >= 0
+#if KVMLP_ID_KFUNC_GET_KMEM_CACHE > 0 && KVMLP_OFF_KMEM_CACHE_NAME >= 0
 /* 6.13+: the slab cache of an object's address (NULL: in no slab object). */
-static u64 (*kvmlp_get_kmem_cache)(u64 addr) = KVMLP_KFUNC(KVMLP_OFF_KFUNC_GET_KMEM_CACHE);
+static u64 (*kvmlp_get_kmem_cache)(u64 addr) = KVMLP_KFUNC(KVMLP_ID_KFUNC_GET_KMEM_CACHE);
 BPF_ARRAY(slab_queries, struct kvmlp_slab_query, KVMLP_SLAB_BATCH);
 
 /* Never attached: run by user space (BPF_PROG_TEST_RUN, args[0] the number of

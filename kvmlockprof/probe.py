@@ -8,7 +8,8 @@ parameters the C reads (their positions come from BTF, else from `signatures`),
 and whether a return handler is needed. The C sees, per target KEY:
 KVMLP_M_KEY (the method: one of KVMLP_M_* in bpf/common.h), KVMLP_S_KEY (the
 symbol), KVMLP_N_KEY (argument count), KVMLP_A_KEY_PARAM (argument index or -1).
-Struct field offsets (`fields`) reach it as KVMLP_OFF_NAME, -1 where BTF lacks one.
+Struct field offsets (`fields`) reach it as KVMLP_OFF_NAME, BTF ids (kfuncs, tp_btf)
+as KVMLP_ID_NAME, -1 where BTF lacks one (kernel.btf.define_name).
 """
 from dataclasses import dataclass, field
 
@@ -62,7 +63,8 @@ class Probe:
     columns: dict = field(default_factory=dict)     # table -> {column: kind}, checked on read
     streams: tuple = ()            # (ring buffer map, recording table)
     aggregates: tuple = ()         # (in-kernel map, recording table), snapshotted
-    # KVMLP_OFF_X -> (struct, field path, or "sizeof": the struct's size)
+    # KVMLP_OFF_X -> (struct, field path, or "sizeof": the struct's size); KVMLP_ID_X ->
+    # (btf.KFUNC or btf.TP_BTF, name)
     fields: dict = field(default_factory=dict)
     # its own build-time knobs, for its C: a dict, or kbtf -> dict (sizes from BTF)
     defines: object = field(default_factory=dict)

@@ -482,6 +482,12 @@ def tracepoint_btf_id(btf, tp):
     return next((i for i in raw.ids("TYPEDEF") if raw.name_of(i) == want), None)
 
 
+def define_name(name, spec):
+    """A field's name in the C: KVMLP_ID_ for a BTF id (a kfunc's, a tp_btf's),
+    KVMLP_OFF_ for an offset or a size."""
+    return ("KVMLP_ID_" if spec[0] in (KFUNC, TP_BTF) else "KVMLP_OFF_") + name
+
+
 def defines(btf, fields):
     """{DEFINE: offset} for {DEFINE: (struct, path or (paths, first found))}, the path
     "sizeof" giving the struct's size, the struct PERCPU a per-CPU variable's offset in

@@ -271,7 +271,8 @@ class ContentionProbe:
             KVMLP_FILTER_TYPE="type_bits" in kf, KVMLP_FILTER_CGROUPS=len(kf.get("cgroups", ())),
             KVMLP_EXIT_TP=vcpu_exit_tracepoints()[0] if opts.vcpu_exits else 0,
             KVMLP_NR_CPUS=max(host.cpu_ids("possible")) + 1)
-        self.defines.update({f"KVMLP_OFF_{k}": (offsets or {}).get(k, -1) for k in PROBE.fields})
+        self.defines.update({btf.define_name(k, f): (offsets or {}).get(k, -1)
+                             for k, f in PROBE.fields.items()})
         self.bpf, self.pending = self._load(opts.pending, cache)
         # its status in a recording's manifest
         self.options = {"sample_every": opts.sample_every, "stack_every": opts.stack_every,
@@ -627,7 +628,7 @@ class ContentionProbe:
         still named)."""
         d = self.defines
         missing = [k for k in ("KFUNC_TASK_FROM_PID", "KFUNC_TASK_RELEASE",
-                               "TP_CONTENTION_BEGIN") if d[f"KVMLP_OFF_{k}"] <= 0]
+                               "TP_CONTENTION_BEGIN") if d[f"KVMLP_ID_{k}"] <= 0]
         fields = [f for f in ("TASK_ON_CPU", "TASK_NVCSW", "TASK_NIVCSW")
                   if d[f"KVMLP_OFF_{f}"] < 0]
         if missing or fields:
@@ -635,7 +636,7 @@ class ContentionProbe:
                     if missing else "BTF has no task_struct." + PROBE.fields[fields[0]][1])
         fn = b"owner_stack"
         try:
-            fd = bpfload.load_tp_btf(self.bpf, fn, d["KVMLP_OFF_TP_CONTENTION_BEGIN"])
+            fd = bpfload.load_tp_btf(self.bpf, fn, d["KVMLP_ID_TP_CONTENTION_BEGIN"])
         except OSError as e:
             return f"the kernel refused the owner stacks' program: {e}"
         bpfload.keep_function(self.bpf, fn, fd)
@@ -661,7 +662,7 @@ class ContentionProbe:
 
     def _names_slabs(self):
         """The kernel has bpf_get_kmem_cache (6.13+) and the C the program calling it."""
-        return self.defines["KVMLP_OFF_KFUNC_GET_KMEM_CACHE"] > 0 and \
+        return self.defines["KVMLP_ID_KFUNC_GET_KMEM_CACHE"] > 0 and \
             self.defines["KVMLP_OFF_KMEM_CACHE_NAME"] >= 0
 
     def _load_namers(self):

@@ -41,7 +41,8 @@ def module_defines(plans, kbtf, stack_entries=16384, ringbuf_pages=1024):
         for t in probe.targets:
             sym, method = plan.targets.get(t.key, (None, None))
             d.update(target_defines(t, sym, method, kbtf))
-        d.update({f"KVMLP_OFF_{k}": v for k, v in btf.defines(kbtf, probe.fields).items()})
+        d.update({btf.define_name(k, probe.fields[k]): v
+                  for k, v in btf.defines(kbtf, probe.fields).items()})
     for targets in shared_fentry(plans).values():
         d.update({f"KVMLP_M_{t.key}": SHARED_FENTRY for t in targets})
     return d
