@@ -220,6 +220,12 @@ BPF_TABLE("lru_hash", struct kvmlp_vm_key, struct kvmlp_vm_end, kvmlp_vm_ends, 1
 BPF_TABLE("lru_hash", struct kvmlp_vcpu_key, struct kvmlp_vcpu_end, kvmlp_vcpu_ends, 4096);
 KVMLP_STACK_MAP(kvmlp_stacks, KVMLP_STACK_ENTRIES);
 
+static __always_inline s32 kvmlp_stackid(void *ctx)
+{
+	s32 id = kvmlp_stacks.get_stackid(ctx, 0);
+	return id == -KVMLP_EEXIST ? kvmlp_stacks.get_stackid(ctx, KVMLP_SKIP_ONE) : id;
+}
+
 /* A VM seen in use: registered unless it is already (its owner is the process
  * that created it, or else the first seen using it). */
 static __always_inline void kvmlp_note_vm(u64 kvm)

@@ -221,6 +221,8 @@ static __always_inline int wanted_type(u32 flags, u8 mask)
 static __always_inline int get_stack(void *ctx)
 {
 	int stack_id = stacks.get_stackid(ctx, 0);
+	if (stack_id == -KVMLP_EEXIST)
+		stack_id = stacks.get_stackid(ctx, KVMLP_SKIP_ONE);
 	if (stack_id < 0)
 		count(KVMLP_C_STACK_FAILURES);
 	return stack_id;
@@ -910,9 +912,7 @@ int owner_stack(u64 *ctx)               /* (void *lock, unsigned int flags) */
 	if (n > 0)
 		after = switches(task);
 	kvmlp_task_release(task);
-	if (after != before)
-		return 0;
-	if (!v || n <= 0)
+	if (!v || n <= 0 || after != before)
 		return 0;
 	struct kvmlp_owner_stack_key k = {.lock_addr = lock, .owner = pid};
 	u64 h = 14695981039346656037ULL;        /* FNV-1a over the frames */

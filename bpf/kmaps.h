@@ -64,5 +64,11 @@ struct kvmlp_stack {
 };
 #define KVMLP_STACK_MAP(name, entries) \
 	BPF_TABLE("stacktrace", int, struct kvmlp_stack, name, roundup_pow_of_two(entries))
+/* A stack map's bucket (the hash of a stack's frames) keeps one stack: where another
+ * holds it the kernel refuses the walk (-EEXIST), and the same walk less its innermost
+ * frame (the probed function's or the BPF program's, never a lock's caller: the
+ * readers skip it) hashes elsewhere: get_stackid(ctx, KVMLP_SKIP_ONE) once more. */
+#define KVMLP_EEXIST 17
+#define KVMLP_SKIP_ONE 1        /* BPF_F_SKIP_FIELD_MASK's count of frames */
 
 #endif

@@ -311,7 +311,7 @@ static __always_inline void lo_edge(struct lo_held_lock *h, u64 addr, u32 kind, 
 	struct lockorder_edge_val *v = lockorder_edges.lookup(&k);
 	if (!v) {
 		if (*sid < 0)
-			*sid = kvmlp_stacks.get_stackid(ctx, 0);
+			*sid = kvmlp_stackid(ctx);
 		struct lockorder_edge_val n = {};
 		n.stack_id = *sid;
 		n.tgid = bpf_get_current_pid_tgid() >> 32;
@@ -447,12 +447,10 @@ static __always_inline void lo_own(u64 addr, struct lo_held_key *hk, struct lo_h
 	me.k.addr = addr;
 	me.k.kind = h->kind;
 	me.k.stack_id = h->stack_id;
-	struct lo_owner *o = lo_owners.lookup(&addr);
+	struct lo_owner none = {};
+	struct lo_owner *o = lo_owners.lookup_or_try_init(&addr, &none);
 	if (!o) {
-		struct lo_owner n = {};
-		n.now = me;
-		lo_owners.update(&addr, &n);
-		lo_count(taken ? LO_C_OWNERS_AT_WAIT_END : LO_C_OWNERS_AT_ENTRY);
+		lo_count(LO_C_LOST_AGG_FULL);
 		return;
 	}
 	if (!o->now.k.addr) {
@@ -531,7 +529,7 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 		if (h->addr == addr) {
 			if (!lo_recursive_ok(kind, h->kind)) {
 				if (sid < 0)
-					sid = kvmlp_stacks.get_stackid(ctx, 0);
+					sid = kvmlp_stackid(ctx);
 				lo_recursion(h, addr, kind, sid, n, context);
 			}
 		} else {
@@ -542,7 +540,7 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	struct lockorder_acq_val *av = lockorder_acqs.lookup(&ak);
 	if (!av) {
 		if (sid < 0)
-			sid = kvmlp_stacks.get_stackid(ctx, 0);
+			sid = kvmlp_stackid(ctx);
 		struct lockorder_acq_val an = {};
 		an.stack_id = sid;
 		an.tgid = bpf_get_current_pid_tgid() >> 32;
@@ -569,7 +567,7 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	h->kind = kind;
 	/* where this one was taken: its hold is kept by it (a held lock's walk, not
 	 * only a new edge's or key's: klockstat's cost, for watched locks alone) */
-	h->stack_id = sid >= 0 ? sid : kvmlp_stacks.get_stackid(ctx, 0);
+	h->stack_id = sid >= 0 ? sid : kvmlp_stackid(ctx);
 	h->ts_ns = bpf_ktime_get_ns();          /* (after our walk: not in its hold) */
 	h->bh = variant == LO_BH;
 	h->told = 0;
@@ -671,12 +669,8 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 		struct lockorder_hold_key ck = w->k;
 		u64 ns = now - w->ts_ns;
 		lo_waits.delete(&tid);
-		struct lockorder_caused_val *v = lockorder_caused.lookup(&ck);
-		if (!v) {
-			struct lockorder_caused_val z = {};
-			lockorder_caused.insert(&ck, &z);
-			v = lockorder_caused.lookup(&ck);
-		}
+		struct lockorder_caused_val none = {};
+		struct lockorder_caused_val *v = lockorder_caused.lookup_or_try_init(&ck, &none);
 		if (v) {
 			kvmlp_add(&v->count, 1);
 			kvmlp_add(&v->total_ns, ns);
@@ -808,7 +802,7 @@ static __always_inline int lo_srcu_at(void *ctx, u32 fn, int kprobe)
 	struct lockorder_acq_val *v = lockorder_srcu_at.lookup(&k);
 	if (!v) {
 		struct lockorder_acq_val n = {};
-		n.stack_id = kvmlp_stacks.get_stackid(ctx, 0);
+		n.stack_id = kvmlp_stackid(ctx);
 		n.tgid = bpf_get_current_pid_tgid() >> 32;
 		lockorder_srcu_at.insert(&k, &n);
 		v = lockorder_srcu_at.lookup(&k);

@@ -136,7 +136,7 @@ KVMLP_ENTRY(SRCU_UNLOCK)
 
 static __always_inline int srcu_sync_enter(void *ctx, u32 fn, u64 ssp)
 {
-	u64 stack = (u32)kvmlp_stacks.get_stackid(ctx, 0);
+	u64 stack = (u32)kvmlp_stackid(ctx);
 	if (kvmlp_call_enter(fn, ssp, stack))
 		srcu_count(SRCU_C_LOST_PENDING_FULL);
 	return 0;

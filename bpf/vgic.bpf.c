@@ -36,7 +36,7 @@ KVMLP_ENTRY(VGIC_PUT)
 	c.a0 = irq;
 	c.a1 = kvm;
 	c.a2 = (KVMLP_OFF_IRQ_INTID >= 0 ? kvmlp_read_u32(irq, KVMLP_OFF_IRQ_INTID) :
-		VGIC_INTID_UNKNOWN) | (u64)(u32)kvmlp_stacks.get_stackid(ctx, 0) << 32;
+		VGIC_INTID_UNKNOWN) | (u64)(u32)kvmlp_stackid(ctx) << 32;
 	c.a3 = (u64)(KVMLP_OFF_IRQ_REFCOUNT >= 0 ? kvmlp_read_u32(irq, KVMLP_OFF_IRQ_REFCOUNT) : 0)
 		<< 32 | kvmlp_context(ctx, KVMLP_M_VGIC_PUT == KVMLP_M_KPROBE, KVMLP_OFF_TASK_PREEMPT, -1)
 		<< 8 | kvmlp_irqs_at_call(ctx, KVMLP_M_VGIC_PUT == KVMLP_M_KPROBE);

@@ -63,7 +63,7 @@ static __always_inline void xa_account(struct kvmlp_xa_key *k, u64 lat)
 KVMLP_ENTRY(XA_ERASE)
 {
 	/* The stack is taken at entry: at return the caller's frame is gone. */
-	u64 stack = (u32)kvmlp_stacks.get_stackid(ctx, 0);
+	u64 stack = (u32)kvmlp_stackid(ctx);
 	if (kvmlp_call_enter(KVMLP_FN_XA_ERASE, KVMLP_ARG(XA_ERASE, XA), stack))
 		xa_count(XA_C_LOST_PENDING_FULL);
 	return 0;
@@ -103,7 +103,7 @@ KVMLP_ENTRY(VCPU_DESTROY)
 		return 0;
 	k.xa = k.kvm + KVMLP_OFF_VCPU_ARRAY;
 	k.owner = XA_KVM_VCPU_ARRAY_BY_CALLER;
-	k.stack_id = kvmlp_stacks.get_stackid(ctx, 0);
+	k.stack_id = kvmlp_stackid(ctx);
 	xa_count(XA_C_VCPU_DESTROYS);
 	xa_account(&k, 0);
 	xa_emit(bpf_ktime_get_ns(), 0, &k);

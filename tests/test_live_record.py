@@ -454,3 +454,22 @@ def test_max_stack_stops_the_walk_as_perfs_does(live, tmp_path):
     depth = rec.stacks["frames"].map(len)
     assert rec.manifest["probes"]["contention"]["max_stack"] == 8
     assert depth.max() == 8, depth.value_counts()
+
+
+def test_a_taken_stack_bucket_keeps_the_walk_less_its_first_frame(live, tmp_path):
+    """A stack map's bucket keeps one stack (the hash of its frames): the kernel refuses
+    a walk whose bucket another stack holds (-EEXIST), and the probe takes it again
+    less its innermost frame (the BPF program's own). With 16 buckets (-M 16) and the
+    churn workload's dozens of stacks, some are kept so: their first frame is the
+    kernel's bpf_trace_run*, not our program, and each still has its lock's caller."""
+    out = tmp_path / "b.parquet"
+    klp("record", "-q", "-M", 16, "--sample-every", 0, "--stack-budget", 0, "-o", out,
+        "--", *workload_argv("--duration", 2, "--vcpus", 2, "--churn"))
+    rec = kvmlockprof.load(out)
+    st = rec.stacks[rec.stacks["source"] == "contention"]
+    first = st["frames"].map(lambda f: f[0] if len(f) else "")
+    again = st[first.str.startswith("bpf_trace_run")]
+    print(first.str.split("+").str[0].value_counts().to_string())
+    assert first.str.startswith("bpf_prog_").any() and len(again), first.tolist()
+    for _, r in again.iterrows():
+        assert not all(r["lock_frame"]), list(r["frames"])      # a caller outside locking
