@@ -816,3 +816,22 @@ def test_lockorder_holds_joined_to_the_waits_they_caused(module, tmp_path):
         == [2, 5000, 3, 900]
     assert out.loc["no exclusive holder", ["count", "waits_caused", "wait_ns_caused"]] \
         .tolist() == [0, 2, 100]
+
+
+def test_the_calls_the_kernel_skipped_are_each_probes_and_said(module, tmp_path, monkeypatch):
+    """A function program the kernel did not run for a call (recursion_misses: a kprobe
+    hit inside another kprobe program on that CPU) is counted for every probe it
+    serves (lost_recursion), and lockorder's findings say its view has such gaps."""
+    from kvmlockprof.probes import functions, lockorder as lo
+    monkeypatch.setattr(functions, "read_counters", lambda m, names: {n: 1 for n in names})
+    monkeypatch.setattr(functions.bpfstats, "recursion_misses", lambda fd: {3: 400, 4: 8}[fd])
+    fp = functions.FunctionProbes.__new__(functions.FunctionProbes)
+    fp.plans, fp.bpf = {lo.PROBE: None}, {"kvmlp_counters": None}
+    fp.prog_fds = lambda: {"kvmlp_kp_LOLS": (3, ("lockorder",)),
+                           "kfunc__vmlinux__x": (4, ("lockorder", "srcu"))}
+    c = fp.counters()
+    assert c["lockorder"]["lost_recursion"] == 408 and c["srcu"] == {"lost_recursion": 8}
+    rec = _lockorder_recording(module, tmp_path, "r.parquet", edges=[], acqs=[])
+    rec.manifest["probe_counters"] = {"lockorder": {"lost_recursion": 408}}
+    f = lo.findings(rec)
+    assert list(f["finding"]) == ["incomplete"] and "408 lock calls" in f["seen"][0], f

@@ -43,9 +43,14 @@ def run_stats(prog_fd):
     return int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0))
 
 
+# A probe's counter of the runs the kernel skipped (recursion_misses), in every probe's
+RECURSION = "lost_recursion"
+
+
 def recursion_misses(prog_fd):
-    """Runs of a program the kernel skipped because it was already running on that
-    CPU (its event fired inside it, e.g. in an interrupt it took): fdinfo, 5.12+."""
+    """Runs of a program the kernel skipped because it (or, for a kprobe, any kprobe
+    program) was already running on that CPU (its event fired inside it, e.g. in an
+    interrupt it took): fdinfo, 5.12+."""
     return int(_fdinfo(prog_fd).get("recursion_misses", 0))
 
 

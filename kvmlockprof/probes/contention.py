@@ -168,7 +168,7 @@ class ContentionOptions:
 
 
 # The kernel's own count of events our handlers never ran for (bpfstats.recursion_misses).
-RECURSION = "lost_recursion"
+RECURSION = bpfstats.RECURSION
 LOSSES = ("lost_pending_full", "lost_agg_full", "lost_ringbuf_full", "stack_failures",
           "lost_filter_full", RECURSION)
 # The tracepoints a wait is paired from (raw: see contention.bpf.c), in attach order.

@@ -3,7 +3,7 @@ one BPF module (they share the VM registry and the stack map), attached per
 target with the method its plan chose, read generically from the catalog's
 stream/aggregate/counter declarations."""
 from kvmlockprof import catalog, cdefs
-from kvmlockprof.kernel import bpfload, btf, handles
+from kvmlockprof.kernel import bpfload, bpfstats, btf, handles
 from kvmlockprof.kernel.maps import read_counters, read_hash_parts
 from kvmlockprof.kernel.ringbuf import BatchRingBuffer
 from kvmlockprof.recording.arrow import to_arrow
@@ -234,6 +234,12 @@ class FunctionProbes:
         for key, v in flat.items():
             probe, counter = key.split(".", 1)
             out.setdefault(probe, {})[counter] = v
+        # the kernel's count of the calls a program never ran for (a shared one: each's)
+        for fd, probes in self.prog_fds().values():
+            missed = bpfstats.recursion_misses(fd)
+            for p in probes:
+                c = out.setdefault(p, {})
+                c[bpfstats.RECURSION] = c.get(bpfstats.RECURSION, 0) + missed
         return out
 
     def stack_addrs(self, stack_id):

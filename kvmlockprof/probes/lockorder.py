@@ -758,6 +758,11 @@ def findings(rec):
               f"{r.count} x") for r in d[d["locking_rst"].isin(["reversed", "forbidden"])]
              .itertuples()] if not d.empty else []
     c = (rec.manifest.get("probe_counters") or {}).get("lockorder") or {}
+    if c.get("lost_recursion"):         # (kprobes: another of ours ran on that CPU)
+        rows.append(("incomplete", "", f"{c['lost_recursion']} lock calls (of any lock) "
+                     f"the kernel ran none of our handlers for (recursion_misses: an "
+                     f"interrupt inside another of them); a watched lock's taking or "
+                     f"release among them goes unseen"))
     if c.get("depth_overflow"):         # lockdep follows 48: say what was not followed
         rows.append(("incomplete", "", f"{c['depth_overflow']} acquisitions with {LO_DEPTH} "
                      f"watched locks held already: no edges out of them (lockdep "
