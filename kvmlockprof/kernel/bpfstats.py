@@ -43,7 +43,7 @@ def run_stats(prog_fd):
     return int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0))
 
 
-# A probe's counter of the runs the kernel skipped (recursion_misses), in every probe's
+# The counter, in each probe's, of the runs the kernel skipped (recursion_misses)
 RECURSION = "lost_recursion"
 
 
