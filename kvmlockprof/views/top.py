@@ -200,8 +200,7 @@ class LiveView:
             last = last.merge(rows.drop(columns=["count", "total_ns"]),
                               on=["lock_addr", "owner"])
             self.gone_owners = pd.concat([self.gone_owners, last], ignore_index=True) \
-                .nlargest(GONE_OWNERS_KEPT, "total_ns") if self.gone_owners is not None \
-                else last.nlargest(GONE_OWNERS_KEPT, "total_ns")
+                .nlargest(GONE_OWNERS_KEPT, "total_ns")         # (concat skips a None)
             cur = cur[~cur["owner"].isin(gone)]
         if self.gone_owners is None:
             return cur
