@@ -780,8 +780,9 @@ def test_owner_series_add_up_by_class_and_forget_gone_owners(make_session, monke
     falls or ends, their labels are classes (never a pid) and at most --top-owners of
     them plus `other`; the entries of owner threads gone are deleted from the map,
     their counts kept, a wait that ended between the read and the delete too."""
+    from kvmlockprof.views import top
     gone = set()
-    monkeypatch.setattr(exp, "_threads_gone", lambda pairs: [t for _, t in pairs
+    monkeypatch.setattr(top, "threads_gone", lambda pairs: [t for _, t in pairs
                                                             if t in gone])
     k = FakeKernel()
     k.owners = {}

@@ -19,7 +19,7 @@ from kvmlockprof.analysis import locks, owners
 from kvmlockprof.lazy import np, pd
 from kvmlockprof.recording.session import Stop, live_session
 from kvmlockprof.recording.store import Recording
-from kvmlockprof.views.top import AGG_KEYS, LiveView, threads_gone as _threads_gone
+from kvmlockprof.views.top import AGG_KEYS, LiveView
 
 PREFIX = "kvmlockprof"
 OTHER = "other"
@@ -531,20 +531,12 @@ class ExporterSession(LiveView):
         """Delete the lock_owners entries of owner threads gone: the map holds the live
         owners' only, whatever the host's thread churn. Each entry is looked up as it
         is deleted: (the entries kept, the deleted ones' increases since `cur`)."""
-        none = cur.iloc[:0]
         if cur.empty:
-            return cur, none
-        gone = _threads_gone(set(zip(cur["owner_tgid"].tolist(), cur["owner"].tolist())))
-        if not gone:
-            return cur, none
-        rows = cur[cur["owner"].isin(gone)]
-        last = self.sources["contention"].forget_owners(
-            zip(rows["lock_addr"].tolist(), rows["owner"].tolist()))
-        final = pd.DataFrame(last, columns=["lock_addr", "owner", "count", "total_ns"])
-        final = final.merge(rows[["lock_addr", "owner", "owner_tgid", "owner_comm"]],
-                            on=["lock_addr", "owner"])
-        late = owner_increases(final, rows[["lock_addr", "owner", "count", "total_ns"]])
-        return cur[~cur["owner"].isin(gone)].reset_index(drop=True), late
+            return cur, cur
+        kept, rows, final = self._forget_exited_owners(cur)
+        if rows.empty:
+            return kept, rows
+        return kept, owner_increases(final, rows[["lock_addr", "owner", "count", "total_ns"]])
 
     def _forget(self, aggs, gone):
         """Delete the kernel entries of processes that had exited before this read

@@ -186,22 +186,28 @@ class LiveView:
             lines += ["", "function probes (rate over the last interval, total):"] + fn
         return lines
 
-    def _owners_since_start(self):
-        """lock_owners since the start: the kernel's entries of exited owner threads
-        (and the stacks they slept at) deleted, so its maps hold the live owners only
-        however long top runs; the heaviest GONE_OWNERS_KEPT of those kept here."""
-        cur = self.owners_now.to_pandas()
+    def _forget_exited_owners(self, cur):
+        """Delete the kernel's entries (lock_owners, and the stacks they slept at) of
+        the owner threads in `cur` (lock_owners as read) that have exited, so its maps
+        hold the live owners only however long a session runs. Each entry is looked up
+        as it is deleted: (cur less them, their rows as read, their rows as deleted)."""
         gone = threads_gone(set(zip(cur["owner_tgid"].tolist(), cur["owner"].tolist())))
-        if gone:
-            rows = cur[cur["owner"].isin(gone)]
-            last = pd.DataFrame(self.sources["contention"].forget_owners(
-                zip(rows["lock_addr"].tolist(), rows["owner"].tolist())),
-                columns=["lock_addr", "owner", "count", "total_ns"])
-            last = last.merge(rows.drop(columns=["count", "total_ns"]),
-                              on=["lock_addr", "owner"])
-            self.gone_owners = pd.concat([self.gone_owners, last], ignore_index=True) \
+        if not gone:
+            return cur, cur.iloc[:0], cur.iloc[:0]
+        rows = cur[cur["owner"].isin(gone)]
+        last = pd.DataFrame(self.sources["contention"].forget_owners(
+            zip(rows["lock_addr"].tolist(), rows["owner"].tolist())),
+            columns=["lock_addr", "owner", "count", "total_ns"])
+        final = last.merge(rows.drop(columns=["count", "total_ns"]), on=["lock_addr", "owner"])
+        return cur[~cur["owner"].isin(gone)].reset_index(drop=True), rows, final
+
+    def _owners_since_start(self):
+        """lock_owners since the start: the live owners as the kernel holds them and
+        the heaviest GONE_OWNERS_KEPT exited ones, kept here as last read."""
+        cur, _, final = self._forget_exited_owners(self.owners_now.to_pandas())
+        if not final.empty:
+            self.gone_owners = pd.concat([self.gone_owners, final], ignore_index=True) \
                 .nlargest(GONE_OWNERS_KEPT, "total_ns")         # (concat skips a None)
-            cur = cur[~cur["owner"].isin(gone)]
         if self.gone_owners is None:
             return cur
         return pd.concat([cur, self.gone_owners[cur.columns]], ignore_index=True)
