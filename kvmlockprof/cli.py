@@ -1008,8 +1008,11 @@ def workload(vcpus, duration, churn, churn_threads, churn_rate, kvmclock, xen, x
         fail(str(e))
     out = os.environ.get(WORK_ENV)
     if out:
-        with open(out, "w") as f:
-            json.dump(done, f)
+        try:
+            with open(out, "w") as f:
+                json.dump(done, f)
+        except OSError as e:
+            fail(f"cannot hand the work done to record ({WORK_ENV}={out}: {e.strerror or e})")
     if as_json:
         click.echo(json.dumps(done))
     else:

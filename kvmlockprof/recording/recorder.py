@@ -176,7 +176,7 @@ class Recorder:
             self.named_for = None           # what the lock names were last worked out from
             self.pending = {}
             if self.command:
-                child, self.work_file = self._spawn(self._filter())
+                child, self.work_fd = self._spawn(self._filter())
             self._loop(child)
         except (KeyboardInterrupt, Stop) as e:
             self.manifest["stopped_by"] = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
@@ -234,15 +234,19 @@ class Recorder:
 
         A tiny Python holds it: Popen returns once that has started, and execvp
         keeps the pid, so nothing the command does runs before the filter knows it."""
-        # in the recording's own directory: a killed record leaves nothing elsewhere
-        work_file = os.path.join(self.writer.dir, "work.json")
+        # in memory, not on the recording's disk: a full disk (record's error, which
+        # stops the command) still gets the work done, and no exit leaves a file behind
+        work_fd = os.memfd_create("kvmlockprof-work")
         gate_r, gate_w = os.pipe()
-        env = dict(os.environ, **{WORK_ENV: work_file})
+        env = dict(os.environ, **{WORK_ENV: f"/proc/self/fd/{work_fd}"})
         gate = (f"import os, sys; os.read({gate_r}, 1); os.close({gate_r}); "
                 "os.execvp(sys.argv[1], sys.argv[1:])")
         try:
             child = subprocess.Popen([sys.executable, "-c", gate, *self.command], env=env,
-                                     pass_fds=(gate_r,))
+                                     pass_fds=(gate_r, work_fd))
+        except BaseException:
+            os.close(work_fd)
+            raise
         finally:
             os.close(gate_r)
         if tgids is not None and self._waits():
@@ -251,7 +255,7 @@ class Recorder:
         os.write(gate_w, b"1")
         os.close(gate_w)
         self.manifest["command_pid"] = child.pid
-        return child, work_file
+        return child, work_fd
 
     def _cost_window(self, final):
         """Open a handler-cost window at the first flush and every COST_EVERY_S after,
@@ -461,18 +465,13 @@ class Recorder:
                         "pid": child.pid, "threads": processes.stuck_threads(child.pid)}
 
     def _read_work(self):
-        path = getattr(self, "work_file", None)
-        if not path:
+        fd = getattr(self, "work_fd", None)
+        if fd is None:
             return
         try:
-            with open(path) as f:
+            with os.fdopen(fd, "rb") as f:          # (closes it)
                 text = f.read()
             if text:
                 self.manifest["work"] = json.loads(text)
         except (OSError, ValueError):
             pass
-        finally:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
