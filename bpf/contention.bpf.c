@@ -957,6 +957,12 @@ int slab_caches(struct bpf_raw_tracepoint_args *ctx)
 }
 #endif
 
+/* Set while this CPU runs our end handler. A wait begun under it (an interrupt's, or
+ * one on a lock our handler's map update takes) ends under it too, where the kernel
+ * skips the handler (recursion_misses): kept, its begin would stay open and make its
+ * task's or CPU's later waits read nested. */
+BPF_PERCPU_ARRAY(in_end, u32, 1);
+
 RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) */
 {
 	u64 now = bpf_ktime_get_ns();
@@ -972,14 +978,18 @@ RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) *
 		return 0;
 	}
 	count(KVMLP_C_BEGIN);
+	u32 *busy = in_end.lookup(&zero);
+	if (busy && *busy) {
+		count(KVMLP_C_BEGIN_UNDER_END);
+		return 0;
+	}
 	begin_wait(ctx, now, ctx->args[0], (u32)ctx->args[1], arm,
 		   interrupted());
 	return 0;
 }
 
-RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
+static __always_inline int end_of_wait(struct bpf_raw_tracepoint_args *ctx, u64 now)
 {
-	u64 now = bpf_ktime_get_ns();
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32;
 	u64 lock = ctx->args[0];
@@ -1102,6 +1112,19 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	if (n && ++(*n) % KVMLP_WAKEUP_EVERY == 0)
 		wake = BPF_RB_FORCE_WAKEUP;
 	events.ringbuf_submit(e, wake);
+	return 0;
+}
+
+RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
+{
+	u64 now = bpf_ktime_get_ns();
+	int zero = 0;
+	u32 *busy = in_end.lookup(&zero);
+	if (busy)
+		*busy = 1;
+	end_of_wait(ctx, now);
+	if (busy)
+		*busy = 0;
 	return 0;
 }
 

@@ -29,6 +29,8 @@ enum contention_counter {
 	KVMLP_C_NESTED,             /* waits that began inside another wait of their task (a
 	                             * mutex's wait_lock, an interrupt over a waiting task) */
 	KVMLP_C_IRQ_WAITS,          /* waits in interrupt context (kept apart from the task's) */
+	KVMLP_C_BEGIN_UNDER_END,    /* begins while this CPU ran our end handler: not kept (their
+	                             * end comes under it too, where the kernel skips that handler) */
 	KVMLP_NR_COUNTERS,
 };
 

@@ -86,7 +86,8 @@ def test_nested_and_interrupt_waits_match_ftrace(live, tmp_path):
     print(f"\nnested waits of the workload: ours {sum(ours.values())} on {len(ours)} locks, "
           f"ftrace's {sum(nested.values())} on {len(nested)}; interrupt waits "
           f"(of the recorded processes) ours {c['irq_waits']}, the workload's in ftrace "
-          f"{sum(in_irq.values())}; lost_recursion {c['lost_recursion']}; waits either "
+          f"{sum(in_irq.values())}; lost_recursion {c['lost_recursion']}, begins under our end "
+          f"handler {c.get('begin_under_end')}; waits either "
           f"tracer may tell either way {sum(either.values())}")
     assert sum(nested.values()) > 0, "no nested wait to compare: a heavier workload"
     # An event our program missed (it was running on the CPU: lost_recursion) changes
