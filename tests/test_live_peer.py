@@ -333,6 +333,24 @@ def test_perfs_end_misses_are_read(tmp_path):
     assert end_misses(progs) == 0
 
 
+def test_a_run_where_perf_lost_waits_is_made_again(tmp_path, monkeypatch):
+    """stacked() runs again while perf's end handler was skipped, at most `tries` runs,
+    and fails rather than hand on a run perf is short in."""
+    import peer
+    runs, misses = [], [2, 0]
+    monkeypatch.setattr(peer, "_stacked", lambda perf, d, *a: runs.append(d) or
+                        ("said", d / "rec.parquet", d / "progs.json"))
+    monkeypatch.setattr(peer, "end_misses", lambda progs: misses.pop(0))
+    monkeypatch.setattr(peer, "handler_ns", lambda progs: {"contention_end": 1.0})
+    said, out, cost = peer.stacked("perf", tmp_path, [])
+    assert [d.name for d in runs] == ["run1", "run2"] and out == tmp_path / "run2" / "rec.parquet"
+    runs.clear()
+    misses[:] = [1, 1, 1]
+    with pytest.raises(RuntimeError, match="perf lost waits"):
+        peer.stacked("perf", tmp_path, [], tries=3)
+    assert len(runs) == 3
+
+
 def test_perfs_names_are_read():
     assert parse_perf_names(PERF_L) == {0xffff8881023c4d10: "", 0xffffffff83a1b2c0: "jiffies_lock"}
 
