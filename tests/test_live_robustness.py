@@ -10,6 +10,7 @@ import time
 import pytest
 
 import kvmlockprof
+from kvmlockprof.workload import WORK_ENV
 from conftest import ROOT, assert_none_left, kernel_objects, klp, workload_argv
 
 pytestmark = pytest.mark.live
@@ -41,7 +42,6 @@ def test_full_disk_mid_recording(live, small_disk):
     assert not [f for f in os.listdir(f"{out}.partial") if ".tmp-" in f]   # no debris
 
 
-
 def test_workload_that_cannot_hand_over_its_work_says_so_in_a_line(live, small_disk):
     """record hands the workload a memory file (a full disk does not reach it); a path
     that cannot be written is one line and a failure, not a traceback."""
@@ -49,7 +49,7 @@ def test_workload_that_cannot_hand_over_its_work_says_so_in_a_line(live, small_d
     subprocess.run(["dd", "if=/dev/zero", f"of={full}", "bs=64k"], capture_output=True)
     p = subprocess.run(workload_argv("--duration", 1), capture_output=True, text=True,
                        timeout=60, cwd=ROOT,
-                       env=dict(os.environ, KVMLOCKPROF_WORK_OUT=str(small_disk / "w.json")))
+                       env=dict(os.environ, **{WORK_ENV: str(small_disk / "w.json")}))
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot hand the work done to record" in lines[0], p.stderr

@@ -531,8 +531,6 @@ class ExporterSession(LiveView):
         """Delete the lock_owners entries of owner threads gone: the map holds the live
         owners' only, whatever the host's thread churn. Each entry is looked up as it
         is deleted: (the entries kept, the deleted ones' increases since `cur`)."""
-        if cur.empty:
-            return cur, cur
         kept, rows, final = self._forget_exited_owners(cur)
         if rows.empty:
             return kept, rows
