@@ -987,9 +987,9 @@ def test_mmu_lock_write_holds_equal_the_kernels(in_lab):
     # the holds joined to the waits they caused. Every wait on the lock is joined at
     # most once (to a holder or to none). Which ones a writer caused is told by
     # stamps: lockorder reads the lock word as a wait begins, after the tracer's event
-    # and before the contention probe's (tens of us apart under TCG, an interrupt
-    # inside them), so the tracer brackets it (waits_bracketed); its own reading,
-    # the waits begun between another thread's taking and unlock stamps, is printed.
+    # and before the contention probe's (tens of us apart under TCG), so the stamps
+    # bracket it (waits_bracketed); the tracer's own reading, the waits begun between
+    # another thread's taking and unlock stamps, is printed.
     with open(d / "holds.jsonl") as f:
         (under, ns_under), (other, _) = waits_under_writers((json.loads(ln) for ln in f), mmu)
     s = rec.samples
