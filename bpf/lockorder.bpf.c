@@ -551,8 +551,11 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 		kvmlp_add(&av->count, 1);
 	else
 		lo_count(LO_C_LOST_AGG_FULL);
-	if (!push)
+	if (!push) {
+		if (!n)
+			lo_held_locks.delete(&hk);
 		return 0;
+	}
 	if (n >= LO_DEPTH) {
 		lo_count(LO_C_DEPTH_OVERFLOW);
 		return 0;
@@ -573,15 +576,6 @@ static __always_inline int lo_acquire(void *ctx, u64 addr, u32 kind, u32 variant
 	if (lo_exclusive(kind))
 		lo_own(addr, &hk, h, 0);
 	return 0;
-}
-
-/* One entry fewer. An emptied stack stays in the map until its task exits: a delete
- * and an insert a hold (each under the map's bucket lock) cost more than the entry. */
-static __always_inline void lo_pop(struct lo_held *held, u32 n)
-{
-	held->n = n - 1;
-	if (n <= 1)
-		held->bh_held = 0;
 }
 
 /* The index of the innermost held entry of addr, or -1. */
@@ -640,7 +634,10 @@ static __always_inline int lo_release(void *ctx, u64 addr, int kprobe)
 		if (i >= at && i + 1 < n)
 			held->l[i & (LO_DEPTH - 1)] = held->l[(i + 1) & (LO_DEPTH - 1)];
 	}
-	lo_pop(held, n);
+	if (n <= 1)
+		lo_held_locks.delete(&hk);
+	else
+		held->n = n - 1;
 	return 0;
 }
 
@@ -779,7 +776,10 @@ static __always_inline int lo_failed(s64 ret, u32 kind)
 	lo_count(LO_C_FAILED_ACQUISITIONS);
 	if (lo_exclusive(kind))
 		lo_disown(a, &hk);
-	lo_pop(held, n);
+	if (n <= 1)
+		lo_held_locks.delete(&hk);
+	else
+		held->n = n - 1;
 	return 0;
 }
 
