@@ -854,14 +854,24 @@ def waits_bracketed(events, ours, lock):
     probe's (`ours`: (tid, begin, end) of each of its waits on the lock, every one).
     A write hold is the lock's from its taking (after the tracer's _raw_write_lock
     stamp, or before its wait's end) to its store, after the _raw_write_unlock call's
-    stamp and before the holder's next traced event. A wait is surely under a writer
-    when another thread's hold covers that whole window, maybe when one can meet it.
-    Returns ((sure n, its ns at least), (maybe n, its ns at most)); every wait paired
-    with ours, in order, or it raises."""
+    stamp and before the holder's next traced event (not an interrupt's). A wait is
+    surely under a writer when another thread's hold covers that whole window (an
+    uncontended taking comes after the tracer's stamp by the rest of its event, less
+    than the waiter's own event takes), maybe when one can meet it. A thread's waits
+    ours has not all of (the contention probe follows the command's processes; the
+    tracer, every thread) are maybe, to the waiter's next event. Returns ((sure n, its
+    ns at least), (maybe n, its ns at most), unpaired n); ours paired in order, or it
+    raises."""
     events = list(events)
     times = {}                                      # tid: its events' stamps, in order
-    for tid, _, ts, _, _ in events:
-        times.setdefault(tid, []).append(ts)
+    for tid, _, ts, _, f in events:
+        if not f.get("__irq"):
+            times.setdefault(tid, []).append(ts)
+
+    def next_event(tid, ts):
+        t = times.get(tid, [])
+        i = bisect.bisect_right(t, ts)
+        return t[i] if i < len(t) else float("inf")
     start, began, holds, waits = {}, {}, [], {}
     for tid, _, ts, ev, f in events:
         if f.get("lock", f.get("lock_addr")) != lock:
@@ -876,15 +886,17 @@ def waits_bracketed(events, ours, lock):
             if tid in began:
                 waits.setdefault(tid, []).append((began.pop(tid), ts))
         elif ev == "write_unlock" and tid in start:
-            t = times[tid]
-            i = bisect.bisect_right(t, ts)
-            holds.append((tid, *start.pop(tid), ts, t[i] if i < len(t) else float("inf")))
+            holds.append((tid, *start.pop(tid), ts, next_event(tid, ts)))
     mine = {}
     for tid, b, e in sorted(ours, key=lambda w: w[1]):
         mine.setdefault(tid, []).append((b, e))
-    sure, maybe = [0, 0], [0, 0]
+    sure, maybe, unpaired = [0, 0], [0, 0], 0
     for tid, ws in waits.items():
-        assert len(mine.get(tid, ())) == len(ws), (tid, mine.get(tid), ws)
+        if len(mine.get(tid, ())) != len(ws):
+            unpaired += len(ws)
+            maybe[0] += len(ws)
+            maybe[1] += sum(next_event(tid, e) - b for b, e in ws)
+            continue
         for (b, e), (ob, oe) in zip(ws, mine[tid]):
             assert b <= ob and e <= oe, (tid, b, ob, e, oe)     # the handlers' order
             others = [h for h in holds if h[0] != tid]
@@ -894,24 +906,31 @@ def waits_bracketed(events, ours, lock):
             if any(lo < ob and b < x for _, lo, _, _, x in others):
                 maybe[0] += 1
                 maybe[1] += oe - b
-    return tuple(sure), tuple(maybe)
+    return tuple(sure), tuple(maybe), unpaired
 
 
 def test_waits_are_bracketed_by_the_tracer_and_the_contention_probe():
-    w, r = "write_lock", "contention_begin"
+    w, r, end = "write_lock", "contention_begin", "contention_end"
     ev = [(5, 5, 100, w, {"lock": 0xa}),
           (6, 6, 110, r, {"lock_addr": 0xa}),                       # sure: 110-118 in 100-150
           (7, 7, 140, r, {"lock_addr": 0xa}),                       # maybe: 140-155 meets it
           (5, 5, 150, "write_unlock", {"lock": 0xa}),
-          (5, 5, 158, "write_lock", {"lock": 0xb}),                 # 5's next: stored before
-          (6, 6, 160, "contention_end", {"lock_addr": 0xa}),
-          (7, 7, 170, "contention_end", {"lock_addr": 0xa}),
+          (9, 9, 153, r, {"lock_addr": 0xa}),                       # maybe: 5 stores by 158
+          (5, 5, 158, w, {"lock": 0xb}),                            # 5's next event
+          (6, 6, 160, end, {"lock_addr": 0xa}),
+          (7, 7, 170, end, {"lock_addr": 0xa}),
+          (9, 9, 175, end, {"lock_addr": 0xa}),
           (8, 8, 300, r, {"lock_addr": 0xa}),                       # no writer
-          (8, 8, 340, "contention_end", {"lock_addr": 0xa})]
-    ours = [(6, 118, 162), (7, 155, 171), (8, 301, 345)]
-    assert waits_bracketed(ev, ours, 0xa) == ((1, 42), (2, 52 + 31))
-    with pytest.raises(AssertionError):                 # a wait ours has not
-        waits_bracketed(ev, ours[:2], 0xa)
+          (8, 8, 340, end, {"lock_addr": 0xa})]
+    ours = [(6, 118, 162), (7, 155, 171), (9, 156, 176), (8, 301, 345)]
+    assert waits_bracketed(ev, ours, 0xa) == ((1, 42), (3, 52 + 31 + 23), 0)
+    # an interrupt's event on the holder's thread is not its next
+    irq = ev[:4] + [(5, 5, 151, w, {"lock": 0xc, "__irq": 1})] + ev[4:]
+    assert waits_bracketed(irq, ours, 0xa) == ((1, 42), (3, 52 + 31 + 23), 0)
+    # a thread whose waits ours has not: maybe, to its next event (none: unbounded)
+    assert waits_bracketed(ev, ours[:3], 0xa) == ((1, 42), (4, float("inf")), 1)
+    with pytest.raises(AssertionError):                 # ours before the tracer's stamp
+        waits_bracketed(ev, [(6, 105, 162)] + ours[1:], 0xa)
 
 
 def test_waits_under_writers_are_read_from_the_tracer():
@@ -995,7 +1014,7 @@ def test_mmu_lock_write_holds_equal_the_kernels(in_lab):
     s = rec.samples
     mine = [(w.tid, w.ts_ns - w.wait_ns, w.ts_ns) for w in s[s["lock_addr"] == mmu].itertuples()]
     with open(d / "holds.jsonl") as f:
-        sure, maybe = waits_bracketed((json.loads(ln) for ln in f), mine, mmu)
+        sure, maybe, unpaired = waits_bracketed((json.loads(ln) for ln in f), mine, mmu)
     caused = int(ours["waits_caused"].sum()), int(ours["wait_ns_caused"].sum())
     every = lo.holds(rec)
     joined = int(every.loc[every["lock_class"] == "kvm->mmu_lock", "waits_caused"].sum())
@@ -1008,6 +1027,7 @@ def test_mmu_lock_write_holds_equal_the_kernels(in_lab):
     # (one run of 2026-12-06 joined 210 of the tracer's 211: one wait's begin or end
     # not seen by our handlers, cause not found; no counter of ours moved)
     assert 0.99 * (under + other) <= joined <= under + other, (joined, under, other)
+    assert unpaired <= 0.01 * (under + other), unpaired
     assert sure[0] <= caused[0] <= maybe[0], (sure, caused, maybe)
     assert sure[1] <= caused[1] <= maybe[1], (sure, caused, maybe)
 
