@@ -175,7 +175,13 @@ struct lo_wait {
 	u64 ts_ns;
 	struct lockorder_hold_key k;    /* the holder it is put down to */
 };
-BPF_HASH(lo_waits, u32, struct lo_wait, 16384);
+/* A thread's open waits: one, and one begun inside it (a queued rwlock's reader waits
+ * for the lock's wait_lock within its wait for the lock; an interrupt's wait), each
+ * closed by its own lock's contention_end. */
+struct lo_waiting {
+	struct lo_wait w[2];
+};
+BPF_HASH(lo_waits, u32, struct lo_waiting, 16384);
 struct lockorder_caused_val {
 	u64 count;
 	u64 total_ns;
@@ -664,11 +670,20 @@ RAW_TRACEPOINT_PROBE(contention_end)       /* (void *lock, int ret) */
 	if (!lo_watched(addr))
 		return 0;
 	u32 tid = (u32)bpf_get_current_pid_tgid();
-	struct lo_wait *w = lo_waits.lookup(&tid);
-	if (w && w->k.addr == addr) {
+	struct lo_waiting *open = lo_waits.lookup(&tid);
+	struct lo_wait *w = NULL;
+	int inner = open && open->w[1].k.addr == addr;
+	if (inner)
+		w = &open->w[1];
+	else if (open && open->w[0].k.addr == addr)
+		w = &open->w[0];
+	if (w) {
 		struct lockorder_hold_key ck = w->k;
 		u64 ns = now - w->ts_ns;
-		lo_waits.delete(&tid);
+		if (inner)
+			__builtin_memset(w, 0, sizeof(*w));
+		else
+			lo_waits.delete(&tid);
 		struct lockorder_caused_val none = {};
 		struct lockorder_caused_val *v = lockorder_caused.lookup_or_try_init(&ck, &none);
 		if (v) {
@@ -731,7 +746,14 @@ RAW_TRACEPOINT_PROBE(contention_begin)     /* (void *lock, unsigned int flags) *
 	} else {
 		lo_count(o ? LO_C_WAITS_SELF_OWNER : LO_C_WAITS_NO_HOLDER);
 	}
-	lo_waits.update(&me.id, &w);
+	struct lo_waiting *open = lo_waits.lookup(&me.id);
+	if (open && open->w[0].k.addr && open->w[0].k.addr != addr) {
+		open->w[1] = w;         /* inside the open one, whose end is still to come */
+	} else {
+		struct lo_waiting one = {};
+		one.w[0] = w;
+		lo_waits.update(&me.id, &one);
+	}
 	return 0;
 }
 
