@@ -809,30 +809,36 @@ def write_holds(events):
     return out
 
 
-def waits_under_writers(events, lock):
-    """From the kernel's tracer alone: the waits on `lock` (contention_begin to _end of
-    one thread) split by whether another thread held it for write as the wait
-    began (its hold as write_holds() times it: from its _raw_write_lock call, or
-    the end of its own wait, to its _raw_write_unlock): ((count, total ns) under a
-    writer, (count, total ns) not)."""
-    events = list(events)
-    start, holds, begun, waits = {}, [], {}, []
+def lock_holds_and_waits(events, lock):
+    """From the kernel's tracer alone, of `lock`: its write holds (tid, lo, hi, unlock):
+    taken after the _raw_write_lock stamp (lo = hi), or after its wait began and before
+    it ended (lo, hi), released at the _raw_write_unlock stamp; and its waits (tid,
+    begin, end), contention_begin to _end of one thread, in the order they ended."""
+    start, began, holds, waits = {}, {}, [], []
     for tid, _, ts, ev, f in events:
-        a = f.get("lock", f.get("lock_addr"))
-        if a != lock:
+        if f.get("lock", f.get("lock_addr")) != lock:
             continue
         if ev == "write_lock":
-            start[tid] = ts
+            start[tid] = (ts, ts)
         elif ev == "contention_begin":
-            begun[tid] = ts
+            began[tid] = ts
         elif ev == "contention_end":
             if tid in start:
-                start[tid] = ts
-            if tid in begun:
-                waits.append((tid, begun.pop(tid), ts))
+                start[tid] = (began.get(tid, start[tid][0]), ts)
+            if tid in began:
+                waits.append((tid, began.pop(tid), ts))
         elif ev == "write_unlock" and tid in start:
-            holds.append((start.pop(tid), ts, tid))
-    holds.sort()
+            holds.append((tid, *start.pop(tid), ts))
+    return holds, waits
+
+
+def waits_under_writers(events, lock):
+    """From the kernel's tracer alone: the waits on `lock` split by whether another
+    thread held it for write as the wait began (its hold as write_holds() times it:
+    from its _raw_write_lock call, or the end of its own wait, to its
+    _raw_write_unlock): ((count, total ns) under a writer, (count, total ns) not)."""
+    holds, waits = lock_holds_and_waits(events, lock)
+    holds = sorted((hi, u, tid) for tid, _, hi, u in holds)
     starts = [h[0] for h in holds]
     under, other = [0, 0], [0, 0]
     for tid, b, e in waits:
@@ -852,17 +858,15 @@ def waits_bracketed(events, ours, lock):
     and the contention probe's last (sources.FIRST_ON_TRACEPOINTS): lockorder reads the
     lock word, and stamps the wait, between the tracer's stamp and the contention
     probe's (`ours`: (tid, begin, end) of each of its waits on the lock, every one).
-    A write hold is the lock's from its taking (after the tracer's _raw_write_lock
-    stamp, or before its wait's end) to its store, after the _raw_write_unlock call's
-    stamp and before the holder's next traced event (not an interrupt's). A wait is
-    surely under a writer when another thread's hold covers that whole window (an
-    uncontended taking comes after the tracer's stamp by the rest of its event, less
-    than the waiter's own event takes), maybe when one can meet it. A thread's waits
-    ours has not all of (the contention probe follows the command's processes; the
-    tracer, every thread) are maybe, to the waiter's next event. Returns ((sure n, its
-    ns at least), (maybe n, its ns at most), unpaired n); ours paired in order, or it
-    raises."""
-    events = list(events)
+    A write hold (lock_holds_and_waits) is the lock's to its store, after the
+    _raw_write_unlock call's stamp and before the holder's next traced event (not an
+    interrupt's). A wait is surely under a writer when another thread's hold covers
+    that whole window (an uncontended taking comes after the tracer's stamp by the
+    rest of its event, less than the waiter's own event takes), maybe when one can
+    meet it. A thread's waits ours has not all of (the contention probe follows the
+    command's processes; the tracer, every thread) are maybe, to the waiter's next
+    event. Returns ((sure n, its ns at least), (maybe n, its ns at most), unpaired n);
+    ours paired in order, or it raises."""
     times = {}                                      # tid: its events' stamps, in order
     for tid, _, ts, _, f in events:
         if not f.get("__irq"):
@@ -872,34 +876,23 @@ def waits_bracketed(events, ours, lock):
         t = times.get(tid, [])
         i = bisect.bisect_right(t, ts)
         return t[i] if i < len(t) else float("inf")
-    start, began, holds, waits = {}, {}, [], {}
-    for tid, _, ts, ev, f in events:
-        if f.get("lock", f.get("lock_addr")) != lock:
-            continue
-        if ev == "write_lock":
-            start[tid] = (ts, ts)
-        elif ev == "contention_begin":
-            began[tid] = ts
-        elif ev == "contention_end":
-            if tid in start:
-                start[tid] = (began.get(tid, start[tid][0]), ts)
-            if tid in began:
-                waits.setdefault(tid, []).append((began.pop(tid), ts))
-        elif ev == "write_unlock" and tid in start:
-            holds.append((tid, *start.pop(tid), ts, next_event(tid, ts)))
-    mine = {}
+    holds, waits = lock_holds_and_waits(events, lock)
+    holds = [(tid, lo, hi, u, next_event(tid, u)) for tid, lo, hi, u in holds]
+    theirs, mine = {}, {}
+    for tid, b, e in waits:
+        theirs.setdefault(tid, []).append((b, e))
     for tid, b, e in sorted(ours, key=lambda w: w[1]):
         mine.setdefault(tid, []).append((b, e))
     sure, maybe, unpaired = [0, 0], [0, 0], 0
-    for tid, ws in waits.items():
+    for tid, ws in theirs.items():
         if len(mine.get(tid, ())) != len(ws):
             unpaired += len(ws)
             maybe[0] += len(ws)
             maybe[1] += sum(next_event(tid, e) - b for b, e in ws)
             continue
+        others = [h for h in holds if h[0] != tid]
         for (b, e), (ob, oe) in zip(ws, mine[tid]):
             assert b <= ob and e <= oe, (tid, b, ob, e, oe)     # the handlers' order
-            others = [h for h in holds if h[0] != tid]
             if any(hi <= b and ob <= u for _, _, hi, u, _ in others):
                 sure[0] += 1
                 sure[1] += max(e - ob, 0)
@@ -983,7 +976,8 @@ def test_mmu_lock_write_holds_equal_the_kernels(in_lab):
     assert len(mmu) == 1, f"no single VM mmu_lock named: {names}"
     mmu = mmu[0]
     with open(d / "holds.jsonl") as f:
-        truth = write_holds(json.loads(ln) for ln in f).get(mmu, [])
+        events = [json.loads(ln) for ln in f]
+    truth = write_holds(events).get(mmu, [])
     h = lo.holds(rec)
     ours = h[(h["lock_class"] == "kvm->mmu_lock") & (h["kind"] == "write")]
     print(ours[["caller", "count", "total_ns", "mean_ns", "p99_ns_bound", "max_ns",
@@ -1009,12 +1003,10 @@ def test_mmu_lock_write_holds_equal_the_kernels(in_lab):
     # and before the contention probe's (tens of us apart under TCG), so the stamps
     # bracket it (waits_bracketed); the tracer's own reading, the waits begun between
     # another thread's taking and unlock stamps, is printed.
-    with open(d / "holds.jsonl") as f:
-        (under, ns_under), (other, _) = waits_under_writers((json.loads(ln) for ln in f), mmu)
+    (under, ns_under), (other, _) = waits_under_writers(events, mmu)
     s = rec.samples
     mine = [(w.tid, w.ts_ns - w.wait_ns, w.ts_ns) for w in s[s["lock_addr"] == mmu].itertuples()]
-    with open(d / "holds.jsonl") as f:
-        sure, maybe, unpaired = waits_bracketed((json.loads(ln) for ln in f), mine, mmu)
+    sure, maybe, unpaired = waits_bracketed(events, mine, mmu)
     caused = int(ours["waits_caused"].sum()), int(ours["wait_ns_caused"].sum())
     every = lo.holds(rec)
     joined = int(every.loc[every["lock_class"] == "kvm->mmu_lock", "waits_caused"].sum())
